@@ -1,0 +1,283 @@
+"""Checkpoint formats: how each one's keys map onto our towers' parameters.
+
+  hf_clip:   a Hugging Face `CLIPModel` folder (OpenAI CLIP, PubMedCLIP): `config.json` +
+             `model.safetensors` or `pytorch_model.bin`.
+  hf_bert:   a Hugging Face BERT folder (Bio_ClinicalBERT, PubMedBERT/BiomedBERT, MiniLM),
+             a bare `BertModel` or a pre-training checkpoint with a `bert.` prefix.
+  open_clip: an open_clip checkpoint of BiomedCLIP's architecture: `open_clip_config.json` +
+             `open_clip_pytorch_model.bin` (or `open_clip_model.safetensors`); timm ViT trunk
+             with fused qkv, Hugging Face BERT text tower, projection heads.
+
+Each `*_spec` returns the module's constructor arguments read from the checkpoint, and the
+key mapping that `state_dict.assemble` loads strictly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from medvqa_jax.models import vit
+from medvqa_jax.models.bert import BertEncoder
+from medvqa_jax.models.clip_text import ClipTextTransformer
+from medvqa_jax.models.state_dict import Mapping, conv
+from medvqa_jax.models.vit import VisionTransformer
+
+
+@dataclasses.dataclass
+class Spec:
+  module: type
+  kwargs: dict[str, Any]
+  mapping: Mapping
+  owned: Callable[[str], bool]
+  unused: tuple[str, ...] = ()
+
+
+def _prefixed(*prefixes: str) -> Callable[[str], bool]:
+  return lambda k: k.startswith(prefixes)
+
+
+def _num_blocks(state, pattern: str) -> int:
+  found = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
+  return max(found) + 1 if found else 0
+
+
+def _depth(requested: int | None, available: int, source: str) -> int:
+  if requested is None:
+    return available
+  if not 0 < requested <= available:
+    raise ValueError(f"depth={requested} requested but {source} has {available} blocks")
+  return requested
+
+
+def _dropped_blocks(prefix: str, depth: int, available: int) -> tuple[str, ...]:
+  """Regex of the keys of blocks depth..available-1: dropped on purpose when depth is reduced."""
+  if depth >= available:
+    return ()
+  return (rf"{re.escape(prefix)}({'|'.join(map(str, range(depth, available)))})\..*",)
+
+
+def _hf_config(folder: Path, cls_name: str):
+  import transformers  # Configs only; no torch involved.
+  try:
+    return getattr(transformers, cls_name).from_pretrained(str(folder), local_files_only=True)
+  except OSError as e:
+    raise FileNotFoundError(f"cannot read {folder}/config.json as a {cls_name}: {e}") from None
+
+
+# ---- Hugging Face CLIPModel ---------------------------------------------------------------
+
+def _clip_blocks(m: Mapping, prefix: str, depth: int, heads: int):
+  for i in range(depth):
+    p = f"{prefix}encoder.layers.{i}."
+    m.layernorm(f"block_{i}/ln_1", p + "layer_norm1")
+    m.attention(f"block_{i}/attn", p + "self_attn.q_proj", p + "self_attn.k_proj",
+                p + "self_attn.v_proj", p + "self_attn.out_proj", heads)
+    m.layernorm(f"block_{i}/ln_2", p + "layer_norm2")
+    m.dense(f"block_{i}/mlp/fc1", p + "mlp.fc1")
+    m.dense(f"block_{i}/mlp/fc2", p + "mlp.fc2")
+
+
+def hf_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
+  config = _hf_config(folder, "CLIPConfig")
+  m = Mapping()
+  if part == "image":
+    c = config.vision_config
+    pre = "vision_model."
+    available = _num_blocks(state, rf"{re.escape(pre)}encoder\.layers\.(\d+)\.")
+    depth = _depth(overrides.get("depth"), available, str(folder))
+    kw = dict(image_size=c.image_size, patch_size=c.patch_size, width=c.hidden_size,
+              depth=depth, num_heads=c.num_attention_heads, mlp_dim=c.intermediate_size,
+              pre_norm=True, act=c.hidden_act, ln_eps=c.layer_norm_eps, patch_bias=False,
+              proj_dim=config.projection_dim, proj_kind="linear", proj_bias=False)
+    kw.update(overrides)
+    grid = kw["image_size"] // kw["patch_size"]
+    m.add("patch_embed/kernel", pre + "embeddings.patch_embedding.weight", conv)
+    m.add("cls_token", pre + "embeddings.class_embedding")
+    m.add("pos_embed", pre + "embeddings.position_embedding.weight",
+          lambda w: vit.resize_pos_embed(w, grid))
+    m.layernorm("ln_pre", pre + "pre_layrnorm")
+    _clip_blocks(m, pre, depth, kw["num_heads"])
+    m.layernorm("ln_final", pre + "post_layernorm")
+    m.dense("head/proj", "visual_projection", bias=False)
+    return Spec(VisionTransformer, kw, m, _prefixed(pre, "visual_projection."),
+                (rf"{re.escape(pre)}embeddings\.position_ids",)
+                + _dropped_blocks(pre + "encoder.layers.", depth, available))
+  if part == "text":
+    c = config.text_config
+    pre = "text_model."
+    available = _num_blocks(state, rf"{re.escape(pre)}encoder\.layers\.(\d+)\.")
+    depth = _depth(overrides.get("depth"), available, str(folder))
+    # eos_token_id 2 is the legacy value of old configs; their end-of-text is the largest id.
+    eos = None if c.eos_token_id in (None, 2) else c.eos_token_id
+    kw = dict(vocab_size=c.vocab_size, context_length=c.max_position_embeddings,
+              width=c.hidden_size, depth=depth, num_heads=c.num_attention_heads,
+              mlp_dim=c.intermediate_size, act=c.hidden_act, ln_eps=c.layer_norm_eps,
+              eos_token_id=eos, proj_dim=config.projection_dim)
+    kw.update(overrides)
+    m.add("token_embed/embedding", pre + "embeddings.token_embedding.weight")
+    m.add("pos_embed", pre + "embeddings.position_embedding.weight",
+          lambda w: w[:kw["context_length"]])
+    _clip_blocks(m, pre, depth, kw["num_heads"])
+    m.layernorm("ln_final", pre + "final_layer_norm")
+    m.dense("head/proj", "text_projection", bias=False)
+    return Spec(ClipTextTransformer, kw, m, _prefixed(pre, "text_projection."),
+                (rf"{re.escape(pre)}embeddings\.position_ids",)
+                + _dropped_blocks(pre + "encoder.layers.", depth, available))
+  raise ValueError(f"a CLIPModel has an 'image' and a 'text' part, not {part!r}")
+
+
+# ---- BERT -------------------------------------------------------------------------------
+
+def bert_mapping(prefix: str, depth: int, heads: int, pooler: str) -> Mapping:
+  m = Mapping()
+  e = prefix + "embeddings."
+  m.add("word_embed/embedding", e + "word_embeddings.weight")
+  m.add("pos_embed/embedding", e + "position_embeddings.weight")
+  m.add("type_embed/embedding", e + "token_type_embeddings.weight")
+  m.layernorm("embed_ln", e + "LayerNorm")
+  for i in range(depth):
+    p = f"{prefix}encoder.layer.{i}."
+    m.attention(f"layer_{i}/attn", p + "attention.self.query", p + "attention.self.key",
+                p + "attention.self.value", p + "attention.output.dense", heads)
+    m.layernorm(f"layer_{i}/attn_ln", p + "attention.output.LayerNorm")
+    m.dense(f"layer_{i}/mlp/fc1", p + "intermediate.dense")
+    m.dense(f"layer_{i}/mlp/fc2", p + "output.dense")
+    m.layernorm(f"layer_{i}/mlp_ln", p + "output.LayerNorm")
+  if pooler == "dense":
+    m.dense("pooler", prefix + "pooler.dense")
+  return m
+
+
+def bert_unused(prefix: str, depth: int, available: int, pooler: str) -> tuple[str, ...]:
+  unused = [rf"{re.escape(prefix)}embeddings\.position_ids",
+            *_dropped_blocks(prefix + "encoder.layer.", depth, available)]
+  if pooler != "dense":
+    unused.append(rf"{re.escape(prefix)}pooler\.dense\..*")
+  return tuple(unused)
+
+
+def _bert_kwargs_from_state(state, prefix: str) -> dict:
+  """BERT dimensions read off the weights, for checkpoints that ship no BertConfig."""
+  e = prefix + "embeddings."
+  vocab, width = state[e + "word_embeddings.weight"].shape
+  return dict(vocab_size=vocab, width=width,
+              max_positions=state[e + "position_embeddings.weight"].shape[0],
+              type_vocab_size=state[e + "token_type_embeddings.weight"].shape[0],
+              depth=_num_blocks(state, rf"{re.escape(prefix)}encoder\.layer\.(\d+)\."),
+              num_heads=width // 64,
+              mlp_dim=state[f"{prefix}encoder.layer.0.intermediate.dense.weight"].shape[0],
+              act="gelu", ln_eps=1e-12)
+
+
+def _bert_kwargs_from_config(c) -> dict:
+  return dict(vocab_size=c.vocab_size, max_positions=c.max_position_embeddings,
+              type_vocab_size=c.type_vocab_size, width=c.hidden_size,
+              depth=c.num_hidden_layers, num_heads=c.num_attention_heads,
+              mlp_dim=c.intermediate_size, act=c.hidden_act, ln_eps=c.layer_norm_eps)
+
+
+def hf_bert_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
+  if part != "text":
+    raise ValueError(f"a BERT checkpoint has only a 'text' part, not {part!r}")
+  prefix = "bert." if any(k.startswith("bert.") for k in state) else ""
+  kw = _bert_kwargs_from_config(_hf_config(folder, "BertConfig"))
+  available = kw["depth"]
+  kw["depth"] = _depth(overrides.get("depth"), available, str(folder))
+  kw["pooler"] = "dense"
+  kw.update(overrides)
+  m = bert_mapping(prefix, kw["depth"], kw["num_heads"], kw["pooler"])
+  # Pre-training checkpoints (BertForPreTraining/MaskedLM) carry heads under `cls.`.
+  unused = bert_unused(prefix, kw["depth"], available, kw["pooler"]) + (r"cls\..*",)
+  return Spec(BertEncoder, kw, m, lambda k: True, unused)
+
+
+# ---- open_clip (BiomedCLIP architecture) ------------------------------------------------
+
+def open_clip_config(folder: Path) -> dict:
+  path = folder / "open_clip_config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: an open_clip checkpoint folder holds "
+                            "open_clip_config.json next to its weights")
+  cfg = json.loads(path.read_text())
+  return cfg.get("model_cfg", cfg)
+
+
+def open_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
+  cfg = open_clip_config(folder)
+  embed_dim = cfg["embed_dim"]
+  if part == "image":
+    vc = cfg["vision_cfg"]
+    if "timm_model_name" not in vc:
+      raise ValueError(f"{folder}: only timm image trunks (BiomedCLIP's) are supported, "
+                       f"got vision_cfg {vc}")
+    if vc.get("timm_pool", "") not in ("", "token") or vc.get("timm_proj", "linear") != "linear":
+      raise ValueError(f"{folder}: expected timm_pool '' and timm_proj 'linear', got {vc}")
+    pre = "visual.trunk."
+    width = state[pre + "cls_token"].shape[-1]
+    patch = state[pre + "patch_embed.proj.weight"].shape[-1]
+    available = _num_blocks(state, rf"{re.escape(pre)}blocks\.(\d+)\.")
+    depth = _depth(overrides.get("depth"), available, str(folder))
+    kw = dict(vit.STYLES["timm"], image_size=vc.get("image_size", 224), patch_size=patch,
+              width=width, depth=depth, num_heads=width // 64,
+              mlp_dim=state[pre + "blocks.0.mlp.fc1.weight"].shape[0],
+              proj_dim=embed_dim, proj_kind="linear",
+              proj_bias=("visual.head.proj.bias" in state))
+    kw.update(overrides)
+    grid = kw["image_size"] // kw["patch_size"]
+    m = Mapping()
+    m.add("patch_embed/kernel", pre + "patch_embed.proj.weight", conv)
+    m.add("patch_embed/bias", pre + "patch_embed.proj.bias")
+    m.add("cls_token", pre + "cls_token", lambda w: w.reshape(-1))
+    m.add("pos_embed", pre + "pos_embed", lambda w: vit.resize_pos_embed(w[0], grid))
+    for i in range(depth):
+      p = f"{pre}blocks.{i}."
+      m.layernorm(f"block_{i}/ln_1", p + "norm1")
+      m.fused_attention(f"block_{i}/attn", p + "attn.qkv", p + "attn.proj", kw["num_heads"])
+      m.layernorm(f"block_{i}/ln_2", p + "norm2")
+      m.dense(f"block_{i}/mlp/fc1", p + "mlp.fc1")
+      m.dense(f"block_{i}/mlp/fc2", p + "mlp.fc2")
+    m.layernorm("ln_final", pre + "norm")
+    m.dense("head/proj", "visual.head.proj", bias=kw["proj_bias"])
+    return Spec(VisionTransformer, kw, m, _prefixed("visual."),
+                _dropped_blocks(pre + "blocks.", depth, available))
+  if part == "text":
+    tc = cfg["text_cfg"]
+    if tc.get("hf_pooler_type", "cls_last_hidden_state_pooler") != "cls_last_hidden_state_pooler":
+      raise ValueError(f"{folder}: only hf_pooler_type 'cls_last_hidden_state_pooler' is "
+                       f"supported, got {tc.get('hf_pooler_type')}")
+    pre = "text.transformer."
+    hf_dir = Path(tc.get("hf_model_name", ""))
+    if (hf_dir / "config.json").exists():
+      kw = _bert_kwargs_from_config(_hf_config(hf_dir, "BertConfig"))
+    else:  # A hub name: the BERT shape is read off the weights (BERT's 64-wide heads).
+      kw = _bert_kwargs_from_state(state, pre)
+    available = kw["depth"]
+    kw["depth"] = _depth(overrides.get("depth"), available, str(folder))
+    proj_kind = tc.get("hf_proj_type", "mlp")
+    if proj_kind not in ("mlp", "linear"):
+      raise ValueError(f"{folder}: unsupported hf_proj_type {proj_kind!r}")
+    kw.update(pooler="cls", proj_dim=embed_dim, proj_kind=proj_kind)
+    kw.update(overrides)
+    m = bert_mapping(pre, kw["depth"], kw["num_heads"], "cls")
+    if proj_kind == "mlp":
+      m.dense("head/fc1", "text.proj.0", bias=False)
+      m.dense("head/fc2", "text.proj.2", bias=False)
+    else:
+      m.dense("head/proj", "text.proj", bias=False)
+    return Spec(BertEncoder, kw, m, _prefixed("text."), bert_unused(pre, kw["depth"], available, "cls"))
+  raise ValueError(f"an open_clip model has an 'image' and a 'text' part, not {part!r}")
+
+
+SPECS = {"hf_clip": hf_clip_spec, "hf_bert": hf_bert_spec, "open_clip": open_clip_spec}
+# What each format's keys may start with: its towers, and the logit scale they share. A key
+# outside these is unexpected whichever tower is being loaded.
+NAMESPACES = {
+    "hf_clip": ("vision_model.", "visual_projection.", "text_model.", "text_projection.",
+                "logit_scale"),
+    "hf_bert": ("",),
+    "open_clip": ("visual.", "text.", "logit_scale", "logit_bias"),
+}
