@@ -1,0 +1,33 @@
+"""Shared shape of a tower config; each preset in this folder fills one in.
+
+Fields of a tower config:
+  kind:       "vit", "clip_text" or "bert" (the module).
+  source:     "init" (random, from `arch` alone), "hf_clip", "hf_bert" or "open_clip".
+  checkpoint: local folder of the checkpoint (no downloads); set it on the command line,
+              e.g. --config.model.image.checkpoint=/ckpt/clip-vit-base-patch16.
+  arch:       module fields; for a checkpoint, only those that differ from it
+              (depth: keep the first N blocks; image_size: position embeddings are resized).
+  dtype:      compute dtype ("float32" or "bfloat16"); parameters stay float32.
+  fresh:      regexes of parameter paths to initialise instead of load (e.g. "head/.*").
+  tokenizer:  text towers: tokenizer folder (empty: the checkpoint folder).
+  max_len:    text towers: tokens per text.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def tower(kind: str, source: str, arch: dict, checkpoint: str | None = None,
+          **extra) -> ml_collections.ConfigDict:
+  cfg = dict(kind=kind, source=source,
+             checkpoint=checkpoint if checkpoint else config_dict.placeholder(str),
+             arch=arch, dtype="float32", fresh=())
+  if kind != "vit":
+    cfg.update(tokenizer=config_dict.placeholder(str), max_len=30)
+  cfg.update(extra)
+  return ml_collections.ConfigDict(cfg)
+
+
+def unset(type_=int):
+  """An optional field (None) that the command line can still set to a `type_` value."""
+  return config_dict.placeholder(type_)

@@ -1,0 +1,86 @@
+"""Tokenizers from local checkpoint folders (CLIP BPE, BERT WordPiece), through transformers.
+
+No torch is needed: transformers' tokenizers run on the `tokenizers` library alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def _tokenizer_folder(folder: Path) -> Path:
+  """An open_clip folder may name its tokenizer's folder in open_clip_config.json."""
+  cfg_path = folder / "open_clip_config.json"
+  if cfg_path.exists():
+    cfg = json.loads(cfg_path.read_text())
+    cfg = cfg.get("model_cfg", cfg).get("text_cfg", {})
+    named = Path(cfg.get("hf_tokenizer_name", ""))
+    if not any((folder / f).exists() for f in ("tokenizer.json", "vocab.txt", "vocab.json")) \
+        and named.is_dir():
+      return named
+  return folder
+
+
+def load_hf_tokenizer(folder: str | os.PathLike):
+  """A transformers tokenizer from a folder, with fallbacks for folders that hold only
+  vocabulary files: `vocab.txt` (BERT WordPiece) or `vocab.json` + `merges.txt` (CLIP BPE)."""
+  import transformers
+  folder = _tokenizer_folder(Path(folder))
+  if not folder.is_dir():
+    raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
+  has = lambda *names: all((folder / n).exists() for n in names)
+  if has("tokenizer.json") or has("tokenizer_config.json"):
+    return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+  if has("vocab.json", "merges.txt"):
+    return transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+  if has("vocab.txt"):
+    return transformers.BertTokenizer.from_pretrained(str(folder), local_files_only=True)
+  raise FileNotFoundError(
+      f"no tokenizer files in {folder}: expected tokenizer.json, vocab.txt (BERT) or "
+      f"vocab.json + merges.txt (CLIP); found {sorted(p.name for p in folder.iterdir())}")
+
+
+class Tokenizer:
+  """Texts to fixed-length int32 arrays: input_ids, attention_mask, token_type_ids.
+
+  Sequences are truncated to `max_len` (special tokens kept) and right-padded.
+  """
+
+  def __init__(self, hf_tokenizer, max_len: int):
+    self.hf = hf_tokenizer
+    self.max_len = max_len
+
+  @classmethod
+  def from_folder(cls, folder: str | os.PathLike, max_len: int):
+    return cls(load_hf_tokenizer(folder), max_len)
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.hf)
+
+  @property
+  def pad_id(self) -> int:
+    return self.hf.pad_token_id
+
+  def __call__(self, texts: str | list[str], max_len: int | None = None) -> dict[str, np.ndarray]:
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    for i, t in enumerate(texts):
+      if not isinstance(t, str):
+        raise TypeError(f"text {i} is a {type(t).__name__}, not a string: {t!r}")
+    enc = self.hf(texts, max_length=max_len or self.max_len, padding="max_length",
+                  truncation=True, return_tensors="np", return_token_type_ids=True)
+    return {k: np.asarray(enc[k], np.int32)
+            for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def from_config(cfg) -> Tokenizer:
+  """The tokenizer of a text tower config: `tokenizer` folder, else the checkpoint folder."""
+  folder = cfg.get("tokenizer") or cfg.get("checkpoint")
+  if not folder:
+    raise ValueError("the text tower has no tokenizer folder: set --config.<...>.tokenizer="
+                     "/path (or .checkpoint=/path for a checkpoint that ships one)")
+  return Tokenizer.from_folder(folder, cfg.max_len)
