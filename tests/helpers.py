@@ -1,0 +1,33 @@
+"""Helpers shared by the tests."""
+
+import numpy as np
+
+
+def padded_ids(rng, lengths, max_len, vocab, first=None, last=None):
+  """Random token ids (0 = pad) with `first`/`last` special ids, and the attention mask."""
+  ids = np.zeros((len(lengths), max_len), np.int64)
+  for i, n in enumerate(lengths):
+    ids[i, :n] = rng.integers(1, vocab - 3, n)
+    if first is not None:
+      ids[i, 0] = first
+    if last is not None:
+      ids[i, n - 1] = last
+  mask = (np.arange(max_len)[None] < np.asarray(lengths)[:, None]).astype(np.int64)
+  return ids, mask
+
+
+def max_diff(a, b):
+  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+# Python code that makes torch unimportable in a subprocess, as on a machine without it.
+HIDE_TORCH = """
+import sys
+class _HideTorch:
+  def __init__(self, inner): self.inner = inner
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in ("torch", "torchvision"): return None
+    return self.inner.find_spec(name, path, target)
+  def __getattr__(self, attr): return getattr(self.inner, attr)
+sys.meta_path[:] = [_HideTorch(f) for f in sys.meta_path]
+"""

@@ -1,0 +1,120 @@
+"""Parity of the Hugging Face CLIPModel import with transformers' PyTorch forward."""
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import max_diff, padded_ids
+from conftest import CLIP_BOS, CLIP_EOS, CLIP_VOCAB
+from medvqa_jax.models import towers
+from medvqa_jax.models.clip_text import ClipTextTransformer
+from medvqa_jax.models.vit import VisionTransformer
+
+TOL = 1e-4
+
+
+def _images(n, size, seed=0):
+  return np.random.default_rng(seed).normal(size=(n, size, size, 3)).astype(np.float32)
+
+
+def _torch_images(x):
+  return torch.from_numpy(x).permute(0, 3, 1, 2)
+
+
+def test_vision_tower_matches_transformers(hf_clip):
+  ref, folder = hf_clip
+  module, params = towers.load("image", "hf_clip", folder)
+  assert isinstance(module, VisionTransformer) and module.pre_norm and module.act == "quick_gelu"
+  x = _images(3, 32)
+  out = module.apply({"params": params}, x)
+  with torch.no_grad():
+    r = ref.vision_model(pixel_values=_torch_images(x))
+    post = ref.vision_model.post_layernorm(r.last_hidden_state)
+    emb = ref.visual_projection(r.pooler_output)
+  assert out["encoded"].shape == (3, 17, 64)
+  assert max_diff(out["encoded"], r.last_hidden_state) <= TOL
+  assert max_diff(out["tokens"], post) <= TOL
+  assert max_diff(out["pooled"], r.pooler_output) <= TOL
+  assert max_diff(out["embedding"], emb) <= TOL
+
+
+def test_vision_tower_at_another_size_matches_interpolated_reference(hf_clip):
+  """224 -> 288 in the paper; here 32 -> 48 px: transformers resizes the position grid with
+  bicubic interpolation on the fly, we resize it once at load time."""
+  ref, folder = hf_clip
+  module, params = towers.load("image", "hf_clip", folder, image_size=48)
+  assert params["pos_embed"].shape == (1 + 6 * 6, 64)
+  x = _images(2, 48, seed=1)
+  out = module.apply({"params": params}, x)
+  with torch.no_grad():
+    r = ref.vision_model(pixel_values=_torch_images(x), interpolate_pos_encoding=True)
+  assert max_diff(out["encoded"], r.last_hidden_state) <= TOL
+  assert max_diff(out["pooled"], r.pooler_output) <= TOL
+
+
+def test_vision_tower_keeps_first_blocks(hf_clip):
+  """depth=2 of 3 (the paper keeps 11 of 12): the output is the reference's hidden state
+  after two blocks."""
+  ref, folder = hf_clip
+  module, params = towers.load("image", "hf_clip", folder, depth=2)
+  assert module.depth == 2 and "block_2" not in params
+  x = _images(2, 32, seed=2)
+  out = module.apply({"params": params}, x)
+  with torch.no_grad():
+    r = ref.vision_model(pixel_values=_torch_images(x), output_hidden_states=True)
+  assert max_diff(out["encoded"], r.hidden_states[2]) <= TOL
+  assert max_diff(out["encoded"], r.last_hidden_state) > 1e-2  # The third block mattered.
+
+
+def test_text_tower_matches_transformers_with_padding(hf_clip):
+  ref, folder = hf_clip
+  module, params = towers.load("text", "hf_clip", folder)
+  assert isinstance(module, ClipTextTransformer) and module.eos_token_id == CLIP_EOS
+  rng = np.random.default_rng(0)
+  ids, mask = padded_ids(rng, [16, 9, 4], 16, CLIP_VOCAB, first=CLIP_BOS, last=CLIP_EOS)
+  out = module.apply({"params": params}, ids, mask)
+  with torch.no_grad():
+    r = ref.text_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    emb = ref.text_projection(r.pooler_output)
+  assert max_diff(out["tokens"], r.last_hidden_state) <= TOL  # Every token, pads included.
+  assert max_diff(out["pooled"], r.pooler_output) <= TOL
+  assert max_diff(out["embedding"], emb) <= TOL
+
+
+def test_text_tower_is_causal(hf_clip):
+  _, folder = hf_clip
+  module, params = towers.load("text", "hf_clip", folder)
+  rng = np.random.default_rng(1)
+  ids, mask = padded_ids(rng, [12], 12, CLIP_VOCAB, first=CLIP_BOS, last=CLIP_EOS)
+  changed = ids.copy()
+  changed[0, 8] = (changed[0, 8] % 90) + 1
+  a = module.apply({"params": params}, ids, mask)["tokens"]
+  b = module.apply({"params": params}, changed, mask)["tokens"]
+  assert max_diff(a[:, :8], b[:, :8]) == 0.0
+  assert max_diff(a[:, 8:], b[:, 8:]) > 1e-3
+
+
+def test_pytorch_bin_and_legacy_end_of_text(hf_clip_bin):
+  """pytorch_model.bin is read through torch; a config with the legacy eos_token_id=2 pools
+  at the largest id, as transformers does."""
+  ref, folder = hf_clip_bin
+  module, params = towers.load("text", "hf_clip", folder)
+  assert module.eos_token_id is None
+  rng = np.random.default_rng(2)
+  ids, mask = padded_ids(rng, [10, 5], 16, CLIP_VOCAB, first=CLIP_BOS, last=CLIP_EOS)
+  out = module.apply({"params": params}, ids, mask)
+  with torch.no_grad():
+    r = ref.text_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+  assert max_diff(out["tokens"], r.last_hidden_state) <= TOL
+  assert max_diff(out["pooled"], r.pooler_output) <= TOL
+  image, image_params = towers.load("image", "hf_clip", folder)
+  x = _images(1, 32, seed=3)
+  with torch.no_grad():
+    r = ref.vision_model(pixel_values=_torch_images(x))
+  assert max_diff(image.apply({"params": image_params}, x)["pooled"], r.pooler_output) <= TOL
+
+
+def test_depth_beyond_checkpoint_is_an_error(hf_clip):
+  _, folder = hf_clip
+  with pytest.raises(ValueError, match="depth=4 requested but .* has 3 blocks"):
+    towers.load("image", "hf_clip", folder, depth=4)

@@ -1,0 +1,137 @@
+"""The package as a user meets it: imports, torch-free paths, configs, commands, README."""
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import HIDE_TORCH
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def _python(code, timeout=300):
+  return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=timeout, cwd=ROOT)
+
+
+def test_import_does_not_import_torch():
+  out = _python("import sys, medvqa_jax, medvqa_jax.models.towers, medvqa_jax.data.tokenizer, "
+                "medvqa_jax.data.image\nprint('torch' in sys.modules)")
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "False"
+
+
+def test_towers_and_tokenizer_work_without_torch(minilm_dir):
+  code = HIDE_TORCH + textwrap.dedent(f"""
+      from medvqa_jax.data.tokenizer import Tokenizer
+      from medvqa_jax.models import towers
+      module, params = towers.load("text", "hf_bert", {str(minilm_dir)!r})
+      batch = Tokenizer.from_folder({str(minilm_dir)!r}, max_len=16)(["is the liver enlarged?"])
+      out = module.apply({{"params": params}}, batch["input_ids"], batch["attention_mask"])
+      print(out["tokens"].shape, "torch" in sys.modules)
+      """)
+  out = _python(code)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip().endswith("(1, 16, 384) False")
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                        cwd=ROOT)
+
+
+def test_embed_command_on_the_embedded_default():
+  out = _run("launch/embed.py", "--config=configs/demo.py")
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["image_tokens"] == [4, 17, 64] and result["question_tokens"] == [8, 30, 64]
+  sim = np.asarray(result["cosine_image_x_question"])
+  assert sim.shape == (4, 8) and np.all(np.abs(sim) <= 1 + 1e-6)
+
+
+def test_embed_command_with_a_checkpoint_override(minilm_dir):
+  out = _run("launch/embed.py", "--config=configs/base.py:image=tiny,text=minilm",
+             f"--config.model.text.checkpoint={minilm_dir}", "--config.model.text.max_len=12",
+             "--question=is the heart enlarged?", "--question=no")
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["question_tokens"] == [2, 12, 384] and "image_tokens" not in result
+
+
+def test_unset_checkpoint_names_the_flag():
+  out = _run("launch/embed.py", "--config=configs/base.py:image=clip_vit_b16,text=tiny")
+  assert out.returncode != 0
+  assert "no folder is set" in out.stderr and "checkpoint=" in out.stderr
+
+
+def test_train_command_says_it_is_not_available_yet():
+  out = _run("launch/train.py", "--config=configs/demo.py")
+  assert out.returncode == 0, out.stderr
+  assert "not available yet" in out.stdout
+  bad = _run("launch/train.py", "--config=configs/demo.py", "--config.model.image.arch.dept=3")
+  assert bad.returncode != 0  # Configs are locked: a typo is an error.
+
+
+def test_readme_example_runs(hf_clip, minilm_dir):
+  """The README's Python example, with its checkpoint folders pointed at a tiny CLIPModel
+  and the real MiniLM (the output sizes change accordingly)."""
+  from medvqa_jax import ASSETS
+  readme = (ROOT / "README.md").read_text()
+  code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+  assert '"/ckpt/clip-vit-base-patch16"' in code and '"/ckpt/Bio_ClinicalBERT"' in code
+  code = (code.replace('"/ckpt/clip-vit-base-patch16"', repr(str(hf_clip[1])))
+          .replace('"/ckpt/Bio_ClinicalBERT"', repr(str(minilm_dir)))
+          .replace("image_size=288, depth=11", "image_size=48, depth=2")
+          .replace('"scan.jpg"', repr(str(ASSETS / "demo" / "images" / "synpic54610.jpg"))))
+  out = _python(code)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "(1, 37, 64) (1, 30, 384)"
+
+
+class TestConfigs:
+
+  @pytest.fixture(autouse=True)
+  def _configs(self):
+    from configs import base, demo
+    self.base, self.demo = base, demo
+
+  def test_paper_defaults(self):
+    config = self.base.get_config()
+    assert config.model.image.source == "hf_clip"
+    assert (config.model.image.arch.image_size, config.model.image.arch.depth) == (288, 11)
+    assert config.model.text.source == "hf_bert" and config.model.text.max_len == 30
+    assert config.teacher.image.source == "open_clip" and config.teacher.text.kind == "bert"
+    assert config.model.image.checkpoint is None  # The user names the folder.
+    with pytest.raises(AttributeError):
+      config.model.image.arch.dept = 3  # Locked.
+
+  @pytest.mark.parametrize("name", ["clip_vit_b16", "biomedclip", "bio_clinicalbert",
+                                    "minilm", "tiny"])
+  def test_every_preset_is_selectable(self, name):
+    parts = self.base.preset(name)
+    arg = ",".join(f"{p}={name}" for p in ("image", "text") if p in parts)
+    config = self.base.get_config(arg)
+    for part in parts:
+      assert config.model[part].kind == parts[part].kind
+
+  def test_bad_arguments(self):
+    with pytest.raises(ValueError, match="no tower preset 'vit_h14'"):
+      self.base.get_config("image=vit_h14")
+    with pytest.raises(ValueError, match="expected one of"):
+      self.base.get_config("vision=tiny")
+    with pytest.raises(ValueError, match="has no image tower"):
+      self.base.get_config("image=minilm")
+
+  def test_demo_config_builds_its_towers(self):
+    from medvqa_jax.data.tokenizer import from_config
+    from medvqa_jax.models import towers
+    config = self.demo.get_config()
+    for part in ("image", "text"):
+      module, params = towers.from_config(config.model[part])
+      assert params  # Randomly initialised from `arch`.
+    assert from_config(config.model.text).vocab_size == 30522
