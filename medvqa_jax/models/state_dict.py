@@ -96,6 +96,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   raise CheckpointError(f"unknown checkpoint format: {path}")
 
 
+def rename_legacy_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Old BERT checkpoints (converted from TensorFlow) name LayerNorm parameters gamma/beta."""
+  def rename(k):
+    if k.endswith("LayerNorm.gamma"):
+      return k[:-len("gamma")] + "weight"
+    if k.endswith("LayerNorm.beta"):
+      return k[:-len("beta")] + "bias"
+    return k
+  return {rename(k): v for k, v in state.items()}
+
+
 # ---- transforms from PyTorch layouts to Flax layouts -------------------------------------
 
 def linear(w):

@@ -52,6 +52,26 @@ def test_pretraining_checkpoint_with_prefix_and_heads(hf_bert_pretraining):
   assert max_diff(out["pooled"], r.pooler_output) <= TOL
 
 
+def test_legacy_layernorm_names(hf_bert, tmp_path):
+  """Checkpoints converted from TensorFlow name LayerNorm parameters gamma/beta."""
+  import shutil
+  from safetensors.numpy import save_file
+  from medvqa_jax.models import state_dict
+  ref, folder = hf_bert
+  state = state_dict.read_state_dict(folder)
+  legacy = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias",
+                                                                      "LayerNorm.beta"): v
+            for k, v in state.items()}
+  assert "embeddings.LayerNorm.gamma" in legacy
+  shutil.copy(folder / "config.json", tmp_path / "config.json")
+  save_file(legacy, tmp_path / "model.safetensors")
+  _, params = towers.load("text", "hf_bert", tmp_path)
+  _, expected = towers.load("text", "hf_bert", folder)
+  np.testing.assert_array_equal(params["embed_ln"]["scale"], expected["embed_ln"]["scale"])
+  np.testing.assert_array_equal(params["layer_2"]["mlp_ln"]["bias"],
+                                expected["layer_2"]["mlp_ln"]["bias"])
+
+
 def test_bert_keeps_first_layers(hf_bert):
   ref, folder = hf_bert
   module, params = towers.load("text", "hf_bert", folder, depth=2)
