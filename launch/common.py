@@ -1,8 +1,12 @@
 """Shared start-up for the launch scripts: make `configs` importable, quiet logs."""
 
+import logging
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
+
+# JAX logs at INFO each accelerator plugin it does not find (e.g. no TPU on a GPU machine).
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)

@@ -54,16 +54,23 @@ def _save_pytorch_bin(model, folder):
   torch.save(model.state_dict(), folder / "pytorch_model.bin")
 
 
+def _saved(tmp_path_factory, name, model, pytorch_bin=False):
+  model = _randomise_layernorms(model.eval())
+  folder = tmp_path_factory.mktemp(name)
+  if pytorch_bin:
+    _save_pytorch_bin(model, folder)
+  else:
+    model.save_pretrained(folder)
+  return model, folder
+
+
 @pytest.fixture(scope="session")
 def hf_clip(tmp_path_factory):
   """(CLIPModel, folder with model.safetensors)."""
   import torch
   import transformers
   torch.manual_seed(0)
-  model = _randomise_layernorms(transformers.CLIPModel(_clip_config()).eval())
-  folder = tmp_path_factory.mktemp("hf_clip")
-  model.save_pretrained(folder)
-  return model, folder
+  return _saved(tmp_path_factory, "hf_clip", transformers.CLIPModel(_clip_config()))
 
 
 @pytest.fixture(scope="session")
@@ -72,10 +79,8 @@ def hf_clip_bin(tmp_path_factory):
   import torch
   import transformers
   torch.manual_seed(1)
-  model = _randomise_layernorms(transformers.CLIPModel(_clip_config(eos_token_id=2)).eval())
-  folder = tmp_path_factory.mktemp("hf_clip_bin")
-  _save_pytorch_bin(model, folder)
-  return model, folder
+  return _saved(tmp_path_factory, "hf_clip_bin",
+                transformers.CLIPModel(_clip_config(eos_token_id=2)), pytorch_bin=True)
 
 
 def bert_config():
@@ -91,10 +96,7 @@ def hf_bert(tmp_path_factory):
   import torch
   import transformers
   torch.manual_seed(2)
-  model = _randomise_layernorms(transformers.BertModel(bert_config()).eval())
-  folder = tmp_path_factory.mktemp("hf_bert")
-  model.save_pretrained(folder)
-  return model, folder
+  return _saved(tmp_path_factory, "hf_bert", transformers.BertModel(bert_config()))
 
 
 @pytest.fixture(scope="session")
@@ -104,10 +106,8 @@ def hf_bert_pretraining(tmp_path_factory):
   import torch
   import transformers
   torch.manual_seed(3)
-  model = _randomise_layernorms(transformers.BertForPreTraining(bert_config()).eval())
-  folder = tmp_path_factory.mktemp("hf_bert_pretraining")
-  _save_pytorch_bin(model, folder)
-  return model, folder
+  return _saved(tmp_path_factory, "hf_bert_pretraining",
+                transformers.BertForPreTraining(bert_config()), pytorch_bin=True)
 
 
 @pytest.fixture(scope="session")
