@@ -1,4 +1,4 @@
-"""Base config: the image and text towers, and the soft-label teacher.
+"""Base config: the AMiF model (towers, fusion, GCA, answer head) and the soft-label teacher.
 
 Towers are picked by preset name (files in configs/towers/), e.g.
   --config=configs/base.py:image=clip_vit_b16,text=bio_clinicalbert,teacher=biomedclip
@@ -10,6 +10,8 @@ BiomedCLIP teacher.
 import importlib
 
 import ml_collections
+
+from configs.towers.common import unset
 
 DEFAULTS = dict(image="clip_vit_b16", text="bio_clinicalbert", teacher="biomedclip")
 
@@ -43,7 +45,22 @@ def get_config(arg=None):
     raise ValueError(f"teacher preset {choice['teacher']!r} needs an image and a text tower")
   config = ml_collections.ConfigDict(dict(
       seed=0,
-      model=dict(image=image.image, text=text.text),
+      model=dict(
+          image=image.image, text=text.text,
+          # Co-attention fusion: layers per stream, width of the projected tokens.
+          fusion=dict(width=768, layers=6, heads=12, mlp_dim=3072),
+          # Answer head: "generative" (BERT decoder ranking candidates), "classifier"
+          # (MLP over the answer vocabulary; num_answers from the data) or "none".
+          head="generative",
+          num_answers=unset(int),
+          # The decoder is the text checkpoint's BERT, causal, cross-attending to the GCA
+          # output from layer `cross_from` on (6-11 in the paper).
+          decoder=dict(cross_from=6, depth=unset(int)),
+          prior_max_tokens=512,  # Answer-vocabulary prior of the GCA, in word pieces.
+          answer_max_len=16,     # Answer tokens, [CLS] and [SEP] included.
+          rank_k=32,             # Candidates re-scored by full likelihood.
+          dtype="float32",       # Compute dtype of fusion, GCA and heads.
+      ),
       teacher=dict(image=teacher.image, text=teacher.text),
   ))
   config.lock()

@@ -21,5 +21,5 @@ def installed_checkpoint() -> str | None:
 def get_config(arg=None):
   del arg
   return ml_collections.ConfigDict(dict(
-      text=tower("bert", "hf_bert", dict(depth=unset(int)),
+      text=tower("bert", "hf_bert", dict(depth=unset(int), pooler="cls"),
                  checkpoint=installed_checkpoint())))

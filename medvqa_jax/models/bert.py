@@ -1,6 +1,8 @@
 """BERT encoder (absolute positions, token types, post-LN) for BERT-family checkpoints.
 
-Covers Bio_ClinicalBERT, PubMedBERT/BiomedBERT, MiniLM and BiomedCLIP's text trunk.
+Covers Bio_ClinicalBERT, PubMedBERT/BiomedBERT, MiniLM and BiomedCLIP's text trunk. The same
+module is the generative answer head's decoder (`causal`, cross-attention from layer
+`cross_from` on, `lm_head`), initialised from the text checkpoint.
 """
 
 from __future__ import annotations
@@ -17,10 +19,15 @@ class BertEncoder(nn.Module):
   """Token ids (B, L) to tokens and a pooled feature.
 
   pooler: "dense" is HF BertModel's pooler (tanh(W h_cls + b)); "cls" is the CLS token of the
-  last hidden state (BiomedCLIP's `cls_last_hidden_state_pooler`).
+  last hidden state (BiomedCLIP's `cls_last_hidden_state_pooler`); "none" pools nothing.
+  causal: position i attends only to positions <= i (the decoder).
+  cross_from: layers with this index and above cross-attend to `context` (B, Lc, D) whose
+    padding is `context_mask` (HF's `encoder_hidden_states` / `encoder_attention_mask`).
+  lm_head: BERT's masked-LM head (dense, GELU, LayerNorm, then the word embeddings
+    transposed plus a bias) giving `logits` (B, L, vocab_size).
 
-  Returns a dict: tokens (B, L, width) (HF's `last_hidden_state`), pooled (B, width), and
-  embedding (B, proj_dim) when `proj_dim` is set.
+  Returns a dict: tokens (B, L, width) (HF's `last_hidden_state`), pooled (B, width) unless
+  pooler is "none", embedding (B, proj_dim) when `proj_dim` is set, logits with `lm_head`.
   """
   vocab_size: int = 30522
   max_positions: int = 512
@@ -34,31 +41,44 @@ class BertEncoder(nn.Module):
   pooler: str = "dense"
   proj_dim: int | None = None
   proj_kind: str = "linear"
+  causal: bool = False
+  cross_from: int | None = None
+  lm_head: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, context=None,
+               context_mask=None):
     _, length = input_ids.shape
     if length > self.max_positions:
       raise ValueError(f"sequence length {length} exceeds max_positions {self.max_positions}")
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    x = (nn.Embed(self.vocab_size, self.width, name="word_embed")(input_ids)
+    word_embed = nn.Embed(self.vocab_size, self.width, name="word_embed")
+    x = (word_embed(input_ids)
          + nn.Embed(self.max_positions, self.width, name="pos_embed")(jnp.arange(length))[None]
          + nn.Embed(self.type_vocab_size, self.width, name="type_embed")(token_type_ids))
     x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="embed_ln")(x.astype(self.dtype))
-    bias = layers.attention_bias(attention_mask)
+    bias = layers.attention_bias(attention_mask, causal_len=length if self.causal else None)
+    context_bias = None if context_mask is None else layers.attention_bias(context_mask)
     for i in range(self.depth):
-      x = layers.PostLNBlock(self.num_heads, self.mlp_dim, self.act, self.ln_eps, self.dtype,
-                             name=f"layer_{i}")(x, bias)
+      cross = self.cross_from is not None and i >= self.cross_from
+      x = layers.PostLNBlock(self.num_heads, self.mlp_dim, self.act, self.ln_eps, cross,
+                             self.dtype, name=f"layer_{i}")(x, bias, context, context_bias)
     out = {"tokens": x}
+    if self.lm_head:
+      h = nn.Dense(self.width, dtype=self.dtype, name="lm_dense")(x)
+      h = layers.activation(self.act)(h)
+      h = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="lm_ln")(h)
+      logits = word_embed.attend(h.astype(jnp.float32))
+      out["logits"] = logits + self.param("lm_bias", nn.initializers.zeros, (self.vocab_size,))
     if self.pooler == "dense":
       out["pooled"] = jnp.tanh(nn.Dense(self.width, dtype=self.dtype, name="pooler")(x[:, 0]))
     elif self.pooler == "cls":
       out["pooled"] = x[:, 0]
-    else:
-      raise ValueError(f"unknown pooler {self.pooler!r}; expected 'dense' or 'cls'")
-    if self.proj_dim:
+    elif self.pooler != "none":
+      raise ValueError(f"unknown pooler {self.pooler!r}; expected 'dense', 'cls' or 'none'")
+    if self.proj_dim and "pooled" in out:
       out["embedding"] = layers.ProjectionHead(self.proj_kind, self.proj_dim, False, self.dtype,
                                                name="head")(out["pooled"])
     return out

@@ -34,6 +34,9 @@ class Spec:
   mapping: Mapping
   owned: Callable[[str], bool]
   unused: tuple[str, ...] = ()
+  # Parameter paths of parts the caller asked for that the checkpoint does not have (the
+  # decoder's cross-attention, a masked-LM head): initialised, and logged as such.
+  fresh: tuple[str, ...] = ()
 
 
 def _prefixed(*prefixes: str) -> Callable[[str], bool]:
@@ -132,7 +135,8 @@ def hf_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
 
 # ---- BERT -------------------------------------------------------------------------------
 
-def bert_mapping(prefix: str, depth: int, heads: int, pooler: str) -> Mapping:
+def bert_mapping(prefix: str, depth: int, heads: int, pooler: str, cross_from: int | None = None,
+                 lm_head: bool = False) -> Mapping:
   m = Mapping()
   e = prefix + "embeddings."
   m.add("word_embed/embedding", e + "word_embeddings.weight")
@@ -147,9 +151,32 @@ def bert_mapping(prefix: str, depth: int, heads: int, pooler: str) -> Mapping:
     m.dense(f"layer_{i}/mlp/fc1", p + "intermediate.dense")
     m.dense(f"layer_{i}/mlp/fc2", p + "output.dense")
     m.layernorm(f"layer_{i}/mlp_ln", p + "output.LayerNorm")
+    if cross_from is not None and i >= cross_from:
+      c = p + "crossattention."
+      m.attention(f"layer_{i}/cross_attn", c + "self.query", c + "self.key", c + "self.value",
+                  c + "output.dense", heads)
+      m.layernorm(f"layer_{i}/cross_ln", c + "output.LayerNorm")
   if pooler == "dense":
     m.dense("pooler", prefix + "pooler.dense")
+  if lm_head:  # BertForPreTraining / BertForMaskedLM / BertLMHeadModel keep it under `cls.`.
+    m.dense("lm_dense", "cls.predictions.transform.dense")
+    m.layernorm("lm_ln", "cls.predictions.transform.LayerNorm")
+    m.add("lm_bias", "cls.predictions.bias")
   return m
+
+
+def missing_optional_parts(state, mapping: Mapping, kw: dict) -> tuple[str, ...]:
+  """Regexes of the decoder parts (cross-attention, LM head) absent from the checkpoint."""
+  groups = [r"layer_\d+/cross_.*"] if kw.get("cross_from") is not None else []
+  if kw.get("lm_head"):
+    groups.append(r"lm_.*")
+  fresh = []
+  for pattern in groups:
+    keys = [k for path, e in mapping.entries.items() if re.fullmatch(pattern, path)
+            for k in e.keys]
+    if keys and not any(k in state for k in keys):
+      fresh.append(pattern)
+  return tuple(fresh)
 
 
 def bert_unused(prefix: str, depth: int, available: int, pooler: str) -> tuple[str, ...]:
@@ -189,10 +216,11 @@ def hf_bert_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
   kw["depth"] = _depth(overrides.get("depth"), available, str(folder))
   kw["pooler"] = "dense"
   kw.update(overrides)
-  m = bert_mapping(prefix, kw["depth"], kw["num_heads"], kw["pooler"])
+  m = bert_mapping(prefix, kw["depth"], kw["num_heads"], kw["pooler"], kw.get("cross_from"),
+                   kw.get("lm_head", False))
   # Pre-training checkpoints (BertForPreTraining/MaskedLM) carry heads under `cls.`.
   unused = bert_unused(prefix, kw["depth"], available, kw["pooler"]) + (r"cls\..*",)
-  return Spec(BertEncoder, kw, m, lambda k: True, unused)
+  return Spec(BertEncoder, kw, m, lambda k: True, unused, missing_optional_parts(state, m, kw))
 
 
 # ---- open_clip (BiomedCLIP architecture) ------------------------------------------------
@@ -262,13 +290,16 @@ def open_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
       raise ValueError(f"{folder}: unsupported hf_proj_type {proj_kind!r}")
     kw.update(pooler="cls", proj_dim=embed_dim, proj_kind=proj_kind)
     kw.update(overrides)
-    m = bert_mapping(pre, kw["depth"], kw["num_heads"], "cls")
+    m = bert_mapping(pre, kw["depth"], kw["num_heads"], kw["pooler"], kw.get("cross_from"),
+                     kw.get("lm_head", False))
     if proj_kind == "mlp":
       m.dense("head/fc1", "text.proj.0", bias=False)
       m.dense("head/fc2", "text.proj.2", bias=False)
     else:
       m.dense("head/proj", "text.proj", bias=False)
-    return Spec(BertEncoder, kw, m, _prefixed("text."), bert_unused(pre, kw["depth"], available, "cls"))
+    return Spec(BertEncoder, kw, m, _prefixed("text."),
+                bert_unused(pre, kw["depth"], available, kw["pooler"]),
+                missing_optional_parts(state, m, kw))
   raise ValueError(f"an open_clip model has an 'image' and a 'text' part, not {part!r}")
 
 

@@ -117,19 +117,34 @@ class PreLNBlock(nn.Module):
 
 
 class PostLNBlock(nn.Module):
-  """x = ln(x + attn(x)); x = ln(x + mlp(x)): the BERT layer."""
+  """The BERT layer, post-LN, with optional cross-attention (BERT's decoder layer, METER's
+  co-attention layer):
+
+    x = ln(x + attn(x));  [x = ln(x + cross_attn(q=x, kv=context))];  x = ln(x + mlp(x))
+
+  `bias` masks self-attention; `context_bias` masks the context's keys. With
+  `return_weights`, returns (x, cross-attention weights (B, heads, Lq, Lk)).
+  """
   num_heads: int
   mlp_dim: int
   act: str
   ln_eps: float
+  cross: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, bias=None):
+  def __call__(self, x, bias=None, context=None, context_bias=None, return_weights=False):
     ln = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
-    x = ln("attn_ln")(x + MultiHeadAttention(self.num_heads, self.dtype, name="attn")(x, bias=bias))
+    mha = lambda name: MultiHeadAttention(self.num_heads, self.dtype, name=name)
+    x = ln("attn_ln")(x + mha("attn")(x, bias=bias))
+    weights = None
+    if self.cross:
+      if context is None:
+        raise ValueError("a cross-attention layer needs a context")
+      y, weights = mha("cross_attn")(x, kv=context, bias=context_bias, return_weights=True)
+      x = ln("cross_ln")(x + y)
     x = ln("mlp_ln")(x + Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(x))
-    return x
+    return (x, weights) if return_weights else x
 
 
 class ProjectionHead(nn.Module):

@@ -34,7 +34,10 @@ SOURCES = ("init",) + tuple(importers.SPECS)
 def dummy_inputs(module: nn.Module) -> tuple:
   if isinstance(module, VisionTransformer):
     return (jnp.zeros((1, module.image_size, module.image_size, 3), jnp.float32),)
-  return (jnp.zeros((1, 8), jnp.int32),)
+  ids = jnp.zeros((1, 8), jnp.int32)
+  if isinstance(module, BertEncoder) and module.cross_from is not None:  # A decoder.
+    return ids, None, None, jnp.zeros((1, 4, module.width), jnp.float32)
+  return (ids,)
 
 
 def init_params(module: nn.Module, rng: jax.Array):
@@ -80,21 +83,22 @@ def load(part: str, source: str, checkpoint: str | Path, *, dtype=jnp.float32,
         f"{sorted(stray)[:40]}")
   params = state_dict.assemble(
       state, spec.mapping, param_shapes(module), source=str(weights), owned=spec.owned,
-      unused=spec.unused + tuple(unused), fresh=fresh,
+      unused=spec.unused + tuple(unused), fresh=tuple(fresh) + spec.fresh,
       init=lambda: init_params(module, jax.random.PRNGKey(seed)))
   log.info("loaded the %s tower of %s (%s)", part, weights, type(module).__name__)
   return module, params
 
 
-def from_config(cfg, seed: int = 0):
+def from_config(cfg, seed: int = 0, abstract: bool = False):
   """(module, params) for a tower config: `kind`, `source`, `checkpoint`, `arch`, `dtype`,
-  `fresh`. With source "init" the tower is randomly initialised from `arch` alone."""
+  `fresh`. With source "init" the tower is randomly initialised from `arch` alone (with
+  `abstract`, not at all: params is None)."""
   if cfg.kind not in KINDS:
     raise ValueError(f"unknown tower kind {cfg.kind!r}; expected one of {sorted(KINDS)}")
   arch = {k: v for k, v in cfg.arch.items() if v is not None}
   if cfg.source == "init":
     module = KINDS[cfg.kind](**arch, dtype=dtype_of(cfg.dtype))
-    return module, init_params(module, jax.random.PRNGKey(seed))
+    return module, None if abstract else init_params(module, jax.random.PRNGKey(seed))
   if not cfg.checkpoint:
     raise ValueError(f"the {cfg.kind} tower loads a {cfg.source} checkpoint but no folder is "
                      f"set: pass --config.<...>.checkpoint=/path/to/folder")

@@ -1,0 +1,36 @@
+r"""Prints the parameter count of a config's model, by component, as one JSON line.
+
+  python launch/count_params.py --config=configs/base.py:image=paper_init,text=paper_init
+  python launch/count_params.py --config=configs/demo.py
+
+Only shapes are computed (no weights are initialised); towers loaded from checkpoints are
+read to learn their shapes.
+"""
+
+import json
+
+import common  # noqa: F401  (puts the repository root on sys.path)
+from absl import app
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file.")
+
+
+def count(tree) -> int:
+  import jax
+  import numpy as np
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def main(argv):
+  del argv
+  from medvqa_jax.models import amif
+  config = _CONFIG.value
+  _, shapes = amif.create(config, abstract=True)
+  by_component = {name: count(tree) for name, tree in sorted(shapes.items())}
+  print(json.dumps({"head": config.model.head, "total": sum(by_component.values()),
+                    "by_component": by_component}))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,250 @@
+"""The AMiF model: towers -> projections -> co-attention fusion (-> GCA -> answer head).
+
+Entry points (Linen methods, `model.apply(variables, ..., method=AMiF.<name>)`):
+  pretrain: global embeddings per view, fused token features of the matched pairs, ITM logits
+            for the matched pairs and for caller-given (text, image) index pairs.
+  vqa:      answer-head outputs and loss terms, with the intermediates (fused tokens, masks,
+            gate values, attention weights).
+  rank:     generative-head inference: top-k candidates by first-token probability, re-scored
+            by full-sequence log-likelihood.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medvqa_jax.models import heads
+from medvqa_jax.models.bert import BertEncoder
+from medvqa_jax.models.clip_text import ClipTextTransformer
+from medvqa_jax.models.fusion import CoAttentionFusion
+from medvqa_jax.models.gca import GatedCrossAttention
+
+TEXT, IMAGE = 0, 1  # Modality-type embedding rows.
+
+
+def _normalise(x):
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class AMiF(nn.Module):
+  image: nn.Module            # VisionTransformer
+  text: nn.Module             # BertEncoder (pooler "cls") or ClipTextTransformer
+  width: int = 768
+  fusion_layers: int = 6
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  head: str = "generative"    # "generative", "classifier", or "none" (pre-training only)
+  num_answers: int = 0        # classifier vocabulary size
+  decoder: nn.Module | None = None  # BertEncoder(causal, cross_from, lm_head): generative head
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    if self.head not in ("generative", "classifier", "none"):
+      raise ValueError(f"unknown head {self.head!r}; expected generative, classifier or none")
+    if self.head == "generative" and self.decoder is None:
+      raise ValueError("the generative head needs a decoder")
+    if self.head == "classifier" and self.num_answers <= 0:
+      raise ValueError("the classifier head needs num_answers > 0")
+    self.image_proj = nn.Dense(self.width, dtype=self.dtype)
+    self.text_proj = nn.Dense(self.width, dtype=self.dtype)
+    self.type_embed = nn.Embed(2, self.width)
+    self.fusion = CoAttentionFusion(self.fusion_layers, self.num_heads, self.mlp_dim,
+                                    dtype=self.dtype)
+    self.itm_head = nn.Dense(2, dtype=self.dtype)
+    if self.head != "none":
+      self.gca = GatedCrossAttention(self.num_heads, self.mlp_dim, dtype=self.dtype)
+    if self.head == "classifier":
+      self.classifier = heads.ClassifierHead(self.num_answers, dtype=self.dtype)
+
+  # ---- unimodal ---------------------------------------------------------------------------
+
+  def encode_image(self, images):
+    out = self.image(images)
+    tokens = self.image_proj(out["tokens"]) + self.type_embed(jnp.array(IMAGE))
+    return {"tokens": tokens, "mask": jnp.ones(tokens.shape[:2], jnp.int32),
+            "embed": _normalise(self.image_proj(out["pooled"]))}
+
+  def encode_text(self, input_ids, attention_mask):
+    out = self.text(input_ids, attention_mask)
+    tokens = self.text_proj(out["tokens"]) + self.type_embed(jnp.array(TEXT))
+    return {"tokens": tokens, "mask": attention_mask,
+            "embed": _normalise(self.text_proj(out["pooled"]))}
+
+  def word_embeddings(self, ids):
+    """The text tower's input embedding table (no positions) looked up at `ids`; the text
+    tower must have been called in the same method."""
+    name = "word_embed" if isinstance(self.text, BertEncoder) else "token_embed"
+    return jnp.take(self.text.variables["params"][name]["embedding"], ids, axis=0)
+
+  # ---- fusion -----------------------------------------------------------------------------
+
+  def fuse(self, text, image, return_weights=False):
+    return self.fusion(text["tokens"], text["mask"], image["tokens"], image["mask"],
+                       return_weights=return_weights)
+
+  def itm_logits(self, fused):
+    """Image-text matching logits (match = 1) on concat(fused text CLS, fused image CLS)."""
+    cls = jnp.concatenate([fused["text"][:, 0], fused["image"][:, 0]], axis=-1)
+    return self.itm_head(cls).astype(jnp.float32)
+
+  def pretrain(self, images, input_ids, attention_mask, images2=None, pairs=None):
+    """pairs: optional (text_idx, image_idx) int arrays (P,) of extra pairs to score for ITM
+    (e.g. sampled hard negatives); each text keeps its own attention mask."""
+    image, text = self.encode_image(images), self.encode_text(input_ids, attention_mask)
+    fused = self.fuse(text, image)
+    out = {"image_embed": image["embed"], "text_embed": text["embed"],
+           "fused_text": fused["text"], "fused_image": fused["image"],
+           "text_mask": text["mask"], "image_mask": image["mask"],
+           "itm_logits": self.itm_logits(fused)}
+    if images2 is not None:
+      out["image2_embed"] = self.encode_image(images2)["embed"]
+    if pairs is not None:
+      text_idx, image_idx = pairs
+      take = lambda d, idx: {k: jnp.take(v, idx, axis=0) for k, v in d.items()}
+      out["pair_itm_logits"] = self.itm_logits(
+          self.fuse(take(text, text_idx), take(image, image_idx)))
+    return out
+
+  # ---- VQA --------------------------------------------------------------------------------
+
+  def context(self, images, input_ids, attention_mask, prior_ids, prior_mask,
+              return_weights=False):
+    """GCA output over concat(fused text, fused image) and its mask."""
+    image, text = self.encode_image(images), self.encode_text(input_ids, attention_mask)
+    fused = self.fuse(text, image, return_weights=return_weights)
+    x = jnp.concatenate([fused["text"], fused["image"]], axis=1)
+    mask = jnp.concatenate([text["mask"], image["mask"]], axis=1)
+    gca = self.gca(x, self.word_embeddings(prior_ids), prior_mask)
+    out = {"context": gca["out"], "context_mask": mask, "gate": gca["gate"],
+           "gca_weights": gca["cross_weights"], "fused_text": fused["text"],
+           "fused_image": fused["image"]}
+    if return_weights:
+      out["fusion_text_weights"] = fused["text_cross_weights"]
+      out["fusion_image_weights"] = fused["image_cross_weights"]
+    return out
+
+  def decode(self, answer_ids, answer_mask, context, context_mask):
+    return self.decoder(answer_ids, answer_mask, context=context,
+                        context_mask=context_mask)["logits"]
+
+  def vqa(self, images, input_ids, attention_mask, prior_ids, prior_mask, answer_ids=None,
+          answer_mask=None, labels=None, return_weights=False):
+    """Classifier: `labels` (B,) answer indices (-1: outside the vocabulary) give `loss`;
+    `logits` (B, num_answers) and `prediction` always. Generative: `answer_ids`/`answer_mask`
+    (B, La), [CLS] answer [SEP], give `logits` (B, La, vocab) and the teacher-forced `loss`."""
+    out = self.context(images, input_ids, attention_mask, prior_ids, prior_mask, return_weights)
+    if self.head == "classifier":
+      t = out["fused_text"].shape[1]  # The image CLS follows the text tokens.
+      out["logits"] = self.classifier(out["context"][:, 0], out["context"][:, t])
+      out["prediction"] = jnp.argmax(out["logits"], axis=-1)
+      if labels is not None:
+        out["loss"] = heads.classifier_loss(out["logits"], labels)
+    elif answer_ids is not None:
+      out["logits"] = self.decode(answer_ids, answer_mask, out["context"], out["context_mask"])
+      out["loss"] = heads.generative_loss(out["logits"], answer_ids, answer_mask)
+    return out
+
+  def rank(self, images, input_ids, attention_mask, prior_ids, prior_mask, cand_ids, cand_mask,
+           k: int = 32):
+    """Ranks candidate answers (C, La) ([CLS] answer [SEP], shared by the batch): the top k by
+    the probability of their first token, re-scored by full-sequence log-likelihood.
+
+    Returns prediction (B,) candidate indices, topk (B, k) candidate indices and scores (B, k)
+    their log-likelihoods.
+    """
+    if self.head != "generative":
+      raise ValueError("rank() is the generative head's inference")
+    ctx = self.context(images, input_ids, attention_mask, prior_ids, prior_mask)
+    context, context_mask = ctx["context"], ctx["context_mask"]
+    b, c = context.shape[0], cand_ids.shape[0]
+    k = min(k, c)
+    bos = jnp.broadcast_to(cand_ids[None, :1, 0], (b, 1))
+    first = self.decode(bos, jnp.ones_like(bos), context, context_mask)[:, 0]
+    first = jax.nn.log_softmax(first.astype(jnp.float32), axis=-1)
+    _, topk = jax.lax.top_k(jnp.take(first, cand_ids[:, 1], axis=-1), k)  # (B, k)
+    ids = jnp.take(cand_ids, topk, axis=0).reshape(b * k, -1)
+    mask = jnp.take(cand_mask, topk, axis=0).reshape(b * k, -1)
+    logits = self.decode(ids, mask, jnp.repeat(context, k, axis=0),
+                         jnp.repeat(context_mask, k, axis=0))
+    scores = heads.sequence_log_likelihood(logits, ids, mask).reshape(b, k)
+    best = jnp.argmax(scores, axis=-1)
+    return {"prediction": jnp.take_along_axis(topk, best[:, None], axis=-1)[:, 0],
+            "topk": topk, "scores": scores}
+
+
+# ---- construction from a config ------------------------------------------------------------
+
+def dummy_inputs(model: AMiF, config) -> dict:
+  """Inputs of the shapes a config implies, for init and shape inference."""
+  size, q = model.image.image_size, config.model.text.max_len
+  batch = dict(images=jnp.zeros((1, size, size, 3), jnp.float32),
+               input_ids=jnp.zeros((1, q), jnp.int32), attention_mask=jnp.ones((1, q), jnp.int32))
+  if model.head == "none":
+    return batch
+  p = config.model.prior_max_tokens
+  batch.update(prior_ids=jnp.zeros((p,), jnp.int32), prior_mask=jnp.ones((p,), jnp.int32))
+  if model.head == "generative":
+    a = config.model.answer_max_len
+    batch.update(answer_ids=jnp.zeros((1, a), jnp.int32), answer_mask=jnp.ones((1, a), jnp.int32))
+  return batch
+
+
+def _decoder(config, text_module, text_params, abstract):
+  """The generative head's decoder: the text tower's BERT, causal, with cross-attention from
+  `decoder.cross_from` on and the masked-LM head, initialised from the text checkpoint (the
+  parts the checkpoint lacks are initialised fresh)."""
+  cfg = config.model.text
+  if not isinstance(text_module, BertEncoder):
+    raise ValueError("the generative head's decoder is a BERT initialised from the text "
+                     f"tower, but the text tower is a {type(text_module).__name__}; use "
+                     "--config.model.head=classifier or a BERT text tower")
+  dec = config.model.decoder
+  changes = dict(causal=True, cross_from=dec.cross_from, lm_head=True, pooler="none",
+                 proj_dim=None)
+  if dec.get("depth") is not None:
+    changes["depth"] = dec.depth
+  if cfg.source == "init" or abstract:
+    return text_module.clone(**changes, parent=None), None
+  from medvqa_jax.models import towers
+  arch = {k: v for k, v in cfg.arch.items() if v is not None}
+  arch.update(changes)
+  module, params = towers.load("text", cfg.source, cfg.checkpoint, dtype=cfg.dtype, **arch)
+  return module, params
+
+
+def create(config, seed: int = 0, abstract: bool = False):
+  """(model, params) for `config.model`: towers loaded from their checkpoints (or initialised
+  from `arch`), the decoder from the text checkpoint, everything else freshly initialised.
+  With `abstract`, params are ShapeDtypeStructs and no weights are read for "init" towers."""
+  from medvqa_jax.models import towers
+  mc = config.model
+  image, image_params = towers.from_config(mc.image, seed=seed, abstract=abstract)
+  text, text_params = towers.from_config(mc.text, seed=seed + 1, abstract=abstract)
+  decoder = decoder_params = None
+  if mc.head == "generative":
+    decoder, decoder_params = _decoder(config, text, text_params, abstract)
+  model = AMiF(image=image, text=text, decoder=decoder, width=mc.fusion.width,
+               fusion_layers=mc.fusion.layers, num_heads=mc.fusion.heads,
+               mlp_dim=mc.fusion.mlp_dim, head=mc.head, num_answers=mc.get("num_answers") or 0,
+               dtype=jnp.dtype(mc.dtype))
+  method = AMiF.pretrain if model.head == "none" else AMiF.vqa
+  init = lambda: model.init(jax.random.PRNGKey(seed), **dummy_inputs(model, config),
+                            method=method)["params"]
+  if abstract:
+    return model, jax.eval_shape(init)
+  params = dict(init())
+  loaded = {"image": image_params, "text": text_params, "decoder": decoder_params}
+  for name, tree in loaded.items():
+    if tree is None or name not in params:
+      continue
+    expected = jax.tree.map(lambda x: (x.shape, x.dtype), params[name])
+    got = jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), tree)
+    if expected != got:
+      raise ValueError(f"loaded {name} parameters do not fit the model: {got} vs {expected}")
+    params[name] = tree
+  return model, params

@@ -1,0 +1,82 @@
+"""Gated Cross-Attention Module: fuses the answer-vocabulary prior into the fused tokens.
+
+With Y the prior's word embeddings (no positions) and X the fused tokens
+(concat(text, image)):
+
+  Y0 = LN(Y + MHA(Y, Y, Y));   Yh = LN(FFN(Y0) + Y0)
+  X' = LN(X + MHA(q=X, kv=Yh))
+  G  = sigmoid(W X' + b)       (per token, per channel)
+  Z  = G * X' + (1 - G) * X;   out = LN(FFN(Z) + Z)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medvqa_jax.models import layers
+
+
+class GatedCrossAttention(nn.Module):
+  """x (B, L, D), prior (P, D) or (B, P, D), prior_mask (P,) or (B, P).
+
+  Returns a dict: out (B, L, D), gate (B, L, D), cross_weights (B, heads, L, P), prior (the
+  encoded prior Yh).
+  """
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  act: str = "gelu"
+  ln_eps: float = 1e-12
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, prior, prior_mask=None):
+    b, _, d = x.shape
+    if prior.ndim == 2:
+      prior = jnp.broadcast_to(prior[None], (b,) + prior.shape)
+    if prior_mask is None:
+      prior_mask = jnp.ones(prior.shape[:2], jnp.int32)
+    elif prior_mask.ndim == 1:
+      prior_mask = jnp.broadcast_to(prior_mask[None], prior.shape[:2])
+    if prior.shape[-1] != d:
+      # Only when the text tower is narrower or wider than fusion (not in the paper's setting).
+      prior = nn.Dense(d, dtype=self.dtype, name="prior_proj")(prior)
+    prior = prior.astype(self.dtype)
+    ln = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
+    mha = lambda name: layers.MultiHeadAttention(self.num_heads, self.dtype, name=name)
+    mlp = lambda name: layers.Mlp(self.mlp_dim, self.act, self.dtype, name=name)
+    prior_bias = layers.attention_bias(prior_mask)
+
+    y0 = ln("prior_attn_ln")(prior + mha("prior_attn")(prior, bias=prior_bias))
+    yh = ln("prior_mlp_ln")(mlp("prior_mlp")(y0) + y0)
+    attended, weights = mha("cross_attn")(x, kv=yh, bias=prior_bias, return_weights=True)
+    x_prime = ln("cross_ln")(x + attended)
+    gate = jax.nn.sigmoid(nn.Dense(d, dtype=self.dtype, name="gate")(x_prime))
+    z = gate * x_prime + (1 - gate) * x
+    out = ln("mlp_ln")(mlp("mlp")(z) + z)
+    return {"out": out, "gate": gate, "cross_weights": weights, "prior": yh}
+
+
+def answer_prior(answers, tokenizer, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids (max_tokens,) and mask of an answer vocabulary, the GCA's prior.
+
+  The answers' word pieces (no special tokens), in the order the answers are given, each id
+  kept once, capped at `max_tokens` (the rest padded). `tokenizer` is a transformers
+  tokenizer. Pass the train-split answers: the prior must never see test answers.
+  """
+  ids, seen = [], set()
+  for answer in answers:
+    for t in tokenizer(str(answer), add_special_tokens=False)["input_ids"]:
+      if t not in seen:
+        seen.add(t)
+        ids.append(t)
+  ids = ids[:max_tokens]
+  pad = tokenizer.pad_token_id or 0
+  out = np.full((max_tokens,), pad, np.int32)
+  out[:len(ids)] = ids
+  mask = (np.arange(max_tokens) < len(ids)).astype(np.int32)
+  return out, mask

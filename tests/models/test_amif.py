@@ -1,0 +1,209 @@
+"""The AMiF model end to end on the tiny config: masks, heads, ranking, gradients, jit."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import max_diff
+from medvqa_jax.models import amif, towers
+from medvqa_jax.models.amif import AMiF
+
+
+@pytest.fixture(scope="module")
+def config():
+  from configs import demo
+  return demo.get_config()
+
+
+@pytest.fixture(scope="module")
+def generative(config):
+  return amif.create(config)
+
+
+@pytest.fixture(scope="module")
+def classifier(config):
+  config = config.copy_and_resolve_references()
+  config.model.head = "classifier"
+  config.model.num_answers = 11
+  return amif.create(config)
+
+
+def _batch(seed=0, b=3, q=10, p=16, a=6):
+  rng = np.random.default_rng(seed)
+  q_len, p_len, a_len = np.array([10, 6, 3]), 12, np.array([6, 4, 3])
+  ids = np.where(np.arange(q) < q_len[:, None], rng.integers(1000, 5000, (b, q)), 0)
+  answers = np.where(np.arange(a) < a_len[:, None], rng.integers(1000, 5000, (b, a)), 0)
+  answers[:, 0] = 101
+  return dict(
+      images=rng.normal(size=(b, 32, 32, 3)).astype(np.float32),
+      input_ids=ids.astype(np.int32),
+      attention_mask=(np.arange(q) < q_len[:, None]).astype(np.int32),
+      prior_ids=np.where(np.arange(p) < p_len, rng.integers(1000, 5000, p), 0).astype(np.int32),
+      prior_mask=(np.arange(p) < p_len).astype(np.int32),
+      answer_ids=answers.astype(np.int32),
+      answer_mask=(np.arange(a) < a_len[:, None]).astype(np.int32),
+      labels=np.array([3, 0, 10], np.int32))
+
+
+def _vqa(model, params, batch, **kw):
+  keys = ["images", "input_ids", "attention_mask", "prior_ids", "prior_mask"]
+  if model.head == "generative":
+    keys += ["answer_ids", "answer_mask"]
+  else:
+    keys += ["labels"]
+  return model.apply({"params": params}, **{k: batch[k] for k in keys}, **kw, method=AMiF.vqa)
+
+
+@pytest.mark.parametrize("head", ["generative", "classifier"])
+def test_padded_question_and_prior_tokens_change_nothing(head, generative, classifier):
+  model, params = generative if head == "generative" else classifier
+  batch = _batch()
+  base = _vqa(model, params, batch, return_weights=True)
+  noisy = dict(batch)
+  noisy["input_ids"] = np.where(batch["attention_mask"] == 1, batch["input_ids"], 7777)
+  noisy["prior_ids"] = np.where(batch["prior_mask"] == 1, batch["prior_ids"], 4242)
+  out = _vqa(model, params, noisy, return_weights=True)
+  real = np.concatenate([batch["attention_mask"], np.ones((3, 17), np.int32)], axis=1) == 1
+  for key in ("context", "gate"):
+    assert max_diff(base[key][real], out[key][real]) <= 1e-6
+  assert max_diff(base["logits"], out["logits"]) <= 1e-6
+  assert max_diff(base["loss"], out["loss"]) <= 1e-6
+  weights = lambda o: np.moveaxis(np.asarray(o["gca_weights"]), 1, 2)[real]  # (B, L, h, P)
+  assert max_diff(weights(base), weights(out)) <= 1e-6
+  # Changing an unpadded question token does change the answer (the test can fail).
+  changed = dict(batch)
+  changed["input_ids"] = batch["input_ids"].copy()
+  changed["input_ids"][:, 1] += 1
+  assert max_diff(base["logits"], _vqa(model, params, changed)["logits"]) > 1e-4
+
+
+def test_decoder_is_causal(generative):
+  model, params = generative
+  batch = _batch(seed=1)
+  base = _vqa(model, params, batch)["logits"]
+  for t in range(4):
+    changed = dict(batch)
+    changed["answer_ids"] = batch["answer_ids"].copy()
+    changed["answer_ids"][:, t + 1] = 2222
+    logits = _vqa(model, params, changed)["logits"]
+    assert max_diff(base[:, :t + 1], logits[:, :t + 1]) == 0.0
+    assert max_diff(base[:, t + 1:], logits[:, t + 1:]) > 1e-4
+
+
+def _candidates(rng, c=7, a=6):
+  lengths = rng.integers(3, a + 1, c)
+  ids = np.where(np.arange(a) < lengths[:, None], rng.integers(1000, 5000, (c, a)), 0)
+  ids[:, 0] = 101
+  ids[np.arange(c), lengths - 1] = 102
+  return ids.astype(np.int32), (np.arange(a) < lengths[:, None]).astype(np.int32)
+
+
+def test_ranking_equals_brute_force(generative):
+  model, params = generative
+  batch = _batch(seed=2)
+  cands, cand_mask = _candidates(np.random.default_rng(0))
+  args = [batch[k] for k in ("images", "input_ids", "attention_mask", "prior_ids", "prior_mask")]
+  ranked = model.apply({"params": params}, *args, cands, cand_mask, k=len(cands),
+                       method=AMiF.rank)
+  # Brute force: every candidate's full log-likelihood, one candidate at a time, in NumPy.
+  brute = np.zeros((3, len(cands)))
+  for c in range(len(cands)):
+    b = dict(batch, answer_ids=np.repeat(cands[c:c + 1], 3, 0),
+             answer_mask=np.repeat(cand_mask[c:c + 1], 3, 0))
+    logits = np.asarray(_vqa(model, params, b)["logits"], np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    n = cand_mask[c].sum()
+    brute[:, c] = sum(logp[:, t, cands[c, t + 1]] for t in range(n - 1))
+  np.testing.assert_array_equal(ranked["prediction"], brute.argmax(1))
+  scores = np.take_along_axis(brute, np.asarray(ranked["topk"]), axis=1)
+  np.testing.assert_allclose(ranked["scores"], scores, rtol=1e-4, atol=1e-3)
+  # With k < C only the k candidates with the most probable first tokens are re-scored.
+  top2 = model.apply({"params": params}, *args, cands, cand_mask, k=2, method=AMiF.rank)
+  assert top2["topk"].shape == (3, 2)
+  assert all(p in t for p, t in zip(np.asarray(top2["prediction"]), np.asarray(top2["topk"])))
+
+
+@pytest.mark.parametrize("head", ["generative", "classifier"])
+def test_forward_backward_finite_and_jitted_once(head, generative, classifier):
+  model, params = generative if head == "generative" else classifier
+  chex.clear_trace_counter()  # The counter is per function name, across parametrisations.
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def loss_and_grads(params, batch):
+    return jax.value_and_grad(lambda p: _vqa(model, p, batch)["loss"])(params)
+
+  for seed in range(3):  # Same shapes, new values: no retrace.
+    loss, grads = loss_and_grads(params, _batch(seed=seed))
+  assert np.isfinite(loss) and loss > 0
+  chex.assert_tree_all_finite(grads)
+  norm = lambda tree: float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(tree))))
+  for part in ("image", "text", "fusion", "gca", "image_proj", "text_proj"):
+    assert norm(grads[part]) > 0, part
+  assert norm(grads["decoder" if head == "generative" else "classifier"]) > 0
+  if head == "generative":  # The decoder's cross-attention reaches the GCA output.
+    assert norm(grads["decoder"]["layer_1"]["cross_attn"]) > 0
+
+
+def test_pretraining_outputs_and_pairs(config):
+  cfg = config.copy_and_resolve_references()
+  cfg.model.head = "none"
+  model, params = amif.create(cfg)
+  assert "gca" not in params and "itm_head" in params
+  batch = _batch(seed=3)
+  images2 = batch["images"][::-1].copy()
+  pairs = (np.array([0, 1, 2, 2, 0]), np.array([0, 1, 2, 0, 1]))
+  out = model.apply({"params": params}, batch["images"], batch["input_ids"],
+                    batch["attention_mask"], images2=images2, pairs=pairs, method=AMiF.pretrain)
+  for key in ("image_embed", "image2_embed", "text_embed"):
+    np.testing.assert_allclose(np.linalg.norm(out[key], axis=-1), 1, atol=1e-5)
+  assert max_diff(out["image2_embed"], out["image_embed"][::-1]) <= 1e-5
+  assert out["fused_text"].shape == (3, 10, 64) and out["fused_image"].shape == (3, 17, 64)
+  # The matched pairs among `pairs` score as the matched batch does ...
+  assert max_diff(out["pair_itm_logits"][:3], out["itm_logits"]) <= 1e-5
+  # ... and a mismatched pair (text 2 with image 0) uses text 2's own mask: it equals the
+  # matched forward of a batch built from text 2 and image 0.
+  swapped = model.apply({"params": params}, batch["images"][[0]], batch["input_ids"][[2]],
+                        batch["attention_mask"][[2]], method=AMiF.pretrain)
+  assert max_diff(out["pair_itm_logits"][3], swapped["itm_logits"][0]) <= 1e-5
+
+
+def test_decoder_is_initialised_from_the_text_checkpoint(config, hf_bert_pretraining, hf_bert):
+  """Self-attention and FFN from the text checkpoint; cross-attention fresh; the masked-LM
+  head from the checkpoint when it has one (BertForPreTraining), fresh otherwise."""
+  ref, folder = hf_bert_pretraining
+  cfg = config.copy_and_resolve_references()
+  cfg.model.text.source, cfg.model.text.checkpoint = "hf_bert", str(folder)
+  cfg.model.text.arch = dict(depth=None, pooler="cls")
+  cfg.model.decoder.cross_from = 2
+  model, params = amif.create(cfg)
+  state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+  dec = params["decoder"]
+  np.testing.assert_array_equal(dec["word_embed"]["embedding"],
+                                state["bert.embeddings.word_embeddings.weight"])
+  np.testing.assert_array_equal(dec["layer_2"]["mlp"]["fc1"]["kernel"],
+                                state["bert.encoder.layer.2.intermediate.dense.weight"].T)
+  np.testing.assert_array_equal(dec["lm_bias"], state["cls.predictions.bias"])
+  assert "cross_attn" in dec["layer_2"] and "cross_attn" not in dec["layer_1"]
+  assert model.decoder.causal and model.decoder.lm_head
+  # The text tower itself is the same checkpoint, un-modified.
+  np.testing.assert_array_equal(params["text"]["layer_0"]["attn_ln"]["scale"],
+                                state["bert.encoder.layer.0.attention.output.LayerNorm.weight"])
+  # A bare BertModel has no LM head: it is initialised fresh (and logged), not an error.
+  module, p = towers.load("text", "hf_bert", hf_bert[1], causal=True, cross_from=1,
+                          lm_head=True, pooler="none")
+  assert p["lm_bias"].shape == (120,) and "cross_attn" in p["layer_2"]
+
+
+def test_generative_head_needs_a_bert_text_tower(config, hf_clip):
+  cfg = config.copy_and_resolve_references()
+  cfg.model.text.update(kind="clip_text", source="hf_clip", checkpoint=str(hf_clip[1]))
+  cfg.model.text.arch = dict(depth=None)
+  with pytest.raises(ValueError, match="use --config.model.head=classifier"):
+    amif.create(cfg)
+  cfg.model.head = "classifier"
+  with pytest.raises(ValueError, match="num_answers > 0"):
+    amif.create(cfg)

@@ -1,0 +1,121 @@
+"""The Gated Cross-Attention Module against a NumPy transcription of DESIGN.md's formulas."""
+
+import jax
+import numpy as np
+import pytest
+from scipy.special import erf
+
+from helpers import max_diff
+from medvqa_jax.models.gca import GatedCrossAttention, answer_prior
+
+D, HEADS, MLP, EPS = 32, 4, 64, 1e-12
+
+
+# ---- NumPy reference ----------------------------------------------------------------------
+
+def ln(x, p):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + EPS) * p["scale"] + p["bias"]
+
+
+def ffn(x, p):
+  h = x @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+  h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
+  return h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+
+
+def mha(x, kv, p, key_mask):
+  q = np.einsum("bld,dhk->blhk", x, p["query"]["kernel"]) + p["query"]["bias"]
+  k = np.einsum("bld,dhk->blhk", kv, p["key"]["kernel"]) + p["key"]["bias"]
+  v = np.einsum("bld,dhk->blhk", kv, p["value"]["kernel"]) + p["value"]["bias"]
+  logits = np.einsum("bqhk,bphk->bhqp", q, k) / np.sqrt(q.shape[-1])
+  logits = np.where(key_mask[:, None, None, :] == 1, logits, -np.inf)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w = w / w.sum(-1, keepdims=True)
+  out = np.einsum("bhqp,bphk->bqhk", w, v)
+  return np.einsum("bqhk,hkd->bqd", out, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+def gca_reference(p, x, prior, prior_mask):
+  """Y0 = LN(Y + MHA(Y,Y,Y)); Yh = LN(FFN(Y0) + Y0); X' = LN(X + MHA(X, Yh));
+  G = sigmoid(W X' + b); Z = G X' + (1 - G) X; out = LN(FFN(Z) + Z)."""
+  y = np.broadcast_to(prior, (x.shape[0],) + prior.shape)
+  m = np.broadcast_to(prior_mask, (x.shape[0],) + prior_mask.shape)
+  y0 = ln(y + mha(y, y, p["prior_attn"], m), p["prior_attn_ln"])
+  yh = ln(ffn(y0, p["prior_mlp"]) + y0, p["prior_mlp_ln"])
+  xp = ln(x + mha(x, yh, p["cross_attn"], m), p["cross_ln"])
+  g = 1 / (1 + np.exp(-(xp @ p["gate"]["kernel"] + p["gate"]["bias"])))
+  z = g * xp + (1 - g) * x
+  return ln(ffn(z, p["mlp"]) + z, p["mlp_ln"]), g, xp
+
+
+@pytest.fixture
+def setup():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 6, D))
+  prior = rng.normal(size=(9, D))
+  prior_mask = (np.arange(9) < 7).astype(np.int32)
+  module = GatedCrossAttention(HEADS, MLP)
+  params = module.init(jax.random.PRNGKey(0), x, prior, prior_mask)["params"]
+  # Random LayerNorms, so that each one is checked.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, v: v + 0.3 * rng.normal(size=v.shape) if "ln" in str(path[0]) else v, params)
+  params = jax.tree.map(lambda v: np.asarray(v, np.float64), params)
+  return module, params, x, prior, prior_mask
+
+
+def _run(module, params, x, prior, prior_mask):
+  as32 = lambda t: jax.tree.map(lambda v: np.asarray(v, np.float32), t)
+  return module.apply({"params": as32(params)}, *as32((x, prior, prior_mask)))
+
+
+def test_gca_matches_formula(setup):
+  module, params, x, prior, prior_mask = setup
+  out = _run(module, params, x, prior, prior_mask)
+  expected, gate, _ = gca_reference(params, x, prior, prior_mask)
+  assert max_diff(out["out"], expected) <= 1e-5
+  assert max_diff(out["gate"], gate) <= 1e-5
+  g = np.asarray(out["gate"])
+  assert g.min() >= 0 and g.max() <= 1 and g.std() > 0
+  w = np.asarray(out["cross_weights"])  # (B, heads, L, P): retrievable, padded prior unused.
+  assert w.shape == (2, HEADS, 6, 9) and np.all(w[..., 7:] == 0)
+
+
+def test_gate_closed_gives_ffn_of_input_and_open_gives_cross_attended_path(setup):
+  module, params, x, prior, prior_mask = setup
+  closed = {**params, "gate": {**params["gate"], "bias": np.full(D, -1e4)}}
+  out = _run(module, closed, x, prior, prior_mask)
+  assert float(np.max(out["gate"])) == 0.0
+  assert max_diff(out["out"], ln(ffn(x, params["mlp"]) + x, params["mlp_ln"])) <= 1e-5
+
+  opened = {**params, "gate": {**params["gate"], "bias": np.full(D, 1e4)}}
+  out = _run(module, opened, x, prior, prior_mask)
+  _, _, xp = gca_reference(params, x, prior, prior_mask)
+  assert float(np.min(out["gate"])) == 1.0
+  assert max_diff(out["out"], ln(ffn(xp, params["mlp"]) + xp, params["mlp_ln"])) <= 1e-5
+
+
+def test_padded_prior_tokens_change_nothing(setup):
+  module, params, x, prior, prior_mask = setup
+  a = _run(module, params, x, prior, prior_mask)
+  noisy = np.where(prior_mask[:, None] == 1, prior, 100.0)
+  b = _run(module, params, x, noisy, prior_mask)
+  assert max_diff(a["out"], b["out"]) <= 1e-6 and max_diff(a["gate"], b["gate"]) <= 1e-6
+
+
+class _Tok:
+  """A tokenizer stand-in with transformers' call signature: one id per character."""
+  pad_token_id = 0
+
+  def __call__(self, text, add_special_tokens=True):
+    assert not add_special_tokens
+    return {"input_ids": [ord(c) for c in text]}
+
+
+def test_answer_prior_dedupes_caps_and_pads():
+  ids, mask = answer_prior(["yes", "no", "yes", "eye"], _Tok(), max_tokens=6)
+  assert ids.tolist() == [ord(c) for c in "yesno"] + [0]
+  assert mask.tolist() == [1, 1, 1, 1, 1, 0]
+  ids, mask = answer_prior(["abcdef", "xyz"], _Tok(), max_tokens=4)
+  assert ids.tolist() == [ord(c) for c in "abcd"] and mask.all()
