@@ -62,6 +62,20 @@ def get_config(arg=None):
           dtype="float32",       # Compute dtype of fusion, GCA and heads.
       ),
       teacher=dict(image=teacher.image, text=teacher.text),
+      # Pre-training objectives (medvqa_jax/losses).
+      losses=dict(
+          weights=dict(itgc=1.0, imvc=1.0, utgc=1.0, wpa=3.0, itm=1.0),
+          lam=0.01,                # Flexibility weight of the soft labels.
+          label_smoothing=0.0,     # Hard-label InfoNCE only (training without a teacher).
+          temperature_init=0.07,
+          # Word-patch alignment: entropic OT (OTT-JAX Sinkhorn) or the reference's IPOT.
+          ot=dict(solver="sinkhorn", epsilon=0.1, max_iterations=100, min_iterations=0,
+                  threshold=1e-3, ipot_beta=0.5, ipot_iterations=50),
+          itm=dict(negative_images=False),  # Also one hard-negative image per text.
+      ),
+      # AdamW, warm-up + cosine; lr_mults: (path regex, multiplier), 0 freezes.
+      optim=dict(lr=1e-4, weight_decay=0.02, b1=0.9, b2=0.98, warmup_fraction=0.4,
+                 total_steps=10000, lr_mults=(), grad_clip=unset(float)),
   ))
   config.lock()
   return config

@@ -26,6 +26,17 @@ from medvqa_jax.models.gca import GatedCrossAttention
 TEXT, IMAGE = 0, 1  # Modality-type embedding rows.
 
 
+class Temperatures(nn.Module):
+  """Learnable temperatures of the global contrastive losses, kept positive as exp(log t)."""
+  init: float = 0.07
+  names: tuple[str, ...] = ("itgc", "imvc", "utgc")
+
+  @nn.compact
+  def __call__(self):
+    log_init = lambda key: jnp.log(jnp.asarray(self.init, jnp.float32))
+    return {n: jnp.exp(self.param(n, log_init)) for n in self.names}
+
+
 def _normalise(x):
   x = x.astype(jnp.float32)
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -41,6 +52,7 @@ class AMiF(nn.Module):
   head: str = "generative"    # "generative", "classifier", or "none" (pre-training only)
   num_answers: int = 0        # classifier vocabulary size
   decoder: nn.Module | None = None  # BertEncoder(causal, cross_from, lm_head): generative head
+  temperature_init: float = 0.07
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -56,6 +68,7 @@ class AMiF(nn.Module):
     self.fusion = CoAttentionFusion(self.fusion_layers, self.num_heads, self.mlp_dim,
                                     dtype=self.dtype)
     self.itm_head = nn.Dense(2, dtype=self.dtype)
+    self.temperatures = Temperatures(self.temperature_init)
     if self.head != "none":
       self.gca = GatedCrossAttention(self.num_heads, self.mlp_dim, dtype=self.dtype)
     if self.head == "classifier":
@@ -92,22 +105,36 @@ class AMiF(nn.Module):
     cls = jnp.concatenate([fused["text"][:, 0], fused["image"][:, 0]], axis=-1)
     return self.itm_head(cls).astype(jnp.float32)
 
-  def pretrain(self, images, input_ids, attention_mask, images2=None, pairs=None):
-    """pairs: optional (text_idx, image_idx) int arrays (P,) of extra pairs to score for ITM
-    (e.g. sampled hard negatives); each text keeps its own attention mask."""
+  def pretrain(self, images, input_ids, attention_mask, images2=None, pairs=None, fuse=True):
+    """Pre-training outputs: global embeddings (`image_embed`, `image2_embed` for a second
+    view, `text_embed`), the contrastive `temperature`s, and unless `fuse` is False the fused
+    tokens of the matched pairs with their masks and ITM logits.
+
+    pairs: (text_idx, image_idx) int arrays (P,) of extra pairs to score for ITM, or a
+      function of the outputs so far returning them (hard negatives are sampled from the
+      embeddings of the same forward pass). Each text keeps its own attention mask. The
+      matched and extra pairs go through fusion as one batch.
+    """
     image, text = self.encode_image(images), self.encode_text(input_ids, attention_mask)
-    fused = self.fuse(text, image)
     out = {"image_embed": image["embed"], "text_embed": text["embed"],
-           "fused_text": fused["text"], "fused_image": fused["image"],
-           "text_mask": text["mask"], "image_mask": image["mask"],
-           "itm_logits": self.itm_logits(fused)}
+           "temperature": self.temperatures()}
     if images2 is not None:
       out["image2_embed"] = self.encode_image(images2)["embed"]
+    if not fuse:
+      return out
+    if callable(pairs):
+      pairs = pairs(out)
+    b = images.shape[0]
     if pairs is not None:
       text_idx, image_idx = pairs
-      take = lambda d, idx: {k: jnp.take(v, idx, axis=0) for k, v in d.items()}
-      out["pair_itm_logits"] = self.itm_logits(
-          self.fuse(take(text, text_idx), take(image, image_idx)))
+      both = lambda d, idx: {k: jnp.concatenate([v, jnp.take(v, idx, axis=0)]) for k, v in d.items()}
+      text, image = both(text, text_idx), both(image, image_idx)
+    fused = self.fuse(text, image)
+    logits = self.itm_logits(fused)
+    out.update(fused_text=fused["text"][:b], fused_image=fused["image"][:b],
+               text_mask=text["mask"][:b], image_mask=image["mask"][:b], itm_logits=logits[:b])
+    if pairs is not None:
+      out["pair_itm_logits"] = logits[b:]
     return out
 
   # ---- VQA --------------------------------------------------------------------------------
@@ -231,6 +258,7 @@ def create(config, seed: int = 0, abstract: bool = False):
   model = AMiF(image=image, text=text, decoder=decoder, width=mc.fusion.width,
                fusion_layers=mc.fusion.layers, num_heads=mc.fusion.heads,
                mlp_dim=mc.fusion.mlp_dim, head=mc.head, num_answers=mc.get("num_answers") or 0,
+               temperature_init=config.get("losses", {}).get("temperature_init", 0.07),
                dtype=jnp.dtype(mc.dtype))
   method = AMiF.pretrain if model.head == "none" else AMiF.vqa
   init = lambda: model.init(jax.random.PRNGKey(seed), **dummy_inputs(model, config),

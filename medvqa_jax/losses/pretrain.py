@@ -1,0 +1,57 @@
+"""The pre-training objective: global soft-label losses, OT word-patch alignment, ITM with
+hard negatives, weighted by the config. Stage 0 sets the fusion losses' weights to zero
+(fusion is then not run); stage 1 freezes the encoders through the optimizer."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from medvqa_jax.losses import contrastive, itm, ot
+from medvqa_jax.models.amif import AMiF
+
+
+def teacher_embeddings(batch: dict) -> dict | None:
+  """The teacher's normalised embeddings carried by a batch (from the cache, or computed
+  online), or None when training without a teacher (hard-label ablation)."""
+  if "teacher_image" not in batch:
+    return None
+  return {"image": batch["teacher_image"], "text": batch["teacher_text"],
+          "image2": batch.get("teacher_image2", batch["teacher_image"]),
+          "scale": batch["teacher_scale"]}
+
+
+def pretrain_loss(model: AMiF, params, batch: dict, key, cfg):
+  """Returns (total loss, metrics: every term, the temperatures, solver/ITM diagnostics).
+
+  batch: images, input_ids, attention_mask, optional images2, and the teacher embeddings
+    teacher_image / teacher_text (/ teacher_image2) with teacher_scale (see
+    `teacher_embeddings`). cfg: the `losses` config.
+  """
+  weights = dict(cfg.weights)
+  fusion = weights.get("wpa", 0) > 0 or weights.get("itm", 0) > 0
+  pairs = None
+  if weights.get("itm", 0) > 0:
+    pairs = lambda out: itm.hard_negative_pairs(
+        key, out["image_embed"], out["text_embed"], out["temperature"]["itgc"],
+        cfg.itm.negative_images)
+  out = model.apply({"params": params}, batch["images"], batch["input_ids"],
+                    batch["attention_mask"], images2=batch.get("images2"), pairs=pairs,
+                    fuse=fusion, method=AMiF.pretrain)
+  student = {"image": out["image_embed"], "text": out["text_embed"]}
+  if "image2_embed" in out:
+    student["image2"] = out["image2_embed"]
+  terms = contrastive.global_losses(student, teacher_embeddings(batch), out["temperature"],
+                                    cfg.lam, cfg.label_smoothing)
+  metrics = {f"temperature_{k}": v for k, v in out["temperature"].items()}
+  if weights.get("wpa", 0) > 0:
+    terms["wpa"], m = ot.wpa_loss(out["fused_text"], out["fused_image"], out["text_mask"],
+                                  **cfg.ot)
+    metrics.update(m)
+  if weights.get("itm", 0) > 0:
+    terms["itm"], m = itm.itm_loss(out["itm_logits"], out["pair_itm_logits"])
+    metrics.update(m)
+  total = sum(weights.get(k, 0.0) * v for k, v in terms.items())
+  metrics.update(terms)
+  metrics["loss"] = total
+  return total, metrics

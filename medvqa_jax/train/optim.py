@@ -1,0 +1,55 @@
+"""Optimizer from the config: AdamW with warm-up + cosine decay, per-parameter learning-rate
+multipliers by path regex, and freezing (multiplier 0) as an optimizer mask.
+
+    optim.lr_mults = (("image/.*", 0.0), ("text/.*", 0.0))   # stage 1: encoders frozen
+
+The first rule whose regex fully matches a parameter path ("image/block_0/attn/query/kernel")
+applies; unmatched parameters train at the base rate. Frozen parameters get zero updates and
+hold no optimizer state.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import optax
+
+from medvqa_jax.models.state_dict import flatten, unflatten
+
+
+def lr_multiplier(path: str, rules) -> float:
+  for pattern, mult in rules:
+    if re.fullmatch(pattern, path):
+      return float(mult)
+  return 1.0
+
+
+def param_labels(params, rules):
+  """A pytree like `params` of labels "frozen" or "lr_x<multiplier>"."""
+  label = lambda path: ("frozen" if (m := lr_multiplier(path, rules)) == 0 else f"lr_x{m:g}")
+  return unflatten({p: label(p) for p in flatten(params)})
+
+
+def schedule(cfg):
+  warmup = int(cfg.warmup_fraction * cfg.total_steps)
+  return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warmup, 1),
+                                            max(cfg.total_steps, warmup + 1), 0.0)
+
+
+def make(cfg, params) -> optax.GradientTransformation:
+  """cfg: lr, weight_decay, b1, b2, warmup_fraction, total_steps, lr_mults, grad_clip."""
+  labels = param_labels(params, cfg.lr_mults)
+  base = schedule(cfg)
+  transforms = {"frozen": optax.set_to_zero()}
+  for label in set(jax.tree.leaves(labels)) - {"frozen"}:
+    mult = float(label.removeprefix("lr_x"))
+    transforms[label] = optax.adamw(lambda step, mult=mult: mult * base(step), b1=cfg.b1,
+                                    b2=cfg.b2, weight_decay=cfg.weight_decay)
+  # Frozen gradients are zeroed first, so that they neither count in the clipping norm nor
+  # need computing (XLA drops the unused backward pass).
+  frozen = jax.tree.map(lambda label: label == "frozen", labels)
+  steps = [optax.masked(optax.set_to_zero(), frozen)]
+  if cfg.get("grad_clip"):
+    steps.append(optax.clip_by_global_norm(cfg.grad_clip))
+  return optax.chain(*steps, optax.multi_transform(transforms, labels))

@@ -1,0 +1,119 @@
+"""The whole pre-training objective: terms, sharding over 8 devices, and the two stages."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from medvqa_jax.losses.pretrain import pretrain_loss
+from medvqa_jax.models import amif
+from medvqa_jax.train import optim
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_config(stage):
+  from configs import demo, pretrain_stage0, pretrain_stage1
+  config = demo.get_config()
+  stage_cfg = (pretrain_stage0 if stage == 0 else pretrain_stage1).get_config(
+      "image=tiny,text=tiny,teacher=tiny")
+  config.model.head = "none"
+  config.losses = stage_cfg.losses
+  config.optim = stage_cfg.optim
+  config.optim.update(lr=1e-3, total_steps=10)
+  return config
+
+
+def batch(n=8, seed=0):
+  rng = np.random.default_rng(seed)
+  unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+  lengths = rng.integers(4, 11, n)
+  ids = np.where(np.arange(10) < lengths[:, None], rng.integers(1000, 5000, (n, 10)), 0)
+  return dict(images=rng.normal(size=(n, 32, 32, 3)).astype(np.float32),
+              images2=rng.normal(size=(n, 32, 32, 3)).astype(np.float32),
+              input_ids=ids.astype(np.int32),
+              attention_mask=(np.arange(10) < lengths[:, None]).astype(np.int32),
+              teacher_image=unit(rng.normal(size=(n, 8))), teacher_text=unit(rng.normal(size=(n, 8))),
+              teacher_scale=np.float32(85.0))
+
+
+def test_total_is_the_weighted_sum_of_the_terms():
+  config = tiny_config(1)
+  model, params = amif.create(config)
+  loss, m = jax.jit(lambda p, b, k: pretrain_loss(model, p, b, k, config.losses))(
+      params, batch(), jax.random.PRNGKey(0))
+  w = config.losses.weights
+  assert set(m) >= {"itgc", "imvc", "utgc", "wpa", "itm", "wpa_converged", "itm_accuracy",
+                    "temperature_itgc"}
+  expected = sum(w[k] * m[k] for k in ("itgc", "imvc", "utgc", "wpa", "itm"))
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  np.testing.assert_allclose(m["temperature_itgc"], 0.07, rtol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_stage_freezing(stage):
+  """Stage 1 leaves the encoders bit-identical after an update and trains fusion; stage 0
+  trains the encoders and leaves fusion as it was."""
+  config = tiny_config(stage)
+  model, params = amif.create(config)
+  tx = optim.make(config.optim, params)
+  state = tx.init(params)
+  grads = jax.jit(jax.grad(lambda p, b: pretrain_loss(model, p, b, jax.random.PRNGKey(1),
+                                                       config.losses)[0]))(params, batch())
+  new = params
+  for _ in range(2):  # The first step's learning rate is 0 (warm-up starts at 0).
+    updates, state = tx.update(grads, state, new)
+    new = optax.apply_updates(new, updates)
+  same = lambda part: all(np.array_equal(a, b) for a, b in
+                          zip(jax.tree.leaves(params[part]), jax.tree.leaves(new[part])))
+  if stage == 1:
+    assert same("image") and same("text")
+    assert not same("fusion") and not same("itm_head") and not same("text_proj")
+  else:
+    assert not same("image") and not same("text") and not same("image_proj")
+    assert same("fusion") and same("itm_head")
+
+
+SHARDED = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    sys.path[:0] = [{root!r}, {tests!r}]
+    import jax, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from test_pretrain import batch, tiny_config
+    from medvqa_jax.losses.pretrain import pretrain_loss
+    from medvqa_jax.models import amif
+    assert jax.device_count() == 8
+    config = tiny_config(1)
+    config.losses.itm.negative_images = True
+    model, params = amif.create(config)
+    data = batch(n=16, seed=5)
+    key = jax.random.PRNGKey(7)
+    f = jax.jit(jax.value_and_grad(
+        lambda p, b, k: pretrain_loss(model, p, b, k, config.losses), has_aux=True))
+    (loss1, m1), g1 = f(params, data, key)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    shard = lambda x: jax.device_put(x, NamedSharding(mesh, P("data") if np.ndim(x) else P()))
+    replicate = lambda x: jax.device_put(x, NamedSharding(mesh, P()))
+    sharded = {{k: shard(v) for k, v in data.items()}}
+    assert len(sharded["images"].sharding.device_set) == 8
+    (loss8, m8), g8 = f(jax.tree.map(replicate, params), sharded, key)
+    for k in m1:
+      np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g1)[0], jax.tree.leaves(g8)):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=str(path))
+    print("OK", float(loss1), float(loss8))
+    """)
+
+
+def test_sharded_over_8_devices_equals_single_device():
+  code = SHARDED.format(root=str(ROOT), tests=str(Path(__file__).parent))
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=900, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert out.stdout.startswith("OK")
