@@ -61,7 +61,11 @@ def get_config(arg=None):
           rank_k=32,             # Candidates re-scored by full likelihood.
           dtype="float32",       # Compute dtype of fusion, GCA and heads.
       ),
-      teacher=dict(image=teacher.image, text=teacher.text),
+      # The frozen soft-label teacher. mode: "cache" (embeddings precomputed by
+      # launch/cache_teacher.py into `cache`), "online" (computed in the step) or "none"
+      # (hard-label InfoNCE ablation). logit_scale: unset reads the checkpoint's.
+      teacher=dict(image=teacher.image, text=teacher.text, mode="cache",
+                   cache=unset(str), logit_scale=unset(float)),
       # Pre-training objectives (medvqa_jax/losses).
       losses=dict(
           weights=dict(itgc=1.0, imvc=1.0, utgc=1.0, wpa=3.0, itm=1.0),

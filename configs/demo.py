@@ -14,4 +14,5 @@ def get_config(arg=None):
   config.model.decoder.cross_from = 1
   config.model.update(prior_max_tokens=64, answer_max_len=8, rank_k=4)
   config.teacher.text.tokenizer = str(ASSETS / "bert_uncased_vocab")
+  config.teacher.logit_scale = 50.0  # A random teacher has no trained scale.
   return config

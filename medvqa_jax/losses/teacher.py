@@ -1,0 +1,246 @@
+"""The frozen soft-label teacher and its embedding cache.
+
+The teacher (any CLIP-like image + text tower pair; BiomedCLIP by default) sees the
+un-augmented image at its own resolution and the raw caption, so its embeddings are fixed per
+example: `launch/cache_teacher.py` computes them once into a cache file keyed by example id,
+and training reads them from there. The cache records a fingerprint of the teacher (its
+parameters and input sizes) and of the dataset (ids and captions); `TeacherCache.check`
+refuses a cache made by another teacher or for other data. `Teacher.embed` is a pure
+function of the teacher's parameters, for computing the embeddings online in the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medvqa_jax.models import state_dict
+
+FORMAT_VERSION = 1
+
+
+def _normalise(x):
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def params_fingerprint(*trees) -> str:
+  h = hashlib.sha256()
+  for tree in trees:
+    for path, leaf in sorted(state_dict.flatten(tree).items()):
+      leaf = np.asarray(leaf)
+      h.update(f"{path}:{leaf.dtype}:{leaf.shape}".encode())
+      h.update(np.ascontiguousarray(leaf).tobytes())
+  return h.hexdigest()[:16]
+
+
+def dataset_fingerprint(ids: Sequence[str], captions: Sequence[str]) -> str:
+  h = hashlib.sha256()
+  for i, c in sorted(zip(map(str, ids), captions)):
+    h.update(f"{len(i)}:{i}{len(c)}:{c}".encode())
+  return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class Teacher:
+  image: Any
+  image_params: Any
+  text: Any
+  text_params: Any
+  tokenizer: Any
+  logit_scale: float
+
+  @property
+  def image_size(self) -> int:
+    return self.image.image_size
+
+  def embed(self, pixels, input_ids, attention_mask):
+    """L2-normalised (image, text) embeddings: the towers' projected pooled outputs."""
+    image = self.image.apply({"params": self.image_params}, pixels)
+    text = self.text.apply({"params": self.text_params}, input_ids, attention_mask)
+    pick = lambda out: out["embedding"] if "embedding" in out else out["pooled"]
+    return _normalise(pick(image)), _normalise(pick(text))
+
+  def fingerprint(self) -> str:
+    return params_fingerprint(self.image_params, self.text_params) + \
+        f"-{self.image_size}px-{self.tokenizer.max_len}tok-s{self.logit_scale:.4f}"
+
+
+def _checkpoint_logit_scale(cfg) -> float | None:
+  if cfg.source == "init" or not cfg.checkpoint:
+    return None
+  state = state_dict.read_state_dict(cfg.checkpoint)
+  if "logit_scale" not in state:
+    return None
+  return float(np.exp(np.asarray(state["logit_scale"], np.float64)))
+
+
+def from_config(config) -> Teacher:
+  """The teacher of `config.teacher`: towers, tokenizer and logit scale (the checkpoint's
+  exp(logit_scale) unless `teacher.logit_scale` is set)."""
+  from medvqa_jax.data import tokenizer as tokenizer_lib
+  from medvqa_jax.models import towers
+  tc = config.teacher
+  image, image_params = towers.from_config(tc.image, seed=1000)
+  text, text_params = towers.from_config(tc.text, seed=1001)
+  scale = tc.get("logit_scale") or _checkpoint_logit_scale(tc.image)
+  if scale is None:
+    raise ValueError("the teacher's checkpoint has no logit_scale: set "
+                     "--config.teacher.logit_scale")
+  return Teacher(image, image_params, text, text_params, tokenizer_lib.from_config(tc.text),
+                 float(scale))
+
+
+# ---- the cache file ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TeacherCache:
+  ids: np.ndarray            # (N,) str
+  image: np.ndarray          # (N, D) float32, L2-normalised
+  text: np.ndarray           # (N, D)
+  image2: np.ndarray | None  # (N, D) for multi-view data
+  meta: dict
+
+  def __post_init__(self):
+    self._row = {str(i): r for r, i in enumerate(self.ids)}
+
+  @property
+  def logit_scale(self) -> float:
+    return float(self.meta["logit_scale"])
+
+  def save(self, path: str | os.PathLike):
+    """Written to a temporary file and renamed: an interrupted write leaves no cache."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    arrays = dict(ids=np.asarray(self.ids, str), image=self.image, text=self.text,
+                  meta=np.asarray(json.dumps(self.meta)))
+    if self.image2 is not None:
+      arrays["image2"] = self.image2
+    try:
+      with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+      os.replace(tmp, path)
+    finally:
+      tmp.unlink(missing_ok=True)
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "TeacherCache":
+    path = Path(path)
+    if not path.exists():
+      raise FileNotFoundError(f"teacher cache {path} does not exist: build it with "
+                              "`python launch/cache_teacher.py`")
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        image2 = z["image2"] if "image2" in z.files else None
+        cache = cls(z["ids"], z["image"], z["text"], image2, meta)
+    except (OSError, ValueError, KeyError) as e:
+      raise ValueError(f"teacher cache {path} is unreadable or incomplete: {e}") from None
+    if meta.get("format") != FORMAT_VERSION:
+      raise ValueError(f"teacher cache {path} has format {meta.get('format')}, expected "
+                       f"{FORMAT_VERSION}: rebuild it")
+    return cache
+
+  def check(self, ids: Sequence[str], captions: Sequence[str], teacher_fingerprint: str,
+            path: str = "the teacher cache"):
+    """Refuses a cache that was made by another teacher or for other data."""
+    if self.meta["teacher"] != teacher_fingerprint:
+      raise ValueError(f"{path} was computed by another teacher ({self.meta['teacher']}), "
+                       f"not the configured one ({teacher_fingerprint}): rebuild it with "
+                       "`python launch/cache_teacher.py` or point the config at the right cache")
+    missing = [i for i in map(str, ids) if i not in self._row]
+    if missing:
+      raise ValueError(f"{path} has no embeddings for {len(missing)} example(s) of the "
+                       f"dataset, e.g. {missing[:5]}: rebuild it for this dataset")
+    if dataset_fingerprint(ids, captions) != self.meta["dataset"]:
+      raise ValueError(f"{path} was computed for other data (its captions or examples "
+                       "differ from the dataset's): rebuild it for this dataset")
+
+  def lookup(self, ids: Iterable[str]) -> dict[str, np.ndarray]:
+    """Teacher embeddings for a batch of example ids, as the batch fields the loss reads."""
+    try:
+      rows = np.asarray([self._row[str(i)] for i in ids])
+    except KeyError as e:
+      raise KeyError(f"example {e.args[0]!r} is not in the teacher cache") from None
+    out = {"teacher_image": self.image[rows], "teacher_text": self.text[rows],
+           "teacher_scale": np.float32(self.logit_scale)}
+    if self.image2 is not None:
+      out["teacher_image2"] = self.image2[rows]
+    return out
+
+
+def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 64,
+                  progress: bool = True) -> TeacherCache:
+  """Embeds every record ({"id", "image", "caption"[, "image2"]}, images as paths or bytes)
+  with the teacher: un-augmented images resized to its resolution, raw captions."""
+  from tqdm import tqdm
+
+  from medvqa_jax.data import image as image_lib
+  if not records:
+    raise ValueError("no records to embed")
+  ids = [str(r["id"]) for r in records]
+  if len(set(ids)) != len(ids):
+    dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+    raise ValueError(f"example ids must be unique; repeated: {dup}")
+  multi_view = all("image2" in r for r in records)
+  embed = jax.jit(teacher.embed)
+  out = {"image": [], "text": [], "image2": []}
+  bar = tqdm(total=len(records), desc="teacher embeddings", unit="ex", disable=not progress)
+  for start in range(0, len(records), batch_size):
+    chunk = records[start:start + batch_size]
+    n = len(chunk)
+    pad = batch_size - n if len(records) > batch_size else 0  # One compiled shape.
+    load = lambda r, key: image_lib.load_image(r[key], teacher.image_size)
+    try:
+      pixels = np.stack([load(r, "image") for r in chunk] + [load(chunk[0], "image")] * pad)
+      pixels2 = (np.stack([load(r, "image2") for r in chunk] + [load(chunk[0], "image2")] * pad)
+                 if multi_view else None)
+    except ValueError as e:
+      raise ValueError(f"records {start}..{start + n - 1}: {e}") from None
+    tokens = teacher.tokenizer([r["caption"] for r in chunk] + [chunk[0]["caption"]] * pad)
+    image, text = embed(pixels, tokens["input_ids"], tokens["attention_mask"])
+    out["image"].append(np.asarray(image)[:n])
+    out["text"].append(np.asarray(text)[:n])
+    if multi_view:
+      out["image2"].append(np.asarray(embed(pixels2, tokens["input_ids"],
+                                            tokens["attention_mask"])[0])[:n])
+    bar.update(n)
+  bar.close()
+  meta = {"format": FORMAT_VERSION, "teacher": teacher.fingerprint(),
+          "dataset": dataset_fingerprint(ids, [r["caption"] for r in records]),
+          "logit_scale": teacher.logit_scale, "count": len(ids)}
+  return TeacherCache(np.asarray(ids, str), np.concatenate(out["image"]),
+                      np.concatenate(out["text"]),
+                      np.concatenate(out["image2"]) if multi_view else None, meta)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+  """Records of a JSONL corpus: {"id", "image", "caption"[, "image2"]} per line, image paths
+  relative to the file's folder. A malformed line is an error naming the file and line."""
+  path = Path(path)
+  records = []
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        r = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+      for key in ("id", "image", "caption"):
+        if not r.get(key) and r.get(key) != 0:
+          raise ValueError(f"{path}:{n}: missing or empty {key!r}")
+      for key in ("image", "image2"):
+        if key in r:
+          r[key] = str(path.parent / r[key])
+      records.append(r)
+  return records

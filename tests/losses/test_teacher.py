@@ -1,0 +1,106 @@
+"""The soft-label teacher: its embeddings, the cache command, and the cache's checks."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medvqa_jax import ASSETS
+from medvqa_jax.losses import teacher as teacher_lib
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """A JSONL corpus over the bundled sample images (captions: their questions)."""
+  folder = tmp_path_factory.mktemp("corpus")
+  samples = json.loads((ASSETS / "demo" / "samples.json").read_text())
+  lines = [{"id": f"rad-{s['qid']}", "image": str(ASSETS / "demo" / "images" / s["image"]),
+            "caption": s["question"]} for s in samples]
+  path = folder / "corpus.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+  return path
+
+
+@pytest.fixture(scope="module")
+def demo_config():
+  from configs import demo
+  return demo.get_config()
+
+
+def _run_cache(config_args, records, out):
+  return subprocess.run([sys.executable, "launch/cache_teacher.py", *config_args,
+                         f"--records={records}", f"--out={out}", "--batch_size=3"],
+                        capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_cache_command_and_checks(corpus, demo_config, tmp_path):
+  out = tmp_path / "cache.npz"
+  run = _run_cache(["--config=configs/demo.py"], corpus, out)
+  assert run.returncode == 0, run.stderr
+  summary = json.loads(run.stdout.strip().splitlines()[-1])
+  assert summary["examples"] == 8 and summary["width"] == 32 and summary["logit_scale"] == 50
+
+  cache = teacher_lib.TeacherCache.load(out)
+  teacher = teacher_lib.from_config(demo_config)
+  records = teacher_lib.read_jsonl(corpus)
+  # Each row is the teacher's embedding of that example (8 records, batches of 3, padded).
+  direct = teacher_lib.compute_cache(teacher, records[::-1], batch_size=8, progress=False)
+  batch = cache.lookup([r["id"] for r in records[::-1]])
+  np.testing.assert_allclose(batch["teacher_image"], direct.image, atol=1e-5)
+  np.testing.assert_allclose(batch["teacher_text"], direct.text, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(batch["teacher_text"], axis=-1), 1, atol=1e-5)
+  assert batch["teacher_scale"] == 50
+
+  ids, captions = [r["id"] for r in records], [r["caption"] for r in records]
+  cache.check(ids, captions, teacher.fingerprint())  # Matches: no error.
+  with pytest.raises(ValueError, match="other data"):
+    cache.check(ids, captions[:-1] + ["a different caption"], teacher.fingerprint())
+  with pytest.raises(ValueError, match="no embeddings for 1 example"):
+    cache.check(ids + ["rad-new"], captions + ["x"], teacher.fingerprint())
+  other = demo_config.copy_and_resolve_references()
+  other.teacher.image.arch.depth = 1
+  with pytest.raises(ValueError, match="another teacher"):
+    cache.check(ids, captions, teacher_lib.from_config(other).fingerprint())
+
+
+def test_bad_records_are_named_and_leave_no_cache(corpus, tmp_path):
+  bad = tmp_path / "bad.jsonl"
+  lines = corpus.read_text().splitlines()
+  bad.write_text("\n".join(lines[:2] + ['{"id": "x", "image": "a.jpg"'] + lines[2:]))
+  out = tmp_path / "cache.npz"
+  run = _run_cache(["--config=configs/demo.py"], bad, out)
+  assert run.returncode != 0 and f"{bad}:3: not valid JSON" in run.stderr
+  missing = tmp_path / "missing.jsonl"
+  missing.write_text(lines[0] + "\n" + json.dumps({"id": "y", "image": "nope.jpg",
+                                                    "caption": "c"}) + "\n")
+  run = _run_cache(["--config=configs/demo.py"], missing, out)
+  assert run.returncode != 0 and "nope.jpg" in run.stderr
+  assert not out.exists() and not list(tmp_path.glob(".cache.npz.tmp*"))
+
+
+def test_biomedclip_teacher_matches_open_clip(biomedclip):
+  """The teacher path on a BiomedCLIP-architecture checkpoint: normalised embeddings equal
+  open_clip's, and the logit scale is the checkpoint's exp(logit_scale)."""
+  from configs import base
+  ref, folder = biomedclip
+  config = base.get_config()
+  for part in ("image", "text"):
+    config.teacher[part].checkpoint = str(folder)
+  config.teacher.text.tokenizer = str(ASSETS / "bert_uncased_vocab")
+  teacher = teacher_lib.from_config(config)
+  np.testing.assert_allclose(teacher.logit_scale, float(ref.logit_scale.detach().exp()), rtol=1e-6)
+  rng = np.random.default_rng(0)
+  pixels = rng.normal(size=(2, 224, 224, 3)).astype(np.float32)
+  ids = np.array([[2, 7, 9, 11, 3, 0], [2, 5, 3, 0, 0, 0]])
+  image, text = teacher.embed(pixels, ids, (ids != 0).astype(np.int32))
+  with torch.no_grad():
+    ref_image = ref.encode_image(torch.from_numpy(pixels).permute(0, 3, 1, 2), normalize=True)
+    ref_text = ref.encode_text(torch.from_numpy(ids), normalize=True)
+  np.testing.assert_allclose(image, ref_image.numpy(), atol=1e-5)
+  np.testing.assert_allclose(text, ref_text.numpy(), atol=1e-5)
