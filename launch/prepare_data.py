@@ -1,0 +1,46 @@
+r"""Builds a dataset from its download folder into a TFDS (array_record) dataset.
+
+  python launch/prepare_data.py --dataset=vqa_rad --source_dir=/data/VQA_RAD --data_dir=/data/tfds
+  python launch/prepare_data.py --dataset=slake --source_dir=/data/Slake1.0 \
+      --data_dir=/data/tfds --max_side=384
+
+Datasets: vqa_rad (MEVF split or the original public JSON), slake, pathvqa (pkl release,
+Hugging Face parquet, or its JSON export), vqa_med_2019, and the pre-training corpora roco,
+medicat, mimic_cxr (multi-view) and captions_jsonl. Bad records are reported with their file
+and record and skipped; past --max_bad_fraction the build fails and leaves nothing behind.
+Building an existing dataset is a no-op. Prints one JSON line summarising the dataset.
+"""
+
+import json
+import sys
+
+import common  # noqa: F401  (puts the repository root on sys.path)
+from absl import app, flags
+
+_DATASET = flags.DEFINE_string("dataset", None, "Dataset name.", required=True)
+_SOURCE = flags.DEFINE_string("source_dir", None, "The dataset as downloaded.", required=True)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where built datasets live.", required=True)
+_MAX_SIDE = flags.DEFINE_integer("max_side", 0, "Shrink images to this longer side at build "
+                                 "time (0: keep their size).")
+_MAX_BAD = flags.DEFINE_float("max_bad_fraction", 0.01, "Fail if more records are bad.")
+_SPLITS = flags.DEFINE_list("splits", [], "Build only these splits (default: all found).")
+_LANGUAGE = flags.DEFINE_string("language", "en", "SLAKE: question language (q_lang).")
+
+
+def main(argv):
+  del argv
+  from medvqa_jax.data import builders
+  options = {}
+  if _DATASET.value == "slake":
+    options["reader_options"] = {"language": _LANGUAGE.value}
+  try:
+    builders.build(_DATASET.value, _SOURCE.value, _DATA_DIR.value,
+                   max_side=_MAX_SIDE.value or None, max_bad_fraction=_MAX_BAD.value,
+                   splits=_SPLITS.value or None, **options)
+  except (builders.DataError, FileNotFoundError, ValueError) as e:
+    sys.exit(f"prepare_data: {e}")
+  print(json.dumps(builders.summary(_DATA_DIR.value, _DATASET.value)))
+
+
+if __name__ == "__main__":
+  app.run(main)

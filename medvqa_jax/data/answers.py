@@ -1,0 +1,78 @@
+"""Answer handling, in one place: normalisation, matching, vocabulary, validation slice.
+
+Normalisation follows the VQA evaluation toolkit (lowercase; punctuation stripped, or replaced
+by a space between words; periods kept inside numbers; number words to digits; articles
+dropped), plus "x-ray" -> "xray". The toolkit's contraction table (which re-inserts
+apostrophes) is not applied: Med-VQA answers carry none. VQA-Med-2019 references may list
+alternatives separated by "#": a prediction matching any of them is correct.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from typing import Iterable, Sequence
+
+_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
+          "@", "`", ",", "?", "!", "'", ":", "*", "%", "^", "&", "#", "$", "|", "~"]
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+            "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+
+
+def normalize(answer: str) -> str:
+  text = str(answer).lower().replace("\n", " ").replace("\t", " ").strip()
+  text = re.sub(r"\bx-rays?\b", lambda m: m.group(0).replace("-", ""), text)
+  out = text
+  for p in _PUNCT:
+    if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
+      out = out.replace(p, "")
+    else:
+      out = out.replace(p, " ")
+  out = _PERIOD_STRIP.sub("", out)
+  words = [_NUMBERS.get(w, w) for w in out.split()]
+  return " ".join(w for w in words if w not in _ARTICLES)
+
+
+def alternatives(reference: str | Sequence[str]) -> list[str]:
+  """The normalised correct answers of a reference: a list, or a "#"-separated string."""
+  refs = reference.split("#") if isinstance(reference, str) else list(reference)
+  return [normalize(r) for r in refs if str(r).strip()]
+
+
+def is_correct(prediction: str, reference: str | Sequence[str]) -> bool:
+  return normalize(prediction) in alternatives(reference)
+
+
+def is_yes_no(reference: str | Sequence[str]) -> bool:
+  """The reference code's definition of a closed question: the ground truth is yes/no."""
+  alts = alternatives(reference)
+  return bool(alts) and all(a in ("yes", "no") for a in alts)
+
+
+def answer_type(raw: str | None) -> str:
+  """The dataset's own answer_type field, trimmed and upper-cased ("CLOSED " -> "CLOSED")."""
+  return (raw or "").strip().upper()
+
+
+def vocabulary(answers: Iterable[str], min_count: int = 1) -> list[str]:
+  """Distinct normalised answers, most frequent first (ties alphabetical). Build it from the
+  training splits only: test answers must not leak into the model."""
+  counts = Counter(normalize(a) for a in answers if str(a).strip())
+  return sorted((a for a, c in counts.items() if c >= min_count), key=lambda a: (-counts[a], a))
+
+
+def validation_slice(ids: Sequence[str], fraction: float = 0.1, seed: int = 0,
+                     groups: Sequence[str] | None = None) -> set[str]:
+  """A fixed, seeded slice of a training split for model selection, for datasets without a
+  validation split (VQA-RAD). With `groups` (e.g. image ids), whole groups are held out, so
+  that no image is in both parts."""
+  keys = list(groups) if groups is not None else list(ids)
+  distinct = sorted(set(keys))
+  rng = random.Random(seed)
+  rng.shuffle(distinct)
+  held = set(distinct[:max(1, round(fraction * len(distinct)))])
+  return {i for i, k in zip(ids, keys) if k in held}

@@ -1,0 +1,289 @@
+"""tensorflow-datasets builders (array_record, no TensorFlow needed) for every dataset.
+
+One builder per dataset reads the user's download layout through `sources` and writes
+records with a stable id. Images are decoded once at build time (which finds corrupt ones),
+converted to RGB and optionally shrunk to `max_side`, and stored as JPEG. Bad records (a
+missing or corrupt image, a malformed row, an empty question) are reported with their file
+and record and skipped; if more than `max_bad_fraction` of a dataset is bad the build fails.
+TFDS builds into a temporary folder and renames it when complete, so an interrupted or
+failed build leaves nothing that reads as a dataset, and building again is a no-op.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import Counter
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from medvqa_jax.data import answers as answers_lib
+from medvqa_jax.data import sources
+
+log = logging.getLogger(__name__)
+
+VERSION = "1.0.0"
+
+
+class DataError(ValueError):
+  """The source data has too many bad records (or none at all)."""
+
+
+def encode_image(source, max_side: int | None, quality: int = 95) -> bytes:
+  """RGB JPEG bytes of an image file or bytes, its longer side at most `max_side`. An RGB
+  JPEG that needs no shrinking is kept byte for byte."""
+  try:
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    img = Image.open(io.BytesIO(data))
+    img.load()
+  except FileNotFoundError:
+    raise ValueError("image file not found") from None
+  except (OSError, SyntaxError, ValueError) as e:
+    raise ValueError(f"unreadable image ({e})") from None
+  if img.format == "JPEG" and img.mode == "RGB" and not (max_side and max(img.size) > max_side):
+    return data
+  img = img.convert("RGB")
+  if max_side and max(img.size) > max_side:
+    scale = max_side / max(img.size)
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                     Image.Resampling.BICUBIC)
+  out = io.BytesIO()
+  img.save(out, format="JPEG", quality=quality)
+  return out.getvalue()
+
+
+class _Builder(tfds.core.GeneratorBasedBuilder):
+  """Shared by the VQA and caption builders: subclasses set `name`, `reader` and features."""
+  VERSION = tfds.core.Version(VERSION)
+  reader = None
+
+  def __init__(self, *, source_dir=None, max_side: int | None = None,
+               max_bad_fraction: float = 0.01, splits=None, reader_options=None, **kwargs):
+    self.source_dir = Path(source_dir) if source_dir else None
+    self.max_side = max_side
+    self.max_bad_fraction = max_bad_fraction
+    self.only_splits = tuple(splits) if splits else None
+    self.reader_options = dict(reader_options or {})
+    self._report = {}
+    super().__init__(**kwargs)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=self._features(),
+                                 metadata=tfds.core.MetadataDict())
+
+  def _read(self) -> dict:
+    if self.source_dir is None:
+      raise ValueError(f"building {self.name} needs source_dir")
+    if not self.source_dir.is_dir():
+      raise FileNotFoundError(f"source folder {self.source_dir} does not exist")
+    split_items = type(self).reader(self.source_dir, **self.reader_options)
+    if self.only_splits:
+      unknown = set(self.only_splits) - set(split_items)
+      if unknown:
+        raise ValueError(f"{self.name} in {self.source_dir} has no split(s) {sorted(unknown)}; "
+                         f"it has {sorted(split_items)}")
+      split_items = {s: split_items[s] for s in self.only_splits}
+    return split_items
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    split_items = self._read()
+    total = sum(len(v) for v in split_items.values())
+    if total == 0:
+      raise DataError(f"no records found in {self.source_dir}")
+    self._report = {"total": total, "bad": [], "splits": {}}
+    # Missing image files are found before anything is written; corrupt ones while encoding.
+    for split, items in split_items.items():
+      for i, item in enumerate(items):
+        if isinstance(item, dict) and not isinstance(item["image"], bytes):
+          for key in ("image", "image2"):
+            if key in item and not Path(item[key]).exists():
+              items[i] = sources.Bad(f"{item['id']} ({item[key]})", "image file not found")
+              break
+    self._check_bad([b for items in split_items.values() for b in items
+                     if isinstance(b, sources.Bad)])
+    return {split: self._generate_examples(split, items) for split, items in split_items.items()}
+
+  def _check_bad(self, bad):
+    self._report["bad"] = [str(b) for b in bad]
+    fraction = len(bad) / self._report["total"]
+    for b in bad[:20]:
+      log.warning("skipped %s", b)
+    if fraction > self.max_bad_fraction:
+      shown = "\n  ".join(str(b) for b in bad[:20])
+      raise DataError(
+          f"{len(bad)} of {self._report['total']} records of {self.name} in {self.source_dir} "
+          f"are bad ({fraction:.1%} > the allowed {self.max_bad_fraction:.1%}); nothing was "
+          f"built. First problems:\n  {shown}")
+
+  def _generate_examples(self, split, items):
+    cache: dict = {}
+    good = bad = 0
+    images, types, yes_no = set(), Counter(), 0
+    for item in items:
+      if isinstance(item, sources.Bad):
+        bad += 1
+        continue
+      try:
+        example = self._example(item, cache)
+      except ValueError as e:
+        where = item["image"] if isinstance(item["image"], str) else "image bytes"
+        self._report["bad"].append(f"{item['id']} ({where}): {e}")
+        log.warning("skipped %s: %s", item["id"], e)
+        bad += 1
+        if len(self._report["bad"]) / self._report["total"] > self.max_bad_fraction:
+          raise DataError(f"too many bad records in {self.name} ({len(self._report['bad'])} of "
+                          f"{self._report['total']}); nothing was built. Last: {item['id']}: {e}")
+        continue
+      good += 1
+      images.add(item.get("image_id", item["image"] if isinstance(item["image"], str) else ""))
+      if "answers" in item:
+        types[item["answer_type"] or "(none)"] += 1
+        yes_no += answers_lib.is_yes_no(item["answers"])
+      yield item["id"], example
+    stats = {"images": len(images), "skipped": bad}
+    if types:
+      stats.update(answer_type=dict(sorted(types.items())), yes_no_closed=yes_no,
+                   yes_no_open=good - yes_no)
+    self.info.metadata.setdefault("stats", {})[split] = stats
+    self.info.metadata["skipped"] = list(self._report["bad"])
+
+  def _image(self, source, cache):
+    key = source if isinstance(source, str) else hash(source)
+    if key not in cache:
+      if len(cache) > 4096:
+        cache.clear()
+      cache[key] = encode_image(source, self.max_side)
+    return cache[key]
+
+
+class _VqaBuilder(_Builder):
+
+  def _features(self):
+    text = tfds.features.Text()
+    return tfds.features.FeaturesDict({
+        "id": text, "image_id": text, "image": tfds.features.Image(encoding_format="jpeg"),
+        "question": text, "answers": tfds.features.Sequence(text), "answer_type": text,
+        "question_type": text})
+
+  def _example(self, item, cache):
+    return {**{k: item[k] for k in ("id", "image_id", "question", "answers", "answer_type",
+                                    "question_type")},
+            "image": self._image(item["image"], cache)}
+
+
+class _CaptionBuilder(_Builder):
+  multi_view = False
+
+  def _features(self):
+    text = tfds.features.Text()
+    image = tfds.features.Image(encoding_format="jpeg")
+    features = {"id": text, "image": image, "caption": text}
+    if self.multi_view:
+      features.update(image2=image, view=text, view2=text)
+    return tfds.features.FeaturesDict(features)
+
+  def _example(self, item, cache):
+    out = {"id": item["id"], "caption": item["caption"], "image": self._image(item["image"], cache)}
+    if self.multi_view:
+      out.update(image2=self._image(item["image2"], cache), view=item["view"],
+                 view2=item["view2"])
+    return out
+
+
+class VqaRad(_VqaBuilder):
+  name = "vqa_rad"
+  reader = sources.vqa_rad
+
+
+class Slake(_VqaBuilder):
+  name = "slake"
+  reader = sources.slake
+
+
+class PathVqa(_VqaBuilder):
+  name = "pathvqa"
+  reader = sources.pathvqa
+
+
+class VqaMed2019(_VqaBuilder):
+  name = "vqa_med_2019"
+  reader = sources.vqa_med_2019
+
+
+class Roco(_CaptionBuilder):
+  name = "roco"
+  reader = sources.roco
+
+
+class Medicat(_CaptionBuilder):
+  name = "medicat"
+  reader = sources.medicat
+
+
+class MimicCxr(_CaptionBuilder):
+  name = "mimic_cxr"
+  reader = sources.mimic_multiview
+  multi_view = True
+
+
+class CaptionsJsonl(_CaptionBuilder):
+  name = "captions_jsonl"
+  reader = sources.captions_jsonl
+
+
+BUILDERS = {b.name: b for b in (VqaRad, Slake, PathVqa, VqaMed2019, Roco, Medicat, MimicCxr,
+                                CaptionsJsonl)}
+
+
+def dataset_dir(data_dir, name: str) -> Path:
+  return Path(data_dir) / name / VERSION
+
+
+def is_built(data_dir, name: str) -> bool:
+  return (dataset_dir(data_dir, name) / "dataset_info.json").exists()
+
+
+def build(name: str, source_dir, data_dir, **options) -> Path:
+  """Builds dataset `name` from `source_dir` into `data_dir` (a no-op if already built)."""
+  if name not in BUILDERS:
+    raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(BUILDERS)}")
+  builder = BUILDERS[name](source_dir=source_dir, data_dir=str(data_dir),
+                           file_format="array_record", **options)
+  if not is_built(data_dir, name):
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(download_mode=
+                                                     tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  return dataset_dir(data_dir, name)
+
+
+def load(data_dir, name: str, split: str):
+  """A random-access source (no TensorFlow) of a built split: len() and [i] give examples
+  with the image decoded to a uint8 (H, W, 3) array and text as bytes."""
+  folder = dataset_dir(data_dir, name)
+  if not (folder / "dataset_info.json").exists():
+    raise FileNotFoundError(f"dataset {name} is not built in {data_dir}: run "
+                            f"`python launch/prepare_data.py --dataset={name} ...`")
+  builder = tfds.builder_from_directory(str(folder))
+  if split not in builder.info.splits:
+    raise ValueError(f"{name} has no split {split!r}; it has {sorted(builder.info.splits)}")
+  return builder.as_data_source(split=split)
+
+
+def summary(data_dir, name: str) -> dict:
+  """Per split: examples (QA pairs or captions), distinct images, open/closed counts by the
+  dataset's answer_type and by yes/no ground truth (gathered at build time); and the skipped
+  records."""
+  builder = tfds.builder_from_directory(str(dataset_dir(data_dir, name)))
+  meta = builder.info.metadata or {}
+  out = {"dataset": name, "path": str(dataset_dir(data_dir, name)), "splits": {}}
+  for split in builder.info.splits:
+    stats = {"examples": builder.info.splits[split].num_examples}
+    stats.update(meta.get("stats", {}).get(split, {}))
+    out["splits"][split] = stats
+  skipped = list(meta.get("skipped", []))
+  out["skipped"] = len(skipped)
+  out["skipped_examples"] = skipped[:20]
+  return out

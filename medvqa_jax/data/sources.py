@@ -1,0 +1,408 @@
+"""Readers of each dataset's own download layout, to common records.
+
+A reader returns {split: [record or Bad]}. A VQA record is a dict with `id` (stable, unique),
+`image` (a path, or encoded bytes), `image_id`, `question`, `answers` (the reference and its
+alternatives), `answer_type` (the dataset's own field, trimmed and upper-cased; "" where it
+has none) and `question_type` (VQA-RAD's question_type, SLAKE's content_type, PathVQA's
+question_type, VQA-Med-2019's category). A caption record has `id`, `image`, `caption`, and
+for multi-view studies `image2`, `view`, `view2`. A `Bad` names the file and record and says
+what is wrong; images are checked when the dataset is built.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import pickle
+from pathlib import Path, PureWindowsPath
+from typing import Callable
+
+from medvqa_jax.data.answers import answer_type as clean_type
+
+
+@dataclasses.dataclass
+class Bad:
+  where: str    # file and record
+  reason: str
+
+  def __str__(self):
+    return f"{self.where}: {self.reason}"
+
+
+def _need(path: Path, what: str) -> Path:
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: expected {what}")
+  return path
+
+
+def _load_json(path: Path):
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def _vqa(rid, image, image_id, question, answers, atype="", qtype="", where=""):
+  question = "" if question is None else str(question).strip()
+  answers = [str(a).strip() for a in (answers if isinstance(answers, list) else [answers])
+             if a is not None and str(a).strip()]
+  if not question:
+    return Bad(where, "empty question")
+  # An empty answer is kept (SLAKE's train split has one): it counts as a QA pair, and
+  # normalises to "", which no vocabulary holds.
+  answers = answers or [""]
+  return dict(id=str(rid), image=image, image_id=str(image_id), question=question,
+              answers=answers, answer_type=clean_type(atype), question_type=str(qtype or ""))
+
+
+def _records(path: Path, rows, make: Callable) -> list:
+  out = []
+  for n, row in enumerate(rows):
+    where = f"{path} record {n}"
+    if not isinstance(row, dict):
+      out.append(Bad(where, f"expected an object, got {type(row).__name__}"))
+      continue
+    try:
+      out.append(make(row, where))
+    except (KeyError, TypeError, ValueError) as e:
+      out.append(Bad(where, f"malformed record ({type(e).__name__}: {e})"))
+  return out
+
+
+# ---- VQA-RAD ------------------------------------------------------------------------------
+
+def vqa_rad(source_dir: Path) -> dict:
+  """The MEVF split (trainset.json, testset.json, images/) or the original public release
+  (VQA_RAD Dataset Public.json, VQA_RAD Image Folder/; test = phrase_type "test*")."""
+  make = lambda folder: lambda r, where: _vqa(
+      r["qid"], str(folder / r["image_name"]), r["image_name"], r["question"], r["answer"],
+      r.get("answer_type"), r.get("question_type"), where)
+  if (source_dir / "trainset.json").exists():
+    images = source_dir / "images"
+    return {split: _records(p, _load_json(p), make(images))
+            for split, p in (("train", source_dir / "trainset.json"),
+                             ("test", _need(source_dir / "testset.json", "the MEVF test split")))}
+  path = _need(source_dir / "VQA_RAD Dataset Public.json",
+               "VQA-RAD: trainset.json (MEVF split) or 'VQA_RAD Dataset Public.json'")
+  rows = _load_json(path)
+  images = source_dir / "VQA_RAD Image Folder"
+  is_test = lambda r: str(r.get("phrase_type", "")).startswith("test")
+  split_rows = {"train": [r for r in rows if isinstance(r, dict) and not is_test(r)],
+                "test": [r for r in rows if isinstance(r, dict) and is_test(r)]}
+  out = {s: _records(path, rs, make(images)) for s, rs in split_rows.items()}
+  out["train"] += [Bad(f"{path} record {n}", "expected an object")
+                   for n, r in enumerate(rows) if not isinstance(r, dict)]
+  return out
+
+
+# ---- SLAKE --------------------------------------------------------------------------------
+
+def slake(source_dir: Path, language: str = "en") -> dict:
+  """SLAKE 1.0: train/validate/test.json, imgs/<img_name>; one language (q_lang)."""
+  if (source_dir / "Slake1.0").is_dir():
+    source_dir = source_dir / "Slake1.0"
+  out = {}
+  for split, name in (("train", "train.json"), ("validation", "validate.json"),
+                      ("test", "test.json")):
+    path = _need(source_dir / name, "SLAKE's train.json, validate.json and test.json")
+    rows = [r for r in _load_json(path) if not isinstance(r, dict) or r.get("q_lang") == language]
+    out[split] = _records(path, rows, lambda r, where: _vqa(
+        r["qid"], str(source_dir / "imgs" / r["img_name"]), r["img_name"], r["question"],
+        r["answer"], r.get("answer_type"), r.get("content_type"), where))
+  return out
+
+
+# ---- PathVQA ------------------------------------------------------------------------------
+
+_PATHVQA_SPLITS = (("train", "train"), ("validation", "val"), ("test", "test"))
+
+
+def _yes_no_type(answer) -> str:
+  return "CLOSED" if str(answer).strip().lower() in ("yes", "no") else "OPEN"
+
+
+def pathvqa(source_dir: Path) -> dict:
+  """PathVQA in any of its three layouts: the original release (qas/<split>/<split>_qa.pkl,
+  images/<split>/<image>.jpg), the Hugging Face copy as parquet (*<split>*.parquet with an
+  `image` struct holding bytes), or its JSON export (<split>.json, `image_path` with Windows
+  separators)."""
+  if (source_dir / "qas").is_dir():
+    return _pathvqa_pkl(source_dir)
+  if list(source_dir.rglob("*.parquet")):
+    return _pathvqa_parquet(source_dir)
+  if any((source_dir / f"{s}.json").exists() for _, s in _PATHVQA_SPLITS):
+    return _pathvqa_json(source_dir)
+  raise FileNotFoundError(f"{source_dir}: no PathVQA layout found (qas/ with pkl files, "
+                          "*.parquet files, or train/val/test.json)")
+
+
+def _pathvqa_pkl(source_dir: Path) -> dict:
+  out = {}
+  for split, short in _PATHVQA_SPLITS:
+    path = source_dir / "qas" / short / f"{short}_qa.pkl"
+    if not path.exists():
+      continue
+    with open(path, "rb") as f:
+      rows = pickle.load(f)  # The release's own format; read only files you trust.
+    folder = source_dir / "images" / short
+
+    def make(r, where, folder=folder, short=short):
+      name = str(r["image"])
+      name = name if name.endswith((".jpg", ".png")) else name + ".jpg"
+      return _vqa(f"{short}-{where.rsplit(' ', 1)[-1]}", str(folder / name), name,
+                  r["question"], r["answer"], r.get("answer_type") or _yes_no_type(r["answer"]),
+                  r.get("question_type", ""), where)
+    out[split] = _records(path, rows, make)
+  return out
+
+
+def _pathvqa_parquet(source_dir: Path) -> dict:
+  import pyarrow.parquet as pq
+  out = {}
+  for split, short in _PATHVQA_SPLITS:
+    files = sorted(p for p in source_dir.rglob("*.parquet")
+                   if p.name.startswith((short, split)) or f"/{short}/" in p.as_posix()
+                   or f"/{split}/" in p.as_posix())
+    records = []
+    for path in files:
+      rows = pq.read_table(path).to_pylist()
+
+      def make(r, where, path=path):
+        image = r["image"]
+        data = image.get("bytes") if isinstance(image, dict) else image
+        if not data:
+          raise ValueError("image struct has no bytes")
+        n = where.rsplit(" ", 1)[-1]
+        return _vqa(f"{short}-{path.stem}-{n}", bytes(data), f"{path.stem}-{n}", r["question"],
+                    r["answer"], r.get("answer_type") or _yes_no_type(r["answer"]),
+                    r.get("question_type", ""), where)
+      records += _records(path, rows, make)
+    if files:
+      out[split] = records
+  return out
+
+
+def _pathvqa_json(source_dir: Path) -> dict:
+  out = {}
+  for split, short in _PATHVQA_SPLITS:
+    path = source_dir / f"{short}.json"
+    if not path.exists():
+      continue
+
+    def make(r, where, short=short):
+      rel = PureWindowsPath(r["image_path"]).as_posix()  # "images\\test\\x.jpg"
+      n = where.rsplit(" ", 1)[-1]
+      return _vqa(f"{short}-{n}", str(source_dir / rel), Path(rel).name, r["question"],
+                  r["answer"], r.get("answer_type") or _yes_no_type(r["answer"]),
+                  r.get("question_type", ""), where)
+    out[split] = _records(path, _load_json(path), make)
+  return out
+
+
+# ---- VQA-Med-2019 -------------------------------------------------------------------------
+
+_VQAMED_SPLITS = {
+    "train": ("ImageClef-2019-VQA-Med-Training", "All_QA_Pairs_train.txt", "Train_images"),
+    "validation": ("ImageClef-2019-VQA-Med-Validation", "All_QA_Pairs_val.txt", "Val_images"),
+}
+_VQAMED_TEST = ("VQAMed2019Test", "VQAMed2019_Test_Questions_w_Ref_Answers.txt",
+                "VQAMed2019_Test_Images")
+
+
+def _lines(path: Path):
+  for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    if line.strip():
+      yield n, line.rstrip("\r")
+
+
+def vqa_med_2019(source_dir: Path) -> dict:
+  """ImageCLEF VQA-Med 2019: All_QA_Pairs_{train,val}.txt (id|question|answer) with the
+  category from QAPairsByCategory/C{1-4}_*.txt, and the test file id|category|question|answer
+  ("#" separates alternative answers). Splits whose folder is absent are left out."""
+  out = {}
+  for split, (folder, qa_name, images) in _VQAMED_SPLITS.items():
+    base = source_dir / folder
+    if not base.is_dir():
+      continue
+    path = _need(base / qa_name, f"the {split} question/answer pairs")
+    category = {}
+    for cat_file in sorted((base / "QAPairsByCategory").glob("C*_*.txt")):
+      cat = cat_file.stem.split("_")[1].lower()  # C1_Modality_val -> modality
+      for _, line in _lines(cat_file):
+        parts = line.split("|")
+        if len(parts) >= 2:
+          category[(parts[0], parts[1])] = cat
+    records = []
+    for n, line in _lines(path):
+      where = f"{path} line {n}"
+      parts = line.split("|")
+      if len(parts) != 3:
+        records.append(Bad(where, f"expected id|question|answer, got {len(parts)} fields"))
+        continue
+      image_id, question, answer = parts
+      records.append(_vqa(f"{split}-{n}", str(base / images / f"{image_id}.jpg"), image_id,
+                          question, answer.split("#"), "",
+                          category.get((image_id, question), ""), where))
+    out[split] = records
+  folder, qa_name, images = _VQAMED_TEST
+  path = source_dir / folder / qa_name
+  if path.exists():
+    records = []
+    for n, line in _lines(path):
+      where = f"{path} line {n}"
+      parts = line.split("|")
+      if len(parts) != 4:
+        records.append(Bad(where, f"expected id|category|question|answer, got {len(parts)} "
+                                  "fields"))
+        continue
+      image_id, cat, question, answer = parts
+      records.append(_vqa(f"test-{n}", str(source_dir / folder / images / f"{image_id}.jpg"),
+                          image_id, question, answer.split("#"), "", cat.strip().lower(), where))
+    out["test"] = records
+  if not out:
+    raise FileNotFoundError(f"{source_dir}: no VQA-Med-2019 folders found (expected "
+                            f"{', '.join(f for f, _, _ in _VQAMED_SPLITS.values())} or {folder})")
+  return out
+
+
+# ---- pre-training corpora -----------------------------------------------------------------
+
+def _caption(rid, image, caption, where, **extra):
+  caption = "" if caption is None else str(caption).strip()
+  if not caption:
+    return Bad(where, "empty caption")
+  return dict(id=str(rid), image=image, caption=caption, **extra)
+
+
+def _csv_rows(path: Path):
+  with open(path, newline="", encoding="utf-8") as f:
+    yield from enumerate(csv.DictReader(f), 2)
+
+
+def _split_files(source_dir: Path, pattern: str) -> dict:
+  """{split: file}: files named like <split>.<ext> or <anything>_<split>.<ext>."""
+  out = {}
+  for path in sorted(source_dir.glob(pattern)):
+    stem = path.stem.lower()
+    for split, names in (("train", ("train",)), ("validation", ("validation", "val")),
+                         ("test", ("test",))):
+      if stem in names or stem.endswith(tuple("_" + n for n in names)):
+        out[split] = path
+  if not out:
+    files = sorted(source_dir.glob(pattern))
+    if len(files) == 1:
+      out["train"] = files[0]
+  if not out:
+    raise FileNotFoundError(f"{source_dir}: no {pattern} files named by split "
+                            "(train/validation/test)")
+  return out
+
+
+def roco(source_dir: Path) -> dict:
+  """ROCO: a csv per split with the image path (column `image` or `name`, relative to the
+  csv's folder or to an `images/` folder beside it) and `caption`."""
+  out = {}
+  for split, path in _split_files(source_dir, "*.csv").items():
+    records = []
+    for n, row in _csv_rows(path):
+      where = f"{path} line {n}"
+      name = row.get("image") or row.get("name") or row.get("image_path")
+      if not name:
+        records.append(Bad(where, "no image column (image, name or image_path)"))
+        continue
+      image = path.parent / name
+      if not image.exists() and (path.parent / "images" / name).exists():
+        image = path.parent / "images" / name
+      records.append(_caption(row.get("id") or f"{split}-{n}", str(image), row.get("caption"),
+                              where))
+    out[split] = records
+  return out
+
+
+def _jsonl(path: Path):
+  for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    if not line.strip():
+      continue
+    where = f"{path} line {n}"
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      yield n, where, Bad(where, f"not valid JSON ({e.msg})")
+      continue
+    yield n, where, row if isinstance(row, dict) else Bad(where, "expected a JSON object")
+
+
+def medicat(source_dir: Path) -> dict:
+  """MedICaT: JSON lines with the figure's file (`pdf_hash` + `fig_uri`, or `fig_uri` alone,
+  under `figures/`) and its `s2_caption`/`caption`; one file per split, or one file (train)."""
+  out = {}
+  for split, path in _split_files(source_dir, "*.jsonl").items():
+    records = []
+    for n, where, row in _jsonl(path):
+      if isinstance(row, Bad):
+        records.append(row)
+        continue
+      uri = row.get("fig_uri")
+      if not uri:
+        records.append(Bad(where, "no fig_uri"))
+        continue
+      name = f"{row['pdf_hash']}_{uri}" if row.get("pdf_hash") else uri
+      records.append(_caption(row.get("id") or Path(name).stem,
+                              str(source_dir / "figures" / name),
+                              row.get("s2_caption") or row.get("caption"), where))
+    out[split] = records
+  return out
+
+
+def mimic_multiview(source_dir: Path) -> dict:
+  """MIMIC-CXR studies: a csv per split, one study per row: `study_id`, `images` (";"-joined
+  paths relative to the csv's folder), `views` (their ";"-joined view types), `report`. The
+  first two images of different view types make the two views; a study with fewer is kept
+  with its first image as both views only if it has one image."""
+  out = {}
+  for split, path in _split_files(source_dir, "*.csv").items():
+    records = []
+    for n, row in _csv_rows(path):
+      where = f"{path} line {n}"
+      images = [p for p in (row.get("images") or "").split(";") if p.strip()]
+      views = [v.strip() for v in (row.get("views") or "").split(";")]
+      if not images:
+        records.append(Bad(where, "no images"))
+        continue
+      if len(views) != len(images):
+        records.append(Bad(where, f"{len(images)} images but {len(views)} view types"))
+        continue
+      second = next((i for i in range(1, len(images)) if views[i] != views[0]), None)
+      if second is None:
+        second = 0 if len(images) == 1 else 1
+      records.append(_caption(row.get("study_id") or f"{split}-{n}",
+                              str(path.parent / images[0].strip()), row.get("report"), where,
+                              image2=str(path.parent / images[second].strip()),
+                              view=views[0], view2=views[second]))
+    out[split] = records
+  return out
+
+
+def captions_jsonl(source_dir: Path) -> dict:
+  """Any other corpus: JSONL of {"image", "caption"[, "id"]}, image paths relative to the
+  file; one file per split (train.jsonl, ...) or a single file (train)."""
+  out = {}
+  for split, path in _split_files(source_dir, "*.jsonl").items():
+    records = []
+    for n, where, row in _jsonl(path):
+      if isinstance(row, Bad):
+        records.append(row)
+      elif not row.get("image"):
+        records.append(Bad(where, "no image"))
+      else:
+        records.append(_caption(row.get("id") or f"{split}-{n}", str(path.parent / row["image"]),
+                                row.get("caption"), where))
+    out[split] = records
+  return out
+
+
+VQA_READERS = {"vqa_rad": vqa_rad, "slake": slake, "pathvqa": pathvqa,
+               "vqa_med_2019": vqa_med_2019}
+CAPTION_READERS = {"roco": roco, "medicat": medicat, "mimic_cxr": mimic_multiview,
+                   "captions_jsonl": captions_jsonl}

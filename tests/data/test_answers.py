@@ -1,0 +1,45 @@
+"""Answer normalisation, matching, vocabulary and the validation slice."""
+
+import pytest
+
+from medvqa_jax.data import answers
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("Two", "2"), ("the left lung", "left lung"), ("An X-ray", "xray"), ("x-rays", "xrays"),
+    ("Yes.", "yes"), ("MRI - T2 weighted", "mri t2 weighted"), ("3.5 cm", "3.5 cm"),
+    ("right-sided", "right sided"), ("  NO ", "no"), ("none", "0"), ("(a) mass", "mass"),
+])
+def test_normalize(raw, expected):
+  assert answers.normalize(raw) == expected
+
+
+def test_alternatives_and_matching():
+  ref = "face, sinuses, and neck#skull and contents"
+  assert answers.alternatives(ref) == ["face sinuses and neck", "skull and contents"]
+  assert answers.is_correct("Skull and contents", ref)
+  assert answers.is_correct("face, sinuses and neck", ref)
+  assert not answers.is_correct("skull", ref)
+  assert answers.is_correct("the X-ray", ["xray"])
+
+
+def test_yes_no_and_answer_type():
+  assert answers.is_yes_no("Yes") and answers.is_yes_no(["no"]) and not answers.is_yes_no("left")
+  assert answers.answer_type("CLOSED ") == "CLOSED" and answers.answer_type(None) == ""
+
+
+def test_vocabulary_from_training_answers():
+  vocab = answers.vocabulary(["Yes", "yes", "No", "two", "2", "left", "", "The left"])
+  assert vocab == ["2", "left", "yes", "no"]
+  assert answers.vocabulary(["a b", "c", "c"], min_count=2) == ["c"]
+
+
+def test_validation_slice_is_fixed_and_holds_out_whole_images():
+  ids = [f"q{i}" for i in range(100)]
+  images = [f"img{i // 4}" for i in range(100)]
+  a = answers.validation_slice(ids, 0.2, seed=3, groups=images)
+  assert a == answers.validation_slice(ids, 0.2, seed=3, groups=images)
+  assert a != answers.validation_slice(ids, 0.2, seed=4, groups=images)
+  held_images = {images[ids.index(i)] for i in a}
+  assert len(held_images) == 5 and len(a) == 20
+  assert all(i in a for i, img in zip(ids, images) if img in held_images)

@@ -1,0 +1,246 @@
+"""TFDS builders: every layout round-trips, bad input is reported and bounded, builds are
+atomic and idempotent, and the summary counts what the issue names."""
+
+import csv
+import io
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medvqa_jax.data import builders
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def _jpeg(path, seed, size=(40, 30)):
+  rng = np.random.default_rng(seed)
+  Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), np.uint8)).save(path, "JPEG")
+  return path
+
+
+def _decoded(path_or_bytes):
+  src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+  return np.asarray(Image.open(src).convert("RGB"))
+
+
+def _rows(data_dir, name, split):
+  src = builders.load(data_dir, name, split)
+  dec = lambda v: v.decode() if isinstance(v, bytes) else v
+  return {dec(ex["id"]): ex for ex in (src[i] for i in range(len(src)))}
+
+
+def _text(v):
+  return v.decode() if isinstance(v, bytes) else [x.decode() for x in v]
+
+
+def test_vqa_rad_original_release_round_trips(tmp_path):
+  src = tmp_path / "src"
+  (src / "VQA_RAD Image Folder").mkdir(parents=True)
+  recs = []
+  for i in range(6):
+    name = f"synpic{i}.jpg"
+    _jpeg(src / "VQA_RAD Image Folder" / name, i)
+    recs.append(dict(qid=str(i) if i == 0 else i, image_name=name, question=f"question {i}?",
+                     answer="Yes" if i % 2 else f"answer {i}",
+                     answer_type="CLOSED " if i % 2 else "OPEN", question_type="PRES",
+                     phrase_type="test_freeform" if i >= 4 else "freeform"))
+  (src / "VQA_RAD Dataset Public.json").write_text(json.dumps(recs))
+  builders.build("vqa_rad", src, tmp_path / "out")
+  train, test = _rows(tmp_path / "out", "vqa_rad", "train"), _rows(tmp_path / "out", "vqa_rad",
+                                                                     "test")
+  assert sorted(train) == ["0", "1", "2", "3"] and sorted(test) == ["4", "5"]
+  for r in recs:
+    ex = {**train, **test}[str(r["qid"])]
+    assert _text(ex["question"]) == r["question"] and _text(ex["answers"]) == [r["answer"]]
+    assert _text(ex["answer_type"]) == r["answer_type"].strip()
+    np.testing.assert_array_equal(ex["image"], _decoded(src / "VQA_RAD Image Folder" /
+                                                        r["image_name"]))
+  summary = builders.summary(tmp_path / "out", "vqa_rad")
+  assert summary["splits"]["test"]["answer_type"] == {"CLOSED": 1, "OPEN": 1}
+  assert summary["splits"]["train"]["yes_no_closed"] == 2
+
+
+def test_pathvqa_pkl_and_parquet_round_trip(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  pkl = tmp_path / "pkl"
+  for split in ("train", "val", "test"):
+    (pkl / "qas" / split).mkdir(parents=True)
+    (pkl / "images" / split).mkdir(parents=True)
+    rows = [dict(image=f"{split}_{i}", question=f"{split} q{i}?", answer="no" if i else "fat")
+            for i in range(3)]
+    for i in range(3):
+      _jpeg(pkl / "images" / split / f"{split}_{i}.jpg", i)
+    with open(pkl / "qas" / split / f"{split}_qa.pkl", "wb") as f:
+      pickle.dump(rows, f)
+  builders.build("pathvqa", pkl, tmp_path / "out1")
+  val = _rows(tmp_path / "out1", "pathvqa", "validation")
+  assert len(val) == 3 and sorted(_text(e["question"]) for e in val.values()) == \
+      ["val q0?", "val q1?", "val q2?"]
+  summary = builders.summary(tmp_path / "out1", "pathvqa")
+  assert summary["splits"]["train"]["answer_type"] == {"CLOSED": 2, "OPEN": 1}
+
+  parquet = tmp_path / "parquet" / "data"
+  parquet.mkdir(parents=True)
+  images = [_jpeg(tmp_path / f"p{i}.jpg", 10 + i).read_bytes() for i in range(4)]
+  table = pa.table({"image": [{"bytes": b, "path": None} for b in images],
+                    "question": [f"p{i}?" for i in range(4)], "answer": ["yes", "no", "a", "b"]})
+  pq.write_table(table.slice(0, 3), parquet / "train-00000-of-00001.parquet")
+  pq.write_table(table.slice(3, 1), parquet / "test-00000-of-00001.parquet")
+  builders.build("pathvqa", tmp_path / "parquet", tmp_path / "out2")
+  train = _rows(tmp_path / "out2", "pathvqa", "train")
+  assert len(train) == 3 and len(_rows(tmp_path / "out2", "pathvqa", "test")) == 1
+  by_q = {_text(e["question"]): e for e in train.values()}
+  np.testing.assert_array_equal(by_q["p1?"]["image"], _decoded(images[1]))
+
+
+def _caption_fixtures(tmp_path):
+  roco = tmp_path / "roco"
+  (roco / "images").mkdir(parents=True)
+  with open(roco / "train.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["id", "name", "caption"])
+    for i in range(3):
+      _jpeg(roco / "images" / f"r{i}.jpg", i)
+      w.writerow([f"ROCO_{i}", f"r{i}.jpg", f"CT of the chest, case {i}"])
+  medicat = tmp_path / "medicat"
+  (medicat / "figures").mkdir(parents=True)
+  with open(medicat / "train.jsonl", "w") as f:
+    for i in range(3):
+      _jpeg(medicat / "figures" / f"h{i}_fig{i}.jpg", 10 + i)
+      f.write(json.dumps({"pdf_hash": f"h{i}", "fig_uri": f"fig{i}.jpg",
+                          "s2_caption": f"Figure {i}: MRI"}) + "\n")
+  mimic = tmp_path / "mimic"
+  (mimic / "files").mkdir(parents=True)
+  with open(mimic / "train.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["study_id", "images", "views", "report"])
+    for i in range(3):
+      paths = [f"files/s{i}_{v}.jpg" for v in range(3)]
+      for v, p in enumerate(paths):
+        _jpeg(mimic / p, 100 + 3 * i + v)
+      w.writerow([f"s{i}", ";".join(paths), "PA;PA;LATERAL", f"No acute findings {i}."])
+  jsonl = tmp_path / "jsonl"
+  jsonl.mkdir()
+  with open(jsonl / "corpus.jsonl", "w") as f:
+    for i in range(3):
+      _jpeg(jsonl / f"j{i}.jpg", 200 + i)
+      f.write(json.dumps({"image": f"j{i}.jpg", "caption": f"caption {i}"}) + "\n")
+  return roco, medicat, mimic, jsonl
+
+
+def test_caption_corpora_round_trip(tmp_path):
+  roco, medicat, mimic, jsonl = _caption_fixtures(tmp_path)
+  out = tmp_path / "out"
+  builders.build("roco", roco, out)
+  rows = _rows(out, "roco", "train")
+  assert _text(rows["ROCO_1"]["caption"]) == "CT of the chest, case 1"
+  np.testing.assert_array_equal(rows["ROCO_1"]["image"], _decoded(roco / "images" / "r1.jpg"))
+  builders.build("medicat", medicat, out)
+  rows = _rows(out, "medicat", "train")
+  assert _text(rows["h2_fig2"]["caption"]) == "Figure 2: MRI"
+  builders.build("mimic_cxr", mimic, out)
+  rows = _rows(out, "mimic_cxr", "train")
+  s1 = rows["s1"]
+  assert (_text(s1["view"]), _text(s1["view2"])) == ("PA", "LATERAL")  # Different views.
+  np.testing.assert_array_equal(s1["image2"], _decoded(mimic / "files" / "s1_2.jpg"))
+  builders.build("captions_jsonl", jsonl, out)
+  rows = _rows(out, "captions_jsonl", "train")
+  assert sorted(_text(r["caption"]) for r in rows.values()) == ["caption 0", "caption 1",
+                                                                 "caption 2"]
+
+
+def _vqa_source(tmp_path, n=200):
+  src = tmp_path / "src"
+  (src / "images").mkdir(parents=True)
+  for i in range(4):
+    _jpeg(src / "images" / f"img{i}.jpg", i)
+  rows = [dict(qid=i, image_name=f"img{i % 4}.jpg", question=f"q{i}?", answer="yes",
+               answer_type="CLOSED", question_type="PRES") for i in range(n)]
+  return src, rows
+
+
+def _write(src, train, test=()):
+  (src / "trainset.json").write_text(json.dumps(train))
+  (src / "testset.json").write_text(json.dumps(list(test)))
+
+
+def test_bad_records_are_reported_and_skipped(tmp_path):
+  src, rows = _vqa_source(tmp_path)
+  rows[3]["image_name"] = "missing.jpg"
+  (src / "images" / "corrupt.jpg").write_bytes(b"not a jpeg at all")
+  rows[7]["image_name"] = "corrupt.jpg"
+  rows[11]["question"] = "  "
+  del rows[15]["question"]          # A malformed record.
+  _write(src, rows, rows[:1])
+  out = tmp_path / "out"
+  run = subprocess.run([sys.executable, "launch/prepare_data.py", "--dataset=vqa_rad",
+                        f"--source_dir={src}", f"--data_dir={out}", "--max_bad_fraction=0.05"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert run.returncode == 0, run.stderr
+  summary = json.loads(run.stdout.strip().splitlines()[-1])
+  assert summary["splits"]["train"]["examples"] == 196
+  assert summary["splits"]["train"]["skipped"] == 4 and summary["skipped"] == 4
+  problems = "\n".join(summary["skipped_examples"])
+  assert "missing.jpg): image file not found" in problems
+  assert "corrupt.jpg): unreadable image" in problems
+  assert "trainset.json record 11: empty question" in problems
+  assert "trainset.json record 15: malformed record (KeyError" in problems
+  assert "missing.jpg" in run.stderr  # Reported as the build runs, too.
+
+
+def test_too_many_bad_records_fail_and_leave_nothing(tmp_path):
+  src, rows = _vqa_source(tmp_path, n=50)
+  for i in range(0, 50, 10):
+    rows[i]["image_name"] = f"gone{i}.jpg"
+  _write(src, rows, rows[:2])
+  out = tmp_path / "out"
+  with pytest.raises(builders.DataError, match=r"6 of 52 records .* are bad .* nothing was built"):
+    builders.build("vqa_rad", src, out)
+  assert not builders.is_built(out, "vqa_rad")
+  assert not list(out.rglob("*.array_record*")) and not list(out.rglob("dataset_info.json"))
+  # Corrupt images are only found while writing: the build fails there, and again leaves
+  # nothing that reads as a dataset.
+  src2, rows2 = _vqa_source(tmp_path / "b", n=50)
+  for i in range(5):
+    (src2 / "images" / f"bad{i}.jpg").write_bytes(b"\xff\xd8 truncated")
+    rows2[10 * i + 5]["image_name"] = f"bad{i}.jpg"
+  _write(src2, rows2, rows2[:2])
+  with pytest.raises(builders.DataError, match="too many bad records"):
+    builders.build("vqa_rad", src2, out)
+  assert not builders.is_built(out, "vqa_rad") and not list(out.rglob("*.array_record*"))
+  with pytest.raises(FileNotFoundError, match="not built"):
+    builders.load(out, "vqa_rad", "train")
+
+
+def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path):
+  src, rows = _vqa_source(tmp_path, n=8)
+  _write(src, rows, rows[:2])
+  out = tmp_path / "out"
+  folder = builders.build("vqa_rad", src, out, max_side=16)
+  stamp = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
+  builders.build("vqa_rad", src, out, max_side=16)
+  assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
+  ex = builders.load(out, "vqa_rad", "train")[0]
+  assert max(ex["image"].shape[:2]) == 16 and ex["image"].shape[2] == 3
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+def test_real_vqa_rad_build_and_summary(tmp_path):
+  run = subprocess.run([sys.executable, "launch/prepare_data.py", "--dataset=vqa_rad",
+                        f"--source_dir={DATA / 'vqa_rad'}", f"--data_dir={tmp_path}",
+                        "--max_side=64"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert run.returncode == 0, run.stderr
+  summary = json.loads(run.stdout.strip().splitlines()[-1])
+  train, test = summary["splits"]["train"], summary["splits"]["test"]
+  assert (train["examples"], test["examples"]) == (3064, 451)
+  assert test["answer_type"] == {"CLOSED": 272, "OPEN": 179}
+  assert (train["images"], test["images"]) == (314, 203) and summary["skipped"] == 0
+  assert test["yes_no_closed"] + test["yes_no_open"] == 451

@@ -1,0 +1,58 @@
+"""The readers on the real data in ../shared/data."""
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from medvqa_jax.data import sources
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+
+
+def _good(items):
+  return [r for r in items if isinstance(r, dict)]
+
+
+def test_vqa_rad_mevf_split():
+  out = sources.vqa_rad(DATA / "vqa_rad")
+  train, test = _good(out["train"]), _good(out["test"])
+  assert (len(train), len(test)) == (3064, 451)
+  assert Counter(r["answer_type"] for r in test) == {"CLOSED": 272, "OPEN": 179}
+  assert len({r["id"] for r in train + test}) == 3515  # Ids are unique across splits.
+  assert all(Path(r["image"]).exists() for r in train[:50])
+
+
+def test_slake_english():
+  out = sources.slake(DATA / "slake")
+  counts = {s: len(_good(v)) for s, v in out.items()}
+  assert counts == {"train": 4919, "validation": 1053, "test": 1061}
+  assert {r["answer_type"] for r in _good(out["test"])} == {"OPEN", "CLOSED"}
+  assert all(r["question_type"] for r in _good(out["train"]))
+  assert len(_good(sources.slake(DATA / "slake", language="zh")["train"])) == 9835 - 4919
+  images = lambda s: {r["image_id"] for r in _good(out[s])}
+  assert not images("train") & images("test")  # SLAKE's splits have disjoint images.
+
+
+def test_pathvqa_json_export():
+  out = sources.pathvqa(DATA / "samples" / "pathvqa_hf_json")
+  test = _good(out["test"])
+  assert len(test) == 200 and set(out) == {"test"}
+  assert all(Path(r["image"]).exists() for r in test)  # "images\\test\\x.jpg" resolved.
+
+
+def test_vqa_med_2019():
+  out = sources.vqa_med_2019(DATA / "samples" / "vqa_med_2019")
+  val = _good(out["validation"])
+  assert len(val) == 100 and len({r["image_id"] for r in val}) == 25
+  assert Counter(r["question_type"] for r in val) == {
+      "modality": 25, "plane": 25, "organ": 25, "abnormality": 25}
+  test = _good(out["test"])
+  assert len(test) == 500
+  assert Counter(r["question_type"] for r in test) == {
+      "modality": 125, "plane": 125, "organ": 125, "abnormality": 125}
+  multi = [r for r in test if len(r["answers"]) > 1]
+  assert len(multi) >= 20  # "#"-separated alternatives are kept apart.
+  first = next(r for r in test if r["image_id"] == "synpic40410")
+  assert first["answers"] == ["face, sinuses, and neck", "skull and contents"]
