@@ -1,0 +1,62 @@
+r"""Input-pipeline throughput: decoded + augmented images per second, per worker and in total.
+
+  python launch/benchmark_input.py --data_dir=/tmp/tfds \
+      --source_dir=../shared/data/vqa_rad --workers=0,2,4
+
+Builds the dataset into --data_dir first if it is not there (from --source_dir), then times
+--batches batches of --batch_size at --image_size (288 by default, the paper's) with the
+fine-tuning augmentations, for each worker count. Prints one JSON line.
+"""
+
+import json
+import os
+import time
+
+import common  # noqa: F401  (puts the repository root on sys.path)
+from absl import app, flags
+
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where built datasets live.", required=True)
+_DATASET = flags.DEFINE_string("dataset", "vqa_rad", "Dataset name.")
+_SOURCE = flags.DEFINE_string("source_dir", None, "Download folder, to build if needed.")
+_SPLIT = flags.DEFINE_string("split", "train", "Split to read.")
+_SIZE = flags.DEFINE_integer("image_size", 288, "Output image side.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Images per batch.")
+_BATCHES = flags.DEFINE_integer("batches", 20, "Timed batches per setting.")
+_WORKERS = flags.DEFINE_list("workers", ["0", "2"], "Worker process counts to time (0: "
+                             "in-process threads).")
+_AUG = flags.DEFINE_enum("augmentation", "finetune", ["finetune", "pretrain", "test"],
+                         "Augmentations.")
+
+
+def main(argv):
+  del argv
+  from medvqa_jax import ASSETS
+  from medvqa_jax.data import builders, pipeline
+  from medvqa_jax.data.tokenizer import Tokenizer
+  if not builders.is_built(_DATA_DIR.value, _DATASET.value):
+    if not _SOURCE.value:
+      raise SystemExit(f"{_DATASET.value} is not built in {_DATA_DIR.value}: pass --source_dir")
+    builders.build(_DATASET.value, _SOURCE.value, _DATA_DIR.value)
+  source = builders.load(_DATA_DIR.value, _DATASET.value, _SPLIT.value)
+  tokenizer = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", max_len=30)
+  kind = "caption" if _AUG.value == "pretrain" else "vqa"
+  ds = pipeline.batches(source, kind=kind, tokenizer=tokenizer, image_size=_SIZE.value,
+                        global_batch=_BATCH.value, seed=0, augmentation=_AUG.value)
+  results = []
+  for workers in map(int, _WORKERS.value):
+    it = pipeline.iterate(ds, num_workers=workers)
+    next(it)  # Start-up (worker processes, first decode) is not timed.
+    start = time.perf_counter()
+    for _ in range(_BATCHES.value):
+      next(it)
+    seconds = time.perf_counter() - start
+    rate = _BATCHES.value * _BATCH.value / seconds
+    results.append({"workers": workers, "images_per_s": round(rate, 1),
+                    "images_per_s_per_worker": round(rate / max(workers, 1), 1)})
+  print(json.dumps({"dataset": _DATASET.value, "split": _SPLIT.value, "image_size": _SIZE.value,
+                    "augmentation": _AUG.value, "batch_size": _BATCH.value,
+                    "host_cpus": os.cpu_count(), "results": results}))
+
+
+if __name__ == "__main__":
+  app.run(main)

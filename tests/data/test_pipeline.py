@@ -1,0 +1,122 @@
+"""The host input pipeline: determinism by (seed, step), host shards, augmentations."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medvqa_jax import ASSETS
+from medvqa_jax.data import augment, builders, pipeline
+from medvqa_jax.data.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  """A built 40-question VQA dataset over 5 images: its data_dir."""
+  src = tmp_path_factory.mktemp("src")
+  (src / "images").mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(5):
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), np.uint8)).save(src / "images" / f"{i}.jpg")
+  rows = [dict(qid=i, image_name=f"{i % 5}.jpg", question=f"is there a lesion number {i}?",
+               answer=["yes", "no", "left lung"][i % 3], answer_type="CLOSED") for i in range(40)]
+  (src / "trainset.json").write_text(json.dumps(rows))
+  (src / "testset.json").write_text(json.dumps(rows[:4]))
+  out = tmp_path_factory.mktemp("tfds")
+  builders.build("vqa_rad", src, out)
+  return out
+
+
+@pytest.fixture(scope="module")
+def source(built):
+  return builders.load(built, "vqa_rad", "train")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", max_len=12)
+
+
+def _batches(source, tokenizer, **kw):
+  args = dict(kind="vqa", tokenizer=tokenizer, image_size=32, global_batch=8, seed=1,
+              augmentation="finetune", answer_vocab=["yes", "no"])
+  args.update(kw)
+  return pipeline.batches(source, **args)
+
+
+def test_deterministic_for_seed_and_step_and_different_across_steps(source, tokenizer):
+  a, b = _batches(source, tokenizer), _batches(source, tokenizer)
+  for step in (0, 3, 7):  # Step 7 is in the second epoch (5 batches an epoch).
+    x, y = a[step], b[step]
+    assert all(np.array_equal(x[k], y[k]) for k in x)
+  assert not np.array_equal(a[0]["images"], a[1]["images"])
+  assert list(a[0]["id"]) != list(a[1]["id"])
+  assert list(_batches(source, tokenizer, seed=2)[0]["id"]) != list(a[0]["id"])
+  epoch1 = sorted(i for s in range(5) for i in a[s]["id"])
+  assert epoch1 == sorted(str(i) for i in range(40))  # Each example once an epoch.
+  assert [list(a[s]["id"]) for s in range(5, 10)] != [list(a[s]["id"]) for s in range(5)]
+
+
+def test_host_shards_are_disjoint_and_make_the_global_batch(source, tokenizer):
+  whole = _batches(source, tokenizer)
+  hosts = [_batches(source, tokenizer, process_index=h, process_count=2) for h in range(2)]
+  for step in (0, 4, 6):
+    parts = [set(h[step]["id"]) for h in hosts]
+    assert len(hosts[0][step]["id"]) == 4 and not parts[0] & parts[1]
+    assert parts[0] | parts[1] == set(whole[step]["id"])
+  with pytest.raises(ValueError, match="not divisible"):
+    _batches(source, tokenizer, process_count=3)
+
+
+def test_batch_contents(source, tokenizer):
+  answer_tok = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", max_len=6)
+  batch = _batches(source, tokenizer, augmentation="test", answer_tokenizer=answer_tok,
+                   shuffle=False, repeat=False)[0]
+  assert batch["images"].shape == (8, 32, 32, 3) and batch["images"].dtype == np.float32
+  assert batch["input_ids"].shape == (8, 12) and batch["input_ids"].dtype == np.int32
+  answers = [["yes", "no", "left lung"][int(i) % 3] for i in batch["id"]]
+  assert list(batch["answer"]) == answers
+  # "left lung" is not in the vocabulary: label -1.
+  assert list(batch["labels"]) == [{"yes": 0, "no": 1}.get(a, -1) for a in answers]
+  decoded = [tokenizer.hf.decode(ids, skip_special_tokens=True) for ids in batch["answer_ids"]]
+  assert decoded == answers
+
+
+def test_iterate_resumes_and_workers_give_the_same_batches(source, tokenizer):
+  ds = _batches(source, tokenizer)
+  it = pipeline.iterate(ds, start_step=3)
+  assert list(next(it)["id"]) == list(ds[3]["id"])
+  assert np.array_equal(next(it)["images"], ds[4]["images"])
+  workers = pipeline.iterate(ds, start_step=2, num_workers=1)
+  assert np.array_equal(next(workers)["images"], ds[2]["images"])
+
+
+def test_augmentations():
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 255, (50, 70, 3), np.uint8)
+  ft = augment.finetune(x, 32, np.random.default_rng(1))
+  assert ft.shape == (32, 32, 3) and ft.dtype == np.uint8
+  np.testing.assert_array_equal(ft, augment.finetune(x, 32, np.random.default_rng(1)))
+  v1 = augment.pretrain(x, 32, np.random.default_rng(2))
+  v2 = augment.pretrain(x, 32, np.random.default_rng(3))
+  assert v1.shape == v2.shape == (32, 32, 3) and not np.array_equal(v1, v2)
+  np.testing.assert_array_equal(augment.resize(x, 32), np.asarray(
+      Image.fromarray(x).resize((32, 32), Image.Resampling.BICUBIC)))
+  for name in augment.OPS:  # Every op runs and keeps the size.
+    out = augment._OPS[name](Image.fromarray(x), 7, np.random.default_rng(4))
+    assert out.size == (70, 50)
+
+
+def test_benchmark_command(built):
+  run = subprocess.run([sys.executable, "launch/benchmark_input.py", f"--data_dir={built}",
+                        "--image_size=64", "--batch_size=4", "--batches=2", "--workers=0,1"],
+                       capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[2])
+  assert run.returncode == 0, run.stderr
+  out = json.loads(run.stdout.strip().splitlines()[-1])
+  assert [r["workers"] for r in out["results"]] == [0, 1]
+  assert all(r["images_per_s"] > 0 for r in out["results"])
