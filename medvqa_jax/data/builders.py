@@ -259,9 +259,10 @@ def build(name: str, source_dir, data_dir, **options) -> Path:
   return dataset_dir(data_dir, name)
 
 
-def load(data_dir, name: str, split: str):
+def load(data_dir, name: str, split: str, decode_images: bool = True):
   """A random-access source (no TensorFlow) of a built split: len() and [i] give examples
-  with the image decoded to a uint8 (H, W, 3) array and text as bytes."""
+  with the image decoded to a uint8 (H, W, 3) array (JPEG bytes with `decode_images=False`)
+  and text as bytes."""
   folder = dataset_dir(data_dir, name)
   if not (folder / "dataset_info.json").exists():
     raise FileNotFoundError(f"dataset {name} is not built in {data_dir}: run "
@@ -269,7 +270,19 @@ def load(data_dir, name: str, split: str):
   builder = tfds.builder_from_directory(str(folder))
   if split not in builder.info.splits:
     raise ValueError(f"{name} has no split {split!r}; it has {sorted(builder.info.splits)}")
-  return builder.as_data_source(split=split)
+  decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
+  return builder.as_data_source(split=split, decoders=decoders)
+
+
+def answer_vocabulary(data_dir, name: str, splits=("train",), min_count: int = 1) -> list[str]:
+  """The normalised answers of the chosen splits (train by default: the vocabulary, the GCA
+  prior and the ranking candidates must not see test answers), most frequent first."""
+  answers = []
+  for split in splits:
+    src = load(data_dir, name, split, decode_images=False)
+    for i in range(len(src)):
+      answers.append(src[i]["answers"][0].decode())
+  return answers_lib.vocabulary(answers, min_count)
 
 
 def summary(data_dir, name: str) -> dict:

@@ -244,3 +244,13 @@ def test_real_vqa_rad_build_and_summary(tmp_path):
   assert test["answer_type"] == {"CLOSED": 272, "OPEN": 179}
   assert (train["images"], test["images"]) == (314, 203) and summary["skipped"] == 0
   assert test["yes_no_closed"] + test["yes_no_open"] == 451
+  from medvqa_jax.data import answers
+  vocab = builders.answer_vocabulary(tmp_path, "vqa_rad")
+  assert vocab[:2] == ["no", "yes"] and len(vocab) == len(set(vocab)) > 300
+  train_only = set(vocab)
+  test_answers = {answers.normalize(a) for a in _test_answers()}
+  assert test_answers - train_only  # Some test answers are unseen: nothing leaked in.
+
+
+def _test_answers():
+  return [r["answer"] for r in json.loads((DATA / "vqa_rad" / "testset.json").read_text())]
