@@ -121,7 +121,8 @@ def test_ranking_equals_brute_force(generative):
   scores = np.take_along_axis(brute, np.asarray(ranked["topk"]), axis=1)
   np.testing.assert_allclose(ranked["scores"], scores, rtol=1e-4, atol=1e-3)
   # With k < C only the k candidates with the most probable first tokens are re-scored.
-  top2 = model.apply({"params": params}, *args, cands, cand_mask, k=2, method=AMiF.rank)
+  rank = jax.jit(lambda p, *a: model.apply({"params": p}, *a, k=2, method=AMiF.rank))
+  top2 = rank(params, *args, cands, cand_mask)  # Batched and jitted.
   assert top2["topk"].shape == (3, 2)
   assert all(p in t for p, t in zip(np.asarray(top2["prediction"]), np.asarray(top2["topk"])))
 
