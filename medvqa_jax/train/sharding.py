@@ -1,0 +1,73 @@
+"""Device mesh and shardings: data parallel over every device, optional FSDP of parameters
+and optimizer state by parameter-path rules.
+
+The mesh has two axes, ("data", "fsdp"). Batches are split over both (every device holds a
+slice of the global batch). A parameter whose path matches an FSDP rule and that has at
+least `fsdp_min_size` elements is split along its largest dimension divisible by the "fsdp"
+axis size; everything else is replicated. Optimizer state follows its parameter.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
+  """A ("data", "fsdp") mesh over all devices (or `devices`), fsdp-way parameter sharding."""
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  if devices.size % fsdp:
+    raise ValueError(f"{devices.size} devices cannot be split {fsdp}-way for FSDP")
+  return Mesh(devices.reshape(devices.size // fsdp, fsdp), BATCH_AXES,
+              axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def param_spec(path: str, shape, fsdp_size: int, rules, min_size: int) -> P:
+  if fsdp_size == 1 or int(np.prod(shape)) < min_size:
+    return P()
+  # A rule names parameter paths; optimizer-state paths end with their parameter's path.
+  if not any(re.fullmatch(f"(?:.*/)?(?:{pattern})", path) for pattern in rules):
+    return P()
+  dims = sorted(range(len(shape)), key=lambda d: -shape[d])
+  for d in dims:
+    if shape[d] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[d] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def _path(keys) -> str:
+  part = lambda k: getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+  return "/".join(str(part(k)) for k in keys)
+
+
+def param_shardings(mesh: Mesh, shapes, rules=(".*",), min_size: int = 2 ** 14):
+  """NamedShardings for a tree of parameters or optimizer state (arrays or
+  ShapeDtypeStructs), of the same structure."""
+  fsdp_size = mesh.shape["fsdp"]
+  return jax.tree_util.tree_map_with_path(
+      lambda keys, x: NamedSharding(mesh, param_spec(_path(keys), x.shape, fsdp_size, rules,
+                                                     min_size)), shapes)
+
+
+def batch_sharding(mesh: Mesh, x) -> NamedSharding:
+  """Leading (batch) dimension over every device; scalars replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES) if np.ndim(x) else P())
+
+
+def shard_batch(mesh: Mesh, batch: dict) -> dict:
+  """This host's part of the global batch (NumPy) to global arrays over the mesh."""
+  out = {}
+  for k, v in batch.items():
+    if np.ndim(v):
+      out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v), np.asarray(v))
+    else:
+      out[k] = jax.device_put(v, NamedSharding(mesh, P()))
+  return out

@@ -1,0 +1,95 @@
+"""The train state and the one jitted, sharded train step.
+
+The state is a plain dict {"params", "opt_state", "step"} placed on the mesh by
+`sharding.param_shardings` (optimizer state sharded like its parameters). The step is written
+on the global batch; the partitioner inserts the collectives. The state's buffers are
+donated. Gradient accumulation splits the batch into micro-batches inside the step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from medvqa_jax.losses.pretrain import pretrain_loss
+from medvqa_jax.models.amif import AMiF
+from medvqa_jax.train import sharding
+
+
+def pretrain_objective(model: AMiF, losses_cfg) -> Callable:
+  return lambda params, batch, key: pretrain_loss(model, params, batch, key, losses_cfg)
+
+
+def finetune_objective(model: AMiF, prior_ids, prior_mask) -> Callable:
+  """The VQA loss. The answer prior (from the training answers) is fixed for the run, so it
+  is a constant of the objective, not part of the per-example batch."""
+  def loss(params, batch, key):
+    del key
+    extra = ({"labels": batch["labels"]} if model.head == "classifier" else
+             {"answer_ids": batch["answer_ids"], "answer_mask": batch["answer_mask"]})
+    out = model.apply({"params": params}, batch["images"], batch["input_ids"],
+                      batch["attention_mask"], prior_ids, prior_mask, **extra, method=AMiF.vqa)
+    return out["loss"], {"loss": out["loss"]}
+  return loss
+
+
+def state_shardings(mesh, params, tx, rules=(".*",), min_size: int = 2 ** 14):
+  shapes = jax.eval_shape(lambda p: p, params)
+  opt_shapes = jax.eval_shape(tx.init, shapes)
+  return {"params": sharding.param_shardings(mesh, shapes, rules, min_size),
+          "opt_state": sharding.param_shardings(mesh, opt_shapes, rules, min_size),
+          "step": NamedSharding(mesh, P())}
+
+
+def init_state(params, tx, shardings) -> dict:
+  """The train state born sharded: params placed by their shardings, the optimizer state
+  initialised by a jitted function whose outputs are sharded likewise."""
+  # A jitted copy, not device_put: the step donates the state's buffers, and device_put may
+  # hand back the caller's own arrays.
+  params = jax.jit(lambda p: p, out_shardings=shardings["params"])(params)
+  opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
+  return {"params": params, "opt_state": opt_state, "step": step}
+
+
+def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1):
+  """(state, batch, key) -> (state, metrics), jitted with the state donated. The loss and
+  gradients are those of the whole global batch (averaged over micro-batches)."""
+
+  def grads_of(params, batch, key):
+    return jax.value_and_grad(objective, has_aux=True)(params, batch, key)
+
+  def step(state, batch, key):
+    params = state["params"]
+    if accum_steps == 1:
+      (_, metrics), grads = grads_of(params, batch, key)
+    else:
+      # Scalars (e.g. the teacher's logit scale) are shared; arrays split into micro-batches.
+      consts = {k: v for k, v in batch.items() if jnp.ndim(v) == 0}
+      micro = {k: v.reshape(accum_steps, -1, *v.shape[1:]) for k, v in batch.items()
+               if jnp.ndim(v) > 0}
+      keys = jax.random.split(key, accum_steps)
+      first = jax.tree.map(lambda x: x[0], micro)
+      (_, metric_shapes), grad_shapes = jax.eval_shape(grads_of, params, {**first, **consts}, key)
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (grad_shapes, metric_shapes))
+
+      def body(carry, inputs):
+        mb, k = inputs
+        (_, m), g = grads_of(params, {**mb, **consts}, k)
+        return jax.tree.map(jnp.add, carry, (g, m)), None
+
+      (grads, metrics), _ = jax.lax.scan(body, zeros, (micro, keys))
+      grads, metrics = jax.tree.map(lambda x: x / accum_steps, (grads, metrics))
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+           "step": state["step"] + 1}
+    return new, metrics
+
+  replicated = NamedSharding(shardings["step"].mesh, P())
+  return jax.jit(step, in_shardings=(shardings, None, replicated),
+                 out_shardings=(shardings, replicated), donate_argnums=(0,))
