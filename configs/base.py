@@ -77,9 +77,30 @@ def get_config(arg=None):
                   threshold=1e-3, ipot_beta=0.5, ipot_iterations=50),
           itm=dict(negative_images=False),  # Also one hard-negative image per text.
       ),
-      # AdamW, warm-up + cosine; lr_mults: (path regex, multiplier), 0 freezes.
+      # AdamW, warm-up + cosine; lr_mults: (path regex, multiplier), 0 freezes. The run is
+      # total_steps long, or train.epochs over the training split when that is set.
       optim=dict(lr=1e-4, weight_decay=0.02, b1=0.9, b2=0.98, warmup_fraction=0.4,
                  total_steps=10000, lr_mults=(), grad_clip=unset(float)),
+      # The dataset, built by launch/prepare_data.py into `dir` (or built there on first use
+      # from `source_dir`, the download folder). val_split "" holds out a seeded slice
+      # (val_fraction, whole images) of train for model selection (VQA-RAD has no validation
+      # split). Answers (vocabulary, GCA prior, ranking candidates) come from train +
+      # validation; closed_set=True reproduces the paper's protocol (candidates from every
+      # split, test included) and every output is labelled with the protocol used.
+      data=dict(name=unset(str), dir=unset(str), source_dir=unset(str), max_side=512,
+                train_split="train", val_split="validation", val_fraction=0.1,
+                test_split="test", closed_set=False, workers=0),
+      # The loop (medvqa_jax/train/loop.py). workdir holds checkpoints, logs and eval outputs;
+      # batch_size is global (all hosts); accum_steps micro-batches per step. A checkpoint every
+      # save_every steps and at the end (the last `keep`, plus the best on validation);
+      # validation every eval_every steps. init_from: a checkpoint folder (another run's
+      # workdir/checkpoints or one step in it) whose params matching init_params (regex) start
+      # this run. fsdp: ways of parameter sharding (1: pure data parallel).
+      train=dict(workdir=unset(str), batch_size=32, accum_steps=1, epochs=unset(int),
+                 log_every=10, eval_every=500, save_every=500, keep=2, eval_batch_size=64,
+                 fsdp=1, fsdp_rules=(".*",), fsdp_min_size=2 ** 14, init_from=unset(str),
+                 init_params=".*", tensorboard=True,
+                 inject_nan_at=unset(int)),  # Testing: a NaN loss at this step.
   ))
   config.lock()
   return config

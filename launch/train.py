@@ -1,23 +1,66 @@
-"""Training entry point: `python launch/train.py --config=configs/<dataset>.py`.
+r"""Trains (fine-tunes or pre-trains) the model of a config; resumes if its work folder holds
+a checkpoint.
 
-Training is not available yet: the towers and their checkpoint import are in place, the
-fusion model, losses, data pipeline and train loop are still to come. Until then this
-command says so and exits cleanly; `launch/embed.py` runs the towers end to end.
+  python launch/train.py --config=configs/demo.py                       # the embedded default
+  python launch/train.py --config=configs/pathvqa.py --config.data.dir=/data/tfds \
+      --config.train.workdir=/runs/pathvqa
+  python launch/train.py --config=configs/pretrain_stage1.py --config.data.name=roco ...
+
+Multi-host (TPU pod slice, SLURM, mpirun): run the same command in every process; the
+cluster is detected, or give --coordinator_address/--num_processes/--process_id. Writes
+<workdir>/checkpoints, metrics.jsonl, tensorboard/ and, after fine-tuning, the test metrics
+and predictions of the best-on-validation checkpoint in <workdir>/eval/<test split>/.
 """
 
+import json
+import sys
+
 import common  # noqa: F401  (puts the repository root on sys.path)
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file.")
+_COORD = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+
+def _summary(metrics: dict) -> str:
+  pct = lambda x: "  -  " if x is None else f"{100 * x:5.1f}"
+  base = metrics.get("majority_baseline", {})
+  lines = [f"test ({metrics['split']}, {metrics['questions']} questions, checkpoint step "
+           f"{metrics['step']}; {metrics['protocol']}):",
+           f"  {'':24}{'model':>7}{'majority':>10}"]
+  for name, ours, theirs in (
+      ("overall", metrics["overall"], base.get("overall")),
+      ("open (answer_type)", metrics["open"], base.get("open")),
+      ("closed (answer_type)", metrics["closed"], base.get("closed")),
+      ("open (not yes/no)", metrics["by_yes_no"]["open"]["accuracy"],
+       base.get("by_yes_no", {}).get("open", {}).get("accuracy")),
+      ("closed (yes/no)", metrics["by_yes_no"]["closed"]["accuracy"],
+       base.get("by_yes_no", {}).get("closed", {}).get("accuracy"))):
+    lines.append(f"  {name:24}{pct(ours):>7}{pct(theirs):>10}")
+  lines.append(f"  majority answer: {base.get('answer')!r}")
+  return "\n".join(lines)
 
 
 def main(argv):
   del argv
-  _ = _CONFIG.value  # The config is still parsed, so a wrong path or override is reported.
-  print("Training is not available yet in this version of medvqa-jax: the image and text "
-        "towers and their checkpoint import are ready (try `python launch/embed.py "
-        "--config=configs/demo.py`); fusion, losses, data and the train loop come next.")
+  from medvqa_jax.train import distributed
+  distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
+  import jax
+
+  from medvqa_jax.train import loop
+  config = _CONFIG.value
+  try:
+    metrics = loop.train(config)
+  except loop.Diverged as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
+  if jax.process_index() == 0 and metrics:
+    print(_summary(metrics))
+    print(json.dumps({k: metrics[k] for k in ("protocol", "split", "step", "questions",
+                                              "overall", "open", "closed")}))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def test_embed_command_on_the_embedded_default():
   out = _run("launch/embed.py", "--config=configs/demo.py")
   assert out.returncode == 0, out.stderr
   result = json.loads(out.stdout.strip().splitlines()[-1])
-  assert result["image_tokens"] == [4, 17, 64] and result["question_tokens"] == [8, 30, 64]
+  assert result["image_tokens"] == [4, 65, 64] and result["question_tokens"] == [8, 24, 64]
   sim = np.asarray(result["cosine_image_x_question"])
   assert sim.shape == (4, 8) and np.all(np.abs(sim) <= 1 + 1e-6)
 
@@ -69,12 +69,24 @@ def test_unset_checkpoint_names_the_flag():
   assert "no folder is set" in out.stderr and "checkpoint=" in out.stderr
 
 
-def test_train_command_says_it_is_not_available_yet():
-  out = _run("launch/train.py", "--config=configs/demo.py")
-  assert out.returncode == 0, out.stderr
-  assert "not available yet" in out.stdout
+def test_train_names_the_missing_setting(tmp_path):
+  out = _run("launch/train.py", "--config=configs/slake.py")
+  assert out.returncode != 0 and "--config.train.workdir" in out.stderr
+  out = _run("launch/train.py", "--config=configs/slake.py", f"--config.train.workdir={tmp_path}")
+  assert out.returncode != 0 and "--config.data.dir" in out.stderr
+  out = _run("launch/train.py", "--config=configs/slake.py", f"--config.train.workdir={tmp_path}",
+             f"--config.data.dir={tmp_path}")
+  assert out.returncode != 0 and "prepare_data.py --dataset=slake" in out.stderr
+  assert not any(tmp_path.iterdir())  # Nothing written by a run that could not start.
   bad = _run("launch/train.py", "--config=configs/demo.py", "--config.model.image.arch.dept=3")
   assert bad.returncode != 0  # Configs are locked: a typo is an error.
+
+
+def test_eval_and_predict_say_what_is_missing(tmp_path):
+  out = _run("launch/eval.py", f"--checkpoint_dir={tmp_path / 'nothing'}")
+  assert out.returncode != 0 and "no checkpoint" in out.stderr
+  out = _run("launch/predict.py", f"--checkpoint_dir={tmp_path}", "--image=x.jpg", "--question=q")
+  assert out.returncode != 0 and "no complete checkpoint" in out.stderr
 
 
 def test_readme_example_runs(hf_clip, minilm_dir):
@@ -126,6 +138,25 @@ class TestConfigs:
       self.base.get_config("vision=tiny")
     with pytest.raises(ValueError, match="has no image tower"):
       self.base.get_config("image=minilm")
+
+  @pytest.mark.parametrize("name", ["vqa_rad", "slake", "pathvqa", "vqa_med_2019"])
+  def test_finetuning_configs_have_the_papers_hyperparameters(self, name):
+    import importlib
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert config.data.name == name and config.model.head == "generative"
+    o = config.optim
+    assert (o.lr, o.weight_decay, o.b1, o.b2, o.warmup_fraction) == (1.5e-5, 0.05, 0.9, 0.98, 0.4)
+    assert config.model.image.arch.image_size == 288 and config.model.text.max_len == 30
+    assert config.data.val_split == ("" if name == "vqa_rad" else "validation")
+    assert config.data.dir is None and config.train.workdir is None  # The user names them.
+
+  @pytest.mark.parametrize("stage", [0, 1])
+  def test_pretraining_configs(self, stage):
+    import importlib
+    config = importlib.import_module(f"configs.pretrain_stage{stage}").get_config()
+    assert config.model.head == "none" and config.model.text.max_len == 120
+    assert (config.optim.weight_decay, config.optim.b2) == (0.02, 0.98)
+    assert config.teacher.mode == "cache"
 
   def test_demo_config_builds_its_towers(self):
     from medvqa_jax.data.tokenizer import from_config

@@ -1,10 +1,11 @@
 """The host input pipeline (grain): built datasets to batches of NumPy arrays.
 
 Batch `step` of host `h` of `H` is a pure function of (seed, step): the examples are shuffled
-per epoch from the seed, host h takes every H-th example of the global order, and the
-augmentations draw from a generator seeded by (seed, example position). So the hosts' shards
-of a step are disjoint and together make the global batch, and a run resumed at step s sees
-exactly the batches it would have seen. `iterate` decodes and augments in worker processes.
+per epoch from the seed, global batch b is positions b*G .. b*G+G-1 of that order, host h
+takes the h-th contiguous block of it, and the augmentations draw from a generator seeded by
+(seed, global position). So the hosts' shards of a step are disjoint and, concatenated in
+host order, are the global batch a single host would have had; and a run resumed at step s
+sees exactly the batches it would have seen. `iterate` decodes and augments in worker processes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from medvqa_jax.data import answers as answers_lib
 from medvqa_jax.data import augment
+from medvqa_jax.data import image as image_lib
 from medvqa_jax.data.image import CLIP_MEAN, CLIP_STD
 
 
@@ -27,8 +29,9 @@ class _Example:
   """One example to arrays. A class (not a closure) so that worker processes can pickle it."""
 
   def __init__(self, kind, tokenizer, image_size, augmentation, answer_vocab=None,
-               answer_tokenizer=None, mean=CLIP_MEAN, std=CLIP_STD):
+               answer_tokenizer=None, teacher=None, mean=CLIP_MEAN, std=CLIP_STD):
     self.kind = kind
+    self.teacher = teacher  # (tokenizer, image size) of an online teacher
     self.tokenizer = tokenizer
     self.image_size = image_size
     self.augmentation = augmentation
@@ -57,17 +60,28 @@ class _Example:
     else:
       second = ex["image2"] if "image2" in ex else ex["image"]  # Two views of one image.
       out["images2"] = self._pixels(second, rng)
+      if self.teacher is not None:
+        # The teacher sees the un-augmented image at its own size and the raw caption, as
+        # in launch/cache_teacher.py.
+        tok, size = self.teacher
+        raw = lambda x: image_lib.preprocess(augment._pil(x), size)
+        t = tok([text])
+        out.update(teacher_pixels=raw(ex["image"]), teacher_input_ids=t["input_ids"][0],
+                   teacher_attention_mask=t["attention_mask"][0])
+        if "image2" in ex:
+          out["teacher_pixels2"] = raw(ex["image2"])
     return out
 
 
 def batches(source, *, kind: str, tokenizer, image_size: int, global_batch: int, seed: int,
             augmentation: str, process_index: int = 0, process_count: int = 1,
             shuffle: bool = True, repeat: bool = True, answer_vocab: Sequence[str] | None = None,
-            answer_tokenizer=None) -> grain.MapDataset:
+            answer_tokenizer=None, teacher=None) -> grain.MapDataset:
   """Per-host batches as a random-access grain dataset: `ds[step]` is this host's part of
   global batch `step`. kind: "vqa" or "caption"; augmentation: "finetune", "pretrain" or
   "test". With answer_vocab, VQA batches carry `labels` (-1: not in the vocabulary); with
-  answer_tokenizer, `answer_ids`/`answer_mask` of the normalised answer."""
+  answer_tokenizer, `answer_ids`/`answer_mask` of the normalised answer. With teacher
+  (tokenizer, image size), caption batches carry the online teacher's inputs."""
   if global_batch % process_count:
     raise ValueError(f"global batch {global_batch} is not divisible by {process_count} hosts")
   if kind not in ("vqa", "caption"):
@@ -77,10 +91,33 @@ def batches(source, *, kind: str, tokenizer, image_size: int, global_batch: int,
     ds = ds.shuffle()
   if repeat:
     ds = ds.repeat()
-  ds = ds[process_index::process_count]
-  fn = _Example(kind, tokenizer, image_size, augmentation, answer_vocab, answer_tokenizer)
+  fn = _Example(kind, tokenizer, image_size, augmentation, answer_vocab, answer_tokenizer,
+                teacher)
+  # Mapped before the host split, so that an example's augmentation is seeded by its global
+  # position (grain evaluates lazily: a host decodes only its own rows).
   ds = ds.random_map(fn) if augmentation != "test" else ds.map(fn)
-  return ds.batch(global_batch // process_count, drop_remainder=repeat)
+  per_host = global_batch // process_count
+  if process_count > 1:
+    ds = grain.MapDataset.source(_HostRows(ds, global_batch, process_index, process_count))
+  return ds.batch(per_host, drop_remainder=repeat)
+
+
+class _HostRows:
+  """Host h's rows of each global batch: global batch b is positions b*G .. b*G+G-1 and
+  host h holds the contiguous block h*G/H .. (h+1)*G/H - 1 of it, the rows that
+  `sharding.shard_batch` places on its devices. So the global batch, and its order, do not
+  depend on the number of hosts."""
+
+  def __init__(self, parent, global_batch: int, process_index: int, process_count: int):
+    self.parent, self.global_batch = parent, global_batch
+    self.per, self.index = global_batch // process_count, process_index
+
+  def __len__(self):
+    return len(self.parent) // self.global_batch * self.per
+
+  def __getitem__(self, i):
+    b, j = divmod(int(i), self.per)
+    return self.parent[b * self.global_batch + self.index * self.per + j]
 
 
 def iterate(ds: grain.MapDataset, start_step: int = 0, num_workers: int = 0,

@@ -5,6 +5,7 @@ No torch is needed: transformers' tokenizers run on the `tokenizers` library alo
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -57,6 +58,12 @@ class Tokenizer:
   @classmethod
   def from_folder(cls, folder: str | os.PathLike, max_len: int):
     return cls(load_hf_tokenizer(folder), max_len)
+
+  def with_max_len(self, max_len: int) -> "Tokenizer":
+    """A tokenizer of other-length sequences with its own copy of the HF tokenizer: a fast
+    tokenizer keeps its truncation length as state, so two lengths sharing one instance race
+    when the input pipeline's threads call them concurrently."""
+    return Tokenizer(copy.deepcopy(self.hf), max_len)
 
   @property
   def vocab_size(self) -> int:

@@ -64,8 +64,13 @@ class Teacher:
 
   def embed(self, pixels, input_ids, attention_mask):
     """L2-normalised (image, text) embeddings: the towers' projected pooled outputs."""
-    image = self.image.apply({"params": self.image_params}, pixels)
-    text = self.text.apply({"params": self.text_params}, input_ids, attention_mask)
+    return self.apply((self.image_params, self.text_params), pixels, input_ids, attention_mask)
+
+  def apply(self, params, pixels, input_ids, attention_mask):
+    """`embed` with the (image, text) parameters as an argument (to pass them to a jitted
+    function rather than embed them in it as constants)."""
+    image = self.image.apply({"params": params[0]}, pixels)
+    text = self.text.apply({"params": params[1]}, input_ids, attention_mask)
     pick = lambda out: out["embedding"] if "embedding" in out else out["pooled"]
     return _normalise(pick(image)), _normalise(pick(text))
 

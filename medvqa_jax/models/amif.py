@@ -244,35 +244,48 @@ def _decoder(config, text_module, text_params, abstract):
   return module, params
 
 
-def create(config, seed: int = 0, abstract: bool = False):
-  """(model, params) for `config.model`: towers loaded from their checkpoints (or initialised
-  from `arch`), the decoder from the text checkpoint, everything else freshly initialised.
-  With `abstract`, params are ShapeDtypeStructs and no weights are read for "init" towers."""
+def initializer(config, seed: int = 0):
+  """(model, init, loaded) for `config.model`: `loaded` holds the parameters read from
+  checkpoints (the towers that have one, and the generative head's decoder from the text
+  checkpoint), and `init(loaded)` is a pure function returning the whole model's parameters,
+  freshly initialised except for `loaded`. Jit it with out_shardings to create the params
+  already sharded: XLA drops the initialisation of the parts that `loaded` replaces."""
   from medvqa_jax.models import towers
   mc = config.model
-  image, image_params = towers.from_config(mc.image, seed=seed, abstract=abstract)
-  text, text_params = towers.from_config(mc.text, seed=seed + 1, abstract=abstract)
+  image, image_params = towers.from_config(mc.image, seed=seed, abstract=True)
+  text, text_params = towers.from_config(mc.text, seed=seed + 1, abstract=True)
   decoder = decoder_params = None
   if mc.head == "generative":
-    decoder, decoder_params = _decoder(config, text, text_params, abstract)
+    decoder, decoder_params = _decoder(config, text, text_params, False)
   model = AMiF(image=image, text=text, decoder=decoder, width=mc.fusion.width,
                fusion_layers=mc.fusion.layers, num_heads=mc.fusion.heads,
                mlp_dim=mc.fusion.mlp_dim, head=mc.head, num_answers=mc.get("num_answers") or 0,
                temperature_init=config.get("losses", {}).get("temperature_init", 0.07),
                dtype=jnp.dtype(mc.dtype))
+  loaded = {name: tree for name, tree in
+            (("image", image_params), ("text", text_params), ("decoder", decoder_params))
+            if tree is not None}
   method = AMiF.pretrain if model.head == "none" else AMiF.vqa
-  init = lambda: model.init(jax.random.PRNGKey(seed), **dummy_inputs(model, config),
-                            method=method)["params"]
+  inputs = dummy_inputs(model, config)
+
+  def init(loaded):
+    params = dict(model.init(jax.random.PRNGKey(seed), **inputs, method=method)["params"])
+    for name, tree in loaded.items():
+      expected = jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), params[name])
+      got = jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), tree)
+      if expected != got:
+        raise ValueError(f"loaded {name} parameters do not fit the model: {got} vs {expected}")
+      params[name] = tree
+    return params
+
+  return model, init, loaded
+
+
+def create(config, seed: int = 0, abstract: bool = False):
+  """(model, params) for `config.model`: towers loaded from their checkpoints (or initialised
+  from `arch`), the decoder from the text checkpoint, everything else freshly initialised.
+  With `abstract`, params are ShapeDtypeStructs."""
+  model, init, loaded = initializer(config, seed)
   if abstract:
-    return model, jax.eval_shape(init)
-  params = dict(init())
-  loaded = {"image": image_params, "text": text_params, "decoder": decoder_params}
-  for name, tree in loaded.items():
-    if tree is None or name not in params:
-      continue
-    expected = jax.tree.map(lambda x: (x.shape, x.dtype), params[name])
-    got = jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), tree)
-    if expected != got:
-      raise ValueError(f"loaded {name} parameters do not fit the model: {got} vs {expected}")
-    params[name] = tree
-  return model, params
+    return model, jax.eval_shape(init, loaded)
+  return model, jax.jit(init)(loaded)

@@ -36,12 +36,12 @@ class GatedCrossAttention(nn.Module):
   @nn.compact
   def __call__(self, x, prior, prior_mask=None):
     b, _, d = x.shape
-    if prior.ndim == 2:
-      prior = jnp.broadcast_to(prior[None], (b,) + prior.shape)
+    # A prior shared by the batch (P, D) is encoded once, not once per example.
+    prior = prior[None] if prior.ndim == 2 else prior
     if prior_mask is None:
       prior_mask = jnp.ones(prior.shape[:2], jnp.int32)
     elif prior_mask.ndim == 1:
-      prior_mask = jnp.broadcast_to(prior_mask[None], prior.shape[:2])
+      prior_mask = prior_mask[None]
     if prior.shape[-1] != d:
       # Only when the text tower is narrower or wider than fusion (not in the paper's setting).
       prior = nn.Dense(d, dtype=self.dtype, name="prior_proj")(prior)
@@ -53,6 +53,9 @@ class GatedCrossAttention(nn.Module):
 
     y0 = ln("prior_attn_ln")(prior + mha("prior_attn")(prior, bias=prior_bias))
     yh = ln("prior_mlp_ln")(mlp("prior_mlp")(y0) + y0)
+    if yh.shape[0] != b:
+      yh = jnp.broadcast_to(yh, (b,) + yh.shape[1:])
+      prior_bias = jnp.broadcast_to(prior_bias, (b,) + prior_bias.shape[1:])
     attended, weights = mha("cross_attn")(x, kv=yh, bias=prior_bias, return_weights=True)
     x_prime = ln("cross_ln")(x + attended)
     gate = jax.nn.sigmoid(nn.Dense(d, dtype=self.dtype, name="gate")(x_prime))

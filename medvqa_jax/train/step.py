@@ -56,15 +56,26 @@ def init_state(params, tx, shardings) -> dict:
   return {"params": params, "opt_state": opt_state, "step": step}
 
 
+def create_state(init: Callable, tx, shardings, *args) -> dict:
+  """The train state born sharded: `init(*args)` -> params and the optimizer state made by
+  one jitted function whose outputs are placed by `shardings`."""
+  def make(*args):
+    params = init(*args)
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  return jax.jit(make, out_shardings=shardings)(*args)
+
+
 def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1):
   """(state, batch, key) -> (state, metrics), jitted with the state donated. The loss and
-  gradients are those of the whole global batch (averaged over micro-batches)."""
+  gradients are those of the whole global batch (averaged over micro-batches); the step's
+  random key is `key` folded with the state's step."""
 
   def grads_of(params, batch, key):
     return jax.value_and_grad(objective, has_aux=True)(params, batch, key)
 
   def step(state, batch, key):
     params = state["params"]
+    key = jax.random.fold_in(key, state["step"])  # A fresh key per step, made on device.
     if accum_steps == 1:
       (_, metrics), grads = grads_of(params, batch, key)
     else:

@@ -1,0 +1,22 @@
+"""Fine-tuning defaults shared by the dataset configs: the paper's hyper-parameters (AdamW,
+lr 1.5e-5, weight decay 0.05, betas (0.9, 0.98), cosine schedule after a 40% linear warm-up;
+288 px images, questions of 30 tokens) and the generative answer head. No teacher is used.
+
+Towers as in configs/base.py, e.g.
+  python launch/train.py --config=configs/slake.py:image=clip_vit_b16,text=bio_clinicalbert \
+      --config.model.image.checkpoint=/ckpt/clip-vit-base-patch16 \
+      --config.model.text.checkpoint=/ckpt/Bio_ClinicalBERT \
+      --config.data.dir=/data/tfds --config.train.workdir=/runs/slake
+"""
+
+from configs import base
+
+
+def get_config(arg=None, *, dataset: str, epochs: int, val_split: str = "validation"):
+  config = base.get_config(arg)
+  config.model.text.max_len = 30
+  config.teacher.mode = "none"
+  config.optim.update(lr=1.5e-5, weight_decay=0.05)
+  config.data.update(name=dataset, val_split=val_split)
+  config.train.update(epochs=epochs, batch_size=32)
+  return config

@@ -1,0 +1,44 @@
+r"""Evaluates a trained checkpoint on a split and writes metrics.json and predictions.jsonl.
+
+  python launch/eval.py --checkpoint_dir=runs/demo                  # best-on-validation step, test split
+  python launch/eval.py --checkpoint_dir=/runs/slake --split=validation --step=3000
+  python launch/eval.py --checkpoint_dir=/runs/slake --closed_set   # the paper's protocol
+
+--checkpoint_dir is a run's work folder, its checkpoints/ folder or one step folder. The
+run's own config is used unless --config is given (it must describe the same model); data
+paths can be overridden (--config is then needed), e.g. --config.data.dir. The parameters are
+restored onto the devices this process has, whatever the training run used. Outputs go to
+<workdir>/eval/<split>-step<N>/ (or --out); each says which answer protocol produced it.
+"""
+
+import json
+
+import common  # noqa: F401  (puts the repository root on sys.path)
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: the run's).")
+_CKPT = flags.DEFINE_string("checkpoint_dir", None, "Run folder or checkpoint folder.",
+                            required=True)
+_SPLIT = flags.DEFINE_string("split", "test", "train, validation (val) or test.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: best on validation).")
+_OUT = flags.DEFINE_string("out", None, "Output folder.")
+_CLOSED = flags.DEFINE_boolean("closed_set", None, "Answers from all splits (the paper's "
+                               "protocol); default: the protocol the run was trained with.")
+_FSDP = flags.DEFINE_integer("fsdp", 1, "Ways of parameter sharding on this machine.")
+
+
+def main(argv):
+  del argv
+  from medvqa_jax.evaluate import run as run_lib
+  restored = run_lib.restore(_CKPT.value, config=_CONFIG.value, step=_STEP.value,
+                             fsdp=_FSDP.value)
+  metrics = run_lib.evaluate_split(restored, _SPLIT.value, out_dir=_OUT.value,
+                                   closed_set=_CLOSED.value)
+  import jax
+  if jax.process_index() == 0:
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,78 @@
+r"""Answers a question about an image with a trained checkpoint; prints the top answers with
+their scores and writes a PNG of the question-to-patch attention and the GCA gates.
+
+  python launch/predict.py --checkpoint_dir=runs/demo --image=scan.jpg \
+      --question="is there a pneumothorax?" [--top=5] [--out=answer.png]
+
+Scores are probabilities: the classifier's softmax, or the generative head's sequence
+probability of each candidate answer (of the top-k re-scored ones). The PNG shows the image,
+the same image with the last fusion layer's attention from the question's tokens to the image
+patches overlaid, and per question token the mean GCA gate value (1: the token's fused
+feature is replaced by what it read from the answer vocabulary; 0: kept).
+"""
+
+import json
+
+import common  # noqa: F401  (puts the repository root on sys.path)
+from absl import app, flags
+
+_CKPT = flags.DEFINE_string("checkpoint_dir", None, "Run folder or checkpoint folder.",
+                            required=True)
+_IMAGE = flags.DEFINE_string("image", None, "Image file.", required=True)
+_QUESTION = flags.DEFINE_string("question", None, "The question.", required=True)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: best on validation).")
+_TOP = flags.DEFINE_integer("top", 5, "Answers to print.")
+_OUT = flags.DEFINE_string("out", "prediction.png", "PNG to write ('' for none).")
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from medvqa_jax.data import image as image_lib
+  from medvqa_jax.data import pipeline
+  from medvqa_jax.evaluate import run as run_lib
+  from medvqa_jax.evaluate import visualize
+  from medvqa_jax.models.amif import AMiF
+
+  r = run_lib.restore(_CKPT.value, step=_STEP.value)
+  if r.config.model.head == "none":
+    raise app.UsageError("this checkpoint is a pre-training run: it has no answer head")
+  predictor = r.predictor()
+  picture = image_lib.open_image(_IMAGE.value)
+  example = pipeline._Example("vqa", r.tokenizer, r.model.image.image_size, "test")(
+      {"id": "input", "image": np.asarray(picture), "question": _QUESTION.value,
+       "answers": [""]})
+  inputs = [jnp.asarray(example[k])[None] for k in ("images", "input_ids", "attention_mask")]
+  variables = {"params": r.params}
+  out = jax.jit(lambda v, *x: r.model.apply(v, *x, predictor.prior_ids, predictor.prior_mask,
+                                            return_weights=True, method=AMiF.vqa))(variables,
+                                                                                   *inputs)
+  if r.model.head == "classifier":
+    prob = np.asarray(jax.nn.softmax(out["logits"][0]))
+    order = np.argsort(-prob)[:_TOP.value]
+    top = [(r.answers[i], float(prob[i])) for i in order]
+  else:
+    ranked = jax.jit(lambda v, *x: r.model.apply(
+        v, *x, predictor.prior_ids, predictor.prior_mask, predictor.cand_ids, predictor.cand_mask,
+        k=r.config.model.rank_k, method=AMiF.rank))(variables, *inputs)
+    idx, scores = np.asarray(ranked["topk"][0]), np.asarray(ranked["scores"][0])
+    order = np.argsort(-scores)[:_TOP.value]
+    top = [(r.answers[idx[i]], float(np.exp(scores[i]))) for i in order]
+  print(json.dumps({"question": _QUESTION.value, "image": _IMAGE.value, "step": r.step,
+                    "protocol": r.protocol,
+                    "answers": [{"answer": a, "score": round(s, 6)} for a, s in top]}))
+  if _OUT.value:
+    mask = np.asarray(example["attention_mask"], bool)
+    ids = np.asarray(example["input_ids"])[mask]
+    tokens = r.tokenizer.hf.convert_ids_to_tokens(ids.tolist())
+    heat = visualize.patch_heatmap(np.asarray(out["fusion_text_weights"][-1][0]), mask)
+    gates = np.asarray(out["gate"][0, :len(mask)].mean(axis=-1))[mask]
+    visualize.render(picture, heat, tokens, gates, _QUESTION.value, top).save(_OUT.value)
+    print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

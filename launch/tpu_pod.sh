@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs one command on every worker of a TPU VM pod slice (JAX detects the slice; each worker
+# feeds its share of the global batch). Usage, from your workstation:
+#
+#   TPU=my-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh \
+#       python launch/train.py --config=configs/pathvqa.py \
+#       --config.data.dir=gs://bucket/tfds --config.train.workdir=gs://bucket/runs/pathvqa
+#
+# The repository must be at the same path on every worker (e.g. cloned by a startup script)
+# with `pip install -e .` done there; data and work folders must be readable/writable by all
+# workers (a GCS bucket, or a shared filesystem).
+set -euo pipefail
+: "${TPU:?set TPU to the TPU VM name}"
+: "${ZONE:?set ZONE to its zone}"
+REPO="${REPO:-\$HOME/medvqa-jax}"
+printf -v CMD '%q ' "$@"
+gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all \
+    --command="cd $REPO && $CMD"

@@ -1,0 +1,134 @@
+"""The splits a run uses, from the `data` config: train, validation (the dataset's own, or a
+seeded slice of train) and test, each a random-access source with its records' text fields,
+and the answer set of the chosen protocol.
+
+Protocols (every output names the one that produced it):
+  open-set (default): the answer vocabulary, the GCA prior and the ranking candidates come
+    from train + validation only; test answers never reach the model.
+  closed-set (the paper's): candidates from every split, test included, for comparability
+    with published numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Sequence
+
+from medvqa_jax.data import answers as answers_lib
+from medvqa_jax.data import builders
+
+log = logging.getLogger(__name__)
+
+OPEN_SET = "open-set: answers from train+validation"
+CLOSED_SET = "closed-set (paper): answers from all splits, test included"
+
+
+class Subset:
+  """Examples `indices` of a random-access source."""
+
+  def __init__(self, source, indices: Sequence[int]):
+    self.source, self.indices = source, list(indices)
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[self.indices[i]]
+
+
+@dataclasses.dataclass
+class Split:
+  name: str
+  source: object        # len() and [i]: examples with decoded images
+  records: list[dict]   # per example: id, image_id, question, answers, answer_type, question_type
+
+
+def _need(dc, field: str):
+  value = dc.get(field)
+  if not value:
+    raise ValueError(f"the config names no {field!r} for the data: set --config.data.{field}=...")
+  return value
+
+
+def ensure_built(dc) -> None:
+  """Builds the dataset into data.dir from data.source_dir if it is not built yet."""
+  name, data_dir = _need(dc, "name"), _need(dc, "dir")
+  if builders.is_built(data_dir, name):
+    return
+  if not dc.get("source_dir"):
+    raise FileNotFoundError(
+        f"dataset {name} is not built in {data_dir}: build it with `python launch/prepare_data.py "
+        f"--dataset={name} --source_dir=DOWNLOAD --data_dir={data_dir}` or set "
+        f"--config.data.source_dir=DOWNLOAD to build it on first use")
+  log.info("building %s from %s into %s", name, dc.source_dir, data_dir)
+  builders.build(name, dc.source_dir, data_dir, max_side=dc.get("max_side"))
+
+
+def _text(v) -> str:
+  return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def read_records(source) -> list[dict]:
+  """The text fields of every example of a (non-decoding) source."""
+  out = []
+  for i in range(len(source)):
+    ex = source[i]
+    out.append({"id": _text(ex["id"]), "image_id": _text(ex["image_id"]),
+                "question": _text(ex["question"]), "answers": [_text(a) for a in ex["answers"]],
+                "answer_type": _text(ex["answer_type"]),
+                "question_type": _text(ex["question_type"])})
+  return out
+
+
+def _split(dc, split: str) -> tuple[object, list[dict]]:
+  source = builders.load(dc.dir, dc.name, split)
+  return source, read_records(builders.load(dc.dir, dc.name, split, decode_images=False))
+
+
+def vqa_splits(dc, need=("train", "val", "test")) -> dict[str, Split]:
+  """{"train", "val", "test"} (those in `need`) for the `data` config; builds the dataset
+  first if needed."""
+  ensure_built(dc)
+  out = {}
+  if "train" in need or ("val" in need and not dc.val_split):
+    source, records = _split(dc, dc.train_split)
+    if not dc.val_split:
+      held = answers_lib.validation_slice([r["id"] for r in records], dc.val_fraction, seed=0,
+                                          groups=[r["image_id"] for r in records])
+      keep = [i for i, r in enumerate(records) if r["id"] not in held]
+      val = [i for i, r in enumerate(records) if r["id"] in held]
+      if "val" in need:
+        out["val"] = Split(f"{dc.train_split} (held-out {dc.val_fraction:.0%} of images)",
+                           Subset(source, val), [records[i] for i in val])
+      source, records = Subset(source, keep), [records[i] for i in keep]
+    if "train" in need:
+      out["train"] = Split(dc.train_split, source, records)
+  if "val" in need and dc.val_split:
+    out["val"] = Split(dc.val_split, *_split(dc, dc.val_split))
+  if "test" in need:
+    out["test"] = Split(dc.test_split, *_split(dc, dc.test_split))
+  for name, split in out.items():
+    if not split.records:
+      raise ValueError(f"the {name} split ({split.name}) of {dc.name} in {dc.dir} is empty")
+  return out
+
+
+def answer_set(dc, splits: dict[str, Split] | None = None) -> tuple[list[str], str]:
+  """(answer vocabulary, protocol): normalised answers, most frequent first, from train +
+  validation, or from every split under the closed-set protocol."""
+  splits = splits if splits is not None else vqa_splits(dc)
+  use = ("train", "val", "test") if dc.closed_set else ("train", "val")
+  missing = [s for s in use if s not in splits]
+  if missing:
+    splits = {**splits, **vqa_splits(dc, need=tuple(missing))}
+  refs = [r["answers"][0] for s in use for r in splits[s].records]
+  vocab = answers_lib.vocabulary(refs)
+  if not vocab:
+    raise ValueError(f"{dc.name}: no answers in {'+'.join(use)}")
+  return vocab, CLOSED_SET if dc.closed_set else OPEN_SET
+
+
+def majority_answer(records: list[dict]) -> str:
+  """The most frequent normalised reference answer (the majority-answer baseline)."""
+  return answers_lib.vocabulary(r["answers"][0] for r in records)[0]

@@ -1,0 +1,102 @@
+"""A trained model back from its checkpoint folder, on whatever devices this process has:
+the run's config and answer set come from the checkpoint's record; the parameters are
+restored directly into the shardings of the current mesh."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from medvqa_jax.data import splits as splits_lib
+from medvqa_jax.data import tokenizer as tokenizer_lib
+from medvqa_jax.evaluate import vqa as vqa_eval
+from medvqa_jax.models import amif
+from medvqa_jax.train import checkpoint as ckpt_lib
+from medvqa_jax.train import sharding
+
+
+@dataclasses.dataclass
+class Restored:
+  config: ml_collections.ConfigDict
+  model: amif.AMiF
+  params: dict
+  answers: list[str]
+  protocol: str
+  step: int
+  mesh: object
+  param_shardings: dict
+  tokenizer: tokenizer_lib.Tokenizer
+
+  def predictor(self) -> vqa_eval.Predictor:
+    return vqa_eval.Predictor(self.model, self.config, self.answers, self.tokenizer, self.mesh,
+                              self.param_shardings)
+
+
+def saved_config(run: dict) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(json.loads(run["config"]))
+
+
+def restore(checkpoint_dir, config=None, step: int | None = None, fsdp: int | None = None) -> Restored:
+  """The model of a run. checkpoint_dir: the run's workdir, its checkpoints folder or one step
+  folder; step: None for the best on validation. config: None for the run's own (a given
+  config must describe the same model)."""
+  folder, named_step = ckpt_lib.resolve(checkpoint_dir)
+  ckpts = ckpt_lib.Checkpoints(folder, read_only=True)
+  step = step if step is not None else named_step
+  if step is None:
+    step = ckpts.best_step()
+  if step is None:
+    raise FileNotFoundError(f"no complete checkpoint in {folder}")
+  if step not in ckpts.steps():
+    raise FileNotFoundError(f"no checkpoint of step {step} in {folder}; it has {ckpts.steps()}")
+  run = ckpts.run_record(step)
+  saved = saved_config(run)
+  config = config if config is not None else saved
+  if config.model.head != "none":
+    config.model.num_answers = saved.model.get("num_answers")
+  mesh = sharding.make_mesh(fsdp if fsdp is not None else 1)
+  model, init, loaded = amif.initializer(config, seed=config.seed)
+  shapes = jax.eval_shape(init, loaded)
+  shardings = sharding.param_shardings(mesh, shapes, tuple(config.train.fsdp_rules),
+                                       config.train.fsdp_min_size)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, shardings)
+  params = ckpts.restore_params(step, abstract)
+  ckpts.close()
+  return Restored(config, model, params, run.get("answers") or [], run.get("protocol", ""), step,
+                  mesh, shardings, tokenizer_lib.from_config(config.model.text))
+
+
+def evaluate_split(restored: Restored, split_name: str = "test", out_dir=None,
+                   closed_set: bool | None = None) -> dict:
+  """Answers a split of the run's dataset, writes metrics.json and predictions.jsonl into
+  out_dir (default: <workdir>/eval/<split>-step<N>) and returns the metrics."""
+  config, dc = restored.config, restored.config.data
+  answers, protocol = restored.answers, restored.protocol
+  if closed_set is not None and closed_set != dc.closed_set:
+    if config.model.head == "classifier":
+      raise ValueError("the classifier's answers are fixed when it is trained: the protocol "
+                       "cannot change at evaluation (train with --config.data.closed_set)")
+    dc.closed_set = closed_set
+    answers, protocol = splits_lib.answer_set(dc)
+    restored = dataclasses.replace(restored, answers=answers, protocol=protocol)
+  key = {"train": "train", dc.test_split: "test", "test": "test", "validation": "val",
+         "val": "val", dc.get("val_split") or "val": "val"}.get(split_name)
+  if key is None:
+    raise ValueError(f"unknown split {split_name!r}: expected train, val or test")
+  splits = splits_lib.vqa_splits(dc, need=tuple({key, "train"}))
+  rows = vqa_eval.answer_split(restored.predictor(), restored.params, splits[key],
+                               tokenizer=restored.tokenizer,
+                               image_size=restored.model.image.image_size,
+                               global_batch=config.train.eval_batch_size)
+  metrics = vqa_eval.evaluate(rows, splits[key], protocol, restored.step,
+                              baseline=splits_lib.majority_answer(splits["train"].records))
+  if jax.process_index() == 0:
+    if out_dir is None:
+      out_dir = Path(config.train.workdir) / "eval" / f"{splits[key].name}-step{restored.step}"
+    vqa_eval.write(out_dir, metrics, rows)
+  return metrics

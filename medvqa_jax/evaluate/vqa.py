@@ -1,0 +1,135 @@
+"""Answering a split with a model: batches padded to a fixed global size (one compiled
+shape, any device count), predictions gathered on every host, accuracy and the files.
+
+The answer of the classifier head is its argmax over the answer vocabulary, scored by its
+softmax probability; the generative head ranks the candidate answers (top-k by first-token
+probability, re-scored by full likelihood) and scores the best by its sequence probability.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from medvqa_jax.data import answers as answers_lib
+from medvqa_jax.data import pipeline
+from medvqa_jax.evaluate import metrics as metrics_lib
+from medvqa_jax.models import gca
+from medvqa_jax.models.amif import AMiF
+from medvqa_jax.train import sharding
+
+INPUTS = ("images", "input_ids", "attention_mask")
+
+
+class Predictor:
+  """Jitted answering for a model, its answer set and a mesh."""
+
+  def __init__(self, model: AMiF, config, answers: list[str], tokenizer, mesh, param_shardings):
+    self.model, self.answers, self.mesh = model, list(answers), mesh
+    self.tokenizer = tokenizer
+    mc = config.model
+    self.prior_ids, self.prior_mask = (jnp.asarray(x) for x in gca.answer_prior(
+        self.answers, tokenizer.hf, mc.prior_max_tokens))
+    cand = tokenizer(self.answers, max_len=mc.answer_max_len)
+    self.cand_ids, self.cand_mask = jnp.asarray(cand["input_ids"]), jnp.asarray(cand["attention_mask"])
+    replicated = NamedSharding(mesh, P())
+    k = mc.rank_k
+
+    def predict(params, images, input_ids, attention_mask, prior_ids, prior_mask, cand_ids,
+                cand_mask):
+      variables = {"params": params}
+      if model.head == "classifier":
+        out = model.apply(variables, images, input_ids, attention_mask, prior_ids, prior_mask,
+                          method=AMiF.vqa)
+        prob = jax.nn.softmax(out["logits"], axis=-1)
+        return out["prediction"], jnp.max(prob, axis=-1)
+      out = model.apply(variables, images, input_ids, attention_mask, prior_ids, prior_mask,
+                        cand_ids, cand_mask, k=k, method=AMiF.rank)
+      return out["prediction"], jnp.exp(jnp.max(out["scores"], axis=-1))
+
+    self._predict = jax.jit(predict, in_shardings=(param_shardings,) + (None,) * 7,
+                            out_shardings=(replicated, replicated))
+
+  def __call__(self, params, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Answer indices and scores of a global batch (arrays on the mesh)."""
+    consts = [jax.device_put(x, NamedSharding(self.mesh, P()))
+              for x in (self.prior_ids, self.prior_mask, self.cand_ids, self.cand_mask)]
+    idx, score = self._predict(params, *(batch[k] for k in INPUTS), *consts)
+    return np.asarray(jax.device_get(idx)), np.asarray(jax.device_get(score))
+
+
+def eval_batches(source, *, tokenizer, image_size: int, global_batch: int,
+                 process_index: int = 0, process_count: int = 1):
+  """This host's parts of the global evaluation batches, in order, as (batch, None): global
+  batch b holds examples b*G .. b*G+G-1 (the last padded by repeating the final example) and
+  host h its rows h*G/H .. (h+1)*G/H - 1, as `sharding.shard_batch` lays them out."""
+  if global_batch % process_count:
+    raise ValueError(f"eval batch {global_batch} is not divisible by {process_count} hosts")
+  n, per = len(source), global_batch // process_count
+  num = math.ceil(n / global_batch)
+  index = [min(b * global_batch + process_index * per + j, n - 1)
+           for b in range(num) for j in range(per)]
+  fn = pipeline._Example("vqa", tokenizer, image_size, "test")
+  ds = grain.MapDataset.source(index).map(lambda i: fn(source[i])).batch(per)
+  for batch in ds:
+    yield {k: batch[k] for k in INPUTS}
+
+
+def answer_split(predictor: Predictor, params, split, *, tokenizer, image_size: int,
+                 global_batch: int, progress=None) -> list[dict]:
+  """Prediction rows (qid, question, answer, prediction, score, correct) for a split."""
+  n = len(split.records)
+  idx, scores = [], []
+  for batch in eval_batches(split.source, tokenizer=tokenizer, image_size=image_size,
+                            global_batch=global_batch, process_index=jax.process_index(),
+                            process_count=jax.process_count()):
+    i, s = predictor(params, sharding.shard_batch(predictor.mesh, batch))
+    idx.append(i)
+    scores.append(s)
+    if progress:
+      progress(min(len(idx) * global_batch, n), n)
+  idx, scores = np.concatenate(idx)[:n], np.concatenate(scores)[:n]
+  rows = []
+  for r, i, s in zip(split.records, idx, scores):
+    pred = predictor.answers[int(i)]
+    rows.append({"qid": r["id"], "question": r["question"], "answer": "#".join(r["answers"]),
+                 "prediction": pred, "score": round(float(s), 6),
+                 "correct": answers_lib.is_correct(pred, r["answers"]),
+                 "answer_type": r["answer_type"], "question_type": r["question_type"]})
+  return rows
+
+
+def evaluate(rows: list[dict], split, protocol: str, step: int, baseline: str | None = None) -> dict:
+  """metrics.json's content: accuracies, the protocol, the split, the step, and the
+  majority-answer baseline's accuracies when `baseline` (that answer) is given."""
+  out = {"protocol": protocol, "split": split.name, "step": int(step)}
+  out.update(metrics_lib.vqa_accuracy(split.records, [r["prediction"] for r in rows]))
+  if baseline is not None:
+    base = metrics_lib.vqa_accuracy(split.records, [baseline] * len(split.records))
+    out["majority_baseline"] = {"answer": baseline, "overall": base["overall"],
+                                "open": base["open"], "closed": base["closed"],
+                                "by_yes_no": base["by_yes_no"]}
+  return out
+
+
+def write(out_dir, metrics: dict, rows: list[dict]) -> Path:
+  """metrics.json and predictions.jsonl (each row labelled with the protocol), each written
+  to a temporary file and renamed. Call on one host only."""
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  files = {"metrics.json": json.dumps(metrics, indent=1) + "\n",
+           "predictions.jsonl": "".join(json.dumps({**r, "protocol": metrics["protocol"]}) + "\n"
+                                        for r in rows)}
+  for name, text in files.items():
+    tmp = out_dir / f".{name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, out_dir / name)
+  return out_dir

@@ -1,0 +1,342 @@
+"""The training loop: fine-tuning (a VQA dataset, `model.head` generative or classifier) or
+pre-training (a caption corpus, `model.head="none"`), the same code on one CPU, one GPU or
+every host of a pod.
+
+  state born sharded -> [resume from the latest checkpoint] -> per step: this host's part of
+  the global batch, the jitted sharded step, metrics (a step behind, so the device never
+  waits for the host) -> validation every `eval_every`, a checkpoint every `save_every` and at
+  the end -> fine-tuning: test evaluated once, on the best-on-validation checkpoint.
+
+A run restarted with the same command resumes from its latest complete checkpoint: the state,
+the data position (batches are a function of the seed and the step) and the step's random key
+(folded from the step) are those the uninterrupted run would have had. A NaN or infinite loss
+stops the run (`Diverged`) before anything is saved after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medvqa_jax.data import builders, pipeline
+from medvqa_jax.data import splits as splits_lib
+from medvqa_jax.data import tokenizer as tokenizer_lib
+from medvqa_jax.evaluate import vqa as vqa_eval
+from medvqa_jax.models import amif, gca
+from medvqa_jax.models.state_dict import flatten, unflatten
+from medvqa_jax.train import checkpoint as ckpt_lib
+from medvqa_jax.train import observe, optim, sharding
+from medvqa_jax.train import step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+class Diverged(RuntimeError):
+  """The loss became NaN or infinite."""
+
+
+def workdir_of(config, workdir=None) -> Path:
+  workdir = workdir or config.train.get("workdir")
+  if not workdir:
+    raise ValueError("the config names no work folder for checkpoints and logs: set "
+                     "--config.train.workdir=/path/to/run")
+  return Path(workdir)
+
+
+def total_steps(config, num_train: int) -> int:
+  tc = config.train
+  if tc.get("epochs"):
+    return tc.epochs * max(num_train // tc.batch_size, 1)
+  return config.optim.total_steps
+
+
+def abstract_state(model_shapes, tx, shardings) -> dict:
+  shapes = {"params": model_shapes, "opt_state": jax.eval_shape(tx.init, model_shapes),
+            "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      shapes, shardings)
+
+
+def to_global(tree, shardings):
+  """Host arrays (the same on every host) to global arrays placed by `shardings`."""
+  return jax.tree.map(lambda x, s: jax.make_array_from_callback(
+      np.shape(x), s, lambda idx: np.asarray(x)[idx]), tree, shardings)
+
+
+def _init_from(config, state, shardings):
+  """Replaces the params matching train.init_params with those of train.init_from."""
+  tc = config.train
+  folder, step = ckpt_lib.resolve(tc.init_from)
+  other = ckpt_lib.Checkpoints(folder, read_only=True)
+  step = step if step is not None else other.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"init_from: no complete checkpoint in {folder}")
+  own = flatten(state["params"])
+  wanted = {p for p in own if re.fullmatch(tc.init_params, p)}
+  theirs = flatten(other.saved_params(step))
+  take = sorted(p for p in wanted if p in theirs)
+  if not take:
+    raise ValueError(f"init_from {folder} step {step} has no parameters matching "
+                     f"{tc.init_params!r} that this model has")
+  bad = [p for p in take if tuple(theirs[p].shape) != tuple(own[p].shape)]
+  if bad:
+    raise ValueError(f"init_from: shapes differ for {bad[:5]}")
+  flat_shard = flatten(shardings["params"])
+  abstract = unflatten({p: jax.ShapeDtypeStruct(own[p].shape, own[p].dtype,
+                                                sharding=flat_shard[p]) for p in take})
+  restored = flatten(other.restore_params(step, abstract))
+  own.update(restored)
+  other.close()
+  log.info("initialised %d of %d parameter arrays from %s step %d", len(take), len(own),
+           folder, step)
+  return {**state, "params": unflatten(own)}, len(take)
+
+
+class _Teacher:
+  """Teacher embeddings for pre-training batches: looked up in the cache, or computed
+  online on device by the frozen teacher."""
+
+  def __init__(self, config, train_split, mesh):
+    from medvqa_jax.losses import teacher as teacher_lib
+    self.mode = config.teacher.mode
+    self.cache = self.online = None
+    if self.mode == "none":
+      return
+    if self.mode not in ("cache", "online"):
+      raise ValueError(f"teacher.mode must be cache, online or none, not {self.mode!r}")
+    teacher = teacher_lib.from_config(config)
+    if self.mode == "cache":
+      if not config.teacher.get("cache"):
+        raise ValueError("teacher.mode is 'cache' but no cache file is set: build one with "
+                         "`python launch/cache_teacher.py` and pass --config.teacher.cache=FILE "
+                         "(or --config.teacher.mode=online)")
+      self.cache = teacher_lib.TeacherCache.load(config.teacher.cache)
+      ids = [r["id"] for r in train_split.records]
+      captions = [r["caption"] for r in train_split.records]
+      self.cache.check(ids, captions, teacher.fingerprint(), path=config.teacher.cache)
+    else:
+      self.online = teacher
+      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      self.params = jax.device_put((teacher.image_params, teacher.text_params), replicated)
+      self._embed = jax.jit(teacher.apply)
+
+  def pipeline_option(self):
+    return (self.online.tokenizer, self.online.image_size) if self.online else None
+
+  def host_fields(self, ids) -> dict:
+    return self.cache.lookup(ids) if self.cache is not None else {}
+
+  def device_fields(self, batch: dict) -> dict:
+    if self.online is None:
+      return batch
+    batch = dict(batch)
+    pixels, t_ids, t_mask = (batch.pop(k) for k in ("teacher_pixels", "teacher_input_ids",
+                                                    "teacher_attention_mask"))
+    batch["teacher_image"], batch["teacher_text"] = self._embed(self.params, pixels, t_ids,
+                                                                t_mask)
+    if "teacher_pixels2" in batch:
+      batch["teacher_image2"] = self._embed(self.params, batch.pop("teacher_pixels2"), t_ids,
+                                            t_mask)[0]
+    batch["teacher_scale"] = jnp.float32(self.online.logit_scale)
+    return batch
+
+
+def _caption_splits(dc) -> dict:
+  """The training split of a caption corpus (pre-training is not validated yet)."""
+  splits_lib.ensure_built(dc)
+  source = builders.load(dc.dir, dc.name, dc.train_split)
+  plain = builders.load(dc.dir, dc.name, dc.train_split, decode_images=False)
+  records = [{"id": splits_lib._text(plain[i]["id"]),
+              "caption": splits_lib._text(plain[i]["caption"])} for i in range(len(plain))]
+  return {"train": splits_lib.Split(dc.train_split, source, records)}
+
+
+def _print(text: str):
+  if jax.process_index() == 0:
+    print(text, flush=True)
+
+
+def train(config, workdir=None, stream=None) -> dict:
+  """Runs (or resumes) the run of `config`; returns the test metrics of a fine-tuning run
+  (the final validation metrics of a pre-training run)."""
+  workdir = workdir_of(config, workdir)
+  tc, mc = config.train, config.model
+  finetune = mc.head != "none"
+  main = jax.process_index() == 0
+  mesh = sharding.make_mesh(tc.fsdp)
+  if tc.batch_size % (jax.device_count() * tc.accum_steps):
+    raise ValueError(f"train.batch_size {tc.batch_size} must be divisible by the device count "
+                     f"({jax.device_count()}) times train.accum_steps ({tc.accum_steps})")
+
+  # ---- data ----
+  if jax.process_count() > 1:  # One host builds the dataset if needed; the others wait.
+    from jax.experimental import multihost_utils
+    if main:
+      splits_lib.ensure_built(config.data)
+    multihost_utils.sync_global_devices("dataset built")
+  tokenizer = tokenizer_lib.from_config(mc.text)
+  if finetune:
+    splits = splits_lib.vqa_splits(config.data)
+    answers, protocol = splits_lib.answer_set(config.data, splits)
+    if mc.head == "classifier":
+      mc.num_answers = len(answers)
+  else:
+    splits = _caption_splits(config.data)
+    answers, protocol = None, "pre-training"
+  steps = total_steps(config, len(splits["train"].records))
+  config.optim.total_steps = steps
+
+  # ---- model and state ----
+  model, init, loaded = amif.initializer(config, seed=config.seed)
+  shapes = jax.eval_shape(init, loaded)
+  tx = optim.make(config.optim, shapes)
+  shardings = step_lib.state_shardings(mesh, shapes, tx, tuple(tc.fsdp_rules), tc.fsdp_min_size)
+  ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=tc.keep)
+  start = ckpts.latest_step()
+  if start is not None:
+    state, run = ckpts.restore(start, abstract_state(shapes, tx, shardings))
+    if finetune and run.get("answers") != answers:
+      raise ValueError(f"{workdir}: the checkpoint's answer set differs from the data's (was the "
+                       "dataset rebuilt or the protocol changed?); use a new train.workdir")
+    _print(f"resumed from {workdir / 'checkpoints'} step {start}")
+  else:
+    start = 0
+    state = step_lib.create_state(init, tx, shardings,
+                                  to_global(loaded, {k: shardings["params"][k] for k in loaded}))
+    if tc.get("init_from"):
+      state, _ = _init_from(config, state, shardings)
+
+  # ---- objective and input ----
+  teacher = None
+  if finetune:
+    prior_ids, prior_mask = gca.answer_prior(answers, tokenizer.hf, mc.prior_max_tokens)
+    objective = step_lib.finetune_objective(model, jnp.asarray(prior_ids), jnp.asarray(prior_mask))
+  else:
+    teacher = _Teacher(config, splits["train"], mesh)
+    objective = step_lib.pretrain_objective(model, config.losses)
+  if tc.get("inject_nan_at"):
+    clean = objective
+
+    def objective(params, batch, key):  # noqa: F811  (testing: poison one step's loss)
+      loss, metrics = clean(params, batch, key)
+      loss = jnp.where(batch["poison"] > 0, jnp.nan, loss)
+      return loss, {**metrics, "loss": loss}
+  train_step = step_lib.make_train_step(objective, tx, shardings, tc.accum_steps)
+  base_key = jax.device_put(jax.random.PRNGKey(config.seed),
+                            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  image_size = model.image.image_size
+  answer_tok = None
+  if mc.head == "generative":
+    answer_tok = tokenizer.with_max_len(mc.answer_max_len)
+  ds = pipeline.batches(
+      splits["train"].source, kind="vqa" if finetune else "caption", tokenizer=tokenizer,
+      image_size=image_size, global_batch=tc.batch_size, seed=config.seed,
+      augmentation="finetune" if finetune else "pretrain", process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      answer_vocab=answers if mc.head == "classifier" else None, answer_tokenizer=answer_tok,
+      teacher=teacher.pipeline_option() if teacher else None)
+
+  # ---- evaluation ----
+  predictor = None
+  if finetune:
+    predictor = vqa_eval.Predictor(model, config, answers, tokenizer, mesh, shardings["params"])
+
+  def validate(state, step) -> dict:
+    if not finetune or "val" not in splits:
+      return {}
+    rows = vqa_eval.answer_split(predictor, state["params"], splits["val"], tokenizer=tokenizer,
+                                 image_size=image_size, global_batch=tc.eval_batch_size)
+    m = vqa_eval.evaluate(rows, splits["val"], protocol, step)
+    return {"val_accuracy": m["overall"], "val_questions": m["questions"]}
+
+  def run_record(step, val):
+    return {"step": int(step), "data_step": int(step), "config": config.to_json(),
+            "protocol": protocol, "answers": answers, "val": val}
+
+  reporter = observe.Reporter(workdir, total_steps=steps, start_step=start,
+                              batch_size=tc.batch_size, log_every=tc.log_every, enabled=main,
+                              tensorboard=tc.tensorboard, stream=stream)
+  _print(f"{'fine-tuning' if finetune else 'pre-training'} {config.data.name}: "
+         f"{len(splits['train'].records)} training examples, {steps} steps of "
+         f"{tc.batch_size} on {jax.device_count()} {jax.devices()[0].platform} device(s)"
+         + (f", {len(answers)} answers ({protocol})" if finetune else ""))
+
+  # ---- the loop ----
+  pending: list = []
+  last_saved = start if ckpts.latest_step() is not None else None
+
+  def drain(keep: int = 0):
+    while len(pending) > keep:
+      step, metrics = pending.pop(0)
+      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not math.isfinite(values["loss"]):
+        reporter.flush()
+        where = (f"the last good checkpoint is step {last_saved} in {workdir / 'checkpoints'}"
+                 if last_saved is not None else "no checkpoint was saved")
+        raise Diverged(f"the loss is {values['loss']} at step {step}: stopping ({where})")
+      reporter.step(step, values)
+
+  it = pipeline.iterate(ds, start_step=start, num_workers=config.data.workers)
+  try:
+    for step in range(start, steps):
+      host = next(it)
+      ids = host.pop("id")
+      host.pop("answer", None)
+      if teacher is not None:
+        host.update(teacher.host_fields(ids))
+      if tc.get("inject_nan_at"):
+        host["poison"] = np.float32(step + 1 == tc.inject_nan_at)
+      batch = sharding.shard_batch(mesh, host)
+      if teacher is not None:
+        batch = teacher.device_fields(batch)
+      with jax.transfer_guard("disallow"):
+        state, metrics = train_step(state, batch, base_key)
+      pending.append((step + 1, metrics))
+      drain(keep=1)
+      done = step + 1
+      evaluate_now = done % tc.eval_every == 0 or done == steps
+      save_now = done % tc.save_every == 0 or done == steps
+      if evaluate_now or save_now:
+        drain()
+        val = validate(state, done) if evaluate_now else {}
+        if val:
+          reporter.eval(done, {k.removeprefix("val_"): v for k, v in val.items()})
+        if save_now:
+          ckpts.save(done, state, run_record(done, val), metrics=val or None)
+          last_saved = done
+    drain()
+  finally:
+    reporter.close()
+    ckpts.wait()
+
+  if not finetune:
+    ckpts.close()
+    return {}
+  # ---- test, once, on the best-on-validation checkpoint ----
+  best = ckpts.best_step()
+  if best != ckpts.latest_step() or start == steps:
+    state, _ = ckpts.restore(best, abstract_state(shapes, tx, shardings))
+  ckpts.close()
+  metrics = evaluate_checkpoint_state(config, model, state["params"], predictor, splits["test"],
+                                      protocol, best, tokenizer, image_size,
+                                      splits_lib.majority_answer(splits["train"].records))
+  if main:
+    vqa_eval.write(workdir / "eval" / splits["test"].name, metrics["metrics"], metrics["rows"])
+  return metrics["metrics"]
+
+
+def evaluate_checkpoint_state(config, model, params, predictor, split, protocol, step,
+                              tokenizer, image_size, majority) -> dict:
+  t0 = time.perf_counter()
+  rows = vqa_eval.answer_split(predictor, params, split, tokenizer=tokenizer,
+                               image_size=image_size, global_batch=config.train.eval_batch_size)
+  metrics = vqa_eval.evaluate(rows, split, protocol, step, baseline=majority)
+  metrics["seconds"] = round(time.perf_counter() - t0, 1)
+  return {"metrics": metrics, "rows": rows}

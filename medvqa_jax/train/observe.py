@@ -1,0 +1,110 @@
+"""What a run shows and records: a progress bar (step, loss, samples/s, ETA) on a terminal,
+plain log lines otherwise; every step's metrics as a JSON line in `metrics.jsonl` and as
+TensorBoard scalars under `tensorboard/`. Only the first host writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+
+def _fmt_time(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rest = divmod(seconds, 3600)
+  return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class Reporter:
+
+  def __init__(self, workdir, *, total_steps: int, start_step: int, batch_size: int,
+               log_every: int = 10, enabled: bool = True, tensorboard: bool = True,
+               stream=None):
+    self.total, self.batch = total_steps, batch_size
+    self.log_every = max(log_every, 1)
+    self.enabled = enabled
+    self.stream = stream or sys.stderr
+    self._t0, self._s0 = None, start_step
+    self._bar = self._jsonl = self._tb = None
+    if not enabled:
+      return
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    self._jsonl = open(workdir / "metrics.jsonl", "a")
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+    if getattr(self.stream, "isatty", lambda: False)():
+      from tqdm import tqdm
+      self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=self.stream,
+                       dynamic_ncols=True)
+
+  def _rate(self, step: int) -> float:
+    """Samples per second since the first reported step (compilation excluded)."""
+    now = time.perf_counter()
+    if self._t0 is None:
+      self._t0, self._s0 = now, step
+      return float("nan")
+    return (step - self._s0) * self.batch / max(now - self._t0, 1e-9)
+
+  def step(self, step: int, metrics: dict):
+    """Metrics (floats) after optimizer step `step` (1-based)."""
+    if not self.enabled:
+      return
+    rate = self._rate(step)
+    record = {"step": step, **metrics}
+    if math.isfinite(rate):
+      record["samples_per_s"] = rate
+    self._jsonl.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)):
+          self._tb.add_scalar(f"train/{k}", v, step)
+    eta = (self.total - step) * self.batch / rate if rate > 0 else float("nan")
+    loss = metrics.get("loss", float("nan"))
+    if self._bar is not None:
+      self._bar.n = step
+      self._bar.set_postfix_str(f"loss {loss:.4f} {rate:.0f} samples/s", refresh=False)
+      self._bar.refresh()
+    elif step % self.log_every == 0 or step == self.total:
+      print(f"step {step}/{self.total}  loss {loss:.4f}  {rate:.1f} samples/s  "
+            f"eta {_fmt_time(eta)}", file=self.stream, flush=True)
+
+  def eval(self, step: int, metrics: dict, prefix: str = "val"):
+    if not self.enabled:
+      return
+    flat = {f"{prefix}_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+    self._jsonl.write(json.dumps({"step": step, **flat}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in flat.items():
+        self._tb.add_scalar(f"{prefix}/{k.removeprefix(prefix + '_')}", v, step)
+      self._tb.flush()
+    self.message(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in flat.items()
+                                             if isinstance(v, float)))
+
+  def message(self, text: str):
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(text, file=self.stream)
+    else:
+      print(text, file=self.stream, flush=True)
+
+  def flush(self):
+    if self._jsonl is not None:
+      self._jsonl.flush()
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()

@@ -1,0 +1,212 @@
+"""The main job end to end, as a user runs it: launch/train.py on the demo config (shortened)
+on 8 fake CPU devices; resume after SIGKILL; eval.py onto 1 device; NaN stop; two processes
+x 4 devices with jax.distributed. Each run is a subprocess (device counts are per process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS, SAVE = 12, 4
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def _train_cmd(workdir, data_dir, *extra) -> list[str]:
+  return [sys.executable, str(ROOT / "launch" / "train.py"), "--config=configs/demo.py",
+          f"--config.train.workdir={workdir}", f"--config.data.dir={data_dir}",
+          "--config.train.epochs=0", f"--config.optim.total_steps={STEPS}",
+          f"--config.train.save_every={SAVE}", f"--config.train.eval_every={SAVE}",
+          "--config.train.batch_size=16", "--config.train.log_every=4", *extra]
+
+
+def _run(cmd, devices=8, check=True, **kw):
+  out = subprocess.run(cmd, cwd=ROOT, env=_env(devices), capture_output=True, text=True,
+                       timeout=900, **kw)
+  if check and out.returncode != 0:
+    raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stdout}\n{out.stderr[-6000:]}")
+  return out
+
+
+def _params(workdir, step):
+  """The saved params of a step, as NumPy (restored on this process's one device)."""
+  from medvqa_jax.models.state_dict import flatten
+  from medvqa_jax.train.checkpoint import Checkpoints
+  ckpts = Checkpoints(Path(workdir) / "checkpoints", read_only=True)
+  params = ckpts.restore_params(step, ckpts.saved_params(step))
+  ckpts.close()
+  return {k: np.asarray(v) for k, v in flatten(params).items()}
+
+
+def _metrics(workdir) -> dict:
+  m = json.loads((Path(workdir) / "eval" / "test" / "metrics.json").read_text())
+  m.pop("seconds")
+  return m
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_dir):
+  """The demo config, shortened, run straight through on 8 devices."""
+  workdir = tmp_path_factory.mktemp("straight")
+  out = _run(_train_cmd(workdir, data_dir))
+  return workdir, out
+
+
+def _event_scalars(path: Path) -> dict:
+  """Tags -> values of a TensorBoard event file (TFRecord framing, Event protos)."""
+  from tensorboardX.proto import event_pb2
+  data, pos, tags = path.read_bytes(), 0, {}
+  while pos < len(data):
+    (length,) = struct.unpack("<Q", data[pos:pos + 8])
+    event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+    pos += 12 + length + 4
+    for v in event.summary.value:
+      tags.setdefault(v.tag, []).append(v.simple_value)
+  return tags
+
+
+def test_demo_runs_end_to_end(straight):
+  workdir, out = straight
+  # The README's main command prints the metrics next to the majority baseline.
+  assert "majority" in out.stdout and "overall" in out.stdout
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  m = json.loads((workdir / "eval" / "test" / "metrics.json").read_text())
+  assert summary["overall"] == m["overall"]
+  assert m["questions"] == 451 and m["split"] == "test"
+  assert m["protocol"].startswith("open-set")
+  assert m["by_answer_type"]["CLOSED"]["questions"] == 272
+  assert m["by_answer_type"]["OPEN"]["questions"] == 179
+  assert m["by_yes_no"]["closed"]["questions"] + m["by_yes_no"]["open"]["questions"] == 451
+  assert sum(v["questions"] for v in m["by_question_type"].values()) == 451
+  assert m["majority_baseline"]["answer"] in ("no", "yes")
+  rows = [json.loads(line) for line in
+          (workdir / "eval" / "test" / "predictions.jsonl").read_text().splitlines()]
+  assert len(rows) == 451 and all(0 < r["score"] <= 1 for r in rows)
+  assert {"qid", "question", "answer", "prediction", "score", "protocol"} <= set(rows[0])
+  assert sum(r["correct"] for r in rows) / 451 == pytest.approx(m["overall"])
+  # Every step logged as JSON, validation at each save, TensorBoard scalars.
+  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train_steps = [r["step"] for r in lines if "loss" in r]
+  assert train_steps == list(range(1, STEPS + 1))
+  assert [r["step"] for r in lines if "val_accuracy" in r] == list(range(SAVE, STEPS + 1, SAVE))
+  (events,) = (workdir / "tensorboard").glob("events.out.tfevents.*")
+  scalars = _event_scalars(events)
+  assert len(scalars["train/loss"]) == STEPS
+  assert scalars["train/loss"] == pytest.approx([r["loss"] for r in lines if "loss" in r])
+  assert len(scalars["val/accuracy"]) == STEPS // SAVE
+  # The last `keep` (2) checkpoints, plus the best on validation.
+  from medvqa_jax.train.checkpoint import Checkpoints
+  ckpts = Checkpoints(workdir / "checkpoints", read_only=True)
+  steps = ckpts.steps()
+  best = ckpts.best_step()
+  assert set(steps) == {STEPS - SAVE, STEPS, best}
+  assert m["step"] == best
+  ckpts.close()
+
+
+def test_sigkill_and_resume_give_the_same_run(straight, tmp_path, data_dir):
+  workdir = tmp_path / "killed"
+  cmd = _train_cmd(workdir, data_dir)
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(8), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  first = workdir / "checkpoints" / str(SAVE)
+  deadline = time.time() + 600
+  while not first.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert first.exists(), proc.stderr.read()[-3000:]
+  done = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert done and done[-1] < STEPS, "the run finished before it was killed"
+  # What a save killed half-way leaves behind: never read as a checkpoint.
+  half = workdir / "checkpoints" / f"{STEPS}.orbax-checkpoint-tmp-1234567"
+  (half / "state").mkdir(parents=True)
+  (half / "state" / "garbage").write_bytes(b"\0" * 100)
+  out = _run(cmd)
+  assert f"resumed from {workdir / 'checkpoints'} step {done[-1]}" in out.stdout
+  straight_dir, _ = straight
+  a, b = _params(straight_dir, STEPS), _params(workdir, STEPS)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert _metrics(workdir) == _metrics(straight_dir)
+
+
+def test_eval_restores_an_8_device_checkpoint_on_1_device(straight, tmp_path):
+  workdir, _ = straight
+  out = _run([sys.executable, str(ROOT / "launch" / "eval.py"), f"--checkpoint_dir={workdir}",
+              f"--out={tmp_path}"], devices=1)
+  printed = json.loads(out.stdout.strip().splitlines()[-1])
+  saved = _metrics(workdir)
+  written = json.loads((tmp_path / "metrics.json").read_text())
+  for m in (printed, written):
+    m.pop("seconds", None)
+    assert m == saved
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+  workdir = tmp_path / "nan"
+  nan_step = SAVE + 3
+  out = _run(_train_cmd(workdir, data_dir, f"--config.train.inject_nan_at={nan_step}"),
+             check=False)
+  assert out.returncode == 3, out.stderr[-3000:]
+  assert f"the loss is nan at step {nan_step}" in out.stderr
+  assert f"the last good checkpoint is step {SAVE}" in out.stderr
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [SAVE]
+  params = _params(workdir, SAVE)
+  assert all(np.isfinite(v).all() for v in params.values())
+  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert max(r["step"] for r in lines if "loss" in r) == nan_step - 1
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_reproduce_the_single_process_run(straight, tmp_path, data_dir):
+  workdir = tmp_path / "multi"
+  port = _free_port()
+  cmd = _train_cmd(workdir, data_dir, f"--coordinator_address=localhost:{port}",
+                   "--num_processes=2")
+  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=_env(4),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=900) for p in procs]
+  for p, (o, e) in zip(procs, outs):
+    assert p.returncode == 0, e[-5000:]
+  straight_dir, _ = straight
+  a, b = _params(straight_dir, STEPS), _params(workdir, STEPS)
+  assert a.keys() == b.keys()
+  # Attention key biases are left out: softmax is invariant to them, so their gradient is
+  # zero up to rounding, and Adam scales that rounding noise (which differs with the
+  # reduction order of another device layout) into full-size updates. They change no output.
+  compared = [k for k in a if not k.endswith("/key/bias")]
+  assert len(compared) > 0.8 * len(a)
+  for k in compared:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)
+  assert _metrics(workdir) == _metrics(straight_dir)
