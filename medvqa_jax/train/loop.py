@@ -192,6 +192,8 @@ def train(config, workdir=None, stream=None) -> dict:
     answers, protocol = None, "pre-training"
   steps = total_steps(config, len(splits["train"].records))
   config.optim.total_steps = steps
+  # The teacher's cache is checked against the data before anything is written.
+  teacher = None if finetune else _Teacher(config, splits["train"], mesh)
 
   # ---- model and state ----
   model, init, loaded = amif.initializer(config, seed=config.seed)
@@ -214,12 +216,10 @@ def train(config, workdir=None, stream=None) -> dict:
       state, _ = _init_from(config, state, shardings)
 
   # ---- objective and input ----
-  teacher = None
   if finetune:
     prior_ids, prior_mask = gca.answer_prior(answers, tokenizer.hf, mc.prior_max_tokens)
     objective = step_lib.finetune_objective(model, jnp.asarray(prior_ids), jnp.asarray(prior_mask))
   else:
-    teacher = _Teacher(config, splits["train"], mesh)
     objective = step_lib.pretrain_objective(model, config.losses)
   if tc.get("inject_nan_at"):
     clean = objective

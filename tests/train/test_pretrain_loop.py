@@ -1,0 +1,85 @@
+"""Pre-training through the loop: the teacher's embeddings from the cache (refused when it
+was made for other data or by another teacher) or computed online."""
+
+import json
+
+import numpy as np
+import pytest
+
+from medvqa_jax import ASSETS
+from medvqa_jax.losses import teacher as teacher_lib
+from medvqa_jax.train import loop
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """A captions_jsonl corpus over the bundled sample images (captions: their questions)."""
+  folder = tmp_path_factory.mktemp("corpus")
+  samples = json.loads((ASSETS / "demo" / "samples.json").read_text())
+  rows = [{"id": f"rad-{s['qid']}", "image": str(ASSETS / "demo" / "images" / s["image"]),
+           "caption": s["question"]} for s in samples]
+  (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  return folder
+
+
+def _config(corpus, data_dir, workdir, **teacher):
+  from configs import pretrain_stage1
+  config = pretrain_stage1.get_config("image=tiny,text=tiny,teacher=tiny")
+  vocab = str(ASSETS / "bert_uncased_vocab")
+  config.model.text.update(tokenizer=vocab, max_len=16)
+  config.teacher.text.tokenizer = vocab
+  config.teacher.logit_scale = 50.0
+  config.teacher.update(teacher)
+  config.model.fusion.update(width=64, layers=1, heads=4, mlp_dim=128)
+  config.data.update(name="captions_jsonl", dir=str(data_dir), source_dir=str(corpus))
+  config.optim.total_steps = 2
+  config.train.update(workdir=str(workdir), batch_size=4, save_every=2, eval_every=2,
+                      tensorboard=False)
+  return config
+
+
+def _cache(config, corpus, path, change_caption=False):
+  records = teacher_lib.read_jsonl(corpus / "train.jsonl")
+  if change_caption:
+    records[3]["caption"] += " (edited)"
+  teacher = teacher_lib.from_config(config)
+  teacher_lib.compute_cache(teacher, records, batch_size=8, progress=False).save(path)
+  return path
+
+
+def _losses(workdir):
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return [json.loads(line) for line in lines]
+
+
+def test_training_reads_the_cache_and_refuses_one_that_does_not_match(corpus, tmp_path):
+  data = tmp_path / "tfds"
+  good = _cache(_config(corpus, data, tmp_path), corpus, tmp_path / "good.npz")
+  other_data = _cache(_config(corpus, data, tmp_path), corpus, tmp_path / "other_data.npz",
+                      change_caption=True)
+  other_teacher = _cache(_config(corpus, data, tmp_path, logit_scale=60.0), corpus,
+                         tmp_path / "other_teacher.npz")
+  for cache, message in ((other_data, "computed for other data"),
+                         (other_teacher, "computed by another teacher")):
+    workdir = tmp_path / cache.stem
+    with pytest.raises(ValueError, match=message):
+      loop.train(_config(corpus, data, workdir, cache=str(cache)))
+    assert not workdir.exists()  # Refused before anything was written.
+  with pytest.raises(ValueError, match="teacher.cache"):
+    loop.train(_config(corpus, data, tmp_path / "none"))
+
+  cached = tmp_path / "cached"
+  assert loop.train(_config(corpus, data, cached, cache=str(good))) == {}
+  online = tmp_path / "online"
+  loop.train(_config(corpus, data, online, mode="online"))
+  a, b = _losses(cached), _losses(online)
+  assert [r["step"] for r in a] == [1, 2]
+  for ra, rb in zip(a, b):  # The same embeddings, from the file or computed in the run.
+    for term in ("itgc", "imvc", "utgc", "wpa", "itm", "loss"):
+      assert np.isfinite(ra[term])
+      np.testing.assert_allclose(ra[term], rb[term], rtol=1e-4, err_msg=term)
+  # And without a teacher the global terms are hard-label InfoNCE: other values.
+  plain = tmp_path / "plain"
+  loop.train(_config(corpus, data, plain, mode="none"))
+  assert abs(_losses(plain)[0]["itgc"] - a[0]["itgc"]) > 1e-3
+  assert (cached / "checkpoints" / "2").is_dir()
