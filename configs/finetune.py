@@ -1,6 +1,7 @@
 """Fine-tuning defaults shared by the dataset configs: the paper's hyper-parameters (AdamW,
 lr 1.5e-5, weight decay 0.05, betas (0.9, 0.98), cosine schedule after a 40% linear warm-up;
-288 px images, questions of 30 tokens) and the generative answer head. No teacher is used.
+288 px images, questions of 30 tokens), bf16 compute with float32 parameters, and the
+generative answer head. No teacher is used.
 
 Towers as in configs/base.py, e.g.
   python launch/train.py --config=configs/slake.py:image=clip_vit_b16,text=bio_clinicalbert \
@@ -10,11 +11,13 @@ Towers as in configs/base.py, e.g.
 """
 
 from configs import base
+from configs.towers.common import bf16
 
 
 def get_config(arg=None, *, dataset: str, epochs: int, val_split: str = "validation"):
   config = base.get_config(arg)
   config.model.text.max_len = 30
+  bf16(config)
   config.teacher.mode = "none"
   config.optim.update(lr=1.5e-5, weight_decay=0.05)
   config.data.update(name=dataset, val_split=val_split)

@@ -1,14 +1,18 @@
 """What both pre-training stages share: a caption corpus (ROCO by default; any builder of
 launch/prepare_data.py), captions of 120 tokens, two augmented views per image, the teacher
-from its cache, pre-training weight decay 0.02 (configs/base.py).
+from its cache, pre-training weight decay 0.02 (configs/base.py), bf16 compute with float32
+parameters (the losses and Sinkhorn run in float32).
 
   python launch/train.py --config=configs/pretrain_stage0.py --config.data.dir=/data/tfds \
       --config.teacher.cache=/data/teacher_roco.npz --config.train.workdir=/runs/stage0
 """
 
+from configs.towers.common import bf16
+
 
 def pretraining(config):
   config.model.text.max_len = 120
+  bf16(config)
   config.data.name = "roco"
   config.train.update(batch_size=256, eval_every=1000, save_every=1000)
   return config

@@ -31,3 +31,14 @@ class _HideTorch:
   def __getattr__(self, attr): return getattr(self.inner, attr)
 sys.meta_path[:] = [_HideTorch(f) for f in sys.meta_path]
 """
+
+
+def tiny_config():
+  """The demo config's model at the sizes the model tests use (32 px images, 30-token
+  questions, a 64-token prior, 4 ranked candidates): small and quick to compile."""
+  from configs import demo
+  config = demo.get_config()
+  config.model.image.arch.image_size = 32
+  config.model.text.max_len = 30
+  config.model.update(prior_max_tokens=64, rank_k=4)
+  return config

@@ -31,3 +31,12 @@ def tower(kind: str, source: str, arch: dict, checkpoint: str | None = None,
 def unset(type_=int):
   """An optional field (None) that the command line can still set to a `type_` value."""
   return config_dict.placeholder(type_)
+
+
+def bf16(config):
+  """bf16 compute for the towers and everything above them; parameters stay float32 and the
+  losses (Sinkhorn included) compute in float32."""
+  for part in (config.model.image, config.model.text):
+    part.dtype = "bfloat16"
+  config.model.dtype = "bfloat16"
+  return config

@@ -125,6 +125,7 @@ class _Teacher:
       self.online = teacher
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
       self.params = jax.device_put((teacher.image_params, teacher.text_params), replicated)
+      self.scale = jax.device_put(np.float32(teacher.logit_scale), replicated)
       self._embed = jax.jit(teacher.apply)
 
   def pipeline_option(self):
@@ -144,7 +145,7 @@ class _Teacher:
     if "teacher_pixels2" in batch:
       batch["teacher_image2"] = self._embed(self.params, batch.pop("teacher_pixels2"), t_ids,
                                             t_mask)[0]
-    batch["teacher_scale"] = jnp.float32(self.online.logit_scale)
+    batch["teacher_scale"] = self.scale
     return batch
 
 
@@ -181,7 +182,6 @@ def train(config, workdir=None, stream=None) -> dict:
     if main:
       splits_lib.ensure_built(config.data)
     multihost_utils.sync_global_devices("dataset built")
-  tokenizer = tokenizer_lib.from_config(mc.text)
   if finetune:
     splits = splits_lib.vqa_splits(config.data)
     answers, protocol = splits_lib.answer_set(config.data, splits)
@@ -190,6 +190,7 @@ def train(config, workdir=None, stream=None) -> dict:
   else:
     splits = _caption_splits(config.data)
     answers, protocol = None, "pre-training"
+  tokenizer = tokenizer_lib.from_config(mc.text)
   steps = total_steps(config, len(splits["train"].records))
   config.optim.total_steps = steps
   # The teacher's cache is checked against the data before anything is written.
@@ -218,7 +219,9 @@ def train(config, workdir=None, stream=None) -> dict:
   # ---- objective and input ----
   if finetune:
     prior_ids, prior_mask = gca.answer_prior(answers, tokenizer.hf, mc.prior_max_tokens)
-    objective = step_lib.finetune_objective(model, jnp.asarray(prior_ids), jnp.asarray(prior_mask))
+    # NumPy, not device arrays: constants of the compiled step (a device array captured by
+    # the step would be copied back to the host to be embedded, which the guard forbids).
+    objective = step_lib.finetune_objective(model, prior_ids, prior_mask)
   else:
     objective = step_lib.pretrain_objective(model, config.losses)
   if tc.get("inject_nan_at"):

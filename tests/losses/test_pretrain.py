@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+import helpers
 from medvqa_jax.losses.pretrain import pretrain_loss
 from medvqa_jax.models import amif
 from medvqa_jax.train import optim
@@ -18,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_config(stage):
-  from configs import demo, pretrain_stage0, pretrain_stage1
-  config = demo.get_config()
+  from configs import pretrain_stage0, pretrain_stage1
+  config = helpers.tiny_config()
   stage_cfg = (pretrain_stage0 if stage == 0 else pretrain_stage1).get_config(
       "image=tiny,text=tiny,teacher=tiny")
   config.model.head = "none"
@@ -82,7 +83,7 @@ def test_stage_freezing(stage):
 SHARDED = textwrap.dedent("""
     import os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    sys.path[:0] = [{root!r}, {tests!r}]
+    sys.path[:0] = [{root!r}, {tests!r}, {helpers!r}]
     import jax, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from test_pretrain import batch, tiny_config
@@ -112,7 +113,8 @@ SHARDED = textwrap.dedent("""
 
 
 def test_sharded_over_8_devices_equals_single_device():
-  code = SHARDED.format(root=str(ROOT), tests=str(Path(__file__).parent))
+  code = SHARDED.format(root=str(ROOT), tests=str(Path(__file__).parent),
+                        helpers=str(Path(__file__).parents[1]))
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=900, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-4000:]

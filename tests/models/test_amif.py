@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from helpers import max_diff
 from medvqa_jax.models import amif, towers
 from medvqa_jax.models.amif import AMiF
@@ -13,8 +14,7 @@ from medvqa_jax.models.amif import AMiF
 
 @pytest.fixture(scope="module")
 def config():
-  from configs import demo
-  return demo.get_config()
+  return helpers.tiny_config()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS, SAVE = 12, 4
+STEPS, SAVE = 8, 4
 
 
 def _env(devices: int) -> dict:
@@ -29,12 +29,13 @@ def _env(devices: int) -> dict:
   return env
 
 
-def _train_cmd(workdir, data_dir, *extra) -> list[str]:
+def _train_cmd(workdir, data_dir, *extra, steps=STEPS) -> list[str]:
   return [sys.executable, str(ROOT / "launch" / "train.py"), "--config=configs/demo.py",
           f"--config.train.workdir={workdir}", f"--config.data.dir={data_dir}",
-          "--config.train.epochs=0", f"--config.optim.total_steps={STEPS}",
+          "--config.train.epochs=0", f"--config.optim.total_steps={steps}",
           f"--config.train.save_every={SAVE}", f"--config.train.eval_every={SAVE}",
-          "--config.train.batch_size=16", "--config.train.log_every=4", *extra]
+          "--config.train.batch_size=16", "--config.train.log_every=4",
+          "--config.data.val_fraction=0.03", *extra]
 
 
 def _run(cmd, devices=8, check=True, **kw):
@@ -164,22 +165,40 @@ def test_eval_restores_an_8_device_checkpoint_on_1_device(straight, tmp_path):
   for m in (printed, written):
     m.pop("seconds", None)
     assert m == saved
+  # The paper's closed-set protocol: candidates from every split, and every output says so.
+  closed = tmp_path / "closed"
+  _run([sys.executable, str(ROOT / "launch" / "eval.py"), f"--checkpoint_dir={workdir}",
+        f"--out={closed}", "--closed_set"], devices=1)
+  m = json.loads((closed / "metrics.json").read_text())
+  assert m["protocol"].startswith("closed-set") and m["questions"] == 451
+  rows = (closed / "predictions.jsonl").read_text().splitlines()
+  assert all(json.loads(r)["protocol"] == m["protocol"] for r in rows)
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+def test_init_from_another_run_then_a_nan_loss_stops_the_run(straight, tmp_path, data_dir):
+  """One run on 1 device checks two things. It starts from the image tower of the straight
+  run's checkpoint (saved on 8 devices): with a zero learning rate those parameters are still
+  the source's at its first checkpoint. Then a NaN injected into the loss stops it with a
+  message naming the step, and its last good checkpoint restores, finite."""
+  source, _ = straight
   workdir = tmp_path / "nan"
-  nan_step = SAVE + 3
-  out = _run(_train_cmd(workdir, data_dir, f"--config.train.inject_nan_at={nan_step}"),
-             check=False)
+  nan_step = SAVE + 2
+  out = _run(_train_cmd(workdir, data_dir, f"--config.train.init_from={source}",
+                        "--config.train.init_params=image/.*", "--config.optim.lr=0.0",
+                        f"--config.train.inject_nan_at={nan_step}"), devices=1, check=False)
   assert out.returncode == 3, out.stderr[-3000:]
   assert f"the loss is nan at step {nan_step}" in out.stderr
   assert f"the last good checkpoint is step {SAVE}" in out.stderr
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [SAVE]
-  params = _params(workdir, SAVE)
-  assert all(np.isfinite(v).all() for v in params.values())
   lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert max(r["step"] for r in lines if "loss" in r) == nan_step - 1
+  ours, theirs = _params(workdir, SAVE), _params(source, STEPS)
+  assert all(np.isfinite(v).all() for v in ours.values())
+  image = [k for k in ours if k.startswith("image/")]
+  assert image and all(np.array_equal(ours[k], theirs[k]) for k in image)
+  assert not np.array_equal(ours["fusion/text_layer_0/attn/query/kernel"],
+                            theirs["fusion/text_layer_0/attn/query/kernel"])
 
 
 def _free_port() -> int:
@@ -210,3 +229,26 @@ def test_two_processes_reproduce_the_single_process_run(straight, tmp_path, data
   for k in compared:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)
   assert _metrics(workdir) == _metrics(straight_dir)
+
+
+def test_predict_prints_ranked_answers_and_writes_the_picture(straight, tmp_path):
+  from PIL import Image
+
+  from medvqa_jax import ASSETS
+  workdir, _ = straight
+  png = tmp_path / "answer.png"
+  out = _run([sys.executable, str(ROOT / "launch" / "predict.py"), f"--checkpoint_dir={workdir}",
+              f"--image={ASSETS / 'vqa_rad_sample' / 'images' / 'synpic54610.jpg'}",
+              "--question=is there a fracture?", "--top=3", f"--out={png}"], devices=1)
+  result = json.loads(out.stdout.strip().splitlines()[0])
+  scores = [a["score"] for a in result["answers"]]
+  assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+  assert 0 < sum(scores) <= 1 + 1e-6  # Probabilities of distinct answers.
+  from medvqa_jax.train.checkpoint import Checkpoints
+  ckpts = Checkpoints(workdir / "checkpoints", read_only=True)
+  vocab = ckpts.run_record(result["step"])["answers"]
+  ckpts.close()
+  assert all(a["answer"] in vocab for a in result["answers"])
+  assert result["protocol"].startswith("open-set")
+  with Image.open(png) as img:
+    assert img.size[0] >= 768 and img.size[1] > 384

@@ -10,8 +10,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = textwrap.dedent("""
     import os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    sys.path[:0] = [{root!r}, {tests!r}]
+    sys.path[:0] = [{root!r}, {tests!r}, {helpers!r}]
     import jax, numpy as np
+    import helpers
     from test_pretrain import batch, tiny_config
     from medvqa_jax.models import amif
     from medvqa_jax.train import optim, sharding, step as step_lib
@@ -48,8 +49,7 @@ SCRIPT = textwrap.dedent("""
         objective = step_lib.pretrain_objective(model, config.losses)
         data = batch(n=16, seed=3)
       else:
-        from configs import demo
-        config = demo.get_config()
+        config = helpers.tiny_config()
         config.optim.update(lr=1e-3, total_steps=10)
         model, params = amif.create(config)
         objective = step_lib.finetune_objective(
@@ -92,7 +92,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_step_equals_single_device():
-  code = SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests" / "losses"))
+  code = SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests" / "losses"),
+                       helpers=str(ROOT / "tests"))
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=1200, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-5000:]

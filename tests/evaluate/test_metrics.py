@@ -1,0 +1,57 @@
+"""Accuracy breakdowns, the majority baseline's answer and the attention picture."""
+
+import numpy as np
+import pytest
+
+from medvqa_jax.data.splits import majority_answer
+from medvqa_jax.evaluate import metrics, visualize
+
+
+def _rec(answers, atype, qtype):
+  return {"answers": answers, "answer_type": atype, "question_type": qtype}
+
+
+RECORDS = [
+    _rec(["Yes"], "CLOSED", "PRES"),          # yes/no, closed
+    _rec(["no"], "CLOSED ", "PRES"),          # type with a trailing space, as in VQA-RAD
+    _rec(["left"], "CLOSED", "POS"),          # closed by type, open by the yes/no rule
+    _rec(["MRI"], "OPEN", "MODALITY"),
+    _rec(["x-ray", "radiograph"], "OPEN", "MODALITY"),  # alternatives
+]
+
+
+def test_accuracies_by_both_closed_definitions_and_category():
+  predictions = ["yes", "yes", "left", "ct", "Radiograph."]
+  m = metrics.vqa_accuracy(RECORDS, predictions)
+  assert m["questions"] == 5 and m["overall"] == pytest.approx(3 / 5)
+  assert m["by_answer_type"]["CLOSED"] == {"accuracy": pytest.approx(2 / 3), "questions": 3}
+  assert m["closed"] == pytest.approx(2 / 3) and m["open"] == pytest.approx(1 / 2)
+  assert m["by_yes_no"]["closed"] == {"accuracy": pytest.approx(1 / 2), "questions": 2}
+  assert m["by_yes_no"]["open"] == {"accuracy": pytest.approx(2 / 3), "questions": 3}
+  assert m["by_question_type"]["MODALITY"] == {"accuracy": pytest.approx(1 / 2), "questions": 2}
+  assert m["by_question_type"]["POS"]["accuracy"] == 1.0
+  with pytest.raises(ValueError, match="4 predictions for 5 questions"):
+    metrics.vqa_accuracy(RECORDS, predictions[:4])
+
+
+def test_no_answer_type_field():
+  m = metrics.vqa_accuracy([_rec(["yes"], "", "")], ["yes"])
+  assert m["open"] is None and m["closed"] is None and m["overall"] == 1.0
+  assert "by_question_type" not in m and m["by_yes_no"]["closed"]["questions"] == 1
+
+
+def test_majority_answer_is_the_most_frequent_normalised_reference():
+  recs = [_rec([a], "", "") for a in ("Yes", "no", "NO", "No.", "yes")]
+  assert majority_answer(recs) == "no"
+
+
+def test_heatmap_points_at_the_attended_patch():
+  heads, lt, g = 3, 5, 4
+  w = np.full((heads, lt, 1 + g * g), 0.01)
+  w[:, 1:3, 1 + 6] = 0.9    # the question's real tokens attend to patch (1, 2)
+  w[:, 0, 1 + 9] = 5.0      # CLS is left out
+  w[:, 3:, 1 + 12] = 5.0    # and so is padding
+  mask = np.array([1, 1, 1, 0, 0])
+  heat = visualize.patch_heatmap(w, mask)
+  assert heat.shape == (g, g) and np.unravel_index(heat.argmax(), heat.shape) == (1, 2)
+  assert heat.min() == 0 and heat.max() == 1
