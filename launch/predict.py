@@ -63,7 +63,7 @@ def main(argv):
     top = [(r.answers[idx[i]], float(np.exp(scores[i]))) for i in order]
   print(json.dumps({"question": _QUESTION.value, "image": _IMAGE.value, "step": r.step,
                     "protocol": r.protocol,
-                    "answers": [{"answer": a, "score": round(s, 6)} for a, s in top]}))
+                    "answers": [{"answer": a, "score": float(f"{s:.6g}")} for a, s in top]}))
   if _OUT.value:
     mask = np.asarray(example["attention_mask"], bool)
     ids = np.asarray(example["input_ids"])[mask]

@@ -101,7 +101,7 @@ def answer_split(predictor: Predictor, params, split, *, tokenizer, image_size: 
   for r, i, s in zip(split.records, idx, scores):
     pred = predictor.answers[int(i)]
     rows.append({"qid": r["id"], "question": r["question"], "answer": "#".join(r["answers"]),
-                 "prediction": pred, "score": round(float(s), 6),
+                 "prediction": pred, "score": float(f"{float(s):.6g}"),
                  "correct": answers_lib.is_correct(pred, r["answers"]),
                  "answer_type": r["answer_type"], "question_type": r["question_type"]})
   return rows
