@@ -68,7 +68,7 @@ class Predictor:
 
 def eval_batches(source, *, tokenizer, image_size: int, global_batch: int,
                  process_index: int = 0, process_count: int = 1):
-  """This host's parts of the global evaluation batches, in order, as (batch, None): global
+  """This host's parts of the global evaluation batches, in order: global
   batch b holds examples b*G .. b*G+G-1 (the last padded by repeating the final example) and
   host h its rows h*G/H .. (h+1)*G/H - 1, as `sharding.shard_batch` lays them out."""
   if global_batch % process_count:

@@ -10,7 +10,6 @@ the shardings of the current mesh, so a checkpoint written on 8 devices restores
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -118,7 +117,3 @@ def resolve(path) -> tuple[Path, int | None]:
   if not path.is_dir():
     raise FileNotFoundError(f"no checkpoint at {path}")
   return path, None
-
-
-def describe(run: dict) -> str:
-  return json.dumps({k: run.get(k) for k in ("step", "protocol", "val")})
