@@ -60,6 +60,11 @@ def get_config(arg=None):
           answer_max_len=16,     # Answer tokens, [CLS] and [SEP] included.
           rank_k=32,             # Candidates re-scored by full likelihood.
           dtype="float32",       # Compute dtype of fusion, GCA and heads.
+          # How every transformer stack computes (medvqa_jax/models/layers.Compute; outputs and
+          # parameters do not depend on it): attention "reference", "xla", "cudnn" (fused,
+          # GPU, bf16) or "auto"; fused kernels see token counts padded to pad_to; scan the
+          # layers; remat "none", "full" or "dots".
+          compute=dict(attention="reference", pad_to=16, scan=False, remat="none"),
       ),
       # The frozen soft-label teacher. mode: "cache" (embeddings precomputed by
       # launch/cache_teacher.py into `cache`), "online" (computed in the step) or "none"

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medvqa_jax.models import heads
+from medvqa_jax.models import heads, layers
 from medvqa_jax.models.bert import BertEncoder
 from medvqa_jax.models.clip_text import ClipTextTransformer
 from medvqa_jax.models.fusion import CoAttentionFusion
@@ -54,6 +54,7 @@ class AMiF(nn.Module):
   decoder: nn.Module | None = None  # BertEncoder(causal, cross_from, lm_head): generative head
   temperature_init: float = 0.07
   dtype: Any = jnp.float32
+  compute: layers.Compute = layers.Compute()  # Fusion and GCA; the towers carry their own.
 
   def setup(self):
     if self.head not in ("generative", "classifier", "none"):
@@ -66,11 +67,12 @@ class AMiF(nn.Module):
     self.text_proj = nn.Dense(self.width, dtype=self.dtype)
     self.type_embed = nn.Embed(2, self.width)
     self.fusion = CoAttentionFusion(self.fusion_layers, self.num_heads, self.mlp_dim,
-                                    dtype=self.dtype)
+                                    dtype=self.dtype, compute=self.compute)
     self.itm_head = nn.Dense(2, dtype=self.dtype)
     self.temperatures = Temperatures(self.temperature_init)
     if self.head != "none":
-      self.gca = GatedCrossAttention(self.num_heads, self.mlp_dim, dtype=self.dtype)
+      self.gca = GatedCrossAttention(self.num_heads, self.mlp_dim, dtype=self.dtype,
+                                     compute=self.compute)
     if self.head == "classifier":
       self.classifier = heads.ClassifierHead(self.num_answers, dtype=self.dtype)
 
@@ -122,6 +124,9 @@ class AMiF(nn.Module):
       out["image2_embed"] = self.encode_image(images2)["embed"]
     if not fuse:
       return out
+    if self.fusion_layers == 0:
+      raise ValueError("the model has no fusion layers (model.fusion.layers=0), so the fusion "
+                       "losses cannot be computed: set losses.weights.wpa and .itm to 0")
     if callable(pairs):
       pairs = pairs(out)
     b = images.shape[0]
@@ -146,11 +151,11 @@ class AMiF(nn.Module):
     fused = self.fuse(text, image, return_weights=return_weights)
     x = jnp.concatenate([fused["text"], fused["image"]], axis=1)
     mask = jnp.concatenate([text["mask"], image["mask"]], axis=1)
-    gca = self.gca(x, self.word_embeddings(prior_ids), prior_mask)
+    gca = self.gca(x, self.word_embeddings(prior_ids), prior_mask, return_weights)
     out = {"context": gca["out"], "context_mask": mask, "gate": gca["gate"],
-           "gca_weights": gca["cross_weights"], "fused_text": fused["text"],
-           "fused_image": fused["image"]}
+           "fused_text": fused["text"], "fused_image": fused["image"]}
     if return_weights:
+      out["gca_weights"] = gca["cross_weights"]
       out["fusion_text_weights"] = fused["text_cross_weights"]
       out["fusion_image_weights"] = fused["image_cross_weights"]
     return out
@@ -221,6 +226,11 @@ def dummy_inputs(model: AMiF, config) -> dict:
   return batch
 
 
+def compute_of(config) -> layers.Compute:
+  """The model's layers.Compute from `config.model.compute` (defaults where absent)."""
+  return layers.Compute(**dict(config.model.get("compute", {})))
+
+
 def _decoder(config, text_module, text_params, abstract):
   """The generative head's decoder: the text tower's BERT, causal, with cross-attention from
   `decoder.cross_from` on and the masked-LM head, initialised from the text checkpoint (the
@@ -239,7 +249,7 @@ def _decoder(config, text_module, text_params, abstract):
     return text_module.clone(**changes, parent=None), None
   from medvqa_jax.models import towers
   arch = {k: v for k, v in cfg.arch.items() if v is not None}
-  arch.update(changes)
+  arch.update(changes, compute=text_module.compute)
   module, params = towers.load("text", cfg.source, cfg.checkpoint, dtype=cfg.dtype, **arch)
   return module, params
 
@@ -252,8 +262,10 @@ def initializer(config, seed: int = 0):
   already sharded: XLA drops the initialisation of the parts that `loaded` replaces."""
   from medvqa_jax.models import towers
   mc = config.model
-  image, image_params = towers.from_config(mc.image, seed=seed, abstract=True)
-  text, text_params = towers.from_config(mc.text, seed=seed + 1, abstract=True)
+  compute = compute_of(config)
+  image, image_params = towers.from_config(mc.image, seed=seed, abstract=True, compute=compute)
+  text, text_params = towers.from_config(mc.text, seed=seed + 1, abstract=True,
+                                         compute=compute)
   decoder = decoder_params = None
   if mc.head == "generative":
     decoder, decoder_params = _decoder(config, text, text_params, False)
@@ -261,12 +273,14 @@ def initializer(config, seed: int = 0):
                fusion_layers=mc.fusion.layers, num_heads=mc.fusion.heads,
                mlp_dim=mc.fusion.mlp_dim, head=mc.head, num_answers=mc.get("num_answers") or 0,
                temperature_init=config.get("losses", {}).get("temperature_init", 0.07),
-               dtype=jnp.dtype(mc.dtype))
+               dtype=jnp.dtype(mc.dtype), compute=compute)
   loaded = {name: tree for name, tree in
             (("image", image_params), ("text", text_params), ("decoder", decoder_params))
             if tree is not None}
   method = AMiF.pretrain if model.head == "none" else AMiF.vqa
   inputs = dummy_inputs(model, config)
+  if model.head == "none":
+    inputs["fuse"] = model.fusion_layers > 0  # Towers only: no fusion parameters.
 
   def init(loaded):
     params = dict(model.init(jax.random.PRNGKey(seed), **inputs, method=method)["params"])

@@ -7,6 +7,7 @@ module is the generative answer head's decoder (`causal`, cross-attention from l
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -45,6 +46,7 @@ class BertEncoder(nn.Module):
   cross_from: int | None = None
   lm_head: bool = False
   dtype: Any = jnp.float32
+  compute: layers.Compute = layers.Compute()
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, context=None,
@@ -61,10 +63,14 @@ class BertEncoder(nn.Module):
     x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="embed_ln")(x.astype(self.dtype))
     bias = layers.attention_bias(attention_mask, causal_len=length if self.causal else None)
     context_bias = None if context_mask is None else layers.attention_bias(context_mask)
-    for i in range(self.depth):
-      cross = self.cross_from is not None and i >= self.cross_from
-      x = layers.PostLNBlock(self.num_heads, self.mlp_dim, self.act, self.ln_eps, cross,
-                             self.dtype, name=f"layer_{i}")(x, bias, context, context_bias)
+    # Layers without cross-attention, then (a decoder) those with it: one stack each.
+    split = self.depth if self.cross_from is None else min(self.cross_from, self.depth)
+    for indices, cross in ((range(split), False), (range(split, self.depth), True)):
+      block = functools.partial(layers.PostLNBlock, self.num_heads, self.mlp_dim, self.act,
+                                self.ln_eps, cross, self.dtype, self.compute)
+      x = layers.run_layers(self, indices, {"layer": (block, "layer_{}")},
+                            lambda layer, x: layer["layer"](x, bias, context, context_bias),
+                            x, self.compute)
     out = {"tokens": x}
     if self.lm_head:
       h = nn.Dense(self.width, dtype=self.dtype, name="lm_dense")(x)

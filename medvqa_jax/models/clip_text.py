@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -30,6 +31,7 @@ class ClipTextTransformer(nn.Module):
   eos_token_id: int | None = None
   proj_dim: int | None = None
   dtype: Any = jnp.float32
+  compute: layers.Compute = layers.Compute()
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None):
@@ -40,9 +42,10 @@ class ClipTextTransformer(nn.Module):
     pos = self.param("pos_embed", nn.initializers.normal(0.01), (self.context_length, self.width))
     x = (x + pos[:length]).astype(self.dtype)
     bias = layers.attention_bias(attention_mask, causal_len=length)
-    for i in range(self.depth):
-      x = layers.PreLNBlock(self.num_heads, self.mlp_dim, self.act, self.ln_eps, self.dtype,
-                            name=f"block_{i}")(x, bias)
+    block = functools.partial(layers.PreLNBlock, self.num_heads, self.mlp_dim, self.act,
+                              self.ln_eps, self.dtype, self.compute)
+    x = layers.run_layers(self, range(self.depth), {"block": (block, "block_{}")},
+                          lambda layer, x: layer["block"](x, bias), x, self.compute)
     x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_final")(x)
     if self.eos_token_id is None:
       eot = jnp.argmax(input_ids, axis=-1)

@@ -7,6 +7,7 @@ in METER and the reference code). Both streams update from the previous layer's 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -25,21 +26,30 @@ class CoAttentionFusion(nn.Module):
   act: str = "gelu"
   ln_eps: float = 1e-12
   dtype: Any = jnp.float32
+  compute: layers.Compute = layers.Compute()
 
   @nn.compact
   def __call__(self, text, text_mask, image, image_mask=None, return_weights=False):
     if image_mask is None:
       image_mask = jnp.ones(image.shape[:2], jnp.int32)
     text_bias, image_bias = layers.attention_bias(text_mask), layers.attention_bias(image_mask)
-    block = lambda name: layers.PostLNBlock(self.num_heads, self.mlp_dim, self.act, self.ln_eps,
-                                            cross=True, dtype=self.dtype, name=name)
+    block = functools.partial(layers.PostLNBlock, self.num_heads, self.mlp_dim, self.act,
+                              self.ln_eps, True, self.dtype, self.compute)
     text_weights, image_weights = [], []
-    for i in range(self.num_layers):
-      new_text, tw = block(f"text_layer_{i}")(text, text_bias, image, image_bias, True)
-      new_image, iw = block(f"image_layer_{i}")(image, image_bias, text, text_bias, True)
-      text, image = new_text, new_image
-      text_weights.append(tw)
-      image_weights.append(iw)
+
+    def layer(blocks, streams):  # Both streams update from the previous layer's pair.
+      text, image = streams
+      new_text = blocks["text"](text, text_bias, image, image_bias, return_weights)
+      new_image = blocks["image"](image, image_bias, text, text_bias, return_weights)
+      if return_weights:
+        (new_text, tw), (new_image, iw) = new_text, new_image
+        text_weights.append(tw)
+        image_weights.append(iw)
+      return new_text, new_image
+
+    blocks = {"text": (block, "text_layer_{}"), "image": (block, "image_layer_{}")}
+    text, image = layers.run_layers(self, range(self.num_layers), blocks, layer, (text, image),
+                                    self.compute, plain=return_weights)
     out = {"text": text, "image": image}
     if return_weights:
       out["text_cross_weights"] = text_weights

@@ -24,17 +24,18 @@ from medvqa_jax.models import layers
 class GatedCrossAttention(nn.Module):
   """x (B, L, D), prior (P, D) or (B, P, D), prior_mask (P,) or (B, P).
 
-  Returns a dict: out (B, L, D), gate (B, L, D), cross_weights (B, heads, L, P), prior (the
-  encoded prior Yh).
+  Returns a dict: out (B, L, D), gate (B, L, D), prior (the encoded prior Yh) and, with
+  `return_weights`, cross_weights (B, heads, L, P).
   """
   num_heads: int = 12
   mlp_dim: int = 3072
   act: str = "gelu"
   ln_eps: float = 1e-12
   dtype: Any = jnp.float32
+  compute: layers.Compute = layers.Compute()
 
   @nn.compact
-  def __call__(self, x, prior, prior_mask=None):
+  def __call__(self, x, prior, prior_mask=None, return_weights=False):
     b, _, d = x.shape
     # A prior shared by the batch (P, D) is encoded once, not once per example.
     prior = prior[None] if prior.ndim == 2 else prior
@@ -47,7 +48,8 @@ class GatedCrossAttention(nn.Module):
       prior = nn.Dense(d, dtype=self.dtype, name="prior_proj")(prior)
     prior = prior.astype(self.dtype)
     ln = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
-    mha = lambda name: layers.MultiHeadAttention(self.num_heads, self.dtype, name=name)
+    mha = lambda name: layers.MultiHeadAttention(self.num_heads, self.dtype, self.compute,
+                                                 name=name)
     mlp = lambda name: layers.Mlp(self.mlp_dim, self.act, self.dtype, name=name)
     prior_bias = layers.attention_bias(prior_mask)
 
@@ -56,12 +58,16 @@ class GatedCrossAttention(nn.Module):
     if yh.shape[0] != b:
       yh = jnp.broadcast_to(yh, (b,) + yh.shape[1:])
       prior_bias = jnp.broadcast_to(prior_bias, (b,) + prior_bias.shape[1:])
-    attended, weights = mha("cross_attn")(x, kv=yh, bias=prior_bias, return_weights=True)
+    attended = mha("cross_attn")(x, kv=yh, bias=prior_bias, return_weights=return_weights)
+    attended, weights = attended if return_weights else (attended, None)
     x_prime = ln("cross_ln")(x + attended)
     gate = jax.nn.sigmoid(nn.Dense(d, dtype=self.dtype, name="gate")(x_prime))
     z = gate * x_prime + (1 - gate) * x
     out = ln("mlp_ln")(mlp("mlp")(z) + z)
-    return {"out": out, "gate": gate, "cross_weights": weights, "prior": yh}
+    out = {"out": out, "gate": gate, "prior": yh}
+    if return_weights:
+      out["cross_weights"] = weights
+    return out
 
 
 def answer_prior(answers, tokenizer, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,11 +2,17 @@
 
 Parameter names are part of the checkpoint format (the importers write to them), so
 every submodule is named explicitly. Parameters are float32; `dtype` is the compute dtype.
+
+`Compute` says *how* the stacks compute (attention kernel, scanned layers, rematerialisation),
+never *what*: every setting gives the same outputs up to rounding and the same parameter tree,
+so checkpoints move freely between settings.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -43,6 +49,119 @@ def activation(name: str) -> Callable:
     raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
 
 
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # Keep only each layer's input.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # Keep weight matmuls.
+}
+ATTENTION = ("reference", "xla", "cudnn", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class Compute:
+  """How transformer stacks compute.
+
+  attention: "reference" (two einsums around a float32 softmax; the only one that can return
+    the attention weights, so calls asking for them always use it), "xla" or "cudnn"
+    (`jax.nn.dot_product_attention` with that implementation; cudnn is the fused flash kernel:
+    GPU, bf16/fp16 only), "auto" (cudnn on a GPU with a 16-bit compute dtype, else reference).
+  pad_to: the fused kernels see token counts padded to a multiple of this; the pads are
+    masked and cut off again (cuDNN's kernels want aligned lengths).
+  scan: run each stack's layers as one `lax.scan` over the layers' parameters stacked on the
+    fly (the per-layer parameter names stay), so a stack compiles once, not once per layer.
+  remat: "none", "full" (keep each layer's input, recompute the layer in the backward pass)
+    or "dots" (keep the weight matmuls' outputs, recompute the rest).
+  """
+  attention: str = "reference"
+  pad_to: int = 16
+  scan: bool = False
+  remat: str = "none"
+
+  def __post_init__(self):
+    if self.attention not in ATTENTION:
+      raise ValueError(f"unknown attention {self.attention!r}; expected one of {ATTENTION}")
+    if self.remat != "none" and self.remat not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat {self.remat!r}; expected none or one of "
+                       f"{sorted(REMAT_POLICIES)}")
+    if self.pad_to < 1:
+      raise ValueError(f"pad_to must be >= 1, got {self.pad_to}")
+
+  def kernel(self, dtype) -> str:
+    """The attention implementation used for a compute dtype on the default backend."""
+    if self.attention != "auto":
+      return self.attention
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if half and jax.default_backend() == "gpu" else "reference"
+
+
+def fused_attention(q, k, v, bias, implementation: str, pad_to: int):
+  """softmax(q k^T / sqrt(d) + bias) v through `jax.nn.dot_product_attention`.
+
+  q (B, Lq, H, D), k/v (B, Lk, H, D); bias as `attention_bias` makes it (0 or the mask
+  value), turned into a boolean mask. Lengths are padded to a multiple of `pad_to`: padded
+  keys are masked (by sequence lengths when there is no other mask) and padded queries cut.
+  """
+  b, lq, _, _ = q.shape
+  lk = k.shape[1]
+  pq, pk = -lq % pad_to, -lk % pad_to
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x
+  q, k, v = pad(q, pq), pad(k, pk), pad(v, pk)
+  if bias is None:
+    q_len = jnp.full((b,), lq, jnp.int32) if pq else None
+    k_len = jnp.full((b,), lk, jnp.int32) if pk else None
+    out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=q_len,
+                                       key_value_seq_lengths=k_len,
+                                       implementation=implementation)
+  else:
+    mask = jnp.broadcast_to(bias > _MASK_VALUE / 2, (b, 1, lq, lk))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pq), (0, pk)))  # Pads: False, never attended.
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+  return out[:, :lq]
+
+
+def run_layers(parent: nn.Module, indices: Sequence[int],
+               blocks: Mapping[str, tuple[Callable[..., nn.Module], str]],
+               body: Callable, carry, compute: Compute, plain: bool = False):
+  """Runs the layers `indices` of a stack: carry = body(layer, carry) for each, where
+  layer[role] is the layer's block of that role.
+
+  blocks: role -> (make, name format): make(name=...) builds the block (a child of `parent`
+    named name.format(i)); make(parent=None) must build the same block unbound.
+  With compute.scan or remat (and not `plain`, nor while initialising, which creates the
+  per-layer parameters), the blocks are applied functionally to the parent's per-layer
+  parameters: stacked and scanned, and/or under `jax.checkpoint`. The parameter tree is the
+  same either way.
+  """
+  indices = list(indices)
+  if plain or parent.is_initializing() or not indices or (
+      not compute.scan and compute.remat == "none"):
+    for i in indices:
+      layer = {role: make(name=fmt.format(i)) for role, (make, fmt) in blocks.items()}
+      carry = body(layer, carry)
+    return carry
+  templates = {role: make(parent=None) for role, (make, _) in blocks.items()}
+  params = parent.variables["params"]
+  per_layer = [{role: params[fmt.format(i)] for role, (_, fmt) in blocks.items()}
+               for i in indices]
+
+  def apply(role, layer_params, *args, **kwargs):
+    return templates[role].apply({"params": layer_params[role]}, *args, **kwargs)
+
+  def step(carry, layer_params):
+    layer = {role: functools.partial(apply, role, layer_params) for role in templates}
+    return body(layer, carry)
+
+  if compute.remat != "none":
+    step = jax.checkpoint(step, policy=REMAT_POLICIES[compute.remat],
+                          prevent_cse=not compute.scan)
+  if compute.scan:
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+    carry, _ = jax.lax.scan(lambda c, p: (step(c, p), None), carry, stacked)
+    return carry
+  for layer_params in per_layer:
+    carry = step(carry, layer_params)
+  return carry
+
+
 def attention_bias(key_mask=None, causal_len: int | None = None):
   """An additive attention bias of shape (B or 1, 1, Lq, Lk) from masks.
 
@@ -64,6 +183,7 @@ class MultiHeadAttention(nn.Module):
   """Multi-head attention with separate query/key/value/out projections (all biased)."""
   num_heads: int
   dtype: Dtype = jnp.float32
+  compute: Compute = Compute()
 
   @nn.compact
   def __call__(self, x, kv=None, bias=None, return_weights: bool = False):
@@ -77,13 +197,18 @@ class MultiHeadAttention(nn.Module):
     q = dense("query")(x)
     k = dense("key")(kv)
     v = dense("value")(kv)
-    # Logits and softmax in float32 whatever the compute dtype.
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                        preferred_element_type=jnp.float32) * (head_dim ** -0.5)
-    if bias is not None:
-      logits = logits + bias
-    weights = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
+    kernel = self.compute.kernel(self.dtype)
+    if kernel == "reference" or return_weights:
+      # Logits and softmax in float32 whatever the compute dtype.
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
+                          preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+      if bias is not None:
+        logits = logits + bias
+      weights = jax.nn.softmax(logits, axis=-1)
+      out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
+    else:
+      weights = None
+      out = fused_attention(q, k, v, bias, kernel, self.compute.pad_to)
     out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(out)
     return (out, weights) if return_weights else out
 
@@ -107,11 +232,13 @@ class PreLNBlock(nn.Module):
   act: str
   ln_eps: float
   dtype: Dtype = jnp.float32
+  compute: Compute = Compute()
 
   @nn.compact
   def __call__(self, x, bias=None):
     ln = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
-    x = x + MultiHeadAttention(self.num_heads, self.dtype, name="attn")(ln("ln_1")(x), bias=bias)
+    attn = MultiHeadAttention(self.num_heads, self.dtype, self.compute, name="attn")
+    x = x + attn(ln("ln_1")(x), bias=bias)
     x = x + Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(ln("ln_2")(x))
     return x
 
@@ -131,17 +258,19 @@ class PostLNBlock(nn.Module):
   ln_eps: float
   cross: bool = False
   dtype: Dtype = jnp.float32
+  compute: Compute = Compute()
 
   @nn.compact
   def __call__(self, x, bias=None, context=None, context_bias=None, return_weights=False):
     ln = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
-    mha = lambda name: MultiHeadAttention(self.num_heads, self.dtype, name=name)
+    mha = lambda name: MultiHeadAttention(self.num_heads, self.dtype, self.compute, name=name)
     x = ln("attn_ln")(x + mha("attn")(x, bias=bias))
     weights = None
     if self.cross:
       if context is None:
         raise ValueError("a cross-attention layer needs a context")
-      y, weights = mha("cross_attn")(x, kv=context, bias=context_bias, return_weights=True)
+      y = mha("cross_attn")(x, kv=context, bias=context_bias, return_weights=return_weights)
+      y, weights = y if return_weights else (y, None)
       x = ln("cross_ln")(x + y)
     x = ln("mlp_ln")(x + Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(x))
     return (x, weights) if return_weights else x

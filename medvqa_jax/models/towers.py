@@ -89,13 +89,16 @@ def load(part: str, source: str, checkpoint: str | Path, *, dtype=jnp.float32,
   return module, params
 
 
-def from_config(cfg, seed: int = 0, abstract: bool = False):
+def from_config(cfg, seed: int = 0, abstract: bool = False, compute=None):
   """(module, params) for a tower config: `kind`, `source`, `checkpoint`, `arch`, `dtype`,
   `fresh`. With source "init" the tower is randomly initialised from `arch` alone (with
-  `abstract`, not at all: params is None)."""
+  `abstract`, not at all: params is None). `compute`: a layers.Compute for the module (how
+  it computes; the parameters do not depend on it)."""
   if cfg.kind not in KINDS:
     raise ValueError(f"unknown tower kind {cfg.kind!r}; expected one of {sorted(KINDS)}")
   arch = {k: v for k, v in cfg.arch.items() if v is not None}
+  if compute is not None:
+    arch["compute"] = compute
   if cfg.source == "init":
     module = KINDS[cfg.kind](**arch, dtype=dtype_of(cfg.dtype))
     return module, None if abstract else init_params(module, jax.random.PRNGKey(seed))

@@ -8,6 +8,7 @@ Both pool the CLS token after the final LayerNorm.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -46,6 +47,7 @@ class VisionTransformer(nn.Module):
   proj_kind: str = "linear"
   proj_bias: bool = False
   dtype: Any = jnp.float32
+  compute: layers.Compute = layers.Compute()
 
   @property
   def grid(self) -> int:
@@ -71,9 +73,10 @@ class VisionTransformer(nn.Module):
     x = x + pos.astype(x.dtype)
     if self.pre_norm:
       x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_pre")(x)
-    for i in range(self.depth):
-      x = layers.PreLNBlock(self.num_heads, self.mlp_dim, self.act, self.ln_eps, self.dtype,
-                            name=f"block_{i}")(x)
+    block = functools.partial(layers.PreLNBlock, self.num_heads, self.mlp_dim, self.act,
+                              self.ln_eps, self.dtype, self.compute)
+    x = layers.run_layers(self, range(self.depth), {"block": (block, "block_{}")},
+                          lambda layer, x: layer["block"](x), x, self.compute)
     out = {"encoded": x}
     out["tokens"] = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_final")(x)
     out["pooled"] = out["tokens"][:, 0]

@@ -67,7 +67,8 @@ def setup():
 
 def _run(module, params, x, prior, prior_mask):
   as32 = lambda t: jax.tree.map(lambda v: np.asarray(v, np.float32), t)
-  return module.apply({"params": as32(params)}, *as32((x, prior, prior_mask)))
+  return module.apply({"params": as32(params)}, *as32((x, prior, prior_mask)),
+                      return_weights=True)
 
 
 def test_gca_matches_formula(setup):

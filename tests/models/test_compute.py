@@ -1,0 +1,195 @@
+"""The speed settings of layers.Compute change how the stacks compute, never what: fused
+attention (padded and masked) vs the reference einsums, scanned vs unrolled layers,
+rematerialised vs stored activations. Same parameter trees; outputs and gradients equal
+within the tolerances stated per test (float32: 2e-5 absolute on O(1) values, what
+reassociated float32 sums differ by; bfloat16: 3e-2, a few bf16 ulps of O(1) values)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers
+from helpers import max_diff
+from medvqa_jax.models import amif, layers
+from medvqa_jax.models.bert import BertEncoder
+from medvqa_jax.models.clip_text import ClipTextTransformer
+from medvqa_jax.models.fusion import CoAttentionFusion
+from medvqa_jax.models.vit import VisionTransformer
+
+F32_TOL, BF16_TOL = 2e-5, 3e-2
+REFERENCE = layers.Compute()
+# "xla" runs the same padding/masking code as "cudnn" (only the kernel differs), on CPU.
+FUSED = layers.Compute(attention="xla", pad_to=16)
+
+
+def _close(a, b, tol):
+  """|a - b| <= tol, relative to the largest magnitude in b when that exceeds 1."""
+  return max_diff(a, b) <= tol * max(1.0, float(np.max(np.abs(np.asarray(b, np.float64)))))
+
+
+def _mask(lengths, n):
+  return (np.arange(n)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+
+
+ATTENTION_CASES = {
+    # name: (Lq, Lk, key lengths or None, causal)
+    "self, padded keys, causal": (13, 13, [13, 9, 4], True),
+    "cross, padded keys": (7, 11, [11, 5, 8], False),
+    "no mask, lengths padded to 16": (13, 13, None, False),
+    "no mask, aligned lengths": (16, 32, None, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ATTENTION_CASES))
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, F32_TOL), (jnp.bfloat16, BF16_TOL)])
+def test_fused_attention_matches_reference(case, dtype, tol):
+  lq, lk, lengths, causal = ATTENTION_CASES[case]
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, lq, 32)).astype(np.float32)
+  kv = x if lq == lk and lengths is not None and causal else rng.normal(
+      size=(3, lk, 32)).astype(np.float32)
+  bias = None
+  if lengths is not None or causal:
+    bias = layers.attention_bias(None if lengths is None else _mask(lengths, lk),
+                                 causal_len=lq if causal else None)
+  ref = layers.MultiHeadAttention(4, dtype, REFERENCE)
+  fused = layers.MultiHeadAttention(4, dtype, FUSED)
+  params = ref.init(jax.random.PRNGKey(0), x, kv, bias)["params"]
+
+  def loss(module, params):
+    out = module.apply({"params": params}, x, kv, bias)
+    return jnp.sum(out.astype(jnp.float32) ** 2), out
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True), static_argnums=0)
+  (l_ref, out_ref), g_ref = grad(ref, params)
+  (l_fused, out_fused), g_fused = grad(fused, params)
+  assert out_fused.shape == out_ref.shape == (3, lq, 32)
+  assert max_diff(out_fused, out_ref) <= tol
+  for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_ref)):
+    assert _close(a, b, tol)
+  if lengths is not None:
+    # Padded keys really are ignored: changing them changes nothing.
+    noisy = kv.copy() if kv is not x else None
+    if noisy is not None:
+      noisy[np.asarray(_mask(lengths, lk)) == 0] = 100.0
+      again = fused.apply({"params": params}, x, noisy, bias)
+      assert max_diff(again, out_fused) <= tol
+
+
+def test_auto_picks_the_fused_kernel_only_on_gpu_in_16_bit():
+  auto = layers.Compute(attention="auto")
+  on_gpu = jax.default_backend() == "gpu"
+  assert auto.kernel(jnp.float32) == "reference"
+  assert auto.kernel(jnp.bfloat16) == ("cudnn" if on_gpu else "reference")
+  assert FUSED.kernel(jnp.float32) == "xla"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(attention="flash"), "unknown attention"), (dict(remat="some"), "unknown remat"),
+    (dict(pad_to=0), "pad_to")])
+def test_bad_settings_are_refused(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    layers.Compute(**kwargs)
+
+
+def _stacks():
+  """name -> (module factory taking a Compute, inputs)."""
+  rng = np.random.default_rng(1)
+  ids = rng.integers(5, 90, (3, 12)).astype(np.int32)
+  mask = _mask([12, 7, 3], 12)
+  context = rng.normal(size=(3, 9, 32)).astype(np.float32)
+  context_mask = np.concatenate([_mask([4, 2, 3], 4), np.ones((3, 5), np.int32)], axis=1)
+  images = rng.normal(size=(3, 32, 32, 3)).astype(np.float32)
+  return {
+      "vit": (lambda c: VisionTransformer(image_size=32, patch_size=8, width=32, depth=3,
+                                          num_heads=4, mlp_dim=64, compute=c), (images,)),
+      "clip_text": (lambda c: ClipTextTransformer(vocab_size=100, context_length=16, width=32,
+                                                  depth=2, num_heads=4, mlp_dim=64,
+                                                  eos_token_id=None, compute=c), (ids, mask)),
+      "bert decoder": (lambda c: BertEncoder(vocab_size=100, max_positions=16, width=32,
+                                             depth=4, num_heads=4, mlp_dim=64, causal=True,
+                                             cross_from=2, lm_head=True, pooler="none",
+                                             compute=c),
+                       (ids, mask, None, context, context_mask)),
+      "fusion": (lambda c: CoAttentionFusion(2, 4, 64, compute=c),
+                 (rng.normal(size=(3, 12, 32)).astype(np.float32), mask,
+                  rng.normal(size=(3, 17, 32)).astype(np.float32))),
+  }
+
+
+SETTINGS = {
+    "scan + remat full": layers.Compute(scan=True, remat="full"),
+    "remat dots": layers.Compute(remat="dots"),
+    "scan + remat dots + fused attention": layers.Compute(attention="xla", scan=True,
+                                                          remat="dots"),
+}
+
+
+@pytest.mark.parametrize("stack", ["vit", "clip_text", "bert decoder", "fusion"])
+def test_stack_settings_match_the_plain_stack(stack):
+  make, inputs = _stacks()[stack]
+  params = make(REFERENCE).init(jax.random.PRNGKey(0), *inputs)["params"]
+
+  def loss(module, params):
+    out = module.apply({"params": params}, *inputs)
+    values = [v for v in jax.tree.leaves(out) if v.dtype != jnp.int32]
+    return sum(jnp.sum(jnp.sin(v.astype(jnp.float32))) for v in values), out
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True), static_argnums=0)
+  (l_plain, out_plain), g_plain = grad(make(REFERENCE), params)
+  for name, setting in SETTINGS.items():
+    fast = make(setting)
+    # The parameter tree does not depend on the setting (checkpoints are interchangeable).
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        params, fast.init(jax.random.PRNGKey(0), *inputs)["params"])
+    (l_fast, out_fast), g_fast = grad(fast, params)
+    for key in out_plain:
+      assert max_diff(out_fast[key], out_plain[key]) <= F32_TOL, (name, key)
+    assert abs(float(l_fast) - float(l_plain)) <= F32_TOL * (1 + abs(float(l_plain))), name
+    flat_fast = dict(jax.tree_util.tree_flatten_with_path(g_fast)[0])
+    for path, g in jax.tree_util.tree_flatten_with_path(g_plain)[0]:
+      assert _close(flat_fast[path], g, F32_TOL), (name, jax.tree_util.keystr(path))
+
+
+def test_scan_traces_one_layer_and_remat_marks_the_layers():
+  make, inputs = _stacks()["vit"]
+  params = make(REFERENCE).init(jax.random.PRNGKey(0), *inputs)["params"]
+
+  def jaxpr(compute):
+    return jax.make_jaxpr(jax.grad(lambda p: jnp.sum(
+        make(compute).apply({"params": p}, *inputs)["pooled"])))(params)
+
+  plain, scanned, remat = (str(jaxpr(c)) for c in (
+      REFERENCE, layers.Compute(scan=True), layers.Compute(remat="full")))
+  assert "scan" not in plain and "scan[" in scanned
+  # Three layers unrolled vs one scanned body: the program is much shorter.
+  assert len(scanned) < 0.6 * len(plain)
+  assert "checkpoint" in remat or "remat" in remat
+
+
+def test_amif_losses_and_gradients_do_not_depend_on_compute():
+  config = helpers.tiny_config()
+  model, params = amif.create(config)
+  config.model.compute.update(attention="xla", scan=True, remat="dots")
+  fast, _ = amif.create(config, abstract=True)
+  assert fast.image.compute.scan and fast.decoder.compute.remat == "dots"
+  rng = np.random.default_rng(0)
+  q, a, p = 30, 8, 64
+  batch = dict(
+      images=rng.normal(size=(4, 32, 32, 3)).astype(np.float32),
+      input_ids=rng.integers(1000, 5000, (4, q)).astype(np.int32),
+      attention_mask=_mask([30, 12, 5, 20], q),
+      prior_ids=rng.integers(1000, 5000, p).astype(np.int32), prior_mask=_mask([40], p)[0],
+      answer_ids=rng.integers(1000, 5000, (4, a)).astype(np.int32),
+      answer_mask=_mask([8, 3, 5, 2], a))
+
+  def loss(module, params):
+    return module.apply({"params": params}, **batch, method=amif.AMiF.vqa)["loss"]
+
+  l_ref, g_ref = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)(model, params)
+  l_fast, g_fast = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)(fast, params)
+  assert abs(float(l_fast) - float(l_ref)) <= F32_TOL * (1 + abs(float(l_ref)))
+  for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
+    assert _close(a, b, F32_TOL)
