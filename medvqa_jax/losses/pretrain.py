@@ -35,8 +35,10 @@ def pretrain_loss(model: AMiF, params, batch: dict, key, cfg):
     pairs = lambda out: itm.hard_negative_pairs(
         key, out["image_embed"], out["text_embed"], out["temperature"]["itgc"],
         cfg.itm.negative_images)
+  # The second view is encoded only when its loss counts.
+  images2 = batch.get("images2") if weights.get("imvc", 0) > 0 else None
   out = model.apply({"params": params}, batch["images"], batch["input_ids"],
-                    batch["attention_mask"], images2=batch.get("images2"), pairs=pairs,
+                    batch["attention_mask"], images2=images2, pairs=pairs,
                     fuse=fusion, method=AMiF.pretrain)
   student = {"image": out["image_embed"], "text": out["text_embed"]}
   if "image2_embed" in out:

@@ -159,6 +159,33 @@ def _caption_splits(dc) -> dict:
   return {"train": splits_lib.Split(dc.train_split, source, records)}
 
 
+def training_data(config, splits: dict, answers, tokenizer, image_size: int, teacher=None):
+  """This host's batches of the training split (a grain dataset, `ds[step]`), as the loop
+  reads them: fine-tuning (VQA) or pre-training (captions) by `config.model.head`."""
+  mc, tc = config.model, config.train
+  finetune = mc.head != "none"
+  answer_tok = tokenizer.with_max_len(mc.answer_max_len) if mc.head == "generative" else None
+  return pipeline.batches(
+      splits["train"].source, kind="vqa" if finetune else "caption", tokenizer=tokenizer,
+      image_size=image_size, global_batch=tc.batch_size, seed=config.seed,
+      augmentation="finetune" if finetune else "pretrain", process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      answer_vocab=answers if mc.head == "classifier" else None, answer_tokenizer=answer_tok,
+      teacher=teacher.pipeline_option() if teacher else None)
+
+
+def training_splits(config) -> tuple[dict, list | None, str]:
+  """(splits, answers, protocol) of the config's data: VQA splits and their answer set, or
+  a caption corpus's training split. Sets model.num_answers for the classifier head."""
+  if config.model.head == "none":
+    return _caption_splits(config.data), None, "pre-training"
+  splits = splits_lib.vqa_splits(config.data)
+  answers, protocol = splits_lib.answer_set(config.data, splits)
+  if config.model.head == "classifier":
+    config.model.num_answers = len(answers)
+  return splits, answers, protocol
+
+
 def _print(text: str):
   if jax.process_index() == 0:
     print(text, flush=True)
@@ -182,14 +209,7 @@ def train(config, workdir=None, stream=None) -> dict:
     if main:
       splits_lib.ensure_built(config.data)
     multihost_utils.sync_global_devices("dataset built")
-  if finetune:
-    splits = splits_lib.vqa_splits(config.data)
-    answers, protocol = splits_lib.answer_set(config.data, splits)
-    if mc.head == "classifier":
-      mc.num_answers = len(answers)
-  else:
-    splits = _caption_splits(config.data)
-    answers, protocol = None, "pre-training"
+  splits, answers, protocol = training_splits(config)
   tokenizer = tokenizer_lib.from_config(mc.text)
   steps = total_steps(config, len(splits["train"].records))
   config.optim.total_steps = steps
@@ -231,20 +251,12 @@ def train(config, workdir=None, stream=None) -> dict:
       loss, metrics = clean(params, batch, key)
       loss = jnp.where(batch["poison"] > 0, jnp.nan, loss)
       return loss, {**metrics, "loss": loss}
-  train_step = step_lib.make_train_step(objective, tx, shardings, tc.accum_steps)
+  train_step = step_lib.make_train_step(objective, tx, shardings, tc.accum_steps,
+                                        optim.frozen_mask(config.optim, shapes))
   base_key = jax.device_put(jax.random.PRNGKey(config.seed),
                             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   image_size = model.image.image_size
-  answer_tok = None
-  if mc.head == "generative":
-    answer_tok = tokenizer.with_max_len(mc.answer_max_len)
-  ds = pipeline.batches(
-      splits["train"].source, kind="vqa" if finetune else "caption", tokenizer=tokenizer,
-      image_size=image_size, global_batch=tc.batch_size, seed=config.seed,
-      augmentation="finetune" if finetune else "pretrain", process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      answer_vocab=answers if mc.head == "classifier" else None, answer_tokenizer=answer_tok,
-      teacher=teacher.pipeline_option() if teacher else None)
+  ds = training_data(config, splits, answers, tokenizer, image_size, teacher)
 
   # ---- evaluation ----
   predictor = None
@@ -327,19 +339,12 @@ def train(config, workdir=None, stream=None) -> dict:
   if best != ckpts.latest_step() or start == steps:
     state, _ = ckpts.restore(best, abstract_state(shapes, tx, shardings))
   ckpts.close()
-  metrics = evaluate_checkpoint_state(config, model, state["params"], predictor, splits["test"],
-                                      protocol, best, tokenizer, image_size,
-                                      splits_lib.majority_answer(splits["train"].records))
-  if main:
-    vqa_eval.write(workdir / "eval" / splits["test"].name, metrics["metrics"], metrics["rows"])
-  return metrics["metrics"]
-
-
-def evaluate_checkpoint_state(config, model, params, predictor, split, protocol, step,
-                              tokenizer, image_size, majority) -> dict:
   t0 = time.perf_counter()
-  rows = vqa_eval.answer_split(predictor, params, split, tokenizer=tokenizer,
-                               image_size=image_size, global_batch=config.train.eval_batch_size)
-  metrics = vqa_eval.evaluate(rows, split, protocol, step, baseline=majority)
+  rows = vqa_eval.answer_split(predictor, state["params"], splits["test"], tokenizer=tokenizer,
+                               image_size=image_size, global_batch=tc.eval_batch_size)
+  metrics = vqa_eval.evaluate(rows, splits["test"], protocol, best,
+                              baseline=splits_lib.majority_answer(splits["train"].records))
   metrics["seconds"] = round(time.perf_counter() - t0, 1)
-  return {"metrics": metrics, "rows": rows}
+  if main:
+    vqa_eval.write(workdir / "eval" / splits["test"].name, metrics, rows)
+  return metrics

@@ -31,6 +31,11 @@ def param_labels(params, rules):
   return unflatten({p: label(p) for p in flatten(params)})
 
 
+def frozen_mask(cfg, params):
+  """A pytree like `params` of bools: True where the learning-rate multiplier is 0."""
+  return jax.tree.map(lambda label: label == "frozen", param_labels(params, cfg.lr_mults))
+
+
 def schedule(cfg):
   warmup = int(cfg.warmup_fraction * cfg.total_steps)
   return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warmup, 1),
@@ -46,8 +51,8 @@ def make(cfg, params) -> optax.GradientTransformation:
     mult = float(label.removeprefix("lr_x"))
     transforms[label] = optax.adamw(lambda step, mult=mult: mult * base(step), b1=cfg.b1,
                                     b2=cfg.b2, weight_decay=cfg.weight_decay)
-  # Frozen gradients are zeroed first, so that they neither count in the clipping norm nor
-  # need computing (XLA drops the unused backward pass).
+  # Frozen gradients are zeroed first, so that they do not count in the clipping norm (the
+  # train step does not compute them at all: see step.make_train_step's `frozen`).
   frozen = jax.tree.map(lambda label: label == "frozen", labels)
   steps = [optax.masked(optax.set_to_zero(), frozen)]
   if cfg.get("grad_clip"):

@@ -65,13 +65,23 @@ def create_state(init: Callable, tx, shardings, *args) -> dict:
   return jax.jit(make, out_shardings=shardings)(*args)
 
 
-def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1):
+def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, frozen=None):
   """(state, batch, key) -> (state, metrics), jitted with the state donated. The loss and
   gradients are those of the whole global batch (averaged over micro-batches); the step's
-  random key is `key` folded with the state's step."""
+  random key is `key` folded with the state's step.
+
+  frozen: a pytree like the params of bools (optim.frozen_mask): those parameters enter the
+  objective through stop_gradient, so their gradients are zeros and nothing is computed for
+  them (stage 1's frozen towers cost their forward pass only).
+  """
+
+  def differentiated(params, batch, key):
+    if frozen is not None:
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+    return objective(params, batch, key)
 
   def grads_of(params, batch, key):
-    return jax.value_and_grad(objective, has_aux=True)(params, batch, key)
+    return jax.value_and_grad(differentiated, has_aux=True)(params, batch, key)
 
   def step(state, batch, key):
     params = state["params"]

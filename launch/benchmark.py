@@ -1,0 +1,54 @@
+r"""Times the train step of a config and prints one JSON line.
+
+  python launch/benchmark.py --config=configs/towers_only.py                # GPU/TPU
+  python launch/benchmark.py --config=configs/pretrain_stage1.py:image=paper_init,text=paper_init \
+      --batch_size=64
+  python launch/benchmark.py --config=configs/towers_only.py:tiny --steps=5   # CPU smoke run
+  python launch/benchmark.py --config=configs/demo.py --pipeline             # + input pipeline
+
+Builds the model of the config with random weights (towers from their `arch`), compiles the
+loop's jitted step once, runs --warmup then --steps steps on synthetic batches of the config's
+shapes, and prints: device kind and count, batch, compile time, step time, samples/s, model
+FLOPs per sample (analytic; XLA's compiled count beside it, and `flops_check` says whether the
+two agree within 10% when the program is plain: reference attention, no scan, no remat), MFU
+against the device's dense bf16 peak (--peak_tflops for a device not in the table), memory
+(XLA's compiled estimate, and the runtime peak where the backend reports one), the share of
+the step that the OT loss alone takes (pre-training with wpa), and with --pipeline the share
+lost to the input pipeline (1 - synthetic step time / step time fed by config.data).
+Any config field is overridable, e.g. --config.model.compute.attention=cudnn
+--config.model.compute.scan=True --config.model.compute.remat=dots.
+"""
+
+import json
+
+import common  # noqa: F401  (puts the repository root on sys.path)
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/towers_only.py", "Config file.")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: the config's).")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (0: compile and count FLOPs only).")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+_PIPELINE = flags.DEFINE_bool("pipeline", False, "Also time steps fed by the real input "
+                              "pipeline of config.data.")
+_PEAK = flags.DEFINE_float("peak_tflops", None, "Dense bf16 peak per device, TFLOP/s "
+                           "(default: from the device kind).")
+_TEACHER_DIM = flags.DEFINE_integer("teacher_dim", 512, "Width of the synthetic teacher "
+                                    "embeddings (pre-training with a teacher).")
+
+
+def main(argv):
+  del argv
+  import sys
+
+  from medvqa_jax.train import benchmark
+  log = lambda s: print(s, file=sys.stderr, flush=True)
+  figures = benchmark.run(_CONFIG.value, batch_size=_BATCH.value, steps=_STEPS.value,
+                          warmup=_WARMUP.value, pipeline=_PIPELINE.value, peak=_PEAK.value,
+                          teacher_dim=_TEACHER_DIM.value, log=log)
+  figures["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
+  print(json.dumps(figures), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

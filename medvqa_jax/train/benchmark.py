@@ -1,0 +1,273 @@
+"""Speed of the train step of a config: step time, throughput, FLOPs, MFU, memory, and the
+shares of the step spent in Sinkhorn and in the input pipeline.
+
+The state is built as the loop builds it (born sharded over every device, towers randomly
+initialised from their `arch`), and the step is the loop's jitted step, compiled once ahead
+of time. Batches are synthetic, of the shapes the config implies (random pixels, token ids
+with random lengths, random teacher embeddings), placed on the devices once; with
+`pipeline=True` the real input pipeline of `config.data` also feeds a second timed run.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medvqa_jax.models import amif, layers
+from medvqa_jax.train import flops as flops_lib
+from medvqa_jax.train import optim, sharding
+from medvqa_jax.train import step as step_lib
+
+# Dense bf16 peak per chip, TFLOP/s, by a substring of `device_kind` (first match wins).
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("B200", 2250.0),
+    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
+    ("TPU v6 lite", 918.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5", 459.0),
+    ("TPU v4", 275.0),
+)
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  for name, value in PEAK_BF16_TFLOPS:
+    if name.lower() in device_kind.lower():
+      return value
+  return None
+
+
+def _lengths(rng, n, low, high):
+  return rng.integers(low, high + 1, n)
+
+
+def _ids(rng, n, length, vocab, low=None):
+  """(n, length) token ids with random real lengths, and the mask (right-padded)."""
+  lengths = _lengths(rng, n, low or max(2, length // 3), length)
+  mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+  ids = rng.integers(5, vocab, (n, length)).astype(np.int32) * mask
+  return ids, mask
+
+
+def _unit(rng, n, d):
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def synthetic_batch(config, model, batch_size: int, seed: int = 0,
+                    teacher_dim: int = 512) -> dict:
+  """A host batch (NumPy) of the shapes the loop feeds `config`'s step."""
+  rng = np.random.default_rng(seed)
+  mc = config.model
+  size = model.image.image_size
+  images = lambda: rng.normal(size=(batch_size, size, size, 3)).astype(np.float32)
+  ids, mask = _ids(rng, batch_size, mc.text.max_len, model.text.vocab_size)
+  batch = {"images": images(), "input_ids": ids, "attention_mask": mask}
+  if model.head == "none":
+    if dict(config.losses.weights).get("imvc", 0) > 0:
+      batch["images2"] = images()
+    if config.teacher.mode != "none":
+      batch.update(teacher_image=_unit(rng, batch_size, teacher_dim),
+                   teacher_image2=_unit(rng, batch_size, teacher_dim),
+                   teacher_text=_unit(rng, batch_size, teacher_dim),
+                   teacher_scale=np.float32(85.0))
+  elif model.head == "generative":
+    batch["answer_ids"], batch["answer_mask"] = _ids(rng, batch_size, mc.answer_max_len,
+                                                     model.text.vocab_size, low=3)
+  else:
+    batch["labels"] = rng.integers(0, mc.num_answers, batch_size).astype(np.int32)
+  return batch
+
+
+def synthetic_prior(config, model, seed: int = 1):
+  """Answer-prior ids and mask (the GCA's constant) of the configured size, 3/4 real."""
+  rng = np.random.default_rng(seed)
+  p = config.model.prior_max_tokens
+  mask = (np.arange(p) < max(1, 3 * p // 4)).astype(np.int32)
+  return rng.integers(5, model.text.vocab_size, p).astype(np.int32) * mask, mask
+
+
+def _time(fn: Callable, n: int) -> float:
+  """Seconds per call of fn() (which returns something to block on), n calls."""
+  start = time.perf_counter()
+  out = None
+  for _ in range(n):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / n
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older jax: one dict per computation.
+    cost = cost[0] if cost else {}
+  return cost or {}
+
+
+def _memory(compiled) -> float | None:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001  (not every backend implements it)
+    return None
+  if m is None:
+    return None
+  total = (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+           - m.alias_size_in_bytes)
+  return total / 2 ** 30
+
+
+def _peak_memory() -> float | None:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2 ** 30
+
+
+def sinkhorn_seconds(config, model, batch_size: int, mesh, steps: int, seed: int = 0):
+  """Seconds per call of the word-patch OT loss alone (cost matrix, Sinkhorn, <C, P>) on
+  float32 fused tokens of the step's shapes, and the solver's convergence rate."""
+  from medvqa_jax.losses import ot
+  rng = np.random.default_rng(seed)
+  d, li = model.width, flops_lib.image_tokens(model)
+  _, mask = _ids(rng, batch_size, config.model.text.max_len, 100)
+  host = {"text": rng.normal(size=(batch_size, mask.shape[1], d)).astype(np.float32),
+          "image": rng.normal(size=(batch_size, li, d)).astype(np.float32), "mask": mask}
+  dev = sharding.shard_batch(mesh, host)
+  fn = jax.jit(lambda b: ot.wpa_loss(b["text"], b["image"], b["mask"], **config.losses.ot))
+  jax.block_until_ready(fn(dev))
+  seconds = _time(lambda: fn(dev), steps)
+  converged = fn(dev)[1].get("wpa_converged")
+  return seconds, None if converged is None else float(converged)
+
+
+def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int = 3,
+        pipeline: bool = False, peak: float | None = None, teacher_dim: int = 512,
+        log: Callable[[str], None] = lambda s: None) -> dict:
+  """Builds, compiles and times the train step of `config`; returns the figures."""
+  tc, mc = config.train, config.model
+  batch_size = batch_size or tc.batch_size
+  tc.batch_size = batch_size
+  if batch_size % jax.device_count():
+    raise ValueError(f"batch size {batch_size} is not divisible by the {jax.device_count()} "
+                     "devices")
+  if mc.head == "classifier" and not mc.get("num_answers"):
+    mc.num_answers = 512
+  for part in (mc.image, mc.text):
+    if part.source != "init":
+      raise ValueError(
+          f"the benchmark initialises the towers randomly, from `arch` alone, but the "
+          f"{part.kind} tower loads a {part.source} checkpoint: pick towers with random "
+          f"weights, e.g. --config=configs/pretrain_stage1.py:image=paper_init,text=paper_init")
+  mesh = sharding.make_mesh(tc.fsdp)
+  model, init, loaded = amif.initializer(config, seed=config.seed)
+  shapes = jax.eval_shape(init, loaded)
+  tx = optim.make(config.optim, shapes)
+  shardings = step_lib.state_shardings(mesh, shapes, tx, tuple(tc.fsdp_rules), tc.fsdp_min_size)
+  log(f"building the state ({sum(x.size for x in jax.tree.leaves(shapes)) / 1e6:.1f}M "
+      f"parameters) on {jax.device_count()} {jax.devices()[0].device_kind} device(s)")
+  state = step_lib.create_state(init, tx, shardings, {})
+  if mc.head == "none":
+    objective = step_lib.pretrain_objective(model, config.losses)
+  else:
+    objective = step_lib.finetune_objective(model, *synthetic_prior(config, model))
+  train_step = step_lib.make_train_step(objective, tx, shardings, tc.accum_steps,
+                                        optim.frozen_mask(config.optim, shapes))
+  host = synthetic_batch(config, model, batch_size, config.seed, teacher_dim)
+  batch = sharding.shard_batch(mesh, host)
+  key = jax.device_put(jax.random.PRNGKey(0),
+                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+  log("compiling the train step")
+  start = time.perf_counter()
+  compiled = train_step.lower(state, batch, key).compile()
+  compile_s = time.perf_counter() - start
+  analytic = flops_lib.train_step(model, config, batch_size, shapes, teacher_dim)
+  compiled_flops = _cost(compiled).get("flops")
+  compiled_per_sample = (None if compiled_flops is None
+                         else compiled_flops * jax.device_count() / batch_size)
+  compute = amif.compute_of(config)
+  kernel = compute.kernel(mc.dtype)
+  plain = kernel == "reference" and not compute.scan and compute.remat == "none"
+
+  out = {
+      "config": None, "device_kind": jax.devices()[0].device_kind,
+      "platform": jax.default_backend(), "device_count": jax.device_count(),
+      "process_count": jax.process_count(), "jax": jax.__version__,
+      "batch_size": batch_size, "per_device_batch": batch_size // jax.device_count(),
+      "dtype": mc.dtype, "attention": kernel, "scan": compute.scan, "remat": compute.remat,
+      "compile_s": round(compile_s, 2),
+      "flops_per_sample": analytic["total"], "flops_source": "analytic",
+      "compiled_flops_per_sample": compiled_per_sample,
+      "compiled_over_analytic": (None if compiled_per_sample is None
+                                 else round(compiled_per_sample / analytic["total"], 4)),
+      # XLA's count includes remat's recomputation, counts a scanned body once and leaves out
+      # custom kernels (cuDNN attention): only the plain program is comparable.
+      "flops_check": None,
+      "compiled_memory_gib": _memory(compiled),
+  }
+  if plain and compiled_per_sample:
+    ratio = compiled_per_sample / analytic["total"]
+    out["flops_check"] = "agree" if abs(ratio - 1) <= 0.10 else f"differ ({ratio:.3f}x)"
+  if steps <= 0:
+    return out
+
+  log(f"warm-up: {warmup} steps")
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch, key)
+  jax.block_until_ready(metrics)
+
+  def one():
+    nonlocal state, metrics
+    state, metrics = compiled(state, batch, key)
+    return metrics
+
+  log(f"timing {steps} steps on synthetic batches")
+  step_s = _time(one, steps)
+  loss = float(metrics["loss"])
+  peak = peak if peak is not None else peak_tflops(out["device_kind"])
+  achieved = analytic["total"] * batch_size / step_s / jax.device_count()
+  out.update(
+      step_s=round(step_s, 5), samples_per_s=round(batch_size / step_s, 2),
+      samples_per_s_per_device=round(batch_size / step_s / jax.device_count(), 2),
+      achieved_tflops_per_device=round(achieved / 1e12, 3),
+      peak_bf16_tflops_per_device=peak,
+      mfu=None if not peak else round(achieved / (peak * 1e12), 4),
+      peak_memory_gib=_peak_memory(), loss=loss, loss_finite=bool(np.isfinite(loss)),
+      sinkhorn_s=None, sinkhorn_share=None, sinkhorn_converged=None,
+      pipeline_step_s=None, data_share=None)
+
+  if mc.head == "none" and dict(config.losses.weights).get("wpa", 0) > 0:
+    log("timing the OT loss alone")
+    seconds, converged = sinkhorn_seconds(config, model, batch_size, mesh, steps)
+    out.update(sinkhorn_s=round(seconds, 5), sinkhorn_share=round(seconds / step_s, 4),
+               sinkhorn_converged=converged)
+
+  if pipeline:
+    from medvqa_jax.data import pipeline as pipeline_lib
+    from medvqa_jax.data import tokenizer as tokenizer_lib
+    from medvqa_jax.train import loop
+    if mc.head == "none" and config.teacher.mode != "none":
+      raise ValueError("the pipeline run of a pre-training config needs the teacher cache; "
+                       "time it with --config.teacher.mode=none")
+    splits, answers, _ = loop.training_splits(config)
+    tokenizer = tokenizer_lib.from_config(mc.text)
+    ds = loop.training_data(config, splits, answers, tokenizer, model.image.image_size)
+    it = pipeline_lib.iterate(ds, num_workers=config.data.workers)
+    keep = set(host)
+
+    def fetch():
+      b = next(it)
+      return sharding.shard_batch(mesh, {k: v for k, v in b.items() if k in keep})
+
+    log(f"timing {steps} steps fed by the input pipeline ({config.data.workers} workers)")
+    for _ in range(warmup):
+      state, metrics = compiled(state, fetch(), key)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = compiled(state, fetch(), key)
+    jax.block_until_ready(metrics)
+    pipe_s = (time.perf_counter() - start) / steps
+    out.update(pipeline_step_s=round(pipe_s, 5),
+               data_share=round(max(0.0, 1 - step_s / pipe_s), 4))
+  return out

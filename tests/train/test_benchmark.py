@@ -1,0 +1,158 @@
+"""launch/benchmark.py: the JSON line it prints on CPU, the analytic FLOP count against XLA's
+own count, the Sinkhorn and input-pipeline shares."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medvqa_jax.models.bert import BertEncoder
+from medvqa_jax.models.clip_text import ClipTextTransformer
+from medvqa_jax.models.vit import VisionTransformer
+from medvqa_jax.train import benchmark
+from medvqa_jax.train import flops as flops_lib
+
+ROOT = Path(__file__).resolve().parents[2]
+
+KEYS = {"config", "device_kind", "platform", "device_count", "batch_size", "compile_s",
+        "step_s", "samples_per_s", "flops_per_sample", "flops_source",
+        "compiled_flops_per_sample", "compiled_over_analytic", "flops_check", "mfu",
+        "peak_bf16_tflops_per_device", "compiled_memory_gib", "peak_memory_gib",
+        "sinkhorn_share", "data_share", "attention", "scan", "remat", "loss"}
+
+
+def test_benchmark_prints_one_well_formed_line():
+  out = subprocess.run(
+      [sys.executable, str(ROOT / "launch" / "benchmark.py"),
+       "--config=configs/towers_only.py:tiny", "--steps=3", "--warmup=1"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 1, out.stdout
+  r = json.loads(lines[0])
+  assert KEYS <= set(r)
+  assert r["config"] == "configs/towers_only.py:tiny" and r["platform"] == "cpu"
+  assert r["batch_size"] == 8 and r["device_count"] == 1
+  assert r["samples_per_s"] == pytest.approx(8 / r["step_s"], rel=1e-3)
+  assert r["flops_source"] == "analytic" and r["flops_check"] == "agree"
+  assert 0.9 <= r["compiled_over_analytic"] <= 1.1
+  assert r["mfu"] is None and r["peak_bf16_tflops_per_device"] is None  # No CPU peak.
+  assert r["compiled_memory_gib"] > 0 and np.isfinite(r["loss"])
+  assert r["sinkhorn_share"] is None and r["data_share"] is None
+  assert "compiling the train step" in out.stderr  # Progress goes to stderr.
+
+
+def _xla_flops(fn, *args) -> float:
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+
+@pytest.mark.parametrize("tower", ["vit", "clip_text", "bert"])
+def test_analytic_tower_flops_match_xla(tower):
+  """The forward count of each tower against XLA's count of the compiled forward pass (which
+  also counts elementwise work, a few percent at these widths)."""
+  if tower == "vit":
+    module = VisionTransformer(image_size=64, patch_size=8, width=256, depth=2, num_heads=4,
+                               mlp_dim=1024)
+    x = (jnp.zeros((2, 64, 64, 3)),)
+    ours = flops_lib.tower(module)
+  else:
+    kind = ClipTextTransformer if tower == "clip_text" else BertEncoder
+    extra = dict(context_length=64) if tower == "clip_text" else dict(max_positions=64)
+    module = kind(vocab_size=500, width=256, depth=2, num_heads=4, mlp_dim=1024, **extra)
+    x = (jnp.ones((2, 64), jnp.int32),)
+    ours = flops_lib.tower(module, 64)
+  params = module.init(jax.random.PRNGKey(0), *x)["params"]
+  theirs = _xla_flops(lambda p, *x: module.apply({"params": p}, *x)["pooled"], params, *x) / 2
+  assert 0.93 <= theirs / ours <= 1.1, (theirs, ours)
+
+
+def test_peak_table_names_the_devices():
+  assert benchmark.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+  assert benchmark.peak_tflops("NVIDIA H100 PCIe") == 756.0
+  assert benchmark.peak_tflops("NVIDIA H200") == 989.0
+  assert benchmark.peak_tflops("TPU v5 lite") == 197.0
+  assert benchmark.peak_tflops("TPU v5") == 459.0
+  assert benchmark.peak_tflops("cpu") is None
+
+
+def test_pretraining_step_reports_the_sinkhorn_share():
+  from configs import pretrain_stage1
+  config = pretrain_stage1.get_config("image=tiny,text=tiny,teacher=tiny")
+  # Wide enough that matrix multiplications dominate XLA's count (as at paper size).
+  config.model.image.arch.update(image_size=128, patch_size=16, width=256, num_heads=4,
+                                 mlp_dim=1024)
+  config.model.text.arch.update(width=256, num_heads=4, mlp_dim=1024)
+  config.model.text.max_len = 32
+  config.model.fusion.update(width=256, layers=1, heads=4, mlp_dim=1024)
+  r = benchmark.run(config, batch_size=8, steps=2, warmup=1, peak=0.5, teacher_dim=32)
+  assert r["loss_finite"] and r["samples_per_s"] > 0
+  assert 0 < r["sinkhorn_share"] < 1 and 0 <= r["sinkhorn_converged"] <= 1
+  # Against the given peak: MFU is the achieved rate over it.
+  assert r["mfu"] == pytest.approx(r["achieved_tflops_per_device"] / 0.5, rel=2e-2, abs=1e-4)
+  # Frozen towers (stage 1) cost their forward pass only, in the analytic count and, thanks
+  # to the step's stop_gradient mask, in XLA's count too (1.6x more without the mask).
+  assert r["flops_check"] == "agree", r["compiled_over_analytic"]
+
+
+def test_frozen_towers_do_not_move_and_the_rest_trains_as_without_the_mask():
+  """Stage 1 freezes both towers (learning-rate multiplier 0): the step differentiates
+  through stop_gradient, so the towers' backward pass is not computed (the FLOP count of the
+  test above agrees with an analytic count that gives them their forward pass only). The loss
+  is the same, the towers do not move and the rest trains as without the mask."""
+  import optax
+
+  from configs import pretrain_stage1
+  from medvqa_jax.models import amif
+  from medvqa_jax.models.state_dict import flatten
+  from medvqa_jax.train import optim, sharding
+  from medvqa_jax.train import step as step_lib
+  config = pretrain_stage1.get_config("image=tiny,text=tiny,teacher=tiny")
+  config.model.text.max_len = 16
+  config.model.fusion.update(width=64, layers=1, heads=4, mlp_dim=128)
+  model, init, loaded = amif.initializer(config)
+  shapes = jax.eval_shape(init, loaded)
+  mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
+  tx = optax.sgd(1.0)
+  shardings = step_lib.state_shardings(mesh, shapes, tx)
+  batch = sharding.shard_batch(mesh, benchmark.synthetic_batch(config, model, 8, teacher_dim=32))
+  objective = step_lib.pretrain_objective(model, config.losses)
+  before = flatten(jax.device_get(jax.jit(init)(loaded)))
+  results = []
+  for frozen in (None, optim.frozen_mask(config.optim, shapes)):
+    step = step_lib.make_train_step(objective, tx, shardings, frozen=frozen)
+    new, metrics = step(step_lib.create_state(init, tx, shardings, {}), batch,
+                        jax.random.PRNGKey(0))
+    results.append((flatten(jax.device_get(new["params"])), float(metrics["loss"])))
+  (plain, l_plain), (masked, l_masked) = results
+  assert l_masked == pytest.approx(l_plain, rel=1e-6)
+  towers = [p for p in before if p.startswith(("image/", "text/"))]
+  for path in towers:
+    np.testing.assert_array_equal(masked[path], before[path], err_msg=path)
+  # Without the mask, SGD moves them: the mask is what keeps them.
+  assert len([p for p in towers if not np.array_equal(plain[p], before[p])]) > 0.8 * len(towers)
+  for path in set(before) - set(towers):
+    np.testing.assert_allclose(masked[path], plain[path], rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+def test_pipeline_share_on_the_demo_data(tmp_path):
+  from configs import demo
+  config = demo.get_config()
+  config.data.dir = str(tmp_path / "data")
+  r = benchmark.run(config, batch_size=16, steps=3, warmup=1, pipeline=True)
+  assert r["pipeline_step_s"] > 0 and 0 <= r["data_share"] < 1
+  assert r["data_share"] == pytest.approx(max(0, 1 - r["step_s"] / r["pipeline_step_s"]),
+                                          abs=1e-3)
+
+
+def test_checkpoint_towers_are_refused_with_a_hint():
+  from configs import vqa_rad
+  with pytest.raises(ValueError, match="paper_init"):
+    benchmark.run(vqa_rad.get_config(), steps=0)
