@@ -4,9 +4,12 @@ torch, transformers and open_clip are test-only references: they are imported in
 fixtures so that collecting the suite stays cheap.
 """
 
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `configs` is imported by the config tests.
   sys.path.insert(0, str(ROOT))
+
+# One XLA compilation cache for the session, inherited by the subprocesses the tests start:
+# the training-loop tests run the same programs in several processes (a run, its resumption,
+# evaluation), and on a 2-core machine compiling them again dominates their time. Fresh per
+# session, so nothing carries over between runs of the suite.
+_CACHE = tempfile.mkdtemp(prefix="medvqa-xla-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # Tokens: CLIP text uses 0 = pad, 98 = start, 99 = end of text (the largest id).
 CLIP_VOCAB, CLIP_BOS, CLIP_EOS = 100, 98, 99

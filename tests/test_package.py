@@ -123,13 +123,41 @@ class TestConfigs:
       config.model.image.arch.dept = 3  # Locked.
 
   @pytest.mark.parametrize("name", ["clip_vit_b16", "biomedclip", "bio_clinicalbert",
-                                    "minilm", "tiny"])
+                                    "minilm", "tiny", "paper_init", "vit_s16_scratch"])
   def test_every_preset_is_selectable(self, name):
     parts = self.base.preset(name)
     arg = ",".join(f"{p}={name}" for p in ("image", "text") if p in parts)
     config = self.base.get_config(arg)
     for part in parts:
       assert config.model[part].kind == parts[part].kind
+
+  def test_towers_only_is_the_plain_clip_step(self):
+    from configs import towers_only
+    config = towers_only.get_config()
+    mc = config.model
+    assert (mc.image.arch.image_size, mc.image.arch.depth, mc.image.arch.width) == (224, 12, 768)
+    assert (mc.text.kind, mc.text.arch.depth, mc.text.arch.width, mc.text.max_len) == (
+        "clip_text", 12, 512, 77)
+    assert mc.fusion.layers == 0 and mc.head == "none" and config.teacher.mode == "none"
+    assert {k for k, v in config.losses.weights.items() if v} == {"itgc"}
+    assert mc.dtype == "bfloat16" and config.train.batch_size == 256
+    with pytest.raises(ValueError, match="no argument or 'tiny'"):
+      towers_only.get_config("huge")
+
+  def test_fusion_losses_need_fusion_layers(self):
+    import numpy as np
+
+    from configs import towers_only
+    from medvqa_jax.losses.pretrain import pretrain_loss
+    from medvqa_jax.models import amif
+    config = towers_only.get_config("tiny")
+    model, params = amif.create(config)
+    assert "fusion" not in params and "itm_head" not in params
+    config.losses.weights.itm = 1.0
+    batch = {"images": np.zeros((2, 64, 64, 3), np.float32),
+             "input_ids": np.ones((2, 32), np.int32), "attention_mask": np.ones((2, 32), np.int32)}
+    with pytest.raises(ValueError, match="no fusion layers"):
+      pretrain_loss(model, params, batch, None, config.losses)
 
   def test_bad_arguments(self):
     with pytest.raises(ValueError, match="no tower preset 'vit_h14'"):

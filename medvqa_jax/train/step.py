@@ -65,6 +65,18 @@ def create_state(init: Callable, tx, shardings, *args) -> dict:
   return jax.jit(make, out_shardings=shardings)(*args)
 
 
+def freeze(objective: Callable, frozen) -> Callable:
+  """The objective with the `frozen` parameters (a pytree of bools like the params, or None)
+  behind stop_gradient: their gradients are zeros that cost nothing to compute."""
+  if frozen is None:
+    return objective
+
+  def frozen_objective(params, *args):
+    params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+    return objective(params, *args)
+  return frozen_objective
+
+
 def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, frozen=None):
   """(state, batch, key) -> (state, metrics), jitted with the state donated. The loss and
   gradients are those of the whole global batch (averaged over micro-batches); the step's
@@ -75,10 +87,7 @@ def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, fr
   them (stage 1's frozen towers cost their forward pass only).
   """
 
-  def differentiated(params, batch, key):
-    if frozen is not None:
-      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
-    return objective(params, batch, key)
+  differentiated = freeze(objective, frozen)
 
   def grads_of(params, batch, key):
     return jax.value_and_grad(differentiated, has_aux=True)(params, batch, key)

@@ -59,13 +59,24 @@ def test_total_is_the_weighted_sum_of_the_terms():
 @pytest.mark.parametrize("stage", [0, 1])
 def test_stage_freezing(stage):
   """Stage 1 leaves the encoders bit-identical after an update and trains fusion; stage 0
-  trains the encoders and leaves fusion as it was."""
+  trains the encoders and leaves fusion as it was. The train step's mask (frozen parameters
+  behind stop_gradient, so that their backward pass is never computed) gives zero gradients
+  to exactly the frozen parameters and the same gradients to the others."""
+  from medvqa_jax.train import step as step_lib
   config = tiny_config(stage)
   model, params = amif.create(config)
   tx = optim.make(config.optim, params)
   state = tx.init(params)
-  grads = jax.jit(jax.grad(lambda p, b: pretrain_loss(model, p, b, jax.random.PRNGKey(1),
-                                                       config.losses)[0]))(params, batch())
+  loss = lambda p, b: pretrain_loss(model, p, b, jax.random.PRNGKey(1), config.losses)
+  frozen = optim.frozen_mask(config.optim, params)
+  grad = lambda f: jax.jit(jax.grad(lambda p, b: f(p, b)[0]))(params, batch())
+  grads, masked = grad(loss), grad(step_lib.freeze(loss, frozen))
+  for g, m, f in zip(jax.tree.leaves(grads), jax.tree.leaves(masked), jax.tree.leaves(frozen)):
+    if f:
+      assert not np.any(m)
+    else:
+      np.testing.assert_allclose(m, g, rtol=1e-5, atol=1e-7)
+  assert any(jax.tree.leaves(frozen)) and not all(jax.tree.leaves(frozen))
   new = params
   for _ in range(2):  # The first step's learning rate is 0 (warm-up starts at 0).
     updates, state = tx.update(grads, state, new)

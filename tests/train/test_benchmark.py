@@ -102,46 +102,6 @@ def test_pretraining_step_reports_the_sinkhorn_share():
   assert r["flops_check"] == "agree", r["compiled_over_analytic"]
 
 
-def test_frozen_towers_do_not_move_and_the_rest_trains_as_without_the_mask():
-  """Stage 1 freezes both towers (learning-rate multiplier 0): the step differentiates
-  through stop_gradient, so the towers' backward pass is not computed (the FLOP count of the
-  test above agrees with an analytic count that gives them their forward pass only). The loss
-  is the same, the towers do not move and the rest trains as without the mask."""
-  import optax
-
-  from configs import pretrain_stage1
-  from medvqa_jax.models import amif
-  from medvqa_jax.models.state_dict import flatten
-  from medvqa_jax.train import optim, sharding
-  from medvqa_jax.train import step as step_lib
-  config = pretrain_stage1.get_config("image=tiny,text=tiny,teacher=tiny")
-  config.model.text.max_len = 16
-  config.model.fusion.update(width=64, layers=1, heads=4, mlp_dim=128)
-  model, init, loaded = amif.initializer(config)
-  shapes = jax.eval_shape(init, loaded)
-  mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
-  tx = optax.sgd(1.0)
-  shardings = step_lib.state_shardings(mesh, shapes, tx)
-  batch = sharding.shard_batch(mesh, benchmark.synthetic_batch(config, model, 8, teacher_dim=32))
-  objective = step_lib.pretrain_objective(model, config.losses)
-  before = flatten(jax.device_get(jax.jit(init)(loaded)))
-  results = []
-  for frozen in (None, optim.frozen_mask(config.optim, shapes)):
-    step = step_lib.make_train_step(objective, tx, shardings, frozen=frozen)
-    new, metrics = step(step_lib.create_state(init, tx, shardings, {}), batch,
-                        jax.random.PRNGKey(0))
-    results.append((flatten(jax.device_get(new["params"])), float(metrics["loss"])))
-  (plain, l_plain), (masked, l_masked) = results
-  assert l_masked == pytest.approx(l_plain, rel=1e-6)
-  towers = [p for p in before if p.startswith(("image/", "text/"))]
-  for path in towers:
-    np.testing.assert_array_equal(masked[path], before[path], err_msg=path)
-  # Without the mask, SGD moves them: the mask is what keeps them.
-  assert len([p for p in towers if not np.array_equal(plain[p], before[p])]) > 0.8 * len(towers)
-  for path in set(before) - set(towers):
-    np.testing.assert_allclose(masked[path], plain[path], rtol=1e-5, atol=1e-6, err_msg=path)
-
-
 def test_pipeline_share_on_the_demo_data(tmp_path):
   from configs import demo
   config = demo.get_config()

@@ -56,7 +56,8 @@ SCRIPT = textwrap.dedent("""
             model, np.arange(2000, 2064, dtype=np.int32), (np.arange(64) < 40).astype(np.int32))
         data = finetune_batch(16, 4)
       one_device = sharding.make_mesh(1, devices=jax.devices()[:1])
-      runs = [(optax.sgd(1.0), 1e-5, (1, 4))]
+      # fsdp=4 on 8 devices: 2-way data parallel x 4-way parameter sharding.
+      runs = [(optax.sgd(1.0), 1e-5, (4,))]
       if kind == "finetune":
         runs.append((optim.make(config.optim, params), None, (4,)))
       for tx, tol, layouts in runs:

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU figures of BENCHMARKS.md: each line below is one launch/benchmark.py run (its own
+# process and compilation); the JSON lines are appended to $OUT_FILE (default
+# benchmarks/results.jsonl) and a short table is printed at the end.
+#
+#   bash benchmarks/gpu.sh            # all runs, most important first
+#   bash benchmarks/gpu.sh 2          # only the first 2
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_FILE=${OUT_FILE:-benchmarks/results.jsonl}
+LIMIT=${1:-100}
+PAPER=":image=paper_init,text=paper_init"
+RUNS=(
+  "--config=configs/towers_only.py --config.model.compute.attention=cudnn"
+  "--config=configs/towers_only.py"
+  "--config=configs/pretrain_stage1.py$PAPER --batch_size=64 --config.model.compute.attention=cudnn"
+  "--config=configs/vqa_rad.py$PAPER --batch_size=64 --config.model.compute.attention=cudnn"
+  "--config=configs/towers_only.py --config.model.compute.attention=cudnn --config.model.compute.scan=True"
+  "--config=configs/towers_only.py --config.model.compute.attention=cudnn --config.model.compute.remat=dots --batch_size=512"
+)
+n=0
+for args in "${RUNS[@]}"; do
+  n=$((n + 1)); [ "$n" -gt "$LIMIT" ] && break
+  echo "== $args" >&2
+  # shellcheck disable=SC2086
+  timeout 420 python launch/benchmark.py $args --steps=20 | tee -a "$OUT_FILE" || echo "(failed: $args)" >&2
+done
+python - "$OUT_FILE" <<'PY'
+import json, sys
+print(f"{'config':58} {'attn':9} {'scan':5} {'remat':5} {'batch':>5} {'step ms':>8} {'samples/s':>9} "
+      f"{'MFU':>6} {'GiB':>6} {'sinkhorn':>8}")
+for line in open(sys.argv[1]):
+  r = json.loads(line)
+  pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
+  print(f"{r['config'][:58]:58} {r['attention']:9} {str(r['scan']):5} {r['remat']:5} "
+        f"{r['batch_size']:>5} {1000 * r['step_s']:8.1f} {r['samples_per_s']:9.1f} "
+        f"{pct(r['mfu']):>6} {r['peak_memory_gib'] or 0:6.1f} {pct(r['sinkhorn_share']):>8}")
+PY
