@@ -38,13 +38,9 @@ def peak_tflops(device_kind: str) -> float | None:
   return None
 
 
-def _lengths(rng, n, low, high):
-  return rng.integers(low, high + 1, n)
-
-
 def _ids(rng, n, length, vocab, low=None):
   """(n, length) token ids with random real lengths, and the mask (right-padded)."""
-  lengths = _lengths(rng, n, low or max(2, length // 3), length)
+  lengths = rng.integers(low or max(2, length // 3), length + 1, n)
   mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
   ids = rng.integers(5, vocab, (n, length)).astype(np.int32) * mask
   return ids, mask
@@ -150,7 +146,10 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
   if batch_size % jax.device_count():
     raise ValueError(f"batch size {batch_size} is not divisible by the {jax.device_count()} "
                      "devices")
-  if mc.head == "classifier" and not mc.get("num_answers"):
+  if pipeline and mc.head == "none" and config.teacher.mode != "none":
+    raise ValueError("the pipeline run of a pre-training config would need the teacher's "
+                     "cache: time it with --config.teacher.mode=none")
+  if mc.head == "classifier" and not mc.get("num_answers"):  # Synthetic labels need a size.
     mc.num_answers = 512
   for part in (mc.image, mc.text):
     if part.source != "init":
@@ -246,9 +245,6 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
     from medvqa_jax.data import pipeline as pipeline_lib
     from medvqa_jax.data import tokenizer as tokenizer_lib
     from medvqa_jax.train import loop
-    if mc.head == "none" and config.teacher.mode != "none":
-      raise ValueError("the pipeline run of a pre-training config needs the teacher cache; "
-                       "time it with --config.teacher.mode=none")
     splits, answers, _ = loop.training_splits(config)
     tokenizer = tokenizer_lib.from_config(mc.text)
     ds = loop.training_data(config, splits, answers, tokenizer, model.image.image_size)
