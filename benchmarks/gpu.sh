@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu.sh 2          # only the first 2
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
 OUT_FILE=${OUT_FILE:-benchmarks/results.jsonl}
 LIMIT=${1:-100}
 PAPER=":image=paper_init,text=paper_init"
@@ -23,9 +24,9 @@ for args in "${RUNS[@]}"; do
   n=$((n + 1)); [ "$n" -gt "$LIMIT" ] && break
   echo "== $args" >&2
   # shellcheck disable=SC2086
-  timeout 420 python launch/benchmark.py $args --steps=20 | tee -a "$OUT_FILE" || echo "(failed: $args)" >&2
+  timeout 420 "$PYTHON" launch/benchmark.py $args --steps=20 | tee -a "$OUT_FILE" || echo "(failed: $args)" >&2
 done
-python - "$OUT_FILE" <<'PY'
+"$PYTHON" - "$OUT_FILE" <<'PY'
 import json, sys
 print(f"{'config':58} {'attn':9} {'scan':5} {'remat':5} {'batch':>5} {'step ms':>8} {'samples/s':>9} "
       f"{'MFU':>6} {'GiB':>6} {'sinkhorn':>8}")
