@@ -15,8 +15,9 @@ against the device's dense bf16 peak (--peak_tflops for a device not in the tabl
 (XLA's compiled estimate, and the runtime peak where the backend reports one), the share of
 the step that the OT loss alone takes (pre-training with wpa), and with --pipeline the share
 lost to the input pipeline (1 - synthetic step time / step time fed by config.data).
-A classifier head without num_answers gets 512 answers. Any config field is overridable, e.g. --config.model.compute.attention=cudnn
---config.model.compute.scan=True --config.model.compute.remat=dots.
+A classifier head without num_answers gets 512 answers. Any config field is overridable,
+e.g. --config.model.compute.attention=cudnn --config.model.compute.scan=True
+--config.model.compute.remat=dots.
 """
 
 import json

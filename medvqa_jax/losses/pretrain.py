@@ -4,9 +4,6 @@ hard negatives, weighted by the config. Stage 0 sets the fusion losses' weights 
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
 from medvqa_jax.losses import contrastive, itm, ot
 from medvqa_jax.models.amif import AMiF
 

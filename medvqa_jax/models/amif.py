@@ -19,7 +19,6 @@ import jax.numpy as jnp
 
 from medvqa_jax.models import heads, layers
 from medvqa_jax.models.bert import BertEncoder
-from medvqa_jax.models.clip_text import ClipTextTransformer
 from medvqa_jax.models.fusion import CoAttentionFusion
 from medvqa_jax.models.gca import GatedCrossAttention
 

@@ -14,10 +14,9 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from medvqa_jax.models import amif, layers
+from medvqa_jax.models import amif
 from medvqa_jax.train import flops as flops_lib
 from medvqa_jax.train import optim, sharding
 from medvqa_jax.train import step as step_lib
@@ -84,14 +83,14 @@ def synthetic_prior(config, model, seed: int = 1):
   return rng.integers(5, model.text.vocab_size, p).astype(np.int32) * mask, mask
 
 
-def _time(fn: Callable, n: int) -> float:
-  """Seconds per call of fn() (which returns something to block on), n calls."""
+def _time(fn: Callable, n: int):
+  """(seconds per call, last output) of n calls of fn(), blocking on the last output."""
   start = time.perf_counter()
   out = None
   for _ in range(n):
     out = fn()
   jax.block_until_ready(out)
-  return (time.perf_counter() - start) / n
+  return (time.perf_counter() - start) / max(n, 1), out
 
 
 def _cost(compiled) -> dict:
@@ -131,8 +130,8 @@ def sinkhorn_seconds(config, model, batch_size: int, mesh, steps: int, seed: int
   dev = sharding.shard_batch(mesh, host)
   fn = jax.jit(lambda b: ot.wpa_loss(b["text"], b["image"], b["mask"], **config.losses.ot))
   jax.block_until_ready(fn(dev))
-  seconds = _time(lambda: fn(dev), steps)
-  converged = fn(dev)[1].get("wpa_converged")
+  seconds, (_, metrics) = _time(lambda: fn(dev), steps)
+  converged = metrics.get("wpa_converged")
   return seconds, None if converged is None else float(converged)
 
 
@@ -210,18 +209,17 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
   if steps <= 0:
     return out
 
-  log(f"warm-up: {warmup} steps")
-  for _ in range(warmup):
-    state, metrics = compiled(state, batch, key)
-  jax.block_until_ready(metrics)
+  def timed(next_batch: Callable) -> tuple[float, dict]:
+    """Seconds per step after the warm-up, and the last step's metrics."""
+    def one():
+      nonlocal state
+      state, metrics = compiled(state, next_batch(), key)
+      return metrics
+    _time(one, warmup)
+    return _time(one, steps)
 
-  def one():
-    nonlocal state, metrics
-    state, metrics = compiled(state, batch, key)
-    return metrics
-
-  log(f"timing {steps} steps on synthetic batches")
-  step_s = _time(one, steps)
+  log(f"timing {steps} steps on synthetic batches, after {warmup} warm-up steps")
+  step_s, metrics = timed(lambda: batch)
   loss = float(metrics["loss"])
   peak = peak if peak is not None else peak_tflops(out["device_kind"])
   achieved = analytic["total"] * batch_size / step_s / jax.device_count()
@@ -256,14 +254,7 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
       return sharding.shard_batch(mesh, {k: v for k, v in b.items() if k in keep})
 
     log(f"timing {steps} steps fed by the input pipeline ({config.data.workers} workers)")
-    for _ in range(warmup):
-      state, metrics = compiled(state, fetch(), key)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(steps):
-      state, metrics = compiled(state, fetch(), key)
-    jax.block_until_ready(metrics)
-    pipe_s = (time.perf_counter() - start) / steps
+    pipe_s, _ = timed(fetch)
     out.update(pipeline_step_s=round(pipe_s, 5),
                data_share=round(max(0.0, 1 - step_s / pipe_s), 4))
   return out

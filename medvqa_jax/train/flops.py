@@ -10,6 +10,8 @@ divided by the batch size.
 
 from __future__ import annotations
 
+import jax
+
 from medvqa_jax.models.bert import BertEncoder
 from medvqa_jax.models.clip_text import ClipTextTransformer
 from medvqa_jax.models.vit import VisionTransformer
@@ -48,13 +50,6 @@ def image_tokens(model) -> int:
   return grid * grid + 1
 
 
-def _frozen(config, part: str, params_shapes) -> bool:
-  from medvqa_jax.models.state_dict import flatten
-  paths = [p for p in flatten(params_shapes.get(part, {}))]
-  rules = config.optim.lr_mults
-  return bool(paths) and all(optim.lr_multiplier(f"{part}/{p}", rules) == 0 for p in paths)
-
-
 def train_step(model, config, batch_size: int, params_shapes, teacher_dim: int = 512) -> dict:
   """{"total": FLOPs per example of one train step, "forward": each part's forward FLOPs,
   "frozen": the parts without a backward pass} for `model` (amif.AMiF) under `config` (its
@@ -64,7 +59,9 @@ def train_step(model, config, batch_size: int, params_shapes, teacher_dim: int =
   lt, li = mc.text.max_len, image_tokens(model)
   wi, wt = model.image.width, model.text.width
   fwd = {}  # part -> (forward FLOPs per example, trained?)
-  trained = lambda part: not _frozen(config, part, params_shapes)
+  frozen = optim.frozen_mask(config.optim, params_shapes)
+  # A part is frozen when every parameter of it is.
+  trained = lambda part: not (part in frozen and all(jax.tree.leaves(frozen[part])))
   fusion_pair = model.fusion_layers * (layer(lt, d, m, li) + layer(li, d, m, lt))
   if model.head == "none":
     weights = dict(config.losses.weights)
