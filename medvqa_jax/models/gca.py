@@ -55,16 +55,14 @@ class GatedCrossAttention(nn.Module):
 
     y0 = ln("prior_attn_ln")(prior + mha("prior_attn")(prior, bias=prior_bias))
     yh = ln("prior_mlp_ln")(mlp("prior_mlp")(y0) + y0)
-    if yh.shape[0] != b:
-      yh = jnp.broadcast_to(yh, (b,) + yh.shape[1:])
-      prior_bias = jnp.broadcast_to(prior_bias, (b,) + prior_bias.shape[1:])
+    # A shared prior stays batch-1: the cross-attention projects its keys and values once.
     attended = mha("cross_attn")(x, kv=yh, bias=prior_bias, return_weights=return_weights)
     attended, weights = attended if return_weights else (attended, None)
     x_prime = ln("cross_ln")(x + attended)
     gate = jax.nn.sigmoid(nn.Dense(d, dtype=self.dtype, name="gate")(x_prime))
     z = gate * x_prime + (1 - gate) * x
     out = ln("mlp_ln")(mlp("mlp")(z) + z)
-    out = {"out": out, "gate": gate, "prior": yh}
+    out = {"out": out, "gate": gate, "prior": jnp.broadcast_to(yh, (b,) + yh.shape[1:])}
     if return_weights:
       out["cross_weights"] = weights
     return out

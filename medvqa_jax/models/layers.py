@@ -180,7 +180,11 @@ def attention_bias(key_mask=None, causal_len: int | None = None):
 
 
 class MultiHeadAttention(nn.Module):
-  """Multi-head attention with separate query/key/value/out projections (all biased)."""
+  """Multi-head attention with separate query/key/value/out projections (all biased).
+
+  x (B, Lq, D); kv (B or 1, Lk, Dkv), defaulting to x: a batch-1 context (shared by the
+  batch) has its keys and values projected once, then broadcast.
+  """
   num_heads: int
   dtype: Dtype = jnp.float32
   compute: Compute = Compute()
@@ -197,6 +201,8 @@ class MultiHeadAttention(nn.Module):
     q = dense("query")(x)
     k = dense("key")(kv)
     v = dense("value")(kv)
+    if k.shape[0] != q.shape[0]:  # A context shared by the batch: projected once.
+      k, v = (jnp.broadcast_to(t, q.shape[:1] + t.shape[1:]) for t in (k, v))
     kernel = self.compute.kernel(self.dtype)
     if kernel == "reference" or return_weights:
       # Logits and softmax in float32 whatever the compute dtype.

@@ -92,8 +92,9 @@ def train_step(model, config, batch_size: int, params_shapes, teacher_dim: int =
     fwd["fusion"] = (fusion_pair, True)
     p, lx = mc.prior_max_tokens, lt + li
     prior = layer(p, d, m) + (2 * p * wt * d if wt != d else 0)
-    # The encoded prior is broadcast to the batch before its key/value projections.
-    gca = (prior / batch_size + attention(lx, p, d) + 2 * lx * d * d
+    # The encoded prior and its keys/values are computed once per batch.
+    prior += 2 * p * 2 * d * d
+    gca = (prior / batch_size + attention(lx, p, d) - 2 * p * 2 * d * d + 2 * lx * d * d
            + 2 * 2 * lx * d * m)
     fwd["gca"] = (gca, True)
     if model.head == "classifier":

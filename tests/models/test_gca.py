@@ -105,6 +105,32 @@ def test_padded_prior_tokens_change_nothing(setup):
   assert max_diff(a["out"], b["out"]) <= 1e-6 and max_diff(a["gate"], b["gate"]) <= 1e-6
 
 
+@pytest.mark.parametrize("attention", ["reference", "xla"])
+def test_shared_prior_is_encoded_and_projected_once_per_batch(setup, attention):
+  """A (P, D) prior gives what the same prior tiled to (B, P, D) gives, with the prior layer
+  and the cross-attention's key/value projections computed once, not B times."""
+  from medvqa_jax.models.layers import Compute
+  _, params, x, prior, prior_mask = setup
+  module = GatedCrossAttention(HEADS, MLP, compute=Compute(attention=attention))
+  b = 4
+  x = np.concatenate([x, x[::-1] * 0.5])
+  f32 = lambda t: jax.tree.map(lambda v: np.asarray(v, np.float32), t)
+  apply = jax.jit(lambda p, x, y, m: module.apply({"params": p}, x, y, m)["out"])
+  tiled = (np.broadcast_to(prior, (b,) + prior.shape), np.broadcast_to(prior_mask, (b, 9)))
+  shared_out = apply(f32(params), *f32((x, prior, prior_mask)))
+  tiled_out = apply(f32(params), *f32((x,) + tiled))
+  assert max_diff(shared_out, tiled_out) <= 2e-5
+  expected, _, _ = gca_reference(params, x, prior, prior_mask)
+  assert max_diff(shared_out, expected) <= 1e-5
+
+  # Dense projections of the (1, P, D) prior, not of a (B, P, D) copy: its attention's
+  # query/key/value, its MLP's first layer, and the cross-attention's key and value.
+  jaxpr = jax.make_jaxpr(apply)(f32(params), *f32((x, prior, prior_mask)))
+  on_prior = [e for e in jaxpr.jaxpr.eqns[0].params["jaxpr"].eqns
+              if e.primitive.name == "dot_general" and e.invars[0].aval.shape == (1, 9, D)]
+  assert len(on_prior) == 6, [e.invars[0].aval.shape for e in on_prior]
+
+
 class _Tok:
   """A tokenizer stand-in with transformers' call signature: one id per character."""
   pad_token_id = 0
