@@ -16,7 +16,7 @@ from medvqa_jax.data import tokenizer as tokenizer_lib
 from medvqa_jax.evaluate import vqa as vqa_eval
 from medvqa_jax.models import amif
 from medvqa_jax.train import checkpoint as ckpt_lib
-from medvqa_jax.train import sharding
+from medvqa_jax.train import observe, sharding
 
 
 @dataclasses.dataclass
@@ -92,7 +92,9 @@ def evaluate_split(restored: Restored, split_name: str = "test", out_dir=None,
   rows = vqa_eval.answer_split(restored.predictor(), restored.params, splits[key],
                                tokenizer=restored.tokenizer,
                                image_size=restored.model.image.image_size,
-                               global_batch=config.train.eval_batch_size)
+                               global_batch=config.train.eval_batch_size,
+                               progress=observe.progress(splits[key].name,
+                                                         jax.process_index() == 0))
   metrics = vqa_eval.evaluate(rows, splits[key], protocol, restored.step,
                               baseline=splits_lib.majority_answer(splits["train"].records))
   if jax.process_index() == 0:

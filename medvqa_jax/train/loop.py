@@ -267,7 +267,9 @@ def train(config, workdir=None, stream=None) -> dict:
     if not finetune or "val" not in splits:
       return {}
     rows = vqa_eval.answer_split(predictor, state["params"], splits["val"], tokenizer=tokenizer,
-                                 image_size=image_size, global_batch=tc.eval_batch_size)
+                                 image_size=image_size, global_batch=tc.eval_batch_size,
+                                 progress=observe.progress(f"validation at step {step}", main,
+                                                           stream))
     m = vqa_eval.evaluate(rows, splits["val"], protocol, step)
     return {"val_accuracy": m["overall"], "val_questions": m["questions"]}
 
@@ -341,7 +343,8 @@ def train(config, workdir=None, stream=None) -> dict:
   ckpts.close()
   t0 = time.perf_counter()
   rows = vqa_eval.answer_split(predictor, state["params"], splits["test"], tokenizer=tokenizer,
-                               image_size=image_size, global_batch=tc.eval_batch_size)
+                               image_size=image_size, global_batch=tc.eval_batch_size,
+                               progress=observe.progress(f"test (step {best})", main, stream))
   metrics = vqa_eval.evaluate(rows, splits["test"], protocol, best,
                               baseline=splits_lib.majority_answer(splits["train"].records))
   metrics["seconds"] = round(time.perf_counter() - t0, 1)

@@ -19,6 +19,21 @@ def _fmt_time(seconds: float) -> str:
   return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def progress(label: str, enabled: bool = True, stream=None, every_s: float = 10.0):
+  """A callback `(done, total)` for long loops (answering a split): prints `label: done/total`
+  at most every `every_s` seconds, and at the end."""
+  stream = stream or sys.stderr
+  t0 = last = time.perf_counter()
+
+  def report(done: int, total: int):
+    nonlocal last
+    now = time.perf_counter()
+    if enabled and (done >= total or now - last >= every_s):
+      last = now
+      print(f"{label}: {done}/{total} ({_fmt_time(now - t0)})", file=stream, flush=True)
+  return report
+
+
 class Reporter:
 
   def __init__(self, workdir, *, total_steps: int, start_step: int, batch_size: int,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -102,6 +103,9 @@ def test_demo_runs_end_to_end(straight):
   assert m["by_yes_no"]["closed"]["questions"] + m["by_yes_no"]["open"]["questions"] == 451
   assert sum(v["questions"] for v in m["by_question_type"].values()) == 451
   assert m["majority_baseline"]["answer"] in ("no", "yes")
+  # Answering a split reports progress: at least its end, for validation and test.
+  assert re.search(r"validation at step \d+: \d+/\d+", out.stderr)
+  assert f"test (step {m['step']}): 451/451" in out.stderr
   rows = [json.loads(line) for line in
           (workdir / "eval" / "test" / "predictions.jsonl").read_text().splitlines()]
   assert len(rows) == 451 and all(0 < r["score"] <= 1 for r in rows)
