@@ -19,6 +19,9 @@ from medvqa_jax.losses.pretrain import pretrain_loss
 from medvqa_jax.models.amif import AMiF
 from medvqa_jax.train import sharding
 
+# optax.global_norm is deprecated in favour of optax.tree.norm (absent from older optax).
+_tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
 
 def pretrain_objective(model: AMiF, losses_cfg) -> Callable:
   return lambda params, batch, key: pretrain_loss(model, params, batch, key, losses_cfg)
@@ -115,7 +118,7 @@ def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, fr
       (grads, metrics), _ = jax.lax.scan(body, zeros, (micro, keys))
       grads, metrics = jax.tree.map(lambda x: x / accum_steps, (grads, metrics))
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, grad_norm=_tree_norm(grads))
     new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
            "step": state["step"] + 1}
     return new, metrics
