@@ -53,6 +53,8 @@ class Tokenizer:
 
   def __init__(self, hf_tokenizer, max_len: int):
     self.hf = hf_tokenizer
+    # Whatever the folder's tokenizer_config says: the models take masks as lengths.
+    self.hf.padding_side = "right"
     self.max_len = max_len
 
   @classmethod

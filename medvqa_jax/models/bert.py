@@ -21,6 +21,8 @@ class BertEncoder(nn.Module):
 
   pooler: "dense" is HF BertModel's pooler (tanh(W h_cls + b)); "cls" is the CLS token of the
   last hidden state (BiomedCLIP's `cls_last_hidden_state_pooler`); "none" pools nothing.
+  `attention_mask` (B, L) is 1 on real tokens and right-padded, as the tokenizer makes it
+  (the fused attention kernels take it as lengths); `context_mask` may be any mask.
   causal: position i attends only to positions <= i (the decoder).
   cross_from: layers with this index and above cross-attend to `context` (B, Lc, D) whose
     padding is `context_mask` (HF's `encoder_hidden_states` / `encoder_attention_mask`).
@@ -61,8 +63,10 @@ class BertEncoder(nn.Module):
          + nn.Embed(self.max_positions, self.width, name="pos_embed")(jnp.arange(length))[None]
          + nn.Embed(self.type_vocab_size, self.width, name="type_embed")(token_type_ids))
     x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="embed_ln")(x.astype(self.dtype))
-    bias = layers.attention_bias(attention_mask, causal_len=length if self.causal else None)
-    context_bias = None if context_mask is None else layers.attention_bias(context_mask)
+    bias = layers.attention_mask(attention_mask, causal_len=length if self.causal else None,
+                                 right_padded=True)
+    # A context mask may have holes (the decoder's: text padding, then the image tokens).
+    context_bias = layers.attention_mask(context_mask)
     # Layers without cross-attention, then (a decoder) those with it: one stack each.
     split = self.depth if self.cross_from is None else min(self.cross_from, self.depth)
     for indices, cross in ((range(split), False), (range(split, self.depth), True)):

@@ -16,6 +16,8 @@ class ClipTextTransformer(nn.Module):
 
   The pooled token is the first `eos_token_id` in each row, or, when `eos_token_id` is None,
   the highest id in the row (OpenAI's convention: end-of-text is the last vocabulary entry).
+  `attention_mask` (B, L) is 1 on real tokens and right-padded, as the tokenizer makes it
+  (the fused attention kernels take it as lengths).
 
   Returns a dict: tokens (B, L, width) after the final LayerNorm (HF's `last_hidden_state`),
   pooled (B, width), and embedding (B, proj_dim) when `proj_dim` is set.
@@ -41,7 +43,7 @@ class ClipTextTransformer(nn.Module):
     x = nn.Embed(self.vocab_size, self.width, name="token_embed")(input_ids)
     pos = self.param("pos_embed", nn.initializers.normal(0.01), (self.context_length, self.width))
     x = (x + pos[:length]).astype(self.dtype)
-    bias = layers.attention_bias(attention_mask, causal_len=length)
+    bias = layers.attention_mask(attention_mask, causal_len=length, right_padded=True)
     block = functools.partial(layers.PreLNBlock, self.num_heads, self.mlp_dim, self.act,
                               self.ln_eps, self.dtype, self.compute)
     x = layers.run_layers(self, range(self.depth), {"block": (block, "block_{}")},

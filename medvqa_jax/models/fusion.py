@@ -17,8 +17,10 @@ from medvqa_jax.models import layers
 
 
 class CoAttentionFusion(nn.Module):
-  """Returns a dict: text (B, Lt, D), image (B, Li, D); with `return_weights`, also
-  text_cross_weights / image_cross_weights: per layer, (B, heads, Lt, Li) / (B, heads, Li, Lt).
+  """text_mask and image_mask are 1 on real tokens and right-padded (the fused attention
+  kernels take them as lengths). Returns a dict: text (B, Lt, D), image (B, Li, D); with
+  `return_weights`, also text_cross_weights / image_cross_weights: per layer,
+  (B, heads, Lt, Li) / (B, heads, Li, Lt).
   """
   num_layers: int = 6
   num_heads: int = 12
@@ -32,7 +34,9 @@ class CoAttentionFusion(nn.Module):
   def __call__(self, text, text_mask, image, image_mask=None, return_weights=False):
     if image_mask is None:
       image_mask = jnp.ones(image.shape[:2], jnp.int32)
-    text_bias, image_bias = layers.attention_bias(text_mask), layers.attention_bias(image_mask)
+    # Both masks are right-padded (text: the tokenizer's padding; image: all ones).
+    text_bias = layers.attention_mask(text_mask, right_padded=True)
+    image_bias = layers.attention_mask(image_mask, right_padded=True)
     block = functools.partial(layers.PostLNBlock, self.num_heads, self.mlp_dim, self.act,
                               self.ln_eps, True, self.dtype, self.compute)
     text_weights, image_weights = [], []

@@ -51,7 +51,7 @@ class GatedCrossAttention(nn.Module):
     mha = lambda name: layers.MultiHeadAttention(self.num_heads, self.dtype, self.compute,
                                                  name=name)
     mlp = lambda name: layers.Mlp(self.mlp_dim, self.act, self.dtype, name=name)
-    prior_bias = layers.attention_bias(prior_mask)
+    prior_bias = layers.attention_mask(prior_mask, right_padded=True)  # answer_prior pads last.
 
     y0 = ln("prior_attn_ln")(prior + mha("prior_attn")(prior, bias=prior_bias))
     yh = ln("prior_mlp_ln")(mlp("prior_mlp")(y0) + y0)

@@ -15,6 +15,7 @@ import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -93,12 +94,15 @@ class Compute:
     return "cudnn" if half and jax.default_backend() == "gpu" else "reference"
 
 
-def fused_attention(q, k, v, bias, implementation: str, pad_to: int):
-  """softmax(q k^T / sqrt(d) + bias) v through `jax.nn.dot_product_attention`.
+def fused_attention(q, k, v, bias, implementation: str, pad_to: int, kv_lengths=None,
+                    causal: bool = False):
+  """softmax(q k^T / sqrt(d) + mask) v through `jax.nn.dot_product_attention`.
 
-  q (B, Lq, H, D), k/v (B, Lk, H, D); bias as `attention_bias` makes it (0 or the mask
-  value), turned into a boolean mask. Lengths are padded to a multiple of `pad_to`: padded
-  keys are masked (by sequence lengths when there is no other mask) and padded queries cut.
+  q (B, Lq, H, D), k/v (B, Lk, H, D). The mask is either `bias` as `attention_bias` makes it
+  (0 or the mask value; turned into a dense boolean mask) or, the kernels' fast path, key
+  lengths `kv_lengths` (B or 1,) (keys j >= length hidden) and/or `causal`. Lengths are
+  padded to a multiple of `pad_to`: padded keys are hidden (by sequence lengths when there is
+  no dense mask) and padded queries cut.
   """
   b, lq, _, _ = q.shape
   lk = k.shape[1]
@@ -107,9 +111,12 @@ def fused_attention(q, k, v, bias, implementation: str, pad_to: int):
   q, k, v = pad(q, pq), pad(k, pk), pad(v, pk)
   if bias is None:
     q_len = jnp.full((b,), lq, jnp.int32) if pq else None
-    k_len = jnp.full((b,), lk, jnp.int32) if pk else None
+    if kv_lengths is not None:
+      k_len = jnp.broadcast_to(jnp.asarray(kv_lengths, jnp.int32), (b,))
+    else:
+      k_len = jnp.full((b,), lk, jnp.int32) if pk else None
     out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=q_len,
-                                       key_value_seq_lengths=k_len,
+                                       key_value_seq_lengths=k_len, is_causal=causal,
                                        implementation=implementation)
   else:
     mask = jnp.broadcast_to(bias > _MASK_VALUE / 2, (b, 1, lq, lk))
@@ -162,6 +169,41 @@ def run_layers(parent: nn.Module, indices: Sequence[int],
   return carry
 
 
+@flax.struct.dataclass
+class Mask:
+  """An attention mask in the forms the kernels take.
+
+  bias: the additive bias of `attention_bias` (the reference kernel, and any fused kernel when
+    the mask is not structured).
+  kv_lengths: (B,) int32 real-key counts, or None (no key padding).
+  causal: position i attends only to positions <= i.
+  structured: the mask is exactly `causal` and/or "keys j >= kv_lengths[b] are hidden", so the
+    fused kernels take lengths and a causal flag instead of a dense mask (no bias tensor is
+    read, and the causal kernel skips the hidden blocks).
+  """
+  bias: jax.Array
+  kv_lengths: jax.Array | None = None
+  causal: bool = flax.struct.field(pytree_node=False, default=False)
+  structured: bool = flax.struct.field(pytree_node=False, default=False)
+
+
+def attention_mask(key_mask=None, causal_len: int | None = None,
+                   right_padded: bool = False) -> Mask | None:
+  """`attention_bias`'s mask as a `Mask`; None when there is nothing to mask.
+
+  right_padded: the caller guarantees that each row of `key_mask` is ones then zeros (the
+    tokenizer's right padding), so the fused kernels may use key lengths. Without it a key
+    mask is passed to them densely.
+  """
+  bias = attention_bias(key_mask, causal_len)
+  if bias is None:
+    return None
+  lengths = None
+  if key_mask is not None:
+    lengths = jnp.sum(jnp.asarray(key_mask).astype(jnp.int32), axis=-1)
+  return Mask(bias, lengths, causal_len is not None, right_padded or key_mask is None)
+
+
 def attention_bias(key_mask=None, causal_len: int | None = None):
   """An additive attention bias of shape (B or 1, 1, Lq, Lk) from masks.
 
@@ -191,6 +233,9 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, kv=None, bias=None, return_weights: bool = False):
+    """bias: None, an additive bias (`attention_bias`) or a `Mask` (`attention_mask`)."""
+    mask = bias if isinstance(bias, Mask) else None
+    bias = mask.bias if mask is not None else bias
     kv = x if kv is None else kv
     width = x.shape[-1]
     if width % self.num_heads:
@@ -214,7 +259,11 @@ class MultiHeadAttention(nn.Module):
       out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
     else:
       weights = None
-      out = fused_attention(q, k, v, bias, kernel, self.compute.pad_to)
+      if mask is not None and mask.structured:
+        out = fused_attention(q, k, v, None, kernel, self.compute.pad_to, mask.kv_lengths,
+                              mask.causal)
+      else:
+        out = fused_attention(q, k, v, bias, kernel, self.compute.pad_to)
     out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(out)
     return (out, weights) if return_weights else out
 

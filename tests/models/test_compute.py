@@ -4,6 +4,7 @@ rematerialised vs stored activations. Same parameter trees; outputs and gradient
 within the tolerances stated per test (float32: 2e-5 absolute on O(1) values, what
 reassociated float32 sums differ by; bfloat16: 3e-2, a few bf16 ulps of O(1) values)."""
 
+import functools
 import os
 
 import chex
@@ -47,7 +48,10 @@ ATTENTION_CASES = {
 
 @pytest.mark.parametrize("case", sorted(ATTENTION_CASES))
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, F32_TOL), (jnp.bfloat16, BF16_TOL)])
-def test_fused_attention_matches_reference(case, dtype, tol):
+@pytest.mark.parametrize("form", ["dense bias", "lengths"])
+def test_fused_attention_matches_reference(case, dtype, tol, form):
+  """form: the mask as a dense additive bias, or as a structured `Mask` (right-padded keys,
+  causal), which the fused kernels take as key lengths and a causal flag."""
   if FUSED.attention == "cudnn" and dtype == jnp.float32:
     pytest.skip("cuDNN's fused attention takes 16-bit inputs only")
   lq, lk, lengths, causal = ATTENTION_CASES[case]
@@ -57,8 +61,10 @@ def test_fused_attention_matches_reference(case, dtype, tol):
       size=(3, lk, 32)).astype(np.float32)
   bias = None
   if lengths is not None or causal:
-    bias = layers.attention_bias(None if lengths is None else _mask(lengths, lk),
-                                 causal_len=lq if causal else None)
+    make = layers.attention_bias if form == "dense bias" else functools.partial(
+        layers.attention_mask, right_padded=True)
+    bias = make(None if lengths is None else _mask(lengths, lk),
+                causal_len=lq if causal else None)
   ref = layers.MultiHeadAttention(4, dtype, REFERENCE)
   fused = layers.MultiHeadAttention(4, dtype, FUSED)
   params = ref.init(jax.random.PRNGKey(0), x, kv, bias)["params"]
@@ -81,6 +87,35 @@ def test_fused_attention_matches_reference(case, dtype, tol):
       noisy[np.asarray(_mask(lengths, lk)) == 0] = 100.0
       again = fused.apply({"params": params}, x, noisy, bias)
       assert max_diff(again, out_fused) <= tol
+
+
+def test_a_structured_mask_reaches_the_kernel_as_lengths(monkeypatch):
+  """Right-padded keys (+ causal) go to the fused kernel as key lengths and is_causal, with no
+  dense mask; a mask with holes goes densely. The reference path reads the bias either way."""
+  seen = []
+  real = jax.nn.dot_product_attention
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+  x = np.random.default_rng(0).normal(size=(3, 13, 32)).astype(np.float32)
+  mha = layers.MultiHeadAttention(4, jnp.float32, FUSED)
+  params = mha.init(jax.random.PRNGKey(0), x)["params"]
+  mask = layers.attention_mask(_mask([13, 9, 4], 13), causal_len=13, right_padded=True)
+  assert mask.structured and mask.causal and mask.kv_lengths.tolist() == [13, 9, 4]
+  mha.apply({"params": params}, x, bias=mask)
+  call = seen.pop()
+  assert call.get("mask") is None and call["is_causal"]
+  assert np.asarray(call["key_value_seq_lengths"]).tolist() == [13, 9, 4]
+  holes = np.array([[1, 0, 1] + [1] * 10] * 3, np.int32)
+  dense = layers.attention_mask(holes)
+  assert not dense.structured
+  mha.apply({"params": params}, x, bias=dense)
+  call = seen.pop()
+  assert call["mask"].shape == (3, 1, 16, 16) and not call.get("is_causal")
+  assert layers.attention_mask() is None
 
 
 def test_auto_picks_the_fused_kernel_only_on_gpu_in_16_bit():
