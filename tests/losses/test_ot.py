@@ -78,3 +78,19 @@ def test_convergence_rate_is_reported():
   _, starved = ot.wpa_loss(text, image, text_mask, epsilon=0.001, max_iterations=5,
                            threshold=1e-6)
   assert float(fast["wpa_converged"]) == 1.0 and float(starved["wpa_converged"]) < 1.0
+
+
+def test_a_fixed_iteration_budget_runs_a_scan_and_gives_the_converged_loss():
+  """min_iterations == max_iterations: OTT runs the Sinkhorn loop as a lax.scan (no
+  convergence test per iteration, a fixed cost); once the budget suffices, the loss is the
+  one of the loop that stops at the threshold."""
+  text, image, text_mask = _tokens(seed=5)
+  loss = lambda **kw: ot.wpa_loss(text, image, text_mask, epsilon=0.1, threshold=1e-5, **kw)
+  adaptive, m_adaptive = loss(max_iterations=1000)
+  fixed, m_fixed = loss(min_iterations=300, max_iterations=300)
+  assert float(m_adaptive["wpa_converged"]) == 1.0 and float(m_fixed["wpa_converged"]) == 1.0
+  assert abs(float(fixed) - float(adaptive)) <= 1e-5 * abs(float(adaptive))
+  jaxpr = lambda **kw: str(jax.make_jaxpr(lambda t: ot.wpa_loss(
+      t, image, text_mask, epsilon=0.1, **kw)[0])(text))
+  assert "while[" not in jaxpr(min_iterations=50, max_iterations=50)
+  assert "while[" in jaxpr(max_iterations=50)
