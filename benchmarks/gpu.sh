@@ -6,6 +6,10 @@
 #   bash benchmarks/gpu.sh            # all runs, most important first
 #   bash benchmarks/gpu.sh 2          # only the first 2
 set -uo pipefail
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  exit 0
+fi
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 OUT_FILE=${OUT_FILE:-benchmarks/results.jsonl}

@@ -18,6 +18,10 @@
 # EVAL_EVERY (150 steps; a checkpoint is saved at each validation), WORKERS (input-pipeline
 # processes, 12), ATTENTION (reference|xla|cudnn|auto, default auto), PYTHON (python3).
 set -uo pipefail
+if [[ " $* " == *" -h "* || " $* " == *" --help "* ]]; then
+  sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  exit 0
+fi
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 DATA=${DATA:-../shared/data}
