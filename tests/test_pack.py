@@ -1,0 +1,64 @@
+"""benchmarks/pack.py: the compact copy of the real data and the float16 MiniLM checkpoint
+that the real-data fine-tunes read on a machine without ../shared/data."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def _pack_module():
+  spec = importlib.util.spec_from_file_location("pack", ROOT / "benchmarks" / "pack.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+def test_pack_copies_the_questions_and_shrinks_the_images(tmp_path):
+  out = subprocess.run([sys.executable, "benchmarks/pack.py", f"--out={tmp_path / 'pack'}",
+                        "--no_minilm", "--max_side=64"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  assert set(summary["mb"]) == {"data"}
+  packed = tmp_path / "pack" / "data"
+  for src, dst in ((DATA / "vqa_rad" / "trainset.json", packed / "vqa_rad" / "trainset.json"),
+                   (DATA / "slake" / "Slake1.0" / "test.json",
+                    packed / "slake" / "Slake1.0" / "test.json")):
+    assert dst.read_bytes() == src.read_bytes()
+  rad = sorted((packed / "vqa_rad" / "images").iterdir())
+  slake = sorted((packed / "slake" / "Slake1.0" / "imgs").glob("*/source.jpg"))
+  assert len(rad) == 315 and len(slake) == 642
+  assert {p.name for p in rad} == {p.name for p in (DATA / "vqa_rad" / "images").iterdir()}
+  for p in rad[:5] + slake[:5]:
+    with Image.open(p) as img:
+      assert img.format == "JPEG" and max(img.size) == 64
+  assert not (tmp_path / "pack.partial").exists()
+
+
+def test_float16_minilm_loads_and_embeds_like_the_original(tmp_path, minilm_dir):
+  from medvqa_jax.data.tokenizer import Tokenizer
+  from medvqa_jax.models import towers
+  _pack_module().pack_minilm(minilm_dir, tmp_path / "minilm")
+  from safetensors.numpy import load_file
+  weights = load_file(str(tmp_path / "minilm" / "model.safetensors"))
+  assert {v.dtype for v in weights.values() if v.dtype.kind == "f"} == {np.dtype(np.float16)}
+  batch = Tokenizer.from_folder(tmp_path / "minilm", max_len=16)(
+      ["is the liver enlarged?", "what organ is shown?"])
+  outs = []
+  for folder in (minilm_dir, tmp_path / "minilm"):
+    module, params = towers.load("text", "hf_bert", folder)
+    outs.append(np.asarray(module.apply({"params": params}, batch["input_ids"],
+                                        batch["attention_mask"])["pooled"]))
+  scale = np.abs(outs[0]).max()
+  assert np.abs(outs[1] - outs[0]).max() <= 1e-2 * scale
+  assert np.abs(outs[1] - outs[0]).max() > 0  # The weights really were rounded.
