@@ -46,10 +46,15 @@ ATTENTION_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(ATTENTION_CASES))
+# A masked case in both mask forms; an unmasked one has no mask to give.
+CASE_FORMS = [(case, form) for case in sorted(ATTENTION_CASES)
+              for form in (("dense bias", "lengths") if ATTENTION_CASES[case][2] is not None
+                           or ATTENTION_CASES[case][3] else ("no mask",))]
+
+
+@pytest.mark.parametrize("case,form", CASE_FORMS)
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, F32_TOL), (jnp.bfloat16, BF16_TOL)])
-@pytest.mark.parametrize("form", ["dense bias", "lengths"])
-def test_fused_attention_matches_reference(case, dtype, tol, form):
+def test_fused_attention_matches_reference(case, form, dtype, tol):
   """form: the mask as a dense additive bias, or as a structured `Mask` (right-padded keys,
   causal), which the fused kernels take as key lengths and a causal flag."""
   if FUSED.attention == "cudnn" and dtype == jnp.float32:
