@@ -91,10 +91,11 @@ def train_step(model, config, batch_size: int, params_shapes, teacher_dim: int =
     fwd["projections"] = (2 * (li * wi + lt * wt) * d, True)
     fwd["fusion"] = (fusion_pair, True)
     p, lx = mc.prior_max_tokens, lt + li
-    prior = layer(p, d, m) + (2 * p * wt * d if wt != d else 0)
-    # The encoded prior and its keys/values are computed once per batch.
-    prior += 2 * p * 2 * d * d
-    gca = (prior / batch_size + attention(lx, p, d) - 2 * p * 2 * d * d + 2 * lx * d * d
+    # Once per batch: the prior's projection, its layer, and its keys/values for the cross-
+    # attention. Per example: that attention's query/out projections and its two products,
+    # the gate and the MLP.
+    prior = layer(p, d, m) + (2 * p * wt * d if wt != d else 0) + 2 * p * 2 * d * d
+    gca = (prior / batch_size + 2 * lx * 2 * d * d + 2 * 2 * lx * p * d + 2 * lx * d * d
            + 2 * 2 * lx * d * m)
     fwd["gca"] = (gca, True)
     if model.head == "classifier":
