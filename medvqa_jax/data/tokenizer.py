@@ -26,6 +26,16 @@ def _tokenizer_folder(folder: Path) -> Path:
   return folder
 
 
+def _named_class(config_path: Path):
+  """The transformers tokenizer class named by a tokenizer_config.json, or None."""
+  import transformers
+  if not config_path.exists():
+    return None
+  name = json.loads(config_path.read_text()).get("tokenizer_class")
+  cls = getattr(transformers, name, None) if isinstance(name, str) else None
+  return cls if isinstance(cls, type) and hasattr(cls, "from_pretrained") else None
+
+
 def load_hf_tokenizer(folder: str | os.PathLike):
   """A transformers tokenizer from a folder, with fallbacks for folders that hold only
   vocabulary files: `vocab.txt` (BERT WordPiece) or `vocab.json` + `merges.txt` (CLIP BPE)."""
@@ -35,6 +45,11 @@ def load_hf_tokenizer(folder: str | os.PathLike):
     raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
   has = lambda *names: all((folder / n).exists() for n in names)
   if has("tokenizer.json") or has("tokenizer_config.json"):
+    # The class the folder names, when transformers has it: AutoTokenizer would read the
+    # model config through a module that imports torch (seconds of start-up) if installed.
+    named = _named_class(folder / "tokenizer_config.json")
+    if named is not None:
+      return named.from_pretrained(str(folder), local_files_only=True)
     return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
   if has("vocab.json", "merges.txt"):
     return transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)

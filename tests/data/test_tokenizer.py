@@ -2,6 +2,8 @@
 open_clip), and clear errors."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -66,3 +68,23 @@ def test_errors_name_the_problem(tmp_path):
   tok = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", max_len=8)
   with pytest.raises(TypeError, match="text 1 is a NoneType"):
     tok(["fine", None])
+
+
+def test_named_class_equals_autotokenizer_and_leaves_torch_unimported(minilm_dir):
+  """Folders whose tokenizer_config.json names a class load through that class: the same
+  tokens as AutoTokenizer, without AutoTokenizer's import of torch (seconds of start-up for
+  every run on a machine where torch is installed, as it is here)."""
+  import transformers
+  texts = TEXTS + ["What organ is shown, and is it abnormal?"]
+  for folder in (minilm_dir, ASSETS / "bert_uncased_vocab"):
+    ours = Tokenizer.from_folder(folder, max_len=16)
+    auto = Tokenizer(transformers.AutoTokenizer.from_pretrained(str(folder)), max_len=16)
+    for key, value in auto(texts).items():
+      np.testing.assert_array_equal(ours(texts)[key], value, err_msg=f"{folder} {key}")
+  code = ("import sys; from medvqa_jax.data.tokenizer import Tokenizer; "
+          f"t = Tokenizer.from_folder({str(minilm_dir)!r}, max_len=8); t(['a test']); "
+          "print('torch' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip() == "False"
