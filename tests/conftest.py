@@ -26,6 +26,9 @@ _CACHE = tempfile.mkdtemp(prefix="medvqa-xla-cache-")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Tests run in several worker processes (pytest-xdist): on a GPU, let them share its memory
+# instead of each reserving most of it.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 # Tokens: CLIP text uses 0 = pad, 98 = start, 99 = end of text (the largest id).
 CLIP_VOCAB, CLIP_BOS, CLIP_EOS = 100, 98, 99
