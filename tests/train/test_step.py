@@ -1,4 +1,5 @@
-"""The sharded train step: data parallel and FSDP on 8 fake devices equal one device.
+"""The sharded train step: data parallel x FSDP on 8 fake devices, with gradient
+accumulation, equals one device stepping the whole batch.
 
 The fine-tuning objective is the one stepped here; the pre-training objective's sharded loss
 and gradients are held to one device in tests/losses/test_pretrain.py, and the step itself
@@ -40,46 +41,45 @@ SCRIPT = textwrap.dedent("""
         state, metrics = train_step(state, sharding.shard_batch(mesh, data), jax.random.PRNGKey(s))
       return jax.device_get(state["params"]), jax.device_get(metrics), shardings
 
-    # Updated params are compared after plain SGD (lr 1), where they differ exactly as the
-    # gradients do. The config's AdamW (with FSDP-sharded optimizer state) is run too, and
-    # its losses compared, but not its params: Adam turns gradients that are zero up to
-    # rounding (attention key biases, to which softmax is invariant) into updates of about
-    # the learning rate in either direction, whatever the device layout.
-    import optax
+    # The reference: one device, the config's AdamW, the whole batch per step. Against it:
+    # fsdp=4 on 8 devices (2-way data parallel x 4-way parameter sharding, the optimizer
+    # state sharded like the params) with the batch split into two micro-batches.
+    from medvqa_jax.models.state_dict import flatten
     config = helpers.tiny_config()
     config.optim.update(lr=1e-3, total_steps=10)
     model, params = amif.create(config)
     objective = step_lib.finetune_objective(
         model, np.arange(2000, 2064, dtype=np.int32), (np.arange(64) < 40).astype(np.int32))
     data = finetune_batch(16, 4)
+    tx = optim.make(config.optim, params)
     one_device = sharding.make_mesh(1, devices=jax.devices()[:1])
-    # fsdp=4 on 8 devices: 2-way data parallel x 4-way parameter sharding.
-    fsdp = 4
-    for tx, tol in ((optax.sgd(1.0), 1e-5), (optim.make(config.optim, params), None)):
-      ref_params, ref_metrics, _ = run(objective, params, tx, data, one_device)
-      if tol is not None:
-        sgd_ref = ref_params, ref_metrics
-      moved = max(float(np.max(np.abs(a - b))) for a, b in
-                  zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
-      assert moved > 1e-4  # The updates are large enough for the check to bite.
-      got_params, got_metrics, sh = run(objective, params, tx, data, sharding.make_mesh(fsdp))
-      specs = [s.spec for s in jax.tree.leaves(sh["params"])]
-      assert any("fsdp" in str(spec) for spec in specs), "nothing was FSDP-sharded"
-      for k in ref_metrics:
-        np.testing.assert_allclose(got_metrics[k], ref_metrics[k], rtol=1e-5, atol=1e-6,
-                                   err_msg=f"fsdp={{fsdp}} {{k}}")
-      for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(got_params)):
-        assert np.all(np.isfinite(b))
-        if tol is not None:
-          np.testing.assert_allclose(b, a, rtol=tol, atol=tol, err_msg=f"fsdp={{fsdp}}")
-    # Two micro-batches of 8 give the same step as one batch of 16.
-    ref_params, ref_metrics = sgd_ref
-    acc_params, acc_metrics, _ = run(objective, params, optax.sgd(1.0), data,
-                                     sharding.make_mesh(1), 2)
-    np.testing.assert_allclose(acc_metrics["loss"], ref_metrics["loss"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(acc_params)):
-      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
-    print("OK finetune", float(ref_metrics["loss"]))
+    ref_params, ref_metrics, _ = run(objective, params, tx, data, one_device)
+    moved = max(float(np.max(np.abs(a - b))) for a, b in
+                zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
+    assert moved > 1e-4  # The updates are large enough for the check to bite.
+    got_params, got_metrics, sh = run(objective, params, tx, data, sharding.make_mesh(4),
+                                      accum=2)
+    for part in ("params", "opt_state"):
+      specs = [s.spec for s in jax.tree.leaves(sh[part])]
+      assert any("fsdp" in str(spec) for spec in specs), f"no {{part}} were FSDP-sharded"
+    assert set(got_metrics) == set(ref_metrics) and "grad_norm" in got_metrics
+    for k in ref_metrics:  # The second step's loss reflects the first step's update.
+      np.testing.assert_allclose(got_metrics[k], ref_metrics[k], rtol=1e-5, atol=1e-6,
+                                 err_msg=k)
+    # The loss and gradient norm (above, 1e-5) hold the gradients to the reference at any
+    # scale (Adam's updates would hide a scaled gradient). The params are held to a tenth
+    # of one step's learning rate: Adam moves an element whose gradient is near zero by up
+    # to the learning rate whichever way rounding tips it, and rounding differs with the
+    # reduction order of each layout (one element moved 1.4e-5 apart here). Attention key
+    # biases, whose gradients are zero up to rounding (softmax is invariant to them), are
+    # left out. A shard left un-updated or updated twice is off by about 1e-3.
+    ref, got = flatten(ref_params), flatten(got_params)
+    compared = [k for k in ref if not k.endswith("/key/bias")]
+    assert len(compared) > 0.8 * len(ref)
+    for k in compared:
+      assert np.all(np.isfinite(got[k])), k
+      np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-4, err_msg=k)
+    print("OK finetune", float(ref_metrics["loss"]), moved)
     """)
 
 
