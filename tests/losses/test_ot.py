@@ -1,7 +1,6 @@
 """Word-patch alignment by optimal transport: Sinkhorn plans, gradients, IPOT."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from medvqa_jax.losses import ot
