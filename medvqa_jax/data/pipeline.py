@@ -122,8 +122,12 @@ class _HostRows:
 
 def iterate(ds: grain.MapDataset, start_step: int = 0, num_workers: int = 0,
             prefetch: int = 2):
-  """Iterates batches from `start_step`, decoding in `num_workers` processes (0: here)."""
-  it = ds[start_step:].to_iter_dataset(grain.ReadOptions(prefetch_buffer_size=prefetch))
+  """Iterates batches from `start_step`, decoding in `num_workers` processes (0: here).
+
+  An element of `ds` is a whole batch, made by one thread: each process (this one or each
+  worker) makes `prefetch` batches at a time, in as many threads."""
+  it = ds[start_step:].to_iter_dataset(
+      grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
   if num_workers:
     from absl import flags
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside app.run()
