@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,17 @@ class Tokenizer:
   @classmethod
   def from_folder(cls, folder: str | os.PathLike, max_len: int):
     return cls(load_hf_tokenizer(folder), max_len)
+
+  def save(self, folder: str | os.PathLike):
+    """Writes the tokenizer's files to `folder` (`from_folder` reads them back): written
+    beside it and renamed, so the folder is never half-written; an old one is replaced."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    self.hf.save_pretrained(str(tmp))
+    if folder.exists():
+      shutil.rmtree(folder)
+    os.replace(tmp, folder)
 
   def with_max_len(self, max_len: int) -> "Tokenizer":
     """A tokenizer of other-length sequences with its own copy of the HF tokenizer: a fast

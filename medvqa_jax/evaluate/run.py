@@ -16,7 +16,7 @@ from medvqa_jax.data import tokenizer as tokenizer_lib
 from medvqa_jax.evaluate import vqa as vqa_eval
 from medvqa_jax.models import amif
 from medvqa_jax.train import checkpoint as ckpt_lib
-from medvqa_jax.train import observe, sharding
+from medvqa_jax.train import loop, observe, sharding
 
 
 @dataclasses.dataclass
@@ -30,6 +30,7 @@ class Restored:
   mesh: object
   param_shardings: dict
   tokenizer: tokenizer_lib.Tokenizer
+  workdir: Path  # The run folder it was restored from (where it is now, not where it ran).
 
   def predictor(self) -> vqa_eval.Predictor:
     return vqa_eval.Predictor(self.model, self.config, self.answers, self.tokenizer, self.mesh,
@@ -58,6 +59,10 @@ def restore(checkpoint_dir, config=None, step: int | None = None, fsdp: int | No
   config = config if config is not None else saved
   if config.model.head != "none":
     config.model.num_answers = saved.model.get("num_answers")
+  if run.get("towers"):  # The recorded towers: no tower checkpoint is read.
+    config = amif.without_checkpoints(config, run["towers"])
+  tokenizer = (loop.run_tokenizer(folder.parent, config.model.text)
+               or tokenizer_lib.from_config(config.model.text))
   mesh = sharding.make_mesh(fsdp if fsdp is not None else 1)
   model, init, loaded = amif.initializer(config, seed=config.seed)
   shapes = jax.eval_shape(init, loaded)
@@ -68,7 +73,7 @@ def restore(checkpoint_dir, config=None, step: int | None = None, fsdp: int | No
   params = ckpts.restore_params(step, abstract)
   ckpts.close()
   return Restored(config, model, params, run.get("answers") or [], run.get("protocol", ""), step,
-                  mesh, shardings, tokenizer_lib.from_config(config.model.text))
+                  mesh, shardings, tokenizer, folder.parent)
 
 
 def evaluate_split(restored: Restored, split_name: str = "test", out_dir=None,
@@ -99,6 +104,6 @@ def evaluate_split(restored: Restored, split_name: str = "test", out_dir=None,
                               baseline=splits_lib.majority_answer(splits["train"].records))
   if jax.process_index() == 0:
     if out_dir is None:
-      out_dir = Path(config.train.workdir) / "eval" / f"{splits[key].name}-step{restored.step}"
+      out_dir = restored.workdir / "eval" / f"{splits[key].name}-step{restored.step}"
     vqa_eval.write(out_dir, metrics, rows)
   return metrics

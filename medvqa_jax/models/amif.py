@@ -11,6 +11,7 @@ Entry points (Linen methods, `model.apply(variables, ..., method=AMiF.<name>)`):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -302,3 +303,30 @@ def create(config, seed: int = 0, abstract: bool = False):
   if abstract:
     return model, jax.eval_shape(init, loaded)
   return model, jax.jit(init)(loaded)
+
+
+_NOT_ARCH = ("parent", "name", "dtype", "compute")  # Set from the config, not the checkpoint.
+
+
+def tower_archs(model: AMiF) -> dict:
+  """The towers' module fields (JSON-serialisable): what a tower read from a checkpoint took
+  from that checkpoint's config and weights. A run records them so that restoring it needs
+  no tower checkpoint (see `without_checkpoints`)."""
+  return {part: {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
+                 if f.name not in _NOT_ARCH}
+          for part, module in (("image", model.image), ("text", model.text))}
+
+
+def without_checkpoints(config, archs: dict):
+  """A copy of `config` whose checkpoint towers are built from `archs` (recorded by
+  `tower_archs`) instead of read from their checkpoints: the same model and parameter
+  shapes, for restoring saved parameters over them. Checkpoint folders stay named (a text
+  tower's tokenizer may live there)."""
+  import ml_collections
+  config = ml_collections.ConfigDict(config.to_dict())
+  for part, arch in archs.items():
+    cfg = config.model[part]
+    if cfg.source != "init":
+      cfg.source = "init"
+      cfg.arch = ml_collections.ConfigDict(dict(arch))
+  return config

@@ -186,6 +186,16 @@ def training_splits(config) -> tuple[dict, list | None, str]:
   return splits, answers, protocol
 
 
+TOKENIZER = "tokenizer"  # The run's copy of its tokenizer, in the work folder.
+
+
+def run_tokenizer(workdir, text_cfg):
+  """The tokenizer saved in a run's work folder (None for a run from before it was saved)."""
+  folder = Path(workdir) / TOKENIZER
+  return tokenizer_lib.Tokenizer.from_folder(folder, text_cfg.max_len) if folder.is_dir() \
+      else None
+
+
 def _print(text: str):
   if jax.process_index() == 0:
     print(text, flush=True)
@@ -210,19 +220,31 @@ def train(config, workdir=None, stream=None) -> dict:
       splits_lib.ensure_built(config.data)
     multihost_utils.sync_global_devices("dataset built")
   splits, answers, protocol = training_splits(config)
-  tokenizer = tokenizer_lib.from_config(mc.text)
   steps = total_steps(config, len(splits["train"].records))
   config.optim.total_steps = steps
   # The teacher's cache is checked against the data before anything is written.
   teacher = None if finetune else _Teacher(config, splits["train"], mesh)
 
+  # ---- the run folder: what restoring it needs besides the checkpoints ----
+  # The tokenizer's files (workdir/tokenizer) and, in each run record, the towers' module
+  # fields: resuming, evaluating and predicting then read no tower checkpoint and no
+  # tokenizer folder of the config's (a run folder can move to another machine).
+  ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=tc.keep)
+  start = ckpts.latest_step()
+  archs = ckpts.run_record(start).get("towers") if start is not None else None
+  tokenizer = run_tokenizer(workdir, mc.text) if start is not None else None
+  if tokenizer is None:
+    tokenizer = tokenizer_lib.from_config(mc.text)
+    if main:
+      tokenizer.save(workdir / TOKENIZER)
+
   # ---- model and state ----
-  model, init, loaded = amif.initializer(config, seed=config.seed)
+  model, init, loaded = amif.initializer(
+      amif.without_checkpoints(config, archs) if archs else config, seed=config.seed)
+  archs = amif.tower_archs(model)
   shapes = jax.eval_shape(init, loaded)
   tx = optim.make(config.optim, shapes)
   shardings = step_lib.state_shardings(mesh, shapes, tx, tuple(tc.fsdp_rules), tc.fsdp_min_size)
-  ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=tc.keep)
-  start = ckpts.latest_step()
   if start is not None:
     state, run = ckpts.restore(start, abstract_state(shapes, tx, shardings))
     if finetune and run.get("answers") != answers:
@@ -275,7 +297,7 @@ def train(config, workdir=None, stream=None) -> dict:
 
   def run_record(step, val):
     return {"step": int(step), "data_step": int(step), "config": config.to_json(),
-            "protocol": protocol, "answers": answers, "val": val}
+            "protocol": protocol, "answers": answers, "val": val, "towers": archs}
 
   reporter = observe.Reporter(workdir, total_steps=steps, start_step=start,
                               batch_size=tc.batch_size, log_every=tc.log_every, enabled=main,

@@ -88,3 +88,20 @@ def test_named_class_equals_autotokenizer_and_leaves_torch_unimported(minilm_dir
                        timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("which", ["bundled BERT", "MiniLM", "CLIP BPE"])
+def test_saved_tokenizer_reads_back_the_same(which, minilm_dir, clip_bpe_folder, tmp_path):
+  """A run keeps a copy of its tokenizer (Tokenizer.save): the copy tokenizes as the original
+  did, and saving over an old copy replaces it whole."""
+  folder = {"bundled BERT": ASSETS / "bert_uncased_vocab", "MiniLM": minilm_dir,
+            "CLIP BPE": clip_bpe_folder}[which]
+  original = Tokenizer.from_folder(folder, max_len=16)
+  (tmp_path / "copy").mkdir()
+  (tmp_path / "copy" / "stale.txt").write_text("from an earlier save")
+  original.save(tmp_path / "copy")
+  assert not (tmp_path / "copy" / "stale.txt").exists()
+  assert [p.name for p in tmp_path.iterdir()] == ["copy"]  # No temporary folder left.
+  copy = Tokenizer.from_folder(tmp_path / "copy", max_len=16)
+  for key, value in original(TEXTS).items():
+    np.testing.assert_array_equal(copy(TEXTS)[key], value, err_msg=key)

@@ -1,0 +1,79 @@
+"""A run folder is restored without the tower checkpoint and tokenizer folders its config
+names: the run keeps a copy of its tokenizer and records its towers' module fields, so
+resuming, evaluating and predicting read neither (a run folder can move to another machine)."""
+
+import shutil
+
+import pytest
+
+import helpers
+from medvqa_jax import ASSETS
+from medvqa_jax.data.tokenizer import Tokenizer
+from medvqa_jax.evaluate import run as run_lib
+from medvqa_jax.models import amif
+from medvqa_jax.train import loop
+
+
+@pytest.fixture
+def text_checkpoint(tmp_path):
+  """A BERT checkpoint of the tiny text tower's shape (random weights), with the bundled
+  vocabulary as its tokenizer."""
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  cfg = transformers.BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, intermediate_size=128,
+                                max_position_embeddings=64)
+  folder = tmp_path / "bert"
+  transformers.BertModel(cfg).save_pretrained(folder)
+  for name in ("vocab.txt", "tokenizer_config.json"):
+    shutil.copy(ASSETS / "bert_uncased_vocab" / name, folder / name)
+  return folder
+
+
+def _config(text_checkpoint, tmp_path):
+  from configs.towers.common import tower
+  config = helpers.tiny_config()
+  config.model.text = tower("bert", "hf_bert", dict(pooler="cls"),
+                            checkpoint=str(text_checkpoint), max_len=30)
+  config.data.update(dir=str(tmp_path / "data"), val_fraction=0.03)
+  config.optim.total_steps = 2
+  config.train.update(workdir=str(tmp_path / "run"), epochs=0, batch_size=16, save_every=2,
+                      eval_every=2, tensorboard=False)
+  return config
+
+
+def _same(a: dict, b: dict):
+  a, b = dict(a), dict(b)
+  a.pop("seconds", None), b.pop("seconds", None)
+  assert a == b
+
+
+def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_checkpoint,
+                                                                        tmp_path):
+  config = _config(text_checkpoint, tmp_path)
+  model, _, loaded = amif.initializer(config)
+  assert "text" in loaded and "decoder" in loaded  # Both read from the checkpoint.
+  metrics = loop.train(config)
+  workdir = tmp_path / "run"
+  assert (workdir / loop.TOKENIZER / "tokenizer_config.json").exists()
+
+  gone = text_checkpoint.with_name("bert-moved")
+  text_checkpoint.rename(gone)  # The checkpoint (and with it the tokenizer) is gone,
+  moved = workdir.rename(tmp_path / "moved")  # and the run folder is somewhere else.
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    amif.initializer(config)
+
+  restored = run_lib.restore(moved)
+  assert amif.tower_archs(restored.model) == amif.tower_archs(model)
+  assert restored.model.decoder == model.decoder
+  texts = ["is there a fracture?", "what organ is shown in this image?"]
+  reference = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", max_len=30)
+  for key, value in reference(texts).items():
+    assert (restored.tokenizer(texts)[key] == value).all(), key
+  _same(run_lib.evaluate_split(restored, "test"), metrics)
+  assert (moved / "eval" / "test-step2" / "metrics.json").exists()  # Beside the run, as moved.
+  assert not workdir.exists()
+
+  # The same command again: the finished run resumes at its end and evaluates test again.
+  _same(loop.train(config, workdir=moved), metrics)
