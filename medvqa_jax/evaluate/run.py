@@ -16,7 +16,7 @@ from medvqa_jax.data import tokenizer as tokenizer_lib
 from medvqa_jax.evaluate import vqa as vqa_eval
 from medvqa_jax.models import amif
 from medvqa_jax.train import checkpoint as ckpt_lib
-from medvqa_jax.train import loop, observe, sharding
+from medvqa_jax.train import observe, sharding
 
 
 @dataclasses.dataclass
@@ -61,7 +61,7 @@ def restore(checkpoint_dir, config=None, step: int | None = None, fsdp: int | No
     config.model.num_answers = saved.model.get("num_answers")
   if run.get("towers"):  # The recorded towers: no tower checkpoint is read.
     config = amif.without_checkpoints(config, run["towers"])
-  tokenizer = (loop.run_tokenizer(folder.parent, config.model.text)
+  tokenizer = (ckpt_lib.run_tokenizer(folder.parent, config.model.text)
                or tokenizer_lib.from_config(config.model.text))
   mesh = sharding.make_mesh(fsdp if fsdp is not None else 1)
   model, init, loaded = amif.initializer(config, seed=config.seed)

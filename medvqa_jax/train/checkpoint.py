@@ -19,6 +19,16 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 log = logging.getLogger(__name__)
 
+TOKENIZER = "tokenizer"  # A run's copy of its tokenizer, in its work folder.
+
+
+def run_tokenizer(workdir, text_cfg):
+  """The tokenizer saved in a run's work folder (None for a run from before it was saved)."""
+  from medvqa_jax.data import tokenizer as tokenizer_lib
+  folder = Path(workdir) / TOKENIZER
+  return tokenizer_lib.Tokenizer.from_folder(folder, text_cfg.max_len) if folder.is_dir() \
+      else None
+
 
 def _selection(metrics: dict) -> float:
   if "val_accuracy" in metrics:

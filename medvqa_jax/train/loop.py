@@ -186,16 +186,6 @@ def training_splits(config) -> tuple[dict, list | None, str]:
   return splits, answers, protocol
 
 
-TOKENIZER = "tokenizer"  # The run's copy of its tokenizer, in the work folder.
-
-
-def run_tokenizer(workdir, text_cfg):
-  """The tokenizer saved in a run's work folder (None for a run from before it was saved)."""
-  folder = Path(workdir) / TOKENIZER
-  return tokenizer_lib.Tokenizer.from_folder(folder, text_cfg.max_len) if folder.is_dir() \
-      else None
-
-
 def _print(text: str):
   if jax.process_index() == 0:
     print(text, flush=True)
@@ -232,11 +222,11 @@ def train(config, workdir=None, stream=None) -> dict:
   ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=tc.keep)
   start = ckpts.latest_step()
   archs = ckpts.run_record(start).get("towers") if start is not None else None
-  tokenizer = run_tokenizer(workdir, mc.text) if start is not None else None
+  tokenizer = ckpt_lib.run_tokenizer(workdir, mc.text) if start is not None else None
   if tokenizer is None:
     tokenizer = tokenizer_lib.from_config(mc.text)
     if main:
-      tokenizer.save(workdir / TOKENIZER)
+      tokenizer.save(workdir / ckpt_lib.TOKENIZER)
 
   # ---- model and state ----
   model, init, loaded = amif.initializer(

@@ -11,6 +11,7 @@ from medvqa_jax import ASSETS
 from medvqa_jax.data.tokenizer import Tokenizer
 from medvqa_jax.evaluate import run as run_lib
 from medvqa_jax.models import amif
+from medvqa_jax.train import checkpoint as ckpt_lib
 from medvqa_jax.train import loop
 
 
@@ -56,7 +57,7 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
   assert "text" in loaded and "decoder" in loaded  # Both read from the checkpoint.
   metrics = loop.train(config)
   workdir = tmp_path / "run"
-  assert (workdir / loop.TOKENIZER / "tokenizer_config.json").exists()
+  assert (workdir / ckpt_lib.TOKENIZER / "tokenizer_config.json").exists()
 
   gone = text_checkpoint.with_name("bert-moved")
   text_checkpoint.rename(gone)  # The checkpoint (and with it the tokenizer) is gone,
