@@ -30,7 +30,7 @@ def main(argv):
   from medvqa_jax import ASSETS
   from medvqa_jax.data import image as image_lib
   from medvqa_jax.data import tokenizer as tokenizer_lib
-  from medvqa_jax.models import towers
+  from medvqa_jax.models import state_dict, towers
 
   config = _CONFIG.value
   images, questions = _IMAGES.value, _QUESTIONS.value
@@ -39,8 +39,9 @@ def main(argv):
     images = sorted({str(ASSETS / "demo" / "images" / s["image"]) for s in samples})
     questions = [s["question"] for s in samples]
 
-  img_tower, img_params = towers.from_config(config.model.image, seed=config.seed)
-  txt_tower, txt_params = towers.from_config(config.model.text, seed=config.seed)
+  with state_dict.shared_reads():  # A CLIP checkpoint holds both towers: read it once.
+    img_tower, img_params = towers.from_config(config.model.image, seed=config.seed)
+    txt_tower, txt_params = towers.from_config(config.model.text, seed=config.seed)
   tokenizer = tokenizer_lib.from_config(config.model.text)
 
   summary = {"device": jax.devices()[0].device_kind}

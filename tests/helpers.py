@@ -20,6 +20,19 @@ def max_diff(a, b):
   return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
+def count_calls(monkeypatch, owner, name: str) -> list:
+  """Wraps `owner.name` (for the rest of the test) to record each call's arguments; returns
+  the list they are appended to."""
+  calls, inner = [], getattr(owner, name)
+
+  def wrapper(*args, **kwargs):
+    calls.append((args, kwargs))
+    return inner(*args, **kwargs)
+
+  monkeypatch.setattr(owner, name, wrapper)
+  return calls
+
+
 # Python code that makes torch unimportable in a subprocess, as on a machine without it.
 HIDE_TORCH = """
 import sys

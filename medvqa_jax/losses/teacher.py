@@ -94,9 +94,10 @@ def from_config(config) -> Teacher:
   from medvqa_jax.data import tokenizer as tokenizer_lib
   from medvqa_jax.models import towers
   tc = config.teacher
-  image, image_params = towers.from_config(tc.image, seed=1000)
-  text, text_params = towers.from_config(tc.text, seed=1001)
-  scale = tc.get("logit_scale") or _checkpoint_logit_scale(tc.image)
+  with state_dict.shared_reads():  # One read of a checkpoint that holds all three.
+    image, image_params = towers.from_config(tc.image, seed=1000)
+    text, text_params = towers.from_config(tc.text, seed=1001)
+    scale = tc.get("logit_scale") or _checkpoint_logit_scale(tc.image)
   if scale is None:
     raise ValueError("the teacher's checkpoint has no logit_scale: set "
                      "--config.teacher.logit_scale")

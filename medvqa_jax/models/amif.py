@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medvqa_jax.models import heads, layers
+from medvqa_jax.models import heads, layers, state_dict
 from medvqa_jax.models.bert import BertEncoder
 from medvqa_jax.models.fusion import CoAttentionFusion
 from medvqa_jax.models.gca import GatedCrossAttention
@@ -263,12 +263,14 @@ def initializer(config, seed: int = 0):
   from medvqa_jax.models import towers
   mc = config.model
   compute = compute_of(config)
-  image, image_params = towers.from_config(mc.image, seed=seed, abstract=True, compute=compute)
-  text, text_params = towers.from_config(mc.text, seed=seed + 1, abstract=True,
-                                         compute=compute)
-  decoder = decoder_params = None
-  if mc.head == "generative":
-    decoder, decoder_params = _decoder(config, text, text_params, False)
+  with state_dict.shared_reads():  # The towers and the decoder may share one checkpoint.
+    image, image_params = towers.from_config(mc.image, seed=seed, abstract=True,
+                                             compute=compute)
+    text, text_params = towers.from_config(mc.text, seed=seed + 1, abstract=True,
+                                           compute=compute)
+    decoder = decoder_params = None
+    if mc.head == "generative":
+      decoder, decoder_params = _decoder(config, text, text_params, False)
   model = AMiF(image=image, text=text, decoder=decoder, width=mc.fusion.width,
                fusion_layers=mc.fusion.layers, num_heads=mc.fusion.heads,
                mlp_dim=mc.fusion.mlp_dim, head=mc.head, num_answers=mc.get("num_answers") or 0,

@@ -9,6 +9,7 @@ the caller named the parameters as freshly initialised or the keys as deliberate
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -80,14 +81,45 @@ def _safetensors_load(path: Path) -> dict[str, np.ndarray]:
   return out
 
 
+_shared: dict | None = None  # Reads kept for reuse inside `shared_reads()`.
+
+
+@contextlib.contextmanager
+def shared_reads():
+  """Inside the block each checkpoint file is read once: later reads of the same, unchanged
+  file (a CLIP checkpoint holding both towers and the teacher's logit scale, a text
+  checkpoint that also seeds the decoder) reuse the first read's arrays, which callers must
+  not modify. They are released when the outermost block ends."""
+  global _shared
+  outer = _shared is not None
+  if not outer:
+    _shared = {}
+  try:
+    yield
+  finally:
+    if not outer:
+      _shared = None
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a checkpoint file or folder (safetensors, sharded index, or PyTorch pickle)."""
+  """Reads a checkpoint file or folder (safetensors, sharded index, or PyTorch pickle); inside
+  `shared_reads()` an unchanged file is read once."""
   path = find_weights(path)
+  if _shared is None:
+    return _read(path)
+  stat = path.stat()
+  key = (str(path.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+  if key not in _shared:
+    _shared[key] = _read(path)
+  return dict(_shared[key])
+
+
+def _read(path: Path) -> dict[str, np.ndarray]:
   if path.name.endswith(".index.json"):
     index = json.loads(path.read_text())
     out = {}
     for shard in sorted(set(index["weight_map"].values())):
-      out.update(read_state_dict(path.parent / shard))
+      out.update(_read(path.parent / shard))
     return out
   if path.suffix == ".safetensors":
     return _safetensors_load(path)

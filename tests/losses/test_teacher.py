@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+import helpers
 from medvqa_jax import ASSETS
 from medvqa_jax.losses import teacher as teacher_lib
+from medvqa_jax.models import state_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,16 +86,19 @@ def test_bad_records_are_named_and_leave_no_cache(corpus, tmp_path):
   assert not out.exists() and not list(tmp_path.glob(".cache.npz.tmp*"))
 
 
-def test_biomedclip_teacher_matches_open_clip(biomedclip):
+def test_biomedclip_teacher_matches_open_clip(biomedclip, monkeypatch):
   """The teacher path on a BiomedCLIP-architecture checkpoint: normalised embeddings equal
-  open_clip's, and the logit scale is the checkpoint's exp(logit_scale)."""
+  open_clip's, and the logit scale is the checkpoint's exp(logit_scale). Both towers and
+  the scale come from one read of the checkpoint file."""
   from configs import base
   ref, folder = biomedclip
   config = base.get_config()
   for part in ("image", "text"):
     config.teacher[part].checkpoint = str(folder)
   config.teacher.text.tokenizer = str(ASSETS / "bert_uncased_vocab")
+  reads = helpers.count_calls(monkeypatch, state_dict, "_read")
   teacher = teacher_lib.from_config(config)
+  assert len(reads) == 1
   np.testing.assert_allclose(teacher.logit_scale, float(ref.logit_scale.detach().exp()), rtol=1e-6)
   rng = np.random.default_rng(0)
   pixels = rng.normal(size=(2, 224, 224, 3)).astype(np.float32)

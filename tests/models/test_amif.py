@@ -8,7 +8,7 @@ import pytest
 
 import helpers
 from helpers import max_diff
-from medvqa_jax.models import amif, towers
+from medvqa_jax.models import amif, state_dict, towers
 from medvqa_jax.models.amif import AMiF
 
 
@@ -172,15 +172,19 @@ def test_pretraining_outputs_and_pairs(config):
   assert max_diff(out["pair_itm_logits"][3], swapped["itm_logits"][0]) <= 1e-5
 
 
-def test_decoder_is_initialised_from_the_text_checkpoint(config, hf_bert_pretraining, hf_bert):
+def test_decoder_is_initialised_from_the_text_checkpoint(config, hf_bert_pretraining, hf_bert,
+                                                         monkeypatch):
   """Self-attention and FFN from the text checkpoint; cross-attention fresh; the masked-LM
-  head from the checkpoint when it has one (BertForPreTraining), fresh otherwise."""
+  head from the checkpoint when it has one (BertForPreTraining), fresh otherwise. The text
+  tower and the decoder come from one read of the checkpoint file."""
   ref, folder = hf_bert_pretraining
   cfg = config.copy_and_resolve_references()
   cfg.model.text.source, cfg.model.text.checkpoint = "hf_bert", str(folder)
   cfg.model.text.arch = dict(depth=None, pooler="cls")
   cfg.model.decoder.cross_from = 2
+  reads = helpers.count_calls(monkeypatch, state_dict, "_read")
   model, params = amif.create(cfg)
+  assert len(reads) == 1
   state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
   dec = params["decoder"]
   np.testing.assert_array_equal(dec["word_embed"]["embedding"],

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+import helpers
 from helpers import HIDE_TORCH
 from medvqa_jax.models import state_dict, towers
 from medvqa_jax.models.state_dict import CheckpointError
@@ -101,3 +102,25 @@ def test_pytorch_pickle_without_torch_says_so(hf_bert_pretraining):
   assert "ERROR:" in out.stdout, out.stderr
   assert "pytorch_model.bin is a PyTorch pickle" in out.stdout
   assert "needs torch" in out.stdout
+
+
+def test_shared_reads_read_each_unchanged_file_once(hf_bert, tmp_path, monkeypatch):
+  """Inside `shared_reads` a file is read once (callers get their own dict over the same
+  arrays); a rewritten file is read again; outside the block every call reads."""
+  folder = _edited_copy(hf_bert[1], tmp_path, lambda state: None)
+  reads = helpers.count_calls(monkeypatch, state_dict, "_read")
+  with state_dict.shared_reads():
+    first = state_dict.read_state_dict(folder)
+    first.pop("embeddings.word_embeddings.weight")
+    with state_dict.shared_reads():  # Nested blocks share the outer one's reads.
+      second = state_dict.read_state_dict(folder / "model.safetensors")
+    assert len(reads) == 1 and "embeddings.word_embeddings.weight" in second
+    state = {k: v + 1 if k == "pooler.dense.bias" else v for k, v in second.items()}
+    save_file(state, folder / "new.safetensors")  # Replaced as a checkpoint tool would.
+    (folder / "new.safetensors").replace(folder / "model.safetensors")
+    third = state_dict.read_state_dict(folder)
+    assert len(reads) == 2
+    np.testing.assert_array_equal(third["pooler.dense.bias"], second["pooler.dense.bias"] + 1)
+  state_dict.read_state_dict(folder)
+  state_dict.read_state_dict(folder)
+  assert len(reads) == 4
