@@ -193,7 +193,7 @@ def _print(text: str):
 
 def train(config, workdir=None, stream=None) -> dict:
   """Runs (or resumes) the run of `config`; returns the test metrics of a fine-tuning run
-  (the final validation metrics of a pre-training run)."""
+  ({} for a pre-training run, which is not validated)."""
   workdir = workdir_of(config, workdir)
   tc, mc = config.train, config.model
   finetune = mc.head != "none"
