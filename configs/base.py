@@ -53,9 +53,10 @@ def get_config(arg=None):
           # (MLP over the answer vocabulary; num_answers from the data) or "none".
           head="generative",
           num_answers=unset(int),
-          # The decoder is the text checkpoint's BERT, causal, cross-attending to the GCA
-          # output from layer `cross_from` on (6-11 in the paper).
-          decoder=dict(cross_from=6, depth=unset(int)),
+          # The decoder is the text checkpoint's BERT (its first `depth` layers if set),
+          # causal, cross-attending to the GCA output from layer `cross_from` on; unset: the
+          # second half of its layers (6-11 of 12, as in the paper; 3-5 of MiniLM's 6).
+          decoder=dict(cross_from=unset(int), depth=unset(int)),
           prior_max_tokens=512,  # Answer-vocabulary prior of the GCA, in word pieces.
           answer_max_len=16,     # Answer tokens, [CLS] and [SEP] included.
           rank_k=32,             # Candidates re-scored by full likelihood.

@@ -233,18 +233,26 @@ def compute_of(config) -> layers.Compute:
 
 def _decoder(config, text_module, text_params, abstract):
   """The generative head's decoder: the text tower's BERT, causal, with cross-attention from
-  `decoder.cross_from` on and the masked-LM head, initialised from the text checkpoint (the
-  parts the checkpoint lacks are initialised fresh)."""
+  `decoder.cross_from` on (default: the second half of its layers) and the masked-LM head,
+  initialised from the text checkpoint (the parts the checkpoint lacks are initialised
+  fresh)."""
   cfg = config.model.text
   if not isinstance(text_module, BertEncoder):
     raise ValueError("the generative head's decoder is a BERT initialised from the text "
                      f"tower, but the text tower is a {type(text_module).__name__}; use "
                      "--config.model.head=classifier or a BERT text tower")
   dec = config.model.decoder
-  changes = dict(causal=True, cross_from=dec.cross_from, lm_head=True, pooler="none",
-                 proj_dim=None)
-  if dec.get("depth") is not None:
-    changes["depth"] = dec.depth
+  depth = dec.get("depth") or text_module.depth
+  cross_from = dec.get("cross_from")
+  if cross_from is None:
+    cross_from = depth // 2
+  if not 0 <= cross_from < depth:
+    raise ValueError(
+        f"model.decoder.cross_from={cross_from} leaves the {depth}-layer decoder without a "
+        "cross-attention layer, so its answers would not depend on the image or the "
+        f"question: set it between 0 and {depth - 1} (or leave it unset: {depth // 2})")
+  changes = dict(causal=True, cross_from=cross_from, context_width=config.model.fusion.width,
+                 lm_head=True, pooler="none", proj_dim=None, depth=depth)
   if cfg.source == "init" or abstract:
     return text_module.clone(**changes, parent=None), None
   from medvqa_jax.models import towers

@@ -24,8 +24,11 @@ class BertEncoder(nn.Module):
   `attention_mask` (B, L) is 1 on real tokens and right-padded, as the tokenizer makes it
   (the fused attention kernels take it as lengths); `context_mask` may be any mask.
   causal: position i attends only to positions <= i (the decoder).
-  cross_from: layers with this index and above cross-attend to `context` (B, Lc, D) whose
-    padding is `context_mask` (HF's `encoder_hidden_states` / `encoder_attention_mask`).
+  cross_from: layers with this index and above (at least the last) cross-attend to
+    `context` (B, Lc, D) whose padding is `context_mask` (HF's `encoder_hidden_states` /
+    `encoder_attention_mask`); None: no cross-attention.
+  context_width: the context's width D (None: `width`), which the cross-attention's key and
+    value projections take as input (ALBEF's `encoder_width`).
   lm_head: BERT's masked-LM head (dense, GELU, LayerNorm, then the word embeddings
     transposed plus a bias) giving `logits` (B, L, vocab_size).
 
@@ -46,6 +49,7 @@ class BertEncoder(nn.Module):
   proj_kind: str = "linear"
   causal: bool = False
   cross_from: int | None = None
+  context_width: int | None = None
   lm_head: bool = False
   dtype: Any = jnp.float32
   compute: layers.Compute = layers.Compute()
@@ -54,6 +58,12 @@ class BertEncoder(nn.Module):
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, context=None,
                context_mask=None):
     _, length = input_ids.shape
+    if self.cross_from is not None and not 0 <= self.cross_from < self.depth:
+      raise ValueError(f"cross_from={self.cross_from} names no layer of a {self.depth}-layer "
+                       "BERT: no layer would cross-attend to the context")
+    if context is not None and context.shape[-1] != (self.context_width or self.width):
+      raise ValueError(f"the context is {context.shape[-1]} wide but this BERT's cross-"
+                       f"attention reads {self.context_width or self.width} (context_width)")
     if length > self.max_positions:
       raise ValueError(f"sequence length {length} exceeds max_positions {self.max_positions}")
     if token_type_ids is None:
@@ -68,7 +78,7 @@ class BertEncoder(nn.Module):
     # A context mask may have holes (the decoder's: text padding, then the image tokens).
     context_bias = layers.attention_mask(context_mask)
     # Layers without cross-attention, then (a decoder) those with it: one stack each.
-    split = self.depth if self.cross_from is None else min(self.cross_from, self.depth)
+    split = self.depth if self.cross_from is None else self.cross_from
     for indices, cross in ((range(split), False), (range(split, self.depth), True)):
       block = functools.partial(layers.PostLNBlock, self.num_heads, self.mlp_dim, self.act,
                                 self.ln_eps, cross, self.dtype, self.compute)

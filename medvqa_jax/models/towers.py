@@ -36,7 +36,7 @@ def dummy_inputs(module: nn.Module) -> tuple:
     return (jnp.zeros((1, module.image_size, module.image_size, 3), jnp.float32),)
   ids = jnp.zeros((1, 8), jnp.int32)
   if isinstance(module, BertEncoder) and module.cross_from is not None:  # A decoder.
-    return ids, None, None, jnp.zeros((1, 4, module.width), jnp.float32)
+    return ids, None, None, jnp.zeros((1, 4, module.context_width or module.width), jnp.float32)
   return (ids,)
 
 

