@@ -201,8 +201,9 @@ class AMiF(nn.Module):
     _, topk = jax.lax.top_k(jnp.take(first, cand_ids[:, 1], axis=-1), k)  # (B, k)
     ids = jnp.take(cand_ids, topk, axis=0).reshape(b * k, -1)
     mask = jnp.take(cand_mask, topk, axis=0).reshape(b * k, -1)
-    logits = self.decode(ids, mask, jnp.repeat(context, k, axis=0),
-                         jnp.repeat(context_mask, k, axis=0))
+    # Each question's context is shared by its k candidates (consecutive rows): the decoder's
+    # cross-attention projects it once per question, not once per candidate.
+    logits = self.decode(ids, mask, context, context_mask)
     scores = heads.sequence_log_likelihood(logits, ids, mask).reshape(b, k)
     best = jnp.argmax(scores, axis=-1)
     return {"prediction": jnp.take_along_axis(topk, best[:, None], axis=-1)[:, 0],

@@ -26,7 +26,8 @@ class BertEncoder(nn.Module):
   causal: position i attends only to positions <= i (the decoder).
   cross_from: layers with this index and above (at least the last) cross-attend to
     `context` (B, Lc, D) whose padding is `context_mask` (HF's `encoder_hidden_states` /
-    `encoder_attention_mask`); None: no cross-attention.
+    `encoder_attention_mask`); None: no cross-attention. A context of B / G rows is shared
+    by groups of G consecutive rows (a question's by its candidate answers).
   context_width: the context's width D (None: `width`), which the cross-attention's key and
     value projections take as input (ALBEF's `encoder_width`).
   lm_head: BERT's masked-LM head (dense, GELU, LayerNorm, then the word embeddings

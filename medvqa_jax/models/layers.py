@@ -224,8 +224,11 @@ def attention_bias(key_mask=None, causal_len: int | None = None):
 class MultiHeadAttention(nn.Module):
   """Multi-head attention with separate query/key/value/out projections (all biased).
 
-  x (B, Lq, D); kv (B or 1, Lk, Dkv), defaulting to x: a batch-1 context (shared by the
-  batch) has its keys and values projected once, then broadcast.
+  x (B, Lq, D); kv (B / G, Lk, Dkv), defaulting to x. A context with fewer rows than x is
+  shared by groups of G consecutive rows of x (a batch-1 context by the whole batch; a
+  question's context by its G candidate answers): its keys and values are projected once per
+  group, and each group's queries attend to them as one sequence of G * Lq (the mask must
+  then hide keys only, as a context's padding mask does).
   """
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -246,8 +249,14 @@ class MultiHeadAttention(nn.Module):
     q = dense("query")(x)
     k = dense("key")(kv)
     v = dense("value")(kv)
-    if k.shape[0] != q.shape[0]:  # A context shared by the batch: projected once.
-      k, v = (jnp.broadcast_to(t, q.shape[:1] + t.shape[1:]) for t in (k, v))
+    (b, lq), rows = q.shape[:2], k.shape[0]
+    groups = b // rows
+    if groups * rows != b:
+      raise ValueError(f"a context of {rows} rows cannot be shared by {b} query rows")
+    if groups > 1:
+      if bias is not None and bias.shape[-2] != 1:
+        raise ValueError("a shared context's mask may hide keys only")
+      q = q.reshape(rows, groups * lq, *q.shape[2:])
     kernel = self.compute.kernel(self.dtype)
     if kernel == "reference" or return_weights:
       # Logits and softmax in float32 whatever the compute dtype.
@@ -264,6 +273,11 @@ class MultiHeadAttention(nn.Module):
                               mask.causal)
       else:
         out = fused_attention(q, k, v, bias, kernel, self.compute.pad_to)
+    if groups > 1:
+      out = out.reshape(b, lq, *out.shape[2:])
+      if weights is not None:  # (rows, H, G * Lq, Lk) -> (B, H, Lq, Lk)
+        weights = weights.reshape(rows, weights.shape[1], groups, lq, -1)
+        weights = weights.transpose(0, 2, 1, 3, 4).reshape(b, -1, lq, weights.shape[-1])
     out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(out)
     return (out, weights) if return_weights else out
 

@@ -94,6 +94,42 @@ def test_fused_attention_matches_reference(case, form, dtype, tol):
       assert max_diff(again, out_fused) <= tol
 
 
+@pytest.mark.parametrize("compute", [REFERENCE, FUSED], ids=["reference", "fused"])
+@pytest.mark.parametrize("form", ["lengths", "holes"])
+def test_a_context_shared_by_groups_of_rows_equals_it_repeated(compute, form):
+  """A context of B rows for B * G queries (a question's for its G candidate answers) gives
+  what the context repeated G times gives: outputs, gradients and attention weights."""
+  if compute.attention == "cudnn":
+    compute = layers.Compute(attention="cudnn", pad_to=16)
+  dtype = jnp.bfloat16 if compute.attention == "cudnn" else jnp.float32
+  tol = BF16_TOL if dtype == jnp.bfloat16 else F32_TOL
+  rng = np.random.default_rng(3)
+  g, lq, lk = 4, 5, 11
+  x = rng.normal(size=(2 * g, lq, 32)).astype(np.float32)
+  kv = rng.normal(size=(2, lk, 24)).astype(np.float32)
+  key_mask = _mask([11, 6], lk) if form == "lengths" else np.array([[1] * 11, [1, 0, 1] + [1] * 8])
+  make = lambda m: layers.attention_mask(m, right_padded=form == "lengths")
+  mha = layers.MultiHeadAttention(4, dtype, compute)
+  params = mha.init(jax.random.PRNGKey(0), x, np.repeat(kv, g, 0))["params"]
+
+  def loss(params, kv, key_mask):
+    out = mha.apply({"params": params}, x, kv, make(key_mask))
+    return jnp.sum(out.astype(jnp.float32) ** 2), out
+
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  (_, shared), g_shared = grad(params, kv, key_mask)
+  (_, repeated), g_repeated = grad(params, np.repeat(kv, g, 0), np.repeat(key_mask, g, 0))
+  assert shared.shape == (2 * g, lq, 32) and max_diff(shared, repeated) <= tol
+  for a, b in zip(jax.tree.leaves(g_shared), jax.tree.leaves(g_repeated)):
+    assert _close(a, b, tol)
+  _, w_shared = mha.apply({"params": params}, x, kv, make(key_mask), return_weights=True)
+  _, w_repeated = mha.apply({"params": params}, x, np.repeat(kv, g, 0),
+                            make(np.repeat(key_mask, g, 0)), return_weights=True)
+  assert w_shared.shape == (2 * g, 4, lq, lk) and max_diff(w_shared, w_repeated) <= tol
+  with pytest.raises(ValueError, match="a context of 2 rows cannot be shared by 7 query rows"):
+    mha.apply({"params": params}, x[:7], kv, make(key_mask))
+
+
 def test_a_structured_mask_reaches_the_kernel_as_lengths(monkeypatch):
   """Right-padded keys (+ causal) go to the fused kernel as key lengths and is_causal, with no
   dense mask; a mask with holes goes densely. The reference path reads the bias either way."""
