@@ -227,6 +227,14 @@ def test_decoder_cross_attends_in_the_second_half_by_default(text, depth):
   assert model.decoder.depth == depth and model.decoder.cross_from == depth // 2
   assert [i for i in range(depth) if "cross_attn" in params["decoder"][f"layer_{i}"]] == \
       list(range(depth // 2, depth))
+  if text == "minilm":  # The answer loss reaches every part, through a 384-wide decoder.
+    config.model.fusion.update(layers=1, mlp_dim=256)
+    model, params = amif.create(config)
+    grads = jax.jit(jax.grad(lambda p: _vqa(model, p, _batch())["loss"]))(params)
+    norm = lambda tree: float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(tree))))
+    for part in ("image", "text", "fusion", "gca", "image_proj", "text_proj", "decoder"):
+      assert norm(grads[part]) > 0, part
+    assert norm(grads["decoder"]["layer_3"]["cross_attn"]) > 0
   config.model.decoder.depth = 4  # A shallower decoder: its own second half.
   model, _ = amif.create(config, abstract=True)
   assert (model.decoder.depth, model.decoder.cross_from) == (4, 2)
