@@ -292,13 +292,15 @@ def open_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
     kw.update(overrides)
     m = bert_mapping(pre, kw["depth"], kw["num_heads"], kw["pooler"], kw.get("cross_from"),
                      kw.get("lm_head", False))
-    if proj_kind == "mlp":
+    unused = bert_unused(pre, kw["depth"], available, kw["pooler"])
+    if not kw["proj_dim"] or kw["pooler"] == "none":  # The trunk alone (the decoder).
+      unused += (r"text\.proj\..*",)
+    elif proj_kind == "mlp":
       m.dense("head/fc1", "text.proj.0", bias=False)
       m.dense("head/fc2", "text.proj.2", bias=False)
     else:
       m.dense("head/proj", "text.proj", bias=False)
-    return Spec(BertEncoder, kw, m, _prefixed("text."),
-                bert_unused(pre, kw["depth"], available, kw["pooler"]),
+    return Spec(BertEncoder, kw, m, _prefixed("text."), unused,
                 missing_optional_parts(state, m, kw))
   raise ValueError(f"an open_clip model has an 'image' and a 'text' part, not {part!r}")
 

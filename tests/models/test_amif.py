@@ -242,3 +242,27 @@ def test_decoder_cross_attends_in_the_second_half_by_default(text, depth):
   with pytest.raises(ValueError, match="cross_from=4 leaves the 4-layer decoder without a "
                      "cross-attention layer"):
     amif.create(config, abstract=True)
+
+
+def test_generative_head_on_biomedclip_towers(config, biomedclip):
+  """The paper's towers come from one open_clip checkpoint (BiomedCLIP): the decoder is its
+  BERT trunk without the projection head, cross-attending (second half) to a fusion of
+  another width, initialised from the same weights as the text tower."""
+  _, folder = biomedclip
+  cfg = config.copy_and_resolve_references()
+  cfg.model.text.update(kind="bert", source="open_clip", checkpoint=str(folder))
+  cfg.model.text.arch = dict(depth=None)
+  cfg.model.decoder.cross_from = None
+  cfg.model.fusion.width = 96  # The trunk is 64 wide.
+  model, params = amif.create(cfg)
+  dec, text = params["decoder"], params["text"]
+  assert (model.decoder.depth, model.decoder.cross_from) == (3, 1)
+  assert "head" not in dec and "head" in text
+  assert dec["layer_2"]["cross_attn"]["key"]["kernel"].shape[0] == 96
+  np.testing.assert_array_equal(dec["layer_2"]["mlp"]["fc1"]["kernel"],
+                                text["layer_2"]["mlp"]["fc1"]["kernel"])
+  batch = _batch()
+  batch["input_ids"] = batch["input_ids"] % 120  # The checkpoint's vocabulary.
+  batch["prior_ids"], batch["answer_ids"] = batch["prior_ids"] % 120, batch["answer_ids"] % 120
+  out = _vqa(model, params, batch)
+  assert out["logits"].shape == (3, 6, 120) and np.isfinite(float(out["loss"]))
