@@ -293,7 +293,7 @@ def open_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
     m = bert_mapping(pre, kw["depth"], kw["num_heads"], kw["pooler"], kw.get("cross_from"),
                      kw.get("lm_head", False))
     unused = bert_unused(pre, kw["depth"], available, kw["pooler"])
-    if not kw["proj_dim"] or kw["pooler"] == "none":  # The trunk alone (the decoder).
+    if kw["pooler"] == "none":  # The trunk alone (the decoder): no pooled feature to project.
       unused += (r"text\.proj\..*",)
     elif proj_kind == "mlp":
       m.dense("head/fc1", "text.proj.0", bias=False)

@@ -245,7 +245,7 @@ def test_decoder_cross_attends_in_the_second_half_by_default(text, depth):
 
 
 def test_generative_head_on_biomedclip_towers(config, biomedclip):
-  """The paper's towers come from one open_clip checkpoint (BiomedCLIP): the decoder is its
+  """A text tower from an open_clip checkpoint (BiomedCLIP's layout): the decoder is its
   BERT trunk without the projection head, cross-attending (second half) to a fusion of
   another width, initialised from the same weights as the text tower."""
   _, folder = biomedclip

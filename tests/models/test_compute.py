@@ -99,8 +99,6 @@ def test_fused_attention_matches_reference(case, form, dtype, tol):
 def test_a_context_shared_by_groups_of_rows_equals_it_repeated(compute, form):
   """A context of B rows for B * G queries (a question's for its G candidate answers) gives
   what the context repeated G times gives: outputs, gradients and attention weights."""
-  if compute.attention == "cudnn":
-    compute = layers.Compute(attention="cudnn", pad_to=16)
   dtype = jnp.bfloat16 if compute.attention == "cudnn" else jnp.float32
   tol = BF16_TOL if dtype == jnp.bfloat16 else F32_TOL
   rng = np.random.default_rng(3)
