@@ -1,5 +1,7 @@
 """Helpers shared by the tests."""
 
+import json
+
 import numpy as np
 
 
@@ -44,6 +46,19 @@ class _HideTorch:
   def __getattr__(self, attr): return getattr(self.inner, attr)
 sys.meta_path[:] = [_HideTorch(f) for f in sys.meta_path]
 """
+
+
+def sample_caption_rows() -> list[dict]:
+  """A caption corpus's rows over the bundled sample images (captions: their questions)."""
+  from medvqa_jax import ASSETS
+  samples = json.loads((ASSETS / "demo" / "samples.json").read_text())
+  return [{"id": f"rad-{s['qid']}", "image": str(ASSETS / "demo" / "images" / s["image"]),
+           "caption": s["question"]} for s in samples]
+
+
+def write_jsonl(path, rows):
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
 
 
 def tiny_config():

@@ -20,13 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   """A JSONL corpus over the bundled sample images (captions: their questions)."""
-  folder = tmp_path_factory.mktemp("corpus")
-  samples = json.loads((ASSETS / "demo" / "samples.json").read_text())
-  lines = [{"id": f"rad-{s['qid']}", "image": str(ASSETS / "demo" / "images" / s["image"]),
-            "caption": s["question"]} for s in samples]
-  path = folder / "corpus.jsonl"
-  path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
-  return path
+  return helpers.write_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl",
+                             helpers.sample_caption_rows())
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+import helpers
 from medvqa_jax import ASSETS
 from medvqa_jax.losses import teacher as teacher_lib
 from medvqa_jax.train import loop
@@ -15,10 +16,7 @@ from medvqa_jax.train import loop
 def corpus(tmp_path_factory):
   """A captions_jsonl corpus over the bundled sample images (captions: their questions)."""
   folder = tmp_path_factory.mktemp("corpus")
-  samples = json.loads((ASSETS / "demo" / "samples.json").read_text())
-  rows = [{"id": f"rad-{s['qid']}", "image": str(ASSETS / "demo" / "images" / s["image"]),
-           "caption": s["question"]} for s in samples]
-  (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  helpers.write_jsonl(folder / "train.jsonl", helpers.sample_caption_rows())
   return folder
 
 
