@@ -1,4 +1,5 @@
-"""Image decoding and the CLIP-style preprocessing the towers expect (NHWC float32)."""
+"""Image decoding and the CLIP-style resize and centre crop, to the uint8 (H, W, 3) pixels
+the image towers take (they normalise on device: `models.vit.normalize`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,6 @@ import os
 
 import numpy as np
 from PIL import Image
-
-# OpenAI CLIP's normalisation; BiomedCLIP and PubMedCLIP use the same constants.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def open_image(source: str | os.PathLike | bytes) -> Image.Image:
@@ -24,8 +21,8 @@ def open_image(source: str | os.PathLike | bytes) -> Image.Image:
   return img.convert("RGB")
 
 
-def preprocess(img: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
-  """Resizes the shorter side to `size` (bicubic), centre-crops, scales to [0, 1], normalises."""
+def preprocess(img: Image.Image, size: int) -> np.ndarray:
+  """Resizes the shorter side to `size` (bicubic) and centre-crops: uint8 (size, size, 3)."""
   w, h = img.size
   scale = size / min(w, h)
   img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))),
@@ -33,9 +30,8 @@ def preprocess(img: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> np.
   w, h = img.size
   left, top = (w - size) // 2, (h - size) // 2
   img = img.crop((left, top, left + size, top + size))
-  x = np.asarray(img, np.float32) / 255.0
-  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  return np.asarray(img, np.uint8)
 
 
-def load_image(source, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
-  return preprocess(open_image(source), size, mean, std)
+def load_image(source, size: int) -> np.ndarray:
+  return preprocess(open_image(source), size)

@@ -23,8 +23,24 @@ STYLES = {
 }
 
 
+# OpenAI CLIP's pixel normalisation; BiomedCLIP and PubMedCLIP use the same constants.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize(images):
+  """uint8 RGB pixels (B, H, W, 3) to CLIP-normalised float32; floats pass through (they are
+  taken to be normalised already)."""
+  if images.dtype != jnp.uint8:
+    return images
+  x = images.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
+
+
 class VisionTransformer(nn.Module):
-  """Images (B, H, W, 3), already normalised, to tokens and a pooled CLS feature.
+  """Images (B, H, W, 3) to tokens and a pooled CLS feature. Images are uint8 RGB pixels,
+  normalised here (`normalize`: the input pipeline ships bytes, a quarter of the floats'
+  size, and the device does the arithmetic), or floats already normalised.
 
   Returns a dict:
     encoded: (B, 1 + N, width) output of the last block (HF CLIP's `last_hidden_state`).
@@ -63,7 +79,7 @@ class VisionTransformer(nn.Module):
                        f"got shape {images.shape}")
     x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
                 padding="VALID", use_bias=self.patch_bias, dtype=self.dtype,
-                name="patch_embed")(images.astype(self.dtype))
+                name="patch_embed")(normalize(images).astype(self.dtype))
     b = x.shape[0]
     x = x.reshape(b, -1, self.width)
     cls = self.param("cls_token", nn.initializers.normal(0.02), (self.width,))

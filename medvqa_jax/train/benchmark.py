@@ -56,7 +56,7 @@ def synthetic_batch(config, model, batch_size: int, seed: int = 0,
   rng = np.random.default_rng(seed)
   mc = config.model
   size = model.image.image_size
-  images = lambda: rng.normal(size=(batch_size, size, size, 3)).astype(np.float32)
+  images = lambda: rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
   ids, mask = _ids(rng, batch_size, mc.text.max_len, model.text.vocab_size)
   batch = {"images": images(), "input_ids": ids, "attention_mask": mask}
   if model.head == "none":

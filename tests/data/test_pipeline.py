@@ -80,7 +80,10 @@ def test_batch_contents(source, tokenizer):
   answer_tok = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", max_len=6)
   batch = _batches(source, tokenizer, augmentation="test", answer_tokenizer=answer_tok,
                    shuffle=False, repeat=False)[0]
-  assert batch["images"].shape == (8, 32, 32, 3) and batch["images"].dtype == np.float32
+  # uint8 pixels (the tower normalises them on device), exactly the test-time resize.
+  assert batch["images"].shape == (8, 32, 32, 3) and batch["images"].dtype == np.uint8
+  for i in range(8):
+    np.testing.assert_array_equal(batch["images"][i], augment.resize(source[i]["image"], 32))
   assert batch["input_ids"].shape == (8, 12) and batch["input_ids"].dtype == np.int32
   answers = [["yes", "no", "left lung"][int(i) % 3] for i in batch["id"]]
   assert list(batch["answer"]) == answers

@@ -50,6 +50,26 @@ def test_wrong_image_size_is_reported():
     module.apply({"params": params}, jnp.zeros((1, 48, 48, 3)))
 
 
+def test_uint8_pixels_are_normalised_like_the_clip_image_processor():
+  """The pipeline ships uint8 pixels and the tower normalises them: the same numbers as
+  transformers' CLIPImageProcessor (rescale by 1/255, CLIP mean and std), to float32
+  rounding, and the same tower output as the processor's floats. Floats pass through."""
+  import transformers
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+  processor = transformers.CLIPImageProcessor(do_resize=False, do_center_crop=False)
+  ref = processor(images=list(pixels), return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+  ours = vit.normalize(jnp.asarray(pixels))
+  assert ours.dtype == jnp.float32
+  np.testing.assert_allclose(ours, ref, atol=1e-6)
+  np.testing.assert_array_equal(vit.normalize(jnp.asarray(ref)), ref)
+  module = VisionTransformer(image_size=32, patch_size=8, width=16, depth=1, num_heads=2,
+                             mlp_dim=32)
+  params = towers.init_params(module, jax.random.PRNGKey(0))
+  from_bytes = module.apply({"params": params}, pixels)["pooled"]
+  from_floats = module.apply({"params": params}, ref)["pooled"]
+  np.testing.assert_allclose(from_bytes, from_floats, atol=1e-5)
+
+
 def _rel_err(a, b):
   a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
