@@ -161,6 +161,14 @@ def run_layers(parent: nn.Module, indices: Sequence[int],
     step = jax.checkpoint(step, policy=REMAT_POLICIES[compute.remat],
                           prevent_cse=not compute.scan)
   if compute.scan:
+    # A scan's carry keeps its type; a stack whose first layer changes it (float32 in, the
+    # compute dtype out) runs that layer before the scan: the same operations as unrolled.
+    out = jax.eval_shape(step, carry, per_layer[0])
+    if jax.tree.map(lambda x: (x.shape, x.dtype), out) != jax.tree.map(
+        lambda x: (jnp.shape(x), jnp.result_type(x)), carry):
+      carry, per_layer = step(carry, per_layer[0]), per_layer[1:]
+      if not per_layer:
+        return carry
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
     carry, _ = jax.lax.scan(lambda c, p: (step(c, p), None), carry, stacked)
     return carry
