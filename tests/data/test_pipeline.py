@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import helpers
 from medvqa_jax import ASSETS
 from medvqa_jax.data import augment, builders, pipeline
 from medvqa_jax.data.tokenizer import Tokenizer
@@ -127,3 +128,20 @@ def test_benchmark_command(built):
   out = json.loads(run.stdout.strip().splitlines()[-1])
   assert [r["workers"] for r in out["results"]] == [0, 1]
   assert all(r["images_per_s"] > 0 for r in out["results"])
+
+
+def test_benchmark_command_times_the_pretraining_pipeline(tmp_path):
+  """A caption corpus gives the pre-training batches (two augmented views per example)."""
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  helpers.write_jsonl(corpus / "train.jsonl", helpers.sample_caption_rows())
+  run = subprocess.run([sys.executable, "launch/benchmark_input.py",
+                        f"--data_dir={tmp_path / 'tfds'}", "--dataset=captions_jsonl",
+                        f"--source_dir={corpus}", "--augmentation=pretrain", "--image_size=64",
+                        "--batch_size=4", "--batches=2", "--workers=0"],
+                       capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[2])
+  assert run.returncode == 0, run.stderr
+  out = json.loads(run.stdout.strip().splitlines()[-1])
+  assert (out["dataset"], out["augmentation"], out["views"]) == ("captions_jsonl", "pretrain", 2)
+  assert out["results"][0]["images_per_s"] > 0
