@@ -22,6 +22,12 @@ def max_diff(a, b):
   return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
+def rel_err(a, b):
+  """||a - b|| / ||b||, in float64."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
 def count_calls(monkeypatch, owner, name: str) -> list:
   """Wraps `owner.name` (for the rest of the test) to record each call's arguments; returns
   the list they are appended to."""

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import helpers
-from helpers import max_diff
+from helpers import max_diff, rel_err
 from medvqa_jax.models import amif, layers
 from medvqa_jax.models.bert import BertEncoder
 from medvqa_jax.models.clip_text import ClipTextTransformer
@@ -204,17 +204,22 @@ SETTINGS = {  # Each setting is on in at least one of them.
 }
 
 
-@pytest.mark.parametrize("stack", ["vit", "clip_text", "bert decoder", "fusion"])
-def test_stack_settings_match_the_plain_stack(stack):
-  make, inputs = _stacks()[stack]
-  params = make(REFERENCE).init(jax.random.PRNGKey(0), *inputs)["params"]
-
+def _loss_and_grad(inputs):
+  """Jitted (module, params) -> ((loss, outputs), grads) of a stack on `inputs`: the loss
+  is a sum of sines of every float output."""
   def loss(module, params):
     out = module.apply({"params": params}, *inputs)
     values = [v for v in jax.tree.leaves(out) if v.dtype != jnp.int32]
     return sum(jnp.sum(jnp.sin(v.astype(jnp.float32))) for v in values), out
 
-  grad = jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True), static_argnums=0)
+  return jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True), static_argnums=0)
+
+
+@pytest.mark.parametrize("stack", ["vit", "clip_text", "bert decoder", "fusion"])
+def test_stack_settings_match_the_plain_stack(stack):
+  make, inputs = _stacks()[stack]
+  params = make(REFERENCE).init(jax.random.PRNGKey(0), *inputs)["params"]
+  grad = _loss_and_grad(inputs)
   (l_plain, out_plain), g_plain = grad(make(REFERENCE), params)
   for name, setting in SETTINGS.items():
     fast = make(setting)
@@ -239,13 +244,7 @@ def test_scanned_stacks_run_in_bfloat16_on_float32_inputs(stack):
   make, inputs = _stacks()[stack]
   make16 = lambda c: make(c).clone(dtype=jnp.bfloat16)
   params = make16(REFERENCE).init(jax.random.PRNGKey(0), *inputs)["params"]
-
-  def loss(module, params):
-    out = module.apply({"params": params}, *inputs)
-    values = [v for v in jax.tree.leaves(out) if v.dtype != jnp.int32]
-    return sum(jnp.sum(jnp.sin(v.astype(jnp.float32))) for v in values), out
-
-  grad = jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True), static_argnums=0)
+  grad = _loss_and_grad(inputs)
   (_, out_plain), g_plain = grad(make16(REFERENCE), params)
   (_, out_fast), g_fast = grad(make16(SETTINGS["scan + remat full"]), params)
   for key in out_plain:
@@ -257,12 +256,7 @@ def test_scanned_stacks_run_in_bfloat16_on_float32_inputs(stack):
   for path, g in jax.tree_util.tree_flatten_with_path(g_plain)[0]:
     name = jax.tree_util.keystr(path)
     if "['key']['bias']" not in name:
-      assert _rel_err(flat_fast[path], g) <= BF16_TOL, name
-
-
-def _rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+      assert rel_err(flat_fast[path], g) <= BF16_TOL, name
 
 
 def test_scan_traces_one_layer_and_remat_marks_the_layers():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import rel_err
 from medvqa_jax.models import towers, vit
 from medvqa_jax.models.bert import BertEncoder
 from medvqa_jax.models.clip_text import ClipTextTransformer
@@ -70,11 +71,6 @@ def test_uint8_pixels_are_normalised_like_the_clip_image_processor():
   np.testing.assert_allclose(from_bytes, from_floats, atol=1e-5)
 
 
-def _rel_err(a, b):
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 @pytest.mark.parametrize("kind", ["vit_clip", "vit_timm", "clip_text", "bert"])
 def test_bfloat16_compute_stays_close_to_float32(kind):
   """Params stay float32; bf16 compute of the pooled output is within 2e-2 relative error."""
@@ -97,6 +93,6 @@ def test_bfloat16_compute_stays_close_to_float32(kind):
   ref = f32.apply({"params": params}, *inputs)
   low = b16.apply({"params": params}, *inputs)
   assert low["pooled"].dtype == jnp.bfloat16
-  assert _rel_err(low["pooled"], ref["pooled"]) < 2e-2
+  assert rel_err(low["pooled"], ref["pooled"]) < 2e-2
   if "embedding" in ref:
-    assert _rel_err(low["embedding"], ref["embedding"]) < 2e-2
+    assert rel_err(low["embedding"], ref["embedding"]) < 2e-2
