@@ -5,8 +5,12 @@ example is a pure function of its position: resumed runs see the same pixels).
   finetune: RandomResizedCrop, scale (0.6, 1.0), then with p=0.8 RandAugment-style N=2 ops
             at magnitude M=7 (of 10).
   pretrain: RandomResizedCrop, scale (0.7, 1.0), colour jitter, random grayscale, Gaussian
-            blur, horizontal flip; called once per view.
+            blur, horizontal flip; called once per view. The blur is drawn here and applied
+            on the accelerator (`device_augment`): PIL's was a third of the host time.
   test:     resize to the square size.
+
+`AUGMENTATIONS[name](x, size, rng)` gives (uint8 pixels, the blur's sigma for the device:
+0.0 for none, None for augmentations without a blur).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 
 
 def _pil(x: np.ndarray) -> Image.Image:
@@ -95,7 +99,12 @@ def finetune(x: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
   return np.asarray(img)
 
 
-def pretrain(x: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+BLUR_SIGMA = (0.1, 2.0)  # The pre-training blur's sigma range, applied to half the views.
+
+
+def pretrain(x: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+  """One pre-training view: (uint8 pixels, the sigma of its Gaussian blur, 0.0 for none), the
+  blur left to `device_augment.gaussian_blur`. It commutes with the flip, which is done here."""
   img = random_resized_crop(_pil(x), size, rng, scale=(0.7, 1.0))
   if rng.random() < 0.8:  # Colour jitter: brightness, contrast, saturation 0.4, random order.
     for i in rng.permutation(3):
@@ -103,12 +112,12 @@ def pretrain(x: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
       img = enhance(img).enhance(rng.uniform(0.6, 1.4))
   if rng.random() < 0.2:
     img = ImageOps.grayscale(img).convert("RGB")
-  if rng.random() < 0.5:
-    img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
+  sigma = float(rng.uniform(*BLUR_SIGMA)) if rng.random() < 0.5 else 0.0
   if rng.random() < 0.5:
     img = ImageOps.mirror(img)
-  return np.asarray(img)
+  return np.asarray(img), sigma
 
 
-AUGMENTATIONS = {"finetune": finetune, "pretrain": pretrain,
-                 "test": lambda x, size, rng: resize(x, size)}
+AUGMENTATIONS = {"finetune": lambda x, size, rng: (finetune(x, size, rng), None),
+                 "pretrain": pretrain,
+                 "test": lambda x, size, rng: (resize(x, size), None)}

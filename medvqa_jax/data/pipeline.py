@@ -37,13 +37,19 @@ class _Example:
     self.label = {a: i for i, a in enumerate(answer_vocab)} if answer_vocab else None
     self.answer_tokenizer = answer_tokenizer
 
-  def _pixels(self, image, rng):
-    # uint8: the image tower normalises on device (a quarter of the bytes to batch and copy).
-    return augment.AUGMENTATIONS[self.augmentation](np.asarray(image), self.image_size, rng)
+  def _view(self, out, image, rng, suffix=""):
+    # uint8: the image tower normalises on device (a quarter of the bytes to batch and copy);
+    # a drawn blur travels as its sigma and is applied on device too (`device_augment`).
+    pixels, blur = augment.AUGMENTATIONS[self.augmentation](np.asarray(image), self.image_size,
+                                                             rng)
+    out["images" + suffix] = pixels
+    if blur is not None:
+      out["blur" + suffix] = np.float32(blur)
 
   def __call__(self, ex, rng=None):
     rng = rng if rng is not None else np.random.default_rng(0)
-    out = {"id": _text(ex["id"]), "images": self._pixels(ex["image"], rng)}
+    out = {"id": _text(ex["id"])}
+    self._view(out, ex["image"], rng)
     text = _text(ex["question"] if self.kind == "vqa" else ex["caption"])
     tokens = self.tokenizer([text])
     out["input_ids"], out["attention_mask"] = tokens["input_ids"][0], tokens["attention_mask"][0]
@@ -57,7 +63,7 @@ class _Example:
         out["answer_ids"], out["answer_mask"] = a["input_ids"][0], a["attention_mask"][0]
     else:
       second = ex["image2"] if "image2" in ex else ex["image"]  # Two views of one image.
-      out["images2"] = self._pixels(second, rng)
+      self._view(out, second, rng, suffix="2")
       if self.teacher is not None:
         # The teacher sees the un-augmented image at its own size and the raw caption, as
         # in launch/cache_teacher.py.
@@ -77,7 +83,8 @@ def batches(source, *, kind: str, tokenizer, image_size: int, global_batch: int,
             answer_tokenizer=None, teacher=None) -> grain.MapDataset:
   """Per-host batches as a random-access grain dataset: `ds[step]` is this host's part of
   global batch `step`. kind: "vqa" or "caption"; augmentation: "finetune", "pretrain" or
-  "test". With answer_vocab, VQA batches carry `labels` (-1: not in the vocabulary); with
+  "test" ("pretrain" adds each view's blur sigma, `blur`/`blur2`, for the device). With
+  answer_vocab, VQA batches carry `labels` (-1: not in the vocabulary); with
   answer_tokenizer, `answer_ids`/`answer_mask` of the normalised answer. With teacher
   (tokenizer, image size), caption batches carry the online teacher's inputs."""
   if global_batch % process_count:

@@ -4,6 +4,7 @@ hard negatives, weighted by the config. Stage 0 sets the fusion losses' weights 
 
 from __future__ import annotations
 
+from medvqa_jax.data import device_augment
 from medvqa_jax.losses import contrastive, itm, ot
 from medvqa_jax.models.amif import AMiF
 
@@ -21,7 +22,8 @@ def teacher_embeddings(batch: dict) -> dict | None:
 def pretrain_loss(model: AMiF, params, batch: dict, key, cfg):
   """Returns (total loss, metrics: every term, the temperatures, solver/ITM diagnostics).
 
-  batch: images, input_ids, attention_mask, optional images2, and the teacher embeddings
+  batch: images, input_ids, attention_mask, optional images2, the views' blur sigmas
+    blur / blur2 when the pipeline drew them (applied here, on device), and the teacher embeddings
     teacher_image / teacher_text (/ teacher_image2) with teacher_scale (see
     `teacher_embeddings`). cfg: the `losses` config.
   """
@@ -33,8 +35,9 @@ def pretrain_loss(model: AMiF, params, batch: dict, key, cfg):
         key, out["image_embed"], out["text_embed"], out["temperature"]["itgc"],
         cfg.itm.negative_images)
   # The second view is encoded only when its loss counts.
-  images2 = batch.get("images2") if weights.get("imvc", 0) > 0 else None
-  out = model.apply({"params": params}, batch["images"], batch["input_ids"],
+  images2 = (device_augment.views(batch, "images2", "blur2")
+             if "images2" in batch and weights.get("imvc", 0) > 0 else None)
+  out = model.apply({"params": params}, device_augment.views(batch), batch["input_ids"],
                     batch["attention_mask"], images2=images2, pairs=pairs,
                     fuse=fusion, method=AMiF.pretrain)
   student = {"image": out["image_embed"], "text": out["text_embed"]}

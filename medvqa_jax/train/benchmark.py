@@ -16,6 +16,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from medvqa_jax.data import augment
 from medvqa_jax.models import amif
 from medvqa_jax.train import flops as flops_lib
 from medvqa_jax.train import optim, sharding
@@ -60,8 +61,12 @@ def synthetic_batch(config, model, batch_size: int, seed: int = 0,
   ids, mask = _ids(rng, batch_size, mc.text.max_len, model.text.vocab_size)
   batch = {"images": images(), "input_ids": ids, "attention_mask": mask}
   if model.head == "none":
+    # Pre-training views carry the blur the device applies: half of them, as drawn.
+    blur = lambda: np.where(rng.random(batch_size) < 0.5,
+                            rng.uniform(*augment.BLUR_SIGMA, batch_size), 0).astype(np.float32)
+    batch["blur"] = blur()
     if dict(config.losses.weights).get("imvc", 0) > 0:
-      batch["images2"] = images()
+      batch["images2"], batch["blur2"] = images(), blur()
     if config.teacher.mode != "none":
       batch.update(teacher_image=_unit(rng, batch_size, teacher_dim),
                    teacher_image2=_unit(rng, batch_size, teacher_dim),

@@ -109,9 +109,9 @@ def test_augmentations():
   ft = augment.finetune(x, 32, np.random.default_rng(1))
   assert ft.shape == (32, 32, 3) and ft.dtype == np.uint8
   np.testing.assert_array_equal(ft, augment.finetune(x, 32, np.random.default_rng(1)))
-  v1 = augment.pretrain(x, 32, np.random.default_rng(2))
-  v2 = augment.pretrain(x, 32, np.random.default_rng(3))
-  assert v1.shape == v2.shape == (32, 32, 3) and not np.array_equal(v1, v2)
+  (v1, _), (v2, _) = (augment.pretrain(x, 32, np.random.default_rng(s)) for s in (2, 3))
+  assert v1.shape == v2.shape == (32, 32, 3) and v1.dtype == np.uint8
+  assert not np.array_equal(v1, v2)
   np.testing.assert_array_equal(augment.resize(x, 32), np.asarray(
       Image.fromarray(x).resize((32, 32), Image.Resampling.BICUBIC)))
   for name in augment.OPS:  # Every op runs and keeps the size.
@@ -145,3 +145,21 @@ def test_benchmark_command_times_the_pretraining_pipeline(tmp_path):
   out = json.loads(run.stdout.strip().splitlines()[-1])
   assert (out["dataset"], out["augmentation"], out["views"]) == ("captions_jsonl", "pretrain", 2)
   assert out["results"][0]["images_per_s"] > 0
+
+
+def test_pretraining_views_carry_their_blur_for_the_device(source, tokenizer):
+  rng = np.random.default_rng(0)
+  captions = [{"id": str(i), "image": rng.integers(0, 255, (40, 48, 3), np.uint8),
+               "caption": f"a chest film number {i}"} for i in range(16)]
+  ds = _batches(captions, tokenizer, kind="caption", augmentation="pretrain", global_batch=16,
+                answer_vocab=None)
+  batch = ds[0]
+  for key in ("blur", "blur2"):
+    sigma = batch[key]
+    assert sigma.shape == (16,) and sigma.dtype == np.float32
+    drawn = sigma[sigma > 0]
+    assert 0 < len(drawn) < 16 and drawn.min() >= augment.BLUR_SIGMA[0]
+    assert drawn.max() <= augment.BLUR_SIGMA[1]
+  assert not np.array_equal(batch["blur"], batch["blur2"])  # Drawn per view.
+  np.testing.assert_array_equal(batch["blur2"], ds[0]["blur2"])  # A function of the position.
+  assert "blur" not in _batches(source, tokenizer)[0]  # Fine-tuning draws no blur.

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import helpers
+from medvqa_jax.data import device_augment
 from medvqa_jax.losses.pretrain import pretrain_loss
 from medvqa_jax.models import amif
 from medvqa_jax.train import optim
@@ -54,6 +55,29 @@ def test_total_is_the_weighted_sum_of_the_terms():
   expected = sum(w[k] * m[k] for k in ("itgc", "imvc", "utgc", "wpa", "itm"))
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
   np.testing.assert_allclose(m["temperature_itgc"], 0.07, rtol=1e-6)
+
+
+def test_the_views_blur_is_applied_on_device():
+  """The pipeline's blur sigmas (`blur`, `blur2`) blur the views inside the loss: the same
+  loss as views blurred beforehand; zero sigmas change nothing."""
+  config = tiny_config(0)
+  assert config.losses.weights.imvc > 0  # Both views are encoded.
+  model, params = amif.create(config)
+  rng = np.random.default_rng(1)
+  plain = dict(batch(), images=rng.integers(0, 256, (8, 32, 32, 3), np.uint8),
+               images2=rng.integers(0, 256, (8, 32, 32, 3), np.uint8))
+  s1, s2 = (np.where(np.arange(8) % 2, rng.uniform(0.1, 2.0, 8), 0).astype(np.float32)
+            for _ in range(2))
+  loss = jax.jit(lambda b: pretrain_loss(model, params, b, jax.random.PRNGKey(0),
+                                         config.losses)[0])
+  before = dict(plain, images=device_augment.gaussian_blur(plain["images"], s1),
+                images2=device_augment.gaussian_blur(plain["images2"], s2))
+  # Compiled apart (other batch keys), the two programs round differently: 1e-4.
+  np.testing.assert_allclose(loss(dict(plain, blur=s1, blur2=s2)), loss(before), rtol=1e-4)
+  zeros = np.zeros(8, np.float32)
+  np.testing.assert_allclose(loss(dict(plain, blur=zeros, blur2=zeros)), loss(plain),
+                             rtol=1e-4)
+  assert abs(float(loss(before)) / float(loss(plain)) - 1) > 1e-3
 
 
 @pytest.mark.parametrize("stage", [0, 1])
