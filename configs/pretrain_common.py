@@ -1,7 +1,8 @@
 """What both pre-training stages share: a caption corpus (ROCO by default; any builder of
 launch/prepare_data.py), captions of 120 tokens, two augmented views per image, the teacher
 from its cache, pre-training weight decay 0.02 (configs/base.py), bf16 compute with float32
-parameters (the losses and Sinkhorn run in float32).
+parameters (the losses and Sinkhorn run in float32), validation on a held-out 2% of the
+corpus every eval_every steps (the best checkpoint: lowest validation loss).
 
   python launch/train.py --config=configs/pretrain_stage0.py --config.data.dir=/data/tfds \
       --config.teacher.cache=/data/teacher_roco.npz --config.train.workdir=/runs/stage0
@@ -13,6 +14,8 @@ from configs.towers.common import bf16
 def pretraining(config):
   config.model.text.max_len = 120
   bf16(config)
-  config.data.name = "roco"
+  # Validation: the objective and image<->text retrieval on a seeded 2% of the training
+  # split's examples, held out (0: no validation; the corpus's own splits are not used).
+  config.data.update(name="roco", val_split="", val_fraction=0.02)
   config.train.update(batch_size=256, eval_every=1000, save_every=1000)
   return config

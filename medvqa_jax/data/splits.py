@@ -1,6 +1,7 @@
 """The splits a run uses, from the `data` config: train, validation (the dataset's own, or a
 seeded slice of train) and test, each a random-access source with its records' text fields,
-and the answer set of the chosen protocol.
+and the answer set of the chosen protocol. A caption corpus (pre-training) gives train and
+a held-out slice of it for validation.
 
 Protocols (every output names the one that produced it):
   open-set (default): the answer vocabulary, the GCA prior and the ranking candidates come
@@ -112,6 +113,32 @@ def vqa_splits(dc, need=("train", "val", "test")) -> dict[str, Split]:
     if not split.records:
       raise ValueError(f"the {name} split ({split.name}) of {dc.name} in {dc.dir} is empty")
   return out
+
+
+def caption_splits(dc) -> dict[str, Split]:
+  """{"train"} and, when `val_fraction` > 0, {"val"}: a seeded slice of the training split's
+  examples (caption corpora carry no image ids: one image, or one pair of views, per example)
+  held out for validation. Builds the corpus first if needed. Records: id, caption."""
+  ensure_built(dc)
+  if dc.val_split:
+    raise ValueError(f"pre-training validates on a held-out slice of {dc.name}'s training split "
+                     f"(data.val_fraction), not on a split of its own: set "
+                     f"--config.data.val_split='' (it is {dc.val_split!r})")
+  source = builders.load(dc.dir, dc.name, dc.train_split)
+  plain = builders.load(dc.dir, dc.name, dc.train_split, decode_images=False)
+  records = [{"id": _text(plain[i]["id"]), "caption": _text(plain[i]["caption"])}
+             for i in range(len(plain))]
+  if not records:
+    raise ValueError(f"the {dc.train_split} split of {dc.name} in {dc.dir} is empty")
+  if not dc.val_fraction > 0:
+    return {"train": Split(dc.train_split, source, records)}
+  held = answers_lib.validation_slice([r["id"] for r in records], dc.val_fraction, seed=0)
+  parts = {name: [i for i, r in enumerate(records) if (r["id"] in held) == (name == "val")]
+           for name in ("train", "val")}
+  names = {"train": dc.train_split,
+           "val": f"{dc.train_split} (held-out {dc.val_fraction:.0%} of examples)"}
+  return {name: Split(names[name], Subset(source, idx), [records[i] for i in idx])
+          for name, idx in parts.items()}
 
 
 def answer_set(dc, splits: dict[str, Split] | None = None) -> tuple[list[str], str]:

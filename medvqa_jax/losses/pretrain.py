@@ -20,7 +20,13 @@ def teacher_embeddings(batch: dict) -> dict | None:
 
 
 def pretrain_loss(model: AMiF, params, batch: dict, key, cfg):
-  """Returns (total loss, metrics: every term, the temperatures, solver/ITM diagnostics).
+  """Returns (total loss, metrics: every term, the temperatures, solver/ITM diagnostics)."""
+  return pretrain_terms(model, params, batch, key, cfg)[:2]
+
+
+def pretrain_terms(model: AMiF, params, batch: dict, key, cfg):
+  """Returns (total loss, metrics: every term, the temperatures, solver/ITM diagnostics, the
+  model's outputs: the embeddings image_embed / text_embed and the token outputs).
 
   batch: images, input_ids, attention_mask, optional images2, the views' blur sigmas
     blur / blur2 when the pipeline drew them (applied here, on device), and the teacher embeddings
@@ -56,4 +62,4 @@ def pretrain_loss(model: AMiF, params, batch: dict, key, cfg):
   total = sum(weights.get(k, 0.0) * v for k, v in terms.items())
   metrics.update(terms)
   metrics["loss"] = total
-  return total, metrics
+  return total, metrics, out

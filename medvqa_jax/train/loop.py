@@ -6,6 +6,7 @@ every host of a pod.
   the global batch, the jitted sharded step, metrics (a step behind, so the device never
   waits for the host) -> validation every `eval_every`, a checkpoint every `save_every` and at
   the end -> fine-tuning: test evaluated once, on the best-on-validation checkpoint.
+Pre-training validates on a held-out slice of its corpus (`evaluate/pretrain.py`).
 
 A run restarted with the same command resumes from its latest complete checkpoint: the state,
 the data position (batches are a function of the seed and the step) and the step's random key
@@ -25,9 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medvqa_jax.data import builders, pipeline
+from medvqa_jax.data import pipeline
 from medvqa_jax.data import splits as splits_lib
 from medvqa_jax.data import tokenizer as tokenizer_lib
+from medvqa_jax.evaluate import pretrain as pretrain_eval
 from medvqa_jax.evaluate import vqa as vqa_eval
 from medvqa_jax.models import amif, gca
 from medvqa_jax.models.state_dict import flatten, unflatten
@@ -103,7 +105,7 @@ class _Teacher:
   """Teacher embeddings for pre-training batches: looked up in the cache, or computed
   online on device by the frozen teacher."""
 
-  def __init__(self, config, train_split, mesh):
+  def __init__(self, config, records, mesh):
     from medvqa_jax.losses import teacher as teacher_lib
     self.mode = config.teacher.mode
     self.cache = self.online = None
@@ -118,8 +120,9 @@ class _Teacher:
                          "`python launch/cache_teacher.py` and pass --config.teacher.cache=FILE "
                          "(or --config.teacher.mode=online)")
       self.cache = teacher_lib.TeacherCache.load(config.teacher.cache)
-      ids = [r["id"] for r in train_split.records]
-      captions = [r["caption"] for r in train_split.records]
+      # The cache is made for the whole training split, held-out validation slice included.
+      ids = [r["id"] for r in records]
+      captions = [r["caption"] for r in records]
       self.cache.check(ids, captions, teacher.fingerprint(), path=config.teacher.cache)
     else:
       self.online = teacher
@@ -149,16 +152,6 @@ class _Teacher:
     return batch
 
 
-def _caption_splits(dc) -> dict:
-  """The training split of a caption corpus (pre-training is not validated yet)."""
-  splits_lib.ensure_built(dc)
-  source = builders.load(dc.dir, dc.name, dc.train_split)
-  plain = builders.load(dc.dir, dc.name, dc.train_split, decode_images=False)
-  records = [{"id": splits_lib._text(plain[i]["id"]),
-              "caption": splits_lib._text(plain[i]["caption"])} for i in range(len(plain))]
-  return {"train": splits_lib.Split(dc.train_split, source, records)}
-
-
 def training_data(config, splits: dict, answers, tokenizer, image_size: int, teacher=None):
   """This host's batches of the training split (a grain dataset, `ds[step]`), as the loop
   reads them: fine-tuning (VQA) or pre-training (captions) by `config.model.head`."""
@@ -176,9 +169,10 @@ def training_data(config, splits: dict, answers, tokenizer, image_size: int, tea
 
 def training_splits(config) -> tuple[dict, list | None, str]:
   """(splits, answers, protocol) of the config's data: VQA splits and their answer set, or
-  a caption corpus's training split. Sets model.num_answers for the classifier head."""
+  a caption corpus's training split and held-out validation slice. Sets model.num_answers
+  for the classifier head."""
   if config.model.head == "none":
-    return _caption_splits(config.data), None, "pre-training"
+    return splits_lib.caption_splits(config.data), None, "pre-training"
   splits = splits_lib.vqa_splits(config.data)
   answers, protocol = splits_lib.answer_set(config.data, splits)
   if config.model.head == "classifier":
@@ -193,7 +187,8 @@ def _print(text: str):
 
 def train(config, workdir=None, stream=None) -> dict:
   """Runs (or resumes) the run of `config`; returns the test metrics of a fine-tuning run
-  ({} for a pre-training run, which is not validated)."""
+  ({} for a pre-training run: its validation metrics are in metrics.jsonl and the run
+  records, and its best checkpoint is the one of lowest validation loss)."""
   workdir = workdir_of(config, workdir)
   tc, mc = config.train, config.model
   finetune = mc.head != "none"
@@ -212,8 +207,11 @@ def train(config, workdir=None, stream=None) -> dict:
   splits, answers, protocol = training_splits(config)
   steps = total_steps(config, len(splits["train"].records))
   config.optim.total_steps = steps
-  # The teacher's cache is checked against the data before anything is written.
-  teacher = None if finetune else _Teacher(config, splits["train"], mesh)
+  # The teacher's cache and the validation slice are checked before anything is written.
+  teacher = None if finetune else _Teacher(
+      config, [r for split in splits.values() for r in split.records], mesh)
+  if not finetune and "val" in splits:
+    pretrain_eval.examples(config, splits["val"])  # Too small a slice: refused here too.
 
   # ---- the run folder: what restoring it needs besides the checkpoints ----
   # The tokenizer's files (workdir/tokenizer) and, in each run record, the towers' module
@@ -271,11 +269,16 @@ def train(config, workdir=None, stream=None) -> dict:
   ds = training_data(config, splits, answers, tokenizer, image_size, teacher)
 
   # ---- evaluation ----
-  predictor = None
+  predictor = pretrain_validator = None
   if finetune:
     predictor = vqa_eval.Predictor(model, config, answers, tokenizer, mesh, shardings["params"])
+  elif "val" in splits:
+    pretrain_validator = pretrain_eval.Validator(model, config, splits["val"], tokenizer,
+                                                 image_size, mesh, teacher, stream)
 
   def validate(state, step) -> dict:
+    if pretrain_validator is not None:
+      return pretrain_validator(state["params"], step)
     if not finetune or "val" not in splits:
       return {}
     rows = vqa_eval.answer_split(predictor, state["params"], splits["val"], tokenizer=tokenizer,
@@ -295,7 +298,9 @@ def train(config, workdir=None, stream=None) -> dict:
   _print(f"{'fine-tuning' if finetune else 'pre-training'} {config.data.name}: "
          f"{len(splits['train'].records)} training examples, {steps} steps of "
          f"{tc.batch_size} on {jax.device_count()} {jax.devices()[0].platform} device(s)"
-         + (f", {len(answers)} answers ({protocol})" if finetune else ""))
+         + (f", {len(answers)} answers ({protocol})" if finetune else "")
+         + (f", validating on {pretrain_validator.examples} held-out examples"
+            if pretrain_validator else ""))
 
   # ---- the loop ----
   pending: list = []

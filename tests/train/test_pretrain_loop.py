@@ -1,5 +1,6 @@
 """Pre-training through the loop: the teacher's embeddings from the cache (refused when it
-was made for other data or by another teacher) or computed online."""
+was made for other data or by another teacher) or computed online; validation on the
+held-out slice."""
 
 import json
 
@@ -20,7 +21,7 @@ def corpus(tmp_path_factory):
   return folder
 
 
-def _config(corpus, data_dir, workdir, **teacher):
+def _config(corpus, data_dir, workdir, val_fraction=0.0, **teacher):
   from configs import pretrain_stage1
   config = pretrain_stage1.get_config("image=tiny,text=tiny,teacher=tiny")
   vocab = str(ASSETS / "bert_uncased_vocab")
@@ -29,7 +30,8 @@ def _config(corpus, data_dir, workdir, **teacher):
   config.teacher.logit_scale = 50.0
   config.teacher.update(teacher)
   config.model.fusion.update(width=64, layers=1, heads=4, mlp_dim=128)
-  config.data.update(name="captions_jsonl", dir=str(data_dir), source_dir=str(corpus))
+  config.data.update(name="captions_jsonl", dir=str(data_dir), source_dir=str(corpus),
+                     val_fraction=val_fraction)
   config.optim.total_steps = 2
   config.train.update(workdir=str(workdir), batch_size=4, save_every=2, eval_every=2,
                       tensorboard=False)
@@ -81,3 +83,47 @@ def test_training_reads_the_cache_and_refuses_one_that_does_not_match(corpus, tm
   loop.train(_config(corpus, data, plain, mode="none"))
   assert abs(_losses(plain)[0]["itgc"] - a[0]["itgc"]) > 1e-3
   assert (cached / "checkpoints" / "2").is_dir()
+
+
+def test_pretraining_validates_on_the_held_out_slice(corpus, tmp_path):
+  """Half of the 8 examples held out: one validation batch of 4 at every step; the cache made
+  for the whole corpus serves both parts; the best checkpoint is the lowest validation loss."""
+  from medvqa_jax.data import tokenizer as tokenizer_lib
+  from medvqa_jax.evaluate import pretrain as pretrain_eval
+  from medvqa_jax.models import amif
+  from medvqa_jax.train import sharding
+  data, workdir = tmp_path / "tfds", tmp_path / "run"
+  cache = _cache(_config(corpus, data, tmp_path), corpus, tmp_path / "cache.npz")
+  small = tmp_path / "small"  # 2 held-out examples, less than a batch: refused, nothing written.
+  with pytest.raises(ValueError, match="val_fraction"):
+    loop.train(_config(corpus, data, small, val_fraction=0.25, cache=str(cache)))
+  assert not small.exists()
+  config = _config(corpus, data, workdir, val_fraction=0.5, cache=str(cache))
+  config.optim.total_steps = 3
+  config.train.update(eval_every=1, save_every=1, keep=1)
+  assert loop.train(config) == {}
+  rows = [r for r in _losses(workdir) if "val_loss" in r]
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  for r in rows:
+    for term in ("loss", "itgc", "imvc", "utgc", "wpa", "itm"):
+      assert np.isfinite(r[f"val_{term}"]), term
+    assert r["val_examples"] == 4
+    assert 0 <= r["val_i2t_r1"] <= r["val_i2t_r5"] == r["val_t2i_r5"] == 1.0  # 4 candidates.
+  assert len({r["val_loss"] for r in rows}) == 3  # The parameters moved between validations.
+  best = min(rows, key=lambda r: r["val_loss"])["step"]
+  kept = {int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()}
+  assert kept == {3, best}  # The latest (keep=1) and the best on validation.
+
+  # The validation inputs are the held-out examples, the same at every validation.
+  splits, _, _ = loop.training_splits(config)
+  model, params = amif.create(config)
+  mesh = sharding.make_mesh(1)
+  validator = pretrain_eval.Validator(model, config, splits["val"],
+                                      tokenizer_lib.from_config(config.model.text),
+                                      model.image.image_size, mesh,
+                                      loop._Teacher(config, splits["train"].records
+                                                    + splits["val"].records, mesh))
+  assert list(validator.ds[0]["id"]) == [r["id"] for r in splits["val"].records]
+  assert not {r["id"] for r in splits["val"].records} & {r["id"] for r in splits["train"].records}
+  first, second = validator(params, 0), validator(params, 0)
+  assert first == second

@@ -1,0 +1,67 @@
+"""Pre-training validation: retrieval recall, the held-out slice of a caption corpus."""
+
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+import helpers
+from medvqa_jax.data import builders, splits as splits_lib
+from medvqa_jax.evaluate import pretrain as pretrain_eval
+
+
+def _recall_by_sorting(image, text, k):
+  """Recall@k by sorting each query's candidates (no ties in random embeddings)."""
+  scores = image @ text.T
+  i2t = [list(np.argsort(-scores[i])).index(i) < k for i in range(len(image))]
+  t2i = [list(np.argsort(-scores[:, j])).index(j) < k for j in range(len(text))]
+  return np.mean(i2t), np.mean(t2i)
+
+
+def test_retrieval_recall_matches_sorting():
+  rng = np.random.default_rng(0)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  image = unit(rng.normal(size=(40, 8)))
+  text = unit(image + 0.8 * rng.normal(size=(40, 8)))  # Noisy pairs: recall between 0 and 1.
+  got = pretrain_eval.retrieval(image, text, ks=(1, 5, 10))
+  for k in (1, 5, 10):
+    i2t, t2i = _recall_by_sorting(image, text, k)
+    assert got[f"i2t_r{k}"] == pytest.approx(i2t) and got[f"t2i_r{k}"] == pytest.approx(t2i)
+  assert 0 < got["i2t_r1"] < got["i2t_r10"] < 1
+  # Text->image differs from image->text: the score matrix is not symmetric.
+  assert got["i2t_r1"] != got["t2i_r1"] or got["i2t_r5"] != got["t2i_r5"]
+  perfect = pretrain_eval.retrieval(image, image)
+  assert all(v == 1.0 for v in perfect.values())
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("corpus")
+  rows = helpers.sample_caption_rows()
+  rows = [dict(r, id=f"{r['id']}-{n}") for n in range(5) for r in rows]  # 40 examples.
+  helpers.write_jsonl(folder / "train.jsonl", rows)
+  return folder
+
+
+def _data(corpus, tmp, **kw):
+  dc = ConfigDict(dict(name="captions_jsonl", dir=str(tmp / "tfds"), source_dir=str(corpus),
+                       max_side=None, train_split="train", val_split="", val_fraction=0.25))
+  dc.update(kw)
+  return dc
+
+
+def test_caption_splits_hold_out_a_seeded_slice(corpus, tmp_path):
+  splits = splits_lib.caption_splits(_data(corpus, tmp_path))
+  train, val = ([r["id"] for r in splits[s].records] for s in ("train", "val"))
+  assert len(val) == 10 and len(train) == 30 and not set(train) & set(val)
+  source = builders.load(tmp_path / "tfds", "captions_jsonl", "train")
+  assert sorted(train + val) == sorted(str(source[i]["id"].decode()) for i in range(len(source)))
+  # The sources hold those examples (images and captions), in the records' order.
+  for name in ("train", "val"):
+    split = splits[name]
+    assert [split.source[i]["id"].decode() for i in range(len(split.source))] == \
+        [r["id"] for r in split.records]
+  again = splits_lib.caption_splits(_data(corpus, tmp_path))
+  assert [r["id"] for r in again["val"].records] == val  # Seeded: the same every run.
+  assert set(splits_lib.caption_splits(_data(corpus, tmp_path, val_fraction=0.0))) == {"train"}
+  with pytest.raises(ValueError, match="val_split=''"):
+    splits_lib.caption_splits(_data(corpus, tmp_path, val_split="validation"))
