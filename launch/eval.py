@@ -9,6 +9,11 @@ run's own config is used unless --config is given (it must describe the same mod
 paths can be overridden (--config is then needed), e.g. --config.data.dir. The parameters are
 restored onto the devices this process has, whatever the training run used. Outputs go to
 <workdir>/eval/<split>-step<N>/ (or --out); each says which answer protocol produced it.
+
+A pre-training run is evaluated on its corpus's held-out slice, as its validation during
+training was (the objective's terms, image<->text retrieval recall): metrics.json in
+<workdir>/eval/validation-step<N>/. The teacher cache (or, online, the teacher's checkpoint)
+of the run's config must still be where the config says.
 """
 
 import json
@@ -20,7 +25,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: the run's).")
 _CKPT = flags.DEFINE_string("checkpoint_dir", None, "Run folder or checkpoint folder.",
                             required=True)
-_SPLIT = flags.DEFINE_string("split", "test", "train, validation (val) or test.")
+_SPLIT = flags.DEFINE_string("split", None, "train, validation (val) or test (default: test; "
+                             "a pre-training run: its held-out validation slice).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: best on validation).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
 _CLOSED = flags.DEFINE_boolean("closed_set", None, "Answers from all splits (the paper's "

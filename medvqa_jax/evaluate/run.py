@@ -76,10 +76,14 @@ def restore(checkpoint_dir, config=None, step: int | None = None, fsdp: int | No
                   mesh, shardings, tokenizer, folder.parent)
 
 
-def evaluate_split(restored: Restored, split_name: str = "test", out_dir=None,
+def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=None,
                    closed_set: bool | None = None) -> dict:
-  """Answers a split of the run's dataset, writes metrics.json and predictions.jsonl into
-  out_dir (default: <workdir>/eval/<split>-step<N>) and returns the metrics."""
+  """Answers a split of the run's dataset (default: test), writes metrics.json and
+  predictions.jsonl into out_dir (default: <workdir>/eval/<split>-step<N>) and returns the
+  metrics. A pre-training run is evaluated on its held-out slice (`evaluate_pretraining`)."""
+  if restored.config.model.head == "none":
+    return evaluate_pretraining(restored, split_name, out_dir)
+  split_name = split_name or "test"
   config, dc = restored.config, restored.config.data
   answers, protocol = restored.answers, restored.protocol
   if closed_set is not None and closed_set != dc.closed_set:
@@ -106,4 +110,28 @@ def evaluate_split(restored: Restored, split_name: str = "test", out_dir=None,
     if out_dir is None:
       out_dir = restored.workdir / "eval" / f"{splits[key].name}-step{restored.step}"
     vqa_eval.write(out_dir, metrics, rows)
+  return metrics
+
+
+def evaluate_pretraining(restored: Restored, split_name: str | None = None, out_dir=None) -> dict:
+  """The validation of a pre-training run (its objective and retrieval recall on the corpus's
+  held-out slice, as during training), for the restored step; writes metrics.json."""
+  from medvqa_jax.evaluate import pretrain as pretrain_eval
+  from medvqa_jax.train import loop
+  if split_name not in (None, "val", "validation"):
+    raise ValueError(f"a pre-training run is evaluated on the held-out slice of its corpus "
+                     f"(--split=validation), not on {split_name!r}")
+  config = restored.config
+  splits = splits_lib.caption_splits(config.data)
+  if "val" not in splits:
+    raise ValueError("the run's config holds out no validation slice (data.val_fraction is 0): "
+                     "pass --config with --config.data.val_fraction=F to evaluate on one")
+  teacher = loop._Teacher(config, [r for s in splits.values() for r in s.records], restored.mesh)
+  validator = pretrain_eval.Validator(restored.model, config, splits["val"], restored.tokenizer,
+                                      restored.model.image.image_size, restored.mesh, teacher)
+  metrics = {"split": splits["val"].name, "step": restored.step,
+             **validator(restored.params, restored.step)}
+  if jax.process_index() == 0:
+    out_dir = out_dir or restored.workdir / "eval" / f"validation-step{restored.step}"
+    vqa_eval.write(out_dir, metrics, None)
   return metrics

@@ -120,14 +120,15 @@ def evaluate(rows: list[dict], split, protocol: str, step: int, baseline: str | 
   return out
 
 
-def write(out_dir, metrics: dict, rows: list[dict]) -> Path:
-  """metrics.json and predictions.jsonl (each row labelled with the protocol), each written
-  to a temporary file and renamed. Call on one host only."""
+def write(out_dir, metrics: dict, rows: list[dict] | None) -> Path:
+  """metrics.json and (rows not None) predictions.jsonl (each row labelled with the
+  protocol), each written to a temporary file and renamed. Call on one host only."""
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  files = {"metrics.json": json.dumps(metrics, indent=1) + "\n",
-           "predictions.jsonl": "".join(json.dumps({**r, "protocol": metrics["protocol"]}) + "\n"
-                                        for r in rows)}
+  files = {"metrics.json": json.dumps(metrics, indent=1) + "\n"}
+  if rows is not None:
+    files["predictions.jsonl"] = "".join(json.dumps({**r, "protocol": metrics["protocol"]})
+                                         + "\n" for r in rows)
   for name, text in files.items():
     tmp = out_dir / f".{name}.tmp-{os.getpid()}"
     tmp.write_text(text)

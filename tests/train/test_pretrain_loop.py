@@ -88,10 +88,6 @@ def test_training_reads_the_cache_and_refuses_one_that_does_not_match(corpus, tm
 def test_pretraining_validates_on_the_held_out_slice(corpus, tmp_path):
   """Half of the 8 examples held out: one validation batch of 4 at every step; the cache made
   for the whole corpus serves both parts; the best checkpoint is the lowest validation loss."""
-  from medvqa_jax.data import tokenizer as tokenizer_lib
-  from medvqa_jax.evaluate import pretrain as pretrain_eval
-  from medvqa_jax.models import amif
-  from medvqa_jax.train import sharding
   data, workdir = tmp_path / "tfds", tmp_path / "run"
   cache = _cache(_config(corpus, data, tmp_path), corpus, tmp_path / "cache.npz")
   small = tmp_path / "small"  # 2 held-out examples, less than a batch: refused, nothing written.
@@ -114,16 +110,19 @@ def test_pretraining_validates_on_the_held_out_slice(corpus, tmp_path):
   kept = {int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()}
   assert kept == {3, best}  # The latest (keep=1) and the best on validation.
 
-  # The validation inputs are the held-out examples, the same at every validation.
+  # eval.py's restore repeats the validation of a saved step: the same inputs every time.
+  from medvqa_jax.evaluate import run as run_lib
+  restored = run_lib.restore(workdir)  # The best step by default.
+  assert restored.step == best
+  again = run_lib.evaluate_split(restored)
+  recorded = next(r for r in rows if r["step"] == best)
+  for k, v in recorded.items():
+    if k != "step":
+      np.testing.assert_allclose(again[k], v, rtol=1e-5, err_msg=k)
+  saved = json.loads((workdir / "eval" / f"validation-step{best}" / "metrics.json").read_text())
+  assert saved["val_loss"] == again["val_loss"] and saved["step"] == best
   splits, _, _ = loop.training_splits(config)
-  model, params = amif.create(config)
-  mesh = sharding.make_mesh(1)
-  validator = pretrain_eval.Validator(model, config, splits["val"],
-                                      tokenizer_lib.from_config(config.model.text),
-                                      model.image.image_size, mesh,
-                                      loop._Teacher(config, splits["train"].records
-                                                    + splits["val"].records, mesh))
-  assert list(validator.ds[0]["id"]) == [r["id"] for r in splits["val"].records]
-  assert not {r["id"] for r in splits["val"].records} & {r["id"] for r in splits["train"].records}
-  first, second = validator(params, 0), validator(params, 0)
-  assert first == second
+  val_ids = [r["id"] for r in splits["val"].records]
+  assert not set(val_ids) & {r["id"] for r in splits["train"].records}
+  with pytest.raises(ValueError, match="--split=validation"):
+    run_lib.evaluate_split(restored, "test")
