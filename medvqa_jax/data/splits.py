@@ -87,6 +87,19 @@ def _split(dc, split: str) -> tuple[object, list[dict]]:
   return source, read_records(builders.load(dc.dir, dc.name, split, decode_images=False))
 
 
+def _hold_out(dc, source, records, groups, unit: str) -> dict[str, Split]:
+  """{"train", "val"}: the training split without and with its seeded `val_fraction` of
+  `groups` (whole groups: no image on both sides)."""
+  held = answers_lib.validation_slice([r["id"] for r in records], dc.val_fraction, seed=0,
+                                      groups=groups)
+  parts = {name: [i for i, r in enumerate(records) if (r["id"] in held) == (name == "val")]
+           for name in ("train", "val")}
+  names = {"train": dc.train_split,
+           "val": f"{dc.train_split} (held-out {dc.val_fraction:.0%} of {unit})"}
+  return {name: Split(names[name], Subset(source, idx), [records[i] for i in idx])
+          for name, idx in parts.items()}
+
+
 def vqa_splits(dc, need=("train", "val", "test")) -> dict[str, Split]:
   """{"train", "val", "test"} (those in `need`) for the `data` config; builds the dataset
   first if needed."""
@@ -95,14 +108,10 @@ def vqa_splits(dc, need=("train", "val", "test")) -> dict[str, Split]:
   if "train" in need or ("val" in need and not dc.val_split):
     source, records = _split(dc, dc.train_split)
     if not dc.val_split:
-      held = answers_lib.validation_slice([r["id"] for r in records], dc.val_fraction, seed=0,
-                                          groups=[r["image_id"] for r in records])
-      keep = [i for i, r in enumerate(records) if r["id"] not in held]
-      val = [i for i, r in enumerate(records) if r["id"] in held]
+      parts = _hold_out(dc, source, records, [r["image_id"] for r in records], "images")
       if "val" in need:
-        out["val"] = Split(f"{dc.train_split} (held-out {dc.val_fraction:.0%} of images)",
-                           Subset(source, val), [records[i] for i in val])
-      source, records = Subset(source, keep), [records[i] for i in keep]
+        out["val"] = parts["val"]
+      source, records = parts["train"].source, parts["train"].records
     if "train" in need:
       out["train"] = Split(dc.train_split, source, records)
   if "val" in need and dc.val_split:
@@ -132,13 +141,7 @@ def caption_splits(dc) -> dict[str, Split]:
     raise ValueError(f"the {dc.train_split} split of {dc.name} in {dc.dir} is empty")
   if not dc.val_fraction > 0:
     return {"train": Split(dc.train_split, source, records)}
-  held = answers_lib.validation_slice([r["id"] for r in records], dc.val_fraction, seed=0)
-  parts = {name: [i for i, r in enumerate(records) if (r["id"] in held) == (name == "val")]
-           for name in ("train", "val")}
-  names = {"train": dc.train_split,
-           "val": f"{dc.train_split} (held-out {dc.val_fraction:.0%} of examples)"}
-  return {name: Split(names[name], Subset(source, idx), [records[i] for i in idx])
-          for name, idx in parts.items()}
+  return _hold_out(dc, source, records, None, "examples")
 
 
 def answer_set(dc, splits: dict[str, Split] | None = None) -> tuple[list[str], str]:

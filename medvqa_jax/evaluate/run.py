@@ -126,7 +126,7 @@ def evaluate_pretraining(restored: Restored, split_name: str | None = None, out_
   if "val" not in splits:
     raise ValueError("the run's config holds out no validation slice (data.val_fraction is 0): "
                      "pass --config with --config.data.val_fraction=F to evaluate on one")
-  teacher = loop._Teacher(config, [r for s in splits.values() for r in s.records], restored.mesh)
+  teacher = loop.BatchTeacher(config, splits, restored.mesh)
   validator = pretrain_eval.Validator(restored.model, config, splits["val"], restored.tokenizer,
                                       restored.model.image.image_size, restored.mesh, teacher)
   metrics = {"split": splits["val"].name, "step": restored.step,

@@ -101,11 +101,11 @@ def _init_from(config, state, shardings):
   return {**state, "params": unflatten(own)}, len(take)
 
 
-class _Teacher:
-  """Teacher embeddings for pre-training batches: looked up in the cache, or computed
-  online on device by the frozen teacher."""
+class BatchTeacher:
+  """Teacher embeddings for pre-training batches (training's and validation's): looked up in
+  the cache, or computed online on device by the frozen teacher."""
 
-  def __init__(self, config, records, mesh):
+  def __init__(self, config, splits: dict, mesh):
     from medvqa_jax.losses import teacher as teacher_lib
     self.mode = config.teacher.mode
     self.cache = self.online = None
@@ -121,6 +121,7 @@ class _Teacher:
                          "(or --config.teacher.mode=online)")
       self.cache = teacher_lib.TeacherCache.load(config.teacher.cache)
       # The cache is made for the whole training split, held-out validation slice included.
+      records = [r for split in splits.values() for r in split.records]
       ids = [r["id"] for r in records]
       captions = [r["caption"] for r in records]
       self.cache.check(ids, captions, teacher.fingerprint(), path=config.teacher.cache)
@@ -208,8 +209,7 @@ def train(config, workdir=None, stream=None) -> dict:
   steps = total_steps(config, len(splits["train"].records))
   config.optim.total_steps = steps
   # The teacher's cache and the validation slice are checked before anything is written.
-  teacher = None if finetune else _Teacher(
-      config, [r for split in splits.values() for r in split.records], mesh)
+  teacher = None if finetune else BatchTeacher(config, splits, mesh)
   if not finetune and "val" in splits:
     pretrain_eval.examples(config, splits["val"])  # Too small a slice: refused here too.
 
