@@ -5,6 +5,8 @@
 #
 #   bash benchmarks/gpu.sh            # all runs, most important first
 #   bash benchmarks/gpu.sh 2          # only the first 2
+#   bash benchmarks/gpu.sh 3-4        # runs 3 and 4
+#   bash benchmarks/gpu.sh 0          # no run: the table of $OUT_FILE
 set -uo pipefail
 if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
   sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
@@ -13,7 +15,11 @@ fi
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 OUT_FILE=${OUT_FILE:-benchmarks/results.jsonl}
-LIMIT=${1:-100}
+RANGE=${1:-100}
+case $RANGE in
+  *-*) FIRST=${RANGE%-*}; LAST=${RANGE#*-} ;;
+  *) FIRST=1; LAST=$RANGE ;;
+esac
 PAPER=":image=paper_init,text=paper_init"
 RUNS=(
   "--config=configs/towers_only.py --config.model.compute.attention=cudnn"
@@ -27,7 +33,8 @@ RUNS=(
 )
 n=0
 for args in "${RUNS[@]}"; do
-  n=$((n + 1)); [ "$n" -gt "$LIMIT" ] && break
+  n=$((n + 1)); [ "$n" -gt "$LAST" ] && break
+  [ "$n" -lt "$FIRST" ] && continue
   echo "== $args" >&2
   # shellcheck disable=SC2086
   timeout 420 "$PYTHON" launch/benchmark.py $args --steps=20 | tee -a "$OUT_FILE" || echo "(failed: $args)" >&2

