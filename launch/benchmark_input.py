@@ -50,12 +50,13 @@ def main(argv):
                         global_batch=_BATCH.value, seed=0, augmentation=_AUG.value)
   results = []
   for workers in map(int, _WORKERS.value):
-    it = pipeline.iterate(ds, num_workers=workers)
-    next(it)  # Start-up (worker processes, first decode) is not timed.
-    start = time.perf_counter()
-    for _ in range(_BATCHES.value):
-      next(it)
-    seconds = time.perf_counter() - start
+    # Each setting's workers stop before the next one starts.
+    with pipeline.iterate(ds, num_workers=workers) as it:
+      next(it)  # Start-up (worker processes, first decode) is not timed.
+      start = time.perf_counter()
+      for _ in range(_BATCHES.value):
+        next(it)
+      seconds = time.perf_counter() - start
     rate = _BATCHES.value * _BATCH.value * views / seconds
     results.append({"workers": workers, "images_per_s": round(rate, 1),
                     "images_per_s_per_worker": round(rate / max(workers, 1), 1)})

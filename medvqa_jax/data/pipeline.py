@@ -10,6 +10,7 @@ sees exactly the batches it would have seen. `iterate` decodes and augments in w
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import grain
@@ -125,12 +126,16 @@ class _HostRows:
     return self.parent[b * self.global_batch + self.index * self.per + j]
 
 
+@contextlib.contextmanager
 def iterate(ds: grain.MapDataset, start_step: int = 0, num_workers: int = 0,
             prefetch: int = 2):
-  """Iterates batches from `start_step`, decoding in `num_workers` processes (0: here).
+  """`with iterate(ds) as it:` iterates batches from `start_step`, decoding in `num_workers`
+  processes (0: here).
 
   An element of `ds` is a whole batch, made by one thread: each process (this one or each
-  worker) makes `prefetch` batches at a time, in as many threads."""
+  worker) makes `prefetch` batches at a time, in as many threads. Leaving the block stops the
+  threads and worker processes and frees the batches in flight (shared memory), which an
+  abandoned iterator would hold until the interpreter exits."""
   it = ds[start_step:].to_iter_dataset(
       grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
   if num_workers:
@@ -138,4 +143,8 @@ def iterate(ds: grain.MapDataset, start_step: int = 0, num_workers: int = 0,
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside app.run()
       flags.FLAGS.mark_as_parsed()   # they are the defaults.
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return iter(it)
+  it = iter(it)
+  try:
+    yield it
+  finally:
+    it.close()

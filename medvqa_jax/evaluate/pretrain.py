@@ -71,20 +71,21 @@ class Validator:
     report = observe.progress(f"validation at step {step}", self.main, self.stream)
     sums, images, texts = {}, [], []
     batches = len(self.ds)
-    for i, host in enumerate(pipeline.iterate(self.ds, num_workers=self.workers)):
-      ids = host.pop("id")
-      if self.teacher is not None:
-        host.update(self.teacher.host_fields(ids))
-      batch = sharding.shard_batch(self.mesh, host)
-      if self.teacher is not None:
-        batch = self.teacher.device_fields(batch)
-      metrics, image, text = jax.device_get(
-          self._evaluate(params, batch, jax.random.fold_in(self.key, i)))
-      for k, v in metrics.items():
-        sums[k] = sums.get(k, 0.0) + float(v)
-      images.append(image)
-      texts.append(text)
-      report((i + 1) * len(ids) * jax.process_count(), self.examples)
+    with pipeline.iterate(self.ds, num_workers=self.workers) as it:
+      for i, host in enumerate(it):
+        ids = host.pop("id")
+        if self.teacher is not None:
+          host.update(self.teacher.host_fields(ids))
+        batch = sharding.shard_batch(self.mesh, host)
+        if self.teacher is not None:
+          batch = self.teacher.device_fields(batch)
+        metrics, image, text = jax.device_get(
+            self._evaluate(params, batch, jax.random.fold_in(self.key, i)))
+        for k, v in metrics.items():
+          sums[k] = sums.get(k, 0.0) + float(v)
+        images.append(image)
+        texts.append(text)
+        report((i + 1) * len(ids) * jax.process_count(), self.examples)
     # The temperatures are parameters, not figures of the held-out data: left to training's.
     out = {f"val_{k}": v / batches for k, v in sums.items() if not k.startswith("temperature_")}
     out.update({f"val_{k}": v for k, v in retrieval(np.concatenate(images),

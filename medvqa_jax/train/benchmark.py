@@ -251,15 +251,15 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
     splits, answers, _ = loop.training_splits(config)
     tokenizer = tokenizer_lib.from_config(mc.text)
     ds = loop.training_data(config, splits, answers, tokenizer, model.image.image_size)
-    it = pipeline_lib.iterate(ds, num_workers=config.data.workers)
     keep = set(host)
+    with pipeline_lib.iterate(ds, num_workers=config.data.workers) as it:
 
-    def fetch():
-      b = next(it)
-      return sharding.shard_batch(mesh, {k: v for k, v in b.items() if k in keep})
+      def fetch():
+        b = next(it)
+        return sharding.shard_batch(mesh, {k: v for k, v in b.items() if k in keep})
 
-    log(f"timing {steps} steps fed by the input pipeline ({config.data.workers} workers)")
-    pipe_s, _ = timed(fetch)
+      log(f"timing {steps} steps fed by the input pipeline ({config.data.workers} workers)")
+      pipe_s, _ = timed(fetch)
     out.update(pipeline_step_s=round(pipe_s, 5),
                data_share=round(max(0.0, 1 - step_s / pipe_s), 4))
   return out

@@ -317,34 +317,36 @@ def train(config, workdir=None, stream=None) -> dict:
         raise Diverged(f"the loss is {values['loss']} at step {step}: stopping ({where})")
       reporter.step(step, values)
 
-  it = pipeline.iterate(ds, start_step=start, num_workers=config.data.workers)
   try:
-    for step in range(start, steps):
-      host = next(it)
-      ids = host.pop("id")
-      host.pop("answer", None)
-      if teacher is not None:
-        host.update(teacher.host_fields(ids))
-      if tc.get("inject_nan_at"):
-        host["poison"] = np.float32(step + 1 == tc.inject_nan_at)
-      batch = sharding.shard_batch(mesh, host)
-      if teacher is not None:
-        batch = teacher.device_fields(batch)
-      with jax.transfer_guard("disallow"):
-        state, metrics = train_step(state, batch, base_key)
-      pending.append((step + 1, metrics))
-      drain(keep=1)
-      done = step + 1
-      evaluate_now = done % tc.eval_every == 0 or done == steps
-      save_now = done % tc.save_every == 0 or done == steps
-      if evaluate_now or save_now:
-        drain()
-        val = validate(state, done) if evaluate_now else {}
-        if val:
-          reporter.eval(done, {k.removeprefix("val_"): v for k, v in val.items()})
-        if save_now:
-          ckpts.save(done, state, run_record(done, val), metrics=val or None)
-          last_saved = done
+    with pipeline.iterate(ds, start_step=start, num_workers=config.data.workers) as it:
+      for step in range(start, steps):
+        host = next(it)
+        ids = host.pop("id")
+        host.pop("answer", None)
+        if teacher is not None:
+          host.update(teacher.host_fields(ids))
+        if tc.get("inject_nan_at"):
+          host["poison"] = np.float32(step + 1 == tc.inject_nan_at)
+        batch = sharding.shard_batch(mesh, host)
+        if teacher is not None:
+          batch = teacher.device_fields(batch)
+        with jax.transfer_guard("disallow"):
+          state, metrics = train_step(state, batch, base_key)
+        pending.append((step + 1, metrics))
+        drain(keep=1)
+        done = step + 1
+        evaluate_now = done % tc.eval_every == 0 or done == steps
+        save_now = done % tc.save_every == 0 or done == steps
+        if evaluate_now or save_now:
+          drain()
+          val = validate(state, done) if evaluate_now else {}
+          if val:
+            reporter.eval(done, {k.removeprefix("val_"): v for k, v in val.items()})
+          if save_now:
+            ckpts.save(done, state, run_record(done, val), metrics=val or None)
+            last_saved = done
+      # The last batch lives in the workers' shared memory: release it now, not at exit.
+      host = batch = None
     drain()
   finally:
     reporter.close()

@@ -1,6 +1,7 @@
 """The host input pipeline: determinism by (seed, step), host shards, augmentations."""
 
 import json
+import multiprocessing
 import subprocess
 import sys
 from pathlib import Path
@@ -96,11 +97,15 @@ def test_batch_contents(source, tokenizer):
 
 def test_iterate_resumes_and_workers_give_the_same_batches(source, tokenizer):
   ds = _batches(source, tokenizer)
-  it = pipeline.iterate(ds, start_step=3)
-  assert list(next(it)["id"]) == list(ds[3]["id"])
-  assert np.array_equal(next(it)["images"], ds[4]["images"])
-  workers = pipeline.iterate(ds, start_step=2, num_workers=1)
-  assert np.array_equal(next(workers)["images"], ds[2]["images"])
+  with pipeline.iterate(ds, start_step=3) as it:
+    assert list(next(it)["id"]) == list(ds[3]["id"])
+    assert np.array_equal(next(it)["images"], ds[4]["images"])
+  grain_workers = lambda: [p for p in multiprocessing.active_children() if "grain" in p.name]
+  with pipeline.iterate(ds, start_step=2, num_workers=1) as workers:
+    assert np.array_equal(next(workers)["images"], ds[2]["images"])
+    assert len(grain_workers()) == 1
+  # Leaving the block stops the worker (and frees its batches in flight).
+  assert grain_workers() == []
 
 
 def test_augmentations():
