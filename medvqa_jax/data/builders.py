@@ -11,6 +11,7 @@ failed build leaves nothing that reads as a dataset, and building again is a no-
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from collections import Counter
@@ -25,6 +26,8 @@ from medvqa_jax.data import sources
 log = logging.getLogger(__name__)
 
 VERSION = "1.0.0"
+# 1.1.0: caption examples carry an `image_id` (a digest of the stored image).
+CAPTION_VERSION = "1.1.0"
 
 
 class DataError(ValueError):
@@ -138,7 +141,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
                           f"{self._report['total']}); nothing was built. Last: {item['id']}: {e}")
         continue
       good += 1
-      images.add(item.get("image_id", item["image"] if isinstance(item["image"], str) else ""))
+      images.add(example["image_id"])
       if "answers" in item:
         types[item["answer_type"] or "(none)"] += 1
         yes_no += answers_lib.is_yes_no(item["answers"])
@@ -175,18 +178,24 @@ class _VqaBuilder(_Builder):
 
 
 class _CaptionBuilder(_Builder):
+  """Caption corpora carry no image ids of their own: an example's `image_id` is a digest of
+  its (first) stored image, so one picture under several ids or paths has one image id and
+  the held-out validation slice (`splits.caption_splits`) never splits it."""
+  VERSION = tfds.core.Version(CAPTION_VERSION)
   multi_view = False
 
   def _features(self):
     text = tfds.features.Text()
     image = tfds.features.Image(encoding_format="jpeg")
-    features = {"id": text, "image": image, "caption": text}
+    features = {"id": text, "image_id": text, "image": image, "caption": text}
     if self.multi_view:
       features.update(image2=image, view=text, view2=text)
     return tfds.features.FeaturesDict(features)
 
   def _example(self, item, cache):
-    out = {"id": item["id"], "caption": item["caption"], "image": self._image(item["image"], cache)}
+    image = self._image(item["image"], cache)
+    out = {"id": item["id"], "image_id": hashlib.sha1(image).hexdigest()[:20],
+           "caption": item["caption"], "image": image}
     if self.multi_view:
       out.update(image2=self._image(item["image2"], cache), view=item["view"],
                  view2=item["view2"])
@@ -239,7 +248,8 @@ BUILDERS = {b.name: b for b in (VqaRad, Slake, PathVqa, VqaMed2019, Roco, Medica
 
 
 def dataset_dir(data_dir, name: str) -> Path:
-  return Path(data_dir) / name / VERSION
+  builder = BUILDERS.get(name)
+  return Path(data_dir) / name / (str(builder.VERSION) if builder else VERSION)
 
 
 def is_built(data_dir, name: str) -> bool:

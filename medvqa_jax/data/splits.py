@@ -87,15 +87,15 @@ def _split(dc, split: str) -> tuple[object, list[dict]]:
   return source, read_records(builders.load(dc.dir, dc.name, split, decode_images=False))
 
 
-def _hold_out(dc, source, records, groups, unit: str) -> dict[str, Split]:
+def _hold_out(dc, source, records) -> dict[str, Split]:
   """{"train", "val"}: the training split without and with its seeded `val_fraction` of
-  `groups` (whole groups: no image on both sides)."""
+  images (whole images: no image on both sides)."""
   held = answers_lib.validation_slice([r["id"] for r in records], dc.val_fraction, seed=0,
-                                      groups=groups)
+                                      groups=[r["image_id"] for r in records])
   parts = {name: [i for i, r in enumerate(records) if (r["id"] in held) == (name == "val")]
            for name in ("train", "val")}
   names = {"train": dc.train_split,
-           "val": f"{dc.train_split} (held-out {dc.val_fraction:.0%} of {unit})"}
+           "val": f"{dc.train_split} (held-out {dc.val_fraction:.0%} of images)"}
   return {name: Split(names[name], Subset(source, idx), [records[i] for i in idx])
           for name, idx in parts.items()}
 
@@ -108,7 +108,7 @@ def vqa_splits(dc, need=("train", "val", "test")) -> dict[str, Split]:
   if "train" in need or ("val" in need and not dc.val_split):
     source, records = _split(dc, dc.train_split)
     if not dc.val_split:
-      parts = _hold_out(dc, source, records, [r["image_id"] for r in records], "images")
+      parts = _hold_out(dc, source, records)
       if "val" in need:
         out["val"] = parts["val"]
       source, records = parts["train"].source, parts["train"].records
@@ -126,8 +126,9 @@ def vqa_splits(dc, need=("train", "val", "test")) -> dict[str, Split]:
 
 def caption_splits(dc) -> dict[str, Split]:
   """{"train"} and, when `val_fraction` > 0, {"val"}: a seeded slice of the training split's
-  examples (caption corpora carry no image ids: one image, or one pair of views, per example)
-  held out for validation. Builds the corpus first if needed. Records: id, caption."""
+  images (whole images: every example of a held-out picture, whatever its id or path, is in
+  the slice) held out for validation. Builds the corpus first if needed. Records: id,
+  image_id, caption."""
   ensure_built(dc)
   if dc.val_split:
     raise ValueError(f"pre-training validates on a held-out slice of {dc.name}'s training split "
@@ -135,13 +136,13 @@ def caption_splits(dc) -> dict[str, Split]:
                      f"--config.data.val_split='' (it is {dc.val_split!r})")
   source = builders.load(dc.dir, dc.name, dc.train_split)
   plain = builders.load(dc.dir, dc.name, dc.train_split, decode_images=False)
-  records = [{"id": _text(plain[i]["id"]), "caption": _text(plain[i]["caption"])}
-             for i in range(len(plain))]
+  records = [{"id": _text(plain[i]["id"]), "image_id": _text(plain[i]["image_id"]),
+              "caption": _text(plain[i]["caption"])} for i in range(len(plain))]
   if not records:
     raise ValueError(f"the {dc.train_split} split of {dc.name} in {dc.dir} is empty")
   if not dc.val_fraction > 0:
     return {"train": Split(dc.train_split, source, records)}
-  return _hold_out(dc, source, records, None, "examples")
+  return _hold_out(dc, source, records)
 
 
 def answer_set(dc, splits: dict[str, Split] | None = None) -> tuple[list[str], str]:

@@ -1,5 +1,8 @@
 """Pre-training validation: retrieval recall, the held-out slice of a caption corpus."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
@@ -35,9 +38,13 @@ def test_retrieval_recall_matches_sorting():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
+  """The 8 sample questions as captions (4 pictures, 2 captions each), each under 5 ids; one
+  picture also read from a copy at another path."""
   folder = tmp_path_factory.mktemp("corpus")
   rows = helpers.sample_caption_rows()
   rows = [dict(r, id=f"{r['id']}-{n}") for n in range(5) for r in rows]  # 40 examples.
+  shutil.copy(rows[0]["image"], folder / "copy.jpg")
+  rows[8]["image"] = "copy.jpg"  # rows[8] shows rows[0]'s picture, from another path.
   helpers.write_jsonl(folder / "train.jsonl", rows)
   return folder
 
@@ -49,10 +56,18 @@ def _data(corpus, tmp, **kw):
   return dc
 
 
-def test_caption_splits_hold_out_a_seeded_slice(corpus, tmp_path):
+def test_caption_splits_hold_out_a_seeded_slice_of_whole_images(corpus, tmp_path):
   splits = splits_lib.caption_splits(_data(corpus, tmp_path))
   train, val = ([r["id"] for r in splits[s].records] for s in ("train", "val"))
   assert len(val) == 10 and len(train) == 30 and not set(train) & set(val)
+  # An image id is the picture's, whatever the example's id or path: 1 of the 4 pictures is
+  # held out with all 10 of its examples, and none is on both sides.
+  ids = {r["id"]: r["image_id"] for s in ("train", "val") for r in splits[s].records}
+  rows = [json.loads(line) for line in (corpus / "train.jsonl").read_text().splitlines()]
+  assert rows[8]["image"] == "copy.jpg" and ids[rows[8]["id"]] == ids[rows[0]["id"]]
+  assert len({ids[r["id"]] for r in rows}) == 4
+  images = {s: {r["image_id"] for r in splits[s].records} for s in ("train", "val")}
+  assert len(images["val"]) == 1 and not images["train"] & images["val"]
   source = builders.load(tmp_path / "tfds", "captions_jsonl", "train")
   assert sorted(train + val) == sorted(str(source[i]["id"].decode()) for i in range(len(source)))
   # The sources hold those examples (images and captions), in the records' order.
