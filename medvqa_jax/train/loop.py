@@ -10,12 +10,15 @@ Pre-training validates on a held-out slice of its corpus (`evaluate/pretrain.py`
 
 A run restarted with the same command resumes from its latest complete checkpoint: the state,
 the data position (batches are a function of the seed and the step) and the step's random key
-(folded from the step) are those the uninterrupted run would have had. A NaN or infinite loss
-stops the run (`Diverged`) before anything is saved after it.
+(folded from the step) are those the uninterrupted run would have had, provided the data
+are: a run whose training or validation examples changed since (a rebuilt dataset, another
+`val_fraction`) is refused. A NaN or infinite loss stops the run (`Diverged`) before anything
+is saved after it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -186,6 +189,18 @@ def _print(text: str):
     print(text, flush=True)
 
 
+def data_identity(splits) -> dict:
+  """What a run's batches depend on besides the seed: its training and validation examples, in
+  order (counts and a digest of their ids). Kept in the run records; resuming checks it."""
+  digest = hashlib.sha1()
+  for name in ("train", "val"):
+    ids = [r["id"] for r in splits[name].records] if name in splits else []
+    digest.update(f"{name}:{len(ids)}\n".encode() + "\n".join(ids).encode() + b"\n")
+  return {"train": len(splits["train"].records),
+          "val": len(splits["val"].records) if "val" in splits else 0,
+          "ids_sha1": digest.hexdigest()}
+
+
 def train(config, workdir=None, stream=None) -> dict:
   """Runs (or resumes) the run of `config`; returns the test metrics of a fine-tuning run
   ({} for a pre-training run: its validation metrics are in metrics.jsonl and the run
@@ -206,6 +221,7 @@ def train(config, workdir=None, stream=None) -> dict:
       splits_lib.ensure_built(config.data)
     multihost_utils.sync_global_devices("dataset built")
   splits, answers, protocol = training_splits(config)
+  data = data_identity(splits)
   steps = total_steps(config, len(splits["train"].records))
   config.optim.total_steps = steps
   # The teacher's cache and the validation slice are checked before anything is written.
@@ -235,6 +251,13 @@ def train(config, workdir=None, stream=None) -> dict:
   shardings = step_lib.state_shardings(mesh, shapes, tx, tuple(tc.fsdp_rules), tc.fsdp_min_size)
   if start is not None:
     state, run = ckpts.restore(start, abstract_state(shapes, tx, shardings))
+    if run.get("data", data) != data:
+      raise ValueError(
+          f"{workdir}: the run's training data changed since its checkpoints were written (then "
+          f"{run['data']['train']} training and {run['data']['val']} validation examples, now "
+          f"{data['train']} and {data['val']}, or other ids; was the dataset rebuilt or "
+          f"data.val_fraction changed?): resuming would not continue the same run; use a new "
+          f"train.workdir")
     if finetune and run.get("answers") != answers:
       raise ValueError(f"{workdir}: the checkpoint's answer set differs from the data's (was the "
                        "dataset rebuilt or the protocol changed?); use a new train.workdir")
@@ -290,7 +313,8 @@ def train(config, workdir=None, stream=None) -> dict:
 
   def run_record(step, val):
     return {"step": int(step), "data_step": int(step), "config": config.to_json(),
-            "protocol": protocol, "answers": answers, "val": val, "towers": archs}
+            "protocol": protocol, "answers": answers, "val": val, "towers": archs,
+            "data": data}
 
   reporter = observe.Reporter(workdir, total_steps=steps, start_step=start,
                               batch_size=tc.batch_size, log_every=tc.log_every, enabled=main,

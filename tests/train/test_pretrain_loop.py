@@ -126,3 +126,24 @@ def test_pretraining_validates_on_the_held_out_slice(corpus, tmp_path):
   assert not set(val_ids) & {r["id"] for r in splits["train"].records}
   with pytest.raises(ValueError, match="--split=validation"):
     run_lib.evaluate_split(restored, "test")
+
+
+def test_resuming_refuses_a_run_whose_data_changed(corpus, tmp_path):
+  """Resumed on other examples (here: a validation slice held out of the training split) a
+  run would not continue itself: refused before anything is written; the same data resume."""
+  data, workdir = tmp_path / "tfds", tmp_path / "run"
+  cache = str(_cache(_config(corpus, data, tmp_path), corpus, tmp_path / "cache.npz"))
+  assert loop.train(_config(corpus, data, workdir, cache=cache)) == {}  # Steps 1-2, saved at 2.
+  files = lambda: {p: (p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in workdir.rglob("*") if p.is_file()}
+  before = files()
+  changed = _config(corpus, data, workdir, val_fraction=0.5, cache=cache)
+  changed.optim.total_steps = 3
+  with pytest.raises(ValueError, match=r"training data changed .*then 8 training and 0 "
+                                       r"validation examples, now 4 and 4"):
+    loop.train(changed)
+  assert files() == before
+  same = _config(corpus, data, workdir, cache=cache)
+  same.optim.total_steps = 3
+  assert loop.train(same) == {}
+  assert [r["step"] for r in _losses(workdir) if "loss" in r] == [1, 2, 3]
