@@ -192,13 +192,12 @@ def _print(text: str):
 def data_identity(splits) -> dict:
   """What a run's batches depend on besides the seed: its training and validation examples, in
   order (counts and a digest of their ids). Kept in the run records; resuming checks it."""
-  digest = hashlib.sha1()
+  counts, digest = {}, hashlib.sha1()
   for name in ("train", "val"):
     ids = [r["id"] for r in splits[name].records] if name in splits else []
+    counts[name] = len(ids)
     digest.update(f"{name}:{len(ids)}\n".encode() + "\n".join(ids).encode() + b"\n")
-  return {"train": len(splits["train"].records),
-          "val": len(splits["val"].records) if "val" in splits else 0,
-          "ids_sha1": digest.hexdigest()}
+  return {**counts, "ids_sha1": digest.hexdigest()}
 
 
 def train(config, workdir=None, stream=None) -> dict:
