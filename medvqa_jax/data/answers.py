@@ -2,7 +2,7 @@
 
 Normalisation follows the VQA evaluation toolkit (lowercase; punctuation stripped, or replaced
 by a space between words; periods kept inside numbers; number words to digits; articles
-dropped), plus "x-ray" -> "xray". The toolkit's contraction table (which re-inserts
+dropped), plus "x-ray" and "x ray" -> "xray". The toolkit's contraction table (which re-inserts
 apostrophes) is not applied: Med-VQA answers carry none. VQA-Med-2019 references may list
 alternatives separated by "#": a prediction matching any of them is correct.
 """
@@ -25,7 +25,7 @@ _ARTICLES = {"a", "an", "the"}
 
 def normalize(answer: str) -> str:
   text = str(answer).lower().replace("\n", " ").replace("\t", " ").strip()
-  text = re.sub(r"\bx-rays?\b", lambda m: m.group(0).replace("-", ""), text)
+  text = re.sub(r"\bx[- ]ray(s?)\b", r"xray\1", text)
   out = text
   for p in _PUNCT:
     if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
@@ -70,6 +70,8 @@ def validation_slice(ids: Sequence[str], fraction: float = 0.1, seed: int = 0,
   """A fixed, seeded slice of a training split for model selection, for datasets without a
   validation split (VQA-RAD). With `groups` (e.g. image ids), whole groups are held out, so
   that no image is in both parts."""
+  if not fraction > 0:
+    return set()
   keys = list(groups) if groups is not None else list(ids)
   distinct = sorted(set(keys))
   rng = random.Random(seed)

@@ -12,6 +12,7 @@ failed build leaves nothing that reads as a dataset, and building again is a no-
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import logging
 from collections import Counter
@@ -93,6 +94,9 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     split_items = self._read()
+    self.info.metadata["build_options"] = build_options(
+        self.name, max_side=self.max_side, splits=self.only_splits,
+        reader_options=self.reader_options)
     total = sum(len(v) for v in split_items.values())
     if total == 0:
       raise DataError(f"no records found in {self.source_dir}")
@@ -256,13 +260,41 @@ def is_built(data_dir, name: str) -> bool:
   return (dataset_dir(data_dir, name) / "dataset_info.json").exists()
 
 
+def build_options(name: str, max_side=None, splits=None, reader_options=None) -> dict:
+  """What a build's contents depend on besides its source folder, with the reader's defaults
+  filled in (so that `language="en"` and no language are the same build of SLAKE)."""
+  reader = BUILDERS[name].reader
+  defaults = {k: p.default for k, p in inspect.signature(reader).parameters.items()
+              if p.default is not inspect.Parameter.empty}
+  return {"max_side": int(max_side) if max_side else None,
+          "splits": sorted(splits) if splits else None,
+          "reader_options": {**defaults, **dict(reader_options or {})}}
+
+
+def built_options(data_dir, name: str) -> dict | None:
+  """The `build_options` an existing build was made with (None for builds that predate them)."""
+  meta = tfds.builder_from_directory(str(dataset_dir(data_dir, name))).info.metadata or {}
+  return meta.get("build_options")
+
+
 def build(name: str, source_dir, data_dir, **options) -> Path:
-  """Builds dataset `name` from `source_dir` into `data_dir` (a no-op if already built)."""
+  """Builds dataset `name` from `source_dir` into `data_dir` (a no-op if already built with the
+  same options; a build with other options is refused, not silently reused)."""
   if name not in BUILDERS:
     raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(BUILDERS)}")
   builder = BUILDERS[name](source_dir=source_dir, data_dir=str(data_dir),
                            file_format="array_record", **options)
-  if not is_built(data_dir, name):
+  if is_built(data_dir, name):
+    wanted = build_options(name, **{k: options.get(k) for k in
+                                    ("max_side", "splits", "reader_options")})
+    have = built_options(data_dir, name)
+    if have is not None and have != wanted:
+      differ = ", ".join(f"{k} {have.get(k)!r} (asked: {wanted[k]!r})" for k in wanted
+                         if have.get(k) != wanted[k])
+      raise ValueError(f"{name} is already built in {dataset_dir(data_dir, name)} with other "
+                       f"options: {differ}. Build into another data_dir, or delete that folder "
+                       f"to rebuild it")
+  else:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(download_mode=
                                                      tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))

@@ -161,9 +161,11 @@ def _pathvqa_parquet(source_dir: Path) -> dict:
   import pyarrow.parquet as pq
   out = {}
   for split, short in _PATHVQA_SPLITS:
+    # The split is read from the path inside the download only: a download kept under a
+    # folder named "test" (or "train") would otherwise put every file in that split.
     files = sorted(p for p in source_dir.rglob("*.parquet")
-                   if p.name.startswith((short, split)) or f"/{short}/" in p.as_posix()
-                   or f"/{split}/" in p.as_posix())
+                   if p.name.startswith((short, split))
+                   or {short, split} & set(p.relative_to(source_dir).parts[:-1]))
     records = []
     for path in files:
       rows = pq.read_table(path).to_pylist()

@@ -56,6 +56,11 @@ def ensure_built(dc) -> None:
   """Builds the dataset into data.dir from data.source_dir if it is not built yet."""
   name, data_dir = _need(dc, "name"), _need(dc, "dir")
   if builders.is_built(data_dir, name):
+    have = builders.built_options(data_dir, name)  # None: built before options were kept
+    want = builders.build_options(name, max_side=dc.get("max_side"))["max_side"]
+    if have is not None and have["max_side"] != want:
+      log.warning("%s in %s was built with max_side=%s, not data.max_side=%s: using it as built",
+                  name, builders.dataset_dir(data_dir, name), have["max_side"], want)
     return
   if not dc.get("source_dir"):
     raise FileNotFoundError(
@@ -103,6 +108,10 @@ def _hold_out(dc, source, records) -> dict[str, Split]:
 def vqa_splits(dc, need=("train", "val", "test")) -> dict[str, Split]:
   """{"train", "val", "test"} (those in `need`) for the `data` config; builds the dataset
   first if needed."""
+  if "val" in need and not dc.val_split and not dc.val_fraction > 0:
+    raise ValueError(f"{dc.name} is validated on a held-out slice of its training split "
+                     f"(data.val_split is ''), so data.val_fraction must be > 0 (it is "
+                     f"{dc.val_fraction})")
   ensure_built(dc)
   out = {}
   if "train" in need or ("val" in need and not dc.val_split):

@@ -7,6 +7,7 @@ from medvqa_jax.data import answers
 
 @pytest.mark.parametrize("raw,expected", [
     ("Two", "2"), ("the left lung", "left lung"), ("An X-ray", "xray"), ("x-rays", "xrays"),
+    ("chest x Ray", "chest xray"), ("box ray", "box ray"),
     ("Yes.", "yes"), ("MRI - T2 weighted", "mri t2 weighted"), ("3.5 cm", "3.5 cm"),
     ("right-sided", "right sided"), ("  NO ", "no"), ("none", "0"), ("(a) mass", "mass"),
 ])
@@ -43,3 +44,15 @@ def test_validation_slice_is_fixed_and_holds_out_whole_images():
   held_images = {images[ids.index(i)] for i in a}
   assert len(held_images) == 5 and len(a) == 20
   assert all(i in a for i, img in zip(ids, images) if img in held_images)
+  assert answers.validation_slice(ids, 0.0, seed=3, groups=images) == set()  # Not one image.
+
+
+def test_a_dataset_without_validation_split_needs_a_held_out_fraction(tmp_path):
+  from ml_collections import ConfigDict
+
+  from medvqa_jax.data import splits
+  dc = ConfigDict(dict(name="vqa_rad", dir=str(tmp_path), source_dir="", max_side=None,
+                       train_split="train", val_split="", test_split="test", val_fraction=0.0))
+  with pytest.raises(ValueError, match=r"data.val_fraction must be > 0 \(it is 0.0\)"):
+    splits.vqa_splits(dc)
+  assert not list(tmp_path.iterdir())  # Refused before building anything.

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,14 +88,15 @@ def test_pathvqa_pkl_and_parquet_round_trip(tmp_path):
   summary = builders.summary(tmp_path / "out1", "pathvqa")
   assert summary["splits"]["train"]["answer_type"] == {"CLOSED": 2, "OPEN": 1}
 
-  parquet = tmp_path / "parquet" / "data"
+  # The download sits under a folder named "test": only the path inside it says the split.
+  parquet = tmp_path / "test" / "parquet" / "data"
   parquet.mkdir(parents=True)
   images = [_jpeg(tmp_path / f"p{i}.jpg", 10 + i).read_bytes() for i in range(4)]
   table = pa.table({"image": [{"bytes": b, "path": None} for b in images],
                     "question": [f"p{i}?" for i in range(4)], "answer": ["yes", "no", "a", "b"]})
   pq.write_table(table.slice(0, 3), parquet / "train-00000-of-00001.parquet")
   pq.write_table(table.slice(3, 1), parquet / "test-00000-of-00001.parquet")
-  builders.build("pathvqa", tmp_path / "parquet", tmp_path / "out2")
+  builders.build("pathvqa", tmp_path / "test" / "parquet", tmp_path / "out2")
   train = _rows(tmp_path / "out2", "pathvqa", "train")
   assert len(train) == 3 and len(_rows(tmp_path / "out2", "pathvqa", "test")) == 1
   by_q = {_text(e["question"]): e for e in train.values()}
@@ -227,6 +229,12 @@ def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path):
   folder = builders.build("vqa_rad", src, out, max_side=16)
   stamp = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
   builders.build("vqa_rad", src, out, max_side=16)
+  assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
+  # A build with other options is refused, not silently reused, and the build is untouched.
+  for options, differs in (({"max_side": 32}, "max_side 16 (asked: 32)"),
+                           ({"max_side": 16, "splits": ["train"]}, "splits None")):
+    with pytest.raises(ValueError, match=re.escape(differs)):
+      builders.build("vqa_rad", src, out, **options)
   assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
   ex = builders.load(out, "vqa_rad", "train")[0]
   assert max(ex["image"].shape[:2]) == 16 and ex["image"].shape[2] == 3
