@@ -71,15 +71,17 @@ def ipot_plan(cost, text_mask, image_mask, beta: float = 0.5, iterations: int = 
   kernel = jnp.exp(-cost / beta) * tm[:, :, None] * im[:, None, :]
   safe = lambda num, den: jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
 
+  # In the reference's order: the image scaling (delta) first, then the text scaling
+  # (sigma), so the text marginal is the one met exactly after each iteration.
   def step(carry, _):
     plan, sigma = carry
     q = kernel * plan
     for _ in range(inner):
-      delta = safe(tm / n, jnp.einsum("bnm,bm->bn", q, sigma))
-      sigma = safe(im / m, jnp.einsum("bnm,bn->bm", q, delta))
-    return (delta[:, :, None] * q * sigma[:, None, :], sigma), None
+      delta = safe(im / m, jnp.einsum("bnm,bn->bm", q, sigma))
+      sigma = safe(tm / n, jnp.einsum("bnm,bm->bn", q, delta))
+    return (sigma[:, :, None] * q * delta[:, None, :], sigma), None
 
-  init = (jnp.ones_like(cost) * tm[:, :, None] * im[:, None, :], im / m)
+  init = (jnp.ones_like(cost) * tm[:, :, None] * im[:, None, :], tm / n)
   (plan, _), _ = jax.lax.scan(step, init, None, length=iterations)
   return plan
 

@@ -71,6 +71,35 @@ def test_ipot_agrees_with_sinkhorn_at_low_epsilon():
   np.testing.assert_allclose(plan.sum(-2)[:, 1:], 1 / 6, atol=1e-3)
 
 
+def _ipot_reference(cost, beta=0.5, iterations=50):
+  """The reference's IPOT loop on one pair's real tokens (cost: text x image), in NumPy and
+  float64: its plan is image x text, its image scaling is updated before its text scaling."""
+  n_text, n_image = cost.shape
+  kernel, plan = np.exp(-cost.T / beta), np.ones((n_image, n_text))
+  text_scale = np.full(n_text, 1 / n_text)
+  for _ in range(iterations):
+    q = kernel * plan
+    image_scale = 1 / (n_image * (q @ text_scale))
+    text_scale = 1 / (n_text * (image_scale @ q))
+    plan = image_scale[:, None] * q * text_scale[None]
+  return plan.T
+
+
+def test_ipot_plan_follows_the_reference_loop_with_padding():
+  text, image, text_mask = _tokens(seed=5)
+  text_ok, image_ok = ot.token_masks(text_mask, image.shape[1])
+  cost = np.asarray(ot.cosine_cost(text, image))
+  plan = np.asarray(ot.ipot_plan(cost, text_ok, image_ok, 0.5, 50))
+  for b in range(len(text)):
+    rows, cols = np.flatnonzero(text_ok[b]), np.flatnonzero(image_ok[b])
+    want = _ipot_reference(cost[b][np.ix_(rows, cols)].astype(np.float64))
+    np.testing.assert_allclose(plan[b][np.ix_(rows, cols)], want, rtol=1e-4, atol=1e-7)
+    real = np.outer(text_ok[b], image_ok[b]).astype(bool)
+    assert np.all(plan[b][~real] == 0) and (~real).any()  # No mass on a pad, CLS or SEP.
+    # The text scaling comes last: the text marginal is met exactly.
+    np.testing.assert_allclose(plan[b].sum(-1)[rows], 1 / len(rows), rtol=1e-5)
+
+
 def test_convergence_rate_is_reported():
   text, image, text_mask = _tokens(seed=4)
   _, fast = ot.wpa_loss(text, image, text_mask, epsilon=1.0, max_iterations=100)
