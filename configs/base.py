@@ -97,8 +97,9 @@ def get_config(arg=None):
                 train_split="train", val_split="validation", val_fraction=0.1,
                 test_split="test", closed_set=False, workers=0),
       # The loop (medvqa_jax/train/loop.py). workdir holds checkpoints, logs and eval outputs;
-      # batch_size is global (all hosts); accum_steps micro-batches per step. A checkpoint every
-      # save_every steps and at the end (the last `keep`, plus the best on validation);
+      # batch_size is global (all hosts); accum_steps micro-batches per step (fine-tuning
+      # only). A checkpoint every save_every steps and at the end (the last `keep`, plus the
+      # best on validation);
       # validation every eval_every steps. init_from: a checkpoint folder (another run's
       # workdir/checkpoints or one step in it) whose params matching init_params (regex) start
       # this run. fsdp: ways of parameter sharding (1: pure data parallel).

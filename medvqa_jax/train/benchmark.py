@@ -147,9 +147,7 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
   tc, mc = config.train, config.model
   batch_size = batch_size or tc.batch_size
   tc.batch_size = batch_size
-  if batch_size % jax.device_count():
-    raise ValueError(f"batch size {batch_size} is not divisible by the {jax.device_count()} "
-                     "devices")
+  step_lib.check_batch(config, batch_size, jax.device_count())
   if pipeline and mc.head == "none" and config.teacher.mode != "none":
     raise ValueError("the pipeline run of a pre-training config would need the teacher's "
                      "cache: time it with --config.teacher.mode=none")

@@ -209,9 +209,7 @@ def train(config, workdir=None, stream=None) -> dict:
   finetune = mc.head != "none"
   main = jax.process_index() == 0
   mesh = sharding.make_mesh(tc.fsdp)
-  if tc.batch_size % (jax.device_count() * tc.accum_steps):
-    raise ValueError(f"train.batch_size {tc.batch_size} must be divisible by the device count "
-                     f"({jax.device_count()}) times train.accum_steps ({tc.accum_steps})")
+  step_lib.check_batch(config, tc.batch_size, jax.device_count())
 
   # ---- data ----
   if jax.process_count() > 1:  # One host builds the dataset if needed; the others wait.

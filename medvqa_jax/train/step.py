@@ -80,10 +80,38 @@ def freeze(objective: Callable, frozen) -> Callable:
   return frozen_objective
 
 
+def check_batch(config, batch_size: int, devices: int) -> None:
+  """Refuses a batch the step cannot run as the objective means it, before anything runs."""
+  accum = config.train.accum_steps
+  if batch_size % (devices * accum):
+    raise ValueError(f"the batch size {batch_size} must be divisible by the device count "
+                     f"({devices}) times train.accum_steps ({accum})")
+  if config.model.head == "none" and accum > 1:
+    raise ValueError(
+        "pre-training compares each example with the whole global batch (the rows of the "
+        "soft-label contrastive losses, the ITM negatives), so train.accum_steps > 1 would "
+        "train another objective (each micro-batch on its own): use train.accum_steps=1 and, "
+        "to fit the memory, compute.remat or more devices")
+  if config.model.head == "none" and batch_size < 2:
+    raise ValueError("pre-training needs at least 2 examples per batch: an example's ITM "
+                     "negative is another example of its batch")
+
+
+def micro_batches(batch: dict, accum_steps: int) -> dict:
+  """Arrays of shape (accum_steps, B / accum_steps, ...): micro-batch i is rows i,
+  i + accum_steps, ... of the batch. The batch is sharded by rows, so every device holds its
+  share of every micro-batch and no rows move between devices (consecutive slices would put
+  each micro-batch on a fraction of the devices and gather it there)."""
+  return {k: jnp.swapaxes(v.reshape(-1, accum_steps, *v.shape[1:]), 0, 1)
+          for k, v in batch.items()}
+
+
 def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, frozen=None):
   """(state, batch, key) -> (state, metrics), jitted with the state donated. The loss and
-  gradients are those of the whole global batch (averaged over micro-batches); the step's
-  random key is `key` folded with the state's step.
+  gradients are those of the whole global batch (averaged over micro-batches: exact for a
+  loss that is a mean over examples, such as fine-tuning's; `check_batch` refuses
+  accumulation for pre-training); the step's random key is `key` folded with the state's
+  step.
 
   frozen: a pytree like the params of bools (optim.frozen_mask): those parameters enter the
   objective through stop_gradient, so their gradients are zeros and nothing is computed for
@@ -103,8 +131,7 @@ def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, fr
     else:
       # Scalars (e.g. the teacher's logit scale) are shared; arrays split into micro-batches.
       consts = {k: v for k, v in batch.items() if jnp.ndim(v) == 0}
-      micro = {k: v.reshape(accum_steps, -1, *v.shape[1:]) for k, v in batch.items()
-               if jnp.ndim(v) > 0}
+      micro = micro_batches({k: v for k, v in batch.items() if jnp.ndim(v) > 0}, accum_steps)
       keys = jax.random.split(key, accum_steps)
       first = jax.tree.map(lambda x: x[0], micro)
       (_, metric_shapes), grad_shapes = jax.eval_shape(grads_of, params, {**first, **consts}, key)

@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent("""
@@ -80,6 +82,16 @@ SCRIPT = textwrap.dedent("""
       assert np.all(np.isfinite(got[k])), k
       np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-4, err_msg=k)
     print("OK finetune", float(ref_metrics["loss"]), moved)
+
+    # Micro-batches interleave rows, so each stays spread over every device: splitting a
+    # batch sharded over 8 devices moves nothing between them.
+    rows = np.arange(64 * 3).reshape(64, 3)
+    x = sharding.shard_batch(sharding.make_mesh(1), {{"x": rows}})["x"]
+    split = jax.jit(lambda v: step_lib.micro_batches({{"x": v}}, 4)["x"])
+    hlo = split.lower(x).compile().as_text()
+    assert not any(op in hlo for op in ("all-gather", "all-to-all", "collective-permute")), hlo
+    np.testing.assert_array_equal(np.asarray(split(x))[1], rows[1::4])
+    print("OK micro-batches")
     """)
 
 
@@ -89,4 +101,23 @@ def test_sharded_step_equals_single_device():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=1200, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-5000:]
-  assert "OK finetune" in out.stdout
+  assert "OK finetune" in out.stdout and "OK micro-batches" in out.stdout
+
+
+def test_batches_the_objective_cannot_use_are_refused():
+  from medvqa_jax.train import step as step_lib
+  sys.path.insert(0, str(ROOT / "tests"))
+  import helpers
+  config = helpers.tiny_config()
+  config.train.accum_steps = 2
+  step_lib.check_batch(config, 16, 4)  # Fine-tuning accumulates exactly.
+  with pytest.raises(ValueError, match=r"divisible by the device count \(4\) times "
+                     r"train.accum_steps \(2\)"):
+    step_lib.check_batch(config, 12, 4)
+  config.model.head = "none"  # Pre-training: losses over the whole global batch.
+  with pytest.raises(ValueError, match="train.accum_steps > 1 would train another objective"):
+    step_lib.check_batch(config, 16, 4)
+  config.train.accum_steps = 1
+  step_lib.check_batch(config, 2, 1)
+  with pytest.raises(ValueError, match="at least 2 examples per batch"):
+    step_lib.check_batch(config, 1, 1)
