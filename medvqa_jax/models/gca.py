@@ -7,6 +7,9 @@ With Y the prior's word embeddings (no positions) and X the fused tokens
   X' = LN(X + MHA(q=X, kv=Yh))
   G  = sigmoid(W X' + b)       (per token, per channel)
   Z  = G * X' + (1 - G) * X;   out = LN(FFN(Z) + Z)
+
+Both FFNs are Linear -> ReLU -> Linear, as in the reference code's module (the towers and the
+fusion use GELU).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class GatedCrossAttention(nn.Module):
   """
   num_heads: int = 12
   mlp_dim: int = 3072
-  act: str = "gelu"
+  act: str = "relu"
   ln_eps: float = 1e-12
   dtype: Any = jnp.float32
   compute: layers.Compute = layers.Compute()
