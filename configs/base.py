@@ -57,7 +57,7 @@ def get_config(arg=None):
           # causal, cross-attending to the GCA output from layer `cross_from` on; unset: the
           # second half of its layers (6-11 of 12, as in the paper; 3-5 of MiniLM's 6).
           decoder=dict(cross_from=unset(int), depth=unset(int)),
-          prior_max_tokens=512,  # Answer-vocabulary prior of the GCA, in word pieces.
+          prior_max_tokens=1024,  # Answer-vocabulary prior of the GCA, in word pieces.
           answer_max_len=16,     # Answer tokens, [CLS] and [SEP] included.
           rank_k=32,             # Candidates re-scored by full likelihood.
           dtype="float32",       # Compute dtype of fusion, GCA and heads.

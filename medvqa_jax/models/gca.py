@@ -14,6 +14,7 @@ fusion use GELU).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from medvqa_jax.models import layers
+
+log = logging.getLogger(__name__)
 
 
 class GatedCrossAttention(nn.Module):
@@ -75,15 +78,23 @@ def answer_prior(answers, tokenizer, max_tokens: int) -> tuple[np.ndarray, np.nd
   """Token ids (max_tokens,) and mask of an answer vocabulary, the GCA's prior.
 
   The answers' word pieces (no special tokens), in the order the answers are given, each id
-  kept once, capped at `max_tokens` (the rest padded). `tokenizer` is a transformers
+  kept once, capped at `max_tokens` (the rest padded; a cap that leaves word pieces out is
+  logged as a warning, naming how many answers lose some). `tokenizer` is a transformers
   tokenizer. Pass the train-split answers: the prior must never see test answers.
   """
-  ids, seen = [], set()
+  ids, seen, pieces = [], set(), []
   for answer in answers:
-    for t in tokenizer(str(answer), add_special_tokens=False)["input_ids"]:
+    pieces.append(tokenizer(str(answer), add_special_tokens=False)["input_ids"])
+    for t in pieces[-1]:
       if t not in seen:
         seen.add(t)
         ids.append(t)
+  if len(ids) > max_tokens:
+    kept = set(ids[:max_tokens])
+    cut = sum(not kept.issuperset(p) for p in pieces)
+    log.warning("the answer prior holds %d of the %d word pieces of the %d answers (answers "
+                "with word pieces left out: %d); raise model.prior_max_tokens to keep them all",
+                max_tokens, len(ids), len(pieces), cut)
   ids = ids[:max_tokens]
   pad = tokenizer.pad_token_id or 0
   out = np.full((max_tokens,), pad, np.int32)

@@ -145,3 +145,11 @@ def test_answer_prior_dedupes_caps_and_pads():
   assert mask.tolist() == [1, 1, 1, 1, 1, 0]
   ids, mask = answer_prior(["abcdef", "xyz"], _Tok(), max_tokens=4)
   assert ids.tolist() == [ord(c) for c in "abcd"] and mask.all()
+
+
+def test_a_prior_that_drops_word_pieces_says_so(caplog):
+  answer_prior(["yes", "no", "yes", "eye"], _Tok(), max_tokens=5)
+  assert not caplog.records  # Every word piece fits.
+  answer_prior(["yes", "no", "ok", "eye", "on"], _Tok(), max_tokens=5)  # "k" is left out.
+  assert "holds 5 of the 6 word pieces of the 5 answers (answers with word pieces left out: 1)" \
+      in caplog.text
