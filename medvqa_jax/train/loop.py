@@ -11,8 +11,8 @@ Pre-training validates on a held-out slice of its corpus (`evaluate/pretrain.py`
 A run restarted with the same command resumes from its latest complete checkpoint: the state,
 the data position (batches are a function of the seed and the step) and the step's random key
 (folded from the step) are those the uninterrupted run would have had, provided the data
-are: a run whose training or validation examples changed since (a rebuilt dataset, another
-`val_fraction`) is refused. A NaN or infinite loss stops the run (`Diverged`) before anything
+are: a run whose training or validation examples or batch size changed since (a rebuilt
+dataset, another `val_fraction` or `batch_size`) is refused. A NaN or infinite loss stops the run (`Diverged`) before anything
 is saved after it.
 """
 
@@ -189,15 +189,16 @@ def _print(text: str):
     print(text, flush=True)
 
 
-def data_identity(splits) -> dict:
+def data_identity(splits, batch_size: int) -> dict:
   """What a run's batches depend on besides the seed: its training and validation examples, in
-  order (counts and a digest of their ids). Kept in the run records; resuming checks it."""
+  order (counts and a digest of their ids), and the batch size (a step's position in the data
+  is the step times it). Kept in the run records; resuming checks it."""
   counts, digest = {}, hashlib.sha1()
   for name in ("train", "val"):
     ids = [r["id"] for r in splits[name].records] if name in splits else []
     counts[name] = len(ids)
     digest.update(f"{name}:{len(ids)}\n".encode() + "\n".join(ids).encode() + b"\n")
-  return {**counts, "ids_sha1": digest.hexdigest()}
+  return {**counts, "ids_sha1": digest.hexdigest(), "batch_size": int(batch_size)}
 
 
 def train(config, workdir=None, stream=None) -> dict:
@@ -218,7 +219,7 @@ def train(config, workdir=None, stream=None) -> dict:
       splits_lib.ensure_built(config.data)
     multihost_utils.sync_global_devices("dataset built")
   splits, answers, protocol = training_splits(config)
-  data = data_identity(splits)
+  data = data_identity(splits, tc.batch_size)
   steps = total_steps(config, len(splits["train"].records))
   config.optim.total_steps = steps
   # The teacher's cache and the validation slice are checked before anything is written.
@@ -248,13 +249,17 @@ def train(config, workdir=None, stream=None) -> dict:
   shardings = step_lib.state_shardings(mesh, shapes, tx, tuple(tc.fsdp_rules), tc.fsdp_min_size)
   if start is not None:
     state, run = ckpts.restore(start, abstract_state(shapes, tx, shardings))
-    if run.get("data", data) != data:
+    then = run.get("data", {})  # Records older than a field are not checked for it.
+    if any(then[k] != data[k] for k in then.keys() & data.keys()):
+      changed = ("batch size" if then.get("batch_size", data["batch_size"]) != data["batch_size"]
+                 else "training data")
       raise ValueError(
-          f"{workdir}: the run's training data changed since its checkpoints were written (then "
-          f"{run['data']['train']} training and {run['data']['val']} validation examples, now "
-          f"{data['train']} and {data['val']}, or other ids; was the dataset rebuilt or "
-          f"data.val_fraction changed?): resuming would not continue the same run; use a new "
-          f"train.workdir")
+          f"{workdir}: the run's {changed} changed since its checkpoints were written (then "
+          f"{then.get('train')} training and {then.get('val')} validation examples in batches "
+          f"of {then.get('batch_size', '?')}, now {data['train']} and {data['val']} in batches "
+          f"of {data['batch_size']}, or other ids; was the dataset rebuilt, data.val_fraction "
+          f"or train.batch_size changed?): resuming would not continue the same run; use a "
+          f"new train.workdir")
     if finetune and run.get("answers") != answers:
       raise ValueError(f"{workdir}: the checkpoint's answer set differs from the data's (was the "
                        "dataset rebuilt or the protocol changed?); use a new train.workdir")

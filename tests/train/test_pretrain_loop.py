@@ -140,8 +140,14 @@ def test_resuming_refuses_a_run_whose_data_changed(corpus, tmp_path):
   changed = _config(corpus, data, workdir, val_fraction=0.5, cache=cache)
   changed.optim.total_steps = 3
   with pytest.raises(ValueError, match=r"training data changed .*then 8 training and 0 "
-                                       r"validation examples, now 4 and 4"):
+                                       r"validation examples in batches of 4, now 4 and 4"):
     loop.train(changed)
+  assert files() == before
+  larger = _config(corpus, data, workdir, cache=cache)  # Step 2 would be other examples.
+  larger.train.batch_size, larger.optim.total_steps = 8, 3
+  with pytest.raises(ValueError, match=r"batch size changed .*in batches of 4, now 8 and 0 "
+                                       r"in batches of 8"):
+    loop.train(larger)
   assert files() == before
   same = _config(corpus, data, workdir, cache=cache)
   same.optim.total_steps = 3
