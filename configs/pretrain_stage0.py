@@ -11,6 +11,7 @@ def get_config(arg=None):
   config.model.head = "none"
   pretraining(config)
   config.losses.weights.update(wpa=0.0, itm=0.0)
-  # Fusion is not run; frozen, so that weight decay leaves it as initialised.
-  config.optim.lr_mults = ((r"fusion/.*", 0.0), (r"itm_head/.*", 0.0))
+  # Fusion (and the modality-type embedding added before it) is not run; frozen, so that
+  # weight decay leaves it as initialised.
+  config.optim.lr_mults = ((r"fusion/.*", 0.0), (r"itm_head/.*", 0.0), (r"type_embed/.*", 0.0))
   return config

@@ -4,8 +4,11 @@ multipliers by path regex, and freezing (multiplier 0) as an optimizer mask.
     optim.lr_mults = (("image/.*", 0.0), ("text/.*", 0.0))   # stage 1: encoders frozen
 
 The first rule whose regex fully matches a parameter path ("image/block_0/attn/query/kernel")
-applies; unmatched parameters train at the base rate. Frozen parameters get zero updates and
-hold no optimizer state.
+applies; unmatched parameters train at the base rate; a rule that matches no parameter is
+refused (a typo would otherwise train what it meant to freeze). Frozen parameters get zero
+updates and hold no optimizer state. Weight decay applies to every trained parameter
+(LayerNorm scales, biases, embeddings and temperatures included), as the reference's AdamW
+over all of its parameters does.
 """
 
 from __future__ import annotations
@@ -27,8 +30,14 @@ def lr_multiplier(path: str, rules) -> float:
 
 def param_labels(params, rules):
   """A pytree like `params` of labels "frozen" or "lr_x<multiplier>"."""
+  paths = list(flatten(params))
+  unused = [pattern for pattern, _ in rules if not any(re.fullmatch(pattern, p) for p in paths)]
+  if unused:
+    tops = sorted({p.split("/")[0] for p in paths})
+    raise ValueError(f"optim.lr_mults: {unused} match no parameter path; paths start with "
+                     f"{tops} (e.g. {paths[0]!r}) and a rule must match a whole path")
   label = lambda path: ("frozen" if (m := lr_multiplier(path, rules)) == 0 else f"lr_x{m:g}")
-  return unflatten({p: label(p) for p in flatten(params)})
+  return unflatten({p: label(p) for p in paths})
 
 
 def frozen_mask(cfg, params):

@@ -78,6 +78,10 @@ def test_peak_table_names_the_devices():
   assert benchmark.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
   assert benchmark.peak_tflops("NVIDIA H100 PCIe") == 756.0
   assert benchmark.peak_tflops("NVIDIA H200") == 989.0
+  assert benchmark.peak_tflops("NVIDIA H100 NVL") == 835.0
+  # A longer name is matched before its prefix.
+  assert [benchmark.peak_tflops(f"NVIDIA {n}") for n in ("L40S", "L40", "L4")] == \
+      [362.0, 181.0, 121.0]
   assert benchmark.peak_tflops("TPU v5 lite") == 197.0
   assert benchmark.peak_tflops("TPU v5") == 459.0
   assert benchmark.peak_tflops("cpu") is None
