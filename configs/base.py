@@ -61,6 +61,11 @@ def get_config(arg=None):
           answer_max_len=16,     # Answer tokens, [CLS] and [SEP] included.
           rank_k=32,             # Candidates re-scored by full likelihood.
           dtype="float32",       # Compute dtype of fusion, GCA and heads.
+          # BERT's hidden dropout, in training only: the text tower (a BERT), the fusion and
+          # the decoder, as the reference trains them. Not on attention probabilities: the
+          # fused attention kernels have no dropout, and a compute setting never changes what
+          # is computed.
+          dropout=0.1,
           # How every transformer stack computes (medvqa_jax/models/layers.Compute; outputs and
           # parameters do not depend on it): attention "reference", "xla", "cudnn" (fused,
           # GPU, bf16) or "auto"; fused kernels see token counts padded to pad_to; scan the

@@ -4,6 +4,8 @@ hard negatives, weighted by the config. Stage 0 sets the fusion losses' weights 
 
 from __future__ import annotations
 
+import jax
+
 from medvqa_jax.data import device_augment
 from medvqa_jax.losses import contrastive, itm, ot
 from medvqa_jax.models.amif import AMiF
@@ -24,14 +26,14 @@ def pretrain_loss(model: AMiF, params, batch: dict, key, cfg):
   return pretrain_terms(model, params, batch, key, cfg)[:2]
 
 
-def pretrain_terms(model: AMiF, params, batch: dict, key, cfg):
+def pretrain_terms(model: AMiF, params, batch: dict, key, cfg, train: bool = True):
   """Returns (total loss, metrics: every term, the temperatures, solver/ITM diagnostics, the
   model's outputs: the embeddings image_embed / text_embed and the token outputs).
 
   batch: images, input_ids, attention_mask, optional images2, the views' blur sigmas
     blur / blur2 when the pipeline drew them (applied here, on device), and the teacher embeddings
     teacher_image / teacher_text (/ teacher_image2) with teacher_scale (see
-    `teacher_embeddings`). cfg: the `losses` config.
+    `teacher_embeddings`). cfg: the `losses` config. train: dropout on (validation: off).
   """
   weights = dict(cfg.weights)
   fusion = weights.get("wpa", 0) > 0 or weights.get("itm", 0) > 0
@@ -43,9 +45,11 @@ def pretrain_terms(model: AMiF, params, batch: dict, key, cfg):
   # The second view is encoded only when its loss counts.
   images2 = (device_augment.views(batch, "images2", "blur2")
              if "images2" in batch and weights.get("imvc", 0) > 0 else None)
+  # Dropout (training only) from a key of its own: the ITM negatives keep theirs.
   out = model.apply({"params": params}, device_augment.views(batch), batch["input_ids"],
                     batch["attention_mask"], images2=images2, pairs=pairs,
-                    fuse=fusion, method=AMiF.pretrain)
+                    fuse=fusion, method=AMiF.pretrain,
+                    rngs={"dropout": jax.random.fold_in(key, 1)} if train else None)
   student = {"image": out["image_embed"], "text": out["text_embed"]}
   if "image2_embed" in out:
     student["image2"] = out["image2_embed"]

@@ -55,6 +55,7 @@ class AMiF(nn.Module):
   temperature_init: float = 0.07
   dtype: Any = jnp.float32
   compute: layers.Compute = layers.Compute()  # Fusion and GCA; the towers carry their own.
+  dropout: float = 0.0  # The fusion's hidden dropout (training only); the BERTs carry their own.
 
   def setup(self):
     if self.head not in ("generative", "classifier", "none"):
@@ -67,7 +68,8 @@ class AMiF(nn.Module):
     self.text_proj = nn.Dense(self.width, dtype=self.dtype)
     self.type_embed = nn.Embed(2, self.width)
     self.fusion = CoAttentionFusion(self.fusion_layers, self.num_heads, self.mlp_dim,
-                                    dtype=self.dtype, compute=self.compute)
+                                    dtype=self.dtype, compute=self.compute,
+                                    dropout=self.dropout)
     self.itm_head = nn.Dense(2, dtype=self.dtype)
     self.temperatures = Temperatures(self.temperature_init)
     if self.head != "none":
@@ -258,7 +260,7 @@ def _decoder(config, text_module, text_params, abstract):
     return text_module.clone(**changes, parent=None), None
   from medvqa_jax.models import towers
   arch = {k: v for k, v in cfg.arch.items() if v is not None}
-  arch.update(changes, compute=text_module.compute)
+  arch.update(changes, compute=text_module.compute, dropout=text_module.dropout)
   module, params = towers.load("text", cfg.source, cfg.checkpoint, dtype=cfg.dtype, **arch)
   return module, params
 
@@ -277,6 +279,8 @@ def initializer(config, seed: int = 0):
                                              compute=compute)
     text, text_params = towers.from_config(mc.text, seed=seed + 1, abstract=True,
                                            compute=compute)
+    if isinstance(text, BertEncoder):  # BERT's hidden dropout, in training only.
+      text = text.clone(dropout=mc.get("dropout", 0.0))
     decoder = decoder_params = None
     if mc.head == "generative":
       decoder, decoder_params = _decoder(config, text, text_params, False)
@@ -284,7 +288,7 @@ def initializer(config, seed: int = 0):
                fusion_layers=mc.fusion.layers, num_heads=mc.fusion.heads,
                mlp_dim=mc.fusion.mlp_dim, head=mc.head, num_answers=mc.get("num_answers") or 0,
                temperature_init=config.get("losses", {}).get("temperature_init", 0.07),
-               dtype=jnp.dtype(mc.dtype), compute=compute)
+               dtype=jnp.dtype(mc.dtype), compute=compute, dropout=mc.get("dropout", 0.0))
   loaded = {name: tree for name, tree in
             (("image", image_params), ("text", text_params), ("decoder", decoder_params))
             if tree is not None}
@@ -316,7 +320,8 @@ def create(config, seed: int = 0, abstract: bool = False):
   return model, jax.jit(init)(loaded)
 
 
-_NOT_ARCH = ("parent", "name", "dtype", "compute")  # Set from the config, not the checkpoint.
+# Set from the config, not the checkpoint.
+_NOT_ARCH = ("parent", "name", "dtype", "compute", "dropout")
 
 
 def tower_archs(model: AMiF) -> dict:

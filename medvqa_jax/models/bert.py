@@ -32,6 +32,9 @@ class BertEncoder(nn.Module):
     value projections take as input (ALBEF's `encoder_width`).
   lm_head: BERT's masked-LM head (dense, GELU, LayerNorm, then the word embeddings
     transposed plus a bias) giving `logits` (B, L, vocab_size).
+  dropout: BERT's hidden dropout (after the embeddings and in every layer), applied only when
+    the module is applied with a "dropout" rng (training); set from the model config, not the
+    checkpoint.
 
   Returns a dict: tokens (B, L, width) (HF's `last_hidden_state`), pooled (B, width) unless
   pooler is "none", embedding (B, proj_dim) when `proj_dim` is set, logits with `lm_head`.
@@ -54,6 +57,7 @@ class BertEncoder(nn.Module):
   lm_head: bool = False
   dtype: Any = jnp.float32
   compute: layers.Compute = layers.Compute()
+  dropout: float = 0.0
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, context=None,
@@ -74,6 +78,7 @@ class BertEncoder(nn.Module):
          + nn.Embed(self.max_positions, self.width, name="pos_embed")(jnp.arange(length))[None]
          + nn.Embed(self.type_vocab_size, self.width, name="type_embed")(token_type_ids))
     x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="embed_ln")(x.astype(self.dtype))
+    x = layers.dropout(self, self.dropout, x)
     bias = layers.attention_mask(attention_mask, causal_len=length if self.causal else None,
                                  right_padded=True)
     # A context mask may have holes (the decoder's: text padding, then the image tokens).
@@ -82,7 +87,7 @@ class BertEncoder(nn.Module):
     split = self.depth if self.cross_from is None else self.cross_from
     for indices, cross in ((range(split), False), (range(split, self.depth), True)):
       block = functools.partial(layers.PostLNBlock, self.num_heads, self.mlp_dim, self.act,
-                                self.ln_eps, cross, self.dtype, self.compute)
+                                self.ln_eps, cross, self.dtype, self.compute, self.dropout)
       x = layers.run_layers(self, indices, {"layer": (block, "layer_{}")},
                             lambda layer, x: layer["layer"](x, bias, context, context_bias),
                             x, self.compute)

@@ -29,6 +29,7 @@ class CoAttentionFusion(nn.Module):
   ln_eps: float = 1e-12
   dtype: Any = jnp.float32
   compute: layers.Compute = layers.Compute()
+  dropout: float = 0.0  # BERT's hidden dropout in every layer, in training only.
 
   @nn.compact
   def __call__(self, text, text_mask, image, image_mask=None, return_weights=False):
@@ -38,7 +39,7 @@ class CoAttentionFusion(nn.Module):
     text_bias = layers.attention_mask(text_mask, right_padded=True)
     image_bias = layers.attention_mask(image_mask, right_padded=True)
     block = functools.partial(layers.PostLNBlock, self.num_heads, self.mlp_dim, self.act,
-                              self.ln_eps, True, self.dtype, self.compute)
+                              self.ln_eps, True, self.dtype, self.compute, self.dropout)
     text_weights, image_weights = [], []
 
     def layer(blocks, streams):  # Both streams update from the previous layer's pair.

@@ -149,12 +149,22 @@ def run_layers(parent: nn.Module, indices: Sequence[int],
   params = parent.variables["params"]
   per_layer = [{role: params[fmt.format(i)] for role, (_, fmt) in blocks.items()}
                for i in indices]
+  # Applied functionally, the blocks draw dropout from explicit keys: one per layer and role.
+  if parent.has_rng("dropout"):
+    keys = jax.random.split(parent.make_rng("dropout"), len(indices) * len(templates))
+    keys = keys.reshape(len(indices), len(templates), *keys.shape[1:])
+    per_layer = [(layer_params, layer_keys) for layer_params, layer_keys in zip(per_layer, keys)]
+  else:
+    per_layer = [(layer_params, None) for layer_params in per_layer]
+  roles = list(templates)
 
-  def apply(role, layer_params, *args, **kwargs):
-    return templates[role].apply({"params": layer_params[role]}, *args, **kwargs)
+  def apply(role, inputs, *args, **kwargs):
+    layer_params, layer_keys = inputs
+    rngs = None if layer_keys is None else {"dropout": layer_keys[roles.index(role)]}
+    return templates[role].apply({"params": layer_params[role]}, *args, rngs=rngs, **kwargs)
 
-  def step(carry, layer_params):
-    layer = {role: functools.partial(apply, role, layer_params) for role in templates}
+  def step(carry, inputs):
+    layer = {role: functools.partial(apply, role, inputs) for role in templates}
     return body(layer, carry)
 
   if compute.remat != "none":
@@ -320,6 +330,14 @@ class PreLNBlock(nn.Module):
     return x
 
 
+def dropout(module: nn.Module, rate: float, x):
+  """BERT's hidden dropout: active when the module is applied with a "dropout" rng (training),
+  the identity otherwise (evaluation, initialisation)."""
+  if rate == 0 or not module.has_rng("dropout"):
+    return x
+  return nn.Dropout(rate)(x, deterministic=False)
+
+
 class PostLNBlock(nn.Module):
   """The BERT layer, post-LN, with optional cross-attention (BERT's decoder layer, METER's
   co-attention layer):
@@ -327,7 +345,8 @@ class PostLNBlock(nn.Module):
     x = ln(x + attn(x));  [x = ln(x + cross_attn(q=x, kv=context))];  x = ln(x + mlp(x))
 
   `bias` masks self-attention; `context_bias` masks the context's keys. With
-  `return_weights`, returns (x, cross-attention weights (B, heads, Lq, Lk)).
+  `return_weights`, returns (x, cross-attention weights (B, heads, Lq, Lk)). `dropout`: BERT's
+  hidden dropout on each sublayer's output before its residual sum, in training only.
   """
   num_heads: int
   mlp_dim: int
@@ -336,20 +355,22 @@ class PostLNBlock(nn.Module):
   cross: bool = False
   dtype: Dtype = jnp.float32
   compute: Compute = Compute()
+  dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x, bias=None, context=None, context_bias=None, return_weights=False):
     ln = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
     mha = lambda name: MultiHeadAttention(self.num_heads, self.dtype, self.compute, name=name)
-    x = ln("attn_ln")(x + mha("attn")(x, bias=bias))
+    drop = lambda y: dropout(self, self.dropout, y)
+    x = ln("attn_ln")(x + drop(mha("attn")(x, bias=bias)))
     weights = None
     if self.cross:
       if context is None:
         raise ValueError("a cross-attention layer needs a context")
       y = mha("cross_attn")(x, kv=context, bias=context_bias, return_weights=return_weights)
       y, weights = y if return_weights else (y, None)
-      x = ln("cross_ln")(x + y)
-    x = ln("mlp_ln")(x + Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(x))
+      x = ln("cross_ln")(x + drop(y))
+    x = ln("mlp_ln")(x + drop(Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(x)))
     return (x, weights) if return_weights else x
 
 

@@ -31,11 +31,11 @@ def finetune_objective(model: AMiF, prior_ids, prior_mask) -> Callable:
   """The VQA loss. The answer prior (from the training answers) is fixed for the run, so it
   is a constant of the objective, not part of the per-example batch."""
   def loss(params, batch, key):
-    del key
     extra = ({"labels": batch["labels"]} if model.head == "classifier" else
              {"answer_ids": batch["answer_ids"], "answer_mask": batch["answer_mask"]})
     out = model.apply({"params": params}, batch["images"], batch["input_ids"],
-                      batch["attention_mask"], prior_ids, prior_mask, **extra, method=AMiF.vqa)
+                      batch["attention_mask"], prior_ids, prior_mask, **extra, method=AMiF.vqa,
+                      rngs={"dropout": key})
     return out["loss"], {"loss": out["loss"]}
   return loss
 

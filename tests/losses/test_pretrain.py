@@ -61,6 +61,7 @@ def test_the_views_blur_is_applied_on_device():
   """The pipeline's blur sigmas (`blur`, `blur2`) blur the views inside the loss: the same
   loss as views blurred beforehand; zero sigmas change nothing."""
   config = tiny_config(0)
+  config.model.dropout = 0.0  # The blur's effect alone.
   assert config.losses.weights.imvc > 0  # Both views are encoded.
   model, params = amif.create(config)
   rng = np.random.default_rng(1)

@@ -48,6 +48,9 @@ SCRIPT = textwrap.dedent("""
     # state sharded like the params) with the batch split into two micro-batches.
     from medvqa_jax.models.state_dict import flatten
     config = helpers.tiny_config()
+    # Without dropout: micro-batches draw it from keys of their own, so accumulation changes
+    # the draws (a layout alone does not: the two-process run of test_loop.py has dropout).
+    config.model.dropout = 0.0
     config.optim.update(lr=1e-3, total_steps=10)
     model, params = amif.create(config)
     objective = step_lib.finetune_objective(
@@ -70,17 +73,23 @@ SCRIPT = textwrap.dedent("""
                                  err_msg=k)
     # The loss and gradient norm (above, 1e-5) hold the gradients to the reference at any
     # scale (Adam's updates would hide a scaled gradient). The params are held to a tenth
-    # of one step's learning rate: Adam moves an element whose gradient is near zero by up
-    # to the learning rate whichever way rounding tips it, and rounding differs with the
-    # reduction order of each layout (one element moved 1.4e-5 apart here). Attention key
-    # biases, whose gradients are zero up to rounding (softmax is invariant to them), are
-    # left out. A shard left un-updated or updated twice is off by about 1e-3.
+    # of one step's learning rate, but for one element in a thousand (at least one) of each
+    # array: Adam moves an element whose gradient is near zero by up to the learning rate
+    # whichever way rounding tips it, and rounding differs with the reduction order of each
+    # layout (one element, whose gradient is 2.4e-8 against a mean of 1e-2 in its array,
+    # moved 3.8e-4 apart here). Those stay within the two steps' learning rates. Attention
+    # key biases, whose gradients are all zero up to rounding (softmax is invariant to them),
+    # are left out. A shard left un-updated or updated twice is off by about 1e-3 in every
+    # element.
     ref, got = flatten(ref_params), flatten(got_params)
     compared = [k for k in ref if not k.endswith("/key/bias")]
     assert len(compared) > 0.8 * len(ref)
     for k in compared:
       assert np.all(np.isfinite(got[k])), k
-      np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-4, err_msg=k)
+      diff = np.abs(got[k] - ref[k])
+      off = diff > 1e-4 + 1e-5 * np.abs(ref[k])
+      assert off.sum() <= max(1, off.size // 1000) and diff.max() <= 2 * 1e-3, \
+          (k, int(off.sum()), diff.max())
     print("OK finetune", float(ref_metrics["loss"]), moved)
 
     # Micro-batches interleave rows, so each stays spread over every device: splitting a

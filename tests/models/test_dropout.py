@@ -1,0 +1,80 @@
+"""BERT's hidden dropout: on only when a module is applied with a "dropout" rng (the train
+step), the identity otherwise (evaluation, initialisation); the same with scanned or
+rematerialised layers, whose blocks draw it from explicit keys."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers
+from medvqa_jax.models import amif, layers
+from medvqa_jax.models.bert import BertEncoder
+
+
+class _Drop(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return layers.dropout(self, 0.25, x)
+
+
+def test_dropout_drops_at_its_rate_and_rescales_only_in_training():
+  x = jnp.ones((200, 100))
+  module = _Drop()
+  np.testing.assert_array_equal(module.apply({}, x), x)  # No rng: the identity.
+  y = np.asarray(module.apply({}, x, rngs={"dropout": jax.random.PRNGKey(0)}))
+  assert abs(np.mean(y == 0) - 0.25) < 0.01
+  np.testing.assert_allclose(y[y != 0], 1 / 0.75, rtol=1e-6)  # Expectation kept.
+
+
+@pytest.mark.parametrize("compute", [layers.Compute(), layers.Compute(scan=True),
+                                     layers.Compute(remat="full")], ids=["plain", "scan", "remat"])
+def test_bert_dropout_is_on_only_with_a_key(compute):
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, 100, (2, 7))
+  mask = (np.arange(7)[None] < np.array([[7], [4]])).astype(np.int32)
+  plain = BertEncoder(vocab_size=100, max_positions=16, width=32, depth=3, num_heads=4,
+                      mlp_dim=64, pooler="cls")
+  params = plain.init(jax.random.PRNGKey(0), ids, mask)["params"]
+  module = plain.clone(dropout=0.1, compute=compute)
+  run = lambda key=None: np.asarray(module.apply(
+      {"params": params}, ids, mask, rngs=None if key is None else {"dropout": key})["tokens"])
+  # Without a key: exactly the module without dropout (evaluation).
+  np.testing.assert_allclose(run(), plain.apply({"params": params}, ids, mask)["tokens"],
+                             atol=2e-5)
+  a, b = run(jax.random.PRNGKey(1)), run(jax.random.PRNGKey(2))
+  np.testing.assert_array_equal(a, run(jax.random.PRNGKey(1)))  # A key gives one draw.
+  # Dropout is on, in every layer: the outputs move from evaluation's, and with the key.
+  assert np.max(np.abs(a - run())) > 1e-2 and np.max(np.abs(a - b)) > 1e-2
+
+
+def test_the_training_objective_draws_dropout_and_evaluation_does_not():
+  from medvqa_jax.train import step as step_lib
+  config = helpers.tiny_config()
+  assert config.model.dropout == 0.1
+  model, params = amif.create(config)
+  assert model.dropout == model.text.dropout == model.decoder.dropout == 0.1
+  assert not hasattr(model.image, "dropout")  # The ViTs have none (CLIP and timm have 0).
+  rng = np.random.default_rng(0)
+  n = 4
+  a = np.zeros((n, 8), np.int32)
+  a[:, 0], a[:, 1], a[:, 2] = 101, rng.integers(1000, 5000, n), 102
+  batch = dict(images=rng.integers(0, 255, (n, 32, 32, 3)).astype(np.uint8),
+               input_ids=rng.integers(1000, 5000, (n, 12)).astype(np.int32),
+               attention_mask=np.ones((n, 12), np.int32), answer_ids=a,
+               answer_mask=(a > 0).astype(np.int32))
+  prior = (np.arange(2000, 2064, dtype=np.int32), np.ones(64, np.int32))
+  objective = jax.jit(step_lib.finetune_objective(model, *prior))
+  loss = lambda seed: float(objective(params, batch, jax.random.PRNGKey(seed))[0])
+  evaluation = float(model.apply({"params": params}, batch["images"], batch["input_ids"],
+                                 batch["attention_mask"], *prior, answer_ids=a,
+                                 answer_mask=batch["answer_mask"], method=amif.AMiF.vqa)["loss"])
+  assert loss(0) == loss(0) and loss(0) != loss(1)
+  assert abs(loss(0) - evaluation) > 1e-4
+  # With dropout off in the config, training computes exactly what evaluation does.
+  config.model.dropout = 0.0
+  model, params0 = amif.create(config)
+  objective = jax.jit(step_lib.finetune_objective(model, *prior))
+  np.testing.assert_allclose(float(objective(params0, batch, jax.random.PRNGKey(0))[0]),
+                             evaluation, rtol=1e-5)
