@@ -74,13 +74,16 @@ class GatedCrossAttention(nn.Module):
     return out
 
 
-def answer_prior(answers, tokenizer, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-  """Token ids (max_tokens,) and mask of an answer vocabulary, the GCA's prior.
+def answer_prior(answers, tokenizer, max_tokens: int,
+                 multiple: int = 128) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids (P,) and mask of an answer vocabulary, the GCA's prior.
 
   The answers' word pieces (no special tokens), in the order the answers are given, each id
-  kept once, capped at `max_tokens` (the rest padded; a cap that leaves word pieces out is
-  logged as a warning, naming how many answers lose some). `tokenizer` is a transformers
-  tokenizer. Pass the train-split answers: the prior must never see test answers.
+  kept once, at most `max_tokens` (a cap that leaves word pieces out is logged as a warning,
+  naming how many answers lose some). P is their count padded up to a multiple of `multiple`
+  (at most `max_tokens`): the prior costs what the answer set needs, in a few fixed shapes.
+  `tokenizer` is a transformers tokenizer. Pass the train-split answers: the prior must never
+  see test answers.
   """
   ids, seen, pieces = [], set(), []
   for answer in answers:
@@ -96,8 +99,9 @@ def answer_prior(answers, tokenizer, max_tokens: int) -> tuple[np.ndarray, np.nd
                 "with word pieces left out: %d); raise model.prior_max_tokens to keep them all",
                 max_tokens, len(ids), len(pieces), cut)
   ids = ids[:max_tokens]
+  length = min(max_tokens, max(1, -(-len(ids) // multiple)) * multiple)
   pad = tokenizer.pad_token_id or 0
-  out = np.full((max_tokens,), pad, np.int32)
+  out = np.full((length,), pad, np.int32)
   out[:len(ids)] = ids
-  mask = (np.arange(max_tokens) < len(ids)).astype(np.int32)
+  mask = (np.arange(length) < len(ids)).astype(np.int32)
   return out, mask

@@ -140,16 +140,18 @@ class _Tok:
 
 
 def test_answer_prior_dedupes_caps_and_pads():
-  ids, mask = answer_prior(["yes", "no", "yes", "eye"], _Tok(), max_tokens=6)
-  assert ids.tolist() == [ord(c) for c in "yesno"] + [0]
+  ids, mask = answer_prior(["yes", "no", "yes", "eye"], _Tok(), max_tokens=8, multiple=3)
+  assert ids.tolist() == [ord(c) for c in "yesno"] + [0]  # 5 word pieces, padded to 6.
   assert mask.tolist() == [1, 1, 1, 1, 1, 0]
-  ids, mask = answer_prior(["abcdef", "xyz"], _Tok(), max_tokens=4)
-  assert ids.tolist() == [ord(c) for c in "abcd"] and mask.all()
+  ids, mask = answer_prior(["abcdef", "xyz"], _Tok(), max_tokens=4, multiple=3)
+  assert ids.tolist() == [ord(c) for c in "abcd"] and mask.all()  # Capped, not padded past.
+  ids, _ = answer_prior(["yes"], _Tok(), max_tokens=1024)
+  assert ids.shape == (128,)  # The default multiple.
 
 
 def test_a_prior_that_drops_word_pieces_says_so(caplog):
-  answer_prior(["yes", "no", "yes", "eye"], _Tok(), max_tokens=5)
+  answer_prior(["yes", "no", "yes", "eye"], _Tok(), max_tokens=5, multiple=5)
   assert not caplog.records  # Every word piece fits.
-  answer_prior(["yes", "no", "ok", "eye", "on"], _Tok(), max_tokens=5)  # "k" is left out.
+  answer_prior(["yes", "no", "ok", "eye", "on"], _Tok(), max_tokens=5, multiple=5)  # No "k".
   assert "holds 5 of the 6 word pieces of the 5 answers (answers with word pieces left out: 1)" \
       in caplog.text
