@@ -33,7 +33,8 @@ def pretrain_terms(model: AMiF, params, batch: dict, key, cfg, train: bool = Tru
   batch: images, input_ids, attention_mask, optional images2, the views' blur sigmas
     blur / blur2 when the pipeline drew them (applied here, on device), and the teacher embeddings
     teacher_image / teacher_text (/ teacher_image2) with teacher_scale (see
-    `teacher_embeddings`). cfg: the `losses` config. train: dropout on (validation: off).
+    `teacher_embeddings`). cfg: the `losses` config. key: the step's random key (ITM
+    negatives, dropout; None without either). train: dropout on (validation: off).
   """
   weights = dict(cfg.weights)
   fusion = weights.get("wpa", 0) > 0 or weights.get("itm", 0) > 0
@@ -49,7 +50,8 @@ def pretrain_terms(model: AMiF, params, batch: dict, key, cfg, train: bool = Tru
   out = model.apply({"params": params}, device_augment.views(batch), batch["input_ids"],
                     batch["attention_mask"], images2=images2, pairs=pairs,
                     fuse=fusion, method=AMiF.pretrain,
-                    rngs={"dropout": jax.random.fold_in(key, 1)} if train else None)
+                    rngs={"dropout": jax.random.fold_in(key, 1)}
+                    if train and key is not None else None)
   student = {"image": out["image_embed"], "text": out["text_embed"]}
   if "image2_embed" in out:
     student["image2"] = out["image2_embed"]

@@ -52,7 +52,7 @@ def test_bert_dropout_is_on_only_with_a_key(compute):
 def test_the_training_objective_draws_dropout_and_evaluation_does_not():
   from medvqa_jax.train import step as step_lib
   config = helpers.tiny_config()
-  assert config.model.dropout == 0.1
+  config.model.dropout = 0.1  # The recipe's (the demo, and so the tiny config, has none).
   model, params = amif.create(config)
   assert model.dropout == model.text.dropout == model.decoder.dropout == 0.1
   assert not hasattr(model.image, "dropout")  # The ViTs have none (CLIP and timm have 0).

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import helpers
+
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, SAVE = 8, 4
 
@@ -37,7 +39,10 @@ def _train_cmd(workdir, data_dir, *extra, steps=STEPS) -> list[str]:
           "--config.train.epochs=0", f"--config.optim.total_steps={steps}",
           f"--config.train.save_every={SAVE}", f"--config.train.eval_every={SAVE}",
           "--config.train.batch_size=16", "--config.train.log_every=4",
-          "--config.data.val_fraction=0.03", *extra]
+          "--config.data.val_fraction=0.03",
+          # The recipe's dropout (the demo has none): resuming and the two-process run then
+          # also reproduce its random draws.
+          "--config.model.dropout=0.1", *extra]
 
 
 def _run(cmd, devices=8, check=True, **kw):
@@ -225,15 +230,11 @@ def test_two_processes_reproduce_the_single_process_run(straight, tmp_path, data
   for p, (o, e) in zip(procs, outs):
     assert p.returncode == 0, e[-5000:]
   straight_dir, _ = straight
-  a, b = _params(straight_dir, STEPS), _params(workdir, STEPS)
-  assert a.keys() == b.keys()
-  # Attention key biases are left out: softmax is invariant to them, so their gradient is
-  # zero up to rounding, and Adam scales that rounding noise (which differs with the
-  # reduction order of another device layout) into full-size updates. They change no output.
-  compared = [k for k in a if not k.endswith("/key/bias")]
-  assert len(compared) > 0.8 * len(a)
-  for k in compared:
-    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)
+  # Within 1e-5 but for rounding-tipped elements (helpers.assert_params_close: here two of
+  # the 8,192 of the GCA prior MLP's first kernel, a ReLU unit's column, 1.3e-5 apart), within
+  # the steps' learning rates (demo: 1e-3, warmed up).
+  helpers.assert_params_close(_params(workdir, STEPS), _params(straight_dir, STEPS), 1e-5,
+                              STEPS * 1e-3)
   assert _metrics(workdir) == _metrics(straight_dir)
 
 
