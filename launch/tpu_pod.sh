@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs one command on every worker of a TPU VM pod slice (JAX detects the slice; each worker
-# feeds its share of the global batch). Usage, from your workstation:
+# Runs one command on every worker of a TPU VM pod slice, with MEDVQA_DISTRIBUTED=1 so that
+# each joins the others (jax.distributed.initialize(); JAX reads the slice from the VM's
+# metadata) and feeds its share of the global batch. Usage, from your workstation:
 #
 #   TPU=my-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh \
 #       python launch/train.py --config=configs/pathvqa.py \
@@ -15,4 +16,4 @@ set -euo pipefail
 REPO="${REPO:-\$HOME/medvqa-jax}"
 printf -v CMD '%q ' "$@"
 gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all \
-    --command="cd $REPO && $CMD"
+    --command="cd $REPO && MEDVQA_DISTRIBUTED=1 $CMD"

@@ -2,9 +2,15 @@
 
 Explicit values (the launchers' --coordinator_address/--num_processes/--process_id flags, or
 JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID) win. Otherwise JAX detects the
-cluster itself on a TPU VM pod slice (every worker runs the same command), under SLURM
-(`srun`, one task per node) and under Open MPI (`mpirun`). A single process on one machine
-needs nothing.
+cluster itself under SLURM (`srun`), under Open MPI (`mpirun`) and on a TPU VM pod slice
+(every worker runs the same command; `launch/tpu_pod.sh` sets MEDVQA_DISTRIBUTED=1, since a
+TPU VM's environment need not show that it is part of a slice). MEDVQA_DISTRIBUTED=1 asks for
+the same detection anywhere else. A single process on one machine needs nothing.
+
+One process per host drives all of that host's GPUs. JAX's cluster detection assumes one
+process per GPU (it restricts each process to the GPU of its local rank), so when there is one
+process per node the local GPUs are named explicitly (all of CUDA_VISIBLE_DEVICES, or
+SLURM_GPUS_ON_NODE); one process per GPU is left to JAX.
 """
 
 from __future__ import annotations
@@ -17,15 +23,46 @@ import jax
 log = logging.getLogger(__name__)
 
 
+def _int(name: str) -> int | None:
+  value = os.environ.get(name, "").strip()
+  return int(value) if value.isdigit() else None
+
+
 def _auto_cluster() -> str | None:
   env = os.environ
-  if int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1:
+  if (_int("SLURM_NTASKS") or _int("SLURM_NPROCS") or 1) > 1:
     return "SLURM"
-  if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+  if (_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
     return "Open MPI"
   if "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return "TPU pod slice"
+  if env.get("MEDVQA_DISTRIBUTED", "") not in ("", "0"):
+    return "MEDVQA_DISTRIBUTED"
   return None
+
+
+def _processes_on_this_host(cluster: str | None) -> int | None:
+  if cluster == "SLURM":
+    per_node = _int("SLURM_NTASKS_PER_NODE")
+    if per_node is None:
+      tasks, nodes = _int("SLURM_NTASKS") or _int("SLURM_NPROCS"), _int("SLURM_NNODES")
+      per_node = tasks // nodes if tasks and nodes and tasks % nodes == 0 else None
+    return per_node
+  if cluster == "Open MPI":
+    return _int("OMPI_COMM_WORLD_LOCAL_SIZE")
+  return None
+
+
+def local_gpus(cluster: str | None) -> list[int] | None:
+  """The local device ids for jax.distributed.initialize: every GPU of the host when the
+  cluster runs one process on it, else None (JAX's choice)."""
+  if _processes_on_this_host(cluster) != 1:
+    return None
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+  if visible:
+    return list(range(len(visible.split(","))))
+  count = _int("SLURM_GPUS_ON_NODE")
+  return list(range(count)) if count else None
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -37,14 +74,18 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     num_processes = int(env["JAX_NUM_PROCESSES"])
   if process_id is None and env.get("JAX_PROCESS_ID"):
     process_id = int(env["JAX_PROCESS_ID"])
+  cluster = _auto_cluster()
+  local = local_gpus(cluster)
   if coordinator_address:
     if num_processes is None or process_id is None:
       raise ValueError("a coordinator address needs the process count and this process's id "
                        "(--num_processes/--process_id or JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif (cluster := _auto_cluster()) is not None:
-    log.info("multi-host run detected (%s)", cluster)
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               local_device_ids=local)
+  elif cluster is not None:
+    log.info("multi-host run detected (%s)%s", cluster,
+             f", one process for local GPUs {local}" if local else "")
+    jax.distributed.initialize(local_device_ids=local)
   else:
     return
   log.info("process %d of %d, %d local / %d global devices", jax.process_index(),

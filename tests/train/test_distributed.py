@@ -1,0 +1,96 @@
+"""Multi-host start-up (medvqa_jax/train/distributed.py): which clusters are joined, and that
+one process per node keeps all of its GPUs (JAX's cluster detection assumes one per GPU)."""
+
+import jax
+import pytest
+from jax._src.clusters import cluster as jax_cluster
+
+from medvqa_jax.train import distributed
+
+CLUSTER_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NUM_NODES", "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_NNODES", "SLURM_NTASKS_PER_NODE",
+                "SLURM_GPUS_ON_NODE", "SLURM_JOB_NODELIST", "SLURM_PROCID", "SLURM_LOCALID",
+                "SLURM_STEP_NODELIST", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_MCA_orte_hnp_uri",
+                "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "MEDVQA_DISTRIBUTED",
+                "CUDA_VISIBLE_DEVICES", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
+                "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+  for name in CLUSTER_VARS:
+    monkeypatch.delenv(name, raising=False)
+  made = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: made.append((a, k)))
+  return made
+
+
+def slurm(monkeypatch, tasks, nodes, gpus="0,1,2,3"):
+  for name, value in dict(SLURM_JOB_ID=77, SLURM_NTASKS=tasks, SLURM_NNODES=nodes,
+                          SLURM_STEP_NUM_NODES=nodes, SLURM_PROCID=1,
+                          SLURM_LOCALID=0, SLURM_JOB_NODELIST="gpu[001-004]",
+                          SLURM_STEP_NODELIST="gpu[001-004]").items():
+    monkeypatch.setenv(name, str(value))
+  if gpus:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", gpus)
+
+
+def test_single_process_joins_nothing(calls):
+  distributed.initialize()
+  assert calls == []
+
+
+def test_slurm_one_task_per_node_keeps_every_gpu(calls, monkeypatch):
+  slurm(monkeypatch, tasks=4, nodes=4)
+  distributed.initialize()
+  assert calls == [((), {"local_device_ids": [0, 1, 2, 3]})]
+  # What JAX then does with them: without the ids it would keep only the GPU of the task's
+  # local rank (one process per GPU), leaving three of four idle.
+  detect = jax_cluster.ClusterEnv.auto_detect_unset_distributed_params
+  assert detect(None, None, None, [0, 1, 2, 3], None, None)[1:] == (4, 1, [0, 1, 2, 3])
+  assert detect(None, None, None, None, None, None)[3] == [0]
+
+
+def test_slurm_gpus_from_slurm_when_cuda_visible_devices_is_unset(calls, monkeypatch):
+  slurm(monkeypatch, tasks=2, nodes=2, gpus=None)
+  monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
+  distributed.initialize()
+  assert calls[0][1]["local_device_ids"] == list(range(8))
+
+
+def test_slurm_one_task_per_gpu_is_left_to_jax(calls, monkeypatch):
+  slurm(monkeypatch, tasks=16, nodes=4)
+  distributed.initialize()
+  assert calls == [((), {"local_device_ids": None})]
+  monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
+  distributed.initialize()
+  assert calls[1] == ((), {"local_device_ids": None})
+
+
+def test_open_mpi_one_process_per_node(calls, monkeypatch):
+  monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+  monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "1")
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+  distributed.initialize()
+  assert calls == [((), {"local_device_ids": [0, 1]})]
+
+
+def test_tpu_pod_launcher_asks_for_the_join(calls, monkeypatch):
+  # A TPU VM worker's environment may not show the slice (JAX reads it from the metadata
+  # server), so launch/tpu_pod.sh sets MEDVQA_DISTRIBUTED=1.
+  distributed.initialize()
+  assert calls == []
+  monkeypatch.setenv("MEDVQA_DISTRIBUTED", "1")
+  distributed.initialize()
+  assert calls == [((), {"local_device_ids": None})]
+  with open("launch/tpu_pod.sh") as f:
+    assert "MEDVQA_DISTRIBUTED=1 $CMD" in f.read()
+
+
+def test_explicit_coordinator(calls, monkeypatch):
+  with pytest.raises(ValueError, match="process count"):
+    distributed.initialize("host:1234")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+  monkeypatch.setenv("JAX_PROCESS_ID", "1")
+  distributed.initialize("host:1234")
+  assert calls == [(("host:1234", 2, 1), {"local_device_ids": None})]
