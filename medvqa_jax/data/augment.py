@@ -1,13 +1,20 @@
-"""Image augmentations of the paper, on uint8 (H, W, 3) arrays, driven by a NumPy Generator
-(grain hands each example a generator seeded from (dataset seed, index), so an augmented
-example is a pure function of its position: resumed runs see the same pixels).
+"""Image augmentations of the reference code, on uint8 (H, W, 3) arrays, driven by a NumPy
+Generator (grain hands each example a generator seeded from (dataset seed, index), so an
+augmented example is a pure function of its position: resumed runs see the same pixels).
 
-  finetune: RandomResizedCrop, scale (0.6, 1.0), then with p=0.8 RandAugment-style N=2 ops
-            at magnitude M=7 (of 10).
-  pretrain: RandomResizedCrop, scale (0.7, 1.0), colour jitter, random grayscale, Gaussian
-            blur, horizontal flip; called once per view. The blur is drawn here and applied
-            on the accelerator (`device_augment`): PIL's was a third of the host time.
+  finetune: RandomResizedCrop, scale (0.6, 1.0), then with p=0.8 RandAugment: N=2 ops at
+            magnitude M=7 (of 10) from FINETUNE_OPS, each applied with p=0.5.
+  pretrain: RandomResizedCrop, scale (0.7, 1.0); with p=0.6 colour jitter (brightness,
+            contrast, saturation 0.4, hue 0.1); with p=0.1 grayscale; with p=0.8 RandAugment
+            N=2, M=4 from PRETRAIN_OPS; with p=0.3 Gaussian blur (sigma 0.1-2); horizontal
+            flip. Called once per view. The blur is drawn here and applied on the
+            accelerator (`device_augment`): PIL's was a third of the host time.
   test:     resize to the square size.
+
+The RandAugment is the one of ALBEF-style VQA code that the reference uses: an op's strength
+is fixed by M (enhance factor 0.1 + 1.8 M/10, shear 0.3 M/10, translation 10 M/10 pixels,
+rotation 30 M/10 degrees; the geometric ones in a random direction), and the pixels a
+geometric op uncovers are grey (128).
 
 `AUGMENTATIONS[name](x, size, rng)` gives (uint8 pixels, the blur's sigma for the device:
 0.0 for none, None for augmentations without a blur).
@@ -49,6 +56,10 @@ def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
                     box=(left, top, left + side, top + side))
 
 
+FILL = (128, 128, 128)  # What a geometric op's uncovered pixels become.
+TRANSLATE_PX = 10       # Translation at full magnitude, in pixels.
+
+
 def _level(m: int, high: float) -> float:
   return m / 10 * high
 
@@ -57,62 +68,92 @@ def _signed(v: float, rng) -> float:
   return v if rng.random() < 0.5 else -v
 
 
-# RandAugment's operations as used by ALBEF/METER-style VQA fine-tuning (no colour inversion).
+def _factor(m: int) -> float:
+  return 0.1 + _level(m, 1.8)
+
+
+def _affine(img: Image.Image, coeffs) -> Image.Image:
+  return img.transform(img.size, Image.Transform.AFFINE, coeffs,
+                       resample=Image.Resampling.BILINEAR, fillcolor=FILL)
+
+
 _OPS = {
     "identity": lambda img, m, rng: img,
     "autocontrast": lambda img, m, rng: ImageOps.autocontrast(img),
     "equalize": lambda img, m, rng: ImageOps.equalize(img),
-    "brightness": lambda img, m, rng: ImageEnhance.Brightness(img).enhance(
-        1 + _signed(_level(m, 0.9), rng)),
-    "sharpness": lambda img, m, rng: ImageEnhance.Sharpness(img).enhance(
-        1 + _signed(_level(m, 0.9), rng)),
-    "contrast": lambda img, m, rng: ImageEnhance.Contrast(img).enhance(
-        1 + _signed(_level(m, 0.9), rng)),
+    "brightness": lambda img, m, rng: ImageEnhance.Brightness(img).enhance(_factor(m)),
+    "sharpness": lambda img, m, rng: ImageEnhance.Sharpness(img).enhance(_factor(m)),
+    "shear_x": lambda img, m, rng: _affine(img, (1, _signed(_level(m, 0.3), rng), 0, 0, 1, 0)),
+    "shear_y": lambda img, m, rng: _affine(img, (1, 0, 0, _signed(_level(m, 0.3), rng), 1, 0)),
+    "translate_x": lambda img, m, rng: _affine(
+        img, (1, 0, _signed(_level(m, TRANSLATE_PX), rng), 0, 1, 0)),
+    "translate_y": lambda img, m, rng: _affine(
+        img, (1, 0, 0, 0, 1, _signed(_level(m, TRANSLATE_PX), rng))),
     "rotate": lambda img, m, rng: img.rotate(_signed(_level(m, 30), rng),
-                                             resample=Image.Resampling.BILINEAR),
-    "shear_x": lambda img, m, rng: img.transform(
-        img.size, Image.Transform.AFFINE, (1, _signed(_level(m, 0.3), rng), 0, 0, 1, 0),
-        resample=Image.Resampling.BILINEAR),
-    "shear_y": lambda img, m, rng: img.transform(
-        img.size, Image.Transform.AFFINE, (1, 0, 0, _signed(_level(m, 0.3), rng), 1, 0),
-        resample=Image.Resampling.BILINEAR),
-    "translate_x": lambda img, m, rng: img.transform(
-        img.size, Image.Transform.AFFINE,
-        (1, 0, _signed(_level(m, 0.3), rng) * img.width, 0, 1, 0)),
-    "translate_y": lambda img, m, rng: img.transform(
-        img.size, Image.Transform.AFFINE,
-        (1, 0, 0, 0, 1, _signed(_level(m, 0.3), rng) * img.height)),
+                                             resample=Image.Resampling.BILINEAR, fillcolor=FILL),
 }
 OPS = tuple(_OPS)
+FINETUNE_OPS = OPS
+PRETRAIN_OPS = ("identity", "equalize", "sharpness", "shear_x", "shear_y", "translate_x",
+                "translate_y", "rotate")
 
 
-def rand_augment(img: Image.Image, rng, n: int = 2, m: int = 7) -> Image.Image:
-  for name in rng.choice(OPS, size=n):
-    img = _OPS[str(name)](img, m, rng)
+def rand_augment(img: Image.Image, rng, ops=FINETUNE_OPS, n: int = 2, m: int = 7) -> Image.Image:
+  """n ops drawn from `ops` (with replacement), each then applied with probability 0.5."""
+  for name in rng.choice(ops, size=n):
+    if rng.random() < 0.5:
+      img = _OPS[str(name)](img, m, rng)
   return img
+
+
+def adjust_hue(img: Image.Image, shift: float) -> Image.Image:
+  """Rotates the hue by `shift` turns (in [-0.5, 0.5]), in PIL's 8-bit HSV, as torchvision."""
+  h, s, v = img.convert("HSV").split()
+  h = (np.asarray(h, np.int32) + int(shift * 255)) % 256
+  return Image.merge("HSV", (Image.fromarray(h.astype(np.uint8), "L"), s, v)).convert("RGB")
+
+
+def jitter(img: Image.Image, order, factors) -> Image.Image:
+  """Colour jitter with drawn values: brightness, contrast and saturation factors and a hue
+  shift (`factors`), applied in `order` (a permutation of 0-3)."""
+  ops = (lambda im, f: ImageEnhance.Brightness(im).enhance(f),
+         lambda im, f: ImageEnhance.Contrast(im).enhance(f),
+         lambda im, f: ImageEnhance.Color(im).enhance(f),
+         adjust_hue)
+  for i in order:
+    img = ops[i](img, factors[i])
+  return img
+
+
+def colour_jitter(img: Image.Image, rng, strength: float = 0.4, hue: float = 0.1):
+  """torchvision's ColorJitter(strength, strength, strength, hue): factors drawn uniformly in
+  [1 - strength, 1 + strength], the hue shift in [-hue, hue], in a random order."""
+  order = rng.permutation(4)
+  factors = [rng.uniform(1 - strength, 1 + strength) for _ in range(3)] + [rng.uniform(-hue, hue)]
+  return jitter(img, order, factors)
 
 
 def finetune(x: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
   img = random_resized_crop(_pil(x), size, rng, scale=(0.6, 1.0))
   if rng.random() < 0.8:
-    img = rand_augment(img, rng, n=2, m=7)
+    img = rand_augment(img, rng, FINETUNE_OPS, n=2, m=7)
   return np.asarray(img)
 
 
-BLUR_SIGMA = (0.1, 2.0)  # The pre-training blur's sigma range, applied to half the views.
+BLUR_SIGMA = (0.1, 2.0)  # The pre-training blur's sigma range, applied to 30% of the views.
 
 
 def pretrain(x: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
   """One pre-training view: (uint8 pixels, the sigma of its Gaussian blur, 0.0 for none), the
   blur left to `device_augment.gaussian_blur`. It commutes with the flip, which is done here."""
   img = random_resized_crop(_pil(x), size, rng, scale=(0.7, 1.0))
-  if rng.random() < 0.8:  # Colour jitter: brightness, contrast, saturation 0.4, random order.
-    for i in rng.permutation(3):
-      enhance = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[i]
-      img = enhance(img).enhance(rng.uniform(0.6, 1.4))
-  if rng.random() < 0.2:
+  if rng.random() < 0.6:
+    img = colour_jitter(img, rng)
+  if rng.random() < 0.1:
     img = ImageOps.grayscale(img).convert("RGB")
-  sigma = float(rng.uniform(*BLUR_SIGMA)) if rng.random() < 0.5 else 0.0
+  if rng.random() < 0.8:
+    img = rand_augment(img, rng, PRETRAIN_OPS, n=2, m=4)
+  sigma = float(rng.uniform(*BLUR_SIGMA)) if rng.random() < 0.3 else 0.0
   if rng.random() < 0.5:
     img = ImageOps.mirror(img)
   return np.asarray(img), sigma

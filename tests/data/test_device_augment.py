@@ -57,7 +57,7 @@ def test_pretrain_views_leave_the_blur_to_the_device():
   x = _photo(64)
   sigmas = [augment.pretrain(x, 32, np.random.default_rng(s))[1] for s in range(400)]
   drawn = [s for s in sigmas if s > 0]
-  assert 0.4 < len(drawn) / len(sigmas) < 0.6  # Half the views.
+  assert 0.22 < len(drawn) / len(sigmas) < 0.38  # 30% of the views.
   assert augment.BLUR_SIGMA[0] <= min(drawn) and max(drawn) <= augment.BLUR_SIGMA[1]
   assert device_augment.RADIUS >= 4 * augment.BLUR_SIGMA[1]
 

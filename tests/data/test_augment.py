@@ -1,0 +1,108 @@
+"""The augmentations (medvqa_jax/data/augment.py) against torchvision's colour ops, NumPy
+shifts, and the reference recipe's probabilities and strengths."""
+
+import collections
+
+import numpy as np
+import pytest
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from medvqa_jax.data import augment
+
+
+def image(seed=0, shape=(40, 56, 3)):
+  rng = np.random.default_rng(seed)
+  smooth = rng.integers(0, 256, (shape[0] // 4, shape[1] // 4, 3), np.uint8)
+  return Image.fromarray(smooth).resize(shape[1::-1], Image.Resampling.BILINEAR)
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3), (3, 2, 1, 0), (2, 0, 3, 1)])
+@pytest.mark.parametrize("hue", [0.07, -0.09])
+def test_colour_jitter_is_torchvisions(order, hue):
+  img, factors = image(), (1.3, 0.7, 1.25, hue)
+  ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+  expected = img
+  for i in order:
+    expected = ops[i](expected, factors[i])
+  np.testing.assert_array_equal(np.asarray(augment.jitter(img, order, factors)),
+                                np.asarray(expected))
+
+
+def shifted(x, dx, dy):
+  """x moved by (-dx, -dy) pixels (output pixel p shows input pixel p + d), grey outside."""
+  out = np.full_like(x, 128)
+  h, w = x.shape[:2]
+  src = x[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)]
+  out[max(-dy, 0):max(-dy, 0) + src.shape[0], max(-dx, 0):max(-dx, 0) + src.shape[1]] = src
+  return out
+
+
+@pytest.mark.parametrize("axis", ["x", "y"])
+def test_translation_is_seven_pixels_at_m7_with_grey_fill(axis):
+  img = image(1)
+  x = np.asarray(img)
+  seen = set()
+  for seed in range(8):
+    out = np.asarray(augment._OPS[f"translate_{axis}"](img, 7, np.random.default_rng(seed)))
+    for d in (7, -7):
+      if np.array_equal(out, shifted(x, *((d, 0) if axis == "x" else (0, d)))):
+        seen.add(d)
+        break
+    else:
+      raise AssertionError(f"translate_{axis} is not a 7-pixel shift (seed {seed})")
+  assert seen == {7, -7}  # Both directions.
+
+
+def test_geometric_ops_fill_with_grey_and_enhance_ops_use_a_fixed_factor():
+  white = Image.new("RGB", (48, 48), (255, 255, 255))
+  for name in ("rotate", "shear_x", "shear_y"):
+    out = np.asarray(augment._OPS[name](white, 7, np.random.default_rng(0)))
+    corners = out[[0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners == 128).all(axis=-1).any(), name
+  x = np.asarray(image(2)).astype(np.float64)
+  bright = np.asarray(augment._OPS["brightness"](image(2), 7, np.random.default_rng(0)))
+  np.testing.assert_allclose(bright, np.clip(x * 1.36, 0, 255), atol=1)  # 0.1 + 1.8 * 0.7
+  darker = np.asarray(augment._OPS["brightness"](image(2), 4, np.random.default_rng(0)))
+  np.testing.assert_allclose(darker, x * 0.82, atol=1)                    # 0.1 + 1.8 * 0.4
+
+
+def count_calls(monkeypatch, names):
+  calls = collections.Counter()
+  for name in names:
+    monkeypatch.setitem(augment._OPS, name,
+                        lambda img, m, rng, name=name: calls.update([(name, m)]) or img)
+  return calls
+
+
+def test_rand_augment_draws_from_its_list_and_applies_half(monkeypatch):
+  calls = count_calls(monkeypatch, augment.OPS)
+  rng, n = np.random.default_rng(0), 4000
+  for _ in range(n):
+    augment.rand_augment(Image.new("RGB", (8, 8)), rng, augment.PRETRAIN_OPS, n=2, m=4)
+  assert {name for name, _ in calls} == set(augment.PRETRAIN_OPS)
+  assert {m for _, m in calls} == {4}
+  assert abs(sum(calls.values()) / n - 1.0) < 0.05  # Two drawn, each applied with p=0.5.
+  assert "contrast" not in augment.FINETUNE_OPS and len(augment.FINETUNE_OPS) == 10
+
+
+def test_recipe_probabilities(monkeypatch):
+  seen = collections.Counter()
+  monkeypatch.setattr(augment, "rand_augment",
+                      lambda img, rng, ops, n, m: seen.update([("ra", ops, n, m)]) or img)
+  monkeypatch.setattr(augment, "colour_jitter", lambda img, rng: seen.update(["jitter"]) or img)
+  grey = augment.ImageOps.grayscale
+  monkeypatch.setattr(augment.ImageOps, "grayscale",
+                      lambda img: seen.update(["grayscale"]) or grey(img))
+  x, n = np.asarray(image(3)), 3000
+  rng = np.random.default_rng(1)
+  for _ in range(n):
+    augment.finetune(x, 16, rng)
+  assert seen == {("ra", augment.FINETUNE_OPS, 2, 7): seen[("ra", augment.FINETUNE_OPS, 2, 7)]}
+  assert abs(seen[("ra", augment.FINETUNE_OPS, 2, 7)] / n - 0.8) < 0.03
+  seen.clear()
+  sigmas = [augment.pretrain(x, 16, rng)[1] for _ in range(n)]
+  share = lambda k: seen[k] / n
+  assert abs(share("jitter") - 0.6) < 0.03 and abs(share("grayscale") - 0.1) < 0.02
+  assert abs(share(("ra", augment.PRETRAIN_OPS, 2, 4)) - 0.8) < 0.03
+  assert abs(np.mean(np.asarray(sigmas) > 0) - 0.3) < 0.03
