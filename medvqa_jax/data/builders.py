@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from medvqa_jax.data import answers as answers_lib
+from medvqa_jax.data import image as image_lib
 from medvqa_jax.data import sources
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def encode_image(source, max_side: int | None, quality: int = 95) -> bytes:
     raise ValueError(f"unreadable image ({e})") from None
   if img.format == "JPEG" and img.mode == "RGB" and not (max_side and max(img.size) > max_side):
     return data
-  img = img.convert("RGB")
+  img = image_lib.to_rgb(img)
   if max_side and max(img.size) > max_side:
     scale = max_side / max(img.size)
     img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),

@@ -10,15 +10,28 @@ import numpy as np
 from PIL import Image
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+  """RGB of an image in any PIL mode. High-bit-depth grayscale (16-bit PNG, 32-bit integer or
+  float: how scans exported from DICOM often come) is stretched from its own minimum-maximum
+  to 0-255; PIL's own conversion clips it at 255, which turns nearly every pixel white."""
+  if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+    x = np.asarray(img, np.float64)
+    lo, hi = float(x.min()), float(x.max())
+    x = (x - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(x)
+    img = Image.fromarray(np.round(x).astype(np.uint8), "L")
+  return img.convert("RGB")
+
+
 def open_image(source: str | os.PathLike | bytes) -> Image.Image:
-  """Decodes an image file or encoded bytes to RGB (medical images are often grayscale)."""
+  """Decodes an image file or encoded bytes to RGB (medical images are often grayscale, some
+  of them 16-bit: `to_rgb`)."""
   try:
     img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     img.load()
   except (OSError, SyntaxError) as e:
     where = "image bytes" if isinstance(source, bytes) else str(source)
     raise ValueError(f"cannot decode {where}: {e}") from None
-  return img.convert("RGB")
+  return to_rgb(img)
 
 
 def preprocess(img: Image.Image, size: int) -> np.ndarray:

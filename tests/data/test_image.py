@@ -1,0 +1,47 @@
+"""Image decoding (medvqa_jax/data/image.py) of the modes medical images come in."""
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from medvqa_jax.data import builders
+from medvqa_jax.data import image as image_lib
+
+
+def sixteen_bit_png(path, top=4095):
+  """A 12-bit ramp stored as a 16-bit PNG (as scans exported from DICOM often are)."""
+  ramp = np.linspace(0, top, 64 * 48).reshape(48, 64).astype(np.uint16)
+  Image.fromarray(ramp).save(path)
+  with Image.open(path) as img:
+    assert img.mode.startswith("I;16") or img.mode == "I"
+  return ramp
+
+
+def test_sixteen_bit_grayscale_is_stretched_not_clipped(tmp_path):
+  ramp = sixteen_bit_png(tmp_path / "scan.png")
+  rgb = np.asarray(image_lib.open_image(tmp_path / "scan.png"))
+  assert rgb.shape == (48, 64, 3) and rgb.dtype == np.uint8
+  expected = np.round(ramp / 4095 * 255).astype(np.uint8)
+  np.testing.assert_array_equal(rgb[..., 0], expected)
+  assert (rgb == rgb[..., :1]).all()
+  # PIL's own conversion, which this replaces, clips nearly everything to white.
+  with Image.open(tmp_path / "scan.png") as img:
+    assert (np.asarray(img.convert("RGB")) == 255).mean() > 0.9
+
+
+def test_built_datasets_store_sixteen_bit_images_stretched(tmp_path):
+  ramp = sixteen_bit_png(tmp_path / "scan.png")
+  stored = np.asarray(Image.open(io.BytesIO(builders.encode_image(tmp_path / "scan.png", None))))
+  expected = ramp / 4095 * 255
+  assert np.abs(stored[..., 0] - expected).mean() < 2  # JPEG round trip.
+
+
+def test_float_and_constant_images():
+  x = np.float32([[0.0, 0.5], [1.0, 0.25]])
+  rgb = np.asarray(image_lib.to_rgb(Image.fromarray(x, "F")))
+  np.testing.assert_array_equal(rgb[..., 1], np.uint8([[0, 128], [255, 64]]))
+  flat = Image.fromarray(np.full((4, 4), 700, np.int32), "I")
+  assert (np.asarray(image_lib.to_rgb(flat)) == 0).all()
+  rgba = Image.new("RGBA", (3, 3), (10, 20, 30, 40))
+  assert np.asarray(image_lib.to_rgb(rgba))[0, 0].tolist() == [10, 20, 30]
