@@ -6,6 +6,10 @@ when complete, so a process killed at any moment leaves either the whole step or
 folder that is never read (and is removed at the next start). The last `keep` steps are kept,
 plus the best on validation (highest `val_accuracy`, or lowest `val_loss`). Restoring takes
 the shardings of the current mesh, so a checkpoint written on 8 devices restores onto 1.
+
+A step whose files were damaged after it was written (a truncated copy, a full disk) is an
+`UnreadableCheckpoint` naming the step and what to do; nothing is deleted automatically. A
+restore onto a model whose parameters differ from the saved ones names the parameters.
 """
 
 from __future__ import annotations
@@ -20,6 +24,15 @@ from orbax.checkpoint import checkpoint_managers as policies
 log = logging.getLogger(__name__)
 
 TOKENIZER = "tokenizer"  # A run's copy of its tokenizer, in its work folder.
+
+
+class UnreadableCheckpoint(ValueError):
+  """A checkpoint step whose files cannot be read."""
+
+
+# What reading damaged checkpoint files raises (TensorStore's errors are ValueErrors, a cut
+# JSON record a JSONDecodeError, a missing file an OSError).
+_READ_ERRORS = (ValueError, OSError, KeyError, TypeError)
 
 
 def run_tokenizer(workdir, text_cfg):
@@ -76,39 +89,83 @@ class Checkpoints:
   def wait(self):
     self.manager.wait_until_finished()
 
+  def _unreadable(self, step: int, e: Exception) -> UnreadableCheckpoint:
+    others = [s for s in self.steps() if s != step]
+    why = (str(e).strip().splitlines() or [""])[0][:300]
+    return UnreadableCheckpoint(
+        f"checkpoint step {step} in {self.directory} cannot be read ({type(e).__name__}: "
+        f"{why}). Its files are damaged or incomplete: delete {self.directory / str(step)} "
+        f"to go back to an earlier step (here: {others or 'none'}), or evaluate another "
+        "with --step")
+
+  def _restore(self, step: int, **args) -> dict:
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**args))
+    except _READ_ERRORS as e:
+      raise self._unreadable(step, e) from e
+
   def run_record(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+    return self._restore(step, run=ocp.args.JsonRestore())["run"]
 
   def best_step(self) -> int | None:
-    """The step with the best validation metric (the latest step if none has one)."""
+    """The step with the best validation metric (the latest step if none has one). Steps whose
+    record cannot be read are passed over, with a warning."""
     best, best_value = None, None
     for step in self.steps():
-      m = self.run_record(step).get("val") or {}
+      try:
+        m = self.run_record(step).get("val") or {}
+      except UnreadableCheckpoint as e:
+        log.warning("passed over in choosing the best step: %s", e)
+        continue
       if "val_accuracy" in m or "val_loss" in m:
         value = _selection(m)
         if best_value is None or value >= best_value:
           best, best_value = step, value
     return best if best is not None else self.latest_step()
 
+  def check_params(self, step: int, abstract_params, partial: bool = False):
+    """Refuses, naming them, parameters whose names or shapes differ between `step` and the
+    model about to receive them (with `partial`, the checkpoint may hold more)."""
+    from medvqa_jax.models import state_dict
+    saved = state_dict.flatten(self.saved_params(step))
+    wanted = state_dict.flatten(abstract_params)
+    missing = sorted(wanted.keys() - saved.keys())
+    extra = [] if partial else sorted(saved.keys() - wanted.keys())
+    shapes = sorted(f"{k} {tuple(saved[k].shape)} saved, {tuple(wanted[k].shape)} now"
+                    for k in wanted.keys() & saved.keys()
+                    if tuple(saved[k].shape) != tuple(wanted[k].shape))
+    if missing or extra or shapes:
+      parts = [f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+               for label, keys in (("not saved", missing), ("saved but not in the model", extra),
+                                   ("other shapes", shapes)) if keys]
+      raise ValueError(
+          f"checkpoint step {step} in {self.directory} holds another model than the config "
+          f"describes: {'; '.join(parts)}. A run folder resumes and evaluates only with the "
+          "model it was trained with: drop the --config overrides that change the model (or "
+          "use a new train.workdir)")
+
   def restore(self, step: int, abstract_state) -> tuple[dict, dict]:
     """(state, run record) of `step`, placed as the ShapeDtypeStructs of `abstract_state`
     (with their shardings) say."""
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=_restore_args(abstract_state), run=ocp.args.JsonRestore()))
+    self.check_params(step, abstract_state["params"])
+    out = self._restore(step, state=_restore_args(abstract_state), run=ocp.args.JsonRestore())
     return out["state"], out["run"]
 
   def saved_params(self, step: int, sharding=None) -> dict:
     """ShapeDtypeStructs of the parameters saved at `step`, placed by `sharding` (default:
     this process's first device)."""
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    meta = self.manager.item_metadata(step)["state"]["params"]
+    try:
+      meta = self.manager.item_metadata(step)["state"]["params"]
+    except _READ_ERRORS as e:
+      raise self._unreadable(step, e) from e
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
                                                        sharding=sharding), dict(meta))
 
   def restore_params(self, step: int, abstract_params) -> dict:
     """Only the parameters of `step` (no optimizer state), placed like `abstract_params`."""
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=_restore_args({"params": abstract_params}, partial=True)))
+    self.check_params(step, abstract_params)
+    out = self._restore(step, state=_restore_args({"params": abstract_params}, partial=True))
     return out["state"]["params"]
 
   def close(self):
