@@ -10,9 +10,14 @@ Multi-host (TPU pod slice, SLURM, mpirun): run the same command in every process
 cluster is detected, or give --coordinator_address/--num_processes/--process_id. Writes
 <workdir>/checkpoints, metrics.jsonl, tensorboard/ and, after fine-tuning, the test metrics
 and predictions of the best-on-validation checkpoint in <workdir>/eval/<test split>/.
+
+Ctrl-C or SIGTERM (a scheduler's pre-emption) stops the run cleanly: a checkpoint being
+written is finished, the input workers are stopped, and it exits with status 130 naming the
+checkpoint the same command will resume from.
 """
 
 import json
+import signal
 import sys
 
 import common  # noqa: F401  (puts the repository root on sys.path)
@@ -44,8 +49,24 @@ def _summary(metrics: dict) -> str:
   return "\n".join(lines)
 
 
+def _interrupt(signum, frame):
+  raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _stopped(config):
+  from medvqa_jax.train import checkpoint as ckpt_lib
+  from medvqa_jax.train import loop
+  folder = loop.workdir_of(config) / "checkpoints"
+  latest = ckpt_lib.Checkpoints(folder, read_only=True).latest_step() if folder.is_dir() else None
+  where = (f"the latest checkpoint is step {latest} in {folder}" if latest is not None
+           else "no checkpoint was saved yet")
+  print(f"interrupted: {where}; run the same command again to resume", file=sys.stderr)
+  sys.exit(130)
+
+
 def main(argv):
   del argv
+  signal.signal(signal.SIGTERM, _interrupt)
   from medvqa_jax.train import distributed
   distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
   import jax
@@ -57,6 +78,8 @@ def main(argv):
   except loop.Diverged as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
+  except KeyboardInterrupt:
+    _stopped(config)
   if jax.process_index() == 0 and metrics:
     print(_summary(metrics))
     print(json.dumps({k: metrics[k] for k in ("protocol", "split", "step", "questions",

@@ -165,6 +165,47 @@ def test_sigkill_and_resume_give_the_same_run(straight, tmp_path, data_dir):
   assert _metrics(workdir) == _metrics(straight_dir)
 
 
+def _children(pid: int) -> list[int]:
+  out = []
+  for stat in Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    if int(fields[1]) == pid:
+      out.append(int(stat.parent.name))
+  return out
+
+
+def test_sigterm_stops_cleanly(tmp_path, data_dir):
+  """A scheduler's SIGTERM: the run finishes the checkpoint in flight, stops its input
+  workers (they were left running, orphaned) and names the step to resume from."""
+  workdir = tmp_path / "terminated"
+  proc = subprocess.Popen(_train_cmd(workdir, data_dir, "--config.data.workers=1"), cwd=ROOT,
+                          env=_env(8), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  first = workdir / "checkpoints" / str(SAVE)
+  deadline = time.time() + 600
+  while not first.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  workers = _children(proc.pid)
+  proc.send_signal(signal.SIGTERM)
+  stderr = proc.communicate(timeout=300)[1]
+  assert proc.returncode == 130, stderr[-3000:]
+  assert workers, "the run had no input worker process"
+  left = lambda: {p: Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")[:200]
+                  for p in workers if Path(f"/proc/{p}").exists()}
+  for _ in range(50):
+    if not left():
+      break
+    time.sleep(0.2)
+  assert not left(), f"input workers left running: {left()}"
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and steps[-1] < STEPS, "the run finished before it was stopped"
+  assert (f"interrupted: the latest checkpoint is step {steps[-1]} in "
+          f"{workdir / 'checkpoints'}; run the same command again to resume") in stderr
+
+
 def test_eval_restores_an_8_device_checkpoint_on_1_device(straight, tmp_path):
   workdir, _ = straight
   out = _run([sys.executable, str(ROOT / "launch" / "eval.py"), f"--checkpoint_dir={workdir}",
