@@ -102,10 +102,19 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
     if total == 0:
       raise DataError(f"no records found in {self.source_dir}")
     self._report = {"total": total, "bad": [], "splits": {}}
-    # Missing image files are found before anything is written; corrupt ones while encoding.
+    # Repeated ids and missing image files are found before anything is written; corrupt
+    # images while encoding.
     for split, items in split_items.items():
+      first: dict = {}
       for i, item in enumerate(items):
-        if isinstance(item, dict) and not isinstance(item["image"], bytes):
+        if not isinstance(item, dict):
+          continue
+        where = item.get("where") or f"{split} record {i}"
+        if item["id"] in first:
+          items[i] = sources.Bad(where, f"duplicate id {item['id']!r} (also {first[item['id']]})")
+          continue
+        first[item["id"]] = where
+        if not isinstance(item["image"], bytes):
           for key in ("image", "image2"):
             if key in item and not Path(item[key]).exists():
               items[i] = sources.Bad(f"{item['id']} ({item[key]})", "image file not found")

@@ -64,7 +64,10 @@ def _records(path: Path, rows, make: Callable) -> list:
       out.append(Bad(where, f"expected an object, got {type(row).__name__}"))
       continue
     try:
-      out.append(make(row, where))
+      item = make(row, where)
+      if isinstance(item, dict):
+        item.setdefault("where", where)
+      out.append(item)
     except (KeyError, TypeError, ValueError) as e:
       out.append(Bad(where, f"malformed record ({type(e).__name__}: {e})"))
   return out

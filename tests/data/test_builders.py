@@ -181,6 +181,7 @@ def test_bad_records_are_reported_and_skipped(tmp_path):
   rows[7]["image_name"] = "corrupt.jpg"
   rows[11]["question"] = "  "
   del rows[15]["question"]          # A malformed record.
+  rows[20]["qid"] = 19              # A repeated id (TFDS failed on it, naming TensorFlow).
   _write(src, rows, rows[:1])
   out = tmp_path / "out"
   run = subprocess.run([sys.executable, "launch/prepare_data.py", "--dataset=vqa_rad",
@@ -188,13 +189,15 @@ def test_bad_records_are_reported_and_skipped(tmp_path):
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert run.returncode == 0, run.stderr
   summary = json.loads(run.stdout.strip().splitlines()[-1])
-  assert summary["splits"]["train"]["examples"] == 196
-  assert summary["splits"]["train"]["skipped"] == 4 and summary["skipped"] == 4
+  assert summary["splits"]["train"]["examples"] == 195
+  assert summary["splits"]["train"]["skipped"] == 5 and summary["skipped"] == 5
   problems = "\n".join(summary["skipped_examples"])
   assert "missing.jpg): image file not found" in problems
   assert "corrupt.jpg): unreadable image" in problems
   assert "trainset.json record 11: empty question" in problems
   assert "trainset.json record 15: malformed record (KeyError" in problems
+  assert re.search(r"trainset.json record 20: duplicate id '19' \(also \S*trainset.json "
+                   r"record 19\)", problems)
   assert "missing.jpg" in run.stderr  # Reported as the build runs, too.
 
 
