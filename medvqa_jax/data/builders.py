@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import io
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -98,6 +99,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
     self.info.metadata["build_options"] = build_options(
         self.name, max_side=self.max_side, splits=self.only_splits,
         reader_options=self.reader_options)
+    self.info.metadata["source"] = source_fingerprint(self.source_dir, Path(self.data_dir))
     total = sum(len(v) for v in split_items.values())
     if total == 0:
       raise DataError(f"no records found in {self.source_dir}")
@@ -281,6 +283,27 @@ def build_options(name: str, max_side=None, splits=None, reader_options=None) ->
           "reader_options": {**defaults, **dict(reader_options or {})}}
 
 
+def source_fingerprint(source_dir, exclude=None) -> dict:
+  """The files of a download folder as a digest of their relative paths and sizes (a build
+  records it, so that a folder changed since is not silently served from the old build).
+  Sizes, not times: a copy of the folder elsewhere is the same source."""
+  root = Path(source_dir).resolve()
+  exclude = Path(exclude).resolve() if exclude else None
+  digest, count = hashlib.sha1(), 0
+  for folder, subfolders, files in os.walk(root, followlinks=True):
+    subfolders[:] = sorted(d for d in subfolders if exclude is None
+                           or Path(folder, d).resolve() != exclude)
+    for name in sorted(files):
+      path = Path(folder) / name
+      try:
+        size = path.stat().st_size
+      except OSError:  # A dangling link.
+        continue
+      digest.update(f"{path.relative_to(root)}\0{size}\n".encode())
+      count += 1
+  return {"dir": str(root), "files": count, "digest": digest.hexdigest()[:16]}
+
+
 def built_options(data_dir, name: str) -> dict | None:
   """The `build_options` an existing build was made with (None for builds that predate them)."""
   meta = tfds.builder_from_directory(str(dataset_dir(data_dir, name))).info.metadata or {}
@@ -304,6 +327,16 @@ def build(name: str, source_dir, data_dir, **options) -> Path:
       raise ValueError(f"{name} is already built in {dataset_dir(data_dir, name)} with other "
                        f"options: {differ}. Build into another data_dir, or delete that folder "
                        f"to rebuild it")
+    meta = tfds.builder_from_directory(str(dataset_dir(data_dir, name))).info.metadata or {}
+    then = meta.get("source")  # None: built before sources were recorded.
+    if then is not None and source_dir is not None:
+      now = source_fingerprint(source_dir, data_dir)
+      if now["digest"] != then["digest"]:
+        raise ValueError(
+            f"{name} in {dataset_dir(data_dir, name)} was built from {then['dir']} "
+            f"({then['files']} files); {now['dir']} now differs ({now['files']} files, or "
+            "other sizes). To build from it, delete that folder or build into another "
+            "data_dir")
   else:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(download_mode=

@@ -241,6 +241,15 @@ def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path):
   assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
   ex = builders.load(out, "vqa_rad", "train")[0]
   assert max(ex["image"].shape[:2]) == 16 and ex["image"].shape[2] == 3
+  # A copy of the source elsewhere is the same source; a changed one is refused (it was
+  # silently served from the old build).
+  import shutil
+  copy = shutil.copytree(src, tmp_path / "copy")
+  builders.build("vqa_rad", copy, out, max_side=16)
+  _write(src, rows + [dict(rows[0], qid=99)], rows[:2])
+  with pytest.raises(ValueError, match=r"was built from .*src \(6 files\); .*src now differs \(6 files, or other sizes"):
+    builders.build("vqa_rad", src, out, max_side=16)
+  assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
