@@ -1,5 +1,5 @@
 """What both pre-training stages share: a caption corpus (ROCO by default; any builder of
-launch/prepare_data.py), captions of 120 tokens, two augmented views per image, the teacher
+launch/prepare_data.py), captions of 120 tokens (the teacher's too), two augmented views per image, the teacher
 from its cache, pre-training weight decay 0.02 (configs/base.py), bf16 compute with float32
 parameters (the losses and Sinkhorn run in float32), validation on a held-out 2% of the
 corpus every eval_every steps (the best checkpoint: lowest validation loss).
@@ -13,6 +13,8 @@ from configs.towers.common import bf16
 
 def pretraining(config):
   config.model.text.max_len = 120
+  # The teacher reads the captions at the same length, as the reference's teacher does.
+  config.teacher.text.max_len = 120
   bf16(config)
   # Validation: the objective and image<->text retrieval on a seeded 2% of the training
   # split's examples, held out (0: no validation; the corpus's own splits are not used).

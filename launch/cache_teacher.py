@@ -6,8 +6,8 @@ r"""Precomputes the soft-label teacher's embeddings of a corpus into a cache fil
       --records=/data/corpus.jsonl --out=/data/teacher_biomedclip.npz
 
 --records is a JSONL file, one {"id", "image", "caption"[, "image2"]} per line (image paths
-relative to the file). The teacher sees each image un-augmented at its own resolution and
-the raw caption. The cache records which teacher and which data made it; training refuses
+relative to the file). The teacher sees each image un-augmented, resized to its own
+resolution, and the caption cleaned as the student reads it (medvqa_jax/data/text.py). The cache records which teacher and which data made it; training refuses
 a cache that does not match. The file is written atomically: an interrupted run leaves none.
 Prints one JSON line: the count, embedding width, teacher fingerprint and output path.
 """

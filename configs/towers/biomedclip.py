@@ -1,6 +1,7 @@
 """BiomedCLIP (open_clip checkpoint: timm ViT-B/16 + PubMedBERT), the soft-label teacher.
 
-The teacher sees un-augmented 224 px images and raw captions, at its own resolution.
+The teacher sees un-augmented images resized to 224 px and the cleaned captions the student
+reads; in pre-training at the student's caption length (configs/pretrain_common.py).
 """
 
 import ml_collections

@@ -18,7 +18,7 @@ import numpy as np
 
 from medvqa_jax.data import answers as answers_lib
 from medvqa_jax.data import augment
-from medvqa_jax.data import image as image_lib
+from medvqa_jax.data import text as text_lib
 
 
 def _text(v) -> str:
@@ -51,7 +51,8 @@ class _Example:
     rng = rng if rng is not None else np.random.default_rng(0)
     out = {"id": _text(ex["id"])}
     self._view(out, ex["image"], rng)
-    text = _text(ex["question"] if self.kind == "vqa" else ex["caption"])
+    text = (text_lib.question(_text(ex["question"])) if self.kind == "vqa"
+            else text_lib.caption(_text(ex["caption"])))
     tokens = self.tokenizer([text])
     out["input_ids"], out["attention_mask"] = tokens["input_ids"][0], tokens["attention_mask"][0]
     if self.kind == "vqa":
@@ -66,10 +67,10 @@ class _Example:
       second = ex["image2"] if "image2" in ex else ex["image"]  # Two views of one image.
       self._view(out, second, rng, suffix="2")
       if self.teacher is not None:
-        # The teacher sees the un-augmented image at its own size and the raw caption, as
-        # in launch/cache_teacher.py.
+        # The teacher sees the un-augmented image resized to its own size and the cleaned
+        # caption, as in launch/cache_teacher.py (`teacher.teacher_inputs`).
         tok, size = self.teacher
-        raw = lambda x: image_lib.preprocess(augment._pil(x), size)
+        raw = lambda x: augment.resize(x, size)
         t = tok([text])
         out.update(teacher_pixels=raw(ex["image"]), teacher_input_ids=t["input_ids"][0],
                    teacher_attention_mask=t["attention_mask"][0])

@@ -1,7 +1,8 @@
 """The frozen soft-label teacher and its embedding cache.
 
 The teacher (any CLIP-like image + text tower pair; BiomedCLIP by default) sees the
-un-augmented image at its own resolution and the raw caption, so its embeddings are fixed per
+un-augmented image resized to its own resolution and the cleaned caption (`data.text.caption`,
+what the student reads), as the reference's teacher does, so its embeddings are fixed per
 example: `launch/cache_teacher.py` computes them once into a cache file keyed by example id,
 and training reads them from there. The cache records a fingerprint of the teacher (its
 parameters and input sizes) and of the dataset (ids and captions); `TeacherCache.check`
@@ -24,7 +25,9 @@ import numpy as np
 
 from medvqa_jax.models import state_dict
 
-FORMAT_VERSION = 1
+# 2: captions cleaned and images resized (not cropped) to the teacher's size, as the student's
+# pipeline gives them; caches of format 1 (raw captions, centre crops) are refused.
+FORMAT_VERSION = 2
 
 
 def _normalise(x):
@@ -187,10 +190,12 @@ class TeacherCache:
 def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 64,
                   progress: bool = True) -> TeacherCache:
   """Embeds every record ({"id", "image", "caption"[, "image2"]}, images as paths or bytes)
-  with the teacher: un-augmented images resized to its resolution, raw captions."""
+  with the teacher: un-augmented images resized to its resolution, cleaned captions."""
   from tqdm import tqdm
 
+  from medvqa_jax.data import augment
   from medvqa_jax.data import image as image_lib
+  from medvqa_jax.data import text as text_lib
   if not records:
     raise ValueError("no records to embed")
   ids = [str(r["id"]) for r in records]
@@ -205,14 +210,16 @@ def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 6
     chunk = records[start:start + batch_size]
     n = len(chunk)
     pad = batch_size - n if len(records) > batch_size else 0  # One compiled shape.
-    load = lambda r, key: image_lib.load_image(r[key], teacher.image_size)
+    load = lambda r, key: augment.resize(np.asarray(image_lib.open_image(r[key])),
+                                         teacher.image_size)
     try:
       pixels = np.stack([load(r, "image") for r in chunk] + [load(chunk[0], "image")] * pad)
       pixels2 = (np.stack([load(r, "image2") for r in chunk] + [load(chunk[0], "image2")] * pad)
                  if multi_view else None)
     except ValueError as e:
       raise ValueError(f"records {start}..{start + n - 1}: {e}") from None
-    tokens = teacher.tokenizer([r["caption"] for r in chunk] + [chunk[0]["caption"]] * pad)
+    captions = [text_lib.caption(r["caption"]) for r in chunk]
+    tokens = teacher.tokenizer(captions + captions[:1] * pad)
     image, text = embed(pixels, tokens["input_ids"], tokens["attention_mask"])
     out["image"].append(np.asarray(image)[:n])
     out["text"].append(np.asarray(text)[:n])

@@ -104,3 +104,23 @@ def test_biomedclip_teacher_matches_open_clip(biomedclip, monkeypatch):
     ref_text = ref.encode_text(torch.from_numpy(ids), normalize=True)
   np.testing.assert_allclose(image, ref_image.numpy(), atol=1e-5)
   np.testing.assert_allclose(text, ref_text.numpy(), atol=1e-5)
+
+
+def test_the_cache_holds_what_the_online_teacher_computes(demo_config):
+  """cache_teacher and the pipeline's online teacher give the teacher the same inputs: the
+  image resized to its size and the cleaned caption."""
+  from medvqa_jax.data import image as image_lib
+  from medvqa_jax.data import pipeline
+  from medvqa_jax.data import tokenizer as tokenizer_lib
+  teacher = teacher_lib.from_config(demo_config)
+  records = helpers.sample_caption_rows()[:6]
+  records[0] = dict(records[0], caption="Is THIS a Chest X-ray? (PA view)")
+  cache = teacher_lib.compute_cache(teacher, records, batch_size=8, progress=False)
+  example = pipeline._Example("caption", tokenizer_lib.from_config(demo_config.model.text), 32,
+                              "pretrain", teacher=(teacher.tokenizer, teacher.image_size))
+  rows = [example({"id": r["id"], "image": np.asarray(image_lib.open_image(r["image"])),
+                   "caption": r["caption"]}, np.random.default_rng(0)) for r in records]
+  image, text = teacher.embed(*(np.stack([r[k] for r in rows]) for k in (
+      "teacher_pixels", "teacher_input_ids", "teacher_attention_mask")))
+  np.testing.assert_allclose(cache.image, image, atol=1e-5)
+  np.testing.assert_allclose(cache.text, text, atol=1e-5)
