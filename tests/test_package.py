@@ -168,12 +168,13 @@ class TestConfigs:
       self.base.get_config("image=minilm")
 
   @pytest.mark.parametrize("name", ["vqa_rad", "slake", "pathvqa", "vqa_med_2019"])
-  def test_finetuning_configs_have_the_papers_hyperparameters(self, name):
+  def test_finetuning_configs_have_the_reference_hyperparameters(self, name):
     import importlib
     config = importlib.import_module(f"configs.{name}").get_config()
     assert config.data.name == name and config.model.head == "generative"
     o = config.optim
     assert (o.lr, o.weight_decay, o.b1, o.b2, o.warmup_fraction) == (1.5e-5, 0.05, 0.9, 0.98, 0.4)
+    assert config.train.batch_size == 48  # The reference's 24 per GPU on 2 GPUs.
     assert config.model.image.arch.image_size == 288 and config.model.text.max_len == 30
     assert config.data.val_split == ("" if name == "vqa_rad" else "validation")
     assert config.data.dir is None and config.train.workdir is None  # The user names them.
@@ -183,6 +184,7 @@ class TestConfigs:
     import importlib
     config = importlib.import_module(f"configs.pretrain_stage{stage}").get_config()
     assert config.model.head == "none" and config.model.text.max_len == 120
+    assert config.teacher.text.max_len == 120  # The teacher reads what the student reads.
     assert (config.optim.weight_decay, config.optim.b2) == (0.02, 0.98)
     assert config.teacher.mode == "cache"
 
