@@ -58,7 +58,9 @@ def get_config(arg=None):
           # second half of its layers (6-11 of 12, as in the paper; 3-5 of MiniLM's 6).
           decoder=dict(cross_from=unset(int), depth=unset(int)),
           prior_max_tokens=1024,  # Answer-vocabulary prior of the GCA, in word pieces.
-          answer_max_len=16,     # Answer tokens, [CLS] and [SEP] included.
+          # Answer tokens, [CLS] and [SEP] included (the reference cuts at 30; the longest
+          # answers of VQA-RAD, SLAKE, PathVQA and VQA-Med-2019 have 27-30 word pieces).
+          answer_max_len=32,
           rank_k=32,             # Candidates re-scored by full likelihood.
           dtype="float32",       # Compute dtype of fusion, GCA and heads.
           # BERT's hidden dropout, in training only: the text tower (a BERT), the fusion and

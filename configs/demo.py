@@ -23,7 +23,7 @@ def get_config(arg=None):
   config.model.decoder.cross_from = 1
   # No dropout: a few minutes of a tiny model from scratch underfit, and the recipe's
   # regulariser only slows them (measured: 29.3% on test with 0.1, 33.5% without).
-  config.model.update(answer_max_len=8, rank_k=8, dropout=0.0)
+  config.model.update(rank_k=8, dropout=0.0)
   config.teacher.text.tokenizer = str(ASSETS / "bert_uncased_vocab")
   config.teacher.logit_scale = 50.0  # A random teacher has no trained scale.
   config.teacher.mode = "none"

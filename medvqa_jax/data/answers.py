@@ -78,3 +78,12 @@ def validation_slice(ids: Sequence[str], fraction: float = 0.1, seed: int = 0,
   rng.shuffle(distinct)
   held = set(distinct[:max(1, round(fraction * len(distinct)))])
   return {i for i, k in zip(ids, keys) if k in held}
+
+
+def longer_than(answers: Sequence[str], hf_tokenizer, max_len: int) -> list[str]:
+  """The answers that take more than `max_len` tokens ([CLS] and [SEP] included): the
+  generative head sees them cut."""
+  if not answers:
+    return []
+  lengths = [len(ids) for ids in hf_tokenizer(list(answers))["input_ids"]]
+  return [a for a, n in zip(answers, lengths) if n > max_len]

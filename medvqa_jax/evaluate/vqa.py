@@ -9,6 +9,7 @@ probability, re-scored by full likelihood) and scores the best by its sequence p
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -26,6 +27,8 @@ from medvqa_jax.models import gca
 from medvqa_jax.models.amif import AMiF
 from medvqa_jax.train import sharding
 
+log = logging.getLogger(__name__)
+
 INPUTS = ("images", "input_ids", "attention_mask")
 
 
@@ -39,6 +42,13 @@ class Predictor:
     self.prior_ids, self.prior_mask = (jnp.asarray(x) for x in gca.answer_prior(
         self.answers, tokenizer.hf, mc.prior_max_tokens))
     cand = tokenizer(self.answers, max_len=mc.answer_max_len)
+    cut = (answers_lib.longer_than(self.answers, tokenizer.hf, mc.answer_max_len)
+           if model.head == "generative" else [])
+    if cut:
+      log.warning("%d of the %d answers are longer than model.answer_max_len=%d word pieces "
+                  "([CLS] and [SEP] included) and are cut, so that they cannot be told from "
+                  "others that begin alike (e.g. %r)", len(cut), len(self.answers),
+                  mc.answer_max_len, cut[0])
     self.cand_ids, self.cand_mask = jnp.asarray(cand["input_ids"]), jnp.asarray(cand["attention_mask"])
     replicated = NamedSharding(mesh, P())
     k = mc.rank_k

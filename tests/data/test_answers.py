@@ -56,3 +56,28 @@ def test_a_dataset_without_validation_split_needs_a_held_out_fraction(tmp_path):
   with pytest.raises(ValueError, match=r"data.val_fraction must be > 0 \(it is 0.0\)"):
     splits.vqa_splits(dc)
   assert not list(tmp_path.iterdir())  # Refused before building anything.
+
+
+def test_the_configs_answer_length_holds_the_real_answers():
+  """No answer of VQA-RAD or SLAKE (train and test) is cut by the generative head's
+  answer_max_len: the longest take 27 and 30 word pieces with [CLS] and [SEP]."""
+  import json
+  from pathlib import Path
+
+  from configs import base
+  from medvqa_jax import ASSETS
+  from medvqa_jax.data.tokenizer import load_hf_tokenizer
+  data = Path(__file__).resolve().parents[3] / "shared" / "data"
+  tok = load_hf_tokenizer(ASSETS / "bert_uncased_vocab")
+  found = []
+  for files in (["vqa_rad/trainset.json", "vqa_rad/testset.json"],
+                ["slake/Slake1.0/train.json", "slake/Slake1.0/test.json"]):
+    rows = [r for f in files for r in json.loads((data / f).read_text())
+            if r.get("q_lang", "en") == "en"]
+    found.append(sorted({answers.normalize(r["answer"]) for r in rows}))
+  max_len = base.get_config().model.answer_max_len
+  assert [answers.longer_than(a, tok, max_len) for a in found] == [[], []]
+  # What it names when a length cuts: VQA-RAD's longest answers at the old 16.
+  cut = answers.longer_than(found[0], tok, 16)
+  assert len(cut) == 9 and all(len(tok(a)["input_ids"]) > 16 for a in cut)
+  assert answers.longer_than([], tok, 4) == []
