@@ -83,7 +83,7 @@ def get_config(arg=None):
       losses=dict(
           weights=dict(itgc=1.0, imvc=1.0, utgc=1.0, wpa=3.0, itm=1.0),
           lam=0.01,                # Flexibility weight of the soft labels.
-          label_smoothing=0.0,     # Hard-label InfoNCE only (training without a teacher).
+          label_smoothing=0.1,     # Hard-label InfoNCE only (no teacher), as the reference.
           temperature_init=0.07,
           # Word-patch alignment: entropic OT (OTT-JAX Sinkhorn) or the reference's IPOT.
           ot=dict(solver="sinkhorn", epsilon=0.1, max_iterations=100, min_iterations=0,
@@ -91,7 +91,10 @@ def get_config(arg=None):
           itm=dict(negative_images=False),  # Also one hard-negative image per text.
       ),
       # AdamW, warm-up + cosine; lr_mults: (path regex, multiplier), 0 freezes. The run is
-      # total_steps long, or train.epochs over the training split when that is set.
+      # total_steps long, or train.epochs over the training split when that is set. The
+      # pre-training lr (1e-4, both stages) is ours: the reference's stored stage-1 config
+      # has 4e-6 but starts its fusion from a pre-trained checkpoint, ours from scratch; its
+      # stage-0 lr is not in the code.
       optim=dict(lr=1e-4, weight_decay=0.02, b1=0.9, b2=0.98, warmup_fraction=0.4,
                  total_steps=10000, lr_mults=(), grad_clip=unset(float)),
       # The dataset, built by launch/prepare_data.py into `dir` (or built there on first use
