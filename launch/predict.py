@@ -12,6 +12,7 @@ feature is replaced by what it read from the answer vocabulary; 0: kept).
 """
 
 import json
+import sys
 
 import common  # noqa: F401  (puts the repository root on sys.path)
 from absl import app, flags
@@ -33,10 +34,13 @@ def main(argv):
 
   from medvqa_jax.data import image as image_lib
   from medvqa_jax.data import pipeline
+  from medvqa_jax.data import text as text_lib
   from medvqa_jax.evaluate import run as run_lib
   from medvqa_jax.evaluate import visualize
   from medvqa_jax.models.amif import AMiF
 
+  if not _QUESTION.value.strip():
+    raise app.UsageError("--question is empty")
   r = run_lib.restore(_CKPT.value, step=_STEP.value)
   if r.config.model.head == "none":
     raise app.UsageError("this checkpoint is a pre-training run: it has no answer head")
@@ -45,6 +49,10 @@ def main(argv):
   example = pipeline._Example("vqa", r.tokenizer, r.model.image.image_size, "test")(
       {"id": "input", "image": np.asarray(picture), "question": _QUESTION.value,
        "answers": [""]})
+  pieces = len(r.tokenizer.hf(text_lib.question(_QUESTION.value))["input_ids"])
+  if pieces > r.tokenizer.max_len:
+    print(f"warning: the question takes {pieces} word pieces; the model reads the first "
+          f"{r.tokenizer.max_len}", file=sys.stderr)
   inputs = [jnp.asarray(example[k])[None] for k in ("images", "input_ids", "attention_mask")]
   variables = {"params": r.params}
   out = jax.jit(lambda v, *x: r.model.apply(v, *x, predictor.prior_ids, predictor.prior_mask,

@@ -300,3 +300,10 @@ def test_predict_prints_ranked_answers_and_writes_the_picture(straight, tmp_path
   assert result["protocol"].startswith("open-set")
   with Image.open(png) as img:
     assert img.size[0] >= 768 and img.size[1] > 384
+  # A question longer than the model reads is answered with a warning; an empty one refused.
+  base = [sys.executable, str(ROOT / "launch" / "predict.py"), f"--checkpoint_dir={workdir}",
+          f"--image={ASSETS / 'vqa_rad_sample' / 'images' / 'synpic54610.jpg'}", "--out="]
+  long = _run(base + ["--question=" + " ".join(["is there a fracture"] * 10)], devices=1)
+  assert "warning: the question takes 42 word pieces; the model reads the first 24" in long.stderr
+  empty = _run(base + ["--question=  "], devices=1, check=False)
+  assert empty.returncode != 0 and "--question is empty" in empty.stderr
