@@ -1,6 +1,7 @@
 """Helpers shared by the tests."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -94,3 +95,16 @@ def tiny_config():
   config.model.text.max_len = 30
   config.model.update(prior_max_tokens=64, rank_k=4)
   return config
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_data() -> Path:
+  """../shared/data, the real datasets (CI has them at the same path). Tests that read them
+  fail, rather than skip, where the folder is missing: a skipped test would count as passing."""
+  import pytest
+  if not SHARED_DATA.is_dir():
+    pytest.fail(f"the real data is missing: expected it in {SHARED_DATA} (../shared/data "
+                "beside the repository, as CI has it)")
+  return SHARED_DATA

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import helpers
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
@@ -22,8 +24,8 @@ def _pack_module():
   return module
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
 def test_pack_copies_the_questions_and_shrinks_the_images(tmp_path):
+  helpers.shared_data()
   out = subprocess.run([sys.executable, "benchmarks/pack.py", f"--out={tmp_path / 'pack'}",
                         "--no_minilm", "--max_side=64"], cwd=ROOT, capture_output=True,
                        text=True, timeout=600)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import helpers
 from medvqa_jax.data import builders
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -252,8 +253,8 @@ def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path):
   assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
 def test_real_vqa_rad_build_and_summary(tmp_path):
+  helpers.shared_data()
   run = subprocess.run([sys.executable, "launch/prepare_data.py", "--dataset=vqa_rad",
                         f"--source_dir={DATA / 'vqa_rad'}", f"--data_dir={tmp_path}",
                         "--max_side=64"], capture_output=True, text=True, timeout=600, cwd=ROOT)

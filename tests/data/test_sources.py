@@ -5,10 +5,15 @@ from pathlib import Path
 
 import pytest
 
+import helpers
 from medvqa_jax.data import sources
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+DATA = helpers.SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _real_data():
+  helpers.shared_data()
 
 
 def _good(items):
