@@ -108,7 +108,8 @@ def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=No
                               baseline=splits_lib.majority_answer(splits["train"].records))
   if jax.process_index() == 0:
     if out_dir is None:
-      out_dir = restored.workdir / "eval" / f"{splits[key].name}-step{restored.step}"
+      folder = {"train": "train", "val": "validation", "test": dc.test_split}[key]
+      out_dir = restored.workdir / "eval" / f"{folder}-step{restored.step}"
     vqa_eval.write(out_dir, metrics, rows)
   return metrics
 

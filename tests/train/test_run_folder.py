@@ -74,6 +74,9 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
     assert (restored.tokenizer(texts)[key] == value).all(), key
   _same(run_lib.evaluate_split(restored, "test"), metrics)
   assert (moved / "eval" / "test-step2" / "metrics.json").exists()  # Beside the run, as moved.
+  val = run_lib.evaluate_split(restored, "validation")
+  assert val["split"].startswith("train (held-out")  # Named for what it is,
+  assert (moved / "eval" / "validation-step2" / "metrics.json").exists()  # filed plainly.
   assert not workdir.exists()
 
   # The same command again: the finished run resumes at its end and evaluates test again.
