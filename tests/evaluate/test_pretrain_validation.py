@@ -80,3 +80,76 @@ def test_caption_splits_hold_out_a_seeded_slice_of_whole_images(corpus, tmp_path
   assert set(splits_lib.caption_splits(_data(corpus, tmp_path, val_fraction=0.0))) == {"train"}
   with pytest.raises(ValueError, match="val_split=''"):
     splits_lib.caption_splits(_data(corpus, tmp_path, val_split="validation"))
+
+
+def _validation_config():
+  """The tiny model with stage 0's objective (no teacher: hard-label itgc and imvc), BERT
+  dropout 0.1, batches of 4."""
+  from configs import pretrain_stage0
+  config = helpers.tiny_config()
+  stage = pretrain_stage0.get_config("image=tiny,text=tiny,teacher=tiny")
+  config.model.head = "none"
+  config.model.dropout = 0.1
+  config.losses = stage.losses
+  config.train.batch_size = 4
+  config.data.workers = 0
+  config.seed = 3
+  return config
+
+
+def test_validator_runs_without_dropout_and_averages_the_batches():
+  """Over a 9-example slice (2 full batches of 4, the ninth left out), val_<term> is the mean
+  over the batches of the objective's terms with dropout off (train=False), each batch's
+  inputs and key as the validator draws them; the recalls are those of the 8 examples'
+  embeddings, by sorting. Dropout on gives other values, so a validator that trained
+  (dropout on) would not pass."""
+  import jax
+
+  from medvqa_jax.data import pipeline
+  from medvqa_jax.data import tokenizer as tokenizer_lib
+  from medvqa_jax.losses.pretrain import pretrain_terms
+  from medvqa_jax.models import amif
+  from medvqa_jax.train import sharding
+  config = _validation_config()
+  model, params = amif.create(config)
+  tokenizer = tokenizer_lib.from_config(config.model.text)
+  rng = np.random.default_rng(0)
+  source = [{"id": f"c{i}", "image": rng.integers(0, 255, (40, 48, 3), np.uint8),
+             "caption": f"axial ct of the chest number {i} with a lesion"} for i in range(9)]
+  split = splits_lib.Split("val", source, [{"id": ex["id"]} for ex in source])
+  size = model.image.image_size
+  validator = pretrain_eval.Validator(model, config, split, tokenizer, size,
+                                      sharding.make_mesh())
+  got = validator(params, step=7)
+  assert got["val_examples"] == 8
+
+  ds = pipeline.batches(source[:8], kind="caption", tokenizer=tokenizer, image_size=size,
+                        global_batch=4, seed=config.seed, augmentation="pretrain",
+                        shuffle=False, repeat=False)
+  assert len(ds) == 2
+  terms = jax.jit(lambda b, k, train: pretrain_terms(model, params, b, k, config.losses,
+                                                     train=train), static_argnums=2)
+  key = jax.random.PRNGKey(config.seed)
+  per_batch, dropped, images, texts = [], [], [], []
+  for i in range(2):
+    batch = {k: v for k, v in ds[i].items() if k != "id"}
+    _, m, out = terms(batch, jax.random.fold_in(key, i), False)
+    per_batch.append({k: float(v) for k, v in m.items()})
+    images.append(np.asarray(out["image_embed"]))
+    texts.append(np.asarray(out["text_embed"]))
+    dropped.append(float(terms(batch, jax.random.fold_in(key, i), True)[1]["loss"]))
+  names = {k for k in per_batch[0] if not k.startswith("temperature_")}
+  assert names >= {"loss", "itgc", "imvc"}
+  assert {k for k in got if not k.startswith(("val_i2t", "val_t2i"))} == \
+      {f"val_{k}" for k in names} | {"val_examples"}
+  for k in names:
+    want = np.mean([b[k] for b in per_batch])
+    assert got[f"val_{k}"] == pytest.approx(want, rel=1e-5, abs=1e-6), k
+  # Dropout does change the loss, by far more than the tolerance.
+  assert abs(np.mean(dropped) - got["val_loss"]) > 1e-3 * abs(got["val_loss"])
+  image, text = np.concatenate(images), np.concatenate(texts)
+  for k in (1, 5):
+    i2t, t2i = _recall_by_sorting(image.astype(np.float64), text.astype(np.float64), k)
+    assert got[f"val_i2t_r{k}"] == pytest.approx(i2t) and got[f"val_t2i_r{k}"] == \
+        pytest.approx(t2i)
+  assert got["val_i2t_r10"] == got["val_t2i_r10"] == 1.0  # 8 candidates: always found.

@@ -44,3 +44,34 @@ def test_itm_loss_is_cross_entropy_on_logits():
   expected = -(logp(pos[0], 1) + logp(pos[1], 1) + logp(neg[0], 0)) / 3
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
   np.testing.assert_allclose(m["itm_accuracy"], 2 / 3)
+
+
+def _softmax_without_diagonal(logits, i):
+  p = np.exp(logits - logits.max())
+  p[i] = 0
+  return p / p.sum()
+
+
+def test_negative_images_follow_the_texts_similarity_to_every_image():
+  """For text j the negative image i != j is drawn with p ∝ exp(sim[i, j] / tau): column j of
+  the image x text similarity (row j of sim.T), not row j. The negative texts for image i
+  follow row i. The embeddings make sim clearly asymmetric, so the two differ."""
+  rng = np.random.default_rng(2)
+  n, tau, draws = 6, 0.2, 20000
+  unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+  image, text = unit(rng.normal(size=(n, 8))), unit(rng.normal(size=(n, 8)))
+  sim = image.astype(np.float64) @ text.T.astype(np.float64)
+  rows = np.stack([_softmax_without_diagonal(sim[i] / tau, i) for i in range(n)])
+  cols = np.stack([_softmax_without_diagonal(sim[:, j] / tau, j) for j in range(n)])
+  assert np.abs(rows - cols).max() > 0.2  # Row and column sampling are told apart.
+  t_idx, i_idx = jax.vmap(lambda k: itm.hard_negative_pairs(k, image, text, tau, True))(
+      jax.random.split(jax.random.PRNGKey(5), draws))
+  t_idx, i_idx = np.asarray(t_idx), np.asarray(i_idx)  # (draws, 2n)
+  np.testing.assert_array_equal(i_idx[:, :n], np.broadcast_to(np.arange(n), (draws, n)))
+  np.testing.assert_array_equal(t_idx[:, n:], np.broadcast_to(np.arange(n), (draws, n)))
+  for i in range(n):  # Negative texts of image i (row i).
+    freq = np.bincount(t_idx[:, i], minlength=n) / draws
+    np.testing.assert_allclose(freq, rows[i], atol=0.015, err_msg=f"image {i}")
+  for j in range(n):  # Negative images of text j (column j).
+    freq = np.bincount(i_idx[:, n + j], minlength=n) / draws
+    np.testing.assert_allclose(freq, cols[j], atol=0.015, err_msg=f"text {j}")

@@ -122,3 +122,31 @@ def test_a_fixed_iteration_budget_runs_a_scan_and_gives_the_converged_loss():
       t, image, text_mask, epsilon=0.1, **kw)[0])(text))
   assert "while[" not in jaxpr(min_iterations=50, max_iterations=50)
   assert "while[" in jaxpr(max_iterations=50)
+
+
+def _np_cosine_cost(text, image):
+  """1 - cos(text token, image token) per pair, in NumPy and float64."""
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  return 1.0 - np.einsum("btd,bid->bti", unit(text.astype(np.float64)),
+                         unit(image.astype(np.float64)))
+
+
+def test_loss_is_the_mean_over_pairs_of_the_transport_cost():
+  """The loss is the mean over the batch's pairs of sum(C * P) over the real token pairs,
+  with C the cosine cost (NumPy) and P the plan of the module's solver for the masks'
+  marginals: not their sum, and no pad, CLS or SEP entry counted."""
+  text, image, text_mask = _tokens(seed=6)
+  text_ok, image_ok = (np.asarray(m) for m in ot.token_masks(text_mask, image.shape[1]))
+  cost = _np_cosine_cost(text, image)
+  real = (text_ok[:, :, None] & image_ok[:, None, :]).astype(np.float64)
+  kw = dict(epsilon=0.1, max_iterations=500, threshold=1e-5)
+  plan, _ = ot.sinkhorn_plan(ot.cosine_cost(text, image), ot.marginal(text_ok),
+                             ot.marginal(image_ok), **kw)
+  per_pair = np.sum(cost * np.asarray(plan, np.float64) * real, axis=(1, 2))
+  loss, _ = ot.wpa_loss(text, image, text_mask, solver="sinkhorn", **kw)
+  np.testing.assert_allclose(loss, per_pair.mean(), rtol=1e-5)
+  assert np.ptp(per_pair) > 0.01 and per_pair.mean() > 0.5  # Pairs differ; a real cost.
+  plan = ot.ipot_plan(ot.cosine_cost(text, image), text_ok, image_ok, 0.5, 30)
+  per_pair = np.sum(cost * np.asarray(plan, np.float64) * real, axis=(1, 2))
+  loss, _ = ot.wpa_loss(text, image, text_mask, solver="ipot", ipot_beta=0.5, ipot_iterations=30)
+  np.testing.assert_allclose(loss, per_pair.mean(), rtol=1e-5)

@@ -12,7 +12,7 @@ import pytest
 
 import helpers
 from medvqa_jax.data import device_augment
-from medvqa_jax.losses.pretrain import pretrain_loss
+from medvqa_jax.losses.pretrain import pretrain_loss, pretrain_terms
 from medvqa_jax.models import amif
 from medvqa_jax.train import optim
 
@@ -55,6 +55,59 @@ def test_total_is_the_weighted_sum_of_the_terms():
   expected = sum(w[k] * m[k] for k in ("itgc", "imvc", "utgc", "wpa", "itm"))
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
   np.testing.assert_allclose(m["temperature_itgc"], 0.07, rtol=1e-6)
+
+
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _np_soft_label(a, b, ta, tb, s, tau, lam, symmetric=True):
+  """KL(softmax(s * ta tb^T + lam I) || softmax(a b^T / tau)), rows averaged (float64); both
+  directions averaged when symmetric."""
+  a, b, ta, tb = (np.asarray(x, np.float64) for x in (a, b, ta, tb))
+  eye = lam * np.eye(len(a))
+
+  def kl(target, logits):
+    target, logits = _log_softmax(target), _log_softmax(logits)
+    return np.mean(np.sum(np.exp(target) * (target - logits), -1))
+
+  one = kl(s * ta @ tb.T + eye, a @ b.T / tau)
+  return 0.5 * (one + kl(s * tb @ ta.T + eye, b @ a.T / tau)) if symmetric else one
+
+
+def test_global_terms_follow_the_batch_teacher_fields():
+  """itgc, imvc and utgc, recomputed in NumPy from the student embeddings the model returns
+  and the batch's teacher_image / teacher_image2 / teacher_text / teacher_scale: each field
+  reaches the term it belongs to (swapping two of them changes the terms)."""
+  config = tiny_config(0)
+  config.model.dropout = 0.0
+  model, params = amif.create(config)
+  rng = np.random.default_rng(3)
+  unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+  # Texts in two tight clusters, images spread out: each teacher's similarities differ.
+  clustered = unit(rng.normal(size=(2, 8))[np.arange(8) % 2] + 0.3 * rng.normal(size=(8, 8)))
+  data = dict(batch(), teacher_text=clustered, teacher_image2=unit(rng.normal(size=(8, 8))),
+              teacher_scale=np.float32(20.0))
+  _, m, out = jax.jit(lambda p, b: pretrain_terms(model, p, b, jax.random.PRNGKey(0),
+                                                  config.losses, train=False))(params, data)
+  lam, s = config.losses.lam, 20.0
+  image, image2, text = out["image_embed"], out["image2_embed"], out["text_embed"]
+  t_image, t_image2, t_text = data["teacher_image"], data["teacher_image2"], data["teacher_text"]
+  tau = lambda k: float(m[f"temperature_{k}"])
+  want = {"itgc": _np_soft_label(image, text, t_image, t_text, s, tau("itgc"), lam),
+          "imvc": _np_soft_label(image, image2, t_image, t_image2, s, tau("imvc"), lam),
+          "utgc": _np_soft_label(text, text, t_text, t_text, s, tau("utgc"), lam,
+                                 symmetric=False)}
+  for k, v in want.items():
+    np.testing.assert_allclose(m[k], v, rtol=2e-4, atol=1e-5, err_msg=k)
+  # The fields are told apart: swapped teachers give other values.
+  swapped = {"itgc": _np_soft_label(image, text, t_text, t_image, s, tau("itgc"), lam),
+             "imvc": _np_soft_label(image, image2, t_image2, t_image, s, tau("imvc"), lam),
+             "utgc": _np_soft_label(text, text, t_image, t_image, s, tau("utgc"), lam,
+                                    symmetric=False)}
+  for k in want:
+    assert abs(swapped[k] - want[k]) > 0.05 * abs(want[k]), k
 
 
 def test_the_views_blur_is_applied_on_device():
@@ -123,7 +176,7 @@ SHARDED = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from test_pretrain import batch, tiny_config
-    from medvqa_jax.losses.pretrain import pretrain_loss
+    from medvqa_jax.losses.pretrain import pretrain_loss, pretrain_terms
     from medvqa_jax.models import amif
     assert jax.device_count() == 8
     config = tiny_config(1)

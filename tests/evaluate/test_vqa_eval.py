@@ -1,0 +1,158 @@
+"""Answering a split: the evaluation batches hold the split's examples in order (any host
+count), predictions are matched to their own questions, and the protocol's answer set."""
+
+import json
+
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+from PIL import Image
+
+from medvqa_jax import ASSETS
+from medvqa_jax.data import augment, splits as splits_lib
+from medvqa_jax.data.tokenizer import Tokenizer
+from medvqa_jax.evaluate import vqa
+from medvqa_jax.train import sharding
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  """A built VQA-RAD (MEVF layout): 12 training questions over 6 images (one image, 2
+  questions, held out for validation), 6 test questions over 3 other images, with distinct
+  answers, four of them in no training answer. Every question is distinct, and already
+  clean (lower case, no punctuation), so that the model reads it as stored."""
+  src = tmp_path_factory.mktemp("src")
+  (src / "images").mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(9):
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3), np.uint8)).save(src / "images" / f"{i}.jpg")
+  row = lambda qid, image, answer: dict(qid=qid, image_name=f"{image}.jpg",
+                                        question=f"what is seen in region {qid}",
+                                        answer=answer, answer_type="OPEN")
+  train = [row(i, i // 2, ["Yes", "no", "The left lung"][i % 3]) for i in range(12)]
+  test_answers = ["yes", "no", "Cardiomegaly.", "pleural effusion", "A mass", "fracture"]
+  test = [row(100 + i, 6 + i // 2, a) for i, a in enumerate(test_answers)]
+  (src / "trainset.json").write_text(json.dumps(train))
+  (src / "testset.json").write_text(json.dumps(test))
+  dc = ConfigDict(dict(name="vqa_rad", dir=str(tmp_path_factory.mktemp("tfds")),
+                       source_dir=str(src), max_side=None, train_split="train", val_split="",
+                       val_fraction=1 / 6, test_split="test", closed_set=False))
+  return dc, splits_lib.vqa_splits(dc)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", max_len=12)
+
+
+def test_the_answer_set_has_test_answers_under_the_closed_set_protocol_only(data):
+  dc, splits = data
+  assert len(splits["train"].records) == 10 and len(splits["val"].records) == 2
+  open_vocab, open_protocol = splits_lib.answer_set(dc, splits)
+  assert open_protocol == splits_lib.OPEN_SET
+  assert sorted(open_vocab) == ["left lung", "no", "yes"]  # Normalised train+val answers.
+  closed = dc.copy_and_resolve_references()
+  closed.closed_set = True
+  closed_vocab, closed_protocol = splits_lib.answer_set(closed, splits)
+  assert closed_protocol == splits_lib.CLOSED_SET
+  assert sorted(closed_vocab) == ["cardiomegaly", "fracture", "left lung", "mass", "no",
+                                  "pleural effusion", "yes"]
+  # The test split is loaded when the splits given lack it.
+  without_test = {k: splits[k] for k in ("train", "val")}
+  assert splits_lib.answer_set(closed, without_test)[0] == closed_vocab
+  assert splits_lib.answer_set(dc, without_test)[0] == open_vocab
+
+
+def _host_batches(split, tokenizer, global_batch, hosts):
+  """Per global batch, the hosts' parts concatenated in host order."""
+  parts = [list(vqa.eval_batches(split.source, tokenizer=tokenizer, image_size=SIZE,
+                                 global_batch=global_batch, process_index=h,
+                                 process_count=hosts)) for h in range(hosts)]
+  assert len({len(p) for p in parts}) == 1
+  return [{k: np.concatenate([p[b][k] for p in parts]) for k in vqa.INPUTS}
+          for b in range(len(parts[0]))]
+
+
+@pytest.mark.parametrize("hosts", [1, 2])
+def test_eval_batches_hold_the_examples_in_order_then_the_last_repeated(data, tokenizer, hosts):
+  """10 examples in global batches of 4: examples 0..9, then the last twice, whatever the
+  host count; each row's question tokens and pixels are its example's."""
+  split = data[1]["train"]  # A held-out Subset: positions differ from the built ids.
+  n = len(split.source)
+  assert n == 10
+  batches = _host_batches(split, tokenizer, 4, hosts)
+  assert len(batches) == 3 and all(len(b["input_ids"]) == 4 for b in batches)
+  order = list(range(n)) + [n - 1, n - 1]
+  rows = {k: np.concatenate([b[k] for b in batches]) for k in vqa.INPUTS}
+  for row, i in enumerate(order):
+    ex = split.source[i]
+    want = tokenizer([ex["question"].decode()])
+    np.testing.assert_array_equal(rows["input_ids"][row], want["input_ids"][0], err_msg=str(row))
+    np.testing.assert_array_equal(rows["attention_mask"][row], want["attention_mask"][0])
+    np.testing.assert_array_equal(rows["images"][row], augment.resize(ex["image"], SIZE))
+  # The records (and so the prediction rows) are in the same order as the source.
+  assert [split.source[i]["question"].decode() for i in range(n)] == \
+      [r["question"] for r in split.records]
+  with pytest.raises(ValueError, match="not divisible by 3 hosts"):
+    next(vqa.eval_batches(split.source, tokenizer=tokenizer, image_size=SIZE, global_batch=4,
+                          process_count=3))
+
+
+class _OwnIndex:
+  """A predictor that answers each row with the index of the example whose question it
+  holds (read back from its tokens) and scores it (index + 1) / 100; its answers are the
+  records' ids, so a row's prediction names the question it was made for."""
+
+  def __init__(self, split, tokenizer):
+    self.mesh = sharding.make_mesh()
+    self.answers = [r["id"] for r in split.records]
+    self.index = {tuple(tokenizer([r["question"]])["input_ids"][0]): i
+                  for i, r in enumerate(split.records)}
+    self.calls = []
+
+  def __call__(self, params, batch):
+    ids = np.asarray(batch["input_ids"])
+    self.calls.append(len(ids))
+    idx = np.array([self.index[tuple(row)] for row in ids])
+    return idx, (idx + 1) / 100
+
+
+@pytest.mark.parametrize("name", ["train", "test"])
+def test_answer_split_matches_predictions_to_their_own_questions(data, tokenizer, name):
+  split = data[1][name]
+  n = len(split.records)
+  predictor, progress = _OwnIndex(split, tokenizer), []
+  rows = vqa.answer_split(predictor, None, split, tokenizer=tokenizer, image_size=SIZE,
+                          global_batch=4, progress=lambda done, total: progress.append(
+                              (done, total)))
+  assert predictor.calls == [4] * -(-n // 4)  # Whole global batches, the last padded.
+  assert [r["qid"] for r in rows] == [r["id"] for r in split.records]
+  for i, (row, rec) in enumerate(zip(rows, split.records)):
+    assert row["prediction"] == rec["id"] and row["question"] == rec["question"]
+    assert row["score"] == pytest.approx((i + 1) / 100)
+    assert row["answer"] == "#".join(rec["answers"]) and row["correct"] is False
+  assert progress[-1] == (n, n) and [d for d, _ in progress] == \
+      [min(4 * (b + 1), n) for b in range(len(progress))]
+
+
+def test_answer_split_scores_correctness_against_the_rows_own_references(data, tokenizer):
+  """With the references as the answer set, a predictor answering each question with its own
+  reference is right on every row (a row matched to another's prediction would not be: the
+  test answers are distinct)."""
+  split = data[1]["test"]
+  vocab = sorted({a for r in split.records for a in r["answers"]})
+  own = np.array([vocab.index(r["answers"][0]) for r in split.records])
+  assert len(set(own)) == len(own)
+  by_index = _OwnIndex(split, tokenizer)
+
+  def predictor(params, batch):
+    idx, score = by_index(params, batch)
+    return own[idx], score
+
+  predictor.mesh, predictor.answers = by_index.mesh, vocab
+  rows = vqa.answer_split(predictor, None, split, tokenizer=tokenizer, image_size=SIZE,
+                          global_batch=4)
+  assert [r["prediction"] for r in rows] == [r["answers"][0] for r in split.records]
+  assert all(r["correct"] for r in rows)
