@@ -16,6 +16,7 @@ import inspect
 import io
 import logging
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -338,6 +339,11 @@ def build(name: str, source_dir, data_dir, **options) -> Path:
             "other sizes). To build from it, delete that folder or build into another "
             "data_dir")
   else:
+    # What a killed build left behind (TFDS writes into incomplete.* and renames at the end):
+    # never read, and not removed by TFDS.
+    for stale in (Path(data_dir) / name).glob("incomplete.*"):
+      log.info("removing %s, left by an interrupted build", stale)
+      shutil.rmtree(stale, ignore_errors=True)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(download_mode=
                                                      tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))

@@ -230,7 +230,11 @@ def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path):
   src, rows = _vqa_source(tmp_path, n=8)
   _write(src, rows, rows[:2])
   out = tmp_path / "out"
+  killed = out / "vqa_rad" / "incomplete.ABC123_1.0.0"  # What a killed build leaves.
+  killed.mkdir(parents=True)
+  (killed / "vqa_rad-train.array_record-00000-of-00001").write_bytes(b"partial")
   folder = builders.build("vqa_rad", src, out, max_side=16)
+  assert not killed.exists()
   stamp = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
   builders.build("vqa_rad", src, out, max_side=16)
   assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
