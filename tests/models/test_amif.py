@@ -8,7 +8,7 @@ import pytest
 
 import helpers
 from helpers import max_diff
-from medvqa_jax.models import amif, state_dict, towers
+from medvqa_jax.models import amif, heads, state_dict, towers
 from medvqa_jax.models.amif import AMiF
 
 
@@ -103,28 +103,62 @@ def _candidates(rng, c=7, a=6):
 def test_ranking_equals_brute_force(generative):
   model, params = generative
   batch = _batch(seed=2)
-  cands, cand_mask = _candidates(np.random.default_rng(0))
+  cands, cand_mask = _candidates(np.random.default_rng(2))  # See the k < C check below.
   args = [batch[k] for k in ("images", "input_ids", "attention_mask", "prior_ids", "prior_mask")]
   ranked = model.apply({"params": params}, *args, cands, cand_mask, k=len(cands),
                        method=AMiF.rank)
-  # Brute force: every candidate's full log-likelihood, one candidate at a time, in NumPy.
-  brute = np.zeros((3, len(cands)))
+  # Brute force: every candidate's full log-likelihood, one candidate at a time, in NumPy,
+  # and the log-probability of its first answer token (after [CLS]).
+  brute, first = np.zeros((3, len(cands))), np.zeros((3, len(cands)))
+  vqa = jax.jit(lambda p, b: _vqa(model, p, b)["logits"])  # One compile, not op by op.
   for c in range(len(cands)):
     b = dict(batch, answer_ids=np.repeat(cands[c:c + 1], 3, 0),
              answer_mask=np.repeat(cand_mask[c:c + 1], 3, 0))
-    logits = np.asarray(_vqa(model, params, b)["logits"], np.float64)
+    logits = np.asarray(vqa(params, b), np.float64)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
     n = cand_mask[c].sum()
     brute[:, c] = sum(logp[:, t, cands[c, t + 1]] for t in range(n - 1))
+    first[:, c] = logp[:, 0, cands[c, 1]]
   np.testing.assert_array_equal(ranked["prediction"], brute.argmax(1))
   scores = np.take_along_axis(brute, np.asarray(ranked["topk"]), axis=1)
   np.testing.assert_allclose(ranked["scores"], scores, rtol=1e-4, atol=1e-3)
-  # With k < C only the k candidates with the most probable first tokens are re-scored.
-  rank = jax.jit(lambda p, *a: model.apply({"params": p}, *a, k=2, method=AMiF.rank))
-  top2 = rank(params, *args, cands, cand_mask)  # Batched and jitted.
-  assert top2["topk"].shape == (3, 2)
-  assert all(p in t for p, t in zip(np.asarray(top2["prediction"]), np.asarray(top2["topk"])))
+  # With k < C only the k candidates with the most probable first answer tokens are
+  # re-scored, most probable first; the prediction is the most likely of those k.
+  k = 3
+  rank = jax.jit(lambda p, *a: model.apply({"params": p}, *a, k=k, method=AMiF.rank))
+  top = rank(params, *args, cands, cand_mask)  # Batched and jitted.
+  order = np.argsort(-first, axis=1)
+  gaps = -np.diff(np.take_along_axis(first, order, axis=1)[:, :k + 1], axis=1)
+  assert gaps.min() > 1e-3  # No near-ties: the expected order is well defined.
+  np.testing.assert_array_equal(top["topk"], order[:, :k])
+  in_top = np.take_along_axis(brute, order[:, :k], axis=1)
+  np.testing.assert_allclose(top["scores"], in_top, rtol=1e-4, atol=1e-3)
+  np.testing.assert_array_equal(top["prediction"], order[np.arange(3), in_top.argmax(1)])
+  # The data can tell: the top k are not the first k candidates, and for some question the
+  # best of all candidates is not among them.
+  assert np.any(order[:, :k] != np.arange(k)) and np.any(top["prediction"] != brute.argmax(1))
+
+
+def test_classifier_reads_the_text_and_image_cls_and_skips_unknown_labels(classifier):
+  """The classifier head sees the GCA output at the text [CLS] (position 0) and the image
+  CLS (the first image token, after the question's tokens); the loss is the cross-entropy
+  averaged over the labels in the vocabulary (-1: outside it)."""
+  model, params = classifier
+  batch = dict(_batch(seed=4), labels=np.array([3, -1, 10], np.int32))
+  out = _vqa(model, params, batch)
+  ctx, t = np.asarray(out["context"]), batch["input_ids"].shape[1]
+  assert ctx.shape == (3, t + 17, 64)
+  head = lambda x, y: heads.ClassifierHead(11).apply({"params": params["classifier"]}, x, y)
+  np.testing.assert_allclose(out["logits"], head(ctx[:, 0], ctx[:, t]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(out["prediction"], np.argmax(out["logits"], axis=-1))
+  # Neighbouring positions give other logits: the comparison above can fail.
+  for x, y in ((ctx[:, 1], ctx[:, t]), (ctx[:, 0], ctx[:, t + 1]), (ctx[:, 0], ctx[:, t - 1])):
+    assert max_diff(out["logits"], head(x, y)) > 1e-3
+  logits = np.asarray(out["logits"], np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  np.testing.assert_allclose(out["loss"], -(logp[0, 3] + logp[2, 10]) / 2, rtol=1e-5)
 
 
 @pytest.mark.parametrize("head", ["generative", "classifier"])

@@ -43,3 +43,92 @@ def test_frozen_parameters_do_not_move_and_decay_reaches_the_others():
   assert np.all(params["image"]["block_0"]["kernel"] == 1)  # Frozen: no update, no decay.
   # Zero gradients: only weight decay moves the rest, LayerNorm scales included.
   assert np.all(params["text"]["ln"]["scale"] < 1) and np.all(params["fusion"]["kernel"] < 1)
+
+
+def test_schedule_is_linear_warmup_then_cosine_to_zero():
+  cfg = _cfg(())
+  cfg.update(lr=3e-3, warmup_fraction=0.25, total_steps=20)  # 5 warm-up steps.
+  lr = optim.schedule(cfg)
+  w, total, peak = 5, 20, 3e-3
+  steps = np.array([0, 1, 2, 4, 5, 6, 9, 12, 17, 19, 20, 30])
+  frac = np.clip((steps - w) / (total - w), 0, 1)
+  expected = np.where(steps < w, peak * steps / w, peak * 0.5 * (1 + np.cos(np.pi * frac)))
+  np.testing.assert_allclose([float(lr(s)) for s in steps], expected, rtol=1e-6, atol=1e-9)
+
+
+def _numpy_adamw(params, grads_per_step, mults, lr, b1, b2, wd, clip, eps=1e-8):
+  """AdamW as optax.adamw applies it (decoupled decay, scaled by the scheduled rate), with a
+  per-leaf rate multiplier (0: frozen, no state, no decay), after a global-norm clip over the
+  trained leaves' gradients. float64 throughout."""
+  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  m = {k: np.zeros_like(v) for k, v in p.items()}
+  v = {k: np.zeros_like(x) for k, x in p.items()}
+  for t, grads in enumerate(grads_per_step):
+    g = {k: np.asarray(x, np.float64) * (mults[k] != 0) for k, x in grads.items()}
+    norm = np.sqrt(sum(np.sum(x ** 2) for x in g.values()))
+    if clip and norm > clip:
+      g = {k: x * clip / norm for k, x in g.items()}
+    for k in p:
+      if mults[k] == 0:
+        continue
+      m[k] = b1 * m[k] + (1 - b1) * g[k]
+      v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+      m_hat, v_hat = m[k] / (1 - b1 ** (t + 1)), v[k] / (1 - b2 ** (t + 1))
+      p[k] = p[k] - mults[k] * lr(t) * (m_hat / (np.sqrt(v_hat) + eps) + wd * p[k])
+  return p
+
+
+@pytest.mark.parametrize("grad_clip", [None, 1.0])
+def test_updates_equal_numpy_adamw_with_multipliers_freezing_and_clipping(grad_clip):
+  rng = np.random.default_rng(0)
+  leaves = {"image/block_0/kernel": (3, 2), "text/ln/scale": (4,), "text/ln/bias": (4,),
+            "fusion/kernel": (3, 4), "fusion/bias": (4,)}
+  mults = {"image/block_0/kernel": 0.0, "text/ln/scale": 0.1, "text/ln/bias": 1.0,
+           "fusion/kernel": 1.0, "fusion/bias": 0.5}
+  flat = {k: rng.normal(size=s).astype(np.float32) for k, s in leaves.items()}
+  flat["text/ln/bias"] = flat["text/ln/scale"].copy()  # Same values and gradients: x0.1 vs x1.
+  nest = lambda f: {"image": {"block_0": {"kernel": f["image/block_0/kernel"]}},
+                    "text": {"ln": {"scale": f["text/ln/scale"], "bias": f["text/ln/bias"]}},
+                    "fusion": {"kernel": f["fusion/kernel"], "bias": f["fusion/bias"]}}
+  unnest = lambda t: {"image/block_0/kernel": t["image"]["block_0"]["kernel"],
+                      "text/ln/scale": t["text"]["ln"]["scale"],
+                      "text/ln/bias": t["text"]["ln"]["bias"],
+                      "fusion/kernel": t["fusion"]["kernel"], "fusion/bias": t["fusion"]["bias"]}
+  # Gradient norms far below and far above the clip (about 0.1 and 30), so the clip both
+  # triggers and leaves some steps alone, and Adam's per-step normalisation cannot hide it.
+  # The frozen leaf's large gradient must not count in the norm.
+  scales = [0.03, 10.0, 0.05, 8.0, 0.04, 12.0]
+  grads = []
+  for s in scales:
+    g = {k: (s * rng.normal(size=v.shape)).astype(np.float32) for k, v in flat.items()}
+    g["text/ln/bias"] = g["text/ln/scale"].copy()
+    g["image/block_0/kernel"] = np.full(leaves["image/block_0/kernel"], 100.0, np.float32)
+    grads.append(g)
+  cfg = _cfg(((r"image/.*", 0.0), (r"text/ln/scale", 0.1), (r"fusion/bias", 0.5)))
+  cfg.update(lr=0.05, weight_decay=0.3, b1=0.8, b2=0.95, warmup_fraction=0.5, total_steps=8,
+             grad_clip=grad_clip)
+  tx = optim.make(cfg, nest(flat))
+  params = nest(flat)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for t, g in enumerate(grads):
+    updates, state = update(nest(g), state, params)
+    params = optax.apply_updates(params, updates)
+    if t == 1:  # The first step with a non-zero rate; the twins are still equal.
+      first = unnest(updates)
+  got = unnest(params)
+
+  base = lambda t: 0.05 * (t / 4 if t < 4 else 0.5 * (1 + np.cos(np.pi * (t - 4) / 4)))
+  expected = _numpy_adamw(flat, grads, mults, base, 0.8, 0.95, 0.3, grad_clip)
+  for k in leaves:
+    np.testing.assert_allclose(got[k], expected[k], rtol=2e-5, atol=2e-6, err_msg=k)
+  # The frozen leaf did not move (no update, no decay) despite its gradient ...
+  np.testing.assert_array_equal(got["image/block_0/kernel"], flat["image/block_0/kernel"])
+  # ... and a leaf with multiplier 0.1 moves exactly a tenth of what its x1 twin moves (one
+  # step: after it the twins differ, and so does their decay).
+  assert np.all(np.abs(first["text/ln/bias"]) > 1e-3)
+  np.testing.assert_allclose(first["text/ln/scale"], 0.1 * first["text/ln/bias"], rtol=1e-5)
+  # The comparison is sensitive: every trained leaf moved by far more than the tolerance.
+  for k in leaves:
+    if mults[k]:
+      assert np.min(np.abs(got[k] - flat[k])) > 1e-4, k

@@ -1,0 +1,70 @@
+"""The answer heads against NumPy: the classifier MLP, its loss, and the teacher-forced loss."""
+
+import math
+
+import jax
+import numpy as np
+
+from medvqa_jax.models import heads
+
+
+def _log_softmax(x):
+  x = np.asarray(x, np.float64)
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_classifier_head_equals_numpy():
+  rng = np.random.default_rng(0)
+  text_cls, image_cls = rng.normal(size=(2, 4, 8)).astype(np.float32)
+  head = heads.ClassifierHead(num_answers=7)
+  params = head.init(jax.random.PRNGKey(0), text_cls, image_cls)["params"]
+  # Random LayerNorm and biases, so that none of them is a no-op.
+  params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
+  got = head.apply({"params": params}, text_cls, image_cls)
+
+  p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  dense = lambda name, x: x @ p[name]["kernel"] + p[name]["bias"]
+  h = dense("fc1", np.concatenate([np.tanh(dense("text_pooler", text_cls)),
+                                   np.tanh(dense("image_pooler", image_cls))], axis=-1))
+  h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)
+  h = h * p["ln"]["scale"] + p["ln"]["bias"]
+  h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))  # Exact GELU.
+  np.testing.assert_allclose(got, dense("fc2", h), rtol=1e-4, atol=1e-4)
+  # The text and image inputs are not interchangeable.
+  assert np.max(np.abs(got - head.apply({"params": params}, image_cls, text_cls))) > 1e-2
+
+
+def test_classifier_loss_averages_over_in_vocabulary_labels_only():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(6, 5)).astype(np.float32) * 3
+  labels = np.array([2, -1, 0, 4, -1, 1], np.int32)  # -1: an answer outside the vocabulary.
+  valid = labels >= 0
+  logp = _log_softmax(logits)
+  expected = -np.mean(logp[np.arange(6)[valid], labels[valid]])
+  np.testing.assert_allclose(heads.classifier_loss(logits, labels), expected, rtol=1e-5)
+  # The left-out rows' logits do not matter at all.
+  other = logits.copy()
+  other[~valid] = rng.normal(size=(2, 5)) * 10
+  np.testing.assert_allclose(heads.classifier_loss(other, labels), expected, rtol=1e-5)
+  # A batch with no label in the vocabulary gives 0, not NaN.
+  assert float(heads.classifier_loss(logits, np.full(6, -1, np.int32))) == 0.0
+
+
+def test_generative_loss_is_the_batch_mean_of_answer_negative_log_likelihoods():
+  """Per answer: minus the sum over its tokens after [CLS] of log p(token | the ones before),
+  where logits[t] predicts ids[t + 1]; then the mean over the batch."""
+  rng = np.random.default_rng(2)
+  b, length, vocab = 4, 6, 11
+  logits = rng.normal(size=(b, length, vocab)).astype(np.float32) * 2
+  lengths = np.array([6, 4, 3, 2])
+  mask = (np.arange(length) < lengths[:, None]).astype(np.int32)
+  ids = rng.integers(1, vocab, (b, length)).astype(np.int32)  # Pads hold real ids: masked.
+  ids[:, 0] = 0
+  logp = _log_softmax(logits)
+  per_answer = np.array([sum(logp[i, t - 1, ids[i, t]] for t in range(1, lengths[i]))
+                         for i in range(b)])
+  np.testing.assert_allclose(heads.sequence_log_likelihood(logits, ids, mask), per_answer,
+                             rtol=1e-5)
+  np.testing.assert_allclose(heads.generative_loss(logits, ids, mask), -per_answer.mean(),
+                             rtol=1e-5)
