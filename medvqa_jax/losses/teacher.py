@@ -249,11 +249,23 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         r = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+      if not isinstance(r, dict):
+        raise ValueError(f"{path}:{n}: expected an object, got {type(r).__name__}")
       for key in ("id", "image", "caption"):
         if not r.get(key) and r.get(key) != 0:
           raise ValueError(f"{path}:{n}: missing or empty {key!r}")
+      for key in ("image", "image2", "caption"):
+        if key in r and not isinstance(r[key], str):
+          raise ValueError(f"{path}:{n}: {key!r} is a {type(r[key]).__name__}, not a string")
+      if records and ("image2" in r) != ("image2" in records[0]):
+        raise ValueError(f"{path}:{n}: {'has' if 'image2' in r else 'lacks'} an 'image2', "
+                         f"unlike line {records[0]['_line']}: a corpus is multi-view throughout "
+                         "or not at all")
       for key in ("image", "image2"):
         if key in r:
           r[key] = str(path.parent / r[key])
+      r["_line"] = n
       records.append(r)
+  for r in records:
+    del r["_line"]
   return records

@@ -1,6 +1,7 @@
 """The soft-label teacher: its embeddings, the cache command, and the cache's checks."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,16 @@ def test_the_cache_holds_what_the_online_teacher_computes(demo_config):
       "teacher_pixels", "teacher_input_ids", "teacher_attention_mask")))
   np.testing.assert_allclose(cache.image, image, atol=1e-5)
   np.testing.assert_allclose(cache.text, text, atol=1e-5)
+
+
+@pytest.mark.parametrize("line, says", [
+    ('["x"]', "expected an object, got list"),
+    ('{"id": "x", "image": "a.jpg", "caption": 123}', "'caption' is a int, not a string"),
+    ('{"id": "x", "image": "a.jpg", "caption": "c", "image2": "b.jpg"}',
+     "has an 'image2', unlike line 1"),
+])
+def test_malformed_corpus_lines_are_named(tmp_path, line, says):
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text('{"id": "a", "image": "a.jpg", "caption": "first"}\n' + line + "\n")
+  with pytest.raises(ValueError, match=f"{corpus}:2: " + re.escape(says)):
+    teacher_lib.read_jsonl(corpus)
