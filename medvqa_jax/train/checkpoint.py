@@ -69,10 +69,12 @@ class Checkpoints:
         cleanup_tmp_directories=not read_only, enable_async_checkpointing=True)
     if read_only and not self.directory.is_dir():
       raise FileNotFoundError(f"no checkpoint folder {self.directory}")
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                       "run": ocp.JsonCheckpointHandler()})
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for item, args in (("state", ocp.args.PyTreeSave), ("state", ocp.args.PyTreeRestore),
+                       ("run", ocp.args.JsonSave), ("run", ocp.args.JsonRestore)):
+      registry.add(item, args)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         handler_registry=registry)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -156,7 +158,7 @@ class Checkpoints:
     this process's first device)."""
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
-      meta = self.manager.item_metadata(step)["state"]["params"]
+      meta = self.manager.metadata(step).item_metadata["state"]["params"]
     except _READ_ERRORS as e:
       raise self._unreadable(step, e) from e
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
