@@ -22,8 +22,8 @@ e.g. --config.model.compute.attention=cudnn --config.model.compute.scan=True
 
 import json
 
-import common  # noqa: F401  (puts the repository root on sys.path)
-from absl import app, flags
+import common  # Puts the repository root on sys.path.
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/towers_only.py", "Config file.")
@@ -52,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

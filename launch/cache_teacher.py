@@ -14,8 +14,8 @@ Prints one JSON line: the count, embedding width, teacher fingerprint and output
 
 import json
 
-import common  # noqa: F401  (puts the repository root on sys.path)
-from absl import app, flags
+import common  # Puts the repository root on sys.path.
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain_stage0.py", "Config file.")
@@ -39,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -29,3 +29,60 @@ def _quiet():
 
 
 _app.call_after_init(_quiet)
+
+
+def _config_fields(tree, prefix="") -> list[str]:
+  out = []
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    out += _config_fields(value, path + ".") if hasattr(value, "items") else [path]
+  return out
+
+
+def _bad_override(error: Exception) -> str | None:
+  """What is wrong with a --config.FIELD=VALUE of the command line, if that is what failed."""
+  import difflib
+  import importlib.util
+  overrides = [a[2:].split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--config.")]
+  if not overrides:
+    return None
+  spec = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), None)
+  fields = []
+  if spec:
+    path, _, arg = spec.partition(":")
+    try:
+      module_spec = importlib.util.spec_from_file_location("_config", path)
+      module = importlib.util.module_from_spec(module_spec)
+      module_spec.loader.exec_module(module)
+      fields = _config_fields(module.get_config(arg or None))
+    except Exception:  # The file itself is broken: absl's own error says more.
+      return None
+  unknown = [o for o in overrides if fields and o.removeprefix("config.") not in fields]
+  if not unknown:
+    return None
+  lines = []
+  for o in unknown:
+    near = difflib.get_close_matches(o.removeprefix("config."), fields, n=3, cutoff=0.6)
+    lines.append(f"--{o}: the config has no such field"
+                 + (f" (did you mean {', '.join('--config.' + n for n in near)}?)" if near else ""))
+  return "\n".join(lines) + f"\n({type(error).__name__}: {error})"
+
+
+def run(main):
+  """absl's app.run, with a command-line override of a config field that does not exist
+  reported as such (with the nearest field names) instead of a traceback from the flag
+  parser."""
+  started = []
+
+  def wrapped(argv):
+    started.append(True)
+    return main(argv)
+
+  try:
+    _app.run(wrapped)
+  except (AttributeError, KeyError) as e:
+    problem = None if started else _bad_override(e)
+    if problem is None:
+      raise
+    print(f"error: {problem}", file=sys.stderr)
+    sys.exit(2)

@@ -9,8 +9,7 @@ read to learn their shapes.
 
 import json
 
-import common  # noqa: F401  (puts the repository root on sys.path)
-from absl import app
+import common  # Puts the repository root on sys.path.
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file.")
@@ -33,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -13,8 +13,8 @@ both towers project to the same width.
 
 import json
 
-import common  # noqa: F401  (puts the repository root on sys.path)
-from absl import app, flags
+import common  # Puts the repository root on sys.path.
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file.")
@@ -72,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

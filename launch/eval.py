@@ -18,8 +18,8 @@ of the run's config must still be where the config says.
 
 import json
 
-import common  # noqa: F401  (puts the repository root on sys.path)
-from absl import app, flags
+import common  # Puts the repository root on sys.path.
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: the run's).")
@@ -47,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -196,3 +196,14 @@ class TestConfigs:
       module, params = towers.from_config(config.model[part])
       assert params  # Randomly initialised from `arch`.
     assert from_config(config.model.text).vocab_size == 30522
+
+
+def test_a_config_field_typo_is_named_with_the_nearest_fields():
+  out = _run("launch/count_params.py", "--config=configs/demo.py",
+             "--config.train.total_step=4", "--config.optim.total_steps=3")
+  assert out.returncode == 2
+  assert out.stderr.startswith("error: --config.train.total_step: the config has no such "
+                               "field (did you mean --config.optim.total_steps")
+  assert "Traceback" not in out.stderr
+  assert _run("launch/count_params.py", "--config=configs/demo.py",
+              "--config.optim.total_steps=3").returncode == 0
