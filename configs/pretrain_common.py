@@ -13,8 +13,9 @@ from configs.towers.common import bf16
 
 def pretraining(config):
   config.model.text.max_len = 120
-  # The teacher reads the captions at the same length, as the reference's teacher does.
-  config.teacher.text.max_len = 120
+  # The teacher reads the captions at the same length, as the reference's teacher does (at
+  # most its preset's: BiomedCLIP's 256 becomes 120).
+  config.teacher.text.max_len = min(config.teacher.text.max_len, 120)
   bf16(config)
   # Validation: the objective and image<->text retrieval on a seeded 2% of the training
   # split's examples, held out (0: no validation; the corpus's own splits are not used).

@@ -164,9 +164,10 @@ class Checkpoints:
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
                                                        sharding=sharding), dict(meta))
 
-  def restore_params(self, step: int, abstract_params) -> dict:
-    """Only the parameters of `step` (no optimizer state), placed like `abstract_params`."""
-    self.check_params(step, abstract_params)
+  def restore_params(self, step: int, abstract_params, partial: bool = False) -> dict:
+    """Only the parameters of `step` (no optimizer state), placed like `abstract_params`; with
+    `partial`, those of them that the checkpoint holds among others."""
+    self.check_params(step, abstract_params, partial=partial)
     out = self._restore(step, state=_restore_args({"params": abstract_params}, partial=True))
     return out["state"]["params"]
 

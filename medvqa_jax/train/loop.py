@@ -96,7 +96,7 @@ def _init_from(config, state, shardings):
   flat_shard = flatten(shardings["params"])
   abstract = unflatten({p: jax.ShapeDtypeStruct(own[p].shape, own[p].dtype,
                                                 sharding=flat_shard[p]) for p in take})
-  restored = flatten(other.restore_params(step, abstract))
+  restored = flatten(other.restore_params(step, abstract, partial=True))
   own.update(restored)
   other.close()
   log.info("initialised %d of %d parameter arrays from %s step %d", len(take), len(own),

@@ -80,3 +80,9 @@ def test_restoring_onto_another_model_names_the_parameters(folder):
   assert "dense/kernel (3, 4) saved, (3, 8) now" in message
   with pytest.raises(ValueError, match="dense/bias"):
     ckpts.restore_params(6, abstract(state(width=8)["params"]))
+  # Some of the saved parameters, as init_from takes them: partial.
+  some = abstract({"dense": {"bias": jnp.ones(4)}})
+  with pytest.raises(ValueError, match=r"saved but not in the model \(1\): dense/kernel"):
+    ckpts.restore_params(6, some)
+  np.testing.assert_array_equal(ckpts.restore_params(6, some, partial=True)["dense"]["bias"],
+                                np.ones(4))
