@@ -79,6 +79,23 @@ SCRIPT = textwrap.dedent("""
     helpers.assert_params_close(flatten(got_params), flatten(ref_params), 1e-4, 2 * 1e-3)
     print("OK finetune", float(ref_metrics["loss"]), moved)
 
+    # FSDP compiles to gathered weights and one gradient reduction: no activations moved
+    # between devices (left to itself, the partitioner kept the weights sharded through the
+    # layers: 41 all-to-alls and 36 all-reduces of activations in this step).
+    import re
+    mesh4 = sharding.make_mesh(4)
+    sh4 = step_lib.state_shardings(mesh4, params, tx, min_size=64)
+    hlo = step_lib.make_train_step(objective, tx, sh4).lower(
+        step_lib.init_state(params, tx, sh4), sharding.shard_batch(mesh4, data),
+        jax.random.PRNGKey(0)).compile().as_text()
+    ops = re.findall(r"%\S+ = .*? (all-gather|all-reduce|reduce-scatter|all-to-all|"
+                     r"collective-permute)(?:-start)?\(", hlo)
+    count = {{op: ops.count(op) for op in set(ops)}}
+    assert count.get("all-gather", 0) > 0, count
+    assert count.get("all-to-all", 0) == 0 and count.get("collective-permute", 0) == 0, count
+    assert count.get("all-reduce", 0) + count.get("reduce-scatter", 0) <= 2, count
+    print("OK fsdp", count)
+
     # Micro-batches interleave rows, so each stays spread over every device: splitting a
     # batch sharded over 8 devices moves nothing between them.
     rows = np.arange(64 * 3).reshape(64, 3)
@@ -98,6 +115,7 @@ def test_sharded_step_equals_single_device():
                        timeout=1200, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-5000:]
   assert "OK finetune" in out.stdout and "OK micro-batches" in out.stdout
+  assert "OK fsdp" in out.stdout
 
 
 def test_batches_the_objective_cannot_use_are_refused():
