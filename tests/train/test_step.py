@@ -88,8 +88,8 @@ SCRIPT = textwrap.dedent("""
     hlo = step_lib.make_train_step(objective, tx, sh4).lower(
         step_lib.init_state(params, tx, sh4), sharding.shard_batch(mesh4, data),
         jax.random.PRNGKey(0)).compile().as_text()
-    ops = re.findall(r"%\S+ = .*? (all-gather|all-reduce|reduce-scatter|all-to-all|"
-                     r"collective-permute)(?:-start)?\(", hlo)
+    ops = re.findall(r"%\\S+ = .*? (all-gather|all-reduce|reduce-scatter|all-to-all|"
+                     r"collective-permute)(?:-start)?\\(", hlo)
     count = {{op: ops.count(op) for op in set(ops)}}
     assert count.get("all-gather", 0) > 0, count
     assert count.get("all-to-all", 0) == 0 and count.get("collective-permute", 0) == 0, count
