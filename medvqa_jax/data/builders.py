@@ -305,10 +305,13 @@ def source_fingerprint(source_dir, exclude=None) -> dict:
   return {"dir": str(root), "files": count, "digest": digest.hexdigest()[:16]}
 
 
+def _built_metadata(data_dir, name: str) -> dict:
+  return tfds.builder_from_directory(str(dataset_dir(data_dir, name))).info.metadata or {}
+
+
 def built_options(data_dir, name: str) -> dict | None:
   """The `build_options` an existing build was made with (None for builds that predate them)."""
-  meta = tfds.builder_from_directory(str(dataset_dir(data_dir, name))).info.metadata or {}
-  return meta.get("build_options")
+  return _built_metadata(data_dir, name).get("build_options")
 
 
 def build(name: str, source_dir, data_dir, **options) -> Path:
@@ -321,14 +324,14 @@ def build(name: str, source_dir, data_dir, **options) -> Path:
   if is_built(data_dir, name):
     wanted = build_options(name, **{k: options.get(k) for k in
                                     ("max_side", "splits", "reader_options")})
-    have = built_options(data_dir, name)
+    meta = _built_metadata(data_dir, name)
+    have = meta.get("build_options")  # None: built before options were recorded.
     if have is not None and have != wanted:
       differ = ", ".join(f"{k} {have.get(k)!r} (asked: {wanted[k]!r})" for k in wanted
                          if have.get(k) != wanted[k])
       raise ValueError(f"{name} is already built in {dataset_dir(data_dir, name)} with other "
                        f"options: {differ}. Build into another data_dir, or delete that folder "
                        f"to rebuild it")
-    meta = tfds.builder_from_directory(str(dataset_dir(data_dir, name))).info.metadata or {}
     then = meta.get("source")  # None: built before sources were recorded.
     if then is not None and source_dir is not None:
       now = source_fingerprint(source_dir, data_dir)

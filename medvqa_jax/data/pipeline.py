@@ -68,7 +68,7 @@ class _Example:
       self._view(out, second, rng, suffix="2")
       if self.teacher is not None:
         # The teacher sees the un-augmented image resized to its own size and the cleaned
-        # caption, as in launch/cache_teacher.py (`teacher.teacher_inputs`).
+        # caption, as in launch/cache_teacher.py (`teacher.compute_cache`).
         tok, size = self.teacher
         raw = lambda x: augment.resize(x, size)
         t = tok([text])

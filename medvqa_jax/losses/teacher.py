@@ -259,13 +259,10 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
           raise ValueError(f"{path}:{n}: {key!r} is a {type(r[key]).__name__}, not a string")
       if records and ("image2" in r) != ("image2" in records[0]):
         raise ValueError(f"{path}:{n}: {'has' if 'image2' in r else 'lacks'} an 'image2', "
-                         f"unlike line {records[0]['_line']}: a corpus is multi-view throughout "
-                         "or not at all")
+                         f"unlike line {first}: a corpus is multi-view throughout or not at all")
       for key in ("image", "image2"):
         if key in r:
           r[key] = str(path.parent / r[key])
-      r["_line"] = n
+      first = first if records else n
       records.append(r)
-  for r in records:
-    del r["_line"]
   return records
