@@ -42,7 +42,12 @@ def _train_cmd(workdir, data_dir, *extra, steps=STEPS) -> list[str]:
           "--config.data.val_fraction=0.03",
           # The recipe's dropout (the demo has none): resuming and the two-process run then
           # also reproduce its random draws.
-          "--config.model.dropout=0.1", *extra]
+          "--config.model.dropout=0.1",
+          # Shorter answers, fewer re-ranked candidates and a shorter answer prior (cut, with a
+          # warning): the same code paths at a third less time (each run answers 451 test and
+          # 99 validation questions; re-ranking dominated).
+          "--config.model.answer_max_len=8", "--config.model.rank_k=4",
+          "--config.model.prior_max_tokens=128", *extra]
 
 
 def _run(cmd, devices=8, check=True, **kw):
