@@ -273,8 +273,18 @@ def vqa_med_2019(source_dir: Path) -> dict:
 
 # ---- pre-training corpora -----------------------------------------------------------------
 
+def record_id(value, default: str) -> str:
+  """A record's id as stored: its own (0 included), else `default` where it has none."""
+  return default if value is None or str(value).strip() == "" else str(value)
+
+
+def clean_caption(caption) -> str:
+  """A caption as stored (and as the teacher cache reads it): surrounding spaces removed."""
+  return "" if caption is None else str(caption).strip()
+
+
 def _caption(rid, image, caption, where, **extra):
-  caption = "" if caption is None else str(caption).strip()
+  caption = clean_caption(caption)
   if not caption:
     return Bad(where, "empty caption")
   return dict(id=str(rid), image=image, caption=caption, **extra)
@@ -319,7 +329,7 @@ def roco(source_dir: Path) -> dict:
       image = path.parent / name
       if not image.exists() and (path.parent / "images" / name).exists():
         image = path.parent / "images" / name
-      records.append(_caption(row.get("id") or f"{split}-{n}", str(image), row.get("caption"),
+      records.append(_caption(record_id(row.get("id"), f"{split}-{n}"), str(image), row.get("caption"),
                               where))
     out[split] = records
   return out
@@ -333,7 +343,7 @@ def _jsonl(path: Path):
     try:
       row = json.loads(line)
     except json.JSONDecodeError as e:
-      yield n, where, Bad(where, f"not valid JSON ({e.msg})")
+      yield n, where, Bad(where, f"not valid JSON ({e.msg} at character {e.pos + 1})")
       continue
     yield n, where, row if isinstance(row, dict) else Bad(where, "expected a JSON object")
 
@@ -353,7 +363,7 @@ def medicat(source_dir: Path) -> dict:
         records.append(Bad(where, "no fig_uri"))
         continue
       name = f"{row['pdf_hash']}_{uri}" if row.get("pdf_hash") else uri
-      records.append(_caption(row.get("id") or Path(name).stem,
+      records.append(_caption(record_id(row.get("id"), Path(name).stem),
                               str(source_dir / "figures" / name),
                               row.get("s2_caption") or row.get("caption"), where))
     out[split] = records
@@ -401,7 +411,8 @@ def captions_jsonl(source_dir: Path) -> dict:
       elif not row.get("image"):
         records.append(Bad(where, "no image"))
       else:
-        records.append(_caption(row.get("id") or f"{split}-{n}", str(path.parent / row["image"]),
+        records.append(_caption(record_id(row.get("id"), f"{split}-{n}"),
+                                str(path.parent / row["image"]),
                                 row.get("caption"), where))
     out[split] = records
   return out

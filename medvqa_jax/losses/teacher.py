@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medvqa_jax.data import sources
 from medvqa_jax.models import state_dict
 
 # 2: captions cleaned and images resized (not cropped) to the teacher's size, as the student's
@@ -98,13 +99,13 @@ def from_config(config) -> Teacher:
   from medvqa_jax.models import towers
   tc = config.teacher
   with state_dict.shared_reads():  # One read of a checkpoint that holds all three.
-    image, image_params = towers.from_config(tc.image, seed=1000)
-    text, text_params = towers.from_config(tc.text, seed=1001)
+    image, image_params = towers.from_config(tc.image, seed=1000, where="teacher.image")
+    text, text_params = towers.from_config(tc.text, seed=1001, where="teacher.text")
     scale = tc.get("logit_scale") or _checkpoint_logit_scale(tc.image)
   if scale is None:
     raise ValueError("the teacher's checkpoint has no logit_scale: set "
                      "--config.teacher.logit_scale")
-  return Teacher(image, image_params, text, text_params, tokenizer_lib.from_config(tc.text),
+  return Teacher(image, image_params, text, text_params, tokenizer_lib.from_config(tc.text, "teacher.text"),
                  float(scale))
 
 
@@ -248,15 +249,21 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
       try:
         r = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at character {e.pos + 1})") from None
       if not isinstance(r, dict):
         raise ValueError(f"{path}:{n}: expected an object, got {type(r).__name__}")
-      for key in ("id", "image", "caption"):
-        if not r.get(key) and r.get(key) != 0:
-          raise ValueError(f"{path}:{n}: missing or empty {key!r}")
       for key in ("image", "image2", "caption"):
         if key in r and not isinstance(r[key], str):
           raise ValueError(f"{path}:{n}: {key!r} is a {type(r[key]).__name__}, not a string")
+      # Ids and captions as the dataset builder stores them (the cache is checked against
+      # the built dataset's): an id as a string, a caption without surrounding spaces.
+      if r.get("id") is not None:
+        r["id"] = str(r["id"])
+      if "caption" in r:
+        r["caption"] = sources.clean_caption(r["caption"])
+      for key in ("id", "image", "caption"):
+        if not r.get(key) or not r[key].strip():
+          raise ValueError(f"{path}:{n}: missing or empty {key!r}")
       if records and ("image2" in r) != ("image2" in records[0]):
         raise ValueError(f"{path}:{n}: {'has' if 'image2' in r else 'lacks'} an 'image2', "
                          f"unlike line {first}: a corpus is multi-view throughout or not at all")

@@ -132,9 +132,28 @@ def test_the_cache_holds_what_the_online_teacher_computes(demo_config):
     ('{"id": "x", "image": "a.jpg", "caption": 123}', "'caption' is a int, not a string"),
     ('{"id": "x", "image": "a.jpg", "caption": "c", "image2": "b.jpg"}',
      "has an 'image2', unlike line 1"),
+    ('{"id": "x", "image": "a.jpg", "caption": "   "}', "missing or empty 'caption'"),
+    ('{"id": "x" "image": "a.jpg", "caption": "c"}', "not valid JSON (Expecting ',' delimiter "
+     "at character 12)"),
 ])
 def test_malformed_corpus_lines_are_named(tmp_path, line, says):
   corpus = tmp_path / "corpus.jsonl"
   corpus.write_text('{"id": "a", "image": "a.jpg", "caption": "first"}\n' + line + "\n")
   with pytest.raises(ValueError, match=f"{corpus}:2: " + re.escape(says)):
     teacher_lib.read_jsonl(corpus)
+
+
+def test_the_cache_reads_a_corpus_as_the_dataset_builder_does(tmp_path):
+  """A cache is checked against the built dataset's ids and captions: the cache command must
+  read a captions_jsonl file as the builder does (captions without surrounding spaces, an id
+  of 0 kept as "0"), or the cache of the very corpus it was made for is refused."""
+  from medvqa_jax.data import sources
+  rows = [{"id": 0, "image": "a.jpg", "caption": "is there a fracture? "},
+          {"id": "b", "image": "b.jpg", "caption": "  two  words "},
+          {"id": 7, "image": "c.jpg", "caption": "plain"}]
+  helpers.write_jsonl(tmp_path / "train.jsonl", rows)
+  built = sources.captions_jsonl(tmp_path)["train"]
+  read = teacher_lib.read_jsonl(tmp_path / "train.jsonl")
+  assert [(r["id"], r["caption"]) for r in built] == [(r["id"], r["caption"]) for r in read] \
+      == [("0", "is there a fracture?"), ("b", "two  words"), ("7", "plain")]
+  assert [r["image"] for r in built] == [r["image"] for r in read]
