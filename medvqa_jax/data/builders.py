@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 import tensorflow_datasets as tfds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from medvqa_jax.data import answers as answers_lib
 from medvqa_jax.data import image as image_lib
@@ -47,6 +47,8 @@ def encode_image(source, max_side: int | None, quality: int = 95) -> bytes:
     img.load()
   except FileNotFoundError:
     raise ValueError("image file not found") from None
+  except UnidentifiedImageError:  # Its message names an in-memory buffer, not the file.
+    raise ValueError("unreadable image (not an image format PIL can read)") from None
   except (OSError, SyntaxError, ValueError) as e:
     raise ValueError(f"unreadable image ({e})") from None
   if img.format == "JPEG" and img.mode == "RGB" and not (max_side and max(img.size) > max_side):
@@ -149,13 +151,17 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
       try:
         example = self._example(item, cache)
       except ValueError as e:
-        where = item["image"] if isinstance(item["image"], str) else "image bytes"
-        self._report["bad"].append(f"{item['id']} ({where}): {e}")
-        log.warning("skipped %s: %s", item["id"], e)
+        image = item["image"] if isinstance(item["image"], str) else "image bytes"
+        record = f"; {item['where']}" if item.get("where") else ""
+        problem = f"{item['id']} ({image}{record}): {e}"
+        self._report["bad"].append(problem)
+        log.warning("skipped %s", problem)
         bad += 1
         if len(self._report["bad"]) / self._report["total"] > self.max_bad_fraction:
+          shown = "\n  ".join(self._report["bad"][:20])
           raise DataError(f"too many bad records in {self.name} ({len(self._report['bad'])} of "
-                          f"{self._report['total']}); nothing was built. Last: {item['id']}: {e}")
+                          f"{self._report['total']}); nothing was built. First problems:\n  "
+                          f"{shown}")
         continue
       good += 1
       images.add(example["image_id"])
