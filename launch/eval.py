@@ -8,7 +8,8 @@ r"""Evaluates a trained checkpoint on a split and writes metrics.json and predic
 run's own config is used unless --config is given (it must describe the same model); data
 paths can be overridden (--config is then needed), e.g. --config.data.dir. The parameters are
 restored onto the devices this process has, whatever the training run used. Outputs go to
-<workdir>/eval/<split>-step<N>/ (or --out); each says which answer protocol produced it.
+<workdir>/eval/<split>-step<N>/ (<split>-step<N>-closed-set/ under the closed-set protocol,
+beside the open-set results; or --out); each says which answer protocol produced it.
 
 A pre-training run is evaluated on its corpus's held-out slice, as its validation during
 training was (the objective's terms, image<->text retrieval recall): metrics.json in

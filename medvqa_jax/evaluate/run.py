@@ -79,7 +79,8 @@ def restore(checkpoint_dir, config=None, step: int | None = None, fsdp: int | No
 def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=None,
                    closed_set: bool | None = None) -> dict:
   """Answers a split of the run's dataset (default: test), writes metrics.json and
-  predictions.jsonl into out_dir (default: <workdir>/eval/<split>-step<N>) and returns the
+  predictions.jsonl into out_dir (default: <workdir>/eval/<split>-step<N>, with -closed-set
+  appended under the closed-set protocol) and returns the
   metrics. A pre-training run is evaluated on its held-out slice (`evaluate_pretraining`)."""
   if restored.config.model.head == "none":
     return evaluate_pretraining(restored, split_name, out_dir)
@@ -109,7 +110,9 @@ def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=No
   if jax.process_index() == 0:
     if out_dir is None:
       folder = {"train": "train", "val": "validation", "test": dc.test_split}[key]
-      out_dir = restored.workdir / "eval" / f"{folder}-step{restored.step}"
+      # Each protocol its own folder: a closed-set evaluation beside the open-set one.
+      closed = "-closed-set" if dc.closed_set else ""
+      out_dir = restored.workdir / "eval" / f"{folder}-step{restored.step}{closed}"
     vqa_eval.write(out_dir, metrics, rows)
   return metrics
 

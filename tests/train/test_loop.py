@@ -221,10 +221,11 @@ def test_eval_restores_an_8_device_checkpoint_on_1_device(straight, tmp_path):
   for m in (printed, written):
     m.pop("seconds", None)
     assert m == saved
-  # The paper's closed-set protocol: candidates from every split, and every output says so.
-  closed = tmp_path / "closed"
+  # The paper's closed-set protocol: candidates from every split, and every output says so;
+  # by default in a folder of its own, beside the open-set results.
   _run([sys.executable, str(ROOT / "launch" / "eval.py"), f"--checkpoint_dir={workdir}",
-        f"--out={closed}", "--closed_set"], devices=1)
+        "--closed_set"], devices=1)
+  closed = workdir / "eval" / f"test-step{saved['step']}-closed-set"
   m = json.loads((closed / "metrics.json").read_text())
   assert m["protocol"].startswith("closed-set") and m["questions"] == 451
   rows = (closed / "predictions.jsonl").read_text().splitlines()
