@@ -68,11 +68,42 @@ def _bad_override(error: Exception) -> str | None:
   return "\n".join(lines) + f"\n({type(error).__name__}: {error})"
 
 
+def _resolve_config_path(argv: list[str]) -> list[str]:
+  """argv with its --config file (or the script's default one) found: a relative path that
+  is not under the working folder is looked up in the repository, so that the commands run
+  from any folder; a file found in neither is an error naming both places."""
+  from absl import flags
+  at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")),
+            None)
+  if at is not None and argv[at] == "--config" and at + 1 < len(argv):
+    argv = argv[:at] + [f"--config={argv[at + 1]}"] + argv[at + 2:]
+  if at is not None:
+    spec = argv[at].split("=", 1)[1]
+  elif "config" in flags.FLAGS and flags.FLAGS["config"].default is not None:
+    spec = flags.FLAGS["config"].default_as_str.strip("'\"")
+  else:
+    return argv
+  path, sep, arg = spec.partition(":")
+  if Path(path).is_file():
+    return argv
+  found = ROOT / path
+  if Path(path).is_absolute() or not found.is_file():
+    where = "" if Path(path).is_absolute() else f" (looked in {Path.cwd()} and in {ROOT})"
+    raise FileNotFoundError(f"--config: no config file {path!r}{where}")
+  flag = f"--config={found}{sep}{arg}"
+  return argv[:at] + [flag] + argv[at + 1:] if at is not None else argv + [flag]
+
+
 def run(main):
   """absl's app.run, with a command-line override of a config field that does not exist
   reported as such (with the nearest field names) instead of a traceback from the flag
-  parser."""
+  parser, and the --config file found from any working folder (`_resolve_config_path`)."""
   started = []
+  try:
+    sys.argv = _resolve_config_path(sys.argv)
+  except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
   def wrapped(argv):
     started.append(True)

@@ -40,8 +40,10 @@ def main(argv):
     questions = [s["question"] for s in samples]
 
   with state_dict.shared_reads():  # A CLIP checkpoint holds both towers: read it once.
-    img_tower, img_params = towers.from_config(config.model.image, seed=config.seed)
-    txt_tower, txt_params = towers.from_config(config.model.text, seed=config.seed)
+    img_tower, img_params = towers.from_config(config.model.image, seed=config.seed,
+                                               where="model.image")
+    txt_tower, txt_params = towers.from_config(config.model.text, seed=config.seed,
+                                               where="model.text")
   tokenizer = tokenizer_lib.from_config(config.model.text)
 
   summary = {"device": jax.devices()[0].device_kind}

@@ -22,7 +22,8 @@ _CKPT = flags.DEFINE_string("checkpoint_dir", None, "Run folder or checkpoint fo
 _IMAGE = flags.DEFINE_string("image", None, "Image file.", required=True)
 _QUESTION = flags.DEFINE_string("question", None, "The question.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: best on validation).")
-_TOP = flags.DEFINE_integer("top", 5, "Answers to print.")
+_TOP = flags.DEFINE_integer("top", 5, "Answers to print (the generative head: at most "
+                            "model.rank_k, the candidates it re-scores).")
 _OUT = flags.DEFINE_string("out", "prediction.png", "PNG to write ('' for none).")
 
 

@@ -66,7 +66,11 @@ def test_embed_command_with_a_checkpoint_override(minilm_dir):
 def test_unset_checkpoint_names_the_flag():
   out = _run("launch/embed.py", "--config=configs/base.py:image=clip_vit_b16,text=tiny")
   assert out.returncode != 0
-  assert "no folder is set" in out.stderr and "checkpoint=" in out.stderr
+  assert "no folder is set: pass --config.model.image.checkpoint=" in out.stderr
+  out = _run("launch/embed.py", "--config=configs/base.py:image=tiny,text=tiny",
+             "--config.model.text.tokenizer=")
+  assert out.returncode != 0
+  assert "set --config.model.text.tokenizer=/path (or --config.model.text.checkpoint" in out.stderr
 
 
 def test_train_names_the_missing_setting(tmp_path):
@@ -187,6 +191,14 @@ class TestConfigs:
     assert config.teacher.text.max_len == 120  # The teacher reads what the student reads.
     assert (config.optim.weight_decay, config.optim.b2) == (0.02, 0.98)
     assert config.teacher.mode == "cache"
+    # The tiny towers (64 positions) smoke-test the stage as they are: captions cut to 64.
+    from medvqa_jax.data.tokenizer import from_config
+    from medvqa_jax.models import amif
+    tiny = importlib.import_module(f"configs.pretrain_stage{stage}").get_config(
+        "image=tiny,text=tiny,teacher=tiny")
+    assert tiny.model.text.max_len == 64 and tiny.teacher.text.max_len <= 64
+    amif.create(tiny, abstract=True)  # Was: sequence length 120 exceeds max_positions 64.
+    assert from_config(tiny.model.text).vocab_size == 30522  # The bundled vocabulary.
 
   def test_demo_config_builds_its_towers(self):
     from medvqa_jax.data.tokenizer import from_config
@@ -207,3 +219,20 @@ def test_a_config_field_typo_is_named_with_the_nearest_fields():
   assert "Traceback" not in out.stderr
   assert _run("launch/count_params.py", "--config=configs/demo.py",
               "--config.optim.total_steps=3").returncode == 0
+
+
+def test_commands_find_their_config_from_any_folder(tmp_path):
+  """The scripts' --config paths (and defaults) are relative to the repository when the
+  working folder does not hold them; a file found in neither place is named, without a
+  traceback."""
+  run = lambda *args: subprocess.run([sys.executable, str(ROOT / "launch" / "count_params.py"),
+                                      *args], capture_output=True, text=True, timeout=300,
+                                     cwd=tmp_path)
+  for args in ((), ("--config=configs/demo.py",), ("--config", "configs/demo.py")):
+    out = run(*args)
+    assert out.returncode == 0, (args, out.stderr[-2000:])
+    assert json.loads(out.stdout.strip().splitlines()[-1])["head"] == "generative"
+  missing = run("--config=configs/nope.py:x")
+  assert missing.returncode == 2 and "Traceback" not in missing.stderr
+  assert missing.stderr.startswith(f"error: --config: no config file 'configs/nope.py' "
+                                   f"(looked in {tmp_path} and in {ROOT})")

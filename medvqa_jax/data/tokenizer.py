@@ -113,10 +113,12 @@ class Tokenizer:
             for k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
-def from_config(cfg) -> Tokenizer:
-  """The tokenizer of a text tower config: `tokenizer` folder, else the checkpoint folder."""
+def from_config(cfg, where: str = "model.text") -> Tokenizer:
+  """The tokenizer of a text tower config (at `where` in the config): `tokenizer` folder,
+  else the checkpoint folder."""
   folder = cfg.get("tokenizer") or cfg.get("checkpoint")
   if not folder:
-    raise ValueError("the text tower has no tokenizer folder: set --config.<...>.tokenizer="
-                     "/path (or .checkpoint=/path for a checkpoint that ships one)")
+    raise ValueError(f"the text tower has no tokenizer folder: set --config.{where}.tokenizer="
+                     f"/path (or --config.{where}.checkpoint=/path for a checkpoint that ships "
+                     "one)")
   return Tokenizer.from_folder(folder, cfg.max_len)

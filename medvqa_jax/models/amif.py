@@ -63,7 +63,8 @@ class AMiF(nn.Module):
     if self.head == "generative" and self.decoder is None:
       raise ValueError("the generative head needs a decoder")
     if self.head == "classifier" and self.num_answers <= 0:
-      raise ValueError("the classifier head needs num_answers > 0")
+      raise ValueError("the classifier head needs num_answers > 0 (training sets it to the "
+                       "size of the answer set; elsewhere pass --config.model.num_answers=N)")
     self.image_proj = nn.Dense(self.width, dtype=self.dtype)
     self.text_proj = nn.Dense(self.width, dtype=self.dtype)
     self.type_embed = nn.Embed(2, self.width)
@@ -276,9 +277,9 @@ def initializer(config, seed: int = 0):
   compute = compute_of(config)
   with state_dict.shared_reads():  # The towers and the decoder may share one checkpoint.
     image, image_params = towers.from_config(mc.image, seed=seed, abstract=True,
-                                             compute=compute)
+                                             compute=compute, where="model.image")
     text, text_params = towers.from_config(mc.text, seed=seed + 1, abstract=True,
-                                           compute=compute)
+                                           compute=compute, where="model.text")
     if isinstance(text, BertEncoder):  # BERT's hidden dropout, in training only.
       text = text.clone(dropout=mc.get("dropout", 0.0))
     decoder = decoder_params = None

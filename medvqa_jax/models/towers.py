@@ -89,11 +89,13 @@ def load(part: str, source: str, checkpoint: str | Path, *, dtype=jnp.float32,
   return module, params
 
 
-def from_config(cfg, seed: int = 0, abstract: bool = False, compute=None):
+def from_config(cfg, seed: int = 0, abstract: bool = False, compute=None,
+                where: str = "<tower>"):
   """(module, params) for a tower config: `kind`, `source`, `checkpoint`, `arch`, `dtype`,
   `fresh`. With source "init" the tower is randomly initialised from `arch` alone (with
   `abstract`, not at all: params is None). `compute`: a layers.Compute for the module (how
-  it computes; the parameters do not depend on it)."""
+  it computes; the parameters do not depend on it). `where`: the config's path to `cfg`
+  (e.g. "model.image"), for the flags that errors name."""
   if cfg.kind not in KINDS:
     raise ValueError(f"unknown tower kind {cfg.kind!r}; expected one of {sorted(KINDS)}")
   arch = {k: v for k, v in cfg.arch.items() if v is not None}
@@ -104,7 +106,7 @@ def from_config(cfg, seed: int = 0, abstract: bool = False, compute=None):
     return module, None if abstract else init_params(module, jax.random.PRNGKey(seed))
   if not cfg.checkpoint:
     raise ValueError(f"the {cfg.kind} tower loads a {cfg.source} checkpoint but no folder is "
-                     f"set: pass --config.<...>.checkpoint=/path/to/folder")
+                     f"set: pass --config.{where}.checkpoint=/path/to/folder")
   part = PART[KINDS[cfg.kind]]
   module, params = load(part, cfg.source, cfg.checkpoint, dtype=cfg.dtype,
                         fresh=tuple(cfg.get("fresh", ())), seed=seed, **arch)
