@@ -231,14 +231,16 @@ def train(config, workdir=None, stream=None) -> dict:
   # The tokenizer's files (workdir/tokenizer) and, in each run record, the towers' module
   # fields: resuming, evaluating and predicting then read no tower checkpoint and no
   # tokenizer folder of the config's (a run folder can move to another machine).
-  ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=tc.keep)
-  start = ckpts.latest_step()
+  # Nothing is written before the model and the optimizer are built: a run refused by a
+  # config error leaves no run folder behind.
+  existing = (workdir / "checkpoints").is_dir()
+  ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=tc.keep) if existing else None
+  start = ckpts.latest_step() if ckpts else None
   archs = ckpts.run_record(start).get("towers") if start is not None else None
   tokenizer = ckpt_lib.run_tokenizer(workdir, mc.text) if start is not None else None
-  if tokenizer is None:
+  new_tokenizer = tokenizer is None
+  if new_tokenizer:
     tokenizer = tokenizer_lib.from_config(mc.text)
-    if main:
-      tokenizer.save(workdir / ckpt_lib.TOKENIZER)
 
   # ---- model and state ----
   model, init, loaded = amif.initializer(
@@ -247,6 +249,10 @@ def train(config, workdir=None, stream=None) -> dict:
   shapes = jax.eval_shape(init, loaded)
   tx = optim.make(config.optim, shapes)
   shardings = step_lib.state_shardings(mesh, shapes, tx, tuple(tc.fsdp_rules), tc.fsdp_min_size)
+  if ckpts is None:
+    ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=tc.keep)
+  if new_tokenizer and main:
+    tokenizer.save(workdir / ckpt_lib.TOKENIZER)
   if start is not None:
     state, run = ckpts.restore(start, abstract_state(shapes, tx, shardings))
     then = run.get("data", {})  # Records older than a field are not checked for it.

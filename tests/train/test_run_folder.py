@@ -54,6 +54,12 @@ def _same(a: dict, b: dict):
 def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_checkpoint,
                                                                         tmp_path):
   config = _config(text_checkpoint, tmp_path)
+  # A run refused by its config (here an lr_mults rule matching no parameter) writes nothing.
+  bad = config.copy_and_resolve_references()
+  bad.optim.lr_mults = (("imag/.*", 0.0),)
+  with pytest.raises(ValueError, match="match no parameter path"):
+    loop.train(bad)
+  assert not (tmp_path / "run").exists()
   model, _, loaded = amif.initializer(config)
   assert "text" in loaded and "decoder" in loaded  # Both read from the checkpoint.
   metrics = loop.train(config)
