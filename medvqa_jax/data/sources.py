@@ -329,8 +329,8 @@ def roco(source_dir: Path) -> dict:
       image = path.parent / name
       if not image.exists() and (path.parent / "images" / name).exists():
         image = path.parent / "images" / name
-      records.append(_caption(record_id(row.get("id"), f"{split}-{n}"), str(image), row.get("caption"),
-                              where))
+      records.append(_caption(record_id(row.get("id"), f"{split}-{n}"), str(image),
+                              row.get("caption"), where))
     out[split] = records
   return out
 

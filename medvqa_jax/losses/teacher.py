@@ -105,8 +105,8 @@ def from_config(config) -> Teacher:
   if scale is None:
     raise ValueError("the teacher's checkpoint has no logit_scale: set "
                      "--config.teacher.logit_scale")
-  return Teacher(image, image_params, text, text_params, tokenizer_lib.from_config(tc.text, "teacher.text"),
-                 float(scale))
+  return Teacher(image, image_params, text, text_params,
+                 tokenizer_lib.from_config(tc.text, "teacher.text"), float(scale))
 
 
 # ---- the cache file ---------------------------------------------------------------------
@@ -249,7 +249,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
       try:
         r = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at character {e.pos + 1})") from None
+        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at character {e.pos + 1})") \
+            from None
       if not isinstance(r, dict):
         raise ValueError(f"{path}:{n}: expected an object, got {type(r).__name__}")
       for key in ("image", "image2", "caption"):
