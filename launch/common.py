@@ -75,7 +75,9 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
   from absl import flags
   at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")),
             None)
-  if at is not None and argv[at] == "--config" and at + 1 < len(argv):
+  if at is not None and argv[at] == "--config":
+    if at + 1 == len(argv):
+      return argv  # No value: absl's parser says so.
     argv = argv[:at] + [f"--config={argv[at + 1]}"] + argv[at + 2:]
   if at is not None:
     spec = argv[at].split("=", 1)[1]
