@@ -96,10 +96,30 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
   return argv[:at] + [flag] + argv[at + 1:] if at is not None else argv + [flag]
 
 
+def _own_error(error: BaseException) -> str | None:
+  """Where this project raised `error` on purpose, if it did: a ValueError or
+  FileNotFoundError (bad config values, missing or bad input files and checkpoints) whose
+  innermost frame is in medvqa_jax/ or launch/. Those messages say what is wrong and what to
+  do; a library's errors and everything else keep their traceback."""
+  if not isinstance(error, (ValueError, FileNotFoundError)):
+    return None
+  tb = error.__traceback__
+  if tb is None:
+    return None
+  while tb.tb_next is not None:
+    tb = tb.tb_next
+  path = Path(tb.tb_frame.f_code.co_filename).resolve()
+  if not any(path.is_relative_to(ROOT / part) for part in ("medvqa_jax", "launch")):
+    return None
+  return f"{path.relative_to(ROOT)}:{tb.tb_lineno}"
+
+
 def run(main):
   """absl's app.run, with a command-line override of a config field that does not exist
   reported as such (with the nearest field names) instead of a traceback from the flag
-  parser, and the --config file found from any working folder (`_resolve_config_path`)."""
+  parser, the --config file found from any working folder (`_resolve_config_path`), and
+  the project's own errors about its input (`_own_error`) printed as their message alone,
+  exit status 1 (MEDVQA_TRACEBACK=1 shows the traceback)."""
   started = []
   try:
     sys.argv = _resolve_config_path(sys.argv)
@@ -119,3 +139,10 @@ def run(main):
       raise
     print(f"error: {problem}", file=sys.stderr)
     sys.exit(2)
+  except Exception as e:
+    where = _own_error(e)
+    if where is None or os.environ.get("MEDVQA_TRACEBACK"):
+      raise
+    print(f"error: {e}\n(raised at {where}; MEDVQA_TRACEBACK=1 shows the traceback)",
+          file=sys.stderr)
+    sys.exit(1)

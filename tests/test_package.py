@@ -221,6 +221,41 @@ def test_a_config_field_typo_is_named_with_the_nearest_fields():
               "--config.optim.total_steps=3").returncode == 0
 
 
+def test_the_projects_own_errors_are_printed_without_a_traceback():
+  """A bad config value (raised inside the model, under JAX's tracing) is reported as its
+  message and where it was raised, exit status 1; MEDVQA_TRACEBACK=1 brings the traceback
+  back, and errors that are not the project's own keep theirs."""
+  import os
+  args = ("launch/count_params.py", "--config=configs/demo.py", "--config.model.head=bogus")
+  out = _run(*args)
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert out.stderr.startswith("error: unknown head 'bogus'; expected generative, classifier "
+                               "or none\n(raised at medvqa_jax/models/amif.py:")
+  full = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                        cwd=ROOT, env={**os.environ, "MEDVQA_TRACEBACK": "1"})
+  assert full.returncode == 1 and "Traceback" in full.stderr
+  assert "\nValueError: unknown head 'bogus'" in full.stderr
+
+  sys.path.insert(0, str(ROOT / "launch"))
+  try:
+    import common
+  finally:
+    sys.path.remove(str(ROOT / "launch"))
+  from medvqa_jax.data import splits
+
+  def raised(fn):
+    try:
+      fn()
+    except Exception as e:  # noqa: BLE001
+      return common._own_error(e)
+    raise AssertionError("no error")
+
+  where = raised(lambda: splits._need({"name": ""}, "name"))
+  assert where and where.startswith("medvqa_jax/data/splits.py:")
+  assert raised(lambda: json.loads("{")) is None  # The json library's own error.
+  assert raised(lambda: [][1]) is None  # Not a ValueError: a bug keeps its traceback.
+
+
 def test_commands_find_their_config_from_any_folder(tmp_path):
   """The scripts' --config paths (and defaults) are relative to the repository when the
   working folder does not hold them; a file found in neither place is named, without a
