@@ -393,9 +393,10 @@ def train(config, workdir=None, stream=None) -> dict:
     state, _ = ckpts.restore(best, abstract_state(shapes, tx, shardings))
   ckpts.close()
   t0 = time.perf_counter()
+  label = f"{splits['test'].name} (step {best})"  # The split's own name: test_split may differ.
   rows = vqa_eval.answer_split(predictor, state["params"], splits["test"], tokenizer=tokenizer,
                                image_size=image_size, global_batch=tc.eval_batch_size,
-                               progress=observe.progress(f"test (step {best})", main, stream))
+                               progress=observe.progress(label, main, stream))
   metrics = vqa_eval.evaluate(rows, splits["test"], protocol, best,
                               baseline=splits_lib.majority_answer(splits["train"].records))
   metrics["seconds"] = round(time.perf_counter() - t0, 1)
