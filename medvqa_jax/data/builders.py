@@ -333,8 +333,10 @@ def build(name: str, source_dir, data_dir, **options) -> Path:
     meta = _built_metadata(data_dir, name)
     have = meta.get("build_options")  # None: built before options were recorded.
     if have is not None and have != wanted:
-      differ = ", ".join(f"{k} {have.get(k)!r} (asked: {wanted[k]!r})" for k in wanted
-                         if have.get(k) != wanted[k])
+      show = lambda key, value: (value if value is not None else
+                                 {"max_side": "full size", "splits": "all"}.get(key, value))
+      differ = ", ".join(f"{k} {show(k, have.get(k))!r} (asked: {show(k, wanted[k])!r})"
+                         for k in wanted if have.get(k) != wanted[k])
       raise ValueError(f"{name} is already built in {dataset_dir(data_dir, name)} with other "
                        f"options: {differ}. Build into another data_dir, or delete that folder "
                        f"to rebuild it")
@@ -353,9 +355,22 @@ def build(name: str, source_dir, data_dir, **options) -> Path:
     for stale in (Path(data_dir) / name).glob("incomplete.*"):
       log.info("removing %s, left by an interrupted build", stale)
       shutil.rmtree(stale, ignore_errors=True)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(download_mode=
-                                                     tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+    # A build that fails (a missing source file, too many bad records) leaves nothing behind:
+    # TFDS removes its incomplete.* folder, and the folders it made around it are removed here
+    # when they are new and empty (an existing or non-empty folder is never touched).
+    root = Path(data_dir).absolute()
+    made = [root / name, root / "downloads" / "extracted", root / "downloads"]
+    made += [root, *root.parents]
+    made = [f for f in made if not f.exists()]
+    try:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(
+              download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+    except BaseException:
+      for folder in made:  # Innermost first.
+        if folder.is_dir() and not any(folder.iterdir()):
+          folder.rmdir()
+      raise
   return dataset_dir(data_dir, name)
 
 

@@ -227,6 +227,17 @@ def test_too_many_bad_records_fail_and_leave_nothing(tmp_path):
   assert not builders.is_built(out, "vqa_rad") and not list(out.rglob("*.array_record*"))
   with pytest.raises(FileNotFoundError, match="not built"):
     builders.load(out, "vqa_rad", "train")
+  # A build that fails into a new data folder leaves no folders behind, however deep it is;
+  # into an existing one, it leaves that folder as it was.
+  for source in (src2, tmp_path / "no-such-source"):
+    with pytest.raises((builders.DataError, FileNotFoundError)):
+      builders.build("vqa_rad", source, tmp_path / "new" / "data")
+    assert not (tmp_path / "new").exists()
+  (tmp_path / "kept").mkdir()
+  (tmp_path / "kept" / "notes.txt").write_text("mine")
+  with pytest.raises(FileNotFoundError):
+    builders.build("vqa_rad", tmp_path / "no-such-source", tmp_path / "kept")
+  assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]
 
 
 def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path):
@@ -243,7 +254,9 @@ def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path):
   assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
   # A build with other options is refused, not silently reused, and the build is untouched.
   for options, differs in (({"max_side": 32}, "max_side 16 (asked: 32)"),
-                           ({"max_side": 16, "splits": ["train"]}, "splits None")):
+                           ({}, "max_side 16 (asked: 'full size')"),
+                           ({"max_side": 16, "splits": ["train"]},
+                            "splits 'all' (asked: ['train'])")):
     with pytest.raises(ValueError, match=re.escape(differs)):
       builders.build("vqa_rad", src, out, **options)
   assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
