@@ -5,12 +5,14 @@ r"""Input-pipeline throughput: decoded + augmented images per second, per worker
 
 Builds the dataset into --data_dir first if it is not there (from --source_dir), then times
 --batches batches of --batch_size at --image_size (288 by default, the paper's) with the
---augmentation (fine-tuning by default), for each worker count. Prints one JSON line. A caption
-corpus (roco, medicat, mimic_cxr, captions_jsonl) gives the pre-training batches, two views
-per example: both count as images.
+--augmentation, for each worker count. Prints one JSON line. A VQA dataset gives the
+fine-tuning batches (fine-tuning augmentation by default); a caption corpus (roco, medicat,
+mimic_cxr, captions_jsonl) gives the pre-training batches, two views per example, both counted
+as images (pre-training augmentation by default). --augmentation=test times decoding and
+resizing alone.
 
   python launch/benchmark_input.py --data_dir=/tmp/tfds --dataset=captions_jsonl \
-      --source_dir=/data/corpus --augmentation=pretrain
+      --source_dir=/data/corpus
 """
 
 import json
@@ -29,8 +31,9 @@ _BATCH = flags.DEFINE_integer("batch_size", 64, "Images per batch.")
 _BATCHES = flags.DEFINE_integer("batches", 20, "Timed batches per setting.")
 _WORKERS = flags.DEFINE_list("workers", ["0", "2"], "Worker process counts to time (0: "
                              "in-process threads).")
-_AUG = flags.DEFINE_enum("augmentation", "finetune", ["finetune", "pretrain", "test"],
-                         "Augmentations.")
+_AUG = flags.DEFINE_enum("augmentation", None, ["finetune", "pretrain", "test"],
+                         "Augmentations (default: pretrain for a caption corpus, finetune "
+                         "otherwise).")
 
 
 def main(argv):
@@ -46,8 +49,9 @@ def main(argv):
   tokenizer = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", max_len=30)
   kind = "caption" if _DATASET.value in sources.CAPTION_READERS else "vqa"
   views = 2 if kind == "caption" else 1  # Caption batches carry two views of each example.
+  augmentation = _AUG.value or ("pretrain" if kind == "caption" else "finetune")
   ds = pipeline.batches(source, kind=kind, tokenizer=tokenizer, image_size=_SIZE.value,
-                        global_batch=_BATCH.value, seed=0, augmentation=_AUG.value)
+                        global_batch=_BATCH.value, seed=0, augmentation=augmentation)
   results = []
   for workers in map(int, _WORKERS.value):
     # Each setting's workers stop before the next one starts.
@@ -61,7 +65,7 @@ def main(argv):
     results.append({"workers": workers, "images_per_s": round(rate, 1),
                     "images_per_s_per_worker": round(rate / max(workers, 1), 1)})
   print(json.dumps({"dataset": _DATASET.value, "split": _SPLIT.value, "image_size": _SIZE.value,
-                    "augmentation": _AUG.value, "batch_size": _BATCH.value, "views": views,
+                    "augmentation": augmentation, "batch_size": _BATCH.value, "views": views,
                     "host_cpus": os.cpu_count(), "results": results}))
 
 

@@ -133,16 +133,18 @@ def test_benchmark_command(built):
   out = json.loads(run.stdout.strip().splitlines()[-1])
   assert [r["workers"] for r in out["results"]] == [0, 1]
   assert all(r["images_per_s"] > 0 for r in out["results"])
+  assert (out["augmentation"], out["views"]) == ("finetune", 1)
 
 
 def test_benchmark_command_times_the_pretraining_pipeline(tmp_path):
-  """A caption corpus gives the pre-training batches (two augmented views per example)."""
+  """A caption corpus gives the pre-training batches (two augmented views per example), with
+  the pre-training augmentation unless told otherwise."""
   corpus = tmp_path / "corpus"
   corpus.mkdir()
   helpers.write_jsonl(corpus / "train.jsonl", helpers.sample_caption_rows())
   run = subprocess.run([sys.executable, "launch/benchmark_input.py",
                         f"--data_dir={tmp_path / 'tfds'}", "--dataset=captions_jsonl",
-                        f"--source_dir={corpus}", "--augmentation=pretrain", "--image_size=64",
+                        f"--source_dir={corpus}", "--image_size=64",
                         "--batch_size=4", "--batches=2", "--workers=0"],
                        capture_output=True, text=True, timeout=300,
                        cwd=Path(__file__).resolve().parents[2])
