@@ -19,8 +19,8 @@ import json
 import os
 import time
 
-import common  # noqa: F401  (puts the repository root on sys.path)
-from absl import app, flags
+import common  # Puts the repository root on sys.path.
+from absl import flags
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where built datasets live.", required=True)
 _DATASET = flags.DEFINE_string("dataset", "vqa_rad", "Dataset name.")
@@ -70,4 +70,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -14,7 +14,7 @@ feature is replaced by what it read from the answer vocabulary; 0: kept).
 import json
 import sys
 
-import common  # noqa: F401  (puts the repository root on sys.path)
+import common  # Puts the repository root on sys.path.
 from absl import app, flags
 
 _CKPT = flags.DEFINE_string("checkpoint_dir", None, "Run folder or checkpoint folder.",
@@ -84,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

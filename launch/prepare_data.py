@@ -15,10 +15,9 @@ Prints one JSON line summarising the dataset.
 """
 
 import json
-import sys
 
-import common  # noqa: F401  (puts the repository root on sys.path)
-from absl import app, flags
+import common  # Puts the repository root on sys.path.
+from absl import flags
 
 _DATASET = flags.DEFINE_string("dataset", None, "Dataset name.", required=True)
 _SOURCE = flags.DEFINE_string("source_dir", None, "The dataset as downloaded.", required=True)
@@ -36,14 +35,11 @@ def main(argv):
   options = {}
   if _DATASET.value == "slake":
     options["reader_options"] = {"language": _LANGUAGE.value}
-  try:
-    builders.build(_DATASET.value, _SOURCE.value, _DATA_DIR.value,
-                   max_side=_MAX_SIDE.value or None, max_bad_fraction=_MAX_BAD.value,
-                   splits=_SPLITS.value or None, **options)
-  except (builders.DataError, FileNotFoundError, ValueError) as e:
-    sys.exit(f"prepare_data: {e}")
+  builders.build(_DATASET.value, _SOURCE.value, _DATA_DIR.value,
+                 max_side=_MAX_SIDE.value or None, max_bad_fraction=_MAX_BAD.value,
+                 splits=_SPLITS.value or None, **options)
   print(json.dumps(builders.summary(_DATA_DIR.value, _DATASET.value)))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)
