@@ -43,7 +43,8 @@ def main(argv):
   from medvqa_jax.data.tokenizer import Tokenizer
   if not builders.is_built(_DATA_DIR.value, _DATASET.value):
     if not _SOURCE.value:
-      raise SystemExit(f"{_DATASET.value} is not built in {_DATA_DIR.value}: pass --source_dir")
+      raise FileNotFoundError(f"{_DATASET.value} is not built in {_DATA_DIR.value}: pass "
+                              "--source_dir to build it")
     builders.build(_DATASET.value, _SOURCE.value, _DATA_DIR.value)
   source = builders.load(_DATA_DIR.value, _DATASET.value, _SPLIT.value)
   tokenizer = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", max_len=30)

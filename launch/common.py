@@ -96,6 +96,30 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
   return argv[:at] + [flag] + argv[at + 1:] if at is not None else argv + [flag]
 
 
+def _urls() -> list[str]:
+  """The flags and config fields given a URL (gs://..., s3://...). Every path the commands
+  read or write is a file path: a bucket must be mounted (e.g. with gcsfuse)."""
+  import re
+  from absl import flags
+  url = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+  found = []
+  for name in flags.FLAGS:
+    flag = flags.FLAGS[name]
+    if name.split(".")[0] in ("config", "coordinator_address") or not flag.present:
+      continue
+    if isinstance(flag.value, str) and url.match(flag.value):
+      found.append(f"--{name}={flag.value}")
+  config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+  if config is not None:
+    for field in _config_fields(config):
+      value = config
+      for key in field.split("."):
+        value = value[key]
+      if isinstance(value, str) and url.match(value):
+        found.append(f"--config.{field}={value}")
+  return found
+
+
 def _own_error(error: BaseException) -> str | None:
   """Where this project raised `error` on purpose, if it did: a ValueError or
   FileNotFoundError (bad config values, missing or bad input files and checkpoints) whose
@@ -129,6 +153,11 @@ def run(main):
 
   def wrapped(argv):
     started.append(True)
+    urls = _urls()
+    if urls:
+      print(f"error: {', '.join(urls)}: paths are read as files, not URLs; mount the bucket "
+            "(e.g. with gcsfuse) and give its local path", file=sys.stderr)
+      sys.exit(2)
     return main(argv)
 
   try:

@@ -256,6 +256,18 @@ def test_the_projects_own_errors_are_printed_without_a_traceback():
   assert raised(lambda: [][1]) is None  # Not a ValueError: a bug keeps its traceback.
 
 
+def test_urls_for_paths_are_refused_by_name():
+  """Paths are files (a bucket must be mounted): a gs:// data or work folder, in a config
+  field or a flag, is named before anything runs, instead of becoming a local 'gs:' folder."""
+  out = _run("launch/count_params.py", "--config=configs/demo.py",
+             "--config.data.dir=gs://b/tfds", "--config.train.workdir=/tmp/run")
+  assert out.returncode == 2 and "Traceback" not in out.stderr and not out.stdout
+  assert out.stderr.startswith("error: --config.data.dir=gs://b/tfds: paths are read as "
+                               "files, not URLs")
+  out = _run("launch/eval.py", "--checkpoint_dir=s3://b/run")
+  assert out.returncode == 2 and out.stderr.startswith("error: --checkpoint_dir=s3://b/run:")
+
+
 def test_commands_find_their_config_from_any_folder(tmp_path):
   """The scripts' --config paths (and defaults) are relative to the repository when the
   working folder does not hold them; a file found in neither place is named, without a

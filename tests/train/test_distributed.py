@@ -83,8 +83,46 @@ def test_tpu_pod_launcher_asks_for_the_join(calls, monkeypatch):
   monkeypatch.setenv("MEDVQA_DISTRIBUTED", "1")
   distributed.initialize()
   assert calls == [((), {"local_device_ids": None})]
-  with open("launch/tpu_pod.sh") as f:
-    assert "MEDVQA_DISTRIBUTED=1 $CMD" in f.read()
+
+
+def _launcher(script, tmp_path, tool, *args, **env):
+  """Runs a launcher with a stand-in for its cluster tool that records its arguments."""
+  import os
+  import subprocess
+  from pathlib import Path
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  (bin_dir / tool).write_text(f'#!/bin/sh\nfor a in "$@"; do echo "$a"; done > {tmp_path}/args\n')
+  (bin_dir / tool).chmod(0o755)
+  root = Path(__file__).resolve().parents[2]
+  out = subprocess.run(["bash", str(root / "launch" / script), *args], capture_output=True,
+                       text=True, timeout=60,
+                       env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", **env})
+  recorded = (tmp_path / "args").read_text().splitlines() if (tmp_path / "args").exists() else None
+  return out, recorded
+
+
+def test_cluster_launchers_pass_the_command_through(tmp_path):
+  # tpu_pod.sh: every worker, in the repository, with the join asked for; arguments quoted.
+  out, args = _launcher("tpu_pod.sh", tmp_path, "gcloud", "python", "launch/train.py",
+                        "--config=configs/pathvqa.py", "--config.name=a b", TPU="pod",
+                        ZONE="z1", REPO="/r")
+  assert out.returncode == 0, out.stderr
+  assert args == ["compute", "tpus", "tpu-vm", "ssh", "pod", "--zone=z1", "--worker=all",
+                  "--command=cd /r && MEDVQA_DISTRIBUTED=1 python launch/train.py "
+                  "--config=configs/pathvqa.py --config.name=a\\ b "]
+  (tmp_path / "args").unlink()
+  out, args = _launcher("slurm.sbatch", tmp_path, "srun", "python", "launch/train.py")
+  assert out.returncode == 0 and args == ["--kill-on-bad-exit=1", "python", "launch/train.py"]
+  # --help prints the header (exit 0); no command is a usage error (exit 2); neither runs.
+  (tmp_path / "args").unlink()
+  for script in ("tpu_pod.sh", "slurm.sbatch"):
+    helped, args = _launcher(script, tmp_path, "gcloud", "--help")
+    assert helped.returncode == 0 and args is None
+    assert "Data and work folders" in helped.stdout or "data and work folders" in helped.stdout
+    assert "#" not in helped.stdout.splitlines()[0]
+    bare, args = _launcher(script, tmp_path, "gcloud")
+    assert bare.returncode == 2 and args is None
 
 
 def test_explicit_coordinator(calls, monkeypatch):
