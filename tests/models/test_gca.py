@@ -1,4 +1,4 @@
-"""The Gated Cross-Attention Module against a NumPy transcription of DESIGN.md's formulas."""
+"""The Gated Cross-Attention Module against a NumPy transcription of its formulas (the paper's GCA)."""
 
 import jax
 import numpy as np
