@@ -1,4 +1,4 @@
-"""The Gated Cross-Attention Module against a NumPy transcription of its formulas (the paper's GCA)."""
+"""The Gated Cross-Attention Module against a NumPy transcription of the paper's formulas."""
 
 import jax
 import numpy as np
