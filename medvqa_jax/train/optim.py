@@ -46,8 +46,12 @@ def frozen_mask(cfg, params):
 
 
 def schedule(cfg):
-  warmup = int(cfg.warmup_fraction * cfg.total_steps)
-  return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warmup, 1),
+  """Linear warm-up from 0 over warmup_fraction of total_steps, then cosine decay to 0."""
+  if not cfg.total_steps or cfg.total_steps < 1:
+    raise ValueError(f"the run has {cfg.total_steps} steps: set --config.optim.total_steps to "
+                     "1 or more (or --config.train.epochs, where the config counts in epochs)")
+  warmup = max(int(cfg.warmup_fraction * cfg.total_steps), 1)
+  return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup,
                                             max(cfg.total_steps, warmup + 1), 0.0)
 
 

@@ -56,6 +56,21 @@ def test_schedule_is_linear_warmup_then_cosine_to_zero():
   np.testing.assert_allclose([float(lr(s)) for s in steps], expected, rtol=1e-6, atol=1e-9)
 
 
+def test_the_shortest_runs_have_a_schedule_and_none_is_refused_by_name():
+  # One or two steps (a smoke run): a warm-up step, then the rest (optax refused one step:
+  # "positive decay_steps").
+  for total in (1, 2):
+    cfg = _cfg(())
+    cfg.update(warmup_fraction=0.4, total_steps=total)
+    lr = optim.schedule(cfg)
+    assert float(lr(0)) == 0.0 and float(lr(1)) == pytest.approx(1e-3)
+  for total in (0, None):
+    cfg = _cfg(())
+    cfg.total_steps = total
+    with pytest.raises(ValueError, match=r"set --config.optim.total_steps to 1 or more"):
+      optim.schedule(cfg)
+
+
 def _numpy_adamw(params, grads_per_step, mults, lr, b1, b2, wd, clip, eps=1e-8):
   """AdamW as optax.adamw applies it (decoupled decay, scaled by the scheduled rate), with a
   per-leaf rate multiplier (0: frozen, no state, no decay), after a global-norm clip over the
