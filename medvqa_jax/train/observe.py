@@ -43,7 +43,7 @@ class Reporter:
     self.log_every = max(log_every, 1)
     self.enabled = enabled
     self.stream = stream or sys.stderr
-    self._t0, self._s0 = None, start_step
+    self._t0, self._s0, self._excluded = None, start_step, 0.0
     self._bar = self._jsonl = self._tb = None
     if not enabled:
       return
@@ -58,13 +58,20 @@ class Reporter:
       self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=self.stream,
                        dynamic_ncols=True)
 
+  def exclude(self, seconds: float):
+    """Time spent between steps on other work (validation, checkpoints): not training, so
+    not counted in samples/s (nor in the ETA of the training steps)."""
+    if self._t0 is not None:
+      self._excluded += seconds
+
   def _rate(self, step: int) -> float:
-    """Samples per second since the first reported step (compilation excluded)."""
+    """Training samples per second since the first reported step (compilation, validation
+    and checkpoint time excluded)."""
     now = time.perf_counter()
     if self._t0 is None:
       self._t0, self._s0 = now, step
       return float("nan")
-    return (step - self._s0) * self.batch / max(now - self._t0, 1e-9)
+    return (step - self._s0) * self.batch / max(now - self._t0 - self._excluded, 1e-9)
 
   def step(self, step: int, metrics: dict):
     """Metrics (floats) after optimizer step `step` (1-based)."""
