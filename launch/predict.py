@@ -15,7 +15,7 @@ import json
 import sys
 
 import common  # Puts the repository root on sys.path.
-from absl import app, flags
+from absl import flags
 
 _CKPT = flags.DEFINE_string("checkpoint_dir", None, "Run folder or checkpoint folder.",
                             required=True)
@@ -41,10 +41,11 @@ def main(argv):
   from medvqa_jax.models.amif import AMiF
 
   if not _QUESTION.value.strip():
-    raise app.UsageError("--question is empty")
+    raise ValueError("--question is empty")
   r = run_lib.restore(_CKPT.value, step=_STEP.value)
   if r.config.model.head == "none":
-    raise app.UsageError("this checkpoint is a pre-training run: it has no answer head")
+    raise ValueError(f"{_CKPT.value} is a pre-training run: it has no answer head (predict "
+                     "needs a fine-tuned run)")
   predictor = r.predictor()
   picture = image_lib.open_image(_IMAGE.value)
   example = pipeline._Example("vqa", r.tokenizer, r.model.image.image_size, "test")(
