@@ -76,7 +76,8 @@ def get_config(arg=None):
       ),
       # The frozen soft-label teacher. mode: "cache" (embeddings precomputed by
       # launch/cache_teacher.py into `cache`), "online" (computed in the step) or "none"
-      # (hard-label InfoNCE ablation). logit_scale: unset reads the checkpoint's.
+      # (hard-label InfoNCE ablation). logit_scale: unset reads the checkpoint's (a randomly
+      # initialised teacher, e.g. the tiny preset: CLIP's initial 1/0.07).
       teacher=dict(image=teacher.image, text=teacher.text, mode="cache",
                    cache=unset(str), logit_scale=unset(float)),
       # Pre-training objectives (medvqa_jax/losses).
@@ -109,10 +110,11 @@ def get_config(arg=None):
       # The loop (medvqa_jax/train/loop.py). workdir holds checkpoints, logs and eval outputs;
       # batch_size is global (all hosts); accum_steps micro-batches per step (fine-tuning
       # only). A checkpoint every save_every steps and at the end (the last `keep`, plus the
-      # best on validation);
-      # validation every eval_every steps. init_from: a checkpoint folder (another run's
-      # workdir/checkpoints or one step in it) whose params matching init_params (regex) start
-      # this run. fsdp: ways of parameter sharding (1: pure data parallel).
+      # best on validation); validation every eval_every steps. epochs: the run's length in
+      # passes over the training split (0 or unset: optim.total_steps). init_from: another
+      # run (its workdir or checkpoints folder: its best-on-validation step; or one step
+      # folder) whose params matching init_params (regex) start this run (not a resumed one).
+      # fsdp: ways of parameter sharding (1: pure data parallel).
       train=dict(workdir=unset(str), batch_size=32, accum_steps=1, epochs=unset(int),
                  log_every=10, eval_every=500, save_every=500, keep=2, eval_batch_size=64,
                  fsdp=1, fsdp_rules=(".*",), fsdp_min_size=2 ** 14, init_from=unset(str),

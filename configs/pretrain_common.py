@@ -15,8 +15,10 @@ def pretraining(config):
   # 120 tokens, or fewer where a randomly initialised tower has fewer positions (tiny: 64).
   config.model.text.max_len = min(120, config.model.text.arch.get("max_positions") or 120)
   # The teacher reads the captions at the same length, as the reference's teacher does (at
-  # most its preset's: BiomedCLIP's 256 becomes 120).
-  config.teacher.text.max_len = min(config.teacher.text.max_len, config.model.text.max_len)
+  # most what it can read: BiomedCLIP's 256 becomes 120, the tiny teacher's 64 positions 64).
+  teacher_limit = (config.teacher.text.arch.get("max_positions")
+                   or config.teacher.text.max_len)
+  config.teacher.text.max_len = min(teacher_limit, config.model.text.max_len)
   bf16(config)
   # Validation: the objective and image<->text retrieval on a seeded 2% of the training
   # split's examples, held out (0: no validation; the corpus's own splits are not used).

@@ -7,8 +7,10 @@ r"""Precomputes the soft-label teacher's embeddings of a corpus into a cache fil
 
 --records is a JSONL file, one {"id", "image", "caption"[, "image2"]} per line (image paths
 relative to the file). The teacher sees each image un-augmented, resized to its own
-resolution, and the caption cleaned as the student reads it (medvqa_jax/data/text.py). The cache records which teacher and which data made it; training refuses
-a cache that does not match. The file is written atomically: an interrupted run leaves none.
+resolution, and the caption cleaned as the student reads it (medvqa_jax/data/text.py). The
+cache records which teacher and which data made it (ids, captions, and each image as the
+dataset stores it, so give the same --config.data.max_side as training); training refuses a
+cache that does not match. The file is written atomically: an interrupted run leaves none.
 Prints one JSON line: the count, embedding width, teacher fingerprint and output path.
 """
 
@@ -31,7 +33,8 @@ def main(argv):
   config = _CONFIG.value
   records = teacher_lib.read_jsonl(_RECORDS.value)
   teacher = teacher_lib.from_config(config)
-  cache = teacher_lib.compute_cache(teacher, records, batch_size=_BATCH.value)
+  cache = teacher_lib.compute_cache(teacher, records, batch_size=_BATCH.value,
+                                    max_side=config.data.get("max_side"))
   cache.save(_OUT.value)
   print(json.dumps({"examples": len(cache.ids), "width": int(cache.image.shape[1]),
                     "multi_view": cache.image2 is not None, "teacher": cache.meta["teacher"],

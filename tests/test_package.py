@@ -196,9 +196,14 @@ class TestConfigs:
     from medvqa_jax.models import amif
     tiny = importlib.import_module(f"configs.pretrain_stage{stage}").get_config(
         "image=tiny,text=tiny,teacher=tiny")
-    assert tiny.model.text.max_len == 64 and tiny.teacher.text.max_len <= 64
+    # The teacher reads what the student reads (it read 30 tokens of the 64).
+    assert tiny.model.text.max_len == 64 and tiny.teacher.text.max_len == 64
     amif.create(tiny, abstract=True)  # Was: sequence length 120 exceeds max_positions 64.
     assert from_config(tiny.model.text).vocab_size == 30522  # The bundled vocabulary.
+    # A random teacher has no checkpoint scale: CLIP's initial one (was an error asking for
+    # --config.teacher.logit_scale).
+    from medvqa_jax.losses import teacher as teacher_lib
+    assert teacher_lib.from_config(tiny).logit_scale == pytest.approx(1 / 0.07)
 
   def test_demo_config_builds_its_towers(self):
     from medvqa_jax.data.tokenizer import from_config

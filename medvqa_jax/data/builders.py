@@ -63,6 +63,11 @@ def encode_image(source, max_side: int | None, quality: int = 95) -> bytes:
   return out.getvalue()
 
 
+def image_digest(encoded: bytes) -> str:
+  """A caption example's `image_id`: a digest of its stored image (`encode_image`'s bytes)."""
+  return hashlib.sha1(encoded).hexdigest()[:20]
+
+
 class _Builder(tfds.core.GeneratorBasedBuilder):
   """Shared by the VQA and caption builders: subclasses set `name`, `reader` and features."""
   VERSION = tfds.core.Version(VERSION)
@@ -217,7 +222,7 @@ class _CaptionBuilder(_Builder):
 
   def _example(self, item, cache):
     image = self._image(item["image"], cache)
-    out = {"id": item["id"], "image_id": hashlib.sha1(image).hexdigest()[:20],
+    out = {"id": item["id"], "image_id": image_digest(image),
            "caption": item["caption"], "image": image}
     if self.multi_view:
       out.update(image2=self._image(item["image2"], cache), view=item["view"],

@@ -5,8 +5,9 @@ un-augmented image resized to its own resolution and the cleaned caption (`data.
 what the student reads), as the reference's teacher does, so its embeddings are fixed per
 example: `launch/cache_teacher.py` computes them once into a cache file keyed by example id,
 and training reads them from there. The cache records a fingerprint of the teacher (its
-parameters and input sizes) and of the dataset (ids and captions); `TeacherCache.check`
-refuses a cache made by another teacher or for other data. `Teacher.embed` is a pure
+parameters and input sizes), of the dataset (ids and captions) and each example's image id
+(the digest of its image as the dataset stores it, `builders.image_digest`);
+`TeacherCache.check` refuses a cache made by another teacher or for other data. `Teacher.embed` is a pure
 function of the teacher's parameters, for computing the embeddings online in the step.
 """
 
@@ -28,7 +29,8 @@ from medvqa_jax.models import state_dict
 
 # 2: captions cleaned and images resized (not cropped) to the teacher's size, as the student's
 # pipeline gives them; caches of format 1 (raw captions, centre crops) are refused.
-FORMAT_VERSION = 2
+# 3: each example's image id, so that a cache made from other images is refused.
+FORMAT_VERSION = 3
 
 
 def _normalise(x):
@@ -83,8 +85,14 @@ class Teacher:
         f"-{self.image_size}px-{self.tokenizer.max_len}tok-s{self.logit_scale:.4f}"
 
 
+# A randomly initialised teacher's (tests, smoke runs): CLIP's initial scale, 1 / 0.07.
+INIT_LOGIT_SCALE = 1 / 0.07
+
+
 def _checkpoint_logit_scale(cfg) -> float | None:
-  if cfg.source == "init" or not cfg.checkpoint:
+  if cfg.source == "init":
+    return INIT_LOGIT_SCALE
+  if not cfg.checkpoint:
     return None
   state = state_dict.read_state_dict(cfg.checkpoint)
   if "logit_scale" not in state:
@@ -94,7 +102,8 @@ def _checkpoint_logit_scale(cfg) -> float | None:
 
 def from_config(config) -> Teacher:
   """The teacher of `config.teacher`: towers, tokenizer and logit scale (the checkpoint's
-  exp(logit_scale) unless `teacher.logit_scale` is set)."""
+  exp(logit_scale) unless `teacher.logit_scale` is set; CLIP's initial 1/0.07 for a randomly
+  initialised teacher)."""
   from medvqa_jax.data import tokenizer as tokenizer_lib
   from medvqa_jax.models import towers
   tc = config.teacher
@@ -118,6 +127,7 @@ class TeacherCache:
   text: np.ndarray           # (N, D)
   image2: np.ndarray | None  # (N, D) for multi-view data
   meta: dict
+  image_ids: np.ndarray      # (N,) str: the digest of each example's (first) stored image
 
   def __post_init__(self):
     self._row = {str(i): r for r, i in enumerate(self.ids)}
@@ -132,7 +142,8 @@ class TeacherCache:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     arrays = dict(ids=np.asarray(self.ids, str), image=self.image, text=self.text,
-                  meta=np.asarray(json.dumps(self.meta)))
+                  meta=np.asarray(json.dumps(self.meta)),
+                  image_ids=np.asarray(self.image_ids, str))
     if self.image2 is not None:
       arrays["image2"] = self.image2
     try:
@@ -152,17 +163,20 @@ class TeacherCache:
       with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
         image2 = z["image2"] if "image2" in z.files else None
-        cache = cls(z["ids"], z["image"], z["text"], image2, meta)
+        if meta.get("format") != FORMAT_VERSION:
+          raise ValueError(f"teacher cache {path} has format {meta.get('format')}, expected "
+                           f"{FORMAT_VERSION}: rebuild it")
+        cache = cls(z["ids"], z["image"], z["text"], image2, meta, z["image_ids"])
     except (OSError, ValueError, KeyError) as e:
+      if str(e).startswith(f"teacher cache {path} has format"):
+        raise
       raise ValueError(f"teacher cache {path} is unreadable or incomplete: {e}") from None
-    if meta.get("format") != FORMAT_VERSION:
-      raise ValueError(f"teacher cache {path} has format {meta.get('format')}, expected "
-                       f"{FORMAT_VERSION}: rebuild it")
     return cache
 
-  def check(self, ids: Sequence[str], captions: Sequence[str], teacher_fingerprint: str,
-            path: str = "the teacher cache"):
-    """Refuses a cache that was made by another teacher or for other data."""
+  def check(self, ids: Sequence[str], captions: Sequence[str], image_ids: Sequence[str],
+            teacher_fingerprint: str, path: str = "the teacher cache"):
+    """Refuses a cache that was made by another teacher or for other data (other examples,
+    captions or images)."""
     if self.meta["teacher"] != teacher_fingerprint:
       raise ValueError(f"{path} was computed by another teacher ({self.meta['teacher']}), "
                        f"not the configured one ({teacher_fingerprint}): rebuild it with "
@@ -174,6 +188,13 @@ class TeacherCache:
     if dataset_fingerprint(ids, captions) != self.meta["dataset"]:
       raise ValueError(f"{path} was computed for other data (its captions or examples "
                        "differ from the dataset's): rebuild it for this dataset")
+    other = [i for i, m in zip(map(str, ids), image_ids) if self.image_ids[self._row[i]] != m]
+    if other:
+      raise ValueError(
+          f"{path} was computed from other images than the dataset's for {len(other)} "
+          f"example(s), e.g. {other[:5]} (or with another data.max_side: it was "
+          f"{self.meta.get('max_side')}): rebuild it for this dataset with "
+          "`python launch/cache_teacher.py` and the training config")
 
   def lookup(self, ids: Iterable[str]) -> dict[str, np.ndarray]:
     """Teacher embeddings for a batch of example ids, as the batch fields the loss reads."""
@@ -189,12 +210,14 @@ class TeacherCache:
 
 
 def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 64,
-                  progress: bool = True) -> TeacherCache:
+                  progress: bool = True, max_side: int | None = None) -> TeacherCache:
   """Embeds every record ({"id", "image", "caption"[, "image2"]}, images as paths or bytes)
-  with the teacher: un-augmented images resized to its resolution, cleaned captions."""
+  with the teacher: un-augmented images resized to its resolution, cleaned captions. Each
+  record's image id is its image's digest as a dataset built with `max_side` (the config's
+  data.max_side) stores it, for `TeacherCache.check`."""
   from tqdm import tqdm
 
-  from medvqa_jax.data import augment
+  from medvqa_jax.data import augment, builders
   from medvqa_jax.data import image as image_lib
   from medvqa_jax.data import text as text_lib
   if not records:
@@ -206,6 +229,7 @@ def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 6
   multi_view = all("image2" in r for r in records)
   embed = jax.jit(teacher.embed)
   out = {"image": [], "text": [], "image2": []}
+  image_ids = []
   bar = tqdm(total=len(records), desc="teacher embeddings", unit="ex", disable=not progress)
   for start in range(0, len(records), batch_size):
     chunk = records[start:start + batch_size]
@@ -217,6 +241,8 @@ def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 6
       pixels = np.stack([load(r, "image") for r in chunk] + [load(chunk[0], "image")] * pad)
       pixels2 = (np.stack([load(r, "image2") for r in chunk] + [load(chunk[0], "image2")] * pad)
                  if multi_view else None)
+      image_ids += [builders.image_digest(builders.encode_image(r["image"], max_side))
+                    for r in chunk]
     except ValueError as e:
       raise ValueError(f"records {start}..{start + n - 1}: {e}") from None
     captions = [text_lib.caption(r["caption"]) for r in chunk]
@@ -231,17 +257,19 @@ def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 6
   bar.close()
   meta = {"format": FORMAT_VERSION, "teacher": teacher.fingerprint(),
           "dataset": dataset_fingerprint(ids, [r["caption"] for r in records]),
-          "logit_scale": teacher.logit_scale, "count": len(ids)}
+          "logit_scale": teacher.logit_scale, "count": len(ids),
+          "max_side": int(max_side) if max_side else None}
   return TeacherCache(np.asarray(ids, str), np.concatenate(out["image"]),
                       np.concatenate(out["text"]),
-                      np.concatenate(out["image2"]) if multi_view else None, meta)
+                      np.concatenate(out["image2"]) if multi_view else None, meta,
+                      np.asarray(image_ids, str))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
   """Records of a JSONL corpus: {"id", "image", "caption"[, "image2"]} per line, image paths
   relative to the file's folder. A malformed line is an error naming the file and line."""
   path = Path(path)
-  records = []
+  records, first = [], None  # first: the line of the first record
   with open(path) as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
@@ -271,6 +299,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
       for key in ("image", "image2"):
         if key in r:
           r[key] = str(path.parent / r[key])
-      first = first if records else n
+      first = first or n
       records.append(r)
   return records

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   """A JSONL corpus over the bundled sample images (captions: their questions)."""
-  return helpers.write_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl",
+  return helpers.write_jsonl(tmp_path_factory.mktemp("corpus") / "train.jsonl",
                              helpers.sample_caption_rows())
 
 
@@ -56,15 +56,37 @@ def test_cache_command_and_checks(corpus, demo_config, tmp_path):
   assert batch["teacher_scale"] == 50
 
   ids, captions = [r["id"] for r in records], [r["caption"] for r in records]
-  cache.check(ids, captions, teacher.fingerprint())  # Matches: no error.
+  # The image ids the built dataset gives these records (the digest of each stored image).
+  from medvqa_jax.data import builders
+  built = builders.build("captions_jsonl", corpus.parent, tmp_path / "tfds")
+  source = builders.load(tmp_path / "tfds", "captions_jsonl", "train", decode_images=False)
+  image_id = {ex["id"].decode(): ex["image_id"].decode()
+              for ex in (source[i] for i in range(len(source)))}
+  assert built.is_dir() and sorted(image_id) == sorted(ids)
+  image_ids = [image_id[i] for i in ids]
+  fingerprint = teacher.fingerprint()
+  cache.check(ids, captions, image_ids, fingerprint)  # Matches: no error.
   with pytest.raises(ValueError, match="other data"):
-    cache.check(ids, captions[:-1] + ["a different caption"], teacher.fingerprint())
+    cache.check(ids, captions[:-1] + ["a different caption"], image_ids, fingerprint)
   with pytest.raises(ValueError, match="no embeddings for 1 example"):
-    cache.check(ids + ["rad-new"], captions + ["x"], teacher.fingerprint())
+    cache.check(ids + ["rad-new"], captions + ["x"], image_ids + ["0"], fingerprint)
+  # Same ids and captions, the images moved one row over: refused (was used silently).
+  moved = [image_ids[(n + 1) % len(ids)] for n in range(len(ids))]
+  assert len(set(image_ids)) > 1
+  with pytest.raises(ValueError, match=r"other images than the dataset's for \d+ example"):
+    cache.check(ids, captions, moved, fingerprint)
   other = demo_config.copy_and_resolve_references()
   other.teacher.image.arch.depth = 1
   with pytest.raises(ValueError, match="another teacher"):
-    cache.check(ids, captions, teacher_lib.from_config(other).fingerprint())
+    cache.check(ids, captions, image_ids, teacher_lib.from_config(other).fingerprint())
+  # A cache of the previous format (no image ids) is refused as such.
+  with np.load(out) as z:
+    arrays = {k: z[k] for k in z.files if k != "image_ids"}
+  meta = json.loads(str(arrays["meta"]))
+  arrays["meta"] = np.asarray(json.dumps({**meta, "format": 2}))
+  np.savez(tmp_path / "old.npz", **arrays)
+  with pytest.raises(ValueError, match=r"has format 2, expected 3: rebuild it"):
+    teacher_lib.TeacherCache.load(tmp_path / "old.npz")
 
 
 def test_bad_records_are_named_and_leave_no_cache(corpus, tmp_path):
