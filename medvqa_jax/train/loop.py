@@ -19,6 +19,7 @@ is saved after it.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import re
@@ -76,13 +77,20 @@ def to_global(tree, shardings):
 
 
 def _init_from(config, state, shardings):
-  """Replaces the params matching train.init_params with those of train.init_from."""
+  """Replaces the params matching train.init_params with those of train.init_from: a run's
+  work folder or its checkpoints folder (its best-on-validation step, as evaluation takes;
+  the latest without validation), or one step folder."""
   tc = config.train
-  folder, step = ckpt_lib.resolve(tc.init_from)
+  expected = "a run's work folder, its checkpoints/ folder or one step folder in it"
+  try:
+    folder, step = ckpt_lib.resolve(tc.init_from)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"--config.train.init_from: {e} (expected {expected})") from None
   other = ckpt_lib.Checkpoints(folder, read_only=True)
-  step = step if step is not None else other.latest_step()
+  step = step if step is not None else other.best_step()
   if step is None:
-    raise FileNotFoundError(f"init_from: no complete checkpoint in {folder}")
+    raise FileNotFoundError(f"--config.train.init_from: no complete checkpoint in {folder} "
+                            f"(expected {expected})")
   own = flatten(state["params"])
   wanted = {p for p in own if re.fullmatch(tc.init_params, p)}
   theirs = flatten(other.saved_params(step))
@@ -99,9 +107,22 @@ def _init_from(config, state, shardings):
   restored = flatten(other.restore_params(step, abstract, partial=True))
   own.update(restored)
   other.close()
-  log.info("initialised %d of %d parameter arrays from %s step %d", len(take), len(own),
-           folder, step)
+  _print(f"initialised {len(take)} of {len(own)} parameter arrays ({tc.init_params!r}) from "
+         f"{folder} step {step}")
   return {**state, "params": unflatten(own)}, len(take)
+
+
+def _config_changes(saved_json: str, config) -> list[str]:
+  """The fields whose values differ between a run's saved config and `config`."""
+  def flat(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+      out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict)
+                 else {f"{prefix}{key}": value})
+    return out
+  then, now = flat(json.loads(saved_json)), flat(json.loads(config.to_json()))
+  return [f"{k} {then.get(k)!r} -> {now.get(k)!r}" for k in sorted(then.keys() | now.keys())
+          if then.get(k) != now.get(k)]
 
 
 class BatchTeacher:
@@ -127,7 +148,8 @@ class BatchTeacher:
       records = [r for split in splits.values() for r in split.records]
       ids = [r["id"] for r in records]
       captions = [r["caption"] for r in records]
-      self.cache.check(ids, captions, teacher.fingerprint(), path=config.teacher.cache)
+      self.cache.check(ids, captions, [r["image_id"] for r in records], teacher.fingerprint(),
+                       path=config.teacher.cache)
     else:
       self.online = teacher
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -249,6 +271,17 @@ def train(config, workdir=None, stream=None) -> dict:
   shapes = jax.eval_shape(init, loaded)
   tx = optim.make(config.optim, shapes)
   shardings = step_lib.state_shardings(mesh, shapes, tx, tuple(tc.fsdp_rules), tc.fsdp_min_size)
+  if start is None:
+    state = step_lib.create_state(init, tx, shardings,
+                                  to_global(loaded, {k: shardings["params"][k] for k in loaded}))
+    if tc.get("init_from"):
+      state, _ = _init_from(config, state, shardings)
+    else:
+      frozen = optim.frozen_mask(config.optim, shapes)
+      for part in ("image", "text"):
+        if mc[part].source == "init" and part in frozen and all(jax.tree.leaves(frozen[part])):
+          log.warning("the %s tower is frozen (optim.lr_mults) but randomly initialised: start "
+                      "from a run that trained it with --config.train.init_from=RUN", part)
   if ckpts is None:
     ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=tc.keep)
   if new_tokenizer and main:
@@ -270,12 +303,12 @@ def train(config, workdir=None, stream=None) -> dict:
       raise ValueError(f"{workdir}: the checkpoint's answer set differs from the data's (was the "
                        "dataset rebuilt or the protocol changed?); use a new train.workdir")
     _print(f"resumed from {workdir / 'checkpoints'} step {start}")
+    changes = _config_changes(run["config"], config) if run.get("config") else []
+    if changes:
+      _print("the config differs from the one the run was started with; it continues under "
+             "the new values (train.init_from only starts a run):\n  " + "\n  ".join(changes))
   else:
     start = 0
-    state = step_lib.create_state(init, tx, shardings,
-                                  to_global(loaded, {k: shardings["params"][k] for k in loaded}))
-    if tc.get("init_from"):
-      state, _ = _init_from(config, state, shardings)
 
   # ---- objective and input ----
   if finetune:
@@ -333,6 +366,9 @@ def train(config, workdir=None, stream=None) -> dict:
          + (f", {len(answers)} answers ({protocol})" if finetune else "")
          + (f", validating on {pretrain_validator.examples} held-out examples"
             if pretrain_validator else ""))
+  if start >= steps:
+    _print(f"the run is complete (step {start} of {steps})"
+           + ("; evaluating its best-on-validation checkpoint on test" if finetune else ""))
 
   # ---- the loop ----
   pending: list = []
@@ -371,12 +407,14 @@ def train(config, workdir=None, stream=None) -> dict:
         save_now = done % tc.save_every == 0 or done == steps
         if evaluate_now or save_now:
           drain()
+          paused = time.perf_counter()
           val = validate(state, done) if evaluate_now else {}
           if val:
             reporter.eval(done, {k.removeprefix("val_"): v for k, v in val.items()})
           if save_now:
             ckpts.save(done, state, run_record(done, val), metrics=val or None)
             last_saved = done
+          reporter.exclude(time.perf_counter() - paused)
       # The last batch lives in the workers' shared memory: release it now, not at exit.
       host = batch = None
     drain()
@@ -385,7 +423,13 @@ def train(config, workdir=None, stream=None) -> dict:
     ckpts.wait()
 
   if not finetune:
+    best = ckpts.best_step()
+    val = ckpts.run_record(best).get("val") or {}
     ckpts.close()
+    _print(f"pre-training done: best on validation step {best}"
+           + (f" (val_loss {val['val_loss']:.4f})" if "val_loss" in val else "")
+           + f" of {steps}, in {workdir / 'checkpoints'}; the next stage starts from it with "
+             f"--config.train.init_from={workdir}")
     return {}
   # ---- test, once, on the best-on-validation checkpoint ----
   best = ckpts.best_step()

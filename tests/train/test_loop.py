@@ -160,8 +160,11 @@ def test_sigkill_and_resume_give_the_same_run(straight, tmp_path, data_dir):
   half = workdir / "checkpoints" / f"{STEPS}.orbax-checkpoint-tmp-1234567"
   (half / "state").mkdir(parents=True)
   (half / "state" / "garbage").write_bytes(b"\0" * 100)
-  out = _run(cmd)
+  # Resumed with a changed field (one that does not change the run): named, and taken.
+  out = _run(cmd + ["--config.train.keep=3"])
   assert f"resumed from {workdir / 'checkpoints'} step {done[-1]}" in out.stdout
+  assert "the config differs from the one the run was started with" in out.stdout
+  assert "\n  train.keep 2 -> 3\n" in out.stdout
   straight_dir, _ = straight
   a, b = _params(straight_dir, STEPS), _params(workdir, STEPS)
   assert a.keys() == b.keys()
@@ -235,22 +238,36 @@ def test_eval_restores_an_8_device_checkpoint_on_1_device(straight, tmp_path):
 def test_init_from_another_run_then_a_nan_loss_stops_the_run(straight, tmp_path, data_dir):
   """One run on 1 device checks two things. It starts from the image tower of the straight
   run's checkpoint (saved on 8 devices): with a zero learning rate those parameters are still
-  the source's at its first checkpoint. Then a NaN injected into the loss stops it with a
-  message naming the step, and its last good checkpoint restores, finite."""
+  the source's at the step it took. Then a NaN injected into the loss stops it with a
+  message naming the step, and its last good checkpoint restores, finite. An init_from
+  that holds no checkpoint is refused by name before the run folder is made."""
+  from medvqa_jax.train.checkpoint import Checkpoints
   source, _ = straight
+  nowhere = _run(_train_cmd(tmp_path / "refused", data_dir,
+                            f"--config.train.init_from={tmp_path / 'nowhere'}"),
+                 devices=1, check=False)
+  assert nowhere.returncode == 1 and nowhere.stderr.startswith(
+      f"error: --config.train.init_from: no checkpoint at {tmp_path / 'nowhere'} (expected "
+      "a run's work folder"), nowhere.stderr[-3000:]
+  assert not (tmp_path / "refused").exists()
+  ckpts = Checkpoints(source / "checkpoints", read_only=True)
+  best = ckpts.best_step()  # What init_from takes from a run folder, as evaluation does.
+  ckpts.close()
   workdir = tmp_path / "nan"
   nan_step = SAVE + 2
   out = _run(_train_cmd(workdir, data_dir, f"--config.train.init_from={source}",
                         "--config.train.init_params=image/.*", "--config.optim.lr=0.0",
                         f"--config.train.inject_nan_at={nan_step}"), devices=1, check=False)
   assert out.returncode == 3, out.stderr[-3000:]
+  assert re.search(rf"initialised \d+ of \d+ parameter arrays \('image/\.\*'\) from "
+                   rf"{re.escape(str(source / 'checkpoints'))} step {best}\n", out.stdout)
   assert f"the loss is nan at step {nan_step}" in out.stderr
   assert f"the last good checkpoint is step {SAVE}" in out.stderr
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [SAVE]
   lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert max(r["step"] for r in lines if "loss" in r) == nan_step - 1
-  ours, theirs = _params(workdir, SAVE), _params(source, STEPS)
+  ours, theirs = _params(workdir, SAVE), _params(source, best)
   assert all(np.isfinite(v).all() for v in ours.values())
   image = [k for k in ours if k.startswith("image/")]
   assert image and all(np.array_equal(ours[k], theirs[k]) for k in image)

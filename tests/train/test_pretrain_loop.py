@@ -43,7 +43,8 @@ def _cache(config, corpus, path, change_caption=False):
   if change_caption:
     records[3]["caption"] += " (edited)"
   teacher = teacher_lib.from_config(config)
-  teacher_lib.compute_cache(teacher, records, batch_size=8, progress=False).save(path)
+  teacher_lib.compute_cache(teacher, records, batch_size=8, progress=False,
+                            max_side=config.data.max_side).save(path)
   return path
 
 
@@ -85,7 +86,7 @@ def test_training_reads_the_cache_and_refuses_one_that_does_not_match(corpus, tm
   assert (cached / "checkpoints" / "2").is_dir()
 
 
-def test_pretraining_validates_on_the_held_out_slice(corpus, tmp_path):
+def test_pretraining_validates_on_the_held_out_slice(corpus, tmp_path, capsys):
   """Half of the 8 examples held out: one validation batch of 4 at every step; the cache made
   for the whole corpus serves both parts; the best checkpoint is the lowest validation loss."""
   data, workdir = tmp_path / "tfds", tmp_path / "run"
@@ -109,6 +110,15 @@ def test_pretraining_validates_on_the_held_out_slice(corpus, tmp_path):
   best = min(rows, key=lambda r: r["val_loss"])["step"]
   kept = {int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()}
   assert kept == {3, best}  # The latest (keep=1) and the best on validation.
+  # The run says where its best checkpoint is and how the next stage starts from it; run
+  # again, it says it is complete.
+  printed = capsys.readouterr().out
+  val_loss = next(r["val_loss"] for r in rows if r["step"] == best)
+  assert (f"pre-training done: best on validation step {best} (val_loss {val_loss:.4f}) of 3, "
+          f"in {workdir / 'checkpoints'}; the next stage starts from it with "
+          f"--config.train.init_from={workdir}") in printed
+  assert loop.train(config) == {}
+  assert "the run is complete (step 3 of 3)\n" in capsys.readouterr().out
 
   # eval.py's restore repeats the validation of a saved step: the same inputs every time.
   from medvqa_jax.evaluate import run as run_lib
