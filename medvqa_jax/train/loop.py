@@ -426,10 +426,10 @@ def train(config, workdir=None, stream=None) -> dict:
     best = ckpts.best_step()
     val = ckpts.run_record(best).get("val") or {}
     ckpts.close()
-    _print(f"pre-training done: best on validation step {best}"
-           + (f" (val_loss {val['val_loss']:.4f})" if "val_loss" in val else "")
-           + f" of {steps}, in {workdir / 'checkpoints'}; the next stage starts from it with "
-             f"--config.train.init_from={workdir}")
+    which = (f"best on validation step {best} (val_loss {val['val_loss']:.4f})"
+             if "val_loss" in val else f"step {best} (no validation: the latest)")
+    _print(f"pre-training done: {which} of {steps}, in {workdir / 'checkpoints'}; the next "
+           f"stage starts from it with --config.train.init_from={workdir}")
     return {}
   # ---- test, once, on the best-on-validation checkpoint ----
   best = ckpts.best_step()

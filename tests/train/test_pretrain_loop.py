@@ -53,7 +53,8 @@ def _losses(workdir):
   return [json.loads(line) for line in lines]
 
 
-def test_training_reads_the_cache_and_refuses_one_that_does_not_match(corpus, tmp_path):
+def test_training_reads_the_cache_and_refuses_one_that_does_not_match(corpus, tmp_path,
+                                                                      capsys, caplog):
   data = tmp_path / "tfds"
   good = _cache(_config(corpus, data, tmp_path), corpus, tmp_path / "good.npz")
   other_data = _cache(_config(corpus, data, tmp_path), corpus, tmp_path / "other_data.npz",
@@ -70,7 +71,13 @@ def test_training_reads_the_cache_and_refuses_one_that_does_not_match(corpus, tm
     loop.train(_config(corpus, data, tmp_path / "none"))
 
   cached = tmp_path / "cached"
+  capsys.readouterr()
   assert loop.train(_config(corpus, data, cached, cache=str(good))) == {}
+  # Stage 1's encoders are frozen: random ones are pointed out. No validation: the latest.
+  assert ("pre-training done: step 2 (no validation: the latest) of 2, in "
+          f"{cached / 'checkpoints'}") in capsys.readouterr().out
+  for part in ("image", "text"):
+    assert f"the {part} tower is frozen (optim.lr_mults) but randomly initialised" in caplog.text
   online = tmp_path / "online"
   loop.train(_config(corpus, data, online, mode="online"))
   a, b = _losses(cached), _losses(online)
