@@ -31,6 +31,22 @@ def _quiet():
 _app.call_after_init(_quiet)
 
 
+def cluster_flags():
+  """Defines --coordinator_address/--num_processes/--process_id; returns `join()`, which joins
+  the processes of a multi-host run (medvqa_jax/train/distributed.py: a no-op for one
+  process; clusters it detects need none of the flags)."""
+  from absl import flags
+  coord = flags.DEFINE_string("coordinator_address", None,
+                              "Multi-host: host:port of process 0.")
+  nproc = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+  pid = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+  def join():
+    from medvqa_jax.train import distributed
+    distributed.initialize(coord.value, nproc.value, pid.value)
+  return join
+
+
 def _config_fields(tree, prefix="") -> list[str]:
   out = []
   for key, value in tree.items():

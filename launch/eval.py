@@ -7,7 +7,9 @@ r"""Evaluates a trained checkpoint on a split and writes metrics.json and predic
 --checkpoint_dir is a run's work folder, its checkpoints/ folder or one step folder. The
 run's own config is used unless --config is given (it must describe the same model); data
 paths can be overridden (--config is then needed), e.g. --config.data.dir. The parameters are
-restored onto the devices this process has, whatever the training run used. Outputs go to
+restored onto the devices this process has, whatever the training run used; on several hosts,
+run the same command in every process, as for training (launch/tpu_pod.sh, slurm.sbatch, or
+--coordinator_address/--num_processes/--process_id), and each answers its share. Outputs go to
 <workdir>/eval/<split>-step<N>/ (<split>-step<N>-closed-set/ under the closed-set protocol,
 beside the open-set results; or --out); each says which answer protocol produced it.
 
@@ -32,11 +34,13 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: best on va
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
 _CLOSED = flags.DEFINE_boolean("closed_set", None, "Answers from all splits (the paper's "
                                "protocol); default: the protocol the run was trained with.")
-_FSDP = flags.DEFINE_integer("fsdp", 1, "Ways of parameter sharding on this machine.")
+_FSDP = flags.DEFINE_integer("fsdp", 1, "Ways of parameter sharding.")
+_JOIN = common.cluster_flags()
 
 
 def main(argv):
   del argv
+  _JOIN()
   from medvqa_jax.evaluate import run as run_lib
   restored = run_lib.restore(_CKPT.value, config=_CONFIG.value, step=_STEP.value,
                              fsdp=_FSDP.value)

@@ -21,13 +21,10 @@ import signal
 import sys
 
 import common  # Puts the repository root on sys.path.
-from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file.")
-_COORD = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
-_NPROC = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-_PID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_JOIN = common.cluster_flags()
 
 
 def _summary(metrics: dict) -> str:
@@ -67,8 +64,7 @@ def _stopped(config):
 def main(argv):
   del argv
   signal.signal(signal.SIGTERM, _interrupt)
-  from medvqa_jax.train import distributed
-  distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
+  _JOIN()
   import jax
 
   from medvqa_jax.train import loop

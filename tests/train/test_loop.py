@@ -214,7 +214,8 @@ def test_sigterm_stops_cleanly(tmp_path, data_dir):
           f"{workdir / 'checkpoints'}; run the same command again to resume") in stderr
 
 
-def test_eval_restores_an_8_device_checkpoint_on_1_device(straight, tmp_path):
+def test_eval_restores_an_8_device_checkpoint_on_1_device_and_on_two_processes(straight,
+                                                                               tmp_path):
   workdir, _ = straight
   out = _run([sys.executable, str(ROOT / "launch" / "eval.py"), f"--checkpoint_dir={workdir}",
               f"--out={tmp_path}"], devices=1)
@@ -224,6 +225,29 @@ def test_eval_restores_an_8_device_checkpoint_on_1_device(straight, tmp_path):
   for m in (printed, written):
     m.pop("seconds", None)
     assert m == saved
+  # Two processes (one device each) join, answer their shares, and process 0 writes the same
+  # results (eval.py ran as unconnected single processes).
+  port, multi = _free_port(), tmp_path / "multi"
+  cmd = [sys.executable, str(ROOT / "launch" / "eval.py"), f"--checkpoint_dir={workdir}",
+         f"--out={multi}", f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=_env(1),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=900) for p in procs]
+  for p, (o, e) in zip(procs, outs):
+    assert p.returncode == 0, e[-5000:]
+  # Only process 0 prints the metrics (and writes them).
+  assert json.loads(outs[0][0].strip().splitlines()[-1])["overall"] == saved["overall"]
+  assert not any(line.startswith("{") for line in outs[1][0].splitlines())
+  both = json.loads((multi / "metrics.json").read_text())
+  both.pop("seconds", None)
+  assert both == saved
+  rows = lambda folder: [json.loads(r) for r in
+                         (folder / "predictions.jsonl").read_text().splitlines()]
+  ours, one = rows(multi), rows(tmp_path)
+  # The same rows in the same order; scores to float32 rounding (other batch shapes).
+  assert [dict(r, score=None) for r in ours] == [dict(r, score=None) for r in one]
+  np.testing.assert_allclose([r["score"] for r in ours], [r["score"] for r in one], rtol=1e-4)
   # The paper's closed-set protocol: candidates from every split, and every output says so;
   # by default in a folder of its own, beside the open-set results.
   _run([sys.executable, str(ROOT / "launch" / "eval.py"), f"--checkpoint_dir={workdir}",
