@@ -125,24 +125,31 @@ def _config_changes(saved_json: str, config) -> list[str]:
           if then.get(k) != now.get(k)]
 
 
+def check_teacher_config(config) -> str:
+  """The teacher mode of a pre-training config, refused (before any data is read) when it is
+  unknown or names no cache file."""
+  mode = config.teacher.mode
+  if mode not in ("cache", "online", "none"):
+    raise ValueError(f"teacher.mode must be cache, online or none, not {mode!r}")
+  if mode == "cache" and not config.teacher.get("cache"):
+    raise ValueError("teacher.mode is 'cache' but no cache file is set: build one with "
+                     "`python launch/cache_teacher.py` and pass --config.teacher.cache=FILE "
+                     "(or --config.teacher.mode=online)")
+  return mode
+
+
 class BatchTeacher:
   """Teacher embeddings for pre-training batches (training's and validation's): looked up in
   the cache, or computed online on device by the frozen teacher."""
 
   def __init__(self, config, splits: dict, mesh):
     from medvqa_jax.losses import teacher as teacher_lib
-    self.mode = config.teacher.mode
+    self.mode = check_teacher_config(config)
     self.cache = self.online = None
     if self.mode == "none":
       return
-    if self.mode not in ("cache", "online"):
-      raise ValueError(f"teacher.mode must be cache, online or none, not {self.mode!r}")
     teacher = teacher_lib.from_config(config)
     if self.mode == "cache":
-      if not config.teacher.get("cache"):
-        raise ValueError("teacher.mode is 'cache' but no cache file is set: build one with "
-                         "`python launch/cache_teacher.py` and pass --config.teacher.cache=FILE "
-                         "(or --config.teacher.mode=online)")
       self.cache = teacher_lib.TeacherCache.load(config.teacher.cache)
       # The cache is made for the whole training split, held-out validation slice included.
       records = [r for split in splits.values() for r in split.records]
@@ -233,6 +240,8 @@ def train(config, workdir=None, stream=None) -> dict:
   main = jax.process_index() == 0
   mesh = sharding.make_mesh(tc.fsdp)
   step_lib.check_batch(config, tc.batch_size, jax.device_count())
+  if not finetune:
+    check_teacher_config(config)
 
   # ---- data ----
   if jax.process_count() > 1:  # One host builds the dataset if needed; the others wait.

@@ -68,7 +68,8 @@ def test_training_reads_the_cache_and_refuses_one_that_does_not_match(corpus, tm
       loop.train(_config(corpus, data, workdir, cache=str(cache)))
     assert not workdir.exists()  # Refused before anything was written.
   with pytest.raises(ValueError, match="teacher.cache"):
-    loop.train(_config(corpus, data, tmp_path / "none"))
+    loop.train(_config(corpus, tmp_path / "unbuilt", tmp_path / "none"))
+  assert not (tmp_path / "unbuilt").exists()  # Refused before the dataset was built.
 
   cached = tmp_path / "cached"
   capsys.readouterr()
