@@ -7,8 +7,9 @@ example: `launch/cache_teacher.py` computes them once into a cache file keyed by
 and training reads them from there. The cache records a fingerprint of the teacher (its
 parameters and input sizes), of the dataset (ids and captions) and each example's image id
 (the digest of its image as the dataset stores it, `builders.image_digest`);
-`TeacherCache.check` refuses a cache made by another teacher or for other data. `Teacher.embed` is a pure
-function of the teacher's parameters, for computing the embeddings online in the step.
+`TeacherCache.check` refuses a cache made by another teacher or for other data.
+`Teacher.embed` is a pure function of the teacher's parameters, for computing the embeddings
+online in the step.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -159,19 +161,21 @@ class TeacherCache:
     if not path.exists():
       raise FileNotFoundError(f"teacher cache {path} does not exist: build it with "
                               "`python launch/cache_teacher.py`")
+    unreadable = lambda e: ValueError(f"teacher cache {path} is unreadable or incomplete: {e}")
     try:
       with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(str(z["meta"]))
-        image2 = z["image2"] if "image2" in z.files else None
-        if meta.get("format") != FORMAT_VERSION:
-          raise ValueError(f"teacher cache {path} has format {meta.get('format')}, expected "
-                           f"{FORMAT_VERSION}: rebuild it")
-        cache = cls(z["ids"], z["image"], z["text"], image2, meta, z["image_ids"])
-    except (OSError, ValueError, KeyError) as e:
-      if str(e).startswith(f"teacher cache {path} has format"):
-        raise
-      raise ValueError(f"teacher cache {path} is unreadable or incomplete: {e}") from None
-    return cache
+        arrays = {k: z[k] for k in z.files}
+      meta = json.loads(str(arrays["meta"]))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+      raise unreadable(e) from None
+    if meta.get("format") != FORMAT_VERSION:
+      raise ValueError(f"teacher cache {path} has format {meta.get('format')}, expected "
+                       f"{FORMAT_VERSION}: rebuild it")
+    try:
+      return cls(arrays["ids"], arrays["image"], arrays["text"], arrays.get("image2"), meta,
+                 arrays["image_ids"])
+    except KeyError as e:
+      raise unreadable(e) from None
 
   def check(self, ids: Sequence[str], captions: Sequence[str], image_ids: Sequence[str],
             teacher_fingerprint: str, path: str = "the teacher cache"):

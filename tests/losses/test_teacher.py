@@ -87,6 +87,12 @@ def test_cache_command_and_checks(corpus, demo_config, tmp_path):
   np.savez(tmp_path / "old.npz", **arrays)
   with pytest.raises(ValueError, match=r"has format 2, expected 3: rebuild it"):
     teacher_lib.TeacherCache.load(tmp_path / "old.npz")
+  arrays["meta"] = np.asarray(json.dumps(meta))  # The format, without its image ids.
+  np.savez(tmp_path / "partial.npz", **arrays)
+  (tmp_path / "cut.npz").write_bytes(out.read_bytes()[:1000])
+  for broken in ("partial.npz", "cut.npz"):
+    with pytest.raises(ValueError, match=r"is unreadable or incomplete"):
+      teacher_lib.TeacherCache.load(tmp_path / broken)
 
 
 def test_bad_records_are_named_and_leave_no_cache(corpus, tmp_path):
