@@ -227,15 +227,9 @@ def test_eval_restores_an_8_device_checkpoint_on_1_device_and_on_two_processes(s
     assert m == saved
   # Two processes (one device each) join, answer their shares, and process 0 writes the same
   # results (eval.py ran as unconnected single processes).
-  port, multi = _free_port(), tmp_path / "multi"
-  cmd = [sys.executable, str(ROOT / "launch" / "eval.py"), f"--checkpoint_dir={workdir}",
-         f"--out={multi}", f"--coordinator_address=localhost:{port}", "--num_processes=2"]
-  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=_env(1),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  outs = [p.communicate(timeout=900) for p in procs]
-  for p, (o, e) in zip(procs, outs):
-    assert p.returncode == 0, e[-5000:]
+  multi = tmp_path / "multi"
+  outs = _two_processes([sys.executable, str(ROOT / "launch" / "eval.py"),
+                         f"--checkpoint_dir={workdir}", f"--out={multi}"], devices=1)
   # Only process 0 prints the metrics (and writes them).
   assert json.loads(outs[0][0].strip().splitlines()[-1])["overall"] == saved["overall"]
   assert not any(line.startswith("{") for line in outs[1][0].splitlines())
@@ -305,18 +299,23 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_reproduce_the_single_process_run(straight, tmp_path, data_dir):
-  workdir = tmp_path / "multi"
-  port = _free_port()
-  cmd = _train_cmd(workdir, data_dir, f"--coordinator_address=localhost:{port}",
-                   "--num_processes=2")
-  # 2 devices per process (not 4): the same multi-host paths, a third less time on 2 cores.
-  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=_env(2),
+def _two_processes(cmd, devices: int) -> list[tuple[str, str]]:
+  """Runs `cmd` as the two processes of one multi-host run (`devices` each); both must
+  succeed. Returns their (stdout, stderr)."""
+  cmd = cmd + [f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
+  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=_env(devices),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outs = [p.communicate(timeout=900) for p in procs]
-  for p, (o, e) in zip(procs, outs):
+  for p, (_, e) in zip(procs, outs):
     assert p.returncode == 0, e[-5000:]
+  return outs
+
+
+def test_two_processes_reproduce_the_single_process_run(straight, tmp_path, data_dir):
+  workdir = tmp_path / "multi"
+  # 2 devices per process (not 4): the same multi-host paths, a third less time on 2 cores.
+  _two_processes(_train_cmd(workdir, data_dir), devices=2)
   straight_dir, _ = straight
   # Within 1e-5 but for rounding-tipped elements (helpers.assert_params_close: here two of
   # the 8,192 of the GCA prior MLP's first kernel, a ReLU unit's column, 1.3e-5 apart), within
