@@ -47,11 +47,12 @@ def cluster_flags():
   return join
 
 
-def _config_fields(tree, prefix="") -> list[str]:
-  out = []
+def _config_fields(tree, prefix="") -> dict:
+  """The leaf fields of a config as {"a.b.c": value}."""
+  out = {}
   for key, value in tree.items():
     path = f"{prefix}{key}"
-    out += _config_fields(value, path + ".") if hasattr(value, "items") else [path]
+    out.update(_config_fields(value, path + ".") if hasattr(value, "items") else {path: value})
   return out
 
 
@@ -70,7 +71,7 @@ def _bad_override(error: Exception) -> str | None:
       module_spec = importlib.util.spec_from_file_location("_config", path)
       module = importlib.util.module_from_spec(module_spec)
       module_spec.loader.exec_module(module)
-      fields = _config_fields(module.get_config(arg or None))
+      fields = list(_config_fields(module.get_config(arg or None)))
     except Exception:  # The file itself is broken: absl's own error says more.
       return None
   unknown = [o for o in overrides if fields and o.removeprefix("config.") not in fields]
@@ -127,10 +128,7 @@ def _urls() -> list[str]:
       found.append(f"--{name}={flag.value}")
   config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
   if config is not None:
-    for field in _config_fields(config):
-      value = config
-      for key in field.split("."):
-        value = value[key]
+    for field, value in _config_fields(config).items():
       if isinstance(value, str) and url.match(value):
         found.append(f"--config.{field}={value}")
   return found
