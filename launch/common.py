@@ -152,12 +152,16 @@ def _own_error(error: BaseException) -> str | None:
   return f"{path.relative_to(ROOT)}:{tb.tb_lineno}"
 
 
+_HELP = {"--help", "-help", "-?", "--helpshort", "--helpfull", "--helpxml"}
+
+
 def run(main):
   """absl's app.run, with a command-line override of a config field that does not exist
   reported as such (with the nearest field names) instead of a traceback from the flag
-  parser, the --config file found from any working folder (`_resolve_config_path`), and
-  the project's own errors about its input (`_own_error`) printed as their message alone,
-  exit status 1 (MEDVQA_TRACEBACK=1 shows the traceback)."""
+  parser, the --config file found from any working folder (`_resolve_config_path`), the
+  project's own errors about its input (`_own_error`) printed as their message alone, exit
+  status 1 (MEDVQA_TRACEBACK=1 shows the traceback), --help exiting with 0 and a flag that
+  does not parse with 2."""
   started = []
   try:
     sys.argv = _resolve_config_path(sys.argv)
@@ -176,6 +180,12 @@ def run(main):
 
   try:
     _app.run(wrapped)
+  except SystemExit as e:
+    # Before main, absl exits with 1 both after the help that was asked for (a success) and
+    # on a flag it cannot parse (a usage error, 2 like the others here).
+    if e.code == 1 and not started:
+      sys.exit(0 if _HELP.intersection(a.split("=")[0] for a in sys.argv[1:]) else 2)
+    raise
   except (AttributeError, KeyError) as e:
     problem = None if started else _bad_override(e)
     if problem is None:

@@ -288,3 +288,16 @@ def test_commands_find_their_config_from_any_folder(tmp_path):
   assert missing.returncode == 2 and "Traceback" not in missing.stderr
   assert missing.stderr.startswith(f"error: --config: no config file 'configs/nope.py' "
                                    f"(looked in {tmp_path} and in {ROOT})")
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "launch").glob("*.py")
+                                          if p.name != "common.py"))
+def test_every_command_takes_help_and_refuses_an_unknown_flag(script):
+  """--help prints the command's description and exits with 0 (absl's own exit status is 1);
+  a flag the command does not have is a usage error, exit status 2, naming it."""
+  helped = _run(f"launch/{script}", "--help")
+  assert helped.returncode == 0, helped.stderr
+  first = (ROOT / "launch" / script).read_text().split('"""')[1].splitlines()[0]
+  assert helped.stdout.startswith(first), helped.stdout[:200]
+  bad = _run(f"launch/{script}", "--no_such_flag=1")
+  assert bad.returncode == 2 and "Unknown command line flag 'no_such_flag'" in bad.stderr
