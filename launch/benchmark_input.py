@@ -39,7 +39,7 @@ _AUG = flags.DEFINE_enum("augmentation", None, ["finetune", "pretrain", "test"],
 def main(argv):
   del argv
   from medvqa_jax import ASSETS
-  from medvqa_jax.data import builders, pipeline, sources
+  from medvqa_jax.data import builders, pipeline
   from medvqa_jax.data.tokenizer import Tokenizer
   if not builders.is_built(_DATA_DIR.value, _DATASET.value):
     if not _SOURCE.value:
@@ -48,7 +48,7 @@ def main(argv):
     builders.build(_DATASET.value, _SOURCE.value, _DATA_DIR.value)
   source = builders.load(_DATA_DIR.value, _DATASET.value, _SPLIT.value)
   tokenizer = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", max_len=30)
-  kind = "caption" if _DATASET.value in sources.CAPTION_READERS else "vqa"
+  kind = builders.kind(_DATASET.value)
   views = 2 if kind == "caption" else 1  # Caption batches carry two views of each example.
   augmentation = _AUG.value or ("pretrain" if kind == "caption" else "finetune")
   ds = pipeline.batches(source, kind=kind, tokenizer=tokenizer, image_size=_SIZE.value,

@@ -275,6 +275,14 @@ BUILDERS = {b.name: b for b in (VqaRad, Slake, PathVqa, VqaMed2019, Roco, Medica
                                 CaptionsJsonl)}
 
 
+def kind(name: str) -> str:
+  """What dataset `name` holds: "vqa" (questions and answers, for fine-tuning) or "caption"
+  (image-caption pairs, for pre-training)."""
+  if name not in BUILDERS:
+    raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(BUILDERS)}")
+  return "caption" if issubclass(BUILDERS[name], _CaptionBuilder) else "vqa"
+
+
 def dataset_dir(data_dir, name: str) -> Path:
   builder = BUILDERS.get(name)
   return Path(data_dir) / name / (str(builder.VERSION) if builder else VERSION)
@@ -328,8 +336,7 @@ def built_options(data_dir, name: str) -> dict | None:
 def build(name: str, source_dir, data_dir, **options) -> Path:
   """Builds dataset `name` from `source_dir` into `data_dir` (a no-op if already built with the
   same options; a build with other options is refused, not silently reused)."""
-  if name not in BUILDERS:
-    raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(BUILDERS)}")
+  kind(name)  # A known name.
   builder = BUILDERS[name](source_dir=source_dir, data_dir=str(data_dir),
                            file_format="array_record", **options)
   if is_built(data_dir, name):

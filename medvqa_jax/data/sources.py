@@ -417,8 +417,3 @@ def captions_jsonl(source_dir: Path) -> dict:
     out[split] = records
   return out
 
-
-VQA_READERS = {"vqa_rad": vqa_rad, "slake": slake, "pathvqa": pathvqa,
-               "vqa_med_2019": vqa_med_2019}
-CAPTION_READERS = {"roco": roco, "medicat": medicat, "mimic_cxr": mimic_multiview,
-                   "captions_jsonl": captions_jsonl}

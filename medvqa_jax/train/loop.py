@@ -247,7 +247,7 @@ def train(config, workdir=None, stream=None) -> dict:
   if jax.process_count() > 1:  # One host builds the dataset if needed; the others wait.
     from jax.experimental import multihost_utils
     if main:
-      splits_lib.ensure_built(config.data)
+      splits_lib.ensure_built(config.data, "vqa" if finetune else "caption")
     multihost_utils.sync_global_devices("dataset built")
   splits, answers, protocol = training_splits(config)
   data = data_identity(splits, tc.batch_size)

@@ -58,6 +58,30 @@ def test_a_dataset_without_validation_split_needs_a_held_out_fraction(tmp_path):
   assert not list(tmp_path.iterdir())  # Refused before building anything.
 
 
+def test_a_dataset_of_the_other_kind_is_refused_by_name(tmp_path):
+  """A fine-tuning run on a caption corpus, or a pre-training run on a VQA dataset, is refused
+  naming the dataset, its kind and the datasets that fit, before anything is built."""
+  from ml_collections import ConfigDict
+
+  from medvqa_jax.data import builders, splits
+  assert [builders.kind(n) for n in ("vqa_rad", "pathvqa", "roco", "mimic_cxr")] == [
+      "vqa", "vqa", "caption", "caption"]
+  dc = lambda name: ConfigDict(dict(
+      name=name, dir=str(tmp_path), source_dir=str(tmp_path / "download"), max_side=None,
+      train_split="train", val_split="", test_split="test", val_fraction=0.1))
+  with pytest.raises(ValueError, match=r"^--config.data.name=roco is a caption corpus, but "
+                     r"this config runs fine-tuning \(model.head is not 'none'\), which reads "
+                     r"a VQA dataset \(pathvqa, slake, vqa_med_2019, vqa_rad\): pre-train on"):
+    splits.vqa_splits(dc("roco"))
+  with pytest.raises(ValueError, match=r"^--config.data.name=slake is a VQA dataset, but this "
+                     r"config runs pre-training .* \(captions_jsonl, medicat, mimic_cxr, roco\): "
+                     r"fine-tune on it with configs/slake.py$"):
+    splits.caption_splits(dc("slake"))
+  with pytest.raises(ValueError, match=r"unknown dataset 'vqarad'; expected one of"):
+    splits.vqa_splits(dc("vqarad"))
+  assert not list(tmp_path.iterdir())
+
+
 def test_the_configs_answer_length_holds_the_real_answers():
   """No answer of VQA-RAD or SLAKE (train and test) is cut by the generative head's
   answer_max_len: the longest take 27 and 30 word pieces with [CLS] and [SEP]."""
