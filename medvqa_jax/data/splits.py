@@ -56,7 +56,10 @@ def ensure_built(dc, kind: str | None = None) -> None:
   """Builds the dataset into data.dir from data.source_dir if it is not built yet; `kind`:
   refuses a dataset of the other kind ("vqa" or "caption", `builders.kind`) first."""
   name, data_dir = _need(dc, "name"), _need(dc, "dir")
-  holds = builders.kind(name)
+  try:
+    holds = builders.kind(name)
+  except ValueError as e:
+    raise ValueError(f"--config.data.name: {e}") from None
   if kind is not None and holds != kind:
     of = lambda k: ", ".join(n for n in sorted(builders.BUILDERS) if builders.kind(n) == k)
     what = {"vqa": "a VQA dataset", "caption": "a caption corpus"}

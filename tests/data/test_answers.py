@@ -77,7 +77,8 @@ def test_a_dataset_of_the_other_kind_is_refused_by_name(tmp_path):
                      r"config runs pre-training .* \(captions_jsonl, medicat, mimic_cxr, roco\): "
                      r"fine-tune on it with configs/slake.py$"):
     splits.caption_splits(dc("slake"))
-  with pytest.raises(ValueError, match=r"unknown dataset 'vqarad'; expected one of"):
+  with pytest.raises(ValueError, match=r"^--config.data.name: unknown dataset 'vqarad'; "
+                     r"expected one of \['captions_jsonl', "):
     splits.vqa_splits(dc("vqarad"))
   assert not list(tmp_path.iterdir())
 
