@@ -52,23 +52,29 @@ def _need(dc, field: str):
   return value
 
 
-def ensure_built(dc, kind: str | None = None) -> None:
-  """Builds the dataset into data.dir from data.source_dir if it is not built yet; `kind`:
-  refuses a dataset of the other kind ("vqa" or "caption", `builders.kind`) first."""
-  name, data_dir = _need(dc, "name"), _need(dc, "dir")
+_KINDS = {"vqa": ("a VQA dataset", "fine-tuning (model.head is not 'none')"),
+          "caption": ("a caption corpus", "pre-training (model.head is 'none')")}
+
+
+def check_kind(dc, kind: str) -> None:
+  """Refuses data.name when no builder has it or its dataset is not of `kind` ("vqa" or
+  "caption", `builders.kind`), naming the datasets that fit."""
+  name = _need(dc, "name")
   try:
     holds = builders.kind(name)
   except ValueError as e:
     raise ValueError(f"--config.data.name: {e}") from None
-  if kind is not None and holds != kind:
-    of = lambda k: ", ".join(n for n in sorted(builders.BUILDERS) if builders.kind(n) == k)
-    what = {"vqa": "a VQA dataset", "caption": "a caption corpus"}
-    use = {"vqa": f"fine-tune on it with configs/{name}.py", "caption":
-           "pre-train on it with configs/pretrain_stage0.py or pretrain_stage1.py"}[holds]
-    run = {"vqa": "fine-tuning (model.head is not 'none')",
-           "caption": "pre-training (model.head is 'none')"}[kind]
-    raise ValueError(f"--config.data.name={name} is {what[holds]}, but this config runs {run}, "
-                     f"which reads {what[kind]} ({of(kind)}): {use}")
+  if holds != kind:
+    fits = ", ".join(n for n in sorted(builders.BUILDERS) if builders.kind(n) == kind)
+    use = (f"fine-tune on it with configs/{name}.py" if holds == "vqa" else
+           "pre-train on it with configs/pretrain_stage0.py or pretrain_stage1.py")
+    raise ValueError(f"--config.data.name={name} is {_KINDS[holds][0]}, but this config runs "
+                     f"{_KINDS[kind][1]}, which reads {_KINDS[kind][0]} ({fits}): {use}")
+
+
+def ensure_built(dc) -> None:
+  """Builds the dataset into data.dir from data.source_dir if it is not built yet."""
+  name, data_dir = _need(dc, "name"), _need(dc, "dir")
   if builders.is_built(data_dir, name):
     have = builders.built_options(data_dir, name)  # None: built before options were kept
     want = builders.build_options(name, max_side=dc.get("max_side"))["max_side"]
@@ -126,7 +132,8 @@ def vqa_splits(dc, need=("train", "val", "test")) -> dict[str, Split]:
     raise ValueError(f"{dc.name} is validated on a held-out slice of its training split "
                      f"(data.val_split is ''), so data.val_fraction must be > 0 (it is "
                      f"{dc.val_fraction})")
-  ensure_built(dc, "vqa")
+  check_kind(dc, "vqa")
+  ensure_built(dc)
   out = {}
   if "train" in need or ("val" in need and not dc.val_split):
     source, records = _split(dc, dc.train_split)
@@ -152,7 +159,8 @@ def caption_splits(dc) -> dict[str, Split]:
   images (whole images: every example of a held-out picture, whatever its id or path, is in
   the slice) held out for validation. Builds the corpus first if needed. Records: id,
   image_id, caption."""
-  ensure_built(dc, "caption")
+  check_kind(dc, "caption")
+  ensure_built(dc)
   if dc.val_split:
     raise ValueError(f"pre-training validates on a held-out slice of {dc.name}'s training split "
                      f"(data.val_fraction), not on a split of its own: set "

@@ -246,8 +246,10 @@ def train(config, workdir=None, stream=None) -> dict:
   # ---- data ----
   if jax.process_count() > 1:  # One host builds the dataset if needed; the others wait.
     from jax.experimental import multihost_utils
+    # Every process refuses a dataset of the wrong kind (none is left waiting for process 0).
+    splits_lib.check_kind(config.data, "vqa" if finetune else "caption")
     if main:
-      splits_lib.ensure_built(config.data, "vqa" if finetune else "caption")
+      splits_lib.ensure_built(config.data)
     multihost_utils.sync_global_devices("dataset built")
   splits, answers, protocol = training_splits(config)
   data = data_identity(splits, tc.batch_size)
