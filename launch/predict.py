@@ -67,7 +67,7 @@ def main(argv):
   else:
     ranked = jax.jit(lambda v, *x: r.model.apply(
         v, *x, predictor.prior_ids, predictor.prior_mask, predictor.cand_ids, predictor.cand_mask,
-        k=r.config.model.rank_k, method=AMiF.rank))(variables, *inputs)
+        k=r.config.model.rank_k, pack=predictor.pack, method=AMiF.rank))(variables, *inputs)
     idx, scores = np.asarray(ranked["topk"][0]), np.asarray(ranked["scores"][0])
     order = np.argsort(-scores)[:_TOP.value]
     top = [(r.answers[idx[i]], float(np.exp(scores[i]))) for i in order]

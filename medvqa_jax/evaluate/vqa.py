@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from medvqa_jax.data import answers as answers_lib
 from medvqa_jax.data import pipeline
 from medvqa_jax.evaluate import metrics as metrics_lib
-from medvqa_jax.models import gca
+from medvqa_jax.models import gca, heads
 from medvqa_jax.models.amif import AMiF
 from medvqa_jax.train import sharding
 
@@ -52,6 +52,8 @@ class Predictor:
     self.cand_ids, self.cand_mask = jnp.asarray(cand["input_ids"]), jnp.asarray(cand["attention_mask"])
     replicated = NamedSharding(mesh, P())
     k = mc.rank_k
+    # Each question's k candidates decoded as one packed row where that saves tokens.
+    self.pack = heads.pack_length(cand["attention_mask"], k) if model.head == "generative" else 0
 
     def predict(params, images, input_ids, attention_mask, prior_ids, prior_mask, cand_ids,
                 cand_mask):
@@ -62,7 +64,7 @@ class Predictor:
         prob = jax.nn.softmax(out["logits"], axis=-1)
         return out["prediction"], jnp.max(prob, axis=-1)
       out = model.apply(variables, images, input_ids, attention_mask, prior_ids, prior_mask,
-                        cand_ids, cand_mask, k=k, method=AMiF.rank)
+                        cand_ids, cand_mask, k=k, pack=self.pack, method=AMiF.rank)
       return out["prediction"], jnp.exp(jnp.max(out["scores"], axis=-1))
 
     self._predict = jax.jit(predict, in_shardings=(param_shardings,) + (None,) * 7,

@@ -163,9 +163,9 @@ class AMiF(nn.Module):
       out["fusion_image_weights"] = fused["image_cross_weights"]
     return out
 
-  def decode(self, answer_ids, answer_mask, context, context_mask):
-    return self.decoder(answer_ids, answer_mask, context=context,
-                        context_mask=context_mask)["logits"]
+  def decode(self, answer_ids, answer_mask, context, context_mask, segment_ids=None):
+    return self.decoder(answer_ids, answer_mask, context=context, context_mask=context_mask,
+                        segment_ids=segment_ids)["logits"]
 
   def vqa(self, images, input_ids, attention_mask, prior_ids, prior_mask, answer_ids=None,
           answer_mask=None, labels=None, return_weights=False):
@@ -185,9 +185,15 @@ class AMiF(nn.Module):
     return out
 
   def rank(self, images, input_ids, attention_mask, prior_ids, prior_mask, cand_ids, cand_mask,
-           k: int = 32):
+           k: int = 32, pack: int = 0):
     """Ranks candidate answers (C, La) ([CLS] answer [SEP], shared by the batch): the top k by
     the probability of their first token, re-scored by full-sequence log-likelihood.
+
+    pack: 0 decodes each question's k candidates as k rows of La tokens, mostly padding;
+    otherwise (static, at least the k longest candidates' tokens: `heads.pack_length`) as
+    one row of `pack` tokens that holds their real tokens one after another, each candidate
+    read as if alone (positions restart, attention stays within it): the same scores for
+    fewer decoded tokens.
 
     Returns prediction (B,) candidate indices, topk (B, k) candidate indices and scores (B, k)
     their log-likelihoods.
@@ -202,12 +208,17 @@ class AMiF(nn.Module):
     first = self.decode(bos, jnp.ones_like(bos), context, context_mask)[:, 0]
     first = jax.nn.log_softmax(first.astype(jnp.float32), axis=-1)
     _, topk = jax.lax.top_k(jnp.take(first, cand_ids[:, 1], axis=-1), k)  # (B, k)
-    ids = jnp.take(cand_ids, topk, axis=0).reshape(b * k, -1)
-    mask = jnp.take(cand_mask, topk, axis=0).reshape(b * k, -1)
-    # Each question's context is shared by its k candidates (consecutive rows): the decoder's
-    # cross-attention projects it once per question, not once per candidate.
-    logits = self.decode(ids, mask, context, context_mask)
-    scores = heads.sequence_log_likelihood(logits, ids, mask).reshape(b, k)
+    if pack:
+      ids, segments = heads.pack_candidates(cand_ids, cand_mask, topk, pack)
+      logits = self.decode(ids, None, context, context_mask, segment_ids=segments)
+      scores = heads.packed_log_likelihood(logits, ids, segments, k)
+    else:
+      ids = jnp.take(cand_ids, topk, axis=0).reshape(b * k, -1)
+      mask = jnp.take(cand_mask, topk, axis=0).reshape(b * k, -1)
+      # Each question's context is shared by its k candidates (consecutive rows): the
+      # decoder's cross-attention projects it once per question, not once per candidate.
+      logits = self.decode(ids, mask, context, context_mask)
+      scores = heads.sequence_log_likelihood(logits, ids, mask).reshape(b, k)
     best = jnp.argmax(scores, axis=-1)
     return {"prediction": jnp.take_along_axis(topk, best[:, None], axis=-1)[:, 0],
             "topk": topk, "scores": scores}

@@ -61,7 +61,10 @@ class BertEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, context=None,
-               context_mask=None):
+               context_mask=None, segment_ids=None):
+    """segment_ids (B, L): rows packed with several sequences (runs of equal ids, padding a
+    run of its own), each read as if alone: positions restart at each segment and tokens
+    attend within their own segment only. It replaces `attention_mask` in self-attention."""
     _, length = input_ids.shape
     if self.cross_from is not None and not 0 <= self.cross_from < self.depth:
       raise ValueError(f"cross_from={self.cross_from} names no layer of a {self.depth}-layer "
@@ -69,18 +72,23 @@ class BertEncoder(nn.Module):
     if context is not None and context.shape[-1] != (self.context_width or self.width):
       raise ValueError(f"the context is {context.shape[-1]} wide but this BERT's cross-"
                        f"attention reads {self.context_width or self.width} (context_width)")
-    if length > self.max_positions:
+    if segment_ids is None and length > self.max_positions:
       raise ValueError(f"sequence length {length} exceeds max_positions {self.max_positions}")
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
+    if segment_ids is None:
+      positions = jnp.arange(length)[None]
+      bias = layers.attention_mask(attention_mask, causal_len=length if self.causal else None,
+                                   right_padded=True)
+    else:
+      positions = layers.segment_positions(segment_ids)
+      bias = layers.segment_mask(segment_ids, causal=self.causal)
     word_embed = nn.Embed(self.vocab_size, self.width, name="word_embed")
     x = (word_embed(input_ids)
-         + nn.Embed(self.max_positions, self.width, name="pos_embed")(jnp.arange(length))[None]
+         + nn.Embed(self.max_positions, self.width, name="pos_embed")(positions)
          + nn.Embed(self.type_vocab_size, self.width, name="type_embed")(token_type_ids))
     x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="embed_ln")(x.astype(self.dtype))
     x = layers.dropout(self, self.dropout, x)
-    bias = layers.attention_mask(attention_mask, causal_len=length if self.causal else None,
-                                 right_padded=True)
     # A context mask may have holes (the decoder's: text padding, then the image tokens).
     context_bias = layers.attention_mask(context_mask)
     # Layers without cross-attention, then (a decoder) those with it: one stack each.

@@ -8,6 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from medvqa_jax.models import layers
 
@@ -37,6 +38,42 @@ def sequence_log_likelihood(logits, ids, mask):
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
   token = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
   return jnp.sum(token * mask[:, 1:], axis=-1)
+
+
+def pack_length(cand_mask, k: int, multiple: int = 8) -> int:
+  """The length of a row packing any k of the candidates (the k longest's tokens, rounded up
+  to `multiple`), or 0 where packing would not at least halve the decoder's tokens: a packed
+  row's self-attention grows with its square, k separate rows' only with theirs."""
+  lengths = np.sort(np.asarray(cand_mask).sum(axis=-1))[::-1]
+  k = min(k, len(lengths))
+  packed = -(-int(lengths[:k].sum()) // multiple) * multiple
+  return packed if 2 * packed <= k * np.shape(cand_mask)[-1] else 0
+
+
+def pack_candidates(cand_ids, cand_mask, topk, length: int):
+  """Each question's k candidates (`topk` (B, k) rows of `cand_ids`/`cand_mask` (C, La)),
+  their real tokens one after another in one row of `length`: ids (B, length) and
+  segment_ids (B, length), candidate j's tokens numbered j, the padding after them k."""
+  k, la = topk.shape[1], cand_ids.shape[1]
+  lengths = jnp.take(jnp.sum(cand_mask, axis=-1), topk)  # (B, k)
+  ends = jnp.cumsum(lengths, axis=-1)
+  position = jnp.arange(length)
+  segment = jnp.sum(position[None, :, None] >= ends[:, None, :], axis=-1)  # (B, length)
+  within = jnp.minimum(segment, k - 1)
+  start = jnp.take_along_axis(ends - lengths, within, axis=-1)
+  cand = jnp.take_along_axis(topk, within, axis=-1)
+  ids = jnp.asarray(cand_ids)[cand, jnp.clip(position[None] - start, 0, la - 1)]
+  return jnp.where(segment < k, ids, 0), segment
+
+
+def packed_log_likelihood(logits, ids, segment_ids, k: int):
+  """`sequence_log_likelihood` of each of the k candidates packed in a row (`pack_candidates`):
+  logits (B, L, V) predict each next token of the same segment. Returns (B, k)."""
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  token = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+  same = segment_ids[:, 1:] == segment_ids[:, :-1]
+  owner = jax.nn.one_hot(jnp.where(same, segment_ids[:, :-1], k), k, dtype=jnp.float32)
+  return jnp.sum(token[..., None] * owner, axis=1)  # Not a matmul: no TF32 rounding on GPUs.
 
 
 def generative_loss(logits, ids, mask):

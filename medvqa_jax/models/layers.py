@@ -222,6 +222,26 @@ def attention_mask(key_mask=None, causal_len: int | None = None,
   return Mask(bias, lengths, causal_len is not None, right_padded or key_mask is None)
 
 
+def segment_mask(segment_ids, causal: bool = False) -> Mask:
+  """The mask of rows packed with several sequences: `segment_ids` (B, L) numbers each
+  token's sequence (runs of equal ids), and a token attends only to its own sequence's
+  tokens (causal: those at its position or before). Padding must be a segment of its own, so
+  that no query row is wholly masked."""
+  allowed = segment_ids[:, :, None] == segment_ids[:, None, :]
+  if causal:
+    length = segment_ids.shape[1]
+    allowed = allowed & jnp.tril(jnp.ones((length, length), bool))[None]
+  return Mask(jnp.where(allowed, 0.0, _MASK_VALUE)[:, None].astype(jnp.float32))
+
+
+def segment_positions(segment_ids):
+  """Each token's position within its segment (runs of equal ids along axis 1)."""
+  index = jnp.arange(segment_ids.shape[1])
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+
 def attention_bias(key_mask=None, causal_len: int | None = None):
   """An additive attention bias of shape (B or 1, 1, Lq, Lk) from masks.
 

@@ -3,6 +3,7 @@ count), predictions are matched to their own questions, and the protocol's answe
 
 import json
 
+import helpers
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
@@ -12,6 +13,8 @@ from medvqa_jax import ASSETS
 from medvqa_jax.data import augment, splits as splits_lib
 from medvqa_jax.data.tokenizer import Tokenizer
 from medvqa_jax.evaluate import vqa
+from medvqa_jax.models import amif, heads
+from medvqa_jax.models.amif import AMiF
 from medvqa_jax.train import sharding
 
 SIZE = 16
@@ -156,3 +159,43 @@ def test_answer_split_scores_correctness_against_the_rows_own_references(data, t
                           global_batch=4)
   assert [r["prediction"] for r in rows] == [r["answers"][0] for r in split.records]
   assert all(r["correct"] for r in rows)
+
+
+def test_pack_length_is_the_k_longest_candidates_where_that_halves_the_tokens():
+  mask = lambda lengths, la=16: (np.arange(la) < np.array(lengths)[:, None]).astype(np.int32)
+  assert heads.pack_length(mask([3, 3, 4, 10]), 2) == 16  # 10 + 4, rounded up to 8.
+  assert heads.pack_length(mask([3, 3, 4, 10]), 4) == 24  # 20 -> 24 <= 64 / 2.
+  assert heads.pack_length(mask([3, 3, 4, 10]), 9) == 24  # k capped at the candidates.
+  assert heads.pack_length(mask([16, 16, 3]), 2) == 0  # 32 tokens packed or not: rows.
+  assert heads.pack_length(mask([9, 9, 3]), 2) == 0  # 24 > 32 / 2: rows.
+
+
+def test_the_predictor_ranks_in_packed_rows_and_answers_as_unpacked_ranking_does(tokenizer):
+  """Short candidates (here at most 8 of 16 word pieces) are ranked in one packed row per
+  question (the decoder's logits are (B, pack, vocab) in the compiled program) with the
+  answers and scores of k rows per question."""
+  config = helpers.tiny_config()
+  config.model.update(answer_max_len=16, rank_k=4)
+  model, params = amif.create(config)
+  answers = ["yes", "no", "left lung", "right lung", "cardiomegaly", "pleural effusion",
+             "mass", "fracture", "no fracture", "kidney", "liver", "axial"]
+  mesh = sharding.make_mesh()
+  predictor = vqa.Predictor(model, config, answers, tokenizer, mesh,
+                            sharding.param_shardings(mesh, params))
+  lengths = [len(tokenizer.hf(a)["input_ids"]) for a in answers]
+  assert max(lengths) <= 8
+  assert predictor.pack == -(-sum(sorted(lengths)[-4:]) // 8) * 8
+  rng = np.random.default_rng(0)
+  questions = tokenizer(["is there a fracture", "what organ is shown", "where is the mass",
+                         "is the heart enlarged"])
+  size = model.image.image_size
+  batch = {"images": rng.normal(size=(4, size, size, 3)).astype(np.float32),
+           "input_ids": questions["input_ids"], "attention_mask": questions["attention_mask"]}
+  idx, score = predictor(params, sharding.shard_batch(mesh, batch))
+  consts = (predictor.prior_ids, predictor.prior_mask, predictor.cand_ids, predictor.cand_mask)
+  ref = model.apply({"params": params}, *batch.values(), *consts, k=4, method=AMiF.rank)
+  np.testing.assert_array_equal(idx, ref["prediction"])
+  np.testing.assert_allclose(score, np.exp(np.max(ref["scores"], axis=-1)), rtol=1e-4)
+  program = predictor._predict.lower(params, *sharding.shard_batch(mesh, batch).values(),
+                                     *consts).as_text()
+  assert f"4x{predictor.pack}x{model.decoder.vocab_size}xf32" in program

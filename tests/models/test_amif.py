@@ -100,13 +100,18 @@ def _candidates(rng, c=7, a=6):
   return ids.astype(np.int32), (np.arange(a) < lengths[:, None]).astype(np.int32)
 
 
-def test_ranking_equals_brute_force(generative):
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_ranking_equals_brute_force(generative, packed):
+  """Unpacked (k rows of La tokens per question) and packed (one row holding the k
+  candidates' tokens: with k = C the row is exactly full, with k < C padding follows)."""
   model, params = generative
   batch = _batch(seed=2)
   cands, cand_mask = _candidates(np.random.default_rng(2))  # See the k < C check below.
   args = [batch[k] for k in ("images", "input_ids", "attention_mask", "prior_ids", "prior_mask")]
+  longest = np.sort(cand_mask.sum(1))[::-1]
+  pack = lambda k, extra: int(longest[:k].sum()) + extra if packed else 0
   ranked = model.apply({"params": params}, *args, cands, cand_mask, k=len(cands),
-                       method=AMiF.rank)
+                       pack=pack(len(cands), 0), method=AMiF.rank)
   # Brute force: every candidate's full log-likelihood, one candidate at a time, in NumPy,
   # and the log-probability of its first answer token (after [CLS]).
   brute, first = np.zeros((3, len(cands))), np.zeros((3, len(cands)))
@@ -126,7 +131,8 @@ def test_ranking_equals_brute_force(generative):
   # With k < C only the k candidates with the most probable first answer tokens are
   # re-scored, most probable first; the prediction is the most likely of those k.
   k = 3
-  rank = jax.jit(lambda p, *a: model.apply({"params": p}, *a, k=k, method=AMiF.rank))
+  rank = jax.jit(lambda p, *a: model.apply({"params": p}, *a, k=k, pack=pack(k, 5),
+                                            method=AMiF.rank))
   top = rank(params, *args, cands, cand_mask)  # Batched and jitted.
   order = np.argsort(-first, axis=1)
   gaps = -np.diff(np.take_along_axis(first, order, axis=1)[:, :k + 1], axis=1)

@@ -299,3 +299,44 @@ def test_amif_losses_and_gradients_do_not_depend_on_compute():
   assert abs(float(l_fast) - float(l_ref)) <= F32_TOL * (1 + abs(float(l_ref)))
   for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
     assert _close(a, b, F32_TOL)
+
+
+@pytest.mark.parametrize("compute,dtype,tol", [(REFERENCE, jnp.float32, F32_TOL),
+                                               (FUSED, jnp.float32, F32_TOL),
+                                               (FUSED, jnp.bfloat16, BF16_TOL)],
+                         ids=["reference", "fused", "fused bf16"])
+def test_packed_rows_read_each_sequence_as_if_alone(compute, dtype, tol):
+  """Sequences packed one after another in a row (`segment_ids`: a question's candidate
+  answers when ranking) give each the decoder tokens and logits it gets alone in a padded row
+  of its own: positions restart at each sequence, attention stays within it, and its row's
+  context is its own. A packed row may be longer than the positions the model has."""
+  rng = np.random.default_rng(5)
+  lengths, row = [[5, 3, 6], [4, 7]], 16  # Row 0: 14 tokens + 2 padding; row 1: 11 + 5.
+  seqs = [[rng.integers(5, 90, n) for n in row_lengths] for row_lengths in lengths]
+  context = rng.normal(size=(2, 9, 24)).astype(np.float32)
+  context_mask = np.array([[1] * 9, [1, 1, 0, 1, 1, 1, 0, 1, 1]], np.int32)  # With holes.
+  packed = np.zeros((2, row), np.int32)
+  segments = np.zeros((2, row), np.int32)
+  for r, row_seqs in enumerate(seqs):
+    packed[r, :sum(lengths[r])] = np.concatenate(row_seqs)
+    segments[r] = np.repeat(np.arange(len(row_seqs) + 1), lengths[r] + [row - sum(lengths[r])])
+  alone = np.zeros((5, 7), np.int32)
+  for i, s in enumerate(s for row_seqs in seqs for s in row_seqs):
+    alone[i, :len(s)] = s
+  alone_mask = _mask([n for row_lengths in lengths for n in row_lengths], 7)
+  owner = [0, 0, 0, 1, 1]
+  decoder = BertEncoder(vocab_size=100, max_positions=8, width=32, depth=2, num_heads=4,
+                        mlp_dim=64, causal=True, cross_from=1, context_width=24, lm_head=True,
+                        pooler="none", dtype=dtype, compute=compute)
+  params = decoder.init(jax.random.PRNGKey(0), alone, alone_mask, None, context[owner],
+                        context_mask[owner])["params"]
+  run = jax.jit(lambda *a, **kw: decoder.apply({"params": params}, *a, **kw))
+  ref = run(alone, alone_mask, None, context[owner], context_mask[owner])
+  out = run(packed, None, None, context, context_mask, segment_ids=segments)
+  i = 0
+  for r, row_lengths in enumerate(lengths):
+    start = 0
+    for n in row_lengths:
+      for key in ("tokens", "logits"):
+        assert _close(out[key][r, start:start + n], ref[key][i, :n], tol), (key, r, start)
+      start, i = start + n, i + 1
