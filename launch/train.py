@@ -11,13 +11,15 @@ cluster is detected, or give --coordinator_address/--num_processes/--process_id.
 <workdir>/checkpoints, metrics.jsonl, tensorboard/ and, after fine-tuning, the test metrics
 and predictions of the best-on-validation checkpoint in <workdir>/eval/<test split>/.
 
-Ctrl-C or SIGTERM (a scheduler's pre-emption) stops the run cleanly: a checkpoint being
-written is finished, the input workers are stopped, and it exits with status 130 naming the
-checkpoint the same command will resume from.
+SIGTERM (a scheduler's pre-emption notice) during training finishes the step in progress,
+saves a checkpoint of it (on several hosts: of the step they agree on) and stops; Ctrl-C, a
+second SIGTERM, or SIGTERM outside the training steps stops at once (on several hosts JAX's
+runtime holds SIGTERM, and outside the training steps the scheduler's kill stops the run).
+Either way a checkpoint being written is finished, the input workers are stopped, and it
+exits with status 130 naming the checkpoint the same command will resume from.
 """
 
 import json
-import signal
 import sys
 
 import common  # Puts the repository root on sys.path.
@@ -46,10 +48,6 @@ def _summary(metrics: dict) -> str:
   return "\n".join(lines)
 
 
-def _interrupt(signum, frame):
-  raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def _stopped(config):
   from medvqa_jax.train import checkpoint as ckpt_lib
   from medvqa_jax.train import loop
@@ -63,7 +61,8 @@ def _stopped(config):
 
 def main(argv):
   del argv
-  signal.signal(signal.SIGTERM, _interrupt)
+  from medvqa_jax.train import preemption
+  preemption.install()  # Before joining: a multi-host runtime then takes SIGTERM over.
   _JOIN()
   import jax
 

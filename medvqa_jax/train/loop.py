@@ -38,7 +38,7 @@ from medvqa_jax.evaluate import vqa as vqa_eval
 from medvqa_jax.models import amif, gca
 from medvqa_jax.models.state_dict import flatten, unflatten
 from medvqa_jax.train import checkpoint as ckpt_lib
-from medvqa_jax.train import observe, optim, sharding
+from medvqa_jax.train import observe, optim, preemption, sharding
 from medvqa_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -397,7 +397,9 @@ def train(config, workdir=None, stream=None) -> dict:
       reporter.step(step, values)
 
   try:
-    with pipeline.iterate(ds, start_step=start, num_workers=config.data.workers) as it:
+    # A scheduler's stop request (SIGTERM): the step reached is saved, then the run stops.
+    with preemption.listening(), \
+        pipeline.iterate(ds, start_step=start, num_workers=config.data.workers) as it:
       for step in range(start, steps):
         host = next(it)
         ids = host.pop("id")
@@ -414,8 +416,10 @@ def train(config, workdir=None, stream=None) -> dict:
         pending.append((step + 1, metrics))
         drain(keep=1)
         done = step + 1
+        stopping = preemption.reached(done)
+        # A validation due at this step is done before stopping: the resumed run would skip it.
         evaluate_now = done % tc.eval_every == 0 or done == steps
-        save_now = done % tc.save_every == 0 or done == steps
+        save_now = done % tc.save_every == 0 or done == steps or stopping
         if evaluate_now or save_now:
           drain()
           paused = time.perf_counter()
@@ -426,6 +430,9 @@ def train(config, workdir=None, stream=None) -> dict:
             ckpts.save(done, state, run_record(done, val), metrics=val or None)
             last_saved = done
           reporter.exclude(time.perf_counter() - paused)
+        if stopping:
+          _print(f"stop requested (SIGTERM): stopping with a checkpoint of step {done}")
+          break
       # The last batch lives in the workers' shared memory: release it now, not at exit.
       host = batch = None
     drain()

@@ -185,20 +185,45 @@ def _children(pid: int) -> list[int]:
   return out
 
 
-def test_sigterm_stops_cleanly(tmp_path, data_dir):
-  """A scheduler's SIGTERM: the run finishes the checkpoint in flight, stops its input
-  workers (they were left running, orphaned) and names the step to resume from."""
+def _checkpoint_steps(workdir) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _last_logged_step(workdir) -> int:
+  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return max(r["step"] for r in lines if "loss" in r)
+
+
+# Runs stopped by SIGTERM: far from their end when it comes, with no periodic checkpoint,
+# so that the one they hold is the step they reached.
+STOPPED = 40
+NO_SAVES = ("--config.train.save_every=1000", "--config.train.eval_every=1000")
+
+
+def _read_until(proc, text: str) -> str:
+  """proc's stderr up to the first line holding `text` (or its end)."""
+  lines = []
+  for line in proc.stderr:
+    lines.append(line)
+    if text in line:
+      break
+  return "".join(lines)
+
+
+def test_sigterm_saves_the_step_reached_and_stops_cleanly(tmp_path, data_dir):
+  """A scheduler's SIGTERM: the run finishes the step in progress and saves it (it held no
+  checkpoint: the last was up to save_every steps back), finishes the checkpoint in flight,
+  stops its input workers (they were left running, orphaned) and names the step to resume
+  from."""
   workdir = tmp_path / "terminated"
-  proc = subprocess.Popen(_train_cmd(workdir, data_dir, "--config.data.workers=1"), cwd=ROOT,
-                          env=_env(8), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
-  first = workdir / "checkpoints" / str(SAVE)
-  deadline = time.time() + 600
-  while not first.exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
+  proc = subprocess.Popen(_train_cmd(workdir, data_dir, "--config.data.workers=1", *NO_SAVES,
+                                     steps=STOPPED),
+                          cwd=ROOT, env=_env(8), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  before = _read_until(proc, f"step {SAVE}/{STOPPED}")
   workers = _children(proc.pid)
   proc.send_signal(signal.SIGTERM)
-  stderr = proc.communicate(timeout=300)[1]
+  stderr = before + proc.communicate(timeout=300)[1]
   assert proc.returncode == 130, stderr[-3000:]
   assert workers, "the run had no input worker process"
   left = lambda: {p: Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")[:200]
@@ -208,9 +233,11 @@ def test_sigterm_stops_cleanly(tmp_path, data_dir):
       break
     time.sleep(0.2)
   assert not left(), f"input workers left running: {left()}"
-  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-  assert steps and steps[-1] < STEPS, "the run finished before it was stopped"
-  assert (f"interrupted: the latest checkpoint is step {steps[-1]} in "
+  saved = _checkpoint_steps(workdir)
+  # The step reached is saved, and no step was trained after it.
+  assert saved == [_last_logged_step(workdir)] and SAVE <= saved[0] < STOPPED, stderr[-3000:]
+  assert "SIGTERM: stopping after the step in progress" in stderr
+  assert (f"interrupted: the latest checkpoint is step {saved[-1]} in "
           f"{workdir / 'checkpoints'}; run the same command again to resume") in stderr
 
 
@@ -299,13 +326,18 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _start_two_processes(cmd, devices: int) -> list[subprocess.Popen]:
+  """Starts `cmd` as the two processes of one multi-host run (`devices` each)."""
+  cmd = cmd + [f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
+  return [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=_env(devices),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for i in range(2)]
+
+
 def _two_processes(cmd, devices: int) -> list[tuple[str, str]]:
   """Runs `cmd` as the two processes of one multi-host run (`devices` each); both must
   succeed. Returns their (stdout, stderr)."""
-  cmd = cmd + [f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
-  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=_env(devices),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = _start_two_processes(cmd, devices)
   outs = [p.communicate(timeout=900) for p in procs]
   for p, (_, e) in zip(procs, outs):
     assert p.returncode == 0, e[-5000:]
@@ -323,6 +355,25 @@ def test_two_processes_reproduce_the_single_process_run(straight, tmp_path, data
   helpers.assert_params_close(_params(workdir, STEPS), _params(straight_dir, STEPS), 1e-5,
                               STEPS * 1e-3)
   assert _metrics(workdir) == _metrics(straight_dir)
+
+
+def test_sigterm_to_every_process_saves_the_step_they_agree_on(tmp_path, data_dir):
+  """A scheduler stopping a multi-host run signals every process. JAX's runtime holds SIGTERM
+  there (the run went on to its end); the processes now agree on a step, save it and stop."""
+  workdir = tmp_path / "multi-terminated"
+  procs = _start_two_processes(_train_cmd(workdir, data_dir, *NO_SAVES, steps=STOPPED),
+                               devices=2)
+  before = _read_until(procs[0], f"step {SAVE}/{STOPPED}")
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=300) for p in procs]
+  outs[0] = (outs[0][0], before + outs[0][1])
+  assert [p.returncode for p in procs] == [130, 130], outs[0][1][-3000:] + outs[1][1][-3000:]
+  saved = _checkpoint_steps(workdir)
+  assert saved == [_last_logged_step(workdir)] and SAVE <= saved[0] < STOPPED, outs[0][1][-3000:]
+  assert f"stop requested (SIGTERM): stopping with a checkpoint of step {saved[-1]}" in outs[0][0]
+  for _, stderr in outs:
+    assert f"interrupted: the latest checkpoint is step {saved[-1]} in " in stderr
 
 
 def test_predict_prints_ranked_answers_and_writes_the_picture(straight, tmp_path):

@@ -1,0 +1,62 @@
+"""A scheduler's stop request (SIGTERM, sent ahead of a kill): the training loop finishes the
+step in progress, saves a checkpoint of it and stops, so that the same command resumes with
+nothing lost.
+
+One process: `install()` (the launcher's) makes SIGTERM a request that the loop reads at its
+next step boundary (`reached`) while it is `listening()`; anywhere else (building data,
+evaluating test), and on a second SIGTERM, it stops at once, as Ctrl-C does.
+Several processes: JAX's distributed runtime takes SIGTERM as a preemption notice (joining
+replaces Python's handler with its own), and the processes agree on the one step after which
+all of them save and stop (`reached_preemption_sync_point`): a process that stopped alone
+would leave the others waiting in a collective. The loop asks at every step, as that requires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+
+import jax
+from jax.experimental import multihost_utils
+
+_state = {"listening": False, "requested": False}
+
+
+def _on_sigterm(signum, frame):
+  del frame
+  if _state["listening"] and not _state["requested"]:
+    _state["requested"] = True
+    print("SIGTERM: stopping after the step in progress, with a checkpoint of it (a second "
+          "SIGTERM stops at once)", file=sys.stderr, flush=True)
+    return
+  raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def install() -> None:
+  """SIGTERM requests a stop at the training loop's next step boundary (one process). Call it
+  before joining a multi-host run, whose runtime then takes SIGTERM over."""
+  signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+@contextlib.contextmanager
+def listening():
+  """The training steps: a SIGTERM inside them waits for the loop to ask (`reached`). Leaving
+  them after one, whether the loop stopped at it or the steps ended first (the last step's
+  checkpoint is then the one to resume from), raises KeyboardInterrupt."""
+  _state.update(listening=True, requested=False)
+  try:
+    yield
+  finally:
+    _state["listening"] = False
+  if _state["requested"]:
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def reached(step: int) -> bool:
+  """Whether the run saves `step` and stops: the same answer on every process (call it at
+  every step, on every process, with increasing steps)."""
+  agreed = multihost_utils.reached_preemption_sync_point(step)  # False without a cluster.
+  if jax.process_count() > 1:  # One process's own request would make it stop alone.
+    _state["requested"] = agreed
+  return _state["requested"] or agreed
