@@ -122,7 +122,7 @@ step_check() {
   [ "$PLAN" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   do_ - env MEDVQA_FUSED_ATTENTION=cudnn "$PYTHON" -m pytest -q -n 0 -p no:cacheprovider \
     tests/models/test_compute.py \
-    -k "fused_attention or context_shared or structured_mask or auto_picks"
+    -k "fused_attention or context_shared or structured_mask or auto_picks or packed_rows"
 }
 step_towers() { do_ - env OUT_FILE="$BENCH" bash benchmarks/gpu.sh 1-2; }
 step_stage1() { do_ - env OUT_FILE="$BENCH" bash benchmarks/gpu.sh 3-4; }
