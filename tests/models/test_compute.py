@@ -303,8 +303,10 @@ def test_amif_losses_and_gradients_do_not_depend_on_compute():
 
 @pytest.mark.parametrize("compute,dtype,tol", [(REFERENCE, jnp.float32, F32_TOL),
                                                (FUSED, jnp.float32, F32_TOL),
-                                               (FUSED, jnp.bfloat16, BF16_TOL)],
-                         ids=["reference", "fused", "fused bf16"])
+                                               (FUSED, jnp.bfloat16, BF16_TOL),
+                                               (SETTINGS["scan + remat full"], jnp.float32,
+                                                F32_TOL)],
+                         ids=["reference", "fused", "fused bf16", "scan + remat"])
 def test_packed_rows_read_each_sequence_as_if_alone(compute, dtype, tol):
   """Sequences packed one after another in a row (`segment_ids`: a question's candidate
   answers when ranking) give each the decoder tokens and logits it gets alone in a padded row
