@@ -4,6 +4,7 @@ count), predictions are matched to their own questions, and the protocol's answe
 import json
 
 import helpers
+import jax
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
@@ -193,7 +194,8 @@ def test_the_predictor_ranks_in_packed_rows_and_answers_as_unpacked_ranking_does
            "input_ids": questions["input_ids"], "attention_mask": questions["attention_mask"]}
   idx, score = predictor(params, sharding.shard_batch(mesh, batch))
   consts = (predictor.prior_ids, predictor.prior_mask, predictor.cand_ids, predictor.cand_mask)
-  ref = model.apply({"params": params}, *batch.values(), *consts, k=4, method=AMiF.rank)
+  ref = jax.jit(lambda p, *a: model.apply({"params": p}, *a, k=4, method=AMiF.rank))(
+      params, *batch.values(), *consts)
   np.testing.assert_array_equal(idx, ref["prediction"])
   np.testing.assert_allclose(score, np.exp(np.max(ref["scores"], axis=-1)), rtol=1e-4)
   program = predictor._predict.lower(params, *sharding.shard_batch(mesh, batch).values(),

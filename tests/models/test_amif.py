@@ -100,18 +100,13 @@ def _candidates(rng, c=7, a=6):
   return ids.astype(np.int32), (np.arange(a) < lengths[:, None]).astype(np.int32)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
-def test_ranking_equals_brute_force(generative, packed):
+def test_ranking_equals_brute_force(generative):
   """Unpacked (k rows of La tokens per question) and packed (one row holding the k
   candidates' tokens: with k = C the row is exactly full, with k < C padding follows)."""
   model, params = generative
   batch = _batch(seed=2)
   cands, cand_mask = _candidates(np.random.default_rng(2))  # See the k < C check below.
   args = [batch[k] for k in ("images", "input_ids", "attention_mask", "prior_ids", "prior_mask")]
-  longest = np.sort(cand_mask.sum(1))[::-1]
-  pack = lambda k, extra: int(longest[:k].sum()) + extra if packed else 0
-  ranked = model.apply({"params": params}, *args, cands, cand_mask, k=len(cands),
-                       pack=pack(len(cands), 0), method=AMiF.rank)
   # Brute force: every candidate's full log-likelihood, one candidate at a time, in NumPy,
   # and the log-probability of its first answer token (after [CLS]).
   brute, first = np.zeros((3, len(cands))), np.zeros((3, len(cands)))
@@ -125,25 +120,30 @@ def test_ranking_equals_brute_force(generative, packed):
     n = cand_mask[c].sum()
     brute[:, c] = sum(logp[:, t, cands[c, t + 1]] for t in range(n - 1))
     first[:, c] = logp[:, 0, cands[c, 1]]
-  np.testing.assert_array_equal(ranked["prediction"], brute.argmax(1))
-  scores = np.take_along_axis(brute, np.asarray(ranked["topk"]), axis=1)
-  np.testing.assert_allclose(ranked["scores"], scores, rtol=1e-4, atol=1e-3)
-  # With k < C only the k candidates with the most probable first answer tokens are
-  # re-scored, most probable first; the prediction is the most likely of those k.
-  k = 3
-  rank = jax.jit(lambda p, *a: model.apply({"params": p}, *a, k=k, pack=pack(k, 5),
-                                            method=AMiF.rank))
-  top = rank(params, *args, cands, cand_mask)  # Batched and jitted.
-  order = np.argsort(-first, axis=1)
-  gaps = -np.diff(np.take_along_axis(first, order, axis=1)[:, :k + 1], axis=1)
-  assert gaps.min() > 1e-3  # No near-ties: the expected order is well defined.
-  np.testing.assert_array_equal(top["topk"], order[:, :k])
-  in_top = np.take_along_axis(brute, order[:, :k], axis=1)
-  np.testing.assert_allclose(top["scores"], in_top, rtol=1e-4, atol=1e-3)
-  np.testing.assert_array_equal(top["prediction"], order[np.arange(3), in_top.argmax(1)])
-  # The data can tell: the top k are not the first k candidates, and for some question the
-  # best of all candidates is not among them.
-  assert np.any(order[:, :k] != np.arange(k)) and np.any(top["prediction"] != brute.argmax(1))
+  rank = jax.jit(lambda p, *a, k, pack: model.apply({"params": p}, *a, k=k, pack=pack,
+                                                     method=AMiF.rank),
+                 static_argnames=("k", "pack"))
+  longest = np.sort(cand_mask.sum(1))[::-1]
+  for packed in (False, True):
+    pack = lambda k, extra: int(longest[:k].sum()) + extra if packed else 0
+    ranked = rank(params, *args, cands, cand_mask, k=len(cands), pack=pack(len(cands), 0))
+    np.testing.assert_array_equal(ranked["prediction"], brute.argmax(1))
+    scores = np.take_along_axis(brute, np.asarray(ranked["topk"]), axis=1)
+    np.testing.assert_allclose(ranked["scores"], scores, rtol=1e-4, atol=1e-3)
+    # With k < C only the k candidates with the most probable first answer tokens are
+    # re-scored, most probable first; the prediction is the most likely of those k.
+    k = 3
+    top = rank(params, *args, cands, cand_mask, k=k, pack=pack(k, 5))
+    order = np.argsort(-first, axis=1)
+    gaps = -np.diff(np.take_along_axis(first, order, axis=1)[:, :k + 1], axis=1)
+    assert gaps.min() > 1e-3  # No near-ties: the expected order is well defined.
+    np.testing.assert_array_equal(top["topk"], order[:, :k])
+    in_top = np.take_along_axis(brute, order[:, :k], axis=1)
+    np.testing.assert_allclose(top["scores"], in_top, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(top["prediction"], order[np.arange(3), in_top.argmax(1)])
+    # The data can tell: the top k are not the first k candidates, and for some question the
+    # best of all candidates is not among them.
+    assert np.any(order[:, :k] != np.arange(k)) and np.any(top["prediction"] != brute.argmax(1))
 
 
 def test_classifier_reads_the_text_and_image_cls_and_skips_unknown_labels(classifier):
