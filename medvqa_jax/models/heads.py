@@ -30,14 +30,18 @@ class ClassifierHead(nn.Module):
     return nn.Dense(self.num_answers, dtype=self.dtype, name="fc2")(h).astype(jnp.float32)
 
 
+def _next_token_log_prob(logits, ids):
+  """(N, L - 1): log p(ids[t + 1]) under logits[t] (logits (N, L, V), ids (N, L))."""
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+
+
 def sequence_log_likelihood(logits, ids, mask):
   """Sum over t >= 1 of log p(ids[t] | ids[<t]) where mask[t] (logits[t] predicts ids[t+1]).
 
   logits (N, L, V), ids and mask (N, L); returns (N,).
   """
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  token = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-  return jnp.sum(token * mask[:, 1:], axis=-1)
+  return jnp.sum(_next_token_log_prob(logits, ids) * mask[:, 1:], axis=-1)
 
 
 def pack_length(cand_mask, k: int, multiple: int = 8) -> int:
@@ -69,8 +73,7 @@ def pack_candidates(cand_ids, cand_mask, topk, length: int):
 def packed_log_likelihood(logits, ids, segment_ids, k: int):
   """`sequence_log_likelihood` of each of the k candidates packed in a row (`pack_candidates`):
   logits (B, L, V) predict each next token of the same segment. Returns (B, k)."""
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  token = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+  token = _next_token_log_prob(logits, ids)
   same = segment_ids[:, 1:] == segment_ids[:, :-1]
   owner = jax.nn.one_hot(jnp.where(same, segment_ids[:, :-1], k), k, dtype=jnp.float32)
   return jnp.sum(token[..., None] * owner, axis=1)  # Not a matmul: no TF32 rounding on GPUs.

@@ -57,6 +57,8 @@ def reached(step: int) -> bool:
   """Whether the run saves `step` and stops: the same answer on every process (call it at
   every step, on every process, with increasing steps)."""
   agreed = multihost_utils.reached_preemption_sync_point(step)  # False without a cluster.
-  if jax.process_count() > 1:  # One process's own request would make it stop alone.
+  if jax.process_count() > 1:  # Only the agreed step: a process stopping alone would hang.
     _state["requested"] = agreed
-  return _state["requested"] or agreed
+  else:
+    _state["requested"] = _state["requested"] or agreed
+  return _state["requested"]  # Also what leaving `listening()` reads.
