@@ -25,7 +25,6 @@ _ARTICLES = {"a", "an", "the"}
 
 def normalize(answer: str) -> str:
   text = str(answer).lower().replace("\n", " ").replace("\t", " ").strip()
-  text = re.sub(r"\bx[- ]ray(s?)\b", r"xray\1", text)
   out = text
   for p in _PUNCT:
     if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
@@ -34,7 +33,10 @@ def normalize(answer: str) -> str:
       out = out.replace(p, " ")
   out = _PERIOD_STRIP.sub("", out)
   words = [_NUMBERS.get(w, w) for w in out.split()]
-  return " ".join(w for w in words if w not in _ARTICLES)
+  # "x-ray", "x ray", "x - ray", "x/ray" ... -> "xray", merged last (on the final words), so
+  # that normalising a normalised answer changes nothing.
+  joined = " ".join(w for w in words if w not in _ARTICLES)
+  return re.sub(r"\bx ray(s?)\b", r"xray\1", joined)
 
 
 def alternatives(reference: str | Sequence[str]) -> list[str]:
@@ -61,7 +63,7 @@ def answer_type(raw: str | None) -> str:
 def vocabulary(answers: Iterable[str], min_count: int = 1) -> list[str]:
   """Distinct normalised answers, most frequent first (ties alphabetical). Build it from the
   training splits only: test answers must not leak into the model."""
-  counts = Counter(normalize(a) for a in answers if str(a).strip())
+  counts = Counter(n for n in map(normalize, answers) if n)
   return sorted((a for a, c in counts.items() if c >= min_count), key=lambda a: (-counts[a], a))
 
 

@@ -1,5 +1,7 @@
 """Answer normalisation, matching, vocabulary and the validation slice."""
 
+import random
+
 import pytest
 
 from medvqa_jax.data import answers
@@ -10,9 +12,24 @@ from medvqa_jax.data import answers
     ("chest x Ray", "chest xray"), ("box ray", "box ray"),
     ("Yes.", "yes"), ("MRI - T2 weighted", "mri t2 weighted"), ("3.5 cm", "3.5 cm"),
     ("right-sided", "right sided"), ("  NO ", "no"), ("none", "0"), ("(a) mass", "mass"),
+    ("Chest X - ray", "chest xray"), ("x_ray", "xray"), ("(x)-ray", "xray"), ("x  ray", "xray"),
 ])
 def test_normalize(raw, expected):
   assert answers.normalize(raw) == expected
+
+
+def test_normalizing_twice_changes_nothing():
+  # A prediction is a vocabulary entry (normalised once) and is normalised again when scored:
+  # were normalize not idempotent, a right answer could score as wrong.
+  rng = random.Random(0)
+  alphabet = "xXrRaAyY -_/()., ?'#1tThe"
+  for _ in range(20_000):
+    raw = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
+    once = answers.normalize(raw)
+    assert answers.normalize(once) == once, raw
+  vocab = answers.vocabulary(["Chest X - ray", "x/ray"])
+  assert vocab == ["chest xray", "xray"]
+  assert answers.is_correct(vocab[0], "Chest X - ray") and answers.is_correct(vocab[1], "X-ray")
 
 
 def test_alternatives_and_matching():
@@ -33,6 +50,8 @@ def test_vocabulary_from_training_answers():
   vocab = answers.vocabulary(["Yes", "yes", "No", "two", "2", "left", "", "The left"])
   assert vocab == ["2", "left", "yes", "no"]
   assert answers.vocabulary(["a b", "c", "c"], min_count=2) == ["c"]
+  # Answers that normalise to nothing are not a class (nor a candidate the model could pick).
+  assert answers.vocabulary(["the", "?", "yes", " "]) == ["yes"]
 
 
 def test_validation_slice_is_fixed_and_holds_out_whole_images():
