@@ -214,9 +214,18 @@ class Mapping:
     self.add(f"{path}/out/bias", f"{out}.bias")
 
 
+def _key(k) -> str:
+  """A path entry's name: a dict key, a sequence index, or an attribute (a named tuple's field,
+  e.g. in an optimizer state) alike, as a checkpoint's metadata names them."""
+  for attr in ("key", "idx", "name"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
 def flatten(tree) -> dict[str, Any]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(str(getattr(k, "key", k)) for k in path): v for path, v in flat}
+  return {"/".join(_key(k) for k in path): v for path, v in flat}
 
 
 def unflatten(flat: dict[str, Any]) -> dict:

@@ -4,7 +4,9 @@ the run (config, data-pipeline position, answer set and protocol, validation met
 Saves are asynchronous and atomic: Orbax writes a step into a temporary folder and renames it
 when complete, so a process killed at any moment leaves either the whole step or a temporary
 folder that is never read (and is removed at the next start). The last `keep` steps are kept,
-plus the best on validation (highest `val_accuracy`, or lowest `val_loss`). Restoring takes
+plus the best on validation (highest `val_accuracy`, or lowest `val_loss`; the later of equal
+ones), as the steps' run records say, so a resumed run keeps the best step saved before it
+stopped. Restoring takes
 the shardings of the current mesh, so a checkpoint written on 8 devices restores onto 1.
 
 A step whose files were damaged after it was written (a truncated copy, a full disk) is an
@@ -30,6 +32,10 @@ class UnreadableCheckpoint(ValueError):
   """A checkpoint step whose files cannot be read."""
 
 
+class OptimizerChanged(ValueError):
+  """A resume whose optimizer keeps another state than the checkpoint's."""
+
+
 # What reading damaged checkpoint files raises (TensorStore's errors are ValueErrors, a cut
 # JSON record a JSONDecodeError, a missing file an OSError).
 _READ_ERRORS = (ValueError, OSError, KeyError, TypeError)
@@ -49,6 +55,25 @@ def _selection(metrics: dict) -> float:
   return -float(metrics["val_loss"])
 
 
+class _KeepBest:
+  """Orbax's preservation policy for the best step on validation. It reads the run records,
+  not Orbax's own per-step metrics: those are written only under Orbax's `best_fn`, and
+  Orbax's metric policy counts a step without them as having no metric, so after a restart it
+  deleted the best step saved before."""
+
+  def __init__(self):
+    self.step, self.value = None, None
+
+  def offer(self, step: int, metrics: dict | None):
+    if metrics and ("val_accuracy" in metrics or "val_loss" in metrics):
+      value = _selection(metrics)
+      if self.value is None or value >= self.value:
+        self.step, self.value = step, value
+
+  def should_preserve(self, checkpoints, *, context=None):
+    return [info.step == self.step for info in checkpoints]
+
+
 def _restore_args(abstract, partial: bool = False):
   """Restores the arrays of `abstract` (ShapeDtypeStructs with shardings); with `partial`,
   only those (the checkpoint may hold more)."""
@@ -61,9 +86,8 @@ class Checkpoints:
 
   def __init__(self, directory, keep: int = 2, read_only: bool = False):
     self.directory = Path(directory).absolute()
-    preservation = policies.AnyPreservationPolicy([
-        policies.LatestN(n=max(keep, 1)),
-        policies.BestN(get_metric_fn=_selection, n=1, keep_checkpoints_without_metrics=False)])
+    self._best = _KeepBest()
+    preservation = policies.AnyPreservationPolicy([policies.LatestN(n=max(keep, 1)), self._best])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation, create=not read_only, read_only=read_only,
         cleanup_tmp_directories=not read_only, enable_async_checkpointing=True)
@@ -75,6 +99,8 @@ class Checkpoints:
       registry.add(item, args)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          handler_registry=registry)
+    if not read_only:  # The best step saved so far, kept by the saves to come.
+      self._best.step, self._best.value = self._scan_best()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -84,6 +110,7 @@ class Checkpoints:
 
   def save(self, step: int, state, run: dict, metrics: dict | None = None):
     """Starts an asynchronous save of `state` and the JSON-able `run` record."""
+    self._best.offer(step, metrics)  # Before: the save decides what the new step replaces.
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                     run=ocp.args.JsonSave(run)),
                       metrics=metrics, force=True)
@@ -109,40 +136,52 @@ class Checkpoints:
   def run_record(self, step: int) -> dict:
     return self._restore(step, run=ocp.args.JsonRestore())["run"]
 
-  def best_step(self) -> int | None:
-    """The step with the best validation metric (the latest step if none has one). Steps whose
-    record cannot be read are passed over, with a warning."""
-    best, best_value = None, None
+  def _scan_best(self) -> tuple[int | None, float | None]:
+    """(step, selection value) of the best validation metric in the run records on disk.
+    Steps whose record cannot be read are passed over, with a warning."""
+    best = _KeepBest()
     for step in self.steps():
       try:
-        m = self.run_record(step).get("val") or {}
+        best.offer(step, self.run_record(step).get("val"))
       except UnreadableCheckpoint as e:
         log.warning("passed over in choosing the best step: %s", e)
-        continue
-      if "val_accuracy" in m or "val_loss" in m:
-        value = _selection(m)
-        if best_value is None or value >= best_value:
-          best, best_value = step, value
+    return best.step, best.value
+
+  def best_step(self) -> int | None:
+    """The step with the best validation metric (the latest step if none has one)."""
+    best = self._scan_best()[0]
     return best if best is not None else self.latest_step()
 
-  def check_params(self, step: int, abstract_params, partial: bool = False):
-    """Refuses, naming them, parameters whose names or shapes differ between `step` and the
-    model about to receive them (with `partial`, the checkpoint may hold more)."""
+  def _saved(self, step: int, part: str):
+    try:
+      return self.manager.metadata(step).item_metadata["state"][part]
+    except _READ_ERRORS as e:
+      raise self._unreadable(step, e) from e
+
+  def _differences(self, step: int, part: str, wanted, partial: bool = False) -> str:
+    """What differs, by name and shape, between the `part` of the state saved at `step` and
+    `wanted` ("" if nothing); with `partial`, the checkpoint may hold more."""
     from medvqa_jax.models import state_dict
-    saved = state_dict.flatten(self.saved_params(step))
-    wanted = state_dict.flatten(abstract_params)
+    saved = state_dict.flatten(self._saved(step, part))
+    wanted = state_dict.flatten(wanted)
     missing = sorted(wanted.keys() - saved.keys())
     extra = [] if partial else sorted(saved.keys() - wanted.keys())
     shapes = sorted(f"{k} {tuple(saved[k].shape)} saved, {tuple(wanted[k].shape)} now"
                     for k in wanted.keys() & saved.keys()
                     if tuple(saved[k].shape) != tuple(wanted[k].shape))
-    if missing or extra or shapes:
-      parts = [f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-               for label, keys in (("not saved", missing), ("saved but not in the model", extra),
-                                   ("other shapes", shapes)) if keys]
+    return "; ".join(
+        f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+        for label, keys in (("not saved", missing), ("saved but not in the model", extra),
+                            ("other shapes", shapes)) if keys)
+
+  def check_params(self, step: int, abstract_params, partial: bool = False):
+    """Refuses, naming them, parameters whose names or shapes differ between `step` and the
+    model about to receive them (with `partial`, the checkpoint may hold more)."""
+    differences = self._differences(step, "params", abstract_params, partial)
+    if differences:
       raise ValueError(
           f"checkpoint step {step} in {self.directory} holds another model than the config "
-          f"describes: {'; '.join(parts)}. A run folder resumes and evaluates only with the "
+          f"describes: {differences}. A run folder resumes and evaluates only with the "
           "model it was trained with: drop the --config overrides that change the model (or "
           "use a new train.workdir)")
 
@@ -150,6 +189,19 @@ class Checkpoints:
     """(state, run record) of `step`, placed as the ShapeDtypeStructs of `abstract_state`
     (with their shardings) say."""
     self.check_params(step, abstract_state["params"])
+    # Freezing a part drops its moments, which a restore may leave unread: only what the
+    # optimizer needs and the checkpoint lacks is refused.
+    differences = ("opt_state" in abstract_state
+                   and self._differences(step, "opt_state", abstract_state["opt_state"],
+                                         partial=True))
+    if differences:
+      raise OptimizerChanged(
+          f"checkpoint step {step} in {self.directory} holds the state of another optimizer "
+          f"than the config's ({differences}). "
+          "The optim settings that shape it (optim.grad_clip set or not, the optim.lr_mults "
+          "groups and their multipliers) cannot change when a run resumes: set them back, or "
+          "start a new train.workdir from this run's parameters with "
+          "--config.train.init_from")
     out = self._restore(step, state=_restore_args(abstract_state), run=ocp.args.JsonRestore())
     return out["state"], out["run"]
 
@@ -157,10 +209,7 @@ class Checkpoints:
     """ShapeDtypeStructs of the parameters saved at `step`, placed by `sharding` (default:
     this process's first device)."""
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    try:
-      meta = self.manager.metadata(step).item_metadata["state"]["params"]
-    except _READ_ERRORS as e:
-      raise self._unreadable(step, e) from e
+    meta = self._saved(step, "params")
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
                                                        sharding=sharding), dict(meta))
 

@@ -86,3 +86,72 @@ def test_restoring_onto_another_model_names_the_parameters(folder):
     ckpts.restore_params(6, some)
   np.testing.assert_array_equal(ckpts.restore_params(6, some, partial=True)["dense"]["bias"],
                                 np.ones(4))
+
+
+@pytest.mark.parametrize("metric,values", [
+    ("val_accuracy", {1: 0.9, 2: 0.5, 3: 0.4, 4: 0.3, 5: 0.2, 6: 0.95, 7: 0.1}),
+    ("val_loss", {1: 0.1, 2: 0.5, 3: 0.6, 4: 0.7, 5: 0.8, 6: 0.05, 7: 0.9}),
+])
+def test_the_best_step_survives_a_restart(tmp_path, metric, values):
+  # A resumed run keeps the best step saved before it stopped (it used to delete it at its
+  # first saves: Orbax's metric policy forgot the metrics of earlier processes' steps, and
+  # the test would then have been evaluated on a worse step).
+  def save(ckpts, steps):
+    for step in steps:
+      val = {metric: values[step]}
+      ckpts.save(step, state(), {"step": step, "val": val}, metrics=val)
+      ckpts.wait()
+
+  ckpts = ckpt_lib.Checkpoints(tmp_path / "checkpoints", keep=1)
+  save(ckpts, (1, 2, 3))
+  assert ckpts.steps() == [1, 3]
+  ckpts.close()
+  ckpts = ckpt_lib.Checkpoints(tmp_path / "checkpoints", keep=1)  # The resumed run.
+  save(ckpts, (4, 5))
+  assert ckpts.steps() == [1, 5] and ckpts.best_step() == 1
+  save(ckpts, (6,))  # A better step replaces it at once.
+  assert ckpts.steps() == [6] and ckpts.best_step() == 6
+  save(ckpts, (7,))
+  assert ckpts.steps() == [6, 7] and ckpts.best_step() == 6
+  ckpts.close()
+  ckpts = ckpt_lib.Checkpoints(tmp_path / "checkpoints", keep=1)
+  # A save without validation (a stop request's) keeps it too.
+  ckpts.save(9, state(), {"step": 9, "val": {}}, metrics=None)
+  ckpts.close()
+  assert ckpt_lib.Checkpoints(tmp_path / "checkpoints", read_only=True).steps() == [6, 9]
+
+
+def test_resuming_under_an_optimizer_of_another_state_is_refused_by_name(tmp_path):
+  # grad_clip on, or another multiplier for a group: the optimizer keeps another state.
+  # Refused as such, not reported as damaged files (whose advice is to delete the step).
+  # Freezing a group drops its moments only: that still restores.
+  import ml_collections
+  from medvqa_jax.train import loop, optim, sharding
+  from medvqa_jax.train import step as step_lib
+  params = {"image": {"w": jnp.ones(4)}, "text": {"w": jnp.ones(4)}}
+  mesh = sharding.make_mesh(1)
+
+  def setup(**changes):
+    cfg = ml_collections.ConfigDict(dict(lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.98,
+                                         warmup_fraction=0.1, total_steps=10, lr_mults=(),
+                                         grad_clip=None))
+    cfg.update(changes)
+    tx = optim.make(cfg, params)
+    return tx, step_lib.state_shardings(mesh, params, tx)
+
+  tx, shardings = setup()
+  ckpts = ckpt_lib.Checkpoints(tmp_path / "checkpoints")
+  ckpts.save(1, step_lib.init_state(params, tx, shardings), {"step": 1})
+  ckpts.wait()
+  restored, _ = ckpts.restore(1, loop.abstract_state(params, tx, shardings))
+  assert int(restored["step"]) == 0
+  for changes in ({"grad_clip": 1.0}, {"lr_mults": (("image/.*", 0.5),)}):
+    with pytest.raises(ckpt_lib.OptimizerChanged,
+                       match=r"checkpoint step 1 .* holds the state of another optimizer than "
+                             r"the config's \(not saved \(\d+\): .*optim.grad_clip"):
+      ckpts.restore(1, loop.abstract_state(params, *setup(**changes)))
+  frozen = setup(lr_mults=(("image/.*", 0.0),))
+  restored, _ = ckpts.restore(1, loop.abstract_state(params, *frozen))
+  np.testing.assert_array_equal(restored["params"]["image"]["w"], np.ones(4))
+  ckpts.close()
+  assert (tmp_path / "checkpoints" / "1").is_dir()
