@@ -119,7 +119,7 @@ def get_config(arg=None):
                  log_every=10, eval_every=500, save_every=500, keep=2, eval_batch_size=64,
                  fsdp=1, fsdp_rules=(".*",), fsdp_min_size=2 ** 14, init_from=unset(str),
                  init_params=".*", tensorboard=True,
-                 inject_nan_at=unset(int)),  # Testing: a NaN loss at this step.
+                 inject_nan_at=unset(int)),  # Testing: an infinite gradient at this step.
   ))
   config.lock()
   return config

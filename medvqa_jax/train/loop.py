@@ -12,8 +12,8 @@ A run restarted with the same command resumes from its latest complete checkpoin
 the data position (batches are a function of the seed and the step) and the step's random key
 (folded from the step) are those the uninterrupted run would have had, provided the data
 are: a run whose training or validation examples or batch size changed since (a rebuilt
-dataset, another `val_fraction` or `batch_size`) is refused. A NaN or infinite loss stops the run (`Diverged`) before anything
-is saved after it.
+dataset, another `val_fraction` or `batch_size`) is refused. A NaN or infinite loss or gradient norm stops the run (`Diverged`)
+before anything is saved after it.
 """
 
 from __future__ import annotations
@@ -332,10 +332,15 @@ def train(config, workdir=None, stream=None) -> dict:
   if tc.get("inject_nan_at"):
     clean = objective
 
-    def objective(params, batch, key):  # noqa: F811  (testing: poison one step's loss)
+    def objective(params, batch, key):  # noqa: F811
+      # Testing: one step's gradient is infinite while its loss stays finite (the update
+      # then turns the parameters to NaN). d sqrt(u)/du at u = 0 is infinite; `u` is 1 (a
+      # finite gradient, times 0) at the other steps, and the added term's value is 0.
       loss, metrics = clean(params, batch, key)
-      loss = jnp.where(batch["poison"] > 0, jnp.nan, loss)
-      return loss, {**metrics, "loss": loss}
+      poison = batch["poison"]
+      spike = sum(jnp.sqrt(x - jax.lax.stop_gradient(x) + 1 - poison).sum()
+                  for x in jax.tree.leaves(params))
+      return loss + poison * (spike - jax.lax.stop_gradient(spike)), metrics
   train_step = step_lib.make_train_step(objective, tx, shardings, tc.accum_steps,
                                         optim.frozen_mask(config.optim, shapes))
   base_key = jax.device_put(jax.random.PRNGKey(config.seed),
@@ -389,11 +394,15 @@ def train(config, workdir=None, stream=None) -> dict:
     while len(pending) > keep:
       step, metrics = pending.pop(0)
       values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not math.isfinite(values["loss"]):
+      # A finite loss with a non-finite gradient has already made the parameters NaN: its
+      # step must not be saved either.
+      bad = [k for k in ("loss", "grad_norm") if not math.isfinite(values.get(k, 0.0))]
+      if bad:
         reporter.flush()
         where = (f"the last good checkpoint is step {last_saved} in {workdir / 'checkpoints'}"
                  if last_saved is not None else "no checkpoint was saved")
-        raise Diverged(f"the loss is {values['loss']} at step {step}: stopping ({where})")
+        what = {"loss": "the loss", "grad_norm": "the gradient norm"}[bad[0]]
+        raise Diverged(f"{what} is {values[bad[0]]} at step {step}: stopping ({where})")
       reporter.step(step, values)
 
   try:

@@ -280,11 +280,12 @@ def test_eval_restores_an_8_device_checkpoint_on_1_device_and_on_two_processes(s
   assert all(json.loads(r)["protocol"] == m["protocol"] for r in rows)
 
 
-def test_init_from_another_run_then_a_nan_loss_stops_the_run(straight, tmp_path, data_dir):
+def test_init_from_another_run_then_an_infinite_gradient_stops_the_run(straight, tmp_path, data_dir):
   """One run on 1 device checks two things. It starts from the image tower of the straight
   run's checkpoint (saved on 8 devices): with a zero learning rate those parameters are still
-  the source's at the step it took. Then a NaN injected into the loss stops it with a
-  message naming the step, and its last good checkpoint restores, finite. An init_from
+  the source's at the step it took. Then an infinite gradient injected at the last step (a
+  save step; the loss stays finite) stops it with a message naming the step, before that
+  step's NaN parameters are saved or tested, and its last good checkpoint restores, finite. An init_from
   that holds no checkpoint is refused by name before the run folder is made."""
   from medvqa_jax.train.checkpoint import Checkpoints
   source, _ = straight
@@ -299,14 +300,15 @@ def test_init_from_another_run_then_a_nan_loss_stops_the_run(straight, tmp_path,
   best = ckpts.best_step()  # What init_from takes from a run folder, as evaluation does.
   ckpts.close()
   workdir = tmp_path / "nan"
-  nan_step = SAVE + 2
+  nan_step = STEPS
   out = _run(_train_cmd(workdir, data_dir, f"--config.train.init_from={source}",
                         "--config.train.init_params=image/.*", "--config.optim.lr=0.0",
                         f"--config.train.inject_nan_at={nan_step}"), devices=1, check=False)
   assert out.returncode == 3, out.stderr[-3000:]
   assert re.search(rf"initialised \d+ of \d+ parameter arrays \('image/\.\*'\) from "
                    rf"{re.escape(str(source / 'checkpoints'))} step {best}\n", out.stdout)
-  assert f"the loss is nan at step {nan_step}" in out.stderr
+  # The step's loss was finite, its gradient not: it was not saved (NaN parameters).
+  assert f"the gradient norm is inf at step {nan_step}" in out.stderr
   assert f"the last good checkpoint is step {SAVE}" in out.stderr
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [SAVE]
