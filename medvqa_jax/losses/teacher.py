@@ -178,13 +178,22 @@ class TeacherCache:
       raise unreadable(e) from None
 
   def check(self, ids: Sequence[str], captions: Sequence[str], image_ids: Sequence[str],
-            teacher_fingerprint: str, path: str = "the teacher cache"):
+            teacher_fingerprint: str, path: str = "the teacher cache", multi_view: bool = False):
     """Refuses a cache that was made by another teacher or for other data (other examples,
-    captions or images)."""
+    captions or images, or another number of images per example than the dataset's: two with
+    `multi_view`). Of a second image, only its presence is checked."""
     if self.meta["teacher"] != teacher_fingerprint:
       raise ValueError(f"{path} was computed by another teacher ({self.meta['teacher']}), "
                        f"not the configured one ({teacher_fingerprint}): rebuild it with "
                        "`python launch/cache_teacher.py` or point the config at the right cache")
+    if (self.image2 is not None) != multi_view:
+      count = lambda two: "two images (views)" if two else "one image"
+      raise ValueError(
+          f"{path} holds {count(self.image2 is not None)} per example, the dataset "
+          f"{count(multi_view)}: without the second view's embeddings the imvc target would "
+          "be the first view's, and with them where the dataset has none, another image's. "
+          "Rebuild it with `python launch/cache_teacher.py` from records that have "
+          + ("an \"image2\"" if multi_view else "no \"image2\""))
     missing = [i for i in map(str, ids) if i not in self._row]
     if missing:
       raise ValueError(f"{path} has no embeddings for {len(missing)} example(s) of the "

@@ -156,7 +156,8 @@ class BatchTeacher:
       ids = [r["id"] for r in records]
       captions = [r["caption"] for r in records]
       self.cache.check(ids, captions, [r["image_id"] for r in records], teacher.fingerprint(),
-                       path=config.teacher.cache)
+                       path=config.teacher.cache,
+                       multi_view="image2" in splits["train"].source[0])
     else:
       self.online = teacher
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -75,6 +75,17 @@ def test_cache_command_and_checks(corpus, demo_config, tmp_path):
   assert len(set(image_ids)) > 1
   with pytest.raises(ValueError, match=r"other images than the dataset's for \d+ example"):
     cache.check(ids, captions, moved, fingerprint)
+  # One image per example in the cache, two in the dataset (a multi-view corpus): refused
+  # (the second view's target silently fell back to the first's); and the other way round.
+  with pytest.raises(ValueError, match=r"holds one image per example, the dataset two "
+                                       r"images \(views\).*records that have an \"image2\""):
+    cache.check(ids, captions, image_ids, fingerprint, multi_view=True)
+  two = teacher_lib.compute_cache(teacher, [dict(r, image2=r["image"]) for r in records],
+                                  batch_size=8, progress=False)
+  two.check(ids, captions, image_ids, fingerprint, multi_view=True)
+  with pytest.raises(ValueError, match=r"holds two images \(views\) per example, the dataset "
+                                       r"one image"):
+    two.check(ids, captions, image_ids, fingerprint)
   other = demo_config.copy_and_resolve_references()
   other.teacher.image.arch.depth = 1
   with pytest.raises(ValueError, match="another teacher"):
