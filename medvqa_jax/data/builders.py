@@ -39,21 +39,24 @@ class DataError(ValueError):
 
 
 def encode_image(source, max_side: int | None, quality: int = 95) -> bytes:
-  """RGB JPEG bytes of an image file or bytes, its longer side at most `max_side`. An RGB
-  JPEG that needs no shrinking is kept byte for byte."""
+  """RGB JPEG bytes of an image file or bytes, upright (turned by its EXIF orientation), its
+  longer side at most `max_side`. An upright RGB JPEG that needs no shrinking is kept byte for
+  byte."""
   try:
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     img = Image.open(io.BytesIO(data))
     img.load()
+    turned = image_lib.needs_turning(img)
   except FileNotFoundError:
     raise ValueError("image file not found") from None
   except UnidentifiedImageError:  # Its message names an in-memory buffer, not the file.
     raise ValueError("unreadable image (not an image format PIL can read)") from None
-  except (OSError, SyntaxError, ValueError) as e:
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f"unreadable image ({e})") from None
-  if img.format == "JPEG" and img.mode == "RGB" and not (max_side and max(img.size) > max_side):
+  if (img.format == "JPEG" and img.mode == "RGB" and not turned
+      and not (max_side and max(img.size) > max_side)):
     return data
-  img = image_lib.to_rgb(img)
+  img = image_lib.to_rgb(image_lib.upright(img))
   if max_side and max(img.size) > max_side:
     scale = max_side / max(img.size)
     img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
@@ -81,6 +84,10 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
     self.only_splits = tuple(splits) if splits else None
     self.reader_options = dict(reader_options or {})
     self._report = {}
+    # The data_dir given (TFDS's `self.data_dir` is the folder this build writes into, an
+    # `incomplete.*` one while building): left out of the source's fingerprint when the
+    # built datasets live inside the source folder, as `build` leaves it out when checking.
+    self.root_dir = kwargs.get("data_dir")
     super().__init__(**kwargs)
 
   def _info(self):
@@ -107,7 +114,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
     self.info.metadata["build_options"] = build_options(
         self.name, max_side=self.max_side, splits=self.only_splits,
         reader_options=self.reader_options)
-    self.info.metadata["source"] = source_fingerprint(self.source_dir, Path(self.data_dir))
+    self.info.metadata["source"] = source_fingerprint(self.source_dir, self.root_dir)
     total = sum(len(v) for v in split_items.values())
     if total == 0:
       raise DataError(f"no records found in {self.source_dir}")

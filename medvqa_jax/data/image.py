@@ -7,7 +7,20 @@ import io
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
+
+_ORIENTATION = 0x0112  # The EXIF tag.
+
+
+def needs_turning(img: Image.Image) -> bool:
+  """Whether an image's EXIF orientation says its pixels are stored turned or mirrored (phone
+  photos, some scanners)."""
+  return img.getexif().get(_ORIENTATION, 1) != 1
+
+
+def upright(img: Image.Image) -> Image.Image:
+  """The image as it is meant to be seen: turned by its EXIF orientation."""
+  return ImageOps.exif_transpose(img) if needs_turning(img) else img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -24,11 +37,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def open_image(source: str | os.PathLike | bytes) -> Image.Image:
   """Decodes an image file or encoded bytes to RGB (medical images are often grayscale, some
-  of them 16-bit: `to_rgb`)."""
+  of them 16-bit: `to_rgb`), upright (`upright`)."""
   try:
     img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     img.load()
-  except (OSError, SyntaxError) as e:
+    img = upright(img)
+  except (OSError, SyntaxError, Image.DecompressionBombError) as e:
     where = "image bytes" if isinstance(source, bytes) else str(source)
     raise ValueError(f"cannot decode {where}: {e}") from None
   return to_rgb(img)

@@ -69,8 +69,10 @@ class Tokenizer:
 
   def __init__(self, hf_tokenizer, max_len: int):
     self.hf = hf_tokenizer
-    # Whatever the folder's tokenizer_config says: the models take masks as lengths.
+    # Whatever the folder's tokenizer_config says: the models take masks as lengths, and a
+    # question too long keeps its beginning.
     self.hf.padding_side = "right"
+    self.hf.truncation_side = "right"
     self.max_len = max_len
 
   @classmethod

@@ -271,6 +271,15 @@ def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path):
   with pytest.raises(ValueError, match=r"was built from .*src \(6 files\); .*src now differs \(6 files, or other sizes"):
     builders.build("vqa_rad", src, out, max_side=16)
   assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
+  # Datasets built inside their source folder (beside other files) are not part of it: the
+  # second build is a no-op, not "the source now differs".
+  inner = copy / "tfds"
+  inner.mkdir()
+  (inner / "notes.txt").write_text("mine")
+  folder = builders.build("vqa_rad", copy, inner, max_side=16)
+  stamp = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
+  builders.build("vqa_rad", copy, inner, max_side=16)
+  assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
 
 
 def test_real_vqa_rad_build_and_summary(tmp_path):

@@ -3,6 +3,7 @@
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from medvqa_jax.data import builders
@@ -45,3 +46,31 @@ def test_float_and_constant_images():
   assert (np.asarray(image_lib.to_rgb(flat)) == 0).all()
   rgba = Image.new("RGBA", (3, 3), (10, 20, 30, 40))
   assert np.asarray(image_lib.to_rgb(rgba))[0, 0].tolist() == [10, 20, 30]
+
+
+def test_exif_orientation_is_applied_when_decoding_and_building(tmp_path):
+  # Stored 80 wide and 40 high, tagged "turn 90 degrees clockwise to view" (6): seen 40 x 80.
+  stored = np.zeros((40, 80, 3), np.uint8)
+  stored[:, :40] = 255  # The left half white.
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  Image.fromarray(stored).save(tmp_path / "photo.jpg", "JPEG", exif=exif, quality=100)
+  seen = np.asarray(image_lib.open_image(tmp_path / "photo.jpg"))
+  assert seen.shape == (80, 40, 3)
+  assert seen[:35].mean() > 250 and seen[45:].mean() < 5  # The white half is now on top.
+  built = builders.encode_image(tmp_path / "photo.jpg", None)
+  np.testing.assert_allclose(np.asarray(image_lib.open_image(built)), seen, atol=8)
+  assert not image_lib.needs_turning(Image.open(io.BytesIO(built)))
+  # An upright RGB JPEG is still kept byte for byte.
+  Image.fromarray(stored).save(tmp_path / "plain.jpg", "JPEG")
+  assert builders.encode_image(tmp_path / "plain.jpg", None) == (tmp_path / "plain.jpg").read_bytes()
+
+
+def test_an_image_over_pils_pixel_limit_is_an_error_naming_it(tmp_path, monkeypatch):
+  Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "huge.png")
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4,096 pixels: over twice the limit.
+  with pytest.raises(ValueError, match=r"cannot decode \S*huge.png: Image size \(4096 pixels\)"):
+    image_lib.open_image(tmp_path / "huge.png")
+  # In a build, a bad record (skipped and reported), not a crash of the whole build.
+  with pytest.raises(ValueError, match=r"unreadable image \(Image size \(4096 pixels\)"):
+    builders.encode_image(tmp_path / "huge.png", 32)

@@ -105,3 +105,19 @@ def test_saved_tokenizer_reads_back_the_same(which, minilm_dir, clip_bpe_folder,
   copy = Tokenizer.from_folder(tmp_path / "copy", max_len=16)
   for key, value in original(TEXTS).items():
     np.testing.assert_array_equal(copy(TEXTS)[key], value, err_msg=key)
+
+
+def test_a_folder_asking_for_left_padding_and_truncation_gets_right(tmp_path):
+  # The models read masks as lengths and a long question must keep its beginning, whatever
+  # a checkpoint's tokenizer_config.json says.
+  folder = tmp_path / "left"
+  Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", max_len=8).save(folder)
+  config = json.loads((folder / "tokenizer_config.json").read_text())
+  config.update(padding_side="left", truncation_side="left")
+  (folder / "tokenizer_config.json").write_text(json.dumps(config))
+  tok = Tokenizer.from_folder(folder, max_len=8)
+  right = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", max_len=8)
+  texts = ["is the left femur broken near the knee joint", "no"]
+  for key, value in right(texts).items():
+    np.testing.assert_array_equal(tok(texts)[key], value, err_msg=key)
+  assert tok.hf.decode(tok(texts)["input_ids"][0]).startswith("[CLS] is the left")
