@@ -38,20 +38,21 @@ def pretrain_terms(model: AMiF, params, batch: dict, key, cfg, train: bool = Tru
   """
   weights = dict(cfg.weights)
   fusion = weights.get("wpa", 0) > 0 or weights.get("itm", 0) > 0
+  # The ITM negatives and dropout draw from keys of their own (split, not folded in: with
+  # partitionable threefry, fold_in(key, 1) is split(key)[1], the negative images' key).
+  k_itm, k_drop = jax.random.split(key) if key is not None else (None, None)
   pairs = None
   if weights.get("itm", 0) > 0:
     pairs = lambda out: itm.hard_negative_pairs(
-        key, out["image_embed"], out["text_embed"], out["temperature"]["itgc"],
+        k_itm, out["image_embed"], out["text_embed"], out["temperature"]["itgc"],
         cfg.itm.negative_images)
   # The second view is encoded only when its loss counts.
   images2 = (device_augment.views(batch, "images2", "blur2")
              if "images2" in batch and weights.get("imvc", 0) > 0 else None)
-  # Dropout (training only) from a key of its own: the ITM negatives keep theirs.
   out = model.apply({"params": params}, device_augment.views(batch), batch["input_ids"],
                     batch["attention_mask"], images2=images2, pairs=pairs,
                     fuse=fusion, method=AMiF.pretrain,
-                    rngs={"dropout": jax.random.fold_in(key, 1)}
-                    if train and key is not None else None)
+                    rngs={"dropout": k_drop} if train and key is not None else None)
   student = {"image": out["image_embed"], "text": out["text_embed"]}
   if "image2_embed" in out:
     student["image2"] = out["image2_embed"]

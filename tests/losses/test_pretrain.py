@@ -12,6 +12,7 @@ import pytest
 
 import helpers
 from medvqa_jax.data import device_augment
+from medvqa_jax.losses import itm
 from medvqa_jax.losses.pretrain import pretrain_loss, pretrain_terms
 from medvqa_jax.models import amif
 from medvqa_jax.train import optim
@@ -44,9 +45,14 @@ def batch(n=8, seed=0):
               teacher_scale=np.float32(85.0))
 
 
-def test_total_is_the_weighted_sum_of_the_terms():
+@pytest.fixture(scope="module")
+def stage1():
   config = tiny_config(1)
-  model, params = amif.create(config)
+  return (config, *amif.create(config))
+
+
+def test_total_is_the_weighted_sum_of_the_terms(stage1):
+  config, model, params = stage1
   loss, m = jax.jit(lambda p, b, k: pretrain_loss(model, p, b, k, config.losses))(
       params, batch(), jax.random.PRNGKey(0))
   w = config.losses.weights
@@ -55,6 +61,25 @@ def test_total_is_the_weighted_sum_of_the_terms():
   expected = sum(w[k] * m[k] for k in ("itgc", "imvc", "utgc", "wpa", "itm"))
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
   np.testing.assert_allclose(m["temperature_itgc"], 0.07, rtol=1e-6)
+
+
+def test_dropout_and_the_itm_negatives_draw_from_different_keys(stage1, monkeypatch):
+  # With partitionable threefry, fold_in(key, 1) equals split(key)[1]: dropout once drew from
+  # the very key that sampled the negative images.
+  config, model, params = stage1
+  losses = config.losses.copy_and_resolve_references()
+  losses.itm.negative_images = True
+  drawn = []  # The keys, traced: the jitted function returns them.
+  sample = itm.sample_negatives
+  monkeypatch.setattr(itm, "sample_negatives",
+                      lambda key, *a: drawn.append(key) or sample(key, *a))
+  apply = type(model).apply
+  monkeypatch.setattr(type(model), "apply", lambda self, *a, rngs=None, **kw: (
+      drawn.append(rngs["dropout"]), apply(self, *a, rngs=rngs, **kw))[1])
+  keys = jax.jit(lambda p, b, k: (pretrain_loss(model, p, b, k, losses), list(drawn))[1])(
+      params, batch(), jax.random.PRNGKey(0))
+  assert len(keys) == 3  # Negative texts, negative images, dropout.
+  assert len({tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in keys}) == 3
 
 
 def _log_softmax(x):
