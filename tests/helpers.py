@@ -108,3 +108,24 @@ def shared_data() -> Path:
     pytest.fail(f"the real data is missing: expected it in {SHARED_DATA} (../shared/data "
                 "beside the repository, as CI has it)")
   return SHARED_DATA
+
+
+def dot_precisions(fn, *args) -> list:
+  """The precision of every dot product (einsum, matmul) in `fn(*args)`'s program, sub-programs
+  (scan, while, jit) included."""
+  import jax
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.append(eqn.params["precision"])
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (list, tuple)) else (value,):
+          if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):  # A ClosedJaxpr.
+            walk(sub.jaxpr)
+          elif hasattr(sub, "eqns"):
+            walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found

@@ -17,6 +17,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# Similarities in true float32. Left to JAX's default, a float32 product is computed in
+# bfloat16 passes on TPUs and in TF32 on recent GPUs: with the teacher's logit scale (~85),
+# its rounding (a few hundredths of a logit) would drown the lambda = 0.01 tilt of the
+# targets. These (N, N) products cost nothing next to the towers.
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def similarity(a, b):
+  """a @ b.T in float32, at full precision on every device."""
+  return jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32).T, precision=HIGHEST)
+
 
 def _rows_kl(target_logits, logits):
   """Mean over rows of KL(softmax(target_logits) || softmax(logits))."""
@@ -29,9 +40,8 @@ def soft_label_loss(a, b, teacher_a, teacher_b, teacher_scale, temperature, lam=
                     symmetric=True):
   """Soft-label contrastive loss between the rows of `a` and `b` (N, D), both directions
   averaged when `symmetric`. The teacher embeddings (N, Dt) give the targets."""
-  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-  sim = a @ b.T / temperature
-  teacher = teacher_scale * (teacher_a.astype(jnp.float32) @ teacher_b.astype(jnp.float32).T)
+  sim = similarity(a, b) / temperature
+  teacher = teacher_scale * similarity(teacher_a, teacher_b)
   eye = lam * jnp.eye(sim.shape[0], dtype=jnp.float32)
   loss = _rows_kl(teacher + eye, sim)
   if symmetric:
@@ -41,7 +51,7 @@ def soft_label_loss(a, b, teacher_a, teacher_b, teacher_scale, temperature, lam=
 
 def info_nce(a, b, temperature, label_smoothing=0.0, symmetric=True):
   """Hard-label InfoNCE: the positive of row i is column i."""
-  sim = a.astype(jnp.float32) @ b.astype(jnp.float32).T / temperature
+  sim = similarity(a, b) / temperature
   n = sim.shape[0]
   target = (1 - label_smoothing) * jnp.eye(n) + label_smoothing / n
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from medvqa_jax.losses import contrastive
+
 
 def sample_negatives(key, sim, temperature):
   """For each row i of `sim` (N, N), one column j != i drawn with p ∝ exp(sim[i, j] / tau)."""
@@ -23,7 +25,7 @@ def sample_negatives(key, sim, temperature):
 def hard_negative_pairs(key, image_embed, text_embed, temperature, negative_images=False):
   """(text_idx, image_idx) of the negative pairs, and their count. First a negative text for
   every image, then (with `negative_images`) a negative image for every text."""
-  sim = image_embed.astype(jnp.float32) @ text_embed.astype(jnp.float32).T  # image x text
+  sim = contrastive.similarity(image_embed, text_embed)  # image x text
   n = sim.shape[0]
   k_text, k_image = jax.random.split(key)
   text_idx = [sample_negatives(k_text, sim, temperature)]

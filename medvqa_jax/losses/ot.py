@@ -13,6 +13,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# The cost and IPOT's products in true float32 (JAX's default rounds float32 products to
+# bfloat16 passes on TPUs, TF32 on recent GPUs).
+HIGHEST = jax.lax.Precision.HIGHEST
+
 # Padded tokens get this much marginal mass instead of zero: zero makes the log-domain
 # solver produce -inf/NaN. Their entries are left out of the loss.
 PAD_WEIGHT = 1e-6
@@ -34,7 +38,7 @@ def cosine_cost(text, image):
   """1 - cos between every text token and every image token: (B, Lt, Li), float32."""
   norm = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
   text, image = norm(text.astype(jnp.float32)), norm(image.astype(jnp.float32))
-  return 1.0 - jnp.einsum("btd,bid->bti", text, image)
+  return 1.0 - jnp.einsum("btd,bid->bti", text, image, precision=HIGHEST)
 
 
 def marginal(mask):
@@ -77,8 +81,8 @@ def ipot_plan(cost, text_mask, image_mask, beta: float = 0.5, iterations: int = 
     plan, sigma = carry
     q = kernel * plan
     for _ in range(inner):
-      delta = safe(im / m, jnp.einsum("bnm,bn->bm", q, sigma))
-      sigma = safe(tm / n, jnp.einsum("bnm,bm->bn", q, delta))
+      delta = safe(im / m, jnp.einsum("bnm,bn->bm", q, sigma, precision=HIGHEST))
+      sigma = safe(tm / n, jnp.einsum("bnm,bm->bn", q, delta, precision=HIGHEST))
     return (sigma[:, :, None] * q * delta[:, None, :], sigma), None
 
   init = (jnp.ones_like(cost) * tm[:, :, None] * im[:, None, :], tm / n)

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+import helpers
+
 from medvqa_jax.losses import contrastive
 
 
@@ -80,3 +82,21 @@ def test_without_teacher_utgc_is_left_out(emb):
   out = contrastive.global_losses({"image": emb["image"], "text": emb["text"]}, None,
                                   {"itgc": 0.07, "imvc": 0.07, "utgc": 0.07}, 0.01)
   assert set(out) == {"itgc"}
+
+
+def test_similarities_are_computed_at_full_float32_precision(emb):
+  # JAX's default precision rounds float32 products to bfloat16 passes on TPUs and to TF32 on
+  # recent GPUs: errors of a few hundredths in teacher logits scaled by ~85, larger than the
+  # lambda = 0.01 that tilts the targets. CPUs compute float32 either way, so the test reads
+  # the program: every product asks for the highest precision.
+  import jax
+  from medvqa_jax.losses import itm
+  highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+  e = {k: np.float32(v) for k, v in emb.items()}
+  for fn in (lambda: contrastive.soft_label_loss(e["image"], e["text"], e["t_image"],
+                                                 e["t_text"], 85.0, 0.07),
+             lambda: contrastive.info_nce(e["image"], e["text"], 0.07),
+             lambda: itm.hard_negative_pairs(jax.random.PRNGKey(0), e["image"], e["text"],
+                                             0.07, negative_images=True)):
+    precisions = helpers.dot_precisions(fn)
+    assert precisions and all(p == highest for p in precisions), precisions

@@ -3,6 +3,8 @@
 import jax
 import numpy as np
 
+import helpers
+
 from medvqa_jax.losses import ot
 
 
@@ -150,3 +152,14 @@ def test_loss_is_the_mean_over_pairs_of_the_transport_cost():
   per_pair = np.sum(cost * np.asarray(plan, np.float64) * real, axis=(1, 2))
   loss, _ = ot.wpa_loss(text, image, text_mask, solver="ipot", ipot_beta=0.5, ipot_iterations=30)
   np.testing.assert_allclose(loss, per_pair.mean(), rtol=1e-5)
+
+
+def test_the_cost_and_ipot_products_are_computed_at_full_float32_precision():
+  # As the contrastive similarities (test_contrastive): on CPU float32 is exact either way,
+  # so the test reads the program.
+  text, image, text_mask = _tokens(seed=5)
+  highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+  for solver in ("sinkhorn", "ipot"):
+    precisions = helpers.dot_precisions(
+        lambda t, i: ot.wpa_loss(t, i, text_mask, solver=solver)[0], text, image)
+    assert precisions and all(p == highest for p in precisions), (solver, precisions)
