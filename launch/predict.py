@@ -62,14 +62,14 @@ def main(argv):
                                                                                    *inputs)
   if r.model.head == "classifier":
     prob = np.asarray(jax.nn.softmax(out["logits"][0]))
-    order = np.argsort(-prob)[:_TOP.value]
+    order = np.argsort(-prob, kind="stable")[:_TOP.value]  # Ties: as argmax picks.
     top = [(r.answers[i], float(prob[i])) for i in order]
   else:
     ranked = jax.jit(lambda v, *x: r.model.apply(
         v, *x, predictor.prior_ids, predictor.prior_mask, predictor.cand_ids, predictor.cand_mask,
         k=r.config.model.rank_k, pack=predictor.pack, method=AMiF.rank))(variables, *inputs)
     idx, scores = np.asarray(ranked["topk"][0]), np.asarray(ranked["scores"][0])
-    order = np.argsort(-scores)[:_TOP.value]
+    order = np.argsort(-scores, kind="stable")[:_TOP.value]
     top = [(r.answers[idx[i]], float(np.exp(scores[i]))) for i in order]
   print(json.dumps({"question": _QUESTION.value, "image": _IMAGE.value, "step": r.step,
                     "protocol": r.protocol,

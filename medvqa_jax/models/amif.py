@@ -209,6 +209,9 @@ class AMiF(nn.Module):
     first = jax.nn.log_softmax(first.astype(jnp.float32), axis=-1)
     _, topk = jax.lax.top_k(jnp.take(first, cand_ids[:, 1], axis=-1), k)  # (B, k)
     if pack:
+      if cand_ids.shape[1] > self.decoder.max_positions:
+        raise ValueError(f"candidates of {cand_ids.shape[1]} tokens exceed the decoder's "
+                         f"max_positions {self.decoder.max_positions}")
       ids, segments = heads.pack_candidates(cand_ids, cand_mask, topk, pack)
       logits = self.decode(ids, None, context, context_mask, segment_ids=segments)
       scores = heads.packed_log_likelihood(logits, ids, segments, k)

@@ -81,7 +81,10 @@ class BertEncoder(nn.Module):
       bias = layers.attention_mask(attention_mask, causal_len=length if self.causal else None,
                                    right_padded=True)
     else:
-      positions = layers.segment_positions(segment_ids)
+      # A run longer than the position table can only be padding (a packed row longer than
+      # its candidates need; `AMiF.rank` refuses longer candidates): it reads the last
+      # position, since an index past the table would embed as NaN and spread to the row.
+      positions = jnp.minimum(layers.segment_positions(segment_ids), self.max_positions - 1)
       bias = layers.segment_mask(segment_ids, causal=self.causal)
     word_embed = nn.Embed(self.vocab_size, self.width, name="word_embed")
     x = (word_embed(input_ids)
