@@ -6,8 +6,8 @@ when complete, so a process killed at any moment leaves either the whole step or
 folder that is never read (and is removed at the next start). The last `keep` steps are kept,
 plus the best on validation (highest `val_accuracy`, or lowest `val_loss`; the later of equal
 ones), as the steps' run records say, so a resumed run keeps the best step saved before it
-stopped. Restoring takes
-the shardings of the current mesh, so a checkpoint written on 8 devices restores onto 1.
+stopped. Restoring takes the shardings of the current mesh, so a checkpoint written on 8
+devices restores onto 1.
 
 A step whose files were damaged after it was written (a truncated copy, a full disk) is an
 `UnreadableCheckpoint` naming the step and what to do; nothing is deleted automatically. A
