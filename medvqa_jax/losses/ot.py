@@ -10,8 +10,12 @@ bfloat16 does not converge.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+
+from medvqa_jax.models import layers
 
 # The cost and IPOT's products in true float32 (JAX's default rounds float32 products to
 # bfloat16 passes on TPUs, TF32 on recent GPUs).
@@ -36,8 +40,7 @@ def token_masks(text_mask, num_image_tokens: int):
 
 def cosine_cost(text, image):
   """1 - cos between every text token and every image token: (B, Lt, Li), float32."""
-  norm = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
-  text, image = norm(text.astype(jnp.float32)), norm(image.astype(jnp.float32))
+  text, image = layers.l2_normalize(text, 1e-6), layers.l2_normalize(image, 1e-6)
   return 1.0 - jnp.einsum("btd,bid->bti", text, image, precision=HIGHEST)
 
 
@@ -49,13 +52,27 @@ def marginal(mask):
 def sinkhorn_plan(cost, a, b, epsilon: float, max_iterations: int, threshold: float,
                   min_iterations: int = 0):
   """Entropic OT plans for a batch: (B, n, m) costs, (B, n) and (B, m) marginals.
-  Returns (plans, converged (B,))."""
+  Returns (plans, converged (B,)).
+
+  min_iterations == max_iterations runs exactly that many iterations (a `lax.scan`, no
+  convergence test); otherwise the loop stops at the threshold or max_iterations."""
   from ott.geometry import geometry
   from ott.problems.linear import linear_problem
   from ott.solvers.linear import sinkhorn
-  # The plan is held constant, so the solver is never differentiated: no implicit diff.
+  if not 0 <= min_iterations <= max_iterations or max_iterations < 1:
+    raise ValueError(f"losses.ot: Sinkhorn needs 1 <= max_iterations and 0 <= min_iterations "
+                     f"<= max_iterations, not min_iterations={min_iterations}, "
+                     f"max_iterations={max_iterations}")
+  # OTT iterates in chunks of `inner_iterations` (default 10), testing convergence after each:
+  # a budget that is not a multiple of the chunk was rounded (a fixed one down, to no iteration
+  # at all below 10, while its error was never measured and so read as converged; a loop's up).
+  # A chunk that divides the budget keeps it exact; 10 whenever the budget allows.
   solver = sinkhorn.Sinkhorn(threshold=threshold, max_iterations=max_iterations,
-                             min_iterations=min_iterations, implicit_diff=None)
+                             min_iterations=min_iterations,
+                             inner_iterations=math.gcd(max_iterations, 10),
+                             # The plan is held constant, so the solver is never
+                             # differentiated: no implicit differentiation.
+                             implicit_diff=None)
 
   def solve(c, a, b):
     out = solver(linear_problem.LinearProblem(geometry.Geometry(cost_matrix=c, epsilon=epsilon),

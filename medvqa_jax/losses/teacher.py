@@ -23,21 +23,15 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from medvqa_jax.data import sources
-from medvqa_jax.models import state_dict
+from medvqa_jax.models import layers, state_dict
 
 # 2: captions cleaned and images resized (not cropped) to the teacher's size, as the student's
 # pipeline gives them; caches of format 1 (raw captions, centre crops) are refused.
 # 3: each example's image id, so that a cache made from other images is refused.
 FORMAT_VERSION = 3
-
-
-def _normalise(x):
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def params_fingerprint(*trees) -> str:
@@ -80,7 +74,7 @@ class Teacher:
     image = self.image.apply({"params": params[0]}, pixels)
     text = self.text.apply({"params": params[1]}, input_ids, attention_mask)
     pick = lambda out: out["embedding"] if "embedding" in out else out["pooled"]
-    return _normalise(pick(image)), _normalise(pick(text))
+    return layers.l2_normalize(pick(image)), layers.l2_normalize(pick(text))
 
   def fingerprint(self) -> str:
     return params_fingerprint(self.image_params, self.text_params) + \

@@ -37,11 +37,6 @@ class Temperatures(nn.Module):
     return {n: jnp.exp(self.param(n, log_init)) for n in self.names}
 
 
-def _normalise(x):
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 class AMiF(nn.Module):
   image: nn.Module            # VisionTransformer
   text: nn.Module             # BertEncoder (pooler "cls") or ClipTextTransformer
@@ -85,13 +80,13 @@ class AMiF(nn.Module):
     out = self.image(images)
     tokens = self.image_proj(out["tokens"]) + self.type_embed(jnp.array(IMAGE))
     return {"tokens": tokens, "mask": jnp.ones(tokens.shape[:2], jnp.int32),
-            "embed": _normalise(self.image_proj(out["pooled"]))}
+            "embed": layers.l2_normalize(self.image_proj(out["pooled"]))}
 
   def encode_text(self, input_ids, attention_mask):
     out = self.text(input_ids, attention_mask)
     tokens = self.text_proj(out["tokens"]) + self.type_embed(jnp.array(TEXT))
     return {"tokens": tokens, "mask": attention_mask,
-            "embed": _normalise(self.text_proj(out["pooled"]))}
+            "embed": layers.l2_normalize(self.text_proj(out["pooled"]))}
 
   def word_embeddings(self, ids):
     """The text tower's input embedding table (no positions) looked up at `ids`; the text

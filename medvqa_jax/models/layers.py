@@ -43,6 +43,14 @@ ACTIVATIONS: dict[str, Callable] = {
 }
 
 
+def l2_normalize(x, eps: float = 1e-12):
+  """x / max(|x|, eps) along the last axis, in float32. Written with rsqrt so that its
+  gradient at x = 0 is finite too: the gradient of `x / max(norm(x), eps)` is NaN there
+  (the norm's is 0/0), and a NaN reaches the parameters even through a masked-out token."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
 def activation(name: str) -> Callable:
   try:
     return ACTIVATIONS[name]

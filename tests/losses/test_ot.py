@@ -2,10 +2,12 @@
 
 import jax
 import numpy as np
+import pytest
 
 import helpers
 
 from medvqa_jax.losses import ot
+from medvqa_jax.models import layers
 
 
 def _tokens(seed=0, b=4, lt=9, li=7, d=16):
@@ -40,6 +42,24 @@ def test_gradients_are_finite_with_padding_and_flow_through_the_cost_only():
   assert np.abs(gt).sum() > 0 and np.abs(gi).sum() > 0
   # CLS, SEP and padded text tokens, and the image CLS, take no part: no gradient.
   assert np.all(gt[1, 0] == 0) and np.all(gt[1, 5:] == 0) and np.all(gi[:, 0] == 0)
+
+
+def test_a_zero_token_leaves_every_gradient_finite():
+  """A token of all zeros (here a padded text token and a real image patch) has no direction;
+  normalising it used to give NaN gradients (the norm's gradient at 0 is 0/0) that reached
+  every parameter, masked token or not."""
+  text, image, text_mask = _tokens(seed=7)
+  text[1, 7] = 0.0   # Padding (row 1 has 6 real tokens).
+  image[2, 3] = 0.0  # A real patch.
+  loss_fn = lambda t, i: ot.wpa_loss(t, i, text_mask, epsilon=0.1, max_iterations=200)[0]
+  gt, gi = jax.grad(loss_fn, argnums=(0, 1))(text, image)
+  assert np.all(np.isfinite(gt)) and np.all(np.isfinite(gi))
+  assert np.all(gt[1, 7] == 0)  # Padding takes no part.
+  # The unit vectors of the other tokens are x / |x| (float32), the zero one stays zero.
+  unit = np.asarray(layers.l2_normalize(image))
+  np.testing.assert_allclose(unit[0], image[0] / np.linalg.norm(image[0], axis=-1,
+                                                                 keepdims=True), rtol=1e-6)
+  assert np.all(unit[2, 3] == 0)
 
 
 def test_identical_tokens_cost_less_than_unrelated_ones():
@@ -124,6 +144,44 @@ def test_a_fixed_iteration_budget_runs_a_scan_and_gives_the_converged_loss():
       t, image, text_mask, epsilon=0.1, **kw)[0])(text))
   assert "while[" not in jaxpr(min_iterations=50, max_iterations=50)
   assert "while[" in jaxpr(max_iterations=50)
+
+
+def _np_sinkhorn(cost, a, b, epsilon, iterations):
+  """`iterations` log-domain Sinkhorn updates from zero potentials, OTT's order (the column
+  potential g, then the row potential f), in float64: the plan exp((f + g - C) / eps)."""
+  lse = lambda x, axis: np.log(np.exp(x - x.max(axis, keepdims=True)).sum(axis)) + x.max(axis)
+  f, g = np.zeros(cost.shape[0]), np.zeros(cost.shape[1])
+  for _ in range(iterations):
+    g = epsilon * np.log(b) - epsilon * lse((f[:, None] - cost) / epsilon, 0)
+    f = epsilon * np.log(a) - epsilon * lse((g[None] - cost) / epsilon, 1)
+  return np.exp((f[:, None] + g[None] - cost) / epsilon)
+
+
+def test_an_iteration_budget_runs_exactly_that_many_iterations():
+  """OTT iterates in chunks of 10 with a convergence test after each: a fixed budget of 7 ran
+  no iteration at all (and was reported converged), one of 25 ran 20 (also reported
+  converged, its last error never measured), and a loop capped at 5 ran 10."""
+  text, image, text_mask = _tokens(seed=6)
+  text_ok, image_ok = ot.token_masks(text_mask, image.shape[1])
+  cost = ot.cosine_cost(text, image)
+  a, b = ot.marginal(text_ok), ot.marginal(image_ok)
+  eps = 0.02  # Slow to converge: every iteration changes the plan.
+  for lo, hi in ((7, 7), (25, 25), (0, 5), (0, 13)):
+    plan, converged = ot.sinkhorn_plan(cost, a, b, epsilon=eps, max_iterations=hi,
+                                       threshold=1e-6, min_iterations=lo)
+    for k in range(len(a)):
+      want = _np_sinkhorn(np.asarray(cost[k], np.float64), np.asarray(a[k], np.float64),
+                          np.asarray(b[k], np.float64), eps, hi)
+      np.testing.assert_allclose(plan[k], want, rtol=2e-3, atol=1e-7, err_msg=f"{lo, hi}")
+      # One iteration fewer or more is a different plan at this epsilon.
+      for other in (hi - 1, hi + 1):
+        fewer = _np_sinkhorn(np.asarray(cost[k], np.float64), np.asarray(a[k], np.float64),
+                             np.asarray(b[k], np.float64), eps, other)
+        assert np.abs(fewer - want).max() > 10 * np.abs(np.asarray(plan[k]) - want).max()
+    assert not np.asarray(converged).any(), (lo, hi)  # Far from the threshold: measured.
+  with pytest.raises(ValueError, match="min_iterations=8, max_iterations=5"):
+    ot.sinkhorn_plan(cost, a, b, epsilon=eps, max_iterations=5, threshold=1e-6,
+                     min_iterations=8)
 
 
 def _np_cosine_cost(text, image):
