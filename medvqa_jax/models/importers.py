@@ -23,7 +23,7 @@ from typing import Any, Callable
 from medvqa_jax.models import vit
 from medvqa_jax.models.bert import BertEncoder
 from medvqa_jax.models.clip_text import ClipTextTransformer
-from medvqa_jax.models.state_dict import Mapping, conv
+from medvqa_jax.models.state_dict import CheckpointError, Mapping, conv
 from medvqa_jax.models.vit import VisionTransformer
 
 
@@ -69,6 +69,49 @@ def _hf_config(folder: Path, cls_name: str):
     return getattr(transformers, cls_name).from_pretrained(str(folder), local_files_only=True)
   except OSError as e:
     raise FileNotFoundError(f"cannot read {folder}/config.json as a {cls_name}: {e}") from None
+
+
+def _bert_config(folder: Path):
+  """The folder's BertConfig. A config of another model type is refused: RoBERTa-family
+  checkpoints have BERT's key names, so they would load without a complaint, but their
+  positions start after the padding index and their outputs would be wrong."""
+  path = folder / "config.json"
+  if path.exists():
+    try:
+      model_type = json.loads(path.read_text()).get("model_type")
+    except ValueError as e:
+      raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if model_type not in (None, "bert"):
+      raise ValueError(f"{path}: model_type {model_type!r} is not a BERT model; BERT-family "
+                       "checkpoints (model_type 'bert': BERT, PubMedBERT, Bio_ClinicalBERT, "
+                       "MiniLM) are supported")
+  return _hf_config(folder, "BertConfig")
+
+
+def _weight(state, key: str, folder: Path):
+  """state[key], or an error naming the checkpoint and the key."""
+  if key not in state:
+    raise CheckpointError(f"checkpoint {folder} does not match the model; missing key {key}")
+  return state[key]
+
+
+# Widths whose models of the usual families split into heads of 64 (ViT-Ti/S/M/B/L; BERT-
+# tiny/mini/small/medium/base/large). A checkpoint that states no head count is read with
+# width // 64 heads only at these widths: the head count changes no weight's shape, so a
+# wrong guess would load cleanly and compute something else (ViT-H: 16 heads of 80; MiniLM:
+# 384 wide, 12 heads of 32).
+_HEADS_OF_64 = {"image": (192, 384, 512, 768, 1024), "text": (128, 256, 512, 768, 1024)}
+
+
+def _num_heads(overrides: dict, width: int, part: str, what: str) -> int:
+  if overrides.get("num_heads") is not None:
+    return overrides["num_heads"]
+  if width not in _HEADS_OF_64[part]:
+    raise ValueError(f"{what} does not state its number of attention heads, and at width "
+                     f"{width} it cannot be assumed: set the tower config's arch.num_heads "
+                     f"(--config.model.{part}.arch.num_heads=N, or teacher.{part} for the "
+                     "teacher)")
+  return width // 64
 
 
 # ---- Hugging Face CLIPModel ---------------------------------------------------------------
@@ -187,16 +230,18 @@ def bert_unused(prefix: str, depth: int, available: int, pooler: str) -> tuple[s
   return tuple(unused)
 
 
-def _bert_kwargs_from_state(state, prefix: str) -> dict:
+def _bert_kwargs_from_state(state, prefix: str, folder: Path, overrides: dict,
+                            what: str) -> dict:
   """BERT dimensions read off the weights, for checkpoints that ship no BertConfig."""
   e = prefix + "embeddings."
-  vocab, width = state[e + "word_embeddings.weight"].shape
+  get = lambda key: _weight(state, key, folder)
+  vocab, width = get(e + "word_embeddings.weight").shape
   return dict(vocab_size=vocab, width=width,
-              max_positions=state[e + "position_embeddings.weight"].shape[0],
-              type_vocab_size=state[e + "token_type_embeddings.weight"].shape[0],
+              max_positions=get(e + "position_embeddings.weight").shape[0],
+              type_vocab_size=get(e + "token_type_embeddings.weight").shape[0],
               depth=_num_blocks(state, rf"{re.escape(prefix)}encoder\.layer\.(\d+)\."),
-              num_heads=width // 64,
-              mlp_dim=state[f"{prefix}encoder.layer.0.intermediate.dense.weight"].shape[0],
+              num_heads=_num_heads(overrides, width, "text", what),
+              mlp_dim=get(f"{prefix}encoder.layer.0.intermediate.dense.weight").shape[0],
               act="gelu", ln_eps=1e-12)
 
 
@@ -211,7 +256,7 @@ def hf_bert_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
   if part != "text":
     raise ValueError(f"a BERT checkpoint has only a 'text' part, not {part!r}")
   prefix = "bert." if any(k.startswith("bert.") for k in state) else ""
-  kw = _bert_kwargs_from_config(_hf_config(folder, "BertConfig"))
+  kw = _bert_kwargs_from_config(_bert_config(folder))
   available = kw["depth"]
   kw["depth"] = _depth(overrides.get("depth"), available, str(folder))
   kw["pooler"] = "dense"
@@ -242,16 +287,22 @@ def open_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
     if "timm_model_name" not in vc:
       raise ValueError(f"{folder}: only timm image trunks (BiomedCLIP's) are supported, "
                        f"got vision_cfg {vc}")
-    if vc.get("timm_pool", "") not in ("", "token") or vc.get("timm_proj", "linear") != "linear":
-      raise ValueError(f"{folder}: expected timm_pool '' and timm_proj 'linear', got {vc}")
+    # Absent keys mean open_clip's defaults: timm_pool "avg" (mean of the patch tokens),
+    # which this tower does not compute.
+    if vc.get("timm_pool", "avg") not in ("", "token") or vc.get("timm_proj", "linear") != "linear":
+      raise ValueError(f"{folder}: expected timm_pool '' (or 'token') and timm_proj 'linear' "
+                       f"(open_clip's defaults: 'avg', 'linear'), got {vc}")
     pre = "visual.trunk."
-    width = state[pre + "cls_token"].shape[-1]
-    patch = state[pre + "patch_embed.proj.weight"].shape[-1]
+    get = lambda key: _weight(state, key, folder)
+    width = get(pre + "cls_token").shape[-1]
+    patch = get(pre + "patch_embed.proj.weight").shape[-1]
     available = _num_blocks(state, rf"{re.escape(pre)}blocks\.(\d+)\.")
     depth = _depth(overrides.get("depth"), available, str(folder))
+    heads = _num_heads(overrides, width, "image",
+                       f"{folder}: the timm trunk {vc['timm_model_name']!r}")
     kw = dict(vit.STYLES["timm"], image_size=vc.get("image_size", 224), patch_size=patch,
-              width=width, depth=depth, num_heads=width // 64,
-              mlp_dim=state[pre + "blocks.0.mlp.fc1.weight"].shape[0],
+              width=width, depth=depth, num_heads=heads,
+              mlp_dim=get(pre + "blocks.0.mlp.fc1.weight").shape[0],
               proj_dim=embed_dim, proj_kind="linear",
               proj_bias=("visual.head.proj.bias" in state))
     kw.update(overrides)
@@ -274,15 +325,22 @@ def open_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
                 _dropped_blocks(pre + "blocks.", depth, available))
   if part == "text":
     tc = cfg["text_cfg"]
-    if tc.get("hf_pooler_type", "cls_last_hidden_state_pooler") != "cls_last_hidden_state_pooler":
+    if not tc.get("hf_model_name"):
+      raise ValueError(f"{folder}: only Hugging Face text towers (text_cfg.hf_model_name, "
+                       f"BiomedCLIP's) are supported, got text_cfg {tc}")
+    # Absent, open_clip's default is "mean_pooler", which this tower does not compute.
+    if tc.get("hf_pooler_type", "mean_pooler") != "cls_last_hidden_state_pooler":
       raise ValueError(f"{folder}: only hf_pooler_type 'cls_last_hidden_state_pooler' is "
-                       f"supported, got {tc.get('hf_pooler_type')}")
+                       f"supported, got {tc.get('hf_pooler_type')} (open_clip's default: "
+                       "'mean_pooler')")
     pre = "text.transformer."
-    hf_dir = Path(tc.get("hf_model_name", ""))
+    hf_dir = Path(tc["hf_model_name"])
     if (hf_dir / "config.json").exists():
-      kw = _bert_kwargs_from_config(_hf_config(hf_dir, "BertConfig"))
-    else:  # A hub name: the BERT shape is read off the weights (BERT's 64-wide heads).
-      kw = _bert_kwargs_from_state(state, pre)
+      kw = _bert_kwargs_from_config(_bert_config(hf_dir))
+    else:  # A hub name: the BERT shape is read off the weights.
+      kw = _bert_kwargs_from_state(
+          state, pre, folder, overrides,
+          f"{folder}: the text tower {tc['hf_model_name']!r} (no config.json there)")
     available = kw["depth"]
     kw["depth"] = _depth(overrides.get("depth"), available, str(folder))
     proj_kind = tc.get("hf_proj_type", "mlp")

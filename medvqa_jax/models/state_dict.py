@@ -278,7 +278,11 @@ def assemble(state: dict[str, np.ndarray], mapping: Mapping, template, *, source
     if absent:
       missing.extend(f"{k} (for {path})" for k in absent)
       continue
-    v = entry.fn(*(state[k] for k in entry.keys))
+    try:
+      v = entry.fn(*(state[k] for k in entry.keys))
+    except (ValueError, TypeError, IndexError) as e:  # A reshape or resize that cannot apply.
+      mismatched.append(f"{', '.join(entry.keys)}: {e} (for {path}, {tuple(shape.shape)})")
+      continue
     if tuple(v.shape) != tuple(shape.shape):
       mismatched.append(f"{', '.join(entry.keys)}: checkpoint gives {tuple(v.shape)}, "
                         f"{path} needs {tuple(shape.shape)}")

@@ -124,3 +124,17 @@ def test_shared_reads_read_each_unchanged_file_once(hf_bert, tmp_path, monkeypat
   state_dict.read_state_dict(folder)
   state_dict.read_state_dict(folder)
   assert len(reads) == 4
+
+
+def test_a_roberta_checkpoint_is_refused_by_its_model_type(tmp_path):
+  """A RoBERTa encoder has BERT's key names, so it loaded cleanly as a BERT, with positions
+  counted from 0 instead of after the padding index: wrong outputs, no error."""
+  import torch
+  import transformers
+  torch.manual_seed(6)
+  config = transformers.RobertaConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=128,
+                                      max_position_embeddings=42)
+  transformers.RobertaModel(config).save_pretrained(tmp_path)
+  with pytest.raises(ValueError, match=r"config.json: model_type 'roberta' is not a BERT"):
+    towers.load("text", "hf_bert", tmp_path)
