@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 VERSION = "1.0.0"
 # 1.1.0: caption examples carry an `image_id` (a digest of the stored image).
 CAPTION_VERSION = "1.1.0"
+# 1.1.0: PathVQA's image ids are digests of the stored image (one picture, one id).
+PATHVQA_VERSION = "1.1.0"
 
 
 class DataError(ValueError):
@@ -198,6 +200,9 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
 
 
 class _VqaBuilder(_Builder):
+  # Whether an example's `image_id` is a digest of its stored image instead of the reader's
+  # (a file name): for layouts that store a copy of the picture per question.
+  digest_image_ids = False
 
   def _features(self):
     text = tfds.features.Text()
@@ -207,9 +212,10 @@ class _VqaBuilder(_Builder):
         "question_type": text})
 
   def _example(self, item, cache):
+    image = self._image(item["image"], cache)
     return {**{k: item[k] for k in ("id", "image_id", "question", "answers", "answer_type",
                                     "question_type")},
-            "image": self._image(item["image"], cache)}
+            "image": image, **({"image_id": image_digest(image)} if self.digest_image_ids else {})}
 
 
 class _CaptionBuilder(_Builder):
@@ -248,8 +254,13 @@ class Slake(_VqaBuilder):
 
 
 class PathVqa(_VqaBuilder):
+  """PathVQA's JSON export and parquet copy store the picture once per question (the 200
+  files of the JSON sample are 27 pictures): image ids are digests of the stored image, so
+  that a held-out validation slice never shares a picture with training."""
   name = "pathvqa"
   reader = sources.pathvqa
+  VERSION = tfds.core.Version(PATHVQA_VERSION)
+  digest_image_ids = True
 
 
 class VqaMed2019(_VqaBuilder):

@@ -311,3 +311,26 @@ def test_real_vqa_rad_build_and_summary(tmp_path):
 
 def _test_answers():
   return [r["answer"] for r in json.loads((DATA / "vqa_rad" / "testset.json").read_text())]
+
+
+def test_pathvqa_copies_of_one_picture_are_one_image(tmp_path):
+  """PathVQA's JSON export stores each question's picture as a file of its own: the 200
+  files of the real sample are far fewer pictures. Image ids are digests of the stored image,
+  so the summary counts pictures and a held-out validation slice shares none with training
+  (by file name, every validation picture was also in training)."""
+  import hashlib
+
+  from configs import pathvqa
+  from medvqa_jax.data import splits
+  source = DATA / "samples" / "pathvqa_hf_json"
+  pictures = {hashlib.sha1(p.read_bytes()).digest() for p in source.rglob("*.jpg")}
+  builders.build("pathvqa", source, tmp_path)
+  assert builders.summary(tmp_path, "pathvqa")["splits"]["test"]["images"] == len(pictures)
+  assert len(pictures) < 100
+  dc = pathvqa.get_config().data
+  dc.update(dir=str(tmp_path), train_split="test", val_split="", val_fraction=0.2)
+  parts = splits.vqa_splits(dc, need=("train", "val"))
+  pixels = lambda split: {hashlib.sha1(np.asarray(split.source[i]["image"]).tobytes()).digest()
+                          for i in range(len(split.source))}
+  assert len(parts["val"].records) > 0
+  assert not pixels(parts["val"]) & pixels(parts["train"])
