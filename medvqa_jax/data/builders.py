@@ -136,7 +136,9 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
         if not isinstance(item["image"], bytes):
           for key in ("image", "image2"):
             if key in item and not Path(item[key]).exists():
-              items[i] = sources.Bad(f"{item['id']} ({item[key]})", "image file not found")
+              record = f"; {item['where']}" if item.get("where") else ""
+              items[i] = sources.Bad(f"{item['id']} ({item[key]}{record})",
+                                     "image file not found")
               break
     self._check_bad([b for items in split_items.values() for b in items
                      if isinstance(b, sources.Bad)])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import pickle
 from pathlib import Path, PureWindowsPath
@@ -36,9 +37,19 @@ def _need(path: Path, what: str) -> Path:
   return path
 
 
+def _read_text(path: Path) -> str:
+  """A text file's contents: UTF-8, with or without the byte-order mark that spreadsheet and
+  Windows editors write (it would otherwise stick to the first field's name)."""
+  try:
+    return path.read_text(encoding="utf-8-sig")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as "
+                     "UTF-8") from None
+
+
 def _load_json(path: Path):
   try:
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(_read_text(path))
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
@@ -56,20 +67,28 @@ def _vqa(rid, image, image_id, question, answers, atype="", qtype="", where=""):
               answers=answers, answer_type=clean_type(atype), question_type=str(qtype or ""))
 
 
-def _records(path: Path, rows, make: Callable) -> list:
+def _guarded(where: str, make: Callable[[], dict | Bad]) -> dict | Bad:
+  """make(), or a Bad naming `where` when the row lacks a field or has one of the wrong type."""
+  try:
+    return make()
+  except (KeyError, TypeError, ValueError) as e:
+    return Bad(where, f"malformed record ({type(e).__name__}: {e})")
+
+
+def _records(path: Path, rows, make: Callable, keep: Callable | None = None) -> list:
+  """Records of a file's rows (those `keep` accepts), each numbered by its place in the file."""
   out = []
   for n, row in enumerate(rows):
+    if keep is not None and not keep(row):
+      continue
     where = f"{path} record {n}"
     if not isinstance(row, dict):
       out.append(Bad(where, f"expected an object, got {type(row).__name__}"))
       continue
-    try:
-      item = make(row, where)
-      if isinstance(item, dict):
-        item.setdefault("where", where)
-      out.append(item)
-    except (KeyError, TypeError, ValueError) as e:
-      out.append(Bad(where, f"malformed record ({type(e).__name__}: {e})"))
+    item = _guarded(where, lambda: make(row, where))
+    if isinstance(item, dict):
+      item.setdefault("where", where)
+    out.append(item)
   return out
 
 
@@ -90,13 +109,10 @@ def vqa_rad(source_dir: Path) -> dict:
                "VQA-RAD: trainset.json (MEVF split) or 'VQA_RAD Dataset Public.json'")
   rows = _load_json(path)
   images = source_dir / "VQA_RAD Image Folder"
-  is_test = lambda r: str(r.get("phrase_type", "")).startswith("test")
-  split_rows = {"train": [r for r in rows if isinstance(r, dict) and not is_test(r)],
-                "test": [r for r in rows if isinstance(r, dict) and is_test(r)]}
-  out = {s: _records(path, rs, make(images)) for s, rs in split_rows.items()}
-  out["train"] += [Bad(f"{path} record {n}", "expected an object")
-                   for n, r in enumerate(rows) if not isinstance(r, dict)]
-  return out
+  # A row that is no object is reported once, with the training split.
+  is_test = lambda r: isinstance(r, dict) and str(r.get("phrase_type", "")).startswith("test")
+  return {"train": _records(path, rows, make(images), keep=lambda r: not is_test(r)),
+          "test": _records(path, rows, make(images), keep=is_test)}
 
 
 # ---- SLAKE --------------------------------------------------------------------------------
@@ -109,10 +125,10 @@ def slake(source_dir: Path, language: str = "en") -> dict:
   for split, name in (("train", "train.json"), ("validation", "validate.json"),
                       ("test", "test.json")):
     path = _need(source_dir / name, "SLAKE's train.json, validate.json and test.json")
-    rows = [r for r in _load_json(path) if not isinstance(r, dict) or r.get("q_lang") == language]
-    out[split] = _records(path, rows, lambda r, where: _vqa(
+    out[split] = _records(path, _load_json(path), lambda r, where: _vqa(
         r["qid"], str(source_dir / "imgs" / r["img_name"]), r["img_name"], r["question"],
-        r["answer"], r.get("answer_type"), r.get("content_type"), where))
+        r["answer"], r.get("answer_type"), r.get("content_type"), where),
+        keep=lambda r: not isinstance(r, dict) or r.get("q_lang") == language)
   return out
 
 
@@ -216,7 +232,7 @@ _VQAMED_TEST = ("VQAMed2019Test", "VQAMed2019_Test_Questions_w_Ref_Answers.txt",
 
 
 def _lines(path: Path):
-  for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+  for n, line in enumerate(_read_text(path).splitlines(), 1):
     if line.strip():
       yield n, line.rstrip("\r")
 
@@ -291,8 +307,10 @@ def _caption(rid, image, caption, where, **extra):
 
 
 def _csv_rows(path: Path):
-  with open(path, newline="", encoding="utf-8") as f:
-    yield from enumerate(csv.DictReader(f), 2)
+  """(line number, row) of a csv with a header line (a row spanning lines: its last line)."""
+  reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+  for row in reader:
+    yield reader.line_num, row
 
 
 def _split_files(source_dir: Path, pattern: str) -> dict:
@@ -336,7 +354,7 @@ def roco(source_dir: Path) -> dict:
 
 
 def _jsonl(path: Path):
-  for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+  for n, line in enumerate(_read_text(path).splitlines(), 1):
     if not line.strip():
       continue
     where = f"{path} line {n}"
@@ -363,9 +381,9 @@ def medicat(source_dir: Path) -> dict:
         records.append(Bad(where, "no fig_uri"))
         continue
       name = f"{row['pdf_hash']}_{uri}" if row.get("pdf_hash") else uri
-      records.append(_caption(record_id(row.get("id"), Path(name).stem),
-                              str(source_dir / "figures" / name),
-                              row.get("s2_caption") or row.get("caption"), where))
+      records.append(_guarded(where, lambda: _caption(
+          record_id(row.get("id"), Path(name).stem), str(source_dir / "figures" / name),
+          row.get("s2_caption") or row.get("caption"), where)))
     out[split] = records
   return out
 
@@ -411,9 +429,9 @@ def captions_jsonl(source_dir: Path) -> dict:
       elif not row.get("image"):
         records.append(Bad(where, "no image"))
       else:
-        records.append(_caption(record_id(row.get("id"), f"{split}-{n}"),
-                                str(path.parent / row["image"]),
-                                row.get("caption"), where))
+        records.append(_guarded(where, lambda: _caption(
+            record_id(row.get("id"), f"{split}-{n}"), str(path.parent / row["image"]),
+            row.get("caption"), where)))
     out[split] = records
   return out
 

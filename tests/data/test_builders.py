@@ -193,7 +193,7 @@ def test_bad_records_are_reported_and_skipped(tmp_path):
   assert summary["splits"]["train"]["examples"] == 195
   assert summary["splits"]["train"]["skipped"] == 5 and summary["skipped"] == 5
   problems = "\n".join(summary["skipped_examples"])
-  assert "missing.jpg): image file not found" in problems
+  assert re.search(r"missing.jpg; \S*trainset.json record 3\): image file not found", problems)
   # Named by its file and its record, without PIL's in-memory buffer.
   assert re.search(r"corrupt.jpg; \S*trainset.json record 7\): unreadable image \(not an "
                    r"image format", problems) and "BytesIO" not in problems
@@ -334,3 +334,64 @@ def test_pathvqa_copies_of_one_picture_are_one_image(tmp_path):
                           for i in range(len(split.source))}
   assert len(parts["val"].records) > 0
   assert not pixels(parts["val"]) & pixels(parts["train"])
+
+
+def test_bad_rows_are_numbered_by_their_place_in_the_file(tmp_path):
+  """Readers that take part of a file (VQA-RAD's original release: train and test rows
+  interleaved; SLAKE: one language) numbered a bad row by its place among the rows taken."""
+  from medvqa_jax.data import sources
+  rad = tmp_path / "rad"
+  rad.mkdir()
+  row = lambda i, phrase: dict(qid=i, image_name="x.jpg", question=f"q{i}?", answer="yes",
+                               phrase_type=phrase, answer_type="CLOSED")
+  rows = [row(0, "freeform"), row(1, "test_freeform"), row(2, "para"), row(3, "test_para"),
+          row(4, "freeform"), row(5, "test_freeform")]
+  del rows[4]["question"]
+  rows[5]["question"] = " "
+  rows.insert(2, "not an object")
+  (rad / "VQA_RAD Dataset Public.json").write_text(json.dumps(rows))
+  out = sources.vqa_rad(rad)
+  bad = lambda split: [str(b).split("/")[-1] for b in out[split]
+                       if isinstance(b, sources.Bad)]
+  assert bad("train") == ["VQA_RAD Dataset Public.json record 2: expected an object, got str",
+                          "VQA_RAD Dataset Public.json record 5: malformed record "
+                          "(KeyError: 'question')"]
+  assert bad("test") == ["VQA_RAD Dataset Public.json record 6: empty question"]
+  assert [r["id"] for r in out["test"] if isinstance(r, dict)] == ["1", "3"]
+
+  slake = tmp_path / "slake"
+  slake.mkdir()
+  entry = lambda i, lang: dict(qid=i, img_name="x.jpg", question=f"q{i}", answer="a",
+                               q_lang=lang, answer_type="OPEN", content_type="Organ")
+  zh = [entry(0, "en"), entry(1, "zh"), entry(2, "en"), entry(3, "zh")]
+  del zh[3]["answer"]
+  for name in ("train.json", "validate.json", "test.json"):
+    (slake / name).write_text(json.dumps(zh))
+  (bad_zh,) = [b for b in sources.slake(slake, language="zh")["train"]
+               if isinstance(b, sources.Bad)]
+  assert str(bad_zh).endswith("train.json record 3: malformed record (KeyError: 'answer')")
+
+
+def test_text_files_in_other_encodings_and_fields_of_other_types(tmp_path):
+  """A byte-order mark (Excel's "CSV UTF-8") is read, not stuck to the first column's name;
+  a file that is not UTF-8 is refused naming it; a JSONL field of the wrong type is one bad
+  record naming its line, not a crash of the build."""
+  from medvqa_jax.data import sources
+  roco = tmp_path / "roco"
+  (roco / "images").mkdir(parents=True)
+  _jpeg(roco / "images" / "r0.jpg", 0)
+  (roco / "train.csv").write_bytes("image,caption\nr0.jpg,CT of the chest\n".encode("utf-8-sig"))
+  (record,) = sources.roco(roco)["train"]
+  assert record["caption"] == "CT of the chest" and Path(record["image"]).exists()
+  (roco / "train.csv").write_bytes("image,caption\nr0.jpg,Bézier CT\n".encode("cp1252"))
+  with pytest.raises(ValueError, match=r"train.csv: not UTF-8 text \(byte 22"):
+    sources.roco(roco)
+  corpus = tmp_path / "jsonl"
+  corpus.mkdir()
+  _jpeg(corpus / "a.jpg", 1)
+  (corpus / "train.jsonl").write_text(json.dumps({"image": "a.jpg", "caption": "x"}) + "\n" +
+                                      json.dumps({"image": 7, "caption": "y"}) + "\n")
+  good, bad = sources.captions_jsonl(corpus)["train"]
+  assert good["caption"] == "x"
+  assert str(bad).endswith("train.jsonl line 2: malformed record (TypeError: unsupported "
+                           "operand type(s) for /: 'PosixPath' and 'int')")
