@@ -10,11 +10,12 @@ Builds the model of the config with random weights (towers from their `arch`), c
 loop's jitted step once, runs --warmup then --steps steps on synthetic batches of the config's
 shapes, and prints: device kind and count, batch, compile time, step time, samples/s, model
 FLOPs per sample (analytic; XLA's compiled count beside it, and `flops_check` says whether the
-two agree within 10% when the program is plain: reference attention, no scan, no remat), MFU
-against the device's dense bf16 peak (--peak_tflops for a device not in the table), memory
-(XLA's compiled estimate, and the runtime peak where the backend reports one), the share of
-the step that the OT loss alone takes (pre-training with wpa), and with --pipeline the share
-lost to the input pipeline (1 - synthetic step time / step time fed by config.data).
+two agree within 10% when the program is plain: reference attention, no scan, no remat, no
+gradient accumulation), MFU against the device's dense bf16 peak (--peak_tflops for a
+device not in the table), memory (XLA's compiled estimate, and the runtime peak where the
+backend reports one), the share of the step that the OT loss alone takes (pre-training with
+wpa), and with --pipeline the share lost to the input pipeline (1 - synthetic step time /
+step time fed by config.data).
 A classifier head without num_answers gets 512 answers. Any config field is overridable,
 e.g. --config.model.compute.attention=cudnn --config.model.compute.scan=True
 --config.model.compute.remat=dots.

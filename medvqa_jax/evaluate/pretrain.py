@@ -48,6 +48,9 @@ class Validator:
   def __init__(self, model, config, split: splits_lib.Split, tokenizer, image_size: int, mesh,
                teacher=None, stream=None):
     tc = config.train
+    if tc.batch_size % mesh.size:
+      raise ValueError(f"validation runs in batches of train.batch_size ({tc.batch_size}), "
+                       f"which must be divisible by the device count ({mesh.size})")
     self.examples = examples(config, split)
     self.ds = pipeline.batches(
         splits_lib.Subset(split.source, range(self.examples)), kind="caption",

@@ -4,6 +4,7 @@ restored directly into the shardings of the current mesh."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -57,6 +58,10 @@ def restore(checkpoint_dir, config=None, step: int | None = None, fsdp: int | No
   run = ckpts.run_record(step)
   saved = saved_config(run)
   config = config if config is not None else saved
+  if config.model.head != saved.model.head:
+    raise ValueError(f"the checkpoint in {folder} is of a run with model.head="
+                     f"{saved.model.head!r}, but the config given says {config.model.head!r}: "
+                     "evaluate it with its own head (leave --config.model.head as the run had it)")
   if config.model.head != "none":
     config.model.num_answers = saved.model.get("num_answers")
   if run.get("towers"):  # The recorded towers: no tower checkpoint is read.
@@ -86,12 +91,17 @@ def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=No
     return evaluate_pretraining(restored, split_name, out_dir)
   split_name = split_name or "test"
   config, dc = restored.config, restored.config.data
-  answers, protocol = restored.answers, restored.protocol
-  if closed_set is not None and closed_set != dc.closed_set:
+  # The protocol is the run's (its record's), whatever the config given says, unless
+  # `closed_set` asks for the other one.
+  run_closed = (restored.protocol == splits_lib.CLOSED_SET if restored.protocol
+                else bool(dc.closed_set))
+  closed = run_closed if closed_set is None else bool(closed_set)
+  dc = copy.deepcopy(dc)  # The restored config is left as it was.
+  dc.closed_set = closed
+  if closed != run_closed:
     if config.model.head == "classifier":
       raise ValueError("the classifier's answers are fixed when it is trained: the protocol "
                        "cannot change at evaluation (train with --config.data.closed_set)")
-    dc.closed_set = closed_set
     answers, protocol = splits_lib.answer_set(dc)
     restored = dataclasses.replace(restored, answers=answers, protocol=protocol)
   key = {"train": "train", dc.test_split: "test", "test": "test", "validation": "val",
@@ -105,14 +115,14 @@ def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=No
                                global_batch=config.train.eval_batch_size,
                                progress=observe.progress(splits[key].name,
                                                          jax.process_index() == 0))
-  metrics = vqa_eval.evaluate(rows, splits[key], protocol, restored.step,
+  metrics = vqa_eval.evaluate(rows, splits[key], restored.protocol, restored.step,
                               baseline=splits_lib.majority_answer(splits["train"].records))
   if jax.process_index() == 0:
     if out_dir is None:
       folder = {"train": "train", "val": "validation", "test": dc.test_split}[key]
       # Each protocol its own folder: a closed-set evaluation beside the open-set one.
-      closed = "-closed-set" if dc.closed_set else ""
-      out_dir = restored.workdir / "eval" / f"{folder}-step{restored.step}{closed}"
+      suffix = "-closed-set" if closed else ""
+      out_dir = restored.workdir / "eval" / f"{folder}-step{restored.step}{suffix}"
     vqa_eval.write(out_dir, metrics, rows)
   return metrics
 

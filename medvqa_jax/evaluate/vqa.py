@@ -97,8 +97,12 @@ def eval_batches(source, *, tokenizer, image_size: int, global_batch: int,
 
 def answer_split(predictor: Predictor, params, split, *, tokenizer, image_size: int,
                  global_batch: int, progress=None) -> list[dict]:
-  """Prediction rows (qid, question, answer, prediction, score, correct) for a split."""
+  """Prediction rows (qid, question, answer, prediction, score, correct) for a split.
+  global_batch is rounded up to a multiple of the predictor's devices (the last batch is
+  padded anyway)."""
   n = len(split.records)
+  devices = predictor.mesh.size
+  global_batch = -(-global_batch // devices) * devices
   idx, scores = [], []
   for batch in eval_batches(split.source, tokenizer=tokenizer, image_size=image_size,
                             global_batch=global_batch, process_index=jax.process_index(),
@@ -141,8 +145,15 @@ def write(out_dir, metrics: dict, rows: list[dict] | None) -> Path:
   if rows is not None:
     files["predictions.jsonl"] = "".join(json.dumps({**r, "protocol": metrics["protocol"]})
                                          + "\n" for r in rows)
-  for name, text in files.items():
-    tmp = out_dir / f".{name}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, out_dir / name)
+  # Both written before either is renamed, metrics.json last: a crash never leaves new
+  # metrics beside old predictions, nor a temporary file behind.
+  tmps = {name: out_dir / f".{name}.tmp-{os.getpid()}" for name in files}
+  try:
+    for name, text in files.items():
+      tmps[name].write_text(text)
+    for name in sorted(files, key=lambda n: n == "metrics.json"):
+      os.replace(tmps[name], out_dir / name)
+  finally:
+    for tmp in tmps.values():
+      tmp.unlink(missing_ok=True)
   return out_dir

@@ -190,7 +190,8 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
                          else compiled_flops * jax.device_count() / batch_size)
   compute = amif.compute_of(config)
   kernel = compute.kernel(mc.dtype)
-  plain = kernel == "reference" and not compute.scan and compute.remat == "none"
+  plain = (kernel == "reference" and not compute.scan and compute.remat == "none"
+           and config.train.accum_steps == 1)
 
   out = {
       "config": None, "device_kind": jax.devices()[0].device_kind,
@@ -203,8 +204,9 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
       "compiled_flops_per_sample": compiled_per_sample,
       "compiled_over_analytic": (None if compiled_per_sample is None
                                  else round(compiled_per_sample / analytic["total"], 4)),
-      # XLA's count includes remat's recomputation, counts a scanned body once and leaves out
-      # custom kernels (cuDNN attention): only the plain program is comparable.
+      # XLA's count includes remat's recomputation, counts a scanned body once (scanned
+      # layers; accumulated micro-batches) and leaves out custom kernels (cuDNN attention):
+      # only the plain program is comparable.
       "flops_check": None,
       "compiled_memory_gib": _memory(compiled),
   }

@@ -153,3 +153,13 @@ def test_validator_runs_without_dropout_and_averages_the_batches():
     assert got[f"val_i2t_r{k}"] == pytest.approx(i2t) and got[f"val_t2i_r{k}"] == \
         pytest.approx(t2i)
   assert got["val_i2t_r10"] == got["val_t2i_r10"] == 1.0  # 8 candidates: always found.
+
+
+def test_a_batch_the_devices_do_not_divide_is_refused_by_name():
+  """Evaluating a pre-training run on another machine (eval.py) validates in batches of its
+  train.batch_size: one that the device count does not divide was a crash in the sharding."""
+  import types
+  config = ConfigDict(dict(train=dict(batch_size=8)))
+  with pytest.raises(ValueError, match=r"train.batch_size \(8\), which must be divisible by "
+                                       r"the device count \(3\)"):
+    pretrain_eval.Validator(None, config, None, None, 32, types.SimpleNamespace(size=3))

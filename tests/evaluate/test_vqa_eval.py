@@ -2,6 +2,7 @@
 count), predictions are matched to their own questions, and the protocol's answer set."""
 
 import json
+import types
 
 import helpers
 import jax
@@ -13,6 +14,7 @@ from PIL import Image
 from medvqa_jax import ASSETS
 from medvqa_jax.data import augment, splits as splits_lib
 from medvqa_jax.data.tokenizer import Tokenizer
+from medvqa_jax.evaluate import run as run_lib
 from medvqa_jax.evaluate import vqa
 from medvqa_jax.models import amif, heads
 from medvqa_jax.models.amif import AMiF
@@ -201,3 +203,80 @@ def test_the_predictor_ranks_in_packed_rows_and_answers_as_unpacked_ranking_does
   program = predictor._predict.lower(params, *sharding.shard_batch(mesh, batch).values(),
                                      *consts).as_text()
   assert f"4x{predictor.pack}x{model.decoder.vocab_size}xf32" in program
+
+
+class _FirstAnswer(run_lib.Restored):
+  """A restored run whose predictor answers every question with its first answer."""
+
+  def predictor(self):
+    def predict(params, batch):
+      n = len(batch["input_ids"])
+      return np.zeros(n, np.int32), np.ones(n, np.float32)
+    predict.mesh, predict.answers = sharding.make_mesh(), self.answers
+    return predict
+
+
+@pytest.mark.parametrize("run_protocol", [splits_lib.OPEN_SET, splits_lib.CLOSED_SET])
+def test_evaluation_answers_under_the_run_protocol_unless_asked_otherwise(
+    data, tokenizer, tmp_path, run_protocol):
+  """The protocol, the answers and the output folder follow the run's record (and
+  `closed_set` where given), not the data.closed_set of the config evaluation was given: an
+  open-set run evaluated with a closed-set config was answered open-set and filed as
+  closed-set, and a closed-set run evaluated with a stock config and closed_set=False answered
+  closed-set into the open-set folder."""
+  dc, splits = data
+  protocols = {}
+  for closed in (False, True):
+    other = dc.copy_and_resolve_references()
+    other.closed_set = closed
+    protocols[closed] = splits_lib.answer_set(other, splits)
+  run_closed = run_protocol == splits_lib.CLOSED_SET
+  assert protocols[run_closed][1] == run_protocol
+  for given in (False, True):  # What the config given at evaluation says.
+    config = ConfigDict(dict(data=dc.copy_and_resolve_references(),
+                             model=dict(head="generative"), train=dict(eval_batch_size=4)))
+    config.data.closed_set = given
+    workdir = tmp_path / f"{run_closed}-{given}"
+    restored = _FirstAnswer(config, types.SimpleNamespace(image=types.SimpleNamespace(
+        image_size=SIZE)), None, protocols[run_closed][0], run_protocol, 5, None, None,
+        tokenizer, workdir)
+    for asked in (None, False, True):
+      closed = run_closed if asked is None else asked
+      m = run_lib.evaluate_split(restored, "test", closed_set=asked)
+      assert m["protocol"] == protocols[closed][1], (given, asked)
+      folder = workdir / "eval" / f"test-step5{'-closed-set' if closed else ''}"
+      rows = (folder / "predictions.jsonl").read_text().splitlines()
+      assert {json.loads(r)["prediction"] for r in rows} == {protocols[closed][0][0]}
+      assert json.loads((folder / "metrics.json").read_text())["protocol"] == m["protocol"]
+      assert config.data.closed_set == given  # The config is left as it was.
+    assert sorted(p.name for p in (workdir / "eval").iterdir()) == [
+        "test-step5", "test-step5-closed-set"]
+
+
+def test_the_evaluation_batch_is_rounded_up_to_the_devices(data, tokenizer, monkeypatch):
+  """An eval_batch_size that the device count does not divide (64 on 3 devices) crashed in
+  the sharding; it is rounded up to a multiple (the last batch is padded anyway)."""
+  split = data[1]["test"]
+  predictor = _OwnIndex(split, tokenizer)
+  predictor.mesh = types.SimpleNamespace(size=3)
+  monkeypatch.setattr(sharding, "shard_batch", lambda mesh, batch: batch)
+  rows = vqa.answer_split(predictor, None, split, tokenizer=tokenizer, image_size=SIZE,
+                          global_batch=4)
+  assert predictor.calls == [6]
+  assert [r["prediction"] for r in rows] == [r["id"] for r in split.records]
+
+
+def test_results_are_written_as_a_pair_or_not_at_all(tmp_path):
+  """metrics.json is renamed into place last, after predictions.jsonl: a failure in between
+  (here predictions.jsonl cannot be replaced) leaves the old metrics, not new metrics beside
+  old predictions, and no temporary file."""
+  (tmp_path / "metrics.json").write_text('{"overall": 0.1}\n')
+  (tmp_path / "predictions.jsonl").mkdir()
+  with pytest.raises(OSError):
+    vqa.write(tmp_path, {"overall": 0.9, "protocol": "p"}, [{"qid": "1"}])
+  assert json.loads((tmp_path / "metrics.json").read_text()) == {"overall": 0.1}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "predictions.jsonl"]
+  (tmp_path / "predictions.jsonl").rmdir()
+  vqa.write(tmp_path, {"overall": 0.9, "protocol": "p"}, [{"qid": "1"}])
+  assert json.loads((tmp_path / "metrics.json").read_text())["overall"] == 0.9
+  assert json.loads((tmp_path / "predictions.jsonl").read_text())["protocol"] == "p"

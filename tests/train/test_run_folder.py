@@ -88,3 +88,11 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
 
   # The same command again: the finished run resumes at its end and evaluates test again.
   _same(loop.train(config, workdir=moved), metrics)
+
+  # A config of another answer head is refused by name: evaluating a generative run with
+  # --config.model.head=classifier asked for a num_answers that could not help.
+  other = config.copy_and_resolve_references()
+  other.model.head = "classifier"
+  with pytest.raises(ValueError, match="model.head='generative', but the config given says "
+                                       "'classifier'"):
+    run_lib.restore(moved, config=other)
