@@ -145,7 +145,14 @@ def vqa_splits(dc, need=("train", "val", "test")) -> dict[str, Split]:
     if "train" in need:
       out["train"] = Split(dc.train_split, source, records)
   if "val" in need and dc.val_split:
-    out["val"] = Split(dc.val_split, *_split(dc, dc.val_split))
+    try:
+      out["val"] = Split(dc.val_split, *_split(dc, dc.val_split))
+    except ValueError as e:
+      if "has no split" not in str(e):
+        raise
+      raise ValueError(f"{e}: to validate on a held-out slice of the training images "
+                       f"instead, set --config.data.val_split='' (data.val_fraction of them, "
+                       f"now {dc.val_fraction})") from None
   if "test" in need:
     out["test"] = Split(dc.test_split, *_split(dc, dc.test_split))
   for name, split in out.items():

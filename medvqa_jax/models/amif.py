@@ -28,12 +28,12 @@ TEXT, IMAGE = 0, 1  # Modality-type embedding rows.
 
 class Temperatures(nn.Module):
   """Learnable temperatures of the global contrastive losses, kept positive as exp(log t)."""
-  init: float = 0.07
+  initial: float = 0.07  # (Not `init`: that would hide Module.init.)
   names: tuple[str, ...] = ("itgc", "imvc", "utgc")
 
   @nn.compact
   def __call__(self):
-    log_init = lambda key: jnp.log(jnp.asarray(self.init, jnp.float32))
+    log_init = lambda key: jnp.log(jnp.asarray(self.initial, jnp.float32))
     return {n: jnp.exp(self.param(n, log_init)) for n in self.names}
 
 

@@ -328,7 +328,11 @@ def test_pathvqa_copies_of_one_picture_are_one_image(tmp_path):
   assert builders.summary(tmp_path, "pathvqa")["splits"]["test"]["images"] == len(pictures)
   assert len(pictures) < 100
   dc = pathvqa.get_config().data
-  dc.update(dir=str(tmp_path), train_split="test", val_split="", val_fraction=0.2)
+  dc.update(dir=str(tmp_path), train_split="test")
+  # The export has no validation split: the error says how to hold a slice out instead.
+  with pytest.raises(ValueError, match="no split 'validation'.*set --config.data.val_split=''"):
+    splits.vqa_splits(dc, need=("train", "val"))
+  dc.update(val_split="", val_fraction=0.2)
   parts = splits.vqa_splits(dc, need=("train", "val"))
   pixels = lambda split: {hashlib.sha1(np.asarray(split.source[i]["image"]).tobytes()).digest()
                           for i in range(len(split.source))}

@@ -100,3 +100,15 @@ def test_similarities_are_computed_at_full_float32_precision(emb):
                                              0.07, negative_images=True)):
     precisions = helpers.dot_precisions(fn)
     assert precisions and all(p == highest for p in precisions), precisions
+
+
+def test_temperatures_start_at_their_initial_value_and_stay_positive():
+  import jax
+
+  from medvqa_jax.models.amif import Temperatures
+  module = Temperatures(0.05)  # Initialised on its own (its field once hid Module.init).
+  params = module.init(jax.random.PRNGKey(0))
+  assert {k: round(float(v), 6) for k, v in module.apply(params).items()} == {
+      "itgc": 0.05, "imvc": 0.05, "utgc": 0.05}
+  negative = jax.tree.map(lambda v: v - 10.0, params)  # Log-temperatures far below zero.
+  assert all(float(v) > 0 for v in module.apply(negative).values())
