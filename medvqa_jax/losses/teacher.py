@@ -199,9 +199,10 @@ class TeacherCache:
     if other:
       raise ValueError(
           f"{path} was computed from other images than the dataset's for {len(other)} "
-          f"example(s), e.g. {other[:5]} (or with another data.max_side: it was "
-          f"{self.meta.get('max_side')}): rebuild it for this dataset with "
-          "`python launch/cache_teacher.py` and the training config")
+          f"example(s), e.g. {other[:5]} (or saw them shrunk to another size: its max_side "
+          f"was {self.meta.get('max_side')}): rebuild it for this dataset with "
+          "`python launch/cache_teacher.py` and the training config, its --config.data.dir "
+          "included (the cache then sees the images as the dataset there stores them)")
 
   def lookup(self, ids: Iterable[str]) -> dict[str, np.ndarray]:
     """Teacher embeddings for a batch of example ids, as the batch fields the loss reads."""

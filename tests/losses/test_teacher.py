@@ -37,6 +37,28 @@ def _run_cache(config_args, records, out):
                         capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
+def test_the_cache_sees_the_images_as_the_built_dataset_stores_them(corpus, demo_config,
+                                                                   tmp_path):
+  """A corpus built with another max_side than the config's (prepare_data's own default
+  differed from the configs'): the cache command, given the config's data.dir, shrinks the
+  images as that build did, so that training accepts the cache (it was refused as made from
+  other images)."""
+  from medvqa_jax.data import builders
+  builders.build("captions_jsonl", corpus.parent, tmp_path / "tfds", max_side=16)
+  assert demo_config.data.max_side != 16
+  out = tmp_path / "cache.npz"
+  run = _run_cache(["--config=configs/demo.py", "--config.data.name=captions_jsonl",
+                    f"--config.data.dir={tmp_path / 'tfds'}"], corpus, out)
+  assert run.returncode == 0, run.stderr
+  source = builders.load(tmp_path / "tfds", "captions_jsonl", "train", decode_images=False)
+  rows = [source[i] for i in range(len(source))]
+  ids = [r["id"].decode() for r in rows]
+  teacher_lib.TeacherCache.load(out).check(
+      ids, [r["caption"].decode() for r in rows], [r["image_id"].decode() for r in rows],
+      teacher_lib.from_config(demo_config).fingerprint())
+  assert "captions_jsonl in " in run.stdout and "stores its images at max_side=16" in run.stdout
+
+
 def test_cache_command_and_checks(corpus, demo_config, tmp_path):
   out = tmp_path / "cache.npz"
   run = _run_cache(["--config=configs/demo.py"], corpus, out)
