@@ -27,7 +27,7 @@ import common  # Puts the repository root on sys.path.
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/towers_only.py", "Config file.")
+_CONFIG = common.config_file_flag("configs/towers_only.py", "Config file.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: the config's).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (0: compile and count FLOPs only).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")

@@ -18,9 +18,8 @@ import json
 
 import common  # Puts the repository root on sys.path.
 from absl import flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain_stage0.py", "Config file.")
+_CONFIG = common.config_file_flag("configs/pretrain_stage0.py", "Config file.")
 _RECORDS = flags.DEFINE_string("records", None, "JSONL file of {id, image, caption}.",
                                required=True)
 _OUT = flags.DEFINE_string("out", None, "Cache file to write (.npz).", required=True)

@@ -56,14 +56,42 @@ def _config_fields(tree, prefix="") -> dict:
   return out
 
 
-def _bad_override(error: Exception) -> str | None:
-  """What is wrong with a --config.FIELD=VALUE of the command line, if that is what failed."""
+def _default_config() -> str | None:
+  """The script's default --config (None where it has none)."""
+  from absl import flags
+  if "config" in flags.FLAGS and flags.FLAGS["config"].default is not None:
+    return flags.FLAGS["config"].default_as_str.strip("'\"")
+  return None
+
+
+def config_file_flag(default: str | None, help_text: str = "Config file."):
+  """Defines --config (ml_collections), defaulting to `default`, a path in the repository.
+  ml_collections loads the default, with the command line's --config.FIELD overrides, as
+  the flag is defined: from another working folder the default is the repository's file, and
+  a misspelt field is reported as `run` reports it (not a traceback of the import)."""
+  from ml_collections import config_flags
+  if default is not None and not Path(default).is_file():
+    default = str(ROOT / default)
+  try:
+    return config_flags.DEFINE_config_file("config", default, help_text)
+  except (AttributeError, KeyError) as e:
+    problem = _bad_override(e, default)
+    if problem is None:
+      raise
+    print(f"error: {problem}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _bad_override(error: Exception, default: str | None = None) -> str | None:
+  """What is wrong with a --config.FIELD=VALUE of the command line, if that is what failed.
+  default: the --config the script falls back on (else read from the defined flag)."""
   import difflib
   import importlib.util
   overrides = [a[2:].split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--config.")]
   if not overrides:
     return None
-  spec = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), None)
+  spec = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")),
+              default or _default_config())
   fields = []
   if spec:
     path, _, arg = spec.partition(":")
@@ -89,7 +117,6 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
   """argv with its --config file (or the script's default one) found: a relative path that
   is not under the working folder is looked up in the repository, so that the commands run
   from any folder; a file found in neither is an error naming both places."""
-  from absl import flags
   at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")),
             None)
   if at is not None and argv[at] == "--config":
@@ -98,8 +125,8 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
     argv = argv[:at] + [f"--config={argv[at + 1]}"] + argv[at + 2:]
   if at is not None:
     spec = argv[at].split("=", 1)[1]
-  elif "config" in flags.FLAGS and flags.FLAGS["config"].default is not None:
-    spec = flags.FLAGS["config"].default_as_str.strip("'\"")
+  elif _default_config() is not None:
+    spec = _default_config()
   else:
     return argv
   path, sep, arg = spec.partition(":")
@@ -110,7 +137,9 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
     where = "" if Path(path).is_absolute() else f" (looked in {Path.cwd()} and in {ROOT})"
     raise FileNotFoundError(f"--config: no config file {path!r}{where}")
   flag = f"--config={found}{sep}{arg}"
-  return argv[:at] + [flag] + argv[at + 1:] if at is not None else argv + [flag]
+  # The default's stand-in goes first: --config.FIELD overrides apply to the --config before
+  # them (after it, they were applied to the default path, not found from here).
+  return argv[:at] + [flag] + argv[at + 1:] if at is not None else argv[:1] + [flag] + argv[1:]
 
 
 def _urls() -> list[str]:

@@ -10,9 +10,8 @@ read to learn their shapes.
 import json
 
 import common  # Puts the repository root on sys.path.
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file.")
+_CONFIG = common.config_file_flag("configs/demo.py", "Config file.")
 
 
 def count(tree) -> int:

@@ -15,9 +15,8 @@ import json
 
 import common  # Puts the repository root on sys.path.
 from absl import flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file.")
+_CONFIG = common.config_file_flag("configs/demo.py", "Config file.")
 _IMAGES = flags.DEFINE_multi_string("image", [], "Image file(s) to embed.")
 _QUESTIONS = flags.DEFINE_multi_string("question", [], "Question(s) to embed.")
 

@@ -23,9 +23,8 @@ import json
 
 import common  # Puts the repository root on sys.path.
 from absl import flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: the run's).")
+_CONFIG = common.config_file_flag(None, "Config file (default: the run's).")
 _CKPT = flags.DEFINE_string("checkpoint_dir", None, "Run folder or checkpoint folder.",
                             required=True)
 _SPLIT = flags.DEFINE_string("split", None, "train, validation (val) or test (default: test; "

@@ -23,9 +23,8 @@ import json
 import sys
 
 import common  # Puts the repository root on sys.path.
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file.")
+_CONFIG = common.config_file_flag("configs/demo.py", "Config file.")
 _JOIN = common.cluster_flags()
 
 

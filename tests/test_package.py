@@ -224,6 +224,12 @@ def test_a_config_field_typo_is_named_with_the_nearest_fields():
   assert "Traceback" not in out.stderr
   assert _run("launch/count_params.py", "--config=configs/demo.py",
               "--config.optim.total_steps=3").returncode == 0
+  # Under the script's default config too (ml_collections reads that as the flag is defined:
+  # the misspelt parent field was a KeyError traceback from the import).
+  out = _run("launch/count_params.py", "--config.model.fusoin.width=64")
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  assert out.stderr.startswith("error: --config.model.fusoin.width: the config has no such "
+                               "field (did you mean --config.model.fusion.width")
 
 
 def test_the_projects_own_errors_are_printed_without_a_traceback():
@@ -280,10 +286,13 @@ def test_commands_find_their_config_from_any_folder(tmp_path):
   run = lambda *args: subprocess.run([sys.executable, str(ROOT / "launch" / "count_params.py"),
                                       *args], capture_output=True, text=True, timeout=300,
                                      cwd=tmp_path)
-  for args in ((), ("--config=configs/demo.py",), ("--config", "configs/demo.py")):
+  for args in ((), ("--config=configs/demo.py",), ("--config", "configs/demo.py"),
+               ("--config.model.fusion.width=32",)):  # An override of the default config.
     out = run(*args)
     assert out.returncode == 0, (args, out.stderr[-2000:])
-    assert json.loads(out.stdout.strip().splitlines()[-1])["head"] == "generative"
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["head"] == "generative"
+    assert (result["by_component"]["fusion"] < 200960) == ("--config.model.fusion.width=32" in args)
   missing = run("--config=configs/nope.py:x")
   assert missing.returncode == 2 and "Traceback" not in missing.stderr
   assert missing.stderr.startswith(f"error: --config: no config file 'configs/nope.py' "
