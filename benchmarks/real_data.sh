@@ -17,7 +17,9 @@
 # instead, e.g. for a smoke run), BATCH (64), LR (1e-4), TEXT_LR_MULT (0.1: the pretrained
 # text tower moves slower than the fusion layers and the from-scratch image tower),
 # EVAL_EVERY (150 steps; a checkpoint is saved at each validation), WORKERS (input-pipeline
-# processes, 12), ATTENTION (reference|xla|cudnn|auto, default auto), PYTHON (python3).
+# processes, 12), ATTENTION (reference|xla|cudnn|auto, default auto), MAX_SIDE (images shrunk
+# to this longer side when the dataset is built, 256, as benchmarks/pack.py packs them),
+# PYTHON (python3).
 set -uo pipefail
 if [[ " $* " == *" -h "* || " $* " == *" --help "* ]]; then
   sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
@@ -42,6 +44,7 @@ for ds in "${DATASETS[@]}"; do
   esac
   args=(--config="configs/$ds.py:image=vit_s16_scratch,text=minilm"
         --config.data.source_dir="$src" --config.data.dir="$RUNS/data"
+        --config.data.max_side="${MAX_SIDE:-256}"
         --config.data.workers="${WORKERS:-12}" --config.train.workdir="$RUNS/$ds"
         --config.train.batch_size="${BATCH:-64}" --config.optim.lr="${LR:-1e-4}"
         --config.optim.warmup_fraction=0.1
