@@ -1,5 +1,6 @@
 """What both pre-training stages share: a caption corpus (ROCO by default; any builder of
-launch/prepare_data.py), captions of 120 tokens (the teacher's too), two augmented views per image, the teacher
+launch/prepare_data.py), captions of 120 tokens (fewer where a text tower reads fewer; the
+teacher's too), two augmented views per image, the teacher
 from its cache, pre-training weight decay 0.02 (configs/base.py), bf16 compute with float32
 parameters (the losses and Sinkhorn run in float32), validation on a held-out 2% of the
 corpus every eval_every steps (the best checkpoint: lowest validation loss).
@@ -8,16 +9,16 @@ corpus every eval_every steps (the best checkpoint: lowest validation loss).
       --config.teacher.cache=/data/teacher_roco.npz --config.train.workdir=/runs/stage0
 """
 
-from configs.towers.common import bf16
+from configs.towers.common import bf16, text_positions
 
 
 def pretraining(config):
-  # 120 tokens, or fewer where a randomly initialised tower has fewer positions (tiny: 64).
-  config.model.text.max_len = min(120, config.model.text.arch.get("max_positions") or 120)
+  # 120 tokens, or fewer where the tower reads fewer (the tiny tower: 64; CLIP's: 77).
+  config.model.text.max_len = min(120, text_positions(config.model.text) or 120)
   # The teacher reads the captions at the same length, as the reference's teacher does (at
-  # most what it can read: BiomedCLIP's 256 becomes 120, the tiny teacher's 64 positions 64).
-  teacher_limit = (config.teacher.text.arch.get("max_positions")
-                   or config.teacher.text.max_len)
+  # most what it can read: BiomedCLIP's 256 becomes 120, CLIP's 77 stays 77, the tiny
+  # teacher's 64 positions 64).
+  teacher_limit = text_positions(config.teacher.text) or config.teacher.text.max_len
   config.teacher.text.max_len = min(teacher_limit, config.model.text.max_len)
   bf16(config)
   # Validation: the objective and image<->text retrieval on a seeded 2% of the training

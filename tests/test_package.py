@@ -198,6 +198,11 @@ class TestConfigs:
         "image=tiny,text=tiny,teacher=tiny")
     # The teacher reads what the student reads (it read 30 tokens of the 64).
     assert tiny.model.text.max_len == 64 and tiny.teacher.text.max_len == 64
+    # CLIP's text tower reads 77 tokens, as student (was 120: refused when the model was
+    # built) and as teacher (was its preset's 30 questions' tokens, silently).
+    clip = importlib.import_module(f"configs.pretrain_stage{stage}").get_config(
+        "image=clip_vit_b16,text=clip_vit_b16,teacher=clip_vit_b16")
+    assert clip.model.text.max_len == 77 and clip.teacher.text.max_len == 77
     amif.create(tiny, abstract=True)  # Was: sequence length 120 exceeds max_positions 64.
     assert from_config(tiny.model.text).vocab_size == 30522  # The bundled vocabulary.
     # A random teacher has no checkpoint scale: CLIP's initial one (was an error asking for

@@ -8,4 +8,4 @@ from configs.towers.common import tower, unset
 def get_config(arg=None):
   del arg
   return ml_collections.ConfigDict(dict(
-      text=tower("bert", "hf_bert", dict(depth=unset(int), pooler="cls"))))
+      text=tower("bert", "hf_bert", dict(depth=unset(int), pooler="cls"), positions=512)))

@@ -17,5 +17,5 @@ def get_config(arg=None):
       image=tower("vit", "open_clip", dict(image_size=224, depth=unset(int),
                                            num_heads=unset(int))),
       text=tower("bert", "open_clip", dict(depth=unset(int), num_heads=unset(int)),
-                 max_len=256),
+                 max_len=256, positions=256),
   ))

@@ -12,5 +12,5 @@ def get_config(arg=None):
   del arg
   return ml_collections.ConfigDict(dict(
       image=tower("vit", "hf_clip", dict(image_size=288, depth=11)),
-      text=tower("clip_text", "hf_clip", dict(depth=unset(int))),
+      text=tower("clip_text", "hf_clip", dict(depth=unset(int)), positions=77),
   ))

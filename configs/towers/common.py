@@ -11,6 +11,8 @@ Fields of a tower config:
   fresh:      regexes of parameter paths to initialise instead of load (e.g. "head/.*").
   tokenizer:  text towers: tokenizer folder (empty: the checkpoint folder).
   max_len:    text towers: tokens per text.
+  positions:  text towers from a checkpoint: how many tokens the tower reads (its position
+              table; a tower from scratch says so in `arch`), where the preset knows it.
 """
 
 import ml_collections
@@ -18,14 +20,22 @@ from ml_collections import config_dict
 
 
 def tower(kind: str, source: str, arch: dict, checkpoint: str | None = None,
-          **extra) -> ml_collections.ConfigDict:
+          positions: int | None = None, **extra) -> ml_collections.ConfigDict:
   cfg = dict(kind=kind, source=source,
              checkpoint=checkpoint if checkpoint else config_dict.placeholder(str),
              arch=arch, dtype="float32", fresh=())
   if kind != "vit":
-    cfg.update(tokenizer=config_dict.placeholder(str), max_len=30)
+    cfg.update(tokenizer=config_dict.placeholder(str), max_len=30,
+               positions=positions if positions else config_dict.placeholder(int))
   cfg.update(extra)
   return ml_collections.ConfigDict(cfg)
+
+
+def text_positions(text) -> int | None:
+  """How many tokens a text tower config's tower reads: its arch's (max_positions of a BERT,
+  context_length of a CLIP text transformer) or its preset's `positions`; None if unknown."""
+  return (text.arch.get("max_positions") or text.arch.get("context_length")
+          or text.get("positions"))
 
 
 def unset(type_=int):

@@ -22,4 +22,4 @@ def get_config(arg=None):
   del arg
   return ml_collections.ConfigDict(dict(
       text=tower("bert", "hf_bert", dict(depth=unset(int), pooler="cls"),
-                 checkpoint=installed_checkpoint())))
+                 checkpoint=installed_checkpoint(), positions=512)))
