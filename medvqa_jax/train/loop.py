@@ -239,6 +239,10 @@ def train(config, workdir=None, stream=None) -> dict:
   tc, mc = config.train, config.model
   finetune = mc.head != "none"
   main = jax.process_index() == 0
+  small = [f"train.{k}={tc[k]}" for k in ("save_every", "eval_every", "log_every",
+                                          "eval_batch_size", "fsdp") if tc[k] < 1]
+  if small:
+    raise ValueError(f"{', '.join(small)}: must be 1 or more")
   mesh = sharding.make_mesh(tc.fsdp)
   step_lib.check_batch(config, tc.batch_size, jax.device_count())
   if not finetune:
@@ -437,6 +441,9 @@ def train(config, workdir=None, stream=None) -> dict:
           if val:
             reporter.eval(done, {k.removeprefix("val_"): v for k, v in val.items()})
           if save_now:
+            # Every step logged up to the checkpoint is on disk before it: a run killed
+            # later resumes from it and logs the steps after it only.
+            reporter.flush()
             ckpts.save(done, state, run_record(done, val), metrics=val or None)
             last_saved = done
           reporter.exclude(time.perf_counter() - paused)

@@ -57,6 +57,16 @@ def schedule(cfg):
 
 def make(cfg, params) -> optax.GradientTransformation:
   """cfg: lr, weight_decay, b1, b2, warmup_fraction, total_steps, lr_mults, grad_clip."""
+  # A negative learning rate (or multiplier, or clipping norm, which flips the gradient)
+  # would train towards a higher loss without a complaint.
+  negative = [f"optim.lr={cfg.lr}"] if cfg.lr < 0 else []
+  negative += [f"optim.lr_mults: {pattern!r} x {mult}" for pattern, mult in cfg.lr_mults
+               if mult < 0]
+  if cfg.get("grad_clip") is not None and cfg.grad_clip < 0:
+    negative.append(f"optim.grad_clip={cfg.grad_clip}")
+  if negative:
+    raise ValueError(f"{', '.join(negative)}: learning rates, their multipliers and the "
+                     "clipping norm must not be negative (a multiplier of 0 freezes)")
   labels = param_labels(params, cfg.lr_mults)
   base = schedule(cfg)
   transforms = {"frozen": optax.set_to_zero()}

@@ -83,6 +83,9 @@ def freeze(objective: Callable, frozen) -> Callable:
 def check_batch(config, batch_size: int, devices: int) -> None:
   """Refuses a batch the step cannot run as the objective means it, before anything runs."""
   accum = config.train.accum_steps
+  if batch_size < 1 or accum < 1:
+    raise ValueError(f"the batch size ({batch_size}) and train.accum_steps ({accum}) must be "
+                     "1 or more")
   if batch_size % (devices * accum):
     raise ValueError(f"the batch size {batch_size} must be divisible by the device count "
                      f"({devices}) times train.accum_steps ({accum})")

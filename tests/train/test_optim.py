@@ -147,3 +147,20 @@ def test_updates_equal_numpy_adamw_with_multipliers_freezing_and_clipping(grad_c
   for k in leaves:
     if mults[k]:
       assert np.min(np.abs(got[k] - flat[k])) > 1e-4, k
+
+
+def test_negative_rates_and_clipping_norms_are_refused():
+  """A negative learning rate, multiplier or clipping norm (which flips the gradient) trained
+  towards a higher loss without a complaint; 0 stays allowed (no update; a frozen part)."""
+  cfg = _cfg(((r"image/.*", 0.0),))
+  cfg.lr = -1e-3
+  with pytest.raises(ValueError, match=r"optim.lr=-0.001: learning rates"):
+    optim.make(cfg, PARAMS)
+  with pytest.raises(ValueError, match=r"optim.lr_mults: 'text/\.\*' x -0.5"):
+    optim.make(_cfg(((r"text/.*", -0.5),)), PARAMS)
+  cfg = _cfg(())
+  cfg.grad_clip = -1.0
+  with pytest.raises(ValueError, match=r"optim.grad_clip=-1.0"):
+    optim.make(cfg, PARAMS)
+  cfg.update(lr=0.0, grad_clip=1.0)
+  optim.make(cfg, PARAMS)

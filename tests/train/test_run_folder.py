@@ -59,6 +59,16 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
   bad.optim.lr_mults = (("imag/.*", 0.0),)
   with pytest.raises(ValueError, match="match no parameter path"):
     loop.train(bad)
+  # So are counts below 1 (a zero save_every was a ZeroDivisionError after the first step,
+  # a zero batch a grain traceback, both with the run folder written).
+  for field, value, message in (("save_every", 0, r"train.save_every=0: must be 1 or more"),
+                                ("fsdp", 0, r"train.fsdp=0: must be 1 or more"),
+                                ("batch_size", 0, r"the batch size \(0\) and train.accum_steps"),
+                                ("accum_steps", -2, r"train.accum_steps \(-2\) must be 1")):
+    bad = config.copy_and_resolve_references()
+    bad.train[field] = value
+    with pytest.raises(ValueError, match=message):
+      loop.train(bad)
   assert not (tmp_path / "run").exists()
   model, _, loaded = amif.initializer(config)
   assert "text" in loaded and "decoder" in loaded  # Both read from the checkpoint.
