@@ -300,13 +300,14 @@ def test_real_vqa_rad_build_and_summary(tmp_path):
   train_only = set(vocab)
   test_answers = {answers.normalize(a) for a in _test_answers()}
   assert test_answers - train_only  # Some test answers are unseen: nothing leaked in.
-  # The same build with other options is refused in one message, exit status 1.
+  # The same build with other options (prepare_data's default max_side, 512, as the configs')
+  # is refused in one message, exit status 1.
   again = subprocess.run([sys.executable, "launch/prepare_data.py", "--dataset=vqa_rad",
                           f"--source_dir={DATA / 'vqa_rad'}", f"--data_dir={tmp_path}"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert again.returncode == 1 and "Traceback" not in again.stderr
   assert again.stderr.startswith(f"error: vqa_rad is already built in {tmp_path}/vqa_rad/1.0.0 "
-                                 "with other options: max_side 64 (asked: 'full size')")
+                                 "with other options: max_side 64 (asked: 512)")
 
 
 def _test_answers():
