@@ -10,8 +10,8 @@ relative to the file). The teacher sees each image un-augmented, resized to its 
 resolution, and the caption cleaned as the student reads it (medvqa_jax/data/text.py). The
 cache records which teacher and which data made it (ids, captions, and each image as the
 dataset stores it: shrunk to the max_side the dataset in --config.data.dir was built with,
-else to --config.data.max_side); training refuses a cache that does not match. The file is written atomically: an interrupted run leaves none.
-Prints one JSON line: the count, embedding width, teacher fingerprint and output path.
+else to --config.data.max_side); training refuses a cache that does not match. The file is
+written atomically: an interrupted run leaves none. Prints one JSON line: the count, embedding width, teacher fingerprint and output path.
 """
 
 import json
@@ -28,8 +28,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 64, "Examples per forward pass.")
 
 def main(argv):
   del argv
-  from medvqa_jax.losses import teacher as teacher_lib
   from medvqa_jax.data import builders
+  from medvqa_jax.losses import teacher as teacher_lib
   config = _CONFIG.value
   dc = config.data
   max_side = dc.get("max_side")

@@ -114,21 +114,18 @@ def _bad_override(error: Exception, default: str | None = None) -> str | None:
 
 
 def _resolve_config_path(argv: list[str]) -> list[str]:
-  """argv with its --config file (or the script's default one) found: a relative path that
-  is not under the working folder is looked up in the repository, so that the commands run
-  from any folder; a file found in neither is an error naming both places."""
+  """argv with its --config file found: a relative path that is not under the working folder
+  is looked up in the repository, so that the commands run from any folder; a file found in
+  neither is an error naming both places. (A script's default is found by config_file_flag.)"""
   at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")),
             None)
-  if at is not None and argv[at] == "--config":
+  if at is None:  # The script's default: config_file_flag found it.
+    return argv
+  if argv[at] == "--config":
     if at + 1 == len(argv):
       return argv  # No value: absl's parser says so.
     argv = argv[:at] + [f"--config={argv[at + 1]}"] + argv[at + 2:]
-  if at is not None:
-    spec = argv[at].split("=", 1)[1]
-  elif _default_config() is not None:
-    spec = _default_config()
-  else:
-    return argv
+  spec = argv[at].split("=", 1)[1]
   path, sep, arg = spec.partition(":")
   if Path(path).is_file():
     return argv
@@ -136,10 +133,7 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
   if Path(path).is_absolute() or not found.is_file():
     where = "" if Path(path).is_absolute() else f" (looked in {Path.cwd()} and in {ROOT})"
     raise FileNotFoundError(f"--config: no config file {path!r}{where}")
-  flag = f"--config={found}{sep}{arg}"
-  # The default's stand-in goes first: --config.FIELD overrides apply to the --config before
-  # them (after it, they were applied to the default path, not found from here).
-  return argv[:at] + [flag] + argv[at + 1:] if at is not None else argv[:1] + [flag] + argv[1:]
+  return argv[:at] + [f"--config={found}{sep}{arg}"] + argv[at + 1:]
 
 
 def _urls() -> list[str]:

@@ -73,6 +73,13 @@ def image_digest(encoded: bytes) -> str:
   return hashlib.sha1(encoded).hexdigest()[:20]
 
 
+def _named(item: dict, image) -> str:
+  """An example named in a problem report: its id, the image and where its record is."""
+  image = image if isinstance(image, str) else "image bytes"
+  record = f"; {item['where']}" if item.get("where") else ""
+  return f"{item['id']} ({image}{record})"
+
+
 class _Builder(tfds.core.GeneratorBasedBuilder):
   """Shared by the VQA and caption builders: subclasses set `name`, `reader` and features."""
   VERSION = tfds.core.Version(VERSION)
@@ -136,9 +143,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
         if not isinstance(item["image"], bytes):
           for key in ("image", "image2"):
             if key in item and not Path(item[key]).exists():
-              record = f"; {item['where']}" if item.get("where") else ""
-              items[i] = sources.Bad(f"{item['id']} ({item[key]}{record})",
-                                     "image file not found")
+              items[i] = sources.Bad(_named(item, item[key]), "image file not found")
               break
     self._check_bad([b for items in split_items.values() for b in items
                      if isinstance(b, sources.Bad)])
@@ -167,9 +172,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
       try:
         example = self._example(item, cache)
       except ValueError as e:
-        image = item["image"] if isinstance(item["image"], str) else "image bytes"
-        record = f"; {item['where']}" if item.get("where") else ""
-        problem = f"{item['id']} ({image}{record}): {e}"
+        problem = f"{_named(item, item['image'])}: {e}"
         self._report["bad"].append(problem)
         log.warning("skipped %s", problem)
         bad += 1
@@ -215,9 +218,11 @@ class _VqaBuilder(_Builder):
 
   def _example(self, item, cache):
     image = self._image(item["image"], cache)
-    return {**{k: item[k] for k in ("id", "image_id", "question", "answers", "answer_type",
-                                    "question_type")},
-            "image": image, **({"image_id": image_digest(image)} if self.digest_image_ids else {})}
+    out = {k: item[k] for k in ("id", "image_id", "question", "answers", "answer_type",
+                                "question_type")}
+    if self.digest_image_ids:
+      out["image_id"] = image_digest(image)
+    return {**out, "image": image}
 
 
 class _CaptionBuilder(_Builder):
