@@ -27,16 +27,27 @@ def pretrain_objective(model: AMiF, losses_cfg) -> Callable:
   return lambda params, batch, key: pretrain_loss(model, params, batch, key, losses_cfg)
 
 
+# An objective's metrics may hold EXAMPLES: the number of examples its loss is a mean over
+# (when not all of the batch). Gradient accumulation weights each micro-batch by it, so the
+# accumulated step is the step of the whole batch; it is not reported as a metric.
+EXAMPLES = "examples"
+
+
 def finetune_objective(model: AMiF, prior_ids, prior_mask) -> Callable:
   """The VQA loss. The answer prior (from the training answers) is fixed for the run, so it
-  is a constant of the objective, not part of the per-example batch."""
+  is a constant of the objective, not part of the per-example batch. The classifier's loss
+  is a mean over the examples whose answer is in its vocabulary (label >= 0) only."""
   def loss(params, batch, key):
-    extra = ({"labels": batch["labels"]} if model.head == "classifier" else
-             {"answer_ids": batch["answer_ids"], "answer_mask": batch["answer_mask"]})
+    if model.head == "classifier":
+      extra = {"labels": batch["labels"]}
+      examples = jnp.sum(batch["labels"] >= 0)
+    else:
+      extra = {"answer_ids": batch["answer_ids"], "answer_mask": batch["answer_mask"]}
+      examples = batch["input_ids"].shape[0]
     out = model.apply({"params": params}, batch["images"], batch["input_ids"],
                       batch["attention_mask"], prior_ids, prior_mask, **extra, method=AMiF.vqa,
                       rngs={"dropout": key})
-    return out["loss"], {"loss": out["loss"]}
+    return out["loss"], {"loss": out["loss"], EXAMPLES: examples}
   return loss
 
 
@@ -111,10 +122,10 @@ def micro_batches(batch: dict, accum_steps: int) -> dict:
 
 def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, frozen=None):
   """(state, batch, key) -> (state, metrics), jitted with the state donated. The loss and
-  gradients are those of the whole global batch (averaged over micro-batches: exact for a
-  loss that is a mean over examples, such as fine-tuning's; `check_batch` refuses
-  accumulation for pre-training); the step's random key is `key` folded with the state's
-  step.
+  gradients are those of the whole global batch (micro-batches weighted by the examples
+  their loss is a mean over, `EXAMPLES`: exact for a loss that is a mean over examples, such
+  as fine-tuning's; `check_batch` refuses accumulation for pre-training); the step's random
+  key is `key` folded with the state's step.
 
   frozen: a pytree like the params of bools (optim.frozen_mask): those parameters enter the
   objective through stop_gradient, so their gradients are zeros and nothing is computed for
@@ -140,6 +151,7 @@ def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, fr
     key = jax.random.fold_in(key, state["step"])  # A fresh key per step, made on device.
     if accum_steps == 1:
       (_, metrics), grads = grads_of(params, batch, key)
+      metrics.pop(EXAMPLES, None)
     else:
       # Scalars (e.g. the teacher's logit scale) are shared; arrays split into micro-batches.
       consts = {k: v for k, v in batch.items() if jnp.ndim(v) == 0}
@@ -147,15 +159,24 @@ def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, fr
       keys = jax.random.split(key, accum_steps)
       first = jax.tree.map(lambda x: x[0], micro)
       (_, metric_shapes), grad_shapes = jax.eval_shape(grads_of, params, {**first, **consts}, key)
+      metric_shapes.pop(EXAMPLES, None)
       zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (grad_shapes, metric_shapes))
 
       def body(carry, inputs):
+        # Each micro-batch's mean counts by its examples: the sum over micro-batches of
+        # examples x mean, over the total of examples, is the mean over the whole batch.
+        sums, total = carry
         mb, k = inputs
         (_, m), g = grads_of(params, {**mb, **consts}, k)
-        return jax.tree.map(jnp.add, carry, (g, m)), None
+        n = jnp.asarray(m.pop(EXAMPLES, 1), jnp.float32)
+        sums = jax.tree.map(lambda s, x: s + (n * x).astype(s.dtype), sums, (g, m))
+        return (sums, total + n), None
 
-      (grads, metrics), _ = jax.lax.scan(body, zeros, (micro, keys))
-      grads, metrics = jax.tree.map(lambda x: x / accum_steps, (grads, metrics))
+      ((grads, metrics), total), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
+                                                  (micro, keys))
+      # No example counted (none in the vocabulary): the sums are zeros and stay so.
+      total = jnp.maximum(total, 1.0)
+      grads, metrics = jax.tree.map(lambda x: (x / total).astype(x.dtype), (grads, metrics))
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     metrics = dict(metrics, grad_norm=_tree_norm(grads))
     new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,

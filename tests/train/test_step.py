@@ -135,3 +135,66 @@ def test_batches_the_objective_cannot_use_are_refused():
   step_lib.check_batch(config, 2, 1)
   with pytest.raises(ValueError, match="at least 2 examples per batch"):
     step_lib.check_batch(config, 1, 1)
+
+
+def test_accumulation_weights_micro_batches_by_their_counted_examples():
+  """The classifier's loss is a mean over the labels in its vocabulary only (-1: outside it),
+  so micro-batches holding different numbers of them must count by those numbers: with
+  three of four labels known in one micro-batch and one in the other, a plain average of the
+  two means is another step (measured here: loss 2.89 against the batch's 3.21). The
+  accumulated SGD step equals the whole batch's step. A micro-batch with no known label adds
+  nothing."""
+  import jax
+  import numpy as np
+  import optax
+  sys.path.insert(0, str(ROOT / "tests"))
+  import helpers
+  from medvqa_jax.models import amif
+  from medvqa_jax.train import sharding, step as step_lib
+
+  config = helpers.tiny_config()
+  config.model.dropout = 0.0
+  config.model.update(head="classifier", num_answers=11)
+  model, params = amif.create(config)
+  rng = np.random.default_rng(0)
+  n, q = 8, 10
+  data = dict(images=rng.integers(0, 256, (n, 32, 32, 3)).astype(np.uint8),
+              input_ids=rng.integers(1000, 5000, (n, q)).astype(np.int32),
+              attention_mask=np.ones((n, q), np.int32))
+  objective = step_lib.finetune_objective(
+      model, np.arange(2000, 2016, dtype=np.int32), np.ones(16, np.int32))
+  tx = optax.sgd(1.0)
+  mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
+  shardings = step_lib.state_shardings(mesh, params, tx)
+
+  def step(labels, accum):
+    state = step_lib.init_state(params, tx, shardings)
+    train_step = step_lib.make_train_step(objective, tx, shardings, accum)
+    state, metrics = train_step(state, {**data, "labels": np.asarray(labels, np.int32)},
+                                jax.random.PRNGKey(0))
+    update = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), state["params"], params)
+    return jax.device_get(metrics), update
+
+  def assert_same(got, want):
+    assert set(got[0]) == {"loss", "grad_norm"}  # The count is not reported.
+    for k in want[0]:
+      np.testing.assert_allclose(got[0][k], want[0][k], rtol=1e-5, err_msg=k)
+    # The updates (the gradients: SGD at rate 1) are differences of parameters of size up to
+    # 1, so they are as exact as float32 rounding there (6e-8): 1e-6.
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+  # Micro-batch i of 2 is rows i, i + 2, ...: rows 0, 2, 4 (micro-batch 0) and 1 known.
+  labels = [3, 7, 5, -1, 10, -1, -1, -1]
+  whole = step(labels, 1)
+  assert_same(step(labels, 2), whole)
+  # The same data through the plain mean of the two micro-batch means: another step.
+  known = np.array(labels) >= 0
+  plain = [float(objective(params, {**{k: v[i::2] for k, v in data.items()},
+                                    "labels": np.array(labels[i::2], np.int32)},
+                           jax.random.PRNGKey(0))[0]) for i in (0, 1)]
+  assert abs(np.mean(plain) - whole[0]["loss"]) > 1e-2, (plain, whole[0]["loss"])
+  assert known[0::2].sum() == 3 and known[1::2].sum() == 1
+  # All known labels in one micro-batch: the other, with none, adds nothing.
+  labels = [3, -1, 5, -1, 10, -1, 2, -1]
+  assert_same(step(labels, 2), step(labels, 1))
