@@ -34,6 +34,33 @@ def progress(label: str, enabled: bool = True, stream=None, every_s: float = 10.
   return report
 
 
+def _drop_records_after(path: Path, step: int) -> int:
+  """Drops from the records file the records of steps after `step`, and a last line cut
+  short by a kill; the number dropped. A run resumed from the checkpoint of `step` takes the
+  later steps again, and would otherwise record them twice. Replaced atomically: a kill
+  during the rewrite leaves the old file."""
+  if not path.exists():
+    return 0
+  text = path.read_text()
+  lines = text.splitlines(keepends=True)
+  kept = []
+  for line in lines:
+    if not line.endswith("\n"):
+      continue  # The last line, cut short.
+    try:
+      later = json.loads(line)["step"] > step
+    except (ValueError, KeyError, TypeError):
+      later = False  # Not a record of ours: kept as it is.
+    if not later:
+      kept.append(line)
+  if len(kept) == len(lines):
+    return 0
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(kept))
+  tmp.replace(path)
+  return len(lines) - len(kept)
+
+
 class Reporter:
 
   def __init__(self, workdir, *, total_steps: int, start_step: int, batch_size: int,
@@ -49,14 +76,20 @@ class Reporter:
       return
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    dropped = _drop_records_after(workdir / "metrics.jsonl", start_step)
     self._jsonl = open(workdir / "metrics.jsonl", "a")
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+      # purge_step: TensorBoard discards the events of the steps a resumed run takes again.
+      self._tb = SummaryWriter(str(workdir / "tensorboard"),
+                               purge_step=start_step + 1 if start_step else None)
     if getattr(self.stream, "isatty", lambda: False)():
       from tqdm import tqdm
       self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=self.stream,
                        dynamic_ncols=True)
+    if dropped:
+      self.message(f"metrics.jsonl: dropped {dropped} record(s) of the steps after {start_step} "
+                   "(written after that checkpoint; the resumed run takes those steps again)")
 
   def exclude(self, seconds: float):
     """Time spent between steps on other work (validation, checkpoints): not training, so
@@ -88,12 +121,14 @@ class Reporter:
           self._tb.add_scalar(f"train/{k}", v, step)
     eta = (self.total - step) * self.batch / rate if rate > 0 else float("nan")
     loss = metrics.get("loss", float("nan"))
+    # The first step reported has no rate yet (it starts the clock): "?" until the second.
+    shown = f"{rate:.1f}" if math.isfinite(rate) else "?"
     if self._bar is not None:
       self._bar.n = step
-      self._bar.set_postfix_str(f"loss {loss:.4f} {rate:.0f} samples/s", refresh=False)
+      self._bar.set_postfix_str(f"loss {loss:.4f} {shown} samples/s", refresh=False)
       self._bar.refresh()
     elif step % self.log_every == 0 or step == self.total:
-      print(f"step {step}/{self.total}  loss {loss:.4f}  {rate:.1f} samples/s  "
+      print(f"step {step}/{self.total}  loss {loss:.4f}  {shown} samples/s  "
             f"eta {_fmt_time(eta)}", file=self.stream, flush=True)
 
   def eval(self, step: int, metrics: dict, prefix: str = "val"):

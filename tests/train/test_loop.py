@@ -156,6 +156,10 @@ def test_sigkill_and_resume_give_the_same_run(straight, tmp_path, data_dir):
   assert first.exists(), proc.stderr.read()[-3000:]
   done = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert done and done[-1] < STEPS, "the run finished before it was killed"
+  # What the killed run recorded after its last checkpoint (plus a line cut short), taken
+  # again by the resumed run: recorded once.
+  with (workdir / "metrics.jsonl").open("a") as f:
+    f.write(json.dumps({"step": done[-1] + 1, "loss": -1.0}) + '\n{"step": 9')
   # What a save killed half-way leaves behind: never read as a checkpoint.
   half = workdir / "checkpoints" / f"{STEPS}.orbax-checkpoint-tmp-1234567"
   (half / "state").mkdir(parents=True)
@@ -171,6 +175,14 @@ def test_sigkill_and_resume_give_the_same_run(straight, tmp_path, data_dir):
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   assert _metrics(workdir) == _metrics(straight_dir)
+  assert _records(workdir) == _records(straight_dir)
+
+
+def _records(workdir) -> list:
+  """metrics.jsonl without its timings."""
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [{k: v for k, v in r.items() if k != "samples_per_s" and not k.endswith("seconds")}
+          for r in records]
 
 
 def _children(pid: int) -> list[int]:

@@ -2,6 +2,7 @@
 
 import io
 import json
+import struct
 
 from medvqa_jax.train import observe
 
@@ -42,3 +43,53 @@ def test_training_rate_leaves_out_validation_and_checkpoint_time(tmp_path, monke
            if "samples_per_s" in r]
   assert rates == [4.0, 4.0]  # Was 16 / 34 s = 0.47 after the validation.
   assert out.getvalue().splitlines()[-1] == "step 3/4  loss 1.0000  4.0 samples/s  eta 0m02s"
+  first = io.StringIO()
+  observe.Reporter(tmp_path / "one", total_steps=1, start_step=0, batch_size=8,
+                   tensorboard=False, stream=first).step(1, {"loss": 2.0})
+  assert first.getvalue() == "step 1/1  loss 2.0000  ? samples/s  eta ?\n"  # Was "nan".
+
+
+def test_a_resumed_run_records_the_steps_it_takes_again_once(tmp_path):
+  """A run killed after its checkpoint of step 2 had recorded steps 3 and 4 (and half a line
+  of step 5); resumed from step 2, it takes them again: the records of steps after 2 are
+  dropped first, so each step is recorded once, and TensorBoard purges them likewise."""
+  from tensorboardX.proto.event_pb2 import SessionLog
+  path = tmp_path / "metrics.jsonl"
+  old = [{"step": s, "loss": 10.0 + s} for s in (1, 2, 3, 4)] + [{"step": 2, "val_acc": 0.5}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in old) + '{"step": 5, "lo')
+  before = path.read_text()
+  out = io.StringIO()
+  reporter = observe.Reporter(tmp_path, total_steps=6, start_step=2, batch_size=8,
+                              tensorboard=True, stream=out)
+  assert "dropped 3 record(s) of the steps after 2" in out.getvalue()
+  for s in (3, 4, 5, 6):
+    reporter.step(s, {"loss": float(s)})
+  reporter.close()
+  records = [json.loads(line) for line in path.read_text().splitlines()]
+  assert [(r["step"], r.get("loss", r.get("val_acc"))) for r in records] == [
+      (1, 11.0), (2, 12.0), (2, 0.5), (3, 3.0), (4, 4.0), (5, 5.0), (6, 6.0)]
+  # A fresh run (step 0) and a resume with nothing after its step leave the file alone.
+  path.write_text(before.rsplit("\n", 1)[0] + "\n")
+  kept = path.read_text()
+  observe.Reporter(tmp_path, total_steps=6, start_step=4, batch_size=8,
+                   tensorboard=False, stream=io.StringIO()).close()
+  assert path.read_text() == kept
+  assert not list(tmp_path.glob("*.tmp"))
+  # The TensorBoard events of the resumed run start with a restart at step 3: TensorBoard
+  # discards the earlier events of steps >= 3.
+  (events,) = (tmp_path / "tensorboard").glob("events.*")
+  starts = [e.step for e in _events(events)
+            if e.HasField("session_log") and e.session_log.status == SessionLog.START]
+  assert starts == [3]
+
+
+def _events(path):
+  """The Event protos of a TensorBoard events file (records: length, its CRC, the data, its
+  CRC)."""
+  from tensorboardX.proto.event_pb2 import Event
+  data, at, out = path.read_bytes(), 0, []
+  while at < len(data):
+    (n,) = struct.unpack("<Q", data[at:at + 8])
+    out.append(Event.FromString(data[at + 12:at + 12 + n]))
+    at += 12 + n + 4
+  return out
