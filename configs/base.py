@@ -114,7 +114,8 @@ def get_config(arg=None):
       # passes over the training split (0 or unset: optim.total_steps). init_from: another
       # run (its workdir or checkpoints folder: its best-on-validation step; or one step
       # folder) whose params matching init_params (regex) start this run (not a resumed one).
-      # fsdp: ways of parameter sharding (1: pure data parallel).
+      # fsdp: ways of parameter sharding (1: pure data parallel) of the arrays of at least
+      # fsdp_min_size elements whose path matches an fsdp_rules regex.
       train=dict(workdir=unset(str), batch_size=32, accum_steps=1, epochs=unset(int),
                  log_every=10, eval_every=500, save_every=500, keep=2, eval_batch_size=64,
                  fsdp=1, fsdp_rules=(".*",), fsdp_min_size=2 ** 14, init_from=unset(str),

@@ -53,7 +53,10 @@ def workdir_of(config, workdir=None) -> Path:
   if not workdir:
     raise ValueError("the config names no work folder for checkpoints and logs: set "
                      "--config.train.workdir=/path/to/run")
-  return Path(workdir)
+  workdir = Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"the work folder {workdir} (train.workdir) is a file, not a folder")
+  return workdir
 
 
 def total_steps(config, num_train: int) -> int:
@@ -231,6 +234,25 @@ def data_identity(splits, batch_size: int) -> dict:
   return {**counts, "ids_sha1": digest.hexdigest(), "batch_size": int(batch_size)}
 
 
+def check_patterns(config) -> None:
+  """Refuses a parameter-path rule that is not a regular expression (or an lr_mults entry
+  that is not a (regex, multiplier) pair), naming the field, before anything runs."""
+  rules = config.optim.lr_mults
+  pairs = [r for r in rules if not (isinstance(r, (tuple, list)) and len(r) == 2
+                                    and isinstance(r[1], (int, float)))]
+  if pairs:
+    raise ValueError(f"optim.lr_mults: {pairs} are not (path regex, multiplier) pairs, e.g. "
+                     "((\"image/.*\", 0.0),)")
+  fields = ([("optim.lr_mults", p) for p, _ in rules] +
+            [("train.init_params", config.train.init_params)] +
+            [("train.fsdp_rules", p) for p in config.train.fsdp_rules])
+  for field, pattern in fields:
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      raise ValueError(f"{field}: {pattern!r} is not a regular expression ({e})") from None
+
+
 def train(config, workdir=None, stream=None) -> dict:
   """Runs (or resumes) the run of `config`; returns the test metrics of a fine-tuning run
   ({} for a pre-training run: its validation metrics are in metrics.jsonl and the run
@@ -243,6 +265,7 @@ def train(config, workdir=None, stream=None) -> dict:
                                           "eval_batch_size", "fsdp") if tc[k] < 1]
   if small:
     raise ValueError(f"{', '.join(small)}: must be 1 or more")
+  check_patterns(config)
   mesh = sharding.make_mesh(tc.fsdp)
   step_lib.check_batch(config, tc.batch_size, jax.device_count())
   if not finetune:

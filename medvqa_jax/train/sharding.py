@@ -28,11 +28,26 @@ def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
               axis_types=(AxisType.Auto, AxisType.Auto))
 
 
+def _rule_matches(pattern: str, path: str) -> bool:
+  # A rule names parameter paths; optimizer-state paths end with their parameter's path.
+  return re.fullmatch(f"(?:.*/)?(?:{pattern})", path) is not None
+
+
+def check_rules(params, rules) -> None:
+  """Refuses FSDP rules (train.fsdp_rules) that match no parameter path of `params`: a
+  misspelt rule would otherwise leave its parameters replicated, silently."""
+  paths = [_path(keys) for keys, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  unused = [r for r in rules if not any(_rule_matches(r, p) for p in paths)]
+  if unused:
+    tops = sorted({p.split("/")[0] for p in paths})
+    raise ValueError(f"train.fsdp_rules: {unused} match no parameter path; paths start with "
+                     f"{tops} (e.g. {paths[0]!r}) and a rule must match a whole path or its end")
+
+
 def param_spec(path: str, shape, fsdp_size: int, rules, min_size: int) -> P:
   if fsdp_size == 1 or int(np.prod(shape)) < min_size:
     return P()
-  # A rule names parameter paths; optimizer-state paths end with their parameter's path.
-  if not any(re.fullmatch(f"(?:.*/)?(?:{pattern})", path) for pattern in rules):
+  if not any(_rule_matches(pattern, path) for pattern in rules):
     return P()
   dims = sorted(range(len(shape)), key=lambda d: -shape[d])
   for d in dims:

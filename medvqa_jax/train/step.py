@@ -53,6 +53,7 @@ def finetune_objective(model: AMiF, prior_ids, prior_mask) -> Callable:
 
 def state_shardings(mesh, params, tx, rules=(".*",), min_size: int = 2 ** 14):
   shapes = jax.eval_shape(lambda p: p, params)
+  sharding.check_rules(shapes, rules)
   opt_shapes = jax.eval_shape(tx.init, shapes)
   return {"params": sharding.param_shardings(mesh, shapes, rules, min_size),
           "opt_state": sharding.param_shardings(mesh, opt_shapes, rules, min_size),

@@ -61,15 +61,32 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
     loop.train(bad)
   # So are counts below 1 (a zero save_every was a ZeroDivisionError after the first step,
   # a zero batch a grain traceback, both with the run folder written).
-  for field, value, message in (("save_every", 0, r"train.save_every=0: must be 1 or more"),
-                                ("fsdp", 0, r"train.fsdp=0: must be 1 or more"),
-                                ("batch_size", 0, r"the batch size \(0\) and train.accum_steps"),
-                                ("accum_steps", -2, r"train.accum_steps \(-2\) must be 1")):
+  # And so are parameter-path rules that are not regular expressions (an re.error traceback
+  # before), or FSDP rules that match no parameter (their parameters were left replicated).
+  for field, value, message in (
+      ("train.save_every", 0, r"train.save_every=0: must be 1 or more"),
+      ("train.fsdp", 0, r"train.fsdp=0: must be 1 or more"),
+      ("train.batch_size", 0, r"the batch size \(0\) and train.accum_steps"),
+      ("train.accum_steps", -2, r"train.accum_steps \(-2\) must be 1"),
+      ("optim.lr_mults", (("image/(.*", 0.0),),
+       r"optim.lr_mults: 'image/\(\.\*' is not a regular expression \(missing \)"),
+      ("optim.lr_mults", (("image/.*",),), r"optim.lr_mults: \[\('image/\.\*',\)\] are not "
+       r"\(path regex, multiplier\) pairs"),
+      ("train.init_params", "text/[", r"train.init_params: 'text/\[' is not a regular expr"),
+      ("train.fsdp_rules", ("*",), r"train.fsdp_rules: '\*' is not a regular expression"),
+      ("train.fsdp_rules", (".*kernel", "vit/.*"),
+       r"train.fsdp_rules: \['vit/\.\*'\] match no parameter path; paths start with \[")):
     bad = config.copy_and_resolve_references()
-    bad.train[field] = value
+    section, name = field.split(".")
+    bad[section][name] = value
     with pytest.raises(ValueError, match=message):
       loop.train(bad)
   assert not (tmp_path / "run").exists()
+  # A work folder that is a file is named as such, and left as it was.
+  (tmp_path / "file").write_text("notes")
+  with pytest.raises(ValueError, match=r"the work folder .*file \(train.workdir\) is a file"):
+    loop.train(config, workdir=tmp_path / "file")
+  assert (tmp_path / "file").read_text() == "notes"
   model, _, loaded = amif.initializer(config)
   assert "text" in loaded and "decoder" in loaded  # Both read from the checkpoint.
   metrics = loop.train(config)
