@@ -136,6 +136,27 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
   return argv[:at] + [f"--config={found}{sep}{arg}"] + argv[at + 1:]
 
 
+def _check_config_arg(argv: list[str]) -> None:
+  """Refuses a --config=FILE:ARG whose ARG the config's get_config refuses (an unknown tower
+  preset, a misspelt key), with its message: absl reports it as a FATAL flag-parsing error
+  with a traceback."""
+  import importlib.util
+  spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
+  path, _, arg = spec.partition(":")
+  if not arg or not Path(path).is_file():
+    return
+  module_spec = importlib.util.spec_from_file_location("_config_arg", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception:  # The file itself is broken: absl's own error says more.
+    return
+  try:
+    module.get_config(arg)
+  except ValueError as e:
+    raise ValueError(f"--config={spec}: {e}") from None
+
+
 def _urls() -> list[str]:
   """The flags and config fields given a URL (gs://..., s3://...). Every path the commands
   read or write is a file path: a bucket must be mounted (e.g. with gcsfuse)."""
@@ -188,7 +209,8 @@ def run(main):
   started = []
   try:
     sys.argv = _resolve_config_path(sys.argv)
-  except FileNotFoundError as e:
+    _check_config_arg(sys.argv)
+  except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
