@@ -104,6 +104,10 @@ def batches(source, *, kind: str, tokenizer, image_size: int, global_batch: int,
   # position (grain evaluates lazily: a host decodes only its own rows).
   ds = ds.random_map(fn) if augmentation != "test" else ds.map(fn)
   per_host = global_batch // process_count
+  if process_count > 1 and not repeat and len(source) % global_batch:
+    # A last partial global batch has no host split that every host can batch alike.
+    raise ValueError(f"{len(source)} examples are not whole batches of {global_batch}: on "
+                     f"{process_count} hosts a single pass reads whole global batches only")
   if process_count > 1:
     ds = grain.MapDataset.source(_HostRows(ds, global_batch, process_index, process_count))
   return ds.batch(per_host, drop_remainder=repeat)

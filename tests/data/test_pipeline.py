@@ -76,6 +76,15 @@ def test_host_shards_are_disjoint_and_make_the_global_batch(source, tokenizer):
       assert np.array_equal(joined, whole[step][k]), k
   with pytest.raises(ValueError, match="not divisible"):
     _batches(source, tokenizer, process_count=3)
+  # One pass (repeat=False) over 36 examples: whole batches on one host, the last one short;
+  # on two hosts that short batch has no split every host can batch alike: refused, rather
+  # than its examples silently left out.
+  from medvqa_jax.data import splits
+  part = splits.Subset(source, range(36))
+  assert [len(b["id"]) for b in _batches(part, tokenizer, shuffle=False, repeat=False)] == [
+      8, 8, 8, 8, 4]
+  with pytest.raises(ValueError, match="36 examples are not whole batches of 8: on 2 hosts"):
+    _batches(part, tokenizer, shuffle=False, repeat=False, process_count=2)
 
 
 def test_batch_contents(source, tokenizer):
