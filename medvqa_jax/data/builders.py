@@ -34,6 +34,8 @@ VERSION = "1.0.0"
 CAPTION_VERSION = "1.1.0"
 # 1.1.0: PathVQA's image ids are digests of the stored image (one picture, one id).
 PATHVQA_VERSION = "1.1.0"
+# 1.1.0: VQA-RAD's question types cleaned (case, misspellings, order of two types).
+VQA_RAD_VERSION = "1.1.0"
 
 
 class DataError(ValueError):
@@ -253,6 +255,7 @@ class _CaptionBuilder(_Builder):
 class VqaRad(_VqaBuilder):
   name = "vqa_rad"
   reader = sources.vqa_rad
+  VERSION = tfds.core.Version(VQA_RAD_VERSION)
 
 
 class Slake(_VqaBuilder):

@@ -94,12 +94,23 @@ def _records(path: Path, rows, make: Callable, keep: Callable | None = None) -> 
 
 # ---- VQA-RAD ------------------------------------------------------------------------------
 
+# VQA-RAD's annotators' question types, with the release's variants of one type made one:
+# case ("Other"), two misspellings ("ATRIB", "PRSE", in the training split) and the order
+# of a question's two types ("PRES, POS" and "POS, PRES", in both splits).
+_RAD_MISSPELT = {"ATRIB": "ATTRIB", "PRSE": "PRES"}
+
+
+def _rad_question_type(value) -> str:
+  parts = {p.strip().upper() for p in str(value or "").split(",")} - {""}
+  return ", ".join(sorted(_RAD_MISSPELT.get(p, p) for p in parts))
+
+
 def vqa_rad(source_dir: Path) -> dict:
   """The MEVF split (trainset.json, testset.json, images/) or the original public release
   (VQA_RAD Dataset Public.json, VQA_RAD Image Folder/; test = phrase_type "test*")."""
   make = lambda folder: lambda r, where: _vqa(
       r["qid"], str(folder / r["image_name"]), r["image_name"], r["question"], r["answer"],
-      r.get("answer_type"), r.get("question_type"), where)
+      r.get("answer_type"), _rad_question_type(r.get("question_type")), where)
   if (source_dir / "trainset.json").exists():
     images = source_dir / "images"
     return {split: _records(p, _load_json(p), make(images))

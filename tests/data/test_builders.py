@@ -244,7 +244,7 @@ def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path):
   src, rows = _vqa_source(tmp_path, n=8)
   _write(src, rows, rows[:2])
   out = tmp_path / "out"
-  killed = out / "vqa_rad" / "incomplete.ABC123_1.0.0"  # What a killed build leaves.
+  killed = out / "vqa_rad" / "incomplete.ABC123_1.1.0"  # What a killed build leaves.
   killed.mkdir(parents=True)
   (killed / "vqa_rad-train.array_record-00000-of-00001").write_bytes(b"partial")
   folder = builders.build("vqa_rad", src, out, max_side=16)
@@ -306,7 +306,7 @@ def test_real_vqa_rad_build_and_summary(tmp_path):
                           f"--source_dir={DATA / 'vqa_rad'}", f"--data_dir={tmp_path}"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert again.returncode == 1 and "Traceback" not in again.stderr
-  assert again.stderr.startswith(f"error: vqa_rad is already built in {tmp_path}/vqa_rad/1.0.0 "
+  assert again.stderr.startswith(f"error: vqa_rad is already built in {tmp_path}/vqa_rad/1.1.0 "
                                  "with other options: max_side 64 (asked: 512)")
 
 

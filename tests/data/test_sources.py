@@ -27,6 +27,16 @@ def test_vqa_rad_mevf_split():
   assert Counter(r["answer_type"] for r in test) == {"CLOSED": 272, "OPEN": 179}
   assert len({r["id"] for r in train + test}) == 3515  # Ids are unique across splits.
   assert all(Path(r["image"]).exists() for r in train[:50])
+  # The question types as annotated, their variants made one: the release also has "Other",
+  # "ATRIB", "PRSE" (training split) and both orders of a question's two types.
+  kinds = {"ABN", "ATTRIB", "COLOR", "COUNT", "MODALITY", "ORGAN", "OTHER", "PLANE", "POS",
+           "PRES", "SIZE"}
+  types = Counter(r["question_type"] for r in train + test)
+  assert {t for t in types if ", " not in t} == kinds
+  pairs = [t.split(", ") for t in types if ", " in t]
+  assert pairs and all(p == sorted(p) and set(p) <= kinds for p in pairs), pairs
+  assert types["OTHER"] == 169 + 2 + 26 and types["PRES"] == 1214 + 2 + 163
+  assert types["POS, PRES"] == 6 + 5 + 2 + 1
 
 
 def test_slake_english():
