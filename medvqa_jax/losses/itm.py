@@ -2,37 +2,64 @@
 
 For image i a negative text j != i is drawn with probability proportional to
 exp(sim(i, j) / tau) (never the positive; defined for negative similarities too, unlike
-sampling on raw cosines); optionally a negative image per text likewise. Indices are global:
-the arrays are the global batch, whatever the device layout. The sampled pairs are scored by
-the model with the negative's own tokens and attention mask.
+sampling on raw cosines); optionally a negative image per text likewise. An example whose
+caption is the same as i's (a corpus repeats short captions) is not drawn either: its text
+matches image i, and its embedding, equal to the positive's, would be drawn first. Indices
+are global: the arrays are the global batch, whatever the device layout. The sampled pairs
+are scored by the model with the negative's own tokens and attention mask.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from medvqa_jax.losses import contrastive
 
 
-def sample_negatives(key, sim, temperature):
-  """For each row i of `sim` (N, N), one column j != i drawn with p ∝ exp(sim[i, j] / tau)."""
+def caption_keys(input_ids, attention_mask):
+  """(N,) uint32: one key per caption, equal for equal token sequences (a polynomial hash of
+  the real tokens modulo 2**32; two different captions share a key with probability about
+  2**-32, which would only leave a pair out of the negatives). Computed per example, so
+  under data parallelism only the keys, not the tokens, are gathered."""
+  weights = np.ones(input_ids.shape[-1], np.uint64)
+  for k in range(1, len(weights)):
+    weights[k] = weights[k - 1] * 1_000_003 % 2 ** 32
+  tokens = jnp.where(attention_mask > 0, input_ids + 1, 0).astype(jnp.uint32)
+  return jnp.sum(tokens * jnp.asarray(weights.astype(np.uint32)), axis=-1, dtype=jnp.uint32)
+
+
+def sample_negatives(key, sim, temperature, same=None):
+  """For each row i of `sim` (N, N), one column j != i drawn with p ∝ exp(sim[i, j] / tau).
+  same: (N, N) bool, True where j may not be i's negative (its caption is i's); a row with
+  every column excluded falls back to every j != i."""
   logits = jax.lax.stop_gradient(sim.astype(jnp.float32)) / temperature
-  logits = jnp.where(jnp.eye(sim.shape[0], dtype=bool), -jnp.inf, logits)
+  eye = jnp.eye(sim.shape[0], dtype=bool)
+  if same is not None:
+    excluded = same | eye
+    excluded = jnp.where(jnp.all(excluded, axis=-1, keepdims=True), eye, excluded)
+  else:
+    excluded = eye
+  logits = jnp.where(excluded, -jnp.inf, logits)
   return jax.random.categorical(key, logits, axis=-1)
 
 
-def hard_negative_pairs(key, image_embed, text_embed, temperature, negative_images=False):
+def hard_negative_pairs(key, image_embed, text_embed, temperature, negative_images=False,
+                        captions=None):
   """(text_idx, image_idx) of the negative pairs, and their count. First a negative text for
-  every image, then (with `negative_images`) a negative image for every text."""
+  every image, then (with `negative_images`) a negative image for every text. captions: (N,)
+  keys (`caption_keys`) of the examples' captions: examples of the same caption are not
+  each other's negatives."""
   sim = contrastive.similarity(image_embed, text_embed)  # image x text
   n = sim.shape[0]
+  same = None if captions is None else captions[:, None] == captions[None, :]
   k_text, k_image = jax.random.split(key)
-  text_idx = [sample_negatives(k_text, sim, temperature)]
+  text_idx = [sample_negatives(k_text, sim, temperature, same)]
   image_idx = [jnp.arange(n)]
   if negative_images:
     text_idx.append(jnp.arange(n))
-    image_idx.append(sample_negatives(k_image, sim.T, temperature))
+    image_idx.append(sample_negatives(k_image, sim.T, temperature, same))
   return jnp.concatenate(text_idx), jnp.concatenate(image_idx)
 
 

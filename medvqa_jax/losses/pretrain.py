@@ -43,9 +43,10 @@ def pretrain_terms(model: AMiF, params, batch: dict, key, cfg, train: bool = Tru
   k_itm, k_drop = jax.random.split(key) if key is not None else (None, None)
   pairs = None
   if weights.get("itm", 0) > 0:
+    captions = itm.caption_keys(batch["input_ids"], batch["attention_mask"])
     pairs = lambda out: itm.hard_negative_pairs(
         k_itm, out["image_embed"], out["text_embed"], out["temperature"]["itgc"],
-        cfg.itm.negative_images)
+        cfg.itm.negative_images, captions)
   # The second view is encoded only when its loss counts.
   images2 = (device_augment.views(batch, "images2", "blur2")
              if "images2" in batch and weights.get("imvc", 0) > 0 else None)

@@ -75,3 +75,59 @@ def test_negative_images_follow_the_texts_similarity_to_every_image():
   for j in range(n):  # Negative images of text j (column j).
     freq = np.bincount(i_idx[:, n + j], minlength=n) / draws
     np.testing.assert_allclose(freq, cols[j], atol=0.015, err_msg=f"text {j}")
+
+
+def test_caption_keys_tell_captions_apart_by_their_real_tokens():
+  ids = np.array([[101, 7, 8, 102, 0], [101, 7, 8, 102, 0], [101, 8, 7, 102, 0],
+                  [101, 7, 8, 102, 9], [101, 7, 8, 0, 0]], np.int32)
+  mask = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0],
+                   [1, 1, 1, 0, 0]], np.int32)
+  keys = np.asarray(jax.jit(itm.caption_keys)(ids, mask))
+  assert keys.dtype == np.uint32
+  assert keys[0] == keys[1]  # The same caption,
+  assert keys[3] == keys[0]  # also where a padded position holds another id;
+  assert len({int(keys[0]), int(keys[2]), int(keys[4])}) == 3  # order and length count.
+  # 2,000 different random captions of 77 tokens: no two share a key.
+  rng = np.random.default_rng(0)
+  many = rng.integers(1000, 30000, (2000, 77)).astype(np.int32)
+  assert len(set(np.asarray(itm.caption_keys(many, np.ones_like(many))).tolist())) == 2000
+
+
+def test_examples_of_the_same_caption_are_not_each_others_negatives():
+  """Captions 0, 2 and 4 are the same (a corpus repeats short captions): their texts match
+  each other's images, and their embeddings, equal, would be drawn before any other. None is
+  drawn for another; the rest follow the similarity, renormalised over what is left. A row
+  whose every other example has its caption falls back to them all."""
+  rng = np.random.default_rng(3)
+  n, tau, draws = 6, 0.2, 20000
+  unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+  text = unit(rng.normal(size=(n, 8)))
+  text[2] = text[4] = text[0]  # Same caption, same text embedding.
+  image = unit(text + 0.5 * rng.normal(size=(n, 8)))  # Each image near its own text.
+  captions = np.array([5, 1, 5, 2, 5, 3], np.uint32)
+  same = captions[:, None] == captions[None, :]
+  sim = image.astype(np.float64) @ text.T.astype(np.float64)
+  t_idx, i_idx = jax.vmap(lambda k: itm.hard_negative_pairs(k, image, text, tau, True,
+                                                            captions))(
+      jax.random.split(jax.random.PRNGKey(7), draws))
+  t_idx, i_idx = np.asarray(t_idx), np.asarray(i_idx)
+
+  def expected(row, excluded):
+    p = np.where(excluded, 0.0, np.exp(row / tau))
+    return p / p.sum()
+
+  for i in range(n):  # Negative texts of image i, then negative images of text i.
+    for got, row in ((t_idx[:, i], sim[i]), (i_idx[:, n + i], sim[:, i])):
+      freq = np.bincount(got, minlength=n) / draws
+      assert not freq[same[i]].any(), (i, freq)
+      np.testing.assert_allclose(freq, expected(row, same[i]), atol=0.015, err_msg=str(i))
+  # Without the captions, image 0 draws text 2 or 4 (its own text's twins) most of the time.
+  plain = np.asarray(jax.vmap(lambda k: itm.hard_negative_pairs(k, image, text, tau)[0])(
+      jax.random.split(jax.random.PRNGKey(7), 2000)))
+  assert np.isin(plain[:, 0], [2, 4]).mean() > 0.5  # Measured: 0.89.
+  # Every caption the same: any other example, as without the captions.
+  alike = np.asarray(jax.vmap(lambda k: itm.sample_negatives(k, sim, tau, np.ones((n, n), bool)))(
+      jax.random.split(jax.random.PRNGKey(8), 4000)))
+  for i in range(n):
+    freq = np.bincount(alike[:, i], minlength=n) / 4000
+    np.testing.assert_allclose(freq, expected(sim[i], np.arange(n) == i), atol=0.03)
