@@ -217,6 +217,20 @@ def training_splits(config) -> tuple[dict, list | None, str]:
   return splits, answers, protocol
 
 
+def selection_note(tc, steps: int) -> str | None:
+  """A note when some checkpoints will have no validation to choose by: the best checkpoint
+  is chosen among the steps both saved and validated (every lcm(save_every, eval_every) and
+  the last), so a save_every that is not a multiple of eval_every leaves the others out."""
+  save, every = tc.save_every, tc.eval_every
+  if save % every == 0 or save >= steps:  # Every saved step is validated.
+    return None
+  both = math.lcm(save, every)
+  when = f"every {both} steps and the last" if both < steps else "the last step only"
+  return (f"note: train.save_every={save} is not a multiple of train.eval_every={every}: "
+          f"the best checkpoint is chosen among the steps both saved and validated ({when}); "
+          "the other validations go to the logs only")
+
+
 def _print(text: str):
   if jax.process_index() == 0:
     print(text, flush=True)
@@ -410,6 +424,9 @@ def train(config, workdir=None, stream=None) -> dict:
          + (f", {len(answers)} answers ({protocol})" if finetune else "")
          + (f", validating on {pretrain_validator.examples} held-out examples"
             if pretrain_validator else ""))
+  note = selection_note(tc, steps) if "val" in splits else None
+  if note:
+    _print(note)
   if start >= steps:
     _print(f"the run is complete (step {start} of {steps})"
            + ("; evaluating its best-on-validation checkpoint on test" if finetune else ""))

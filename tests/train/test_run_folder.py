@@ -123,3 +123,17 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
   with pytest.raises(ValueError, match="model.head='generative', but the config given says "
                                        "'classifier'"):
     run_lib.restore(moved, config=other)
+
+
+def test_a_schedule_that_saves_steps_it_does_not_validate_is_noted():
+  """The best checkpoint is chosen among the steps both saved and validated: with save_every
+  not a multiple of eval_every, the run says which steps those are."""
+  from ml_collections import ConfigDict
+  tc = lambda save, every: ConfigDict(dict(save_every=save, eval_every=every))
+  assert loop.selection_note(tc(500, 100), 2000) is None  # Every save is validated.
+  assert loop.selection_note(tc(500, 300), 500) is None   # Only the last step is saved.
+  assert loop.selection_note(tc(500, 300), 4000) == (
+      "note: train.save_every=500 is not a multiple of train.eval_every=300: the best "
+      "checkpoint is chosen among the steps both saved and validated (every 1500 steps and "
+      "the last); the other validations go to the logs only")
+  assert "(the last step only)" in loop.selection_note(tc(500, 300), 1200)
