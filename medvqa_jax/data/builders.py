@@ -36,6 +36,8 @@ CAPTION_VERSION = "1.1.0"
 PATHVQA_VERSION = "1.1.0"
 # 1.1.0: VQA-RAD's question types cleaned (case, misspellings, order of two types).
 VQA_RAD_VERSION = "1.1.0"
+# 1.1.0: VQA-Med-2019's test answers also without their optional "(...)" parts.
+VQA_MED_VERSION = "1.1.0"
 
 
 class DataError(ValueError):
@@ -276,6 +278,7 @@ class PathVqa(_VqaBuilder):
 class VqaMed2019(_VqaBuilder):
   name = "vqa_med_2019"
   reader = sources.vqa_med_2019
+  VERSION = tfds.core.Version(VQA_MED_VERSION)
 
 
 class Roco(_CaptionBuilder):

@@ -16,6 +16,7 @@ import dataclasses
 import io
 import json
 import pickle
+import re
 from pathlib import Path, PureWindowsPath
 from typing import Callable
 
@@ -248,10 +249,26 @@ def _lines(path: Path):
       yield n, line.rstrip("\r")
 
 
+_OPTIONAL = re.compile(r"\([^()]*\)")
+
+
+def with_optional_parts(answers: list[str]) -> list[str]:
+  """The VQA-Med-2019 test references' alternatives, each followed by its form without its
+  "(...)" parts: the test set's README marks an optional part that way ("ct w/contrast (iv)":
+  "ct w/contrast" is correct too). The full answer stays first (the one a closed-set
+  vocabulary takes)."""
+  out = []
+  for a in answers:
+    a, short = a.strip(), " ".join(_OPTIONAL.sub(" ", a).split())
+    out += [x for x in dict.fromkeys((a, short)) if x and x not in out]
+  return out
+
+
 def vqa_med_2019(source_dir: Path) -> dict:
   """ImageCLEF VQA-Med 2019: All_QA_Pairs_{train,val}.txt (id|question|answer) with the
   category from QAPairsByCategory/C{1-4}_*.txt, and the test file id|category|question|answer
-  ("#" separates alternative answers). Splits whose folder is absent are left out."""
+  ("#" separates alternative answers, "(...)" marks an optional part: `with_optional_parts`).
+  Splits whose folder is absent are left out."""
   out = {}
   for split, (folder, qa_name, images) in _VQAMED_SPLITS.items():
     base = source_dir / folder
@@ -290,7 +307,8 @@ def vqa_med_2019(source_dir: Path) -> dict:
         continue
       image_id, cat, question, answer = parts
       records.append(_vqa(f"test-{n}", str(source_dir / folder / images / f"{image_id}.jpg"),
-                          image_id, question, answer.split("#"), "", cat.strip().lower(), where))
+                          image_id, question, with_optional_parts(answer.split("#")), "",
+                          cat.strip().lower(), where))
     out["test"] = records
   if not out:
     raise FileNotFoundError(f"{source_dir}: no VQA-Med-2019 folders found (expected "

@@ -67,7 +67,23 @@ def test_vqa_med_2019():
   assert len(test) == 500
   assert Counter(r["question_type"] for r in test) == {
       "modality": 125, "plane": 125, "organ": 125, "abnormality": 125}
-  multi = [r for r in test if len(r["answers"]) > 1]
-  assert len(multi) == 12  # The 12 references with "#"-separated alternatives.
+  # The 12 references with "#"-separated alternatives and the 20 with an optional "(...)"
+  # part (the test set's README: either form is correct).
+  multi = [r for r in test if "(" not in r["answers"][0] and len(r["answers"]) > 1]
+  assert len(multi) == 12
   first = next(r for r in test if r["image_id"] == "synpic40410")
   assert first["answers"] == ["face, sinuses, and neck", "skull and contents"]
+  optional = [r["answers"] for r in test if "(" in r["answers"][0]]
+  assert len(optional) == 20 and all(len(a) == 2 for a in optional)
+  assert ["ct w/contrast (iv)", "ct w/contrast"] in optional
+  assert ["(angioinvasive aspergillosis with) septic cerebral emboli",
+          "septic cerebral emboli"] in optional
+  assert ["glioblastoma multiforme (gbm, astrocytoma grade 4/iv)",
+          "glioblastoma multiforme"] in optional
+  from medvqa_jax.data import answers
+  assert answers.is_correct("ct w/contrast", ["ct w/contrast (iv)", "ct w/contrast"])
+  assert not answers.is_correct("ct w/contrast", ["ct w/contrast (iv)"])  # Was wrong.
+  assert answers.is_correct("CT w/contrast (IV)", ["ct w/contrast (iv)", "ct w/contrast"])
+  # An answer all in parentheses keeps only its full form; repeats are left out.
+  assert sources.with_optional_parts(["a (b)", "c", "(d) e", "(f)", "a"]) == [
+      "a (b)", "a", "c", "(d) e", "e", "(f)"]
