@@ -1,7 +1,8 @@
 """The frozen soft-label teacher and its embedding cache.
 
 The teacher (any CLIP-like image + text tower pair; BiomedCLIP by default) sees the
-un-augmented image resized to its own resolution and the cleaned caption (`data.text.caption`,
+un-augmented image (as the built dataset stores it) resized to its own resolution and the
+cleaned caption (`data.text.caption`,
 what the student reads), as the reference's teacher does, so its embeddings are fixed per
 example: `launch/cache_teacher.py` computes them once into a cache file keyed by example id,
 and training reads them from there. The cache records a fingerprint of the teacher (its
@@ -31,7 +32,9 @@ from medvqa_jax.models import layers, state_dict
 # 2: captions cleaned and images resized (not cropped) to the teacher's size, as the student's
 # pipeline gives them; caches of format 1 (raw captions, centre crops) are refused.
 # 3: each example's image id, so that a cache made from other images is refused.
-FORMAT_VERSION = 3
+# 4: images embedded as the built dataset stores them (shrunk to max_side, re-encoded), as
+# the online teacher sees them; format 3 embedded the original files.
+FORMAT_VERSION = 4
 
 
 def params_fingerprint(*trees) -> str:
@@ -220,9 +223,10 @@ class TeacherCache:
 def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 64,
                   progress: bool = True, max_side: int | None = None) -> TeacherCache:
   """Embeds every record ({"id", "image", "caption"[, "image2"]}, images as paths or bytes)
-  with the teacher: un-augmented images resized to its resolution, cleaned captions. Each
-  record's image id is its image's digest as a dataset built with `max_side` (the config's
-  data.max_side) stores it, for `TeacherCache.check`."""
+  with the teacher: un-augmented images resized to its resolution, cleaned captions. The
+  images are those a dataset built with `max_side` (the config's data.max_side) stores, as
+  the online teacher sees them; each record's image id is the stored image's digest, for
+  `TeacherCache.check`."""
   from tqdm import tqdm
 
   from medvqa_jax.data import augment, builders
@@ -238,19 +242,29 @@ def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 6
   embed = jax.jit(teacher.embed)
   out = {"image": [], "text": [], "image2": []}
   image_ids = []
+  # The image as the built dataset stores it (shrunk to max_side and re-encoded where the
+  # build did): the pixels the online teacher sees, and the bytes of its image id.
+  def stored(r, key):
+    try:
+      return builders.encode_image(r[key], max_side)
+    except ValueError as e:
+      where = r[key] if isinstance(r[key], (str, Path)) else "image bytes"
+      raise ValueError(f"record {r['id']} ({key} {where}): {e}") from None
+
+  load = lambda data: augment.resize(np.asarray(image_lib.open_image(data)),
+                                     teacher.image_size)
   bar = tqdm(total=len(records), desc="teacher embeddings", unit="ex", disable=not progress)
   for start in range(0, len(records), batch_size):
     chunk = records[start:start + batch_size]
     n = len(chunk)
     pad = batch_size - n if len(records) > batch_size else 0  # One compiled shape.
-    load = lambda r, key: augment.resize(np.asarray(image_lib.open_image(r[key])),
-                                         teacher.image_size)
     try:
-      pixels = np.stack([load(r, "image") for r in chunk] + [load(chunk[0], "image")] * pad)
-      pixels2 = (np.stack([load(r, "image2") for r in chunk] + [load(chunk[0], "image2")] * pad)
-                 if multi_view else None)
-      image_ids += [builders.image_digest(builders.encode_image(r["image"], max_side))
-                    for r in chunk]
+      first = [stored(r, "image") for r in chunk]
+      pixels = np.stack([load(b) for b in first + first[:1] * pad])
+      if multi_view:
+        second = [stored(r, "image2") for r in chunk]
+        pixels2 = np.stack([load(b) for b in second + second[:1] * pad])
+      image_ids += [builders.image_digest(b) for b in first]
     except ValueError as e:
       raise ValueError(f"records {start}..{start + n - 1}: {e}") from None
     captions = [text_lib.caption(r["caption"]) for r in chunk]

@@ -112,14 +112,15 @@ def test_cache_command_and_checks(corpus, demo_config, tmp_path):
   other.teacher.image.arch.depth = 1
   with pytest.raises(ValueError, match="another teacher"):
     cache.check(ids, captions, image_ids, teacher_lib.from_config(other).fingerprint())
-  # A cache of the previous format (no image ids) is refused as such.
+  # A cache of an earlier format (no image ids; the original images) is refused as such.
   with np.load(out) as z:
     arrays = {k: z[k] for k in z.files if k != "image_ids"}
   meta = json.loads(str(arrays["meta"]))
-  arrays["meta"] = np.asarray(json.dumps({**meta, "format": 2}))
-  np.savez(tmp_path / "old.npz", **arrays)
-  with pytest.raises(ValueError, match=r"has format 2, expected 3: rebuild it"):
-    teacher_lib.TeacherCache.load(tmp_path / "old.npz")
+  for old in (2, 3):
+    arrays["meta"] = np.asarray(json.dumps({**meta, "format": old}))
+    np.savez(tmp_path / "old.npz", **arrays)
+    with pytest.raises(ValueError, match=f"has format {old}, expected 4: rebuild it"):
+      teacher_lib.TeacherCache.load(tmp_path / "old.npz")
   arrays["meta"] = np.asarray(json.dumps(meta))  # The format, without its image ids.
   np.savez(tmp_path / "partial.npz", **arrays)
   (tmp_path / "cut.npz").write_bytes(out.read_bytes()[:1000])
@@ -186,6 +187,30 @@ def test_the_cache_holds_what_the_online_teacher_computes(demo_config):
       "teacher_pixels", "teacher_input_ids", "teacher_attention_mask")))
   np.testing.assert_allclose(cache.image, image, atol=1e-5)
   np.testing.assert_allclose(cache.text, text, atol=1e-5)
+
+
+def test_the_cache_embeds_the_images_the_online_teacher_sees_in_a_shrunk_build(corpus,
+                                                                              demo_config,
+                                                                              tmp_path):
+  """A build with max_side below the images' size stores them shrunk and re-encoded; the
+  online teacher sees those. The cache, made with the same max_side, embeds the same pixels
+  (it embedded the original files: other pixels, other soft labels)."""
+  from medvqa_jax.data import builders, pipeline
+  from medvqa_jax.data import tokenizer as tokenizer_lib
+  builders.build("captions_jsonl", corpus.parent, tmp_path / "tfds", max_side=40)
+  source = builders.load(tmp_path / "tfds", "captions_jsonl", "train")
+  teacher = teacher_lib.from_config(demo_config)
+  records = helpers.sample_caption_rows()[:6]
+  cache = teacher_lib.compute_cache(teacher, records, batch_size=8, progress=False,
+                                    max_side=40)
+  example = pipeline._Example("caption", tokenizer_lib.from_config(demo_config.model.text), 32,
+                              "pretrain", teacher=(teacher.tokenizer, teacher.image_size))
+  stored = {source[i]["id"].decode(): source[i] for i in range(len(source))}
+  assert max(stored[records[0]["id"]]["image"].shape[:2]) == 40  # Shrunk by the build.
+  rows = [example(stored[r["id"]], np.random.default_rng(0)) for r in records]
+  image, _ = teacher.embed(*(np.stack([r[k] for r in rows]) for k in (
+      "teacher_pixels", "teacher_input_ids", "teacher_attention_mask")))
+  np.testing.assert_allclose(cache.image, image, atol=1e-5)
 
 
 @pytest.mark.parametrize("line, says", [
