@@ -56,6 +56,16 @@ def _config_fields(tree, prefix="") -> dict:
   return out
 
 
+def config_overrides(config, argv: list[str] | None = None) -> dict:
+  """{field: value} of the --config.FIELD=VALUE flags of the command line, the values as
+  `config` (the parsed --config) holds them."""
+  argv = sys.argv[1:] if argv is None else argv
+  fields = dict.fromkeys(a[len("--config."):].split("=", 1)[0] for a in argv
+                         if a.startswith("--config."))
+  values = _config_fields(config)
+  return {f: values[f] for f in fields if f in values}
+
+
 def _default_config() -> str | None:
   """The script's default --config (None where it has none)."""
   from absl import flags

@@ -5,8 +5,13 @@ r"""Evaluates a trained checkpoint on a split and writes metrics.json and predic
   python launch/eval.py --checkpoint_dir=/runs/slake --closed_set   # the paper's protocol
 
 --checkpoint_dir is a run's work folder, its checkpoints/ folder or one step folder. The
-run's own config is used unless --config is given (it must describe the same model); data
-paths can be overridden (--config is then needed), e.g. --config.data.dir. The parameters are
+run's own config is used (recorded with its checkpoints), with the --config.FIELD=VALUE given
+here set on it, e.g. where the data are now:
+
+  python launch/eval.py --checkpoint_dir=/runs/slake --config.data.dir=/new/place/tfds
+
+(the overrides are printed; data whose training and validation examples are not the run's
+are refused: another held-out slice would hold examples it trained on). The parameters are
 restored onto the devices this process has, whatever the training run used; on several hosts,
 run the same command in every process, as for training (launch/tpu_pod.sh, slurm.sbatch, or
 --coordinator_address/--num_processes/--process_id), and each answers its share. Outputs go to
@@ -20,11 +25,16 @@ of the run's config must still be where the config says.
 """
 
 import json
+import sys
 
 import common  # Puts the repository root on sys.path.
 from absl import flags
 
-_CONFIG = common.config_file_flag(None, "Config file (default: the run's).")
+# Only the fields given as --config.FIELD=VALUE are used, set on the run's own config; the
+# file names the fields and their types.
+_CONFIG = common.config_file_flag("configs/base.py", "Names the fields of the "
+                                  "--config.FIELD=VALUE overrides, which are set on the run's "
+                                  "own config; the file's other values are not used.")
 _CKPT = flags.DEFINE_string("checkpoint_dir", None, "Run folder or checkpoint folder.",
                             required=True)
 _SPLIT = flags.DEFINE_string("split", None, "train, validation (val) or test (default: test; "
@@ -40,12 +50,15 @@ _JOIN = common.cluster_flags()
 def main(argv):
   del argv
   _JOIN()
+  import jax
+
   from medvqa_jax.evaluate import run as run_lib
-  restored = run_lib.restore(_CKPT.value, config=_CONFIG.value, step=_STEP.value,
-                             fsdp=_FSDP.value)
+  restored = run_lib.restore(_CKPT.value, overrides=common.config_overrides(_CONFIG.value),
+                             step=_STEP.value, fsdp=_FSDP.value)
+  if restored.changes and jax.process_index() == 0:
+    print("the run's config, with:\n  " + "\n  ".join(restored.changes), file=sys.stderr)
   metrics = run_lib.evaluate_split(restored, _SPLIT.value, out_dir=_OUT.value,
                                    closed_set=_CLOSED.value)
-  import jax
   if jax.process_index() == 0:
     print(json.dumps(metrics))
 

@@ -32,6 +32,8 @@ class Restored:
   param_shardings: dict
   tokenizer: tokenizer_lib.Tokenizer
   workdir: Path  # The run folder it was restored from (where it is now, not where it ran).
+  data: dict = dataclasses.field(default_factory=dict)  # The run record's data identity.
+  changes: list = dataclasses.field(default_factory=list)  # The overrides taken, as "f a -> b".
 
   def predictor(self) -> vqa_eval.Predictor:
     return vqa_eval.Predictor(self.model, self.config, self.answers, self.tokenizer, self.mesh,
@@ -42,10 +44,30 @@ def saved_config(run: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(run["config"]))
 
 
-def restore(checkpoint_dir, config=None, step: int | None = None, fsdp: int | None = None) -> Restored:
+def with_overrides(saved: ml_collections.ConfigDict, overrides: dict | None):
+  """(the run's config with `overrides` {"data.dir": value, ...} set, the changes as
+  "field old -> new"). A field the run's config does not have is refused."""
+  config = copy.deepcopy(saved)
+  changes = []
+  for field, value in (overrides or {}).items():
+    *parents, name = field.split(".")
+    node = config
+    for part in parents:
+      node = node.get(part) if hasattr(node, "get") else None
+    if not hasattr(node, "get") or name not in node:
+      raise ValueError(f"--config.{field}: the run's config has no such field")
+    if node[name] != value:
+      changes.append(f"{field} {node[name]!r} -> {value!r}")
+      node[name] = value
+  return config, changes
+
+
+def restore(checkpoint_dir, overrides: dict | None = None, step: int | None = None,
+            fsdp: int | None = None) -> Restored:
   """The model of a run. checkpoint_dir: the run's workdir, its checkpoints folder or one step
-  folder; step: None for the best on validation. config: None for the run's own (a given
-  config must describe the same model)."""
+  folder; step: None for the best on validation. The config is the run's own (from its
+  record), with `overrides` ({"data.dir": "/new/place", ...}: where the data are now, the
+  eval batch size) set on it."""
   folder, named_step = ckpt_lib.resolve(checkpoint_dir)
   ckpts = ckpt_lib.Checkpoints(folder, read_only=True)
   step = step if step is not None else named_step
@@ -57,10 +79,10 @@ def restore(checkpoint_dir, config=None, step: int | None = None, fsdp: int | No
     raise FileNotFoundError(f"no checkpoint of step {step} in {folder}; it has {ckpts.steps()}")
   run = ckpts.run_record(step)
   saved = saved_config(run)
-  config = config if config is not None else saved
+  config, changes = with_overrides(saved, overrides)
   if config.model.head != saved.model.head:
     raise ValueError(f"the checkpoint in {folder} is of a run with model.head="
-                     f"{saved.model.head!r}, but the config given says {config.model.head!r}: "
+                     f"{saved.model.head!r}, but --config.model.head says {config.model.head!r}: "
                      "evaluate it with its own head (leave --config.model.head as the run had it)")
   if config.model.head != "none":
     config.model.num_answers = saved.model.get("num_answers")
@@ -78,7 +100,25 @@ def restore(checkpoint_dir, config=None, step: int | None = None, fsdp: int | No
   params = ckpts.restore_params(step, abstract)
   ckpts.close()
   return Restored(config, model, params, run.get("answers") or [], run.get("protocol", ""), step,
-                  mesh, shardings, tokenizer, folder.parent)
+                  mesh, shardings, tokenizer, folder.parent, run.get("data") or {}, changes)
+
+
+def check_data(restored: Restored, splits: dict) -> None:
+  """Refuses data whose training and validation examples are not the run's (recorded when it
+  was trained): another held-out slice (data.val_fraction, data.seed) would hold examples the
+  run trained on, and another dataset another majority baseline."""
+  from medvqa_jax.train import loop
+  then = restored.data
+  if not then:  # A record older than the field.
+    return
+  now = loop.data_identity(splits, then.get("batch_size", 1))
+  if any(then[k] != now[k] for k in ("train", "val", "ids_sha1") if k in then):
+    raise ValueError(
+        f"the data are not the run's: it trained on {then.get('train')} examples and "
+        f"validated on {then.get('val')}, and the data now give {now['train']} and "
+        f"{now['val']}, or other ids (another dataset, data.val_fraction or seed?); evaluate "
+        "with the run's own data settings (override only where the data are, e.g. "
+        "--config.data.dir)")
 
 
 def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=None,
@@ -108,7 +148,8 @@ def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=No
          "val": "val", dc.get("val_split") or "val": "val"}.get(split_name)
   if key is None:
     raise ValueError(f"unknown split {split_name!r}: expected train, val or test")
-  splits = splits_lib.vqa_splits(dc, need=tuple({key, "train"}))
+  splits = splits_lib.vqa_splits(dc, need=tuple({key, "train", "val"}))
+  check_data(restored, splits)
   rows = vqa_eval.answer_split(restored.predictor(), restored.params, splits[key],
                                tokenizer=restored.tokenizer,
                                image_size=restored.model.image.image_size,
@@ -138,8 +179,9 @@ def evaluate_pretraining(restored: Restored, split_name: str | None = None, out_
   config = restored.config
   splits = splits_lib.caption_splits(config.data)
   if "val" not in splits:
-    raise ValueError("the run's config holds out no validation slice (data.val_fraction is 0): "
-                     "pass --config with --config.data.val_fraction=F to evaluate on one")
+    raise ValueError("the run held out no validation slice (data.val_fraction was 0): there "
+                     "is no held-out example to evaluate it on")
+  check_data(restored, splits)
   teacher = loop.BatchTeacher(config, splits, restored.mesh)
   validator = pretrain_eval.Validator(restored.model, config, splits["val"], restored.tokenizer,
                                       restored.model.image.image_size, restored.mesh, teacher)

@@ -3,6 +3,7 @@ names: the run keeps a copy of its tokenizer and records its towers' module fiel
 resuming, evaluating and predicting read neither (a run folder can move to another machine)."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -116,13 +117,34 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
   # The same command again: the finished run resumes at its end and evaluates test again.
   _same(loop.train(config, workdir=moved), metrics)
 
-  # A config of another answer head is refused by name: evaluating a generative run with
+  # Another answer head is refused by name: evaluating a generative run with
   # --config.model.head=classifier asked for a num_answers that could not help.
-  other = config.copy_and_resolve_references()
-  other.model.head = "classifier"
-  with pytest.raises(ValueError, match="model.head='generative', but the config given says "
-                                       "'classifier'"):
-    run_lib.restore(moved, config=other)
+  with pytest.raises(ValueError, match="model.head='generative', but --config.model.head "
+                                       "says 'classifier'"):
+    run_lib.restore(moved, overrides={"model.head": "classifier"})
+  with pytest.raises(ValueError, match=r"--config.data.nope: the run's config has no such"):
+    run_lib.restore(moved, overrides={"data.nope": 1})
+  # Data whose held-out slice is not the run's (here a larger one, holding examples the run
+  # trained on) are refused; the overrides taken are listed.
+  other = run_lib.restore(moved, overrides={"data.val_fraction": 0.1, "data.dir":
+                                            config.data.dir})
+  assert other.changes == ["data.val_fraction 0.03 -> 0.1"]
+  with pytest.raises(ValueError, match=r"the data are not the run's: it trained on \d+ "
+                                       r"examples and validated on \d+"):
+    run_lib.evaluate_split(other, "validation")
+  # eval.py: the config file only names the overrides' fields; the rest is the run's (the
+  # demo config's own val_fraction, 0.1, and answer_max_len were used before: another slice,
+  # other candidates). Its validation is the one above.
+  import json
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "launch/eval.py", f"--checkpoint_dir={moved}",
+                        "--split=validation", "--config=configs/demo.py",
+                        "--config.train.eval_batch_size=8", f"--out={tmp_path / 'cli'}"],
+                       capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "the run's config, with:\n  train.eval_batch_size 64 -> 8\n" in out.stderr
+  _same(json.loads((tmp_path / "cli" / "metrics.json").read_text()), val)
 
 
 def test_a_schedule_that_saves_steps_it_does_not_validate_is_noted():
