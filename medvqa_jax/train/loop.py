@@ -217,6 +217,23 @@ def training_splits(config) -> tuple[dict, list | None, str]:
   return splits, answers, protocol
 
 
+def cut_questions_note(splits: dict, tokenizer, max_len: int) -> str | None:
+  """A warning when questions of the splits take more than `max_len` word pieces ([CLS] and
+  [SEP] included): the model reads them cut (PathVQA's longest yes/no questions put what
+  they ask about at the end)."""
+  from medvqa_jax.data import answers as answers_lib
+  from medvqa_jax.data import text as text_lib
+  questions = [text_lib.question(r["question"]) for split in splits.values()
+               for r in split.records]
+  cut = answers_lib.longer_than(questions, tokenizer.hf, max_len)
+  if not cut:
+    return None
+  return (f"warning: {len(cut)} of the {len(questions)} questions "
+          f"({'+'.join(s.name for s in splits.values())}) are longer than "
+          f"model.text.max_len={max_len} word pieces and are read cut (e.g. {cut[0]!r}); "
+          "--config.model.text.max_len raises it (up to the text tower's positions)")
+
+
 def selection_note(tc, steps: int) -> str | None:
   """A note when some checkpoints will have no validation to choose by: the best checkpoint
   is chosen among the steps both saved and validated (every lcm(save_every, eval_every) and
@@ -424,8 +441,9 @@ def train(config, workdir=None, stream=None) -> dict:
          + (f", {len(answers)} answers ({protocol})" if finetune else "")
          + (f", validating on {pretrain_validator.examples} held-out examples"
             if pretrain_validator else ""))
-  note = selection_note(tc, steps) if "val" in splits else None
-  if note:
+  notes = [selection_note(tc, steps) if "val" in splits else None,
+           cut_questions_note(splits, tokenizer, mc.text.max_len) if finetune else None]
+  for note in filter(None, notes):
     _print(note)
   if start >= steps:
     _print(f"the run is complete (step {start} of {steps})"

@@ -159,3 +159,19 @@ def test_a_schedule_that_saves_steps_it_does_not_validate_is_noted():
       "checkpoint is chosen among the steps both saved and validated (every 1500 steps and "
       "the last); the other validations go to the logs only")
   assert "(the last step only)" in loop.selection_note(tc(500, 300), 1200)
+
+
+def test_questions_the_model_reads_cut_are_counted():
+  """Questions longer than model.text.max_len word pieces are read cut (a tenth of PathVQA's
+  at 30): the run warns with their count and an example."""
+  import types
+  tok = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", max_len=12)
+  records = lambda *qs: [{"question": q} for q in qs]
+  splits = {"train": types.SimpleNamespace(name="train", records=records(
+                "is there a fracture?", "does this biopsy of the left kidney show clear cell "
+                "carcinoma with eosinophilic cytoplasm?")),
+            "test": types.SimpleNamespace(name="test", records=records("what organ is this?"))}
+  note = loop.cut_questions_note(splits, tok, 12)
+  assert note.startswith("warning: 1 of the 3 questions (train+test) are longer than "
+                         "model.text.max_len=12 word pieces and are read cut (e.g. 'does this")
+  assert loop.cut_questions_note(splits, tok, 30) is None
