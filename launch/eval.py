@@ -2,7 +2,7 @@ r"""Evaluates a trained checkpoint on a split and writes metrics.json and predic
 
   python launch/eval.py --checkpoint_dir=runs/demo                  # best-on-validation step, test split
   python launch/eval.py --checkpoint_dir=/runs/slake --split=validation --step=3000
-  python launch/eval.py --checkpoint_dir=/runs/slake --closed_set   # the paper's protocol
+  python launch/eval.py --checkpoint_dir=/runs/slake --closed_set   # candidates of every split
 
 --checkpoint_dir is a run's work folder, its checkpoints/ folder or one step folder. The
 run's own config is used (recorded with its checkpoints), with the --config.FIELD=VALUE given
@@ -41,8 +41,10 @@ _SPLIT = flags.DEFINE_string("split", None, "train, validation (val) or test (de
                              "a pre-training run: its held-out validation slice).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: best on validation).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
-_CLOSED = flags.DEFINE_boolean("closed_set", None, "Answers from all splits (the paper's "
-                               "protocol); default: the protocol the run was trained with.")
+_CLOSED = flags.DEFINE_boolean("closed_set", None, "Candidate answers from all splits (the "
+                               "closed-set protocol; a generative run trained open-set keeps "
+                               "its GCA prior); default: the protocol the run was trained "
+                               "with.")
 _FSDP = flags.DEFINE_integer("fsdp", 1, "Ways of parameter sharding.")
 _JOIN = common.cluster_flags()
 

@@ -138,11 +138,17 @@ def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=No
   closed = run_closed if closed_set is None else bool(closed_set)
   dc = copy.deepcopy(dc)  # The restored config is left as it was.
   dc.closed_set = closed
+  predictor = restored.predictor()
   if closed != run_closed:
     if config.model.head == "classifier":
       raise ValueError("the classifier's answers are fixed when it is trained: the protocol "
                        "cannot change at evaluation (train with --config.data.closed_set)")
+    # Only the candidates change: the GCA prior, an input of the model, stays the one it was
+    # trained with.
     answers, protocol = splits_lib.answer_set(dc)
+    predictor = vqa_eval.Predictor(restored.model, config, answers, restored.tokenizer,
+                                   restored.mesh, restored.param_shardings,
+                                   prior_answers=restored.answers)
     restored = dataclasses.replace(restored, answers=answers, protocol=protocol)
   key = {"train": "train", dc.test_split: "test", "test": "test", "validation": "val",
          "val": "val", dc.get("val_split") or "val": "val"}.get(split_name)
@@ -150,7 +156,7 @@ def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=No
     raise ValueError(f"unknown split {split_name!r}: expected train, val or test")
   splits = splits_lib.vqa_splits(dc, need=tuple({key, "train", "val"}))
   check_data(restored, splits)
-  rows = vqa_eval.answer_split(restored.predictor(), restored.params, splits[key],
+  rows = vqa_eval.answer_split(predictor, restored.params, splits[key],
                                tokenizer=restored.tokenizer,
                                image_size=restored.model.image.image_size,
                                global_batch=config.train.eval_batch_size,

@@ -35,12 +35,17 @@ INPUTS = ("images", "input_ids", "attention_mask")
 class Predictor:
   """Jitted answering for a model, its answer set and a mesh."""
 
-  def __init__(self, model: AMiF, config, answers: list[str], tokenizer, mesh, param_shardings):
+  def __init__(self, model: AMiF, config, answers: list[str], tokenizer, mesh, param_shardings,
+               prior_answers: list[str] | None = None):
+    """answers: the candidates; prior_answers: the answers of the GCA prior, the model's
+    input (default: the candidates; the run's own when only the candidates change, as
+    eval.py --closed_set does for a run trained under the open-set protocol)."""
     self.model, self.answers, self.mesh = model, list(answers), mesh
     self.tokenizer = tokenizer
     mc = config.model
+    prior = list(prior_answers) if prior_answers is not None else self.answers
     self.prior_ids, self.prior_mask = (jnp.asarray(x) for x in gca.answer_prior(
-        self.answers, tokenizer.hf, mc.prior_max_tokens))
+        prior, tokenizer.hf, mc.prior_max_tokens))
     cand = tokenizer(self.answers, max_len=mc.answer_max_len)
     cut = (answers_lib.longer_than(self.answers, tokenizer.hf, mc.answer_max_len)
            if model.head == "generative" else [])

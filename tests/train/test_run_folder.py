@@ -5,6 +5,7 @@ resuming, evaluating and predicting read neither (a run folder can move to anoth
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import helpers
@@ -113,6 +114,25 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
   assert val["split"].startswith("train (held-out")  # Named for what it is,
   assert (moved / "eval" / "validation-step2" / "metrics.json").exists()  # filed plainly.
   assert not workdir.exists()
+  # The closed-set protocol at evaluation: the candidates of every split, test included,
+  # while the GCA prior (an input of the model) stays the one it was trained with.
+  from medvqa_jax.evaluate import vqa as vqa_eval
+  from medvqa_jax.models import gca
+  used = []
+  answer_split = vqa_eval.answer_split
+  vqa_eval.answer_split = lambda predictor, *a, **k: used.append(predictor) or answer_split(
+      predictor, *a, **k)
+  try:
+    closed = run_lib.evaluate_split(restored, "test", closed_set=True, out_dir=tmp_path / "cs")
+  finally:
+    vqa_eval.answer_split = answer_split
+  assert closed["protocol"].startswith("closed-set")
+  (predictor,) = used
+  assert len(predictor.answers) > len(restored.answers)
+  trained = gca.answer_prior(restored.answers, restored.tokenizer.hf,
+                             config.model.prior_max_tokens)
+  for got, want in zip((predictor.prior_ids, predictor.prior_mask), trained):
+    np.testing.assert_array_equal(np.asarray(got), want)
 
   # The same command again: the finished run resumes at its end and evaluates test again.
   _same(loop.train(config, workdir=moved), metrics)
