@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import jax
@@ -18,6 +19,8 @@ from medvqa_jax.evaluate import vqa as vqa_eval
 from medvqa_jax.models import amif
 from medvqa_jax.train import checkpoint as ckpt_lib
 from medvqa_jax.train import observe, sharding
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -35,9 +38,13 @@ class Restored:
   data: dict = dataclasses.field(default_factory=dict)  # The run record's data identity.
   changes: list = dataclasses.field(default_factory=list)  # The overrides taken, as "f a -> b".
 
-  def predictor(self) -> vqa_eval.Predictor:
-    return vqa_eval.Predictor(self.model, self.config, self.answers, self.tokenizer, self.mesh,
-                              self.param_shardings)
+  def predictor(self, candidates: list[str] | None = None) -> vqa_eval.Predictor:
+    """Answers among `candidates` (default: the run's answers). The GCA prior, an input of
+    the model, is always the run's: the one it was trained with."""
+    return vqa_eval.Predictor(self.model, self.config,
+                              self.answers if candidates is None else candidates,
+                              self.tokenizer, self.mesh, self.param_shardings,
+                              prior_answers=self.answers)
 
 
 def saved_config(run: dict) -> ml_collections.ConfigDict:
@@ -88,8 +95,12 @@ def restore(checkpoint_dir, overrides: dict | None = None, step: int | None = No
     config.model.num_answers = saved.model.get("num_answers")
   if run.get("towers"):  # The recorded towers: no tower checkpoint is read.
     config = amif.without_checkpoints(config, run["towers"])
-  tokenizer = (ckpt_lib.run_tokenizer(folder.parent, config.model.text)
-               or tokenizer_lib.from_config(config.model.text))
+  tokenizer = ckpt_lib.run_tokenizer(folder.parent, config.model.text)
+  if tokenizer is None:
+    log.warning("%s has no %s/ folder (the tokenizer the run saved): using the one its config "
+                "names, which must be the one it was trained with", folder.parent,
+                ckpt_lib.TOKENIZER)
+    tokenizer = tokenizer_lib.from_config(config.model.text)
   mesh = sharding.make_mesh(fsdp if fsdp is not None else 1)
   model, init, loaded = amif.initializer(config, seed=config.seed)
   shapes = jax.eval_shape(init, loaded)
@@ -138,31 +149,26 @@ def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=No
   closed = run_closed if closed_set is None else bool(closed_set)
   dc = copy.deepcopy(dc)  # The restored config is left as it was.
   dc.closed_set = closed
-  predictor = restored.predictor()
+  candidates, protocol = restored.answers, restored.protocol
   if closed != run_closed:
     if config.model.head == "classifier":
       raise ValueError("the classifier's answers are fixed when it is trained: the protocol "
                        "cannot change at evaluation (train with --config.data.closed_set)")
-    # Only the candidates change: the GCA prior, an input of the model, stays the one it was
-    # trained with.
-    answers, protocol = splits_lib.answer_set(dc)
-    predictor = vqa_eval.Predictor(restored.model, config, answers, restored.tokenizer,
-                                   restored.mesh, restored.param_shardings,
-                                   prior_answers=restored.answers)
-    restored = dataclasses.replace(restored, answers=answers, protocol=protocol)
+    # Only the candidates change: the GCA prior stays the one the model was trained with.
+    candidates, protocol = splits_lib.answer_set(dc)
   key = {"train": "train", dc.test_split: "test", "test": "test", "validation": "val",
          "val": "val", dc.get("val_split") or "val": "val"}.get(split_name)
   if key is None:
     raise ValueError(f"unknown split {split_name!r}: expected train, val or test")
   splits = splits_lib.vqa_splits(dc, need=tuple({key, "train", "val"}))
   check_data(restored, splits)
-  rows = vqa_eval.answer_split(predictor, restored.params, splits[key],
+  rows = vqa_eval.answer_split(restored.predictor(candidates), restored.params, splits[key],
                                tokenizer=restored.tokenizer,
                                image_size=restored.model.image.image_size,
                                global_batch=config.train.eval_batch_size,
                                progress=observe.progress(splits[key].name,
                                                          jax.process_index() == 0))
-  metrics = vqa_eval.evaluate(rows, splits[key], restored.protocol, restored.step,
+  metrics = vqa_eval.evaluate(rows, splits[key], protocol, restored.step,
                               baseline=splits_lib.majority_answer(splits["train"].records))
   if jax.process_index() == 0:
     if out_dir is None:

@@ -208,11 +208,12 @@ def test_the_predictor_ranks_in_packed_rows_and_answers_as_unpacked_ranking_does
 class _FirstAnswer(run_lib.Restored):
   """A restored run whose predictor answers every question with its first answer."""
 
-  def predictor(self):
+  def predictor(self, candidates=None):
     def predict(params, batch):
       n = len(batch["input_ids"])
       return np.zeros(n, np.int32), np.ones(n, np.float32)
-    predict.mesh, predict.answers = sharding.make_mesh(), self.answers
+    predict.mesh = sharding.make_mesh()
+    predict.answers = self.answers if candidates is None else candidates
     return predict
 
 

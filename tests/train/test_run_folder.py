@@ -54,7 +54,7 @@ def _same(a: dict, b: dict):
 
 
 def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_checkpoint,
-                                                                        tmp_path):
+                                                                        tmp_path, caplog):
   config = _config(text_checkpoint, tmp_path)
   # A run refused by its config (here an lr_mults rule matching no parameter) writes nothing.
   bad = config.copy_and_resolve_references()
@@ -165,6 +165,13 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
   assert out.returncode == 0, out.stderr[-3000:]
   assert "the run's config, with:\n  train.eval_batch_size 64 -> 8\n" in out.stderr
   _same(json.loads((tmp_path / "cli" / "metrics.json").read_text()), val)
+  # A run folder without its tokenizer copy (only checkpoints/ moved): the config's
+  # tokenizer, with a warning saying so.
+  shutil.rmtree(moved / ckpt_lib.TOKENIZER)
+  gone.rename(text_checkpoint)
+  with caplog.at_level("WARNING"):
+    run_lib.restore(moved)
+  assert f"{moved} has no tokenizer/ folder (the tokenizer the run saved)" in caplog.text
 
 
 def test_a_schedule_that_saves_steps_it_does_not_validate_is_noted():
