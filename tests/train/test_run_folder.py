@@ -2,7 +2,10 @@
 names: the run keeps a copy of its tokenizer and records its towers' module fields, so
 resuming, evaluating and predicting read neither (a run folder can move to another machine)."""
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,8 @@ from medvqa_jax.evaluate import run as run_lib
 from medvqa_jax.models import amif
 from medvqa_jax.train import checkpoint as ckpt_lib
 from medvqa_jax.train import loop
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -155,13 +160,10 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
   # eval.py: the config file only names the overrides' fields; the rest is the run's (the
   # demo config's own val_fraction, 0.1, and answer_max_len were used before: another slice,
   # other candidates). Its validation is the one above.
-  import json
-  import subprocess
-  import sys
   out = subprocess.run([sys.executable, "launch/eval.py", f"--checkpoint_dir={moved}",
                         "--split=validation", "--config=configs/demo.py",
                         "--config.train.eval_batch_size=8", f"--out={tmp_path / 'cli'}"],
-                       capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "the run's config, with:\n  train.eval_batch_size 64 -> 8\n" in out.stderr
   _same(json.loads((tmp_path / "cli" / "metrics.json").read_text()), val)
