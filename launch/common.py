@@ -59,11 +59,15 @@ def _config_fields(tree, prefix="") -> dict:
 def config_overrides(config, argv: list[str] | None = None) -> dict:
   """{field: value} of the --config.FIELD=VALUE flags of the command line, the values as
   `config` (the parsed --config) holds them."""
-  argv = sys.argv[1:] if argv is None else argv
-  fields = dict.fromkeys(a[len("--config."):].split("=", 1)[0] for a in argv
-                         if a.startswith("--config."))
   values = _config_fields(config)
-  return {f: values[f] for f in fields if f in values}
+  return {f: values[f] for f in _override_fields(argv) if f in values}
+
+
+def _override_fields(argv: list[str] | None = None) -> list[str]:
+  """The FIELDs of the command line's --config.FIELD=VALUE flags, in order, once each."""
+  argv = sys.argv[1:] if argv is None else argv
+  return list(dict.fromkeys(a[len("--config."):].split("=", 1)[0] for a in argv
+                            if a.startswith("--config.")))
 
 
 def _default_config() -> str | None:
@@ -96,8 +100,7 @@ def _bad_override(error: Exception, default: str | None = None) -> str | None:
   """What is wrong with a --config.FIELD=VALUE of the command line, if that is what failed.
   default: the --config the script falls back on (else read from the defined flag)."""
   import difflib
-  import importlib.util
-  overrides = [a[2:].split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--config.")]
+  overrides = _override_fields()
   if not overrides:
     return None
   spec = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")),
@@ -105,20 +108,20 @@ def _bad_override(error: Exception, default: str | None = None) -> str | None:
   fields = []
   if spec:
     path, _, arg = spec.partition(":")
-    try:
-      module_spec = importlib.util.spec_from_file_location("_config", path)
-      module = importlib.util.module_from_spec(module_spec)
-      module_spec.loader.exec_module(module)
-      fields = list(_config_fields(module.get_config(arg or None)))
-    except Exception:  # The file itself is broken: absl's own error says more.
+    module = _config_module(path)
+    if module is None:  # The file itself is broken: absl's own error says more.
       return None
-  unknown = [o for o in overrides if fields and o.removeprefix("config.") not in fields]
+    try:
+      fields = list(_config_fields(module.get_config(arg or None)))
+    except Exception:
+      return None
+  unknown = [o for o in overrides if fields and o not in fields]
   if not unknown:
     return None
   lines = []
   for o in unknown:
-    near = difflib.get_close_matches(o.removeprefix("config."), fields, n=3, cutoff=0.6)
-    lines.append(f"--{o}: the config has no such field"
+    near = difflib.get_close_matches(o, fields, n=3, cutoff=0.6)
+    lines.append(f"--config.{o}: the config has no such field"
                  + (f" (did you mean {', '.join('--config.' + n for n in near)}?)" if near else ""))
   return "\n".join(lines) + f"\n({type(error).__name__}: {error})"
 
@@ -146,20 +149,28 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
   return argv[:at] + [f"--config={found}{sep}{arg}"] + argv[at + 1:]
 
 
+def _config_module(path: str):
+  """The config file at `path` as a module (None when it does not load)."""
+  import importlib.util
+  try:
+    module_spec = importlib.util.spec_from_file_location("_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+  except Exception:
+    return None
+  return module
+
+
 def _check_config_arg(argv: list[str]) -> None:
   """Refuses a --config=FILE:ARG whose ARG the config's get_config refuses (an unknown tower
   preset, a misspelt key), with its message: absl reports it as a FATAL flag-parsing error
   with a traceback."""
-  import importlib.util
   spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
   path, _, arg = spec.partition(":")
   if not arg or not Path(path).is_file():
     return
-  module_spec = importlib.util.spec_from_file_location("_config_arg", path)
-  module = importlib.util.module_from_spec(module_spec)
-  try:
-    module_spec.loader.exec_module(module)
-  except Exception:  # The file itself is broken: absl's own error says more.
+  module = _config_module(path)
+  if module is None:  # The file itself is broken: absl's own error says more.
     return
   try:
     module.get_config(arg)

@@ -36,11 +36,8 @@ def sample_negatives(key, sim, temperature, same=None):
   every column excluded falls back to every j != i."""
   logits = jax.lax.stop_gradient(sim.astype(jnp.float32)) / temperature
   eye = jnp.eye(sim.shape[0], dtype=bool)
-  if same is not None:
-    excluded = same | eye
-    excluded = jnp.where(jnp.all(excluded, axis=-1, keepdims=True), eye, excluded)
-  else:
-    excluded = eye
+  excluded = eye if same is None else same | eye
+  excluded = jnp.where(jnp.all(excluded, axis=-1, keepdims=True), eye, excluded)
   logits = jnp.where(excluded, -jnp.inf, logits)
   return jax.random.categorical(key, logits, axis=-1)
 

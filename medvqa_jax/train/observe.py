@@ -41,8 +41,7 @@ def _drop_records_after(path: Path, step: int) -> int:
   during the rewrite leaves the old file."""
   if not path.exists():
     return 0
-  text = path.read_text()
-  lines = text.splitlines(keepends=True)
+  lines = path.read_text().splitlines(keepends=True)
   kept = []
   for line in lines:
     if not line.endswith("\n"):
