@@ -115,17 +115,32 @@ def _init_from(config, state, shardings):
   return {**state, "params": unflatten(own)}, len(take)
 
 
-def _config_changes(saved_json: str, config) -> list[str]:
-  """The fields whose values differ between a run's saved config and `config`."""
+def config_changes(saved_json: str, config, saved_tokenizer: bool) -> tuple[list, list]:
+  """The fields whose values differ between a run's saved config and `config`, as (taken,
+  kept): a resumed run builds its checkpoint towers from the architectures it recorded (their
+  source, checkpoint, arch and fresh fields no longer apply) and reads its own tokenizer copy
+  when it has one (model.text.tokenizer no longer applies); every other field is taken."""
   def flat(tree, prefix=""):
     out = {}
     for key, value in tree.items():
       out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict)
                  else {f"{prefix}{key}": value})
     return out
+
+  def kept(key):
+    part, _, rest = key.removeprefix("model.").partition(".")
+    if not key.startswith("model.") or part not in ("image", "text"):
+      return False
+    field = rest.partition(".")[0]
+    return ((config.model[part].source != "init"
+             and field in ("source", "checkpoint", "arch", "fresh"))
+            or (saved_tokenizer and part == "text" and field == "tokenizer"))
+
   then, now = flat(json.loads(saved_json)), flat(json.loads(config.to_json()))
-  return [f"{k} {then.get(k)!r} -> {now.get(k)!r}" for k in sorted(then.keys() | now.keys())
-          if then.get(k) != now.get(k)]
+  changes = [(k, f"{k} {then.get(k)!r} -> {now.get(k)!r}")
+             for k in sorted(then.keys() | now.keys()) if then.get(k) != now.get(k)]
+  return ([line for k, line in changes if not kept(k)],
+          [line for k, line in changes if kept(k)])
 
 
 def check_teacher_config(config) -> str:
@@ -373,10 +388,15 @@ def train(config, workdir=None, stream=None) -> dict:
       raise ValueError(f"{workdir}: the checkpoint's answer set differs from the data's (was the "
                        "dataset rebuilt or the protocol changed?); use a new train.workdir")
     _print(f"resumed from {workdir / 'checkpoints'} step {start}")
-    changes = _config_changes(run["config"], config) if run.get("config") else []
-    if changes:
+    taken, kept = (config_changes(run["config"], config, not new_tokenizer)
+                   if run.get("config") else ([], []))
+    if taken:
       _print("the config differs from the one the run was started with; it continues under "
-             "the new values (train.init_from only starts a run):\n  " + "\n  ".join(changes))
+             "the new values (train.init_from only starts a run):\n  " + "\n  ".join(taken))
+    if kept:
+      log.warning("these config changes do not apply to a resumed run, which keeps its "
+                  "recorded tower architectures and its tokenizer copy (start a new "
+                  "train.workdir to change them):\n  %s", "\n  ".join(kept))
   else:
     start = 0
 

@@ -204,3 +204,27 @@ def test_questions_the_model_reads_cut_are_counted():
   assert note.startswith("warning: 1 of the 3 questions (train+test) are longer than "
                          "model.text.max_len=12 word pieces and are read cut (e.g. 'does this")
   assert loop.cut_questions_note(splits, tok, 30) is None
+
+
+def test_a_resumed_run_says_which_changed_fields_it_keeps_from_its_record(text_checkpoint,
+                                                                          tmp_path):
+  """A resumed run builds its checkpoint towers from the architectures it recorded and reads
+  its own tokenizer copy: changes to those fields are listed as not applying, the others as
+  taken. A tower from scratch is built from the config, so its arch changes are taken."""
+  config = _config(text_checkpoint, tmp_path)
+  saved = config.to_json()
+  config.model.text.checkpoint = "/moved/bert"
+  config.model.text.arch.depth = 1
+  config.model.text.tokenizer = "/other/vocab"
+  config.model.text.max_len = 24
+  config.model.image.arch.depth = 3
+  config.train.keep = 5
+  taken, kept = loop.config_changes(saved, config, saved_tokenizer=True)
+  assert kept == ["model.text.arch.depth None -> 1",
+                  f"model.text.checkpoint {str(text_checkpoint)!r} -> '/moved/bert'",
+                  "model.text.tokenizer None -> '/other/vocab'"]
+  assert [line.split()[0] for line in taken] == [
+      "model.image.arch.depth", "model.text.max_len", "train.keep"]
+  # A run from before tokenizer copies were saved reads the tokenizer the config names.
+  taken, kept = loop.config_changes(saved, config, saved_tokenizer=False)
+  assert "model.text.tokenizer None -> '/other/vocab'" in taken
