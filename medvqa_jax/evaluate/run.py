@@ -132,6 +132,18 @@ def check_data(restored: Restored, splits: dict) -> None:
         "--config.data.dir)")
 
 
+def split_role(dc, split_name: str) -> str:
+  """The role ("train", "val" or "test") of a split named on the command line: the dataset's
+  own names for its splits (data.test_split, data.val_split) first, then "test", "val" and
+  "validation" (with data.test_split="validation", --split=validation is the test split and
+  --split=val the validation one)."""
+  roles = {"train": "train", "test": "test", "val": "val", "validation": "val",
+           dc.get("val_split") or "val": "val", dc.test_split: "test"}
+  if split_name not in roles:
+    raise ValueError(f"unknown split {split_name!r}: expected train, val or test")
+  return roles[split_name]
+
+
 def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=None,
                    closed_set: bool | None = None) -> dict:
   """Answers a split of the run's dataset (default: test), writes metrics.json and
@@ -156,10 +168,7 @@ def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=No
                        "cannot change at evaluation (train with --config.data.closed_set)")
     # Only the candidates change: the GCA prior stays the one the model was trained with.
     candidates, protocol = splits_lib.answer_set(dc)
-  key = {"train": "train", dc.test_split: "test", "test": "test", "validation": "val",
-         "val": "val", dc.get("val_split") or "val": "val"}.get(split_name)
-  if key is None:
-    raise ValueError(f"unknown split {split_name!r}: expected train, val or test")
+  key = split_role(dc, split_name)
   splits = splits_lib.vqa_splits(dc, need=tuple({key, "train", "val"}))
   check_data(restored, splits)
   rows = vqa_eval.answer_split(restored.predictor(candidates), restored.params, splits[key],
@@ -172,7 +181,8 @@ def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=No
                               baseline=splits_lib.majority_answer(splits["train"].records))
   if jax.process_index() == 0:
     if out_dir is None:
-      folder = {"train": "train", "val": "validation", "test": dc.test_split}[key]
+      folder = {"train": "train", "test": dc.test_split,
+                "val": "val" if dc.test_split == "validation" else "validation"}[key]
       # Each protocol its own folder: a closed-set evaluation beside the open-set one.
       suffix = "-closed-set" if closed else ""
       out_dir = restored.workdir / "eval" / f"{folder}-step{restored.step}{suffix}"

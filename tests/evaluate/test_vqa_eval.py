@@ -281,3 +281,18 @@ def test_results_are_written_as_a_pair_or_not_at_all(tmp_path):
   vqa.write(tmp_path, {"overall": 0.9, "protocol": "p"}, [{"qid": "1"}])
   assert json.loads((tmp_path / "metrics.json").read_text())["overall"] == 0.9
   assert json.loads((tmp_path / "predictions.jsonl").read_text())["protocol"] == "p"
+
+
+def test_a_split_named_on_the_command_line_takes_its_role_from_the_dataset_names():
+  """--split names a split by the dataset's own names first: with data.test_split set to
+  "validation" (a dataset whose test answers are its validation split), --split=validation
+  is the test split, not the validation slice."""
+  split_role = run_lib.split_role
+  usual = ConfigDict(dict(test_split="test", val_split="validation"))
+  assert [split_role(usual, s) for s in ("train", "validation", "val", "test")] == [
+      "train", "val", "val", "test"]
+  held_out = ConfigDict(dict(test_split="validation", val_split=""))
+  assert [split_role(held_out, s) for s in ("validation", "val", "test")] == [
+      "test", "val", "test"]
+  with pytest.raises(ValueError, match="unknown split 'dev'"):
+    split_role(usual, "dev")
