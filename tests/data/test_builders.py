@@ -400,3 +400,21 @@ def test_text_files_in_other_encodings_and_fields_of_other_types(tmp_path):
   assert good["caption"] == "x"
   assert str(bad).endswith("train.jsonl line 2: malformed record (TypeError: unsupported "
                            "operand type(s) for /: 'PosixPath' and 'int')")
+
+
+def test_several_files_of_one_split_are_refused_naming_them(tmp_path):
+  """A caption corpus is one file per split: a second train file (shards, a renamed copy)
+  is refused naming both, not read instead of the first (which was silently dropped)."""
+  from medvqa_jax.data import sources
+  corpus = tmp_path / "jsonl"
+  corpus.mkdir()
+  _jpeg(corpus / "a.jpg", 1)
+  row = json.dumps({"image": "a.jpg", "caption": "x"}) + "\n"
+  for name in ("roco_train.jsonl", "train.jsonl", "val.jsonl"):
+    (corpus / name).write_text(row)
+  with pytest.raises(ValueError, match=r"one \*\.jsonl file per split is read, but "
+                     r"roco_train\.jsonl, train\.jsonl are all train files \(join them"):
+    sources.captions_jsonl(corpus)
+  (corpus / "roco_train.jsonl").unlink()
+  assert {k: len(v) for k, v in sources.captions_jsonl(corpus).items()} == {
+      "train": 1, "validation": 1}
