@@ -6,9 +6,10 @@ r"""Embeds images and questions with the towers of a config and prints their sim
       --config.model.text.checkpoint=/ckpt/clip-vit-base-patch16 \
       --image=scan.jpg --question="is there a pneumothorax?"
 
-With no --image/--question it embeds the VQA-RAD samples bundled with the package. Prints one
-JSON line: tower shapes, and the cosine similarity of every image with every question when
-both towers project to the same width.
+With no --image/--question it embeds the VQA-RAD samples bundled with the package. Questions
+are read as training reads them (lower case, punctuation dropped: `medvqa_jax.data.text`).
+Prints one JSON line: tower shapes, and the cosine similarity of every image with every
+question when both towers project to the same width.
 """
 
 import json
@@ -28,6 +29,7 @@ def main(argv):
 
   from medvqa_jax import ASSETS
   from medvqa_jax.data import image as image_lib
+  from medvqa_jax.data import text as text_lib
   from medvqa_jax.data import tokenizer as tokenizer_lib
   from medvqa_jax.models import state_dict, towers
 
@@ -37,6 +39,9 @@ def main(argv):
     samples = json.loads((ASSETS / "demo" / "samples.json").read_text())
     images = sorted({str(ASSETS / "demo" / "images" / s["image"]) for s in samples})
     questions = [s["question"] for s in samples]
+  empty = [q for q in questions if not text_lib.question(q).strip()]
+  if empty:
+    raise ValueError(f"--question {empty[0]!r} is empty (once read as training reads it)")
 
   with state_dict.shared_reads():  # A CLIP checkpoint holds both towers: read it once.
     img_tower, img_params = towers.from_config(config.model.image, seed=config.seed,
@@ -52,7 +57,7 @@ def main(argv):
     img_out = jax.jit(img_tower.apply)({"params": img_params}, pixels)
     summary["image_tokens"] = list(img_out["tokens"].shape)
   if questions:
-    batch = tokenizer(questions)
+    batch = tokenizer([text_lib.question(q) for q in questions])
     txt_out = jax.jit(txt_tower.apply)({"params": txt_params}, batch["input_ids"],
                                        batch["attention_mask"])
     summary["question_tokens"] = list(txt_out["tokens"].shape)

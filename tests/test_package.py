@@ -55,12 +55,23 @@ def test_embed_command_on_the_embedded_default():
 
 
 def test_embed_command_with_a_checkpoint_override(minilm_dir):
+  """Questions are read as training reads them: two spellings of one question embed alike."""
   out = _run("launch/embed.py", "--config=configs/base.py:image=tiny,text=minilm",
              f"--config.model.text.checkpoint={minilm_dir}", "--config.model.text.max_len=12",
              "--question=is the heart enlarged?", "--question=no")
   assert out.returncode == 0, out.stderr
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["question_tokens"] == [2, 12, 384] and "image_tokens" not in result
+  from medvqa_jax import ASSETS
+  image = sorted((ASSETS / "demo" / "images").iterdir())[0]
+  out = _run("launch/embed.py", "--config=configs/demo.py", f"--image={image}",
+             "--question=Is this an X-ray of the chest?", "--question=is this an xray of the chest",
+             "--question=is this a ct of the chest")
+  assert out.returncode == 0, out.stderr
+  (sim,) = json.loads(out.stdout.strip().splitlines()[-1])["cosine_image_x_question"]
+  assert sim[0] == sim[1] != sim[2]
+  empty = _run("launch/embed.py", "--config=configs/demo.py", "--question=?")
+  assert empty.returncode != 0 and "--question '?' is empty" in empty.stderr
 
 
 def test_unset_checkpoint_names_the_flag():
