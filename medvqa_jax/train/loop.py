@@ -79,10 +79,12 @@ def to_global(tree, shardings):
       np.shape(x), s, lambda idx: np.asarray(x)[idx]), tree, shardings)
 
 
-def _init_from(config, state, shardings):
+def _init_from(config, state, shardings, tokenizer):
   """Replaces the params matching train.init_params with those of train.init_from: a run's
   work folder or its checkpoints folder (its best-on-validation step, as evaluation takes;
-  the latest without validation), or one step folder."""
+  the latest without validation), or one step folder. The text tower's and decoder's are
+  refused when that run's tokenizer copy has another vocabulary than `tokenizer` (they would
+  read other token ids: same-size vocabularies pass the shape check)."""
   tc = config.train
   expected = "a run's work folder, its checkpoints/ folder or one step folder in it"
   try:
@@ -104,6 +106,14 @@ def _init_from(config, state, shardings):
   bad = [p for p in take if tuple(theirs[p].shape) != tuple(own[p].shape)]
   if bad:
     raise ValueError(f"init_from: shapes differ for {bad[:5]}")
+  textual = [p for p in take if p.split("/")[0] in ("text", "decoder")]
+  their_tokenizer = ckpt_lib.run_tokenizer(folder.parent, config.model.text) if textual else None
+  if their_tokenizer and their_tokenizer.hf.get_vocab() != tokenizer.hf.get_vocab():
+    raise ValueError(
+        f"init_from {folder.parent}: its tokenizer ({folder.parent / ckpt_lib.TOKENIZER}) has "
+        f"another vocabulary than this run's (model.text), so its text tower and decoder "
+        f"parameters ({len(textual)} arrays, e.g. {textual[0]}) would read other token ids: use "
+        f"the same tokenizer, or leave them out with train.init_params (e.g. 'image/.*')")
   flat_shard = flatten(shardings["params"])
   abstract = unflatten({p: jax.ShapeDtypeStruct(own[p].shape, own[p].dtype,
                                                 sharding=flat_shard[p]) for p in take})
@@ -360,7 +370,7 @@ def train(config, workdir=None, stream=None) -> dict:
     state = step_lib.create_state(init, tx, shardings,
                                   to_global(loaded, {k: shardings["params"][k] for k in loaded}))
     if tc.get("init_from"):
-      state, _ = _init_from(config, state, shardings)
+      state, _ = _init_from(config, state, shardings, tokenizer)
     else:
       frozen = optim.frozen_mask(config.optim, shapes)
       for part in ("image", "text"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -307,6 +308,21 @@ def test_init_from_another_run_then_an_infinite_gradient_stops_the_run(straight,
   assert nowhere.returncode == 1 and nowhere.stderr.startswith(
       f"error: --config.train.init_from: no checkpoint at {tmp_path / 'nowhere'} (expected "
       "a run's work folder"), nowhere.stderr[-3000:]
+  assert not (tmp_path / "refused").exists()
+  # A tokenizer of the same size but another vocabulary (two words swapped): its text and
+  # decoder parameters would pass the shape check and read other token ids. Refused.
+  from medvqa_jax import ASSETS
+  other = tmp_path / "other_vocab"
+  shutil.copytree(ASSETS / "bert_uncased_vocab", other)
+  words = (other / "vocab.txt").read_text().split("\n")
+  a, b = words.index("cat"), words.index("dog")
+  words[a], words[b] = words[b], words[a]
+  (other / "vocab.txt").write_text("\n".join(words))
+  swapped = _run(_train_cmd(tmp_path / "refused", data_dir, f"--config.train.init_from={source}",
+                            f"--config.model.text.tokenizer={other}"), devices=1, check=False)
+  assert swapped.returncode == 1 and (
+      f"error: init_from {source}: its tokenizer ({source / 'tokenizer'}) has another "
+      "vocabulary than this run's") in swapped.stderr, swapped.stderr[-3000:]
   assert not (tmp_path / "refused").exists()
   ckpts = Checkpoints(source / "checkpoints", read_only=True)
   best = ckpts.best_step()  # What init_from takes from a run folder, as evaluation does.
