@@ -92,12 +92,13 @@ def get_config(arg=None):
           itm=dict(negative_images=False),  # Also one hard-negative image per text.
       ),
       # AdamW, warm-up + cosine; lr_mults: (path regex, multiplier), 0 freezes. The run is
-      # total_steps long, or train.epochs over the training split when that is set. The
+      # total_steps long or train.epochs over the training split (set one of them: the
+      # fine-tuning configs count in epochs, pre-training in steps). The
       # pre-training lr (1e-4, both stages) is ours: the reference's stored stage-1 config
       # has 4e-6 but starts its fusion from a pre-trained checkpoint, ours from scratch; its
       # stage-0 lr is not in the code.
       optim=dict(lr=1e-4, weight_decay=0.02, b1=0.9, b2=0.98, warmup_fraction=0.4,
-                 total_steps=10000, lr_mults=(), grad_clip=unset(float)),
+                 total_steps=unset(int), lr_mults=(), grad_clip=unset(float)),
       # The dataset, built by launch/prepare_data.py into `dir` (or built there on first use
       # from `source_dir`, the download folder). val_split "" holds out a seeded slice
       # (val_fraction, whole images) of train for model selection (VQA-RAD has no validation

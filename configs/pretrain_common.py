@@ -24,5 +24,6 @@ def pretraining(config):
   # Validation: the objective and image<->text retrieval on a seeded 2% of the training
   # split's examples, held out (0: no validation; the corpus's own splits are not used).
   config.data.update(name="roco", val_split="", val_fraction=0.02)
+  config.optim.total_steps = 10000
   config.train.update(batch_size=256, eval_every=1000, save_every=1000)
   return config

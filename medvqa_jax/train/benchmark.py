@@ -155,6 +155,8 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
                      "cache: time it with --config.teacher.mode=none")
   if mc.head == "classifier" and not mc.get("num_answers"):  # Synthetic labels need a size.
     mc.num_answers = 512
+  if not config.optim.get("total_steps"):  # A config counting in epochs: any schedule length.
+    config.optim.total_steps = 10000
   for part in (mc.image, mc.text):
     if part.source != "init":
       raise ValueError(

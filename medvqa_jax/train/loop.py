@@ -60,10 +60,18 @@ def workdir_of(config, workdir=None) -> Path:
 
 
 def total_steps(config, num_train: int) -> int:
-  tc = config.train
-  if tc.get("epochs"):
-    return tc.epochs * max(num_train // tc.batch_size, 1)
-  return config.optim.total_steps
+  """The run's length: train.epochs passes over `num_train` examples, or optim.total_steps.
+  Both set (and not to the same length) is refused: one of them would be ignored."""
+  tc, steps = config.train, config.optim.get("total_steps")
+  if not tc.get("epochs"):
+    return steps
+  by_epochs = tc.epochs * max(num_train // tc.batch_size, 1)
+  if steps and steps != by_epochs:
+    raise ValueError(
+        f"train.epochs={tc.epochs} ({by_epochs} steps of {tc.batch_size}) and "
+        f"optim.total_steps={steps} both set the run's length: count in steps with "
+        f"--config.train.epochs=0, or in epochs with --config.optim.total_steps=0")
+  return by_epochs
 
 
 def abstract_state(model_shapes, tx, shardings) -> dict:

@@ -228,3 +228,18 @@ def test_a_resumed_run_says_which_changed_fields_it_keeps_from_its_record(text_c
   # A run from before tokenizer copies were saved reads the tokenizer the config names.
   taken, kept = loop.config_changes(saved, config, saved_tokenizer=False)
   assert "model.text.tokenizer None -> '/other/vocab'" in taken
+
+
+def test_the_run_length_is_set_by_epochs_or_by_steps_not_both():
+  """A config counting in epochs ignored --config.optim.total_steps without a word (a run
+  "extended" that way was reported complete): both set to different lengths is refused."""
+  from ml_collections import ConfigDict
+  config = lambda epochs, steps: ConfigDict(dict(train=dict(epochs=epochs, batch_size=32),
+                                                 optim=dict(total_steps=steps)))
+  assert loop.total_steps(config(6, None), 2757) == 6 * 86
+  assert loop.total_steps(config(0, 2000), 2757) == 2000
+  assert loop.total_steps(config(6, 516), 2757) == 516  # The length the run records.
+  with pytest.raises(ValueError, match=r"train.epochs=6 \(516 steps of 32\) and "
+                     r"optim.total_steps=2000 both set the run's length: count in steps with "
+                     r"--config.train.epochs=0, or in epochs with --config.optim.total_steps=0"):
+    loop.total_steps(config(6, 2000), 2757)
