@@ -419,8 +419,8 @@ def build(name: str, source_dir, data_dir, **options) -> Path:
 
 def load(data_dir, name: str, split: str, decode_images: bool = True):
   """A random-access source (no TensorFlow) of a built split: len() and [i] give examples
-  with the image decoded to a uint8 (H, W, 3) array (JPEG bytes with `decode_images=False`)
-  and text as bytes."""
+  with the images (image, and image2 of a multi-view corpus) decoded to uint8 (H, W, 3)
+  arrays (their stored JPEG bytes with `decode_images=False`) and text as bytes."""
   folder = dataset_dir(data_dir, name)
   if not (folder / "dataset_info.json").exists():
     raise FileNotFoundError(f"dataset {name} is not built in {data_dir}: run "
@@ -428,7 +428,9 @@ def load(data_dir, name: str, split: str, decode_images: bool = True):
   builder = tfds.builder_from_directory(str(folder))
   if split not in builder.info.splits:
     raise ValueError(f"{name} has no split {split!r}; it has {sorted(builder.info.splits)}")
-  decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
+  decoders = None if decode_images else {
+      key: tfds.decode.SkipDecoding() for key in ("image", "image2")
+      if key in builder.info.features}
   return builder.as_data_source(split=split, decoders=decoders)
 
 

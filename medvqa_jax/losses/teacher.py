@@ -26,7 +26,6 @@ from typing import Any, Iterable, Sequence
 import jax
 import numpy as np
 
-from medvqa_jax.data import sources
 from medvqa_jax.models import layers, state_dict
 
 # 2: captions cleaned and images resized (not cropped) to the teacher's size, as the student's
@@ -189,8 +188,7 @@ class TeacherCache:
           f"{path} holds {count(self.image2 is not None)} per example, the dataset "
           f"{count(multi_view)}: without the second view's embeddings the imvc target would "
           "be the first view's, and with them where the dataset has none, another image's. "
-          "Rebuild it with `python launch/cache_teacher.py` from records that have "
-          + ("an \"image2\"" if multi_view else "no \"image2\""))
+          "Rebuild it for this dataset with `python launch/cache_teacher.py`")
     missing = [i for i in map(str, ids) if i not in self._row]
     if missing:
       raise ValueError(f"{path} has no embeddings for {len(missing)} example(s) of the "
@@ -202,10 +200,9 @@ class TeacherCache:
     if other:
       raise ValueError(
           f"{path} was computed from other images than the dataset's for {len(other)} "
-          f"example(s), e.g. {other[:5]} (or saw them shrunk to another size: its max_side "
-          f"was {self.meta.get('max_side')}): rebuild it for this dataset with "
-          "`python launch/cache_teacher.py` and the training config, its --config.data.dir "
-          "included (the cache then sees the images as the dataset there stores them)")
+          f"example(s), e.g. {other[:5]} (or saw them stored at another size): rebuild it "
+          "with `python launch/cache_teacher.py` and the training config, its "
+          "--config.data.dir included (it reads the images the dataset there stores)")
 
   def lookup(self, ids: Iterable[str]) -> dict[str, np.ndarray]:
     """Teacher embeddings for a batch of example ids, as the batch fields the loss reads."""
@@ -221,12 +218,11 @@ class TeacherCache:
 
 
 def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 64,
-                  progress: bool = True, max_side: int | None = None) -> TeacherCache:
-  """Embeds every record ({"id", "image", "caption"[, "image2"]}, images as paths or bytes)
-  with the teacher: un-augmented images resized to its resolution, cleaned captions. The
-  images are those a dataset built with `max_side` (the config's data.max_side) stores, as
-  the online teacher sees them; each record's image id is the stored image's digest, for
-  `TeacherCache.check`."""
+                  progress: bool = True) -> TeacherCache:
+  """Embeds every record ({"id", "image", "caption"[, "image2"]}: `dataset_records`, whose
+  images are the stored bytes the online teacher decodes; or image files) with the teacher:
+  un-augmented images resized to its resolution, cleaned captions. Each record's image id is
+  the digest of its image's bytes (a built dataset's `image_id`), for `TeacherCache.check`."""
   from tqdm import tqdm
 
   from medvqa_jax.data import augment, builders
@@ -242,14 +238,13 @@ def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 6
   embed = jax.jit(teacher.embed)
   out = {"image": [], "text": [], "image2": []}
   image_ids = []
-  # The image as the built dataset stores it (shrunk to max_side and re-encoded where the
-  # build did): the pixels the online teacher sees, and the bytes of its image id.
-  def stored(r, key):
+  def stored(r, key):  # An image's bytes: its pixels and its image id.
+    if isinstance(r[key], bytes):
+      return r[key]
     try:
-      return builders.encode_image(r[key], max_side)
-    except ValueError as e:
-      where = r[key] if isinstance(r[key], (str, Path)) else "image bytes"
-      raise ValueError(f"record {r['id']} ({key} {where}): {e}") from None
+      return Path(r[key]).read_bytes()
+    except OSError as e:
+      raise ValueError(f"record {r['id']} ({key} {r[key]}): {e.strerror}") from None
 
   load = lambda data: augment.resize(np.asarray(image_lib.open_image(data)),
                                      teacher.image_size)
@@ -279,48 +274,29 @@ def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 6
   bar.close()
   meta = {"format": FORMAT_VERSION, "teacher": teacher.fingerprint(),
           "dataset": dataset_fingerprint(ids, [r["caption"] for r in records]),
-          "logit_scale": teacher.logit_scale, "count": len(ids),
-          "max_side": int(max_side) if max_side else None}
+          "logit_scale": teacher.logit_scale, "count": len(ids)}
   return TeacherCache(np.asarray(ids, str), np.concatenate(out["image"]),
                       np.concatenate(out["text"]),
                       np.concatenate(out["image2"]) if multi_view else None, meta,
                       np.asarray(image_ids, str))
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-  """Records of a JSONL corpus: {"id", "image", "caption"[, "image2"]} per line, image paths
-  relative to the file's folder. A malformed line is an error naming the file and line."""
-  path = Path(path)
-  records, first = [], None  # first: the line of the first record
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        r = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at character {e.pos + 1})") \
-            from None
-      if not isinstance(r, dict):
-        raise ValueError(f"{path}:{n}: expected an object, got {type(r).__name__}")
-      for key in ("image", "image2", "caption"):
-        if key in r and not isinstance(r[key], str):
-          raise ValueError(f"{path}:{n}: {key!r} is a {type(r[key]).__name__}, not a string")
-      # Ids and captions as the dataset builder stores them (the cache is checked against
-      # the built dataset's): an id as a string, a caption without surrounding spaces.
-      if r.get("id") is not None:
-        r["id"] = str(r["id"])
-      if "caption" in r:
-        r["caption"] = sources.clean_caption(r["caption"])
-      for key in ("id", "image", "caption"):
-        if not r.get(key) or not r[key].strip():
-          raise ValueError(f"{path}:{n}: missing or empty {key!r}")
-      if records and ("image2" in r) != ("image2" in records[0]):
-        raise ValueError(f"{path}:{n}: {'has' if 'image2' in r else 'lacks'} an 'image2', "
-                         f"unlike line {first}: a corpus is multi-view throughout or not at all")
-      for key in ("image", "image2"):
-        if key in r:
-          r[key] = str(path.parent / r[key])
-      first = first or n
-      records.append(r)
+def dataset_records(data_dir, name: str, split: str = "train",
+                    progress: bool = True) -> list[dict]:
+  """The examples of a built caption corpus's split as `compute_cache` takes them: id,
+  caption and the stored image's JPEG bytes (and image2's, of a multi-view corpus), the very
+  ids, captions and images the training pipeline reads."""
+  from tqdm import tqdm
+
+  from medvqa_jax.data import builders
+  source = builders.load(data_dir, name, split, decode_images=False)
+  text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
+  records = []
+  for i in tqdm(range(len(source)), desc=f"reading {name} {split}", unit="ex",
+                disable=not progress):
+    ex = source[i]
+    record = {"id": text(ex["id"]), "caption": text(ex["caption"]), "image": ex["image"]}
+    if "image2" in ex:
+      record["image2"] = ex["image2"]
+    records.append(record)
   return records

@@ -1,7 +1,6 @@
 """The soft-label teacher: its embeddings, the cache command, and the cache's checks."""
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,49 +25,67 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def built(corpus, tmp_path_factory):
+  """The corpus built as a dataset (captions_jsonl), where the cache command reads it."""
+  from medvqa_jax.data import builders
+  data_dir = tmp_path_factory.mktemp("tfds")
+  builders.build("captions_jsonl", corpus.parent, data_dir)
+  return data_dir
+
+
+@pytest.fixture(scope="module")
 def demo_config():
   from configs import demo
   return demo.get_config()
 
 
-def _run_cache(config_args, records, out):
-  return subprocess.run([sys.executable, "launch/cache_teacher.py", *config_args,
-                         f"--records={records}", f"--out={out}", "--batch_size=3"],
+def _run_cache(data_dir, out, *config_args):
+  return subprocess.run([sys.executable, "launch/cache_teacher.py", "--config=configs/demo.py",
+                         "--config.data.name=captions_jsonl", f"--config.data.dir={data_dir}",
+                         *config_args, f"--out={out}", "--batch_size=3"],
                         capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
-def test_the_cache_sees_the_images_as_the_built_dataset_stores_them(corpus, demo_config,
-                                                                   tmp_path):
-  """A corpus built with another max_side than the config's (prepare_data's own default
-  differed from the configs'): the cache command, given the config's data.dir, shrinks the
-  images as that build did, so that training accepts the cache (it was refused as made from
-  other images)."""
+def _dataset_fields(data_dir) -> tuple[list, list, list]:
+  """ids, captions and image ids of a built corpus's training split, as training reads them."""
+  from medvqa_jax.data import builders
+  source = builders.load(data_dir, "captions_jsonl", "train", decode_images=False)
+  rows = [source[i] for i in range(len(source))]
+  return tuple([r[k].decode() for r in rows] for k in ("id", "caption", "image_id"))
+
+
+def test_the_cache_command_embeds_the_built_dataset_as_training_reads_it(corpus, demo_config,
+                                                                        tmp_path):
+  """The cache command reads the corpus the config trains on, built (here with images shrunk
+  to another max_side than the config's: the cache still sees them as stored), so training
+  accepts the cache; an unbuilt dataset without data.source_dir, or a VQA dataset, is
+  refused naming what to do, and no cache file is left."""
   from medvqa_jax.data import builders
   builders.build("captions_jsonl", corpus.parent, tmp_path / "tfds", max_side=16)
   assert demo_config.data.max_side != 16
   out = tmp_path / "cache.npz"
-  run = _run_cache(["--config=configs/demo.py", "--config.data.name=captions_jsonl",
-                    f"--config.data.dir={tmp_path / 'tfds'}"], corpus, out)
+  run = _run_cache(tmp_path / "tfds", out)
   assert run.returncode == 0, run.stderr
-  source = builders.load(tmp_path / "tfds", "captions_jsonl", "train", decode_images=False)
-  rows = [source[i] for i in range(len(source))]
-  ids = [r["id"].decode() for r in rows]
-  teacher_lib.TeacherCache.load(out).check(
-      ids, [r["caption"].decode() for r in rows], [r["image_id"].decode() for r in rows],
-      teacher_lib.from_config(demo_config).fingerprint())
-  assert "captions_jsonl in " in run.stdout and "stores its images at max_side=16" in run.stdout
+  teacher_lib.TeacherCache.load(out).check(*_dataset_fields(tmp_path / "tfds"),
+                                           teacher_lib.from_config(demo_config).fingerprint())
+  out.unlink()
+  unbuilt = _run_cache(tmp_path / "nothing", out, "--config.data.source_dir=")
+  assert unbuilt.returncode != 0 and "prepare_data.py --dataset=captions_jsonl" in unbuilt.stderr
+  vqa = _run_cache(tmp_path / "tfds", out, "--config.data.name=vqa_rad")
+  assert vqa.returncode != 0 and "is a VQA dataset" in vqa.stderr
+  assert not out.exists() and not list(tmp_path.glob(".cache.npz.tmp*"))
 
 
-def test_cache_command_and_checks(corpus, demo_config, tmp_path):
+def test_cache_command_and_checks(built, demo_config, tmp_path):
   out = tmp_path / "cache.npz"
-  run = _run_cache(["--config=configs/demo.py"], corpus, out)
+  run = _run_cache(built, out)
   assert run.returncode == 0, run.stderr
   summary = json.loads(run.stdout.strip().splitlines()[-1])
   assert summary["examples"] == 8 and summary["width"] == 32 and summary["logit_scale"] == 50
 
   cache = teacher_lib.TeacherCache.load(out)
   teacher = teacher_lib.from_config(demo_config)
-  records = teacher_lib.read_jsonl(corpus)
+  records = teacher_lib.dataset_records(built, "captions_jsonl", progress=False)
   # Each row is the teacher's embedding of that example (8 records, batches of 3, padded).
   direct = teacher_lib.compute_cache(teacher, records[::-1], batch_size=8, progress=False)
   batch = cache.lookup([r["id"] for r in records[::-1]])
@@ -77,15 +94,8 @@ def test_cache_command_and_checks(corpus, demo_config, tmp_path):
   np.testing.assert_allclose(np.linalg.norm(batch["teacher_text"], axis=-1), 1, atol=1e-5)
   assert batch["teacher_scale"] == 50
 
-  ids, captions = [r["id"] for r in records], [r["caption"] for r in records]
-  # The image ids the built dataset gives these records (the digest of each stored image).
-  from medvqa_jax.data import builders
-  built = builders.build("captions_jsonl", corpus.parent, tmp_path / "tfds")
-  source = builders.load(tmp_path / "tfds", "captions_jsonl", "train", decode_images=False)
-  image_id = {ex["id"].decode(): ex["image_id"].decode()
-              for ex in (source[i] for i in range(len(source)))}
-  assert built.is_dir() and sorted(image_id) == sorted(ids)
-  image_ids = [image_id[i] for i in ids]
+  ids, captions, image_ids = _dataset_fields(built)
+  assert ids == [r["id"] for r in records] and len(set(ids)) == 8
   fingerprint = teacher.fingerprint()
   cache.check(ids, captions, image_ids, fingerprint)  # Matches: no error.
   with pytest.raises(ValueError, match="other data"):
@@ -100,7 +110,7 @@ def test_cache_command_and_checks(corpus, demo_config, tmp_path):
   # One image per example in the cache, two in the dataset (a multi-view corpus): refused
   # (the second view's target silently fell back to the first's); and the other way round.
   with pytest.raises(ValueError, match=r"holds one image per example, the dataset two "
-                                       r"images \(views\).*records that have an \"image2\""):
+                                       r"images \(views\).*Rebuild it for this dataset"):
     cache.check(ids, captions, image_ids, fingerprint, multi_view=True)
   two = teacher_lib.compute_cache(teacher, [dict(r, image2=r["image"]) for r in records],
                                   batch_size=8, progress=False)
@@ -127,21 +137,6 @@ def test_cache_command_and_checks(corpus, demo_config, tmp_path):
   for broken in ("partial.npz", "cut.npz"):
     with pytest.raises(ValueError, match=r"is unreadable or incomplete"):
       teacher_lib.TeacherCache.load(tmp_path / broken)
-
-
-def test_bad_records_are_named_and_leave_no_cache(corpus, tmp_path):
-  bad = tmp_path / "bad.jsonl"
-  lines = corpus.read_text().splitlines()
-  bad.write_text("\n".join(lines[:2] + ['{"id": "x", "image": "a.jpg"'] + lines[2:]))
-  out = tmp_path / "cache.npz"
-  run = _run_cache(["--config=configs/demo.py"], bad, out)
-  assert run.returncode != 0 and f"{bad}:3: not valid JSON" in run.stderr
-  missing = tmp_path / "missing.jsonl"
-  missing.write_text(lines[0] + "\n" + json.dumps({"id": "y", "image": "nope.jpg",
-                                                    "caption": "c"}) + "\n")
-  run = _run_cache(["--config=configs/demo.py"], missing, out)
-  assert run.returncode != 0 and "nope.jpg" in run.stderr
-  assert not out.exists() and not list(tmp_path.glob(".cache.npz.tmp*"))
 
 
 def test_biomedclip_teacher_matches_open_clip(biomedclip, monkeypatch):
@@ -193,16 +188,15 @@ def test_the_cache_embeds_the_images_the_online_teacher_sees_in_a_shrunk_build(c
                                                                               demo_config,
                                                                               tmp_path):
   """A build with max_side below the images' size stores them shrunk and re-encoded; the
-  online teacher sees those. The cache, made with the same max_side, embeds the same pixels
-  (it embedded the original files: other pixels, other soft labels)."""
+  online teacher sees those. The cache, made from the built dataset, embeds the same pixels
+  (it once embedded the original files: other pixels, other soft labels)."""
   from medvqa_jax.data import builders, pipeline
   from medvqa_jax.data import tokenizer as tokenizer_lib
   builders.build("captions_jsonl", corpus.parent, tmp_path / "tfds", max_side=40)
   source = builders.load(tmp_path / "tfds", "captions_jsonl", "train")
   teacher = teacher_lib.from_config(demo_config)
-  records = helpers.sample_caption_rows()[:6]
-  cache = teacher_lib.compute_cache(teacher, records, batch_size=8, progress=False,
-                                    max_side=40)
+  records = teacher_lib.dataset_records(tmp_path / "tfds", "captions_jsonl", progress=False)
+  cache = teacher_lib.compute_cache(teacher, records, batch_size=8, progress=False)
   example = pipeline._Example("caption", tokenizer_lib.from_config(demo_config.model.text), 32,
                               "pretrain", teacher=(teacher.tokenizer, teacher.image_size))
   stored = {source[i]["id"].decode(): source[i] for i in range(len(source))}
@@ -211,35 +205,3 @@ def test_the_cache_embeds_the_images_the_online_teacher_sees_in_a_shrunk_build(c
   image, _ = teacher.embed(*(np.stack([r[k] for r in rows]) for k in (
       "teacher_pixels", "teacher_input_ids", "teacher_attention_mask")))
   np.testing.assert_allclose(cache.image, image, atol=1e-5)
-
-
-@pytest.mark.parametrize("line, says", [
-    ('["x"]', "expected an object, got list"),
-    ('{"id": "x", "image": "a.jpg", "caption": 123}', "'caption' is a int, not a string"),
-    ('{"id": "x", "image": "a.jpg", "caption": "c", "image2": "b.jpg"}',
-     "has an 'image2', unlike line 1"),
-    ('{"id": "x", "image": "a.jpg", "caption": "   "}', "missing or empty 'caption'"),
-    ('{"id": "x" "image": "a.jpg", "caption": "c"}', "not valid JSON (Expecting ',' delimiter "
-     "at character 12)"),
-])
-def test_malformed_corpus_lines_are_named(tmp_path, line, says):
-  corpus = tmp_path / "corpus.jsonl"
-  corpus.write_text('{"id": "a", "image": "a.jpg", "caption": "first"}\n' + line + "\n")
-  with pytest.raises(ValueError, match=f"{corpus}:2: " + re.escape(says)):
-    teacher_lib.read_jsonl(corpus)
-
-
-def test_the_cache_reads_a_corpus_as_the_dataset_builder_does(tmp_path):
-  """A cache is checked against the built dataset's ids and captions: the cache command must
-  read a captions_jsonl file as the builder does (captions without surrounding spaces, an id
-  of 0 kept as "0"), or the cache of the very corpus it was made for is refused."""
-  from medvqa_jax.data import sources
-  rows = [{"id": 0, "image": "a.jpg", "caption": "is there a fracture? "},
-          {"id": "b", "image": "b.jpg", "caption": "  two  words "},
-          {"id": 7, "image": "c.jpg", "caption": "plain"}]
-  helpers.write_jsonl(tmp_path / "train.jsonl", rows)
-  built = sources.captions_jsonl(tmp_path)["train"]
-  read = teacher_lib.read_jsonl(tmp_path / "train.jsonl")
-  assert [(r["id"], r["caption"]) for r in built] == [(r["id"], r["caption"]) for r in read] \
-      == [("0", "is there a fracture?"), ("b", "two  words"), ("7", "plain")]
-  assert [r["image"] for r in built] == [r["image"] for r in read]

@@ -38,13 +38,14 @@ def _config(corpus, data_dir, workdir, val_fraction=0.0, **teacher):
   return config
 
 
-def _cache(config, corpus, path, change_caption=False):
-  records = teacher_lib.read_jsonl(corpus / "train.jsonl")
+def _cache(config, path, change_caption=False):
+  from medvqa_jax.data import splits as splits_lib
+  splits_lib.ensure_built(config.data)
+  records = teacher_lib.dataset_records(config.data.dir, config.data.name, progress=False)
   if change_caption:
     records[3]["caption"] += " (edited)"
   teacher = teacher_lib.from_config(config)
-  teacher_lib.compute_cache(teacher, records, batch_size=8, progress=False,
-                            max_side=config.data.max_side).save(path)
+  teacher_lib.compute_cache(teacher, records, batch_size=8, progress=False).save(path)
   return path
 
 
@@ -56,10 +57,10 @@ def _losses(workdir):
 def test_training_reads_the_cache_and_refuses_one_that_does_not_match(corpus, tmp_path,
                                                                       capsys, caplog):
   data = tmp_path / "tfds"
-  good = _cache(_config(corpus, data, tmp_path), corpus, tmp_path / "good.npz")
-  other_data = _cache(_config(corpus, data, tmp_path), corpus, tmp_path / "other_data.npz",
+  good = _cache(_config(corpus, data, tmp_path), tmp_path / "good.npz")
+  other_data = _cache(_config(corpus, data, tmp_path), tmp_path / "other_data.npz",
                       change_caption=True)
-  other_teacher = _cache(_config(corpus, data, tmp_path, logit_scale=60.0), corpus,
+  other_teacher = _cache(_config(corpus, data, tmp_path, logit_scale=60.0),
                          tmp_path / "other_teacher.npz")
   for cache, message in ((other_data, "computed for other data"),
                          (other_teacher, "computed by another teacher")):
@@ -98,7 +99,7 @@ def test_pretraining_validates_on_the_held_out_slice(corpus, tmp_path, capsys):
   """Half of the 8 examples held out: one validation batch of 4 at every step; the cache made
   for the whole corpus serves both parts; the best checkpoint is the lowest validation loss."""
   data, workdir = tmp_path / "tfds", tmp_path / "run"
-  cache = _cache(_config(corpus, data, tmp_path), corpus, tmp_path / "cache.npz")
+  cache = _cache(_config(corpus, data, tmp_path), tmp_path / "cache.npz")
   small = tmp_path / "small"  # 2 held-out examples, less than a batch: refused, nothing written.
   with pytest.raises(ValueError, match="val_fraction"):
     loop.train(_config(corpus, data, small, val_fraction=0.25, cache=str(cache)))
@@ -150,7 +151,7 @@ def test_resuming_refuses_a_run_whose_data_changed(corpus, tmp_path):
   """Resumed on other examples (here: a validation slice held out of the training split) a
   run would not continue itself: refused before anything is written; the same data resume."""
   data, workdir = tmp_path / "tfds", tmp_path / "run"
-  cache = str(_cache(_config(corpus, data, tmp_path), corpus, tmp_path / "cache.npz"))
+  cache = str(_cache(_config(corpus, data, tmp_path), tmp_path / "cache.npz"))
   assert loop.train(_config(corpus, data, workdir, cache=cache)) == {}  # Steps 1-2, saved at 2.
   files = lambda: {p: (p.stat().st_size, p.stat().st_mtime_ns)
                    for p in workdir.rglob("*") if p.is_file()}
