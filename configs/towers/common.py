@@ -9,6 +9,8 @@ Fields of a tower config:
               (depth: keep the first N blocks; image_size: position embeddings are resized).
   dtype:      compute dtype ("float32" or "bfloat16"); parameters stay float32.
   fresh:      regexes of parameter paths to initialise instead of load (e.g. "head/.*").
+  unused:     regexes of checkpoint keys to leave unloaded (weights the tower has no place
+              for, e.g. a task head; BERT's heads beside its `bert.` keys are left out anyway).
   tokenizer:  text towers: tokenizer folder (empty: the checkpoint folder).
   max_len:    text towers: tokens per text.
   positions:  text towers from a checkpoint: how many tokens the tower reads (its position
@@ -23,7 +25,7 @@ def tower(kind: str, source: str, arch: dict, checkpoint: str | None = None,
           positions: int | None = None, **extra) -> ml_collections.ConfigDict:
   cfg = dict(kind=kind, source=source,
              checkpoint=checkpoint if checkpoint else config_dict.placeholder(str),
-             arch=arch, dtype="float32", fresh=())
+             arch=arch, dtype="float32", fresh=(), unused=())
   if kind != "vit":
     cfg.update(tokenizer=config_dict.placeholder(str), max_len=30,
                positions=positions if positions else config_dict.placeholder(int))

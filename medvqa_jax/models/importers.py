@@ -20,6 +20,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from medvqa_jax.models import vit
 from medvqa_jax.models.bert import BertEncoder
 from medvqa_jax.models.clip_text import ClipTextTransformer
@@ -71,20 +73,26 @@ def _hf_config(folder: Path, cls_name: str):
     raise FileNotFoundError(f"cannot read {folder}/config.json as a {cls_name}: {e}") from None
 
 
+def _model_type(folder: Path) -> str | None:
+  """The model_type of a folder's config.json (None without one, or without the field)."""
+  path = folder / "config.json"
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text()).get("model_type")
+  except ValueError as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
 def _bert_config(folder: Path):
   """The folder's BertConfig. A config of another model type is refused: RoBERTa-family
   checkpoints have BERT's key names, so they would load without a complaint, but their
   positions start after the padding index and their outputs would be wrong."""
-  path = folder / "config.json"
-  if path.exists():
-    try:
-      model_type = json.loads(path.read_text()).get("model_type")
-    except ValueError as e:
-      raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if model_type not in (None, "bert"):
-      raise ValueError(f"{path}: model_type {model_type!r} is not a BERT model; BERT-family "
-                       "checkpoints (model_type 'bert': BERT, PubMedBERT, Bio_ClinicalBERT, "
-                       "MiniLM) are supported")
+  model_type = _model_type(folder)
+  if model_type not in (None, "bert"):
+    raise ValueError(f"{folder / 'config.json'}: model_type {model_type!r} is not a BERT "
+                     "model; BERT-family checkpoints (model_type 'bert': BERT, PubMedBERT, "
+                     "Bio_ClinicalBERT, MiniLM) are supported")
   return _hf_config(folder, "BertConfig")
 
 
@@ -127,18 +135,45 @@ def _clip_blocks(m: Mapping, prefix: str, depth: int, heads: int):
     m.dense(f"block_{i}/mlp/fc2", p + "mlp.fc2")
 
 
+# One tower of CLIP saved alone (CLIPVisionModel[WithProjection], CLIPTextModel[...]): its
+# part and config class. Their keys are those of the tower in a CLIPModel.
+_CLIP_ONE_TOWER = {"clip_vision_model": ("image", "CLIPVisionConfig"),
+                   "clip_text_model": ("text", "CLIPTextConfig")}
+
+
+def _clip_config(folder: Path, part: str):
+  """(the part's config, projection width) of a CLIPModel folder or of one tower's folder.
+  Another model type is refused (transformers would read it as a default CLIP config)."""
+  model_type = _model_type(folder)
+  if model_type in (None, "clip"):
+    config = _hf_config(folder, "CLIPConfig")
+    return getattr(config, f"{'vision' if part == 'image' else 'text'}_config"), \
+        config.projection_dim
+  alone = _CLIP_ONE_TOWER.get(model_type)
+  if alone is None:
+    raise ValueError(f"{folder / 'config.json'}: model_type {model_type!r} is not a CLIP "
+                     "model (a CLIPModel, 'clip', or one tower: 'clip_vision_model', "
+                     "'clip_text_model')")
+  if alone[0] != part:
+    raise ValueError(f"{folder} holds CLIP's {alone[0]} tower alone ({model_type}), not an "
+                     f"{part} tower")
+  config = _hf_config(folder, alone[1])
+  return config, config.projection_dim
+
+
 def hf_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
-  config = _hf_config(folder, "CLIPConfig")
+  if part not in ("image", "text"):
+    raise ValueError(f"a CLIPModel has an 'image' and a 'text' part, not {part!r}")
+  c, projection_dim = _clip_config(folder, part)
   m = Mapping()
   if part == "image":
-    c = config.vision_config
     pre = "vision_model."
     available = _num_blocks(state, rf"{re.escape(pre)}encoder\.layers\.(\d+)\.")
     depth = _depth(overrides.get("depth"), available, str(folder))
     kw = dict(image_size=c.image_size, patch_size=c.patch_size, width=c.hidden_size,
               depth=depth, num_heads=c.num_attention_heads, mlp_dim=c.intermediate_size,
               pre_norm=True, act=c.hidden_act, ln_eps=c.layer_norm_eps, patch_bias=False,
-              proj_dim=config.projection_dim, proj_kind="linear", proj_bias=False)
+              proj_dim=projection_dim, proj_kind="linear", proj_bias=False)
     kw.update(overrides)
     grid = kw["image_size"] // kw["patch_size"]
     m.add("patch_embed/kernel", pre + "embeddings.patch_embedding.weight", conv)
@@ -153,7 +188,6 @@ def hf_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
                 (rf"{re.escape(pre)}embeddings\.position_ids",)
                 + _dropped_blocks(pre + "encoder.layers.", depth, available))
   if part == "text":
-    c = config.text_config
     pre = "text_model."
     available = _num_blocks(state, rf"{re.escape(pre)}encoder\.layers\.(\d+)\.")
     depth = _depth(overrides.get("depth"), available, str(folder))
@@ -162,7 +196,7 @@ def hf_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
     kw = dict(vocab_size=c.vocab_size, context_length=c.max_position_embeddings,
               width=c.hidden_size, depth=depth, num_heads=c.num_attention_heads,
               mlp_dim=c.intermediate_size, act=c.hidden_act, ln_eps=c.layer_norm_eps,
-              eos_token_id=eos, proj_dim=config.projection_dim)
+              eos_token_id=eos, proj_dim=projection_dim)
     kw.update(overrides)
     m.add("token_embed/embedding", pre + "embeddings.token_embedding.weight")
     m.add("pos_embed", pre + "embeddings.position_embedding.weight",
@@ -173,7 +207,6 @@ def hf_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
     return Spec(ClipTextTransformer, kw, m, _prefixed(pre, "text_projection."),
                 (rf"{re.escape(pre)}embeddings\.position_ids",)
                 + _dropped_blocks(pre + "encoder.layers.", depth, available))
-  raise ValueError(f"a CLIPModel has an 'image' and a 'text' part, not {part!r}")
 
 
 # ---- BERT -------------------------------------------------------------------------------
@@ -263,9 +296,31 @@ def hf_bert_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
   kw.update(overrides)
   m = bert_mapping(prefix, kw["depth"], kw["num_heads"], kw["pooler"], kw.get("cross_from"),
                    kw.get("lm_head", False))
-  # Pre-training checkpoints (BertForPreTraining/MaskedLM) carry heads under `cls.`.
-  unused = bert_unused(prefix, kw["depth"], available, kw["pooler"]) + (r"cls\..*",)
+  if kw.get("lm_head"):
+    _check_tied_lm_head(state, prefix, folder)
+  # Checkpoints of a BERT with a head keep the BERT under `bert.` and the head beside it:
+  # pre-training heads under `cls.` (BertForPreTraining / MaskedLM, whose LM head the
+  # decoder takes), task heads (`classifier.`, `qa_outputs.`, ...), not loaded.
+  heads = (r"(?!bert\.).*",) if prefix else (r"cls\..*",)
+  unused = bert_unused(prefix, kw["depth"], available, kw["pooler"]) + heads
   return Spec(BertEncoder, kw, m, lambda k: True, unused, missing_optional_parts(state, m, kw))
+
+
+def _check_tied_lm_head(state, prefix: str, folder: Path) -> None:
+  """The decoder's LM head multiplies by the word embeddings (BERT ties them): a checkpoint
+  whose LM output matrix (or its bias) is its own would load with other logits, silently."""
+  pairs = (("cls.predictions.decoder.weight", prefix + "embeddings.word_embeddings.weight"),
+           ("cls.predictions.decoder.bias", "cls.predictions.bias"))
+  for own, tied in pairs:
+    if own in state and tied in state and not (
+        np.shape(state[own]) == np.shape(state[tied])
+        and np.array_equal(np.asarray(state[own]), np.asarray(state[tied]))):
+      raise CheckpointError(
+          f"checkpoint {folder}: its LM head's {own} is not {tied} (an untied LM head), but "
+          "the decoder's LM head is tied to the word embeddings, as BERT's is: it would give "
+          "other logits. Use a checkpoint with tied embeddings, or leave the LM head out of "
+          "it (it is then initialised fresh)")
+
 
 
 # ---- open_clip (BiomedCLIP architecture) ------------------------------------------------

@@ -289,17 +289,21 @@ def assemble(state: dict[str, np.ndarray], mapping: Mapping, template, *, source
       continue
     values[path] = np.asarray(v, dtype=shape.dtype)
   unexpected = [k for k in state if owned(k) and k not in consumed and not _matches(unused, k)]
-  errors = []
+  errors, hints = [], []
   if missing:
     errors.append(f"missing keys:{_listing(missing)}")
+    hints.append("If parameters are new on purpose (e.g. a new head), name them as fresh "
+                 "(the tower config's `fresh`: regexes of parameter paths).")
   if unexpected:
     errors.append(f"unexpected keys:{_listing(unexpected)}")
+    hints.append("Unexpected keys are weights the model has no place for: a checkpoint of "
+                 "another architecture, or a head to leave out (the tower config's `unused`: "
+                 "regexes of checkpoint keys).")
   if mismatched:
     errors.append(f"shape mismatches:{_listing(mismatched)}")
   if errors:
-    raise CheckpointError(
-        f"checkpoint {source} does not match the model; " + "; ".join(errors) +
-        "\nIf parameters are new on purpose (e.g. a new head), name them as fresh.")
+    raise CheckpointError(f"checkpoint {source} does not match the model; " +
+                          "; ".join(errors) + "".join("\n" + h for h in hints))
   if fresh_paths:
     if init is None:
       raise CheckpointError(f"fresh parameters {fresh_paths} need an init function")

@@ -92,7 +92,7 @@ def load(part: str, source: str, checkpoint: str | Path, *, dtype=jnp.float32,
 def from_config(cfg, seed: int = 0, abstract: bool = False, compute=None,
                 where: str = "<tower>"):
   """(module, params) for a tower config: `kind`, `source`, `checkpoint`, `arch`, `dtype`,
-  `fresh`. With source "init" the tower is randomly initialised from `arch` alone (with
+  `fresh`, `unused`. With source "init" the tower is randomly initialised from `arch` alone (with
   `abstract`, not at all: params is None). `compute`: a layers.Compute for the module (how
   it computes; the parameters do not depend on it). `where`: the config's path to `cfg`
   (e.g. "model.image"), for the flags that errors name."""
@@ -109,7 +109,8 @@ def from_config(cfg, seed: int = 0, abstract: bool = False, compute=None,
                      f"set: pass --config.{where}.checkpoint=/path/to/folder")
   part = PART[KINDS[cfg.kind]]
   module, params = load(part, cfg.source, cfg.checkpoint, dtype=cfg.dtype,
-                        fresh=tuple(cfg.get("fresh", ())), seed=seed, **arch)
+                        fresh=tuple(cfg.get("fresh", ())), unused=tuple(cfg.get("unused", ())),
+                        seed=seed, **arch)
   if not isinstance(module, KINDS[cfg.kind]):
     raise ValueError(f"the {part} tower of a {cfg.source} checkpoint is a "
                      f"{type(module).__name__}, but the config says kind={cfg.kind!r}")

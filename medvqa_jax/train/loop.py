@@ -136,7 +136,7 @@ def _init_from(config, state, shardings, tokenizer):
 def config_changes(saved_json: str, config, saved_tokenizer: bool) -> tuple[list, list]:
   """The fields whose values differ between a run's saved config and `config`, as (taken,
   kept): a resumed run builds its checkpoint towers from the architectures it recorded (their
-  source, checkpoint, arch and fresh fields no longer apply) and reads its own tokenizer copy
+  source, checkpoint, arch, fresh and unused fields no longer apply) and reads its own tokenizer copy
   when it has one (model.text.tokenizer no longer applies); every other field is taken."""
   def flat(tree, prefix=""):
     out = {}
@@ -151,7 +151,7 @@ def config_changes(saved_json: str, config, saved_tokenizer: bool) -> tuple[list
       return False
     field = rest.partition(".")[0]
     return ((config.model[part].source != "init"
-             and field in ("source", "checkpoint", "arch", "fresh"))
+             and field in ("source", "checkpoint", "arch", "fresh", "unused"))
             or (saved_tokenizer and part == "text" and field == "tokenizer"))
 
   then, now = flat(json.loads(saved_json)), flat(json.loads(config.to_json()))

@@ -40,9 +40,14 @@ def test_extra_key_is_named(hf_bert, tmp_path):
   folder = _edited_copy(hf_bert[1], tmp_path, lambda s: s.update({key: np.zeros(3, np.float32)}))
   with pytest.raises(CheckpointError, match="unexpected keys") as e:
     towers.load("text", "hf_bert", folder)
-  assert key in str(e.value)
-  # Named by the caller as deliberately unused, the same checkpoint loads.
+  assert key in str(e.value) and "the tower config's `unused`" in str(e.value)
+  assert "fresh" not in str(e.value)  # Naming parameters fresh cannot leave keys out.
+  # Named as deliberately unused (by the caller, or in the tower config), it loads.
   towers.load("text", "hf_bert", folder, unused=[r".*\.rotary\..*"])
+  from configs.towers.common import tower
+  cfg = tower("bert", "hf_bert", dict(pooler="cls"), checkpoint=str(folder))
+  cfg.unused = (r".*\.rotary\..*",)
+  towers.from_config(cfg)
 
 
 def test_key_outside_the_format_is_named(hf_clip, tmp_path):
@@ -138,3 +143,73 @@ def test_a_roberta_checkpoint_is_refused_by_its_model_type(tmp_path):
   transformers.RobertaModel(config).save_pretrained(tmp_path)
   with pytest.raises(ValueError, match=r"config.json: model_type 'roberta' is not a BERT"):
     towers.load("text", "hf_bert", tmp_path)
+
+
+def _bert_with(head_class, tmp_path, **config):
+  """A BERT-with-a-head checkpoint (random weights) saved to a folder: (model, folder)."""
+  import torch
+  import transformers
+  torch.manual_seed(7)
+  cfg = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, intermediate_size=128,
+                                max_position_embeddings=40, **config)
+  model = getattr(transformers, head_class)(cfg).eval()
+  folder = tmp_path / head_class
+  model.save_pretrained(folder)
+  return model, folder
+
+
+def test_a_bert_with_a_task_head_loads_its_bert(tmp_path):
+  """A BERT fine-tuned for a task (BertForSequenceClassification: `bert.` + `classifier.`)
+  loads as a text tower, its head left out (it was refused, with advice that could not
+  help); the tower computes what its BERT does."""
+  import torch
+  ref, folder = _bert_with("BertForSequenceClassification", tmp_path, num_labels=3)
+  module, params = towers.load("text", "hf_bert", folder)
+  ids = np.array([[2, 17, 33, 5, 3, 0, 0]])
+  out = module.apply({"params": params}, ids, (ids != 0).astype(np.int32))
+  with torch.no_grad():
+    want = ref.bert(input_ids=torch.from_numpy(ids),
+                    attention_mask=torch.from_numpy((ids != 0).astype(np.int64)))
+  assert helpers.max_diff(out["tokens"][:, :5], want.last_hidden_state[:, :5]) < 1e-4
+  assert helpers.max_diff(out["pooled"], want.pooler_output) < 1e-4
+
+
+def test_an_untied_lm_head_is_refused_for_the_decoder(tmp_path):
+  """The decoder's LM head multiplies by the word embeddings: a checkpoint whose LM output
+  matrix is its own loaded with other logits, silently. Refused; tied, it loads."""
+  untied = _bert_with("BertLMHeadModel", tmp_path / "untied", is_decoder=True,
+                      tie_word_embeddings=False)[1]
+  with pytest.raises(CheckpointError, match=r"cls.predictions.decoder.weight is not "
+                     r"bert.embeddings.word_embeddings.weight \(an untied LM head\)"):
+    towers.load("text", "hf_bert", untied, causal=True, lm_head=True, pooler="none")
+  towers.load("text", "hf_bert", untied, pooler="cls")  # The encoder alone: no LM head read.
+  tied = _bert_with("BertLMHeadModel", tmp_path / "tied", is_decoder=True)[1]
+  towers.load("text", "hf_bert", tied, causal=True, lm_head=True, pooler="none")
+
+
+def test_one_clip_tower_saved_alone_loads_and_other_model_types_are_refused(tmp_path):
+  """A CLIPVisionModelWithProjection folder (model_type clip_vision_model) was read as a
+  default CLIPConfig (ViT-B/32): dozens of shape mismatches, or a wrong model by luck."""
+  import torch
+  import transformers
+  from conftest import _clip_config
+  torch.manual_seed(8)
+  config = _clip_config()
+  vision = transformers.CLIPVisionConfig(**{**config.vision_config.to_dict(),
+                                            "projection_dim": 24})
+  ref = transformers.CLIPVisionModelWithProjection(vision).eval()
+  ref.save_pretrained(tmp_path / "vision")
+  module, params = towers.load("image", "hf_clip", tmp_path / "vision")
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = ref(pixel_values=torch.from_numpy(x).permute(0, 3, 1, 2)).image_embeds
+  assert helpers.max_diff(module.apply({"params": params}, x)["embedding"], want) < 1e-4
+  with pytest.raises(ValueError, match=r"holds CLIP's image tower alone \(clip_vision_model\), "
+                                       r"not an text tower"):
+    towers.load("text", "hf_clip", tmp_path / "vision")
+  transformers.BertModel(transformers.BertConfig(
+      vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+      intermediate_size=64)).save_pretrained(tmp_path / "bert")
+  with pytest.raises(ValueError, match=r"model_type 'bert' is not a CLIP model"):
+    towers.load("image", "hf_clip", tmp_path / "bert")
