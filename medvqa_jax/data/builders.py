@@ -62,7 +62,10 @@ def encode_image(source, max_side: int | None, quality: int = 95) -> bytes:
   if (img.format == "JPEG" and img.mode == "RGB" and not turned
       and not (max_side and max(img.size) > max_side)):
     return data
-  img = image_lib.to_rgb(image_lib.upright(img))
+  try:
+    img = image_lib.to_rgb(image_lib.upright(image_lib.full_depth(img, data)))
+  except OSError as e:
+    raise ValueError(f"unreadable image ({e})") from None
   if max_side and max(img.size) > max_side:
     scale = max_side / max(img.size)
     img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),

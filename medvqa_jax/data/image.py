@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -23,25 +24,55 @@ def upright(img: Image.Image) -> Image.Image:
   return ImageOps.exif_transpose(img) if needs_turning(img) else img
 
 
+def _stretched(x: np.ndarray) -> np.ndarray:
+  """uint8 of high-bit-depth samples, stretched from their own minimum-maximum to 0-255."""
+  x = np.asarray(x, np.float64)
+  lo, hi = float(x.min()), float(x.max())
+  x = (x - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(x)
+  return np.round(x).astype(np.uint8)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
   """RGB of an image in any PIL mode. High-bit-depth grayscale (16-bit PNG, 32-bit integer or
   float: how scans exported from DICOM often come) is stretched from its own minimum-maximum
   to 0-255; PIL's own conversion clips it at 255, which turns nearly every pixel white."""
   if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-    x = np.asarray(img, np.float64)
-    lo, hi = float(x.min()), float(x.max())
-    x = (x - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(x)
-    img = Image.fromarray(np.round(x).astype(np.uint8), "L")
+    img = Image.fromarray(_stretched(np.asarray(img)), "L")
   return img.convert("RGB")
+
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def full_depth(img: Image.Image, data: bytes) -> Image.Image:
+  """`img` (PIL's decoding of `data`), unless `data` is a PNG of 16-bit colour or 16-bit gray
+  with alpha: PIL keeps only the high byte of each sample of those (12-bit content comes out
+  near black). They are decoded in full and stretched like 16-bit grayscale (`to_rgb`), alpha
+  dropped; the image's metadata (EXIF orientation) is kept."""
+  # The IHDR chunk comes first: bit depth at byte 24, colour type (2 RGB, 4 gray + alpha,
+  # 6 RGBA) at byte 25.
+  if not (data[:8] == _PNG and len(data) > 25 and data[24] == 16 and data[25] in (2, 4, 6)):
+    return img
+  import png  # pypng: PIL has no 16-bit colour mode.
+  try:
+    width, height, rows, info = png.Reader(bytes=data).asDirect()
+    x = np.vstack([np.asarray(row, np.uint16) for row in rows])
+  except png.Error as e:
+    raise OSError(f"16-bit PNG: {e}") from None
+  x = x.reshape(height, width, info["planes"])[..., :3 if info["planes"] >= 3 else 1]
+  deep = Image.fromarray(_stretched(x).squeeze(-1) if x.shape[-1] == 1 else _stretched(x))
+  deep.info.update(img.info)
+  return deep
 
 
 def open_image(source: str | os.PathLike | bytes) -> Image.Image:
   """Decodes an image file or encoded bytes to RGB (medical images are often grayscale, some
-  of them 16-bit: `to_rgb`), upright (`upright`)."""
+  of them 16-bit: `to_rgb`, `full_depth`), upright (`upright`)."""
   try:
-    img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    img = Image.open(io.BytesIO(data))
     img.load()
-    img = upright(img)
+    img = upright(full_depth(img, data))
   except (OSError, SyntaxError, Image.DecompressionBombError) as e:
     where = "image bytes" if isinstance(source, bytes) else str(source)
     raise ValueError(f"cannot decode {where}: {e}") from None

@@ -38,6 +38,50 @@ def test_built_datasets_store_sixteen_bit_images_stretched(tmp_path):
   assert np.abs(stored[..., 0] - expected).mean() < 2  # JPEG round trip.
 
 
+def _deep_png(arr: np.ndarray, orientation: int | None = None) -> bytes:
+  """A PNG of 16-bit samples (H, W, C): C=3 RGB, C=2 gray + alpha, with an EXIF orientation
+  chunk if given."""
+  import struct
+  import zlib
+
+  import png
+  h, w, c = arr.shape
+  out = io.BytesIO()
+  png.Writer(w, h, greyscale=c < 3, alpha=c in (2, 4), bitdepth=16).write(
+      out, arr.reshape(h, w * c))
+  data = out.getvalue()
+  if orientation is None:
+    return data
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  body = exif.tobytes()
+  chunk = (struct.pack(">I", len(body)) + b"eXIf" + body +
+           struct.pack(">I", zlib.crc32(b"eXIf" + body) & 0xFFFFFFFF))
+  return data[:33] + chunk + data[33:]  # After the signature and IHDR.
+
+
+def test_sixteen_bit_colour_and_gray_alpha_pngs_are_read_in_full():
+  """PIL keeps only the high byte of 16-bit RGB and gray + alpha PNGs: 12-bit content came out
+  near black (max 15). They are read in full and stretched as 16-bit grayscale is, and
+  turned by their EXIF orientation; the stored copy of a build is the same picture."""
+  ramp = np.linspace(0, 4095, 64 * 48).reshape(48, 64).astype(np.uint16)
+  expected = np.round(ramp / 4095 * 255).astype(np.uint8)
+  for arr in (np.stack([ramp] * 3, -1), np.stack([ramp, np.full_like(ramp, 65535)], -1)):
+    data = _deep_png(arr)
+    assert np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).max() <= 15  # PIL's.
+    rgb = np.asarray(image_lib.open_image(data))
+    np.testing.assert_array_equal(rgb, np.stack([expected] * 3, -1))
+    stored = np.asarray(image_lib.open_image(builders.encode_image(data, None)))
+    assert np.abs(stored.astype(float) - rgb).mean() < 2  # JPEG round trip.
+  # Colour is kept (one range for the three channels) and the orientation applied.
+  colour = np.stack([ramp, ramp // 2, np.zeros_like(ramp)], -1)
+  turned = np.asarray(image_lib.open_image(_deep_png(colour, orientation=6)))
+  assert turned.shape == (64, 48, 3)
+  np.testing.assert_array_equal(turned[..., 0], np.rot90(expected, -1))
+  np.testing.assert_array_equal(turned[..., 1], np.rot90(np.round(
+      (ramp // 2) / 4095 * 255).astype(np.uint8), -1))
+
+
 def test_float_and_constant_images():
   x = np.float32([[0.0, 0.5], [1.0, 0.25]])
   rgb = np.asarray(image_lib.to_rgb(Image.fromarray(x, "F")))
