@@ -47,7 +47,7 @@ WHEEL_PINS=(ott-jax==0.6.0 jaxopt==0.8.5 grain==0.2.18 array-record==0.8.6 dm-tr
   tensorflow-datasets==4.9.10 tensorflow-metadata==1.21.0 googleapis-common-protos==1.76.0
   immutabledict==4.3.1 promise==2.3 simple-parsing==0.1.9 docstring-parser==0.18.0
   termcolor==3.3.0 toml==0.10.2 ml-collections==1.1.0 importlib-resources==7.1.0
-  tensorboardx==2.6.5 portpicker==1.6.0)
+  tensorboardx==2.6.5 portpicker==1.6.0 pypng==0.20220715.0)
 
 download_wheels() {
   local dir=$1 platforms=() n
