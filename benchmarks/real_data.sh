@@ -19,7 +19,9 @@
 # EVAL_EVERY (150 steps; a checkpoint is saved at each validation), WORKERS (input-pipeline
 # processes, 12), ATTENTION (reference|xla|cudnn|auto, default auto), MAX_SIDE (images shrunk
 # to this longer side when the dataset is built, 256, as benchmarks/pack.py packs them),
-# PYTHON (python3).
+# PYTHON (python3), STEP_END (seconds since the epoch, as gpu_session.sh sets it: training is
+# stopped EVAL_RESERVE s (90) before it, and the best checkpoint it reached is evaluated on
+# test; its line says "complete": false).
 set -uo pipefail
 if [[ " $* " == *" -h "* || " $* " == *" --help "* ]]; then
   sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
@@ -54,19 +56,41 @@ for ds in "${DATASETS[@]}"; do
   [ -n "${MINILM:-}" ] && args+=(--config.model.text.checkpoint="$MINILM")
   [ -n "${EPOCHS:-}" ] && args+=(--config.train.epochs="$EPOCHS")
   [ -n "${STEPS:-}" ] && args+=(--config.train.epochs=0 --config.optim.total_steps="$STEPS")
-  echo "== $ds: $PYTHON launch/train.py ${args[*]}" >&2
-  start=$(date +%s)
-  if ! "$PYTHON" launch/train.py "${args[@]}"; then
-    echo "(failed: $ds)" >&2
-    continue
+  limit=()
+  if [ -n "${STEP_END:-}" ]; then
+    t=$(( STEP_END - $(date +%s) - ${EVAL_RESERVE:-90} ))
+    if [ "$t" -lt 10 ]; then
+      echo "(skipped $ds: $t s left for training)" >&2
+      continue
+    fi
+    # SIGTERM: the step in progress is finished and saved, then train.py exits (130).
+    limit=(timeout --foreground -k 60 "$t")
   fi
-  "$PYTHON" - "$RUNS/$ds" "$(( $(date +%s) - start ))" "${args[*]}" >>"$RESULTS" <<'PY'
+  echo "== $ds: ${limit[*]} $PYTHON launch/train.py ${args[*]}" >&2
+  start=$(date +%s)
+  "${limit[@]}" "$PYTHON" launch/train.py "${args[@]}"
+  rc=$?
+  metrics=$RUNS/$ds/eval/test/metrics.json complete=true
+  if [ "$rc" -ne 0 ]; then
+    if [[ $rc != 124 && $rc != 130 ]] || [ ! -d "$RUNS/$ds/checkpoints" ]; then
+      echo "(failed: $ds, exit status $rc)" >&2
+      continue
+    fi
+    # Stopped by the time limit: the best checkpoint reached, evaluated on test.
+    complete=false metrics=$RUNS/$ds/eval/test-stopped/metrics.json
+    if ! "$PYTHON" launch/eval.py --checkpoint_dir="$RUNS/$ds" --out="${metrics%/*}"; then
+      echo "(failed: $ds, evaluating its stopped run)" >&2
+      continue
+    fi
+  fi
+  "$PYTHON" - "$RUNS/$ds" "$(( $(date +%s) - start ))" "${args[*]}" "$metrics" "$complete" \
+      >>"$RESULTS" <<'PY'
 import json, sys
 import jax
-run, seconds, args = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-m = json.load(open(f"{run}/eval/test/metrics.json"))
-print(json.dumps({"run": run, "wall_s": seconds, "device": jax.devices()[0].device_kind,
-                  "jax": jax.__version__, "args": args, "metrics": m}))
+run, seconds, args, metrics, complete = sys.argv[1:6]
+print(json.dumps({"run": run, "wall_s": int(seconds), "device": jax.devices()[0].device_kind,
+                  "jax": jax.__version__, "args": args, "complete": complete == "true",
+                  "metrics": json.load(open(metrics))}))
 PY
 done
 
@@ -74,12 +98,14 @@ done
 import json, sys
 pct = lambda x: "-" if x is None else f"{100 * x:.1f}"
 print("accuracy (%) by the dataset's answer_type; majority = always the most frequent train answer")
-print(f"{'run':22} {'step':>5} {'overall':>7} {'closed':>6} {'open':>6} {'majority':>8} "
+print("(step*: the run was stopped by its time limit; its best checkpoint reached)")
+print(f"{'run':22} {'step':>6} {'overall':>7} {'closed':>6} {'open':>6} {'majority':>8} "
       f"{'wall s':>6}  device")
 for line in open(sys.argv[1]):
   r = json.loads(line)
   m = r["metrics"]
-  print(f"{r['run'][-22:]:22} {m['step']:>5} {pct(m['overall']):>7} {pct(m['closed']):>6} "
+  step = f"{m['step']}{'' if r.get('complete', True) else '*'}"
+  print(f"{r['run'][-22:]:22} {step:>6} {pct(m['overall']):>7} {pct(m['closed']):>6} "
         f"{pct(m['open']):>6} {pct(m['majority_baseline']['overall']):>8} {r['wall_s']:>6}  "
         f"{r['device']}")
 PY

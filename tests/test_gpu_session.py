@@ -13,7 +13,7 @@ from pathlib import Path
 from medvqa_jax import ASSETS
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["check", "towers", "real_vqa_rad", "stage1", "finetune", "input", "real_slake",
+STEPS = ["check", "towers", "stage1", "finetune", "real_vqa_rad", "input", "real_slake",
          "towers_more"]
 
 
@@ -59,8 +59,10 @@ def test_the_input_step_runs_and_a_step_over_budget_is_skipped(tmp_path):
   for r in lines:
     assert [x["workers"] for x in r["results"]] == [0, 1]
     assert all(x["images_per_s"] > 0 for x in r["results"])
+  # The results folder holds the results only (the device sends back a few files).
+  assert sorted(p.name for p in out_dir.iterdir()) == ["input.jsonl", "session.log"]
   # The caption corpus: one row per training image, its path relative to the file.
-  corpus = out_dir / "corpus" / "train.jsonl"
+  corpus = tmp_path / "runs" / "corpus" / "train.jsonl"
   rows = [json.loads(line) for line in corpus.read_text().splitlines()]
   questions = json.loads((ASSETS / "vqa_rad_sample" / "trainset.json").read_text())
   assert sorted(r["id"] for r in rows) == sorted({q["image_name"] for q in questions})
@@ -70,3 +72,54 @@ def test_the_input_step_runs_and_a_step_over_budget_is_skipped(tmp_path):
   assert "== towers: skipped" in log and "skipped: towers" in log.splitlines()[-1]
   assert not (out_dir / "benchmarks.jsonl").exists()
   assert re.search(r"^captions_jsonl\s+pretrain\s+1\s+[\d.]+", out.stdout, re.M)
+
+
+def test_a_fine_tune_stopped_by_its_time_limit_is_evaluated_where_it_got(tmp_path):
+  """real_data.sh within gpu_session.sh's STEP_END: training is stopped (SIGTERM) in time
+  for the best checkpoint it reached to be evaluated on test, and the line says the run is
+  not complete (a fine-tune cut off by the budget recorded nothing). A stand-in for python
+  plays train.py (saves a checkpoint on SIGTERM, exit 130) and eval.py."""
+  import time
+  fake = tmp_path / "python"
+  fake.write_text(f"""#!/usr/bin/env bash
+case "$1" in
+  launch/train.py)
+    for a in "$@"; do case $a in --config.train.workdir=*) run=${{a#*=}};; esac; done
+    trap 'mkdir -p "$run/checkpoints/7"; exit 130' TERM
+    sleep 120 >/dev/null 2>&1 & wait $! ;;
+  launch/eval.py)
+    for a in "$@"; do case $a in --out=*) out=${{a#*=}};; esac; done
+    mkdir -p "$out"
+    echo '{{"step": 7, "overall": 0.5, "closed": 0.625, "open": 0.25,
+           "majority_baseline": {{"overall": 0.3}}}}' > "$out/metrics.json" ;;
+  *) exec {sys.executable} "$@" ;;
+esac
+""")
+  fake.chmod(0o755)
+  results = tmp_path / "real.jsonl"
+  start = time.time()
+  out = subprocess.run(["bash", "benchmarks/real_data.sh", "vqa_rad"], cwd=ROOT,
+                       env={**os.environ, "PYTHON": str(fake), "RUNS": str(tmp_path / "runs"),
+                            "RESULTS": str(results), "EVAL_RESERVE": "0",
+                            "STEP_END": str(int(start) + 12)},
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert time.time() - start < 60  # Stopped at its limit, not at the stand-in's 120 s.
+  (line,) = [json.loads(x) for x in results.read_text().splitlines()]
+  assert line["complete"] is False and line["metrics"]["step"] == 7
+  assert re.search(r"runs/vqa_rad\s+7\*\s+50\.0\s+62\.5\s+25\.0\s+30\.0", out.stdout)
+
+
+def test_benchmark_runs_that_would_outlast_the_step_are_skipped(tmp_path):
+  """gpu.sh ends its runs by STEP_END too: a run left under 30 s is skipped, not started
+  (a run cut by gpu_session.sh's own timeout kept the GPU and the log open)."""
+  import time
+  results = tmp_path / "bench.jsonl"
+  results.write_text("")
+  out = subprocess.run(["bash", "benchmarks/gpu.sh", "1"], cwd=ROOT,
+                       env={**os.environ, "PYTHON": sys.executable, "OUT_FILE": str(results),
+                            "STEP_END": str(int(time.time()) + 20)},
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert re.search(r"== skipped \(\d+ s left\): --config=configs/towers_only.py", out.stderr)
+  assert results.read_text() == ""
