@@ -45,12 +45,14 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON=${PYTHON:-python3}
 
 # Beyond jax, flax, optax, orbax, chex, transformers, torch, tokenizers, pillow, pyarrow:
-# the versions the test install resolves, and what they need in turn.
+# the versions the test install resolves, and what they need in turn (protobuf and etils
+# too, though the device has some: tensorflow-datasets and googleapis-common-protos need
+# recent ones).
 WHEEL_PINS=(ott-jax==0.6.0 jaxopt==0.8.5 grain==0.2.18 array-record==0.8.6 dm-tree==0.1.10
   tensorflow-datasets==4.9.10 tensorflow-metadata==1.21.0 googleapis-common-protos==1.76.0
   immutabledict==4.3.1 promise==2.3 simple-parsing==0.1.9 docstring-parser==0.18.0
   termcolor==3.3.0 toml==0.10.2 ml-collections==1.1.0 importlib-resources==7.1.0
-  tensorboardx==2.6.5 portpicker==1.6.0 pypng==0.20220715.0)
+  tensorboardx==2.6.5 portpicker==1.6.0 pypng==0.20220715.0 protobuf==7.36.2 etils==1.15.0)
 
 download_wheels() {
   local dir=$1 platforms=() n
