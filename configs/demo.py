@@ -14,7 +14,10 @@ from medvqa_jax import ASSETS
 
 
 def get_config(arg=None):
-  del arg
+  if arg:
+    raise ValueError(f"configs/demo.py takes no argument (its towers are tiny), not {arg!r}: "
+                     "pick towers with a dataset config, e.g. "
+                     "--config=configs/vqa_rad.py:image=...,text=...")
   config = base.get_config("image=tiny,text=tiny,teacher=tiny")
   config.model.image.arch.image_size = 64
   config.model.text.max_len = 24

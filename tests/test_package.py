@@ -95,6 +95,9 @@ def test_train_names_the_missing_setting(tmp_path):
   assert not any(tmp_path.iterdir())  # Nothing written by a run that could not start.
   bad = _run("launch/train.py", "--config=configs/demo.py", "--config.model.image.arch.dept=3")
   assert bad.returncode != 0  # Configs are locked: a typo is an error.
+  # The demo's towers are fixed: tower presets given to it are refused, not ignored.
+  arg = _run("launch/count_params.py", "--config=configs/demo.py:image=paper_init")
+  assert arg.returncode == 2 and "configs/demo.py takes no argument" in arg.stderr
 
 
 def test_eval_and_predict_say_what_is_missing(tmp_path):

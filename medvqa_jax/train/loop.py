@@ -322,6 +322,11 @@ def train(config, workdir=None, stream=None) -> dict:
   ({} for a pre-training run: its validation metrics are in metrics.jsonl and the run
   records, and its best checkpoint is the one of lowest validation loss)."""
   workdir = workdir_of(config, workdir)
+  # The data folders as absolute paths, in the config the run records: evaluating or
+  # predicting from another folder reads the same dataset (a relative one was rebuilt there).
+  for field in ("dir", "source_dir"):
+    if config.data.get(field):
+      config.data[field] = str(Path(config.data[field]).expanduser().absolute())
   tc, mc = config.train, config.model
   finetune = mc.head != "none"
   main = jax.process_index() == 0

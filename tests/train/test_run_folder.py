@@ -59,8 +59,11 @@ def _same(a: dict, b: dict):
 
 
 def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_checkpoint,
-                                                                        tmp_path, caplog):
+                                                                        tmp_path, caplog,
+                                                                        monkeypatch):
   config = _config(text_checkpoint, tmp_path)
+  monkeypatch.chdir(tmp_path)
+  config.data.dir = "data"  # Relative to the folder the run starts in: recorded absolute.
   # A run refused by its config (here an lr_mults rule matching no parameter) writes nothing.
   bad = config.copy_and_resolve_references()
   bad.optim.lr_mults = (("imag/.*", 0.0),)
@@ -106,7 +109,10 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
   with pytest.raises(FileNotFoundError, match="does not exist"):
     amif.initializer(config)
 
+  (tmp_path / "elsewhere").mkdir()
+  monkeypatch.chdir(tmp_path / "elsewhere")  # Evaluated from another folder: the same data.
   restored = run_lib.restore(moved)
+  assert restored.config.data.dir == str(tmp_path / "data")
   assert amif.tower_archs(restored.model) == amif.tower_archs(model)
   assert restored.model.decoder == model.decoder
   texts = ["is there a fracture?", "what organ is shown in this image?"]
@@ -118,7 +124,7 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
   val = run_lib.evaluate_split(restored, "validation")
   assert val["split"].startswith("train (held-out")  # Named for what it is,
   assert (moved / "eval" / "validation-step2" / "metrics.json").exists()  # filed plainly.
-  assert not workdir.exists()
+  assert not workdir.exists() and not any((tmp_path / "elsewhere").iterdir())
   # The closed-set protocol at evaluation: the candidates of every split, test included,
   # while the GCA prior (an input of the model) stays the one it was trained with.
   from medvqa_jax.evaluate import vqa as vqa_eval
