@@ -345,19 +345,20 @@ def _csv_rows(path: Path):
 def _split_files(source_dir: Path, pattern: str) -> dict:
   """{split: file}: files named like <split>.<ext> or <anything>_<split>.<ext>, one per split
   (several are refused: only one would be read)."""
-  out, found = {}, {}
+  found = {}
   for path in sorted(source_dir.glob(pattern)):
     stem = path.stem.lower()
     for split, names in (("train", ("train",)), ("validation", ("validation", "val")),
                          ("test", ("test",))):
       if stem in names or stem.endswith(tuple("_" + n for n in names)):
-        found.setdefault(split, []).append(path.name)
-        out[split] = path
-  several = {split: names for split, names in found.items() if len(names) > 1}
+        found.setdefault(split, []).append(path)
+  several = {split: paths for split, paths in found.items() if len(paths) > 1}
   if several:
     raise ValueError(f"{source_dir}: one {pattern} file per split is read, but " + "; ".join(
-        f"{', '.join(names)} are all {split} files" for split, names in several.items()) +
+        f"{', '.join(p.name for p in paths)} are all {split} files"
+        for split, paths in several.items()) +
         " (join them into one file, or move the others out of the folder)")
+  out = {split: paths[0] for split, paths in found.items()}
   if not out:
     files = sorted(source_dir.glob(pattern))
     if len(files) == 1:

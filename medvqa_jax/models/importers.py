@@ -318,9 +318,7 @@ def _check_tied_lm_head(state, prefix: str, folder: Path) -> None:
       raise CheckpointError(
           f"checkpoint {folder}: its LM head's {own} is not {tied} (an untied LM head), but "
           "the decoder's LM head is tied to the word embeddings, as BERT's is: it would give "
-          "other logits. Use a checkpoint with tied embeddings, or leave the LM head out of "
-          "it (it is then initialised fresh)")
-
+          "other logits. Use a checkpoint whose LM head is tied to its word embeddings")
 
 
 # ---- open_clip (BiomedCLIP architecture) ------------------------------------------------

@@ -92,8 +92,8 @@ def load(part: str, source: str, checkpoint: str | Path, *, dtype=jnp.float32,
 def from_config(cfg, seed: int = 0, abstract: bool = False, compute=None,
                 where: str = "<tower>"):
   """(module, params) for a tower config: `kind`, `source`, `checkpoint`, `arch`, `dtype`,
-  `fresh`, `unused`. With source "init" the tower is randomly initialised from `arch` alone (with
-  `abstract`, not at all: params is None). `compute`: a layers.Compute for the module (how
+  `fresh`, `unused`. With source "init" the tower is randomly initialised from `arch` alone
+  (with `abstract`, not at all: params is None). `compute`: a layers.Compute for the module (how
   it computes; the parameters do not depend on it). `where`: the config's path to `cfg`
   (e.g. "model.image"), for the flags that errors name."""
   if cfg.kind not in KINDS:

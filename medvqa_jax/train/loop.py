@@ -135,9 +135,10 @@ def _init_from(config, state, shardings, tokenizer):
 
 def config_changes(saved_json: str, config, saved_tokenizer: bool) -> tuple[list, list]:
   """The fields whose values differ between a run's saved config and `config`, as (taken,
-  kept): a resumed run builds its checkpoint towers from the architectures it recorded (their
-  source, checkpoint, arch, fresh and unused fields no longer apply) and reads its own tokenizer copy
-  when it has one (model.text.tokenizer no longer applies); every other field is taken."""
+  kept): a resumed run builds its checkpoint towers from the architectures it recorded
+  (their source, checkpoint, arch, fresh and unused fields no longer apply) and reads its own
+  tokenizer copy when it has one (model.text.tokenizer no longer applies); every other field
+  is taken."""
   def flat(tree, prefix=""):
     out = {}
     for key, value in tree.items():
