@@ -91,7 +91,8 @@ def ensure_built(dc) -> None:
   builders.build(name, dc.source_dir, data_dir, max_side=dc.get("max_side"))
 
 
-def _text(v) -> str:
+def text_value(v) -> str:
+  """A built dataset's text field (bytes from a data source) as str."""
   return v.decode() if isinstance(v, bytes) else str(v)
 
 
@@ -100,10 +101,10 @@ def read_records(source) -> list[dict]:
   out = []
   for i in range(len(source)):
     ex = source[i]
-    out.append({"id": _text(ex["id"]), "image_id": _text(ex["image_id"]),
-                "question": _text(ex["question"]), "answers": [_text(a) for a in ex["answers"]],
-                "answer_type": _text(ex["answer_type"]),
-                "question_type": _text(ex["question_type"])})
+    out.append({"id": text_value(ex["id"]), "image_id": text_value(ex["image_id"]),
+                "question": text_value(ex["question"]), "answers": [text_value(a) for a in ex["answers"]],
+                "answer_type": text_value(ex["answer_type"]),
+                "question_type": text_value(ex["question_type"])})
   return out
 
 
@@ -174,8 +175,8 @@ def caption_splits(dc) -> dict[str, Split]:
                      f"--config.data.val_split='' (it is {dc.val_split!r})")
   source = builders.load(dc.dir, dc.name, dc.train_split)
   plain = builders.load(dc.dir, dc.name, dc.train_split, decode_images=False)
-  records = [{"id": _text(plain[i]["id"]), "image_id": _text(plain[i]["image_id"]),
-              "caption": _text(plain[i]["caption"])} for i in range(len(plain))]
+  records = [{"id": text_value(plain[i]["id"]), "image_id": text_value(plain[i]["image_id"]),
+              "caption": text_value(plain[i]["caption"])} for i in range(len(plain))]
   if not records:
     raise ValueError(f"the {dc.train_split} split of {dc.name} in {dc.dir} is empty")
   if not dc.val_fraction > 0:

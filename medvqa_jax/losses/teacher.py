@@ -2,10 +2,9 @@
 
 The teacher (any CLIP-like image + text tower pair; BiomedCLIP by default) sees the
 un-augmented image (as the built dataset stores it) resized to its own resolution and the
-cleaned caption (`data.text.caption`,
-what the student reads), as the reference's teacher does, so its embeddings are fixed per
-example: `launch/cache_teacher.py` computes them once into a cache file keyed by example id,
-and training reads them from there. The cache records a fingerprint of the teacher (its
+cleaned caption (`data.text.caption`, what the student reads), as the reference's teacher
+does, so its embeddings are fixed per example: `launch/cache_teacher.py` computes them once
+into a cache file keyed by example id, and training reads them from there. The cache records a fingerprint of the teacher (its
 parameters and input sizes), of the dataset (ids and captions) and each example's image id
 (the digest of its image as the dataset stores it, `builders.image_digest`);
 `TeacherCache.check` refuses a cache made by another teacher or for other data.
@@ -289,8 +288,8 @@ def dataset_records(data_dir, name: str, split: str = "train",
   from tqdm import tqdm
 
   from medvqa_jax.data import builders
+  from medvqa_jax.data.splits import text_value as text
   source = builders.load(data_dir, name, split, decode_images=False)
-  text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
   records = []
   for i in tqdm(range(len(source)), desc=f"reading {name} {split}", unit="ex",
                 disable=not progress):

@@ -147,10 +147,9 @@ def config_changes(saved_json: str, config, saved_tokenizer: bool) -> tuple[list
     return out
 
   def kept(key):
-    part, _, rest = key.removeprefix("model.").partition(".")
-    if not key.startswith("model.") or part not in ("image", "text"):
+    top, part, field = (key.split(".") + ["", ""])[:3]
+    if top != "model" or part not in ("image", "text"):
       return False
-    field = rest.partition(".")[0]
     return ((config.model[part].source != "init"
              and field in ("source", "checkpoint", "arch", "fresh", "unused"))
             or (saved_tokenizer and part == "text" and field == "tokenizer"))
