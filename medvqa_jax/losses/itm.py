@@ -4,7 +4,9 @@ For image i a negative text j != i is drawn with probability proportional to
 exp(sim(i, j) / tau) (never the positive; defined for negative similarities too, unlike
 sampling on raw cosines); optionally a negative image per text likewise. An example whose
 caption is the same as i's (a corpus repeats short captions) is not drawn either: its text
-matches image i, and its embedding, equal to the positive's, would be drawn first. Indices
+matches image i, and its embedding, equal to the positive's, would be drawn first; an
+example whose every other example has its caption has no negative, and its draw is left
+out of the loss. Indices
 are global: the arrays are the global batch, whatever the device layout. The sampled pairs
 are scored by the model with the negative's own tokens and attention mask.
 """
@@ -33,7 +35,8 @@ def caption_keys(input_ids, attention_mask):
 def sample_negatives(key, sim, temperature, same=None):
   """For each row i of `sim` (N, N), one column j != i drawn with p ∝ exp(sim[i, j] / tau).
   same: (N, N) bool, True where j may not be i's negative (its caption is i's); a row with
-  every column excluded falls back to every j != i."""
+  every column excluded draws from every j != i, to keep the shapes fixed, and
+  `negative_weights` leaves that draw out of the loss."""
   logits = jax.lax.stop_gradient(sim.astype(jnp.float32)) / temperature
   eye = jnp.eye(sim.shape[0], dtype=bool)
   excluded = eye if same is None else same | eye
@@ -42,9 +45,17 @@ def sample_negatives(key, sim, temperature, same=None):
   return jax.random.categorical(key, logits, axis=-1)
 
 
+def negative_weights(captions, negative_images=False):
+  """(M,) float32, in the layout of `hard_negative_pairs`: 1 for a drawn negative, 0 where the
+  example has no negative in the batch (every other example has its caption), so that the
+  draw, a text that matches the image, is not taught as a mismatch."""
+  has_negative = jnp.any(captions[:, None] != captions[None, :], axis=-1).astype(jnp.float32)
+  return jnp.concatenate([has_negative] * (2 if negative_images else 1))
+
+
 def hard_negative_pairs(key, image_embed, text_embed, temperature, negative_images=False,
                         captions=None):
-  """(text_idx, image_idx) of the negative pairs, and their count. First a negative text for
+  """(text_idx, image_idx) of the negative pairs. First a negative text for
   every image, then (with `negative_images`) a negative image for every text. captions: (N,)
   keys (`caption_keys`) of the examples' captions: examples of the same caption are not
   each other's negatives."""
@@ -60,12 +71,18 @@ def hard_negative_pairs(key, image_embed, text_embed, temperature, negative_imag
   return jnp.concatenate(text_idx), jnp.concatenate(image_idx)
 
 
-def itm_loss(pos_logits, neg_logits):
-  """Cross-entropy on the ITM logits (class 1 = match): positives then negatives."""
+def itm_loss(pos_logits, neg_logits, neg_weights=None):
+  """Cross-entropy on the ITM logits (class 1 = match): positives then negatives, averaged over
+  the positives and the negatives of nonzero `neg_weights` (`negative_weights`; all by
+  default)."""
   logits = jnp.concatenate([pos_logits, neg_logits]).astype(jnp.float32)
   labels = jnp.concatenate([jnp.ones(pos_logits.shape[0], jnp.int32),
                             jnp.zeros(neg_logits.shape[0], jnp.int32)])
+  if neg_weights is None:
+    neg_weights = jnp.ones(neg_logits.shape[0], jnp.float32)
+  weights = jnp.concatenate([jnp.ones(pos_logits.shape[0], jnp.float32), neg_weights])
   logp = jax.nn.log_softmax(logits, axis=-1)
-  loss = -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
-  accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
-  return loss, {"itm_accuracy": accuracy}
+  nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  mean = lambda x: jnp.sum(weights * x) / jnp.sum(weights)
+  return mean(nll), {"itm_accuracy": mean(correct)}

@@ -65,7 +65,8 @@ def pretrain_terms(model: AMiF, params, batch: dict, key, cfg, train: bool = Tru
                                   **cfg.ot)
     metrics.update(m)
   if weights.get("itm", 0) > 0:
-    terms["itm"], m = itm.itm_loss(out["itm_logits"], out["pair_itm_logits"])
+    terms["itm"], m = itm.itm_loss(out["itm_logits"], out["pair_itm_logits"],
+                                   itm.negative_weights(captions, cfg.itm.negative_images))
     metrics.update(m)
   total = sum(weights.get(k, 0.0) * v for k, v in terms.items())
   metrics.update(terms)

@@ -131,3 +131,22 @@ def test_examples_of_the_same_caption_are_not_each_others_negatives():
   for i in range(n):
     freq = np.bincount(alike[:, i], minlength=n) / 4000
     np.testing.assert_allclose(freq, expected(sim[i], np.arange(n) == i), atol=0.03)
+
+
+def test_examples_without_a_negative_are_left_out_of_the_itm_loss():
+  """Examples 0-2 share one caption and 3 has its own: 3 has negatives, and so have 0-2 (text
+  3). With every caption the same, no example has one: the fallback draw (a text of the
+  image's own caption) is left out, and the loss is the positives' cross-entropy."""
+  np.testing.assert_array_equal(itm.negative_weights(np.array([4, 4, 4, 7], np.uint32)),
+                                [1, 1, 1, 1])
+  np.testing.assert_array_equal(itm.negative_weights(np.array([4, 4, 4], np.uint32), True),
+                                np.zeros(6))
+  np.testing.assert_array_equal(
+      itm.negative_weights(np.array([4, 4, 9], np.uint32), True), np.ones(6))
+  pos = np.array([[0.0, 2.0], [1.0, -1.0]], np.float32)
+  neg = np.array([[3.0, -3.0], [-2.0, 1.0], [0.5, 0.0]], np.float32)
+  logp = lambda row, c: row[c] - np.log(np.exp(row).sum())
+  loss, m = itm.itm_loss(pos, neg, np.array([1, 0, 1], np.float32))
+  expected = -(logp(pos[0], 1) + logp(pos[1], 1) + logp(neg[0], 0) + logp(neg[2], 0)) / 4
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  np.testing.assert_allclose(m["itm_accuracy"], 3 / 4)  # pos[1] wrong; neg[1] not counted.

@@ -105,6 +105,22 @@ def test_itm_negatives_leave_out_examples_of_the_same_caption(stage1, monkeypatc
   assert len(pairs) > 20  # Other negatives were drawn (an 8 x 8 batch has 56).
 
 
+
+def test_a_batch_of_one_caption_trains_itm_on_its_positives_only(stage1):
+  """Every example has the same caption: no text is another image's mismatch, so the drawn
+  negatives (the fallback) are left out and the ITM term is the positives' cross-entropy."""
+  config, model, params = stage1
+  b = batch()
+  for k in ("input_ids", "attention_mask"):
+    b[k][:] = b[k][0]
+  run = jax.jit(lambda p, b, k: pretrain_terms(model, p, b, k, config.losses))
+  loss, m, out = run(params, b, jax.random.PRNGKey(0))
+  logits = np.asarray(out["itm_logits"], np.float64)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  np.testing.assert_allclose(m["itm"], -logp[:, 1].mean(), rtol=1e-5)
+  assert out["pair_itm_logits"].shape[0] == 8  # Drawn, then left out.
+
+
 def _log_softmax(x):
   x = x - x.max(-1, keepdims=True)
   return x - np.log(np.exp(x).sum(-1, keepdims=True))
