@@ -110,7 +110,8 @@ def ipot_plan(cost, text_mask, image_mask, beta: float = 0.5, iterations: int = 
 def wpa_loss(fused_text, fused_image, text_mask, solver: str = "sinkhorn",
              epsilon: float = 0.1, max_iterations: int = 100, threshold: float = 1e-3,
              min_iterations: int = 0, ipot_beta: float = 0.5, ipot_iterations: int = 50):
-  """Mean over pairs of <C, P>; returns (loss, metrics) with the Sinkhorn convergence rate."""
+  """Mean of <C, P> over the pairs whose caption has a real token (one of only CLS and SEP has
+  nothing to align); returns (loss, metrics) with the Sinkhorn convergence rate."""
   text_ok, image_ok = token_masks(text_mask, fused_image.shape[1])
   cost = cosine_cost(fused_text, fused_image)
   pair_ok = (text_ok[:, :, None] & image_ok[:, None, :]).astype(jnp.float32)
@@ -125,5 +126,7 @@ def wpa_loss(fused_text, fused_image, text_mask, solver: str = "sinkhorn",
   else:
     raise ValueError(f"unknown OT solver {solver!r}; expected 'sinkhorn' or 'ipot'")
   plan = jax.lax.stop_gradient(plan)
-  loss = jnp.mean(jnp.sum(cost * plan * pair_ok, axis=(1, 2)))
+  has_text = jnp.any(text_ok, axis=-1).astype(jnp.float32)
+  per_pair = jnp.sum(cost * plan * pair_ok, axis=(1, 2))
+  loss = jnp.sum(per_pair * has_text) / jnp.maximum(jnp.sum(has_text), 1.0)
   return loss, metrics

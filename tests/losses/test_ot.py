@@ -212,6 +212,24 @@ def test_loss_is_the_mean_over_pairs_of_the_transport_cost():
   np.testing.assert_allclose(loss, per_pair.mean(), rtol=1e-5)
 
 
+def test_captions_without_a_real_token_are_left_out_of_the_mean():
+  """Pair 2's caption is CLS and SEP only: it has nothing to align, and the loss is the mean
+  over the other three pairs (it once counted as a zero, lowering the loss by a quarter)."""
+  text, image, text_mask = _tokens(seed=6)
+  text_mask[2] = np.arange(text_mask.shape[1]) < 2
+  kw = dict(epsilon=0.1, max_iterations=500, threshold=1e-5)
+  text_ok, image_ok = (np.asarray(m) for m in ot.token_masks(text_mask, image.shape[1]))
+  assert not text_ok[2].any() and text_ok[[0, 1, 3]].any(-1).all()
+  loss, _ = ot.wpa_loss(text, image, text_mask, **kw)
+  kept = [0, 1, 3]
+  alone, _ = ot.wpa_loss(text[kept], image[kept], text_mask[kept], **kw)
+  np.testing.assert_allclose(loss, alone, rtol=1e-5)
+  assert float(alone) > 0.5
+  # None with a real token: 0, not NaN.
+  empty, _ = ot.wpa_loss(text, image, np.broadcast_to(text_mask[2], text_mask.shape), **kw)
+  assert float(empty) == 0.0
+
+
 def test_the_cost_and_ipot_products_are_computed_at_full_float32_precision():
   # As the contrastive similarities (test_contrastive): on CPU float32 is exact either way,
   # so the test reads the program.
