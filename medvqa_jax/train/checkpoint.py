@@ -17,6 +17,7 @@ restore onto a model whose parameters differ from the saved ones names the param
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import jax
@@ -65,8 +66,13 @@ class _KeepBest:
     self.step, self.value = None, None
 
   def offer(self, step: int, metrics: dict | None):
+    """A step with validation metrics; a later step wins ties. A NaN or infinite value
+    (a diverged validation loss) is never the best: it would compare false with every
+    later value and stay chosen."""
     if metrics and ("val_accuracy" in metrics or "val_loss" in metrics):
       value = _selection(metrics)
+      if not math.isfinite(value):
+        return
       if self.value is None or value >= self.value:
         self.step, self.value = step, value
 

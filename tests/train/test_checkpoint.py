@@ -155,3 +155,16 @@ def test_resuming_under_an_optimizer_of_another_state_is_refused_by_name(tmp_pat
   np.testing.assert_array_equal(restored["params"]["image"]["w"], np.ones(4))
   ckpts.close()
   assert (tmp_path / "checkpoints" / "1").is_dir()
+
+
+def test_a_diverged_validation_is_never_the_best_step(tmp_path):
+  # A NaN first validation loss once stayed the best for good: every later value compares
+  # false with NaN. eval.py and init_from would then have taken the diverged step.
+  ckpts = ckpt_lib.Checkpoints(tmp_path / "checkpoints", keep=1)
+  for step, loss in ((1, float("nan")), (2, 2.0), (3, float("inf")), (4, 1.5), (5, 3.0)):
+    val = {"val_loss": loss}
+    ckpts.save(step, state(), {"step": step, "val": val}, metrics=val)
+    ckpts.wait()
+  assert ckpts.best_step() == 4 and ckpts.steps() == [4, 5]
+  ckpts.close()
+  assert ckpt_lib.Checkpoints(tmp_path / "checkpoints", read_only=True).best_step() == 4
