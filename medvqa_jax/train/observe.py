@@ -79,9 +79,9 @@ class Reporter:
     self._jsonl = open(workdir / "metrics.jsonl", "a")
     if tensorboard:
       from tensorboardX import SummaryWriter
-      # purge_step: TensorBoard discards the events of the steps a resumed run takes again.
-      self._tb = SummaryWriter(str(workdir / "tensorboard"),
-                               purge_step=start_step + 1 if start_step else None)
+      # purge_step: TensorBoard discards the events of the steps a resumed run takes again
+      # (all of them for a run started again from step 0, killed before its first save).
+      self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
     if getattr(self.stream, "isatty", lambda: False)():
       from tqdm import tqdm
       self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=self.stream,

@@ -81,6 +81,15 @@ def test_a_resumed_run_records_the_steps_it_takes_again_once(tmp_path):
   starts = [e.step for e in _events(events)
             if e.HasField("session_log") and e.session_log.status == SessionLog.START]
   assert starts == [3]
+  # A run started again from step 0 (killed before its first save) purges every step.
+  for e in (tmp_path / "tensorboard").glob("events.*"):
+    e.unlink()
+  observe.Reporter(tmp_path, total_steps=6, start_step=0, batch_size=8, tensorboard=True,
+                   stream=io.StringIO()).close()
+  (events,) = (tmp_path / "tensorboard").glob("events.*")
+  starts = [e.step for e in _events(events)
+            if e.HasField("session_log") and e.session_log.status == SessionLog.START]
+  assert starts == [1]
 
 
 def _events(path):
