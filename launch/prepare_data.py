@@ -9,7 +9,7 @@ Hugging Face parquet, or its JSON export), vqa_med_2019, and the pre-training co
 medicat, mimic_cxr (multi-view) and captions_jsonl. Bad records are reported with their file
 and record and skipped; past --max_bad_fraction the build fails and leaves nothing behind.
 Building an existing dataset again is a no-op with the same options (max_side, splits,
-language) from the same files, and refused with others or from a download folder whose files
+language, test_frames) from the same files, and refused with others or from a download folder whose files
 changed since (names and sizes): build into another data_dir, or delete the old build.
 Prints one JSON line summarising the dataset.
 """
@@ -28,6 +28,10 @@ _MAX_SIDE = flags.DEFINE_integer("max_side", 512, "Shrink images to this longer 
 _MAX_BAD = flags.DEFINE_float("max_bad_fraction", 0.01, "Fail if more records are bad.")
 _SPLITS = flags.DEFINE_list("splits", [], "Build only these splits (default: all found).")
 _LANGUAGE = flags.DEFINE_string("language", "en", "SLAKE: question language (q_lang).")
+_TEST_FRAMES = flags.DEFINE_bool(
+    "test_frames", True, "VQA-RAD: train on the template rewrites ('frames') of test questions, "
+    "as the MEVF split does (284 training questions with a test question's image and answer); "
+    "--notest_frames leaves them out.")
 
 
 def main(argv):
@@ -36,6 +40,8 @@ def main(argv):
   options = {}
   if _DATASET.value == "slake":
     options["reader_options"] = {"language": _LANGUAGE.value}
+  elif _DATASET.value == "vqa_rad":
+    options["reader_options"] = {"test_frames": _TEST_FRAMES.value}
   builders.build(_DATASET.value, _SOURCE.value, _DATA_DIR.value,
                  max_side=_MAX_SIDE.value or None, max_bad_fraction=_MAX_BAD.value,
                  splits=_SPLITS.value or None, **options)

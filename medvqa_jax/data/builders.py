@@ -35,7 +35,9 @@ CAPTION_VERSION = "1.1.0"
 # 1.1.0: PathVQA's image ids are digests of the stored image (one picture, one id).
 PATHVQA_VERSION = "1.1.0"
 # 1.1.0: VQA-RAD's question types cleaned (case, misspellings, order of two types).
-VQA_RAD_VERSION = "1.1.0"
+# 1.2.0: the original release's template ("frame") questions are training questions, as in
+# the MEVF split (they were left out); the reader option test_frames.
+VQA_RAD_VERSION = "1.2.0"
 # 1.1.0: VQA-Med-2019's test answers also without their optional "(...)" parts.
 VQA_MED_VERSION = "1.1.0"
 
@@ -381,8 +383,11 @@ def build(name: str, source_dir, data_dir, **options) -> Path:
     if have is not None and have != wanted:
       show = lambda key, value: (value if value is not None else
                                  {"max_side": "full size", "splits": "all"}.get(key, value))
-      differ = ", ".join(f"{k} {show(k, have.get(k))!r} (asked: {show(k, wanted[k])!r})"
-                         for k in wanted if have.get(k) != wanted[k])
+      flat = lambda o: {**{k: v for k, v in o.items() if k != "reader_options"},
+                        **(o.get("reader_options") or {})}
+      have_flat, wanted_flat = flat(have), flat(wanted)
+      differ = ", ".join(f"{k} {show(k, have_flat.get(k))!r} (asked: {show(k, v)!r})"
+                         for k, v in wanted_flat.items() if have_flat.get(k) != v)
       raise ValueError(f"{name} is already built in {dataset_dir(data_dir, name)} with other "
                        f"options: {differ}. Build into another data_dir, or delete that folder "
                        f"to rebuild it")

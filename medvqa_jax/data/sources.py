@@ -106,24 +106,58 @@ def _rad_question_type(value) -> str:
   return ", ".join(sorted(_RAD_MISSPELT.get(p, p) for p in parts))
 
 
-def vqa_rad(source_dir: Path) -> dict:
+def _question_frame(row) -> bool:
+  """Whether a row of the original release has a template rewrite ("frame") of its question."""
+  frame = row.get("question_frame") if isinstance(row, dict) else None
+  return frame is not None and str(frame).strip().upper() not in ("", "NULL")
+
+
+def vqa_rad(source_dir: Path, test_frames: bool = True) -> dict:
   """The MEVF split (trainset.json, testset.json, images/) or the original public release
-  (VQA_RAD Dataset Public.json, VQA_RAD Image Folder/; test = phrase_type "test*")."""
+  (VQA_RAD Dataset Public.json, VQA_RAD Image Folder/; test = phrase_type "test*").
+
+  The release keeps the template rewrite of a question ("Is/Are there a rib fracture?" for "Is
+  there a rib fracture?"), its "frame", in a field of the question's row; the MEVF split made
+  every frame a training question (1,267 of its 3,064), those of test questions too (284:
+  same image, same answer). Both layouts give those training questions; `test_frames=False`
+  leaves out the frames of test questions (in the MEVF files, the frame that follows a test
+  question of the same image and answer: that split numbers a frame after its question)."""
   make = lambda folder: lambda r, where: _vqa(
       r["qid"], str(folder / r["image_name"]), r["image_name"], r["question"], r["answer"],
       r.get("answer_type"), _rad_question_type(r.get("question_type")), where)
   if (source_dir / "trainset.json").exists():
     images = source_dir / "images"
-    return {split: _records(p, _load_json(p), make(images))
-            for split, p in (("train", source_dir / "trainset.json"),
-                             ("test", _need(source_dir / "testset.json", "the MEVF test split")))}
+    test_path = _need(source_dir / "testset.json", "the MEVF test split")
+    test_rows, train_path = _load_json(test_path), source_dir / "trainset.json"
+    keep = None
+    if not test_frames:
+      asked = {str(r.get("qid")): (r.get("image_name"), r.get("answer")) for r in test_rows
+               if isinstance(r, dict)}
+
+      def keep(r):
+        if not isinstance(r, dict) or r.get("phrase_type") != "frame":
+          return True
+        try:
+          before = str(int(r["qid"]) - 1)
+        except (KeyError, TypeError, ValueError):
+          return True
+        return asked.get(before) != (r.get("image_name"), r.get("answer"))
+    return {"train": _records(train_path, _load_json(train_path), make(images), keep),
+            "test": _records(test_path, test_rows, make(images))}
   path = _need(source_dir / "VQA_RAD Dataset Public.json",
                "VQA-RAD: trainset.json (MEVF split) or 'VQA_RAD Dataset Public.json'")
   rows = _load_json(path)
   images = source_dir / "VQA_RAD Image Folder"
   # A row that is no object is reported once, with the training split.
   is_test = lambda r: isinstance(r, dict) and str(r.get("phrase_type", "")).startswith("test")
-  return {"train": _records(path, rows, make(images), keep=lambda r: not is_test(r)),
+
+  def frame(r, where):
+    where = f"{where} (question_frame)"
+    item = make(images)({**r, "qid": f"{r['qid']}-frame", "question": r["question_frame"]}, where)
+    return {**item, "where": where} if isinstance(item, dict) else item
+  frames = _records(path, rows, frame, keep=lambda r: _question_frame(r) and (
+      test_frames or not is_test(r)))
+  return {"train": _records(path, rows, make(images), keep=lambda r: not is_test(r)) + frames,
           "test": _records(path, rows, make(images), keep=is_test)}
 
 

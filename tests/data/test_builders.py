@@ -69,6 +69,54 @@ def test_vqa_rad_original_release_round_trips(tmp_path):
   assert summary["splits"]["train"]["yes_no_closed"] == 2
 
 
+
+def _mevf_as_original_release(mevf: Path, out: Path) -> Path:
+  """The MEVF files written back in the original release's layout: a row per free-form or
+  paraphrased question (test ones "test_*"), with the frame MEVF numbers after it as the row's
+  question_frame."""
+  from medvqa_jax.data import sources
+  rows = {r["qid"]: (r, False) for r in json.loads((mevf / "trainset.json").read_text())}
+  rows.update({r["qid"]: (r, True) for r in json.loads((mevf / "testset.json").read_text())})
+  release = []
+  for qid in sorted(rows):
+    r, test = rows[qid]
+    if r["phrase_type"] == "frame":
+      continue
+    after = rows.get(qid + 1, ({}, False))[0]
+    release.append({**r, "phrase_type": ("test_" if test else "") + r["phrase_type"],
+                    "question_frame": after["question"] if after.get("phrase_type") == "frame"
+                    else "NULL", "question_rephrase": "NULL"})
+  out.mkdir()
+  (out / "VQA_RAD Dataset Public.json").write_text(json.dumps(release))
+  (out / "VQA_RAD Image Folder").symlink_to(mevf / "images")
+  return out
+
+
+def test_vqa_rad_layouts_give_the_same_questions_frames_included(tmp_path):
+  """The real MEVF split against the same questions in the original release's layout, where
+  a question's template rewrite ("frame") is a field of its row: both give MEVF's 3,064
+  training questions (1,267 frames; the release's reader once left them out, 1,797) and its
+  451 test questions; without the frames of test questions (284), 2,780 in both."""
+  from medvqa_jax.data import sources
+  mevf = helpers.shared_data() / "vqa_rad"
+  release = _mevf_as_original_release(mevf, tmp_path / "release")
+  content = lambda recs: sorted((r["question"], tuple(r["answers"]), r["image_id"],
+                                 r["answer_type"], r["question_type"]) for r in recs)
+  for test_frames, train_count in ((True, 3064), (False, 2780)):
+    a = sources.vqa_rad(mevf, test_frames=test_frames)
+    b = sources.vqa_rad(release, test_frames=test_frames)
+    assert len(a["train"]) == len(b["train"]) == train_count
+    assert len(a["test"]) == len(b["test"]) == 451
+    for split in ("train", "test"):
+      assert content(a[split]) == content(b[split]), (test_frames, split)
+  frames = [r for r in b["train"] if r["id"].endswith("-frame")]
+  assert len(frames) == 983 and all("(question_frame)" in r["where"] for r in frames)
+  # What is left out: frames with a test question's image and answer.
+  left_out = set(content(sources.vqa_rad(mevf)["train"])) - set(content(a["train"]))
+  asked = {(r["image_id"], tuple(r["answers"])) for r in a["test"]}
+  assert left_out and all((q[2], q[1]) in asked for q in left_out)
+
+
 def test_pathvqa_pkl_and_parquet_round_trip(tmp_path):
   import pyarrow as pa
   import pyarrow.parquet as pq
@@ -244,7 +292,7 @@ def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path):
   src, rows = _vqa_source(tmp_path, n=8)
   _write(src, rows, rows[:2])
   out = tmp_path / "out"
-  killed = out / "vqa_rad" / "incomplete.ABC123_1.1.0"  # What a killed build leaves.
+  killed = out / "vqa_rad" / "incomplete.ABC123_1.2.0"  # What a killed build leaves.
   killed.mkdir(parents=True)
   (killed / "vqa_rad-train.array_record-00000-of-00001").write_bytes(b"partial")
   folder = builders.build("vqa_rad", src, out, max_side=16)
@@ -306,8 +354,21 @@ def test_real_vqa_rad_build_and_summary(tmp_path):
                           f"--source_dir={DATA / 'vqa_rad'}", f"--data_dir={tmp_path}"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert again.returncode == 1 and "Traceback" not in again.stderr
-  assert again.stderr.startswith(f"error: vqa_rad is already built in {tmp_path}/vqa_rad/1.1.0 "
+  assert again.stderr.startswith(f"error: vqa_rad is already built in {tmp_path}/vqa_rad/1.2.0 "
                                  "with other options: max_side 64 (asked: 512)")
+  # Without the frames of test questions: the 284 training questions with a test question's
+  # image and answer are left out (refused beside the build with them).
+  prepare = lambda out: subprocess.run(
+      [sys.executable, "launch/prepare_data.py", "--dataset=vqa_rad", "--notest_frames",
+       f"--source_dir={DATA / 'vqa_rad'}", f"--data_dir={out}", "--max_side=64"],
+      capture_output=True, text=True, timeout=600, cwd=ROOT)
+  again = prepare(tmp_path)
+  assert again.returncode == 1 and "test_frames True (asked: False)" in again.stderr
+  run = prepare(tmp_path / "without")
+  assert run.returncode == 0, run.stderr
+  summary = json.loads(run.stdout.strip().splitlines()[-1])
+  assert (summary["splits"]["train"]["examples"], summary["splits"]["test"]["examples"]) == (
+      2780, 451)
 
 
 def _test_answers():
