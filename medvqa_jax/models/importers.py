@@ -141,6 +141,23 @@ _CLIP_ONE_TOWER = {"clip_vision_model": ("image", "CLIPVisionConfig"),
                    "clip_text_model": ("text", "CLIPTextConfig")}
 
 
+def _check_pixel_normalisation(path: Path, mean, std) -> None:
+  """Refuses an image tower trained on pixels normalised otherwise than `vit.normalize`
+  (CLIP's mean and std), as its checkpoint's preprocessing config states (nothing to check
+  where it states none): its features would be computed from other inputs, silently."""
+  for name, got, want in (("mean", mean, vit.CLIP_MEAN), ("std", std, vit.CLIP_STD)):
+    if got is None:
+      continue
+    values = np.asarray(got, np.float64).reshape(-1)
+    if values.size == 1:
+      values = np.repeat(values, 3)
+    if values.shape != (3,) or np.abs(values - np.asarray(want)).max() > 1e-4:
+      raise ValueError(
+          f"{path}: the image tower was trained on pixels normalised with {name} {list(got)}, "
+          f"but this code base normalises with CLIP's ({name} {list(want)}, "
+          "models/vit.py normalize): its image features would be wrong")
+
+
 def _clip_config(folder: Path, part: str):
   """(the part's config, projection width) of a CLIPModel folder or of one tower's folder.
   Another model type is refused (transformers would read it as a default CLIP config)."""
@@ -175,6 +192,10 @@ def hf_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
               pre_norm=True, act=c.hidden_act, ln_eps=c.layer_norm_eps, patch_bias=False,
               proj_dim=projection_dim, proj_kind="linear", proj_bias=False)
     kw.update(overrides)
+    processor = folder / "preprocessor_config.json"
+    if processor.exists():
+      p = json.loads(processor.read_text())
+      _check_pixel_normalisation(processor, p.get("image_mean"), p.get("image_std"))
     grid = kw["image_size"] // kw["patch_size"]
     m.add("patch_embed/kernel", pre + "embeddings.patch_embedding.weight", conv)
     m.add("cls_token", pre + "embeddings.class_embedding")
@@ -323,12 +344,16 @@ def _check_tied_lm_head(state, prefix: str, folder: Path) -> None:
 
 # ---- open_clip (BiomedCLIP architecture) ------------------------------------------------
 
-def open_clip_config(folder: Path) -> dict:
+def _open_clip_file(folder: Path) -> dict:
   path = folder / "open_clip_config.json"
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: an open_clip checkpoint folder holds "
                             "open_clip_config.json next to its weights")
-  cfg = json.loads(path.read_text())
+  return json.loads(path.read_text())
+
+
+def open_clip_config(folder: Path) -> dict:
+  cfg = _open_clip_file(folder)
   return cfg.get("model_cfg", cfg)
 
 
@@ -337,6 +362,9 @@ def open_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
   embed_dim = cfg["embed_dim"]
   if part == "image":
     vc = cfg["vision_cfg"]
+    pre_cfg = _open_clip_file(folder).get("preprocess_cfg") or {}
+    _check_pixel_normalisation(folder / "open_clip_config.json", pre_cfg.get("mean"),
+                               pre_cfg.get("std"))
     if "timm_model_name" not in vc:
       raise ValueError(f"{folder}: only timm image trunks (BiomedCLIP's) are supported, "
                        f"got vision_cfg {vc}")

@@ -118,3 +118,27 @@ def test_depth_beyond_checkpoint_is_an_error(hf_clip):
   _, folder = hf_clip
   with pytest.raises(ValueError, match="depth=4 requested but .* has 3 blocks"):
     towers.load("image", "hf_clip", folder, depth=4)
+
+
+def test_an_image_tower_trained_on_other_pixel_statistics_is_refused(hf_clip, tmp_path):
+  """The towers normalise pixels with CLIP's mean and std. A checkpoint whose image processor
+  says otherwise (ImageNet's statistics here) would give other features, silently: refused,
+  naming the file. CLIP's own processor config loads; the text tower is not concerned."""
+  import json
+  from transformers import CLIPImageProcessor
+  _, folder = hf_clip
+  for name in ("same", "other"):
+    out = tmp_path / name
+    out.mkdir()
+    for f in folder.iterdir():
+      (out / f.name).symlink_to(f)
+    CLIPImageProcessor().save_pretrained(out)  # CLIP's mean and std.
+  towers.load("image", "hf_clip", tmp_path / "same")
+  path = tmp_path / "other" / "preprocessor_config.json"
+  cfg = json.loads(path.read_text())
+  cfg.update(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+  path.write_text(json.dumps(cfg))
+  with pytest.raises(ValueError, match=r"preprocessor_config.json: the image tower was trained "
+                     r"on pixels normalised with mean \[0.485, 0.456, 0.406\]"):
+    towers.load("image", "hf_clip", tmp_path / "other")
+  towers.load("text", "hf_clip", tmp_path / "other")

@@ -151,3 +151,18 @@ def test_checkpoints_that_do_not_fit_name_the_key(biomedclip, tmp_path):
                      edit_state=lambda s: s.update({qkv: torch.zeros(3 * 192 + 3, 192)}))
   with pytest.raises(CheckpointError, match=rf"{qkv}.*for block_1/attn"):
     towers.load("image", "open_clip", bad_qkv)
+
+
+def test_open_clip_pixel_statistics_are_checked(biomedclip, tmp_path):
+  """BiomedCLIP's preprocess_cfg (CLIP's mean and std) loads; other statistics are refused:
+  the tower normalises with CLIP's."""
+  _, folder = biomedclip
+  for name, mean in (("same", [0.48145466, 0.4578275, 0.40821073]), ("other", [0.5] * 3)):
+    out = _variant(folder, tmp_path, name=name)
+    cfg = json.loads((out / "open_clip_config.json").read_text())
+    cfg["preprocess_cfg"] = {"mean": mean, "std": [0.26862954, 0.26130258, 0.27577711]}
+    (out / "open_clip_config.json").write_text(json.dumps(cfg))
+  towers.load("image", "open_clip", tmp_path / "same")
+  with pytest.raises(ValueError, match=r"open_clip_config.json: the image tower was trained on "
+                     r"pixels normalised with mean \[0.5, 0.5, 0.5\]"):
+    towers.load("image", "open_clip", tmp_path / "other")
