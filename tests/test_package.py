@@ -54,7 +54,7 @@ def test_embed_command_on_the_embedded_default():
   assert sim.shape == (4, 8) and np.all(np.abs(sim) <= 1 + 1e-6)
 
 
-def test_embed_command_with_a_checkpoint_override(minilm_dir):
+def test_embed_command_with_a_checkpoint_override(minilm_dir, tmp_path):
   """Questions are read as training reads them: two spellings of one question embed alike."""
   out = _run("launch/embed.py", "--config=configs/base.py:image=tiny,text=minilm",
              f"--config.model.text.checkpoint={minilm_dir}", "--config.model.text.max_len=12",
@@ -70,6 +70,23 @@ def test_embed_command_with_a_checkpoint_override(minilm_dir):
   assert out.returncode == 0, out.stderr
   (sim,) = json.loads(out.stdout.strip().splitlines()[-1])["cosine_image_x_question"]
   assert sim[0] == sim[1] != sim[2]
+  # A picture that is not square is read as evaluation reads it, whole, resized to a square:
+  # the same features as that square saved losslessly (a centre crop once cut its sides).
+  from configs import demo
+  from PIL import Image
+  from medvqa_jax.data import augment
+  size = demo.get_config().model.image.arch.image_size
+  wide = np.random.default_rng(0).integers(0, 256, (size, 2 * size, 3), np.uint8)
+  wide[:, :size // 2] = 255  # Sides a crop would drop.
+  Image.fromarray(wide).save(tmp_path / "wide.png")
+  Image.fromarray(augment.resize(wide, size)).save(tmp_path / "square.png")
+  out = _run("launch/embed.py", "--config=configs/demo.py", f"--image={tmp_path / 'wide.png'}",
+             f"--image={tmp_path / 'square.png'}", "--question=is this a ct of the chest")
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert [Path(p).name for p in result["images"]] == ["wide.png", "square.png"]
+  (wide_sim,), (square_sim,) = result["cosine_image_x_question"]
+  assert wide_sim == square_sim
   empty = _run("launch/embed.py", "--config=configs/demo.py", "--question=?")
   assert empty.returncode != 0 and "--question '?' is empty" in empty.stderr
 
