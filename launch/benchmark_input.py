@@ -41,6 +41,13 @@ def main(argv):
   from medvqa_jax import ASSETS
   from medvqa_jax.data import builders, pipeline
   from medvqa_jax.data.tokenizer import Tokenizer
+  try:
+    counts = [int(w) for w in _WORKERS.value]
+  except ValueError:
+    counts = []
+  if not counts or min(counts) < 0:
+    raise ValueError(f"--workers={','.join(_WORKERS.value)}: expected worker counts >= 0, "
+                     "e.g. --workers=0,2,8")
   if not builders.is_built(_DATA_DIR.value, _DATASET.value):
     if not _SOURCE.value:
       raise FileNotFoundError(f"{_DATASET.value} is not built in {_DATA_DIR.value}: pass "
@@ -54,7 +61,7 @@ def main(argv):
   ds = pipeline.batches(source, kind=kind, tokenizer=tokenizer, image_size=_SIZE.value,
                         global_batch=_BATCH.value, seed=0, augmentation=augmentation)
   results = []
-  for workers in map(int, _WORKERS.value):
+  for workers in counts:
     # Each setting's workers stop before the next one starts.
     with pipeline.iterate(ds, num_workers=workers) as it:
       next(it)  # Start-up (worker processes, first decode) is not timed.

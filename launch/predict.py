@@ -23,7 +23,7 @@ _IMAGE = flags.DEFINE_string("image", None, "Image file.", required=True)
 _QUESTION = flags.DEFINE_string("question", None, "The question.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: best on validation).")
 _TOP = flags.DEFINE_integer("top", 5, "Answers to print (the generative head: at most "
-                            "model.rank_k, the candidates it re-scores).")
+                            "model.rank_k, the candidates it re-scores).", lower_bound=1)
 _OUT = flags.DEFINE_string("out", "prediction.png", "PNG to write ('' for none).")
 
 
@@ -40,8 +40,16 @@ def main(argv):
   from medvqa_jax.evaluate import visualize
   from medvqa_jax.models.amif import AMiF
 
-  if not _QUESTION.value.strip():
-    raise ValueError("--question is empty")
+  if not text_lib.question(_QUESTION.value).strip():
+    raise ValueError(f"--question {_QUESTION.value!r} is empty (once read as training reads it)")
+  if _OUT.value:  # Checked before the model is restored, not after.
+    from pathlib import Path
+    from PIL import Image
+    out = Path(_OUT.value)
+    if out.suffix.lower() not in Image.registered_extensions():
+      raise ValueError(f"--out={_OUT.value}: name an image file (.png), or pass --out= for none")
+    if not out.parent.is_dir():
+      raise FileNotFoundError(f"--out={_OUT.value}: no folder {out.parent}")
   r = run_lib.restore(_CKPT.value, step=_STEP.value)
   if r.config.model.head == "none":
     raise ValueError(f"{_CKPT.value} is a pre-training run: it has no answer head (predict "

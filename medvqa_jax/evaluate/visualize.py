@@ -9,12 +9,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 
 def patch_heatmap(text_to_image, text_mask) -> np.ndarray:
-  """(g, g) attention of the question's real tokens (CLS and padding left out) to the
-  image patches (image CLS left out), averaged over heads and tokens, scaled to [0, 1].
-  text_to_image: (heads, Lt, Li) of one example."""
+  """(g, g) attention of the question's words (its first and last real tokens, CLS and SEP,
+  and padding left out) to the image patches (image CLS left out), averaged over heads and
+  tokens, scaled to [0, 1]. text_to_image: (heads, Lt, Li) of one example."""
   w = np.asarray(text_to_image, np.float64).mean(axis=0)[:, 1:]  # heads; image CLS
   mask = np.asarray(text_mask, bool).copy()
-  mask[0] = False  # CLS
+  real = np.flatnonzero(mask)
+  mask[real[[0, -1]] if real.size > 2 else real[:1]] = False  # CLS, SEP
   w = w[mask].mean(axis=0) if mask.any() else w.mean(axis=0)
   g = int(round(np.sqrt(w.size)))
   if g * g != w.size:
@@ -40,7 +41,7 @@ def render(image: Image.Image, heatmap: np.ndarray, tokens: list[str], gates: np
   draw.text((4, y), f"Q: {question}", fill="black", font=font)
   y += row
   for text, score in answers:
-    draw.text((4, y), f"{score:6.3f}  {text}", fill="black", font=font)
+    draw.text((4, y), f"{score:<9.3g} {text}", fill="black", font=font)
     y += row
   draw.text((4, y), "GCA gate (mean over channels) per question token:", fill="black", font=font)
   y += row

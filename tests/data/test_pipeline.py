@@ -143,6 +143,10 @@ def test_benchmark_command(built):
   assert [r["workers"] for r in out["results"]] == [0, 1]
   assert all(r["images_per_s"] > 0 for r in out["results"])
   assert (out["augmentation"], out["views"]) == ("finetune", 1)
+  bad = subprocess.run([sys.executable, "launch/benchmark_input.py", f"--data_dir={built}",
+                        "--workers=0,x"], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[2])
+  assert bad.returncode == 1 and "error: --workers=0,x: expected worker counts >= 0" in bad.stderr
 
 
 def test_benchmark_command_times_the_pretraining_pipeline(tmp_path):

@@ -1,6 +1,7 @@
 """Accuracy breakdowns, the majority baseline's answer and the attention picture."""
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from medvqa_jax.data.splits import majority_answer
@@ -48,10 +49,20 @@ def test_majority_answer_is_the_most_frequent_normalised_reference():
 def test_heatmap_points_at_the_attended_patch():
   heads, lt, g = 3, 5, 4
   w = np.full((heads, lt, 1 + g * g), 0.01)
-  w[:, 1:3, 1 + 6] = 0.9    # the question's real tokens attend to patch (1, 2)
-  w[:, 0, 1 + 9] = 5.0      # CLS is left out
-  w[:, 3:, 1 + 12] = 5.0    # and so is padding
-  mask = np.array([1, 1, 1, 0, 0])
+  w[:, 1:3, 1 + 6] = 0.9    # the question's words attend to patch (1, 2)
+  w[:, 0, 1 + 9] = 5.0      # CLS is left out,
+  w[:, 3, 1 + 10] = 5.0     # SEP too,
+  w[:, 4:, 1 + 12] = 5.0    # and padding
+  mask = np.array([1, 1, 1, 1, 0])
   heat = visualize.patch_heatmap(w, mask)
   assert heat.shape == (g, g) and np.unravel_index(heat.argmax(), heat.shape) == (1, 2)
   assert heat.min() == 0 and heat.max() == 1
+
+
+def test_the_picture_shows_small_scores():
+  """The generative head's sequence probabilities are small (1e-5): two answers of different
+  scores once both read 0.000. The pictures differ now."""
+  image = Image.new("RGB", (32, 32), "gray")
+  draw = lambda score: np.asarray(visualize.render(
+      image, np.zeros((4, 4)), ["is"], np.array([0.5]), "is it?", [("no", score)]))
+  assert not np.array_equal(draw(5.2e-5), draw(6.5e-6))

@@ -432,5 +432,15 @@ def test_predict_prints_ranked_answers_and_writes_the_picture(straight, tmp_path
           f"--image={ASSETS / 'vqa_rad_sample' / 'images' / 'synpic54610.jpg'}", "--out="]
   long = _run(base + ["--question=" + " ".join(["is there a fracture"] * 10)], devices=1)
   assert "warning: the question takes 42 word pieces; the model reads the first 24" in long.stderr
-  empty = _run(base + ["--question=  "], devices=1, check=False)
-  assert empty.returncode != 0 and "--question is empty" in empty.stderr
+  empty = _run(base + ["--question=  ?"], devices=1, check=False)
+  assert empty.returncode != 0 and "--question '  ?' is empty" in empty.stderr
+  # A picture that could not be written is refused before the model is restored; --top >= 1.
+  base[-1] = f"--out={tmp_path / 'no-such-folder' / 'a.png'}"
+  bad = _run(base + ["--question=is there a fracture?"], devices=1, check=False)
+  assert bad.returncode != 0 and f"no folder {tmp_path / 'no-such-folder'}" in bad.stderr
+  assert not bad.stdout  # No answer printed: nothing was restored.
+  base[-1] = f"--out={tmp_path / 'answer'}"
+  bad = _run(base + ["--question=is there a fracture?"], devices=1, check=False)
+  assert bad.returncode != 0 and "name an image file (.png)" in bad.stderr
+  bad = _run(base + ["--question=is there a fracture?", "--top=0"], devices=1, check=False)
+  assert bad.returncode != 0 and "flag --top=0: 0 is not a positive integer" in bad.stderr
