@@ -64,7 +64,8 @@ class Validator:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def evaluate(params, batch, key):
-      _, metrics, out = pretrain_terms(model, params, batch, key, config.losses, train=False)
+      _, metrics, out = pretrain_terms(model, sharding.gathered(params, mesh), batch, key,
+                                       config.losses, train=False)
       return metrics, out["image_embed"], out["text_embed"]
     # Replicated outputs: every host gets the whole batch's embeddings for the retrieval.
     self._evaluate = jax.jit(evaluate, out_shardings=replicated)

@@ -62,7 +62,7 @@ class Predictor:
 
     def predict(params, images, input_ids, attention_mask, prior_ids, prior_mask, cand_ids,
                 cand_mask):
-      variables = {"params": params}
+      variables = {"params": sharding.gathered(params, mesh)}
       if model.head == "classifier":
         out = model.apply(variables, images, input_ids, attention_mask, prior_ids, prior_mask,
                           method=AMiF.vqa)

@@ -72,6 +72,18 @@ def param_shardings(mesh: Mesh, shapes, rules=(".*",), min_size: int = 2 ** 14):
                                                      min_size)), shapes)
 
 
+def gathered(params, mesh: Mesh):
+  """Inside a jitted function: the parameters whole on every device when FSDP shards them
+  (as they come in otherwise). A computation that reads them so does on each device what it
+  does unsharded; left to itself, the partitioner kept the weights sharded through the layers
+  and moved activations instead, slower, and in bf16 with sums in another order, so that
+  results depended on train.fsdp."""
+  if mesh.shape.get("fsdp", 1) == 1:
+    return params
+  whole = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, whole), params)
+
+
 def batch_sharding(mesh: Mesh, x) -> NamedSharding:
   """Leading (batch) dimension over every device; scalars replicated."""
   return NamedSharding(mesh, P(BATCH_AXES) if np.ndim(x) else P())

@@ -133,16 +133,11 @@ def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, fr
   them (stage 1's frozen towers cost their forward pass only).
   """
 
-  differentiated = freeze(objective, frozen)
-  replicated = NamedSharding(shardings["step"].mesh, P())
-  if shardings["step"].mesh.shape.get("fsdp", 1) > 1:
-    # FSDP: the objective sees the parameters gathered (their gradients leave it
-    # reduce-scattered back to the shards); the state stays sharded. Left to itself, the
-    # partitioner kept the weights sharded through the layers and moved activations instead.
-    plain = differentiated
-    differentiated = lambda params, batch, key: plain(
-        jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, replicated), params), batch,
-        key)
+  # FSDP: the objective sees the parameters gathered (their gradients leave it
+  # reduce-scattered back to the shards); the state stays sharded.
+  plain, mesh = freeze(objective, frozen), shardings["step"].mesh
+  replicated = NamedSharding(mesh, P())
+  differentiated = lambda params, batch, key: plain(sharding.gathered(params, mesh), batch, key)
 
   def grads_of(params, batch, key):
     return jax.value_and_grad(differentiated, has_aux=True)(params, batch, key)

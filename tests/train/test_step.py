@@ -105,6 +105,32 @@ SCRIPT = textwrap.dedent("""
     assert not any(op in hlo for op in ("all-gather", "all-to-all", "collective-permute")), hlo
     np.testing.assert_array_equal(np.asarray(split(x))[1], rows[1::4])
     print("OK micro-batches")
+
+    # Evaluation reads FSDP-sharded parameters gathered, as the step does: in bf16 its scores
+    # are those of the replicated layout, bit for bit (they once differed by about 1%).
+    from medvqa_jax.data import tokenizer as tokenizer_lib
+    from medvqa_jax.evaluate import vqa
+    config = helpers.tiny_config()
+    config.optim.total_steps = 10
+    config.model.dtype = config.model.image.dtype = config.model.text.dtype = "bfloat16"
+    model, params = amif.create(config)
+    tok = tokenizer_lib.from_config(config.model.text)
+    qs = tok([f"is there a thing number {{i}}" for i in range(16)])
+    size = config.model.image.arch.image_size
+    data = {{"images": np.random.default_rng(0).integers(0, 255, (16, size, size, 3), np.uint8),
+            "input_ids": qs["input_ids"], "attention_mask": qs["attention_mask"]}}
+    tx = optim.make(config.optim, params)
+    scores = []
+    for fsdp in (1, 4):
+      mesh = sharding.make_mesh(fsdp)
+      shardings = step_lib.state_shardings(mesh, params, tx, min_size=64)
+      predictor = vqa.Predictor(model, config, ["yes", "no", "left lung"], tok, mesh,
+                                shardings["params"])
+      scores.append(predictor(jax.device_put(params, shardings["params"]),
+                              sharding.shard_batch(mesh, data))[1])
+    assert model.head == "generative" and scores[0].dtype == np.float32
+    np.testing.assert_array_equal(scores[0], scores[1])
+    print("OK predictor fsdp")
     """)
 
 
@@ -115,7 +141,7 @@ def test_sharded_step_equals_single_device():
                        timeout=1200, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-5000:]
   assert "OK finetune" in out.stdout and "OK micro-batches" in out.stdout
-  assert "OK fsdp" in out.stdout
+  assert "OK fsdp" in out.stdout and "OK predictor fsdp" in out.stdout
 
 
 def test_batches_the_objective_cannot_use_are_refused():
