@@ -28,9 +28,21 @@ def _int(name: str) -> int | None:
   return int(value) if value.isdigit() else None
 
 
+# What JAX's SLURM detection reads: set for the tasks of an `srun` step.
+_SLURM_STEP = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+               "SLURM_LOCALID")
+
+
 def _auto_cluster() -> str | None:
   env = os.environ
-  if (_int("SLURM_NTASKS") or _int("SLURM_NPROCS") or 1) > 1:
+  tasks = _int("SLURM_NTASKS") or _int("SLURM_NPROCS") or 1
+  if tasks > 1:
+    unset = [v for v in _SLURM_STEP if v not in env]
+    if unset:
+      raise RuntimeError(
+          f"SLURM_NTASKS={tasks}, but this process is not a task of an srun step "
+          f"({', '.join(unset)} unset): launch the run with srun (launch/slurm.sbatch), or run one process with "
+          "SLURM_NTASKS unset (e.g. `env -u SLURM_NTASKS -u SLURM_NPROCS python ...`)")
     return "SLURM"
   if (_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
     return "Open MPI"

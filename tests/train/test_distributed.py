@@ -51,6 +51,20 @@ def test_slurm_one_task_per_node_keeps_every_gpu(calls, monkeypatch):
   assert detect(None, None, None, None, None, None)[3] == [0]
 
 
+def test_slurm_allocation_outside_an_srun_step_is_refused_clearly(calls, monkeypatch):
+  # python run straight from an sbatch script or a salloc shell: the allocation has several
+  # tasks, but this process is none of them (JAX's own message: "coordinator_address should
+  # be defined").
+  slurm(monkeypatch, tasks=2, nodes=2)
+  for name in ("SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID"):
+    monkeypatch.delenv(name)
+  with pytest.raises(RuntimeError, match=r"SLURM_NTASKS=2, but this process is not a task of "
+                     r"an srun step \(SLURM_STEP_NODELIST, SLURM_PROCID, SLURM_LOCALID unset\): "
+                     r"launch the run with srun"):
+    distributed.initialize()
+  assert calls == []
+
+
 def test_slurm_gpus_from_slurm_when_cuda_visible_devices_is_unset(calls, monkeypatch):
   slurm(monkeypatch, tasks=2, nodes=2, gpus=None)
   monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
