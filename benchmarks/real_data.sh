@@ -15,7 +15,8 @@
 # runs/real; delete a dataset's folder there to train it again, else the run resumes),
 # EPOCHS (default: the dataset config's, 50 VQA-RAD / 30 SLAKE), STEPS (a fixed step count
 # instead, e.g. for a smoke run), BATCH (64), LR (1e-4), TEXT_LR_MULT (0.1: the pretrained
-# text tower moves slower than the fusion layers and the from-scratch image tower),
+# text tower and the answer decoder's layers copied from it move slower than the fusion
+# layers, the decoder's new cross-attention and LM head, and the from-scratch image tower),
 # EVAL_EVERY (150 steps; a checkpoint is saved at each validation), WORKERS (input-pipeline
 # processes, 12), ATTENTION (reference|xla|cudnn|auto, default auto), MAX_SIDE (images shrunk
 # to this longer side when the dataset is built, 256, as benchmarks/pack.py packs them),
@@ -50,7 +51,7 @@ for ds in "${DATASETS[@]}"; do
         --config.data.workers="${WORKERS:-12}" --config.train.workdir="$RUNS/$ds"
         --config.train.batch_size="${BATCH:-64}" --config.optim.lr="${LR:-1e-4}"
         --config.optim.warmup_fraction=0.1
-        --config.optim.lr_mults="((\"text/.*\", ${TEXT_LR_MULT:-0.1}),)"
+        --config.optim.lr_mults="((\"text/.*|decoder/(?!lm_)(?!.*/cross_).*\", ${TEXT_LR_MULT:-0.1}),)"
         --config.train.eval_every="${EVAL_EVERY:-150}" --config.train.save_every="${EVAL_EVERY:-150}"
         --config.model.compute.attention="${ATTENTION:-auto}")
   [ -n "${MINILM:-}" ] && args+=(--config.model.text.checkpoint="$MINILM")

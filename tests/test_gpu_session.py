@@ -123,3 +123,35 @@ def test_benchmark_runs_that_would_outlast_the_step_are_skipped(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert re.search(r"== skipped \(\d+ s left\): --config=configs/towers_only.py", out.stderr)
   assert results.read_text() == ""
+
+
+def test_the_recipe_slows_what_comes_from_minilm_only(tmp_path):
+  """real_data.sh's learning-rate rule: 0.1x for the text tower and the decoder's layers
+  copied from the same checkpoint (the decoder once trained at 10x the text tower's rate),
+  the base rate for the decoder's new cross-attention and LM head and everything else."""
+  import ast
+
+  import jax
+  from configs import vqa_rad
+  from medvqa_jax.models import amif
+  from medvqa_jax.models.state_dict import flatten
+  from medvqa_jax.train import optim
+  fake = tmp_path / "python"
+  fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" >> {tmp_path / "args"}\nexit 1\n')
+  fake.chmod(0o755)
+  out = subprocess.run(["bash", "benchmarks/real_data.sh", "vqa_rad"], cwd=ROOT,
+                       env={**os.environ, "PYTHON": str(fake), "RUNS": str(tmp_path / "runs"),
+                            "RESULTS": str(tmp_path / "real.jsonl")},
+                       capture_output=True, text=True, timeout=60)
+  assert "(failed: vqa_rad, exit status 1)" in out.stderr
+  (rule,) = [a.split("=", 1)[1] for a in (tmp_path / "args").read_text().splitlines()
+             if a.startswith("--config.optim.lr_mults=")]
+  config = vqa_rad.get_config("image=tiny,text=tiny")
+  model, init, loaded = amif.initializer(config, seed=0)
+  labels = flatten(optim.param_labels(jax.eval_shape(init, loaded), ast.literal_eval(rule)))
+  slow = {k for k, v in labels.items() if v == "lr_x0.1"}
+  assert {k for k in labels if k.startswith("text/")} <= slow
+  assert "decoder/word_embed/embedding" in slow and "decoder/layer_0/attn/query/kernel" in slow
+  fresh = [k for k in labels if k.startswith("decoder/") and ("cross_" in k or "/lm_" in k)]
+  assert fresh and not slow & set(fresh)
+  assert not [k for k in slow if not k.startswith(("text/", "decoder/"))]
