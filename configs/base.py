@@ -8,6 +8,7 @@ BiomedCLIP teacher.
 """
 
 import importlib
+from pathlib import Path
 
 import ml_collections
 
@@ -20,7 +21,13 @@ def preset(name: str) -> ml_collections.ConfigDict:
   try:
     module = importlib.import_module(f"configs.towers.{name}")
   except ModuleNotFoundError:
-    raise ValueError(f"no tower preset {name!r} in configs/towers/") from None
+    module = None
+  if not hasattr(module, "get_config"):
+    folder = Path(__file__).parent / "towers"
+    names = sorted(p.stem for p in folder.glob("*.py")
+                   if "def get_config" in p.read_text())
+    raise ValueError(f"no tower preset {name!r} in configs/towers/ (presets: "
+                     f"{', '.join(names)})")
   return module.get_config()
 
 

@@ -197,6 +197,10 @@ class TestConfigs:
   def test_bad_arguments(self):
     with pytest.raises(ValueError, match="no tower preset 'vit_h14'"):
       self.base.get_config("image=vit_h14")
+    # A module of that folder that is no preset (configs/towers/common.py holds helpers).
+    with pytest.raises(ValueError, match=r"no tower preset 'common' in configs/towers/ "
+                       r"\(presets: bio_clinicalbert, biomedclip, clip_vit_b16, minilm, "):
+      self.base.get_config("image=common")
     with pytest.raises(ValueError, match="expected one of"):
       self.base.get_config("vision=tiny")
     with pytest.raises(ValueError, match="has no image tower"):
