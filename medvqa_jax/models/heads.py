@@ -79,10 +79,18 @@ def packed_log_likelihood(logits, ids, segment_ids, k: int):
   return jnp.sum(token[..., None] * owner, axis=1)  # Not a matmul: no TF32 rounding on GPUs.
 
 
+def has_answer(mask):
+  """(B,) bool: the answers with a token besides [CLS] and [SEP]. One that normalises to ""
+  has none: no candidate is empty, and the classifier leaves it out (label -1) likewise."""
+  return jnp.sum(mask, axis=-1) > 2
+
+
 def generative_loss(logits, ids, mask):
   """Teacher-forced cross-entropy: per answer, the negative log-likelihood of its tokens after
-  the first ([CLS]), summed; averaged over the batch."""
-  return -jnp.mean(sequence_log_likelihood(logits, ids, mask))
+  the first ([CLS]), summed; averaged over the answers that `has_answer`."""
+  valid = has_answer(mask)
+  nll = -sequence_log_likelihood(logits, ids, mask)
+  return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
 def classifier_loss(logits, labels):

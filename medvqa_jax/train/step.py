@@ -16,6 +16,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from medvqa_jax.losses.pretrain import pretrain_loss
+from medvqa_jax.models import heads
 from medvqa_jax.models.amif import AMiF
 from medvqa_jax.train import sharding
 
@@ -36,14 +37,15 @@ EXAMPLES = "examples"
 def finetune_objective(model: AMiF, prior_ids, prior_mask) -> Callable:
   """The VQA loss. The answer prior (from the training answers) is fixed for the run, so it
   is a constant of the objective, not part of the per-example batch. The classifier's loss
-  is a mean over the examples whose answer is in its vocabulary (label >= 0) only."""
+  is a mean over the examples whose answer is in its vocabulary (label >= 0) only, the
+  generative head's over those with a non-empty answer (`heads.has_answer`)."""
   def loss(params, batch, key):
     if model.head == "classifier":
       extra = {"labels": batch["labels"]}
       examples = jnp.sum(batch["labels"] >= 0)
     else:
       extra = {"answer_ids": batch["answer_ids"], "answer_mask": batch["answer_mask"]}
-      examples = batch["input_ids"].shape[0]
+      examples = jnp.sum(heads.has_answer(batch["answer_mask"]))
     out = model.apply({"params": params}, batch["images"], batch["input_ids"],
                       batch["attention_mask"], prior_ids, prior_mask, **extra, method=AMiF.vqa,
                       rngs={"dropout": key})

@@ -53,7 +53,8 @@ def test_classifier_loss_averages_over_in_vocabulary_labels_only():
 
 def test_generative_loss_is_the_batch_mean_of_answer_negative_log_likelihoods():
   """Per answer: minus the sum over its tokens after [CLS] of log p(token | the ones before),
-  where logits[t] predicts ids[t + 1]; then the mean over the batch."""
+  where logits[t] predicts ids[t + 1]; then the mean over the answers with a token besides
+  [CLS] and [SEP]."""
   rng = np.random.default_rng(2)
   b, length, vocab = 4, 6, 11
   logits = rng.normal(size=(b, length, vocab)).astype(np.float32) * 2
@@ -66,5 +67,8 @@ def test_generative_loss_is_the_batch_mean_of_answer_negative_log_likelihoods():
                          for i in range(b)])
   np.testing.assert_allclose(heads.sequence_log_likelihood(logits, ids, mask), per_answer,
                              rtol=1e-5)
-  np.testing.assert_allclose(heads.generative_loss(logits, ids, mask), -per_answer.mean(),
+  # Answer 3 is [CLS] [SEP] alone (an answer that normalises to ""): no candidate is empty
+  # and the classifier leaves it out, so the mean is over the other three.
+  np.testing.assert_allclose(heads.generative_loss(logits, ids, mask), -per_answer[:3].mean(),
                              rtol=1e-5)
+  assert float(heads.generative_loss(logits, ids, np.minimum(mask, np.arange(length) < 2))) == 0

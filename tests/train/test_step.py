@@ -224,3 +224,36 @@ def test_accumulation_weights_micro_batches_by_their_counted_examples():
   # All known labels in one micro-batch: the other, with none, adds nothing.
   labels = [3, -1, 5, -1, 10, -1, 2, -1]
   assert_same(step(labels, 2), step(labels, 1))
+
+
+def test_the_generative_objective_counts_the_answers_it_trains_on():
+  """An answer that normalises to "" ([CLS] [SEP] alone) is left out of the generative loss,
+  and of the examples that weight a micro-batch under accumulation, as a classifier's label
+  outside its vocabulary is."""
+  import jax
+  import numpy as np
+  sys.path.insert(0, str(ROOT / "tests"))
+  import helpers
+  from medvqa_jax.models import amif
+  from medvqa_jax.train import step as step_lib
+
+  config = helpers.tiny_config()
+  model, params = amif.create(config)
+  assert model.head == "generative"
+  rng = np.random.default_rng(0)
+  n = 4
+  answer_ids = np.zeros((n, 6), np.int32)
+  answer_ids[:, 0], answer_ids[:, 3] = 101, 102
+  answer_ids[:, 1:3] = rng.integers(1000, 5000, (n, 2))
+  answer_ids[1, 1:] = [102, 0, 0, 0, 0]  # Empty.
+  data = dict(images=rng.integers(0, 256, (n, 32, 32, 3)).astype(np.uint8),
+              input_ids=rng.integers(1000, 5000, (n, 10)).astype(np.int32),
+              attention_mask=np.ones((n, 10), np.int32), answer_ids=answer_ids,
+              answer_mask=(answer_ids > 0).astype(np.int32))
+  objective = step_lib.finetune_objective(
+      model, np.arange(2000, 2016, dtype=np.int32), np.ones(16, np.int32))
+  loss, metrics = objective(params, data, jax.random.PRNGKey(0))
+  assert int(metrics[step_lib.EXAMPLES]) == 3
+  keep = [0, 2, 3]
+  loss3, _ = objective(params, {k: v[keep] for k, v in data.items()}, jax.random.PRNGKey(0))
+  np.testing.assert_allclose(loss, loss3, rtol=1e-5)
