@@ -50,6 +50,10 @@ def schedule(cfg):
   if not cfg.total_steps or cfg.total_steps < 1:
     raise ValueError(f"the run has {cfg.total_steps} steps: set --config.optim.total_steps to "
                      "1 or more (or --config.train.epochs, where the config counts in epochs)")
+  if not 0 <= cfg.warmup_fraction < 1:
+    raise ValueError(f"optim.warmup_fraction={cfg.warmup_fraction}: the share of the run spent "
+                     "warming up, at least 0 and below 1 (a share of 1 or more never reaches "
+                     "optim.lr)")
   warmup = max(int(cfg.warmup_fraction * cfg.total_steps), 1)
   return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup,
                                             max(cfg.total_steps, warmup + 1), 0.0)

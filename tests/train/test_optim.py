@@ -164,3 +164,15 @@ def test_negative_rates_and_clipping_norms_are_refused():
     optim.make(cfg, PARAMS)
   cfg.update(lr=0.0, grad_clip=1.0)
   optim.make(cfg, PARAMS)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 1.5, -0.1])
+def test_a_warm_up_share_outside_zero_to_one_is_refused(fraction):
+  # 1.5 capped the peak rate at two thirds of optim.lr, silently; -0.1 warmed up in one step.
+  cfg = _cfg(())
+  cfg.warmup_fraction = fraction
+  with pytest.raises(ValueError, match=rf"optim.warmup_fraction={fraction}: the share of the "
+                     "run spent warming up, at least 0 and below 1"):
+    optim.make(cfg, PARAMS)
+  cfg.warmup_fraction = 0.0
+  optim.make(cfg, PARAMS)
