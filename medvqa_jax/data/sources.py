@@ -39,13 +39,22 @@ def _need(path: Path, what: str) -> Path:
 
 
 def _read_text(path: Path) -> str:
-  """A text file's contents: UTF-8, with or without the byte-order mark that spreadsheet and
-  Windows editors write (it would otherwise stick to the first field's name)."""
+  """A text file's contents, as written (line ends untranslated: a csv field may hold CRLF):
+  UTF-8, with or without the byte-order mark that spreadsheet and Windows editors write (it
+  would otherwise stick to the first field's name)."""
   try:
-    return path.read_text(encoding="utf-8-sig")
+    with open(path, encoding="utf-8-sig", newline="") as f:
+      return f.read()
   except UnicodeDecodeError as e:
     raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as "
                      "UTF-8") from None
+
+
+def _numbered_lines(path: Path):
+  """(line number, line) of a text file, ends \n or \r\n. Not str.splitlines: it also breaks
+  at U+2028, U+0085 and other separators, which JSON strings and captions may hold raw."""
+  for n, line in enumerate(_read_text(path).split("\n"), 1):
+    yield n, line.removesuffix("\r")
 
 
 def _load_json(path: Path):
@@ -190,16 +199,27 @@ def _yes_no_type(answer) -> str:
 def pathvqa(source_dir: Path) -> dict:
   """PathVQA in any of its three layouts: the original release (qas/<split>/<split>_qa.pkl,
   images/<split>/<image>.jpg), the Hugging Face copy as parquet (*<split>*.parquet with an
-  `image` struct holding bytes), or its JSON export (<split>.json, `image_path` with Windows
-  separators)."""
+  `image` struct holding bytes), or its JSON export (train/val/test.json, validation.json for
+  val, `image_path` with Windows separators)."""
   if (source_dir / "qas").is_dir():
     return _pathvqa_pkl(source_dir)
   if list(source_dir.rglob("*.parquet")):
     return _pathvqa_parquet(source_dir)
-  if any((source_dir / f"{s}.json").exists() for _, s in _PATHVQA_SPLITS):
+  if any(_pathvqa_json_file(source_dir, *names) for names in _PATHVQA_SPLITS):
     return _pathvqa_json(source_dir)
   raise FileNotFoundError(f"{source_dir}: no PathVQA layout found (qas/ with pkl files, "
                           "*.parquet files, or train/val/test.json)")
+
+
+def _pathvqa_json_file(source_dir: Path, split: str, short: str) -> Path | None:
+  """A JSON export's file of one split: <short>.json, or <split>.json as an export named
+  after the Hugging Face splits writes it (validation.json); not both."""
+  found = [p for p in dict.fromkeys((source_dir / f"{short}.json", source_dir / f"{split}.json"))
+           if p.exists()]
+  if len(found) > 1:
+    raise ValueError(f"{source_dir}: {found[0].name} and {found[1].name} are both the {split} "
+                     "split; keep one")
+  return found[0] if found else None
 
 
 def _pathvqa_pkl(source_dir: Path) -> dict:
@@ -253,8 +273,8 @@ def _pathvqa_parquet(source_dir: Path) -> dict:
 def _pathvqa_json(source_dir: Path) -> dict:
   out = {}
   for split, short in _PATHVQA_SPLITS:
-    path = source_dir / f"{short}.json"
-    if not path.exists():
+    path = _pathvqa_json_file(source_dir, split, short)
+    if path is None:
       continue
 
     def make(r, where, short=short):
@@ -278,9 +298,9 @@ _VQAMED_TEST = ("VQAMed2019Test", "VQAMed2019_Test_Questions_w_Ref_Answers.txt",
 
 
 def _lines(path: Path):
-  for n, line in enumerate(_read_text(path).splitlines(), 1):
+  for n, line in _numbered_lines(path):
     if line.strip():
-      yield n, line.rstrip("\r")
+      yield n, line
 
 
 _OPTIONAL = re.compile(r"\([^()]*\)")
@@ -366,7 +386,7 @@ def _caption(rid, image, caption, where, **extra):
   caption = clean_caption(caption)
   if not caption:
     return Bad(where, "empty caption")
-  return dict(id=str(rid), image=image, caption=caption, **extra)
+  return dict(id=str(rid), image=image, caption=caption, where=where, **extra)
 
 
 def _csv_rows(path: Path):
@@ -425,7 +445,7 @@ def roco(source_dir: Path) -> dict:
 
 
 def _jsonl(path: Path):
-  for n, line in enumerate(_read_text(path).splitlines(), 1):
+  for n, line in _numbered_lines(path):
     if not line.strip():
       continue
     where = f"{path} line {n}"

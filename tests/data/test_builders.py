@@ -206,6 +206,13 @@ def test_caption_corpora_round_trip(tmp_path):
   rows = _rows(out, "captions_jsonl", "train")
   assert sorted(_text(r["caption"]) for r in rows.values()) == ["caption 0", "caption 1",
                                                                  "caption 2"]
+  # A caption record's problems name its file and line.
+  with open(roco / "train.csv", "a", newline="") as f:
+    csv.writer(f).writerow(["ROCO_1", "r2.jpg", "again"])
+  builders.build("roco", roco, tmp_path / "again", max_bad_fraction=0.5)
+  (problem,) = builders.summary(tmp_path / "again", "roco")["skipped_examples"]
+  assert problem == (f"{roco / 'train.csv'} line 5: duplicate id 'ROCO_1' (also "
+                     f"{roco / 'train.csv'} line 3)")
 
 
 def _vqa_source(tmp_path, n=200):
@@ -479,3 +486,46 @@ def test_several_files_of_one_split_are_refused_naming_them(tmp_path):
   (corpus / "roco_train.jsonl").unlink()
   assert {k: len(v) for k, v in sources.captions_jsonl(corpus).items()} == {
       "train": 1, "validation": 1}
+
+
+def test_text_files_are_read_as_written(tmp_path):
+  """Lines end at \\n (or \\r\\n) only: a caption may hold U+2028 or U+0085 raw, which JSON
+  allows and str.splitlines broke a line at (two records dropped as "not valid JSON"). A csv
+  caption's own CRLF is kept, as in the file."""
+  from medvqa_jax.data import sources
+  medicat = tmp_path / "medicat"
+  (medicat / "figures").mkdir(parents=True)
+  captions = ["Axial CT\u2028with contrast", "T2 MRI\x85sagittal", "plain"]
+  with open(medicat / "train.jsonl", "w", encoding="utf-8", newline="") as f:
+    for i, caption in enumerate(captions):
+      f.write(json.dumps({"pdf_hash": f"h{i}", "fig_uri": f"f{i}.jpg", "s2_caption": caption},
+                         ensure_ascii=False) + "\r\n")
+  got = sources.medicat(medicat)["train"]
+  assert [r["caption"] for r in got] == captions
+  roco = tmp_path / "roco"
+  roco.mkdir()
+  (roco / "train.csv").write_bytes(b'id,name,caption\r\nR1,r1.jpg,"line one\r\nline two"\r\n'
+                                   b'R2,r2.jpg,plain\r\n')
+  got = sources.roco(roco)["train"]
+  assert [(r["id"], r["caption"]) for r in got] == [("R1", "line one\r\nline two"),
+                                                    ("R2", "plain")]
+
+
+def test_pathvqa_json_export_named_after_the_hugging_face_splits(tmp_path):
+  """An export of the Hugging Face copy names its files after its splits: validation.json
+  is the validation split (it was ignored, and the build had none). val.json beside it is
+  refused."""
+  from medvqa_jax.data import sources
+  src = tmp_path / "pathvqa"
+  for split in ("train", "validation", "test"):
+    rows = [{"image_path": f"images\\{split}\\x{i}.jpg", "question": f"{split} q{i}?",
+             "answer": "yes"} for i in range(2)]
+    (src / "images" / split).mkdir(parents=True)
+    (src / f"{split}.json").write_text(json.dumps(rows))
+  out = sources.pathvqa(src)
+  assert {s: len(v) for s, v in out.items()} == {"train": 2, "validation": 2, "test": 2}
+  assert out["validation"][0]["question"] == "validation q0?"
+  (src / "val.json").write_text("[]")
+  with pytest.raises(ValueError, match="val.json and validation.json are both the validation "
+                     "split; keep one"):
+    sources.pathvqa(src)
