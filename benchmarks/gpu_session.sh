@@ -20,7 +20,7 @@
 #   check         60  the environment, and cuDNN's fused kernel against the reference path
 #                     (tests/models/test_compute.py with MEDVQA_FUSED_ATTENTION=cudnn)
 #   towers       150  towers_only, cuDNN and reference attention (benchmarks/gpu.sh runs 1-2)
-#   stage1       240  stage-1 pre-training at 64: Sinkhorn to threshold, and a fixed 50
+#   stage1       240  stage-1 pre-training at 64: Sinkhorn to threshold, and a fixed 100
 #                     iterations (gpu.sh runs 3-4)
 #   finetune     150  the fine-tuning step at 64 (cuDNN), on synthetic batches and fed by the
 #                     input pipeline of VQA-RAD with WORKERS workers (the data share)

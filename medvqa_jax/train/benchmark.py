@@ -218,17 +218,18 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
   if steps <= 0:
     return out
 
-  def timed(next_batch: Callable) -> tuple[float, dict]:
-    """Seconds per step after the warm-up, and the last step's metrics."""
+  def timed(next_batch: Callable, warm: int, n: int) -> tuple[float, dict]:
+    """Seconds per step over `n` steps after `warm` warm-up steps, and the last step's
+    metrics."""
     def one():
       nonlocal state
       state, metrics = compiled(state, next_batch(), key)
       return metrics
-    _time(one, warmup)
-    return _time(one, steps)
+    _time(one, warm)
+    return _time(one, n)
 
   log(f"timing {steps} steps on synthetic batches, after {warmup} warm-up steps")
-  step_s, metrics = timed(lambda: batch)
+  step_s, metrics = timed(lambda: batch, warmup, steps)
   loss = float(metrics["loss"])
   peak = peak if peak is not None else peak_tflops(out["device_kind"])
   achieved = analytic["total"] * batch_size / step_s / jax.device_count()
@@ -239,14 +240,24 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
       peak_bf16_tflops_per_device=peak,
       mfu=None if not peak else round(achieved / (peak * 1e12), 4),
       peak_memory_gib=_peak_memory(), loss=loss, loss_finite=bool(np.isfinite(loss)),
-      sinkhorn_s=None, sinkhorn_share=None, sinkhorn_converged=None,
-      pipeline_step_s=None, data_share=None)
+      sinkhorn_s=None, sinkhorn_share=None, sinkhorn_converged=None, sinkhorn_budget=None,
+      step_wpa_converged=None, pipeline_step_s=None, data_share=None,
+      pipeline_warmup_steps=None, pipeline_steps=None)
 
   if mc.head == "none" and dict(config.losses.weights).get("wpa", 0) > 0:
     log("timing the OT loss alone")
     seconds, converged = sinkhorn_seconds(config, model, batch_size, mesh, steps)
+    ot_cfg = config.losses.ot
+    fixed = ot_cfg.solver == "sinkhorn" and ot_cfg.min_iterations == ot_cfg.max_iterations
+    # To its threshold, the solver stops when its inputs let it: random tokens, near-uniform
+    # costs, converge at the first test, so that share is a lower bound. A fixed budget is
+    # the same work whatever the tokens.
     out.update(sinkhorn_s=round(seconds, 5), sinkhorn_share=round(seconds / step_s, 4),
-               sinkhorn_converged=converged)
+               sinkhorn_converged=converged,
+               sinkhorn_budget=(f"fixed {ot_cfg.max_iterations}" if fixed else
+                                "to threshold (a lower bound: random tokens)"),
+               step_wpa_converged=(None if "wpa_converged" not in metrics
+                                   else float(metrics["wpa_converged"])))
 
   if pipeline:
     from medvqa_jax.data import pipeline as pipeline_lib
@@ -262,8 +273,12 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
         b = next(it)
         return sharding.shard_batch(mesh, {k: v for k, v in b.items() if k in keep})
 
-      log(f"timing {steps} steps fed by the input pipeline ({config.data.workers} workers)")
-      pipe_s, _ = timed(fetch)
+      # The workers start up over their first batches: the rate is taken past them.
+      pipe_warmup, pipe_steps = max(warmup, 4 * config.data.workers), max(steps, 50)
+      log(f"timing {pipe_steps} steps fed by the input pipeline ({config.data.workers} "
+          f"workers), after {pipe_warmup} warm-up steps")
+      pipe_s, _ = timed(fetch, pipe_warmup, pipe_steps)
     out.update(pipeline_step_s=round(pipe_s, 5),
-               data_share=round(max(0.0, 1 - step_s / pipe_s), 4))
+               data_share=round(max(0.0, 1 - step_s / pipe_s), 4),
+               pipeline_warmup_steps=pipe_warmup, pipeline_steps=pipe_steps)
   return out
