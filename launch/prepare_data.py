@@ -9,8 +9,9 @@ Hugging Face parquet, or its JSON export), vqa_med_2019, and the pre-training co
 medicat, mimic_cxr (multi-view) and captions_jsonl. Bad records are reported with their file
 and record and skipped; past --max_bad_fraction the build fails and leaves nothing behind.
 Building an existing dataset again is a no-op with the same options (max_side, splits,
-language, test_frames) from the same files, and refused with others or from a download folder whose files
-changed since (names and sizes): build into another data_dir, or delete the old build.
+language, test_frames) from the same files, and refused with others or from a download
+folder whose files changed since (names and sizes): build into another data_dir, or delete
+the old build.
 Prints one JSON line summarising the dataset.
 """
 

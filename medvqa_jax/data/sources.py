@@ -51,8 +51,9 @@ def _read_text(path: Path) -> str:
 
 
 def _numbered_lines(path: Path):
-  """(line number, line) of a text file, ends \n or \r\n. Not str.splitlines: it also breaks
-  at U+2028, U+0085 and other separators, which JSON strings and captions may hold raw."""
+  """(line number, line) of a text file whose lines end in LF or CRLF. Not str.splitlines: it
+  also breaks at U+2028, U+0085 and other separators, which JSON strings and captions may
+  hold raw."""
   for n, line in enumerate(_read_text(path).split("\n"), 1):
     yield n, line.removesuffix("\r")
 
@@ -138,19 +139,17 @@ def vqa_rad(source_dir: Path, test_frames: bool = True) -> dict:
     images = source_dir / "images"
     test_path = _need(source_dir / "testset.json", "the MEVF test split")
     test_rows, train_path = _load_json(test_path), source_dir / "trainset.json"
-    keep = None
-    if not test_frames:
-      asked = {str(r.get("qid")): (r.get("image_name"), r.get("answer")) for r in test_rows
-               if isinstance(r, dict)}
+    asked = {str(r.get("qid")): (r.get("image_name"), r.get("answer")) for r in test_rows
+             if isinstance(r, dict)}
 
-      def keep(r):
-        if not isinstance(r, dict) or r.get("phrase_type") != "frame":
-          return True
-        try:
-          before = str(int(r["qid"]) - 1)
-        except (KeyError, TypeError, ValueError):
-          return True
-        return asked.get(before) != (r.get("image_name"), r.get("answer"))
+    def keep(r):  # All but, with test_frames=False, the frames of test questions.
+      if test_frames or not isinstance(r, dict) or r.get("phrase_type") != "frame":
+        return True
+      try:
+        before = str(int(r["qid"]) - 1)
+      except (KeyError, TypeError, ValueError):
+        return True
+      return asked.get(before) != (r.get("image_name"), r.get("answer"))
     return {"train": _records(train_path, _load_json(train_path), make(images), keep),
             "test": _records(test_path, test_rows, make(images))}
   path = _need(source_dir / "VQA_RAD Dataset Public.json",

@@ -4,11 +4,10 @@ For image i a negative text j != i is drawn with probability proportional to
 exp(sim(i, j) / tau) (never the positive; defined for negative similarities too, unlike
 sampling on raw cosines); optionally a negative image per text likewise. An example whose
 caption is the same as i's (a corpus repeats short captions) is not drawn either: its text
-matches image i, and its embedding, equal to the positive's, would be drawn first; an
-example whose every other example has its caption has no negative, and its draw is left
-out of the loss. Indices
-are global: the arrays are the global batch, whatever the device layout. The sampled pairs
-are scored by the model with the negative's own tokens and attention mask.
+matches image i, and its embedding, equal to the positive's, would be drawn first. An
+example whose every other example has its caption has no negative: its draw is left out of
+the loss. Indices are global: the arrays are the global batch, whatever the device layout.
+The sampled pairs are scored by the model with the negative's own tokens and attention mask.
 """
 
 from __future__ import annotations
@@ -55,10 +54,10 @@ def negative_weights(captions, negative_images=False):
 
 def hard_negative_pairs(key, image_embed, text_embed, temperature, negative_images=False,
                         captions=None):
-  """(text_idx, image_idx) of the negative pairs. First a negative text for
-  every image, then (with `negative_images`) a negative image for every text. captions: (N,)
-  keys (`caption_keys`) of the examples' captions: examples of the same caption are not
-  each other's negatives."""
+  """(text_idx, image_idx) of the negative pairs. First a negative text for every image, then
+  (with `negative_images`) a negative image for every text. captions: (N,) keys
+  (`caption_keys`) of the examples' captions: examples of the same caption are not each
+  other's negatives."""
   sim = contrastive.similarity(image_embed, text_embed)  # image x text
   n = sim.shape[0]
   same = None if captions is None else captions[:, None] == captions[None, :]

@@ -247,15 +247,18 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
   if mc.head == "none" and dict(config.losses.weights).get("wpa", 0) > 0:
     log("timing the OT loss alone")
     seconds, converged = sinkhorn_seconds(config, model, batch_size, mesh, steps)
+    # To its threshold, Sinkhorn stops when its inputs let it: random tokens, near-uniform
+    # costs, converge at the first test, so that share is a lower bound. A fixed budget (and
+    # IPOT's iterations) is the same work whatever the tokens.
     ot_cfg = config.losses.ot
-    fixed = ot_cfg.solver == "sinkhorn" and ot_cfg.min_iterations == ot_cfg.max_iterations
-    # To its threshold, the solver stops when its inputs let it: random tokens, near-uniform
-    # costs, converge at the first test, so that share is a lower bound. A fixed budget is
-    # the same work whatever the tokens.
+    if ot_cfg.solver == "ipot":
+      budget = f"fixed {ot_cfg.ipot_iterations} (IPOT)"
+    elif ot_cfg.min_iterations == ot_cfg.max_iterations:
+      budget = f"fixed {ot_cfg.max_iterations}"
+    else:
+      budget = "to threshold (a lower bound: random tokens)"
     out.update(sinkhorn_s=round(seconds, 5), sinkhorn_share=round(seconds / step_s, 4),
-               sinkhorn_converged=converged,
-               sinkhorn_budget=(f"fixed {ot_cfg.max_iterations}" if fixed else
-                                "to threshold (a lower bound: random tokens)"),
+               sinkhorn_converged=converged, sinkhorn_budget=budget,
                step_wpa_converged=(None if "wpa_converged" not in metrics
                                    else float(metrics["wpa_converged"])))
 

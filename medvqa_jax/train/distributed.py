@@ -41,8 +41,9 @@ def _auto_cluster() -> str | None:
     if unset:
       raise RuntimeError(
           f"SLURM_NTASKS={tasks}, but this process is not a task of an srun step "
-          f"({', '.join(unset)} unset): launch the run with srun (launch/slurm.sbatch), or run one process with "
-          "SLURM_NTASKS unset (e.g. `env -u SLURM_NTASKS -u SLURM_NPROCS python ...`)")
+          f"({', '.join(unset)} unset): launch the run with srun (launch/slurm.sbatch), or "
+          "run one process with SLURM_NTASKS unset (e.g. `env -u SLURM_NTASKS -u "
+          "SLURM_NPROCS python ...`)")
     return "SLURM"
   if (_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
     return "Open MPI"

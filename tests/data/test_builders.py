@@ -74,7 +74,6 @@ def _mevf_as_original_release(mevf: Path, out: Path) -> Path:
   """The MEVF files written back in the original release's layout: a row per free-form or
   paraphrased question (test ones "test_*"), with the frame MEVF numbers after it as the row's
   question_frame."""
-  from medvqa_jax.data import sources
   rows = {r["qid"]: (r, False) for r in json.loads((mevf / "trainset.json").read_text())}
   rows.update({r["qid"]: (r, True) for r in json.loads((mevf / "testset.json").read_text())})
   release = []
