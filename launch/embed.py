@@ -29,7 +29,6 @@ def main(argv):
   import numpy as np
 
   from medvqa_jax import ASSETS
-  from medvqa_jax.data import augment
   from medvqa_jax.data import image as image_lib
   from medvqa_jax.data import text as text_lib
   from medvqa_jax.data import tokenizer as tokenizer_lib
@@ -55,9 +54,7 @@ def main(argv):
   summary = {"device": jax.devices()[0].device_kind}
   img_out = txt_out = None
   if images:
-    # As evaluation sees them: the whole image resized to a square (no crop).
-    pixels = np.stack([augment.resize(np.asarray(image_lib.open_image(p)), img_tower.image_size)
-                       for p in images])
+    pixels = np.stack([image_lib.load_image(p, img_tower.image_size) for p in images])
     img_out = jax.jit(img_tower.apply)({"params": img_params}, pixels)
     summary["image_tokens"] = list(img_out["tokens"].shape)
   if questions:

@@ -1,5 +1,5 @@
 """Image decoding to the uint8 RGB (H, W, 3) pixels the image towers take (they normalise on
-device: `models.vit.normalize`); the sizes they see come from `augment`."""
+device: `models.vit.normalize`), and `load_image`, one image as evaluation reads it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from medvqa_jax.data import augment
 
 _ORIENTATION = 0x0112  # The EXIF tag.
 
@@ -77,3 +79,9 @@ def open_image(source: str | os.PathLike | bytes) -> Image.Image:
     where = "image bytes" if isinstance(source, bytes) else str(source)
     raise ValueError(f"cannot decode {where}: {e}") from None
   return to_rgb(img)
+
+
+def load_image(source, size: int) -> np.ndarray:
+  """uint8 (size, size, 3): the whole image resized to a square, as evaluation and the teacher
+  read it (`augment.resize`, bicubic; no crop)."""
+  return augment.resize(np.asarray(open_image(source)), size)
