@@ -144,8 +144,10 @@ def sinkhorn_seconds(config, model, batch_size: int, mesh, steps: int, seed: int
 
 def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int = 3,
         pipeline: bool = False, peak: float | None = None, teacher_dim: int = 512,
-        log: Callable[[str], None] = lambda s: None) -> dict:
-  """Builds, compiles and times the train step of `config`; returns the figures."""
+        pipeline_min_steps: int = 50, log: Callable[[str], None] = lambda s: None) -> dict:
+  """Builds, compiles and times the train step of `config`; returns the figures. The
+  pipeline run takes max(steps, pipeline_min_steps) steps after 4 x data.workers warm-up
+  steps (at least `warmup`): the workers' first batches come slower."""
   tc, mc = config.train, config.model
   batch_size = batch_size or tc.batch_size
   tc.batch_size = batch_size
@@ -277,7 +279,8 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
         return sharding.shard_batch(mesh, {k: v for k, v in b.items() if k in keep})
 
       # The workers start up over their first batches: the rate is taken past them.
-      pipe_warmup, pipe_steps = max(warmup, 4 * config.data.workers), max(steps, 50)
+      pipe_warmup = max(warmup, 4 * config.data.workers)
+      pipe_steps = max(steps, pipeline_min_steps)
       log(f"timing {pipe_steps} steps fed by the input pipeline ({config.data.workers} "
           f"workers), after {pipe_warmup} warm-up steps")
       pipe_s, _ = timed(fetch, pipe_warmup, pipe_steps)
