@@ -238,6 +238,7 @@ def test_the_generative_objective_counts_the_answers_it_trains_on():
   from medvqa_jax.train import step as step_lib
 
   config = helpers.tiny_config()
+  config.model.dropout = 0.0
   model, params = amif.create(config)
   assert model.head == "generative"
   rng = np.random.default_rng(0)
@@ -250,10 +251,15 @@ def test_the_generative_objective_counts_the_answers_it_trains_on():
               input_ids=rng.integers(1000, 5000, (n, 10)).astype(np.int32),
               attention_mask=np.ones((n, 10), np.int32), answer_ids=answer_ids,
               answer_mask=(answer_ids > 0).astype(np.int32))
-  objective = step_lib.finetune_objective(
-      model, np.arange(2000, 2016, dtype=np.int32), np.ones(16, np.int32))
+  objective = jax.jit(step_lib.finetune_objective(
+      model, np.arange(2000, 2016, dtype=np.int32), np.ones(16, np.int32)))
   loss, metrics = objective(params, data, jax.random.PRNGKey(0))
   assert int(metrics[step_lib.EXAMPLES]) == 3
-  keep = [0, 2, 3]
-  loss3, _ = objective(params, {k: v[keep] for k, v in data.items()}, jax.random.PRNGKey(0))
-  np.testing.assert_allclose(loss, loss3, rtol=1e-5)
+  # The loss is the mean over the other three (one compiled shape: rows made copies of
+  # example 0): 4 x (the empty one made example 0) = 3 x loss + (all made example 0).
+  def rows(batch, which):
+    return {k: v[np.asarray(which)] for k, v in batch.items()}
+  filled, _ = objective(params, rows(data, [0, 0, 2, 3]), jax.random.PRNGKey(0))
+  first, m = objective(params, rows(data, [0, 0, 0, 0]), jax.random.PRNGKey(0))
+  assert int(m[step_lib.EXAMPLES]) == 4
+  np.testing.assert_allclose(4 * float(filled), 3 * float(loss) + float(first), rtol=1e-5)
