@@ -144,9 +144,9 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
     return argv
   found = ROOT / path
   if Path(path).is_absolute() or not found.is_file():
-    where = ("" if Path(path).is_absolute() else f" (looked in {ROOT})"
-             if Path.cwd().resolve() == ROOT.resolve() else
-             f" (looked in {Path.cwd()} and in {ROOT})")
+    folders = [ROOT] if Path.cwd().resolve() == ROOT.resolve() else [Path.cwd(), ROOT]
+    where = "" if Path(path).is_absolute() else \
+        f" (looked in {' and in '.join(map(str, folders))})"
     raise FileNotFoundError(f"--config: no config file {path!r}{where}")
   return argv[:at] + [f"--config={found}{sep}{arg}"] + argv[at + 1:]
 

@@ -102,7 +102,8 @@ def read_records(source) -> list[dict]:
   for i in range(len(source)):
     ex = source[i]
     out.append({"id": text_value(ex["id"]), "image_id": text_value(ex["image_id"]),
-                "question": text_value(ex["question"]), "answers": [text_value(a) for a in ex["answers"]],
+                "question": text_value(ex["question"]),
+                "answers": [text_value(a) for a in ex["answers"]],
                 "answer_type": text_value(ex["answer_type"]),
                 "question_type": text_value(ex["question_type"])})
   return out

@@ -4,10 +4,11 @@ The teacher (any CLIP-like image + text tower pair; BiomedCLIP by default) sees 
 un-augmented image (as the built dataset stores it) resized to its own resolution and the
 cleaned caption (`data.text.caption`, what the student reads), as the reference's teacher
 does, so its embeddings are fixed per example: `launch/cache_teacher.py` computes them once
-into a cache file keyed by example id, and training reads them from there. The cache records a fingerprint of the teacher (its
-parameters and input sizes), of the dataset (ids and captions) and each example's image id
-(the digest of its image as the dataset stores it, `builders.image_digest`);
-`TeacherCache.check` refuses a cache made by another teacher or for other data.
+into a cache file keyed by example id, and training reads them from there. The cache records
+a fingerprint of the teacher (its parameters and input sizes), of the dataset (ids and
+captions) and each example's image id (the digest of its image as the dataset stores it,
+`builders.image_digest`); `TeacherCache.check` refuses a cache made by another teacher or
+for other data.
 `Teacher.embed` is a pure function of the teacher's parameters, for computing the embeddings
 online in the step.
 """

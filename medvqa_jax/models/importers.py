@@ -352,17 +352,13 @@ def _open_clip_file(folder: Path) -> dict:
   return json.loads(path.read_text())
 
 
-def open_clip_config(folder: Path) -> dict:
-  cfg = _open_clip_file(folder)
-  return cfg.get("model_cfg", cfg)
-
-
 def open_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
-  cfg = open_clip_config(folder)
+  whole = _open_clip_file(folder)
+  cfg = whole.get("model_cfg", whole)
   embed_dim = cfg["embed_dim"]
   if part == "image":
     vc = cfg["vision_cfg"]
-    pre_cfg = _open_clip_file(folder).get("preprocess_cfg") or {}
+    pre_cfg = whole.get("preprocess_cfg") or {}
     _check_pixel_normalisation(folder / "open_clip_config.json", pre_cfg.get("mean"),
                                pre_cfg.get("std"))
     if "timm_model_name" not in vc:
