@@ -122,7 +122,7 @@ def check_data(restored: Restored, splits: dict) -> None:
   then = restored.data
   if not then:  # A record older than the field.
     return
-  now = loop.data_identity(splits, then.get("batch_size", 1))
+  now = loop.data_identity(splits, then.get("batch_size", 1), then.get("seed", 0))
   if any(then[k] != now[k] for k in ("train", "val", "ids_sha1") if k in then):
     raise ValueError(
         f"the data are not the run's: it trained on {then.get('train')} examples and "

@@ -11,8 +11,8 @@ Pre-training validates on a held-out slice of its corpus (`evaluate/pretrain.py`
 A run restarted with the same command resumes from its latest complete checkpoint: the state,
 the data position (batches are a function of the seed and the step) and the step's random key
 (folded from the step) are those the uninterrupted run would have had, provided the data
-are: a run whose training or validation examples or batch size changed since (a rebuilt
-dataset, another `val_fraction` or `batch_size`) is refused. A NaN or infinite loss or
+are: a run whose training or validation examples, batch size or seed changed since (a
+rebuilt dataset, another `val_fraction`, `batch_size` or `seed`) is refused. A NaN or infinite loss or
 gradient norm stops the run (`Diverged`) before anything is saved after it.
 """
 
@@ -286,16 +286,18 @@ def _print(text: str):
     print(text, flush=True)
 
 
-def data_identity(splits, batch_size: int) -> dict:
-  """What a run's batches depend on besides the seed: its training and validation examples, in
-  order (counts and a digest of their ids), and the batch size (a step's position in the data
-  is the step times it). Kept in the run records; resuming checks it."""
+def data_identity(splits, batch_size: int, seed: int) -> dict:
+  """What a run's batches depend on: its training and validation examples, in order (counts
+  and a digest of their ids), the batch size (a step's position in the data is the step times
+  it) and the seed (the shuffle, and the step's random key). Kept in the run records; resuming
+  checks it."""
   counts, digest = {}, hashlib.sha1()
   for name in ("train", "val"):
     ids = [r["id"] for r in splits[name].records] if name in splits else []
     counts[name] = len(ids)
     digest.update(f"{name}:{len(ids)}\n".encode() + "\n".join(ids).encode() + b"\n")
-  return {**counts, "ids_sha1": digest.hexdigest(), "batch_size": int(batch_size)}
+  return {**counts, "ids_sha1": digest.hexdigest(), "batch_size": int(batch_size),
+          "seed": int(seed)}
 
 
 def check_patterns(config) -> None:
@@ -349,7 +351,7 @@ def train(config, workdir=None, stream=None) -> dict:
       splits_lib.ensure_built(config.data)
     multihost_utils.sync_global_devices("dataset built")
   splits, answers, protocol = training_splits(config)
-  data = data_identity(splits, tc.batch_size)
+  data = data_identity(splits, tc.batch_size, config.seed)
   steps = total_steps(config, len(splits["train"].records))
   config.optim.total_steps = steps
   # The teacher's cache and the validation slice are checked before anything is written.
@@ -398,6 +400,12 @@ def train(config, workdir=None, stream=None) -> dict:
     state, run = ckpts.restore(start, abstract_state(shapes, tx, shardings))
     then = run.get("data", {})  # Records older than a field are not checked for it.
     if any(then[k] != data[k] for k in then.keys() & data.keys()):
+      if then.get("seed", data["seed"]) != data["seed"]:
+        raise ValueError(
+            f"{workdir}: the run was started with seed {then['seed']}, not {data['seed']}: "
+            "the rest of its epoch would be shuffled otherwise and its random keys differ, so "
+            "resuming would not continue the same run; resume with "
+            f"--config.seed={then['seed']} or use a new train.workdir")
       changed = ("batch size" if then.get("batch_size", data["batch_size"]) != data["batch_size"]
                  else "training data")
       raise ValueError(

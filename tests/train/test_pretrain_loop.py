@@ -168,6 +168,11 @@ def test_resuming_refuses_a_run_whose_data_changed(corpus, tmp_path):
                                        r"in batches of 8"):
     loop.train(larger)
   assert files() == before
+  reseeded = _config(corpus, data, workdir, cache=cache)  # The rest of the epoch reshuffled.
+  reseeded.seed, reseeded.optim.total_steps = 1, 3
+  with pytest.raises(ValueError, match=r"started with seed 0, not 1: .*--config.seed=0"):
+    loop.train(reseeded)
+  assert files() == before
   same = _config(corpus, data, workdir, cache=cache)
   same.optim.total_steps = 3
   assert loop.train(same) == {}
