@@ -108,6 +108,8 @@ def _init_from(config, state, shardings, tokenizer):
   wanted = {p for p in own if re.fullmatch(tc.init_params, p)}
   theirs = flatten(other.saved_params(step))
   take = sorted(p for p in wanted if p in theirs)
+  left = sorted(wanted - theirs.keys())  # Matched here, absent there: left initial.
+  unused = sorted(p for p in theirs.keys() - own.keys() if re.fullmatch(tc.init_params, p))
   if not take:
     raise ValueError(f"init_from {folder} step {step} has no parameters matching "
                      f"{tc.init_params!r} that this model has")
@@ -129,8 +131,42 @@ def _init_from(config, state, shardings, tokenizer):
   own.update(restored)
   other.close()
   _print(f"initialised {len(take)} of {len(own)} parameter arrays ({tc.init_params!r}) from "
-         f"{folder} step {step}")
-  return {**state, "params": unflatten(own)}, len(take)
+         f"{folder} step {step}" + (f"; left at their initial values, not in it: "
+                                    f"{_path_groups(left)}" if left else "")
+         + (f"; in it but not in this model: {_path_groups(unused)}" if unused else ""))
+  taken_parts = {p.split("/")[0] for p in take}
+  partial = sorted({p.split("/")[0] for p in left + unused} & taken_parts)
+  if partial:  # Another depth or naming: a part half from the run, half initial.
+    log.warning("init_from %s step %s initialises %s only in part (another depth or layout "
+                "there than here?): %s", folder, step, ", ".join(partial),
+                _path_groups([p for p in left + unused if p.split("/")[0] in partial]))
+  return {**state, "params": unflatten(own)}, set(take)
+
+
+def warn_frozen_random(config, params, taken=frozenset()) -> None:
+  """Warns of a tower frozen by optim.lr_mults that holds random parameters: built from
+  `init` and not (wholly) among the arrays `taken` from train.init_from."""
+  frozen = flatten(optim.frozen_mask(config.optim, params))
+  for part in ("image", "text"):
+    arrays = [p for p in frozen if p.split("/")[0] == part]
+    random = [p for p in arrays if p not in taken]
+    if config.model[part].source == "init" and random and all(frozen[p] for p in arrays):
+      log.warning("the %s tower is frozen (optim.lr_mults) but randomly initialised (%d of "
+                  "its %d parameter arrays): start from a run that trained it with "
+                  "--config.train.init_from=RUN (train.init_params covering it)", part,
+                  len(random), len(arrays))
+
+
+def _path_groups(paths, limit: int = 8) -> str:
+  """Parameter paths summarised by their first two levels, with the number of arrays in
+  each: 'fusion/image_layer_1 (26), gca/gate (2)'."""
+  groups = {}
+  for path in paths:
+    group = "/".join(path.split("/")[:2])
+    groups[group] = groups.get(group, 0) + 1
+  names = [f"{g} ({n})" for g, n in sorted(groups.items())]
+  more = f" and {len(names) - limit} more groups" if len(names) > limit else ""
+  return ", ".join(names[:limit]) + more
 
 
 def config_changes(saved_json: str, config, saved_tokenizer: bool) -> tuple[list, list]:
@@ -384,14 +420,10 @@ def train(config, workdir=None, stream=None) -> dict:
   if start is None:
     state = step_lib.create_state(init, tx, shardings,
                                   to_global(loaded, {k: shardings["params"][k] for k in loaded}))
+    taken = set()
     if tc.get("init_from"):
-      state, _ = _init_from(config, state, shardings, tokenizer)
-    else:
-      frozen = optim.frozen_mask(config.optim, shapes)
-      for part in ("image", "text"):
-        if mc[part].source == "init" and part in frozen and all(jax.tree.leaves(frozen[part])):
-          log.warning("the %s tower is frozen (optim.lr_mults) but randomly initialised: start "
-                      "from a run that trained it with --config.train.init_from=RUN", part)
+      state, taken = _init_from(config, state, shardings, tokenizer)
+    warn_frozen_random(config, shapes, taken)
   if ckpts is None:
     ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=tc.keep)
   if new_tokenizer and main:

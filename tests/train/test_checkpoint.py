@@ -168,3 +168,76 @@ def test_a_diverged_validation_is_never_the_best_step(tmp_path):
   assert ckpts.best_step() == 4 and ckpts.steps() == [4, 5]
   ckpts.close()
   assert ckpt_lib.Checkpoints(tmp_path / "checkpoints", read_only=True).best_step() == 4
+
+
+def test_init_from_names_what_it_leaves_initial_and_warns_of_a_part_taken_in_part(
+    tmp_path, capsys, caplog):
+  """A run with one fusion layer and no head, taken into a model with two fusion layers and a
+  head: its arrays are copied, the rest named (they stay random), and the fusion, half from
+  the run and half initial (another depth), warned of; the reverse names the run's extra layer."""
+  import ml_collections
+  from medvqa_jax.train import loop
+
+  def params(layers, head):
+    tree = {"image": {"block_0": {"kernel": jnp.full((2, 2), 5.0)}},
+            "fusion": {f"layer_{i}": {"kernel": jnp.full((2, 2), 6.0 + i)}
+                       for i in range(layers)}}
+    if head:
+      tree["head"] = {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}
+    return tree
+
+  ckpts = ckpt_lib.Checkpoints(tmp_path / "run" / "checkpoints")
+  ckpts.save(1, {"params": params(1, False), "step": jnp.int32(1)}, {"step": 1})
+  ckpts.close()
+  config = ml_collections.ConfigDict({"train": {"init_from": str(tmp_path / "run"),
+                                                "init_params": ".*"}})
+
+  def take(own):
+    own = jax.tree.map(jnp.zeros_like, own)
+    shardings = {"params": jax.tree.map(
+        lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), own)}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      state, taken = loop._init_from(config, {"params": own}, shardings, None)
+    warned = [r.getMessage() for r in caplog.records if r.name == loop.log.name]
+    return state["params"], taken, capsys.readouterr().out, warned
+
+  got, taken, out, warned = take(params(2, True))
+  assert taken == {"image/block_0/kernel", "fusion/layer_0/kernel"}
+  np.testing.assert_array_equal(got["fusion"]["layer_0"]["kernel"], np.full((2, 2), 6.0))
+  np.testing.assert_array_equal(got["fusion"]["layer_1"]["kernel"], np.zeros((2, 2)))
+  assert ("initialised 2 of 5 parameter arrays ('.*') from "
+          f"{tmp_path / 'run' / 'checkpoints'} step 1; left at their initial values, not in "
+          "it: fusion/layer_1 (1), head/bias (1), head/kernel (1)\n") in out
+  (warning,) = warned
+  assert warning.endswith("step 1 initialises fusion only in part (another depth or layout "
+                          "there than here?): fusion/layer_1 (1)")
+  # A model shallower than the run: the run's extra layer is named, and warned of.
+  got, taken, out, warned = take({"image": params(1, False)["image"]})
+  assert taken == {"image/block_0/kernel"}
+  assert "; in it but not in this model: fusion/layer_0 (1)\n" in out
+  assert not warned  # The model has no fusion at all: nothing of it was taken in part.
+
+
+def test_a_frozen_tower_is_warned_of_unless_init_from_filled_it_whole(caplog):
+  import ml_collections
+  from medvqa_jax.train import loop
+  params = {"image": {"a": jnp.zeros(2), "b": jnp.zeros(2)}, "text": {"c": jnp.zeros(2)}}
+  config = ml_collections.ConfigDict({
+      "optim": {"lr_mults": ((r"image/.*", 0.0),)},
+      "model": {"image": {"source": "init"}, "text": {"source": "init"}}})
+
+  def warned(taken):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      loop.warn_frozen_random(config, params, taken)
+    return [r.getMessage() for r in caplog.records if r.name == loop.log.name]
+
+  assert warned(set()) == [
+      "the image tower is frozen (optim.lr_mults) but randomly initialised (2 of its 2 "
+      "parameter arrays): start from a run that trained it with "
+      "--config.train.init_from=RUN (train.init_params covering it)"]
+  assert "(1 of its 2 parameter arrays)" in warned({"image/a"})[0]  # Taken in part.
+  assert warned({"image/a", "image/b"}) == []  # The text tower trains: not warned of.
+  config.model.image.source = "hf_clip"  # Read from a tower checkpoint.
+  assert warned(set()) == []
