@@ -118,6 +118,11 @@ def _init_from(config, state, shardings, tokenizer):
     raise ValueError(f"init_from: shapes differ for {bad[:5]}")
   textual = [p for p in take if p.split("/")[0] in ("text", "decoder")]
   their_tokenizer = ckpt_lib.run_tokenizer(folder.parent, config.model.text) if textual else None
+  if textual and their_tokenizer is None:
+    log.warning("init_from %s: no %s folder beside it (the copy its run saved), so its text "
+                "tower and decoder parameters (%d arrays) are taken unchecked: they read this "
+                "run's token ids (model.text), right only if that run used the same tokenizer",
+                folder, folder.parent / ckpt_lib.TOKENIZER, len(textual))
   if their_tokenizer and their_tokenizer.hf.get_vocab() != tokenizer.hf.get_vocab():
     raise ValueError(
         f"init_from {folder.parent}: its tokenizer ({folder.parent / ckpt_lib.TOKENIZER}) has "

@@ -217,6 +217,19 @@ def test_init_from_names_what_it_leaves_initial_and_warns_of_a_part_taken_in_par
   assert taken == {"image/block_0/kernel"}
   assert "; in it but not in this model: fusion/layer_0 (1)\n" in out
   assert not warned  # The model has no fusion at all: nothing of it was taken in part.
+  # Text parameters from a checkpoints folder without the run's tokenizer copy beside it (a
+  # copied folder): their vocabulary cannot be checked, which is said.
+  ckpts = ckpt_lib.Checkpoints(tmp_path / "copy")
+  ckpts.save(1, {"params": {"text": {"word_embed": jnp.ones((4, 2))}}, "step": jnp.int32(1)},
+             {"step": 1})
+  ckpts.close()
+  config.train.init_from, config.model = str(tmp_path / "copy"), {"text": {"max_len": 8}}
+  got, taken, out, warned = take({"text": {"word_embed": jnp.zeros((4, 2))}})
+  assert taken == {"text/word_embed"}
+  assert warned == [f"init_from {tmp_path / 'copy'}: no {tmp_path / 'tokenizer'} folder beside "
+                    "it (the copy its run saved), so its text tower and decoder parameters (1 "
+                    "arrays) are taken unchecked: they read this run's token ids (model.text), "
+                    "right only if that run used the same tokenizer"]
 
 
 def test_a_frozen_tower_is_warned_of_unless_init_from_filled_it_whole(caplog):
