@@ -167,7 +167,8 @@ def caption_splits(dc) -> dict[str, Split]:
   """{"train"} and, when `val_fraction` > 0, {"val"}: a seeded slice of the training split's
   images (whole images: every example of a held-out picture, whatever its id or path, is in
   the slice) held out for validation. Builds the corpus first if needed. Records: id,
-  image_id, caption."""
+  image_id, caption (and image2_id, the digest of a multi-view example's second stored image,
+  which the teacher cache's check reads)."""
   check_kind(dc, "caption")
   ensure_built(dc)
   if dc.val_split:
@@ -176,8 +177,13 @@ def caption_splits(dc) -> dict[str, Split]:
                      f"--config.data.val_split='' (it is {dc.val_split!r})")
   source = builders.load(dc.dir, dc.name, dc.train_split)
   plain = builders.load(dc.dir, dc.name, dc.train_split, decode_images=False)
-  records = [{"id": text_value(plain[i]["id"]), "image_id": text_value(plain[i]["image_id"]),
-              "caption": text_value(plain[i]["caption"])} for i in range(len(plain))]
+  records = []
+  for i in range(len(plain)):
+    example = plain[i]
+    records.append({"id": text_value(example["id"]), "image_id": text_value(example["image_id"]),
+                    "caption": text_value(example["caption"])})
+    if "image2" in example:
+      records[-1]["image2_id"] = builders.image_digest(example["image2"])
   if not records:
     raise ValueError(f"the {dc.train_split} split of {dc.name} in {dc.dir} is empty")
   if not dc.val_fraction > 0:

@@ -6,6 +6,7 @@ No torch is needed: transformers' tokenizers run on the `tokenizers` library alo
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -95,6 +96,19 @@ class Tokenizer:
     tokenizer keeps its truncation length as state, so two lengths sharing one instance race
     when the input pipeline's threads call them concurrently."""
     return Tokenizer(copy.deepcopy(self.hf), max_len)
+
+  def fingerprint(self) -> str:
+    """A digest of what maps text to token ids: the vocabulary, normalisation,
+    pre-tokenisation, merges and special tokens (not the call-time truncation and padding
+    state a fast tokenizer keeps)."""
+    backend = getattr(self.hf, "backend_tokenizer", None)
+    if backend is not None:
+      spec = json.loads(backend.to_str())
+      spec.pop("truncation", None), spec.pop("padding", None)
+    else:
+      spec = {"class": type(self.hf).__name__, "vocab": sorted(self.hf.get_vocab().items()),
+              "lower": getattr(self.hf, "do_lower_case", None)}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
   @property
   def vocab_size(self) -> int:

@@ -5,10 +5,10 @@ un-augmented image (as the built dataset stores it) resized to its own resolutio
 cleaned caption (`data.text.caption`, what the student reads), as the reference's teacher
 does, so its embeddings are fixed per example: `launch/cache_teacher.py` computes them once
 into a cache file keyed by example id, and training reads them from there. The cache records
-a fingerprint of the teacher (its parameters and input sizes), of the dataset (ids and
-captions) and each example's image id (the digest of its image as the dataset stores it,
-`builders.image_digest`); `TeacherCache.check` refuses a cache made by another teacher or
-for other data.
+a fingerprint of the teacher (its parameters, tokenizer and input sizes), of the dataset (ids
+and captions) and each example's image id (the digest of its image as the dataset stores it,
+`builders.image_digest`; and of its second image, of a multi-view corpus);
+`TeacherCache.check` refuses a cache made by another teacher or for other data.
 `Teacher.embed` is a pure function of the teacher's parameters, for computing the embeddings
 online in the step.
 """
@@ -33,7 +33,9 @@ from medvqa_jax.models import layers, state_dict
 # 3: each example's image id, so that a cache made from other images is refused.
 # 4: images embedded as the built dataset stores them (shrunk to max_side, re-encoded), as
 # the online teacher sees them; format 3 embedded the original files.
-FORMAT_VERSION = 4
+# 5: the teacher's fingerprint covers its tokenizer's vocabulary, and a multi-view cache
+# holds the digest of each example's second image (only its presence was checked).
+FORMAT_VERSION = 5
 
 
 def params_fingerprint(*trees) -> str:
@@ -79,8 +81,9 @@ class Teacher:
     return layers.l2_normalize(pick(image)), layers.l2_normalize(pick(text))
 
   def fingerprint(self) -> str:
-    return params_fingerprint(self.image_params, self.text_params) + \
-        f"-{self.image_size}px-{self.tokenizer.max_len}tok-s{self.logit_scale:.4f}"
+    return (params_fingerprint(self.image_params, self.text_params) +
+            f"-{self.image_size}px-{self.tokenizer.max_len}tok{self.tokenizer.fingerprint()}"
+            f"-s{self.logit_scale:.4f}")
 
 
 # A randomly initialised teacher's (tests, smoke runs): CLIP's initial scale, 1 / 0.07.
@@ -112,8 +115,18 @@ def from_config(config) -> Teacher:
   if scale is None:
     raise ValueError("the teacher's checkpoint has no logit_scale: set "
                      "--config.teacher.logit_scale")
-  return Teacher(image, image_params, text, text_params,
-                 tokenizer_lib.from_config(tc.text, "teacher.text"), float(scale))
+  teacher = Teacher(image, image_params, text, text_params,
+                    tokenizer_lib.from_config(tc.text, "teacher.text"), float(scale))
+  size = teacher.image_size  # Widths only: two text tokens do.
+  widths = jax.eval_shape(teacher.embed, jax.ShapeDtypeStruct((1, size, size, 3), np.float32),
+                          *[jax.ShapeDtypeStruct((1, 2), np.int32)] * 2)
+  if widths[0].shape[-1] != widths[1].shape[-1]:
+    raise ValueError(
+        f"the teacher's image embeddings are {widths[0].shape[-1]} wide and its text "
+        f"embeddings {widths[1].shape[-1]}: its similarities need one shared space, so "
+        "teacher.image and teacher.text must be the two towers of one CLIP-like model, with "
+        "their projections")
+  return teacher
 
 
 # ---- the cache file ---------------------------------------------------------------------
@@ -126,6 +139,7 @@ class TeacherCache:
   image2: np.ndarray | None  # (N, D) for multi-view data
   meta: dict
   image_ids: np.ndarray      # (N,) str: the digest of each example's (first) stored image
+  image2_ids: np.ndarray | None = None  # (N,) str: and of its second, for multi-view data
 
   def __post_init__(self):
     self._row = {str(i): r for r, i in enumerate(self.ids)}
@@ -143,7 +157,7 @@ class TeacherCache:
                   meta=np.asarray(json.dumps(self.meta)),
                   image_ids=np.asarray(self.image_ids, str))
     if self.image2 is not None:
-      arrays["image2"] = self.image2
+      arrays.update(image2=self.image2, image2_ids=np.asarray(self.image2_ids, str))
     try:
       with open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -169,15 +183,17 @@ class TeacherCache:
                        f"{FORMAT_VERSION}: rebuild it")
     try:
       return cls(arrays["ids"], arrays["image"], arrays["text"], arrays.get("image2"), meta,
-                 arrays["image_ids"])
+                 arrays["image_ids"], arrays["image2_ids"] if "image2" in arrays else None)
     except KeyError as e:
       raise unreadable(e) from None
 
   def check(self, ids: Sequence[str], captions: Sequence[str], image_ids: Sequence[str],
-            teacher_fingerprint: str, path: str = "the teacher cache", multi_view: bool = False):
+            teacher_fingerprint: str, path: str = "the teacher cache",
+            image2_ids: Sequence[str] | None = None):
     """Refuses a cache that was made by another teacher or for other data (other examples,
-    captions or images, or another number of images per example than the dataset's: two with
-    `multi_view`). Of a second image, only its presence is checked."""
+    captions or images, or another number of images per example than the dataset's: two
+    where `image2_ids`, the digests of the examples' second images, are given)."""
+    multi_view = image2_ids is not None
     if self.meta["teacher"] != teacher_fingerprint:
       raise ValueError(f"{path} was computed by another teacher ({self.meta['teacher']}), "
                        f"not the configured one ({teacher_fingerprint}): rebuild it with "
@@ -197,6 +213,9 @@ class TeacherCache:
       raise ValueError(f"{path} was computed for other data (its captions or examples "
                        "differ from the dataset's): rebuild it for this dataset")
     other = [i for i, m in zip(map(str, ids), image_ids) if self.image_ids[self._row[i]] != m]
+    if multi_view:
+      other += [i for i, m in zip(map(str, ids), image2_ids)
+                if self.image2_ids[self._row[i]] != m and i not in other]
     if other:
       raise ValueError(
           f"{path} was computed from other images than the dataset's for {len(other)} "
@@ -222,7 +241,8 @@ def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 6
   """Embeds every record ({"id", "image", "caption"[, "image2"]}: `dataset_records`, whose
   images are the stored bytes the online teacher decodes; or image files) with the teacher:
   un-augmented images resized to its resolution, cleaned captions. Each record's image id is
-  the digest of its image's bytes (a built dataset's `image_id`), for `TeacherCache.check`."""
+  the digest of its image's bytes (a built dataset's `image_id`; and of its second image's),
+  for `TeacherCache.check`."""
   from tqdm import tqdm
 
   from medvqa_jax.data import augment, builders
@@ -235,9 +255,12 @@ def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 6
     dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
     raise ValueError(f"example ids must be unique; repeated: {dup}")
   multi_view = all("image2" in r for r in records)
-  embed = jax.jit(teacher.embed)
+  # The parameters as an argument: closed over, they would be compiled in as constants.
+  jitted = jax.jit(teacher.apply)
+  params = (teacher.image_params, teacher.text_params)
+  embed = lambda *inputs: jitted(params, *inputs)
   out = {"image": [], "text": [], "image2": []}
-  image_ids = []
+  image_ids, image2_ids = [], []
   def stored(r, key):  # An image's bytes: its pixels and its image id.
     if isinstance(r[key], bytes):
       return r[key]
@@ -259,6 +282,7 @@ def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 6
       if multi_view:
         second = [stored(r, "image2") for r in chunk]
         pixels2 = np.stack([load(b) for b in second + second[:1] * pad])
+        image2_ids += [builders.image_digest(b) for b in second]
       image_ids += [builders.image_digest(b) for b in first]
     except ValueError as e:
       raise ValueError(f"records {start}..{start + n - 1}: {e}") from None
@@ -278,7 +302,8 @@ def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 6
   return TeacherCache(np.asarray(ids, str), np.concatenate(out["image"]),
                       np.concatenate(out["text"]),
                       np.concatenate(out["image2"]) if multi_view else None, meta,
-                      np.asarray(image_ids, str))
+                      np.asarray(image_ids, str),
+                      np.asarray(image2_ids, str) if multi_view else None)
 
 
 def dataset_records(data_dir, name: str, split: str = "train",

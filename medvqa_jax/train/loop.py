@@ -232,9 +232,10 @@ class BatchTeacher:
       records = [r for split in splits.values() for r in split.records]
       ids = [r["id"] for r in records]
       captions = [r["caption"] for r in records]
+      multi_view = "image2_id" in records[0]
       self.cache.check(ids, captions, [r["image_id"] for r in records], teacher.fingerprint(),
                        path=config.teacher.cache,
-                       multi_view="image2" in splits["train"].source[0])
+                       image2_ids=[r["image2_id"] for r in records] if multi_view else None)
     else:
       self.online = teacher
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

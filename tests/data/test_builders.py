@@ -201,6 +201,17 @@ def test_caption_corpora_round_trip(tmp_path):
   s1 = rows["s1"]
   assert (_text(s1["view"]), _text(s1["view2"])) == ("PA", "LATERAL")  # Different views.
   np.testing.assert_array_equal(s1["image2"], _decoded(mimic / "files" / "s1_2.jpg"))
+  # Training's records carry the digests of both stored images (the teacher cache's check).
+  import ml_collections
+  from medvqa_jax.data import splits
+  records = splits.caption_splits(ml_collections.ConfigDict(dict(
+      name="mimic_cxr", dir=str(out), source_dir="", train_split="train", val_split="",
+      val_fraction=0.0, max_side=512)))["train"].records
+  stored = builders.load(out, "mimic_cxr", "train", decode_images=False)
+  assert [(r["image_id"], r["image2_id"]) for r in records] == [
+      (builders.image_digest(ex["image"]), builders.image_digest(ex["image2"]))
+      for ex in (stored[i] for i in range(len(stored)))]
+  assert len({r["image2_id"] for r in records} | {r["image_id"] for r in records}) == 6
   builders.build("captions_jsonl", jsonl, out)
   rows = _rows(out, "captions_jsonl", "train")
   assert sorted(_text(r["caption"]) for r in rows.values()) == ["caption 0", "caption 1",

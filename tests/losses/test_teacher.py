@@ -111,13 +111,38 @@ def test_cache_command_and_checks(built, demo_config, tmp_path):
   # (the second view's target silently fell back to the first's); and the other way round.
   with pytest.raises(ValueError, match=r"holds one image per example, the dataset two "
                                        r"images \(views\).*Rebuild it for this dataset"):
-    cache.check(ids, captions, image_ids, fingerprint, multi_view=True)
-  two = teacher_lib.compute_cache(teacher, [dict(r, image2=r["image"]) for r in records],
-                                  batch_size=8, progress=False)
-  two.check(ids, captions, image_ids, fingerprint, multi_view=True)
+    cache.check(ids, captions, image_ids, fingerprint, image2_ids=image_ids)
+  # Second views: the next example's image (the first's digests are the second's).
+  shifted = records[1:] + records[:1]
+  two = teacher_lib.compute_cache(teacher, [dict(r, image2=s["image"]) for r, s in
+                                            zip(records, shifted)], batch_size=8, progress=False)
+  two.save(tmp_path / "two.npz")
+  two = teacher_lib.TeacherCache.load(tmp_path / "two.npz")
+  two.check(ids, captions, image_ids, fingerprint, image2_ids=moved)
   with pytest.raises(ValueError, match=r"holds two images \(views\) per example, the dataset "
                                        r"one image"):
     two.check(ids, captions, image_ids, fingerprint)
+  # The same first images, ids and captions, other second views (a rebuild that paired other
+  # views): refused (only the second view's presence was checked).
+  with pytest.raises(ValueError, match=r"other images than the dataset's for \d+ example"):
+    two.check(ids, captions, image_ids, fingerprint, image2_ids=image_ids)
+  # A teacher whose tokenizer has another vocabulary (two words swapped: the same size) reads
+  # other token ids: another teacher.
+  swapped = tmp_path / "vocab"
+  swapped.mkdir()
+  words = (ASSETS / "bert_uncased_vocab" / "vocab.txt").read_text().split("\n")
+  a, b = words.index("chest"), words.index("lung")
+  words[a], words[b] = words[b], words[a]
+  (swapped / "vocab.txt").write_text("\n".join(words))
+  other = demo_config.copy_and_resolve_references()
+  other.teacher.text.tokenizer = str(swapped)
+  with pytest.raises(ValueError, match="another teacher"):
+    cache.check(ids, captions, image_ids, teacher_lib.from_config(other).fingerprint())
+  other = demo_config.copy_and_resolve_references()
+  other.teacher.text.arch.proj_dim = 48  # Towers of no shared space: refused (a cache was
+  with pytest.raises(ValueError, match=r"image embeddings are 32 wide and its text "  # built,
+                                       r"embeddings 48: .*one CLIP-like model"):  # then failed
+    teacher_lib.from_config(other)  # in the first step's loss).
   other = demo_config.copy_and_resolve_references()
   other.teacher.image.arch.depth = 1
   with pytest.raises(ValueError, match="another teacher"):
@@ -126,10 +151,10 @@ def test_cache_command_and_checks(built, demo_config, tmp_path):
   with np.load(out) as z:
     arrays = {k: z[k] for k in z.files if k != "image_ids"}
   meta = json.loads(str(arrays["meta"]))
-  for old in (2, 3):
+  for old in (2, 3, 4):
     arrays["meta"] = np.asarray(json.dumps({**meta, "format": old}))
     np.savez(tmp_path / "old.npz", **arrays)
-    with pytest.raises(ValueError, match=f"has format {old}, expected 4: rebuild it"):
+    with pytest.raises(ValueError, match=f"has format {old}, expected 5: rebuild it"):
       teacher_lib.TeacherCache.load(tmp_path / "old.npz")
   arrays["meta"] = np.asarray(json.dumps(meta))  # The format, without its image ids.
   np.savez(tmp_path / "partial.npz", **arrays)
