@@ -50,6 +50,7 @@ def main(argv):
     txt_tower, txt_params = towers.from_config(config.model.text, seed=config.seed,
                                                where="model.text")
   tokenizer = tokenizer_lib.from_config(config.model.text)
+  tokenizer_lib.check_fits(tokenizer, {"text tower": txt_tower})
 
   summary = {"device": jax.devices()[0].device_kind}
   img_out = txt_out = None

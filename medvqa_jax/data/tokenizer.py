@@ -129,6 +129,19 @@ class Tokenizer:
             for k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
+def check_fits(tokenizer: Tokenizer, towers: dict, where: str = "model.text") -> None:
+  """Refuses a tokenizer whose ids run past the embedding table of a tower that reads them
+  (`towers`: name -> module with `vocab_size`; None skipped): an id past the table embeds as
+  NaN, with no error, e.g. an uncased vocabulary given to a cased tower."""
+  for name, tower in towers.items():
+    rows = getattr(tower, "vocab_size", None)
+    if rows is not None and tokenizer.vocab_size > rows:
+      raise ValueError(
+          f"the tokenizer of {where} has {tokenizer.vocab_size} token ids, but the {name}'s "
+          f"embedding table has {rows} rows: the ids past it would embed as NaN; is "
+          f"{where}.tokenizer the tokenizer this tower was trained with?")
+
+
 def from_config(cfg, where: str = "model.text") -> Tokenizer:
   """The tokenizer of a text tower config (at `where` in the config): `tokenizer` folder,
   else the checkpoint folder."""

@@ -87,6 +87,10 @@ def restore(checkpoint_dir, overrides: dict | None = None, step: int | None = No
   run = ckpts.run_record(step)
   saved = saved_config(run)
   config, changes = with_overrides(saved, overrides)
+  if bool(config.data.get("closed_set")) != bool(saved.data.get("closed_set")):
+    raise ValueError("--config.data.closed_set: evaluation keeps the run's answer protocol "
+                     "unless asked with --closed_set (or --noclosed_set), which the "
+                     "evaluation's outputs are then filed under")
   if config.model.head != saved.model.head:
     raise ValueError(f"the checkpoint in {folder} is of a run with model.head="
                      f"{saved.model.head!r}, but --config.model.head says {config.model.head!r}: "
@@ -103,6 +107,7 @@ def restore(checkpoint_dir, overrides: dict | None = None, step: int | None = No
     tokenizer = tokenizer_lib.from_config(config.model.text)
   mesh = sharding.make_mesh(fsdp if fsdp is not None else 1)
   model, init, loaded = amif.initializer(config, seed=config.seed)
+  tokenizer_lib.check_fits(tokenizer, {"text tower": model.text, "decoder": model.decoder})
   shapes = jax.eval_shape(init, loaded)
   shardings = sharding.param_shardings(mesh, shapes, tuple(config.train.fsdp_rules),
                                        config.train.fsdp_min_size)
@@ -116,8 +121,8 @@ def restore(checkpoint_dir, overrides: dict | None = None, step: int | None = No
 
 def check_data(restored: Restored, splits: dict) -> None:
   """Refuses data whose training and validation examples are not the run's (recorded when it
-  was trained): another held-out slice (data.val_fraction, data.seed) would hold examples the
-  run trained on, and another dataset another majority baseline."""
+  was trained): another held-out slice (data.val_fraction) would hold examples the run
+  trained on, and another dataset another majority baseline."""
   from medvqa_jax.train import loop
   then = restored.data
   if not then:  # A record older than the field.
@@ -127,7 +132,7 @@ def check_data(restored: Restored, splits: dict) -> None:
     raise ValueError(
         f"the data are not the run's: it trained on {then.get('train')} examples and "
         f"validated on {then.get('val')}, and the data now give {now['train']} and "
-        f"{now['val']}, or other ids (another dataset, data.val_fraction or seed?); evaluate "
+        f"{now['val']}, or other ids (another dataset or data.val_fraction?); evaluate "
         "with the run's own data settings (override only where the data are, e.g. "
         "--config.data.dir)")
 
@@ -148,8 +153,9 @@ def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=No
                    closed_set: bool | None = None) -> dict:
   """Answers a split of the run's dataset (default: test), writes metrics.json and
   predictions.jsonl into out_dir (default: <workdir>/eval/<split>-step<N>, with -closed-set
-  appended under the closed-set protocol) and returns the
-  metrics. A pre-training run is evaluated on its held-out slice (`evaluate_pretraining`)."""
+  appended under the closed-set protocol) and returns the metrics (with the config overrides
+  taken, `config_changes`, where there are any). A pre-training run is evaluated on its
+  held-out slice (`evaluate_pretraining`)."""
   if restored.config.model.head == "none":
     return evaluate_pretraining(restored, split_name, out_dir)
   split_name = split_name or "test"
@@ -179,6 +185,8 @@ def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=No
                                                          jax.process_index() == 0))
   metrics = vqa_eval.evaluate(rows, splits[key], protocol, restored.step,
                               baseline=splits_lib.majority_answer(splits["train"].records))
+  if restored.changes:  # What these numbers were computed under, beside the run's config.
+    metrics["config_changes"] = list(restored.changes)
   if jax.process_index() == 0:
     if out_dir is None:
       folder = {"train": "train", "test": dc.test_split,
@@ -209,6 +217,8 @@ def evaluate_pretraining(restored: Restored, split_name: str | None = None, out_
                                       restored.model.image.image_size, restored.mesh, teacher)
   metrics = {"split": splits["val"].name, "step": restored.step,
              **validator(restored.params, restored.step)}
+  if restored.changes:
+    metrics["config_changes"] = list(restored.changes)
   if jax.process_index() == 0:
     out_dir = out_dir or restored.workdir / "eval" / f"validation-step{restored.step}"
     vqa_eval.write(out_dir, metrics, None)

@@ -117,6 +117,7 @@ def from_config(config) -> Teacher:
                      "--config.teacher.logit_scale")
   teacher = Teacher(image, image_params, text, text_params,
                     tokenizer_lib.from_config(tc.text, "teacher.text"), float(scale))
+  tokenizer_lib.check_fits(teacher.tokenizer, {"teacher's text tower": text}, "teacher.text")
   size = teacher.image_size  # Widths only: two text tokens do.
   widths = jax.eval_shape(teacher.embed, jax.ShapeDtypeStruct((1, size, size, 3), np.float32),
                           *[jax.ShapeDtypeStruct((1, 2), np.int32)] * 2)

@@ -420,6 +420,7 @@ def train(config, workdir=None, stream=None) -> dict:
   model, init, loaded = amif.initializer(
       amif.without_checkpoints(config, archs) if archs else config, seed=config.seed)
   archs = amif.tower_archs(model)
+  tokenizer_lib.check_fits(tokenizer, {"text tower": model.text, "decoder": model.decoder})
   shapes = jax.eval_shape(init, loaded)
   tx = optim.make(config.optim, shapes)
   shardings = step_lib.state_shardings(mesh, shapes, tx, tuple(tc.fsdp_rules), tc.fsdp_min_size)

@@ -121,3 +121,39 @@ def test_a_folder_asking_for_left_padding_and_truncation_gets_right(tmp_path):
   for key, value in right(texts).items():
     np.testing.assert_array_equal(tok(texts)[key], value, err_msg=key)
   assert tok.hf.decode(tok(texts)["input_ids"][0]).startswith("[CLS] is the left")
+
+
+def test_a_tokenizer_with_ids_past_the_towers_table_is_refused(tmp_path):
+  """The bundled uncased vocabulary (30,522 ids) read by a tower of Bio_ClinicalBERT's cased
+  table (28,996 rows): the ids past the table embed as NaN, with no error. Refused; so is a
+  CLIP vocab.json naming its special tokens as open_clip does (the tokenizer appends
+  OpenAI's two, ids 49408 and 49409, past a 49,408-row table)."""
+  import jax
+  from open_clip.tokenizer import SimpleTokenizer
+
+  from medvqa_jax.data.tokenizer import check_fits
+  from medvqa_jax.models import bert, clip_text
+  tok = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", 16)
+  cased = bert.BertEncoder(vocab_size=28996, width=16, depth=1, num_heads=2, mlp_dim=32,
+                           max_positions=16)
+  ids = tok(["is there airspace consolidation on the left side"])
+  assert ids["input_ids"].max() >= 28996
+  params = cased.init(jax.random.PRNGKey(0), ids["input_ids"], ids["attention_mask"])
+  out = cased.apply(params, ids["input_ids"], ids["attention_mask"])
+  assert np.isnan(np.asarray(out["pooled"])).any()  # What the check prevents.
+  with pytest.raises(ValueError, match=r"the tokenizer of model.text has 30522 token ids, but "
+                                       r"the text tower's embedding table has 28996 rows"):
+    check_fits(tok, {"text tower": cased, "decoder": None})
+  check_fits(tok, {"text tower": bert.BertEncoder(), "decoder": None})  # 30,522 rows: fits.
+
+  folder = tmp_path / "clip"
+  folder.mkdir()
+  ref = SimpleTokenizer()
+  (folder / "vocab.json").write_text(json.dumps(ref.encoder))
+  merges = sorted(ref.bpe_ranks, key=ref.bpe_ranks.get)
+  (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges))
+  clip = Tokenizer.from_folder(folder, 16)
+  assert clip.vocab_size == 49410
+  with pytest.raises(ValueError, match=r"49410 token ids, but the teacher's text tower's "
+                                       r"embedding table has 49408 rows"):
+    check_fits(clip, {"teacher's text tower": clip_text.ClipTextTransformer()}, "teacher.text")

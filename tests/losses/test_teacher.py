@@ -164,16 +164,23 @@ def test_cache_command_and_checks(built, demo_config, tmp_path):
       teacher_lib.TeacherCache.load(tmp_path / broken)
 
 
-def test_biomedclip_teacher_matches_open_clip(biomedclip, monkeypatch):
+def test_biomedclip_teacher_matches_open_clip(biomedclip, monkeypatch, tmp_path):
   """The teacher path on a BiomedCLIP-architecture checkpoint: normalised embeddings equal
   open_clip's, and the logit scale is the checkpoint's exp(logit_scale). Both towers and
   the scale come from one read of the checkpoint file."""
+  import shutil
+
   from configs import base
   ref, folder = biomedclip
   config = base.get_config()
   for part in ("image", "text"):
     config.teacher[part].checkpoint = str(folder)
-  config.teacher.text.tokenizer = str(ASSETS / "bert_uncased_vocab")
+  # The tiny text tower's 120 rows: the bundled vocabulary's first 120 tokens.
+  vocab = tmp_path / "vocab"
+  shutil.copytree(ASSETS / "bert_uncased_vocab", vocab)
+  words = (vocab / "vocab.txt").read_text().split("\n")
+  (vocab / "vocab.txt").write_text("\n".join(words[:120]) + "\n")
+  config.teacher.text.tokenizer = str(vocab)
   reads = helpers.count_calls(monkeypatch, state_dict, "_read")
   teacher = teacher_lib.from_config(config)
   assert len(reads) == 1

@@ -91,6 +91,16 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
     bad[section][name] = value
     with pytest.raises(ValueError, match=message):
       loop.train(bad)
+  # A tokenizer with more ids than the tower's table (their embeddings would be NaN).
+  longer = tmp_path / "longer_vocab"
+  shutil.copytree(ASSETS / "bert_uncased_vocab", longer)
+  with open(longer / "vocab.txt", "a") as f:
+    f.write("".join(f"newword{i}\n" for i in range(5)))
+  bad = config.copy_and_resolve_references()
+  bad.model.text.tokenizer = str(longer)
+  with pytest.raises(ValueError, match=r"the tokenizer of model.text has 30527 token ids, but "
+                                       r"the text tower's embedding table has 30522 rows"):
+    loop.train(bad)
   assert not (tmp_path / "run").exists()
   # A work folder that is a file is named as such, and left as it was.
   (tmp_path / "file").write_text("notes")
@@ -155,6 +165,11 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
     run_lib.restore(moved, overrides={"model.head": "classifier"})
   with pytest.raises(ValueError, match=r"--config.data.nope: the run's config has no such"):
     run_lib.restore(moved, overrides={"data.nope": 1})
+  # The protocol is asked for with closed_set (--closed_set); as a config override it was
+  # printed as taken, and the evaluation stayed open-set.
+  with pytest.raises(ValueError, match=r"--config.data.closed_set: .* unless asked with "
+                                       r"--closed_set"):
+    run_lib.restore(moved, overrides={"data.closed_set": True})
   # Data whose held-out slice is not the run's (here a larger one, holding examples the run
   # trained on) are refused; the overrides taken are listed.
   other = run_lib.restore(moved, overrides={"data.val_fraction": 0.1, "data.dir":
@@ -172,7 +187,9 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "the run's config, with:\n  train.eval_batch_size 64 -> 8\n" in out.stderr
-  _same(json.loads((tmp_path / "cli" / "metrics.json").read_text()), val)
+  cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+  assert cli.pop("config_changes") == ["train.eval_batch_size 64 -> 8"]  # Filed with them.
+  _same(cli, val)
   # A run folder without its tokenizer copy (only checkpoints/ moved): the config's
   # tokenizer, with a warning saying so.
   shutil.rmtree(moved / ckpt_lib.TOKENIZER)
