@@ -108,6 +108,11 @@ def from_config(config) -> Teacher:
   from medvqa_jax.data import tokenizer as tokenizer_lib
   from medvqa_jax.models import towers
   tc = config.teacher
+  for part in ("image", "text"):
+    if tc[part].source != "init" and tc[part].get("fresh"):
+      raise ValueError(f"teacher.{part}.fresh={tuple(tc[part].fresh)}: the teacher is frozen, "
+                       "so parameters initialised fresh would stay random (e.g. a projection "
+                       "its checkpoint lacks): give it a checkpoint that holds them all")
   with state_dict.shared_reads():  # One read of a checkpoint that holds all three.
     image, image_params = towers.from_config(tc.image, seed=1000, where="teacher.image")
     text, text_params = towers.from_config(tc.text, seed=1001, where="teacher.text")

@@ -136,9 +136,22 @@ def _clip_blocks(m: Mapping, prefix: str, depth: int, heads: int):
 
 
 # One tower of CLIP saved alone (CLIPVisionModel[WithProjection], CLIPTextModel[...]): its
-# part and config class. Their keys are those of the tower in a CLIPModel.
-_CLIP_ONE_TOWER = {"clip_vision_model": ("image", "CLIPVisionConfig"),
-                   "clip_text_model": ("text", "CLIPTextConfig")}
+# part, config class, key prefix in a CLIPModel and projection's keys. The ...WithProjection
+# classes save the tower's keys as a CLIPModel does; the plain ones, in transformers 5,
+# without the prefix, and have no projection.
+_CLIP_ONE_TOWER = {"clip_vision_model": ("image", "CLIPVisionConfig", "vision_model.",
+                                         "visual_projection."),
+                   "clip_text_model": ("text", "CLIPTextConfig", "text_model.",
+                                       "text_projection.")}
+
+
+def canonical_keys(source: str, folder: Path, state: dict) -> dict:
+  """A checkpoint's keys as its format's spec reads them: those of a CLIP tower saved alone
+  without its CLIPModel prefix get it."""
+  alone = _CLIP_ONE_TOWER.get(_model_type(folder)) if source == "hf_clip" else None
+  if alone is None or any(k.startswith(alone[2]) for k in state):
+    return state
+  return {k if k.startswith(alone[3]) else alone[2] + k: v for k, v in state.items()}
 
 
 def _check_pixel_normalisation(path: Path, mean, std) -> None:
@@ -158,8 +171,9 @@ def _check_pixel_normalisation(path: Path, mean, std) -> None:
           "models/vit.py normalize): its image features would be wrong")
 
 
-def _clip_config(folder: Path, part: str):
-  """(the part's config, projection width) of a CLIPModel folder or of one tower's folder.
+def _clip_config(folder: Path, part: str, state):
+  """(the part's config, projection width) of a CLIPModel folder or of one tower's folder
+  (width None for a tower saved without its projection: CLIPVisionModel, CLIPTextModel).
   Another model type is refused (transformers would read it as a default CLIP config)."""
   model_type = _model_type(folder)
   if model_type in (None, "clip"):
@@ -175,13 +189,14 @@ def _clip_config(folder: Path, part: str):
     raise ValueError(f"{folder} holds CLIP's {alone[0]} tower alone ({model_type}), not an "
                      f"{part} tower")
   config = _hf_config(folder, alone[1])
-  return config, config.projection_dim
+  projected = any(k.startswith(alone[3]) for k in state)
+  return config, config.projection_dim if projected else None
 
 
 def hf_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
   if part not in ("image", "text"):
     raise ValueError(f"a CLIPModel has an 'image' and a 'text' part, not {part!r}")
-  c, projection_dim = _clip_config(folder, part)
+  c, projection_dim = _clip_config(folder, part, state)
   m = Mapping()
   if part == "image":
     pre = "vision_model."
@@ -204,7 +219,8 @@ def hf_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
     m.layernorm("ln_pre", pre + "pre_layrnorm")
     _clip_blocks(m, pre, depth, kw["num_heads"])
     m.layernorm("ln_final", pre + "post_layernorm")
-    m.dense("head/proj", "visual_projection", bias=False)
+    if projection_dim is not None:
+      m.dense("head/proj", "visual_projection", bias=False)
     return Spec(VisionTransformer, kw, m, _prefixed(pre, "visual_projection."),
                 (rf"{re.escape(pre)}embeddings\.position_ids",)
                 + _dropped_blocks(pre + "encoder.layers.", depth, available))
@@ -224,7 +240,8 @@ def hf_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
           lambda w: w[:kw["context_length"]])
     _clip_blocks(m, pre, depth, kw["num_heads"])
     m.layernorm("ln_final", pre + "final_layer_norm")
-    m.dense("head/proj", "text_projection", bias=False)
+    if projection_dim is not None:
+      m.dense("head/proj", "text_projection", bias=False)
     return Spec(ClipTextTransformer, kw, m, _prefixed(pre, "text_projection."),
                 (rf"{re.escape(pre)}embeddings\.position_ids",)
                 + _dropped_blocks(pre + "encoder.layers.", depth, available))

@@ -70,7 +70,8 @@ def load(part: str, source: str, checkpoint: str | Path, *, dtype=jnp.float32,
   weights = state_dict.find_weights(folder)
   if folder.is_file():
     folder = folder.parent
-  state = state_dict.rename_legacy_keys(state_dict.read_state_dict(weights))
+  state = importers.canonical_keys(
+      source, folder, state_dict.rename_legacy_keys(state_dict.read_state_dict(weights)))
   overrides = {k: v for k, v in overrides.items() if v is not None}
   spec = importers.SPECS[source](folder, part, state, overrides)
   module = spec.module(**spec.kwargs, dtype=dtype_of(dtype))

@@ -194,6 +194,12 @@ def test_biomedclip_teacher_matches_open_clip(biomedclip, monkeypatch, tmp_path)
     ref_text = ref.encode_text(torch.from_numpy(ids), normalize=True)
   np.testing.assert_allclose(image, ref_image.numpy(), atol=1e-5)
   np.testing.assert_allclose(text, ref_text.numpy(), atol=1e-5)
+  # A frozen teacher with parameters initialised fresh (a projection its checkpoint lacks)
+  # would give soft labels from random weights: refused.
+  config.teacher.image.fresh = ("head/.*",)
+  with pytest.raises(ValueError, match=r"teacher.image.fresh=\('head/\.\*',\): the teacher "
+                                       r"is frozen"):
+    teacher_lib.from_config(config)
 
 
 def test_the_cache_holds_what_the_online_teacher_computes(demo_config):

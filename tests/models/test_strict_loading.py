@@ -193,7 +193,7 @@ def test_one_clip_tower_saved_alone_loads_and_other_model_types_are_refused(tmp_
   default CLIPConfig (ViT-B/32): dozens of shape mismatches, or a wrong model by luck."""
   import torch
   import transformers
-  from conftest import _clip_config
+  from conftest import CLIP_BOS, CLIP_EOS, _clip_config
   torch.manual_seed(8)
   config = _clip_config()
   vision = transformers.CLIPVisionConfig(**{**config.vision_config.to_dict(),
@@ -208,6 +208,27 @@ def test_one_clip_tower_saved_alone_loads_and_other_model_types_are_refused(tmp_
   with pytest.raises(ValueError, match=r"holds CLIP's image tower alone \(clip_vision_model\), "
                                        r"not an text tower"):
     towers.load("text", "hf_clip", tmp_path / "vision")
+  # The plain towers (CLIPVisionModel, CLIPTextModel) have no projection, and transformers 5
+  # saves their keys without the CLIPModel prefix: they load, with pooled outputs only (both
+  # were refused, one as "not the hf_clip format", the other as missing its projection).
+  plain = transformers.CLIPVisionModel(vision).eval()
+  plain.save_pretrained(tmp_path / "plain_vision")
+  module, params = towers.load("image", "hf_clip", tmp_path / "plain_vision")
+  out = module.apply({"params": params}, x)
+  with torch.no_grad():
+    want = plain(pixel_values=torch.from_numpy(x).permute(0, 3, 1, 2)).pooler_output
+  assert module.proj_dim is None and "embedding" not in out and "head" not in params
+  assert helpers.max_diff(out["pooled"], want) < 1e-4
+  text = transformers.CLIPTextModel(config.text_config).eval()
+  text.save_pretrained(tmp_path / "plain_text")
+  module, params = towers.load("text", "hf_clip", tmp_path / "plain_text")
+  ids = np.array([[CLIP_BOS, 5, 9, CLIP_EOS], [CLIP_BOS, 7, CLIP_EOS, 0]])
+  mask = (np.arange(4) < np.array([[4], [3]])).astype(np.int32)
+  with torch.no_grad():
+    want = text(input_ids=torch.from_numpy(ids),
+                attention_mask=torch.from_numpy(mask)).pooler_output
+  assert module.proj_dim is None
+  assert helpers.max_diff(module.apply({"params": params}, ids, mask)["pooled"], want) < 1e-4
   transformers.BertModel(transformers.BertConfig(
       vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
       intermediate_size=64)).save_pretrained(tmp_path / "bert")
