@@ -271,7 +271,9 @@ def _decoder(config, text_module, text_params, abstract):
   from medvqa_jax.models import towers
   arch = {k: v for k, v in cfg.arch.items() if v is not None}
   arch.update(changes, compute=text_module.compute, dropout=text_module.dropout)
-  module, params = towers.load("text", cfg.source, cfg.checkpoint, dtype=cfg.dtype, **arch)
+  # The checkpoint keys the text tower leaves unused (`unused`) are the decoder's to leave too.
+  module, params = towers.load("text", cfg.source, cfg.checkpoint, dtype=cfg.dtype,
+                               unused=tuple(cfg.get("unused", ())), **arch)
   return module, params
 
 

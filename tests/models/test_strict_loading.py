@@ -48,6 +48,15 @@ def test_extra_key_is_named(hf_bert, tmp_path):
   cfg = tower("bert", "hf_bert", dict(pooler="cls"), checkpoint=str(folder))
   cfg.unused = (r".*\.rotary\..*",)
   towers.from_config(cfg)
+  # The generative head's decoder, read from the same checkpoint, leaves them too (it was
+  # refused for the key the tower config had named).
+  from medvqa_jax.models import amif
+  config = helpers.tiny_config()
+  config.model.text = cfg
+  config.model.text.arch.max_positions = None
+  dec = amif.create(config)[1]["decoder"]
+  fc1 = state_dict.read_state_dict(folder)["encoder.layer.0.intermediate.dense.weight"]
+  np.testing.assert_array_equal(dec["layer_0"]["mlp"]["fc1"]["kernel"], fc1.T)
 
 
 def test_key_outside_the_format_is_named(hf_clip, tmp_path):
