@@ -20,14 +20,25 @@ from medvqa_jax.train import sharding
 RECALL_AT = (1, 5, 10)
 
 
-def retrieval(image: np.ndarray, text: np.ndarray, ks=RECALL_AT) -> dict[str, float]:
+def retrieval(image: np.ndarray, text: np.ndarray, groups=None,
+              ks=RECALL_AT) -> dict[str, float]:
   """Recall@k of image->text (i2t) and text->image (t2i) retrieval: row i of `image` and of
-  `text` embed the same example. A query's rank is the number of candidates scored strictly
-  above its own pair (ties count in its favour)."""
+  `text` embed the same example, and examples of one group (`groups`, e.g. their image ids:
+  other captions of the same picture) answer each other's queries. A query scores a hit at k
+  as often as its best answer would rank within the first k if its ties with wrong candidates
+  were broken at random: a collapsed model (every score equal) gets chance recall, k / N,
+  not 1."""
   scores = np.asarray(image, np.float64) @ np.asarray(text, np.float64).T
-  own = np.diag(scores)
-  ranks = {"i2t": (scores > own[:, None]).sum(1), "t2i": (scores > own[None, :]).sum(0)}
-  return {f"{d}_r{k}": float(np.mean(r < k)) for d, r in ranks.items() for k in ks}
+  groups = np.arange(len(scores)) if groups is None else np.asarray(groups)
+  same = groups[:, None] == groups[None, :]
+  out = {}
+  for direction, s in (("i2t", scores), ("t2i", scores.T)):
+    best = np.where(same, s, -np.inf).max(1, keepdims=True)
+    above = (~same & (s > best)).sum(1)
+    tied = (~same & (s == best)).sum(1)
+    for k in ks:
+      out[f"{direction}_r{k}"] = float(np.mean(np.clip((k - above) / (tied + 1), 0, 1)))
+  return out
 
 
 def examples(config, split: splits_lib.Split) -> int:
@@ -52,6 +63,8 @@ class Validator:
       raise ValueError(f"validation runs in batches of train.batch_size ({tc.batch_size}), "
                        f"which must be divisible by the device count ({mesh.size})")
     self.examples = examples(config, split)
+    # The held-out slice in order (validation does not shuffle): its rows' pictures.
+    self.groups = [r["image_id"] for r in split.records[:self.examples]]
     self.ds = pipeline.batches(
         splits_lib.Subset(split.source, range(self.examples)), kind="caption",
         tokenizer=tokenizer, image_size=image_size, global_batch=tc.batch_size,
@@ -92,7 +105,7 @@ class Validator:
         report((i + 1) * len(ids) * jax.process_count(), self.examples)
     # The temperatures are parameters, not figures of the held-out data: left to training's.
     out = {f"val_{k}": v / batches for k, v in sums.items() if not k.startswith("temperature_")}
-    out.update({f"val_{k}": v for k, v in retrieval(np.concatenate(images),
-                                                    np.concatenate(texts)).items()})
+    recall = retrieval(np.concatenate(images), np.concatenate(texts), self.groups)
+    out.update({f"val_{k}": v for k, v in recall.items()})
     out["val_examples"] = self.examples
     return out

@@ -12,11 +12,15 @@ from medvqa_jax.data import builders, splits as splits_lib
 from medvqa_jax.evaluate import pretrain as pretrain_eval
 
 
-def _recall_by_sorting(image, text, k):
-  """Recall@k by sorting each query's candidates (no ties in random embeddings)."""
+def _recall_by_sorting(image, text, k, groups=None):
+  """Recall@k by sorting each query's candidates (no ties in random embeddings): a hit when
+  the first candidate of the query's group (default: its own pair) is among the first k."""
+  groups = list(range(len(image))) if groups is None else groups
   scores = image @ text.T
-  i2t = [list(np.argsort(-scores[i])).index(i) < k for i in range(len(image))]
-  t2i = [list(np.argsort(-scores[:, j])).index(j) < k for j in range(len(text))]
+  first = lambda row, g: min(list(np.argsort(-row)).index(j) for j in range(len(row))
+                             if groups[j] == g)
+  i2t = [first(scores[i], groups[i]) < k for i in range(len(image))]
+  t2i = [first(scores[:, j], groups[j]) < k for j in range(len(text))]
   return np.mean(i2t), np.mean(t2i)
 
 
@@ -34,6 +38,36 @@ def test_retrieval_recall_matches_sorting():
   assert got["i2t_r1"] != got["t2i_r1"] or got["i2t_r5"] != got["t2i_r5"]
   perfect = pretrain_eval.retrieval(image, image)
   assert all(v == 1.0 for v in perfect.values())
+
+
+def test_retrieval_breaks_ties_at_random_and_matches_other_captions_of_a_picture():
+  """Ties counted in the query's favour gave a collapsed model (all embeddings equal) perfect
+  recall; and another caption of the same picture, held out with it, counted as a miss."""
+  n = 40
+  collapsed = pretrain_eval.retrieval(np.ones((n, 4)), np.ones((n, 4)))
+  for k in (1, 5, 10):  # Chance: the right answer anywhere among n equal scores.
+    assert collapsed[f"i2t_r{k}"] == pytest.approx(k / n)
+    assert collapsed[f"t2i_r{k}"] == pytest.approx(k / n)
+  # One query's pair tied with 3 wrong candidates, none above: a hit at 1 one time in 4.
+  image = np.eye(6)[:5]
+  text = np.eye(6)[:5]
+  image[0] = text[0] + text[1] + text[2] + text[3]
+  got = pretrain_eval.retrieval(image, text, ks=(1, 2, 5))
+  assert got["i2t_r1"] == pytest.approx((0.25 + 4) / 5)
+  assert got["i2t_r2"] == pytest.approx((0.5 + 4) / 5) and got["i2t_r5"] == 1.0
+  # A picture with two captions (rows 0 and 1): each of its rows answers the other's query.
+  rng = np.random.default_rng(1)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  text = unit(rng.normal(size=(8, 16)))
+  image = text.copy()
+  image[1] = image[0]  # One picture: a perfect model embeds it once, near both captions.
+  text[1] = unit(text[0] + 0.1 * rng.normal(size=16))
+  groups = ["a", "a", "b", "c", "d", "e", "f", "g"]
+  assert pretrain_eval.retrieval(image, text, ks=(1,))["i2t_r1"] < 1  # Without groups.
+  assert all(v == 1.0 for v in pretrain_eval.retrieval(image, text, groups, (1,)).values())
+  # A wrong answer is still one: swapped pictures of different groups miss.
+  swapped = pretrain_eval.retrieval(image[[2, 2, 1, 3, 4, 5, 6, 7]], text, groups, (1,))
+  assert swapped["i2t_r1"] == pytest.approx(5 / 8)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +135,7 @@ def test_validator_runs_without_dropout_and_averages_the_batches():
   """Over a 9-example slice (2 full batches of 4, the ninth left out), val_<term> is the mean
   over the batches of the objective's terms with dropout off (train=False), each batch's
   inputs and key as the validator draws them; the recalls are those of the 8 examples'
-  embeddings, by sorting. Dropout on gives other values, so a validator that trained
+  embeddings, by sorting, two of them captions of one picture (each the other's match). Dropout on gives other values, so a validator that trained
   (dropout on) would not pass."""
   import jax
 
@@ -116,7 +150,9 @@ def test_validator_runs_without_dropout_and_averages_the_batches():
   rng = np.random.default_rng(0)
   source = [{"id": f"c{i}", "image": rng.integers(0, 255, (40, 48, 3), np.uint8),
              "caption": f"axial ct of the chest number {i} with a lesion"} for i in range(9)]
-  split = splits_lib.Split("val", source, [{"id": ex["id"]} for ex in source])
+  groups = ["p0", "p1", "p2", "p0", "p4", "p5", "p6", "p7", "p8"]  # c0 and c3: one picture.
+  split = splits_lib.Split("val", source, [{"id": ex["id"], "image_id": g}
+                                           for ex, g in zip(source, groups)])
   size = model.image.image_size
   validator = pretrain_eval.Validator(model, config, split, tokenizer, size,
                                       sharding.make_mesh())
@@ -149,7 +185,8 @@ def test_validator_runs_without_dropout_and_averages_the_batches():
   assert abs(np.mean(dropped) - got["val_loss"]) > 1e-3 * abs(got["val_loss"])
   image, text = np.concatenate(images), np.concatenate(texts)
   for k in (1, 5):
-    i2t, t2i = _recall_by_sorting(image.astype(np.float64), text.astype(np.float64), k)
+    i2t, t2i = _recall_by_sorting(image.astype(np.float64), text.astype(np.float64), k,
+                                  groups[:8])
     assert got[f"val_i2t_r{k}"] == pytest.approx(i2t) and got[f"val_t2i_r{k}"] == \
         pytest.approx(t2i)
   assert got["val_i2t_r10"] == got["val_t2i_r10"] == 1.0  # 8 candidates: always found.
