@@ -46,7 +46,10 @@ def frozen_mask(cfg, params):
 
 
 def schedule(cfg):
-  """Linear warm-up from 0 over warmup_fraction of total_steps, then cosine decay to 0."""
+  """Linear warm-up from 0 over warmup_fraction of total_steps (at least one step where it is
+  above 0), then cosine decay to 0; without warm-up (0), cosine decay from optim.lr. Step s
+  (1-based) takes the rate at count s - 1, as Hugging Face's schedulers give it: a warm-up's
+  first step moves nothing but Adam's moments."""
   if not cfg.total_steps or cfg.total_steps < 1:
     raise ValueError(f"the run has {cfg.total_steps} steps: set --config.optim.total_steps to "
                      "1 or more (or --config.train.epochs, where the config counts in epochs)")
@@ -54,6 +57,8 @@ def schedule(cfg):
     raise ValueError(f"optim.warmup_fraction={cfg.warmup_fraction}: the share of the run spent "
                      "warming up, at least 0 and below 1 (a share of 1 or more never reaches "
                      "optim.lr)")
+  if cfg.warmup_fraction == 0:  # The first step at optim.lr (it was a warm-up step at 0).
+    return optax.cosine_decay_schedule(cfg.lr, cfg.total_steps)
   warmup = max(int(cfg.warmup_fraction * cfg.total_steps), 1)
   return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup,
                                             max(cfg.total_steps, warmup + 1), 0.0)

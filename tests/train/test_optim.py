@@ -64,6 +64,15 @@ def test_the_shortest_runs_have_a_schedule_and_none_is_refused_by_name():
     cfg.update(warmup_fraction=0.4, total_steps=total)
     lr = optim.schedule(cfg)
     assert float(lr(0)) == 0.0 and float(lr(1)) == pytest.approx(1e-3)
+  # Without warm-up the first step is at optim.lr (it was a warm-up step at 0: a one-step run
+  # trained nothing), and the rate falls by a cosine to 0 at total_steps.
+  for total in (1, 4):
+    cfg = _cfg(())
+    cfg.update(warmup_fraction=0.0, total_steps=total)
+    lr = optim.schedule(cfg)
+    np.testing.assert_allclose([float(lr(s)) for s in range(total + 1)],
+                               1e-3 * 0.5 * (1 + np.cos(np.pi * np.arange(total + 1) / total)),
+                               rtol=1e-6, atol=1e-12)
   for total in (0, None):
     cfg = _cfg(())
     cfg.total_steps = total
