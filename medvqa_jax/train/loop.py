@@ -314,6 +314,10 @@ def selection_note(tc, steps: int) -> str | None:
   is chosen among the steps both saved and validated (every lcm(save_every, eval_every) and
   the last), so a save_every that is not a multiple of eval_every leaves the others out."""
   save, every = tc.save_every, tc.eval_every
+  if save >= steps > every:
+    return (f"note: train.save_every={save} saves only the last of the run's {steps} steps: "
+            f"it is the one tested, and the validations every {every} steps go to the logs "
+            "only")
   if save % every == 0 or save >= steps:  # Every saved step is validated.
     return None
   both = math.lcm(save, every)
@@ -616,6 +620,10 @@ def train(config, workdir=None, stream=None) -> dict:
     return {}
   # ---- test, once, on the best-on-validation checkpoint ----
   best = ckpts.best_step()
+  val = ckpts.run_record(best).get("val") or {}
+  _print(f"fine-tuning done: testing step {best}, " + (
+      f"the best on validation (val_accuracy {val['val_accuracy']:.4f}) of the saved steps "
+      f"{ckpts.steps()}" if "val_accuracy" in val else "the latest (no validation)"))
   if best != ckpts.latest_step() or start == steps:
     state, _ = ckpts.restore(best, abstract_state(shapes, tx, shardings))
   ckpts.close()

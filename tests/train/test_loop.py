@@ -118,6 +118,11 @@ def test_demo_runs_end_to_end(straight):
   # Answering a split reports progress: at least its end, for validation and test.
   assert re.search(r"validation at step \d+: \d+/\d+", out.stderr)
   assert f"test (step {m['step']}): 451/451" in out.stderr
+  # The step tested, and why: the best validation among the steps kept.
+  val = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  chosen = {r["step"]: r["val_accuracy"] for r in val if "val_accuracy" in r}[m["step"]]
+  assert (f"fine-tuning done: testing step {m['step']}, the best on validation (val_accuracy "
+          f"{chosen:.4f}) of the saved steps [") in out.stdout
   rows = [json.loads(line) for line in
           (workdir / "eval" / "test" / "predictions.jsonl").read_text().splitlines()]
   assert len(rows) == 451 and all(0 < r["score"] <= 1 for r in rows)

@@ -205,7 +205,13 @@ def test_a_schedule_that_saves_steps_it_does_not_validate_is_noted():
   from ml_collections import ConfigDict
   tc = lambda save, every: ConfigDict(dict(save_every=save, eval_every=every))
   assert loop.selection_note(tc(500, 100), 2000) is None  # Every save is validated.
-  assert loop.selection_note(tc(500, 300), 500) is None   # Only the last step is saved.
+  assert loop.selection_note(tc(500, 500), 500) is None   # Only the last step, validated.
+  # Only the last step is saved (a save_every raised to save disk): the others' validations
+  # cannot choose the step tested.
+  for save, every in ((500, 300), (1000, 100)):
+    assert loop.selection_note(tc(save, every), 500) == (
+        f"note: train.save_every={save} saves only the last of the run's 500 steps: it is the "
+        f"one tested, and the validations every {every} steps go to the logs only")
   assert loop.selection_note(tc(500, 300), 4000) == (
       "note: train.save_every=500 is not a multiple of train.eval_every=300: the best "
       "checkpoint is chosen among the steps both saved and validated (every 1500 steps and "
