@@ -4,6 +4,8 @@ import io
 import json
 import struct
 
+import pytest
+
 from medvqa_jax.train import observe
 
 
@@ -32,17 +34,21 @@ def test_training_rate_leaves_out_validation_and_checkpoint_time(tmp_path, monke
   reporter = observe.Reporter(tmp_path, total_steps=4, start_step=0, batch_size=8,
                               log_every=1, tensorboard=False, stream=out)
   reporter.step(1, {"loss": 1.0})  # The first step starts the clock (compilation).
-  clock[0] += 2.0
-  reporter.step(2, {"loss": 1.0})  # 8 samples in 2 s.
+  clock[0] += 1e-4                 # Step 2 had run before step 1's metrics were read, and
+  reporter.step(2, {"loss": 1.0})  # is read at once for a validation: no rate (was 80,000).
   clock[0] += 30.0                 # Validation and a checkpoint...
   reporter.exclude(30.0)           # ...which the loop reports.
-  clock[0] += 2.0
+  clock[0] += 4.0                  # Steps 3 and 4 computed, step 3 read.
   reporter.step(3, {"loss": 1.0})
+  clock[0] += 2.0
+  reporter.step(4, {"loss": 1.0})
   reporter.close()
   rates = [r["samples_per_s"] for r in map(json.loads, (tmp_path / "metrics.jsonl").open())
            if "samples_per_s" in r]
-  assert rates == [4.0, 4.0]  # Was 16 / 34 s = 0.47 after the validation.
-  assert out.getvalue().splitlines()[-1] == "step 3/4  loss 1.0000  4.0 samples/s  eta 0m02s"
+  # 16 samples in 4 s, 24 in 6 (was 16 / 34 s after validation).
+  assert rates == pytest.approx([4.0, 4.0], rel=1e-4)
+  assert out.getvalue().splitlines()[1] == "step 2/4  loss 1.0000  ? samples/s  eta ?"
+  assert out.getvalue().splitlines()[-1] == "step 4/4  loss 1.0000  4.0 samples/s  eta 0m00s"
   first = io.StringIO()
   observe.Reporter(tmp_path / "one", total_steps=1, start_step=0, batch_size=8,
                    tensorboard=False, stream=first).step(1, {"loss": 2.0})
