@@ -55,7 +55,9 @@ for args in "${RUNS[@]}"; do
     | tee -a "$OUT_FILE" || echo "(failed: $args)" >&2
 done
 "$PYTHON" - "$OUT_FILE" <<'PY'
-import json, sys
+import json, os, sys
+if not os.path.exists(sys.argv[1]):
+  sys.exit(f"no results yet in {sys.argv[1]}")
 print(f"{'config':58} {'attn':9} {'scan':5} {'remat':5} {'batch':>5} {'step ms':>8} {'samples/s':>9} "
       f"{'MFU':>6} {'GiB':>6} {'sinkhorn':>8} {'conv':>5} {'data':>6} {'pipe ms':>8}")
 for line in open(sys.argv[1]):

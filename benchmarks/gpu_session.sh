@@ -6,7 +6,9 @@
 # results land in OUT_DIR (default runs/gpu_session), four files: session.log (all output),
 # benchmarks.jsonl (launch/benchmark.py lines), real_data.jsonl (benchmarks/real_data.sh),
 # input.jsonl (launch/benchmark_input.py); their tables are printed at the end, with the
-# steps that were skipped. The installed wheels and the input step's corpus go under RUNS.
+# steps that were skipped. The installed wheels, the input step's corpus and the benchmarks'
+# dataset builds go under RUNS (RUNS/bench_data, at the configs' max_side: apart from the
+# fine-tunes' RUNS/data, built at real_data.sh's MAX_SIDE).
 #
 #   bash benchmarks/gpu_session.sh                       # every step, in the order below
 #   bash benchmarks/gpu_session.sh towers real_vqa_rad   # chosen steps, in the order given
@@ -146,13 +148,13 @@ step_real_slake() {
 step_finetune() {
   do_ "$BENCH" "$PYTHON" launch/benchmark.py "--config=configs/vqa_rad.py$PAPER" --batch_size=64 \
     --steps=20 --pipeline --config.model.compute.attention=cudnn \
-    --config.data.source_dir="$DATA/vqa_rad" --config.data.dir="$RUNS/data" \
+    --config.data.source_dir="$DATA/vqa_rad" --config.data.dir="$RUNS/bench_data" \
     --config.data.workers="$WORKERS"
 }
 step_input() {
   local corpus=$RUNS/corpus
-  do_ "$OUT_DIR/input.jsonl" "$PYTHON" launch/benchmark_input.py --data_dir="$RUNS/data" \
-    --source_dir="$DATA/vqa_rad" --dataset=vqa_rad --workers="$INPUT_WORKERS" \
+  do_ "$OUT_DIR/input.jsonl" "$PYTHON" launch/benchmark_input.py \
+    --data_dir="$RUNS/bench_data" --source_dir="$DATA/vqa_rad" --dataset=vqa_rad --workers="$INPUT_WORKERS" \
     --batches="$INPUT_BATCHES" --batch_size="$INPUT_BATCH"
   # The same images as a caption corpus (captions: their questions), for the pre-training views.
   say "write $corpus/train.jsonl from $DATA/vqa_rad/trainset.json"

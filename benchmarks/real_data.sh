@@ -96,7 +96,9 @@ PY
 done
 
 "$PYTHON" - "$RESULTS" <<'PY'
-import json, sys
+import json, os, sys
+if not os.path.exists(sys.argv[1]):
+  sys.exit(f"no results yet in {sys.argv[1]}")
 pct = lambda x: "-" if x is None else f"{100 * x:.1f}"
 print("accuracy (%) by the dataset's answer_type; majority = always the most frequent train answer")
 print("(step*: the run was stopped by its time limit; its best checkpoint reached)")
