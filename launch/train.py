@@ -43,7 +43,12 @@ def _summary(metrics: dict) -> str:
       ("closed (yes/no)", metrics["by_yes_no"]["closed"]["accuracy"],
        base.get("by_yes_no", {}).get("closed", {}).get("accuracy"))):
     lines.append(f"  {name:24}{pct(ours):>7}{pct(theirs):>10}")
-  lines.append(f"  majority answer: {base.get('answer')!r}")
+  theirs = base.get("by_question_type", {})
+  for category, ours in metrics.get("by_question_type", {}).items():  # The dataset's own.
+    lines.append(f"  {category[:22] + ' *':24}{pct(ours['accuracy']):>7}"
+                 f"{pct(theirs.get(category, {}).get('accuracy')):>10}")
+  lines.append(f"  majority answer: {base.get('answer')!r}" +
+               ("; * question type (category)" if metrics.get("by_question_type") else ""))
   return "\n".join(lines)
 
 

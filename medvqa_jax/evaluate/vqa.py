@@ -138,6 +138,8 @@ def evaluate(rows: list[dict], split, protocol: str, step: int, baseline: str | 
     out["majority_baseline"] = {"answer": baseline, "overall": base["overall"],
                                 "open": base["open"], "closed": base["closed"],
                                 "by_yes_no": base["by_yes_no"]}
+    if "by_question_type" in base:  # VQA-Med's protocol is per category.
+      out["majority_baseline"]["by_question_type"] = base["by_question_type"]
   return out
 
 

@@ -66,3 +66,28 @@ def test_the_picture_shows_small_scores():
   draw = lambda score: np.asarray(visualize.render(
       image, np.zeros((4, 4)), ["is"], np.array([0.5]), "is it?", [("no", score)]))
   assert not np.array_equal(draw(5.2e-5), draw(6.5e-6))
+
+
+def test_the_baseline_and_the_printed_summary_break_down_by_category(monkeypatch):
+  """VQA-Med-2019 has no answer_type: its protocol is per category (question_type). The
+  majority baseline is broken down by category too, and the printed summary shows both."""
+  import sys
+  import types
+  from pathlib import Path
+
+  from medvqa_jax.evaluate import vqa
+  records = [_rec(["no"], "", "abnormality"), _rec(["yes"], "", "abnormality"),
+             _rec(["axial"], "", "plane"), _rec(["ct"], "", "modality")]
+  split = types.SimpleNamespace(name="test", records=records)
+  rows = [{"prediction": p} for p in ("no", "no", "axial", "mri")]
+  m = vqa.evaluate(rows, split, "open-set", 7, baseline="no")
+  assert m["majority_baseline"]["by_question_type"] == {
+      "abnormality": {"accuracy": 0.5, "questions": 2},
+      "modality": {"accuracy": 0.0, "questions": 1}, "plane": {"accuracy": 0.0, "questions": 1}}
+  monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "launch"))
+  monkeypatch.setattr(sys, "argv", ["train.py"])
+  import train
+  lines = train._summary(m).splitlines()
+  assert "  abnormality *              50.0      50.0" in lines
+  assert "  plane *                   100.0       0.0" in lines
+  assert lines[-1] == "  majority answer: 'no'; * question type (category)"
