@@ -154,8 +154,8 @@ step_finetune() {
 step_input() {
   local corpus=$RUNS/corpus
   do_ "$OUT_DIR/input.jsonl" "$PYTHON" launch/benchmark_input.py \
-    --data_dir="$RUNS/bench_data" --source_dir="$DATA/vqa_rad" --dataset=vqa_rad --workers="$INPUT_WORKERS" \
-    --batches="$INPUT_BATCHES" --batch_size="$INPUT_BATCH"
+    --data_dir="$RUNS/bench_data" --source_dir="$DATA/vqa_rad" --dataset=vqa_rad \
+    --workers="$INPUT_WORKERS" --batches="$INPUT_BATCHES" --batch_size="$INPUT_BATCH"
   # The same images as a caption corpus (captions: their questions), for the pre-training views.
   say "write $corpus/train.jsonl from $DATA/vqa_rad/trainset.json"
   if [ "$PLAN" = 0 ]; then

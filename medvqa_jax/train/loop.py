@@ -12,8 +12,8 @@ A run restarted with the same command resumes from its latest complete checkpoin
 the data position (batches are a function of the seed and the step) and the step's random key
 (folded from the step) are those the uninterrupted run would have had, provided the data
 are: a run whose training or validation examples, batch size or seed changed since (a
-rebuilt dataset, another `val_fraction`, `batch_size` or `seed`) is refused. A NaN or infinite loss or
-gradient norm stops the run (`Diverged`) before anything is saved after it.
+rebuilt dataset, another `val_fraction`, `batch_size` or `seed`) is refused. A NaN or
+infinite loss or gradient norm stops the run (`Diverged`) before anything is saved after it.
 """
 
 from __future__ import annotations
