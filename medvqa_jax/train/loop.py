@@ -12,7 +12,9 @@ A run restarted with the same command resumes from its latest complete checkpoin
 the data position (batches are a function of the seed and the step) and the step's random key
 (folded from the step) are those the uninterrupted run would have had, provided the data
 are: a run whose training or validation examples, batch size or seed changed since (a
-rebuilt dataset, another `val_fraction`, `batch_size` or `seed`) is refused. A NaN or
+rebuilt dataset, another `val_fraction`, `batch_size` or `seed`) is refused. On another
+device count it continues with a note: reductions then round otherwise, so its numbers
+differ from the uninterrupted run's in the last bits. A NaN or
 infinite loss or gradient norm stops the run (`Diverged`) before anything is saved after it.
 """
 
@@ -327,6 +329,16 @@ def selection_note(tc, steps: int) -> str | None:
           "the other validations go to the logs only")
 
 
+def devices_note(then: int | None, now: int) -> str | None:
+  """A note when a run resumes on another device count than its checkpoint was written on:
+  the same batches and keys, but gradients reduced over other shards round otherwise."""
+  if then is None or then == now:
+    return None
+  return (f"note: resumed on {now} device(s), the checkpoint was written on {then}: the same "
+          "batches and random keys, but reductions over other shards round otherwise, so the "
+          "numbers will not match an uninterrupted run bit for bit")
+
+
 def _print(text: str):
   if jax.process_index() == 0:
     print(text, flush=True)
@@ -462,6 +474,9 @@ def train(config, workdir=None, stream=None) -> dict:
       raise ValueError(f"{workdir}: the checkpoint's answer set differs from the data's (was the "
                        "dataset rebuilt or the protocol changed?); use a new train.workdir")
     _print(f"resumed from {workdir / 'checkpoints'} step {start}")
+    note = devices_note(run.get("devices"), jax.device_count())
+    if note:
+      _print(note)
     taken, kept = (config_changes(run["config"], config, not new_tokenizer)
                    if run.get("config") else ([], []))
     if taken:
@@ -524,7 +539,7 @@ def train(config, workdir=None, stream=None) -> dict:
   def run_record(step, val):
     return {"step": int(step), "data_step": int(step), "config": config.to_json(),
             "protocol": protocol, "answers": answers, "val": val, "towers": archs,
-            "data": data}
+            "data": data, "devices": jax.device_count()}
 
   reporter = observe.Reporter(workdir, total_steps=steps, start_step=start,
                               batch_size=tc.batch_size, log_every=tc.log_every, enabled=main,

@@ -118,6 +118,11 @@ def test_demo_runs_end_to_end(straight):
   # Answering a split reports progress: at least its end, for validation and test.
   assert re.search(r"validation at step \d+: \d+/\d+", out.stderr)
   assert f"test (step {m['step']}): 451/451" in out.stderr
+  # The records name the device count (a resume on another one is noted).
+  from medvqa_jax.train.checkpoint import Checkpoints
+  ckpts = Checkpoints(workdir / "checkpoints", read_only=True)
+  assert ckpts.run_record(m["step"])["devices"] == 8
+  ckpts.close()
   # The step tested, and why: the best validation among the steps kept.
   val = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   chosen = {r["step"]: r["val_accuracy"] for r in val if "val_accuracy" in r}[m["step"]]
