@@ -5,7 +5,8 @@ every submodule is named explicitly. Parameters are float32; `dtype` is the comp
 
 `Compute` says *how* the stacks compute (attention kernel, scanned layers, rematerialisation),
 never *what*: every setting gives the same outputs up to rounding and the same parameter tree,
-so checkpoints move freely between settings.
+so checkpoints move freely between settings. With dropout on (training), scanned and
+rematerialised stacks draw their masks from other keys: the same distribution, other draws.
 """
 
 from __future__ import annotations
