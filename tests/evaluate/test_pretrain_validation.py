@@ -135,8 +135,8 @@ def test_validator_runs_without_dropout_and_averages_the_batches():
   """Over a 9-example slice (2 full batches of 4, the ninth left out), val_<term> is the mean
   over the batches of the objective's terms with dropout off (train=False), each batch's
   inputs and key as the validator draws them; the recalls are those of the 8 examples'
-  embeddings, by sorting, two of them captions of one picture (each the other's match). Dropout on gives other values, so a validator that trained
-  (dropout on) would not pass."""
+  embeddings, by sorting, two of them captions of one picture (each the other's match).
+  Dropout on gives other values, so a validator that trained (dropout on) would not pass."""
   import jax
 
   from medvqa_jax.data import pipeline

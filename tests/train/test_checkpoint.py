@@ -174,7 +174,8 @@ def test_init_from_names_what_it_leaves_initial_and_warns_of_a_part_taken_in_par
     tmp_path, capsys, caplog):
   """A run with one fusion layer and no head, taken into a model with two fusion layers and a
   head: its arrays are copied, the rest named (they stay random), and the fusion, half from
-  the run and half initial (another depth), warned of; the reverse names the run's extra layer."""
+  the run and half initial (another depth), warned of; a model without the run's fusion
+  names the arrays it does not take."""
   import ml_collections
   from medvqa_jax.train import loop
 
@@ -212,7 +213,7 @@ def test_init_from_names_what_it_leaves_initial_and_warns_of_a_part_taken_in_par
   (warning,) = warned
   assert warning.endswith("step 1 initialises fusion only in part (another depth or layout "
                           "there than here?): fusion/layer_1 (1)")
-  # A model shallower than the run: the run's extra layer is named, and warned of.
+  # A model without the run's fusion: its arrays are named; no part is taken in part.
   got, taken, out, warned = take({"image": params(1, False)["image"]})
   assert taken == {"image/block_0/kernel"}
   assert "; in it but not in this model: fusion/layer_0 (1)\n" in out
