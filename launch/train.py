@@ -28,30 +28,6 @@ _CONFIG = common.config_file_flag("configs/demo.py", "Config file.")
 _JOIN = common.cluster_flags()
 
 
-def _summary(metrics: dict) -> str:
-  pct = lambda x: "  -  " if x is None else f"{100 * x:5.1f}"
-  base = metrics.get("majority_baseline", {})
-  lines = [f"test ({metrics['split']}, {metrics['questions']} questions, checkpoint step "
-           f"{metrics['step']}; {metrics['protocol']}):",
-           f"  {'':24}{'model':>7}{'majority':>10}"]
-  for name, ours, theirs in (
-      ("overall", metrics["overall"], base.get("overall")),
-      ("open (answer_type)", metrics["open"], base.get("open")),
-      ("closed (answer_type)", metrics["closed"], base.get("closed")),
-      ("open (not yes/no)", metrics["by_yes_no"]["open"]["accuracy"],
-       base.get("by_yes_no", {}).get("open", {}).get("accuracy")),
-      ("closed (yes/no)", metrics["by_yes_no"]["closed"]["accuracy"],
-       base.get("by_yes_no", {}).get("closed", {}).get("accuracy"))):
-    lines.append(f"  {name:24}{pct(ours):>7}{pct(theirs):>10}")
-  theirs = base.get("by_question_type", {})
-  for category, ours in metrics.get("by_question_type", {}).items():  # The dataset's own.
-    lines.append(f"  {category[:22] + ' *':24}{pct(ours['accuracy']):>7}"
-                 f"{pct(theirs.get(category, {}).get('accuracy')):>10}")
-  lines.append(f"  majority answer: {base.get('answer')!r}" +
-               ("; * question type (category)" if metrics.get("by_question_type") else ""))
-  return "\n".join(lines)
-
-
 def _stopped(config):
   from medvqa_jax.train import checkpoint as ckpt_lib
   from medvqa_jax.train import loop
@@ -80,7 +56,8 @@ def main(argv):
   except KeyboardInterrupt:
     _stopped(config)
   if jax.process_index() == 0 and metrics:
-    print(_summary(metrics))
+    from medvqa_jax.evaluate import vqa
+    print(vqa.summary(metrics))
     print(json.dumps({k: metrics[k] for k in ("protocol", "split", "step", "questions",
                                               "overall", "open", "closed")}))
 

@@ -143,6 +143,33 @@ def evaluate(rows: list[dict], split, protocol: str, step: int, baseline: str | 
   return out
 
 
+def summary(metrics: dict) -> str:
+  """`evaluate`'s metrics as the table train.py prints: the model's accuracies beside the
+  majority baseline's, overall, by answer_type, by the yes/no rule and by question category
+  (the dataset's own: VQA-Med-2019's protocol is per category)."""
+  pct = lambda x: "  -  " if x is None else f"{100 * x:5.1f}"
+  base = metrics.get("majority_baseline", {})
+  lines = [f"test ({metrics['split']}, {metrics['questions']} questions, checkpoint step "
+           f"{metrics['step']}; {metrics['protocol']}):",
+           f"  {'':24}{'model':>7}{'majority':>10}"]
+  for name, ours, theirs in (
+      ("overall", metrics["overall"], base.get("overall")),
+      ("open (answer_type)", metrics["open"], base.get("open")),
+      ("closed (answer_type)", metrics["closed"], base.get("closed")),
+      ("open (not yes/no)", metrics["by_yes_no"]["open"]["accuracy"],
+       base.get("by_yes_no", {}).get("open", {}).get("accuracy")),
+      ("closed (yes/no)", metrics["by_yes_no"]["closed"]["accuracy"],
+       base.get("by_yes_no", {}).get("closed", {}).get("accuracy"))):
+    lines.append(f"  {name:24}{pct(ours):>7}{pct(theirs):>10}")
+  theirs = base.get("by_question_type", {})
+  for category, ours in metrics.get("by_question_type", {}).items():  # The dataset's own.
+    lines.append(f"  {category[:22] + ' *':24}{pct(ours['accuracy']):>7}"
+                 f"{pct(theirs.get(category, {}).get('accuracy')):>10}")
+  lines.append(f"  majority answer: {base.get('answer')!r}" +
+               ("; * question type (category)" if metrics.get("by_question_type") else ""))
+  return "\n".join(lines)
+
+
 def write(out_dir, metrics: dict, rows: list[dict] | None) -> Path:
   """metrics.json and (rows not None) predictions.jsonl (each row labelled with the
   protocol), each written to a temporary file and renamed. Call on one host only."""

@@ -68,12 +68,10 @@ def test_the_picture_shows_small_scores():
   assert not np.array_equal(draw(5.2e-5), draw(6.5e-6))
 
 
-def test_the_baseline_and_the_printed_summary_break_down_by_category(monkeypatch):
+def test_the_baseline_and_the_printed_summary_break_down_by_category():
   """VQA-Med-2019 has no answer_type: its protocol is per category (question_type). The
   majority baseline is broken down by category too, and the printed summary shows both."""
-  import sys
   import types
-  from pathlib import Path
 
   from medvqa_jax.evaluate import vqa
   records = [_rec(["no"], "", "abnormality"), _rec(["yes"], "", "abnormality"),
@@ -84,10 +82,7 @@ def test_the_baseline_and_the_printed_summary_break_down_by_category(monkeypatch
   assert m["majority_baseline"]["by_question_type"] == {
       "abnormality": {"accuracy": 0.5, "questions": 2},
       "modality": {"accuracy": 0.0, "questions": 1}, "plane": {"accuracy": 0.0, "questions": 1}}
-  monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "launch"))
-  monkeypatch.setattr(sys, "argv", ["train.py"])
-  import train
-  lines = train._summary(m).splitlines()
+  lines = vqa.summary(m).splitlines()
   assert "  abnormality *              50.0      50.0" in lines
   assert "  plane *                   100.0       0.0" in lines
   assert lines[-1] == "  majority answer: 'no'; * question type (category)"
