@@ -218,10 +218,10 @@ class TeacherCache:
     if dataset_fingerprint(ids, captions) != self.meta["dataset"]:
       raise ValueError(f"{path} was computed for other data (its captions or examples "
                        "differ from the dataset's): rebuild it for this dataset")
-    other = [i for i, m in zip(map(str, ids), image_ids) if self.image_ids[self._row[i]] != m]
-    if multi_view:
-      other += [i for i, m in zip(map(str, ids), image2_ids)
-                if self.image2_ids[self._row[i]] != m and i not in other]
+    seconds = image2_ids if multi_view else [None] * len(image_ids)
+    other = [i for i, m, m2 in zip(map(str, ids), image_ids, seconds)
+             if self.image_ids[self._row[i]] != m
+             or (multi_view and self.image2_ids[self._row[i]] != m2)]
     if other:
       raise ValueError(
           f"{path} was computed from other images than the dataset's for {len(other)} "
