@@ -8,7 +8,8 @@
 #       --config.data.dir=/mnt/shared/tfds --config.train.workdir=/mnt/shared/runs/pathvqa
 #
 # The repository must be at the same path on every worker (e.g. cloned by a startup script)
-# with `pip install -e .` done there; data and work folders must be readable/writable by all
+# with `pip install -e .` done there: REPO=/that/path (default: $HOME/medvqa-jax, $HOME
+# being the worker's). Data and work folders must be readable/writable by all
 # workers at the same path: a shared filesystem (e.g. Filestore over NFS, or a GCS bucket
 # mounted with gcsfuse). Paths are file paths: a gs:// URL is refused.
 set -euo pipefail

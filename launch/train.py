@@ -6,8 +6,9 @@ a checkpoint.
       --config.train.workdir=/runs/pathvqa
   python launch/train.py --config=configs/pretrain_stage1.py --config.data.name=roco ...
 
-Multi-host (TPU pod slice, SLURM, mpirun): run the same command in every process; the
-cluster is detected, or give --coordinator_address/--num_processes/--process_id. Writes
+Multi-host (TPU pod slice, SLURM, Open MPI 4's mpirun): run the same command in every
+process; the cluster is detected, or give --coordinator_address/--num_processes/--process_id
+(README: Scaling out). Writes
 <workdir>/checkpoints, metrics.jsonl, tensorboard/ and, after fine-tuning, the test metrics
 and predictions of the best-on-validation checkpoint in <workdir>/eval/<test split>/.
 

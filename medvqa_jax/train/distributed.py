@@ -2,10 +2,13 @@
 
 Explicit values (the launchers' --coordinator_address/--num_processes/--process_id flags, or
 JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID) win. Otherwise JAX detects the
-cluster itself under SLURM (`srun`), under Open MPI (`mpirun`) and on a TPU VM pod slice
-(every worker runs the same command; `launch/tpu_pod.sh` sets MEDVQA_DISTRIBUTED=1, since a
-TPU VM's environment need not show that it is part of a slice). MEDVQA_DISTRIBUTED=1 asks for
-the same detection anywhere else. A single process on one machine needs nothing.
+cluster itself under SLURM (`srun`), under Open MPI up to version 4 (`mpirun`) and on a TPU
+VM pod slice (every worker runs the same command; `launch/tpu_pod.sh` sets
+MEDVQA_DISTRIBUTED=1, since a TPU VM's environment need not show that it is part of a slice).
+MEDVQA_DISTRIBUTED=1 asks for the same detection anywhere else. Other launchers (Open MPI 5,
+MPICH, Intel MPI, torchrun) need --coordinator_address; the process count and index are then
+read from their variables. A single process on one machine needs nothing; a process count or
+index with no way to join is refused.
 
 One process per host drives all of that host's GPUs. JAX's cluster detection assumes one
 process per GPU (it restricts each process to the GPU of its local rank), so when there is one
@@ -31,21 +34,33 @@ def _int(name: str) -> int | None:
 # What JAX's SLURM detection reads: set for the tasks of an `srun` step.
 _SLURM_STEP = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
                "SLURM_LOCALID")
+# Open MPI up to version 4: what JAX's Open MPI detection reads (5 and later do not set it).
+_ORTE_URI = "OMPI_MCA_orte_hnp_uri"
+# Launchers whose processes JAX does not join by itself: (process count, this process's
+# index, the launcher). With a coordinator address given, the count and index are read there.
+_OTHER_LAUNCHERS = (
+    ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "Open MPI 5 or later (JAX detects Open "
+     "MPI up to 4)"),
+    ("PMI_SIZE", "PMI_RANK", "MPICH or Intel MPI"),
+    ("WORLD_SIZE", "RANK", "torchrun or a launcher like it"))
 
 
-def _auto_cluster() -> str | None:
+def _auto_cluster(explicit: bool = False) -> str | None:
+  """The cluster JAX detects, if any. explicit: a coordinator address was given (the cluster
+  then only tells how many processes share a host)."""
   env = os.environ
   tasks = _int("SLURM_NTASKS") or _int("SLURM_NPROCS") or 1
   if tasks > 1:
     unset = [v for v in _SLURM_STEP if v not in env]
-    if unset:
-      raise RuntimeError(
+    if not unset:
+      return "SLURM"
+    if not explicit:
+      raise ValueError(
           f"SLURM_NTASKS={tasks}, but this process is not a task of an srun step "
           f"({', '.join(unset)} unset): launch the run with srun (launch/slurm.sbatch), or "
           "run one process with SLURM_NTASKS unset (e.g. `env -u SLURM_NTASKS -u "
           "SLURM_NPROCS python ...`)")
-    return "SLURM"
-  if (_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+  elif (_int("OMPI_COMM_WORLD_SIZE") or 1) > 1 and (_ORTE_URI in env or explicit):
     return "Open MPI"
   if "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return "TPU pod slice"
@@ -80,16 +95,25 @@ def local_gpus(cluster: str | None) -> list[int] | None:
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
-  """Joins the processes of a multi-host run (a no-op for a single process)."""
+  """Joins the processes of a multi-host run (a no-op for a single process). Refuses a
+  command that asks for several processes (a count or an index, or a launcher JAX does not
+  detect) without saying how to join them: each process would run alone, all writing the
+  same work folder."""
   env = os.environ
   coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
   if num_processes is None and env.get("JAX_NUM_PROCESSES"):
     num_processes = int(env["JAX_NUM_PROCESSES"])
   if process_id is None and env.get("JAX_PROCESS_ID"):
     process_id = int(env["JAX_PROCESS_ID"])
-  cluster = _auto_cluster()
+  cluster = _auto_cluster(explicit=bool(coordinator_address))
   local = local_gpus(cluster)
+  launchers = [(size, rank, name) for size, rank, name in _OTHER_LAUNCHERS
+               if (_int(size) or 1) > 1]
   if coordinator_address:
+    if launchers and cluster in (None, "Open MPI"):  # Count and index from the launcher.
+      size, rank, _ = launchers[0]
+      num_processes = _int(size) if num_processes is None else num_processes
+      process_id = _int(rank) if process_id is None else process_id
     if num_processes is None or process_id is None:
       raise ValueError("a coordinator address needs the process count and this process's id "
                        "(--num_processes/--process_id or JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
@@ -98,8 +122,29 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   elif cluster is not None:
     log.info("multi-host run detected (%s)%s", cluster,
              f", one process for local GPUs {local}" if local else "")
-    jax.distributed.initialize(local_device_ids=local)
+    given = {k: v for k, v in (("num_processes", num_processes), ("process_id", process_id))
+             if v is not None}
+    try:
+      jax.distributed.initialize(**given, local_device_ids=local)
+    except ValueError as e:  # MEDVQA_DISTRIBUTED=1 where JAX detects no cluster.
+      raise ValueError(
+          f"{cluster}: JAX could not join this process to the others ({e}): give "
+          "--coordinator_address=HOST:PORT (process 0's host), --num_processes and "
+          "--process_id") from e
   else:
+    asked = ([f"num_processes={num_processes}"] if (num_processes or 1) > 1 else []) + (
+        [f"process_id={process_id}"] if (process_id or 0) > 0 else [])
+    if asked or launchers:
+      what = ", ".join(asked) if asked else ", ".join(
+          f"{name} ({size}={env[size]})" for size, _, name in launchers)
+      raise ValueError(
+          f"{what} asks for several processes, but nothing says how to join them (no "
+          "--coordinator_address or JAX_COORDINATOR_ADDRESS, and no cluster JAX detects: "
+          "srun, Open MPI 4's mpirun, a TPU pod slice): each process would train alone, "
+          "all of them writing the same work folder. Give --coordinator_address=HOST:PORT "
+          "(process 0's host)" + (", --num_processes and --process_id" if not launchers
+                                  else " (the process count and index are read from "
+                                  f"{launchers[0][0]} and {launchers[0][1]})"))
     return
   log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -13,7 +13,8 @@ CLUSTER_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NUM_NODES", "SLURM_NTASKS", "SLURM_N
                 "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_MCA_orte_hnp_uri",
                 "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "MEDVQA_DISTRIBUTED",
                 "CUDA_VISIBLE_DEVICES", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
-                "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS")
+                "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS", "PMI_SIZE", "PMI_RANK", "WORLD_SIZE",
+                "RANK")
 
 
 @pytest.fixture
@@ -58,11 +59,15 @@ def test_slurm_allocation_outside_an_srun_step_is_refused_clearly(calls, monkeyp
   slurm(monkeypatch, tasks=2, nodes=2)
   for name in ("SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID"):
     monkeypatch.delenv(name)
-  with pytest.raises(RuntimeError, match=r"SLURM_NTASKS=2, but this process is not a task of "
+  with pytest.raises(ValueError, match=r"SLURM_NTASKS=2, but this process is not a task of "
                      r"an srun step \(SLURM_STEP_NODELIST, SLURM_PROCID, SLURM_LOCALID unset\): "
                      r"launch the run with srun"):
     distributed.initialize()
   assert calls == []
+  # A coordinator, count and index given there (a launcher of one's own inside the
+  # allocation) are taken as they are.
+  distributed.initialize("h0:1234", 2, 1)
+  assert calls == [(("h0:1234", 2, 1), {"local_device_ids": None})]
 
 
 def test_slurm_gpus_from_slurm_when_cuda_visible_devices_is_unset(calls, monkeypatch):
@@ -81,12 +86,65 @@ def test_slurm_one_task_per_gpu_is_left_to_jax(calls, monkeypatch):
   assert calls[1] == ((), {"local_device_ids": None})
 
 
+def test_slurm_passes_an_explicit_count_and_index_on(calls, monkeypatch):
+  slurm(monkeypatch, tasks=2, nodes=2)
+  distributed.initialize(None, 2, 1)
+  assert calls == [((), {"num_processes": 2, "process_id": 1, "local_device_ids": [0, 1, 2, 3]})]
+
+
 def test_open_mpi_one_process_per_node(calls, monkeypatch):
   monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+  monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
   monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "1")
   monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-  distributed.initialize()
-  assert calls == [((), {"local_device_ids": [0, 1]})]
+  # Open MPI 5 sets no OMPI_MCA_orte_hnp_uri, which JAX's detection reads: JAX's own error
+  # ("coordinator_address should be defined") before. Refused, naming the flag to give.
+  with pytest.raises(ValueError, match=r"Open MPI 5 or later .*\(OMPI_COMM_WORLD_SIZE=2\) asks "
+                     r"for several processes.* Give --coordinator_address=HOST:PORT .*read "
+                     r"from OMPI_COMM_WORLD_SIZE and OMPI_COMM_WORLD_RANK"):
+    distributed.initialize()
+  distributed.initialize("h0:1234")  # The count and index: Open MPI's.
+  assert calls == [(("h0:1234", 2, 1), {"local_device_ids": [0, 1]})]
+  monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "1531576320.0;tcp://10.96.0.1:34911")
+  distributed.initialize()  # Open MPI 4: JAX detects it.
+  assert calls[1] == ((), {"local_device_ids": [0, 1]})
+
+
+def test_processes_that_nothing_joins_are_refused(calls, monkeypatch):
+  """A count or index without a coordinator or a cluster JAX detects, or a launcher JAX does
+  not detect: every process would train alone as process 0 of 1, all writing the same work
+  folder (they did, silently)."""
+  for args in ((None, 2, 1), (None, None, 1)):
+    with pytest.raises(ValueError, match=r"process_id=1 asks for several processes, but "
+                       r"nothing says how to join them .* Give --coordinator_address"):
+      distributed.initialize(*args)
+  distributed.initialize(None, 1, 0)  # One process, said explicitly: nothing to join.
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  with pytest.raises(ValueError, match=r"^num_processes=4 asks for several processes"):
+    distributed.initialize()
+  monkeypatch.delenv("JAX_NUM_PROCESSES")
+  for size, rank, name in (("PMI_SIZE", "PMI_RANK", "MPICH or Intel MPI"),
+                           ("WORLD_SIZE", "RANK", "torchrun")):
+    monkeypatch.setenv(size, "4")
+    monkeypatch.setenv(rank, "3")
+    with pytest.raises(ValueError, match=rf"^{name}.*\({size}=4\) asks for several"):
+      distributed.initialize()
+    distributed.initialize("h0:1234")
+    assert calls[-1] == (("h0:1234", 4, 3), {"local_device_ids": None})
+    monkeypatch.delenv(size)
+    monkeypatch.delenv(rank)
+  assert len(calls) == 2
+
+
+def test_a_join_asked_for_where_jax_finds_no_cluster_names_the_flags(calls, monkeypatch):
+  def no_cluster(*args, **kwargs):
+    raise ValueError("coordinator_address should be defined.")
+  monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+  monkeypatch.setenv("MEDVQA_DISTRIBUTED", "1")
+  with pytest.raises(ValueError, match=r"MEDVQA_DISTRIBUTED: JAX could not join this process "
+                     r"to the others \(coordinator_address should be defined.\): give "
+                     r"--coordinator_address=HOST:PORT"):
+    distributed.initialize()
 
 
 def test_tpu_pod_launcher_asks_for_the_join(calls, monkeypatch):
