@@ -222,6 +222,15 @@ def _own_error(error: BaseException) -> str | None:
 _HELP = {"--help", "-help", "-?", "--helpshort", "--helpfull", "--helpxml"}
 
 
+def _own_flags_in_help():
+  """--help lists the script's own flags only; those defined here (--config, the multi-host
+  flags) count as the script's."""
+  from absl import flags
+  for name in ("config", "coordinator_address", "num_processes", "process_id"):
+    if name in flags.FLAGS:
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+
+
 def run(main):
   """absl's app.run, with a command-line override of a config field that does not exist
   reported as such (with the nearest field names) instead of a traceback from the flag
@@ -230,6 +239,7 @@ def run(main):
   status 1 (MEDVQA_TRACEBACK=1 shows the traceback), --help exiting with 0 and a flag that
   does not parse with 2."""
   started = []
+  _own_flags_in_help()
   try:
     sys.argv = _resolve_config_path(sys.argv)
     _check_config_arg(sys.argv)

@@ -355,5 +355,15 @@ def test_every_command_takes_help_and_refuses_an_unknown_flag(script):
   assert helped.returncode == 0, helped.stderr
   first = (ROOT / "launch" / script).read_text().split('"""')[1].splitlines()[0]
   assert helped.stdout.startswith(first), helped.stdout[:200]
+  # The flags it takes are listed, those defined in launch/common.py included (absl listed
+  # them under --helpfull only).
+  source = (ROOT / "launch" / script).read_text()
+  own = set(re.findall(r'DEFINE_\w+\(\s*"(\w+)"', source))
+  if "common.config_file_flag(" in source:
+    own.add("config")
+  if "common.cluster_flags()" in source:
+    own.update(("coordinator_address", "num_processes", "process_id"))
+  assert own and all(f"  --{name}:" in helped.stdout or f"  --[no]{name}:" in helped.stdout
+                     for name in own), (sorted(own), helped.stdout[-1500:])
   bad = _run(f"launch/{script}", "--no_such_flag=1")
   assert bad.returncode == 2 and "Unknown command line flag 'no_such_flag'" in bad.stderr
