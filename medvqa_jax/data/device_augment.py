@@ -32,7 +32,9 @@ def gaussian_weights(sigma: jnp.ndarray) -> jnp.ndarray:
 
 def gaussian_blur(images: jnp.ndarray, sigma: jnp.ndarray) -> jnp.ndarray:
   """Blurs each uint8 (B, H, W, C) image with its own sigma (0: unchanged), separably, with
-  edge-replicating borders (as PIL's blur); returns uint8, rounded, like the host's PIL ops.
+  edge-replicating borders; returns uint8, rounded, like the host's PIL ops. PIL's blur
+  approximates the Gaussian with box filters: it agrees to a few grey levels inside, and
+  differs by up to some 20 in the outermost rows of pixels.
   Sigmas above `augment.BLUR_SIGMA[1]` are cut at RADIUS taps."""
   w = gaussian_weights(sigma)
   x = images.astype(jnp.float32)
