@@ -59,15 +59,17 @@ import json, os, sys
 if not os.path.exists(sys.argv[1]):
   sys.exit(f"no results yet in {sys.argv[1]}")
 print(f"{'config':58} {'attn':9} {'scan':5} {'remat':5} {'batch':>5} {'step ms':>8} {'samples/s':>9} "
-      f"{'MFU':>6} {'GiB':>6} {'sinkhorn':>8} {'conv':>5} {'data':>6} {'pipe ms':>8}")
+      f"{'MFU':>6} {'GiB':>6} {'sinkhorn':>8} {'budget':>9} {'conv':>5} {'data':>6} {'pipe ms':>8}")
 for line in open(sys.argv[1]):
   r = json.loads(line)
   pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
   pipe = r.get("pipeline_step_s")
   gib = "-" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.1f}"
+  # The Sinkhorn share's budget ("fixed 100", or "threshold": a lower bound).
+  budget = (r.get("sinkhorn_budget") or "-").replace("to threshold", "threshold").split(" (")[0]
   print(f"{r['config'][:58]:58} {r['attention']:9} {str(r['scan']):5} {r['remat']:5} "
         f"{r['batch_size']:>5} {1000 * r['step_s']:8.1f} {r['samples_per_s']:9.1f} "
-        f"{pct(r['mfu']):>6} {gib:>6} {pct(r['sinkhorn_share']):>8} "
+        f"{pct(r['mfu']):>6} {gib:>6} {pct(r['sinkhorn_share']):>8} {budget[:9]:>9} "
         f"{pct(r.get('step_wpa_converged')):>5} {pct(r.get('data_share')):>6} "
         f"{'-' if pipe is None else f'{1000 * pipe:.1f}':>8}")
 PY

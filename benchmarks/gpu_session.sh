@@ -18,16 +18,18 @@
 #       # 3.12, x86-64 Linux), for WHEELS=DIR on a host without network
 #
 # Steps, with their expected need in seconds (guesses until measured; NEED_<step>=N
-# overrides one):
-#   check         60  the environment, and cuDNN's fused kernel against the reference path
-#                     (tests/models/test_compute.py with MEDVQA_FUSED_ATTENTION=cudnn)
+# overrides one). With the default budget, one call reaches the first three (510 s); the
+# rest are listed as skipped, for the next call:
+#   check         60  the environment (the session stops if JAX sees no GPU), and cuDNN's
+#                     fused kernel against the reference path (tests/models/test_compute.py
+#                     with MEDVQA_FUSED_ATTENTION=cudnn)
 #   towers       150  towers_only, cuDNN and reference attention (benchmarks/gpu.sh runs 1-2)
+#   real_vqa_rad 300  the VQA-RAD fine-tune of RESULTS.md (benchmarks/real_data.sh vqa_rad);
+#                     cut short, it is evaluated at the best checkpoint it reached
 #   stage1       240  stage-1 pre-training at 64: Sinkhorn to threshold, and a fixed 100
 #                     iterations (gpu.sh runs 3-4)
 #   finetune     150  the fine-tuning step at 64 (cuDNN), on synthetic batches and fed by the
 #                     input pipeline of VQA-RAD with WORKERS workers (the data share)
-#   real_vqa_rad 300  the VQA-RAD fine-tune of RESULTS.md (benchmarks/real_data.sh vqa_rad);
-#                     cut short, it is evaluated at the best checkpoint it reached
 #   input         90  input-pipeline images/s with INPUT_WORKERS workers: VQA-RAD at 288 px
 #                     (fine-tuning augmentations), and its images as a caption corpus
 #                     (pre-training augmentations, two views per example)
@@ -78,7 +80,7 @@ case "${1:-}" in
 esac
 cd "$ROOT"
 
-ORDER=(check towers stage1 finetune real_vqa_rad input real_slake towers_more)
+ORDER=(check towers real_vqa_rad stage1 finetune input real_slake towers_more)
 declare -A NEED=([check]=60 [towers]=150 [real_vqa_rad]=300 [stage1]=240 [finetune]=150
                  [input]=90 [real_slake]=300 [towers_more]=200)
 STEPS=("$@")
@@ -126,6 +128,12 @@ do_() {
 step_check() {
   do_ - "$PYTHON" -c 'import json, sys, jax; print(json.dumps({"python": sys.version.split()[0],
     "jax": jax.__version__, "devices": [d.device_kind for d in jax.devices()]}))'
+  # JAX falls back to the CPU when the GPU does not start: the rest would compile and time
+  # paper-size models there.
+  if [ "$PLAN" = 0 ] && ! "$PYTHON" -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")'; then
+    echo "== JAX sees no GPU (backend: $("$PYTHON" -c 'import jax; print(jax.default_backend())' 2>&1 | tail -1)): stopping" >&2
+    exit 1
+  fi
   [ "$PLAN" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   do_ - env MEDVQA_FUSED_ATTENTION=cudnn "$PYTHON" -m pytest -q -n 0 -p no:cacheprovider \
     tests/models/test_compute.py \

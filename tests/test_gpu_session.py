@@ -13,7 +13,9 @@ from pathlib import Path
 from medvqa_jax import ASSETS
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["check", "towers", "stage1", "finetune", "real_vqa_rad", "input", "real_slake",
+# One call of the default budget reaches the first three (the headline towers figure and a
+# real-data result); the others follow in the next.
+STEPS = ["check", "towers", "real_vqa_rad", "stage1", "finetune", "input", "real_slake",
          "towers_more"]
 
 
@@ -112,6 +114,35 @@ esac
   (line,) = [json.loads(x) for x in results.read_text().splitlines()]
   assert line["complete"] is False and line["metrics"]["step"] == 7
   assert re.search(r"runs/vqa_rad\s+7\*\s+50\.0\s+62\.5\s+25\.0\s+30\.0", out.stdout)
+
+
+def test_a_session_without_a_gpu_stops_at_its_check(tmp_path):
+  """JAX falls back to the CPU when the GPU does not start; the session went on to compile
+  paper-size models there."""
+  out = _session(["check", "towers"], OUT_DIR=str(tmp_path / "out"), JAX_PLATFORMS="cpu")
+  assert out.returncode == 1
+  log = (tmp_path / "out" / "session.log").read_text()
+  assert "== JAX sees no GPU (backend: cpu): stopping" in log
+  assert "== towers" not in log and not (tmp_path / "out" / "benchmarks.jsonl").exists()
+
+
+def test_the_benchmark_table_tells_the_sinkhorn_budgets_apart(tmp_path):
+  """Stage 1 runs twice, its Sinkhorn to threshold (a lower bound) and on a fixed budget (the
+  share to quote): their rows differed only in that share."""
+  results = tmp_path / "bench.jsonl"
+  row = dict(config="configs/pretrain_stage1.py", attention="cudnn", scan=False, remat="none",
+             batch_size=64, step_s=0.5, samples_per_s=128.0, mfu=0.3, peak_memory_gib=40.0,
+             step_wpa_converged=1.0)
+  results.write_text("".join(json.dumps({**row, **extra}) + "\n" for extra in (
+      dict(sinkhorn_share=0.05, sinkhorn_budget="to threshold (a lower bound: random tokens)"),
+      dict(sinkhorn_share=0.21, sinkhorn_budget="fixed 100"))))
+  out = subprocess.run(["bash", "benchmarks/gpu.sh", "0"], cwd=ROOT,
+                       env={**os.environ, "PYTHON": sys.executable, "OUT_FILE": str(results)},
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr[-3000:]
+  header, *rows = out.stdout.splitlines()
+  assert "budget" in header.split()
+  assert re.search(r" 5\.0% +threshold ", rows[0]) and re.search(r" 21\.0% +fixed 100 ", rows[1])
 
 
 def test_benchmark_runs_that_would_outlast_the_step_are_skipped(tmp_path):
