@@ -83,10 +83,16 @@ def _processes_on_this_host(cluster: str | None) -> int | None:
 
 def local_gpus(cluster: str | None) -> list[int] | None:
   """The local device ids for jax.distributed.initialize: every GPU of the host when the
-  cluster runs one process on it, else None (JAX's choice)."""
-  if _processes_on_this_host(cluster) != 1:
-    return None
+  cluster runs one process on it; with several, the one GPU a process sees (bound to it, e.g.
+  `srun --gpus-per-task=1`); else None (JAX's choice: the GPU of the local rank)."""
+  per_host = _processes_on_this_host(cluster)
   visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+  if per_host is not None and per_host > 1:
+    # JAX would pick the GPU numbered by the local rank (e.g. 3), which a process that sees
+    # only its own GPU (numbered 0 there) does not have.
+    return [0] if visible and len(visible.split(",")) == 1 else None
+  if per_host != 1:
+    return None
   if visible:
     return list(range(len(visible.split(","))))
   count = _int("SLURM_GPUS_ON_NODE")

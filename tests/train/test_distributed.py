@@ -84,6 +84,12 @@ def test_slurm_one_task_per_gpu_is_left_to_jax(calls, monkeypatch):
   monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
   distributed.initialize()
   assert calls[1] == ((), {"local_device_ids": None})
+  # A task bound to its GPU (srun --gpus-per-task=1) sees that one only, as device 0; JAX
+  # would have asked for the GPU of its local rank (here 3).
+  monkeypatch.setenv("SLURM_LOCALID", "3")
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+  distributed.initialize()
+  assert calls[2] == ((), {"local_device_ids": [0]})
 
 
 def test_slurm_passes_an_explicit_count_and_index_on(calls, monkeypatch):
