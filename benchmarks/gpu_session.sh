@@ -130,9 +130,13 @@ step_check() {
     "jax": jax.__version__, "devices": [d.device_kind for d in jax.devices()]}))'
   # JAX falls back to the CPU when the GPU does not start: the rest would compile and time
   # paper-size models there.
-  if [ "$PLAN" = 0 ] && ! "$PYTHON" -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")'; then
-    echo "== JAX sees no GPU (backend: $("$PYTHON" -c 'import jax; print(jax.default_backend())' 2>&1 | tail -1)): stopping" >&2
-    exit 1
+  if [ "$PLAN" = 0 ]; then
+    local backend
+    backend=$("$PYTHON" -c 'import jax; print(jax.default_backend())' 2>&1 | tail -1)
+    if [ "$backend" != gpu ]; then
+      echo "== JAX sees no GPU (backend: $backend): stopping" >&2
+      exit 1
+    fi
   fi
   [ "$PLAN" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   do_ - env MEDVQA_FUSED_ATTENTION=cudnn "$PYTHON" -m pytest -q -n 0 -p no:cacheprovider \

@@ -7,7 +7,8 @@ from jax._src.clusters import cluster as jax_cluster
 
 from medvqa_jax.train import distributed
 
-CLUSTER_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NUM_NODES", "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_NNODES", "SLURM_NTASKS_PER_NODE",
+CLUSTER_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NUM_NODES", "SLURM_NTASKS", "SLURM_NPROCS",
+                "SLURM_NNODES", "SLURM_NTASKS_PER_NODE",
                 "SLURM_GPUS_ON_NODE", "SLURM_JOB_NODELIST", "SLURM_PROCID", "SLURM_LOCALID",
                 "SLURM_STEP_NODELIST", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
                 "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_MCA_orte_hnp_uri",

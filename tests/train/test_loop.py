@@ -222,7 +222,7 @@ def _last_logged_step(workdir) -> int:
 # length is the other runs' (the schedule is compiled into the step: the compiled programs
 # are reused), and they log every step.
 SIGNALLED = 2
-STOPPED = ("--config.train.save_every=1000", "--config.train.eval_every=1000")
+NO_SAVES = ("--config.train.save_every=1000", "--config.train.eval_every=1000")
 
 
 def _read_until(proc, text: str) -> str:
@@ -241,7 +241,7 @@ def test_sigterm_saves_the_step_reached_and_stops_cleanly(tmp_path, data_dir):
   stops its input workers (they were left running, orphaned) and names the step to resume
   from."""
   workdir = tmp_path / "terminated"
-  proc = subprocess.Popen(_train_cmd(workdir, data_dir, "--config.data.workers=1", *STOPPED,
+  proc = subprocess.Popen(_train_cmd(workdir, data_dir, "--config.data.workers=1", *NO_SAVES,
                                      log_every=1),
                           cwd=ROOT, env=_env(8), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
@@ -301,13 +301,14 @@ def test_eval_restores_an_8_device_checkpoint_on_two_processes_and_on_1_device(s
   assert all(json.loads(r)["protocol"] == m["protocol"] for r in rows)
 
 
-def test_init_from_another_run_then_an_infinite_gradient_stops_the_run(straight, tmp_path, data_dir):
+def test_init_from_another_run_then_an_infinite_gradient_stops_the_run(straight, tmp_path,
+                                                                      data_dir):
   """One run on 1 device checks two things. It starts from the image tower of the straight
   run's checkpoint (saved on 8 devices): with a zero learning rate those parameters are still
   the source's at the step it took. Then an infinite gradient injected at the last step (a
   save step; the loss stays finite) stops it with a message naming the step, before that
-  step's NaN parameters are saved or tested, and its last good checkpoint restores, finite. An init_from
-  that holds no checkpoint is refused by name before the run folder is made."""
+  step's NaN parameters are saved or tested, and its last good checkpoint restores, finite.
+  An init_from that holds no checkpoint is refused by name before the run folder is made."""
   from medvqa_jax.train.checkpoint import Checkpoints
   source, _ = straight
   nowhere = _run(_train_cmd(tmp_path / "refused", data_dir,
@@ -399,7 +400,7 @@ def test_sigterm_to_every_process_saves_the_step_they_agree_on(tmp_path, data_di
   """A scheduler stopping a multi-host run signals every process. JAX's runtime holds SIGTERM
   there (the run went on to its end); the processes now agree on a step, save it and stop."""
   workdir = tmp_path / "multi-terminated"
-  procs = _start_two_processes(_train_cmd(workdir, data_dir, *STOPPED, log_every=1),
+  procs = _start_two_processes(_train_cmd(workdir, data_dir, *NO_SAVES, log_every=1),
                                devices=2)
   before = _read_until(procs[0], f"step {SIGNALLED}/{STEPS}")
   for p in procs:
