@@ -12,8 +12,7 @@ index with no way to join is refused.
 
 One process per host drives all of that host's GPUs. JAX's cluster detection assumes one
 process per GPU (it restricts each process to the GPU of its local rank), so when there is one
-process per node the local GPUs are named explicitly (all of CUDA_VISIBLE_DEVICES, or
-SLURM_GPUS_ON_NODE); one process per GPU is left to JAX.
+process per node it is given all the GPUs it sees; one process per GPU is left to JAX.
 """
 
 from __future__ import annotations
@@ -82,21 +81,24 @@ def _processes_on_this_host(cluster: str | None) -> int | None:
 
 
 def local_gpus(cluster: str | None) -> list[int] | None:
-  """The local device ids for jax.distributed.initialize: every GPU of the host when the
-  cluster runs one process on it; with several, the one GPU a process sees (bound to it, e.g.
-  `srun --gpus-per-task=1`); else None (JAX's choice: the GPU of the local rank)."""
+  """The local device ids for jax.distributed.initialize: `[]` (every GPU the process sees;
+  JAX restricts nothing when given no ids) when the cluster runs one process on the host;
+  with several, `[0]` for a process that sees one GPU only (bound to it, e.g.
+  `srun --gpus-per-task=1`); else None (JAX's choice: the GPU of the local rank).
+  JAX_LOCAL_DEVICE_IDS, when set, is left to JAX."""
+  if os.environ.get("JAX_LOCAL_DEVICE_IDS"):
+    return None
   per_host = _processes_on_this_host(cluster)
+  if per_host == 1:
+    # Not None: JAX would restrict the process to the GPU of its local rank, GPU 0, even
+    # where nothing (CUDA_VISIBLE_DEVICES, SLURM's gres) says how many the node has.
+    return []
   visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-  if per_host is not None and per_host > 1:
+  if per_host is not None and per_host > 1 and visible and len(visible.split(",")) == 1:
     # JAX would pick the GPU numbered by the local rank (e.g. 3), which a process that sees
     # only its own GPU (numbered 0 there) does not have.
-    return [0] if visible and len(visible.split(",")) == 1 else None
-  if per_host != 1:
-    return None
-  if visible:
-    return list(range(len(visible.split(","))))
-  count = _int("SLURM_GPUS_ON_NODE")
-  return list(range(count)) if count else None
+    return [0]
+  return None
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -127,7 +129,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                local_device_ids=local)
   elif cluster is not None:
     log.info("multi-host run detected (%s)%s", cluster,
-             f", one process for local GPUs {local}" if local else "")
+             ", one process for all of this host's GPUs" if local == [] else "")
     given = {k: v for k, v in (("num_processes", num_processes), ("process_id", process_id))
              if v is not None}
     try:

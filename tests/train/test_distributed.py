@@ -3,6 +3,8 @@ one process per node keeps all of its GPUs (JAX's cluster detection assumes one 
 
 import jax
 import pytest
+from jax._src import distributed as jax_distributed
+from jax._src import xla_bridge
 from jax._src.clusters import cluster as jax_cluster
 
 from medvqa_jax.train import distributed
@@ -45,12 +47,39 @@ def test_single_process_joins_nothing(calls):
 def test_slurm_one_task_per_node_keeps_every_gpu(calls, monkeypatch):
   slurm(monkeypatch, tasks=4, nodes=4)
   distributed.initialize()
-  assert calls == [((), {"local_device_ids": [0, 1, 2, 3]})]
-  # What JAX then does with them: without the ids it would keep only the GPU of the task's
-  # local rank (one process per GPU), leaving three of four idle.
+  assert calls == [((), {"local_device_ids": []})]
+  # What JAX then does with them: no ids (an empty list) restrict nothing; without them it
+  # would keep only the GPU of the task's local rank (one process per GPU), leaving three of
+  # four idle.
   detect = jax_cluster.ClusterEnv.auto_detect_unset_distributed_params
-  assert detect(None, None, None, [0, 1, 2, 3], None, None)[1:] == (4, 1, [0, 1, 2, 3])
+  assert detect(None, None, None, [], None, None)[1:] == (4, 1, [])
   assert detect(None, None, None, None, None, None)[3] == [0]
+  # And past detection: JAX restricts the visible GPUs only for a non-empty list. (A State
+  # that already has a client stops right after that step, before connecting anywhere.)
+  def visible_after(ids):
+    state = jax_distributed.State()
+    state.client = object()
+    with pytest.raises(RuntimeError, match="only be called once"):
+      state.initialize("h0:1234", 4, 1, ids)
+    return xla_bridge.CUDA_VISIBLE_DEVICES.value
+  try:
+    assert visible_after([]) == "all"
+    assert visible_after([0, 1]) == "0,1"
+  finally:
+    jax.config.update("jax_cuda_visible_devices", "all")
+    jax.config.update("jax_rocm_visible_devices", "all")
+
+
+def test_one_task_per_node_with_no_gpu_count_keeps_every_gpu(calls, monkeypatch):
+  # Neither CUDA_VISIBLE_DEVICES nor SLURM's gres says how many GPUs the node has (a cluster
+  # that does not schedule GPUs): the task still gets all of them, not JAX's GPU 0.
+  slurm(monkeypatch, tasks=2, nodes=2, gpus=None)
+  distributed.initialize()
+  assert calls == [((), {"local_device_ids": []})]
+  # Ids set by hand are left to JAX, which reads them.
+  monkeypatch.setenv("JAX_LOCAL_DEVICE_IDS", "0,1")
+  distributed.initialize()
+  assert calls[1] == ((), {"local_device_ids": None})
 
 
 def test_slurm_allocation_outside_an_srun_step_is_refused_clearly(calls, monkeypatch):
@@ -71,13 +100,6 @@ def test_slurm_allocation_outside_an_srun_step_is_refused_clearly(calls, monkeyp
   assert calls == [(("h0:1234", 2, 1), {"local_device_ids": None})]
 
 
-def test_slurm_gpus_from_slurm_when_cuda_visible_devices_is_unset(calls, monkeypatch):
-  slurm(monkeypatch, tasks=2, nodes=2, gpus=None)
-  monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
-  distributed.initialize()
-  assert calls[0][1]["local_device_ids"] == list(range(8))
-
-
 def test_slurm_one_task_per_gpu_is_left_to_jax(calls, monkeypatch):
   slurm(monkeypatch, tasks=16, nodes=4)
   distributed.initialize()
@@ -96,7 +118,7 @@ def test_slurm_one_task_per_gpu_is_left_to_jax(calls, monkeypatch):
 def test_slurm_passes_an_explicit_count_and_index_on(calls, monkeypatch):
   slurm(monkeypatch, tasks=2, nodes=2)
   distributed.initialize(None, 2, 1)
-  assert calls == [((), {"num_processes": 2, "process_id": 1, "local_device_ids": [0, 1, 2, 3]})]
+  assert calls == [((), {"num_processes": 2, "process_id": 1, "local_device_ids": []})]
 
 
 def test_open_mpi_one_process_per_node(calls, monkeypatch):
@@ -111,10 +133,10 @@ def test_open_mpi_one_process_per_node(calls, monkeypatch):
                      r"from OMPI_COMM_WORLD_SIZE and OMPI_COMM_WORLD_RANK"):
     distributed.initialize()
   distributed.initialize("h0:1234")  # The count and index: Open MPI's.
-  assert calls == [(("h0:1234", 2, 1), {"local_device_ids": [0, 1]})]
+  assert calls == [(("h0:1234", 2, 1), {"local_device_ids": []})]
   monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "1531576320.0;tcp://10.96.0.1:34911")
   distributed.initialize()  # Open MPI 4: JAX detects it.
-  assert calls[1] == ((), {"local_device_ids": [0, 1]})
+  assert calls[1] == ((), {"local_device_ids": []})
 
 
 def test_processes_that_nothing_joins_are_refused(calls, monkeypatch):
@@ -171,7 +193,8 @@ def _launcher(script, tmp_path, tool, *args, **env):
   from pathlib import Path
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir(exist_ok=True)
-  (bin_dir / tool).write_text(f'#!/bin/sh\nfor a in "$@"; do echo "$a"; done > {tmp_path}/args\n')
+  (bin_dir / tool).write_text(f'#!/bin/sh\nfor a in "$@"; do echo "$a"; done > {tmp_path}/args\n'
+                             f'echo "$SRUN_CPUS_PER_TASK" > {tmp_path}/cpus\n')
   (bin_dir / tool).chmod(0o755)
   root = Path(__file__).resolve().parents[2]
   out = subprocess.run(["bash", str(root / "launch" / script), *args], capture_output=True,
@@ -191,8 +214,12 @@ def test_cluster_launchers_pass_the_command_through(tmp_path):
                   "--command=cd /r && MEDVQA_DISTRIBUTED=1 python launch/train.py "
                   "--config=configs/pathvqa.py --config.name=a\\ b "]
   (tmp_path / "args").unlink()
-  out, args = _launcher("slurm.sbatch", tmp_path, "srun", "python", "launch/train.py")
+  out, args = _launcher("slurm.sbatch", tmp_path, "srun", "python", "launch/train.py",
+                        SLURM_CPUS_PER_TASK="16")
   assert out.returncode == 0 and args == ["--kill-on-bad-exit=1", "python", "launch/train.py"]
+  # The job's CPUs per task reach the task: srun (Slurm 22.05 and later) reads this variable,
+  # not the job's, and would give the task one core.
+  assert (tmp_path / "cpus").read_text() == "16\n"
   # --help prints the header (exit 0); no command is a usage error (exit 2); neither runs.
   (tmp_path / "args").unlink()
   for script in ("tpu_pod.sh", "slurm.sbatch"):
