@@ -211,7 +211,8 @@ def test_cluster_launchers_pass_the_command_through(tmp_path):
                         ZONE="z1", REPO="/r")
   assert out.returncode == 0, out.stderr
   assert args == ["compute", "tpus", "tpu-vm", "ssh", "pod", "--zone=z1", "--worker=all",
-                  "--command=cd /r && MEDVQA_DISTRIBUTED=1 python launch/train.py "
+                  "--command=cd /r && echo $$ > ${TMPDIR:-/tmp}/medvqa-jax-tpu-pod.pid && "
+                  "export MEDVQA_DISTRIBUTED=1 && exec python launch/train.py "
                   "--config=configs/pathvqa.py --config.name=a\\ b "]
   (tmp_path / "args").unlink()
   out, args = _launcher("slurm.sbatch", tmp_path, "srun", "python", "launch/train.py",
@@ -229,6 +230,53 @@ def test_cluster_launchers_pass_the_command_through(tmp_path):
     assert "#" not in helped.stdout.splitlines()[0]
     bare, args = _launcher(script, tmp_path, "gcloud")
     assert bare.returncode == 2 and args is None
+
+
+def test_tpu_pod_ctrl_c_stops_the_workers(tmp_path):
+  # Ctrl-C ends the ssh sessions, but a worker's command would go on training (holding the
+  # TPU); tpu_pod.sh sends it SIGTERM (save and stop). Here "gcloud ... ssh" runs the
+  # worker's command on this machine, in a session of its own (a remote process does not see
+  # the local Ctrl-C).
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+  from pathlib import Path
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text(
+      '#!/bin/bash\nfor a in "$@"; do c="$a"; done\nsetsid bash -c "${c#--command=}" &\n'
+      'wait $!\n')
+  (bin_dir / "gcloud").chmod(0o755)
+  worker = ("import pathlib, signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path('got').write_text('TERM'), "
+            "sys.exit(0)))\npathlib.Path('ready').touch()\ntime.sleep(60)\n")
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TPU": "pod", "ZONE": "z",
+         "REPO": str(tmp_path), "TMPDIR": str(tmp_path)}
+  script = str(Path(__file__).resolve().parents[2] / "launch" / "tpu_pod.sh")
+  launched = subprocess.Popen(["bash", script, sys.executable, "-c", worker], env=env,
+                              start_new_session=True, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 30
+  while not (tmp_path / "ready").exists() and time.time() < deadline:
+    time.sleep(0.1)
+  assert (tmp_path / "ready").exists()
+  os.killpg(launched.pid, signal.SIGINT)  # Ctrl-C: the launcher's whole process group.
+  assert launched.wait(timeout=30) == 130
+  deadline = time.time() + 30
+  while not (tmp_path / "got").exists() and time.time() < deadline:
+    time.sleep(0.1)
+  assert (tmp_path / "got").read_text() == "TERM"
+  assert "sending SIGTERM to the command on every worker of pod" in launched.stderr.read()
+  # --stop signals only a process the launcher started: here the id in the file is a
+  # process of another command (a finished run's id since reused), which is left running.
+  other = subprocess.Popen(["sleep", "30"])
+  try:
+    (tmp_path / "medvqa-jax-tpu-pod.pid").write_text(f"{other.pid}\n")
+    stopped = subprocess.run(["bash", script, "--stop"], env=env, timeout=30)
+    assert stopped.returncode == 0 and other.poll() is None
+  finally:
+    other.kill()
 
 
 def test_explicit_coordinator(calls, monkeypatch):
