@@ -12,7 +12,9 @@ index with no way to join is refused.
 
 One process per host drives all of that host's GPUs. JAX's cluster detection assumes one
 process per GPU (it restricts each process to the GPU of its local rank), so when there is one
-process per node it is given all the GPUs it sees; one process per GPU is left to JAX.
+process per host it is told to keep all the GPUs it sees. With one process per GPU, each is
+given the GPU of its local rank under the launchers JAX does not detect too (every process
+would take every GPU otherwise), or all it sees where it was given GPUs of its own.
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ _SLURM_STEP = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PRO
 # Open MPI up to version 4: what JAX's Open MPI detection reads (5 and later do not set it).
 _ORTE_URI = "OMPI_MCA_orte_hnp_uri"
 # Launchers whose processes JAX does not join by itself: (process count, this process's
-# index, the launcher). With a coordinator address given, the count and index are read there.
+# index, processes on this host, this process's index among them, the launcher). With a
+# coordinator address given, the count and index are read there.
 _OTHER_LAUNCHERS = (
-    ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "Open MPI 5 or later (JAX detects Open "
-     "MPI up to 4)"),
-    ("PMI_SIZE", "PMI_RANK", "MPICH or Intel MPI"),
-    ("WORLD_SIZE", "RANK", "torchrun or a launcher like it"))
+    ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
+     "OMPI_COMM_WORLD_LOCAL_RANK", "Open MPI 5 or later (JAX detects Open MPI up to 4)"),
+    ("PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS", "MPI_LOCALRANKID", "MPICH or Intel MPI"),
+    ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "LOCAL_RANK", "torchrun or a launcher like it"))
 
 
 def _auto_cluster(explicit: bool = False) -> str | None:
@@ -68,37 +71,37 @@ def _auto_cluster(explicit: bool = False) -> str | None:
   return None
 
 
-def _processes_on_this_host(cluster: str | None) -> int | None:
+def _host_layout(cluster: str | None, launcher: tuple | None) -> tuple[int | None, int | None]:
+  """(processes on this host, this process's index among them), where the launcher says."""
   if cluster == "SLURM":
     per_node = _int("SLURM_NTASKS_PER_NODE")
     if per_node is None:
       tasks, nodes = _int("SLURM_NTASKS") or _int("SLURM_NPROCS"), _int("SLURM_NNODES")
       per_node = tasks // nodes if tasks and nodes and tasks % nodes == 0 else None
-    return per_node
-  if cluster == "Open MPI":
-    return _int("OMPI_COMM_WORLD_LOCAL_SIZE")
-  return None
+    return per_node, _int("SLURM_LOCALID")
+  if launcher is not None:
+    return _int(launcher[2]), _int(launcher[3])
+  return None, None
 
 
-def local_gpus(cluster: str | None) -> list[int] | None:
-  """The local device ids for jax.distributed.initialize: `[]` (every GPU the process sees;
-  JAX restricts nothing when given no ids) when the cluster runs one process on the host;
-  with several, `[0]` for a process that sees one GPU only (bound to it, e.g.
-  `srun --gpus-per-task=1`); else None (JAX's choice: the GPU of the local rank).
-  JAX_LOCAL_DEVICE_IDS, when set, is left to JAX."""
-  if os.environ.get("JAX_LOCAL_DEVICE_IDS"):
+def local_gpus(per_host: int | None, local_rank: int | None) -> list[int] | None:
+  """The local device ids for jax.distributed.initialize, given the processes on this host
+  (`_host_layout`): `[]` (every GPU the process sees; JAX restricts nothing when given no
+  ids) for the one process of its host, or for one of several that was given GPUs of its own
+  (fewer visible than processes on the host, e.g. `srun --gpus-per-task=1`); `[local rank]`
+  for one of several sharing the host's GPUs (one process per GPU); None where nothing says
+  (JAX's choice). JAX_LOCAL_DEVICE_IDS, when set, is left to JAX."""
+  if os.environ.get("JAX_LOCAL_DEVICE_IDS") or per_host is None:
     return None
-  per_host = _processes_on_this_host(cluster)
-  if per_host == 1:
-    # Not None: JAX would restrict the process to the GPU of its local rank, GPU 0, even
-    # where nothing (CUDA_VISIBLE_DEVICES, SLURM's gres) says how many the node has.
-    return []
   visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-  if per_host is not None and per_host > 1 and visible and len(visible.split(",")) == 1:
-    # JAX would pick the GPU numbered by the local rank (e.g. 3), which a process that sees
-    # only its own GPU (numbered 0 there) does not have.
-    return [0]
-  return None
+  if per_host == 1 or (visible and len(visible.split(",")) < per_host):
+    # Not None for one per host: JAX's cluster detection would restrict the process to the
+    # GPU of its local rank, GPU 0, even where nothing says how many the node has. Not the
+    # local rank for a bound process: it sees its own GPUs only, numbered from 0.
+    return []
+  # One process per GPU: JAX's detection does the same under SLURM and Open MPI 4, but
+  # under the other launchers every process would take every GPU.
+  return [local_rank] if local_rank is not None else None
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -114,12 +117,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if process_id is None and env.get("JAX_PROCESS_ID"):
     process_id = int(env["JAX_PROCESS_ID"])
   cluster = _auto_cluster(explicit=bool(coordinator_address))
-  local = local_gpus(cluster)
-  launchers = [(size, rank, name) for size, rank, name in _OTHER_LAUNCHERS
-               if (_int(size) or 1) > 1]
+  launchers = [launcher for launcher in _OTHER_LAUNCHERS if (_int(launcher[0]) or 1) > 1]
+  # The launcher that started this process, where JAX's detection does not read it.
+  launcher = launchers[0] if launchers and cluster in (None, "Open MPI") else None
+  local = local_gpus(*_host_layout(cluster, launcher))
   if coordinator_address:
-    if launchers and cluster in (None, "Open MPI"):  # Count and index from the launcher.
-      size, rank, _ = launchers[0]
+    if launcher is not None:  # Count and index from the launcher.
+      size, rank = launcher[:2]
       num_processes = _int(size) if num_processes is None else num_processes
       process_id = _int(rank) if process_id is None else process_id
     if num_processes is None or process_id is None:
@@ -144,7 +148,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         [f"process_id={process_id}"] if (process_id or 0) > 0 else [])
     if asked or launchers:
       what = ", ".join(asked) if asked else ", ".join(
-          f"{name} ({size}={env[size]})" for size, _, name in launchers)
+          f"{launcher[-1]} ({launcher[0]}={env[launcher[0]]})" for launcher in launchers)
       raise ValueError(
           f"{what} asks for several processes, but nothing says how to join them (no "
           "--coordinator_address or JAX_COORDINATOR_ADDRESS, and no cluster JAX detects: "

@@ -100,19 +100,41 @@ def test_slurm_allocation_outside_an_srun_step_is_refused_clearly(calls, monkeyp
   assert calls == [(("h0:1234", 2, 1), {"local_device_ids": None})]
 
 
-def test_slurm_one_task_per_gpu_is_left_to_jax(calls, monkeypatch):
+def test_slurm_one_task_per_gpu_gets_the_gpu_of_its_local_rank(calls, monkeypatch):
   slurm(monkeypatch, tasks=16, nodes=4)
+  monkeypatch.setenv("SLURM_LOCALID", "2")
   distributed.initialize()
-  assert calls == [((), {"local_device_ids": None})]
+  assert calls == [((), {"local_device_ids": [2]})]  # As JAX's own detection would.
+  assert jax_cluster.ClusterEnv.auto_detect_unset_distributed_params(
+      None, None, None, None, None, None)[3] == [2]
   monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
   distributed.initialize()
-  assert calls[1] == ((), {"local_device_ids": None})
-  # A task bound to its GPU (srun --gpus-per-task=1) sees that one only, as device 0; JAX
-  # would have asked for the GPU of its local rank (here 3).
+  assert calls[1] == ((), {"local_device_ids": [2]})
+  # A task bound to its GPUs (srun --gpus-per-task=1 or 2) sees those only, numbered from 0;
+  # JAX would have asked for the GPU of its local rank (here 3), which it does not have.
   monkeypatch.setenv("SLURM_LOCALID", "3")
-  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-  distributed.initialize()
-  assert calls[2] == ((), {"local_device_ids": [0]})
+  for bound in ("3", "6,7"):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", bound)
+    distributed.initialize()
+    assert calls[-1] == ((), {"local_device_ids": []})
+
+
+def test_one_process_per_gpu_under_launchers_jax_does_not_detect(calls, monkeypatch):
+  # Given no ids, every process would take every GPU of its host.
+  for size, rank, local_size, local_rank in (
+      ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
+       "OMPI_COMM_WORLD_LOCAL_RANK"),
+      ("PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS", "MPI_LOCALRANKID"),
+      ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "LOCAL_RANK")):
+    for name, value in ((size, 16), (rank, 7), (local_size, 8), (local_rank, 7)):
+      monkeypatch.setenv(name, str(value))
+    distributed.initialize("h0:1234")
+    assert calls[-1] == (("h0:1234", 16, 7), {"local_device_ids": [7]}), size
+    monkeypatch.setenv(local_size, "1")  # One process per host: all its GPUs.
+    distributed.initialize("h0:1234")
+    assert calls[-1] == (("h0:1234", 16, 7), {"local_device_ids": []}), size
+    for name in (size, rank, local_size, local_rank):
+      monkeypatch.delenv(name)
 
 
 def test_slurm_passes_an_explicit_count_and_index_on(calls, monkeypatch):
