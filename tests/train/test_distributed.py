@@ -279,9 +279,10 @@ def test_tpu_pod_ctrl_c_stops_the_workers(tmp_path):
   script = str(Path(__file__).resolve().parents[2] / "launch" / "tpu_pod.sh")
   # SIGINT as a terminal's shell leaves it: this test process may ignore it (something run
   # before in it set that), and bash cannot trap a signal ignored when it started.
-  launched = subprocess.Popen(["bash", script, sys.executable, "-c", worker], env=env,
-                              start_new_session=True, stderr=subprocess.PIPE, text=True,
-                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  # (coreutils' env resets it: a preexec_fn would fork this multithreaded process.)
+  launched = subprocess.Popen(["env", "--default-signal=INT", "bash", script, sys.executable,
+                               "-c", worker], env=env, start_new_session=True,
+                              stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 30
   while not (tmp_path / "ready").exists() and time.time() < deadline:
     time.sleep(0.1)
