@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import NamedTuple
 
 import jax
 
@@ -37,14 +38,26 @@ _SLURM_STEP = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PRO
                "SLURM_LOCALID")
 # Open MPI up to version 4: what JAX's Open MPI detection reads (5 and later do not set it).
 _ORTE_URI = "OMPI_MCA_orte_hnp_uri"
-# Launchers whose processes JAX does not join by itself: (process count, this process's
-# index, processes on this host, this process's index among them, the launcher). With a
-# coordinator address given, the count and index are read there.
+
+
+class _Launcher(NamedTuple):
+  """A launcher's variables: the process count, this process's index, the processes on this
+  host and this process's index among them."""
+  size: str
+  rank: str
+  local_size: str
+  local_rank: str
+  name: str
+
+
+# Launchers whose processes JAX does not join by itself. With a coordinator address given,
+# the count and index are read from their variables.
 _OTHER_LAUNCHERS = (
-    ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
-     "OMPI_COMM_WORLD_LOCAL_RANK", "Open MPI 5 or later (JAX detects Open MPI up to 4)"),
-    ("PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS", "MPI_LOCALRANKID", "MPICH or Intel MPI"),
-    ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "LOCAL_RANK", "torchrun or a launcher like it"))
+    _Launcher("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
+              "OMPI_COMM_WORLD_LOCAL_RANK", "Open MPI 5 or later (JAX detects Open MPI up to 4)"),
+    _Launcher("PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS", "MPI_LOCALRANKID", "MPICH or Intel MPI"),
+    _Launcher("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "LOCAL_RANK",
+              "torchrun or a launcher like it"))
 
 
 def _auto_cluster(explicit: bool = False) -> str | None:
@@ -71,7 +84,8 @@ def _auto_cluster(explicit: bool = False) -> str | None:
   return None
 
 
-def _host_layout(cluster: str | None, launcher: tuple | None) -> tuple[int | None, int | None]:
+def _host_layout(cluster: str | None,
+                 launcher: _Launcher | None) -> tuple[int | None, int | None]:
   """(processes on this host, this process's index among them), where the launcher says."""
   if cluster == "SLURM":
     per_node = _int("SLURM_NTASKS_PER_NODE")
@@ -80,7 +94,7 @@ def _host_layout(cluster: str | None, launcher: tuple | None) -> tuple[int | Non
       per_node = tasks // nodes if tasks and nodes and tasks % nodes == 0 else None
     return per_node, _int("SLURM_LOCALID")
   if launcher is not None:
-    return _int(launcher[2]), _int(launcher[3])
+    return _int(launcher.local_size), _int(launcher.local_rank)
   return None, None
 
 
@@ -117,15 +131,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if process_id is None and env.get("JAX_PROCESS_ID"):
     process_id = int(env["JAX_PROCESS_ID"])
   cluster = _auto_cluster(explicit=bool(coordinator_address))
-  launchers = [launcher for launcher in _OTHER_LAUNCHERS if (_int(launcher[0]) or 1) > 1]
+  launchers = [other for other in _OTHER_LAUNCHERS if (_int(other.size) or 1) > 1]
   # The launcher that started this process, where JAX's detection does not read it.
   launcher = launchers[0] if launchers and cluster in (None, "Open MPI") else None
   local = local_gpus(*_host_layout(cluster, launcher))
   if coordinator_address:
     if launcher is not None:  # Count and index from the launcher.
-      size, rank = launcher[:2]
-      num_processes = _int(size) if num_processes is None else num_processes
-      process_id = _int(rank) if process_id is None else process_id
+      num_processes = _int(launcher.size) if num_processes is None else num_processes
+      process_id = _int(launcher.rank) if process_id is None else process_id
     if num_processes is None or process_id is None:
       raise ValueError("a coordinator address needs the process count and this process's id "
                        "(--num_processes/--process_id or JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
@@ -133,7 +146,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                local_device_ids=local)
   elif cluster is not None:
     log.info("multi-host run detected (%s)%s", cluster,
-             ", one process for all of this host's GPUs" if local == [] else "")
+             "" if local is None else
+             f", local GPUs: {local or 'every one this process sees'}")
     given = {k: v for k, v in (("num_processes", num_processes), ("process_id", process_id))
              if v is not None}
     try:
@@ -148,7 +162,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         [f"process_id={process_id}"] if (process_id or 0) > 0 else [])
     if asked or launchers:
       what = ", ".join(asked) if asked else ", ".join(
-          f"{launcher[-1]} ({launcher[0]}={env[launcher[0]]})" for launcher in launchers)
+          f"{other.name} ({other.size}={env[other.size]})" for other in launchers)
       raise ValueError(
           f"{what} asks for several processes, but nothing says how to join them (no "
           "--coordinator_address or JAX_COORDINATOR_ADDRESS, and no cluster JAX detects: "
@@ -156,7 +170,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
           "all of them writing the same work folder. Give --coordinator_address=HOST:PORT "
           "(process 0's host)" + (", --num_processes and --process_id" if not launchers
                                   else " (the process count and index are read from "
-                                  f"{launchers[0][0]} and {launchers[0][1]})"))
+                                  f"{launchers[0].size} and {launchers[0].rank})"))
     return
   log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
