@@ -19,6 +19,13 @@ def _fmt_time(seconds: float) -> str:
   return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def _json_line(record: dict) -> str:
+  """A JSON line with non-finite numbers as null: strict JSON readers (jq, JavaScript,
+  Go) refuse the NaN and Infinity that Python writes."""
+  return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                     for k, v in record.items()}, allow_nan=False) + "\n"
+
+
 def progress(label: str, enabled: bool = True, stream=None, every_s: float = 10.0):
   """A callback `(done, total)` for long loops (answering a split): prints `label: done/total`
   at most every `every_s` seconds, and at the end."""
@@ -116,7 +123,7 @@ class Reporter:
     record = {"step": step, **metrics}
     if math.isfinite(rate):
       record["samples_per_s"] = rate
-    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.write(_json_line(record))
     if self._tb is not None:
       for k, v in record.items():
         if k != "step" and isinstance(v, (int, float)):
@@ -137,7 +144,7 @@ class Reporter:
     if not self.enabled:
       return
     flat = {f"{prefix}_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
-    self._jsonl.write(json.dumps({"step": step, **flat}) + "\n")
+    self._jsonl.write(_json_line({"step": step, **flat}))
     self._jsonl.flush()
     if self._tb is not None:
       for k, v in flat.items():

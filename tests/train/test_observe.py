@@ -108,3 +108,19 @@ def _events(path):
     out.append(Event.FromString(data[at + 12:at + 12 + n]))
     at += 12 + n + 4
   return out
+
+
+def test_non_finite_metrics_are_recorded_as_null(tmp_path):
+  # Python writes NaN and Infinity, which strict JSON readers (jq, JavaScript) refuse.
+  reporter = observe.Reporter(tmp_path, total_steps=2, start_step=0, batch_size=8,
+                              tensorboard=False, stream=io.StringIO())
+  reporter.step(1, {"loss": 2.0, "ot_distance": float("nan")})
+  reporter.eval(1, {"accuracy": float("inf"), "questions": 3})
+  reporter.close()
+
+  def refuse(constant):
+    raise ValueError(f"not JSON: {constant}")
+  records = [json.loads(line, parse_constant=refuse)
+             for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert records == [{"step": 1, "loss": 2.0, "ot_distance": None},
+                     {"step": 1, "val_accuracy": None, "val_questions": 3}]
