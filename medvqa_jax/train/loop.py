@@ -426,6 +426,13 @@ def train(config, workdir=None, stream=None) -> dict:
   existing = (workdir / "checkpoints").is_dir()
   ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=tc.keep) if existing else None
   start = ckpts.latest_step() if ckpts else None
+  if start is not None and start > steps:
+    # Testing (or resuming) it would report steps past the run's stated length.
+    raise ValueError(
+        f"{workdir}: its latest checkpoint is step {start}, past the run's length now ({steps} "
+        "steps: train.epochs or optim.total_steps lowered?); a run cannot be shortened after "
+        f"the fact: evaluate one of its steps with `launch/eval.py --checkpoint_dir={workdir} "
+        "--step=N`, or train in a new train.workdir")
   archs = ckpts.run_record(start).get("towers") if start is not None else None
   tokenizer = ckpt_lib.run_tokenizer(workdir, mc.text) if start is not None else None
   new_tokenizer = tokenizer is None

@@ -153,6 +153,19 @@ def test_demo_runs_end_to_end(straight):
   ckpts.close()
 
 
+def test_a_run_shortened_below_its_latest_checkpoint_is_refused(straight, data_dir):
+  # It was taken as complete ("step 8 of 6") and its best checkpoint, past the new length,
+  # tested. Refused before anything is written.
+  workdir, _ = straight
+  before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+  out = _run(_train_cmd(workdir, data_dir, steps=STEPS - 2), check=False)
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert (f"its latest checkpoint is step {STEPS}, past the run's length now ({STEPS - 2} "
+          "steps: train.epochs or optim.total_steps lowered?)") in out.stderr
+  assert f"launch/eval.py --checkpoint_dir={workdir} --step=N" in out.stderr
+  assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+
+
 def test_sigkill_and_resume_give_the_same_run(straight, tmp_path, data_dir):
   workdir = tmp_path / "killed"
   cmd = _train_cmd(workdir, data_dir)
