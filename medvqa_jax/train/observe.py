@@ -23,7 +23,7 @@ def _json_line(record: dict) -> str:
   """A JSON line with non-finite numbers as null: strict JSON readers (jq, JavaScript,
   Go) refuse the NaN and Infinity that Python writes."""
   return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                     for k, v in record.items()}, allow_nan=False) + "\n"
+                     for k, v in record.items()}) + "\n"
 
 
 def progress(label: str, enabled: bool = True, stream=None, every_s: float = 10.0):
