@@ -60,12 +60,27 @@ _OTHER_LAUNCHERS = (
               "torchrun or a launcher like it"))
 
 
+def _slurm_tasks() -> int:
+  return _int("SLURM_NTASKS") or _int("SLURM_NPROCS") or 1
+
+
+def _launchers() -> list[_Launcher]:
+  """The launchers whose variables count several processes, innermost first: one run inside
+  a Slurm job (torchrun under srun; mpirun, whose ranks inherit the srun step of the daemons
+  it starts) has a count of its own, where srun's own PMI count is Slurm's task count."""
+  found = [other for other in _OTHER_LAUNCHERS if (_int(other.size) or 1) > 1]
+  return sorted(found, key=lambda other: _int(other.size) == _slurm_tasks())
+
+
 def _auto_cluster(explicit: bool = False) -> str | None:
   """The cluster JAX detects, if any. explicit: a coordinator address was given (the cluster
   then only tells how many processes share a host)."""
   env = os.environ
-  tasks = _int("SLURM_NTASKS") or _int("SLURM_NPROCS") or 1
-  if tasks > 1:
+  tasks, launchers = _slurm_tasks(), _launchers()
+  # A launcher run inside a Slurm job has processes of its own, not Slurm's tasks: it, not
+  # Slurm, says who joins.
+  inside = bool(launchers) and _int(launchers[0].size) != tasks
+  if tasks > 1 and not inside:
     unset = [v for v in _SLURM_STEP if v not in env]
     if not unset:
       return "SLURM"
@@ -75,7 +90,7 @@ def _auto_cluster(explicit: bool = False) -> str | None:
           f"({', '.join(unset)} unset): launch the run with srun (launch/slurm.sbatch), or "
           "run one process with SLURM_NTASKS unset (e.g. `env -u SLURM_NTASKS -u "
           "SLURM_NPROCS python ...`)")
-  elif (_int("OMPI_COMM_WORLD_SIZE") or 1) > 1 and (_ORTE_URI in env or explicit):
+  if (_int("OMPI_COMM_WORLD_SIZE") or 1) > 1 and (_ORTE_URI in env or explicit):
     return "Open MPI"
   if "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return "TPU pod slice"
@@ -85,30 +100,33 @@ def _auto_cluster(explicit: bool = False) -> str | None:
 
 
 def _host_layout(cluster: str | None,
-                 launcher: _Launcher | None) -> tuple[int | None, int | None]:
-  """(processes on this host, this process's index among them), where the launcher says."""
+                 launcher: _Launcher | None) -> tuple[int | None, int | None, bool]:
+  """(processes on this host, this process's index among them, whether the launcher gave it
+  GPUs of its own), where the launcher says."""
   if cluster == "SLURM":
     per_node = _int("SLURM_NTASKS_PER_NODE")
     if per_node is None:
       tasks, nodes = _int("SLURM_NTASKS") or _int("SLURM_NPROCS"), _int("SLURM_NNODES")
       per_node = tasks // nodes if tasks and nodes and tasks % nodes == 0 else None
-    return per_node, _int("SLURM_LOCALID")
+    # --gpus-per-task binds each task to its GPUs (e.g. 4 of a node's 8 for 2 tasks).
+    return per_node, _int("SLURM_LOCALID"), bool(os.environ.get("SLURM_GPUS_PER_TASK"))
   if launcher is not None:
-    return _int(launcher.local_size), _int(launcher.local_rank)
-  return None, None
+    return _int(launcher.local_size), _int(launcher.local_rank), False
+  return None, None, False
 
 
-def local_gpus(per_host: int | None, local_rank: int | None) -> list[int] | None:
+def local_gpus(per_host: int | None, local_rank: int | None,
+               bound: bool = False) -> list[int] | None:
   """The local device ids for jax.distributed.initialize, given the processes on this host
   (`_host_layout`): `[]` (every GPU the process sees; JAX restricts nothing when given no
   ids) for the one process of its host, or for one of several that was given GPUs of its own
-  (fewer visible than processes on the host, e.g. `srun --gpus-per-task=1`); `[local rank]`
-  for one of several sharing the host's GPUs (one process per GPU); None where nothing says
-  (JAX's choice). JAX_LOCAL_DEVICE_IDS, when set, is left to JAX."""
+  (`bound`, e.g. `srun --gpus-per-task=4`, or fewer GPUs visible than processes on the
+  host); `[local rank]` for one of several sharing the host's GPUs (one process per GPU);
+  None where nothing says (JAX's choice). JAX_LOCAL_DEVICE_IDS, when set, is left to JAX."""
   if os.environ.get("JAX_LOCAL_DEVICE_IDS") or per_host is None:
     return None
   visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-  if per_host == 1 or (visible and len(visible.split(",")) < per_host):
+  if per_host == 1 or bound or (visible and len(visible.split(",")) < per_host):
     # Not None for one per host: JAX's cluster detection would restrict the process to the
     # GPU of its local rank, GPU 0, even where nothing says how many the node has. Not the
     # local rank for a bound process: it sees its own GPUs only, numbered from 0.
@@ -131,7 +149,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if process_id is None and env.get("JAX_PROCESS_ID"):
     process_id = int(env["JAX_PROCESS_ID"])
   cluster = _auto_cluster(explicit=bool(coordinator_address))
-  launchers = [other for other in _OTHER_LAUNCHERS if (_int(other.size) or 1) > 1]
+  launchers = _launchers()
   # The launcher that started this process, where JAX's detection does not read it.
   launcher = launchers[0] if launchers and cluster in (None, "Open MPI") else None
   local = local_gpus(*_host_layout(cluster, launcher))

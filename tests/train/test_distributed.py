@@ -17,7 +17,8 @@ CLUSTER_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NUM_NODES", "SLURM_NTASKS", "SLURM_N
                 "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "MEDVQA_DISTRIBUTED",
                 "CUDA_VISIBLE_DEVICES", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
                 "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS", "PMI_SIZE", "PMI_RANK", "WORLD_SIZE",
-                "RANK")
+                "RANK", "SLURM_GPUS_PER_TASK", "LOCAL_WORLD_SIZE", "LOCAL_RANK",
+                "MPI_LOCALNRANKS", "MPI_LOCALRANKID")
 
 
 @pytest.fixture
@@ -117,6 +118,44 @@ def test_slurm_one_task_per_gpu_gets_the_gpu_of_its_local_rank(calls, monkeypatc
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", bound)
     distributed.initialize()
     assert calls[-1] == ((), {"local_device_ids": []})
+
+
+def test_slurm_gpus_per_task_binds_a_task_to_several_gpus(calls, monkeypatch):
+  # 2 tasks per node with 4 GPUs each: the task sees 4 (more than the tasks on its node),
+  # all its own; the GPU of its local rank would be 1 of its 4.
+  slurm(monkeypatch, tasks=4, nodes=2, gpus="4,5,6,7")
+  monkeypatch.setenv("SLURM_LOCALID", "1")
+  distributed.initialize()
+  assert calls == [((), {"local_device_ids": [1]})]  # Nothing says it is bound: shared.
+  monkeypatch.setenv("SLURM_GPUS_PER_TASK", "4")
+  distributed.initialize()
+  assert calls[1] == ((), {"local_device_ids": []})
+
+
+def test_a_launcher_inside_a_slurm_job_is_the_one_that_counts(calls, monkeypatch):
+  # torchrun started by srun (one per node, 8 workers each): its workers inherit the srun
+  # step's variables (2 tasks), which counted before: the count and index were not read
+  # from torchrun ("needs the process count"), and with them given every worker took every
+  # GPU. srun's own PMI variables (the step's count) are not such a launcher.
+  slurm(monkeypatch, tasks=2, nodes=2, gpus="0,1,2,3,4,5,6,7")
+  for name, value in dict(PMI_SIZE=2, PMI_RANK=1, WORLD_SIZE=16, RANK=11, LOCAL_WORLD_SIZE=8,
+                          LOCAL_RANK=3).items():
+    monkeypatch.setenv(name, str(value))
+  distributed.initialize("h0:1234")
+  assert calls == [(("h0:1234", 16, 11), {"local_device_ids": [3]})]
+  # Without a coordinator it is refused (JAX would have joined the 2 srun tasks only).
+  with pytest.raises(ValueError, match=r"^torchrun or a launcher like it \(WORLD_SIZE=16\)"):
+    distributed.initialize()
+  # Open MPI 4's mpirun in a Slurm job: its ranks inherit the srun step of the daemons it
+  # starts (one per node); JAX detects Open MPI, and the ranks' layout is Open MPI's.
+  for name in ("PMI_SIZE", "PMI_RANK", "WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "LOCAL_RANK"):
+    monkeypatch.delenv(name)
+  for name, value in dict(OMPI_COMM_WORLD_SIZE=16, OMPI_COMM_WORLD_RANK=11,
+                          OMPI_COMM_WORLD_LOCAL_SIZE=8, OMPI_COMM_WORLD_LOCAL_RANK=3,
+                          OMPI_MCA_orte_hnp_uri="1531576320.0;tcp://10.96.0.1:34911").items():
+    monkeypatch.setenv(name, str(value))
+  distributed.initialize()
+  assert calls[-1] == ((), {"local_device_ids": [3]})
 
 
 def test_one_process_per_gpu_under_launchers_jax_does_not_detect(calls, monkeypatch):
