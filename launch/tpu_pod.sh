@@ -13,10 +13,11 @@
 # workers at the same path: a shared filesystem (e.g. Filestore over NFS, or a GCS bucket
 # mounted with gcsfuse). Paths are file paths: a gs:// URL is refused.
 #
-# Ctrl-C here would only end the ssh sessions, leaving the workers training (and the TPU
-# busy). So it also sends the command on every worker SIGTERM: the run saves the step it
-# reached and stops; the same command resumes it. `launch/tpu_pod.sh --stop` (TPU and ZONE
-# set) does the same from any shell.
+# Each worker's output is also in its ${TMPDIR:-/tmp}/medvqa-jax-tpu-pod.log, which the run
+# writes, not the ssh session: ending the sessions does not stop (or break) the run. Ctrl-C,
+# or SIGTERM to this script, sends the command on every worker SIGTERM: the run saves the
+# step it reached and stops; the same command resumes it. `launch/tpu_pod.sh --stop` (TPU and
+# ZONE set) does the same from any shell.
 set -euo pipefail
 usage() { sed -n '2,/^[^#]/p' "$0" | grep '^#' | grep -v '^#SBATCH' | sed 's/^# \{0,1\}//'; }
 if [ $# -eq 0 ]; then usage >&2; exit 2; fi
@@ -24,16 +25,29 @@ case "$1" in -h|--help) usage; exit 0 ;; esac
 : "${TPU:?set TPU to the TPU VM name}"
 : "${ZONE:?set ZONE to its zone}"
 REPO="${REPO:-\$HOME/medvqa-jax}"
-# Each worker's command writes its process id to this file of its own (exec keeps the id).
+# Each worker writes its command's process id and output to files of its own.
 PIDFILE='${TMPDIR:-/tmp}/medvqa-jax-tpu-pod.pid'
+LOG='${TMPDIR:-/tmp}/medvqa-jax-tpu-pod.log'
 on_workers() { gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all --command="$1"; }
 stop() {
   echo "tpu_pod.sh: sending SIGTERM to the command on every worker of $TPU" >&2
   # Only to a process launched here (a finished run's id may since have been reused).
   on_workers "p=\$(cat $PIDFILE 2>/dev/null) && grep -qzx MEDVQA_DISTRIBUTED=1 \
-/proc/\$p/environ 2>/dev/null && kill -TERM \$p; true"
+/proc/\$p/environ 2>/dev/null && kill -TERM \$p; true" ||
+    echo "tpu_pod.sh: the stop command failed on a worker; check it there" >&2
 }
 if [ "$1" = --stop ]; then stop; exit 0; fi
 printf -v CMD '%q ' "$@"
-trap 'trap - INT TERM; stop; exit 130' INT TERM
-on_workers "cd $REPO && echo \$\$ > $PIDFILE && export MEDVQA_DISTRIBUTED=1 && exec $CMD"
+# On a worker: the command in the background, writing to the log (exec keeps its id), the
+# log followed until it ends (tail dies with the session, the command does not), and the
+# command's exit status returned.
+WORKER="cd $REPO || exit 1; export MEDVQA_DISTRIBUTED=1; : > $LOG; (exec $CMD) >> $LOG 2>&1 \
+< /dev/null & p=\$!; echo \$p > $PIDFILE; tail -n +1 -f --pid=\$p $LOG & wait \$p; s=\$?; wait; \
+exit \$s"
+# gcloud runs in the background, so that a signal to this script is handled at once (bash
+# runs traps only between foreground commands); the terminal stays its input (<&0).
+trap 'trap - INT TERM; stop; if [ -n "${ssh:-}" ]; then kill "$ssh" 2>/dev/null || true; fi
+      exit 130' INT TERM
+on_workers "$WORKER" <&0 &
+ssh=$!
+wait "$ssh"

@@ -271,10 +271,10 @@ def test_cluster_launchers_pass_the_command_through(tmp_path):
                         "--config=configs/pathvqa.py", "--config.name=a b", TPU="pod",
                         ZONE="z1", REPO="/r")
   assert out.returncode == 0, out.stderr
-  assert args == ["compute", "tpus", "tpu-vm", "ssh", "pod", "--zone=z1", "--worker=all",
-                  "--command=cd /r && echo $$ > ${TMPDIR:-/tmp}/medvqa-jax-tpu-pod.pid && "
-                  "export MEDVQA_DISTRIBUTED=1 && exec python launch/train.py "
-                  "--config=configs/pathvqa.py --config.name=a\\ b "]
+  assert args[:-1] == ["compute", "tpus", "tpu-vm", "ssh", "pod", "--zone=z1", "--worker=all"]
+  assert args[-1].startswith("--command=cd /r || exit 1; export MEDVQA_DISTRIBUTED=1; ")
+  assert ("(exec python launch/train.py --config=configs/pathvqa.py --config.name=a\\ b ) "
+          ">> ${TMPDIR:-/tmp}/medvqa-jax-tpu-pod.log") in args[-1]
   (tmp_path / "args").unlink()
   out, args = _launcher("slurm.sbatch", tmp_path, "srun", "python", "launch/train.py",
                         SLURM_CPUS_PER_TASK="16")
@@ -293,11 +293,14 @@ def test_cluster_launchers_pass_the_command_through(tmp_path):
     assert bare.returncode == 2 and args is None
 
 
-def test_tpu_pod_ctrl_c_stops_the_workers(tmp_path):
-  # Ctrl-C ends the ssh sessions, but a worker's command would go on training (holding the
-  # TPU); tpu_pod.sh sends it SIGTERM (save and stop). Here "gcloud ... ssh" runs the
-  # worker's command on this machine, in a session of its own (a remote process does not see
-  # the local Ctrl-C).
+def test_tpu_pod_stops_the_workers_on_ctrl_c_sigterm_and_stop(tmp_path):
+  """Ctrl-C ended only the ssh sessions: the workers went on training (holding the TPU), or
+  died at their next line of output to the closed session, with no checkpoint. tpu_pod.sh
+  now sends the command on every worker SIGTERM (save and stop) on Ctrl-C, on SIGTERM to
+  itself and on --stop, and the command writes its output to a log of its own.
+  Here a stand-in gcloud runs each worker's command on this machine, in a session of its own
+  (a remote process does not see the local Ctrl-C), and relays its output as ssh does: when
+  it ends (Ctrl-C), so does the pipe the command's output went through."""
   import os
   import signal
   import subprocess
@@ -307,32 +310,60 @@ def test_tpu_pod_ctrl_c_stops_the_workers(tmp_path):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   (bin_dir / "gcloud").write_text(
-      '#!/bin/bash\nfor a in "$@"; do c="$a"; done\nsetsid bash -c "${c#--command=}" &\n'
-      'wait $!\n')
+      f"#!{sys.executable}\n"
+      "import os, signal, subprocess, sys, time\n"
+      "time.sleep(0.5)  # As gcloud, which takes a while to reach the workers.\n"
+      "cmd = sys.argv[-1].removeprefix('--command=')\n"
+      "worker = subprocess.Popen(['bash', '-c', cmd], stdout=subprocess.PIPE,\n"
+      "                          stderr=subprocess.STDOUT, start_new_session=True)\n"
+      "signal.signal(signal.SIGINT, lambda *a: os._exit(130))  # As gcloud: Ctrl-C ends it.\n"
+      "for line in worker.stdout:\n"
+      "  sys.stdout.buffer.write(line)\n"
+      "  sys.stdout.flush()\n"
+      "sys.exit(worker.wait())\n")
   (bin_dir / "gcloud").chmod(0o755)
-  worker = ("import pathlib, signal, sys, time\n"
-            "signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path('got').write_text('TERM'), "
-            "sys.exit(0)))\npathlib.Path('ready').touch()\ntime.sleep(60)\n")
   env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TPU": "pod", "ZONE": "z",
          "REPO": str(tmp_path), "TMPDIR": str(tmp_path)}
   script = str(Path(__file__).resolve().parents[2] / "launch" / "tpu_pod.sh")
-  # SIGINT as a terminal's shell leaves it: this test process may ignore it (something run
-  # before in it set that), and bash cannot trap a signal ignored when it started.
-  # (coreutils' env resets it: a preexec_fn would fork this multithreaded process.)
-  launched = subprocess.Popen(["env", "--default-signal=INT", "bash", script, sys.executable,
-                               "-c", worker], env=env, start_new_session=True,
-                              stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 30
-  while not (tmp_path / "ready").exists() and time.time() < deadline:
-    time.sleep(0.1)
-  assert (tmp_path / "ready").exists()
-  os.killpg(launched.pid, signal.SIGINT)  # Ctrl-C: the launcher's whole process group.
-  assert launched.wait(timeout=30) == 130
-  deadline = time.time() + 30
-  while not (tmp_path / "got").exists() and time.time() < deadline:
-    time.sleep(0.1)
-  assert (tmp_path / "got").read_text() == "TERM"
-  assert "sending SIGTERM to the command on every worker of pod" in launched.stderr.read()
+
+  def launch(worker):
+    # SIGINT as a terminal's shell leaves it: this test process may ignore it (something run
+    # before in it set that), and bash cannot trap a signal ignored when it started.
+    # (coreutils' env resets it: a preexec_fn would fork this multithreaded process.)
+    return subprocess.Popen(["env", "--default-signal=INT", "bash", script, sys.executable,
+                             "-c", worker], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+  def wait_for(path):
+    deadline = time.time() + 30
+    while not path.exists() and time.time() < deadline:
+      time.sleep(0.05)
+    return path.exists()
+
+  # A run that ends by itself: its output comes through, and its exit status.
+  done = launch("print('hello from the worker'); raise SystemExit(3)")
+  out, _ = done.communicate(timeout=60)
+  assert done.returncode == 3 and "hello from the worker" in out
+  # A run that prints all the time, stopped by Ctrl-C, then one stopped by SIGTERM to the
+  # launcher alone (bash had run its trap only after gcloud ended, i.e. never).
+  worker = ("import pathlib, signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path('got').write_text('TERM'), "
+            "sys.exit(0)))\npathlib.Path('ready').touch()\n"
+            "for i in range(1200):\n  print(i, flush=True)\n  time.sleep(0.05)\n")
+  for how in ("Ctrl-C", "SIGTERM"):
+    for name in ("ready", "got"):
+      (tmp_path / name).unlink(missing_ok=True)
+    launched = launch(worker)
+    assert wait_for(tmp_path / "ready")
+    if how == "Ctrl-C":
+      os.killpg(launched.pid, signal.SIGINT)  # The launcher's whole process group.
+    else:
+      launched.send_signal(signal.SIGTERM)
+    _, err = launched.communicate(timeout=30)
+    assert launched.returncode == 130, (how, err)
+    assert wait_for(tmp_path / "got"), (how, err)
+    assert (tmp_path / "got").read_text() == "TERM"
+    assert "sending SIGTERM to the command on every worker of pod" in err
   # --stop signals only a process the launcher started: here the id in the file is a
   # process of another command (a finished run's id since reused), which is left running.
   other = subprocess.Popen(["sleep", "30"])
