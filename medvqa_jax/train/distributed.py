@@ -106,8 +106,8 @@ def _host_layout(cluster: str | None,
   if cluster == "SLURM":
     per_node = _int("SLURM_NTASKS_PER_NODE")
     if per_node is None:
-      tasks, nodes = _int("SLURM_NTASKS") or _int("SLURM_NPROCS"), _int("SLURM_NNODES")
-      per_node = tasks // nodes if tasks and nodes and tasks % nodes == 0 else None
+      tasks, nodes = _slurm_tasks(), _int("SLURM_NNODES")
+      per_node = tasks // nodes if nodes and tasks % nodes == 0 else None
     # --gpus-per-task binds each task to its GPUs (e.g. 4 of a node's 8 for 2 tasks).
     return per_node, _int("SLURM_LOCALID"), bool(os.environ.get("SLURM_GPUS_PER_TASK"))
   if launcher is not None:
