@@ -373,6 +373,7 @@ def test_tpu_pod_stops_the_workers_on_ctrl_c_sigterm_and_stop(tmp_path):
     assert stopped.returncode == 0 and other.poll() is None
   finally:
     other.kill()
+    other.wait()
 
 
 def test_explicit_coordinator(calls, monkeypatch):
