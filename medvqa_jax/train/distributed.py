@@ -72,11 +72,11 @@ def _launchers() -> list[_Launcher]:
   return sorted(found, key=lambda other: _int(other.size) == _slurm_tasks())
 
 
-def _auto_cluster(explicit: bool = False) -> str | None:
-  """The cluster JAX detects, if any. explicit: a coordinator address was given (the cluster
-  then only tells how many processes share a host)."""
+def _auto_cluster(launchers: list[_Launcher], explicit: bool = False) -> str | None:
+  """The cluster JAX detects, if any. launchers: `_launchers()`. explicit: a coordinator
+  address was given (the cluster then only tells how many processes share a host)."""
   env = os.environ
-  tasks, launchers = _slurm_tasks(), _launchers()
+  tasks = _slurm_tasks()
   # A launcher run inside a Slurm job has processes of its own, not Slurm's tasks: it, not
   # Slurm, says who joins.
   inside = bool(launchers) and _int(launchers[0].size) != tasks
@@ -148,8 +148,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     num_processes = int(env["JAX_NUM_PROCESSES"])
   if process_id is None and env.get("JAX_PROCESS_ID"):
     process_id = int(env["JAX_PROCESS_ID"])
-  cluster = _auto_cluster(explicit=bool(coordinator_address))
   launchers = _launchers()
+  cluster = _auto_cluster(launchers, explicit=bool(coordinator_address))
   # The launcher that started this process, where JAX's detection does not read it.
   launcher = launchers[0] if launchers and cluster in (None, "Open MPI") else None
   local = local_gpus(*_host_layout(cluster, launcher))

@@ -1,6 +1,13 @@
 """Multi-host start-up (medvqa_jax/train/distributed.py): which clusters are joined, and that
 one process per node keeps all of its GPUs (JAX's cluster detection assumes one per GPU)."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import jax
 import pytest
 from jax._src import distributed as jax_distributed
@@ -249,9 +256,6 @@ def test_tpu_pod_launcher_asks_for_the_join(calls, monkeypatch):
 
 def _launcher(script, tmp_path, tool, *args, **env):
   """Runs a launcher with a stand-in for its cluster tool that records its arguments."""
-  import os
-  import subprocess
-  from pathlib import Path
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir(exist_ok=True)
   (bin_dir / tool).write_text(f'#!/bin/sh\nfor a in "$@"; do echo "$a"; done > {tmp_path}/args\n'
@@ -301,12 +305,6 @@ def test_tpu_pod_stops_the_workers_on_ctrl_c_sigterm_and_stop(tmp_path):
   Here a stand-in gcloud runs each worker's command on this machine, in a session of its own
   (a remote process does not see the local Ctrl-C), and relays its output as ssh does: when
   it ends (Ctrl-C), so does the pipe the command's output went through."""
-  import os
-  import signal
-  import subprocess
-  import sys
-  import time
-  from pathlib import Path
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   (bin_dir / "gcloud").write_text(
