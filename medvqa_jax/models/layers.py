@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -25,6 +26,8 @@ Dtype = Any
 # Additive mask value: large enough to zero a softmax entry, small enough that a row whose
 # keys are all masked stays finite (the softmax of such a row is uniform, never NaN).
 _MASK_VALUE = -1e9
+log = logging.getLogger(__name__)
+_WARNED: set = set()  # (head dim, pad_to) that attention=auto fell back for, warned once.
 
 
 def quick_gelu(x):
@@ -73,7 +76,8 @@ class Compute:
   attention: "reference" (two einsums around a float32 softmax; the only one that can return
     the attention weights, so calls asking for them always use it), "xla" or "cudnn"
     (`jax.nn.dot_product_attention` with that implementation; cudnn is the fused flash kernel:
-    GPU, bf16/fp16 only), "auto" (cudnn on a GPU with a 16-bit compute dtype, else reference).
+    GPU, bf16/fp16 only), "auto" (cudnn on a GPU with a 16-bit compute dtype where the kernel
+    takes the head dim and pad_to, see `cudnn_supports`; else reference).
   pad_to: the fused kernels see token counts padded to a multiple of this; the pads are
     masked and cut off again (cuDNN's kernels want aligned lengths).
   scan: run each stack's layers as one `lax.scan` over the layers' parameters stacked on the
@@ -95,12 +99,37 @@ class Compute:
     if self.pad_to < 1:
       raise ValueError(f"pad_to must be >= 1, got {self.pad_to}")
 
-  def kernel(self, dtype) -> str:
-    """The attention implementation used for a compute dtype on the default backend."""
+  def kernel(self, dtype, head_dim: int | None = None) -> str:
+    """The attention implementation used for a compute dtype (and head dim, where known) on
+    the default backend. "auto" keeps the reference where cuDNN's flash kernel would refuse
+    the call (`cudnn_supports`)."""
     if self.attention != "auto":
       return self.attention
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if half and jax.default_backend() == "gpu" else "reference"
+    if not half or jax.default_backend() != "gpu":
+      return "reference"
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    if cudnn_supports(head_dim, self.pad_to, capability):
+      return "cudnn"
+    if (head_dim, self.pad_to) not in _WARNED:
+      _WARNED.add((head_dim, self.pad_to))
+      log.warning("attention=auto: cuDNN's flash kernel does not take head dim %s with "
+                  "pad_to %d on this GPU (compute capability %s); using the reference",
+                  head_dim, self.pad_to, capability)
+    return "reference"
+
+
+def cudnn_supports(head_dim: int | None, pad_to: int, capability: str | None) -> bool:
+  """Whether cuDNN's flash attention (bf16/fp16) takes the calls `fused_attention` makes:
+  a head dim that is a multiple of 8, up to 256 from Hopper (compute capability 9.0) and 128
+  before; an even `pad_to`, since a dense mask in training needs even token counts. head_dim
+  None: not known, taken as supported."""
+  try:
+    hopper = capability is not None and float(capability) >= 9.0
+  except ValueError:
+    hopper = False
+  heads_ok = head_dim is None or (head_dim % 8 == 0 and head_dim <= (256 if hopper else 128))
+  return heads_ok and pad_to % 2 == 0
 
 
 def fused_attention(q, k, v, bias, implementation: str, pad_to: int, kv_lengths=None,
@@ -304,7 +333,7 @@ class MultiHeadAttention(nn.Module):
       if bias is not None and bias.shape[-2] != 1:
         raise ValueError("a shared context's mask may hide keys only")
       q = q.reshape(rows, groups * lq, *q.shape[2:])
-    kernel = self.compute.kernel(self.dtype)
+    kernel = self.compute.kernel(self.dtype, head_dim)
     if kernel == "reference" or return_weights:
       # Logits and softmax in float32 whatever the compute dtype.
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,

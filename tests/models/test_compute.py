@@ -167,6 +167,31 @@ def test_auto_picks_the_fused_kernel_only_on_gpu_in_16_bit():
   assert FUSED.kernel(jnp.float32) == FUSED.attention
 
 
+@pytest.mark.parametrize("head_dim,pad_to,capability,fused", [
+    (64, 16, "9.0", True), (256, 16, "9.0", True), (256, 16, "8.0", False),
+    (128, 16, "8.6", True), (12, 16, "9.0", False), (264, 16, "10.0", False),
+    (64, 15, "9.0", False)])
+def test_auto_keeps_the_reference_where_cudnn_would_refuse(monkeypatch, head_dim, pad_to,
+                                                           capability, fused):
+  """On a GPU (faked: the backend's name and the device's compute capability), "auto" picks
+  cuDNN only for the head dims and pad_to its flash kernel takes (jax's
+  check_is_flash_attention: a multiple of 8, <= 256 from Hopper and <= 128 before; even
+  token counts for a dense mask in training), and a layer of an unsupported head dim runs."""
+  device = type("Device", (), {"compute_capability": capability})()
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda *a: [device])
+  auto = layers.Compute(attention="auto", pad_to=pad_to)
+  assert auto.kernel(jnp.bfloat16, head_dim) == ("cudnn" if fused else "reference")
+  assert auto.kernel(jnp.float32, head_dim) == "reference"
+  if head_dim == 12:  # Width 24, 2 heads: the call goes through the reference einsums.
+    called = []
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: called.append(1))
+    x = np.random.default_rng(0).normal(size=(2, 5, 24)).astype(np.float32)
+    mha = layers.MultiHeadAttention(2, jnp.bfloat16, auto)
+    out = mha.apply(mha.init(jax.random.PRNGKey(0), x), x)
+    assert out.shape == x.shape and not called
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(attention="flash"), "unknown attention"), (dict(remat="some"), "unknown remat"),
     (dict(pad_to=0), "pad_to")])

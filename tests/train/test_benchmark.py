@@ -79,6 +79,7 @@ def test_peak_table_names_the_devices():
   assert benchmark.peak_tflops("NVIDIA H100 PCIe") == 756.0
   assert benchmark.peak_tflops("NVIDIA H200") == 989.0
   assert benchmark.peak_tflops("NVIDIA H100 NVL") == 835.0
+  assert benchmark.peak_tflops("NVIDIA H200 NVL") == 835.0  # Not the SXM part's 989.
   # A longer name is matched before its prefix.
   assert [benchmark.peak_tflops(f"NVIDIA {n}") for n in ("L40S", "L40", "L4")] == \
       [362.0, 181.0, 121.0]
