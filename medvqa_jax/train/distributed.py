@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import NamedTuple
 
 import jax
@@ -99,17 +100,37 @@ def _auto_cluster(launchers: list[_Launcher], explicit: bool = False) -> str | N
   return None
 
 
+def _slurm_tasks_here() -> int | None:
+  """The srun step's tasks on this node: its entry (SLURM_NODEID) in SLURM_STEP_TASKS_PER_NODE
+  or SLURM_TASKS_PER_NODE ("2(x3),1": 2 on each of the first three nodes, 1 on the fourth),
+  which also covers uneven layouts; else SLURM_NTASKS_PER_NODE, or the tasks over the nodes
+  where they divide evenly."""
+  node = _int("SLURM_NODEID")
+  for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+    counts = []
+    for entry in os.environ.get(name, "").split(","):
+      match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", entry)
+      if match is None:
+        counts = []
+        break
+      counts += [int(match[1])] * int(match[2] or 1)
+    if node is not None and node < len(counts):
+      return counts[node]
+  per_node = _int("SLURM_NTASKS_PER_NODE")
+  if per_node is None:
+    tasks, nodes = _slurm_tasks(), _int("SLURM_NNODES")
+    per_node = tasks // nodes if nodes and tasks % nodes == 0 else None
+  return per_node
+
+
 def _host_layout(cluster: str | None,
                  launcher: _Launcher | None) -> tuple[int | None, int | None, bool]:
   """(processes on this host, this process's index among them, whether the launcher gave it
   GPUs of its own), where the launcher says."""
   if cluster == "SLURM":
-    per_node = _int("SLURM_NTASKS_PER_NODE")
-    if per_node is None:
-      tasks, nodes = _slurm_tasks(), _int("SLURM_NNODES")
-      per_node = tasks // nodes if nodes and tasks % nodes == 0 else None
     # --gpus-per-task binds each task to its GPUs (e.g. 4 of a node's 8 for 2 tasks).
-    return per_node, _int("SLURM_LOCALID"), bool(os.environ.get("SLURM_GPUS_PER_TASK"))
+    return (_slurm_tasks_here(), _int("SLURM_LOCALID"),
+            bool(os.environ.get("SLURM_GPUS_PER_TASK")))
   if launcher is not None:
     return _int(launcher.local_size), _int(launcher.local_rank), False
   return None, None, False

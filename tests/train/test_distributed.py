@@ -25,7 +25,8 @@ CLUSTER_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NUM_NODES", "SLURM_NTASKS", "SLURM_N
                 "CUDA_VISIBLE_DEVICES", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
                 "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS", "PMI_SIZE", "PMI_RANK", "WORLD_SIZE",
                 "RANK", "SLURM_GPUS_PER_TASK", "LOCAL_WORLD_SIZE", "LOCAL_RANK",
-                "MPI_LOCALNRANKS", "MPI_LOCALRANKID")
+                "MPI_LOCALNRANKS", "MPI_LOCALRANKID", "SLURM_NODEID", "SLURM_TASKS_PER_NODE",
+                "SLURM_STEP_TASKS_PER_NODE")
 
 
 @pytest.fixture
@@ -125,6 +126,33 @@ def test_slurm_one_task_per_gpu_gets_the_gpu_of_its_local_rank(calls, monkeypatc
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", bound)
     distributed.initialize()
     assert calls[-1] == ((), {"local_device_ids": []})
+
+
+def test_slurm_uneven_layouts_are_read_per_node(calls, monkeypatch):
+  # 3 tasks on 2 nodes (srun -n 3 -N 2): 2 on the first, 1 on the second. No per-node count
+  # divides evenly; the layout says which this node has.
+  slurm(monkeypatch, tasks=3, nodes=2)
+  monkeypatch.setenv("SLURM_LOCALID", "1")
+  monkeypatch.setenv("SLURM_NODEID", "0")
+  monkeypatch.setenv("SLURM_TASKS_PER_NODE", "2,1")
+  distributed.initialize()
+  assert calls[-1] == ((), {"local_device_ids": [1]})  # One of two sharing the node.
+  # The second node's one task keeps all its GPUs; JAX's default would be its GPU 0 only.
+  monkeypatch.setenv("SLURM_NODEID", "1")
+  monkeypatch.setenv("SLURM_LOCALID", "0")
+  distributed.initialize()
+  assert calls[-1] == ((), {"local_device_ids": []})
+  # Repeats ("N(xK)"), and the step's layout before the job's and before the requested
+  # --ntasks-per-node (an srun step may use fewer tasks than the job).
+  monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
+  monkeypatch.setenv("SLURM_TASKS_PER_NODE", "4(x2)")
+  monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "2(x1),1")
+  distributed.initialize()
+  assert calls[-1] == ((), {"local_device_ids": []})
+  monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "garbled")  # Unread: the job's layout.
+  distributed.initialize()
+  assert calls[-1] == ((), {"local_device_ids": [0]})
+  assert len(calls) == 4
 
 
 def test_slurm_gpus_per_task_binds_a_task_to_several_gpus(calls, monkeypatch):
