@@ -6,7 +6,7 @@ cluster itself under SLURM (`srun`), under Open MPI up to version 4 (`mpirun`) a
 VM pod slice (every worker runs the same command; `launch/tpu_pod.sh` sets
 MEDVQA_DISTRIBUTED=1, since a TPU VM's environment need not show that it is part of a slice).
 MEDVQA_DISTRIBUTED=1 asks for the same detection anywhere else. Other launchers (Open MPI 5,
-MPICH, Intel MPI, torchrun) need --coordinator_address; the process count and index are then
+MPICH, Intel MPI, Cray PALS, torchrun) need --coordinator_address; the process count and index are then
 read from their variables. A single process on one machine needs nothing; a process count or
 index with no way to join is refused.
 
@@ -29,9 +29,13 @@ import jax
 log = logging.getLogger(__name__)
 
 
-def _int(name: str) -> int | None:
-  value = os.environ.get(name, "").strip()
-  return int(value) if value.isdigit() else None
+def _int(*names: str) -> int | None:
+  """The first of the variables `names` that holds a count or index."""
+  for name in names:
+    value = os.environ.get(name, "").strip()
+    if value.isdigit():
+      return int(value)
+  return None
 
 
 # What JAX's SLURM detection reads: set for the tasks of an `srun` step.
@@ -43,26 +47,29 @@ _ORTE_URI = "OMPI_MCA_orte_hnp_uri"
 
 class _Launcher(NamedTuple):
   """A launcher's variables: the process count, this process's index, the processes on this
-  host and this process's index among them."""
+  host and this process's index among them (the first set of those named)."""
   size: str
   rank: str
-  local_size: str
-  local_rank: str
+  local_size: tuple[str, ...]
+  local_rank: tuple[str, ...]
   name: str
 
 
 # Launchers whose processes JAX does not join by itself. With a coordinator address given,
 # the count and index are read from their variables.
 _OTHER_LAUNCHERS = (
-    _Launcher("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
-              "OMPI_COMM_WORLD_LOCAL_RANK", "Open MPI 5 or later (JAX detects Open MPI up to 4)"),
-    _Launcher("PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS", "MPI_LOCALRANKID", "MPICH or Intel MPI"),
-    _Launcher("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "LOCAL_RANK",
+    _Launcher("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", ("OMPI_COMM_WORLD_LOCAL_SIZE",),
+              ("OMPI_COMM_WORLD_LOCAL_RANK",),
+              "Open MPI 5 or later (JAX detects Open MPI up to 4)"),
+    # MPICH's and Intel MPI's Hydra name the local ones MPI_LOCAL*, Cray PALS PMI_LOCAL_*.
+    _Launcher("PMI_SIZE", "PMI_RANK", ("MPI_LOCALNRANKS", "PMI_LOCAL_SIZE"),
+              ("MPI_LOCALRANKID", "PMI_LOCAL_RANK"), "MPICH, Intel MPI or Cray PALS"),
+    _Launcher("WORLD_SIZE", "RANK", ("LOCAL_WORLD_SIZE",), ("LOCAL_RANK",),
               "torchrun or a launcher like it"))
 
 
 def _slurm_tasks() -> int:
-  return _int("SLURM_NTASKS") or _int("SLURM_NPROCS") or 1
+  return _int("SLURM_NTASKS", "SLURM_NPROCS") or 1
 
 
 def _launchers() -> list[_Launcher]:
@@ -132,7 +139,7 @@ def _host_layout(cluster: str | None,
     return (_slurm_tasks_here(), _int("SLURM_LOCALID"),
             bool(os.environ.get("SLURM_GPUS_PER_TASK")))
   if launcher is not None:
-    return _int(launcher.local_size), _int(launcher.local_rank), False
+    return _int(*launcher.local_size), _int(*launcher.local_rank), False
   return None, None, False
 
 

@@ -26,7 +26,7 @@ CLUSTER_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NUM_NODES", "SLURM_NTASKS", "SLURM_N
                 "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS", "PMI_SIZE", "PMI_RANK", "WORLD_SIZE",
                 "RANK", "SLURM_GPUS_PER_TASK", "LOCAL_WORLD_SIZE", "LOCAL_RANK",
                 "MPI_LOCALNRANKS", "MPI_LOCALRANKID", "SLURM_NODEID", "SLURM_TASKS_PER_NODE",
-                "SLURM_STEP_TASKS_PER_NODE")
+                "SLURM_STEP_TASKS_PER_NODE", "PMI_LOCAL_SIZE", "PMI_LOCAL_RANK")
 
 
 @pytest.fixture
@@ -199,6 +199,7 @@ def test_one_process_per_gpu_under_launchers_jax_does_not_detect(calls, monkeypa
       ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
        "OMPI_COMM_WORLD_LOCAL_RANK"),
       ("PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS", "MPI_LOCALRANKID"),
+      ("PMI_SIZE", "PMI_RANK", "PMI_LOCAL_SIZE", "PMI_LOCAL_RANK"),  # Cray PALS' mpiexec.
       ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "LOCAL_RANK")):
     for name, value in ((size, 16), (rank, 7), (local_size, 8), (local_rank, 7)):
       monkeypatch.setenv(name, str(value))
@@ -248,7 +249,7 @@ def test_processes_that_nothing_joins_are_refused(calls, monkeypatch):
   with pytest.raises(ValueError, match=r"^num_processes=4 asks for several processes"):
     distributed.initialize()
   monkeypatch.delenv("JAX_NUM_PROCESSES")
-  for size, rank, name in (("PMI_SIZE", "PMI_RANK", "MPICH or Intel MPI"),
+  for size, rank, name in (("PMI_SIZE", "PMI_RANK", "MPICH, Intel MPI or Cray PALS"),
                            ("WORLD_SIZE", "RANK", "torchrun")):
     monkeypatch.setenv(size, "4")
     monkeypatch.setenv(rank, "3")
