@@ -143,6 +143,9 @@ def _host_layout(cluster: str | None,
   return None, None, False
 
 
+_VISIBLE = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
+
+
 def local_gpus(per_host: int | None, local_rank: int | None,
                bound: bool = False) -> list[int] | None:
   """The local device ids for jax.distributed.initialize, given the processes on this host
@@ -153,7 +156,8 @@ def local_gpus(per_host: int | None, local_rank: int | None,
   None where nothing says (JAX's choice). JAX_LOCAL_DEVICE_IDS, when set, is left to JAX."""
   if os.environ.get("JAX_LOCAL_DEVICE_IDS") or per_host is None:
     return None
-  visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+  # The GPUs the launcher left this process (AMD's ROCm: HIP_ or ROCR_VISIBLE_DEVICES).
+  visible = next(filter(None, (os.environ.get(name, "").strip() for name in _VISIBLE)), "")
   if per_host == 1 or bound or (visible and len(visible.split(",")) < per_host):
     # Not None for one per host: JAX's cluster detection would restrict the process to the
     # GPU of its local rank, GPU 0, even where nothing says how many the node has. Not the

@@ -26,7 +26,8 @@ CLUSTER_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NUM_NODES", "SLURM_NTASKS", "SLURM_N
                 "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS", "PMI_SIZE", "PMI_RANK", "WORLD_SIZE",
                 "RANK", "SLURM_GPUS_PER_TASK", "LOCAL_WORLD_SIZE", "LOCAL_RANK",
                 "MPI_LOCALNRANKS", "MPI_LOCALRANKID", "SLURM_NODEID", "SLURM_TASKS_PER_NODE",
-                "SLURM_STEP_TASKS_PER_NODE", "PMI_LOCAL_SIZE", "PMI_LOCAL_RANK")
+                "SLURM_STEP_TASKS_PER_NODE", "PMI_LOCAL_SIZE", "PMI_LOCAL_RANK",
+                "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
 
 
 @pytest.fixture
@@ -205,6 +206,12 @@ def test_one_process_per_gpu_under_launchers_jax_does_not_detect(calls, monkeypa
       monkeypatch.setenv(name, str(value))
     distributed.initialize("h0:1234")
     assert calls[-1] == (("h0:1234", 16, 7), {"local_device_ids": [7]}), size
+    # Bound by a wrapper script to the one GPU it sees (NVIDIA's or AMD's variable): that one.
+    for visible in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
+      monkeypatch.setenv(visible, "7")
+      distributed.initialize("h0:1234")
+      assert calls[-1] == (("h0:1234", 16, 7), {"local_device_ids": []}), (size, visible)
+      monkeypatch.delenv(visible)
     monkeypatch.setenv(local_size, "1")  # One process per host: all its GPUs.
     distributed.initialize("h0:1234")
     assert calls[-1] == (("h0:1234", 16, 7), {"local_device_ids": []}), size
