@@ -11,6 +11,7 @@ sees exactly the batches it would have seen. `iterate` decodes and augments in w
 from __future__ import annotations
 
 import contextlib
+import zlib
 from typing import Sequence
 
 import grain
@@ -64,6 +65,8 @@ class _Example:
         a = self.answer_tokenizer([answers_lib.normalize(refs[0])])
         out["answer_ids"], out["answer_mask"] = a["input_ids"][0], a["attention_mask"][0]
     else:
+      if "image_id" in ex:  # The ITM negatives leave out other captions of the same picture.
+        out["image_key"] = np.uint32(zlib.crc32(_text(ex["image_id"]).encode()))
       second = ex["image2"] if "image2" in ex else ex["image"]  # Two views of one image.
       self._view(out, second, rng, suffix="2")
       if self.teacher is not None:

@@ -3,14 +3,16 @@
 For image i a negative text j != i is drawn with probability proportional to
 exp(sim(i, j) / tau) (never the positive; defined for negative similarities too, unlike
 sampling on raw cosines); optionally a negative image per text likewise. An example whose
-caption is the same as i's (a corpus repeats short captions) is not drawn either: its text
-matches image i, and its embedding, equal to the positive's, would be drawn first. An
-example whose every other example has its caption has no negative: its draw is left out of
-the loss. Indices are global: the arrays are the global batch, whatever the device layout.
+caption is the same as i's (a corpus repeats short captions), or whose picture is i's (a
+picture with several captions), is not drawn either: its text matches image i (or its image
+matches text i), and its embedding, close to the positive's, would be drawn first. An example
+whose every other example is such has no negative: its draw is left out of the loss. Indices are global: the arrays are the global batch, whatever the device layout.
 The sampled pairs are scored by the model with the negative's own tokens and attention mask.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +33,21 @@ def caption_keys(input_ids, attention_mask):
   return jnp.sum(tokens * jnp.asarray(weights.astype(np.uint32)), axis=-1, dtype=jnp.uint32)
 
 
+def matching(keys):
+  """(N, N) bool: True where examples i and j agree on any of `keys` (each (N,): the captions'
+  `caption_keys`, the pictures' keys), so that neither is the other's negative; None for no
+  keys."""
+  keys = list(keys)
+  if not keys:
+    return None
+  return functools.reduce(jnp.logical_or, [k[:, None] == k[None, :] for k in keys])
+
+
 def sample_negatives(key, sim, temperature, same=None):
   """For each row i of `sim` (N, N), one column j != i drawn with p ∝ exp(sim[i, j] / tau).
-  same: (N, N) bool, True where j may not be i's negative (its caption is i's); a row with
-  every column excluded draws from every j != i, to keep the shapes fixed, and
-  `negative_weights` leaves that draw out of the loss."""
+  same: (N, N) bool (`matching`), True where j may not be i's negative; a row with every
+  column excluded draws from every j != i, to keep the shapes fixed, and `negative_weights`
+  leaves that draw out of the loss."""
   logits = jax.lax.stop_gradient(sim.astype(jnp.float32)) / temperature
   eye = jnp.eye(sim.shape[0], dtype=bool)
   excluded = eye if same is None else same | eye
@@ -44,23 +56,24 @@ def sample_negatives(key, sim, temperature, same=None):
   return jax.random.categorical(key, logits, axis=-1)
 
 
-def negative_weights(captions, negative_images=False):
+def negative_weights(keys, negative_images=False):
   """(M,) float32, in the layout of `hard_negative_pairs`: 1 for a drawn negative, 0 where the
-  example has no negative in the batch (every other example has its caption), so that the
-  draw, a text that matches the image, is not taught as a mismatch."""
-  has_negative = jnp.any(captions[:, None] != captions[None, :], axis=-1).astype(jnp.float32)
+  example has no negative in the batch (every other example matches it on one of `keys`, see
+  `matching`), so that the draw, a text that matches the image, is not taught as a
+  mismatch."""
+  has_negative = jnp.any(~matching(keys), axis=-1).astype(jnp.float32)
   return jnp.concatenate([has_negative] * (2 if negative_images else 1))
 
 
 def hard_negative_pairs(key, image_embed, text_embed, temperature, negative_images=False,
-                        captions=None):
+                        keys=()):
   """(text_idx, image_idx) of the negative pairs. First a negative text for every image, then
-  (with `negative_images`) a negative image for every text. captions: (N,) keys
-  (`caption_keys`) of the examples' captions: examples of the same caption are not each
-  other's negatives."""
+  (with `negative_images`) a negative image for every text. keys: (N,) keys of the examples'
+  captions (`caption_keys`) and pictures: examples that agree on one are not each other's
+  negatives."""
   sim = contrastive.similarity(image_embed, text_embed)  # image x text
   n = sim.shape[0]
-  same = None if captions is None else captions[:, None] == captions[None, :]
+  same = matching(keys)
   k_text, k_image = jax.random.split(key)
   text_idx = [sample_negatives(k_text, sim, temperature, same)]
   image_idx = [jnp.arange(n)]

@@ -30,10 +30,11 @@ def pretrain_terms(model: AMiF, params, batch: dict, key, cfg, train: bool = Tru
   """Returns (total loss, metrics: every term, the temperatures, solver/ITM diagnostics, the
   model's outputs: the embeddings image_embed / text_embed and the token outputs).
 
-  batch: images, input_ids, attention_mask, optional images2, the views' blur sigmas
-    blur / blur2 when the pipeline drew them (applied here, on device), and the teacher embeddings
-    teacher_image / teacher_text (/ teacher_image2) with teacher_scale (see
-    `teacher_embeddings`). cfg: the `losses` config. key: the step's random key (ITM
+  batch: images, input_ids, attention_mask, optional image_key (the pictures' keys: the ITM
+    negatives leave out other captions of the same picture), optional images2, the views'
+    blur sigmas blur / blur2 when the pipeline drew them (applied here, on device), and the
+    teacher embeddings teacher_image / teacher_text (/ teacher_image2) with teacher_scale
+    (see `teacher_embeddings`). cfg: the `losses` config. key: the step's random key (ITM
     negatives, dropout; None without either). train: dropout on (validation: off).
   """
   weights = dict(cfg.weights)
@@ -43,10 +44,13 @@ def pretrain_terms(model: AMiF, params, batch: dict, key, cfg, train: bool = Tru
   k_itm, k_drop = jax.random.split(key) if key is not None else (None, None)
   pairs = None
   if weights.get("itm", 0) > 0:
-    captions = itm.caption_keys(batch["input_ids"], batch["attention_mask"])
+    # Examples of one caption, or of one picture, are not each other's negatives.
+    alike = [itm.caption_keys(batch["input_ids"], batch["attention_mask"])]
+    if "image_key" in batch:
+      alike.append(batch["image_key"])
     pairs = lambda out: itm.hard_negative_pairs(
         k_itm, out["image_embed"], out["text_embed"], out["temperature"]["itgc"],
-        cfg.itm.negative_images, captions)
+        cfg.itm.negative_images, alike)
   # The second view is encoded only when its loss counts.
   images2 = (device_augment.views(batch, "images2", "blur2")
              if "images2" in batch and weights.get("imvc", 0) > 0 else None)
@@ -66,7 +70,7 @@ def pretrain_terms(model: AMiF, params, batch: dict, key, cfg, train: bool = Tru
     metrics.update(m)
   if weights.get("itm", 0) > 0:
     terms["itm"], m = itm.itm_loss(out["itm_logits"], out["pair_itm_logits"],
-                                   itm.negative_weights(captions, cfg.itm.negative_images))
+                                   itm.negative_weights(alike, cfg.itm.negative_images))
     metrics.update(m)
   total = sum(weights.get(k, 0.0) * v for k, v in terms.items())
   metrics.update(terms)

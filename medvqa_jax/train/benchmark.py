@@ -68,6 +68,7 @@ def synthetic_batch(config, model, batch_size: int, seed: int = 0,
     blur = lambda: np.where(rng.random(batch_size) < 0.5,
                             rng.uniform(*augment.BLUR_SIGMA, batch_size), 0).astype(np.float32)
     batch["blur"] = blur()
+    batch["image_key"] = np.arange(batch_size, dtype=np.uint32)  # Every picture its own.
     if dict(config.losses.weights).get("imvc", 0) > 0:
       batch["images2"], batch["blur2"] = images(), blur()
     if config.teacher.mode != "none":

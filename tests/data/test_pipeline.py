@@ -173,10 +173,15 @@ def test_benchmark_command_times_the_pretraining_pipeline(tmp_path):
 def test_pretraining_views_carry_their_blur_for_the_device(source, tokenizer):
   rng = np.random.default_rng(0)
   captions = [{"id": str(i), "image": rng.integers(0, 255, (40, 48, 3), np.uint8),
-               "caption": f"a chest film number {i}"} for i in range(16)]
+               "image_id": f"{i // 2:020x}", "caption": f"a chest film number {i}"}
+              for i in range(16)]
   ds = _batches(captions, tokenizer, kind="caption", augmentation="pretrain", global_batch=16,
                 answer_vocab=None)
   batch = ds[0]
+  # The pictures' keys (for the ITM negatives), equal for two captions of one picture.
+  keys = {int(k): int(i) // 2 for k, i in zip(batch["image_key"], batch["id"])}
+  assert batch["image_key"].dtype == np.uint32 and len(keys) == 8
+  assert len(set(keys.values())) == 8
   for key in ("blur", "blur2"):
     sigma = batch[key]
     assert sigma.shape == (16,) and sigma.dtype == np.float32

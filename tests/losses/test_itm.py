@@ -93,22 +93,27 @@ def test_caption_keys_tell_captions_apart_by_their_real_tokens():
   assert len(set(np.asarray(itm.caption_keys(many, np.ones_like(many))).tolist())) == 2000
 
 
-def test_examples_of_the_same_caption_are_not_each_others_negatives():
+def test_examples_of_the_same_caption_or_picture_are_not_each_others_negatives():
   """Captions 0, 2 and 4 are the same (a corpus repeats short captions): their texts match
-  each other's images, and their embeddings, equal, would be drawn before any other. None is
+  each other's images, and their embeddings, equal, would be drawn before any other. Examples
+  1 and 3 are two captions of one picture: each text matches the other's image. None is
   drawn for another; the rest follow the similarity, renormalised over what is left. A row
-  whose every other example has its caption falls back to them all."""
+  whose every other example is such falls back to them all."""
   rng = np.random.default_rng(3)
   n, tau, draws = 6, 0.2, 20000
   unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
   text = unit(rng.normal(size=(n, 8)))
   text[2] = text[4] = text[0]  # Same caption, same text embedding.
   image = unit(text + 0.5 * rng.normal(size=(n, 8)))  # Each image near its own text.
+  text[3] = unit(text[1] + 0.3 * rng.normal(size=8))  # Another caption of picture 1.
+  image[1] = image[3] = text[1]
   captions = np.array([5, 1, 5, 2, 5, 3], np.uint32)
-  same = captions[:, None] == captions[None, :]
+  pictures = np.array([10, 11, 12, 11, 14, 15], np.uint32)
+  same = (captions[:, None] == captions[None, :]) | (pictures[:, None] == pictures[None, :])
+  assert not same[0, 1] and same[1, 3] and same[0, 4] and not same[1, 2]
   sim = image.astype(np.float64) @ text.T.astype(np.float64)
   t_idx, i_idx = jax.vmap(lambda k: itm.hard_negative_pairs(k, image, text, tau, True,
-                                                            captions))(
+                                                            (captions, pictures)))(
       jax.random.split(jax.random.PRNGKey(7), draws))
   t_idx, i_idx = np.asarray(t_idx), np.asarray(i_idx)
 
@@ -125,6 +130,7 @@ def test_examples_of_the_same_caption_are_not_each_others_negatives():
   plain = np.asarray(jax.vmap(lambda k: itm.hard_negative_pairs(k, image, text, tau)[0])(
       jax.random.split(jax.random.PRNGKey(7), 2000)))
   assert np.isin(plain[:, 0], [2, 4]).mean() > 0.5  # Measured: 0.89.
+  assert (plain[:, 1] == 3).mean() > 0.5  # Image 1 draws its picture's other caption.
   # Every caption the same: any other example, as without the captions.
   alike = np.asarray(jax.vmap(lambda k: itm.sample_negatives(k, sim, tau, np.ones((n, n), bool)))(
       jax.random.split(jax.random.PRNGKey(8), 4000)))
@@ -137,12 +143,14 @@ def test_examples_without_a_negative_are_left_out_of_the_itm_loss():
   """Examples 0-2 share one caption and 3 has its own: 3 has negatives, and so have 0-2 (text
   3). With every caption the same, no example has one: the fallback draw (a text of the
   image's own caption) is left out, and the loss is the positives' cross-entropy."""
-  np.testing.assert_array_equal(itm.negative_weights(np.array([4, 4, 4, 7], np.uint32)),
-                                [1, 1, 1, 1])
-  np.testing.assert_array_equal(itm.negative_weights(np.array([4, 4, 4], np.uint32), True),
-                                np.zeros(6))
-  np.testing.assert_array_equal(
-      itm.negative_weights(np.array([4, 4, 9], np.uint32), True), np.ones(6))
+  keys = lambda *k: [np.array(x, np.uint32) for x in k]
+  np.testing.assert_array_equal(itm.negative_weights(keys([4, 4, 4, 7])), [1, 1, 1, 1])
+  np.testing.assert_array_equal(itm.negative_weights(keys([4, 4, 4]), True), np.zeros(6))
+  np.testing.assert_array_equal(itm.negative_weights(keys([4, 4, 9]), True), np.ones(6))
+  # Two pictures, each with its own captions: every example has a negative (the other
+  # picture's). One picture: none has.
+  np.testing.assert_array_equal(itm.negative_weights(keys([1, 2, 3], [8, 8, 9])), np.ones(3))
+  np.testing.assert_array_equal(itm.negative_weights(keys([1, 2, 3], [8, 8, 8])), np.zeros(3))
   pos = np.array([[0.0, 2.0], [1.0, -1.0]], np.float32)
   neg = np.array([[3.0, -3.0], [-2.0, 1.0], [0.5, 0.0]], np.float32)
   logp = lambda row, c: row[c] - np.log(np.exp(row).sum())
