@@ -6,8 +6,9 @@ sampling on raw cosines); optionally a negative image per text likewise. An exam
 caption is the same as i's (a corpus repeats short captions), or whose picture is i's (a
 picture with several captions), is not drawn either: its text matches image i (or its image
 matches text i), and its embedding, close to the positive's, would be drawn first. An example
-whose every other example is such has no negative: its draw is left out of the loss. Indices are global: the arrays are the global batch, whatever the device layout.
-The sampled pairs are scored by the model with the negative's own tokens and attention mask.
+whose every other example is such has no negative: its draw is left out of the loss. Indices
+are global: the arrays are the global batch, whatever the device layout. The sampled pairs
+are scored by the model with the negative's own tokens and attention mask.
 """
 
 from __future__ import annotations
