@@ -11,6 +11,7 @@ sees exactly the batches it would have seen. `iterate` decodes and augments in w
 from __future__ import annotations
 
 import contextlib
+import signal
 import zlib
 from typing import Sequence
 
@@ -134,6 +135,17 @@ class _HostRows:
     return self.parent[b * self.global_batch + self.index * self.per + j]
 
 
+def _ignore_stop_signals(worker_index: int, worker_count: int):
+  """In each input worker: SIGTERM and SIGINT are the main process's to handle. A scheduler
+  signals every process of a job (Slurm's --signal, `kill -TERM -PGID`), Ctrl-C the terminal's
+  whole process group; a worker that died of it failed the main process's next batch before
+  it could save the step it reached. The main process stops the workers when it leaves
+  `iterate`."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def iterate(ds: grain.MapDataset, start_step: int = 0, num_workers: int = 0,
             prefetch: int = 2):
@@ -150,7 +162,8 @@ def iterate(ds: grain.MapDataset, start_step: int = 0, num_workers: int = 0,
     from absl import flags
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside app.run()
       flags.FLAGS.mark_as_parsed()   # they are the defaults.
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                        worker_init_fn=_ignore_stop_signals)
   it = iter(it)
   try:
     yield it

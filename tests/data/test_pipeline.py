@@ -2,8 +2,11 @@
 
 import json
 import multiprocessing
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +116,16 @@ def test_iterate_resumes_and_workers_give_the_same_batches(source, tokenizer):
   with pipeline.iterate(ds, start_step=2, num_workers=1) as workers:
     assert np.array_equal(next(workers)["images"], ds[2]["images"])
     assert len(grain_workers()) == 1
+    # A scheduler's SIGTERM to every process of the job (or Ctrl-C's SIGINT to the terminal's
+    # process group) is the main process's to act on: the worker keeps making batches, so
+    # the step in progress can finish and be saved (it died, and the next batch failed).
+    (worker,) = grain_workers()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      os.kill(worker.pid, sig)
+    time.sleep(0.5)
+    for step in range(3, 9):  # More than the batches made ahead.
+      assert list(next(workers)["id"]) == list(ds[step]["id"])
+    assert worker.is_alive()
   # Leaving the block stops the worker (and frees its batches in flight).
   assert grain_workers() == []
 
