@@ -607,7 +607,8 @@ def train(config, workdir=None, stream=None) -> dict:
         stopping = preemption.reached(done)
         # A validation due at this step is done before stopping: the resumed run would skip it.
         evaluate_now = done % tc.eval_every == 0 or done == steps
-        save_now = done % tc.save_every == 0 or done == steps or stopping
+        scheduled = done % tc.save_every == 0 or done == steps
+        save_now = scheduled or stopping
         if evaluate_now or save_now:
           drain()
           paused = time.perf_counter()
@@ -618,7 +619,11 @@ def train(config, workdir=None, stream=None) -> dict:
             # Every step logged up to the checkpoint is on disk before it: a run killed
             # later resumes from it and logs the steps after it only.
             reporter.flush()
-            ckpts.save(done, state, run_record(done, val), metrics=val or None)
+            # Only the scheduled saves compete for the best step: the run uninterrupted
+            # would not have saved a stop's step, and the choice would depend on when the stop
+            # came. Its validation is in the logs.
+            chosen = val if scheduled else {}
+            ckpts.save(done, state, run_record(done, chosen), metrics=chosen or None)
             last_saved = done
           reporter.exclude(time.perf_counter() - paused)
         if stopping:

@@ -252,10 +252,12 @@ def test_sigterm_saves_the_step_reached_and_stops_cleanly(tmp_path, data_dir):
   """A scheduler's SIGTERM: the run finishes the step in progress and saves it (it held no
   checkpoint: the last was up to save_every steps back), finishes the checkpoint in flight,
   stops its input workers (they were left running, orphaned) and names the step to resume
-  from."""
+  from. Every step is validated here: the stop's step is too, but that save, off the save
+  schedule, does not compete for the best step (the run uninterrupted would not have saved
+  it)."""
   workdir = tmp_path / "terminated"
   proc = subprocess.Popen(_train_cmd(workdir, data_dir, "--config.data.workers=1", *NO_SAVES,
-                                     log_every=1),
+                                     "--config.train.eval_every=1", log_every=1),
                           cwd=ROOT, env=_env(8), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   before = _read_until(proc, f"step {SIGNALLED}/{STEPS}")
@@ -278,6 +280,12 @@ def test_sigterm_saves_the_step_reached_and_stops_cleanly(tmp_path, data_dir):
   assert "SIGTERM: stopping after the step in progress" in stderr
   assert (f"interrupted: the latest checkpoint is step {saved[-1]} in "
           f"{workdir / 'checkpoints'}; run the same command again to resume") in stderr
+  from medvqa_jax.train.checkpoint import Checkpoints
+  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert any(r["step"] == saved[0] and "val_accuracy" in r for r in lines)  # Validated,
+  ckpts = Checkpoints(workdir / "checkpoints", read_only=True)
+  assert ckpts.run_record(saved[0])["val"] == {}  # but not a candidate for the best.
+  ckpts.close()
 
 
 def test_eval_restores_an_8_device_checkpoint_on_two_processes_and_on_1_device(straight,
