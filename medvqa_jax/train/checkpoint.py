@@ -64,6 +64,7 @@ class _KeepBest:
 
   def __init__(self):
     self.step, self.value = None, None
+    self.unread: set[int] = set()  # Steps whose record could not be read: kept too.
 
   def offer(self, step: int, metrics: dict | None):
     """A step with validation metrics; a later step wins ties. A NaN or infinite value
@@ -77,7 +78,7 @@ class _KeepBest:
         self.step, self.value = step, value
 
   def should_preserve(self, checkpoints, *, context=None):
-    return [info.step == self.step for info in checkpoints]
+    return [info.step == self.step or info.step in self.unread for info in checkpoints]
 
 
 def _restore_args(abstract, partial: bool = False):
@@ -106,7 +107,8 @@ class Checkpoints:
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          handler_registry=registry)
     if not read_only:  # The best step saved so far, kept by the saves to come.
-      self._best.step, self._best.value = self._scan_best()
+      scan = self._scan()
+      self._best.step, self._best.value, self._best.unread = scan.step, scan.value, scan.unread
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -142,20 +144,22 @@ class Checkpoints:
   def run_record(self, step: int) -> dict:
     return self._restore(step, run=ocp.args.JsonRestore())["run"]
 
-  def _scan_best(self) -> tuple[int | None, float | None]:
-    """(step, selection value) of the best validation metric in the run records on disk.
-    Steps whose record cannot be read are passed over, with a warning."""
+  def _scan(self) -> _KeepBest:
+    """The best validation metric in the run records on disk. Steps whose record cannot be
+    read are passed over, with a warning, and listed in `unread` (the saves to come keep
+    them: nothing is deleted automatically, and one of them may have been the best)."""
     best = _KeepBest()
     for step in self.steps():
       try:
         best.offer(step, self.run_record(step).get("val"))
       except UnreadableCheckpoint as e:
-        log.warning("passed over in choosing the best step: %s", e)
-    return best.step, best.value
+        best.unread.add(step)
+        log.warning("passed over in choosing the best step (and kept): %s", e)
+    return best
 
   def best_step(self) -> int | None:
     """The step with the best validation metric (the latest step if none has one)."""
-    best = self._scan_best()[0]
+    best = self._scan().step
     return best if best is not None else self.latest_step()
 
   def _saved(self, step: int, part: str):

@@ -70,6 +70,21 @@ def test_damaged_run_record_is_passed_over_in_choosing_the_best(folder, caplog):
   assert "passed over" in caplog.text and "step 4" in caplog.text
 
 
+def test_a_step_whose_record_is_damaged_is_not_deleted_by_the_saves_to_come(folder):
+  """Passed over in choosing the best, a step whose record cannot be read (here the best,
+  4) is still kept by a resumed run's saves, whatever `keep` says: its parameters may be
+  intact, and nothing is deleted automatically."""
+  record = folder / "4" / "run" / "metadata"
+  record.write_text(record.read_text()[:5])
+  ckpts = ckpt_lib.Checkpoints(folder, keep=1)
+  for step in (8, 10):
+    val = {"val_accuracy": 0.1}
+    ckpts.save(step, state(), {"step": step, "val": val}, metrics=val)
+  ckpts.close()
+  # 6 (0.6), the best readable, and 10, the latest, are kept by the policy; 2 and 8 go.
+  assert ckpt_lib.Checkpoints(folder, read_only=True).steps() == [4, 6, 10]
+
+
 def test_restoring_onto_another_model_names_the_parameters(folder):
   ckpts = ckpt_lib.Checkpoints(folder, read_only=True)
   with pytest.raises(ValueError) as e:
