@@ -76,6 +76,9 @@ def restore(checkpoint_dir, overrides: dict | None = None, step: int | None = No
   record), with `overrides` ({"data.dir": "/new/place", ...}: where the data are now, the
   eval batch size) set on it."""
   folder, named_step = ckpt_lib.resolve(checkpoint_dir)
+  if None not in (step, named_step) and step != named_step:
+    raise ValueError(f"--step={step}, but {checkpoint_dir} is the folder of step {named_step}: "
+                     "give one of them (the run's folder with --step, or the step's folder)")
   ckpts = ckpt_lib.Checkpoints(folder, read_only=True)
   step = step if step is not None else named_step
   if step is None:

@@ -18,6 +18,7 @@ from medvqa_jax.evaluate import run as run_lib
 from medvqa_jax.evaluate import vqa
 from medvqa_jax.models import amif, heads
 from medvqa_jax.models.amif import AMiF
+from medvqa_jax.train import checkpoint as ckpt_lib
 from medvqa_jax.train import sharding
 
 SIZE = 16
@@ -296,3 +297,15 @@ def test_a_split_named_on_the_command_line_takes_its_role_from_the_dataset_names
       "test", "val", "test"]
   with pytest.raises(ValueError, match="unknown split 'dev'"):
     split_role(usual, "dev")
+
+
+def test_a_step_folder_and_another_step_are_refused(tmp_path):
+  """eval.py/predict.py --checkpoint_dir=<run>/checkpoints/4 --step=2: two different steps
+  asked for (step 2 was evaluated, silently). The same step twice is taken."""
+  (tmp_path / "checkpoints" / "4" / "state").mkdir(parents=True)
+  with pytest.raises(ValueError, match=r"--step=2, but .*checkpoints/4 is the folder of step "
+                     r"4: give one of them"):
+    run_lib.restore(tmp_path / "checkpoints" / "4", step=2)
+  # Past the check (a stand-in step folder, which Orbax lists but cannot read).
+  with pytest.raises(ckpt_lib.UnreadableCheckpoint, match="checkpoint step 4 in"):
+    run_lib.restore(tmp_path / "checkpoints" / "4", step=4)
