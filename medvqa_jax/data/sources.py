@@ -48,6 +48,8 @@ def _read_text(path: Path) -> str:
   except UnicodeDecodeError as e:
     raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as "
                      "UTF-8") from None
+  except OSError as e:  # A folder, or a file this user may not read.
+    raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def _numbered_lines(path: Path):
@@ -65,24 +67,47 @@ def _load_json(path: Path):
     raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
+def _load_records(path: Path) -> list:
+  """A JSON file holding a list of records."""
+  rows = _load_json(path)
+  if not isinstance(rows, list):
+    raise ValueError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
+  return rows
+
+
+def _text(value, field: str) -> str:
+  """A text field as stored: text, or a number (VQA-RAD has numeric answers and ids); None is
+  "". Anything else (a list, an object, true/false) is refused, not stored as its repr."""
+  if value is None:
+    return ""
+  if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+    raise TypeError(f"{field}: expected text, got {type(value).__name__} {value!r:.60}")
+  return str(value)
+
+
 def _vqa(rid, image, image_id, question, answers, atype="", qtype="", where=""):
-  question = "" if question is None else str(question).strip()
-  answers = [str(a).strip() for a in (answers if isinstance(answers, list) else [answers])
-             if a is not None and str(a).strip()]
+  question = _text(question, "question").strip()
+  answers = [_text(a, "answer").strip() for a in
+             (answers if isinstance(answers, list) else [answers])]
+  answers = [a for a in answers if a]
   if not question:
     return Bad(where, "empty question")
+  if not _text(rid, "id").strip():
+    return Bad(where, "no id")
   # An empty answer is kept (SLAKE's train split has one): it counts as a QA pair, and
   # normalises to "", which no vocabulary holds.
   answers = answers or [""]
-  return dict(id=str(rid), image=image, image_id=str(image_id), question=question,
-              answers=answers, answer_type=clean_type(atype), question_type=str(qtype or ""))
+  return dict(id=_text(rid, "id"), image=image, image_id=_text(image_id, "image"),
+              question=question, answers=answers,
+              answer_type=clean_type(_text(atype, "answer type")),
+              question_type=_text(qtype, "question type"))
 
 
 def _guarded(where: str, make: Callable[[], dict | Bad]) -> dict | Bad:
   """make(), or a Bad naming `where` when the row lacks a field or has one of the wrong type."""
   try:
     return make()
-  except (KeyError, TypeError, ValueError) as e:
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
     return Bad(where, f"malformed record ({type(e).__name__}: {e})")
 
 
@@ -138,7 +163,7 @@ def vqa_rad(source_dir: Path, test_frames: bool = True) -> dict:
   if (source_dir / "trainset.json").exists():
     images = source_dir / "images"
     test_path = _need(source_dir / "testset.json", "the MEVF test split")
-    test_rows, train_path = _load_json(test_path), source_dir / "trainset.json"
+    test_rows, train_path = _load_records(test_path), source_dir / "trainset.json"
     asked = {str(r.get("qid")): (r.get("image_name"), r.get("answer")) for r in test_rows
              if isinstance(r, dict)}
 
@@ -150,11 +175,11 @@ def vqa_rad(source_dir: Path, test_frames: bool = True) -> dict:
       except (KeyError, TypeError, ValueError):
         return True
       return asked.get(before) != (r.get("image_name"), r.get("answer"))
-    return {"train": _records(train_path, _load_json(train_path), make(images), keep),
+    return {"train": _records(train_path, _load_records(train_path), make(images), keep),
             "test": _records(test_path, test_rows, make(images))}
   path = _need(source_dir / "VQA_RAD Dataset Public.json",
                "VQA-RAD: trainset.json (MEVF split) or 'VQA_RAD Dataset Public.json'")
-  rows = _load_json(path)
+  rows = _load_records(path)
   images = source_dir / "VQA_RAD Image Folder"
   # A row that is no object is reported once, with the training split.
   is_test = lambda r: isinstance(r, dict) and str(r.get("phrase_type", "")).startswith("test")
@@ -179,7 +204,7 @@ def slake(source_dir: Path, language: str = "en") -> dict:
   for split, name in (("train", "train.json"), ("validation", "validate.json"),
                       ("test", "test.json")):
     path = _need(source_dir / name, "SLAKE's train.json, validate.json and test.json")
-    out[split] = _records(path, _load_json(path), lambda r, where: _vqa(
+    out[split] = _records(path, _load_records(path), lambda r, where: _vqa(
         r["qid"], str(source_dir / "imgs" / r["img_name"]), r["img_name"], r["question"],
         r["answer"], r.get("answer_type"), r.get("content_type"), where),
         keep=lambda r: not isinstance(r, dict) or r.get("q_lang") == language)
@@ -227,8 +252,13 @@ def _pathvqa_pkl(source_dir: Path) -> dict:
     path = source_dir / "qas" / short / f"{short}_qa.pkl"
     if not path.exists():
       continue
-    with open(path, "rb") as f:
-      rows = pickle.load(f)  # The release's own format; read only files you trust.
+    try:
+      with open(path, "rb") as f:
+        rows = pickle.load(f)  # The release's own format; read only files you trust.
+    except Exception as e:  # Truncated, empty or not a pickle: whatever unpickling raises.
+      raise ValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(rows, list):
+      raise ValueError(f"{path}: expected a list of records, got {type(rows).__name__}")
     folder = source_dir / "images" / short
 
     def make(r, where, folder=folder, short=short):
@@ -252,7 +282,11 @@ def _pathvqa_parquet(source_dir: Path) -> dict:
                    or {short, split} & set(p.relative_to(source_dir).parts[:-1]))
     records = []
     for path in files:
-      rows = pq.read_table(path).to_pylist()
+      try:
+        rows = pq.read_table(path).to_pylist()
+      except Exception as e:  # pyarrow's errors (ArrowInvalid, OSError) name no file.
+        raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: "
+                         f"{e})") from None
 
       def make(r, where, path=path):
         image = r["image"]
@@ -282,7 +316,7 @@ def _pathvqa_json(source_dir: Path) -> dict:
       return _vqa(f"{short}-{n}", str(source_dir / rel), Path(rel).name, r["question"],
                   r["answer"], r.get("answer_type") or _yes_no_type(r["answer"]),
                   r.get("question_type", ""), where)
-    out[split] = _records(path, _load_json(path), make)
+    out[split] = _records(path, _load_records(path), make)
   return out
 
 
@@ -373,12 +407,13 @@ def vqa_med_2019(source_dir: Path) -> dict:
 
 def record_id(value, default: str) -> str:
   """A record's id as stored: its own (0 included), else `default` where it has none."""
-  return default if value is None or str(value).strip() == "" else str(value)
+  value = _text(value, "id")
+  return default if value.strip() == "" else value
 
 
 def clean_caption(caption) -> str:
   """A caption as stored (and as the teacher cache reads it): surrounding spaces removed."""
-  return "" if caption is None else str(caption).strip()
+  return _text(caption, "caption").strip()
 
 
 def _caption(rid, image, caption, where, **extra):
@@ -389,10 +424,21 @@ def _caption(rid, image, caption, where, **extra):
 
 
 def _csv_rows(path: Path):
-  """(line number, row) of a csv with a header line (a row spanning lines: its last line)."""
-  reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
-  for row in reader:
-    yield reader.line_num, row
+  """(line number, row or Bad) of a csv with a header line (a row spanning lines: its last
+  line). A row of more fields than the header (an unquoted comma in a caption) is a Bad; a
+  quote left open (which would swallow the rows after it) stops the file, naming its line."""
+  reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), strict=True)
+  try:
+    for row in reader:
+      n = reader.line_num
+      if None in row:  # DictReader files the fields past the header's under None.
+        yield n, Bad(f"{path} line {n}", f"{len(reader.fieldnames) + len(row[None])} fields, "
+                     f"but the header has {len(reader.fieldnames)} (quote a field that holds "
+                     "a comma)")
+      else:
+        yield n, row
+  except csv.Error as e:
+    raise ValueError(f"{path} line {reader.line_num}: not valid csv ({e})") from None
 
 
 def _split_files(source_dir: Path, pattern: str) -> dict:
@@ -430,6 +476,9 @@ def roco(source_dir: Path) -> dict:
     records = []
     for n, row in _csv_rows(path):
       where = f"{path} line {n}"
+      if isinstance(row, Bad):
+        records.append(row)
+        continue
       name = row.get("image") or row.get("name") or row.get("image_path")
       if not name:
         records.append(Bad(where, "no image column (image, name or image_path)"))
@@ -488,6 +537,9 @@ def mimic_multiview(source_dir: Path) -> dict:
     records = []
     for n, row in _csv_rows(path):
       where = f"{path} line {n}"
+      if isinstance(row, Bad):
+        records.append(row)
+        continue
       images = [p for p in (row.get("images") or "").split(";") if p.strip()]
       views = [v.strip() for v in (row.get("views") or "").split(";")]
       if not images:

@@ -480,6 +480,70 @@ def test_text_files_in_other_encodings_and_fields_of_other_types(tmp_path):
                            "operand type(s) for /: 'PosixPath' and 'int')")
 
 
+def test_fields_files_and_csv_rows_of_the_wrong_shape_are_named(tmp_path):
+  """A text field holding a list, an object or true/false is a bad record naming the field
+  (it was stored as its Python repr); a record file that is no list, a pickle or parquet file
+  that cannot be read and a folder in a file's place are errors naming the file; a csv row of
+  more fields than its header is a bad record (its caption was cut at the comma), and a quote
+  left open an error naming the line (it swallowed the rows after it)."""
+  from medvqa_jax.data import sources
+  slake = tmp_path / "slake"
+  slake.mkdir()
+  entry = lambda i, **kw: {**dict(qid=i, img_name="x.jpg", question=f"q{i}", answer="a",
+                                  q_lang="en", answer_type="OPEN", content_type="Organ"), **kw}
+  rows = [entry(0), entry(1, question=["Is", "there"]), entry(2, answer={"text": "yes"}),
+          entry(3, answer=False), entry(4, answer_type=["CLOSED"]), entry(5, qid=None),
+          entry(6, answer=[["yes"]]), entry(7, answer=3)]
+  for name in ("train.json", "validate.json"):
+    (slake / name).write_text(json.dumps(rows))
+  (slake / "test.json").write_text("null")
+  with pytest.raises(ValueError, match=r"test.json: expected a JSON list of records, got "
+                     "NoneType"):
+    sources.slake(slake)
+  (slake / "test.json").unlink()
+  (slake / "test.json").mkdir()
+  with pytest.raises(ValueError, match=r"test.json: cannot be read \(Is a directory\)"):
+    sources.slake(slake)
+  (slake / "test.json").rmdir()
+  (slake / "test.json").write_text(json.dumps(rows[:1]))
+  train = sources.slake(slake)["train"]
+  assert [r["answers"] for r in train if isinstance(r, dict)] == [["a"], ["3"]]
+  assert [str(r).split("json record ")[-1] for r in train if isinstance(r, sources.Bad)] == [
+      "1: malformed record (TypeError: question: expected text, got list ['Is', 'there'])",
+      "2: malformed record (TypeError: answer: expected text, got dict {'text': 'yes'})",
+      "3: malformed record (TypeError: answer: expected text, got bool False)",
+      "4: malformed record (TypeError: answer type: expected text, got list ['CLOSED'])",
+      "5: no id",
+      "6: malformed record (TypeError: answer: expected text, got list ['yes'])"]
+
+  path = tmp_path / "qas" / "train" / "train_qa.pkl"
+  path.parent.mkdir(parents=True)
+  path.write_bytes(b"")
+  with pytest.raises(ValueError, match=r"train_qa.pkl: not a readable pickle \(EOFError"):
+    sources.pathvqa(tmp_path)
+  path.write_bytes(pickle.dumps({"not": "a list"}))
+  with pytest.raises(ValueError, match=r"train_qa.pkl: expected a list of records, got dict"):
+    sources.pathvqa(tmp_path)
+  (tmp_path / "hf").mkdir()
+  (tmp_path / "hf" / "train.parquet").write_bytes(b"PAR1 not parquet")
+  with pytest.raises(ValueError, match=r"train.parquet: not a readable parquet file"):
+    sources.pathvqa(tmp_path / "hf")
+
+  roco = tmp_path / "roco"
+  (roco / "images").mkdir(parents=True)
+  for i in range(3):
+    _jpeg(roco / "images" / f"r{i}.jpg", i)
+  (roco / "train.csv").write_text("image,caption\nr0.jpg,CT of the chest, with contrast\n"
+                                  'r1.jpg,"MRI, T2"\nr2.jpg,X-ray\n')
+  cut, quoted, plain = sources.roco(roco)["train"]
+  assert str(cut).endswith("train.csv line 2: 3 fields, but the header has 2 (quote a field "
+                           "that holds a comma)")
+  assert (quoted["caption"], plain["caption"]) == ("MRI, T2", "X-ray")
+  (roco / "train.csv").write_text('image,caption\nr0.jpg,"CT chest\nr1.jpg,MRI\n')
+  with pytest.raises(ValueError, match=r"train.csv line \d+: not valid csv \(unexpected end"):
+    sources.roco(roco)
+
+
 def test_several_files_of_one_split_are_refused_naming_them(tmp_path):
   """A caption corpus is one file per split: a second train file (shards, a renamed copy)
   is refused naming both, not read instead of the first (which was silently dropped)."""
