@@ -339,10 +339,18 @@ def build_options(name: str, max_side=None, splits=None, reader_options=None) ->
           "reader_options": {**defaults, **dict(reader_options or {})}}
 
 
-def source_fingerprint(source_dir, exclude=None) -> dict:
-  """The files of a download folder as a digest of their relative paths and sizes (a build
-  records it, so that a folder changed since is not silently served from the old build).
-  Sizes, not times: a copy of the folder elsewhere is the same source."""
+# Files whose contents (not only sizes) a source fingerprint reads: the annotations (an edit
+# that keeps the size, "2" -> "3", changes the dataset), not the images or large archives.
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".dcm", ".webp")
+_CONTENT_LIMIT = 64 * 2 ** 20
+FINGERPRINT_SCHEME = 2  # 1: paths and sizes only.
+
+
+def source_fingerprint(source_dir, exclude=None, scheme: int = FINGERPRINT_SCHEME) -> dict:
+  """The files of a download folder as a digest of their relative paths and sizes, and (scheme
+  2) the contents of its annotation files (not images, nor files over 64 MiB). A build records
+  it, so that a folder changed since is not silently served from the old build. Sizes, not
+  times: a copy of the folder elsewhere is the same source."""
   root = Path(source_dir).resolve()
   exclude = Path(exclude).resolve() if exclude else None
   digest, count = hashlib.sha1(), 0
@@ -356,8 +364,35 @@ def source_fingerprint(source_dir, exclude=None) -> dict:
       except OSError:  # A dangling link.
         continue
       digest.update(f"{path.relative_to(root)}\0{size}\n".encode())
+      if (scheme >= 2 and size <= _CONTENT_LIMIT
+          and not name.lower().endswith(_IMAGE_SUFFIXES)):
+        try:
+          digest.update(hashlib.sha1(path.read_bytes()).digest())
+        except OSError:  # Unreadable: its reader names it.
+          pass
       count += 1
-  return {"dir": str(root), "files": count, "digest": digest.hexdigest()[:16]}
+  return {"dir": str(root), "files": count, "digest": digest.hexdigest()[:16],
+          "scheme": scheme}
+
+
+def check_source(name: str, source_dir, data_dir) -> None:
+  """Refuses a build of `name` in `data_dir` made from another source than `source_dir` (or
+  from it before it changed). Builds that predate recorded sources are taken as they are."""
+  then = _built_metadata(data_dir, name).get("source")
+  if then is None:
+    return
+  if not Path(source_dir).is_dir():
+    raise FileNotFoundError(
+        f"source folder {source_dir} not found ({name} is built in "
+        f"{dataset_dir(data_dir, name)} from {then['dir']}: to use that build as it is, do "
+        "not give a source folder)")
+  now = source_fingerprint(source_dir, data_dir, then.get("scheme", 1))
+  if now["digest"] != then["digest"]:
+    raise ValueError(
+        f"{name} in {dataset_dir(data_dir, name)} was built from {then['dir']} "
+        f"({then['files']} files); {now['dir']} now differs ({now['files']} files, or "
+        "other sizes or annotations). To build from it, delete that folder or build into "
+        "another data_dir")
 
 
 def _built_metadata(data_dir, name: str) -> dict:
@@ -391,15 +426,8 @@ def build(name: str, source_dir, data_dir, **options) -> Path:
       raise ValueError(f"{name} is already built in {dataset_dir(data_dir, name)} with other "
                        f"options: {differ}. Build into another data_dir, or delete that folder "
                        f"to rebuild it")
-    then = meta.get("source")  # None: built before sources were recorded.
-    if then is not None and source_dir is not None:
-      now = source_fingerprint(source_dir, data_dir)
-      if now["digest"] != then["digest"]:
-        raise ValueError(
-            f"{name} in {dataset_dir(data_dir, name)} was built from {then['dir']} "
-            f"({then['files']} files); {now['dir']} now differs ({now['files']} files, or "
-            "other sizes). To build from it, delete that folder or build into another "
-            "data_dir")
+    if source_dir is not None:
+      check_source(name, source_dir, data_dir)
   else:
     # What a killed build left behind (TFDS writes into incomplete.* and renames at the end):
     # never read, and not removed by TFDS.

@@ -73,9 +73,12 @@ def check_kind(dc, kind: str) -> None:
 
 
 def ensure_built(dc) -> None:
-  """Builds the dataset into data.dir from data.source_dir if it is not built yet."""
+  """Builds the dataset into data.dir from data.source_dir if it is not built yet; a build
+  there from another source (or from data.source_dir before it changed) is refused."""
   name, data_dir = _need(dc, "name"), _need(dc, "dir")
   if builders.is_built(data_dir, name):
+    if dc.get("source_dir"):
+      builders.check_source(name, dc.source_dir, data_dir)
     have = builders.built_options(data_dir, name)  # None: built before options were kept
     want = builders.build_options(name, max_side=dc.get("max_side"))["max_side"]
     if have is not None and have["max_side"] != want:

@@ -333,8 +333,31 @@ def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path):
   copy = shutil.copytree(src, tmp_path / "copy")
   builders.build("vqa_rad", copy, out, max_side=16)
   _write(src, rows + [dict(rows[0], qid=99)], rows[:2])
-  with pytest.raises(ValueError, match=r"was built from .*src \(6 files\); .*src now differs \(6 files, or other sizes"):
+  with pytest.raises(ValueError, match=r"was built from .*src \(6 files\); .*src now differs "
+                     r"\(6 files, or other sizes or annotations"):
     builders.build("vqa_rad", src, out, max_side=16)
+  # An edit that keeps the file's size (an answer "yes" -> "no!") is seen too; the sizes
+  # alone (builds recorded before contents were) do not see it.
+  before = [builders.source_fingerprint(copy, scheme=k)["digest"] for k in (1, 2)]
+  text = (copy / "trainset.json").read_text()
+  (copy / "trainset.json").write_text(text.replace('"yes"', '"no!"', 1))
+  after = [builders.source_fingerprint(copy, scheme=k)["digest"] for k in (1, 2)]
+  assert after[0] == before[0] and after[1] != before[1]
+  with pytest.raises(ValueError, match=r"copy now differs"):
+    builders.build("vqa_rad", copy, out, max_side=16)
+  # Training's on-first-use build (data.source_dir set) checks an existing build the same
+  # way (it was used as built, whatever the source), and names a source folder that is gone.
+  from ml_collections import ConfigDict
+  from medvqa_jax.data import splits as splits_lib
+  dc = lambda source: ConfigDict(dict(name="vqa_rad", dir=str(out), source_dir=str(source),
+                                      max_side=16))
+  with pytest.raises(ValueError, match=r"copy now differs"):
+    splits_lib.ensure_built(dc(copy))
+  with pytest.raises(FileNotFoundError, match=r"source folder .*gone not found \(vqa_rad is "
+                     r"built in .* from .*src: to use that build as it is, do not give"):
+    splits_lib.ensure_built(dc(tmp_path / "gone"))
+  (copy / "trainset.json").write_text(text)
+  splits_lib.ensure_built(dc(copy))  # The same source again.
   assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
   # Datasets built inside their source folder (beside other files) are not part of it: the
   # second build is a no-op, not "the source now differs".
