@@ -11,6 +11,7 @@ failed build leaves nothing that reads as a dataset, and building again is a no-
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import inspect
 import io
@@ -406,51 +407,67 @@ def built_options(data_dir, name: str) -> dict | None:
 
 def build(name: str, source_dir, data_dir, **options) -> Path:
   """Builds dataset `name` from `source_dir` into `data_dir` (a no-op if already built with the
-  same options; a build with other options is refused, not silently reused)."""
+  same options; a build with other options is refused, not silently reused). One process
+  builds at a time (a sweep's runs sharing data.dir): the others wait, then find it built."""
   kind(name)  # A known name.
-  builder = BUILDERS[name](source_dir=source_dir, data_dir=str(data_dir),
-                           file_format="array_record", **options)
-  if is_built(data_dir, name):
-    wanted = build_options(name, **{k: options.get(k) for k in
-                                    ("max_side", "splits", "reader_options")})
-    meta = _built_metadata(data_dir, name)
-    have = meta.get("build_options")  # None: built before options were recorded.
-    if have is not None and have != wanted:
-      show = lambda key, value: (value if value is not None else
-                                 {"max_side": "full size", "splits": "all"}.get(key, value))
-      flat = lambda o: {**{k: v for k, v in o.items() if k != "reader_options"},
-                        **(o.get("reader_options") or {})}
-      have_flat, wanted_flat = flat(have), flat(wanted)
-      differ = ", ".join(f"{k} {show(k, have_flat.get(k))!r} (asked: {show(k, v)!r})"
-                         for k, v in wanted_flat.items() if have_flat.get(k) != v)
-      raise ValueError(f"{name} is already built in {dataset_dir(data_dir, name)} with other "
-                       f"options: {differ}. Build into another data_dir, or delete that folder "
-                       f"to rebuild it")
-    if source_dir is not None:
-      check_source(name, source_dir, data_dir)
-  else:
-    # What a killed build left behind (TFDS writes into incomplete.* and renames at the end):
-    # never read, and not removed by TFDS.
-    for stale in (Path(data_dir) / name).glob("incomplete.*"):
-      log.info("removing %s, left by an interrupted build", stale)
-      shutil.rmtree(stale, ignore_errors=True)
-    # A build that fails (a missing source file, too many bad records) leaves nothing behind:
-    # TFDS removes its incomplete.* folder, and the folders it made around it are removed here
-    # when they are new and empty (an existing or non-empty folder is never touched).
+  if not is_built(data_dir, name):
+    # The folders this build makes around the dataset: removed again if it fails.
     root = Path(data_dir).absolute()
     made = [root / name, root / "downloads" / "extracted", root / "downloads"]
-    made += [root, *root.parents]
-    made = [f for f in made if not f.exists()]
-    try:
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(
-              download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-    except BaseException:
-      for folder in made:  # Innermost first.
-        if folder.is_dir() and not any(folder.iterdir()):
-          folder.rmdir()
-      raise
+    made = [f for f in made + [root, *root.parents] if not f.exists()]
+    root.mkdir(parents=True, exist_ok=True)
+    lock_path = root / f".{name}.build-lock"
+    with open(lock_path, "a") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      # Removed by its holder (the processes waiting on it then find the dataset built), so
+      # that the data folder is left as it was.
+      try:
+        if not is_built(data_dir, name):  # Or built by another process meanwhile.
+          _build(name, source_dir, data_dir, options, made, lock_path)
+          return dataset_dir(data_dir, name)
+      finally:
+        lock_path.unlink(missing_ok=True)
+  wanted = build_options(name, **{k: options.get(k) for k in
+                                  ("max_side", "splits", "reader_options")})
+  have = _built_metadata(data_dir, name).get("build_options")  # None: from before options.
+  if have is not None and have != wanted:
+    show = lambda key, value: (value if value is not None else
+                               {"max_side": "full size", "splits": "all"}.get(key, value))
+    flat = lambda o: {**{k: v for k, v in o.items() if k != "reader_options"},
+                      **(o.get("reader_options") or {})}
+    have_flat, wanted_flat = flat(have), flat(wanted)
+    differ = ", ".join(f"{k} {show(k, have_flat.get(k))!r} (asked: {show(k, v)!r})"
+                       for k, v in wanted_flat.items() if have_flat.get(k) != v)
+    raise ValueError(f"{name} is already built in {dataset_dir(data_dir, name)} with other "
+                     f"options: {differ}. Build into another data_dir, or delete that folder "
+                     f"to rebuild it")
+  if source_dir is not None:
+    check_source(name, source_dir, data_dir)
   return dataset_dir(data_dir, name)
+
+
+def _build(name: str, source_dir, data_dir, options: dict, made: list[Path], lock_path: Path):
+  """The build itself, under `build`'s lock. made: the folders that did not exist before."""
+  builder = BUILDERS[name](source_dir=source_dir, data_dir=str(data_dir),
+                           file_format="array_record", **options)
+  # What a killed build left behind (TFDS writes into incomplete.* and renames at the end):
+  # never read, and not removed by TFDS. (No other build is running: this one holds the lock.)
+  for stale in (Path(data_dir) / name).glob("incomplete.*"):
+    log.info("removing %s, left by an interrupted build", stale)
+    shutil.rmtree(stale, ignore_errors=True)
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  except BaseException:
+    # A build that fails (a missing source file, too many bad records) leaves nothing
+    # behind: TFDS removes its incomplete.* folder, and the folders made around it are
+    # removed when they are new and empty (an existing or non-empty folder is never touched).
+    lock_path.unlink(missing_ok=True)
+    for folder in made:  # Innermost first.
+      if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    raise
 
 
 def load(data_dir, name: str, split: str, decode_images: bool = True):

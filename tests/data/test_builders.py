@@ -370,6 +370,49 @@ def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path):
   assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
 
 
+def test_a_second_build_waits_for_the_one_running(tmp_path, monkeypatch):
+  """Runs of a sweep sharing data.dir build on first use at once: the second removed the
+  first's incomplete.* folder as left by a killed build, and the first failed. A build now
+  holds a lock on the data folder: the second waits, leaves the running one's folder alone,
+  then finds the dataset built (or builds it, here, where the "running" build is the test's
+  stand-in)."""
+  import fcntl
+  import threading
+  src, rows = _vqa_source(tmp_path, n=8)
+  _write(src, rows, rows[:2])
+  out = tmp_path / "out"
+  running = out / "vqa_rad" / "incomplete.RUN123_1.2.0"  # The running build's folder.
+  running.mkdir(parents=True)
+  waiting = []
+  real_flock = fcntl.flock
+  monkeypatch.setattr(builders.fcntl, "flock",
+                      lambda f, op: (waiting.append(op), real_flock(f, op))[1])
+  lock = open(out / ".vqa_rad.build-lock", "a")
+  real_flock(lock, fcntl.LOCK_EX)  # The running build holds the lock.
+  errors = []
+  second = threading.Thread(target=lambda: _catch(errors, builders.build, "vqa_rad", src, out))
+  second.start()
+  for _ in range(200):
+    if waiting:
+      break
+    second.join(0.05)
+  second.join(0.5)
+  assert waiting and second.is_alive() and running.exists()  # Waiting, folder untouched.
+  real_flock(lock, fcntl.LOCK_UN)
+  lock.close()
+  second.join(120)
+  assert not second.is_alive() and errors == []
+  assert builders.is_built(out, "vqa_rad") and not running.exists()
+  assert not (out / ".vqa_rad.build-lock").exists()  # The data folder as it was, plus it.
+
+
+def _catch(errors, fn, *args):
+  try:
+    fn(*args)
+  except BaseException as e:  # Reported by the test, not lost in the thread.
+    errors.append(e)
+
+
 def test_real_vqa_rad_build_and_summary(tmp_path):
   helpers.shared_data()
   run = subprocess.run([sys.executable, "launch/prepare_data.py", "--dataset=vqa_rad",
