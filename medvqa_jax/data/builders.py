@@ -418,7 +418,11 @@ def build(name: str, source_dir, data_dir, **options) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     lock_path = root / f".{name}.build-lock"
     with open(lock_path, "a") as lock:
-      fcntl.flock(lock, fcntl.LOCK_EX)
+      try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+      except OSError as e:  # A filesystem without locks: builds are not serialised there.
+        log.warning("cannot lock %s (%s): do not build %s there from two runs at once",
+                    lock_path, e, name)
       # Removed by its holder (the processes waiting on it then find the dataset built), so
       # that the data folder is left as it was.
       try:
