@@ -42,7 +42,9 @@ def demo_config():
 def _run_cache(data_dir, out, *config_args):
   return subprocess.run([sys.executable, "launch/cache_teacher.py", "--config=configs/demo.py",
                          "--config.data.name=captions_jsonl", f"--config.data.dir={data_dir}",
-                         *config_args, f"--out={out}", "--batch_size=3"],
+                         # Not the demo's source folder: the built corpus is checked against it.
+                         "--config.data.source_dir=", *config_args, f"--out={out}",
+                         "--batch_size=3"],
                         capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
