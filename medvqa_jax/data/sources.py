@@ -86,18 +86,18 @@ def _text(value, field: str) -> str:
 
 
 def _vqa(rid, image, image_id, question, answers, atype="", qtype="", where=""):
-  question = _text(question, "question").strip()
+  rid, question = _text(rid, "id"), _text(question, "question").strip()
   answers = [_text(a, "answer").strip() for a in
              (answers if isinstance(answers, list) else [answers])]
   answers = [a for a in answers if a]
   if not question:
     return Bad(where, "empty question")
-  if not _text(rid, "id").strip():
+  if not rid.strip():
     return Bad(where, "no id")
   # An empty answer is kept (SLAKE's train split has one): it counts as a QA pair, and
   # normalises to "", which no vocabulary holds.
   answers = answers or [""]
-  return dict(id=_text(rid, "id"), image=image, image_id=_text(image_id, "image"),
+  return dict(id=rid, image=image, image_id=_text(image_id, "image"),
               question=question, answers=answers,
               answer_type=clean_type(_text(atype, "answer type")),
               question_type=_text(qtype, "question type"))
