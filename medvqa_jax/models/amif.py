@@ -244,6 +244,16 @@ def compute_of(config) -> layers.Compute:
   return layers.Compute(**dict(config.model.get("compute", {})))
 
 
+def head_dims(model: AMiF) -> list[int]:
+  """The head dims of `model`'s attention layers: towers, fusion and GCA, decoder (what the
+  attention kernel is chosen by, with the compute dtype: `layers.Compute.kernel`)."""
+  stacks = [model.image, model.text, model.decoder]
+  dims = {s.width // s.num_heads for s in stacks if s is not None}
+  if model.fusion_layers or model.head != "none":
+    dims.add(model.width // model.num_heads)
+  return sorted(dims)
+
+
 def _decoder(config, text_module, text_params, abstract):
   """The generative head's decoder: the text tower's BERT, causal, with cross-attention from
   `decoder.cross_from` on (default: the second half of its layers) and the masked-LM head,

@@ -41,6 +41,19 @@ def peak_tflops(device_kind: str) -> float | None:
   return None
 
 
+def attention_kernels(compute, dtype, head_dims) -> str:
+  """The attention kernel the layers use: one name ("cudnn"), or, where `attention=auto`
+  keeps the reference for some head dims, each kernel with its head dims ("cudnn (head dim
+  64); reference (head dim 36)")."""
+  by_kernel = {}
+  for dim in head_dims:
+    by_kernel.setdefault(compute.kernel(dtype, dim), []).append(dim)
+  if len(by_kernel) == 1:
+    return next(iter(by_kernel))
+  return "; ".join(f"{kernel} (head dim {', '.join(map(str, dims))})"
+                   for kernel, dims in sorted(by_kernel.items()))
+
+
 def _ids(rng, n, length, vocab, low=None):
   """(n, length) token ids with random real lengths, and the mask (right-padded)."""
   lengths = rng.integers(low or max(2, length // 3), length + 1, n)
@@ -195,7 +208,7 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
   compiled_per_sample = (None if compiled_flops is None
                          else compiled_flops * jax.device_count() / batch_size)
   compute = amif.compute_of(config)
-  kernel = compute.kernel(mc.dtype)
+  kernel = attention_kernels(compute, mc.dtype, amif.head_dims(model))
   plain = (kernel == "reference" and not compute.scan and compute.remat == "none"
            and config.train.accum_steps == 1)
 

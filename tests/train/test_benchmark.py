@@ -143,3 +143,27 @@ def test_accumulated_micro_batches_are_not_compared():
   r = benchmark.run(config, batch_size=16, steps=0)
   assert 0.4 <= r["compiled_over_analytic"] <= 0.6
   assert r["flops_check"] is None
+
+
+def test_the_line_names_the_kernel_of_each_head_dim(monkeypatch):
+  """`attention` reports the kernel each attention layer runs: with attention=auto on a GPU
+  (faked: backend name and compute capability), a fusion of head dim 4, which cuDNN's flash
+  kernel refuses, keeps the reference while the towers and decoder (head dim 16) take cuDNN.
+  The line said "cudnn" for the whole model."""
+  from configs import demo
+  from medvqa_jax.models import amif, layers
+  config = demo.get_config()
+  config.model.fusion.heads = 16  # Width 64: head dim 4.
+  model, _, _ = amif.initializer(config, seed=0)
+  assert amif.head_dims(model) == [4, 16]
+  config.model.fusion.heads = 4
+  assert amif.head_dims(amif.initializer(config, seed=0)[0]) == [16]
+  device = type("Device", (), {"compute_capability": "9.0"})()
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda *a: [device])
+  auto = layers.Compute(attention="auto")
+  assert benchmark.attention_kernels(auto, jnp.bfloat16, [4, 16]) == \
+      "cudnn (head dim 16); reference (head dim 4)"
+  assert benchmark.attention_kernels(auto, jnp.bfloat16, [16, 64]) == "cudnn"
+  assert benchmark.attention_kernels(auto, jnp.float32, [4, 16]) == "reference"
+  assert benchmark.attention_kernels(layers.Compute(attention="xla"), jnp.bfloat16, [4]) == "xla"
