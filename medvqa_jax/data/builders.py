@@ -378,9 +378,13 @@ def source_fingerprint(source_dir, exclude=None, scheme: int = FINGERPRINT_SCHEM
 
 def check_source(name: str, source_dir, data_dir) -> None:
   """Refuses a build of `name` in `data_dir` made from another source than `source_dir` (or
-  from it before it changed). Builds that predate recorded sources are taken as they are."""
+  from it before it changed). Builds that predate recorded sources are taken as they are,
+  with a warning."""
   then = _built_metadata(data_dir, name).get("source")
   if then is None:
+    log.warning("%s in %s was built before builds recorded their source folder: it is used "
+                "as it is, unchecked against %s (delete that folder to rebuild it from there)",
+                name, dataset_dir(data_dir, name), source_dir)
     return
   if not Path(source_dir).is_dir():
     raise FileNotFoundError(

@@ -4,6 +4,7 @@ atomic and idempotent, and the summary counts what the issue names."""
 import csv
 import io
 import json
+import logging
 import pickle
 import re
 import subprocess
@@ -669,3 +670,22 @@ def test_pathvqa_json_export_named_after_the_hugging_face_splits(tmp_path):
   with pytest.raises(ValueError, match="val.json and validation.json are both the validation "
                      "split; keep one"):
     sources.pathvqa(src)
+
+
+def test_a_build_that_predates_recorded_sources_is_used_with_a_warning(tmp_path, caplog):
+  """A build made before builds recorded their source folder cannot be checked against the
+  one given: it is used as it is (as before), but no longer silently."""
+  src, rows = _vqa_source(tmp_path, n=8)
+  _write(src, rows, rows[:2])
+  out = tmp_path / "out"
+  folder = builders.build("vqa_rad", src, out, max_side=16)
+  builders.build("vqa_rad", src, out, max_side=16)
+  assert "before builds recorded" not in caplog.text
+  meta = folder / "metadata.json"
+  recorded = json.loads(meta.read_text())
+  meta.write_text(json.dumps({k: v for k, v in recorded.items() if k != "source"}))
+  _write(src, rows[:4], rows[:2])  # Changed since: not seen, the build has nothing to compare.
+  with caplog.at_level(logging.WARNING):
+    assert builders.build("vqa_rad", src, out, max_side=16) == folder
+  assert re.search(r"vqa_rad in .*out.*vqa_rad.* was built before builds recorded their source "
+                   r"folder: it is used as it is, unchecked against .*src", caplog.text)
