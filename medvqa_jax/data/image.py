@@ -27,19 +27,35 @@ def upright(img: Image.Image) -> Image.Image:
 
 
 def _stretched(x: np.ndarray) -> np.ndarray:
-  """uint8 of high-bit-depth samples, stretched from their own minimum-maximum to 0-255."""
+  """uint8 of high-bit-depth samples, stretched from their own minimum-maximum to 0-255. The
+  range is the finite samples' (one NaN or inf turned the whole image black); a NaN or
+  infinite sample becomes 0."""
   x = np.asarray(x, np.float64)
-  lo, hi = float(x.min()), float(x.max())
-  x = (x - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(x)
+  finite = np.isfinite(x)
+  if not finite.any():
+    return np.zeros(x.shape, np.uint8)
+  lo, hi = float(x[finite].min()), float(x[finite].max())
+  x = (np.where(finite, x, lo) - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(x)
   return np.round(x).astype(np.uint8)
+
+
+def _on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+  """uint8 RGB of `rgb` (uint8) composited by `alpha` (0-1) onto white."""
+  a = alpha[..., None]
+  return np.round(rgb * a + 255.0 * (1 - a)).astype(np.uint8)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
   """RGB of an image in any PIL mode. High-bit-depth grayscale (16-bit PNG, 32-bit integer or
   float: how scans exported from DICOM often come) is stretched from its own minimum-maximum
-  to 0-255; PIL's own conversion clips it at 255, which turns nearly every pixel white."""
+  to 0-255; PIL's own conversion clips it at 255, which turns nearly every pixel white. An
+  image with transparency is composited onto white, as a page shows it: dropping the alpha
+  turned a black drawing on transparent black into one flat colour."""
   if img.mode in ("I", "F") or img.mode.startswith("I;16"):
     img = Image.fromarray(_stretched(np.asarray(img)), "L")
+  if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+    rgba = np.asarray(img.convert("RGBA"))
+    return Image.fromarray(_on_white(rgba[..., :3], rgba[..., 3] / 255.0), "RGB")
   return img.convert("RGB")
 
 
@@ -49,8 +65,15 @@ _PNG = b"\x89PNG\r\n\x1a\n"
 def full_depth(img: Image.Image, data: bytes) -> Image.Image:
   """`img` (PIL's decoding of `data`), unless `data` is a PNG of 16-bit colour or 16-bit gray
   with alpha: PIL keeps only the high byte of each sample of those (12-bit content comes out
-  near black). They are decoded in full and stretched like 16-bit grayscale (`to_rgb`), alpha
-  dropped; the image's metadata (EXIF orientation) is kept."""
+  near black). They are decoded in full, stretched like 16-bit grayscale (`to_rgb`) and
+  composited onto white by their alpha; the image's metadata (EXIF orientation) is kept. A
+  TIFF of 16-bit colour, which PIL decodes the same way, is refused (OSError)."""
+  if img.format == "TIFF" and img.mode in ("RGB", "RGBA"):
+    bits = img.tag_v2.get(258)  # BitsPerSample.
+    bits = bits if isinstance(bits, tuple) else (bits,)
+    if any(b and b > 8 for b in bits):
+      raise OSError(f"a TIFF of {max(bits)}-bit colour samples, which PIL reads only 8 bits "
+                    "of: convert it to a 16-bit PNG")
   # The IHDR chunk comes first: bit depth at byte 24, colour type (2 RGB, 4 gray + alpha,
   # 6 RGBA) at byte 25.
   if not (data[:8] == _PNG and len(data) > 25 and data[24] == 16 and data[25] in (2, 4, 6)):
@@ -61,8 +84,11 @@ def full_depth(img: Image.Image, data: bytes) -> Image.Image:
     x = np.vstack([np.asarray(row, np.uint16) for row in rows])
   except png.Error as e:
     raise OSError(f"16-bit PNG: {e}") from None
-  x = x.reshape(height, width, info["planes"])[..., :3 if info["planes"] >= 3 else 1]
-  deep = Image.fromarray(_stretched(x).squeeze(-1) if x.shape[-1] == 1 else _stretched(x))
+  x = x.reshape(height, width, info["planes"])
+  colour = _stretched(x[..., :3] if info["planes"] >= 3 else np.repeat(x[..., :1], 3, -1))
+  if info["alpha"]:
+    colour = _on_white(colour, x[..., -1] / 65535.0)
+  deep = Image.fromarray(colour, "RGB")
   deep.info.update(img.info)
   return deep
 

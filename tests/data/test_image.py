@@ -88,8 +88,76 @@ def test_float_and_constant_images():
   np.testing.assert_array_equal(rgb[..., 1], np.uint8([[0, 128], [255, 64]]))
   flat = Image.fromarray(np.full((4, 4), 700, np.int32), "I")
   assert (np.asarray(image_lib.to_rgb(flat)) == 0).all()
-  rgba = Image.new("RGBA", (3, 3), (10, 20, 30, 40))
-  assert np.asarray(image_lib.to_rgb(rgba))[0, 0].tolist() == [10, 20, 30]
+  # The range is the finite samples': one NaN or inf made the whole image black.
+  for bad in (np.nan, np.inf):
+    y = x.copy()
+    y[1, 1] = bad  # Was 0.25; the range stays 0-1.
+    np.testing.assert_array_equal(np.asarray(image_lib.to_rgb(Image.fromarray(y, "F")))[..., 0],
+                                  np.uint8([[0, 128], [255, 0]]))
+
+
+def test_transparent_images_are_composited_onto_white(tmp_path):
+  """A black drawing on transparent black (how figures are often saved) came out one flat
+  black: the alpha was dropped. It is composited onto white, as a page shows it, in 8-bit
+  modes, palette transparency and 16-bit PNGs with alpha, and so stored by a build."""
+  drawing = np.zeros((8, 8, 4), np.uint8)
+  drawing[2:6, 2:6, 3] = 255  # An opaque black square; the rest transparent black.
+  want = np.full((8, 8, 3), 255, np.uint8)
+  want[2:6, 2:6] = 0
+  np.testing.assert_array_equal(np.asarray(image_lib.to_rgb(Image.fromarray(drawing, "RGBA"))),
+                                want)
+  np.testing.assert_array_equal(
+      np.asarray(image_lib.to_rgb(Image.fromarray(drawing[..., 2:], "LA"))), want)
+  half = Image.new("RGBA", (3, 3), (10, 20, 30, 40))  # 40/255 of the colour, the rest white.
+  expected = [round(c * 40 / 255 + 255 * (1 - 40 / 255)) for c in (10, 20, 30)]
+  assert np.asarray(image_lib.to_rgb(half))[0, 0].tolist() == expected
+  palette = Image.fromarray(drawing[..., 3] // 255, "P")
+  palette.putpalette([0, 0, 0] * 256)
+  palette.info["transparency"] = 0  # Index 0 transparent, index 1 black.
+  np.testing.assert_array_equal(np.asarray(image_lib.to_rgb(palette)), want)
+  Image.fromarray(drawing, "RGBA").save(tmp_path / "figure.png")
+  stored = np.asarray(image_lib.open_image(builders.encode_image(tmp_path / "figure.png", None)))
+  assert np.abs(stored.astype(int) - want).max() < 40  # JPEG round trip of a sharp edge.
+  assert stored[0, 0].min() > 240 and stored[4, 4].max() < 15
+  deep = np.zeros((8, 8, 2), np.uint16)
+  deep[..., 0] = np.arange(64).reshape(8, 8) * 1000
+  deep[2:6, 2:6, 1] = 65535
+  gray = np.round(deep[..., 0] / 63000 * 255)
+  np.testing.assert_array_equal(np.asarray(image_lib.open_image(_deep_png(deep)))[..., 1],
+                                np.where(deep[..., 1] > 0, gray, 255).astype(np.uint8))
+
+
+def _tiff_rgb16(arr: np.ndarray) -> bytes:
+  """A baseline little-endian TIFF of 16-bit RGB samples (H, W, 3), one uncompressed strip
+  (PIL does not write them)."""
+  import struct
+  h, w, _ = arr.shape
+  pixels = arr.astype("<u2").tobytes()
+  bits_at, pixels_at = 8, 14
+  tags = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 3, bits_at), (259, 3, 1, 1), (262, 3, 1, 2),
+          (273, 4, 1, pixels_at), (277, 3, 1, 3), (278, 3, 1, h), (279, 4, 1, len(pixels)),
+          (284, 3, 1, 1)]
+  out = b"II*\x00" + struct.pack("<I", pixels_at + len(pixels)) + struct.pack("<3H", 16, 16, 16)
+  out += pixels + struct.pack("<H", len(tags))
+  for tag, kind, count, value in tags:
+    packed = struct.pack("<HH", value, 0) if kind == 3 and count == 1 else struct.pack("<I", value)
+    out += struct.pack("<HHI", tag, kind, count) + packed
+  return out + struct.pack("<I", 0)
+
+
+def test_a_sixteen_bit_colour_tiff_is_refused_not_darkened(tmp_path):
+  """PIL reads a 16-bit colour TIFF's high bytes only (12-bit content: max 15, near black) and
+  says nothing; decoding and building now refuse it, naming the file."""
+  ramp = np.linspace(0, 4095, 48 * 64).reshape(48, 64).astype(np.uint16)
+  data = _tiff_rgb16(np.stack([ramp, ramp // 2, ramp // 4], -1))
+  assert np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).max() <= 15  # PIL's.
+  (tmp_path / "scan.tif").write_bytes(data)
+  with pytest.raises(ValueError, match=r"scan.tif: a TIFF of 16-bit colour samples"):
+    image_lib.open_image(tmp_path / "scan.tif")
+  with pytest.raises(ValueError, match=r"unreadable image \(a TIFF of 16-bit colour"):
+    builders.encode_image(tmp_path / "scan.tif", None)
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "plain.tif")  # 8-bit: read.
+  assert np.asarray(image_lib.open_image(tmp_path / "plain.tif")).shape == (4, 4, 3)
 
 
 def test_exif_orientation_is_applied_when_decoding_and_building(tmp_path):
