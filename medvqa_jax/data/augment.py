@@ -39,21 +39,32 @@ def resize(x: np.ndarray, size: int) -> np.ndarray:
 def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
                         scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3)) -> Image.Image:
   """torchvision's RandomResizedCrop: an area fraction in `scale`, log-uniform aspect ratio
-  in `ratio`, up to 10 tries, else the central crop."""
-  w, h = img.size
+  in `ratio`, up to 10 tries (`crop_box`), resized to size x size."""
+  return img.resize((size, size), Image.Resampling.BICUBIC,
+                    box=crop_box(*img.size, rng, scale, ratio))
+
+
+def crop_box(w: int, h: int, rng: np.random.Generator, scale=(0.6, 1.0),
+             ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  """(left, top, right, bottom) of RandomResizedCrop's crop of a w x h image. After 10 tries
+  that do not fit, torchvision's fallback: the central crop of the whole image, narrowed to
+  the nearest aspect ratio in `ratio` (images more elongated than about 2:1 get it every
+  time at scale 0.6)."""
   area = w * h
   for _ in range(10):
     target = area * rng.uniform(*scale)
     aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
     cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
     if 0 < cw <= w and 0 < ch <= h:
-      left, top = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-      return img.resize((size, size), Image.Resampling.BICUBIC,
-                        box=(left, top, left + cw, top + ch))
-  side = min(w, h)
-  left, top = (w - side) // 2, (h - side) // 2
-  return img.resize((size, size), Image.Resampling.BICUBIC,
-                    box=(left, top, left + side, top + side))
+      left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+      return left, top, left + cw, top + ch
+  cw, ch = w, h
+  if w / h < min(ratio):
+    ch = round(w / min(ratio))
+  elif w / h > max(ratio):
+    cw = round(h * max(ratio))
+  left, top = (w - cw) // 2, (h - ch) // 2
+  return left, top, left + cw, top + ch
 
 
 FILL = (128, 128, 128)  # What a geometric op's uncovered pixels become.

@@ -106,3 +106,26 @@ def test_recipe_probabilities(monkeypatch):
   assert abs(share("jitter") - 0.6) < 0.03 and abs(share("grayscale") - 0.1) < 0.02
   assert abs(share(("ra", augment.PRETRAIN_OPS, 2, 4)) - 0.8) < 0.03
   assert abs(np.mean(np.asarray(sigmas) > 0) - 0.3) < 0.03
+
+
+@pytest.mark.parametrize("w,h", [(300, 100), (100, 300), (1076, 421), (97, 331)])
+def test_crop_fallback_of_elongated_images_is_torchvisions(w, h):
+  """Images too elongated for any try (here every one: more than about 2:1 at scale 0.6) take
+  RandomResizedCrop's fallback, the central crop narrowed to the nearest allowed aspect ratio,
+  as torchvision's get_params gives it. It was a square of the shorter side: a 3:1 image was
+  only ever seen by its middle third."""
+  import torchvision.transforms as T
+  rng = np.random.default_rng(0)
+  top, left, ch, cw = T.RandomResizedCrop.get_params(Image.new("RGB", (w, h)), (0.6, 1.0),
+                                                     (3 / 4, 4 / 3))
+  assert augment.crop_box(w, h, rng) == (left, top, left + cw, top + ch)
+  assert 4 / 3 * 0.99 <= max(cw / ch, ch / cw) <= 4 / 3 * 1.01
+
+
+def test_crops_that_fit_keep_the_scale_and_ratio_ranges():
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    left, top, right, bottom = augment.crop_box(56, 40, rng)
+    assert 0 <= left < right <= 56 and 0 <= top < bottom <= 40
+    assert 0.6 * 0.9 <= (right - left) * (bottom - top) / (56 * 40) <= 1.0
+    assert 3 / 4 * 0.9 <= (right - left) / (bottom - top) <= 4 / 3 * 1.1
