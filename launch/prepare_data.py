@@ -23,7 +23,7 @@ from absl import flags
 _DATASET = flags.DEFINE_string("dataset", None, "Dataset name.", required=True)
 _SOURCE = flags.DEFINE_string("source_dir", None, "The dataset as downloaded.", required=True)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where built datasets live.", required=True)
-_MAX_SIDE = flags.DEFINE_integer("max_side", 512, "Shrink images to this longer side at build "
+_MAX_SIDE = flags.DEFINE_integer("max_side", 512, "Shrink images to this shorter side at build "
                                  "time (0: keep their size); 512 as the configs' data.max_side, "
                                  "with which training builds a dataset it finds unbuilt.")
 _MAX_BAD = flags.DEFINE_float("max_bad_fraction", 0.01, "Fail if more records are bad.")

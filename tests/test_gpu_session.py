@@ -38,7 +38,7 @@ def test_the_plan_lists_every_step_in_order_and_runs_nothing(tmp_path):
                    "--dataset=captions_jsonl --augmentation=pretrain --workers=0,8,14"):
     assert sum(expected in c for c in commands) == 1, expected
   # The benchmarks build VQA-RAD at the config's max_side in a folder of their own: in the
-  # fine-tunes' folder, real_data.sh then trained on that build, not at its MAX_SIDE (256).
+  # fine-tunes' folder, real_data.sh then trained on that build, not at its MAX_SIDE (224).
   assert [c for c in commands if "runs/real/data" in c] == []
   assert sum("runs/real/bench_data" in c for c in commands) == 2
   assert not (tmp_path / "out").exists()

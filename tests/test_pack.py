@@ -42,7 +42,7 @@ def test_pack_copies_the_questions_and_shrinks_the_images(tmp_path):
   assert {p.name for p in rad} == {p.name for p in (DATA / "vqa_rad" / "images").iterdir()}
   for p in rad[:5] + slake[:5]:
     with Image.open(p) as img:
-      assert img.format == "JPEG" and max(img.size) == 64
+      assert img.format == "JPEG" and min(img.size) == 64
   assert not (tmp_path / "pack.partial").exists()
 
 

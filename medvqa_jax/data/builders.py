@@ -43,14 +43,19 @@ VQA_RAD_VERSION = "1.2.0"
 VQA_MED_VERSION = "1.1.0"
 
 
+# What `max_side` bounds. The longer side, as it was, left elongated images (29% of PathVQA's
+# are over 1.8:1) a shorter side under the model's input: every crop was then upsampled.
+SHRINK = "shorter side"
+
+
 class DataError(ValueError):
   """The source data has too many bad records (or none at all)."""
 
 
 def encode_image(source, max_side: int | None, quality: int = 95) -> bytes:
   """RGB JPEG bytes of an image file or bytes, upright (turned by its EXIF orientation), its
-  longer side at most `max_side`. An upright RGB JPEG that needs no shrinking is kept byte for
-  byte."""
+  shorter side at most `max_side` (`SHRINK`). An upright RGB JPEG that needs no shrinking is
+  kept byte for byte."""
   try:
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     img = Image.open(io.BytesIO(data))
@@ -63,14 +68,14 @@ def encode_image(source, max_side: int | None, quality: int = 95) -> bytes:
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f"unreadable image ({e})") from None
   if (img.format == "JPEG" and img.mode == "RGB" and not turned
-      and not (max_side and max(img.size) > max_side)):
+      and not (max_side and min(img.size) > max_side)):
     return data
   try:
     img = image_lib.to_rgb(image_lib.upright(image_lib.full_depth(img, data)))
   except OSError as e:
     raise ValueError(f"unreadable image ({e})") from None
-  if max_side and max(img.size) > max_side:
-    scale = max_side / max(img.size)
+  if max_side and min(img.size) > max_side:
+    scale = max_side / min(img.size)
     img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
                      Image.Resampling.BICUBIC)
   out = io.BytesIO()
@@ -336,6 +341,7 @@ def build_options(name: str, max_side=None, splits=None, reader_options=None) ->
   defaults = {k: p.default for k, p in inspect.signature(reader).parameters.items()
               if p.default is not inspect.Parameter.empty}
   return {"max_side": int(max_side) if max_side else None,
+          **({"shrink": SHRINK} if max_side else {}),  # Builds before it: the longer side.
           "splits": sorted(splits) if splits else None,
           "reader_options": {**defaults, **dict(reader_options or {})}}
 
@@ -439,13 +445,14 @@ def build(name: str, source_dir, data_dir, **options) -> Path:
                                   ("max_side", "splits", "reader_options")})
   have = _built_metadata(data_dir, name).get("build_options")  # None: from before options.
   if have is not None and have != wanted:
-    show = lambda key, value: (value if value is not None else
-                               {"max_side": "full size", "splits": "all"}.get(key, value))
+    show = lambda key, value: (value if value is not None else {
+        "max_side": "full size", "splits": "all", "shrink": "longer side"}.get(key, value))
     flat = lambda o: {**{k: v for k, v in o.items() if k != "reader_options"},
                       **(o.get("reader_options") or {})}
     have_flat, wanted_flat = flat(have), flat(wanted)
     differ = ", ".join(f"{k} {show(k, have_flat.get(k))!r} (asked: {show(k, v)!r})"
-                       for k, v in wanted_flat.items() if have_flat.get(k) != v)
+                       for k, v in wanted_flat.items() if have_flat.get(k) != v
+                       and not (k == "shrink" and have_flat["max_side"] is None))
     raise ValueError(f"{name} is already built in {dataset_dir(data_dir, name)} with other "
                      f"options: {differ}. Build into another data_dir, or delete that folder "
                      f"to rebuild it")

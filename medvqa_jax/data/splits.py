@@ -80,10 +80,12 @@ def ensure_built(dc) -> None:
     if dc.get("source_dir"):
       builders.check_source(name, dc.source_dir, data_dir)
     have = builders.built_options(data_dir, name)  # None: built before options were kept
-    want = builders.build_options(name, max_side=dc.get("max_side"))["max_side"]
-    if have is not None and have["max_side"] != want:
-      log.warning("%s in %s was built with max_side=%s, not data.max_side=%s: using it as built",
-                  name, builders.dataset_dir(data_dir, name), have["max_side"], want)
+    want = builders.build_options(name, max_side=dc.get("max_side"))
+    side = lambda o: (o["max_side"], o.get("shrink", "longer side") if o["max_side"] else None)
+    if have is not None and side(have) != side(want):
+      log.warning("%s in %s was built with max_side=%s (%s), not data.max_side=%s (%s): using "
+                  "it as built", name, builders.dataset_dir(data_dir, name), *side(have),
+                  *side(want))
     return
   if not dc.get("source_dir"):
     raise FileNotFoundError(

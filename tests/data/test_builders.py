@@ -327,7 +327,7 @@ def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path):
       builders.build("vqa_rad", src, out, **options)
   assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
   ex = builders.load(out, "vqa_rad", "train")[0]
-  assert max(ex["image"].shape[:2]) == 16 and ex["image"].shape[2] == 3
+  assert ex["image"].shape == (16, 21, 3)  # 40 x 30: the shorter side shrunk to 16.
   # A copy of the source elsewhere is the same source; a changed one is refused (it was
   # silently served from the old build).
   import shutil
@@ -689,3 +689,36 @@ def test_a_build_that_predates_recorded_sources_is_used_with_a_warning(tmp_path,
     assert builders.build("vqa_rad", src, out, max_side=16) == folder
   assert re.search(r"vqa_rad in .*out.*vqa_rad.* was built before builds recorded their source "
                    r"folder: it is used as it is, unchecked against .*src", caplog.text)
+
+
+def test_max_side_bounds_the_shorter_side(tmp_path, caplog):
+  """max_side bounded the longer side, so an elongated image (29% of PathVQA's are over
+  1.8:1) was stored with a shorter side under the model's input, and every crop of it was
+  upsampled. It now bounds the shorter side; a build made under the old rule is refused
+  (with the same max_side) or, found by training, used with a warning naming the rule."""
+  src, rows = _vqa_source(tmp_path, n=8)
+  _jpeg(src / "images" / "img1.jpg", 1, size=(300, 100))
+  _jpeg(src / "images" / "img2.jpg", 2, size=(50, 200))
+  _write(src, rows, rows[:2])
+  assert Image.open(io.BytesIO(builders.encode_image(src / "images" / "img1.jpg", 64))).size \
+      == (192, 64)
+  assert Image.open(io.BytesIO(builders.encode_image(src / "images" / "img2.jpg", 64))).size \
+      == (50, 200)  # Its shorter side is under 64 already: kept as it is.
+  out = tmp_path / "out"
+  folder = builders.build("vqa_rad", src, out, max_side=64)
+  sizes = {ex["image_id"]: ex["image"].shape[:2] for ex in builders.load(out, "vqa_rad", "train")}
+  assert sorted(sizes.values()) == [(30, 40), (30, 40), (64, 192), (200, 50)]
+  meta = folder / "metadata.json"
+  recorded = json.loads(meta.read_text())
+  assert recorded["build_options"]["shrink"] == "shorter side"
+  del recorded["build_options"]["shrink"]  # A build made under the longer-side rule.
+  meta.write_text(json.dumps(recorded))
+  with pytest.raises(ValueError, match=re.escape(
+      "with other options: shrink 'longer side' (asked: 'shorter side')")):
+    builders.build("vqa_rad", src, out, max_side=64)
+  from ml_collections import ConfigDict
+  from medvqa_jax.data import splits as splits_lib
+  with caplog.at_level(logging.WARNING):
+    splits_lib.ensure_built(ConfigDict(dict(name="vqa_rad", dir=str(out), source_dir="",
+                                            max_side=64)))
+  assert "built with max_side=64 (longer side), not data.max_side=64 (shorter side)" in caplog.text
