@@ -44,7 +44,8 @@ _OUT = flags.DEFINE_string("out", None, "Output folder.")
 _CLOSED = flags.DEFINE_boolean("closed_set", None, "Candidate answers from all splits (the "
                                "closed-set protocol; a generative run trained open-set keeps "
                                "its GCA prior); default: the protocol the run was trained "
-                               "with.")
+                               "with. A run trained closed-set is never evaluated open-set "
+                               "(its prior holds the test answers).")
 _FSDP = flags.DEFINE_integer("fsdp", 1, "Ways of parameter sharding.")
 _JOIN = common.cluster_flags()
 

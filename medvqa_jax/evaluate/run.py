@@ -175,6 +175,11 @@ def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=No
     if config.model.head == "classifier":
       raise ValueError("the classifier's answers are fixed when it is trained: the protocol "
                        "cannot change at evaluation (train with --config.data.closed_set)")
+    if run_closed:
+      raise ValueError("the run was trained under the closed-set protocol: its GCA prior, an "
+                       "input of the model, holds the answers of every split, test included, "
+                       "so no evaluation of it is open-set (train with "
+                       "--config.data.closed_set=False for that)")
     # Only the candidates change: the GCA prior stays the one the model was trained with.
     candidates, protocol = splits_lib.answer_set(dc)
   key = split_role(dc, split_name)

@@ -225,7 +225,8 @@ def test_evaluation_answers_under_the_run_protocol_unless_asked_otherwise(
   `closed_set` where given), not the data.closed_set of the config evaluation was given: an
   open-set run evaluated with a closed-set config was answered open-set and filed as
   closed-set, and a closed-set run evaluated with a stock config and closed_set=False answered
-  closed-set into the open-set folder."""
+  closed-set into the open-set folder. A closed-set run asked for open-set is refused: its
+  GCA prior holds the test answers (the open-set label was written over it)."""
   dc, splits = data
   protocols = {}
   for closed in (False, True):
@@ -244,6 +245,11 @@ def test_evaluation_answers_under_the_run_protocol_unless_asked_otherwise(
         tokenizer, workdir)
     for asked in (None, False, True):
       closed = run_closed if asked is None else asked
+      if run_closed and not closed:  # Its prior holds the test answers: never open-set.
+        with pytest.raises(ValueError, match="trained under the closed-set protocol: its GCA "
+                           "prior, an input of the model, holds the answers of every split"):
+          run_lib.evaluate_split(restored, "test", closed_set=asked)
+        continue
       m = run_lib.evaluate_split(restored, "test", closed_set=asked)
       assert m["protocol"] == protocols[closed][1], (given, asked)
       folder = workdir / "eval" / f"test-step5{'-closed-set' if closed else ''}"
@@ -251,8 +257,8 @@ def test_evaluation_answers_under_the_run_protocol_unless_asked_otherwise(
       assert {json.loads(r)["prediction"] for r in rows} == {protocols[closed][0][0]}
       assert json.loads((folder / "metrics.json").read_text())["protocol"] == m["protocol"]
       assert config.data.closed_set == given  # The config is left as it was.
-    assert sorted(p.name for p in (workdir / "eval").iterdir()) == [
-        "test-step5", "test-step5-closed-set"]
+    assert sorted(p.name for p in (workdir / "eval").iterdir()) == (
+        ["test-step5-closed-set"] if run_closed else ["test-step5", "test-step5-closed-set"])
 
 
 def test_the_evaluation_batch_is_rounded_up_to_the_devices(data, tokenizer, monkeypatch):
