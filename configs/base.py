@@ -68,7 +68,8 @@ def get_config(arg=None):
           # Answer tokens, [CLS] and [SEP] included (the reference cuts at 30; the longest
           # answers of VQA-RAD, SLAKE, PathVQA and VQA-Med-2019 have 27-30 word pieces).
           answer_max_len=32,
-          rank_k=32,             # Candidates re-scored by full likelihood.
+          rank_k=32,             # Candidates re-scored by full likelihood (at least the
+                                 # largest group beginning with one word piece).
           dtype="float32",       # Compute dtype of fusion, GCA and heads.
           # BERT's hidden dropout, in training only: the text tower (a BERT), the fusion and
           # the decoder, as the reference trains them. Not on attention probabilities: the

@@ -23,7 +23,8 @@ _IMAGE = flags.DEFINE_string("image", None, "Image file.", required=True)
 _QUESTION = flags.DEFINE_string("question", None, "The question.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: best on validation).")
 _TOP = flags.DEFINE_integer("top", 5, "Answers to print (the generative head: at most "
-                            "model.rank_k, the candidates it re-scores).", lower_bound=1)
+                            "the candidates it re-scores: model.rank_k, or more where more "
+                            "answers begin with the same word piece).", lower_bound=1)
 _OUT = flags.DEFINE_string("out", "prediction.png", "PNG to write ('' for none).")
 
 
@@ -75,7 +76,7 @@ def main(argv):
   else:
     ranked = jax.jit(lambda v, *x: r.model.apply(
         v, *x, predictor.prior_ids, predictor.prior_mask, predictor.cand_ids, predictor.cand_mask,
-        k=r.config.model.rank_k, pack=predictor.pack, method=AMiF.rank))(variables, *inputs)
+        k=predictor.k, pack=predictor.pack, method=AMiF.rank))(variables, *inputs)
     idx, scores = np.asarray(ranked["topk"][0]), np.asarray(ranked["scores"][0])
     order = np.argsort(-scores, kind="stable")[:_TOP.value]
     top = [(r.answers[idx[i]], float(np.exp(scores[i]))) for i in order]

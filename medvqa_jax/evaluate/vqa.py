@@ -56,7 +56,8 @@ class Predictor:
                   mc.answer_max_len, cut[0])
     self.cand_ids, self.cand_mask = jnp.asarray(cand["input_ids"]), jnp.asarray(cand["attention_mask"])
     replicated = NamedSharding(mesh, P())
-    k = mc.rank_k
+    self.k = k = rank_k(mc.rank_k, self.answers, cand["input_ids"]) if model.head == "generative" \
+        else mc.rank_k
     # Each question's k candidates decoded as one packed row where that saves tokens.
     self.pack = heads.pack_length(cand["attention_mask"], k) if model.head == "generative" else 0
 
@@ -81,6 +82,31 @@ class Predictor:
               for x in (self.prior_ids, self.prior_mask, self.cand_ids, self.cand_mask)]
     idx, score = self._predict(params, *(batch[k] for k in INPUTS), *consts)
     return np.asarray(jax.device_get(idx)), np.asarray(jax.device_get(score))
+
+
+def rank_k(k: int, answers: list[str], cand_ids) -> int:
+  """The candidates the generative head re-scores: model.rank_k, or more where more than k
+  candidates begin with the same word piece. They tie on the first pass (the probability of
+  their first piece), and top-k keeps the first k of a tie, so the rest of such a group could
+  never be predicted (5 of VQA-RAD's 37 answers beginning with "right"). Candidates that
+  tokenize alike (the tokenizer strips accents that answer normalisation keeps) are warned
+  of: only the first can be predicted."""
+  ids = np.asarray(cand_ids)
+  first_alike: dict = {}  # Token ids -> the first answer with them.
+  alike = []  # (answer, the earlier answer it tokenizes like)
+  for row, answer in zip(ids, answers):
+    earlier = first_alike.setdefault(row.tobytes(), answer)
+    if earlier != answer:
+      alike.append((answer, earlier))
+  if alike:
+    log.warning("%d answers tokenize like an earlier one, which is always ranked above them "
+                "(e.g. %r like %r)", len(alike), *alike[0])
+  pieces, counts = np.unique(ids[:, 1], return_counts=True)
+  if counts.max() > k:
+    log.info("model.rank_k=%d raised to %d: %d candidate answers begin with the same word "
+             "piece (id %d), and the first pass cannot tell them apart", k, counts.max(),
+             counts.max(), pieces[counts.argmax()])
+  return max(k, int(counts.max()))
 
 
 def eval_batches(source, *, tokenizer, image_size: int, global_batch: int,

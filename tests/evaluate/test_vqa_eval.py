@@ -2,6 +2,7 @@
 count), predictions are matched to their own questions, and the protocol's answer set."""
 
 import json
+import logging
 import types
 
 import helpers
@@ -204,6 +205,41 @@ def test_the_predictor_ranks_in_packed_rows_and_answers_as_unpacked_ranking_does
   program = predictor._predict.lower(params, *sharding.shard_batch(mesh, batch).values(),
                                      *consts).as_text()
   assert f"4x{predictor.pack}x{model.decoder.vocab_size}xf32" in program
+
+
+def test_every_answer_of_a_group_sharing_a_first_word_piece_can_be_predicted(tokenizer,
+                                                                              caplog):
+  """Candidates beginning with the same word piece tie on the ranking's first pass, and top-k
+  keeps the first k of a tie: with more of them than model.rank_k, the rest could never be
+  predicted, whatever the image (5 of VQA-RAD's 37 answers beginning with "right"). k is
+  raised to the largest such group, and the predictor answers as ranking every candidate
+  does. Answers that tokenize alike (the uncased tokenizer strips accents) are warned of."""
+  config = helpers.tiny_config()
+  config.model.update(answer_max_len=8, rank_k=3)
+  model, params = amif.create(config)
+  answers = ["yes", "no", "left lung", "left kidney", "left hip", "left arm", "left lobe",
+             "right lung"]
+  mesh = sharding.make_mesh()
+  with caplog.at_level(logging.INFO):
+    predictor = vqa.Predictor(model, config, answers, tokenizer, mesh,
+                              sharding.param_shardings(mesh, params))
+  assert predictor.k == 5 and "model.rank_k=3 raised to 5" in caplog.text
+  assert "tokenize like" not in caplog.text
+  rng = np.random.default_rng(1)
+  questions = tokenizer(["where is the mass", "which side", "what is abnormal", "where"] * 2)
+  size = model.image.image_size
+  batch = {"images": rng.normal(size=(8, size, size, 3)).astype(np.float32),
+           "input_ids": questions["input_ids"], "attention_mask": questions["attention_mask"]}
+  idx, _ = predictor(params, sharding.shard_batch(mesh, batch))
+  consts = (predictor.prior_ids, predictor.prior_mask, predictor.cand_ids, predictor.cand_mask)
+  every = jax.jit(lambda p, *a: model.apply({"params": p}, *a, k=len(answers),
+                                            method=AMiF.rank))(params, *batch.values(), *consts)
+  np.testing.assert_array_equal(idx, every["prediction"])
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    vqa.rank_k(3, ["cafe", "café"], tokenizer(["cafe", "café"], max_len=8)["input_ids"])
+  assert "1 answers tokenize like an earlier one, which is always ranked above them (e.g. " \
+      "'café' like 'cafe')" in caplog.text
 
 
 class _FirstAnswer(run_lib.Restored):
