@@ -159,10 +159,14 @@ step_real_slake() {
   real_data slake
 }
 step_finetune() {
+  # paper_init's text tower has no tokenizer, which the pipeline needs: the bundled uncased
+  # vocabulary, and a word table of its size (30,522 rows, not Bio_ClinicalBERT's 28,996).
   do_ "$BENCH" "$PYTHON" launch/benchmark.py "--config=configs/vqa_rad.py$PAPER" --batch_size=64 \
     --steps=20 --pipeline --config.model.compute.attention=cudnn \
     --config.data.source_dir="$DATA/vqa_rad" --config.data.dir="$RUNS/bench_data" \
-    --config.data.workers="$WORKERS"
+    --config.data.workers="$WORKERS" \
+    --config.model.text.tokenizer=medvqa_jax/assets/bert_uncased_vocab \
+    --config.model.text.arch.vocab_size=30522
 }
 step_input() {
   local corpus=$RUNS/corpus

@@ -182,6 +182,12 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
           f"weights, e.g. --config=configs/pretrain_stage1.py:image=paper_init,text=paper_init")
   mesh = sharding.make_mesh(tc.fsdp)
   model, init, loaded = amif.initializer(config, seed=config.seed)
+  if pipeline:  # Its tokenizer and data before compiling: a missing one fails in seconds.
+    from medvqa_jax.data import tokenizer as tokenizer_lib
+    from medvqa_jax.train import loop
+    tokenizer = tokenizer_lib.from_config(mc.text)
+    tokenizer_lib.check_fits(tokenizer, {"text tower": model.text, "decoder": model.decoder})
+    splits, answers, _ = loop.training_splits(config)
   shapes = jax.eval_shape(init, loaded)
   tx = optim.make(config.optim, shapes)
   shardings = step_lib.state_shardings(mesh, shapes, tx, tuple(tc.fsdp_rules), tc.fsdp_min_size)
@@ -281,10 +287,6 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
 
   if pipeline:
     from medvqa_jax.data import pipeline as pipeline_lib
-    from medvqa_jax.data import tokenizer as tokenizer_lib
-    from medvqa_jax.train import loop
-    splits, answers, _ = loop.training_splits(config)
-    tokenizer = tokenizer_lib.from_config(mc.text)
     ds = loop.training_data(config, splits, answers, tokenizer, model.image.image_size)
     keep = set(host)
     with pipeline_lib.iterate(ds, num_workers=config.data.workers) as it:

@@ -3,6 +3,7 @@ own count, the Sinkhorn and input-pipeline shares."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,37 @@ def test_the_line_names_the_kernel_of_each_head_dim(monkeypatch):
   assert benchmark.attention_kernels(auto, jnp.bfloat16, [16, 64]) == "cudnn"
   assert benchmark.attention_kernels(auto, jnp.float32, [4, 16]) == "reference"
   assert benchmark.attention_kernels(layers.Compute(attention="xla"), jnp.bfloat16, [4]) == "xla"
+
+
+def test_a_pipeline_run_without_a_tokenizer_fails_before_compiling(tmp_path):
+  """The pipeline run resolved its tokenizer after compiling and timing the synthetic steps:
+  gpu_session.sh's fine-tuning run (paper_init towers, which name no tokenizer) spent its
+  budget, then failed without a line. It now fails first."""
+  from configs import demo
+  config = demo.get_config()
+  config.model.text.tokenizer = None
+  logged = []
+  with pytest.raises(ValueError, match="the text tower has no tokenizer folder"):
+    benchmark.run(config, batch_size=8, steps=1, pipeline=True, log=logged.append)
+  assert not any("compiling" in line for line in logged)
+
+
+def test_the_gpu_sessions_fine_tuning_run_has_a_tokenizer_that_fits(tmp_path):
+  """What gpu_session.sh's fine-tuning run (--pipeline) gives the paper_init text tower: a
+  tokenizer folder, and a word table its ids fit (an id past the table embeds as NaN)."""
+  from configs import vqa_rad
+  from medvqa_jax.data import tokenizer as tokenizer_lib
+  from medvqa_jax.models import amif
+  plan = subprocess.run(["bash", "benchmarks/gpu_session.sh", "--plan", "finetune"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "OUT_DIR": str(tmp_path / "out")})
+  (command,) = [line for line in plan.stdout.splitlines() if "launch/benchmark.py" in line]
+  flags = dict(re.findall(r"--config\.(model\.text\.[\w.]+)=(\S+)", command))
+  assert set(flags) == {"model.text.tokenizer", "model.text.arch.vocab_size"}
+  config = vqa_rad.get_config("image=paper_init,text=paper_init")
+  config.model.text.tokenizer = str(ROOT / flags["model.text.tokenizer"])
+  config.model.text.arch.vocab_size = int(flags["model.text.arch.vocab_size"])
+  model, _, _ = amif.initializer(config, seed=0)
+  tokenizer = tokenizer_lib.from_config(config.model.text)
+  tokenizer_lib.check_fits(tokenizer, {"text tower": model.text, "decoder": model.decoder})
+  assert tokenizer(["is there a fracture?"])["input_ids"].max() < model.text.vocab_size
