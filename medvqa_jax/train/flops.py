@@ -3,9 +3,12 @@ per multiply-add), forward 1x, backward 2x, for one example.
 
 This is the count MFU is quoted against: rematerialisation's recomputation is not counted,
 frozen towers (learning-rate multiplier 0 on all their parameters; nothing below them needs
-a gradient) cost their forward pass only, and elementwise work (LayerNorm, softmax, GELU,
-Sinkhorn's iterations) is left out. Batch-independent work (the GCA's answer prior) is
-divided by the batch size.
+a gradient) cost their forward pass only, a frozen answer decoder its forward pass and, from
+its first cross-attention layer on, the backward pass to its inputs (2x), and elementwise
+work (LayerNorm, softmax, GELU, Sinkhorn's iterations) is left out. Batch-independent work
+(the GCA's answer prior) is divided by the batch size. Token counts are the padded ones the
+step computes on (text.max_len, answer_max_len, prior_max_tokens), causal attention counted
+in full.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ def tower(module, length: int | None = None) -> int:
 def image_tokens(model) -> int:
   grid = model.image.image_size // model.image.patch_size
   return grid * grid + 1
+
+
+THROUGH = "through"  # A frozen part that the gradient of a trained part before it crosses.
 
 
 def train_step(model, config, batch_size: int, params_shapes, teacher_dim: int = 512) -> dict:
@@ -103,10 +109,15 @@ def train_step(model, config, batch_size: int, params_shapes, teacher_dim: int =
     else:
       dec, la = model.decoder, mc.answer_max_len
       cross_from = dec.depth if dec.cross_from is None else dec.cross_from
-      head = (cross_from * layer(la, dec.width, dec.mlp_dim)
-              + (dec.depth - cross_from) * layer(la, dec.width, dec.mlp_dim, lx, d)
-              + 2 * la * dec.width * dec.width + 2 * la * dec.width * dec.vocab_size)
-      fwd["head"] = (head, trained("decoder"))
-  total = sum(f * (3 if t else 1) for f, t in fwd.values())
+      # The layers below the cross-attention read the answer tokens alone; from the first
+      # cross-attention on, the loss's gradient passes through to the GCA and the fusion,
+      # frozen decoder or not (backward 1x for the inputs' gradient, `THROUGH`).
+      fwd["head"] = (cross_from * layer(la, dec.width, dec.mlp_dim), trained("decoder"))
+      fwd["head_cross"] = ((dec.depth - cross_from) * layer(la, dec.width, dec.mlp_dim, lx, d)
+                           + 2 * la * dec.width * dec.width
+                           + 2 * la * dec.width * dec.vocab_size,
+                           True if trained("decoder") else THROUGH)
+  factor = lambda t: 3 if t is True else 2 if t is THROUGH else 1
+  total = sum(f * factor(t) for f, t in fwd.values())
   return {"total": total, "forward": {k: f for k, (f, _) in fwd.items()},
-          "frozen": sorted(k for k, (_, t) in fwd.items() if not t)}
+          "frozen": sorted(k for k, (_, t) in fwd.items() if t is not True)}

@@ -202,3 +202,14 @@ def test_the_gpu_sessions_fine_tuning_run_has_a_tokenizer_that_fits(tmp_path):
   tokenizer = tokenizer_lib.from_config(config.model.text)
   tokenizer_lib.check_fits(tokenizer, {"text tower": model.text, "decoder": model.decoder})
   assert tokenizer(["is there a fracture?"])["input_ids"].max() < model.text.vocab_size
+
+
+def test_a_frozen_decoder_counts_the_backward_pass_to_its_inputs():
+  """A frozen answer decoder was counted forward only, but the loss's gradient crosses it to
+  the GCA and fusion: XLA counted 1.4x the analytic figure. From its first cross-attention
+  layer on it costs 2x; the layers below it (the answer tokens alone) 1x."""
+  from configs import demo
+  config = demo.get_config()
+  config.optim.lr_mults = (("decoder/.*", 0.0),)
+  r = benchmark.run(config, batch_size=8, steps=0)
+  assert r["flops_check"] == "agree", r["compiled_over_analytic"]
