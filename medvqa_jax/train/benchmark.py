@@ -24,13 +24,13 @@ from medvqa_jax.train import step as step_lib
 
 # Dense bf16 peak per chip, TFLOP/s, by a substring of `device_kind` (first match wins, so a
 # longer name comes before its prefix: "L40S", "L40", "L4").
+# None: a chip whose peak is not known here (MFU then needs --peak_tflops).
 PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200 NVL", 835.0),
-    ("H200", 989.0),
-    ("H800", 989.0), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0),
-    ("L4", 121.0),
+    ("H200", 989.0), ("H800 PCIe", 756.0), ("H800", 989.0), ("GB200", 2500.0),
+    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
     ("TPU v6 lite", 918.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5", 459.0),
-    ("TPU v4", 275.0),
+    ("TPU v4 lite", None), ("TPU v4", 275.0),
 )
 
 

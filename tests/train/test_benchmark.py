@@ -84,6 +84,9 @@ def test_peak_table_names_the_devices():
   # A longer name is matched before its prefix.
   assert [benchmark.peak_tflops(f"NVIDIA {n}") for n in ("L40S", "L40", "L4")] == \
       [362.0, 181.0, 121.0]
+  assert benchmark.peak_tflops("NVIDIA H800 PCIe") == 756.0  # Not the SXM part's 989.
+  assert benchmark.peak_tflops("NVIDIA GB200") == 2500.0  # Not B200's 2,250.
+  assert benchmark.peak_tflops("TPU v4 lite") is None  # Not v4's 275: unknown here.
   assert benchmark.peak_tflops("TPU v5 lite") == 197.0
   assert benchmark.peak_tflops("TPU v5") == 459.0
   assert benchmark.peak_tflops("cpu") is None
