@@ -7,7 +7,8 @@ r"""Embeds images and questions with the towers of a config and prints their sim
       --image=scan.jpg --question="is there a pneumothorax?"
 
 With no --image/--question it embeds the VQA-RAD samples bundled with the package. Images are
-read as evaluation reads them (the whole image resized to the tower's square), questions as
+read as evaluation reads them (as a build stores them, shrunk to data.max_side, then the
+whole image resized to the tower's square), questions as
 training reads them (lower case, punctuation dropped: `medvqa_jax.data.text`).
 Prints one JSON line: tower shapes, and the cosine similarity of every image with every
 question when both towers project to the same width.
@@ -29,7 +30,7 @@ def main(argv):
   import numpy as np
 
   from medvqa_jax import ASSETS
-  from medvqa_jax.data import image as image_lib
+  from medvqa_jax.data import augment, builders
   from medvqa_jax.data import text as text_lib
   from medvqa_jax.data import tokenizer as tokenizer_lib
   from medvqa_jax.models import state_dict, towers
@@ -55,7 +56,9 @@ def main(argv):
   summary = {"device": jax.devices()[0].device_kind}
   img_out = txt_out = None
   if images:
-    pixels = np.stack([image_lib.load_image(p, img_tower.image_size) for p in images])
+    # As a build stores them (shrunk to data.max_side) and training's test path reads them.
+    pixels = np.stack([augment.resize(np.asarray(builders.read_as_built(
+        p, config.data.get("max_side"))), img_tower.image_size) for p in images])
     img_out = jax.jit(img_tower.apply)({"params": img_params}, pixels)
     summary["image_tokens"] = list(img_out["tokens"].shape)
   if questions:

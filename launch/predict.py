@@ -8,10 +8,17 @@ Scores are probabilities: the classifier's softmax, or the generative head's seq
 probability of each candidate answer (of the top-k re-scored ones). The PNG shows the image,
 the same image with the last fusion layer's attention from the question's tokens to the image
 patches overlaid, and per question token the mean GCA gate value (1: the token's fused
-feature is replaced by what it read from the answer vocabulary; 0: kept).
+feature is replaced by what it read from the answer vocabulary; 0: kept). A run without
+fusion layers has no such attention: no PNG is written for it.
+
+The image is read as the run's dataset stores its images (shrunk to data.max_side) and
+evaluation reads them, so the answers and scores are eval.py's for the same image and
+question; in bfloat16 a score can differ from eval.py's in the third digit (one question here,
+batches of train.eval_batch_size there: XLA's kernels round differently).
 """
 
 import json
+import os
 import sys
 
 import common  # Puts the repository root on sys.path.
@@ -34,7 +41,7 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from medvqa_jax.data import image as image_lib
+  from medvqa_jax.data import builders
   from medvqa_jax.data import pipeline
   from medvqa_jax.data import text as text_lib
   from medvqa_jax.evaluate import run as run_lib
@@ -43,20 +50,27 @@ def main(argv):
 
   if not text_lib.question(_QUESTION.value).strip():
     raise ValueError(f"--question {_QUESTION.value!r} is empty (once read as training reads it)")
-  if _OUT.value:  # Checked before the model is restored, not after.
-    from pathlib import Path
+  from pathlib import Path
+  if not Path(_IMAGE.value).is_file():  # Checked before the model is restored, not after.
+    raise FileNotFoundError(f"--image={_IMAGE.value}: no such file")
+  if _OUT.value:
     from PIL import Image
-    out = Path(_OUT.value)
-    if out.suffix.lower() not in Image.registered_extensions():
-      raise ValueError(f"--out={_OUT.value}: name an image file (.png), or pass --out= for none")
-    if not out.parent.is_dir():
-      raise FileNotFoundError(f"--out={_OUT.value}: no folder {out.parent}")
+    import io
+    picture_path = Path(_OUT.value)
+    picture_format = Image.registered_extensions().get(picture_path.suffix.lower())
+    try:  # PIL reads more formats than it writes (and has stubs that only say so).
+      Image.new("RGB", (8, 8)).save(io.BytesIO(), format=picture_format)
+    except (KeyError, OSError, ValueError):
+      raise ValueError(f"--out={_OUT.value}: name an image file PIL writes (.png), or pass "
+                       "--out= for none") from None
+    if not picture_path.parent.is_dir():
+      raise FileNotFoundError(f"--out={_OUT.value}: no folder {picture_path.parent}")
   r = run_lib.restore(_CKPT.value, step=_STEP.value)
   if r.config.model.head == "none":
     raise ValueError(f"{_CKPT.value} is a pre-training run: it has no answer head (predict "
                      "needs a fine-tuned run)")
   predictor = r.predictor()
-  picture = image_lib.open_image(_IMAGE.value)
+  picture = builders.read_as_built(_IMAGE.value, r.config.data.get("max_side"))
   example = pipeline._Example("vqa", r.tokenizer, r.model.image.image_size, "test")(
       {"id": "input", "image": np.asarray(picture), "question": _QUESTION.value,
        "answers": [""]})
@@ -83,14 +97,24 @@ def main(argv):
   print(json.dumps({"question": _QUESTION.value, "image": _IMAGE.value, "step": r.step,
                     "protocol": r.protocol,
                     "answers": [{"answer": a, "score": float(f"{s:.6g}")} for a, s in top]}))
-  if _OUT.value:
+  if _OUT.value and not out["fusion_text_weights"]:
+    print(f"warning: the run has no fusion layers, so no question-to-patch attention to "
+          f"draw: {_OUT.value} not written", file=sys.stderr)
+  elif _OUT.value:
     mask = np.asarray(example["attention_mask"], bool)
     ids = np.asarray(example["input_ids"])[mask]
     tokens = r.tokenizer.hf.convert_ids_to_tokens(ids.tolist())
     heat = visualize.patch_heatmap(np.asarray(out["fusion_text_weights"][-1][0]), mask)
     gates = np.asarray(out["gate"][0, :len(mask)].mean(axis=-1))[mask]
-    visualize.render(picture, heat, tokens, gates, _QUESTION.value, top).save(_OUT.value)
-    print(f"wrote {_OUT.value}")
+    drawn = visualize.render(picture, heat, tokens, gates, _QUESTION.value, top)
+    # Written to a temporary file and renamed: an interrupted write leaves the old file.
+    tmp = picture_path.with_name(f".{picture_path.name}.tmp-{os.getpid()}")
+    try:
+      drawn.save(tmp, format=picture_format)
+      os.replace(tmp, picture_path)
+    finally:
+      tmp.unlink(missing_ok=True)
+    print(f"wrote {_OUT.value}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -71,22 +71,30 @@ def test_embed_command_with_a_checkpoint_override(minilm_dir, tmp_path):
   (sim,) = json.loads(out.stdout.strip().splitlines()[-1])["cosine_image_x_question"]
   assert sim[0] == sim[1] != sim[2]
   # A picture that is not square is read as evaluation reads it, whole, resized to a square:
-  # the same features as that square saved losslessly (a centre crop once cut its sides).
+  # nearly the features of that square (both stored as a build stores them, as JPEG), not
+  # those of its centre crop (a crop once cut its sides).
   from configs import demo
   from PIL import Image
   from medvqa_jax.data import augment
   size = demo.get_config().model.image.arch.image_size
   wide = np.random.default_rng(0).integers(0, 256, (size, 2 * size, 3), np.uint8)
   wide[:, :size // 2] = 255  # Sides a crop would drop.
-  Image.fromarray(wide).save(tmp_path / "wide.png")
-  Image.fromarray(augment.resize(wide, size)).save(tmp_path / "square.png")
-  out = _run("launch/embed.py", "--config=configs/demo.py", f"--image={tmp_path / 'wide.png'}",
-             f"--image={tmp_path / 'square.png'}", "--question=is this a ct of the chest")
+  # JPEGs, which a build keeps byte for byte: the square one holds the wide one's pixels as
+  # decoded and resized, up to quality 100's rounding.
+  Image.fromarray(wide).save(tmp_path / "wide.jpg", quality=95)
+  decoded = np.asarray(Image.open(tmp_path / "wide.jpg").convert("RGB"))
+  Image.fromarray(augment.resize(decoded, size)).save(tmp_path / "square.jpg", quality=100,
+                                                      subsampling=0)
+  Image.fromarray(decoded[:, size // 2:size // 2 + size]).save(tmp_path / "crop.jpg",
+                                                               quality=100, subsampling=0)
+  out = _run("launch/embed.py", "--config=configs/demo.py", f"--image={tmp_path / 'wide.jpg'}",
+             f"--image={tmp_path / 'square.jpg'}", f"--image={tmp_path / 'crop.jpg'}",
+             "--question=is this a ct of the chest")
   assert out.returncode == 0, out.stderr
   result = json.loads(out.stdout.strip().splitlines()[-1])
-  assert [Path(p).name for p in result["images"]] == ["wide.png", "square.png"]
-  (wide_sim,), (square_sim,) = result["cosine_image_x_question"]
-  assert wide_sim == square_sim
+  assert [Path(p).name for p in result["images"]] == ["wide.jpg", "square.jpg", "crop.jpg"]
+  (wide_sim,), (square_sim,), (crop_sim,) = result["cosine_image_x_question"]
+  assert abs(wide_sim - square_sim) <= 2e-3 < 0.02 < abs(wide_sim - crop_sim), result
   empty = _run("launch/embed.py", "--config=configs/demo.py", "--question=?")
   assert empty.returncode != 0 and "--question '?' is empty" in empty.stderr
 
@@ -121,6 +129,11 @@ def test_eval_and_predict_say_what_is_missing(tmp_path):
   out = _run("launch/eval.py", f"--checkpoint_dir={tmp_path / 'nothing'}")
   assert out.returncode != 0 and "no checkpoint" in out.stderr
   out = _run("launch/predict.py", f"--checkpoint_dir={tmp_path}", "--image=x.jpg", "--question=q")
+  assert out.returncode != 0 and "--image=x.jpg: no such file" in out.stderr  # Before restoring.
+  from medvqa_jax import ASSETS
+  image = sorted((ASSETS / "demo" / "images").iterdir())[0]
+  out = _run("launch/predict.py", f"--checkpoint_dir={tmp_path}", f"--image={image}",
+             "--question=q")
   assert out.returncode != 0 and "no complete checkpoint" in out.stderr
 
 

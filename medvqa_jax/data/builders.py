@@ -83,6 +83,16 @@ def encode_image(source, max_side: int | None, quality: int = 95) -> bytes:
   return out.getvalue()
 
 
+def read_as_built(path, max_side: int | None) -> Image.Image:
+  """An image file as a build stores it (`encode_image`: upright, shrunk to max_side,
+  re-encoded) and training's test path then decodes it: what predict.py and embed.py show
+  the model, as eval.py does."""
+  try:
+    return image_lib.open_image(encode_image(path, max_side))
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
+
+
 def image_digest(encoded: bytes) -> str:
   """A caption example's `image_id`: a digest of its stored image (`encode_image`'s bytes)."""
   return hashlib.sha1(encoded).hexdigest()[:20]

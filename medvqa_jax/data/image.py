@@ -1,5 +1,5 @@
 """Image decoding to the uint8 RGB (H, W, 3) pixels the image towers take (they normalise on
-device: `models.vit.normalize`), and `load_image`, one image as evaluation reads it."""
+device: `models.vit.normalize`)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from medvqa_jax.data import augment
 
 _ORIENTATION = 0x0112  # The EXIF tag.
 
@@ -101,13 +100,10 @@ def open_image(source: str | os.PathLike | bytes) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     img.load()
     img = upright(full_depth(img, data))
+  except UnidentifiedImageError:  # Its message names an in-memory buffer, not the file.
+    where = "image bytes" if isinstance(source, bytes) else str(source)
+    raise ValueError(f"cannot decode {where}: not an image format PIL can read") from None
   except (OSError, SyntaxError, Image.DecompressionBombError) as e:
     where = "image bytes" if isinstance(source, bytes) else str(source)
     raise ValueError(f"cannot decode {where}: {e}") from None
   return to_rgb(img)
-
-
-def load_image(source, size: int) -> np.ndarray:
-  """uint8 (size, size, 3): the whole image resized to a square, as evaluation and the teacher
-  read it (`augment.resize`, bicubic; no crop)."""
-  return augment.resize(np.asarray(open_image(source)), size)

@@ -708,6 +708,13 @@ def test_max_side_bounds_the_shorter_side(tmp_path, caplog):
   folder = builders.build("vqa_rad", src, out, max_side=64)
   sizes = {ex["image_id"]: ex["image"].shape[:2] for ex in builders.load(out, "vqa_rad", "train")}
   assert sorted(sizes.values()) == [(30, 40), (30, 40), (64, 192), (200, 50)]
+  # predict.py and embed.py read an image file as the build stored it.
+  stored = {ex["image_id"]: ex["image"] for ex in builders.load(out, "vqa_rad", "train")}
+  for i in (1, 2):
+    picture = np.asarray(builders.read_as_built(src / "images" / f"img{i}.jpg", 64))
+    assert any(np.array_equal(picture, x) for x in stored.values())
+  with pytest.raises(ValueError, match=r"nothing.jpg: image file not found"):
+    builders.read_as_built(src / "images" / "nothing.jpg", 64)
   meta = folder / "metadata.json"
   recorded = json.loads(meta.read_text())
   assert recorded["build_options"]["shrink"] == "shorter side"

@@ -449,7 +449,8 @@ def test_predict_prints_ranked_answers_and_writes_the_picture(straight, tmp_path
               "--question=" + " ".join(["is there a fracture"] * 10), "--top=3",
               f"--out={png}"], devices=1)
   assert "warning: the question takes 42 word pieces; the model reads the first 24" in out.stderr
-  result = json.loads(out.stdout.strip().splitlines()[0])
+  result = json.loads(out.stdout)  # One JSON document: "wrote ..." goes to stderr.
+  assert f"wrote {png}" in out.stderr
   scores = [a["score"] for a in result["answers"]]
   assert len(scores) == 3 and scores == sorted(scores, reverse=True)
   assert 0 < sum(scores) <= 1 + 1e-6  # Probabilities of distinct answers.
@@ -473,6 +474,13 @@ def test_predict_prints_ranked_answers_and_writes_the_picture(straight, tmp_path
   assert not bad.stdout  # No answer printed: nothing was restored.
   base[-1] = f"--out={tmp_path / 'answer'}"
   bad = _run(base + ["--question=is there a fracture?"], devices=1, check=False)
-  assert bad.returncode != 0 and "name an image file (.png)" in bad.stderr
+  assert bad.returncode != 0 and "name an image file PIL writes (.png)" in bad.stderr
+  # A format PIL reads but does not write was accepted, then failed after answering, and
+  # emptied the file of that name.
+  (tmp_path / "keep.h5").write_bytes(b"mine")
+  base[-1] = f"--out={tmp_path / 'keep.h5'}"
+  bad = _run(base + ["--question=is there a fracture?"], devices=1, check=False)
+  assert bad.returncode != 0 and "name an image file PIL writes (.png)" in bad.stderr
+  assert not bad.stdout and (tmp_path / "keep.h5").read_bytes() == b"mine"
   bad = _run(base + ["--question=is there a fracture?", "--top=0"], devices=1, check=False)
   assert bad.returncode != 0 and "flag --top=0: 0 is not a positive integer" in bad.stderr
