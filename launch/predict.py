@@ -17,9 +17,11 @@ question; in bfloat16 a score can differ from eval.py's in the third digit (one 
 batches of train.eval_batch_size there: XLA's kernels round differently).
 """
 
+import io
 import json
 import os
 import sys
+from pathlib import Path
 
 import common  # Puts the repository root on sys.path.
 from absl import flags
@@ -50,12 +52,10 @@ def main(argv):
 
   if not text_lib.question(_QUESTION.value).strip():
     raise ValueError(f"--question {_QUESTION.value!r} is empty (once read as training reads it)")
-  from pathlib import Path
   if not Path(_IMAGE.value).is_file():  # Checked before the model is restored, not after.
     raise FileNotFoundError(f"--image={_IMAGE.value}: no such file")
   if _OUT.value:
     from PIL import Image
-    import io
     picture_path = Path(_OUT.value)
     picture_format = Image.registered_extensions().get(picture_path.suffix.lower())
     try:  # PIL reads more formats than it writes (and has stubs that only say so).

@@ -56,10 +56,12 @@ class Predictor:
                   mc.answer_max_len, cut[0])
     self.cand_ids, self.cand_mask = jnp.asarray(cand["input_ids"]), jnp.asarray(cand["attention_mask"])
     replicated = NamedSharding(mesh, P())
-    self.k = k = rank_k(mc.rank_k, self.answers, cand["input_ids"]) if model.head == "generative" \
-        else mc.rank_k
-    # Each question's k candidates decoded as one packed row where that saves tokens.
-    self.pack = heads.pack_length(cand["attention_mask"], k) if model.head == "generative" else 0
+    self.k, self.pack = mc.rank_k, 0
+    if model.head == "generative":
+      self.k = rank_k(mc.rank_k, self.answers, cand["input_ids"])
+      # Each question's k candidates decoded as one packed row where that saves tokens.
+      self.pack = heads.pack_length(cand["attention_mask"], self.k)
+    k = self.k
 
     def predict(params, images, input_ids, attention_mask, prior_ids, prior_mask, cand_ids,
                 cand_mask):
