@@ -1,5 +1,6 @@
 """Image decoding to the uint8 RGB (H, W, 3) pixels the image towers take (they normalise on
-device: `models.vit.normalize`)."""
+device: `models.vit.normalize`), and `load_image`, one image read whole into a tower's
+square."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from medvqa_jax.data import augment
 
 _ORIENTATION = 0x0112  # The EXIF tag.
 
@@ -107,3 +109,10 @@ def open_image(source: str | os.PathLike | bytes) -> Image.Image:
     where = "image bytes" if isinstance(source, bytes) else str(source)
     raise ValueError(f"cannot decode {where}: {e}") from None
   return to_rgb(img)
+
+
+def load_image(source, size: int) -> np.ndarray:
+  """uint8 (size, size, 3): the whole image resized to a square, as evaluation and the teacher
+  read a stored image (`augment.resize`, bicubic; no crop). A file as a build stores it:
+  `builders.read_as_built`."""
+  return augment.resize(np.asarray(open_image(source)), size)
