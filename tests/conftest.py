@@ -29,6 +29,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Tests run in several worker processes (pytest-xdist): on a GPU, let them share its memory
 # instead of each reserving most of it.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# Float32 comparisons mean float32: on a GPU, JAX's default precision runs float32 matrix
+# products as TF32 (10-bit mantissas), 1e-4 off, which no float32 tolerance survives (seen on
+# an H200). A no-op on the CPU. Read when jax is imported, here and in the tests' subprocesses.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 # Tokens: CLIP text uses 0 = pad, 98 = start, 99 = end of text (the largest id).
 CLIP_VOCAB, CLIP_BOS, CLIP_EOS = 100, 98, 99

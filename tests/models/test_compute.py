@@ -33,6 +33,24 @@ def _close(a, b, tol):
   return max_diff(a, b) <= tol * max(1.0, float(np.max(np.abs(np.asarray(b, np.float64)))))
 
 
+def _assert_grads_close(g_a, g_b, tol, what=""):
+  """Gradient trees equal leaf by leaf (`_close`), the attention key biases excepted: softmax
+  ignores a shift shared by a query's keys, so their gradient is zero and what either side
+  computes for it is rounding noise (several hundredths in bf16 on an H200, on either path).
+  They are held to zero at the scale of the largest gradient instead."""
+  flat_a = dict(jax.tree_util.tree_flatten_with_path(g_a)[0])
+  flat_b = jax.tree_util.tree_flatten_with_path(g_b)[0]
+  assert set(flat_a) == {path for path, _ in flat_b}, what
+  scale = max(1.0, max(float(np.max(np.abs(np.asarray(b, np.float64)))) for _, b in flat_b))
+  for path, b in flat_b:
+    name, a = jax.tree_util.keystr(path), flat_a[path]
+    if name.endswith("['key']['bias']"):
+      assert max(float(np.max(np.abs(np.asarray(x, np.float64)))) for x in (a, b)) <= (
+          tol * scale), (what, name)
+    else:
+      assert _close(a, b, tol), (what, name)
+
+
 def _mask(lengths, n):
   return (np.arange(n)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
 
@@ -83,8 +101,7 @@ def test_fused_attention_matches_reference(case, form, dtype, tol):
   (l_fused, out_fused), g_fused = grad(fused, params)
   assert out_fused.shape == out_ref.shape == (3, lq, 32)
   assert max_diff(out_fused, out_ref) <= tol
-  for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_ref)):
-    assert _close(a, b, tol)
+  _assert_grads_close(g_fused, g_ref, tol)
   if lengths is not None:
     # Padded keys really are ignored: changing them changes nothing.
     noisy = kv.copy() if kv is not x else None
@@ -118,8 +135,7 @@ def test_a_context_shared_by_groups_of_rows_equals_it_repeated(compute, form):
   (_, shared), g_shared = grad(params, kv, key_mask)
   (_, repeated), g_repeated = grad(params, np.repeat(kv, g, 0), np.repeat(key_mask, g, 0))
   assert shared.shape == (2 * g, lq, 32) and max_diff(shared, repeated) <= tol
-  for a, b in zip(jax.tree.leaves(g_shared), jax.tree.leaves(g_repeated)):
-    assert _close(a, b, tol)
+  _assert_grads_close(g_shared, g_repeated, tol)
   _, w_shared = mha.apply({"params": params}, x, kv, make(key_mask), return_weights=True)
   _, w_repeated = mha.apply({"params": params}, x, np.repeat(kv, g, 0),
                             make(np.repeat(key_mask, g, 0)), return_weights=True)
@@ -257,9 +273,7 @@ def test_stack_settings_match_the_plain_stack(stack):
     for key in out_plain:
       assert max_diff(out_fast[key], out_plain[key]) <= F32_TOL, (name, key)
     assert abs(float(l_fast) - float(l_plain)) <= F32_TOL * (1 + abs(float(l_plain))), name
-    flat_fast = dict(jax.tree_util.tree_flatten_with_path(g_fast)[0])
-    for path, g in jax.tree_util.tree_flatten_with_path(g_plain)[0]:
-      assert _close(flat_fast[path], g, F32_TOL), (name, jax.tree_util.keystr(path))
+    _assert_grads_close(g_fast, g_plain, F32_TOL, name)
 
 
 @pytest.mark.parametrize("stack", ["vit", "clip_text", "bert decoder", "fusion"])
@@ -324,8 +338,7 @@ def test_amif_losses_and_gradients_do_not_depend_on_compute():
   l_ref, g_ref = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)(model, params)
   l_fast, g_fast = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)(fast, params)
   assert abs(float(l_fast) - float(l_ref)) <= F32_TOL * (1 + abs(float(l_ref)))
-  for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
-    assert _close(a, b, F32_TOL)
+  _assert_grads_close(g_fast, g_ref, F32_TOL)
 
 
 @pytest.mark.parametrize("compute,dtype,tol", [(REFERENCE, jnp.float32, F32_TOL),
