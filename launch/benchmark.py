@@ -7,8 +7,8 @@ r"""Times the train step of a config and prints one JSON line.
   python launch/benchmark.py --config=configs/demo.py --pipeline             # + input pipeline
 
 Builds the model of the config with random weights (towers from their `arch`), compiles the
-loop's jitted step once, runs --warmup then --steps steps on synthetic batches of the config's
-shapes, and prints: device kind and count, batch, compile time, step time, samples/s, model
+loop's jitted step once, runs --warmup steps then --windows windows of --steps steps on synthetic
+batches of the config's shapes (the step time: the median window's), and prints: device kind and count, batch, compile time, step time, samples/s, model
 FLOPs per sample (analytic; XLA's compiled count beside it, and `flops_check` says whether the
 two agree within 10% when the program is plain: reference attention, no scan, no remat, no
 gradient accumulation), MFU against the device's dense bf16 peak (--peak_tflops for a
@@ -29,8 +29,11 @@ from ml_collections import config_flags
 
 _CONFIG = common.config_file_flag("configs/towers_only.py", "Config file.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: the config's).")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (0: compile and count FLOPs only).")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per window (0: compile and count "
+                              "FLOPs only).")
+_WINDOWS = flags.DEFINE_integer("windows", 3, "Timed windows of --steps steps: the step time "
+                                "is the median window's.")
+_WARMUP = flags.DEFINE_integer("warmup", 10, "Untimed steps after compilation.")
 _PIPELINE = flags.DEFINE_bool("pipeline", False, "Also time steps fed by the real input "
                               "pipeline of config.data.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Dense bf16 peak per device, TFLOP/s "
@@ -46,7 +49,8 @@ def main(argv):
   from medvqa_jax.train import benchmark
   log = lambda s: print(s, file=sys.stderr, flush=True)
   figures = benchmark.run(_CONFIG.value, batch_size=_BATCH.value, steps=_STEPS.value,
-                          warmup=_WARMUP.value, pipeline=_PIPELINE.value, peak=_PEAK.value,
+                          warmup=_WARMUP.value, windows=_WINDOWS.value,
+                          pipeline=_PIPELINE.value, peak=_PEAK.value,
                           teacher_dim=_TEACHER_DIM.value, log=log)
   figures["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
   print(json.dumps(figures), flush=True)

@@ -157,12 +157,18 @@ def sinkhorn_seconds(config, model, batch_size: int, mesh, steps: int, seed: int
   return seconds, None if converged is None else float(converged)
 
 
-def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int = 3,
-        pipeline: bool = False, peak: float | None = None, teacher_dim: int = 512,
-        pipeline_min_steps: int = 50, log: Callable[[str], None] = lambda s: None) -> dict:
-  """Builds, compiles and times the train step of `config`; returns the figures. The
+def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int = 10,
+        windows: int = 3, pipeline: bool = False, peak: float | None = None,
+        teacher_dim: int = 512, pipeline_min_steps: int = 50,
+        log: Callable[[str], None] = lambda s: None) -> dict:
+  """Builds, compiles and times the train step of `config`; returns the figures. After
+  `warmup` steps, `windows` windows of `steps` steps are timed one after another: the step
+  time is the median window's (`step_windows_ms` lists them all; on an H200, 20 steps timed
+  after 3 warm-up steps came out up to 15% slower than the same step timed later). The
   pipeline run takes max(steps, pipeline_min_steps) steps after 4 x data.workers warm-up
   steps (at least `warmup`): the workers' first batches come slower."""
+  if windows < 1:
+    raise ValueError(f"windows must be at least 1 (got {windows})")
   tc, mc = config.train, config.model
   batch_size = batch_size or tc.batch_size
   tc.batch_size = batch_size
@@ -251,13 +257,18 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
     _time(one, warm)
     return _time(one, n)
 
-  log(f"timing {steps} steps on synthetic batches, after {warmup} warm-up steps")
-  step_s, metrics = timed(lambda: batch, warmup, steps)
+  log(f"timing {windows} x {steps} steps on synthetic batches, after {warmup} warm-up steps")
+  window_s, metrics = [], None
+  for w in range(windows):
+    seconds, metrics = timed(lambda: batch, warmup if w == 0 else 0, steps)
+    window_s.append(seconds)
+  step_s = float(np.median(window_s))
   loss = float(metrics["loss"])
   peak = peak if peak is not None else peak_tflops(out["device_kind"])
   achieved = analytic["total"] * batch_size / step_s / jax.device_count()
   out.update(
       step_s=round(step_s, 5), samples_per_s=round(batch_size / step_s, 2),
+      step_windows_ms=[round(1000 * x, 2) for x in window_s], warmup_steps=warmup,
       samples_per_s_per_device=round(batch_size / step_s / jax.device_count(), 2),
       achieved_tflops_per_device=round(achieved / 1e12, 3),
       peak_bf16_tflops_per_device=peak,

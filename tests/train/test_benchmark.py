@@ -31,7 +31,7 @@ KEYS = {"config", "device_kind", "platform", "device_count", "batch_size", "comp
 def test_benchmark_prints_one_well_formed_line():
   out = subprocess.run(
       [sys.executable, str(ROOT / "launch" / "benchmark.py"),
-       "--config=configs/towers_only.py:tiny", "--steps=3", "--warmup=1"],
+       "--config=configs/towers_only.py:tiny", "--steps=3", "--warmup=1", "--windows=2"],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-3000:]
@@ -42,6 +42,9 @@ def test_benchmark_prints_one_well_formed_line():
   assert r["config"] == "configs/towers_only.py:tiny" and r["platform"] == "cpu"
   assert r["batch_size"] == 8 and r["device_count"] == 1
   assert r["samples_per_s"] == pytest.approx(8 / r["step_s"], rel=1e-3)
+  # Two timed windows; the step time is their median (with two: their mean).
+  assert len(r["step_windows_ms"]) == 2 and r["warmup_steps"] == 1
+  assert 1000 * r["step_s"] == pytest.approx(np.mean(r["step_windows_ms"]), abs=0.02)
   assert r["flops_source"] == "analytic" and r["flops_check"] == "agree"
   assert 0.9 <= r["compiled_over_analytic"] <= 1.1
   assert r["mfu"] is None and r["peak_bf16_tflops_per_device"] is None  # No CPU peak.
@@ -101,7 +104,8 @@ def test_pretraining_step_reports_the_sinkhorn_share():
   config.model.text.arch.update(width=256, num_heads=4, mlp_dim=1024)
   config.model.text.max_len = 32
   config.model.fusion.update(width=256, layers=1, heads=4, mlp_dim=1024)
-  r = benchmark.run(config, batch_size=8, steps=2, warmup=1, peak=0.5, teacher_dim=32)
+  r = benchmark.run(config, batch_size=8, steps=2, warmup=1, windows=1, peak=0.5,
+                    teacher_dim=32)
   assert r["loss_finite"] and r["samples_per_s"] > 0
   assert 0 < r["sinkhorn_share"] < 1 and 0 <= r["sinkhorn_converged"] <= 1
   # Run to its threshold on random tokens, the solver's share is a lower bound: it says so,
@@ -120,7 +124,7 @@ def test_pipeline_share_on_the_demo_data(tmp_path):
   config = demo.get_config()
   config.data.dir = str(tmp_path / "data")
   config.data.workers = 1
-  r = benchmark.run(config, batch_size=16, steps=3, warmup=1, pipeline=True,
+  r = benchmark.run(config, batch_size=16, steps=3, warmup=1, windows=1, pipeline=True,
                     pipeline_min_steps=6)
   assert r["pipeline_step_s"] > 0 and 0 <= r["data_share"] < 1
   # Timed past the workers' start-up (their first batches came 1.4-3.3x slower), over more
@@ -135,6 +139,8 @@ def test_checkpoint_towers_are_refused_with_a_hint():
   from configs import vqa_rad
   with pytest.raises(ValueError, match="paper_init"):
     benchmark.run(vqa_rad.get_config(), steps=0)
+  with pytest.raises(ValueError, match="windows must be at least 1"):
+    benchmark.run(vqa_rad.get_config(), windows=0)
 
 
 def test_accumulated_micro_batches_are_not_compared():
