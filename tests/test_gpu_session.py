@@ -13,9 +13,9 @@ from pathlib import Path
 from medvqa_jax import ASSETS
 
 ROOT = Path(__file__).resolve().parents[1]
-# One call of the default budget reaches the first three (the headline towers figure and a
-# real-data result); the others follow in the next.
-STEPS = ["check", "towers", "real_vqa_rad", "stage1", "finetune", "input", "real_slake",
+# One call of the default budget reaches the first three (the kernel check, a real-data result
+# and the headline towers figure); the others follow in the next.
+STEPS = ["check", "real_vqa_rad", "towers", "stage1", "finetune", "input", "real_slake",
          "towers_more"]
 
 
