@@ -9,7 +9,8 @@
 #   bash benchmarks/gpu.sh 0          # no run: the table of $OUT_FILE
 #
 # Each run has 420 s, or until STEP_END (seconds since the epoch, as gpu_session.sh sets it)
-# if sooner; a run that would get under 30 s is skipped.
+# if sooner; a run that would get under 30 s is skipped. With PROFILE_DIR set, each run also
+# traces 5 steps into PROFILE_DIR/run<N> and prints where the device's time goes.
 set -uo pipefail
 if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
   sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
@@ -47,11 +48,13 @@ for args in "${RUNS[@]}"; do
     echo "== skipped ($t s left): $args" >&2
     continue
   fi
-  echo "== $args" >&2
+  prof=()
+  [ -n "${PROFILE_DIR:-}" ] && prof=("--profile_dir=$PROFILE_DIR/run$n")
+  echo "== $args ${prof[*]}" >&2
   # --foreground: the run stays in this script's process group, so that a timeout of the
   # script (gpu_session.sh's) ends it too.
   # shellcheck disable=SC2086
-  timeout --foreground -k 10 "$t" "$PYTHON" launch/benchmark.py $args --steps=20 \
+  timeout --foreground -k 10 "$t" "$PYTHON" launch/benchmark.py $args --steps=20 "${prof[@]}" \
     | tee -a "$OUT_FILE" || echo "(failed: $args)" >&2
 done
 "$PYTHON" - "$OUT_FILE" <<'PY'

@@ -145,8 +145,10 @@ step_check() {
     tests/models/test_compute.py \
     -k "fused_attention or context_shared or structured_mask or auto_picks or packed_rows"
 }
-step_towers() { do_ - env OUT_FILE="$BENCH" bash benchmarks/gpu.sh 1-2; }
-step_stage1() { do_ - env OUT_FILE="$BENCH" bash benchmarks/gpu.sh 3-4; }
+# The headline steps are traced too (5 steps each): where their device time goes is printed
+# to the log; the traces stay in OUT_DIR/profiles.
+step_towers() { do_ - env OUT_FILE="$BENCH" PROFILE_DIR="$OUT_DIR/profiles" bash benchmarks/gpu.sh 1-2; }
+step_stage1() { do_ - env OUT_FILE="$BENCH" PROFILE_DIR="$OUT_DIR/profiles" bash benchmarks/gpu.sh 3-4; }
 step_towers_more() { do_ - env OUT_FILE="$BENCH" bash benchmarks/gpu.sh 6-7; }
 real_data() {
   do_ - env RESULTS="$OUT_DIR/real_data.jsonl" WORKERS="$WORKERS" bash benchmarks/real_data.sh "$1"
@@ -167,7 +169,7 @@ step_finetune() {
     --config.data.source_dir="$DATA/vqa_rad" --config.data.dir="$RUNS/bench_data" \
     --config.data.workers="$WORKERS" \
     --config.model.text.tokenizer=medvqa_jax/assets/bert_uncased_vocab \
-    --config.model.text.arch.vocab_size=30522
+    --config.model.text.arch.vocab_size=30522 --profile_dir="$OUT_DIR/profiles/finetune"
 }
 step_input() {
   local corpus=$RUNS/corpus

@@ -15,7 +15,11 @@ gradient accumulation), MFU against the device's dense bf16 peak (--peak_tflops 
 device not in the table), memory (XLA's compiled estimate, and the runtime peak where the
 backend reports one), the share of the step that the OT loss alone takes (pre-training with
 wpa), and with --pipeline the share lost to the input pipeline (1 - synthetic step time /
-step time fed by config.data).
+step time fed by config.data). With --profile_dir, a trace of --profile_steps more steps is
+written there (`trace.json.gz`, Chrome trace events; the profiler's own files under
+`plugins/profile/`), and the device's time per step is split by kind of work, by model part
+and by op (`summary.txt`; `device_busy_share`, `profile_by_kind`, `profile_by_scope` in the
+line; a CPU trace has no device events to split).
 A classifier head without num_answers gets 512 answers. Any config field is overridable,
 e.g. --config.model.compute.attention=cudnn --config.model.compute.scan=True
 --config.model.compute.remat=dots.
@@ -38,6 +42,9 @@ _PIPELINE = flags.DEFINE_bool("pipeline", False, "Also time steps fed by the rea
                               "pipeline of config.data.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Dense bf16 peak per device, TFLOP/s "
                            "(default: from the device kind).")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Also trace --profile_steps steps "
+                                   "there and summarise where the device's time goes.")
+_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 5, "Steps traced with --profile_dir.")
 _TEACHER_DIM = flags.DEFINE_integer("teacher_dim", 512, "Width of the synthetic teacher "
                                     "embeddings (pre-training with a teacher).")
 
@@ -51,7 +58,8 @@ def main(argv):
   figures = benchmark.run(_CONFIG.value, batch_size=_BATCH.value, steps=_STEPS.value,
                           warmup=_WARMUP.value, windows=_WINDOWS.value,
                           pipeline=_PIPELINE.value, peak=_PEAK.value,
-                          teacher_dim=_TEACHER_DIM.value, log=log)
+                          teacher_dim=_TEACHER_DIM.value, profile_dir=_PROFILE_DIR.value,
+                          profile_steps=_PROFILE_STEPS.value, log=log)
   figures["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
   print(json.dumps(figures), flush=True)
 

@@ -10,6 +10,7 @@ with random lengths, random teacher embeddings), placed on the devices once; wit
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
@@ -157,16 +158,44 @@ def sinkhorn_seconds(config, model, batch_size: int, mesh, steps: int, seed: int
   return seconds, None if converged is None else float(converged)
 
 
+def _profile(one: Callable, steps: int, out_dir: str, step_s: float,
+             log: Callable[[str], None]) -> dict:
+  """Traces `steps` steps into `out_dir`; the trace's path and, where the trace has device
+  events, the device's busy time against the step time and its split by kind and scope."""
+  from medvqa_jax.train import trace as trace_lib
+  log(f"tracing {steps} steps into {out_dir}")
+  path = trace_lib.capture(one, steps, out_dir)
+  figures = {"profile_trace": path, "device_busy_share": None, "profile_by_kind": None,
+             "profile_by_scope": None}
+  try:
+    summary = trace_lib.summarize(path, steps=steps)
+  except ValueError as e:
+    log(f"no device time to summarise: {e}")
+    return figures
+  text = trace_lib.format_summary(summary)
+  with open(os.path.join(out_dir, "summary.txt"), "w") as f:
+    f.write(text + "\n")
+  log(text)
+  short = lambda rows: [[name, ms] for name, ms, _ in rows[:8]]
+  figures.update(device_busy_share=round(summary["busy_ms"] / 1000 / step_s, 4),
+                 profile_by_kind=short(summary["by_kind"]),
+                 profile_by_scope=short(summary["by_scope"]))
+  return figures
+
+
 def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int = 10,
         windows: int = 3, pipeline: bool = False, peak: float | None = None,
         teacher_dim: int = 512, pipeline_min_steps: int = 50,
+        profile_dir: str | None = None, profile_steps: int = 5,
         log: Callable[[str], None] = lambda s: None) -> dict:
   """Builds, compiles and times the train step of `config`; returns the figures. After
   `warmup` steps, `windows` windows of `steps` steps are timed one after another: the step
   time is the median window's (`step_windows_ms` lists them all; on an H200, 20 steps timed
   after 3 warm-up steps came out up to 15% slower than the same step timed later). The
   pipeline run takes max(steps, pipeline_min_steps) steps after 4 x data.workers warm-up
-  steps (at least `warmup`): the workers' first batches come slower."""
+  steps (at least `warmup`): the workers' first batches come slower. With `profile_dir`,
+  `profile_steps` more synthetic steps are traced there (`trace.capture`) and the device's
+  time summarised (`trace.summarize`; `profile_dir/summary.txt`)."""
   if windows < 1:
     raise ValueError(f"windows must be at least 1 (got {windows})")
   tc, mc = config.train, config.model
@@ -247,15 +276,19 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
   if steps <= 0:
     return out
 
-  def timed(next_batch: Callable, warm: int, n: int) -> tuple[float, dict]:
-    """Seconds per step over `n` steps after `warm` warm-up steps, and the last step's
-    metrics."""
+  def stepper(next_batch: Callable) -> Callable[[], dict]:
+    """One step on next_batch(), returning its metrics."""
     def one():
       nonlocal state
       state, metrics = compiled(state, next_batch(), key)
       return metrics
-    _time(one, warm)
-    return _time(one, n)
+    return one
+
+  def timed(next_batch: Callable, warm: int, n: int) -> tuple[float, dict]:
+    """Seconds per step over `n` steps after `warm` warm-up steps, and the last step's
+    metrics."""
+    _time(stepper(next_batch), warm)
+    return _time(stepper(next_batch), n)
 
   log(f"timing {windows} x {steps} steps on synthetic batches, after {warmup} warm-up steps")
   window_s, metrics = [], None
@@ -276,7 +309,8 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
       peak_memory_gib=_peak_memory(), loss=loss, loss_finite=bool(np.isfinite(loss)),
       sinkhorn_s=None, sinkhorn_share=None, sinkhorn_converged=None, sinkhorn_budget=None,
       step_wpa_converged=None, pipeline_step_s=None, data_share=None,
-      pipeline_warmup_steps=None, pipeline_steps=None)
+      pipeline_warmup_steps=None, pipeline_steps=None, profile_trace=None,
+      device_busy_share=None, profile_by_kind=None, profile_by_scope=None)
 
   if mc.head == "none" and dict(config.losses.weights).get("wpa", 0) > 0:
     log("timing the OT loss alone")
@@ -295,6 +329,9 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
                sinkhorn_converged=converged, sinkhorn_budget=budget,
                step_wpa_converged=(None if "wpa_converged" not in metrics
                                    else float(metrics["wpa_converged"])))
+
+  if profile_dir:
+    out.update(_profile(stepper(lambda: batch), profile_steps, profile_dir, step_s, log))
 
   if pipeline:
     from medvqa_jax.data import pipeline as pipeline_lib

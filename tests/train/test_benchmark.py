@@ -28,10 +28,11 @@ KEYS = {"config", "device_kind", "platform", "device_count", "batch_size", "comp
         "sinkhorn_share", "data_share", "attention", "scan", "remat", "loss"}
 
 
-def test_benchmark_prints_one_well_formed_line():
+def test_benchmark_prints_one_well_formed_line(tmp_path):
   out = subprocess.run(
       [sys.executable, str(ROOT / "launch" / "benchmark.py"),
-       "--config=configs/towers_only.py:tiny", "--steps=3", "--warmup=1", "--windows=2"],
+       "--config=configs/towers_only.py:tiny", "--steps=3", "--warmup=1", "--windows=2",
+       f"--profile_dir={tmp_path / 'prof'}", "--profile_steps=1"],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-3000:]
@@ -51,6 +52,10 @@ def test_benchmark_prints_one_well_formed_line():
   assert r["compiled_memory_gib"] > 0 and np.isfinite(r["loss"])
   assert r["sinkhorn_share"] is None and r["data_share"] is None
   assert "compiling the train step" in out.stderr  # Progress goes to stderr.
+  # The traced step is kept; a CPU trace has no device events to split, which it says.
+  assert r["profile_trace"] == str(tmp_path / "prof" / "trace.json.gz")
+  assert Path(r["profile_trace"]).stat().st_size > 0 and r["device_busy_share"] is None
+  assert "no device events" in out.stderr
 
 
 def _xla_flops(fn, *args) -> float:
