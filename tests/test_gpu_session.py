@@ -58,6 +58,12 @@ def test_the_input_step_runs_and_a_step_over_budget_is_skipped(tmp_path):
   data.mkdir()
   (data / "vqa_rad").symlink_to(ASSETS / "vqa_rad_sample")
   out_dir = tmp_path / "out"
+  # What an earlier call installed (RUNS/site) is on the path of every step's Python: a
+  # sitecustomize there runs at each start-up and leaves a mark.
+  site = tmp_path / "runs" / "site"
+  site.mkdir(parents=True)
+  mark = tmp_path / "site_seen"
+  (site / "sitecustomize.py").write_text(f"open({str(mark)!r}, 'a').write('x')\n")
   out = _session(["towers", "input"], DATA=str(data), RUNS=str(tmp_path / "runs"),
                  OUT_DIR=str(out_dir), INPUT_WORKERS="0,1", INPUT_BATCHES="2",
                  INPUT_BATCH="4", NEED_towers="1000000")
@@ -81,6 +87,7 @@ def test_the_input_step_runs_and_a_step_over_budget_is_skipped(tmp_path):
   assert "== towers: skipped" in log and "skipped: towers" in log.splitlines()[-1]
   assert not (out_dir / "benchmarks.jsonl").exists()
   assert re.search(r"^captions_jsonl\s+pretrain\s+1\s+[\d.]+", out.stdout, re.M)
+  assert f"== packages from {site}" in log and mark.read_text().count("x") >= 2
 
 
 def test_a_fine_tune_stopped_by_its_time_limit_is_evaluated_where_it_got(tmp_path):
