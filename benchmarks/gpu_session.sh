@@ -36,7 +36,8 @@
 #                     (fine-tuning augmentations), and its images as a caption corpus
 #                     (pre-training augmentations, two views per example)
 #   real_slake   300  the SLAKE fine-tune of RESULTS.md
-#   towers_more  100  towers_only with scan, and with remat=dots at batch 512 (gpu.sh runs 6-7)
+#   towers_more  150  towers_only with scan, with remat=dots at batch 512, and with both
+#                     (gpu.sh runs 6-8)
 #
 # Settings (environment): BUDGET (seconds from the start, default 570), OUT_DIR, DATA (a
 # folder with vqa_rad/ and slake/ as benchmarks/pack.py writes them: default pack/data if it
@@ -87,7 +88,7 @@ cd "$ROOT"
 
 ORDER=(check real_vqa_rad towers stage1 finetune input real_slake towers_more)
 declare -A NEED=([check]=75 [real_vqa_rad]=300 [towers]=120 [stage1]=190 [finetune]=185
-                 [input]=120 [real_slake]=300 [towers_more]=100)
+                 [input]=120 [real_slake]=300 [towers_more]=150)
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=("${ORDER[@]}")
 for s in "${STEPS[@]}"; do
@@ -152,7 +153,7 @@ step_check() {
 # to the log; the traces stay in OUT_DIR/profiles.
 step_towers() { do_ - env OUT_FILE="$BENCH" PROFILE_DIR="$OUT_DIR/profiles" bash benchmarks/gpu.sh 1-2; }
 step_stage1() { do_ - env OUT_FILE="$BENCH" PROFILE_DIR="$OUT_DIR/profiles" bash benchmarks/gpu.sh 3-4; }
-step_towers_more() { do_ - env OUT_FILE="$BENCH" bash benchmarks/gpu.sh 6-7; }
+step_towers_more() { do_ - env OUT_FILE="$BENCH" bash benchmarks/gpu.sh 6-8; }
 real_data() {
   do_ - env RESULTS="$OUT_DIR/real_data.jsonl" WORKERS="$WORKERS" bash benchmarks/real_data.sh "$1"
 }

@@ -31,7 +31,7 @@ def test_the_plan_lists_every_step_in_order_and_runs_nothing(tmp_path):
   assert re.findall(r"^== (\w+) \(", out.stdout, re.M) == STEPS
   commands = [line for line in out.stdout.splitlines() if line.startswith("+ ")]
   for expected in ("MEDVQA_FUSED_ATTENTION=cudnn", "benchmarks/gpu.sh 1-2",
-                   "benchmarks/gpu.sh 3-4", "benchmarks/gpu.sh 6-7",
+                   "benchmarks/gpu.sh 3-4", "benchmarks/gpu.sh 6-8",
                    "benchmarks/real_data.sh vqa_rad", "benchmarks/real_data.sh slake",
                    f"--pipeline --config.model.compute.attention=cudnn "
                    f"--config.data.source_dir={tmp_path / 'data'}/vqa_rad",
