@@ -132,8 +132,14 @@ do_() {
 }
 
 step_check() {
-  do_ - "$PYTHON" -c 'import json, sys, jax; print(json.dumps({"python": sys.version.split()[0],
-    "jax": jax.__version__, "devices": [d.device_kind for d in jax.devices()]}))'
+  # The software the figures are quoted with (BENCHMARKS.md names it beside each one).
+  do_ - "$PYTHON" -c 'import json, sys, jax; from importlib import metadata as m
+def v(name):
+  try: return m.version(name)
+  except m.PackageNotFoundError: return None
+print(json.dumps({"python": sys.version.split()[0], "devices": [d.device_kind for d in
+  jax.devices()], **{n: v(n) for n in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
+  "ott-jax", "grain", "numpy")}}))'
   # JAX falls back to the CPU when the GPU does not start: the rest would compile and time
   # paper-size models there.
   if [ "$PLAN" = 0 ]; then

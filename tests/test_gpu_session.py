@@ -10,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flax
+import jax
+
 from medvqa_jax import ASSETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +136,10 @@ def test_a_session_without_a_gpu_stops_at_its_check(tmp_path):
   assert out.returncode == 1
   log = (tmp_path / "out" / "session.log").read_text()
   assert "== JAX sees no GPU (backend: cpu): stopping" in log
+  # Before stopping, it names the software any figure would have been quoted with.
+  (env,) = [json.loads(line) for line in log.splitlines() if line.startswith('{"python"')]
+  assert env["devices"] == ["cpu"] and env["jax"] == jax.__version__
+  assert env["flax"] == flax.__version__ and env["optax"] and env["orbax-checkpoint"]
   assert "== towers" not in log and not (tmp_path / "out" / "benchmarks.jsonl").exists()
 
 
