@@ -140,6 +140,20 @@ def test_pipeline_share_on_the_demo_data(tmp_path):
                                           abs=1e-3)
 
 
+def test_the_flops_check_is_left_out_where_xla_cannot_see_the_work():
+  from medvqa_jax.models import layers
+  plain = layers.Compute()
+  assert benchmark.flops_comparable("cpu", "reference", plain, 1)
+  assert benchmark.flops_comparable("tpu", "reference", plain, 1)
+  # On a GPU the matrix products are cuBLAS custom calls, which XLA's count leaves out.
+  assert not benchmark.flops_comparable("gpu", "reference", plain, 1)
+  for kernel, compute, accum in (("cudnn", plain, 1), ("xla", plain, 1),
+                                 ("reference", layers.Compute(scan=True), 1),
+                                 ("reference", layers.Compute(remat="dots"), 1),
+                                 ("reference", plain, 2)):
+    assert not benchmark.flops_comparable("cpu", kernel, compute, accum)
+
+
 def test_checkpoint_towers_are_refused_with_a_hint():
   from configs import vqa_rad
   with pytest.raises(ValueError, match="paper_init"):
