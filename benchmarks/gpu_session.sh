@@ -112,6 +112,7 @@ INPUT_BATCHES=${INPUT_BATCHES:-20}
 INPUT_BATCH=${INPUT_BATCH:-64}
 PAPER=":image=paper_init,text=paper_init"
 BENCH=$OUT_DIR/benchmarks.jsonl
+PROFILES=$OUT_DIR/profiles
 export RUNS DATA MINILM PYTHON
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
@@ -157,8 +158,8 @@ print(json.dumps({"python": sys.version.split()[0], "devices": [d.device_kind fo
 }
 # The headline steps are traced too (5 steps each): where their device time goes is printed
 # to the log; the traces stay in OUT_DIR/profiles.
-step_towers() { do_ - env OUT_FILE="$BENCH" PROFILE_DIR="$OUT_DIR/profiles" bash benchmarks/gpu.sh 1-2; }
-step_stage1() { do_ - env OUT_FILE="$BENCH" PROFILE_DIR="$OUT_DIR/profiles" bash benchmarks/gpu.sh 3-4; }
+step_towers() { do_ - env OUT_FILE="$BENCH" PROFILE_DIR="$PROFILES" bash benchmarks/gpu.sh 1-2; }
+step_stage1() { do_ - env OUT_FILE="$BENCH" PROFILE_DIR="$PROFILES" bash benchmarks/gpu.sh 3-4; }
 step_towers_more() { do_ - env OUT_FILE="$BENCH" bash benchmarks/gpu.sh 6-8; }
 real_data() {
   do_ - env RESULTS="$OUT_DIR/real_data.jsonl" WORKERS="$WORKERS" bash benchmarks/real_data.sh "$1"
@@ -166,7 +167,7 @@ real_data() {
 step_real_vqa_rad() { real_data vqa_rad; }
 step_real_slake() {
   if [ "$PLAN" = 0 ] && [ ! -d "$DATA/slake" ]; then
-    echo "no $DATA/slake (pack it, and carry it alone in a later call on the same host: see BENCHMARKS.md)"
+    echo "no $DATA/slake (pack it; carry it alone in a later call to the same host: BENCHMARKS.md)"
     return 1
   fi
   real_data slake
@@ -179,7 +180,7 @@ step_finetune() {
     --config.data.source_dir="$DATA/vqa_rad" --config.data.dir="$RUNS/bench_data" \
     --config.data.workers="$WORKERS" \
     --config.model.text.tokenizer=medvqa_jax/assets/bert_uncased_vocab \
-    --config.model.text.arch.vocab_size=30522 --profile_dir="$OUT_DIR/profiles/finetune"
+    --config.model.text.arch.vocab_size=30522 --profile_dir="$PROFILES/finetune"
 }
 step_input() {
   local corpus=$RUNS/corpus

@@ -7,19 +7,20 @@ r"""Times the train step of a config and prints one JSON line.
   python launch/benchmark.py --config=configs/demo.py --pipeline             # + input pipeline
 
 Builds the model of the config with random weights (towers from their `arch`), compiles the
-loop's jitted step once, runs --warmup steps then --windows windows of --steps steps on synthetic
-batches of the config's shapes (the step time: the median window's), and prints: device kind and count, batch, compile time, step time, samples/s, model
-FLOPs per sample (analytic; XLA's compiled count beside it, and `flops_check` says whether the
-two agree within 10% when the program is plain: reference attention, no scan, no remat, no
-gradient accumulation), MFU against the device's dense bf16 peak (--peak_tflops for a
-device not in the table), memory (XLA's compiled estimate, and the runtime peak where the
-backend reports one), the share of the step that the OT loss alone takes (pre-training with
-wpa), and with --pipeline the share lost to the input pipeline (1 - synthetic step time /
-step time fed by config.data). With --profile_dir, a trace of --profile_steps more steps is
-written there (`trace.json.gz`, Chrome trace events; the profiler's own files under
-`plugins/profile/`), and the device's time per step is split by kind of work, by model part
-and by op (`summary.txt`; `device_busy_share`, `profile_by_kind`, `profile_by_scope` in the
-line; a CPU trace has no device events to split).
+loop's jitted step once, runs --warmup steps then --windows windows of --steps steps on
+synthetic batches of the config's shapes (the step time: the median window's), and prints:
+device kind and count, batch, compile time, step time, samples/s, model FLOPs per sample
+(analytic; XLA's compiled count beside it, and `flops_check` says whether the two agree within
+10% when the program is plain, on a CPU or TPU: reference attention, no scan, no remat, no
+gradient accumulation), MFU against the device's dense bf16 peak (--peak_tflops for a device
+not in the table), memory (XLA's compiled estimate, and the runtime peak where the backend
+reports one), the share of the step that the OT loss alone takes (pre-training with wpa), and
+with --pipeline the share lost to the input pipeline (1 - synthetic step time / step time fed
+by config.data). With --profile_dir, a trace of --profile_steps more steps is written there
+(`trace.json.gz`, Chrome trace events; the profiler's own files under `plugins/profile/`), and
+the device's time per step is split by kind of work, by model part and by op (`summary.txt`;
+`device_busy_share`, `profile_by_kind`, `profile_by_scope` in the line; a CPU trace has no
+device events to split).
 A classifier head without num_answers gets 512 answers. Any config field is overridable,
 e.g. --config.model.compute.attention=cudnn --config.model.compute.scan=True
 --config.model.compute.remat=dots.
