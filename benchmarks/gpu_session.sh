@@ -19,18 +19,19 @@
 #       # 3.12, x86-64 Linux), for WHEELS=DIR on a host without network
 #
 # Steps, with their expected need in seconds (measured on one H200 on 2026-12-04, plus the
-# benchmark's longer timing since; the fine-tunes are guesses; NEED_<step>=N overrides one).
-# With the default budget, one call reaches the first three (495 s); the rest are listed as
+# benchmark's longer timing and traces since; the fine-tunes are guesses; NEED_<step>=N
+# overrides one).
+# With the default budget, one call reaches the first three (510 s); the rest are listed as
 # skipped, for the next call:
 #   check         75  the environment (the session stops if JAX sees no GPU), and cuDNN's
 #                     fused kernel against the reference path (tests/models/test_compute.py
 #                     with MEDVQA_FUSED_ATTENTION=cudnn)
 #   real_vqa_rad 300  the VQA-RAD fine-tune of RESULTS.md (benchmarks/real_data.sh vqa_rad);
 #                     cut short, it is evaluated at the best checkpoint it reached
-#   towers       120  towers_only, cuDNN and reference attention (benchmarks/gpu.sh runs 1-2)
-#   stage1       190  stage-1 pre-training at 64: Sinkhorn to threshold, and a fixed 100
+#   towers       135  towers_only, cuDNN and reference attention (benchmarks/gpu.sh runs 1-2)
+#   stage1       210  stage-1 pre-training at 64: Sinkhorn to threshold, and a fixed 100
 #                     iterations (gpu.sh runs 3-4)
-#   finetune     185  the fine-tuning step at 64 (cuDNN), on synthetic batches and fed by the
+#   finetune     190  the fine-tuning step at 64 (cuDNN), on synthetic batches and fed by the
 #                     input pipeline of VQA-RAD with WORKERS workers (the data share)
 #   input        120  input-pipeline images/s with INPUT_WORKERS workers: VQA-RAD at 288 px
 #                     (fine-tuning augmentations), and its images as a caption corpus
@@ -87,7 +88,7 @@ esac
 cd "$ROOT"
 
 ORDER=(check real_vqa_rad towers stage1 finetune input real_slake towers_more)
-declare -A NEED=([check]=75 [real_vqa_rad]=300 [towers]=120 [stage1]=190 [finetune]=185
+declare -A NEED=([check]=75 [real_vqa_rad]=300 [towers]=135 [stage1]=210 [finetune]=190
                  [input]=120 [real_slake]=300 [towers_more]=150)
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=("${ORDER[@]}")
