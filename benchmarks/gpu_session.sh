@@ -21,18 +21,19 @@
 # Steps, with their expected need in seconds (measured on one H200 on 2026-12-04, plus the
 # benchmark's longer timing and traces since; the fine-tunes are guesses; NEED_<step>=N
 # overrides one).
-# With the default budget, one call reaches the first three (510 s); the rest are listed as
+# With the default budget, one call reaches the first three (565 s); the rest are listed as
 # skipped, for the next call:
 #   check         75  the environment (the session stops if JAX sees no GPU), and cuDNN's
 #                     fused kernel against the reference path (tests/models/test_compute.py
 #                     with MEDVQA_FUSED_ATTENTION=cudnn)
 #   real_vqa_rad 300  the VQA-RAD fine-tune of RESULTS.md (benchmarks/real_data.sh vqa_rad);
 #                     cut short, it is evaluated at the best checkpoint it reached
+#   finetune     190  the fine-tuning step at 64 (cuDNN), on synthetic batches and fed by the
+#                     input pipeline of VQA-RAD with WORKERS workers (the data share), traced
+#                     (the step furthest from its MFU target on the H200)
 #   towers       135  towers_only, cuDNN and reference attention (benchmarks/gpu.sh runs 1-2)
 #   stage1       210  stage-1 pre-training at 64: Sinkhorn to threshold, and a fixed 100
 #                     iterations (gpu.sh runs 3-4)
-#   finetune     190  the fine-tuning step at 64 (cuDNN), on synthetic batches and fed by the
-#                     input pipeline of VQA-RAD with WORKERS workers (the data share)
 #   input        120  input-pipeline images/s with INPUT_WORKERS workers: VQA-RAD at 288 px
 #                     (fine-tuning augmentations), and its images as a caption corpus
 #                     (pre-training augmentations, two views per example)
@@ -87,7 +88,7 @@ case "${1:-}" in
 esac
 cd "$ROOT"
 
-ORDER=(check real_vqa_rad towers stage1 finetune input real_slake towers_more)
+ORDER=(check real_vqa_rad finetune towers stage1 input real_slake towers_more)
 declare -A NEED=([check]=75 [real_vqa_rad]=300 [towers]=135 [stage1]=210 [finetune]=190
                  [input]=120 [real_slake]=300 [towers_more]=150)
 STEPS=("$@")

@@ -17,8 +17,8 @@ from medvqa_jax import ASSETS
 
 ROOT = Path(__file__).resolve().parents[1]
 # One call of the default budget reaches the first three (the kernel check, a real-data result
-# and the headline towers figure); the others follow in the next.
-STEPS = ["check", "real_vqa_rad", "towers", "stage1", "finetune", "input", "real_slake",
+# and the traced fine-tuning step); the others follow in the next.
+STEPS = ["check", "real_vqa_rad", "finetune", "towers", "stage1", "input", "real_slake",
          "towers_more"]
 
 
