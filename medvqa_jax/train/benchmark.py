@@ -173,10 +173,16 @@ def _profile(one: Callable, steps: int, out_dir: str, step_s: float,
   """Traces `steps` steps into `out_dir`; the trace's path and, where the trace has device
   events, the device's busy time against the step time and its split by kind and scope."""
   from medvqa_jax.train import trace as trace_lib
+  if jax.process_count() > 1:  # Each process traces its own devices, into its own folder.
+    out_dir = os.path.join(out_dir, f"process_{jax.process_index()}")
   log(f"tracing {steps} steps into {out_dir}")
-  path = trace_lib.capture(one, steps, out_dir)
-  figures = {"profile_trace": path, "device_busy_share": None, "profile_by_kind": None,
+  figures = {"profile_trace": None, "device_busy_share": None, "profile_by_kind": None,
              "profile_by_scope": None}
+  try:
+    figures["profile_trace"] = path = trace_lib.capture(one, steps, out_dir)
+  except Exception as e:  # noqa: BLE001  (the timed figures stand without the trace)
+    log(f"tracing failed, the figures are printed without it: {type(e).__name__}: {e}")
+    return figures
   try:
     summary = trace_lib.summarize(path, steps=steps)
   except ValueError as e:

@@ -140,6 +140,24 @@ def test_pipeline_share_on_the_demo_data(tmp_path):
                                           abs=1e-3)
 
 
+def test_a_failed_trace_leaves_the_timed_figures(tmp_path, monkeypatch):
+  """The profiler may be unavailable where the figures are taken (a GPU without profiling
+  permissions): the line is printed without the trace, saying why."""
+  from medvqa_jax.train import trace
+
+  def refuse(*args, **kwargs):
+    raise RuntimeError("profiler unavailable")
+
+  monkeypatch.setattr(trace, "capture", refuse)
+  from configs import towers_only
+  logged = []
+  r = benchmark.run(towers_only.get_config("tiny"), steps=1, warmup=0, windows=1,
+                    profile_dir=str(tmp_path / "prof"), log=logged.append)
+  assert r["samples_per_s"] > 0 and r["profile_trace"] is None
+  assert any("tracing failed, the figures are printed without it: RuntimeError: profiler "
+             "unavailable" in line for line in logged)
+
+
 def test_the_flops_check_is_left_out_where_xla_cannot_see_the_work():
   from medvqa_jax.models import layers
   plain = layers.Compute()
