@@ -299,13 +299,16 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
   def timed(next_batch: Callable, warm: int, n: int) -> tuple[float, dict]:
     """Seconds per step over `n` steps after `warm` warm-up steps, and the last step's
     metrics."""
-    _time(stepper(next_batch), warm)
-    return _time(stepper(next_batch), n)
+    one = stepper(next_batch)
+    _time(one, warm)
+    return _time(one, n)
 
   log(f"timing {windows} x {steps} steps on synthetic batches, after {warmup} warm-up steps")
+  synthetic = stepper(lambda: batch)
+  _time(synthetic, warmup)
   window_s, metrics = [], None
-  for w in range(windows):
-    seconds, metrics = timed(lambda: batch, warmup if w == 0 else 0, steps)
+  for _ in range(windows):
+    seconds, metrics = _time(synthetic, steps)
     window_s.append(seconds)
   step_s = float(np.median(window_s))
   loss = float(metrics["loss"])
@@ -343,7 +346,7 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
                                    else float(metrics["wpa_converged"])))
 
   if profile_dir:
-    out.update(_profile(stepper(lambda: batch), profile_steps, profile_dir, step_s, log))
+    out.update(_profile(synthetic, profile_steps, profile_dir, step_s, log))
 
   if pipeline:
     from medvqa_jax.data import pipeline as pipeline_lib

@@ -28,9 +28,13 @@ REFERENCE = layers.Compute()
 FUSED = layers.Compute(attention=os.environ.get("MEDVQA_FUSED_ATTENTION", "xla"), pad_to=16)
 
 
+def _absmax(x) -> float:
+  return float(np.max(np.abs(np.asarray(x, np.float64))))
+
+
 def _close(a, b, tol):
   """|a - b| <= tol, relative to the largest magnitude in b when that exceeds 1."""
-  return max_diff(a, b) <= tol * max(1.0, float(np.max(np.abs(np.asarray(b, np.float64)))))
+  return max_diff(a, b) <= tol * max(1.0, _absmax(b))
 
 
 def _assert_grads_close(g_a, g_b, tol, what=""):
@@ -41,12 +45,11 @@ def _assert_grads_close(g_a, g_b, tol, what=""):
   flat_a = dict(jax.tree_util.tree_flatten_with_path(g_a)[0])
   flat_b = jax.tree_util.tree_flatten_with_path(g_b)[0]
   assert set(flat_a) == {path for path, _ in flat_b}, what
-  scale = max(1.0, max(float(np.max(np.abs(np.asarray(b, np.float64)))) for _, b in flat_b))
+  scale = max(1.0, max(_absmax(b) for _, b in flat_b))
   for path, b in flat_b:
     name, a = jax.tree_util.keystr(path), flat_a[path]
     if name.endswith("['key']['bias']"):
-      assert max(float(np.max(np.abs(np.asarray(x, np.float64)))) for x in (a, b)) <= (
-          tol * scale), (what, name)
+      assert max(_absmax(a), _absmax(b)) <= tol * scale, (what, name)
     else:
       assert _close(a, b, tol), (what, name)
 
