@@ -27,7 +27,7 @@ esac
 PAPER=":image=paper_init,text=paper_init"
 RUNS=(
   "--config=configs/towers_only.py --config.model.compute.attention=cudnn"
-  "--config=configs/towers_only.py"
+  "--config=configs/towers_only.py --config.model.compute.attention=reference"
   "--config=configs/pretrain_stage1.py$PAPER --batch_size=64 --config.model.compute.attention=cudnn"
   # A fixed Sinkhorn budget: min = max iterations makes OTT run a lax.scan (no convergence test);
   # 100, the configs' max_iterations: the most the default run to threshold can cost.

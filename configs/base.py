@@ -79,9 +79,10 @@ def get_config(arg=None):
           # How every transformer stack computes (medvqa_jax/models/layers.Compute; outputs and
           # parameters do not depend on it): attention "reference", "xla", "cudnn" (fused,
           # GPU, bf16) or "auto" (cudnn on a GPU in bf16/fp16 where it takes the head dim and
-          # pad_to, else reference); fused kernels see token counts padded to pad_to; scan the
-          # layers; remat "none", "full" or "dots".
-          compute=dict(attention="reference", pad_to=16, scan=False, remat="none"),
+          # pad_to, else reference: on a CPU or TPU, or in float32, auto is the reference);
+          # fused kernels see token counts padded to pad_to; scan the layers; remat "none",
+          # "full" or "dots".
+          compute=dict(attention="auto", pad_to=16, scan=False, remat="none"),
       ),
       # The frozen soft-label teacher. mode: "cache" (embeddings precomputed by
       # launch/cache_teacher.py into `cache`), "online" (computed in the step) or "none"

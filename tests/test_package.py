@@ -192,6 +192,31 @@ class TestConfigs:
     with pytest.raises(ValueError, match="no argument or 'tiny'"):
       towers_only.get_config("huge")
 
+  @pytest.mark.parametrize("module", ["towers_only", "pretrain_stage1", "vqa_rad", "slake",
+                                      "pathvqa", "demo"])
+  def test_configs_pick_cudnn_on_a_hopper_gpu_and_the_reference_elsewhere(self, monkeypatch,
+                                                                          module):
+    """attention="auto" by default: on a GPU (faked: its backend name and compute
+    capability 9.0), the bf16 towers of the paper-size configs use cuDNN's kernel; on this
+    CPU every config keeps the reference einsums."""
+    import importlib
+
+    import jax
+    import jax.numpy as jnp
+
+    from medvqa_jax.models import amif
+    config = importlib.import_module(f"configs.{module}").get_config()
+    compute = amif.compute_of(config)
+    assert compute.attention == "auto"
+    image = config.model.image.arch
+    dims = [image.width // image.num_heads] if "width" in image else [None]
+    assert compute.kernel(jnp.bfloat16, dims[0]) == "reference"  # This CPU.
+    device = type("Device", (), {"compute_capability": "9.0"})()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *a: [device])
+    assert compute.kernel(jnp.bfloat16, dims[0]) == "cudnn"
+    assert compute.kernel(jnp.float32, dims[0]) == "reference"
+
   def test_fusion_losses_need_fusion_layers(self):
     import numpy as np
 
