@@ -8,6 +8,8 @@ r"""Where the device's time goes in a profiler trace: totals by kind of work, by
 TRACE: Chrome trace events, as `launch/benchmark.py --profile_dir` keeps them
 (`trace.json.gz`) or as `jax.profiler.trace(..., create_perfetto_trace=True)` writes them
 (`plugins/profile/*/perfetto_trace.json.gz`). --json prints the totals as one JSON line.
+--hlo: the compiled step's op table, which names the GPU kernels that do not carry their JAX
+op's name (default: `hlo_ops.json.gz` beside the trace, as `launch/benchmark.py` keeps it).
 """
 
 import argparse
@@ -29,12 +31,18 @@ def main() -> int:
   parser.add_argument("--depth", type=int, default=1, help="name-scope components kept")
   parser.add_argument("--top", type=int, default=15, help="ops listed")
   parser.add_argument("--json", action="store_true", help="one JSON line instead of tables")
+  parser.add_argument("--hlo", help="the HLO op table (default: hlo_ops.json.gz beside the "
+                      "trace, if there)")
   args = parser.parse_args()
-  if not Path(args.trace).is_file():
-    print(f"error: {args.trace}: no such file", file=sys.stderr)
-    return 1
+  for path in (args.trace, args.hlo):
+    if path and not Path(path).is_file():
+      print(f"error: {path}: no such file", file=sys.stderr)
+      return 1
+  beside = Path(args.trace).parent / "hlo_ops.json.gz"
+  hlo_path = args.hlo or (str(beside) if beside.is_file() else None)
   try:
-    s = trace.summarize(args.trace, steps=args.steps, depth=args.depth, top=args.top)
+    hlo = trace.load_hlo_ops(hlo_path) if hlo_path else None
+    s = trace.summarize(args.trace, steps=args.steps, depth=args.depth, top=args.top, hlo=hlo)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

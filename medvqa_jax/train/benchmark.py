@@ -169,9 +169,11 @@ def flops_comparable(platform: str, kernel: str, compute, accum_steps: int) -> b
 
 
 def _profile(one: Callable, steps: int, out_dir: str, step_s: float,
-             log: Callable[[str], None]) -> dict:
+             log: Callable[[str], None], hlo_text: str | None = None) -> dict:
   """Traces `steps` steps into `out_dir`; the trace's path and, where the trace has device
-  events, the device's busy time against the step time and its split by kind and scope."""
+  events, the device's busy time against the step time and its split by kind and scope.
+  `hlo_text`: the compiled step's HLO, whose op table (`hlo_ops.json.gz`, kept beside the
+  trace) names the device events that do not name their JAX op."""
   from medvqa_jax.train import trace as trace_lib
   if jax.process_count() > 1:  # Each process traces its own devices, into its own folder.
     out_dir = os.path.join(out_dir, f"process_{jax.process_index()}")
@@ -183,8 +185,15 @@ def _profile(one: Callable, steps: int, out_dir: str, step_s: float,
   except Exception as e:  # noqa: BLE001  (the timed figures stand without the trace)
     log(f"tracing failed, the figures are printed without it: {type(e).__name__}: {e}")
     return figures
+  hlo = None
+  if hlo_text:
+    try:
+      hlo = trace_lib.hlo_ops(hlo_text)
+      trace_lib.save_hlo_ops(hlo, os.path.join(out_dir, "hlo_ops.json.gz"))
+    except OSError as e:
+      log(f"the HLO op table was not kept ({e}); the summary uses it all the same")
   try:
-    summary = trace_lib.summarize(path, steps=steps)
+    summary = trace_lib.summarize(path, steps=steps, hlo=hlo)
   except ValueError as e:
     log(f"no device time to summarise: {e}")
     return figures
@@ -346,7 +355,8 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
                                    else float(metrics["wpa_converged"])))
 
   if profile_dir:
-    out.update(_profile(synthetic, profile_steps, profile_dir, step_s, log))
+    out.update(_profile(synthetic, profile_steps, profile_dir, step_s, log,
+                        compiled.as_text()))
 
   if pipeline:
     from medvqa_jax.data import pipeline as pipeline_lib

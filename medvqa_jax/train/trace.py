@@ -10,6 +10,14 @@ Device events are those of the trace's processes named `/device:...` (a CPU trac
 XLA's CPU runtime records host events only). Where a device has an `XLA Ops` line, that line
 is read (one event per HLO op, its arguments naming the JAX op); otherwise every line of the
 device (its streams' kernels).
+
+A GPU's kernel events mostly do not carry their JAX op's name (on an H200, jax 0.11: 94-98%
+of the device time of a step came out unnamed). `hlo_ops` reads the compiled program's HLO
+text (`compiled.as_text()`) into a table of its launched instructions (name, opcode, custom
+call target, JAX op name), which `summarize` takes as `hlo`: an event is matched to its
+instruction by its name (XLA names a fusion's kernel after the instruction, `.` and `-` as
+`_`) or by any of its arguments' values. `launch/benchmark.py --profile_dir` keeps that
+table beside the trace (`hlo_ops.json.gz`).
 """
 
 from __future__ import annotations
@@ -29,9 +37,15 @@ import jax
 KINDS = (
     ("collective", ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                     "collective-permute", "nccl")),
-    ("attention (fused)", ("fmha", "flash", "dot_product_attention")),
-    ("matmul", ("gemm", "cublas", "dot(", "dot.", "dot_general", "matmul", "convolution",
-                "$conv")),
+    # cuDNN's flash kernels ("sdpa", and the dO.O product of their backward pass).
+    ("attention (fused)", ("fmha", "flash", "dot_product_attention", "sdpa",
+                           "compute_dot_do_o")),
+    # Random bits (dropout's masks): the threefry hash, or XLA's RngBitGenerator.
+    ("random bits", ("threefry", "philox", "rng-bit-generator", "rng_bit_generator",
+                     "rngbitgenerator")),
+    # cuBLAS (on Hopper its kernels are named nvjet_*), CUTLASS, Triton's gemm fusions.
+    ("matmul", ("gemm", "cublas", "nvjet", "cutlass", "xmma", "dot(", "dot.", "dot_general",
+                "matmul", "convolution", "$conv")),
     ("copy/transpose", ("copy", "transpose", "memcpy", "memset", "dynamic-update-slice")),
     ("fusion", ("fusion", "loop_", "input_", "reduce")),
 )
@@ -39,6 +53,12 @@ KINDS = (
 _HOW = re.compile(r"^(jit|pjit|jvp|transpose|vmap|remat|checkpoint|cond|while|body|scan|"
                   r"custom_jvp_call|custom_vjp_call|closed_call|core_call|xla_call|shard_map|"
                   r"named_call|rematted_computation)(\(.*\))?$")
+# A Flax method's scope ("AMiF.context", "Dropout.__call__") or a Python function's
+# ("make_train_step.<locals>.step"), and a name a transformation wraps ("jvp(AMiF.vqa)",
+# "transpose(jvp(image))"): kept only where no other scope names the place.
+_METHOD = re.compile(r"^[\w<>]+(\.[\w<>]+)+$")
+_WRAP = re.compile(r"^(jvp|transpose|vmap|remat|checkpoint|rematted_computation|pmap|"
+                   r"shard_map)\((.*)\)$")
 
 
 def capture(fn: Callable[[], object], steps: int, out_dir: str) -> str:
@@ -84,11 +104,20 @@ def kind_of(text: str) -> str:
 
 
 def scope_of(jax_name: str, depth: int = 1) -> str:
-  """The first `depth` components of a JAX op name that name a part of the model:
-  'jit(step)/transpose(jvp(AMiF))/image/layer_3/attention/dot_general' -> 'image'."""
-  parts = jax_name.split("/")
-  parts = [p for p in parts[:-1] if p and not _HOW.match(p)]  # The last: the primitive.
-  return "/".join(parts[:depth]) if parts else "(unnamed)"
+  """The first `depth` components of a JAX op name that name a part of the model, past the
+  transformations and the Flax methods: 'jit(step)/transpose(jvp(AMiF.vqa))/AMiF.context/
+  AMiF.encode_image/image/layer_3/attention/dot_general' -> 'image'. An op outside every
+  module (the optimiser's update, the loss's glue): '(unnamed)'."""
+  strong, weak = [], []
+  for part in jax_name.split(";")[0].split("/")[:-1]:  # The last: the primitive.
+    wrapped = False
+    while (m := _WRAP.match(part)):
+      part, wrapped = m.group(2), True
+    if not part or _HOW.match(part):
+      continue
+    (weak if wrapped or _METHOD.match(part) else strong).append(part)
+  where = strong or weak[-1:]
+  return "/".join(where[:depth]) if where else "(unnamed)"
 
 
 def _jax_name(args: dict) -> str:
@@ -100,10 +129,89 @@ def _jax_name(args: dict) -> str:
   return match.group(1) if match else ""
 
 
-def summarize(path: str, steps: int = 1, depth: int = 1, top: int = 15) -> dict:
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_OPCODE = re.compile(r"^(?:\([^=]*?\)|\S+)\s+([\w\-]+)\(")
+_FUSION_CALLS = re.compile(r"\bfusion\(.*?calls=%?([\w.\-]+)")
+
+
+_NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
+
+
+def _key(name: str) -> str:
+  return name.replace(".", "_").replace("-", "_")
+
+
+def hlo_ops(hlo_text: str) -> dict:
+  """{instruction name: [opcode, custom call target, JAX op name]} for the instructions of a
+  compiled HLO module (`compiled.as_text()`) that run as kernels or library calls: those of
+  every computation but the bodies of fusions (a fusion runs as one kernel, named after the
+  fusion instruction). Each name is also keyed with `.` and `-` as `_`, as XLA names the
+  kernels."""
+  fused = set(_FUSION_CALLS.findall(hlo_text))
+  table, skip = {}, False
+  for line in hlo_text.splitlines():
+    head = _COMPUTATION.match(line)
+    if head and "=" not in line.split("(")[0]:
+      skip = head.group(1) in fused
+      continue
+    if skip:
+      continue
+    inst = _INSTRUCTION.match(line)
+    if not inst:
+      continue
+    name, rest = inst.groups()
+    rest = re.sub(r"/\*.*?\*/", "", rest)  # Tuple shapes' "/*index=5*/" markers.
+    opcode = _OPCODE.match(rest)
+    if opcode and opcode.group(1) in _NO_KERNEL:
+      continue
+    target = re.search(r'custom_call_target="([^"]+)"', rest)
+    op_name = re.search(r'op_name="([^"]+)"', rest)
+    row = [opcode.group(1) if opcode else "", target.group(1) if target else "",
+           op_name.group(1) if op_name else ""]
+    table[name] = row
+    table.setdefault(_key(name), row)
+  return table
+
+
+def save_hlo_ops(table: dict, path: str) -> str:
+  """Writes an `hlo_ops` table as gzipped JSON (atomically); returns the path."""
+  with gzip.open(path + ".tmp", "wt") as f:
+    json.dump(table, f)
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def load_hlo_ops(path: str) -> dict:
+  try:
+    with gzip.open(path, "rt") as f:
+      table = json.load(f)
+  except (OSError, ValueError, EOFError) as e:
+    raise ValueError(f"{path}: not a readable HLO op table (gzipped JSON, as "
+                     f"launch/benchmark.py --profile_dir writes it): {e}") from e
+  if not isinstance(table, dict):
+    raise ValueError(f"{path}: not an HLO op table (expected a JSON object)")
+  return table
+
+
+def _hlo_row(name: str, args: dict, hlo: dict):
+  """The HLO row of a trace event: by its own name, else by any of its arguments' values."""
+  for value in (name, *args.values()):
+    if isinstance(value, str) and len(value) < 200:
+      for candidate in (value, value.split(":")[0].lstrip("%"), _key(value)):
+        if candidate in hlo:
+          return hlo[candidate]
+  return None
+
+
+def summarize(path: str, steps: int = 1, depth: int = 1, top: int = 15,
+              hlo: dict | None = None) -> dict:
   """Totals of the device events of a trace of `steps` steps, in ms per step: `busy_ms` (the
   events' summed durations on the lines read), and `by_kind`, `by_scope` (JAX name scopes,
-  `depth` deep), `by_op` (the `top` longest), each a list of (name, ms per step, share)."""
+  `depth` deep), `by_op` (the `top` longest), each a list of (name, ms per step, share).
+  `hlo`: the program's `hlo_ops` table, which names the ops of events that do not carry
+  their JAX name. `named_share`: the share of the busy time with a JAX name; `arg_keys`:
+  the argument names the device events carry (what the profiler records varies)."""
   if steps < 1:
     raise ValueError(f"steps must be at least 1 (got {steps})")
   events = _events(path)
@@ -131,24 +239,38 @@ def summarize(path: str, steps: int = 1, depth: int = 1, top: int = 15) -> dict:
     raise ValueError(f"{path}: no device events (processes: {', '.join(names)}); a CPU "
                      f"trace has none")
   by_kind, by_scope, by_op = (collections.Counter() for _ in range(3))
+  named, arg_keys = 0.0, set()
   for e in chosen:
     dur = float(e.get("dur", 0)) / 1000 / steps  # us -> ms per step
     args = e.get("args") or {}
+    arg_keys.update(args)
     name = str(e.get("name", ""))
-    by_kind[kind_of(f"{name} {args.get('long_name', '')} {args.get('hlo_op', '')}")] += dur
-    by_scope[scope_of(_jax_name(args), depth)] += dur
+    jax_name = _jax_name(args)
+    row = _hlo_row(name, args, hlo) if hlo else None
+    hlo_text = ""
+    if row:
+      hlo_text = f"{row[0]}( {row[1]}"
+      jax_name = jax_name or row[2]
+    text = f"{name} {args.get('long_name', '')} {args.get('hlo_op', '')} {hlo_text}"
+    by_kind[kind_of(text)] += dur
+    by_scope[scope_of(jax_name, depth)] += dur
     by_op[name] += dur
+    named += dur if jax_name else 0.0
   busy = sum(by_kind.values())
   table = lambda c, n=None: [(k, round(v, 3), round(v / busy, 4)) for k, v in c.most_common(n)]
   return {"trace": path, "steps": steps, "busy_ms": round(busy, 3),
           "lines": sorted({threads.get((e.get("pid"), e.get("tid")), "?") for e in chosen}),
+          "named_share": round(named / busy, 4) if busy else 0.0,
+          "arg_keys": sorted(arg_keys),
           "by_kind": table(by_kind), "by_scope": table(by_scope),
           "by_op": table(by_op, top)}
 
 
 def format_summary(s: dict) -> str:
   out = [f"{s['trace']}: device busy {s['busy_ms']:.2f} ms per step over {s['steps']} "
-         f"step(s), lines read: {', '.join(s['lines'])}"]
+         f"step(s), lines read: {', '.join(s['lines'])}; "
+         f"{100 * s.get('named_share', 0):.1f}% of it named by JAX op; "
+         f"event arguments: {', '.join(s.get('arg_keys', [])) or 'none'}"]
   for title, key in (("kind of work", "by_kind"), ("model part (JAX name scope)", "by_scope"),
                      ("op", "by_op")):
     out.append(f"  by {title}:")

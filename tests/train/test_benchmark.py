@@ -56,6 +56,10 @@ def test_benchmark_prints_one_well_formed_line(tmp_path):
   assert r["profile_trace"] == str(tmp_path / "prof" / "trace.json.gz")
   assert Path(r["profile_trace"]).stat().st_size > 0 and r["device_busy_share"] is None
   assert "no device events" in out.stderr
+  # Beside it, the compiled step's op table that names a GPU's kernels: the towers are there.
+  from medvqa_jax.train import trace
+  ops = trace.load_hlo_ops(str(tmp_path / "prof" / "hlo_ops.json.gz"))
+  assert {"image", "text"} <= {trace.scope_of(row[2]) for row in ops.values()}
 
 
 def _xla_flops(fn, *args) -> float:

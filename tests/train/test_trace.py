@@ -127,3 +127,101 @@ def test_the_command_prints_tables_or_json_and_says_what_is_wrong(tmp_path):
   cpu = _write(tmp_path / "cpu.json.gz", [_meta(1, "/host:CPU"), _op(1, 5, "x", 10)])
   out = run(cpu)
   assert out.returncode == 1 and "no device events" in out.stderr
+
+
+# What an H200 gave (jax 0.11): kernels on a stream, no XLA Ops line, most events without
+# their JAX name. The HLO below is in the form `compiled.as_text()` prints.
+_HLO = """HloModule jit_step, is_scheduled=true
+
+%fused_computation.7 (param_0.1: bf16[8,64]) -> bf16[8,64] {
+  %param_0.1 = bf16[8,64]{1,0} parameter(0)
+  ROOT %multiply.3 = bf16[8,64]{1,0} multiply(%param_0.1, %param_0.1), metadata={op_name="jit(step)/jvp(AMiF.vqa)/AMiF.context/AMiF.fuse/fusion/text_layer_0/mlp/mul"}
+}
+
+ENTRY %main.9 (p.1: bf16[8,64], p.2: bf16[64,64]) -> (bf16[8,64], u32[2]) {
+  %p.1 = bf16[8,64]{1,0} parameter(0), metadata={op_name="state"}
+  %p.2 = bf16[64,64]{1,0} parameter(1)
+  %loop_multiply_fusion.23 = bf16[8,64]{1,0} fusion(%p.1), kind=kLoop, calls=%fused_computation.7, metadata={op_name="jit(step)/jvp(AMiF.vqa)/AMiF.context/AMiF.fuse/fusion/text_layer_0/mlp/mul"}
+  %custom-call.45 = (bf16[8,64]{1,0}, s8[4096]{0}) custom-call(%loop_multiply_fusion.23, %p.2), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/transpose(jvp(AMiF.vqa))/AMiF.decode/decoder/layer_3/mlp/dot_general"}
+  %threefry2x32.2 = (u32[2]{0}, u32[2]{0}) custom-call(%p.1), custom_call_target="cu_threefry2x32", metadata={op_name="jit(step)/jvp(AMiF.vqa)/AMiF.decode/decoder/Dropout_0/jit(_bernoulli)/threefry2x32"}
+  %add.5 = bf16[64,64]{1,0} add(%p.2, %p.2), metadata={op_name="jit(step)/add"}
+  ROOT %tuple.1 = (bf16[8,64]{1,0}, /*index=1*/u32[2]{0}) tuple(%loop_multiply_fusion.23, %threefry2x32.2)
+}
+"""
+
+
+def _kernel_trace(path):
+  return _write(path, [
+      _meta(2, "/device:GPU:0"), _meta(2, "Stream #14(Memset,Compute)", tid=14),
+      _op(2, 14, "loop_multiply_fusion_23", 4000, correlation_id=1),
+      _op(2, 14, "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", 3000, hlo_op="custom-call.45"),
+      _op(2, 14, "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", 2000),
+      _op(2, 14, "void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*)", 500),
+      _op(2, 14, "jax::cuda::(anonymous namespace)::ThreeFry2x32Kernel(unsigned int const*)",
+          1000, hlo_op="threefry2x32.2"),
+      _op(2, 14, "void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized>",
+          1500, tf_op="jit(step)/jvp(AMiF.vqa)/AMiF.context/AMiF.encode_image/image/"
+                      "patch_embed/conv_general_dilated"),
+      _op(2, 14, "add_5", 100),
+  ])
+
+
+def test_the_hlo_table_names_what_the_kernels_do_not(tmp_path):
+  hlo = trace.hlo_ops(_HLO)
+  # Launched instructions only, under their own and their kernel-style names.
+  assert hlo["loop_multiply_fusion.23"] == hlo["loop_multiply_fusion_23"] == [
+      "fusion", "", "jit(step)/jvp(AMiF.vqa)/AMiF.context/AMiF.fuse/fusion/text_layer_0/mlp/mul"]
+  assert hlo["custom-call.45"][:2] == ["custom-call", "__cublas$lt$matmul"]
+  assert "multiply.3" not in hlo and "p.1" not in hlo and "tuple.1" not in hlo
+  path = _kernel_trace(tmp_path / "k.json.gz")
+  s = trace.summarize(path, steps=1, hlo=hlo)
+  assert dict((k, ms) for k, ms, _ in s["by_kind"]) == {
+      "fusion": 4.0, "matmul": 4.5, "attention (fused)": 2.5, "random bits": 1.0,
+      "other": 0.1}
+  # Per model part, past the Flax methods (AMiF.context, ...): the fused add outside every
+  # module is the optimiser's; the cuDNN kernels name nothing.
+  assert dict((k, ms) for k, ms, _ in s["by_scope"]) == {
+      "fusion": 4.0, "decoder": 4.0, "image": 1.5, "(unnamed)": 2.6}
+  assert s["named_share"] == pytest.approx(9.6 / 12.1, abs=1e-4)
+  assert s["arg_keys"] == ["correlation_id", "hlo_op", "tf_op"]
+  # Without the table only the event that carries its name is placed.
+  bare = trace.summarize(path, steps=1)
+  assert dict((k, ms) for k, ms, _ in bare["by_scope"]) == {"(unnamed)": 10.6, "image": 1.5}
+  assert "loop_multiply_fusion" not in bare["by_kind"]
+  text = trace.format_summary(s)
+  assert "79.3% of it named by JAX op" in text and "correlation_id, hlo_op, tf_op" in text
+
+
+def test_the_hlo_table_of_a_real_compiled_step(tmp_path):
+  """On this CPU's compiler: every named scope of a jitted gradient comes back from the
+  table, with the launched fusions."""
+  def f(a, b):
+    with jax.named_scope("image"):
+      c = jnp.tanh(a @ b) * 2
+    with jax.named_scope("head"):
+      return (c + 1).sum()
+  g = jax.jit(jax.grad(f))
+  text = g.lower(jnp.ones((32, 32)), jnp.ones((32, 32))).compile().as_text()
+  hlo = trace.hlo_ops(text)
+  assert hlo and all(len(row) == 3 for row in hlo.values())
+  assert {"fusion"} <= {row[0] for row in hlo.values()}
+  scopes = {trace.scope_of(row[2]) for row in hlo.values() if row[2]}
+  assert "image" in scopes
+  saved = trace.save_hlo_ops(hlo, str(tmp_path / "hlo_ops.json.gz"))
+  assert trace.load_hlo_ops(saved) == hlo
+
+
+def test_the_command_reads_the_hlo_table_beside_the_trace(tmp_path):
+  path = _kernel_trace(tmp_path / "trace.json.gz")
+  run = lambda *a: subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trace_summary.py"),
+                                   *a], capture_output=True, text=True, timeout=120)
+  before = json.loads(run(path, "--json").stdout)
+  assert dict((k, ms) for k, ms, _ in before["by_scope"])["(unnamed)"] == 10.6
+  trace.save_hlo_ops(trace.hlo_ops(_HLO), str(tmp_path / "hlo_ops.json.gz"))
+  after = json.loads(run(path, "--json").stdout)
+  assert dict((k, ms) for k, ms, _ in after["by_scope"])["fusion"] == 4.0
+  (tmp_path / "bad.json.gz").write_bytes(b"nope")
+  out = run(path, f"--hlo={tmp_path / 'bad.json.gz'}")
+  assert out.returncode == 1 and "not a readable HLO op table" in out.stderr
+  out = run(path, f"--hlo={tmp_path / 'missing.json.gz'}")
+  assert out.returncode == 1 and "missing.json.gz: no such file" in out.stderr
