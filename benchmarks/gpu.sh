@@ -8,6 +8,10 @@
 #   bash benchmarks/gpu.sh 3-4        # runs 3 and 4
 #   bash benchmarks/gpu.sh 0          # no run: the table of $OUT_FILE
 #
+# A run's leading NAME=value words are its environment (runs 10-11 set XLA_FLAGS); the table's
+# last column shows a row's other settings: config overrides beyond attention, scan and remat,
+# and XLA_FLAGS.
+#
 # Each run has 420 s, or until STEP_END (seconds since the epoch, as gpu_session.sh sets it)
 # if sooner; a run that would get under 30 s is skipped. With PROFILE_DIR set, each run also
 # traces 5 steps into PROFILE_DIR/run<N> and prints where the device's time goes.
@@ -38,6 +42,13 @@ RUNS=(
   # Scanned alone, towers_only ran 32% slower with twice the memory (H200): are the scan's
   # saved residuals the cause? With remat=dots it keeps only matrix products' outputs.
   "--config=configs/towers_only.py --config.model.compute.attention=cudnn --config.model.compute.scan=True --config.model.compute.remat=dots"
+  # Where the H200 profiles lose time (BENCHMARKS.md, second session): pads around each fused
+  # call (2% of towers_only), elementwise fusions beside the matrix products (34-41%: bias
+  # and GELU epilogues in cuBLASLt, layer norms in cuDNN), ThreeFry (3.6% of fine-tuning).
+  "--config=configs/towers_only.py --config.model.compute.attention=cudnn --config.model.compute.pad_to=2"
+  "XLA_FLAGS=--xla_gpu_enable_cublaslt=true --config=configs/towers_only.py --config.model.compute.attention=cudnn"
+  "XLA_FLAGS=--xla_gpu_enable_cudnn_layer_norm=true --config=configs/towers_only.py --config.model.compute.attention=cudnn"
+  "--config=configs/vqa_rad.py$PAPER --batch_size=64 --config.model.compute.attention=cudnn --config.train.rng=rbg"
 )
 n=0
 for args in "${RUNS[@]}"; do
@@ -53,19 +64,26 @@ for args in "${RUNS[@]}"; do
   fi
   prof=()
   [ -n "${PROFILE_DIR:-}" ] && prof=("--profile_dir=$PROFILE_DIR/run$n")
+  # Leading NAME=value words are the run's environment (e.g. XLA_FLAGS).
+  envs=() flags=()
+  for word in $args; do
+    if [ ${#flags[@]} -eq 0 ] && [[ $word =~ ^[A-Z_][A-Z0-9_]*= ]]; then envs+=("$word")
+    else flags+=("$word"); fi
+  done
   echo "== $args ${prof[*]}" >&2
   # --foreground: the run stays in this script's process group, so that a timeout of the
   # script (gpu_session.sh's) ends it too.
-  # shellcheck disable=SC2086
-  timeout --foreground -k 10 "$t" "$PYTHON" launch/benchmark.py $args --steps=20 "${prof[@]}" \
-    | tee -a "$OUT_FILE" || echo "(failed: $args)" >&2
+  env "${envs[@]}" timeout --foreground -k 10 "$t" "$PYTHON" launch/benchmark.py "${flags[@]}" \
+    --steps=20 "${prof[@]}" | tee -a "$OUT_FILE" || echo "(failed: $args)" >&2
 done
 "$PYTHON" - "$OUT_FILE" <<'PY'
 import json, os, sys
 if not os.path.exists(sys.argv[1]):
   sys.exit(f"no results yet in {sys.argv[1]}")
 print(f"{'config':58} {'attn':9} {'scan':5} {'remat':5} {'batch':>5} {'step ms':>8} {'samples/s':>9} "
-      f"{'MFU':>6} {'GiB':>6} {'sinkhorn':>8} {'budget':>9} {'conv':>5} {'data':>6} {'pipe ms':>8}")
+      f"{'MFU':>6} {'GiB':>6} {'sinkhorn':>8} {'budget':>9} {'conv':>5} {'data':>6} {'pipe ms':>8} "
+      f"other settings")
+shown = ("attention", "scan", "remat")
 for line in open(sys.argv[1]):
   r = json.loads(line)
   pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
@@ -77,5 +95,8 @@ for line in open(sys.argv[1]):
         f"{r['batch_size']:>5} {1000 * r['step_s']:8.1f} {r['samples_per_s']:9.1f} "
         f"{pct(r['mfu']):>6} {gib:>6} {pct(r['sinkhorn_share']):>8} {budget[:9]:>9} "
         f"{pct(r.get('step_wpa_converged')):>5} {pct(r.get('data_share')):>6} "
-        f"{'-' if pipe is None else f'{1000 * pipe:.1f}':>8}")
+        f"{'-' if pipe is None else f'{1000 * pipe:.1f}':>8} "
+        + " ".join([o.removeprefix("--config.") for o in r.get("overrides") or []
+                    if o.split("=")[0].rsplit(".", 1)[-1] not in shown]
+                   + ([f"XLA_FLAGS={r['xla_flags']}"] if r.get("xla_flags") else [])))
 PY

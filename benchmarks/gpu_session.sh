@@ -18,26 +18,29 @@
 #       # wheels of the dependencies that a JAX + PyTorch GPU image usually lacks (Python
 #       # 3.12, x86-64 Linux), for WHEELS=DIR on a host without network
 #
-# Steps, with their expected need in seconds (measured on one H200 on 2026-12-04, plus the
-# benchmark's longer timing and traces since; the fine-tunes are guesses; NEED_<step>=N
-# overrides one).
-# With the default budget, one call reaches the first three (565 s); the rest are listed as
+# Steps, with their expected need in seconds (measured on one H200 on 2026-12-04, the
+# second session's timing and traces included; NEED_<step>=N overrides one).
+# With the default budget, one call reaches the first three (485 s); the rest are listed as
 # skipped, for the next call:
-#   check         75  the environment (the session stops if JAX sees no GPU), and cuDNN's
+#   check         85  the environment (the session stops if JAX sees no GPU), and cuDNN's
 #                     fused kernel against the reference path (tests/models/test_compute.py
 #                     with MEDVQA_FUSED_ATTENTION=cudnn)
-#   real_vqa_rad 300  the VQA-RAD fine-tune of RESULTS.md (benchmarks/real_data.sh vqa_rad);
-#                     cut short, it is evaluated at the best checkpoint it reached
 #   finetune     190  the fine-tuning step at 64 (cuDNN), on synthetic batches and fed by the
 #                     input pipeline of VQA-RAD with WORKERS workers (the data share), traced
 #                     (the step furthest from its MFU target on the H200)
-#   towers       135  towers_only, cuDNN and reference attention (benchmarks/gpu.sh runs 1-2)
 #   stage1       210  stage-1 pre-training at 64: Sinkhorn to threshold, and a fixed 100
-#                     iterations (gpu.sh runs 3-4)
+#                     iterations (gpu.sh runs 3-4), traced
+#   towers       115  towers_only, cuDNN and reference attention (benchmarks/gpu.sh runs 1-2)
+#   tune         290  what the profiles suggest (gpu.sh runs 9-12): towers_only with pad_to=2,
+#                     with cuBLASLt (bias and GELU epilogues) and with cuDNN's layer norm (XLA
+#                     flags), and the fine-tuning step with train.rng=rbg (no ThreeFry)
+#   real_slake   450  the SLAKE fine-tune of RESULTS.md (benchmarks/real_data.sh slake); cut
+#                     short, it is evaluated at the best checkpoint it reached
+#   real_vqa_rad 420  the VQA-RAD fine-tune of RESULTS.md (403 s on the H200, cut 48 steps
+#                     short of its 2,150 by a 450 s limit)
 #   input        120  input-pipeline images/s with INPUT_WORKERS workers: VQA-RAD at 288 px
 #                     (fine-tuning augmentations), and its images as a caption corpus
 #                     (pre-training augmentations, two views per example)
-#   real_slake   300  the SLAKE fine-tune of RESULTS.md
 #   towers_more  150  towers_only with scan, with remat=dots at batch 512, and with both
 #                     (gpu.sh runs 6-8)
 #
@@ -89,9 +92,9 @@ case "${1:-}" in
 esac
 cd "$ROOT"
 
-ORDER=(check real_vqa_rad finetune towers stage1 input real_slake towers_more)
-declare -A NEED=([check]=75 [real_vqa_rad]=300 [towers]=135 [stage1]=210 [finetune]=190
-                 [input]=120 [real_slake]=300 [towers_more]=150)
+ORDER=(check finetune stage1 towers tune real_slake real_vqa_rad input towers_more)
+declare -A NEED=([check]=85 [finetune]=190 [stage1]=210 [towers]=115 [tune]=290
+                 [real_slake]=450 [real_vqa_rad]=420 [input]=120 [towers_more]=150)
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=("${ORDER[@]}")
 for s in "${STEPS[@]}"; do
@@ -163,6 +166,7 @@ print(json.dumps({"python": sys.version.split()[0], "devices": [d.device_kind fo
 # to the log; the traces (tens of MB) stay in PROFILES, outside OUT_DIR.
 step_towers() { do_ - env OUT_FILE="$BENCH" PROFILE_DIR="$PROFILES" bash benchmarks/gpu.sh 1-2; }
 step_stage1() { do_ - env OUT_FILE="$BENCH" PROFILE_DIR="$PROFILES" bash benchmarks/gpu.sh 3-4; }
+step_tune() { do_ - env OUT_FILE="$BENCH" bash benchmarks/gpu.sh 9-12; }
 step_towers_more() { do_ - env OUT_FILE="$BENCH" bash benchmarks/gpu.sh 6-8; }
 real_data() {
   do_ - env RESULTS="$OUT_DIR/real_data.jsonl" WORKERS="$WORKERS" bash benchmarks/real_data.sh "$1"

@@ -127,8 +127,13 @@ def get_config(arg=None):
       # run (its workdir or checkpoints folder: its best-on-validation step; or one step
       # folder) whose params matching init_params (regex) start this run (not a resumed one).
       # fsdp: ways of parameter sharding (1: pure data parallel) of the arrays of at least
-      # fsdp_min_size elements whose path matches an fsdp_rules regex.
+      # fsdp_min_size elements whose path matches an fsdp_rules regex. prefetch: batches
+      # copied to the devices ahead of the step that reads them (sharding.prefetch). rng:
+      # the random numbers' implementation (dropout, ITM negatives): "threefry" (JAX's
+      # default), "rbg" or "unsafe_rbg" (XLA's RngBitGenerator; faster on a GPU, draws that
+      # may differ between devices and XLA versions; train/step.RNG_IMPLS).
       train=dict(workdir=unset(str), batch_size=32, accum_steps=1, epochs=unset(int),
+                 prefetch=2, rng="threefry",
                  log_every=10, eval_every=500, save_every=500, keep=2, eval_batch_size=64,
                  fsdp=1, fsdp_rules=(".*",), fsdp_min_size=2 ** 14, init_from=unset(str),
                  init_params=".*", tensorboard=True,

@@ -52,6 +52,7 @@ _TEACHER_DIM = flags.DEFINE_integer("teacher_dim", 512, "Width of the synthetic 
 
 def main(argv):
   del argv
+  import os
   import sys
 
   from medvqa_jax.train import benchmark
@@ -62,6 +63,9 @@ def main(argv):
                           teacher_dim=_TEACHER_DIM.value, profile_dir=_PROFILE_DIR.value,
                           profile_steps=_PROFILE_STEPS.value, log=log)
   figures["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
+  # What else set the step up: the config's overrides and XLA's flags.
+  figures["overrides"] = [a for a in sys.argv[1:] if a.startswith("--config.")]
+  figures["xla_flags"] = os.environ.get("XLA_FLAGS") or None
   print(json.dumps(figures), flush=True)
 
 

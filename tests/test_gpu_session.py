@@ -16,9 +16,9 @@ import jax
 from medvqa_jax import ASSETS
 
 ROOT = Path(__file__).resolve().parents[1]
-# One call of the default budget reaches the first three (the kernel check, a real-data result
-# and the traced fine-tuning step); the others follow in the next.
-STEPS = ["check", "real_vqa_rad", "finetune", "towers", "stage1", "input", "real_slake",
+# One call of the default budget reaches the first three (the kernel check, the traced
+# fine-tuning and stage-1 steps); the others follow in the next.
+STEPS = ["check", "finetune", "stage1", "towers", "tune", "real_slake", "real_vqa_rad", "input",
          "towers_more"]
 
 
@@ -34,7 +34,7 @@ def test_the_plan_lists_every_step_in_order_and_runs_nothing(tmp_path):
   assert re.findall(r"^== (\w+) \(", out.stdout, re.M) == STEPS
   commands = [line for line in out.stdout.splitlines() if line.startswith("+ ")]
   for expected in ("MEDVQA_FUSED_ATTENTION=cudnn", "benchmarks/gpu.sh 1-2",
-                   "benchmarks/gpu.sh 3-4", "benchmarks/gpu.sh 6-8",
+                   "benchmarks/gpu.sh 3-4", "benchmarks/gpu.sh 6-8", "benchmarks/gpu.sh 9-12",
                    "benchmarks/real_data.sh vqa_rad", "benchmarks/real_data.sh slake",
                    f"--pipeline --config.model.compute.attention=cudnn "
                    f"--config.data.source_dir={tmp_path / 'data'}/vqa_rad",
@@ -223,3 +223,36 @@ def test_the_recipe_slows_what_comes_from_minilm_only(tmp_path):
   fresh = [k for k in labels if k.startswith("decoder/") and ("cross_" in k or "/lm_" in k)]
   assert fresh and not slow & set(fresh)
   assert not [k for k in slow if not k.startswith(("text/", "decoder/"))]
+
+
+def test_a_run_gets_its_environment_and_the_table_names_what_else_it_set(tmp_path):
+  """gpu.sh's runs 10-11 try XLA flags: the leading NAME=value words reach the benchmark's
+  environment, not its arguments, and the table's last column tells the rows apart."""
+  results = tmp_path / "bench.jsonl"
+  fake = tmp_path / "python"
+  # The benchmark, faked: one line saying what it was given; the table: the real Python.
+  fake.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = launch/benchmark.py ]; then
+  shift
+  exec {sys.executable} -c 'import json, os, sys
+print(json.dumps(dict(config="configs/towers_only.py", attention="cudnn", scan=False,
+  remat="none", batch_size=256, step_s=0.09, samples_per_s=2844.4, mfu=0.35,
+  peak_memory_gib=21.0, sinkhorn_share=None, overrides=[a for a in sys.argv[1:] if a.startswith("--config.")],
+  xla_flags=os.environ.get("XLA_FLAGS"), argv=sys.argv[1:])))' "$@"
+fi
+exec {sys.executable} "$@"
+""")
+  fake.chmod(0o755)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run(["bash", "benchmarks/gpu.sh", "9-10"], cwd=ROOT,
+                       env={**env, "PYTHON": str(fake), "OUT_FILE": str(results)},
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  pad, lt = [json.loads(line) for line in results.read_text().splitlines()]
+  assert pad["xla_flags"] is None and "--config.model.compute.pad_to=2" in pad["argv"]
+  assert lt["xla_flags"] == "--xla_gpu_enable_cublaslt=true"
+  assert not any("XLA_FLAGS" in a for a in lt["argv"]) and "--steps=20" in lt["argv"]
+  lines = out.stdout.splitlines()  # The runs' own lines (tee), then the table.
+  rows = lines[next(i for i, x in enumerate(lines) if x.startswith("config ")) + 1:]
+  assert len(rows) == 2 and rows[0].endswith(" model.compute.pad_to=2")  # attention is a column of its own.
+  assert rows[1].endswith(" XLA_FLAGS=--xla_gpu_enable_cublaslt=true")

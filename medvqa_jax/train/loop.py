@@ -3,8 +3,8 @@ pre-training (a caption corpus, `model.head="none"`), the same code on one CPU, 
 every host of a pod.
 
   state born sharded -> [resume from the latest checkpoint] -> per step: this host's part of
-  the global batch, the jitted sharded step, metrics (a step behind, so the device never
-  waits for the host) -> validation every `eval_every`, a checkpoint every `save_every` and at
+  the global batch (copied to the devices `train.prefetch` steps ahead), the jitted sharded
+  step, metrics (a step behind, so the device never waits for the host) -> validation every `eval_every`, a checkpoint every `save_every` and at
   the end -> fine-tuning: test evaluated once, on the best-on-validation checkpoint.
 Pre-training validates on a held-out slice of its corpus (`evaluate/pretrain.py`).
 
@@ -344,18 +344,18 @@ def _print(text: str):
     print(text, flush=True)
 
 
-def data_identity(splits, batch_size: int, seed: int) -> dict:
-  """What a run's batches depend on: its training and validation examples, in order (counts
-  and a digest of their ids), the batch size (a step's position in the data is the step times
-  it) and the seed (the shuffle, and the step's random key). Kept in the run records; resuming
-  checks it."""
+def data_identity(splits, batch_size: int, seed: int, rng: str = "threefry") -> dict:
+  """What a run's batches and random draws depend on: its training and validation examples,
+  in order (counts and a digest of their ids), the batch size (a step's position in the data
+  is the step times it), the seed (the shuffle, and the step's random key) and the random
+  numbers' implementation (`train.rng`). Kept in the run records; resuming checks it."""
   counts, digest = {}, hashlib.sha1()
   for name in ("train", "val"):
     ids = [r["id"] for r in splits[name].records] if name in splits else []
     counts[name] = len(ids)
     digest.update(f"{name}:{len(ids)}\n".encode() + "\n".join(ids).encode() + b"\n")
   return {**counts, "ids_sha1": digest.hexdigest(), "batch_size": int(batch_size),
-          "seed": int(seed)}
+          "seed": int(seed), "rng": rng}
 
 
 def check_patterns(config) -> None:
@@ -397,6 +397,7 @@ def train(config, workdir=None, stream=None) -> dict:
   check_patterns(config)
   mesh = sharding.make_mesh(tc.fsdp)
   step_lib.check_batch(config, tc.batch_size, jax.device_count())
+  step_lib.base_key(0, tc.get("rng", "threefry"))  # An unknown implementation, named now.
   if not finetune:
     check_teacher_config(config)
 
@@ -409,7 +410,7 @@ def train(config, workdir=None, stream=None) -> dict:
       splits_lib.ensure_built(config.data)
     multihost_utils.sync_global_devices("dataset built")
   splits, answers, protocol = training_splits(config)
-  data = data_identity(splits, tc.batch_size, config.seed)
+  data = data_identity(splits, tc.batch_size, config.seed, tc.get("rng", "threefry"))
   steps = total_steps(config, len(splits["train"].records))
   config.optim.total_steps = steps
   # The teacher's cache and the validation slice are checked before anything is written.
@@ -468,6 +469,12 @@ def train(config, workdir=None, stream=None) -> dict:
             "the rest of its epoch would be shuffled otherwise and its random keys differ, so "
             "resuming would not continue the same run; resume with "
             f"--config.seed={then['seed']} or use a new train.workdir")
+      if then.get("rng", data["rng"]) != data["rng"]:
+        raise ValueError(
+            f"{workdir}: the run was started with train.rng={then['rng']!r}, not "
+            f"{data['rng']!r}: its random draws (dropout) would differ from the step reached "
+            f"on, so resuming would not continue the same run; resume with "
+            f"--config.train.rng={then['rng']} or use a new train.workdir")
       changed = ("batch size" if then.get("batch_size", data["batch_size"]) != data["batch_size"]
                  else "training data")
       raise ValueError(
@@ -518,8 +525,7 @@ def train(config, workdir=None, stream=None) -> dict:
       return loss + poison * (spike - jax.lax.stop_gradient(spike)), metrics
   train_step = step_lib.make_train_step(objective, tx, shardings, tc.accum_steps,
                                         optim.frozen_mask(config.optim, shapes))
-  base_key = jax.device_put(jax.random.PRNGKey(config.seed),
-                            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  base_key = step_lib.base_key(config.seed, tc.get("rng", "threefry"), mesh)
   image_size = model.image.image_size
   ds = training_data(config, splits, answers, tokenizer, image_size, teacher)
 
@@ -584,21 +590,25 @@ def train(config, workdir=None, stream=None) -> dict:
         raise Diverged(f"{what} is {values[bad[0]]} at step {step}: stopping ({where})")
       reporter.step(step, values)
 
+  def device_batches(it):
+    for step in range(start, steps):
+      host = next(it)
+      ids = host.pop("id")
+      host.pop("answer", None)
+      if teacher is not None:
+        host.update(teacher.host_fields(ids))
+      if tc.get("inject_nan_at"):
+        host["poison"] = np.float32(step + 1 == tc.inject_nan_at)
+      batch = sharding.shard_batch(mesh, host)
+      yield teacher.device_fields(batch) if teacher is not None else batch
+
   try:
     # A scheduler's stop request (SIGTERM): the step reached is saved, then the run stops.
     with preemption.listening(), \
         pipeline.iterate(ds, start_step=start, num_workers=config.data.workers) as it:
+      feed = sharding.prefetch(device_batches(it), tc.get("prefetch", 2))
       for step in range(start, steps):
-        host = next(it)
-        ids = host.pop("id")
-        host.pop("answer", None)
-        if teacher is not None:
-          host.update(teacher.host_fields(ids))
-        if tc.get("inject_nan_at"):
-          host["poison"] = np.float32(step + 1 == tc.inject_nan_at)
-        batch = sharding.shard_batch(mesh, host)
-        if teacher is not None:
-          batch = teacher.device_fields(batch)
+        batch = next(feed)
         with jax.transfer_guard("disallow"):
           state, metrics = train_step(state, batch, base_key)
         pending.append((step + 1, metrics))
@@ -629,8 +639,9 @@ def train(config, workdir=None, stream=None) -> dict:
         if stopping:
           _print(f"stop requested (SIGTERM): stopping with a checkpoint of step {done}")
           break
-      # The last batch lives in the workers' shared memory: release it now, not at exit.
-      host = batch = None
+      # The last batches live in the workers' shared memory: release them now, not at exit.
+      feed.close()
+      batch = None
     drain()
   finally:
     reporter.close()

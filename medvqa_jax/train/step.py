@@ -114,6 +114,28 @@ def check_batch(config, batch_size: int, devices: int) -> None:
                      "negative is another example of its batch")
 
 
+# The random-number implementations a run's key may use (`train.rng`): JAX's default,
+# threefry (counter-based hashing, computed by a kernel of its own on a GPU: 3.6% of the
+# fine-tuning step on an H200), or XLA's RngBitGenerator ("rbg": Philox on a GPU, faster;
+# "unsafe_rbg" also derives keys with it). The draws (dropout's masks, the ITM negatives)
+# differ between them, and the rbg ones may differ between devices, device counts and XLA
+# versions.
+RNG_IMPLS = {"threefry": "threefry2x32", "rbg": "rbg", "unsafe_rbg": "unsafe_rbg"}
+
+
+def base_key(seed: int, rng: str = "threefry", mesh=None):
+  """The run's random key (a typed key of implementation `rng`), replicated over `mesh`; the
+  step folds its step number into it."""
+  if rng not in RNG_IMPLS:
+    raise ValueError(f"unknown train.rng {rng!r}; expected one of {sorted(RNG_IMPLS)}")
+  make = lambda: jax.random.key(seed, impl=RNG_IMPLS[rng])
+  if mesh is None:
+    return make()
+  # Made where it lives: every process of a pod makes the same key (a typed key cannot be
+  # put onto devices other processes hold).
+  return jax.jit(make, out_shardings=NamedSharding(mesh, P()))()
+
+
 def micro_batches(batch: dict, accum_steps: int) -> dict:
   """Arrays of shape (accum_steps, B / accum_steps, ...): micro-batch i is rows i,
   i + accum_steps, ... of the batch. The batch is sharded by rows, so every device holds its

@@ -173,6 +173,12 @@ def test_resuming_refuses_a_run_whose_data_changed(corpus, tmp_path):
   with pytest.raises(ValueError, match=r"started with seed 0, not 1: .*--config.seed=0"):
     loop.train(reseeded)
   assert files() == before
+  redrawn = _config(corpus, data, workdir, cache=cache)  # Other dropout masks from here on.
+  redrawn.train.rng, redrawn.optim.total_steps = "rbg", 3
+  with pytest.raises(ValueError, match=r"started with train.rng='threefry', not 'rbg': .*"
+                                       r"--config.train.rng=threefry"):
+    loop.train(redrawn)
+  assert files() == before
   same = _config(corpus, data, workdir, cache=cache)
   same.optim.total_steps = 3
   assert loop.train(same) == {}

@@ -3,14 +3,18 @@ accumulation, equals one device stepping the whole batch.
 
 The fine-tuning objective is the one stepped here; the pre-training objective's sharded loss
 and gradients are held to one device in tests/losses/test_pretrain.py, and the step itself
-does not depend on the objective."""
+does not depend on the objective. Also the run's random key (`train.rng`)."""
 
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
+
+from medvqa_jax.train import sharding, step as step_lib
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -267,3 +271,27 @@ def test_the_generative_objective_counts_the_answers_it_trains_on():
   first, m = objective(params, rows(data, [0, 0, 0, 0]), jax.random.PRNGKey(0))
   assert int(m[step_lib.EXAMPLES]) == 4
   np.testing.assert_allclose(4 * float(filled), 3 * float(loss) + float(first), rtol=1e-5)
+
+
+def test_the_default_key_draws_what_the_raw_threefry_key_drew():
+  """train.rng="threefry" (the default) keeps the runs' draws: the typed key holds the bits
+  of jax.random.PRNGKey(seed), and folds and splits to the same keys."""
+  typed, raw = step_lib.base_key(7), jax.random.PRNGKey(7)
+  np.testing.assert_array_equal(jax.random.key_data(typed), raw)
+  np.testing.assert_array_equal(jax.random.key_data(jax.random.fold_in(typed, 3)),
+                                jax.random.fold_in(raw, 3))
+  np.testing.assert_array_equal(jax.random.bernoulli(jax.random.fold_in(typed, 3), 0.9, (64,)),
+                                jax.random.bernoulli(jax.random.fold_in(raw, 3), 0.9, (64,)))
+
+
+def test_rbg_keys_draw_their_own_masks_the_same_each_time():
+  mesh = sharding.make_mesh()
+  draw = jax.jit(lambda key, i: jax.random.bernoulli(jax.random.fold_in(key, i), 0.5, (256,)))
+  rbg = step_lib.base_key(7, "rbg", mesh)
+  assert jax.random.key_impl(rbg) == jax.random.key_impl(jax.random.key(0, impl="rbg"))
+  np.testing.assert_array_equal(draw(rbg, 3), draw(step_lib.base_key(7, "rbg", mesh), 3))
+  assert (np.asarray(draw(rbg, 3)) != np.asarray(draw(step_lib.base_key(7), 3))).any()
+  assert (np.asarray(draw(rbg, 3)) != np.asarray(draw(rbg, 4))).any()
+  with pytest.raises(ValueError, match=r"unknown train.rng 'philox'; expected one of "
+                                       r"\['rbg', 'threefry', 'unsafe_rbg'\]"):
+    step_lib.base_key(0, "philox")
