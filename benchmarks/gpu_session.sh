@@ -20,11 +20,10 @@
 #
 # Steps, with their expected need in seconds (measured on one H200 on 2026-12-04, the
 # second session's timing and traces included; NEED_<step>=N overrides one).
-# With the default budget, one call reaches the first three (485 s); the rest are listed as
-# skipped, for the next call:
-#   check         85  the environment (the session stops if JAX sees no GPU), and cuDNN's
-#                     fused kernel against the reference path (tests/models/test_compute.py
-#                     with MEDVQA_FUSED_ATTENTION=cudnn)
+# With the default budget, one call reaches the first three (415 s; towers would need 115
+# more); the rest are listed as skipped, for the next call:
+#   check         15  the environment: the software's versions and the GPU (the session
+#                     stops if JAX sees none)
 #   finetune     190  the fine-tuning step at 64 (cuDNN), on synthetic batches and fed by the
 #                     input pipeline of VQA-RAD with WORKERS workers (the data share), traced
 #                     (the step furthest from its MFU target on the H200)
@@ -34,6 +33,9 @@
 #   tune         290  what the profiles suggest (gpu.sh runs 9-12): towers_only with pad_to=2,
 #                     with cuBLASLt (bias and GELU epilogues) and with cuDNN's layer norm (XLA
 #                     flags), and the fine-tuning step with train.rng=rbg (no ThreeFry)
+#   kernels       75  cuDNN's fused kernel against the reference path, outputs and gradients
+#                     (tests/models/test_compute.py with MEDVQA_FUSED_ATTENTION=cudnn; passed
+#                     on the H200 with jax 0.11.2: the configs' attention=auto relies on it)
 #   real_slake   450  the SLAKE fine-tune of RESULTS.md (benchmarks/real_data.sh slake); cut
 #                     short, it is evaluated at the best checkpoint it reached
 #   real_vqa_rad 420  the VQA-RAD fine-tune of RESULTS.md (403 s on the H200, cut 48 steps
@@ -92,8 +94,8 @@ case "${1:-}" in
 esac
 cd "$ROOT"
 
-ORDER=(check finetune stage1 towers tune real_slake real_vqa_rad input towers_more)
-declare -A NEED=([check]=85 [finetune]=190 [stage1]=210 [towers]=115 [tune]=290
+ORDER=(check finetune stage1 towers tune kernels real_slake real_vqa_rad input towers_more)
+declare -A NEED=([check]=15 [finetune]=190 [stage1]=210 [towers]=115 [tune]=290 [kernels]=75
                  [real_slake]=450 [real_vqa_rad]=420 [input]=120 [towers_more]=150)
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=("${ORDER[@]}")
@@ -158,6 +160,8 @@ print(json.dumps({"python": sys.version.split()[0], "devices": [d.device_kind fo
     fi
   fi
   [ "$PLAN" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+}
+step_kernels() {
   do_ - env MEDVQA_FUSED_ATTENTION=cudnn "$PYTHON" -m pytest -q -n 0 -p no:cacheprovider \
     tests/models/test_compute.py \
     -k "fused_attention or context_shared or structured_mask or auto_picks or packed_rows"

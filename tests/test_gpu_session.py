@@ -16,10 +16,10 @@ import jax
 from medvqa_jax import ASSETS
 
 ROOT = Path(__file__).resolve().parents[1]
-# One call of the default budget reaches the first three (the kernel check, the traced
+# One call of the default budget reaches the first three (the environment, the traced
 # fine-tuning and stage-1 steps); the others follow in the next.
-STEPS = ["check", "finetune", "stage1", "towers", "tune", "real_slake", "real_vqa_rad", "input",
-         "towers_more"]
+STEPS = ["check", "finetune", "stage1", "towers", "tune", "kernels", "real_slake",
+         "real_vqa_rad", "input", "towers_more"]
 
 
 def _session(args, **env):
