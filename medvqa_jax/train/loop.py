@@ -4,8 +4,9 @@ every host of a pod.
 
   state born sharded -> [resume from the latest checkpoint] -> per step: this host's part of
   the global batch (copied to the devices `train.prefetch` steps ahead), the jitted sharded
-  step, metrics (a step behind, so the device never waits for the host) -> validation every `eval_every`, a checkpoint every `save_every` and at
-  the end -> fine-tuning: test evaluated once, on the best-on-validation checkpoint.
+  step, metrics (a step behind, so the device never waits for the host) -> validation every
+  `eval_every`, a checkpoint every `save_every` and at the end -> fine-tuning: test
+  evaluated once, on the best-on-validation checkpoint.
 Pre-training validates on a held-out slice of its corpus (`evaluate/pretrain.py`).
 
 A run restarted with the same command resumes from its latest complete checkpoint: the state,

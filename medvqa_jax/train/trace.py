@@ -133,8 +133,6 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _OPCODE = re.compile(r"^(?:\([^=]*?\)|\S+)\s+([\w\-]+)\(")
 _FUSION_CALLS = re.compile(r"\bfusion\(.*?calls=%?([\w.\-]+)")
-
-
 _NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
 
 
