@@ -260,7 +260,8 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
   else:
     objective = step_lib.finetune_objective(model, *synthetic_prior(config, model))
   train_step = step_lib.make_train_step(objective, tx, shardings, tc.accum_steps,
-                                        optim.frozen_mask(config.optim, shapes))
+                                        optim.frozen_mask(config.optim, shapes),
+                                        tc.get("rng", "threefry"))
   host = synthetic_batch(config, model, batch_size, config.seed, teacher_dim)
   batch = sharding.shard_batch(mesh, host)
   key = step_lib.base_key(0, tc.get("rng", "threefry"), mesh)

@@ -525,7 +525,8 @@ def train(config, workdir=None, stream=None) -> dict:
                   for x in jax.tree.leaves(params))
       return loss + poison * (spike - jax.lax.stop_gradient(spike)), metrics
   train_step = step_lib.make_train_step(objective, tx, shardings, tc.accum_steps,
-                                        optim.frozen_mask(config.optim, shapes))
+                                        optim.frozen_mask(config.optim, shapes),
+                                        tc.get("rng", "threefry"))
   base_key = step_lib.base_key(config.seed, tc.get("rng", "threefry"), mesh)
   image_size = model.image.image_size
   ds = training_data(config, splits, answers, tokenizer, image_size, teacher)

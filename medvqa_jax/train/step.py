@@ -12,6 +12,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -124,16 +125,21 @@ RNG_IMPLS = {"threefry": "threefry2x32", "rbg": "rbg", "unsafe_rbg": "unsafe_rbg
 
 
 def base_key(seed: int, rng: str = "threefry", mesh=None):
-  """The run's random key (a typed key of implementation `rng`), replicated over `mesh`; the
-  step folds its step number into it."""
+  """The run's random key as raw key data (uint32; threefry's is `PRNGKey(seed)`), replicated
+  over `mesh`: a host array put on the devices as before `train.rng` existed (a typed key
+  cannot be put on devices other processes hold). `make_train_step(rng=...)` wraps it as a
+  key of that implementation, then folds the step number into it."""
   if rng not in RNG_IMPLS:
     raise ValueError(f"unknown train.rng {rng!r}; expected one of {sorted(RNG_IMPLS)}")
-  make = lambda: jax.random.key(seed, impl=RNG_IMPLS[rng])
-  if mesh is None:
-    return make()
-  # Made where it lives: every process of a pod makes the same key (a typed key cannot be
-  # put onto devices other processes hold).
-  return jax.jit(make, out_shardings=NamedSharding(mesh, P()))()
+  data = np.asarray(jax.random.key_data(jax.random.key(seed, impl=RNG_IMPLS[rng])))
+  return data if mesh is None else jax.device_put(data, NamedSharding(mesh, P()))
+
+
+def as_key(key, rng: str = "threefry"):
+  """A typed key of implementation `rng` from raw key data (a typed key is returned as is)."""
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key
+  return jax.random.wrap_key_data(key, impl=RNG_IMPLS[rng])
 
 
 def micro_batches(batch: dict, accum_steps: int) -> dict:
@@ -145,12 +151,14 @@ def micro_batches(batch: dict, accum_steps: int) -> dict:
           for k, v in batch.items()}
 
 
-def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, frozen=None):
+def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, frozen=None,
+                    rng: str = "threefry"):
   """(state, batch, key) -> (state, metrics), jitted with the state donated. The loss and
   gradients are those of the whole global batch (micro-batches weighted by the examples
   their loss is a mean over, `EXAMPLES`: exact for a loss that is a mean over examples, such
   as fine-tuning's; `check_batch` refuses accumulation for pre-training); the step's random
-  key is `key` folded with the state's step.
+  key is `key` (raw key data, `base_key`'s, wrapped as a key of implementation `rng`)
+  folded with the state's step.
 
   frozen: a pytree like the params of bools (optim.frozen_mask): those parameters enter the
   objective through stop_gradient, so their gradients are zeros and nothing is computed for
@@ -168,7 +176,8 @@ def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, fr
 
   def step(state, batch, key):
     params = state["params"]
-    key = jax.random.fold_in(key, state["step"])  # A fresh key per step, made on device.
+    # A fresh key per step, made on device, of the run's implementation (train.rng).
+    key = jax.random.fold_in(as_key(key, rng), state["step"])
     if accum_steps == 1:
       (_, metrics), grads = grads_of(params, batch, key)
       metrics.pop(EXAMPLES, None)

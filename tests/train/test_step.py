@@ -274,24 +274,29 @@ def test_the_generative_objective_counts_the_answers_it_trains_on():
 
 
 def test_the_default_key_draws_what_the_raw_threefry_key_drew():
-  """train.rng="threefry" (the default) keeps the runs' draws: the typed key holds the bits
-  of jax.random.PRNGKey(seed), and folds and splits to the same keys."""
-  typed, raw = step_lib.base_key(7), jax.random.PRNGKey(7)
-  np.testing.assert_array_equal(jax.random.key_data(typed), raw)
-  np.testing.assert_array_equal(jax.random.key_data(jax.random.fold_in(typed, 3)),
+  """train.rng="threefry" (the default) keeps the runs' draws: the key data is
+  jax.random.PRNGKey(seed)'s, and as the step's key it folds and draws the same."""
+  data, raw = step_lib.base_key(7), jax.random.PRNGKey(7)
+  np.testing.assert_array_equal(data, raw)
+  key = step_lib.as_key(jax.numpy.asarray(data))
+  assert step_lib.as_key(key) is key
+  np.testing.assert_array_equal(jax.random.key_data(jax.random.fold_in(key, 3)),
                                 jax.random.fold_in(raw, 3))
-  np.testing.assert_array_equal(jax.random.bernoulli(jax.random.fold_in(typed, 3), 0.9, (64,)),
+  np.testing.assert_array_equal(jax.random.bernoulli(jax.random.fold_in(key, 3), 0.9, (64,)),
                                 jax.random.bernoulli(jax.random.fold_in(raw, 3), 0.9, (64,)))
 
 
 def test_rbg_keys_draw_their_own_masks_the_same_each_time():
   mesh = sharding.make_mesh()
-  draw = jax.jit(lambda key, i: jax.random.bernoulli(jax.random.fold_in(key, i), 0.5, (256,)))
+  draw = jax.jit(lambda data, i, rng: jax.random.bernoulli(
+      jax.random.fold_in(step_lib.as_key(data, rng), i), 0.5, (256,)), static_argnums=2)
   rbg = step_lib.base_key(7, "rbg", mesh)
-  assert jax.random.key_impl(rbg) == jax.random.key_impl(jax.random.key(0, impl="rbg"))
-  np.testing.assert_array_equal(draw(rbg, 3), draw(step_lib.base_key(7, "rbg", mesh), 3))
-  assert (np.asarray(draw(rbg, 3)) != np.asarray(draw(step_lib.base_key(7), 3))).any()
-  assert (np.asarray(draw(rbg, 3)) != np.asarray(draw(rbg, 4))).any()
+  assert rbg.shape == jax.random.key_data(jax.random.key(0, impl="rbg")).shape == (4,)
+  np.testing.assert_array_equal(draw(rbg, 3, "rbg"),
+                                draw(step_lib.base_key(7, "rbg", mesh), 3, "rbg"))
+  assert (np.asarray(draw(rbg, 3, "rbg")) != np.asarray(
+      draw(step_lib.base_key(7, mesh=mesh), 3, "threefry"))).any()
+  assert (np.asarray(draw(rbg, 3, "rbg")) != np.asarray(draw(rbg, 4, "rbg"))).any()
   with pytest.raises(ValueError, match=r"unknown train.rng 'philox'; expected one of "
                                        r"\['rbg', 'threefry', 'unsafe_rbg'\]"):
     step_lib.base_key(0, "philox")
