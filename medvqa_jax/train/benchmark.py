@@ -227,7 +227,7 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
   batch_size = batch_size or tc.batch_size
   tc.batch_size = batch_size
   step_lib.check_batch(config, batch_size, jax.device_count())
-  step_lib.base_key(0, tc.get("rng", "threefry"))  # An unknown implementation, named now.
+  rng = step_lib.check_rng(tc.get("rng", "threefry"))  # Named before anything runs.
   if pipeline and mc.head == "none" and config.teacher.mode != "none":
     raise ValueError("the pipeline run of a pre-training config would need the teacher's "
                      "cache: time it with --config.teacher.mode=none")
@@ -261,10 +261,10 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
     objective = step_lib.finetune_objective(model, *synthetic_prior(config, model))
   train_step = step_lib.make_train_step(objective, tx, shardings, tc.accum_steps,
                                         optim.frozen_mask(config.optim, shapes),
-                                        tc.get("rng", "threefry"))
+                                        rng)
   host = synthetic_batch(config, model, batch_size, config.seed, teacher_dim)
   batch = sharding.shard_batch(mesh, host)
-  key = step_lib.base_key(0, tc.get("rng", "threefry"), mesh)
+  key = step_lib.base_key(0, rng, mesh)
 
   log("compiling the train step")
   start = time.perf_counter()

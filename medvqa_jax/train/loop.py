@@ -398,7 +398,7 @@ def train(config, workdir=None, stream=None) -> dict:
   check_patterns(config)
   mesh = sharding.make_mesh(tc.fsdp)
   step_lib.check_batch(config, tc.batch_size, jax.device_count())
-  step_lib.base_key(0, tc.get("rng", "threefry"))  # An unknown implementation, named now.
+  rng = step_lib.check_rng(tc.get("rng", "threefry"))  # Named before anything runs.
   if not finetune:
     check_teacher_config(config)
 
@@ -411,7 +411,7 @@ def train(config, workdir=None, stream=None) -> dict:
       splits_lib.ensure_built(config.data)
     multihost_utils.sync_global_devices("dataset built")
   splits, answers, protocol = training_splits(config)
-  data = data_identity(splits, tc.batch_size, config.seed, tc.get("rng", "threefry"))
+  data = data_identity(splits, tc.batch_size, config.seed, rng)
   steps = total_steps(config, len(splits["train"].records))
   config.optim.total_steps = steps
   # The teacher's cache and the validation slice are checked before anything is written.
@@ -526,8 +526,8 @@ def train(config, workdir=None, stream=None) -> dict:
       return loss + poison * (spike - jax.lax.stop_gradient(spike)), metrics
   train_step = step_lib.make_train_step(objective, tx, shardings, tc.accum_steps,
                                         optim.frozen_mask(config.optim, shapes),
-                                        tc.get("rng", "threefry"))
-  base_key = step_lib.base_key(config.seed, tc.get("rng", "threefry"), mesh)
+                                        rng)
+  base_key = step_lib.base_key(config.seed, rng, mesh)
   image_size = model.image.image_size
   ds = training_data(config, splits, answers, tokenizer, image_size, teacher)
 

@@ -124,14 +124,19 @@ def check_batch(config, batch_size: int, devices: int) -> None:
 RNG_IMPLS = {"threefry": "threefry2x32", "rbg": "rbg", "unsafe_rbg": "unsafe_rbg"}
 
 
+def check_rng(rng: str) -> str:
+  """`rng` if it names an implementation of RNG_IMPLS; an error naming them otherwise."""
+  if rng not in RNG_IMPLS:
+    raise ValueError(f"unknown train.rng {rng!r}; expected one of {sorted(RNG_IMPLS)}")
+  return rng
+
+
 def base_key(seed: int, rng: str = "threefry", mesh=None):
   """The run's random key as raw key data (uint32; threefry's is `PRNGKey(seed)`), replicated
   over `mesh`: a host array put on the devices as before `train.rng` existed (a typed key
   cannot be put on devices other processes hold). `make_train_step(rng=...)` wraps it as a
   key of that implementation, then folds the step number into it."""
-  if rng not in RNG_IMPLS:
-    raise ValueError(f"unknown train.rng {rng!r}; expected one of {sorted(RNG_IMPLS)}")
-  data = np.asarray(jax.random.key_data(jax.random.key(seed, impl=RNG_IMPLS[rng])))
+  data = np.asarray(jax.random.key_data(jax.random.key(seed, impl=RNG_IMPLS[check_rng(rng)])))
   return data if mesh is None else jax.device_put(data, NamedSharding(mesh, P()))
 
 
