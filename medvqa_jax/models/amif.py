@@ -162,6 +162,15 @@ class AMiF(nn.Module):
     return self.decoder(answer_ids, answer_mask, context=context, context_mask=context_mask,
                         segment_ids=segment_ids)["logits"]
 
+  def answer_log_probs(self, answer_ids, answer_mask, context, context_mask, segment_ids=None):
+    """`decode`'s next-token log-probabilities, (N, L - 1) float32
+    (`heads.next_token_log_prob`), without its (N, L, vocab) logits: they are made a few
+    positions at a time (`heads.next_token_log_prob_chunked`)."""
+    hidden, embedding, bias = self.decoder(answer_ids, answer_mask, context=context,
+                                           context_mask=context_mask, segment_ids=segment_ids,
+                                           lm_logits=False)["lm"]
+    return heads.next_token_log_prob_chunked(hidden, embedding, bias, answer_ids)
+
   def vqa(self, images, input_ids, attention_mask, prior_ids, prior_mask, answer_ids=None,
           answer_mask=None, labels=None, return_weights=False):
     """Classifier: `labels` (B,) answer indices (-1: outside the vocabulary) give `loss`;
@@ -208,15 +217,15 @@ class AMiF(nn.Module):
         raise ValueError(f"candidates of {cand_ids.shape[1]} tokens exceed the decoder's "
                          f"max_positions {self.decoder.max_positions}")
       ids, segments = heads.pack_candidates(cand_ids, cand_mask, topk, pack)
-      logits = self.decode(ids, None, context, context_mask, segment_ids=segments)
-      scores = heads.packed_log_likelihood(logits, ids, segments, k)
+      token_logp = self.answer_log_probs(ids, None, context, context_mask, segment_ids=segments)
+      scores = heads.packed_log_likelihood(token_logp, segments, k)
     else:
       ids = jnp.take(cand_ids, topk, axis=0).reshape(b * k, -1)
       mask = jnp.take(cand_mask, topk, axis=0).reshape(b * k, -1)
       # Each question's context is shared by its k candidates (consecutive rows): the
       # decoder's cross-attention projects it once per question, not once per candidate.
-      logits = self.decode(ids, mask, context, context_mask)
-      scores = heads.sequence_log_likelihood(logits, ids, mask).reshape(b, k)
+      token_logp = self.answer_log_probs(ids, mask, context, context_mask)
+      scores = heads.sequence_log_likelihood(token_logp, mask).reshape(b, k)
     best = jnp.argmax(scores, axis=-1)
     return {"prediction": jnp.take_along_axis(topk, best[:, None], axis=-1)[:, 0],
             "topk": topk, "scores": scores}

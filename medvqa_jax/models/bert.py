@@ -61,10 +61,15 @@ class BertEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, context=None,
-               context_mask=None, segment_ids=None):
+               context_mask=None, segment_ids=None, lm_logits: bool = True):
     """segment_ids (B, L): rows packed with several sequences (runs of equal ids, padding a
     run of its own), each read as if alone: positions restart at each segment and tokens
-    attend within their own segment only. It replaces `attention_mask` in self-attention."""
+    attend within their own segment only. It replaces `attention_mask` in self-attention.
+
+    lm_logits=False (with `lm_head`): no `logits`; `lm` holds what they are made of instead,
+    (hidden (B, L, width) float32, embedding (vocab_size, width), bias (vocab_size,)) with
+    logits = hidden @ embedding.T + bias, for a caller that needs only a few positions'
+    logits at a time (`heads.next_token_log_prob_chunked`)."""
     _, length = input_ids.shape
     if self.cross_from is not None and not 0 <= self.cross_from < self.depth:
       raise ValueError(f"cross_from={self.cross_from} names no layer of a {self.depth}-layer "
@@ -107,8 +112,11 @@ class BertEncoder(nn.Module):
       h = nn.Dense(self.width, dtype=self.dtype, name="lm_dense")(x)
       h = layers.activation(self.act)(h)
       h = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="lm_ln")(h)
-      logits = word_embed.attend(h.astype(jnp.float32))
-      out["logits"] = logits + self.param("lm_bias", nn.initializers.zeros, (self.vocab_size,))
+      lm_bias = self.param("lm_bias", nn.initializers.zeros, (self.vocab_size,))
+      if lm_logits:
+        out["logits"] = word_embed.attend(h.astype(jnp.float32)) + lm_bias
+      else:
+        out["lm"] = (h.astype(jnp.float32), word_embed.embedding, lm_bias)
     if self.pooler == "dense":
       out["pooled"] = jnp.tanh(nn.Dense(self.width, dtype=self.dtype, name="pooler")(x[:, 0]))
     elif self.pooler == "cls":

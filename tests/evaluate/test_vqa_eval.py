@@ -177,8 +177,8 @@ def test_pack_length_is_the_k_longest_candidates_where_that_halves_the_tokens():
 
 def test_the_predictor_ranks_in_packed_rows_and_answers_as_unpacked_ranking_does(tokenizer):
   """Short candidates (here at most 8 of 16 word pieces) are ranked in one packed row per
-  question (the decoder's logits are (B, pack, vocab) in the compiled program) with the
-  answers and scores of k rows per question."""
+  question (the decoder reads (B, pack) tokens in the compiled program, not (B k, 16)) with
+  the answers and scores of k rows per question."""
   config = helpers.tiny_config()
   config.model.update(answer_max_len=16, rank_k=4)
   model, params = amif.create(config)
@@ -204,7 +204,8 @@ def test_the_predictor_ranks_in_packed_rows_and_answers_as_unpacked_ranking_does
   np.testing.assert_allclose(score, np.exp(np.max(ref["scores"], axis=-1)), rtol=1e-4)
   program = predictor._predict.lower(params, *sharding.shard_batch(mesh, batch).values(),
                                      *consts).as_text()
-  assert f"4x{predictor.pack}x{model.decoder.vocab_size}xf32" in program
+  assert f"4x{predictor.pack}x{model.decoder.width}xf32" in program
+  assert f"{4 * predictor.k}x16x{model.decoder.width}xf32" not in program
 
 
 def test_every_answer_of_a_group_sharing_a_first_word_piece_can_be_predicted(tokenizer,

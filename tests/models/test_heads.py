@@ -65,10 +65,35 @@ def test_generative_loss_is_the_batch_mean_of_answer_negative_log_likelihoods():
   logp = _log_softmax(logits)
   per_answer = np.array([sum(logp[i, t - 1, ids[i, t]] for t in range(1, lengths[i]))
                          for i in range(b)])
-  np.testing.assert_allclose(heads.sequence_log_likelihood(logits, ids, mask), per_answer,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      heads.sequence_log_likelihood(heads.next_token_log_prob(logits, ids), mask), per_answer,
+      rtol=1e-5)
   # Answer 3 is [CLS] [SEP] alone (an answer that normalises to ""): no candidate is empty
   # and the classifier leaves it out, so the mean is over the other three.
   np.testing.assert_allclose(heads.generative_loss(logits, ids, mask), -per_answer[:3].mean(),
                              rtol=1e-5)
   assert float(heads.generative_loss(logits, ids, np.minimum(mask, np.arange(length) < 2))) == 0
+
+
+def test_next_token_log_probs_made_a_few_positions_at_a_time_equal_numpy():
+  """The LM head's logits (hidden @ embedding.T + bias) made a few positions at a time, each
+  chunk reduced before the next: the log-softmax of all of them at once, picked at the next
+  token. Chunk sizes that divide the positions, that do not (the last chunk padded), and a
+  budget under one position of every row (one position at a time); jitted, as ranking is."""
+  rng = np.random.default_rng(3)
+  n, length, d, vocab = 5, 9, 6, 13
+  hidden = rng.normal(size=(n, length, d)).astype(np.float32)
+  embedding = rng.normal(size=(vocab, d)).astype(np.float32)
+  bias = rng.normal(size=(vocab,)).astype(np.float32)
+  ids = rng.integers(0, vocab, (n, length)).astype(np.int32)
+  logp = _log_softmax(hidden.astype(np.float64) @ embedding.T.astype(np.float64) + bias)
+  want = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
+  for max_logits in (1, n * vocab * 2, n * vocab * 3, n * vocab * 8, n * vocab * 100):
+    chunked = jax.jit(lambda *a, m=max_logits: heads.next_token_log_prob_chunked(
+        *a, max_logits=m))
+    got = chunked(hidden, embedding, bias, ids)
+    assert got.shape == (n, length - 1) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=str(max_logits))
+  # The same as from the logits made at once.
+  logits = hidden @ embedding.T + bias
+  np.testing.assert_allclose(heads.next_token_log_prob(logits, ids), want, rtol=1e-5, atol=1e-5)
