@@ -103,7 +103,7 @@ def _candidates(rng, c=7, a=6):
 def test_ranking_equals_brute_force(generative, monkeypatch):
   """Unpacked (k rows of La tokens per question) and packed (one row holding the k
   candidates' tokens: with k = C the row is exactly full, with k < C padding follows); the
-  candidates' logits made at once (these few fit) and one position at a time."""
+  candidates' logits made at once (these few fit) and, packed, one position at a time."""
   model, params = generative
   batch = _batch(seed=2)
   cands, cand_mask = _candidates(np.random.default_rng(2))  # See the k < C check below.
@@ -149,17 +149,16 @@ def test_ranking_equals_brute_force(generative, monkeypatch):
     # The data can tell: the top k are not the first k candidates, and for some question the
     # best of all candidates is not among them.
     assert np.any(order[:, :k] != np.arange(k)) and np.any(top["prediction"] != brute.argmax(1))
-  # The decoder's logits one position at a time (a budget under one position of every row).
+  # The decoder's logits one position at a time (a budget under one position of every row),
+  # packed (the unpacked rows go through the same function; test_heads checks it alone).
   monkeypatch.setattr(heads, "LOGITS_AT_ONCE", 1)
   rank = jax.jit(lambda p, *a, k, pack: model.apply({"params": p}, *a, k=k, pack=pack,
                                                      method=AMiF.rank),
                  static_argnames=("k", "pack"))  # A new function: traced again.
-  for packed in (False, True):
-    pack = int(longest.sum()) if packed else 0
-    ranked = rank(params, *args, cands, cand_mask, k=len(cands), pack=pack)
-    np.testing.assert_array_equal(ranked["prediction"], brute.argmax(1))
-    scores = np.take_along_axis(brute, np.asarray(ranked["topk"]), axis=1)
-    np.testing.assert_allclose(ranked["scores"], scores, rtol=1e-4, atol=1e-3)
+  ranked = rank(params, *args, cands, cand_mask, k=len(cands), pack=int(longest.sum()))
+  np.testing.assert_array_equal(ranked["prediction"], brute.argmax(1))
+  scores = np.take_along_axis(brute, np.asarray(ranked["topk"]), axis=1)
+  np.testing.assert_allclose(ranked["scores"], scores, rtol=1e-4, atol=1e-3)
 
 
 def test_classifier_reads_the_text_and_image_cls_and_skips_unknown_labels(classifier):
