@@ -2,9 +2,16 @@
 
 Normalisation follows the VQA evaluation toolkit (lowercase; punctuation stripped, or replaced
 by a space between words; periods kept inside numbers; number words to digits; articles
-dropped), plus "x-ray" and "x ray" -> "xray". The toolkit's contraction table (which re-inserts
-apostrophes) is not applied: Med-VQA answers carry none. VQA-Med-2019 references may list
-alternatives separated by "#": a prediction matching any of them is correct.
+dropped), plus "x-ray" and "x ray" -> "xray". It departs from the toolkit in two ways:
+- ten more characters count as punctuation: ' : * % ^ & # $ | ~ ("On the patient's left" ->
+  "on patient s left", "5%" -> "5"). "#" must go: it separates a reference's alternatives.
+- the toolkit's contraction table ("dont" -> "don't") is not applied.
+On the full VQA-RAD and SLAKE and the PathVQA and VQA-Med-2019 samples of ../shared/data, that
+normalises 7 answers otherwise than the toolkit (5 with an apostrophe, "5%", "~15 minutes"),
+and merges no two answers that the toolkit keeps apart.
+
+VQA-Med-2019 references may list alternatives separated by "#": a prediction matching any of
+them is correct.
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ def normalize(answer: str) -> str:
 
 
 def alternatives(reference: str | Sequence[str]) -> list[str]:
-  """The normalised correct answers of a reference: a list, or a "#"-separated string."""
+  """The normalised correct answers of a reference: a "#"-separated string, or a list of
+  answers each taken whole (the readers split a file's "#" lists into such lists)."""
   refs = reference.split("#") if isinstance(reference, str) else list(reference)
   return [normalize(r) for r in refs if str(r).strip()]
 

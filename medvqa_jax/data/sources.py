@@ -15,12 +15,15 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import pickle
 import re
 from pathlib import Path, PureWindowsPath
 from typing import Callable
 
 from medvqa_jax.data.answers import answer_type as clean_type
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -103,6 +106,14 @@ def _vqa(rid, image, image_id, question, answers, atype="", qtype="", where=""):
               question_type=_text(qtype, "question type"))
 
 
+def _file_name(row: dict, field: str) -> str:
+  """A row's image file name (its `field`), refused when missing, empty or not text."""
+  name = _text(row[field], field).strip()
+  if not name:
+    raise ValueError(f"{field}: no image file name")
+  return name
+
+
 def _guarded(where: str, make: Callable[[], dict | Bad]) -> dict | Bad:
   """make(), or a Bad naming `where` when the row lacks a field or has one of the wrong type."""
   try:
@@ -158,7 +169,8 @@ def vqa_rad(source_dir: Path, test_frames: bool = True) -> dict:
   leaves out the frames of test questions (in the MEVF files, the frame that follows a test
   question of the same image and answer: that split numbers a frame after its question)."""
   make = lambda folder: lambda r, where: _vqa(
-      r["qid"], str(folder / r["image_name"]), r["image_name"], r["question"], r["answer"],
+      r["qid"], str(folder / _file_name(r, "image_name")), r["image_name"], r["question"],
+      r["answer"],
       r.get("answer_type"), _rad_question_type(r.get("question_type")), where)
   if (source_dir / "trainset.json").exists():
     images = source_dir / "images"
@@ -205,8 +217,8 @@ def slake(source_dir: Path, language: str = "en") -> dict:
                       ("test", "test.json")):
     path = _need(source_dir / name, "SLAKE's train.json, validate.json and test.json")
     out[split] = _records(path, _load_records(path), lambda r, where: _vqa(
-        r["qid"], str(source_dir / "imgs" / r["img_name"]), r["img_name"], r["question"],
-        r["answer"], r.get("answer_type"), r.get("content_type"), where),
+        r["qid"], str(source_dir / "imgs" / _file_name(r, "img_name")), r["img_name"],
+        r["question"], r["answer"], r.get("answer_type"), r.get("content_type"), where),
         keep=lambda r: not isinstance(r, dict) or r.get("q_lang") == language)
   return out
 
@@ -262,7 +274,7 @@ def _pathvqa_pkl(source_dir: Path) -> dict:
     folder = source_dir / "images" / short
 
     def make(r, where, folder=folder, short=short):
-      name = str(r["image"])
+      name = _file_name(r, "image")
       name = name if name.endswith((".jpg", ".png")) else name + ".jpg"
       return _vqa(f"{short}-{where.rsplit(' ', 1)[-1]}", str(folder / name), name,
                   r["question"], r["answer"], r.get("answer_type") or _yes_no_type(r["answer"]),
@@ -362,14 +374,16 @@ def vqa_med_2019(source_dir: Path) -> dict:
     if not base.is_dir():
       continue
     path = _need(base / qa_name, f"the {split} question/answer pairs")
+    # A pair's category is found by its image id and question, compared without the spacing.
+    key = lambda image_id, question: (image_id.strip(), " ".join(question.split()))
     category = {}
     for cat_file in sorted((base / "QAPairsByCategory").glob("C*_*.txt")):
       cat = cat_file.stem.split("_")[1].lower()  # C1_Modality_val -> modality
       for _, line in _lines(cat_file):
         parts = line.split("|")
         if len(parts) >= 2:
-          category[(parts[0], parts[1])] = cat
-    records = []
+          category[key(parts[0], parts[1])] = cat
+    records, unfiled = [], []
     for n, line in _lines(path):
       where = f"{path} line {n}"
       parts = line.split("|")
@@ -377,9 +391,18 @@ def vqa_med_2019(source_dir: Path) -> dict:
         records.append(Bad(where, f"expected id|question|answer, got {len(parts)} fields"))
         continue
       image_id, question, answer = parts
-      records.append(_vqa(f"{split}-{n}", str(base / images / f"{image_id}.jpg"), image_id,
-                          question, answer.split("#"), "",
-                          category.get((image_id, question), ""), where))
+      cat = category.get(key(image_id, question), "")
+      item = _vqa(f"{split}-{n}", str(base / images / f"{image_id}.jpg"), image_id,
+                  question, answer.split("#"), "", cat, where)
+      if isinstance(item, dict):
+        item["where"] = where
+        if not cat:
+          unfiled.append(where)
+      records.append(item)
+    if unfiled:  # They count in the overall accuracy, and in no category's.
+      log.warning("%d of the %s questions in %s are in none of the category files of %s "
+                  "(e.g. %s): their category is left empty", len(unfiled), split, path.name,
+                  base / "QAPairsByCategory", unfiled[0])
     out[split] = records
   folder, qa_name, images = _VQAMED_TEST
   path = source_dir / folder / qa_name
@@ -393,9 +416,12 @@ def vqa_med_2019(source_dir: Path) -> dict:
                                   "fields"))
         continue
       image_id, cat, question, answer = parts
-      records.append(_vqa(f"test-{n}", str(source_dir / folder / images / f"{image_id}.jpg"),
-                          image_id, question, with_optional_parts(answer.split("#")), "",
-                          cat.strip().lower(), where))
+      item = _vqa(f"test-{n}", str(source_dir / folder / images / f"{image_id}.jpg"),
+                  image_id, question, with_optional_parts(answer.split("#")), "",
+                  cat.strip().lower(), where)
+      if isinstance(item, dict):
+        item["where"] = where
+      records.append(item)
     out["test"] = records
   if not out:
     raise FileNotFoundError(f"{source_dir}: no VQA-Med-2019 folders found (expected "

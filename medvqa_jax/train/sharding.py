@@ -21,9 +21,20 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 BATCH_AXES = ("data", "fsdp")
 
 
+def by_process(devices) -> list:
+  """`devices` with each process's together, processes in order, each process's devices in
+  the order given. A batch's rows follow the mesh's devices, and each host supplies its part
+  of a global batch as one slice of consecutive rows (`shard_batch`; evaluation numbers the
+  rows so, `evaluate.vqa.eval_batches`): were a host's devices interleaved with another's,
+  its examples would land on rows it did not mean, and test predictions would be paired with
+  other questions than their own, silently."""
+  return sorted(devices, key=lambda d: d.process_index)
+
+
 def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
-  """A ("data", "fsdp") mesh over all devices (or `devices`), fsdp-way parameter sharding."""
-  devices = np.asarray(devices if devices is not None else jax.devices())
+  """A ("data", "fsdp") mesh over all devices (or `devices`), fsdp-way parameter sharding;
+  each process's devices hold consecutive rows of the batch (`by_process`)."""
+  devices = np.asarray(by_process(devices if devices is not None else jax.devices()))
   if devices.size % fsdp:
     raise ValueError(f"{devices.size} devices cannot be split {fsdp}-way for FSDP")
   return Mesh(devices.reshape(devices.size // fsdp, fsdp), BATCH_AXES,

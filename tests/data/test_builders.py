@@ -560,7 +560,8 @@ def test_fields_files_and_csv_rows_of_the_wrong_shape_are_named(tmp_path):
                                   q_lang="en", answer_type="OPEN", content_type="Organ"), **kw}
   rows = [entry(0), entry(1, question=["Is", "there"]), entry(2, answer={"text": "yes"}),
           entry(3, answer=False), entry(4, answer_type=["CLOSED"]), entry(5, qid=None),
-          entry(6, answer=[["yes"]]), entry(7, answer=3)]
+          entry(6, answer=[["yes"]]), entry(7, answer=3), entry(8, img_name=None),
+          entry(9, img_name=["x.jpg"])]
   for name in ("train.json", "validate.json"):
     (slake / name).write_text(json.dumps(rows))
   (slake / "test.json").write_text("null")
@@ -581,7 +582,10 @@ def test_fields_files_and_csv_rows_of_the_wrong_shape_are_named(tmp_path):
       "3: malformed record (TypeError: answer: expected text, got bool False)",
       "4: malformed record (TypeError: answer type: expected text, got list ['CLOSED'])",
       "5: no id",
-      "6: malformed record (TypeError: answer: expected text, got list ['yes'])"]
+      "6: malformed record (TypeError: answer: expected text, got list ['yes'])",
+      # A missing image name was a TypeError about PosixPath and NoneType.
+      "8: malformed record (ValueError: img_name: no image file name)",
+      "9: malformed record (TypeError: img_name: expected text, got list ['x.jpg'])"]
 
   path = tmp_path / "qas" / "train" / "train_qa.pkl"
   path.parent.mkdir(parents=True)

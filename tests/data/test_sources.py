@@ -1,5 +1,6 @@
 """The readers on the real data in ../shared/data."""
 
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -65,6 +66,9 @@ def test_vqa_med_2019():
       "modality": 25, "plane": 25, "organ": 25, "abnormality": 25}
   test = _good(out["test"])
   assert len(test) == 500
+  # Each record says where it is (a problem with its image names the line).
+  assert val[2]["where"].endswith("All_QA_Pairs_val.txt line 3")
+  assert test[4]["where"].endswith("VQAMed2019_Test_Questions_w_Ref_Answers.txt line 5")
   assert Counter(r["question_type"] for r in test) == {
       "modality": 125, "plane": 125, "organ": 125, "abnormality": 125}
   # The 12 references with "#"-separated alternatives and the 20 with an optional "(...)"
@@ -87,3 +91,24 @@ def test_vqa_med_2019():
   # An answer all in parentheses keeps only its full form; repeats are left out.
   assert sources.with_optional_parts(["a (b)", "c", "(d) e", "(f)", "a"]) == [
       "a (b)", "a", "c", "(d) e", "e", "(f)"]
+
+
+
+def test_vqa_med_pairs_in_no_category_file_are_warned_of(tmp_path, caplog):
+  # A pair's category was found only by an exact match of its line with the category file's:
+  # spacing apart, or a pair in no category file, left the category empty without a word.
+  src = DATA / "samples" / "vqa_med_2019" / "ImageClef-2019-VQA-Med-Validation"
+  base = tmp_path / src.name
+  shutil.copytree(src / "QAPairsByCategory", base / "QAPairsByCategory")
+  lines = (src / "All_QA_Pairs_val.txt").read_text().splitlines()
+  image_id, question, answer = lines[0].split("|")
+  lines[0] = f"{image_id}|  {question.replace(' ', '  ')} |{answer}"
+  lines.append("synpic00000|what is shown?|nothing")
+  (base / "All_QA_Pairs_val.txt").write_text("\n".join(lines) + "\n")
+  with caplog.at_level("WARNING"):
+    val = sources.vqa_med_2019(tmp_path)["validation"]
+  assert len(val) == 101 and val[0]["question_type"] == "modality"
+  assert [r["question_type"] for r in val].count("") == 1 and val[-1]["question_type"] == ""
+  assert ("1 of the validation questions in All_QA_Pairs_val.txt are in none of the category "
+          "files of") in caplog.text
+  assert "All_QA_Pairs_val.txt line 101): their category is left empty" in caplog.text

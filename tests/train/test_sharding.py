@@ -1,5 +1,8 @@
 """sharding.prefetch: batches copied to the devices ahead of the step that reads them, in
-order, none lost, and the source released when the feed is closed."""
+order, none lost, and the source released when the feed is closed. The mesh's device order:
+each process's devices together."""
+
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -50,3 +53,16 @@ def test_prefetched_device_batches_hold_the_host_batches():
     np.testing.assert_array_equal(np.asarray(d["images"]), h["images"])
     assert int(d["step"]) == int(h["step"])
 
+
+
+def test_each_process_devices_hold_consecutive_rows_of_the_batch(monkeypatch):
+  # A topology that lists devices with processes interleaved: each process's devices are put
+  # together (a host feeds consecutive rows), keeping their order within the process.
+  listed = [SimpleNamespace(id=i, process_index=(i // 2) % 2) for i in range(8)]
+  assert [d.id for d in sharding.by_process(listed)] == [0, 1, 4, 5, 2, 3, 6, 7]
+  # The mesh is laid out in that order (one process here: the devices as listed).
+  seen = []
+  by_process = sharding.by_process
+  monkeypatch.setattr(sharding, "by_process", lambda d: seen.append(list(d)) or by_process(d))
+  mesh = sharding.make_mesh()
+  assert seen == [jax.devices()] and list(mesh.devices.flat) == jax.devices()
