@@ -90,9 +90,11 @@ def rank_k(k: int, answers: list[str], cand_ids) -> int:
   """The candidates the generative head re-scores: model.rank_k, or more where more than k
   candidates begin with the same word piece. They tie on the first pass (the probability of
   their first piece), and top-k keeps the first k of a tie, so the rest of such a group could
-  never be predicted (5 of VQA-RAD's 37 answers beginning with "right"). Candidates that
-  tokenize alike (the tokenizer strips accents that answer normalisation keeps) are warned
-  of: only the first can be predicted."""
+  never be predicted (5 of VQA-RAD's 37 answers beginning with "right"). Raised so, k holds
+  the whole group when its piece is the most probable; a group that straddles the k-th place
+  is still cut there (its later answers are not re-scored for that question), as in the
+  reference's top-k. Candidates that tokenize alike (the tokenizer strips accents that answer
+  normalisation keeps) are warned of: only the first can be predicted."""
   ids = np.asarray(cand_ids)
   first_alike: dict = {}  # Token ids -> the first answer with them.
   alike = []  # (answer, the earlier answer it tokenizes like)
