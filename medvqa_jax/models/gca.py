@@ -92,6 +92,9 @@ def answer_prior(answers, tokenizer, max_tokens: int,
       if t not in seen:
         seen.add(t)
         ids.append(t)
+  if not ids:  # Every query of the prior would attend to masked keys only.
+    raise ValueError(f"the answer prior is empty: the {len(pieces)} answers hold no word "
+                     "piece")
   if len(ids) > max_tokens:
     kept = set(ids[:max_tokens])
     cut = sum(not kept.issuperset(p) for p in pieces)

@@ -394,7 +394,13 @@ def open_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
     depth = _depth(overrides.get("depth"), available, str(folder))
     heads = _num_heads(overrides, width, "image",
                        f"{folder}: the timm trunk {vc['timm_model_name']!r}")
-    kw = dict(vit.STYLES["timm"], image_size=vc.get("image_size", 224), patch_size=patch,
+    size = vc.get("image_size", 224)
+    if isinstance(size, (list, tuple)):  # open_clip also takes [height, width].
+      if len(set(size)) != 1:
+        raise ValueError(f"{folder}: vision_cfg.image_size {size}: only square images are "
+                         "supported")
+      size = size[0]
+    kw = dict(vit.STYLES["timm"], image_size=int(size), patch_size=patch,
               width=width, depth=depth, num_heads=heads,
               mlp_dim=get(pre + "blocks.0.mlp.fc1.weight").shape[0],
               proj_dim=embed_dim, proj_kind="linear",
@@ -405,7 +411,9 @@ def open_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
     m.add("patch_embed/kernel", pre + "patch_embed.proj.weight", conv)
     m.add("patch_embed/bias", pre + "patch_embed.proj.bias")
     m.add("cls_token", pre + "cls_token", lambda w: w.reshape(-1))
-    m.add("pos_embed", pre + "pos_embed", lambda w: vit.resize_pos_embed(w[0], grid))
+    # Resized as timm resizes a trunk's (resample_abs_pos_embed's default: antialiased).
+    m.add("pos_embed", pre + "pos_embed",
+          lambda w: vit.resize_pos_embed(w[0], grid, antialias=True))
     for i in range(depth):
       p = f"{pre}blocks.{i}."
       m.layernorm(f"block_{i}/ln_1", p + "norm1")

@@ -102,22 +102,43 @@ class VisionTransformer(nn.Module):
     return out
 
 
+def _cubic_weights_at(x, a: float, near: bool):
+  """The Keys cubic convolution kernel at distances x: |x| <= 1 (near) or 1 < |x| < 2."""
+  if near:
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+  return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+
 def _cubic_weights(t, a=-0.75):
   """Keys cubic convolution weights for offsets -1, 0, 1, 2 (a = -0.75 as in PyTorch)."""
-  def near(x):  # |x| <= 1
-    return ((a + 2) * x - (a + 3)) * x * x + 1
-  def far(x):  # 1 < |x| < 2
-    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  near = lambda x: _cubic_weights_at(x, a, near=True)
+  far = lambda x: _cubic_weights_at(x, a, near=False)
   return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
 
 
-def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """(n_out, n_in) matrix of 1-D bicubic resampling, half-pixel centres, edges clamped.
+def bicubic_matrix(n_in: int, n_out: int, antialias: bool = False) -> np.ndarray:
+  """(n_out, n_in) matrix of 1-D bicubic resampling, half-pixel centres.
 
-  This is the resampling of `torch.nn.functional.interpolate(mode="bicubic",
-  align_corners=False)`, which the reference code uses to resize position embeddings.
+  antialias=False: `torch.nn.functional.interpolate(mode="bicubic", align_corners=False)`
+  (Keys a = -0.75, edges clamped), which the reference code and Hugging Face's CLIP use to
+  resize position embeddings. antialias=True: the same with `antialias=True`, timm's default
+  (`resample_abs_pos_embed`): Keys a = -0.5, the kernel widened by the scale when shrinking,
+  weights cut at the edges and renormalised (PIL's resampling).
   """
   m = np.zeros((n_out, n_in), np.float64)
+  if antialias:
+    scale = n_in / n_out
+    support, inv = (2 * scale, 1 / scale) if scale >= 1 else (2.0, 1.0)
+    for i in range(n_out):
+      centre = scale * (i + 0.5)
+      lo = max(int(centre - support + 0.5), 0)
+      hi = min(int(centre + support + 0.5), n_in)
+      x = np.abs((np.arange(lo, hi) - centre + 0.5) * inv)
+      w = np.where(x < 1, _cubic_weights_at(x, -0.5, near=True),
+                   np.where(x < 2, _cubic_weights_at(x, -0.5, near=False), 0.0))
+      if w.sum() != 0:
+        m[i, lo:hi] = w / w.sum()
+    return m
   src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
   base = np.floor(src).astype(int)
   w = _cubic_weights(src - base)
@@ -127,11 +148,12 @@ def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
   return m
 
 
-def resize_pos_embed(pos_embed: np.ndarray, new_grid: int, num_prefix: int = 1) -> np.ndarray:
+def resize_pos_embed(pos_embed: np.ndarray, new_grid: int, num_prefix: int = 1,
+                     antialias: bool = False) -> np.ndarray:
   """Resizes (num_prefix + g*g, D) position embeddings to a new_grid x new_grid grid.
 
-  The prefix (CLS) embeddings are kept; the grid is resampled bicubically. At the same grid
-  the embeddings are returned unchanged.
+  The prefix (CLS) embeddings are kept; the grid is resampled bicubically (`bicubic_matrix`).
+  At the same grid the embeddings are returned unchanged.
   """
   pos_embed = np.asarray(pos_embed)
   prefix, grid = pos_embed[:num_prefix], pos_embed[num_prefix:]
@@ -140,7 +162,7 @@ def resize_pos_embed(pos_embed: np.ndarray, new_grid: int, num_prefix: int = 1) 
     raise ValueError(f"position embeddings of {grid.shape[0]} grid tokens are not a square grid")
   if old == new_grid:
     return pos_embed
-  m = bicubic_matrix(old, new_grid)
+  m = bicubic_matrix(old, new_grid, antialias)
   g = grid.reshape(old, old, -1).astype(np.float64)
   g = np.einsum("ij,jkd,lk->ild", m, g, m)
   return np.concatenate([prefix, g.reshape(new_grid * new_grid, -1).astype(pos_embed.dtype)])

@@ -147,6 +147,11 @@ def test_answer_prior_dedupes_caps_and_pads():
   assert ids.tolist() == [ord(c) for c in "abcd"] and mask.all()  # Capped, not padded past.
   ids, _ = answer_prior(["yes"], _Tok(), max_tokens=1024)
   assert ids.shape == (128,)  # The default multiple.
+  # No word piece at all: every query of the prior would attend to masked keys only, which
+  # the attention kernels answer differently. Refused.
+  for empty in ([], ["", ""]):
+    with pytest.raises(ValueError, match=rf"the answer prior is empty: the {len(empty)} answers"):
+      answer_prior(empty, _Tok(), max_tokens=8)
 
 
 def test_a_prior_that_drops_word_pieces_says_so(caplog):

@@ -45,16 +45,19 @@ def test_bert_text_tower_matches_open_clip(biomedclip):
   assert max_diff(out["embedding"], emb) <= TOL
 
 
-def test_teacher_at_another_resolution(biomedclip):
-  """Position embeddings are resized like timm's bicubic resample when the trunk runs at
-  another size (timm's own resample_abs_pos_embed as the reference)."""
+@pytest.mark.parametrize("image_size", [256, 160])
+def test_teacher_at_another_resolution(biomedclip, image_size):
+  """Position embeddings are resized as timm resizes them when the trunk runs at another size
+  (timm's own resample_abs_pos_embed, with its defaults, as the reference: antialiased
+  bicubic; the resize without antialias was up to 0.35 off growing 14 -> 16)."""
   from timm.layers import resample_abs_pos_embed
   ref, folder = biomedclip
-  module, params = towers.load("image", "open_clip", folder, image_size=256)
+  grid = image_size // 16
+  _, params = towers.load("image", "open_clip", folder, image_size=image_size)
   with torch.no_grad():
-    expected = resample_abs_pos_embed(ref.visual.trunk.pos_embed, (16, 16), (14, 14),
-                                      num_prefix_tokens=1, interpolation="bicubic",
-                                      antialias=False)
+    expected = resample_abs_pos_embed(ref.visual.trunk.pos_embed, (grid, grid), (14, 14),
+                                      num_prefix_tokens=1)
+  assert params["pos_embed"].shape == (1 + grid * grid, expected.shape[-1])
   assert max_diff(params["pos_embed"], expected[0]) <= 1e-5
 
 
@@ -88,6 +91,22 @@ def test_open_clip_defaults_are_read_as_open_clip_reads_them(biomedclip, tmp_pat
   native = _variant(folder, tmp_path, lambda c: c["text_cfg"].pop("hf_model_name"), name="c")
   with pytest.raises(ValueError, match="only Hugging Face text towers"):
     towers.load("text", "open_clip", native)
+
+
+def test_an_image_size_given_as_height_and_width(biomedclip, tmp_path):
+  """open_clip takes vision_cfg.image_size as [height, width] too (a TypeError here before):
+  square is read as its side, anything else refused by name."""
+  _, folder = biomedclip
+  _, params = towers.load("image", "open_clip", folder)
+  square = _variant(folder, tmp_path, lambda c: c["vision_cfg"].update(image_size=[224, 224]),
+                    name="square")
+  module, same = towers.load("image", "open_clip", square)
+  assert module.image_size == 224
+  assert max_diff(same["pos_embed"], params["pos_embed"]) == 0
+  oblong = _variant(folder, tmp_path, lambda c: c["vision_cfg"].update(image_size=[224, 192]),
+                    name="oblong")
+  with pytest.raises(ValueError, match=r"vision_cfg.image_size \[224, 192\]: only square"):
+    towers.load("image", "open_clip", oblong)
 
 
 def test_a_text_tower_named_on_the_hub_needs_its_head_count(biomedclip, tmp_path):

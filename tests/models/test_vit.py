@@ -23,15 +23,17 @@ def test_resize_at_own_grid_is_identity():
   np.testing.assert_allclose(vit.bicubic_matrix(7, 7), np.eye(7), atol=1e-12)
 
 
-@pytest.mark.parametrize("old,new", [(14, 18), (7, 5), (3, 8)])
-def test_resize_matches_torch_bicubic(old, new):
+@pytest.mark.parametrize("antialias", [False, True])
+@pytest.mark.parametrize("old,new", [(14, 18), (7, 5), (3, 8), (14, 13), (16, 7)])
+def test_resize_matches_torch_bicubic(old, new, antialias):
   """Against torch.nn.functional.interpolate(bicubic, align_corners=False), the resize the
-  reference code applies (224 -> 288 px is 14 -> 18 patches)."""
+  reference code applies (224 -> 288 px is 14 -> 18 patches), and the same with antialias,
+  timm's (a BiomedCLIP trunk at another size), which differs when growing too."""
   pos = _posemb(old, seed=old)
-  ours = vit.resize_pos_embed(pos, new)
+  ours = vit.resize_pos_embed(pos, new, antialias=antialias)
   grid = torch.from_numpy(pos[1:]).reshape(1, old, old, -1).permute(0, 3, 1, 2)
   ref = torch.nn.functional.interpolate(grid, size=(new, new), mode="bicubic",
-                                        align_corners=False)
+                                        align_corners=False, antialias=antialias)
   ref = ref.permute(0, 2, 3, 1).reshape(new * new, -1).numpy()
   assert ours.shape == (1 + new * new, 8)
   np.testing.assert_array_equal(ours[0], pos[0])  # The CLS embedding is kept as it is.
