@@ -33,6 +33,29 @@ def test_a_rule_matching_no_parameter_is_refused():
     optim.frozen_mask(_cfg(((r"image", 0.0),)), PARAMS)  # Must match a whole path.
 
 
+def test_a_rule_that_earlier_rules_leave_nothing_to_is_refused():
+  # "text/ln/.*" after "text/.*" applied to nothing: text/ln/scale trained at 0.1, silently.
+  with pytest.raises(ValueError, match=r"'text/ln/\.\*' applies to no parameter: the paths it "
+                                       r"matches \(e.g. 'text/ln/scale'\) match 'text/\.\*' "
+                                       r"before it .*put the narrower rule first"):
+    optim.param_labels(PARAMS, ((r"text/.*", 0.1), (r"text/ln/.*", 0.5)))
+  # Narrower first, each rule applies somewhere: accepted.
+  labels = optim.param_labels(PARAMS, ((r"text/ln/.*", 0.5), (r"text/.*|image/.*", 0.1)))
+  assert labels["text"]["ln"]["scale"] == "lr_x0.5"
+  assert labels["image"]["block_0"]["kernel"] == "lr_x0.1"
+
+
+def test_multipliers_that_print_alike_are_refused():
+  # The optimizer groups parameters by label: both trained at 0.123456.
+  with pytest.raises(ValueError, match=r"the multipliers \[0.1234561, 0.1234564\] differ only "
+                                       r"past 6 significant digits"):
+    optim.param_labels(PARAMS, ((r"text/.*", 0.1234561), (r"image/.*", 0.1234564)))
+  # Equal multipliers share a group, as the base rate does with a rule of 1.
+  labels = optim.param_labels(PARAMS, ((r"text/.*", 0.25), (r"image/.*", 0.25),
+                                       (r"fusion/.*", 1.0)))
+  assert set(jax.tree.leaves(labels)) == {"lr_x0.25", "lr_x1"}
+
+
 def test_frozen_parameters_do_not_move_and_decay_reaches_the_others():
   tx = optim.make(_cfg(((r"image/.*", 0.0),)), PARAMS)
   params, state = PARAMS, tx.init(PARAMS)
