@@ -9,6 +9,12 @@ matches text i), and its embedding, close to the positive's, would be drawn firs
 whose every other example is such has no negative: its draw is left out of the loss. Indices
 are global: the arrays are the global batch, whatever the device layout. The sampled pairs
 are scored by the model with the negative's own tokens and attention mask.
+
+The pairs are segments (`hard_negative_pairs`): each a (text_idx, image_idx) pair of index
+arrays, None standing for the batch's own examples in order. The model then gathers only the
+side that was drawn: under data parallelism a gather from the global batch moves the whole
+batch's tokens to every device, and the image side of the negative texts' pairs, the images
+themselves, needs none.
 """
 
 from __future__ import annotations
@@ -68,20 +74,26 @@ def negative_weights(keys, negative_images=False):
 
 def hard_negative_pairs(key, image_embed, text_embed, temperature, negative_images=False,
                         keys=()):
-  """(text_idx, image_idx) of the negative pairs. First a negative text for every image, then
-  (with `negative_images`) a negative image for every text. keys: (N,) keys of the examples'
-  captions (`caption_keys`) and pictures: examples that agree on one are not each other's
-  negatives."""
+  """The negative pairs as segments (text_idx, image_idx), None for the batch in order: a
+  negative text for every image, [(text_idx, None)], then (with `negative_images`) a negative
+  image for every text, (None, image_idx). keys: (N,) keys of the examples' captions
+  (`caption_keys`) and pictures: examples that agree on one are not each other's negatives.
+  `pair_indices` gives the flat index arrays."""
   sim = contrastive.similarity(image_embed, text_embed)  # image x text
-  n = sim.shape[0]
   same = matching(keys)
   k_text, k_image = jax.random.split(key)
-  text_idx = [sample_negatives(k_text, sim, temperature, same)]
-  image_idx = [jnp.arange(n)]
+  segments = [(sample_negatives(k_text, sim, temperature, same), None)]
   if negative_images:
-    text_idx.append(jnp.arange(n))
-    image_idx.append(sample_negatives(k_image, sim.T, temperature, same))
-  return jnp.concatenate(text_idx), jnp.concatenate(image_idx)
+    segments.append((None, sample_negatives(k_image, sim.T, temperature, same)))
+  return segments
+
+
+def pair_indices(segments, n: int):
+  """(text_idx, image_idx) (P,) of pairs given as segments (`hard_negative_pairs`), None
+  standing for arange(n)."""
+  fill = lambda idx: jnp.arange(n) if idx is None else jnp.asarray(idx)
+  return (jnp.concatenate([fill(t) for t, _ in segments]),
+          jnp.concatenate([fill(i) for _, i in segments]))
 
 
 def itm_loss(pos_logits, neg_logits, neg_weights=None):

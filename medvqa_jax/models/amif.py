@@ -62,7 +62,9 @@ class AMiF(nn.Module):
                        "size of the answer set; elsewhere pass --config.model.num_answers=N)")
     self.image_proj = nn.Dense(self.width, dtype=self.dtype)
     self.text_proj = nn.Dense(self.width, dtype=self.dtype)
-    self.type_embed = nn.Embed(2, self.width)
+    # In the compute dtype: the sum with the projected tokens, fusion's input, stays in it
+    # (float32 before: twice the bytes, in the ITM negatives' gather too).
+    self.type_embed = nn.Embed(2, self.width, dtype=self.dtype)
     self.fusion = CoAttentionFusion(self.fusion_layers, self.num_heads, self.mlp_dim,
                                     dtype=self.dtype, compute=self.compute,
                                     dropout=self.dropout)
@@ -110,10 +112,12 @@ class AMiF(nn.Module):
     view, `text_embed`), the contrastive `temperature`s, and unless `fuse` is False the fused
     tokens of the matched pairs with their masks and ITM logits.
 
-    pairs: (text_idx, image_idx) int arrays (P,) of extra pairs to score for ITM, or a
-      function of the outputs so far returning them (hard negatives are sampled from the
-      embeddings of the same forward pass). Each text keeps its own attention mask. The
-      matched and extra pairs go through fusion as one batch.
+    pairs: extra pairs to score for ITM, as segments: a list of (text_idx, image_idx), each
+      an int array (P,) or None for the batch's own examples in order (`itm.pair_indices`
+      gives the flat arrays); or a function of the outputs so far returning them (hard
+      negatives are sampled from the embeddings of the same forward pass). Only the indexed
+      sides are gathered. Each text keeps its own attention mask. The matched and extra pairs
+      go through fusion as one batch.
     """
     image, text = self.encode_image(images), self.encode_text(input_ids, attention_mask)
     out = {"image_embed": image["embed"], "text_embed": text["embed"],
@@ -129,9 +133,13 @@ class AMiF(nn.Module):
       pairs = pairs(out)
     b = images.shape[0]
     if pairs is not None:
-      text_idx, image_idx = pairs
-      both = lambda d, idx: {k: jnp.concatenate([v, jnp.take(v, idx, axis=0)]) for k, v in d.items()}
-      text, image = both(text, text_idx), both(image, image_idx)
+      # A gather from the global batch moves all of it to every device: none where a side
+      # is the batch itself.
+      side = lambda d, idx: d if idx is None else {k: jnp.take(v, idx, axis=0)
+                                                   for k, v in d.items()}
+      joined = lambda d, parts: {k: jnp.concatenate([d[k]] + [p[k] for p in parts]) for k in d}
+      text, image = (joined(text, [side(text, t) for t, _ in pairs]),
+                     joined(image, [side(image, i) for _, i in pairs]))
     fused = self.fuse(text, image)
     logits = self.itm_logits(fused)
     out.update(fused_text=fused["text"][:b], fused_image=fused["image"][:b],

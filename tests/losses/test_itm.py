@@ -27,9 +27,14 @@ def test_negative_pairs_layout():
   rng = np.random.default_rng(1)
   image = rng.normal(size=(5, 8)).astype(np.float32)
   text = rng.normal(size=(5, 8)).astype(np.float32)
-  t_idx, i_idx = itm.hard_negative_pairs(jax.random.PRNGKey(3), image, text, 0.1,
-                                         negative_images=True)
-  t_idx, i_idx = np.asarray(t_idx), np.asarray(i_idx)
+  segments = itm.hard_negative_pairs(jax.random.PRNGKey(3), image, text, 0.1,
+                                     negative_images=True)
+  # A negative text for each image, then a negative image for each text: the side that is the
+  # batch itself is None (the model gathers nothing for it).
+  assert [(t is None, i is None) for t, i in segments] == [(False, True), (True, False)]
+  assert [(t is None, i is None) for t, i in itm.hard_negative_pairs(
+      jax.random.PRNGKey(3), image, text, 0.1)] == [(False, True)]
+  t_idx, i_idx = map(np.asarray, itm.pair_indices(segments, 5))
   assert t_idx.shape == i_idx.shape == (10,)
   np.testing.assert_array_equal(i_idx[:5], np.arange(5))  # A negative text per image ...
   np.testing.assert_array_equal(t_idx[5:], np.arange(5))  # ... then a negative image per text.
@@ -64,7 +69,8 @@ def test_negative_images_follow_the_texts_similarity_to_every_image():
   rows = np.stack([_softmax_without_diagonal(sim[i] / tau, i) for i in range(n)])
   cols = np.stack([_softmax_without_diagonal(sim[:, j] / tau, j) for j in range(n)])
   assert np.abs(rows - cols).max() > 0.2  # Row and column sampling are told apart.
-  t_idx, i_idx = jax.vmap(lambda k: itm.hard_negative_pairs(k, image, text, tau, True))(
+  t_idx, i_idx = jax.vmap(lambda k: itm.pair_indices(
+      itm.hard_negative_pairs(k, image, text, tau, True), n))(
       jax.random.split(jax.random.PRNGKey(5), draws))
   t_idx, i_idx = np.asarray(t_idx), np.asarray(i_idx)  # (draws, 2n)
   np.testing.assert_array_equal(i_idx[:, :n], np.broadcast_to(np.arange(n), (draws, n)))
@@ -112,8 +118,8 @@ def test_examples_of_the_same_caption_or_picture_are_not_each_others_negatives()
   same = (captions[:, None] == captions[None, :]) | (pictures[:, None] == pictures[None, :])
   assert not same[0, 1] and same[1, 3] and same[0, 4] and not same[1, 2]
   sim = image.astype(np.float64) @ text.T.astype(np.float64)
-  t_idx, i_idx = jax.vmap(lambda k: itm.hard_negative_pairs(k, image, text, tau, True,
-                                                            (captions, pictures)))(
+  t_idx, i_idx = jax.vmap(lambda k: itm.pair_indices(itm.hard_negative_pairs(
+      k, image, text, tau, True, (captions, pictures)), n))(
       jax.random.split(jax.random.PRNGKey(7), draws))
   t_idx, i_idx = np.asarray(t_idx), np.asarray(i_idx)
 
@@ -127,7 +133,7 @@ def test_examples_of_the_same_caption_or_picture_are_not_each_others_negatives()
       assert not freq[same[i]].any(), (i, freq)
       np.testing.assert_allclose(freq, expected(row, same[i]), atol=0.015, err_msg=str(i))
   # Without the captions, image 0 draws text 2 or 4 (its own text's twins) most of the time.
-  plain = np.asarray(jax.vmap(lambda k: itm.hard_negative_pairs(k, image, text, tau)[0])(
+  plain = np.asarray(jax.vmap(lambda k: itm.hard_negative_pairs(k, image, text, tau)[0][0])(
       jax.random.split(jax.random.PRNGKey(7), 2000)))
   assert np.isin(plain[:, 0], [2, 4]).mean() > 0.5  # Measured: 0.89.
   assert (plain[:, 1] == 3).mean() > 0.5  # Image 1 draws its picture's other caption.

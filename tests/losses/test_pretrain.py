@@ -105,7 +105,8 @@ def test_itm_negatives_leave_out_examples_of_the_same_caption_or_picture(stage1,
   sample = itm.hard_negative_pairs
   monkeypatch.setattr(itm, "hard_negative_pairs",
                       lambda *a: (lambda out: seen.append(out) or out)(sample(*a)))
-  run = jax.jit(lambda p, b, k: (pretrain_loss(model, p, b, k, losses), list(seen[-1]))[1])
+  run = jax.jit(lambda p, b, k: (pretrain_loss(model, p, b, k, losses),
+                                 itm.pair_indices(seen[-1], len(b["images"])))[1])
   pairs = set()
   for s in range(40):
     text_idx, image_idx = map(np.asarray, run(params, b, jax.random.PRNGKey(s)))

@@ -211,7 +211,8 @@ def test_pretraining_outputs_and_pairs(config):
   assert "gca" not in params and "itm_head" in params
   batch = _batch(seed=3)
   images2 = batch["images"][::-1].copy()
-  pairs = (np.array([0, 1, 2, 2, 0]), np.array([0, 1, 2, 0, 1]))
+  # Segments: pairs drawn on both sides, then the batch's texts with images drawn for them.
+  pairs = [(np.array([0, 1, 2, 2, 0]), np.array([0, 1, 2, 0, 1])), (None, np.array([1, 2, 0]))]
   out = model.apply({"params": params}, batch["images"], batch["input_ids"],
                     batch["attention_mask"], images2=images2, pairs=pairs, method=AMiF.pretrain)
   for key in ("image_embed", "image2_embed", "text_embed"):
@@ -225,6 +226,11 @@ def test_pretraining_outputs_and_pairs(config):
   swapped = model.apply({"params": params}, batch["images"][[0]], batch["input_ids"][[2]],
                         batch["attention_mask"][[2]], method=AMiF.pretrain)
   assert max_diff(out["pair_itm_logits"][3], swapped["itm_logits"][0]) <= 1e-5
+  # None is the batch in order: text 1 with image 2.
+  assert out["pair_itm_logits"].shape == (8, 2)
+  swapped = model.apply({"params": params}, batch["images"][[2]], batch["input_ids"][[1]],
+                        batch["attention_mask"][[1]], method=AMiF.pretrain)
+  assert max_diff(out["pair_itm_logits"][6], swapped["itm_logits"][0]) <= 1e-5
 
 
 def test_decoder_is_initialised_from_the_text_checkpoint(config, hf_bert_pretraining, hf_bert,
