@@ -24,6 +24,10 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 OUT_FILE=${OUT_FILE:-benchmarks/results.jsonl}
 RANGE=${1:-100}
+if ! [[ $RANGE =~ ^[0-9]+(-[0-9]+)?$ ]]; then
+  echo "error: '$RANGE': give N (the first N runs) or A-B (runs A to B), e.g. 2 or 9-12" >&2
+  exit 2
+fi
 case $RANGE in
   *-*) FIRST=${RANGE%-*}; LAST=${RANGE#*-} ;;
   *) FIRST=1; LAST=$RANGE ;;

@@ -35,6 +35,11 @@ def main() -> int:
                       "trace, if there)")
   args = parser.parse_args()
   for path in (args.trace, args.hlo):
+    if path and Path(path).is_dir():
+      inside = Path(path) / ("trace.json.gz" if path == args.trace else "hlo_ops.json.gz")
+      print(f"error: {path}: is a folder; give the file in it"
+            + (f" ({inside})" if inside.is_file() else ""), file=sys.stderr)
+      return 1
     if path and not Path(path).is_file():
       print(f"error: {path}: no such file", file=sys.stderr)
       return 1

@@ -33,19 +33,22 @@ from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = common.config_file_flag("configs/towers_only.py", "Config file.")
-_BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: the config's).")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: the config's).",
+                              lower_bound=1)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per window (0: compile and count "
-                              "FLOPs only).")
+                              "FLOPs only).", lower_bound=0)
 _WINDOWS = flags.DEFINE_integer("windows", 3, "Timed windows of --steps steps: the step time "
-                                "is the median window's.")
-_WARMUP = flags.DEFINE_integer("warmup", 10, "Untimed steps after compilation.")
+                                "is the median window's (of an even number, the mean of the "
+                                "middle two).", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 10, "Untimed steps after compilation.", lower_bound=0)
 _PIPELINE = flags.DEFINE_bool("pipeline", False, "Also time steps fed by the real input "
                               "pipeline of config.data.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Dense bf16 peak per device, TFLOP/s "
                            "(default: from the device kind).")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Also trace --profile_steps steps "
                                    "there and summarise where the device's time goes.")
-_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 5, "Steps traced with --profile_dir.")
+_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 5, "Steps traced with --profile_dir.",
+                                      lower_bound=1)
 _TEACHER_DIM = flags.DEFINE_integer("teacher_dim", 512, "Width of the synthetic teacher "
                                     "embeddings (pre-training with a teacher).")
 

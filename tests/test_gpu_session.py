@@ -161,6 +161,12 @@ def test_the_benchmark_table_tells_the_sinkhorn_budgets_apart(tmp_path):
   header, *rows = out.stdout.splitlines()
   assert "budget" in header.split()
   assert re.search(r" 5\.0% +threshold ", rows[0]) and re.search(r" 21\.0% +fixed 100 ", rows[1])
+  # A range that is not one ran every benchmark ("[: foo: integer expression expected").
+  for bad in ("foo", "3-x"):
+    out = subprocess.run(["bash", "benchmarks/gpu.sh", bad], cwd=ROOT,
+                         env={**os.environ, "PYTHON": "false", "OUT_FILE": str(results)},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and f"error: '{bad}': give N" in out.stderr, out.stderr
 
 
 def test_benchmark_runs_that_would_outlast_the_step_are_skipped(tmp_path):

@@ -216,7 +216,7 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
   """Builds, compiles and times the train step of `config`; returns the figures. After
   `warmup` steps, `windows` windows of `steps` steps are timed one after another: the step
   time is the median window's (`step_windows_ms` lists them all; on an H200, 20 steps timed
-  after 3 warm-up steps came out up to 15% slower than the same step timed later). The
+  after 3 warm-up steps took up to 22% longer than the same step timed later). The
   pipeline run takes max(steps, pipeline_min_steps) steps after 4 x data.workers warm-up
   steps (at least `warmup`): the workers' first batches come slower. With `profile_dir`,
   `profile_steps` more synthetic steps are traced there (`trace.capture`) and the device's

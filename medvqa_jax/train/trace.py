@@ -204,7 +204,8 @@ def _hlo_row(name: str, args: dict, hlo: dict):
 
 def summarize(path: str, steps: int = 1, depth: int = 1, top: int = 15,
               hlo: dict | None = None) -> dict:
-  """Totals of the device events of a trace of `steps` steps, in ms per step: `busy_ms` (the
+  """Totals of the device events of a trace of `steps` steps, in ms per step and device
+  (averaged over the `devices` traced: one process traces all of its GPUs): `busy_ms` (the
   events' summed durations on the lines read), and `by_kind`, `by_scope` (JAX name scopes,
   `depth` deep), `by_op` (the `top` longest), each a list of (name, ms per step, share).
   `hlo`: the program's `hlo_ops` table, which names the ops of events that do not carry
@@ -238,8 +239,9 @@ def summarize(path: str, steps: int = 1, depth: int = 1, top: int = 15,
                      f"trace has none")
   by_kind, by_scope, by_op = (collections.Counter() for _ in range(3))
   named, arg_keys = 0.0, set()
+  traced = len({e.get("pid") for e in chosen})  # Each device is a process of the trace.
   for e in chosen:
-    dur = float(e.get("dur", 0)) / 1000 / steps  # us -> ms per step
+    dur = float(e.get("dur", 0)) / 1000 / steps / traced  # us -> ms per step and device
     args = e.get("args") or {}
     arg_keys.update(args)
     name = str(e.get("name", ""))
@@ -256,7 +258,7 @@ def summarize(path: str, steps: int = 1, depth: int = 1, top: int = 15,
     named += dur if jax_name else 0.0
   busy = sum(by_kind.values())
   table = lambda c, n=None: [(k, round(v, 3), round(v / busy, 4)) for k, v in c.most_common(n)]
-  return {"trace": path, "steps": steps, "busy_ms": round(busy, 3),
+  return {"trace": path, "steps": steps, "devices": traced, "busy_ms": round(busy, 3),
           "lines": sorted({threads.get((e.get("pid"), e.get("tid")), "?") for e in chosen}),
           "named_share": round(named / busy, 4) if busy else 0.0,
           "arg_keys": sorted(arg_keys),
@@ -266,7 +268,7 @@ def summarize(path: str, steps: int = 1, depth: int = 1, top: int = 15,
 
 def format_summary(s: dict) -> str:
   out = [f"{s['trace']}: device busy {s['busy_ms']:.2f} ms per step over {s['steps']} "
-         f"step(s), lines read: {', '.join(s['lines'])}; "
+         f"step(s) (per device, of {s.get('devices', 1)}), lines read: {', '.join(s['lines'])}; "
          f"{100 * s.get('named_share', 0):.1f}% of it named by JAX op; "
          f"event arguments: {', '.join(s.get('arg_keys', [])) or 'none'}"]
   for title, key in (("kind of work", "by_kind"), ("model part (JAX name scope)", "by_scope"),

@@ -28,6 +28,15 @@ KEYS = {"config", "device_kind", "platform", "device_count", "batch_size", "comp
         "sinkhorn_share", "data_share", "attention", "scan", "remat", "loss"}
 
 
+def test_counts_below_their_least_are_refused():
+  # --batch_size=0 ran the config's batch and --steps=-1 compiled only, without a word.
+  for flag in ("--batch_size=0", "--steps=-1", "--windows=0", "--warmup=-1"):
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "benchmark.py"),
+                          "--config=configs/towers_only.py:tiny", flag], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and f"flag {flag}: " in out.stderr, (flag, out.stderr[-2000:])
+
+
 def test_benchmark_prints_one_well_formed_line(tmp_path):
   out = subprocess.run(
       [sys.executable, str(ROOT / "launch" / "benchmark.py"),

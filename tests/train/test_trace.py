@@ -76,6 +76,20 @@ def test_device_time_is_split_by_kind_scope_and_op(tmp_path):
   assert "device busy 3.25 ms per step" in text and "46.2%  matmul" in text
 
 
+def test_a_trace_of_several_devices_is_per_device(tmp_path):
+  """One process traces all of its GPUs: two devices each busy 3 ms of a step were summed to
+  6 ms (a busy share of 2 in the benchmark's line)."""
+  events = [_meta(1, "/host:CPU")]
+  for pid in (2, 3):
+    events += [_meta(pid, f"/device:GPU:{pid - 2}"), _meta(pid, "XLA Ops", tid=10),
+               _op(pid, 10, "gemm_fusion_dot.1", 2000), _op(pid, 10, "all-reduce.1", 1000)]
+  s = trace.summarize(_write(tmp_path / "two.json.gz", events), steps=1)
+  assert s["devices"] == 2 and s["busy_ms"] == pytest.approx(3.0)
+  assert s["by_kind"] == [("matmul", 2.0, round(2 / 3, 4)), ("collective", 1.0, round(1 / 3, 4))]
+  assert "device busy 3.00 ms per step over 1 step(s) (per device, of 2)" in \
+      trace.format_summary(s)
+
+
 def test_without_an_ops_line_every_device_line_is_read(tmp_path):
   s = trace.summarize(_gpu_trace(tmp_path / "t.json.gz", with_ops_line=False), steps=1)
   assert s["busy_ms"] == pytest.approx(6.5) and s["lines"] == ["Stream #13(Compute)"]
@@ -121,6 +135,8 @@ def test_the_command_prints_tables_or_json_and_says_what_is_wrong(tmp_path):
   out = run(str(tmp_path / "missing.json.gz"))
   assert out.returncode == 1 and "error: " in out.stderr
   assert "missing.json.gz: no such file" in out.stderr
+  out = run(str(tmp_path))  # The profile folder: named as such, with the file in it.
+  assert out.returncode == 1 and f"{tmp_path}: is a folder; give the file in it" in out.stderr
   helped = run("--help")
   assert helped.returncode == 0 and helped.stdout.startswith("usage: trace_summary.py")
   assert "--depth" in helped.stdout and "launch/benchmark.py" in helped.stdout
