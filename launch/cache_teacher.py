@@ -17,6 +17,7 @@ one JSON line: the count, embedding width, teacher fingerprint and output path.
 """
 
 import json
+from pathlib import Path
 
 import common  # Puts the repository root on sys.path.
 from absl import flags
@@ -32,7 +33,10 @@ def main(argv):
   from medvqa_jax.losses import teacher as teacher_lib
   config = _CONFIG.value
   dc = config.data
-  splits_lib.check_kind(dc, "caption")
+  out = Path(_OUT.value)  # Refused before the embeddings are computed, not after.
+  if out.is_dir():
+    raise ValueError(f"--out={out}: is a folder; name the cache file to write (.npz)")
+  splits_lib.check_kind(dc, "caption", reader="launch/cache_teacher.py")
   splits_lib.ensure_built(dc)
   records = teacher_lib.dataset_records(dc.dir, dc.name, dc.train_split)
   teacher = teacher_lib.from_config(config)

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from pathlib import Path
 os.environ.setdefault("JAX_THREEFRY_GPU_KERNEL_LOWERING", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")  # gs://..., s3://...
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
@@ -130,8 +132,11 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
   """argv with its --config file found: a relative path that is not under the working folder
   is looked up in the repository, so that the commands run from any folder; a file found in
   neither is an error naming both places. (A script's default is found by config_file_flag.)"""
-  at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")),
-            None)
+  given = [i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")]
+  if len(given) > 1:  # absl took the last; only the first was looked up.
+    raise ValueError(f"--config is given {len(given)} times: give one (and --config.FIELD=VALUE "
+                     "for its fields)")
+  at = given[0] if given else None
   if at is None:  # The script's default: config_file_flag found it.
     return argv
   if argv[at] == "--config":
@@ -139,8 +144,12 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
       return argv  # No value: absl's parser says so.
     argv = argv[:at] + [f"--config={argv[at + 1]}"] + argv[at + 2:]
   spec = argv[at].split("=", 1)[1]
+  if _URL.match(spec):
+    raise ValueError(f"--config={spec}: paths are read as files, not URLs; copy the config "
+                     "file here, or mount the bucket (e.g. with gcsfuse) and give its local path")
   path, sep, arg = spec.partition(":")
   if Path(path).is_file():
+    _check_config_file(path)
     return argv
   found = ROOT / path
   if Path(path).is_absolute() or not found.is_file():
@@ -148,19 +157,39 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
     where = "" if Path(path).is_absolute() else \
         f" (looked in {' and in '.join(map(str, folders))})"
     raise FileNotFoundError(f"--config: no config file {path!r}{where}")
+  _check_config_file(found)
   return argv[:at] + [f"--config={found}{sep}{arg}"] + argv[at + 1:]
+
+
+def _check_config_file(path) -> None:
+  """Refuses a --config file that does not load as Python or defines no get_config (absl's
+  parser showed a traceback of the import)."""
+  try:
+    module = _load_module(path)
+  except Exception as e:
+    raise ValueError(f"--config={path}: not a config file that loads ({type(e).__name__}: "
+                     f"{e})") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise ValueError(f"--config={path}: defines no get_config(), which a config file must")
+
+
+def _load_module(path):
+  """The Python file at `path` (whatever its name ends with, as ml_collections reads a
+  --config) as a module."""
+  import importlib.machinery
+  import importlib.util
+  loader = importlib.machinery.SourceFileLoader("_config", str(path))
+  module = importlib.util.module_from_spec(importlib.util.spec_from_loader("_config", loader))
+  loader.exec_module(module)
+  return module
 
 
 def _config_module(path: str):
   """The config file at `path` as a module (None when it does not load)."""
-  import importlib.util
   try:
-    module_spec = importlib.util.spec_from_file_location("_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    return _load_module(path)
   except Exception:
     return None
-  return module
 
 
 def _check_config_arg(argv: list[str]) -> None:
@@ -183,20 +212,18 @@ def _check_config_arg(argv: list[str]) -> None:
 def _urls() -> list[str]:
   """The flags and config fields given a URL (gs://..., s3://...). Every path the commands
   read or write is a file path: a bucket must be mounted (e.g. with gcsfuse)."""
-  import re
   from absl import flags
-  url = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
   found = []
   for name in flags.FLAGS:
     flag = flags.FLAGS[name]
     if name.split(".")[0] in ("config", "coordinator_address") or not flag.present:
       continue
-    if isinstance(flag.value, str) and url.match(flag.value):
+    if isinstance(flag.value, str) and _URL.match(flag.value):
       found.append(f"--{name}={flag.value}")
   config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
   if config is not None:
     for field, value in _config_fields(config).items():
-      if isinstance(value, str) and url.match(value):
+      if isinstance(value, str) and _URL.match(value):
         found.append(f"--config.{field}={value}")
   return found
 

@@ -26,6 +26,7 @@ of the run's config must still be where the config says.
 
 import json
 import sys
+from pathlib import Path
 
 import common  # Puts the repository root on sys.path.
 from absl import flags
@@ -52,6 +53,9 @@ _JOIN = common.cluster_flags()
 
 def main(argv):
   del argv
+  if _OUT.value and Path(_OUT.value).exists() and not Path(_OUT.value).is_dir():
+    # Refused before the evaluation, not after it.
+    raise ValueError(f"--out={_OUT.value}: is a file; name the folder to write the metrics in")
   _JOIN()
   import jax
 

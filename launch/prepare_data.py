@@ -25,7 +25,8 @@ _SOURCE = flags.DEFINE_string("source_dir", None, "The dataset as downloaded.", 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where built datasets live.", required=True)
 _MAX_SIDE = flags.DEFINE_integer("max_side", 512, "Shrink images to this shorter side at build "
                                  "time (0: keep their size); 512 as the configs' data.max_side, "
-                                 "with which training builds a dataset it finds unbuilt.")
+                                 "with which training builds a dataset it finds unbuilt.",
+                                 lower_bound=0)
 _MAX_BAD = flags.DEFINE_float("max_bad_fraction", 0.01, "Fail if more records are bad.")
 _SPLITS = flags.DEFINE_list("splits", [], "Build only these splits (default: all found).")
 _LANGUAGE = flags.DEFINE_string("language", "en", "SLAKE: question language (q_lang).")

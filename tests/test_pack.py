@@ -44,6 +44,23 @@ def test_pack_copies_the_questions_and_shrinks_the_images(tmp_path):
     with Image.open(p) as img:
       assert img.format == "JPEG" and min(img.size) == 64
   assert not (tmp_path / "pack.partial").exists()
+  # An earlier pack is replaced; any other folder is refused and left as it was (it was
+  # replaced too, whatever it held), and so is a negative --max_side (every image 1 x 1).
+  (packed / "vqa_rad" / "stale.txt").write_text("from an earlier pack")
+  again = lambda out, *extra: subprocess.run(
+      [sys.executable, "benchmarks/pack.py", f"--out={out}", "--no_minilm", *extra], cwd=ROOT,
+      capture_output=True, text=True, timeout=600)
+  out = again(tmp_path / "pack", "--max_side=64")
+  assert out.returncode == 0 and not (packed / "vqa_rad" / "stale.txt").exists(), out.stderr
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "thesis.tex").write_text("mine")
+  out = again(mine)
+  assert out.returncode == 2 and "holds thesis.tex, not a pack (data/, minilm/)" in out.stderr
+  assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+  out = again(tmp_path / "new", "--max_side=-3")
+  assert out.returncode == 2 and "--max_side=-3: the shorter side" in out.stderr
+  assert not (tmp_path / "new").exists()
 
 
 def test_float16_minilm_loads_and_embeds_like_the_original(tmp_path, minilm_dir):

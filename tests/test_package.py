@@ -128,6 +128,12 @@ def test_train_names_the_missing_setting(tmp_path):
 def test_eval_and_predict_say_what_is_missing(tmp_path):
   out = _run("launch/eval.py", f"--checkpoint_dir={tmp_path / 'nothing'}")
   assert out.returncode != 0 and "no checkpoint" in out.stderr
+  # An --out that is a file: refused before restoring (a FileExistsError after evaluating).
+  (tmp_path / "notes.txt").write_text("mine")
+  out = _run("launch/eval.py", f"--checkpoint_dir={tmp_path / 'nothing'}",
+             f"--out={tmp_path / 'notes.txt'}")
+  assert out.returncode == 1 and f"--out={tmp_path / 'notes.txt'}: is a file" in out.stderr
+  assert (tmp_path / "notes.txt").read_text() == "mine"
   out = _run("launch/predict.py", f"--checkpoint_dir={tmp_path}", "--image=x.jpg", "--question=q")
   assert out.returncode != 0 and "--image=x.jpg: no such file" in out.stderr  # Before restoring.
   from medvqa_jax import ASSETS
@@ -318,19 +324,20 @@ def test_a_config_field_typo_is_named_with_the_nearest_fields():
 
 
 def test_the_projects_own_errors_are_printed_without_a_traceback():
-  """A bad config value (raised inside the model, under JAX's tracing) is reported as its
+  """A bad config value (raised while the model is built) is reported as its
   message and where it was raised, exit status 1; MEDVQA_TRACEBACK=1 brings the traceback
   back, and errors that are not the project's own keep theirs."""
   import os
   args = ("launch/count_params.py", "--config=configs/demo.py", "--config.model.head=bogus")
   out = _run(*args)
   assert out.returncode == 1 and "Traceback" not in out.stderr
-  assert out.stderr.startswith("error: unknown head 'bogus'; expected generative, classifier "
-                               "or none\n(raised at medvqa_jax/models/amif.py:")
+  assert out.stderr.startswith("error: --config.model.head='bogus': unknown head; expected "
+                               "generative, classifier or none\n(raised at "
+                               "medvqa_jax/models/amif.py:")
   full = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
                         cwd=ROOT, env={**os.environ, "MEDVQA_TRACEBACK": "1"})
   assert full.returncode == 1 and "Traceback" in full.stderr
-  assert "\nValueError: unknown head 'bogus'" in full.stderr
+  assert "\nValueError: --config.model.head='bogus': unknown head" in full.stderr
 
   sys.path.insert(0, str(ROOT / "launch"))
   try:
@@ -362,6 +369,10 @@ def test_urls_for_paths_are_refused_by_name():
                                "files, not URLs")
   out = _run("launch/eval.py", "--checkpoint_dir=s3://b/run")
   assert out.returncode == 2 and out.stderr.startswith("error: --checkpoint_dir=s3://b/run:")
+  # A config file's URL was read as FILE:ARG ("no config file 'gs'").
+  out = _run("launch/count_params.py", "--config=gs://b/demo.py")
+  assert out.returncode == 2 and out.stderr.startswith(
+      "error: --config=gs://b/demo.py: paths are read as files, not URLs"), out.stderr
 
 
 def test_commands_find_their_config_from_any_folder(tmp_path):
@@ -382,6 +393,18 @@ def test_commands_find_their_config_from_any_folder(tmp_path):
   assert missing.returncode == 2 and "Traceback" not in missing.stderr
   assert missing.stderr.startswith(f"error: --config: no config file 'configs/nope.py' "
                                    f"(looked in {tmp_path} and in {ROOT})")
+  # Given twice, only the first was looked up and absl took the second (a traceback when that
+  # was relative to the repository); a file that is no config was a traceback of its import.
+  twice = run("--config=configs/demo.py", "--config=configs/vqa_rad.py")
+  assert twice.returncode == 2 and twice.stderr.startswith(
+      "error: --config is given 2 times: give one"), twice.stderr[-2000:]
+  (tmp_path / "picture.jpg").write_bytes(b"\xff\xd8\xff\xe0 not python")
+  (tmp_path / "empty.py").write_text("X = 1\n")
+  for name, says in (("picture.jpg", "not a config file that loads (SyntaxError: "),
+                     ("empty.py", "defines no get_config(), which a config file must")):
+    bad = run(f"--config={name}")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert bad.stderr.startswith(f"error: --config={name}: {says}"), bad.stderr[-2000:]
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "launch").glob("*.py")

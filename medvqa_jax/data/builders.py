@@ -56,6 +56,8 @@ def encode_image(source, max_side: int | None, quality: int = 95) -> bytes:
   """RGB JPEG bytes of an image file or bytes, upright (turned by its EXIF orientation), its
   shorter side at most `max_side` (`SHRINK`). An upright RGB JPEG that needs no shrinking is
   kept byte for byte."""
+  if max_side is not None and max_side < 0:
+    raise ValueError(f"max_side={max_side}: the shorter side to shrink images to, 0 or more")
   try:
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     img = Image.open(io.BytesIO(data))
@@ -430,6 +432,12 @@ def build(name: str, source_dir, data_dir, **options) -> Path:
   same options; a build with other options is refused, not silently reused). One process
   builds at a time (a sweep's runs sharing data.dir): the others wait, then find it built."""
   kind(name)  # A known name.
+  max_side = options.get("max_side")
+  if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int)
+                               or max_side < 0):
+    # A negative side shrank every image to 1 x 1 pixels.
+    raise ValueError(f"max_side={max_side!r}: the shorter side images are shrunk to, a whole "
+                     "number of pixels (0 or None: kept as they are)")
   if not is_built(data_dir, name):
     # The folders this build makes around the dataset: removed again if it fails.
     root = Path(data_dir).absolute()

@@ -212,14 +212,20 @@ def slake(source_dir: Path, language: str = "en") -> dict:
   """SLAKE 1.0: train/validate/test.json, imgs/<img_name>; one language (q_lang)."""
   if (source_dir / "Slake1.0").is_dir():
     source_dir = source_dir / "Slake1.0"
-  out = {}
+  out, languages = {}, set()
   for split, name in (("train", "train.json"), ("validation", "validate.json"),
                       ("test", "test.json")):
     path = _need(source_dir / name, "SLAKE's train.json, validate.json and test.json")
-    out[split] = _records(path, _load_records(path), lambda r, where: _vqa(
+    rows = _load_records(path)
+    languages |= {str(r.get("q_lang")) for r in rows if isinstance(r, dict)}
+    out[split] = _records(path, rows, lambda r, where: _vqa(
         r["qid"], str(source_dir / "imgs" / _file_name(r, "img_name")), r["img_name"],
         r["question"], r["answer"], r.get("answer_type"), r.get("content_type"), where),
         keep=lambda r: not isinstance(r, dict) or r.get("q_lang") == language)
+  if languages and language not in languages:
+    raise ValueError(f"{source_dir}: no SLAKE question is in the language {language!r} "
+                     f"(--language, the records' q_lang); they are in "
+                     f"{', '.join(map(repr, sorted(languages)))}")
   return out
 
 

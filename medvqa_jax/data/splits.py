@@ -56,9 +56,10 @@ _KINDS = {"vqa": ("a VQA dataset", "fine-tuning (model.head is not 'none')"),
           "caption": ("a caption corpus", "pre-training (model.head is 'none')")}
 
 
-def check_kind(dc, kind: str) -> None:
+def check_kind(dc, kind: str, reader: str | None = None) -> None:
   """Refuses data.name when no builder has it or its dataset is not of `kind` ("vqa" or
-  "caption", `builders.kind`), naming the datasets that fit."""
+  "caption", `builders.kind`), naming the datasets that fit. reader: what reads the data, if
+  not the config's training (e.g. "launch/cache_teacher.py")."""
   name = _need(dc, "name")
   try:
     holds = builders.kind(name)
@@ -68,8 +69,9 @@ def check_kind(dc, kind: str) -> None:
     fits = ", ".join(n for n in sorted(builders.BUILDERS) if builders.kind(n) == kind)
     use = (f"fine-tune on it with configs/{name}.py" if holds == "vqa" else
            "pre-train on it with configs/pretrain_stage0.py or pretrain_stage1.py")
-    raise ValueError(f"--config.data.name={name} is {_KINDS[holds][0]}, but this config runs "
-                     f"{_KINDS[kind][1]}, which reads {_KINDS[kind][0]} ({fits}): {use}")
+    runs = f"{reader} reads" if reader else f"this config runs {_KINDS[kind][1]}, which reads"
+    raise ValueError(f"--config.data.name={name} is {_KINDS[holds][0]}, but {runs} "
+                     f"{_KINDS[kind][0]} ({fits}): {use}")
 
 
 def ensure_built(dc) -> None:

@@ -24,6 +24,7 @@ from medvqa_jax.models.fusion import CoAttentionFusion
 from medvqa_jax.models.gca import GatedCrossAttention
 
 TEXT, IMAGE = 0, 1  # Modality-type embedding rows.
+HEADS = ("generative", "classifier", "none")
 
 
 class Temperatures(nn.Module):
@@ -53,7 +54,7 @@ class AMiF(nn.Module):
   dropout: float = 0.0  # The fusion's hidden dropout (training only); the BERTs carry their own.
 
   def setup(self):
-    if self.head not in ("generative", "classifier", "none"):
+    if self.head not in HEADS:
       raise ValueError(f"unknown head {self.head!r}; expected generative, classifier or none")
     if self.head == "generative" and self.decoder is None:
       raise ValueError("the generative head needs a decoder")
@@ -312,6 +313,9 @@ def initializer(config, seed: int = 0):
   already sharded: XLA drops the initialisation of the parts that `loaded` replaces."""
   from medvqa_jax.models import towers
   mc = config.model
+  if mc.head not in HEADS:  # Named by its flag, before any checkpoint is read.
+    raise ValueError(f"--config.model.head={mc.head!r}: unknown head; expected "
+                     f"{', '.join(HEADS[:-1])} or {HEADS[-1]}")
   compute = compute_of(config)
   with state_dict.shared_reads():  # The towers and the decoder may share one checkpoint.
     image, image_params = towers.from_config(mc.image, seed=seed, abstract=True,

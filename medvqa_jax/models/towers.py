@@ -109,9 +109,12 @@ def from_config(cfg, seed: int = 0, abstract: bool = False, compute=None,
     raise ValueError(f"the {cfg.kind} tower loads a {cfg.source} checkpoint but no folder is "
                      f"set: pass --config.{where}.checkpoint=/path/to/folder")
   part = PART[KINDS[cfg.kind]]
-  module, params = load(part, cfg.source, cfg.checkpoint, dtype=cfg.dtype,
-                        fresh=tuple(cfg.get("fresh", ())), unused=tuple(cfg.get("unused", ())),
-                        seed=seed, **arch)
+  try:
+    module, params = load(part, cfg.source, cfg.checkpoint, dtype=cfg.dtype,
+                          fresh=tuple(cfg.get("fresh", ())), unused=tuple(cfg.get("unused", ())),
+                          seed=seed, **arch)
+  except FileNotFoundError as e:  # Named by the flag that sets the folder.
+    raise FileNotFoundError(f"--config.{where}.checkpoint={cfg.checkpoint}: {e}") from None
   if not isinstance(module, KINDS[cfg.kind]):
     raise ValueError(f"the {part} tower of a {cfg.source} checkpoint is a "
                      f"{type(module).__name__}, but the config says kind={cfg.kind!r}")

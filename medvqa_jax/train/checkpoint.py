@@ -26,6 +26,19 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 log = logging.getLogger(__name__)
 
+
+class _ReadOnlyNotices(logging.Filter):
+  """Drops the two warnings Orbax logs on opening a manager read-only, as evaluation and
+  prediction do on purpose (they cluttered each command's output)."""
+  NOTICES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno == logging.WARNING and isinstance(record.msg, str)
+                and record.msg.startswith(self.NOTICES))
+
+
+_READ_ONLY_NOTICES = _ReadOnlyNotices()
+
 TOKENIZER = "tokenizer"  # A run's copy of its tokenizer, in its work folder.
 
 
@@ -95,17 +108,23 @@ class Checkpoints:
     self.directory = Path(directory).absolute()
     self._best = _KeepBest()
     preservation = policies.AnyPreservationPolicy([policies.LatestN(n=max(keep, 1)), self._best])
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=preservation, create=not read_only, read_only=read_only,
-        cleanup_tmp_directories=not read_only, enable_async_checkpointing=True)
     if read_only and not self.directory.is_dir():
       raise FileNotFoundError(f"no checkpoint folder {self.directory}")
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     for item, args in (("state", ocp.args.PyTreeSave), ("state", ocp.args.PyTreeRestore),
                        ("run", ocp.args.JsonSave), ("run", ocp.args.JsonRestore)):
       registry.add(item, args)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         handler_registry=registry)
+    absl_log = logging.getLogger("absl")  # Orbax logs through absl.
+    if read_only:
+      absl_log.addFilter(_READ_ONLY_NOTICES)
+    try:
+      options = ocp.CheckpointManagerOptions(
+          preservation_policy=preservation, create=not read_only, read_only=read_only,
+          cleanup_tmp_directories=not read_only, enable_async_checkpointing=True)
+      self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                           handler_registry=registry)
+    finally:
+      absl_log.removeFilter(_READ_ONLY_NOTICES)
     if not read_only:  # The best step saved so far, kept by the saves to come.
       scan = self._scan()
       self._best.step, self._best.value, self._best.unread = scan.step, scan.value, scan.unread

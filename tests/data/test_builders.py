@@ -328,6 +328,13 @@ def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path):
   assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
   ex = builders.load(out, "vqa_rad", "train")[0]
   assert ex["image"].shape == (16, 21, 3)  # 40 x 30: the shorter side shrunk to 16.
+  # A negative side built every image at 1 x 1 pixels; refused before anything is made.
+  for bad in (-5, 2.5):
+    with pytest.raises(ValueError, match=rf"max_side={bad}: the shorter side"):
+      builders.build("vqa_rad", src, tmp_path / "negative", max_side=bad)
+  assert not (tmp_path / "negative").exists()
+  with pytest.raises(ValueError, match=r"max_side=-1: the shorter side"):
+    builders.encode_image(b"", -1)
   # A copy of the source elsewhere is the same source; a changed one is refused (it was
   # silently served from the old build).
   import shutil

@@ -47,6 +47,11 @@ def test_slake_english():
   assert {r["answer_type"] for r in _good(out["test"])} == {"OPEN", "CLOSED"}
   assert all(r["question_type"] for r in _good(out["train"]))
   assert len(_good(sources.slake(DATA / "slake", language="zh")["train"])) == 9835 - 4919
+  # A language the files do not hold was "no records found in ..." from the build.
+  with pytest.raises(ValueError, match=r"no SLAKE question is in the language 'fr' "
+                                       r"\(--language, the records' q_lang\); they are in "
+                                       r"'en', 'zh'"):
+    sources.slake(DATA / "slake", language="fr")
   images = lambda s: {r["image_id"] for r in _good(out[s])}
   assert not images("train") & images("test")  # SLAKE's splits have disjoint images.
 

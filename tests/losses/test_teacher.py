@@ -74,8 +74,16 @@ def test_the_cache_command_embeds_the_built_dataset_as_training_reads_it(corpus,
   unbuilt = _run_cache(tmp_path / "nothing", out, "--config.data.source_dir=")
   assert unbuilt.returncode != 0 and "prepare_data.py --dataset=captions_jsonl" in unbuilt.stderr
   vqa = _run_cache(tmp_path / "tfds", out, "--config.data.name=vqa_rad")
-  assert vqa.returncode != 0 and "is a VQA dataset" in vqa.stderr
+  # The command reads a caption corpus (it said "this config runs pre-training" of any config).
+  assert vqa.returncode != 0 and ("is a VQA dataset, but launch/cache_teacher.py reads a "
+                                  "caption corpus") in vqa.stderr, vqa.stderr[-2000:]
   assert not out.exists() and not list(tmp_path.glob(".cache.npz.tmp*"))
+  # A folder as --out: refused before the embeddings are computed (it failed after them).
+  folder = tmp_path / "a_folder"
+  folder.mkdir()
+  taken = _run_cache(tmp_path / "tfds", folder)
+  assert taken.returncode == 1 and f"--out={folder}: is a folder" in taken.stderr
+  assert not list(folder.iterdir())
 
 
 def test_cache_command_and_checks(built, demo_config, tmp_path):

@@ -101,6 +101,11 @@ def test_kind_mismatch_and_missing_checkpoint_are_reported(hf_bert):
     towers.from_config(cfg)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     towers.load("text", "hf_bert", "/nonexistent/bert")
+  # From a config, the folder is named by its flag (embed.py said "no weights in ..." alone).
+  cfg.checkpoint = "/nonexistent/bert"
+  with pytest.raises(FileNotFoundError, match=r"^--config.model.text.checkpoint=/nonexistent/bert: "
+                                              r"checkpoint folder /nonexistent/bert does not"):
+    towers.from_config(cfg, where="model.text")
 
 
 def test_pytorch_pickle_without_torch_says_so(hf_bert_pretraining):
