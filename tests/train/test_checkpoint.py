@@ -46,6 +46,17 @@ def test_intact_steps_restore(folder):
   assert run["step"] == 6 and ckpts.best_step() == 4
 
 
+def test_opening_read_only_says_nothing_of_it(folder, caplog):
+  # Orbax warns that a read-only manager saves nothing and that its folder is read-only: two
+  # lines on every eval.py and predict.py, which open it so on purpose. Other warnings pass.
+  import logging
+  with caplog.at_level("WARNING"):
+    ckpt_lib.Checkpoints(folder, read_only=True).close()
+    logging.getLogger("absl").warning("Given directory is read only, said after")
+  assert "read_only=True" not in caplog.text
+  assert caplog.text.count("Given directory is read only") == 1  # Only the line after.
+
+
 def test_damaged_state_names_the_step_and_what_to_do(folder):
   victim = largest_file(folder / "6" / "state")
   victim.write_bytes(victim.read_bytes()[:10])
