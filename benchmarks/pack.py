@@ -78,7 +78,8 @@ def pack_minilm(src: Path, out: Path):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", required=True, type=Path, help="folder to write (a new one, or an earlier pack: replaced)")
+  parser.add_argument("--out", required=True, type=Path,
+                      help="folder to write (a new one, or an earlier pack: replaced)")
   parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data",
                       help="the folder holding vqa_rad/ and slake/ (default: ../shared/data)")
   parser.add_argument("--max_side", type=int, default=224,

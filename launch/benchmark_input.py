@@ -5,10 +5,9 @@ r"""Input-pipeline throughput: decoded + augmented images per second, per worker
 
 Builds the dataset into --data_dir first if it is not there (from --source_dir, its images
 shrunk to --max_side as training builds them; a build that is there is read as it is), then
-times
---batches batches (at least 4 per worker) of --batch_size at --image_size (288 by default,
-the paper's) with the --augmentation, for each worker count, after 4 untimed batches per
-worker (at least 1: the batches made while the workers started). Prints one JSON line. A VQA
+times --batches batches (at least 4 per worker) of --batch_size at --image_size (288 by
+default, the paper's) with the --augmentation, for each worker count, after 4 untimed batches
+per worker (at least 1: the batches made while the workers started). Prints one JSON line. A VQA
 dataset gives the fine-tuning batches (fine-tuning augmentation by default); a caption corpus
 (roco, medicat, mimic_cxr, captions_jsonl) gives the pre-training batches, two views per
 example, both counted as images (pre-training augmentation by default). --augmentation=test

@@ -16,6 +16,7 @@ import hashlib
 import inspect
 import io
 import logging
+import numbers
 import os
 import shutil
 from collections import Counter
@@ -433,8 +434,8 @@ def build(name: str, source_dir, data_dir, **options) -> Path:
   builds at a time (a sweep's runs sharing data.dir): the others wait, then find it built."""
   kind(name)  # A known name.
   max_side = options.get("max_side")
-  if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int)
-                               or max_side < 0):
+  if max_side is not None and (isinstance(max_side, bool)
+                               or not isinstance(max_side, numbers.Integral) or max_side < 0):
     # A negative side shrank every image to 1 x 1 pixels.
     raise ValueError(f"max_side={max_side!r}: the shorter side images are shrunk to, a whole "
                      "number of pixels (0 or None: kept as they are)")
