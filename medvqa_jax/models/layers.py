@@ -5,10 +5,11 @@ every submodule is named explicitly. Parameters are float32; `dtype` is the comp
 
 `Compute` says *how* the stacks compute (attention kernel, scanned layers, rematerialisation),
 never *what*: every setting gives the same outputs up to rounding and the same parameter tree,
-so checkpoints move freely between settings. (Except in a query row whose keys are all masked:
-its output is a mean of values it must not read, over another count of them on each kernel.
-The model's inputs hold none: every text has its [CLS], and an empty answer prior is refused.) With dropout on (training), scanned and
+so checkpoints move freely between settings. With dropout on (training), scanned and
 rematerialised stacks draw their masks from other keys: the same distribution, other draws.
+One exception: a query row whose keys are all masked gets a mean of values it must not read,
+over another count of them on each kernel. The model's inputs hold none: every text has its
+[CLS], and an empty answer prior is refused.
 """
 
 from __future__ import annotations
