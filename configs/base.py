@@ -50,6 +50,14 @@ def get_config(arg=None):
       raise ValueError(f"tower preset {choice[part]!r} has no {part} tower")
   if "image" not in teacher or "text" not in teacher:
     raise ValueError(f"teacher preset {choice['teacher']!r} needs an image and a text tower")
+  # The teacher is its checkpoint's model whole, at its own resolution: a preset's cuts are
+  # the student's (clip_vit_b16 keeps 11 of CLIP's 12 blocks at 288 px), and a teacher so cut
+  # gave other embeddings than CLIP's. A tower from scratch keeps the preset's shape.
+  for part in ("image", "text"):
+    if teacher[part].source != "init":
+      for field in ("depth", "image_size"):
+        if field in teacher[part].arch:
+          teacher[part].arch[field] = None
   config = ml_collections.ConfigDict(dict(
       seed=0,
       model=dict(

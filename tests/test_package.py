@@ -282,12 +282,26 @@ class TestConfigs:
     clip = importlib.import_module(f"configs.pretrain_stage{stage}").get_config(
         "image=clip_vit_b16,text=clip_vit_b16,teacher=clip_vit_b16")
     assert clip.model.text.max_len == 77 and clip.teacher.text.max_len == 77
+    # The student's CLIP is cut (11 blocks, 288 px); the teacher is CLIP whole, at its own
+    # size (it took the student's cut).
+    assert (clip.model.image.arch.depth, clip.model.image.arch.image_size) == (11, 288)
+    assert (clip.teacher.image.arch.depth, clip.teacher.image.arch.image_size) == (None, None)
     amif.create(tiny, abstract=True)  # Was: sequence length 120 exceeds max_positions 64.
     assert from_config(tiny.model.text).vocab_size == 30522  # The bundled vocabulary.
     # A random teacher has no checkpoint scale: CLIP's initial one (was an error asking for
     # --config.teacher.logit_scale).
     from medvqa_jax.losses import teacher as teacher_lib
     assert teacher_lib.from_config(tiny).logit_scale == pytest.approx(1 / 0.07)
+
+  def test_a_clip_teacher_is_the_checkpoint_whole(self, hf_clip):
+    """The teacher preset clip_vit_b16 loads the whole CLIP at its own size: with the
+    student's cut it kept 11 blocks (here: refused, the checkpoint has 3) at 288 px."""
+    from medvqa_jax.models import towers
+    _, folder = hf_clip
+    config = self.base.get_config("image=clip_vit_b16,text=clip_vit_b16,teacher=clip_vit_b16")
+    config.teacher.image.checkpoint = str(folder)
+    module, _ = towers.from_config(config.teacher.image, where="teacher.image")
+    assert (module.depth, module.image_size) == (3, 32)  # The checkpoint's own.
 
   def test_demo_config_builds_its_towers(self):
     from medvqa_jax.data.tokenizer import from_config
