@@ -82,8 +82,8 @@ def answer_prior(answers, tokenizer, max_tokens: int,
   kept once, at most `max_tokens` (a cap that leaves word pieces out is logged as a warning,
   naming how many answers lose some). P is their count padded up to a multiple of `multiple`
   (at most `max_tokens`): the prior costs what the answer set needs, in a few fixed shapes.
-  `tokenizer` is a transformers tokenizer. Pass the train-split answers: the prior must never
-  see test answers.
+  `tokenizer` is a transformers tokenizer. Pass the training (+ validation) answers, as
+  `splits.answer_set` gives them: the prior must never see test answers.
   """
   ids, seen, pieces = [], set(), []
   for answer in answers:
