@@ -41,7 +41,7 @@ printf -v CMD '%q ' "$@"
 # On a worker: the command in the background, writing to the log (exec keeps its id), the
 # log followed until it ends (tail dies with the session, the command does not), and the
 # command's exit status returned.
-WORKER="cd $REPO || exit 1; export MEDVQA_DISTRIBUTED=1; : > $LOG; (exec $CMD) >> $LOG 2>&1 \
+WORKER="cd \"$REPO\" || exit 1; export MEDVQA_DISTRIBUTED=1; : > $LOG; (exec $CMD) >> $LOG 2>&1 \
 < /dev/null & p=\$!; echo \$p > $PIDFILE; tail -n +1 -f --pid=\$p $LOG & wait \$p; s=\$?; wait; \
 exit \$s"
 # gcloud runs in the background, so that a signal to this script is handled at once (bash

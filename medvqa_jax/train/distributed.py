@@ -5,7 +5,8 @@ JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID) win. Otherwise JAX
 cluster itself under SLURM (`srun`), under Open MPI up to version 4 (`mpirun`) and on a TPU
 VM pod slice (every worker runs the same command; `launch/tpu_pod.sh` sets
 MEDVQA_DISTRIBUTED=1, since a TPU VM's environment need not show that it is part of a slice).
-MEDVQA_DISTRIBUTED=1 asks for the same detection anywhere else. Other launchers (Open MPI 5,
+MEDVQA_DISTRIBUTED=1 asks for the same detection anywhere else (under a launcher that counts
+one process it joins nothing). Other launchers (Open MPI 5,
 MPICH, Intel MPI, Cray PALS, torchrun) need --coordinator_address; the process count and
 index are then read from their variables. A single process on one machine needs nothing; a
 process count or index with no way to join is refused.
@@ -103,6 +104,13 @@ def _auto_cluster(launchers: list[_Launcher], explicit: bool = False) -> str | N
   if "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return "TPU pod slice"
   if env.get("MEDVQA_DISTRIBUTED", "") not in ("", "0"):
+    # A launcher that counts one process (srun with one task, mpirun -np 1): nothing to join.
+    # Asked to join, JAX would detect the launcher and keep the process to one GPU.
+    single = [name for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE",
+                                "WORLD_SIZE") if _int(name) == 1]
+    if single:
+      log.info("MEDVQA_DISTRIBUTED is set, but %s=1: one process, nothing to join", single[0])
+      return None
     return "MEDVQA_DISTRIBUTED"
   return None
 

@@ -54,6 +54,19 @@ def test_single_process_joins_nothing(calls):
   assert calls == []
 
 
+@pytest.mark.parametrize("count", ["SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "WORLD_SIZE"])
+def test_a_join_asked_of_one_process_joins_nothing(calls, monkeypatch, count):
+  """MEDVQA_DISTRIBUTED=1 under a launcher of one process (srun with one task, mpirun -np 1):
+  JAX's detection kept the process to the GPU of its local rank, one of the node's."""
+  monkeypatch.setenv("MEDVQA_DISTRIBUTED", "1")
+  monkeypatch.setenv(count, "1")
+  for name, value in (("SLURM_JOB_ID", "7"), ("SLURM_STEP_NODELIST", "n1"),
+                      ("SLURM_PROCID", "0"), ("SLURM_LOCALID", "0")):
+    monkeypatch.setenv(name, value)
+  distributed.initialize()
+  assert calls == []
+
+
 def test_slurm_one_task_per_node_keeps_every_gpu(calls, monkeypatch):
   slurm(monkeypatch, tasks=4, nodes=4)
   distributed.initialize()
@@ -309,10 +322,11 @@ def test_cluster_launchers_pass_the_command_through(tmp_path):
   # tpu_pod.sh: every worker, in the repository, with the join asked for; arguments quoted.
   out, args = _launcher("tpu_pod.sh", tmp_path, "gcloud", "python", "launch/train.py",
                         "--config=configs/pathvqa.py", "--config.name=a b", TPU="pod",
-                        ZONE="z1", REPO="/r")
+                        ZONE="z1", REPO="/r a")
   assert out.returncode == 0, out.stderr
   assert args[:-1] == ["compute", "tpus", "tpu-vm", "ssh", "pod", "--zone=z1", "--worker=all"]
-  assert args[-1].startswith("--command=cd /r || exit 1; export MEDVQA_DISTRIBUTED=1; ")
+  # The folder quoted (a space in it was "cd: too many arguments" on every worker).
+  assert args[-1].startswith('--command=cd "/r a" || exit 1; export MEDVQA_DISTRIBUTED=1; ')
   assert ("(exec python launch/train.py --config=configs/pathvqa.py --config.name=a\\ b ) "
           ">> ${TMPDIR:-/tmp}/medvqa-jax-tpu-pod.log") in args[-1]
   (tmp_path / "args").unlink()
