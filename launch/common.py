@@ -131,7 +131,8 @@ def _bad_override(error: Exception, default: str | None = None) -> str | None:
 def _resolve_config_path(argv: list[str]) -> list[str]:
   """argv with its --config file found: a relative path that is not under the working folder
   is looked up in the repository, so that the commands run from any folder; a file found in
-  neither is an error naming both places. (A script's default is found by config_file_flag.)"""
+  neither is an error naming both places; the file found is checked (`_check_config_file`).
+  (A script's default is found by config_file_flag.)"""
   given = [i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")]
   if len(given) > 1:  # absl took the last; only the first was looked up.
     raise ValueError(f"--config is given {len(given)} times: give one (and --config.FIELD=VALUE "
@@ -149,7 +150,7 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
                      "file here, or mount the bucket (e.g. with gcsfuse) and give its local path")
   path, sep, arg = spec.partition(":")
   if Path(path).is_file():
-    _check_config_file(path)
+    _check_config_file(path, arg, spec)
     return argv
   found = ROOT / path
   if Path(path).is_absolute() or not found.is_file():
@@ -157,13 +158,15 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
     where = "" if Path(path).is_absolute() else \
         f" (looked in {' and in '.join(map(str, folders))})"
     raise FileNotFoundError(f"--config: no config file {path!r}{where}")
-  _check_config_file(found)
+  _check_config_file(found, arg, spec)
   return argv[:at] + [f"--config={found}{sep}{arg}"] + argv[at + 1:]
 
 
-def _check_config_file(path) -> None:
+def _check_config_file(path, arg: str, spec: str) -> None:
   """Refuses a --config file that does not load as Python or defines no get_config (absl's
-  parser showed a traceback of the import)."""
+  parser showed a traceback of the import), and a --config=FILE:ARG whose ARG its get_config
+  refuses (an unknown tower preset, a misspelt key), with its message (absl reported it as a
+  FATAL flag-parsing error with a traceback). spec: the --config value as given."""
   try:
     module = _load_module(path)
   except Exception as e:
@@ -171,6 +174,11 @@ def _check_config_file(path) -> None:
                      f"{e})") from None
   if not callable(getattr(module, "get_config", None)):
     raise ValueError(f"--config={path}: defines no get_config(), which a config file must")
+  if arg:
+    try:
+      module.get_config(arg)
+    except ValueError as e:
+      raise ValueError(f"--config={spec}: {e}") from None
 
 
 def _load_module(path):
@@ -190,23 +198,6 @@ def _config_module(path: str):
     return _load_module(path)
   except Exception:
     return None
-
-
-def _check_config_arg(argv: list[str]) -> None:
-  """Refuses a --config=FILE:ARG whose ARG the config's get_config refuses (an unknown tower
-  preset, a misspelt key), with its message: absl reports it as a FATAL flag-parsing error
-  with a traceback."""
-  spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
-  path, _, arg = spec.partition(":")
-  if not arg or not Path(path).is_file():
-    return
-  module = _config_module(path)
-  if module is None:  # The file itself is broken: absl's own error says more.
-    return
-  try:
-    module.get_config(arg)
-  except ValueError as e:
-    raise ValueError(f"--config={spec}: {e}") from None
 
 
 def _urls() -> list[str]:
@@ -269,7 +260,6 @@ def run(main):
   _own_flags_in_help()
   try:
     sys.argv = _resolve_config_path(sys.argv)
-    _check_config_arg(sys.argv)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

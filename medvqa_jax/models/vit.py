@@ -102,18 +102,17 @@ class VisionTransformer(nn.Module):
     return out
 
 
-def _cubic_weights_at(x, a: float, near: bool):
-  """The Keys cubic convolution kernel at distances x: |x| <= 1 (near) or 1 < |x| < 2."""
-  if near:
-    return ((a + 2) * x - (a + 3)) * x * x + 1
-  return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+def _keys(x, a: float):
+  """The Keys cubic convolution kernel at x (0 from |x| = 2 on)."""
+  x = np.abs(x)
+  near = ((a + 2) * x - (a + 3)) * x * x + 1
+  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.where(x < 1, near, np.where(x < 2, far, 0.0))
 
 
 def _cubic_weights(t, a=-0.75):
   """Keys cubic convolution weights for offsets -1, 0, 1, 2 (a = -0.75 as in PyTorch)."""
-  near = lambda x: _cubic_weights_at(x, a, near=True)
-  far = lambda x: _cubic_weights_at(x, a, near=False)
-  return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+  return np.stack([_keys(t + 1, a), _keys(t, a), _keys(1 - t, a), _keys(2 - t, a)], axis=-1)
 
 
 def bicubic_matrix(n_in: int, n_out: int, antialias: bool = False) -> np.ndarray:
@@ -133,9 +132,7 @@ def bicubic_matrix(n_in: int, n_out: int, antialias: bool = False) -> np.ndarray
       centre = scale * (i + 0.5)
       lo = max(int(centre - support + 0.5), 0)
       hi = min(int(centre + support + 0.5), n_in)
-      x = np.abs((np.arange(lo, hi) - centre + 0.5) * inv)
-      w = np.where(x < 1, _cubic_weights_at(x, -0.5, near=True),
-                   np.where(x < 2, _cubic_weights_at(x, -0.5, near=False), 0.0))
+      w = _keys((np.arange(lo, hi) - centre + 0.5) * inv, -0.5)
       if w.sum() != 0:
         m[i, lo:hi] = w / w.sum()
     return m

@@ -6,9 +6,9 @@ cluster itself under SLURM (`srun`), under Open MPI up to version 4 (`mpirun`) a
 VM pod slice (every worker runs the same command; `launch/tpu_pod.sh` sets
 MEDVQA_DISTRIBUTED=1, since a TPU VM's environment need not show that it is part of a slice).
 MEDVQA_DISTRIBUTED=1 asks for the same detection anywhere else (under a launcher that counts
-one process it joins nothing). Other launchers (Open MPI 5,
-MPICH, Intel MPI, Cray PALS, torchrun) need --coordinator_address; the process count and
-index are then read from their variables. A single process on one machine needs nothing; a
+one process it joins nothing). Other launchers (Open MPI 5, MPICH, Intel MPI, Cray PALS,
+torchrun) need --coordinator_address; the process count and index are then read from their
+variables. A single process on one machine needs nothing; a
 process count or index with no way to join is refused.
 
 One process per host drives all of that host's GPUs. JAX's cluster detection assumes one

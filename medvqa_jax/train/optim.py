@@ -24,13 +24,6 @@ import optax
 from medvqa_jax.models.state_dict import flatten, unflatten
 
 
-def lr_multiplier(path: str, rules) -> float:
-  for pattern, mult in rules:
-    if re.fullmatch(pattern, path):
-      return float(mult)
-  return 1.0
-
-
 def _first_rule(path: str, rules) -> int | None:
   return next((i for i, (pattern, _) in enumerate(rules) if re.fullmatch(pattern, path)), None)
 
@@ -55,12 +48,12 @@ def param_labels(params, rules):
   if shadowed:
     raise ValueError(f"optim.lr_mults: {'; '.join(shadowed)} (the first rule that matches a "
                      "path applies: put the narrower rule first)")
-  label = lambda path: ("frozen" if (m := lr_multiplier(path, rules)) == 0 else f"lr_x{m:g}")
-  labels = {p: label(p) for p in paths}
+  mult = {p: 1.0 if i is None else float(rules[i][1]) for p, i in first.items()}
+  labels = {p: "frozen" if m == 0 else f"lr_x{m:g}" for p, m in mult.items()}
   # The optimizer groups parameters by label: multipliers that print alike would train at one.
   by_label = {}
-  for p in paths:
-    by_label.setdefault(labels[p], set()).add(lr_multiplier(p, rules))
+  for p, label in labels.items():
+    by_label.setdefault(label, set()).add(mult[p])
   alike = sorted(sorted(m) for m in by_label.values() if len(m) > 1)
   if alike:
     raise ValueError(f"optim.lr_mults: the multipliers {alike[0]} differ only past 6 "
@@ -75,9 +68,9 @@ def frozen_mask(cfg, params):
 
 def schedule(cfg):
   """Linear warm-up from 0 over warmup_fraction of total_steps (at least one step, and one
-  above 0 when the run has two or more), then cosine decay to 0; without warm-up (0), cosine decay from optim.lr. Step s
-  (1-based) takes the rate at count s - 1, as Hugging Face's schedulers give it: a warm-up's
-  first step moves nothing but Adam's moments."""
+  above 0 when the run has two or more), then cosine decay to 0; without warm-up (0), cosine
+  decay from optim.lr. Step s (1-based) takes the rate at count s - 1, as Hugging Face's
+  schedulers give it: a warm-up's first step moves nothing but Adam's moments."""
   if not cfg.total_steps or cfg.total_steps < 1:
     raise ValueError(f"the run has {cfg.total_steps} steps: set --config.optim.total_steps to "
                      "1 or more (or --config.train.epochs, where the config counts in epochs)")

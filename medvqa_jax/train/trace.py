@@ -268,7 +268,8 @@ def summarize(path: str, steps: int = 1, depth: int = 1, top: int = 15,
 
 def format_summary(s: dict) -> str:
   out = [f"{s['trace']}: device busy {s['busy_ms']:.2f} ms per step over {s['steps']} "
-         f"step(s) (per device, of {s.get('devices', 1)}), lines read: {', '.join(s['lines'])}; "
+         f"step(s) (per device, of {s.get('devices', 1)}), "
+         f"lines read: {', '.join(s['lines'])}; "
          f"{100 * s.get('named_share', 0):.1f}% of it named by JAX op; "
          f"event arguments: {', '.join(s.get('arg_keys', [])) or 'none'}"]
   for title, key in (("kind of work", "by_kind"), ("model part (JAX name scope)", "by_scope"),
