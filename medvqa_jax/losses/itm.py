@@ -11,10 +11,12 @@ are global: the arrays are the global batch, whatever the device layout. The sam
 are scored by the model with the negative's own tokens and attention mask.
 
 The pairs are segments (`hard_negative_pairs`): each a (text_idx, image_idx) pair of index
-arrays, None standing for the batch's own examples in order. The model then gathers only the
-side that was drawn: under data parallelism a gather from the global batch moves the whole
-batch's tokens to every device, and the image side of the negative texts' pairs, the images
-themselves, needs none.
+arrays, one entry per example, None standing for the batch's own examples in order. The model
+then gathers only the side that was drawn: under data parallelism a gather from the global
+batch moves the whole batch's tokens to every device, and the image side of the negative
+texts' pairs, the images themselves, needs none. It gathers the towers' outputs (frozen in
+stage 1: nothing to send back) and fuses each example's pairs on the device that holds it
+(`AMiF.pretrain`).
 """
 
 from __future__ import annotations

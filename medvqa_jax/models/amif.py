@@ -81,15 +81,21 @@ class AMiF(nn.Module):
 
   def encode_image(self, images):
     out = self.image(images)
-    tokens = self.image_proj(out["tokens"]) + self.type_embed(jnp.array(IMAGE))
-    return {"tokens": tokens, "mask": jnp.ones(tokens.shape[:2], jnp.int32),
-            "embed": layers.l2_normalize(self.image_proj(out["pooled"]))}
+    return {**self.fusion_input(IMAGE, out["tokens"]),
+            "embed": layers.l2_normalize(self.image_proj(out["pooled"])), "tower": out}
 
   def encode_text(self, input_ids, attention_mask):
     out = self.text(input_ids, attention_mask)
-    tokens = self.text_proj(out["tokens"]) + self.type_embed(jnp.array(TEXT))
-    return {"tokens": tokens, "mask": attention_mask,
-            "embed": layers.l2_normalize(self.text_proj(out["pooled"]))}
+    return {**self.fusion_input(TEXT, out["tokens"], attention_mask),
+            "embed": layers.l2_normalize(self.text_proj(out["pooled"])),
+            "tower": {**out, "mask": attention_mask}}
+
+  def fusion_input(self, kind, tokens, mask=None):
+    """A tower's tokens projected, with the modality-type embedding: fusion's input."""
+    proj = self.image_proj if kind == IMAGE else self.text_proj
+    tokens = proj(tokens) + self.type_embed(jnp.array(kind))
+    return {"tokens": tokens,
+            "mask": jnp.ones(tokens.shape[:2], jnp.int32) if mask is None else mask}
 
   def word_embeddings(self, ids):
     """The text tower's input embedding table (no positions) looked up at `ids`; the text
@@ -114,11 +120,18 @@ class AMiF(nn.Module):
     tokens of the matched pairs with their masks and ITM logits.
 
     pairs: extra pairs to score for ITM, as segments: a list of (text_idx, image_idx), each
-      an int array (P,) or None for the batch's own examples in order (`itm.pair_indices`
-      gives the flat arrays); or a function of the outputs so far returning them (hard
-      negatives are sampled from the embeddings of the same forward pass). Only the indexed
-      sides are gathered. Each text keeps its own attention mask. The matched and extra pairs
-      go through fusion as one batch.
+      an int array (B,) or None for the batch's own examples in order (`itm.pair_indices`
+      gives the flat arrays), so that every segment pairs one text and one image with each
+      example of the batch; or a function of the outputs so far returning them (hard
+      negatives are sampled from the embeddings of the same forward pass). Each text keeps
+      its own attention mask.
+
+    The matched and extra pairs go through fusion as one batch laid out by example (row
+    b * S + s: segment s of example b, segment 0 the matched pair), so that under data
+    parallelism each device fuses the pairs of its own examples: a segment's rows stay where
+    the batch's are, and no fused activation moves between devices. An indexed side is
+    gathered from the towers' outputs, before the projection: with a frozen tower (stage 1)
+    the gather has no gradient to send back. Only the indexed sides are gathered.
     """
     image, text = self.encode_image(images), self.encode_text(input_ids, attention_mask)
     out = {"image_embed": image["embed"], "text_embed": text["embed"],
@@ -133,20 +146,34 @@ class AMiF(nn.Module):
     if callable(pairs):
       pairs = pairs(out)
     b = images.shape[0]
-    if pairs is not None:
-      # A gather from the global batch moves all of it to every device: none where a side
-      # is the batch itself.
-      side = lambda d, idx: d if idx is None else {k: jnp.take(v, idx, axis=0)
-                                                   for k, v in d.items()}
-      joined = lambda d, parts: {k: jnp.concatenate([d[k]] + [p[k] for p in parts]) for k in d}
-      text, image = (joined(text, [side(text, t) for t, _ in pairs]),
-                     joined(image, [side(image, i) for _, i in pairs]))
-    fused = self.fuse(text, image)
-    logits = self.itm_logits(fused)
-    out.update(fused_text=fused["text"][:b], fused_image=fused["image"][:b],
-               text_mask=text["mask"][:b], image_mask=image["mask"][:b], itm_logits=logits[:b])
-    if pairs is not None:
-      out["pair_itm_logits"] = logits[b:]
+    pairs = pairs or []
+    for n, segment in enumerate(pairs):
+      for idx in segment:
+        if idx is not None and tuple(idx.shape) != (b,):
+          raise ValueError(f"pairs segment {n} holds indices of shape {tuple(idx.shape)}; "
+                           f"each segment pairs the {b} examples of the batch: ({b},)")
+
+    def side(kind, enc, idx):  # A segment's side, fusion's input: the batch's, or gathered.
+      if idx is None:
+        return {"tokens": enc["tokens"], "mask": enc["mask"]}
+      take = lambda x: jnp.take(x, idx, axis=0)
+      return self.fusion_input(kind, take(enc["tower"]["tokens"]),
+                               None if kind == IMAGE else take(enc["tower"]["mask"]))
+
+    def by_example(kind, enc, indices):  # Segments of (B, ...) -> (B * S, ...), row b*S + s.
+      parts = [side(kind, enc, idx) for idx in [None] + indices]
+      return {k: jnp.stack([p[k] for p in parts], axis=1).reshape((-1,) + parts[0][k].shape[1:])
+              for k in parts[0]}
+
+    s = len(pairs) + 1
+    fused = self.fuse(by_example(TEXT, text, [t for t, _ in pairs]),
+                      by_example(IMAGE, image, [i for _, i in pairs]))
+    first = lambda x: x.reshape((b, s) + x.shape[1:])[:, 0]
+    logits = self.itm_logits(fused).reshape(b, s, 2)
+    out.update(fused_text=first(fused["text"]), fused_image=first(fused["image"]),
+               text_mask=text["mask"], image_mask=image["mask"], itm_logits=logits[:, 0])
+    if pairs:  # In the segments' order.
+      out["pair_itm_logits"] = jnp.swapaxes(logits[:, 1:], 0, 1).reshape(-1, 2)
     return out
 
   # ---- VQA --------------------------------------------------------------------------------

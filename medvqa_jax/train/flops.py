@@ -78,6 +78,8 @@ def train_step(model, config, batch_size: int, params_shapes, teacher_dim: int =
     fwd["text"] = (tower(model.text, lt), trained("text"))
     # Projections of the pooled features, and of every token when they are fused.
     proj = views * 2 * wi * d + 2 * wt * d + (2 * (li * wi + lt * wt) * d if fused else 0)
+    if on("itm"):  # The negatives' tokens: taken from the towers' outputs, projected again.
+      proj += 2 * lt * wt * d + (2 * li * wi * d if config.losses.itm.negative_images else 0)
     teacher = config.teacher.mode != "none"
     # Similarity matrices of the global batch: image-text, the two views, and (with a
     # teacher) text-text; the teacher's own matrices are forward only.

@@ -272,6 +272,32 @@ SHARDED = textwrap.dedent("""
       np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g1)[0], jax.tree.leaves(g8)):
       np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=str(path))
+
+    # What moves between devices: of the token-sized arrays (B x tokens x width), only the
+    # towers' outputs that the negatives take from the global batch, all-gathered. The pairs
+    # are fused where their examples are (the matched and negative pairs were once joined
+    # end to end, and their fused tokens permuted across devices, forward and backward), and
+    # with the encoders frozen (stage 1) no gradient goes back through the gathers.
+    import re
+    from medvqa_jax.train import optim, step as step_lib
+
+    def token_collectives(fn):
+      hlo = jax.jit(fn).lower(jax.tree.map(replicate, params), sharded, key).compile().as_text()
+      found = []
+      for line in hlo.splitlines():
+        m = re.search(r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|"
+                      r"collective-permute)(?:-start)?\\(", line)
+        shapes = re.findall(r"\\[([\\d,]+)\\]", m.group(1)) if m else []
+        if any(len(d.split(",")) >= 3 and {{"10", "17"}} & set(d.split(",")) for d in shapes):
+          found.append((m.group(2), "_take)/gather" in line))
+      return found
+
+    frozen = step_lib.freeze(lambda p, b, k: pretrain_loss(model, p, b, k, config.losses),
+                             optim.frozen_mask(config.optim, params))
+    moved = token_collectives(jax.value_and_grad(frozen, has_aux=True))
+    assert sorted(moved) == [("all-gather", True)] * 2, moved  # Text and image tokens.
+    # Trained towers take the gathers' gradients back: the check sees token-sized reductions.
+    assert {{op for op, _ in token_collectives(f)}} - {{"all-gather"}}, "no reduction seen"
     print("OK", float(loss1), float(loss8))
     """)
 

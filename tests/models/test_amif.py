@@ -211,26 +211,34 @@ def test_pretraining_outputs_and_pairs(config):
   assert "gca" not in params and "itm_head" in params
   batch = _batch(seed=3)
   images2 = batch["images"][::-1].copy()
-  # Segments: pairs drawn on both sides, then the batch's texts with images drawn for them.
-  pairs = [(np.array([0, 1, 2, 2, 0]), np.array([0, 1, 2, 0, 1])), (None, np.array([1, 2, 0]))]
+  # Segments, one pair per example each: pairs drawn on both sides, then the batch's texts
+  # with images drawn for them.
+  pairs = [(np.array([0, 2, 2]), np.array([0, 1, 0])), (None, np.array([1, 2, 0]))]
   out = model.apply({"params": params}, batch["images"], batch["input_ids"],
                     batch["attention_mask"], images2=images2, pairs=pairs, method=AMiF.pretrain)
   for key in ("image_embed", "image2_embed", "text_embed"):
     np.testing.assert_allclose(np.linalg.norm(out[key], axis=-1), 1, atol=1e-5)
   assert max_diff(out["image2_embed"], out["image_embed"][::-1]) <= 1e-5
   assert out["fused_text"].shape == (3, 10, 64) and out["fused_image"].shape == (3, 17, 64)
-  # The matched pairs among `pairs` score as the matched batch does ...
-  assert max_diff(out["pair_itm_logits"][:3], out["itm_logits"]) <= 1e-5
-  # ... and a mismatched pair (text 2 with image 0) uses text 2's own mask: it equals the
-  # matched forward of a batch built from text 2 and image 0.
-  swapped = model.apply({"params": params}, batch["images"][[0]], batch["input_ids"][[2]],
-                        batch["attention_mask"][[2]], method=AMiF.pretrain)
-  assert max_diff(out["pair_itm_logits"][3], swapped["itm_logits"][0]) <= 1e-5
-  # None is the batch in order: text 1 with image 2.
-  assert out["pair_itm_logits"].shape == (8, 2)
-  swapped = model.apply({"params": params}, batch["images"][[2]], batch["input_ids"][[1]],
-                        batch["attention_mask"][[1]], method=AMiF.pretrain)
-  assert max_diff(out["pair_itm_logits"][6], swapped["itm_logits"][0]) <= 1e-5
+  assert out["pair_itm_logits"].shape == (6, 2)  # In the segments' order.
+  # The fused tokens and logits of the matched pairs are those of the batch fused alone ...
+  alone = model.apply({"params": params}, batch["images"], batch["input_ids"],
+                      batch["attention_mask"], method=AMiF.pretrain)
+  for key in ("fused_text", "fused_image", "itm_logits"):
+    assert max_diff(out[key], alone[key]) <= 1e-5, key
+  # ... and so is a matched pair among `pairs` (text 0 with image 0); every other pair, e.g.
+  # text 2 with image 1, uses its text's own mask: it equals the matched forward of a batch
+  # built from text 2 and image 1. None is the batch in order: text 1 with image 2.
+  for row, text, image in [(0, 0, 0), (1, 2, 1), (2, 2, 0), (3, 0, 1), (4, 1, 2), (5, 2, 0)]:
+    swapped = model.apply({"params": params}, batch["images"][[image]],
+                          batch["input_ids"][[text]], batch["attention_mask"][[text]],
+                          method=AMiF.pretrain)
+    assert max_diff(out["pair_itm_logits"][row], swapped["itm_logits"][0]) <= 1e-5, row
+  with pytest.raises(ValueError, match="pairs segment 1 holds indices of shape \\(2,\\); each "
+                     "segment pairs the 3 examples"):
+    model.apply({"params": params}, batch["images"], batch["input_ids"],
+                batch["attention_mask"], pairs=[pairs[0], (None, np.array([1, 2]))],
+                method=AMiF.pretrain)
 
 
 def test_decoder_is_initialised_from_the_text_checkpoint(config, hf_bert_pretraining, hf_bert,
