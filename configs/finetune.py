@@ -14,8 +14,13 @@ from configs import base
 from configs.towers.common import bf16
 
 
-def get_config(arg=None, *, dataset: str, epochs: int, val_split: str = "validation"):
+def get_config(arg=None, *, dataset: str, epochs: int, val_split: str = "validation",
+               prior_max_tokens: int | None = None):
+  """prior_max_tokens: the GCA prior's cap for a dataset whose answers hold more distinct word
+  pieces than base.py's 1,024 (the prior costs what the answers need, padded to 128)."""
   config = base.get_config(arg)
+  if prior_max_tokens is not None:
+    config.model.prior_max_tokens = prior_max_tokens
   config.model.text.max_len = 30
   bf16(config)
   config.teacher.mode = "none"
