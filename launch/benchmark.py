@@ -14,9 +14,11 @@ device kind and count, batch, compile time, step time, samples/s, model FLOPs pe
 10% when the program is plain, on a CPU or TPU: reference attention, no scan, no remat, no
 gradient accumulation), MFU against the device's dense bf16 peak (--peak_tflops for a device
 not in the table), memory (XLA's compiled estimate, and the runtime peak where the backend
-reports one), the share of the step that the OT loss alone takes (pre-training with wpa), and
-with --pipeline the share lost to the input pipeline (1 - synthetic step time / step time fed
-by config.data). With --profile_dir, a trace of --profile_steps more steps is written there
+reports one), what the step moves between devices (`collectives`: ops and bytes per kind, as
+compiled; on fake CPU devices, XLA_FLAGS=--xla_force_host_platform_device_count=N with
+--steps=0, before a pod is at hand), the share of the step that the OT loss alone takes
+(pre-training with wpa), and with --pipeline the share lost to the input pipeline (1 -
+synthetic step time / step time fed by config.data). With --profile_dir, a trace of --profile_steps more steps is written there
 (`trace.json.gz`, Chrome trace events; the profiler's own files under `plugins/profile/`), and
 the device's time per step is split by kind of work, by model part and by op (`summary.txt`;
 `device_busy_share`, `profile_by_kind`, `profile_by_scope` in the line; a CPU trace has no

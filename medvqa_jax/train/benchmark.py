@@ -22,6 +22,7 @@ from medvqa_jax.models import amif
 from medvqa_jax.train import flops as flops_lib
 from medvqa_jax.train import optim, sharding
 from medvqa_jax.train import step as step_lib
+from medvqa_jax.train import trace as trace_lib
 
 # Dense bf16 peak per chip, TFLOP/s, by a substring of `device_kind` (first match wins, so a
 # longer name comes before its prefix: "L40S", "L40", "L4").
@@ -174,7 +175,6 @@ def _profile(one: Callable, steps: int, out_dir: str, step_s: float,
   events, the device's busy time against the step time and its split by kind and scope.
   `hlo_text`: the compiled step's HLO, whose op table (`hlo_ops.json.gz`, kept beside the
   trace) names the device events that do not name their JAX op."""
-  from medvqa_jax.train import trace as trace_lib
   if jax.process_count() > 1:  # Each process traces its own devices, into its own folder.
     out_dir = os.path.join(out_dir, f"process_{jax.process_index()}")
   log(f"tracing {steps} steps into {out_dir}")
@@ -270,6 +270,7 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
   start = time.perf_counter()
   compiled = train_step.lower(state, batch, key).compile()
   compile_s = time.perf_counter() - start
+  hlo_text = compiled.as_text()
   analytic = flops_lib.train_step(model, config, batch_size, shapes, teacher_dim)
   compiled_flops = _cost(compiled).get("flops")
   compiled_per_sample = (None if compiled_flops is None
@@ -291,6 +292,8 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
                                  else round(compiled_per_sample / analytic["total"], 4)),
       "flops_check": None,  # Where flops_comparable.
       "compiled_memory_gib": _memory(compiled),
+      # What each device sends or receives per step, as compiled (trace.collectives).
+      "collectives": trace_lib.collectives(hlo_text),
   }
   if plain and compiled_per_sample:
     ratio = compiled_per_sample / analytic["total"]
@@ -356,8 +359,7 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
                                    else float(metrics["wpa_converged"])))
 
   if profile_dir:
-    out.update(_profile(synthetic, profile_steps, profile_dir, step_s, log,
-                        compiled.as_text()))
+    out.update(_profile(synthetic, profile_steps, profile_dir, step_s, log, hlo_text))
 
   if pipeline:
     from medvqa_jax.data import pipeline as pipeline_lib

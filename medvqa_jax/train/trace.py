@@ -172,6 +172,55 @@ def hlo_ops(hlo_text: str) -> dict:
   return table
 
 
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_ARRAY = re.compile(r"\b(pred|bf16|[fsu]\d+|f8\w*|c64|c128)\[([\d,]*)\]")
+_ITEM_BYTES = {"pred": 1, "bf16": 2, "c64": 8, "c128": 16}
+
+
+def array_bytes(shape_text: str) -> int:
+  """Bytes of the arrays an HLO shape names ("f32[16,10,64]{2,1,0}", a tuple of them)."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape_text):
+    size = _ITEM_BYTES.get(dtype) or (1 if dtype.startswith("f8") else int(dtype[1:]) // 8)
+    for d in filter(None, dims.split(",")):
+      size *= int(d)
+    total += size
+  return total
+
+
+def collective_ops(hlo_text: str) -> list:
+  """[(opcode, result shape, JAX op name)] of a compiled HLO module's collectives, each once:
+  a synchronous op, or the `-done` half of an asynchronous one (whose result is the op's
+  output, where the `-start` half's also holds its inputs); a collective wrapped in an
+  `async-start` appears in its own computation, synchronous. The result is what each device
+  ends with: an all-gather's gathered array, an all-reduce's reduced one, a reduce-scatter's
+  shard. An op inside a loop (a scanned stack, gradient accumulation) is listed once."""
+  ops = []
+  for line in hlo_text.splitlines():
+    inst = _INSTRUCTION.match(line)
+    if not inst:
+      continue
+    rest = re.sub(r"/\*.*?\*/", "", inst.group(2))
+    opcode = _OPCODE.match(rest)
+    if not opcode or opcode.group(1).removesuffix("-done") not in COLLECTIVES:
+      continue
+    op_name = re.search(r'op_name="([^"]+)"', rest)
+    ops.append((opcode.group(1).removesuffix("-done"), rest[:opcode.start(1)].strip(),
+                op_name.group(1) if op_name else ""))
+  return ops
+
+
+def collectives(hlo_text: str) -> dict:
+  """{opcode: {"count", "bytes"}} of `collective_ops`: per device and step, as compiled (on a
+  CPU, XLA may move bf16 arrays as float32)."""
+  out = {}
+  for opcode, shape, _ in collective_ops(hlo_text):
+    entry = out.setdefault(opcode, {"count": 0, "bytes": 0})
+    entry["count"] += 1
+    entry["bytes"] += array_bytes(shape)
+  return dict(sorted(out.items()))
+
+
 def save_hlo_ops(table: dict, path: str) -> str:
   """Writes an `hlo_ops` table as gzipped JSON (atomically); returns the path."""
   with gzip.open(path + ".tmp", "wt") as f:

@@ -279,18 +279,14 @@ SHARDED = textwrap.dedent("""
     # end to end, and their fused tokens permuted across devices, forward and backward), and
     # with the encoders frozen (stage 1) no gradient goes back through the gathers.
     import re
-    from medvqa_jax.train import optim, step as step_lib
+    from medvqa_jax.train import optim, step as step_lib, trace
 
     def token_collectives(fn):
       hlo = jax.jit(fn).lower(jax.tree.map(replicate, params), sharded, key).compile().as_text()
-      found = []
-      for line in hlo.splitlines():
-        m = re.search(r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|"
-                      r"collective-permute)(?:-start)?\\(", line)
-        shapes = re.findall(r"\\[([\\d,]+)\\]", m.group(1)) if m else []
-        if any(len(d.split(",")) >= 3 and {{"10", "17"}} & set(d.split(",")) for d in shapes):
-          found.append((m.group(2), "_take)/gather" in line))
-      return found
+      tokens = lambda shape: any(len(d.split(",")) >= 3 and {{"10", "17"}} & set(d.split(","))
+                                 for d in re.findall(r"\\[([\\d,]+)\\]", shape))
+      return [(op, "_take)/gather" in name) for op, shape, name in trace.collective_ops(hlo)
+              if tokens(shape)]
 
     frozen = step_lib.freeze(lambda p, b, k: pretrain_loss(model, p, b, k, config.losses),
                              optim.frozen_mask(config.optim, params))

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import jax
@@ -25,7 +26,7 @@ KEYS = {"config", "device_kind", "platform", "device_count", "batch_size", "comp
         "step_s", "samples_per_s", "flops_per_sample", "flops_source",
         "compiled_flops_per_sample", "compiled_over_analytic", "flops_check", "mfu",
         "peak_bf16_tflops_per_device", "compiled_memory_gib", "peak_memory_gib",
-        "sinkhorn_share", "data_share", "attention", "scan", "remat", "loss"}
+        "sinkhorn_share", "data_share", "attention", "scan", "remat", "loss", "collectives"}
 
 
 def test_counts_below_their_least_are_refused():
@@ -60,6 +61,7 @@ def test_benchmark_prints_one_well_formed_line(tmp_path):
   assert r["mfu"] is None and r["peak_bf16_tflops_per_device"] is None  # No CPU peak.
   assert r["compiled_memory_gib"] > 0 and np.isfinite(r["loss"])
   assert r["sinkhorn_share"] is None and r["data_share"] is None
+  assert r["collectives"] == {}  # One device: nothing to move.
   assert "compiling the train step" in out.stderr  # Progress goes to stderr.
   # The traced step is kept; a CPU trace has no device events to split, which it says.
   assert r["profile_trace"] == str(tmp_path / "prof" / "trace.json.gz")
@@ -94,6 +96,57 @@ def test_analytic_tower_flops_match_xla(tower):
   params = module.init(jax.random.PRNGKey(0), *x)["params"]
   theirs = _xla_flops(lambda p, *x: module.apply({"params": p}, *x)["pooled"], params, *x) / 2
   assert 0.93 <= theirs / ours <= 1.1, (theirs, ours)
+
+
+def test_collectives_per_step_on_two_devices():
+  """On two (fake) devices the line lists what the step moves between them: the data-parallel
+  gradient all-reduce carries every parameter's gradient once, in float32 (the towers_only
+  step trains them all); the contrastive loss all-gathers the embeddings of the global
+  batch."""
+  out = subprocess.run(
+      [sys.executable, str(ROOT / "launch" / "benchmark.py"),
+       "--config=configs/towers_only.py:tiny", "--steps=0"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  assert r["device_count"] == 2
+  from configs import towers_only
+  from medvqa_jax.models import amif
+  _, shapes = amif.create(towers_only.get_config("tiny"), abstract=True)
+  grad_bytes = 4 * sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  reduced = r["collectives"]["all-reduce"]["bytes"]
+  # Beside them: scalars, and one 2 x 128 table's gradient moved as 8 x 128: 0.08% more.
+  assert grad_bytes <= reduced <= 1.01 * grad_bytes, (reduced, grad_bytes)
+  assert r["collectives"]["all-gather"]["bytes"] > 0
+
+
+def test_collectives_are_read_from_the_compiled_program():
+  """Each collective once: synchronous, or the -done half of an asynchronous one (its -start
+  half's result also holds the inputs); bytes of every array of a tuple."""
+  from medvqa_jax.train import trace
+  hlo = textwrap.dedent("""\
+      HloModule step
+      ENTRY %main (p: f32[2,10,64]) -> f32[16,10,64] {
+        %p = f32[2,10,64]{2,1,0} parameter(0)
+        %ag = f32[16,10,64]{2,1,0} all-gather(f32[2,10,64]{2,1,0} %p), dimensions={0}, metadata={op_name="jit(step)/gather"}
+        %ars = (bf16[64]{0}, f32[4,16]{1,0}) all-reduce-start(bf16[64]{0} %a, f32[4,16]{1,0} %b), to_apply=%add
+        %ard = (bf16[64]{0}, /*index=1*/f32[4,16]{1,0}) all-reduce-done((bf16[64]{0}, f32[4,16]{1,0}) %ars)
+        %ags = (f32[2,4]{1,0}, f32[16,4]{1,0}) all-gather-start(f32[2,4]{1,0} %c), dimensions={0}
+        %agd = f32[16,4]{1,0} all-gather-done((f32[2,4]{1,0}, f32[16,4]{1,0}) %ags)
+        %rs = s8[8,4]{1,0} reduce-scatter(s8[64,4]{1,0} %e), dimensions={0}, to_apply=%add
+        ROOT %cp = pred[] collective-permute(pred[] %d), source_target_pairs={{0,1}}
+      }""")
+  ops = trace.collective_ops(hlo)
+  assert [op for op, _, _ in ops] == ["all-gather", "all-reduce", "all-gather", "reduce-scatter",
+                                      "collective-permute"]
+  assert ops[0][2] == "jit(step)/gather"
+  assert trace.collectives(hlo) == {
+      "all-gather": {"count": 2, "bytes": 16 * 10 * 64 * 4 + 16 * 4 * 4},
+      "all-reduce": {"count": 1, "bytes": 64 * 2 + 4 * 16 * 4},
+      "collective-permute": {"count": 1, "bytes": 1},
+      "reduce-scatter": {"count": 1, "bytes": 8 * 4}}
 
 
 def test_peak_table_names_the_devices():
