@@ -120,11 +120,11 @@ class AMiF(nn.Module):
     tokens of the matched pairs with their masks and ITM logits.
 
     pairs: extra pairs to score for ITM, as segments: a list of (text_idx, image_idx), each
-      an int array (B,) or None for the batch's own examples in order (`itm.pair_indices`
-      gives the flat arrays), so that every segment pairs one text and one image with each
-      example of the batch; or a function of the outputs so far returning them (hard
-      negatives are sampled from the embeddings of the same forward pass). Each text keeps
-      its own attention mask.
+      an int array (B,) or None for the batch's own examples in order, so that every segment
+      pairs one text and one image with each example of the batch (`itm.hard_negative_pairs`
+      gives them so); or a function of the outputs so far returning them (hard negatives are
+      sampled from the embeddings of the same forward pass). Each text keeps its own
+      attention mask.
 
     The matched and extra pairs go through fusion as one batch laid out by example (row
     b * S + s: segment s of example b, segment 0 the matched pair), so that under data
@@ -146,7 +146,8 @@ class AMiF(nn.Module):
     if callable(pairs):
       pairs = pairs(out)
     b = images.shape[0]
-    pairs = pairs or []
+    pairs = [tuple(None if idx is None else jnp.asarray(idx) for idx in segment)
+             for segment in pairs or []]
     for n, segment in enumerate(pairs):
       for idx in segment:
         if idx is not None and tuple(idx.shape) != (b,):

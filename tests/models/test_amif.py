@@ -234,6 +234,10 @@ def test_pretraining_outputs_and_pairs(config):
                           batch["input_ids"][[text]], batch["attention_mask"][[text]],
                           method=AMiF.pretrain)
     assert max_diff(out["pair_itm_logits"][row], swapped["itm_logits"][0]) <= 1e-5, row
+  lists = model.apply({"params": params}, batch["images"], batch["input_ids"],
+                      batch["attention_mask"], pairs=[([0, 2, 2], [0, 1, 0]), (None, [1, 2, 0])],
+                      method=AMiF.pretrain)
+  assert max_diff(lists["pair_itm_logits"], out["pair_itm_logits"]) <= 1e-6  # Lists will do.
   with pytest.raises(ValueError, match="pairs segment 1 holds indices of shape \\(2,\\); each "
                      "segment pairs the 3 examples"):
     model.apply({"params": params}, batch["images"], batch["input_ids"],
