@@ -18,11 +18,11 @@ reports one), what the step moves between devices (`collectives`: ops and bytes 
 compiled; on fake CPU devices, XLA_FLAGS=--xla_force_host_platform_device_count=N with
 --steps=0, before a pod is at hand), the share of the step that the OT loss alone takes
 (pre-training with wpa), and with --pipeline the share lost to the input pipeline (1 -
-synthetic step time / step time fed by config.data). With --profile_dir, a trace of --profile_steps more steps is written there
-(`trace.json.gz`, Chrome trace events; the profiler's own files under `plugins/profile/`), and
-the device's time per step is split by kind of work, by model part and by op (`summary.txt`;
-`device_busy_share`, `profile_by_kind`, `profile_by_scope` in the line; a CPU trace has no
-device events to split).
+synthetic step time / step time fed by config.data). With --profile_dir, a trace of
+--profile_steps more steps is written there (`trace.json.gz`, Chrome trace events; the
+profiler's own files under `plugins/profile/`), and the device's time per step is split by
+kind of work, by model part and by op (`summary.txt`; `device_busy_share`, `profile_by_kind`,
+`profile_by_scope` in the line; a CPU trace has no device events to split).
 A classifier head without num_answers gets 512 answers. Any config field is overridable,
 e.g. --config.model.compute.attention=cudnn --config.model.compute.scan=True
 --config.model.compute.remat=dots.
