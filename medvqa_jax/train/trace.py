@@ -202,11 +202,11 @@ def collective_ops(hlo_text: str) -> list:
       continue
     rest = re.sub(r"/\*.*?\*/", "", inst.group(2))
     opcode = _OPCODE.match(rest)
-    if not opcode or opcode.group(1).removesuffix("-done") not in COLLECTIVES:
+    kind = opcode.group(1).removesuffix("-done") if opcode else None
+    if kind not in COLLECTIVES:
       continue
     op_name = re.search(r'op_name="([^"]+)"', rest)
-    ops.append((opcode.group(1).removesuffix("-done"), rest[:opcode.start(1)].strip(),
-                op_name.group(1) if op_name else ""))
+    ops.append((kind, rest[:opcode.start(1)].strip(), op_name.group(1) if op_name else ""))
   return ops
 
 

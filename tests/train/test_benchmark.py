@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import jax
@@ -120,33 +119,6 @@ def test_collectives_per_step_on_two_devices():
   # Beside them: scalars, and one 2 x 128 table's gradient moved as 8 x 128: 0.08% more.
   assert grad_bytes <= reduced <= 1.01 * grad_bytes, (reduced, grad_bytes)
   assert r["collectives"]["all-gather"]["bytes"] > 0
-
-
-def test_collectives_are_read_from_the_compiled_program():
-  """Each collective once: synchronous, or the -done half of an asynchronous one (its -start
-  half's result also holds the inputs); bytes of every array of a tuple."""
-  from medvqa_jax.train import trace
-  hlo = textwrap.dedent("""\
-      HloModule step
-      ENTRY %main (p: f32[2,10,64]) -> f32[16,10,64] {
-        %p = f32[2,10,64]{2,1,0} parameter(0)
-        %ag = f32[16,10,64]{2,1,0} all-gather(f32[2,10,64]{2,1,0} %p), dimensions={0}, metadata={op_name="jit(step)/gather"}
-        %ars = (bf16[64]{0}, f32[4,16]{1,0}) all-reduce-start(bf16[64]{0} %a, f32[4,16]{1,0} %b), to_apply=%add
-        %ard = (bf16[64]{0}, /*index=1*/f32[4,16]{1,0}) all-reduce-done((bf16[64]{0}, f32[4,16]{1,0}) %ars)
-        %ags = (f32[2,4]{1,0}, f32[16,4]{1,0}) all-gather-start(f32[2,4]{1,0} %c), dimensions={0}
-        %agd = f32[16,4]{1,0} all-gather-done((f32[2,4]{1,0}, f32[16,4]{1,0}) %ags)
-        %rs = s8[8,4]{1,0} reduce-scatter(s8[64,4]{1,0} %e), dimensions={0}, to_apply=%add
-        ROOT %cp = pred[] collective-permute(pred[] %d), source_target_pairs={{0,1}}
-      }""")
-  ops = trace.collective_ops(hlo)
-  assert [op for op, _, _ in ops] == ["all-gather", "all-reduce", "all-gather", "reduce-scatter",
-                                      "collective-permute"]
-  assert ops[0][2] == "jit(step)/gather"
-  assert trace.collectives(hlo) == {
-      "all-gather": {"count": 2, "bytes": 16 * 10 * 64 * 4 + 16 * 4 * 4},
-      "all-reduce": {"count": 1, "bytes": 64 * 2 + 4 * 16 * 4},
-      "collective-permute": {"count": 1, "bytes": 1},
-      "reduce-scatter": {"count": 1, "bytes": 8 * 4}}
 
 
 def test_peak_table_names_the_devices():
