@@ -69,7 +69,8 @@ class AMiF(nn.Module):
     self.fusion = CoAttentionFusion(self.fusion_layers, self.num_heads, self.mlp_dim,
                                     dtype=self.dtype, compute=self.compute,
                                     dropout=self.dropout)
-    self.itm_head = nn.Dense(2, dtype=self.dtype)
+    # In float32, as the ITM loss reads the logits (bf16 would round them to 3 digits).
+    self.itm_head = nn.Dense(2, dtype=jnp.float32)
     self.temperatures = Temperatures(self.temperature_init)
     if self.head != "none":
       self.gca = GatedCrossAttention(self.num_heads, self.mlp_dim, dtype=self.dtype,
@@ -112,7 +113,7 @@ class AMiF(nn.Module):
   def itm_logits(self, fused):
     """Image-text matching logits (match = 1) on concat(fused text CLS, fused image CLS)."""
     cls = jnp.concatenate([fused["text"][:, 0], fused["image"][:, 0]], axis=-1)
-    return self.itm_head(cls).astype(jnp.float32)
+    return self.itm_head(cls)
 
   def pretrain(self, images, input_ids, attention_mask, images2=None, pairs=None, fuse=True):
     """Pre-training outputs: global embeddings (`image_embed`, `image2_embed` for a second

@@ -339,3 +339,19 @@ def test_generative_head_on_biomedclip_towers(config, biomedclip):
   batch["prior_ids"], batch["answer_ids"] = batch["prior_ids"] % 120, batch["answer_ids"] % 120
   out = _vqa(model, params, batch)
   assert out["logits"].shape == (3, 6, 120) and np.isfinite(float(out["loss"]))
+
+
+def test_itm_logits_are_float32_in_a_bf16_model(config):
+  """The ITM head computes in float32 from the bf16 fused CLS tokens: the loss reads logits
+  that were not rounded to bf16's 3 digits."""
+  cfg = config.copy_and_resolve_references()
+  cfg.model.update(head="none", dtype="bfloat16")
+  model, params = amif.create(cfg)
+  batch = _batch(seed=4)
+  out = model.apply({"params": params}, batch["images"], batch["input_ids"],
+                    batch["attention_mask"], method=AMiF.pretrain)
+  assert out["fused_text"].dtype == jnp.bfloat16 and out["itm_logits"].dtype == jnp.float32
+  cls = np.concatenate([out["fused_text"][:, 0], out["fused_image"][:, 0]], -1)
+  head = jax.tree.map(lambda x: np.asarray(x, np.float64), params["itm_head"])
+  expected = cls.astype(np.float64) @ head["kernel"] + head["bias"]
+  np.testing.assert_allclose(out["itm_logits"], expected, rtol=1e-5, atol=1e-5)

@@ -3,9 +3,10 @@
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from medvqa_jax.models import heads
+from medvqa_jax.models import heads, layers
 
 
 def _log_softmax(x):
@@ -34,6 +35,22 @@ def test_classifier_head_equals_numpy():
   # The text and image inputs are not interchangeable.
   assert np.max(np.abs(got - head.apply({"params": params}, image_cls, text_cls))) > 1e-2
 
+
+
+def test_classifier_logits_are_float32_in_a_bf16_head():
+  """In a bf16 head, the last layer still computes in float32 (from its bf16 input), so the
+  loss reads logits that were not rounded to bf16's 3 digits."""
+  rng = np.random.default_rng(3)
+  text_cls, image_cls = rng.normal(size=(2, 4, 8)).astype(np.float32)
+  head = heads.ClassifierHead(num_answers=7, dtype=jnp.bfloat16)
+  params = head.init(jax.random.PRNGKey(0), text_cls, image_cls)["params"]
+  params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
+  got, state = head.apply({"params": params}, text_cls, image_cls,
+                          capture_intermediates=True)
+  assert got.dtype == jnp.float32
+  h = np.asarray(layers.exact_gelu(state["intermediates"]["ln"]["__call__"][0]), np.float64)
+  fc2 = jax.tree.map(lambda x: np.asarray(x, np.float64), params["fc2"])
+  np.testing.assert_allclose(got, h @ fc2["kernel"] + fc2["bias"], rtol=1e-5, atol=1e-5)
 
 def test_classifier_loss_averages_over_in_vocabulary_labels_only():
   rng = np.random.default_rng(1)
