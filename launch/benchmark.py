@@ -5,6 +5,8 @@ r"""Times the train step of a config and prints one JSON line.
       --batch_size=64
   python launch/benchmark.py --config=configs/towers_only.py:tiny --steps=5   # CPU smoke run
   python launch/benchmark.py --config=configs/demo.py --pipeline             # + input pipeline
+  python launch/benchmark.py --config=configs/vqa_rad.py:image=paper_init,text=paper_init \
+      --batch_size=128 --steps=0 --target=h100     # Does it fit an H100? (no GPU needed)
 
 Builds the model of the config with random weights (towers from their `arch`), compiles the
 loop's jitted step once, runs --warmup steps then --windows windows of --steps steps on
@@ -22,7 +24,11 @@ synthetic step time / step time fed by config.data). With --profile_dir, a trace
 --profile_steps more steps is written there (`trace.json.gz`, Chrome trace events; the
 profiler's own files under `plugins/profile/`), and the device's time per step is split by
 kind of work, by model part and by op (`summary.txt`; `device_busy_share`, `profile_by_kind`,
-`profile_by_scope` in the line; a CPU trace has no device events to split).
+`profile_by_scope` in the line; a CPU trace has no device events to split). `hbm_traffic_gb`: what
+the compiled step's kernels read and write, by kind and model part. With --target=h100|h200
+and --steps=0, the step is compiled for that GPU (--target_devices of one host) on this
+machine, which needs no GPU but JAX's CUDA plugin (pip install "jax[cuda13]==<jax's
+version>"): XLA's memory estimate, traffic and collectives of the GPU program.
 A classifier head without num_answers gets 512 answers. Any config field is overridable,
 e.g. --config.model.compute.attention=cudnn --config.model.compute.scan=True
 --config.model.compute.remat=dots.
@@ -53,6 +59,11 @@ _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 5, "Steps traced with --p
                                       lower_bound=1)
 _TEACHER_DIM = flags.DEFINE_integer("teacher_dim", 512, "Width of the synthetic teacher "
                                     "embeddings (pre-training with a teacher).")
+_TARGET = flags.DEFINE_enum("target", None, ["h100", "h200"], "Compile the step for this GPU "
+                            "instead (--steps=0), here, without one: needs JAX's CUDA plugin "
+                            "(medvqa_jax/train/aot.py).")
+_TARGET_DEVICES = flags.DEFINE_integer("target_devices", 1, "With --target: GPUs of one host "
+                                       "to compile for.", lower_bound=1)
 
 
 def main(argv):
@@ -60,13 +71,16 @@ def main(argv):
   import os
   import sys
 
-  from medvqa_jax.train import benchmark
+  from medvqa_jax.train import aot, benchmark
+  if _TARGET.value:
+    aot.prepare(_TARGET.value)  # Before JAX starts its backends.
   log = lambda s: print(s, file=sys.stderr, flush=True)
   figures = benchmark.run(_CONFIG.value, batch_size=_BATCH.value, steps=_STEPS.value,
                           warmup=_WARMUP.value, windows=_WINDOWS.value,
                           pipeline=_PIPELINE.value, peak=_PEAK.value,
                           teacher_dim=_TEACHER_DIM.value, profile_dir=_PROFILE_DIR.value,
-                          profile_steps=_PROFILE_STEPS.value, log=log)
+                          profile_steps=_PROFILE_STEPS.value, target=_TARGET.value,
+                          target_devices=_TARGET_DEVICES.value, log=log)
   figures["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
   # What else set the step up: the config's overrides and XLA's flags.
   figures["overrides"] = [a for a in sys.argv[1:] if a.startswith("--config.")]

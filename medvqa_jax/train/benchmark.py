@@ -16,9 +16,11 @@ from typing import Callable
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from medvqa_jax.data import augment
 from medvqa_jax.models import amif
+from medvqa_jax.train import aot
 from medvqa_jax.train import flops as flops_lib
 from medvqa_jax.train import optim, sharding
 from medvqa_jax.train import step as step_lib
@@ -212,6 +214,7 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
         windows: int = 3, pipeline: bool = False, peak: float | None = None,
         teacher_dim: int = 512, pipeline_min_steps: int = 50,
         profile_dir: str | None = None, profile_steps: int = 5,
+        target: str | None = None, target_devices: int = 1,
         log: Callable[[str], None] = lambda s: None) -> dict:
   """Builds, compiles and times the train step of `config`; returns the figures. After
   `warmup` steps, `windows` windows of `steps` steps are timed one after another: the step
@@ -220,13 +223,23 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
   pipeline run takes max(steps, pipeline_min_steps) steps after 4 x data.workers warm-up
   steps (at least `warmup`): the workers' first batches come slower. With `profile_dir`,
   `profile_steps` more synthetic steps are traced there (`trace.capture`) and the device's
-  time summarised (`trace.summarize`; `profile_dir/summary.txt`)."""
+  time summarised (`trace.summarize`; `profile_dir/summary.txt`).
+
+  With `steps=0` the step is compiled only, from the shapes of the state and batch (nothing is
+  initialised). `target` ("h100", "h200"; `aot.TARGETS`) compiles it for `target_devices` such
+  GPUs of one host, on any machine with JAX's CUDA plugin (`aot.prepare(target)` first):
+  the memory, traffic and collectives of the GPU program, no times."""
   if windows < 1:
     raise ValueError(f"windows must be at least 1 (got {windows})")
+  if target is not None and (steps or pipeline or profile_dir):
+    raise ValueError(f"a step compiled for {target} cannot run here: pass steps=0 (no "
+                     "pipeline, no profile)")
+  devices = None if target is None else aot.devices(target, target_devices)
+  device_count = jax.device_count() if devices is None else len(devices)
   tc, mc = config.train, config.model
   batch_size = batch_size or tc.batch_size
   tc.batch_size = batch_size
-  step_lib.check_batch(config, batch_size, jax.device_count())
+  step_lib.check_batch(config, batch_size, device_count)
   rng = step_lib.check_rng(tc.get("rng", "threefry"))  # Named before anything runs.
   if pipeline and mc.head == "none" and config.teacher.mode != "none":
     raise ValueError("the pipeline run of a pre-training config would need the teacher's "
@@ -241,8 +254,13 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
           f"the benchmark initialises the towers randomly, from `arch` alone, but the "
           f"{part.kind} tower loads a {part.source} checkpoint: pick towers with random "
           f"weights, e.g. --config=configs/pretrain_stage1.py:image=paper_init,text=paper_init")
-  mesh = sharding.make_mesh(tc.fsdp)
+  mesh = sharding.make_mesh(tc.fsdp, devices)
   model, init, loaded = amif.initializer(config, seed=config.seed)
+  if target is not None and amif.compute_of(config).attention == "auto":
+    # As the layers would choose on the target, not on this machine's backend.
+    mc.compute.attention = aot.attention(amif.compute_of(config), mc.dtype,
+                                         amif.head_dims(model))
+    model, init, loaded = amif.initializer(config, seed=config.seed)
   if pipeline:  # Its tokenizer and data before compiling: a missing one fails in seconds.
     from medvqa_jax.data import tokenizer as tokenizer_lib
     from medvqa_jax.train import loop
@@ -252,9 +270,16 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
   shapes = jax.eval_shape(init, loaded)
   tx = optim.make(config.optim, shapes)
   shardings = step_lib.state_shardings(mesh, shapes, tx, tuple(tc.fsdp_rules), tc.fsdp_min_size)
+  kind = mesh.devices.flat[0].device_kind
   log(f"building the state ({sum(x.size for x in jax.tree.leaves(shapes)) / 1e6:.1f}M "
-      f"parameters) on {jax.device_count()} {jax.devices()[0].device_kind} device(s)")
-  state = step_lib.create_state(init, tx, shardings, {})
+      f"parameters) on {device_count} {kind} device(s)")
+  if steps > 0:
+    state = step_lib.create_state(init, tx, shardings, {})
+  else:  # Compiled only: the shapes will do.
+    state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        {"params": shapes, "opt_state": jax.eval_shape(tx.init, shapes),
+         "step": jax.ShapeDtypeStruct((), np.int32)}, shardings)
   if mc.head == "none":
     objective = step_lib.pretrain_objective(model, config.losses)
   else:
@@ -263,8 +288,15 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
                                         optim.frozen_mask(config.optim, shapes),
                                         rng)
   host = synthetic_batch(config, model, batch_size, config.seed, teacher_dim)
-  batch = sharding.shard_batch(mesh, host)
-  key = step_lib.base_key(0, rng, mesh)
+  if steps > 0:
+    batch = sharding.shard_batch(mesh, host)
+    key = step_lib.base_key(0, rng, mesh)
+  else:
+    batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
+                                     sharding=sharding.batch_sharding(mesh, v))
+             for k, v in host.items()}
+    key = step_lib.base_key(0, rng)
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
 
   log("compiling the train step")
   start = time.perf_counter()
@@ -277,13 +309,15 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
                          else compiled_flops * jax.device_count() / batch_size)
   compute = amif.compute_of(config)
   kernel = attention_kernels(compute, mc.dtype, amif.head_dims(model))
-  plain = flops_comparable(jax.default_backend(), kernel, compute, config.train.accum_steps)
+  platform = jax.default_backend() if target is None else mesh.devices.flat[0].platform
+  plain = flops_comparable(platform, kernel, compute, config.train.accum_steps)
 
   out = {
-      "config": None, "device_kind": jax.devices()[0].device_kind,
-      "platform": jax.default_backend(), "device_count": jax.device_count(),
-      "process_count": jax.process_count(), "jax": jax.__version__,
-      "batch_size": batch_size, "per_device_batch": batch_size // jax.device_count(),
+      "config": None, "device_kind": kind, "platform": platform,
+      "target": target,  # Compiled for a GPU that is not here (aot.py), or None.
+      "device_count": device_count,
+      "process_count": jax.process_count() if target is None else 1, "jax": jax.__version__,
+      "batch_size": batch_size, "per_device_batch": batch_size // device_count,
       "dtype": mc.dtype, "attention": kernel, "scan": compute.scan, "remat": compute.remat,
       "compile_s": round(compile_s, 2),
       "flops_per_sample": analytic["total"], "flops_source": "analytic",
@@ -294,6 +328,8 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
       "compiled_memory_gib": _memory(compiled),
       # What each device sends or receives per step, as compiled (trace.collectives).
       "collectives": trace_lib.collectives(hlo_text),
+      # What the kernels read and write, by kind and model part (trace.hlo_traffic).
+      "hbm_traffic_gb": trace_lib.gigabytes(trace_lib.hlo_traffic(hlo_text)),
   }
   if plain and compiled_per_sample:
     ratio = compiled_per_sample / analytic["total"]

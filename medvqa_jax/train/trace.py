@@ -221,6 +221,71 @@ def collectives(hlo_text: str) -> dict:
   return dict(sorted(out.items()))
 
 
+# Instructions that run no kernel of their own, or whose kernels are counted inside them.
+_NOT_TRAFFIC = _NO_KERNEL | {"while", "call", "conditional", "async-start", "async-update",
+                             "async-done", "after-all", "partition-id", "replica-id"}
+
+
+def _operands(rest: str, opcode_end: int) -> list[str]:
+  """The instruction names between an opcode's parentheses."""
+  depth = 0
+  for i in range(opcode_end, len(rest)):
+    depth += {"(": 1, ")": -1}.get(rest[i], 0)
+    if depth == 0:
+      return re.findall(r"%([\w.\-]+)", rest[opcode_end:i])
+  return []
+
+
+def hlo_traffic(hlo_text: str, depth: int = 1, top: int = 12) -> dict:
+  """What the kernels of a compiled HLO module read and write, summed from each kernel's
+  operand and result sizes (every computation's instructions that run as kernels or library
+  calls, fusions as one; bitcasts, tuples and parameters move nothing): `bytes` in all, and
+  by kind of work (`kind_of`) and by model part (`scope_of`, `depth` deep; the `top`
+  largest), per step and device, largest first. An upper bound on HBM traffic where a kernel reads only part of an
+  operand (a gather's table, a slice taken inside a fusion), and a kernel in a loop body
+  counts once. Its use is the memory-bound part of a step, which on an H200 is as long as
+  the matrix products (BENCHMARKS.md): the fusions' gigabytes over the chip's bandwidth give
+  the time they cannot beat."""
+  fused = set(_FUSION_CALLS.findall(hlo_text))
+  shapes, kernels, skip = {}, [], False
+  for line in hlo_text.splitlines():
+    head = _COMPUTATION.match(line)
+    if head and "=" not in line.split("(")[0]:
+      skip = head.group(1) in fused
+      continue
+    inst = _INSTRUCTION.match(line)
+    if not inst:
+      continue
+    name, rest = inst.groups()
+    rest = re.sub(r"/\*.*?\*/", "", rest)
+    opcode = _OPCODE.match(rest)
+    if not opcode:
+      continue
+    shapes[name] = rest[:opcode.start(1)]
+    if not skip and opcode.group(1) not in _NOT_TRAFFIC:
+      target = re.search(r'custom_call_target="([^"]+)"', rest)
+      op_name = re.search(r'op_name="([^"]+)"', rest)
+      kernels.append((name, opcode.group(1), target.group(1) if target else "", shapes[name],
+                      _operands(rest, opcode.end(1)), op_name.group(1) if op_name else ""))
+  by_kind, by_scope = {}, {}
+  for name, opcode, target, shape, operands, op_name in kernels:
+    moved = array_bytes(shape) + sum(array_bytes(shapes.get(o, "")) for o in operands)
+    kind = kind_of(" ".join((opcode, target, name)))
+    by_kind[kind] = by_kind.get(kind, 0) + moved
+    scope = scope_of(op_name, depth)
+    by_scope[scope] = by_scope.get(scope, 0) + moved
+  ranked = lambda table, n=None: dict(sorted(table.items(), key=lambda kv: -kv[1])[:n])
+  return {"bytes": sum(by_kind.values()), "by_kind": ranked(by_kind),
+          "by_scope": ranked(by_scope, top)}
+
+
+def gigabytes(traffic: dict) -> dict:
+  """`hlo_traffic`'s figures in GB, to the MB."""
+  return {"total": round(traffic["bytes"] / 1e9, 3),
+          **{k: {name: round(b / 1e9, 3) for name, b in traffic[k].items()}
+             for k in ("by_kind", "by_scope")}}
+
+
 def save_hlo_ops(table: dict, path: str) -> str:
   """Writes an `hlo_ops` table as gzipped JSON (atomically); returns the path."""
   with gzip.open(path + ".tmp", "wt") as f:

@@ -25,7 +25,8 @@ KEYS = {"config", "device_kind", "platform", "device_count", "batch_size", "comp
         "step_s", "samples_per_s", "flops_per_sample", "flops_source",
         "compiled_flops_per_sample", "compiled_over_analytic", "flops_check", "mfu",
         "peak_bf16_tflops_per_device", "compiled_memory_gib", "peak_memory_gib",
-        "sinkhorn_share", "data_share", "attention", "scan", "remat", "loss", "collectives"}
+        "sinkhorn_share", "data_share", "attention", "scan", "remat", "loss", "collectives",
+        "hbm_traffic_gb", "target"}
 
 
 def test_counts_below_their_least_are_refused():
@@ -61,6 +62,9 @@ def test_benchmark_prints_one_well_formed_line(tmp_path):
   assert r["compiled_memory_gib"] > 0 and np.isfinite(r["loss"])
   assert r["sinkhorn_share"] is None and r["data_share"] is None
   assert r["collectives"] == {}  # One device: nothing to move.
+  traffic = r["hbm_traffic_gb"]  # What the kernels read and write, by kind and model part.
+  assert r["target"] is None and traffic["total"] > 0
+  assert {"image", "text"} <= set(traffic["by_scope"]) and "matmul" in traffic["by_kind"]
   assert "compiling the train step" in out.stderr  # Progress goes to stderr.
   # The traced step is kept; a CPU trace has no device events to split, which it says.
   assert r["profile_trace"] == str(tmp_path / "prof" / "trace.json.gz")
@@ -297,3 +301,25 @@ def test_a_frozen_decoder_counts_the_backward_pass_to_its_inputs():
   config.optim.lr_mults = (("decoder/.*", 0.0),)
   r = benchmark.run(config, batch_size=8, steps=0)
   assert r["flops_check"] == "agree", r["compiled_over_analytic"]
+
+
+def test_compiling_only_builds_the_step_the_timed_run_compiles():
+  """With steps=0 the step is compiled from the state's and batch's shapes, nothing
+  initialised: the same program as the timed run's (the same memory and traffic), without
+  the timed run's figures."""
+  from configs import towers_only
+  only = benchmark.run(towers_only.get_config("tiny"), steps=0)
+  timed = benchmark.run(towers_only.get_config("tiny"), steps=1, warmup=0, windows=1)
+  assert only["compiled_memory_gib"] == timed["compiled_memory_gib"] > 0
+  assert only["hbm_traffic_gb"] == timed["hbm_traffic_gb"]
+  assert only["compiled_flops_per_sample"] == timed["compiled_flops_per_sample"]
+  assert "step_s" not in only and timed["step_s"] > 0
+
+
+def test_a_step_compiled_for_another_gpu_is_not_run_here():
+  from configs import towers_only
+  for kw in (dict(steps=1), dict(steps=0, pipeline=True), dict(steps=0, profile_dir="p")):
+    with pytest.raises(ValueError, match="compiled for h200 cannot run here"):
+      benchmark.run(towers_only.get_config("tiny"), target="h200", **kw)
+  with pytest.raises(ValueError, match="unknown target 'a100'; expected one of"):
+    benchmark.run(towers_only.get_config("tiny"), steps=0, target="a100")

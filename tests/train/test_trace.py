@@ -117,6 +117,58 @@ def test_collectives_are_read_from_the_compiled_program():
       "reduce-scatter": {"count": 1, "bytes": 8 * 4}}
 
 
+
+def test_traffic_sums_what_each_kernel_reads_and_writes():
+  """A kernel moves its operands and its result; a fusion counts as one kernel (its body's
+  instructions move nothing of their own), and parameters, bitcasts, tuples and loops (whose
+  body is counted instead) none."""
+  hlo = textwrap.dedent("""\
+      HloModule step
+      %fused_add (a: f32[4,8], b: f32[4,8]) -> f32[4,8] {
+        %a = f32[4,8]{1,0} parameter(0)
+        %b = f32[4,8]{1,0} parameter(1)
+        ROOT %sum = f32[4,8]{1,0} add(f32[4,8]{1,0} %a, f32[4,8]{1,0} %b)
+      }
+      %body (t: (s32[], bf16[16])) -> (s32[], bf16[16]) {
+        %t = (s32[], bf16[16]{0}) parameter(0)
+        %v = bf16[16]{0} get-tuple-element(%t), index=1
+        %n = bf16[16]{0} negate(%v), metadata={op_name="jit(step)/text/layer_0/neg"}
+        ROOT %r = (s32[], bf16[16]{0}) tuple(%i, %n)
+      }
+      ENTRY %main (x: f32[4,8], y: f32[4,8]) -> f32[8,8] {
+        %x = f32[4,8]{1,0} parameter(0)
+        %y = f32[4,8]{1,0} parameter(1)
+        %f = f32[4,8]{1,0} fusion(%x, %y), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/jvp(AMiF.vqa)/image/block_0/mlp/add"}
+        %bc = f32[8,4]{1,0} bitcast(%f)
+        %g = (f32[8,8]{1,0}, s8[1024]{0}) custom-call(%bc, %x), custom_call_target="__cublas$gemm", metadata={op_name="jit(step)/image/block_0/mlp/fc1/dot_general"}
+        %w = (s32[], bf16[16]{0}) while(%init), condition=%cond, body=%body
+        %gte = f32[8,8]{1,0} get-tuple-element(%g), index=0
+        ROOT %c = f32[8,8]{1,0} copy(%gte)
+      }""")
+  fusion = 3 * 4 * 8 * 4  # Two operands and the result, float32.
+  gemm = 2 * 4 * 8 * 4 + 8 * 8 * 4 + 1024  # The bitcast's bytes are the fusion's; workspace.
+  neg = 2 * 16 * 2
+  copy = 2 * 8 * 8 * 4
+  out = trace.hlo_traffic(hlo)
+  assert out["by_kind"] == {"matmul": gemm, "fusion": fusion, "copy/transpose": copy,
+                            "other": neg}
+  assert list(out["by_kind"]) == ["matmul", "copy/transpose", "fusion", "other"]  # Largest first.
+  assert out["bytes"] == fusion + gemm + neg + copy
+  assert out["by_scope"] == {"image": fusion + gemm, "(unnamed)": copy, "text": neg}
+  assert trace.hlo_traffic(hlo, top=1)["by_scope"] == {"image": fusion + gemm}
+  assert trace.gigabytes({"bytes": 1_234_567_890, "by_kind": {"fusion": 5e8},
+                          "by_scope": {}}) == {"total": 1.235, "by_kind": {"fusion": 0.5},
+                                               "by_scope": {}}
+
+
+def test_traffic_of_a_compiled_program():
+  """On a compiled step: a jitted (256, 256) float32 product and tanh moves at least its
+  operands and result once, and not more than a few times over."""
+  a = jnp.ones((256, 256))
+  hlo = jax.jit(lambda a: jnp.tanh(a @ a)).lower(a).compile().as_text()
+  moved = trace.hlo_traffic(hlo)["bytes"]
+  assert 2 * a.nbytes <= moved <= 8 * a.nbytes
+
 def test_without_an_ops_line_every_device_line_is_read(tmp_path):
   s = trace.summarize(_gpu_trace(tmp_path / "t.json.gz", with_ops_line=False), steps=1)
   assert s["busy_ms"] == pytest.approx(6.5) and s["lines"] == ["Stream #13(Compute)"]
