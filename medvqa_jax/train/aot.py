@@ -96,7 +96,7 @@ def devices(target: str, count: int = 1) -> list:
   except (NotImplementedError, RuntimeError) as e:
     raise ValueError(
         f"compiling for {target} needs JAX's CUDA plugin: pip install "
-        f"\"jax[cuda13]=={jax.__version__}\" (about 2 GB; no GPU needed). ({e})") from e
+        f"\"jax[cuda13]=={jax.__version__}\" (about 3.7 GB; no GPU needed). ({e})") from e
   return list(topology.devices)
 
 

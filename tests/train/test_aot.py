@@ -1,6 +1,6 @@
 """Compiling for a GPU that is not here (medvqa_jax/train/aot.py): what "auto" attention
 becomes on the target, the compiler's settings, and what is said when JAX's CUDA plugin is
-missing. The compilation itself needs the plugin (about 2 GB), which the test install does
+missing. The compilation itself needs the plugin (about 3.7 GB), which the test install does
 not hold; BENCHMARKS.md records it against the H200's measured memory."""
 
 import os
