@@ -28,6 +28,38 @@ def test_dropout_drops_at_its_rate_and_rescales_only_in_training():
   np.testing.assert_allclose(y[y != 0], 1 / 0.75, rtol=1e-6)  # Expectation kept.
 
 
+def test_dropout_draws_16_bits_per_element_and_keeps_the_expectation():
+  """Two elements from each 32-bit draw (half the random bits of a float per element); the
+  rate in steps of 2^-16 and the scale its exact inverse; the two halves of a draw drop
+  independently; any last dimension, odd included; the input's dtype."""
+  key = jax.random.PRNGKey(3)
+  x = jnp.ones((512, 1001), jnp.bfloat16)
+  jaxpr = str(jax.make_jaxpr(lambda k: layers.keep_mask(k, 0.1, x.shape))(key))
+  assert "shape=(512, 501)" in jaxpr and "bit_width=32" in jaxpr  # 501 = ceil(1001 / 2).
+  keep, keep_prob = layers.keep_mask(key, 0.1, x.shape)
+  assert keep.shape == x.shape and keep_prob == 1 - 6554 / 65536  # 0.1 -> 0.1000061.
+  drop = ~np.asarray(keep)
+  n, p = drop.size, 6554 / 65536
+  assert abs(drop.mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
+  # The halves of one draw (columns 2i, 2i + 1): each at the rate, and both at its square.
+  both = (drop[:, 0:1000:2] & drop[:, 1:1000:2]).mean()
+  assert abs(both - p * p) < 5 * np.sqrt(p * p / (512 * 500))
+  assert abs(drop[:, 0::2].mean() - drop[:, 1::2].mean()) < 0.01
+  y = _Drop01().apply({}, x, rngs={"dropout": key})
+  assert y.dtype == jnp.bfloat16
+  y = np.asarray(y, np.float32)
+  assert abs((y == 0).mean() - p) < 5 * np.sqrt(p * (1 - p) / n)  # The module's own key.
+  np.testing.assert_allclose(y[y != 0], float(jnp.bfloat16(1 / keep_prob)))
+  with pytest.raises(ValueError, match="rate must be in \\[0, 1\\), got 1.0"):
+    layers.keep_mask(key, 1.0, (4, 4))
+
+
+class _Drop01(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return layers.dropout(self, 0.1, x)
+
+
 @pytest.mark.parametrize("compute", [layers.Compute(), layers.Compute(scan=True),
                                      layers.Compute(remat="full")], ids=["plain", "scan", "remat"])
 def test_bert_dropout_is_on_only_with_a_key(compute):
