@@ -226,6 +226,9 @@ _NOT_TRAFFIC = _NO_KERNEL | {"while", "call", "conditional", "async-start", "asy
                              "async-done", "after-all", "partition-id", "replica-id"}
 
 
+_WORKSPACE = re.compile(r",\s*[su]8\[\d+\](\{[^}]*\})?\s*\)$")
+
+
 def _operands(rest: str, opcode_end: int) -> list[str]:
   """The instruction names between an opcode's parentheses."""
   depth = 0
@@ -239,7 +242,8 @@ def _operands(rest: str, opcode_end: int) -> list[str]:
 def hlo_traffic(hlo_text: str, depth: int = 1, top: int = 12) -> dict:
   """What the kernels of a compiled HLO module read and write, summed from each kernel's
   operand and result sizes (every computation's instructions that run as kernels or library
-  calls, fusions as one; bitcasts, tuples and parameters move nothing): `bytes` in all, and
+  calls, fusions as one; bitcasts, tuples, parameters and a library call's workspace move
+  nothing): `bytes` in all, and
   by kind of work (`kind_of`) and by model part (`scope_of`, `depth` deep; the `top`
   largest), per step and device, largest first. An upper bound on HBM traffic where a kernel reads only part of an
   operand (a gather's table, a slice taken inside a fusion), and a kernel in a loop body
@@ -269,6 +273,8 @@ def hlo_traffic(hlo_text: str, depth: int = 1, top: int = 12) -> dict:
                       _operands(rest, opcode.end(1)), op_name.group(1) if op_name else ""))
   by_kind, by_scope = {}, {}
   for name, opcode, target, shape, operands, op_name in kernels:
+    if opcode == "custom-call":  # A library call's scratch space (its last result) moves nothing.
+      shape = _WORKSPACE.sub(")", shape.strip())
     moved = array_bytes(shape) + sum(array_bytes(shapes.get(o, "")) for o in operands)
     kind = kind_of(" ".join((opcode, target, name)))
     by_kind[kind] = by_kind.get(kind, 0) + moved

@@ -146,7 +146,7 @@ def test_traffic_sums_what_each_kernel_reads_and_writes():
         ROOT %c = f32[8,8]{1,0} copy(%gte)
       }""")
   fusion = 3 * 4 * 8 * 4  # Two operands and the result, float32.
-  gemm = 2 * 4 * 8 * 4 + 8 * 8 * 4 + 1024  # The bitcast's bytes are the fusion's; workspace.
+  gemm = 2 * 4 * 8 * 4 + 8 * 8 * 4  # The bitcast's bytes are the fusion's; no workspace.
   neg = 2 * 16 * 2
   copy = 2 * 8 * 8 * 4
   out = trace.hlo_traffic(hlo)
