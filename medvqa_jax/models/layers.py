@@ -135,33 +135,41 @@ def cudnn_supports(head_dim: int | None, pad_to: int, capability: str | None) ->
   return heads_ok and pad_to % 2 == 0
 
 
+def pad_tokens(x, pad_to: int):
+  """x (B, L, ...) with zeros appended along L up to a multiple of `pad_to`."""
+  n = -x.shape[1] % pad_to
+  return jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2)) if n else x
+
+
 def fused_attention(q, k, v, bias, implementation: str, pad_to: int, kv_lengths=None,
-                    causal: bool = False):
+                    causal: bool = False, keys: int | None = None):
   """softmax(q k^T / sqrt(d) + mask) v through `jax.nn.dot_product_attention`.
 
   q (B, Lq, H, D), k/v (B, Lk, H, D). The mask is either `bias` as `attention_bias` makes it
-  (0 or the mask value; turned into a dense boolean mask) or, the kernels' fast path, key
-  lengths `kv_lengths` (B or 1,) (keys j >= length hidden) and/or `causal`. Lengths are
-  padded to a multiple of `pad_to`: padded keys are hidden (by sequence lengths when there is
-  no dense mask) and padded queries cut.
+  (0 or the mask value, over the real queries and keys; turned into a dense boolean mask) or,
+  the kernels' fast path, key lengths `kv_lengths` (B or 1,) (keys j >= length hidden) and/or
+  `causal`. Lengths are padded to a multiple of `pad_to`: padded keys are hidden (by sequence
+  lengths when there is no dense mask) and padded queries cut. keys: the real keys, where the
+  caller padded k and v already (`MultiHeadAttention` pads its inputs); the output then keeps
+  every query row given, for the caller to cut.
   """
-  b, lq, _, _ = q.shape
-  lk = k.shape[1]
-  pq, pk = -lq % pad_to, -lk % pad_to
-  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x
-  q, k, v = pad(q, pq), pad(k, pk), pad(v, pk)
+  b, lq = q.shape[:2]
+  lk = k.shape[1] if keys is None else keys
+  q, k, v = pad_tokens(q, pad_to), pad_tokens(k, pad_to), pad_tokens(v, pad_to)
   if bias is None:
-    q_len = jnp.full((b,), lq, jnp.int32) if pq else None
     if kv_lengths is not None:
       k_len = jnp.broadcast_to(jnp.asarray(kv_lengths, jnp.int32), (b,))
     else:
-      k_len = jnp.full((b,), lk, jnp.int32) if pk else None
-    out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=q_len,
-                                       key_value_seq_lengths=k_len, is_causal=causal,
+      k_len = jnp.full((b,), lk, jnp.int32) if k.shape[1] > lk else None
+    # Padded query rows attend like any other and are cut: no query lengths needed.
+    out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=k_len, is_causal=causal,
                                        implementation=implementation)
   else:
-    mask = jnp.broadcast_to(bias > _MASK_VALUE / 2, (b, 1, lq, lk))
-    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pq), (0, pk)))  # Pads: False, never attended.
+    # A mask of the real query rows; one that hides keys only serves every row, pads too.
+    rows = q.shape[1] if bias.shape[-2] == 1 else bias.shape[-2]
+    mask = jnp.broadcast_to(bias > _MASK_VALUE / 2, (b, 1, rows, lk))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, q.shape[1] - rows),
+                          (0, k.shape[1] - lk)))  # Pads: False, never attended.
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
   return out[:, :lq]
 
@@ -318,11 +326,22 @@ class MultiHeadAttention(nn.Module):
     """bias: None, an additive bias (`attention_bias`) or a `Mask` (`attention_mask`)."""
     mask = bias if isinstance(bias, Mask) else None
     bias = mask.bias if mask is not None else bias
-    kv = x if kv is None else kv
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
+    kernel = self.compute.kernel(self.dtype, head_dim)
+    fused = kernel != "reference" and not return_weights
+    tokens, keys = x.shape[1], (x if kv is None else kv).shape[1]
+    if fused:
+      # The fused kernels take token counts padded to pad_to. Padding the inputs, not q, k
+      # and v, lets the pads join the kernels that make x and kv (a layer norm, an add), and
+      # the cut the one that reads the output; padding q, k and v took passes of their own,
+      # and cutting the output and (backward) the three gradients: 21 GB of a towers_only
+      # step's traffic at 256 on an H200 (BENCHMARKS.md), for 2% more projection work.
+      x, kv = pad_tokens(x, self.compute.pad_to), (
+          None if kv is None else pad_tokens(kv, self.compute.pad_to))
+    kv = x if kv is None else kv
     dense = lambda name: nn.DenseGeneral(
         (self.num_heads, head_dim), dtype=self.dtype, name=name)
     q = dense("query")(x)
@@ -336,8 +355,7 @@ class MultiHeadAttention(nn.Module):
       if bias is not None and bias.shape[-2] != 1:
         raise ValueError("a shared context's mask may hide keys only")
       q = q.reshape(rows, groups * lq, *q.shape[2:])
-    kernel = self.compute.kernel(self.dtype, head_dim)
-    if kernel == "reference" or return_weights:
+    if not fused:
       # Logits and softmax in float32 whatever the compute dtype.
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
                           preferred_element_type=jnp.float32) * (head_dim ** -0.5)
@@ -349,15 +367,16 @@ class MultiHeadAttention(nn.Module):
       weights = None
       if mask is not None and mask.structured:
         out = fused_attention(q, k, v, None, kernel, self.compute.pad_to, mask.kv_lengths,
-                              mask.causal)
+                              mask.causal, keys=keys)
       else:
-        out = fused_attention(q, k, v, bias, kernel, self.compute.pad_to)
+        out = fused_attention(q, k, v, bias, kernel, self.compute.pad_to, keys=keys)
     if groups > 1:
       out = out.reshape(b, lq, *out.shape[2:])
       if weights is not None:  # (rows, H, G * Lq, Lk) -> (B, H, Lq, Lk)
         weights = weights.reshape(rows, weights.shape[1], groups, lq, -1)
         weights = weights.transpose(0, 2, 1, 3, 4).reshape(b, -1, lq, weights.shape[-1])
     out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(out)
+    out = out[:, :tokens]  # The padded query rows (fused kernels) cut.
     return (out, weights) if return_weights else out
 
 
