@@ -306,7 +306,7 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
   analytic = flops_lib.train_step(model, config, batch_size, shapes, teacher_dim)
   compiled_flops = _cost(compiled).get("flops")
   compiled_per_sample = (None if compiled_flops is None
-                         else compiled_flops * jax.device_count() / batch_size)
+                         else compiled_flops * device_count / batch_size)
   compute = amif.compute_of(config)
   kernel = attention_kernels(compute, mc.dtype, amif.head_dims(model))
   platform = jax.default_backend() if target is None else mesh.devices.flat[0].platform
