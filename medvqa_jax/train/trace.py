@@ -140,33 +140,41 @@ def _key(name: str) -> str:
   return name.replace(".", "_").replace("-", "_")
 
 
+def _instructions(hlo_text: str):
+  """(name, text after "=", opcode match or None, whether in a fusion's body) of each
+  instruction of a compiled HLO module, tuple shapes' "/*index=5*/" markers removed."""
+  fused = set(_FUSION_CALLS.findall(hlo_text))
+  in_fusion = False
+  for line in hlo_text.splitlines():
+    head = _COMPUTATION.match(line)
+    if head and "=" not in line.split("(")[0]:
+      in_fusion = head.group(1) in fused
+      continue
+    inst = _INSTRUCTION.match(line)
+    if inst:
+      rest = re.sub(r"/\*.*?\*/", "", inst.group(2))
+      yield inst.group(1), rest, _OPCODE.match(rest), in_fusion
+
+
+def _row(rest: str, opcode) -> list:
+  """[opcode, custom call target, JAX op name] of an instruction."""
+  target = re.search(r'custom_call_target="([^"]+)"', rest)
+  op_name = re.search(r'op_name="([^"]+)"', rest)
+  return [opcode.group(1) if opcode else "", target.group(1) if target else "",
+          op_name.group(1) if op_name else ""]
+
+
 def hlo_ops(hlo_text: str) -> dict:
   """{instruction name: [opcode, custom call target, JAX op name]} for the instructions of a
   compiled HLO module (`compiled.as_text()`) that run as kernels or library calls: those of
   every computation but the bodies of fusions (a fusion runs as one kernel, named after the
   fusion instruction). Each name is also keyed with `.` and `-` as `_`, as XLA names the
   kernels."""
-  fused = set(_FUSION_CALLS.findall(hlo_text))
-  table, skip = {}, False
-  for line in hlo_text.splitlines():
-    head = _COMPUTATION.match(line)
-    if head and "=" not in line.split("(")[0]:
-      skip = head.group(1) in fused
+  table = {}
+  for name, rest, opcode, in_fusion in _instructions(hlo_text):
+    if in_fusion or (opcode and opcode.group(1) in _NO_KERNEL):
       continue
-    if skip:
-      continue
-    inst = _INSTRUCTION.match(line)
-    if not inst:
-      continue
-    name, rest = inst.groups()
-    rest = re.sub(r"/\*.*?\*/", "", rest)  # Tuple shapes' "/*index=5*/" markers.
-    opcode = _OPCODE.match(rest)
-    if opcode and opcode.group(1) in _NO_KERNEL:
-      continue
-    target = re.search(r'custom_call_target="([^"]+)"', rest)
-    op_name = re.search(r'op_name="([^"]+)"', rest)
-    row = [opcode.group(1) if opcode else "", target.group(1) if target else "",
-           op_name.group(1) if op_name else ""]
+    row = _row(rest, opcode)
     table[name] = row
     table.setdefault(_key(name), row)
   return table
@@ -196,17 +204,10 @@ def collective_ops(hlo_text: str) -> list:
   ends with: an all-gather's gathered array, an all-reduce's reduced one, a reduce-scatter's
   shard. An op inside a loop (a scanned stack, gradient accumulation) is listed once."""
   ops = []
-  for line in hlo_text.splitlines():
-    inst = _INSTRUCTION.match(line)
-    if not inst:
-      continue
-    rest = re.sub(r"/\*.*?\*/", "", inst.group(2))
-    opcode = _OPCODE.match(rest)
+  for _, rest, opcode, _ in _instructions(hlo_text):
     kind = opcode.group(1).removesuffix("-done") if opcode else None
-    if kind not in COLLECTIVES:
-      continue
-    op_name = re.search(r'op_name="([^"]+)"', rest)
-    ops.append((kind, rest[:opcode.start(1)].strip(), op_name.group(1) if op_name else ""))
+    if kind in COLLECTIVES:
+      ops.append((kind, rest[:opcode.start(1)].strip(), _row(rest, opcode)[2]))
   return ops
 
 
@@ -224,8 +225,7 @@ def collectives(hlo_text: str) -> dict:
 # Instructions that run no kernel of their own, or whose kernels are counted inside them.
 _NOT_TRAFFIC = _NO_KERNEL | {"while", "call", "conditional", "async-start", "async-update",
                              "async-done", "after-all", "partition-id", "replica-id"}
-
-
+# A library call's last result when it is its scratch space (cuBLAS's 4 MB).
 _WORKSPACE = re.compile(r",\s*[su]8\[\d+\](\{[^}]*\})?\s*\)$")
 
 
@@ -243,37 +243,23 @@ def hlo_traffic(hlo_text: str, depth: int = 1, top: int = 12) -> dict:
   """What the kernels of a compiled HLO module read and write, summed from each kernel's
   operand and result sizes (every computation's instructions that run as kernels or library
   calls, fusions as one; bitcasts, tuples, parameters and a library call's workspace move
-  nothing): `bytes` in all, and
-  by kind of work (`kind_of`) and by model part (`scope_of`, `depth` deep; the `top`
-  largest), per step and device, largest first. An upper bound on HBM traffic where a kernel reads only part of an
-  operand (a gather's table, a slice taken inside a fusion), and a kernel in a loop body
-  counts once. Its use is the memory-bound part of a step, which on an H200 is as long as
-  the matrix products (BENCHMARKS.md): the fusions' gigabytes over the chip's bandwidth give
-  the time they cannot beat."""
-  fused = set(_FUSION_CALLS.findall(hlo_text))
-  shapes, kernels, skip = {}, [], False
-  for line in hlo_text.splitlines():
-    head = _COMPUTATION.match(line)
-    if head and "=" not in line.split("(")[0]:
-      skip = head.group(1) in fused
-      continue
-    inst = _INSTRUCTION.match(line)
-    if not inst:
-      continue
-    name, rest = inst.groups()
-    rest = re.sub(r"/\*.*?\*/", "", rest)
-    opcode = _OPCODE.match(rest)
+  nothing): `bytes` in all, and by kind of work (`kind_of`) and by model part (`scope_of`,
+  `depth` deep; the `top` largest), per step and device, largest first. An upper bound on HBM
+  traffic where a kernel reads only part of an operand (a gather's table, a slice taken
+  inside a fusion), and a kernel in a loop body counts once. Its use is the memory-bound
+  part of a step, which on an H200 is as long as the matrix products (BENCHMARKS.md): the
+  fusions' gigabytes over the chip's bandwidth give the time they cannot beat."""
+  shapes, kernels = {}, []
+  for name, rest, opcode, in_fusion in _instructions(hlo_text):
     if not opcode:
       continue
     shapes[name] = rest[:opcode.start(1)]
-    if not skip and opcode.group(1) not in _NOT_TRAFFIC:
-      target = re.search(r'custom_call_target="([^"]+)"', rest)
-      op_name = re.search(r'op_name="([^"]+)"', rest)
-      kernels.append((name, opcode.group(1), target.group(1) if target else "", shapes[name],
-                      _operands(rest, opcode.end(1)), op_name.group(1) if op_name else ""))
+    if not in_fusion and opcode.group(1) not in _NOT_TRAFFIC:
+      kernels.append((name, *_row(rest, opcode), shapes[name],
+                      _operands(rest, opcode.end(1))))
   by_kind, by_scope = {}, {}
-  for name, opcode, target, shape, operands, op_name in kernels:
-    if opcode == "custom-call":  # A library call's scratch space (its last result) moves nothing.
+  for name, opcode, target, op_name, shape, operands in kernels:
+    if opcode == "custom-call":  # Its scratch space moves nothing.
       shape = _WORKSPACE.sub(")", shape.strip())
     moved = array_bytes(shape) + sum(array_bytes(shapes.get(o, "")) for o in operands)
     kind = kind_of(" ".join((opcode, target, name)))
