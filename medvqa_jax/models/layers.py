@@ -102,16 +102,20 @@ class Compute:
     if self.pad_to < 1:
       raise ValueError(f"pad_to must be >= 1, got {self.pad_to}")
 
-  def kernel(self, dtype, head_dim: int | None = None) -> str:
+  def kernel(self, dtype, head_dim: int | None = None, capability: str | None = None) -> str:
     """The attention implementation used for a compute dtype (and head dim, where known) on
-    the default backend. "auto" keeps the reference where cuDNN's flash kernel would refuse
-    the call (`cudnn_supports`)."""
+    the default backend, or on a GPU of compute `capability` (compiling for one: aot.py).
+    "auto" keeps the reference where cuDNN's flash kernel would refuse the call
+    (`cudnn_supports`)."""
     if self.attention != "auto":
       return self.attention
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    if not half or jax.default_backend() != "gpu":
+    if capability is None:
+      if jax.default_backend() != "gpu":
+        return "reference"
+      capability = getattr(jax.devices()[0], "compute_capability", None)
+    if not half:
       return "reference"
-    capability = getattr(jax.devices()[0], "compute_capability", None)
     if cudnn_supports(head_dim, self.pad_to, capability):
       return "cudnn"
     if (head_dim, self.pad_to) not in _WARNED:

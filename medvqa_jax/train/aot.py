@@ -101,11 +101,10 @@ def devices(target: str, count: int = 1) -> list:
 
 
 def attention(compute, dtype, head_dims, capability: str = "9.0") -> str:
-  """What `attention="auto"` resolves to on the target (compute capability `capability`):
-  the same rule as `layers.Compute.kernel` on a GPU."""
-  from medvqa_jax.models import layers
+  """What `attention="auto"` resolves to on the target (compute capability `capability`), as
+  `layers.Compute.kernel` chooses there: cuDNN where it takes every head dim, else the
+  reference (one setting serves the whole model)."""
   if compute.attention != "auto":
     return compute.attention
-  half = jax.numpy.dtype(dtype) in (jax.numpy.dtype("bfloat16"), jax.numpy.dtype("float16"))
-  ok = half and all(layers.cudnn_supports(d, compute.pad_to, capability) for d in head_dims)
-  return "cudnn" if ok else "reference"
+  kernels = {compute.kernel(dtype, d, capability) for d in head_dims}
+  return "cudnn" if kernels == {"cudnn"} else "reference"
