@@ -132,7 +132,11 @@ def _jax_name(args: dict) -> str:
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _OPCODE = re.compile(r"^(?:\([^=]*?\)|\S+)\s+([\w\-]+)\(")
+# Computations that run inside another instruction's kernel: a fusion's body, and what an
+# instruction applies to each element or pair (a reduction's `to_apply`, a sort's
+# comparator, select-and-scatter's `select` and `scatter`).
 _FUSION_CALLS = re.compile(r"\bfusion\(.*?calls=%?([\w.\-]+)")
+_APPLIED = re.compile(r"\b(?:to_apply|comparator|select|scatter)=%?([\w.\-]+)")
 _NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
 
 
@@ -141,9 +145,10 @@ def _key(name: str) -> str:
 
 
 def _instructions(hlo_text: str):
-  """(name, text after "=", opcode match or None, whether in a fusion's body) of each
-  instruction of a compiled HLO module, tuple shapes' "/*index=5*/" markers removed."""
-  fused = set(_FUSION_CALLS.findall(hlo_text))
+  """(name, text after "=", opcode match or None, whether inside another instruction's
+  kernel: a fusion's body or a computation applied per element) of each instruction of a
+  compiled HLO module, tuple shapes' "/*index=5*/" markers removed."""
+  fused = set(_FUSION_CALLS.findall(hlo_text)) | set(_APPLIED.findall(hlo_text))
   in_fusion = False
   for line in hlo_text.splitlines():
     head = _COMPUTATION.match(line)
@@ -168,7 +173,8 @@ def hlo_ops(hlo_text: str) -> dict:
   """{instruction name: [opcode, custom call target, JAX op name]} for the instructions of a
   compiled HLO module (`compiled.as_text()`) that run as kernels or library calls: those of
   every computation but the bodies of fusions (a fusion runs as one kernel, named after the
-  fusion instruction). Each name is also keyed with `.` and `-` as `_`, as XLA names the
+  fusion instruction) and what an instruction applies per element (a reduction's adder). Each
+  name is also keyed with `.` and `-` as `_`, as XLA names the
   kernels."""
   table = {}
   for name, rest, opcode, in_fusion in _instructions(hlo_text):
@@ -242,8 +248,8 @@ def _operands(rest: str, opcode_end: int) -> list[str]:
 def hlo_traffic(hlo_text: str, depth: int = 1, top: int = 12) -> dict:
   """What the kernels of a compiled HLO module read and write, summed from each kernel's
   operand and result sizes (every computation's instructions that run as kernels or library
-  calls, fusions as one; bitcasts, tuples, parameters and a library call's workspace move
-  nothing): `bytes` in all, and by kind of work (`kind_of`) and by model part (`scope_of`,
+  calls, fusions as one, a reduction's adder inside its kernel; bitcasts, tuples,
+  parameters and a library call's workspace move nothing): `bytes` in all, and by kind of work (`kind_of`) and by model part (`scope_of`,
   `depth` deep; the `top` largest), per step and device, largest first. An upper bound on HBM
   traffic where a kernel reads only part of an operand (a gather's table, a slice taken
   inside a fusion), and a kernel in a loop body counts once. Its use is the memory-bound

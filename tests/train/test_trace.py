@@ -121,13 +121,21 @@ def test_collectives_are_read_from_the_compiled_program():
 def test_traffic_sums_what_each_kernel_reads_and_writes():
   """A kernel moves its operands and its result; a fusion counts as one kernel (its body's
   instructions move nothing of their own), and parameters, bitcasts, tuples and loops (whose
-  body is counted instead) none."""
+  body is counted instead) none; nor do the computations that an instruction applies to each
+  element (a reduction's `to_apply`, a sort's comparator): they run inside its kernel."""
   hlo = textwrap.dedent("""\
       HloModule step
+      %region_0.1 (r0: f32[], r1: f32[]) -> f32[] {
+        %r0 = f32[] parameter(0)
+        %r1 = f32[] parameter(1)
+        ROOT %add.9 = f32[] add(f32[] %r0, f32[] %r1), metadata={op_name="jit(step)/image/ln/reduce_sum"}
+      }
       %fused_add (a: f32[4,8], b: f32[4,8]) -> f32[4,8] {
         %a = f32[4,8]{1,0} parameter(0)
         %b = f32[4,8]{1,0} parameter(1)
-        ROOT %sum = f32[4,8]{1,0} add(f32[4,8]{1,0} %a, f32[4,8]{1,0} %b)
+        %zero = f32[] constant(0)
+        %sum = f32[4,8]{1,0} add(f32[4,8]{1,0} %a, f32[4,8]{1,0} %b)
+        ROOT %red = f32[4,8]{1,0} reduce-window(%sum, %zero), window={size=1x1}, to_apply=%region_0.1
       }
       %body (t: (s32[], bf16[16])) -> (s32[], bf16[16]) {
         %t = (s32[], bf16[16]{0}) parameter(0)
