@@ -139,8 +139,9 @@ def get_config(arg=None):
       # fsdp_min_size elements whose path matches an fsdp_rules regex. prefetch: batches
       # copied to the devices ahead of the step that reads them (sharding.prefetch). rng:
       # the random numbers' implementation (dropout, ITM negatives): "threefry" (JAX's
-      # default), "rbg" or "unsafe_rbg" (XLA's RngBitGenerator; faster on a GPU, draws that
-      # may differ between devices and XLA versions; train/step.RNG_IMPLS).
+      # default; dropout hashes it in-line, layers.keep_mask), "rbg" or "unsafe_rbg" (XLA's
+      # RngBitGenerator; draws that may differ between devices and XLA versions;
+      # train/step.RNG_IMPLS).
       train=dict(workdir=unset(str), batch_size=32, accum_steps=1, epochs=unset(int),
                  prefetch=2, rng="threefry",
                  log_every=10, eval_every=500, save_every=500, keep=2, eval_batch_size=64,

@@ -29,22 +29,23 @@ def test_dropout_drops_at_its_rate_and_rescales_only_in_training():
 
 
 def test_dropout_draws_16_bits_per_element_and_keeps_the_expectation():
-  """Two elements from each 32-bit draw (half the random bits of a float per element); the
-  rate in steps of 2^-16 and the scale its exact inverse; the two halves of a draw drop
-  independently; any last dimension, odd included; the input's dtype."""
+  """Four elements from each 64-bit draw (an eighth of the random bits of a float per
+  element); the rate in steps of 2^-16 and the scale its exact inverse; the four quarters of
+  a draw drop independently; any last dimension, odd included; the input's dtype."""
   key = jax.random.PRNGKey(3)
   x = jnp.ones((512, 1001), jnp.bfloat16)
-  jaxpr = str(jax.make_jaxpr(lambda k: layers.keep_mask(k, 0.1, x.shape))(key))
-  assert "shape=(512, 501)" in jaxpr and "bit_width=32" in jaxpr  # 501 = ceil(1001 / 2).
   keep, keep_prob = layers.keep_mask(key, 0.1, x.shape)
   assert keep.shape == x.shape and keep_prob == 1 - 6554 / 65536  # 0.1 -> 0.1000061.
   drop = ~np.asarray(keep)
   n, p = drop.size, 6554 / 65536
   assert abs(drop.mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
-  # The halves of one draw (columns 2i, 2i + 1): each at the rate, and both at its square.
-  both = (drop[:, 0:1000:2] & drop[:, 1:1000:2]).mean()
-  assert abs(both - p * p) < 5 * np.sqrt(p * p / (512 * 500))
-  assert abs(drop[:, 0::2].mean() - drop[:, 1::2].mean()) < 0.01
+  # The quarters of one draw (columns 4i + a): each at the rate, any two at its square.
+  quarters = [drop[:, a:1000:4] for a in range(4)]
+  for a in range(4):
+    assert abs(quarters[a].mean() - p) < 5 * np.sqrt(p * (1 - p) / quarters[a].size)
+    for b in range(a + 1, 4):
+      both = (quarters[a] & quarters[b]).mean()
+      assert abs(both - p * p) < 5 * np.sqrt(p * p / quarters[a].size), (a, b)
   y = _Drop01().apply({}, x, rngs={"dropout": key})
   assert y.dtype == jnp.bfloat16
   y = np.asarray(y, np.float32)
@@ -52,6 +53,58 @@ def test_dropout_draws_16_bits_per_element_and_keeps_the_expectation():
   np.testing.assert_allclose(y[y != 0], float(jnp.bfloat16(1 / keep_prob)))
   with pytest.raises(ValueError, match="rate must be in \\[0, 1\\), got 1.0"):
     layers.keep_mask(key, 1.0, (4, 4))
+
+
+def test_threefry_matches_its_published_answers_and_jax():
+  """The in-line hash against the known answers of Threefry-2x32-20 (Random123's kat_vectors,
+  which JAX's tests also check) and JAX's own kernel."""
+  from jax.extend.random import threefry_2x32
+  cases = [((0, 0), (0, 0), (0x6B200159, 0x99BA4EFE)),
+           ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
+           ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0))]
+  for key, (c0, c1), expected in cases:
+    key = jnp.asarray(key, jnp.uint32)
+    got = layers.threefry2x32(key, jnp.uint32(c0), jnp.uint32(c1))
+    assert tuple(int(w) for w in got) == expected
+  rng = np.random.default_rng(0)
+  key = jnp.asarray(rng.integers(0, 2 ** 32, 2, dtype=np.uint64).astype(np.uint32))
+  counts = rng.integers(0, 2 ** 32, (2, 1000), dtype=np.uint64).astype(np.uint32)
+  got = layers.threefry2x32(key, jnp.asarray(counts[0]), jnp.asarray(counts[1]))
+  # JAX's threefry_2x32 hashes the pairs (count[i], count[n/2 + i]).
+  want = np.asarray(threefry_2x32(key, jnp.asarray(counts.reshape(-1))))
+  np.testing.assert_array_equal(np.concatenate([np.asarray(w) for w in got]), want)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 10), (7, 8), (1, 3)])
+def test_dropout_bits_are_jax_64_bit_draws_split_in_four(shape):
+  """A ThreeFry key's mask is `jax.random.bits(key, (..., ceil(n / 4)), uint64)` split into
+  16-bit quarters (high word's low half first), each compared with the rate: JAX's draws, as
+  a 64-bit run would make them, with no random-bits kernel in the program (the hash is
+  in-line, for XLA to fuse with the mask's users)."""
+  key = jax.random.key(7)
+  keep, _ = layers.keep_mask(key, 0.1, shape)
+  *lead, last = shape
+  with jax.enable_x64(True):
+    words = np.asarray(jax.random.bits(key, (*lead, -(-last // 4)), jnp.uint64))
+  quarters = np.stack([(words >> 32) & 0xFFFF, words >> 48, words & 0xFFFF,
+                       (words >> 16) & 0xFFFF], axis=-1).reshape(*lead, -1)[..., :last]
+  np.testing.assert_array_equal(np.asarray(keep), quarters >= 6554)
+  jaxpr = str(jax.make_jaxpr(lambda k: layers.keep_mask(k, 0.1, shape))(key))
+  assert "threefry2x32" not in jaxpr and "random_bits" not in jaxpr
+  # Raw key data (PRNGKey's) is a ThreeFry key: the same mask.
+  raw = jax.random.key_data(key)
+  np.testing.assert_array_equal(np.asarray(layers.keep_mask(raw, 0.1, shape)[0]),
+                                np.asarray(keep))
+
+
+def test_dropout_with_an_rbg_key_draws_through_jax():
+  """train.rng=rbg: 32-bit words of jax.random.bits, two elements each, at the rate."""
+  key = jax.random.key(5, impl="rbg")
+  keep, keep_prob = layers.keep_mask(key, 0.25, (300, 101))
+  words = np.asarray(jax.random.bits(key, (300, 51), jnp.uint32))
+  halves = np.stack([words & 0xFFFF, words >> 16], -1).reshape(300, -1)[:, :101]
+  np.testing.assert_array_equal(np.asarray(keep), halves >= 16384)
+  assert keep_prob == 0.75
 
 
 class _Drop01(nn.Module):
