@@ -39,8 +39,29 @@ def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+@jax.custom_vjp
 def exact_gelu(x):
+  """x Phi(x), Phi the standard normal's CDF (BERT's "gelu"). Its gradient keeps only x for
+  the backward pass: autodiff of `jax.nn.gelu` also keeps erfc(-x / sqrt 2), an array the size
+  of the MLP's hidden layer written in the forward pass and read in the backward. Compiled
+  for an H200, that was 1.9 GB of a fine-tuning step's traffic at 64 and 1.4 GiB of its memory
+  (4.2 GB and 2.0 GiB in stage 1). The gradient, Phi(x) + x phi(x), is computed in float32 and
+  rounded once."""
   return jax.nn.gelu(x, approximate=False)
+
+
+def _exact_gelu_fwd(x):
+  return exact_gelu(x), x
+
+
+def _exact_gelu_bwd(x, g):
+  x32 = x.astype(jnp.float32)
+  cdf = 0.5 * jax.lax.erfc(x32 * -0.7071067811865476)
+  pdf = jnp.exp(-0.5 * x32 * x32) * 0.3989422804014327  # 1 / sqrt(2 pi)
+  return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(g.dtype),)
+
+
+exact_gelu.defvjp(_exact_gelu_fwd, _exact_gelu_bwd)
 
 
 ACTIVATIONS: dict[str, Callable] = {
