@@ -334,8 +334,31 @@ def attention_bias(key_mask=None, causal_len: int | None = None):
   return None if bias is None else bias.astype(jnp.float32)
 
 
+class KeyProjection(nn.Module):
+  """Attention's key projection: the parameters of a biased `nn.DenseGeneral` (its `kernel`
+  and `bias`, named and initialised as it does, so checkpoints and importers see no
+  difference), of which only the kernel is applied. A key bias b adds q . b to every logit
+  of a query's row, which the softmax takes away: it changes no output, and its gradient is
+  zero (autodiff gave rounding noise, which Adam's normalisation turned into steps of the
+  learning rate's size). Adding it cost a pass over the keys forward, and one backward for
+  its gradient."""
+  features: tuple[int, ...]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.lecun_normal()  # nn.DenseGeneral's, over (inputs, features).
+    kernel = self.param(
+        "kernel", lambda rng, shape: init(rng, (shape[0], math.prod(shape[1:]))).reshape(shape),
+        (x.shape[-1], *self.features))
+    self.param("bias", nn.initializers.zeros, self.features)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
 class MultiHeadAttention(nn.Module):
-  """Multi-head attention with separate query/key/value/out projections (all biased).
+  """Multi-head attention with separate query/key/value/out projections, all with biases; the
+  key bias is not applied (`KeyProjection`: the softmax cancels it).
 
   x (B, Lq, D); kv (B / G, Lk, Dkv), defaulting to x. A context with fewer rows than x is
   shared by groups of G consecutive rows of x (a batch-1 context by the whole batch; a
@@ -371,7 +394,7 @@ class MultiHeadAttention(nn.Module):
     dense = lambda name: nn.DenseGeneral(
         (self.num_heads, head_dim), dtype=self.dtype, name=name)
     q = dense("query")(x)
-    k = dense("key")(kv)
+    k = KeyProjection((self.num_heads, head_dim), self.dtype, name="key")(kv)
     v = dense("value")(kv)
     (b, lq), rows = q.shape[:2], k.shape[0]
     groups = b // rows

@@ -38,20 +38,16 @@ def _close(a, b, tol):
 
 
 def _assert_grads_close(g_a, g_b, tol, what=""):
-  """Gradient trees equal leaf by leaf (`_close`), the attention key biases excepted: softmax
-  ignores a shift shared by a query's keys, so their gradient is zero and what either side
-  computes for it is rounding noise (several hundredths in bf16 on an H200, on either path).
-  They are held to zero at the scale of the largest gradient instead."""
+  """Gradient trees equal leaf by leaf (`_close`); the attention key biases' exactly zero on
+  both sides (`layers.KeyProjection` does not apply them)."""
   flat_a = dict(jax.tree_util.tree_flatten_with_path(g_a)[0])
   flat_b = jax.tree_util.tree_flatten_with_path(g_b)[0]
   assert set(flat_a) == {path for path, _ in flat_b}, what
-  scale = max(1.0, max(_absmax(b) for _, b in flat_b))
   for path, b in flat_b:
     name, a = jax.tree_util.keystr(path), flat_a[path]
     if name.endswith("['key']['bias']"):
-      assert max(_absmax(a), _absmax(b)) <= tol * scale, (what, name)
-    else:
-      assert _close(a, b, tol), (what, name)
+      assert not np.any(np.asarray(a)) and not np.any(np.asarray(b)), (what, name)
+    assert _close(a, b, tol), (what, name)
 
 
 def _mask(lengths, n):
@@ -145,6 +141,48 @@ def test_a_context_shared_by_groups_of_rows_equals_it_repeated(compute, form):
   assert w_shared.shape == (2 * g, 4, lq, lk) and max_diff(w_shared, w_repeated) <= tol
   with pytest.raises(ValueError, match="a context of 2 rows cannot be shared by 7 query rows"):
     mha.apply({"params": params}, x[:7], kv, make(key_mask))
+
+
+def _mha_float64(p, x, kv, key_mask):
+  """Multi-head attention in float64 with every bias applied, the key bias included."""
+  proj = lambda t, q: np.einsum("bld,dhk->blhk", t, q["kernel"]) + q["bias"]
+  q, k, v = proj(x, p["query"]), proj(kv, p["key"]), proj(kv, p["value"])
+  logits = np.einsum("bqhk,bphk->bhqp", q, k) / np.sqrt(q.shape[-1])
+  logits = np.where(key_mask[:, None, None, :] == 1, logits, -np.inf)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  out = np.einsum("bhqp,bphk->bqhk", w / w.sum(-1, keepdims=True), v)
+  return np.einsum("bqhk,hkd->bqd", out, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+@pytest.mark.parametrize("compute", [REFERENCE, FUSED], ids=["reference", "fused"])
+def test_the_key_bias_is_kept_but_changes_nothing_and_gets_no_gradient(compute):
+  """The softmax takes away the shift q . b that a key bias adds to a query's row: attention
+  with a large key bias equals the float64 formula that applies it, and its gradient is
+  exactly zero. The parameter stays, initialised as nn.DenseGeneral's."""
+  import flax.linen as nn
+  dtype = jnp.bfloat16 if compute.attention == "cudnn" else jnp.float32
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(3, 6, 32)).astype(np.float32)
+  kv = rng.normal(size=(3, 9, 32)).astype(np.float32)
+  key_mask = _mask([9, 4, 7], 9)
+  mha = layers.MultiHeadAttention(4, dtype, compute)
+  params = mha.init(jax.random.PRNGKey(0), x, kv)["params"]
+  dense = nn.DenseGeneral((4, 8)).init(jax.random.PRNGKey(1), kv)["params"]
+  mine = layers.KeyProjection((4, 8)).init(jax.random.PRNGKey(1), kv)["params"]
+  chex.assert_trees_all_equal(mine, dense)
+  params = jax.tree.map(lambda a: a + rng.normal(size=a.shape).astype(np.float32) * 0.3,
+                        params)
+  params["key"]["bias"] = params["key"]["bias"] + 5.0
+  bias = layers.attention_mask(key_mask, right_padded=True)
+  out = mha.apply({"params": params}, x, kv, bias)
+  want = _mha_float64(jax.tree.map(lambda a: np.asarray(a, np.float64), params),
+                      x.astype(np.float64), kv.astype(np.float64), key_mask)
+  tol = BF16_TOL if dtype == jnp.bfloat16 else F32_TOL
+  assert _close(out, want, tol)
+  grads = jax.grad(lambda p: jnp.sum(mha.apply({"params": p}, x, kv, bias)
+                                     .astype(jnp.float32) ** 2))(params)
+  assert not np.any(np.asarray(grads["key"]["bias"]))
+  assert np.all(np.abs(np.asarray(grads["query"]["bias"])) > 0)
 
 
 def test_a_structured_mask_reaches_the_kernel_as_lengths(monkeypatch):
@@ -294,12 +332,13 @@ def test_scanned_stacks_run_in_bfloat16_on_float32_inputs(stack):
   for key in out_plain:
     assert out_fast[key].dtype == out_plain[key].dtype, key
     assert _close(out_fast[key], out_plain[key], BF16_TOL), key
-  # Relative to each gradient's norm; attention key biases excepted: their gradient is zero
-  # (softmax ignores a shift shared by a query's keys), so they hold only rounding noise.
+  # Relative to each gradient's norm; attention key biases get none (exactly zero).
   flat_fast = dict(jax.tree_util.tree_flatten_with_path(g_fast)[0])
   for path, g in jax.tree_util.tree_flatten_with_path(g_plain)[0]:
     name = jax.tree_util.keystr(path)
-    if "['key']['bias']" not in name:
+    if "['key']['bias']" in name:
+      assert not np.any(np.asarray(g)) and not np.any(np.asarray(flat_fast[path])), name
+    else:
       assert rel_err(flat_fast[path], g) <= BF16_TOL, name
 
 
