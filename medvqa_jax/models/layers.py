@@ -334,31 +334,41 @@ def attention_bias(key_mask=None, causal_len: int | None = None):
   return None if bias is None else bias.astype(jnp.float32)
 
 
-class KeyProjection(nn.Module):
-  """Attention's key projection: the parameters of a biased `nn.DenseGeneral` (its `kernel`
-  and `bias`, named and initialised as it does, so checkpoints and importers see no
-  difference), of which only the kernel is applied. A key bias b adds q . b to every logit
-  of a query's row, which the softmax takes away: it changes no output, and its gradient is
-  zero (autodiff gave rounding noise, which Adam's normalisation turned into steps of the
-  learning rate's size). Adding it cost a pass over the keys forward, and one backward for
-  its gradient."""
+class Projection(nn.Module):
+  """`nn.DenseGeneral`'s parameters and product, its bias left to the caller: the last
+  `in_axes` axes of x onto `features`, with kernel (*inputs, *features) (initialised as
+  nn.DenseGeneral does, over the flattened (inputs, features) matrix) and bias (*features,),
+  named as it names them, so that checkpoints, importers and FSDP rules see no difference.
+  Returns (x . kernel in the compute dtype, kernel, bias), the parameters as stored.
+
+  Attention places its key and value biases where they cost least (`MultiHeadAttention`):
+  applied where the projections are made, each was broadcast to the keys' shape as cuBLAS's
+  C operand (written, then read), and reduced from the keys' gradient."""
   features: tuple[int, ...]
+  in_axes: int = 1
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    init = nn.initializers.lecun_normal()  # nn.DenseGeneral's, over (inputs, features).
-    kernel = self.param(
-        "kernel", lambda rng, shape: init(rng, (shape[0], math.prod(shape[1:]))).reshape(shape),
-        (x.shape[-1], *self.features))
-    self.param("bias", nn.initializers.zeros, self.features)
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    inputs = x.shape[x.ndim - self.in_axes:]
+    init = nn.initializers.lecun_normal()  # nn.DenseGeneral's.
+    flat = (math.prod(inputs), math.prod(self.features))
+    kernel = self.param("kernel", lambda rng, shape: init(rng, flat).reshape(shape),
+                        (*inputs, *self.features))
+    bias = self.param("bias", nn.initializers.zeros, self.features)
+    xc, kc = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
+    return jax.lax.dot_general(xc, kc, (contract, ((), ()))), kernel, bias
 
 
 class MultiHeadAttention(nn.Module):
-  """Multi-head attention with separate query/key/value/out projections, all with biases; the
-  key bias is not applied (`KeyProjection`: the softmax cancels it).
+  """Multi-head attention with separate query/key/value/out projections, all with biases.
+  Two biases are placed where they cost least (`Projection`), with the same outputs: a key
+  bias b adds q . b to every logit of a query's row, which the softmax takes away, so it is
+  not applied (and its gradient is exactly zero, where autodiff gave it rounding noise that
+  Adam's normalisation turned into steps of the learning rate's size); and since each row of
+  attention weights sums to 1, a value bias passes through them unchanged, so it joins the
+  out projection's as b_out + b_value . W_out.
 
   x (B, Lq, D); kv (B / G, Lk, Dkv), defaulting to x. A context with fewer rows than x is
   shared by groups of G consecutive rows of x (a batch-1 context by the whole batch; a
@@ -394,8 +404,9 @@ class MultiHeadAttention(nn.Module):
     dense = lambda name: nn.DenseGeneral(
         (self.num_heads, head_dim), dtype=self.dtype, name=name)
     q = dense("query")(x)
-    k = KeyProjection((self.num_heads, head_dim), self.dtype, name="key")(kv)
-    v = dense("value")(kv)
+    heads = (self.num_heads, head_dim)
+    k, _, _ = Projection(heads, dtype=self.dtype, name="key")(kv)  # The softmax cancels it.
+    v, _, v_bias = Projection(heads, dtype=self.dtype, name="value")(kv)
     (b, lq), rows = q.shape[:2], k.shape[0]
     groups = b // rows
     if groups * rows != b:
@@ -424,7 +435,9 @@ class MultiHeadAttention(nn.Module):
       if weights is not None:  # (rows, H, G * Lq, Lk) -> (B, H, Lq, Lk)
         weights = weights.reshape(rows, weights.shape[1], groups, lq, -1)
         weights = weights.transpose(0, 2, 1, 3, 4).reshape(b, -1, lq, weights.shape[-1])
-    out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(out)
+    out, w_out, b_out = Projection((width,), 2, self.dtype, name="out")(out)
+    # The value bias, past the weights (each row sums to 1), joins the out projection's.
+    out = out + (b_out + jnp.einsum("hk,hkd->d", v_bias, w_out)).astype(out.dtype)
     out = out[:, :tokens]  # The padded query rows (fused kernels) cut.
     return (out, weights) if return_weights else out
 

@@ -8,6 +8,7 @@ import functools
 import os
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,35 +155,56 @@ def _mha_float64(p, x, kv, key_mask):
   return np.einsum("bqhk,hkd->bqd", out, p["out"]["kernel"]) + p["out"]["bias"]
 
 
+class _PlainAttention(nn.Module):
+  """Attention as written: four biased nn.DenseGeneral projections, every bias in place."""
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, x, kv, key_mask):
+    heads = (self.num_heads, x.shape[-1] // self.num_heads)
+    q, k, v = (nn.DenseGeneral(heads, name=n)(t) for n, t in
+               (("query", x), ("key", kv), ("value", kv)))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(heads[1])
+    weights = jax.nn.softmax(jnp.where(key_mask[:, None, None] == 1, logits, -1e9), axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), name="out")(out)
+
+
 @pytest.mark.parametrize("compute", [REFERENCE, FUSED], ids=["reference", "fused"])
-def test_the_key_bias_is_kept_but_changes_nothing_and_gets_no_gradient(compute):
-  """The softmax takes away the shift q . b that a key bias adds to a query's row: attention
-  with a large key bias equals the float64 formula that applies it, and its gradient is
-  exactly zero. The parameter stays, initialised as nn.DenseGeneral's."""
-  import flax.linen as nn
+def test_the_key_and_value_biases_are_placed_where_they_cost_least(compute):
+  """The key bias is not applied (the softmax cancels it) and the value bias joins the out
+  projection's (each row of weights sums to 1): outputs equal the float64 formula that
+  applies both in place, with both large; gradients equal those of attention as written
+  (autodiff of nn.DenseGeneral projections), the key bias's exactly zero; the parameters are
+  nn.DenseGeneral's, initialised alike."""
   dtype = jnp.bfloat16 if compute.attention == "cudnn" else jnp.float32
+  tol = BF16_TOL if dtype == jnp.bfloat16 else F32_TOL
   rng = np.random.default_rng(5)
   x = rng.normal(size=(3, 6, 32)).astype(np.float32)
   kv = rng.normal(size=(3, 9, 32)).astype(np.float32)
   key_mask = _mask([9, 4, 7], 9)
   mha = layers.MultiHeadAttention(4, dtype, compute)
+  plain = _PlainAttention(4)
   params = mha.init(jax.random.PRNGKey(0), x, kv)["params"]
-  dense = nn.DenseGeneral((4, 8)).init(jax.random.PRNGKey(1), kv)["params"]
-  mine = layers.KeyProjection((4, 8)).init(jax.random.PRNGKey(1), kv)["params"]
-  chex.assert_trees_all_equal(mine, dense)
+  chex.assert_trees_all_equal(params, plain.init(jax.random.PRNGKey(0), x, kv,
+                                                 key_mask)["params"])
   params = jax.tree.map(lambda a: a + rng.normal(size=a.shape).astype(np.float32) * 0.3,
                         params)
   params["key"]["bias"] = params["key"]["bias"] + 5.0
+  params["value"]["bias"] = params["value"]["bias"] + 3.0
   bias = layers.attention_mask(key_mask, right_padded=True)
   out = mha.apply({"params": params}, x, kv, bias)
   want = _mha_float64(jax.tree.map(lambda a: np.asarray(a, np.float64), params),
                       x.astype(np.float64), kv.astype(np.float64), key_mask)
-  tol = BF16_TOL if dtype == jnp.bfloat16 else F32_TOL
   assert _close(out, want, tol)
-  grads = jax.grad(lambda p: jnp.sum(mha.apply({"params": p}, x, kv, bias)
-                                     .astype(jnp.float32) ** 2))(params)
+  square = lambda y: jnp.sum(y.astype(jnp.float32) ** 2)
+  grads = jax.grad(lambda p: square(mha.apply({"params": p}, x, kv, bias)))(params)
+  written = jax.grad(lambda p: square(plain.apply({"params": p}, x, kv, key_mask)))(params)
   assert not np.any(np.asarray(grads["key"]["bias"]))
-  assert np.all(np.abs(np.asarray(grads["query"]["bias"])) > 0)
+  written["key"]["bias"] = jnp.zeros_like(written["key"]["bias"])  # Rounding noise there.
+  flat = dict(jax.tree_util.tree_flatten_with_path(grads)[0])
+  for path, g in jax.tree_util.tree_flatten_with_path(written)[0]:
+    assert rel_err(flat[path], g) <= tol if np.any(g) else not np.any(flat[path]), path
 
 
 def test_a_structured_mask_reaches_the_kernel_as_lengths(monkeypatch):
