@@ -342,8 +342,8 @@ class Projection(nn.Module):
   Returns (x . kernel in the compute dtype, kernel, bias), the parameters as stored.
 
   Attention places its key and value biases where they cost least (`MultiHeadAttention`):
-  applied where the projections are made, each was broadcast to the keys' shape as cuBLAS's
-  C operand (written, then read), and reduced from the keys' gradient."""
+  applied where the projections are made, each was broadcast to the keys' (the values')
+  shape as cuBLAS's C operand (written, then read), and reduced from their gradient."""
   features: tuple[int, ...]
   in_axes: int = 1
   dtype: Dtype = jnp.float32
@@ -490,9 +490,9 @@ def keep_mask(key, rate: float, shape) -> tuple:
   uint64)`, each 64-bit draw split in four. XLA fuses the hash into the kernels that use the
   mask, where `jax.random.bits` runs it as a kernel of its own (on a GPU, with the kernel
   lowering the launch scripts choose, one that reads the keys and counters broadcast to the
-  draw's shape) and XORs its two output words into one 32-bit draw, a further pass. A quarter
-  of the hashing, and compiled for an H200, 8.2 of a fine-tuning step's 145 GB of traffic
-  gone, 18.2 of stage 1's 184 (BENCHMARKS.md). A key of another implementation (`rbg`) draws
+  draw's shape) and XORs its two output words into one 32-bit draw, a further pass. Half the
+  hashing of 32-bit draws, and compiled for an H200, 8.2 of a fine-tuning step's 145 GB of
+  traffic gone, 18.2 of stage 1's 184 (BENCHMARKS.md). A key of another implementation (`rbg`) draws
   32-bit words through `jax.random.bits`, two elements each."""
   if not 0 <= rate < 1:
     raise ValueError(f"the dropout rate must be in [0, 1), got {rate}")
