@@ -42,7 +42,11 @@ class ClipTextTransformer(nn.Module):
       raise ValueError(f"sequence length {length} exceeds context_length {self.context_length}")
     x = nn.Embed(self.vocab_size, self.width, name="token_embed")(input_ids)
     pos = self.param("pos_embed", nn.initializers.normal(0.01), (self.context_length, self.width))
-    x = (x + pos[:length]).astype(self.dtype)
+    # Rows taken, not sliced: with a slice, XLA's GPU layout assignment (the token embedding's
+    # scatter-add and the slice's batch reduction, both in the backward pass) laid out the
+    # whole residual stream batch-minor, with a transpose around every layer norm and matrix
+    # product (towers_only at 256 on an H200: 3 GB more traffic; BENCHMARKS.md).
+    x = (x + jnp.take(pos, jnp.arange(length), axis=0)).astype(self.dtype)
     bias = layers.attention_mask(attention_mask, causal_len=length, right_padded=True)
     block = functools.partial(layers.PreLNBlock, self.num_heads, self.mlp_dim, self.act,
                               self.ln_eps, self.dtype, self.compute)
