@@ -123,15 +123,16 @@ def test_shared_prior_is_encoded_and_projected_once_per_batch(setup, attention):
   assert max_diff(shared_out, expected) <= 1e-5
 
   # Dense projections of the (1, P, D) prior, not of a (B, P, D) copy: its attention's
-  # query/key/value, its MLP's first layer, and the cross-attention's key and value (the
-  # attention projections of 16 rows where a fused kernel pads the prior's 9 for itself).
+  # query/key/value and out projection (its heads' outputs read as (1, P, D)), its MLP's first
+  # layer, and the cross-attention's key and value (the attention projections of 16 rows
+  # where a fused kernel pads the prior's 9 for itself).
   rows = (9,) if attention == "reference" else (9, 16)
   jaxpr = jax.make_jaxpr(apply)(f32(params), *f32((x, prior, prior_mask)))
   on_prior = [e for e in jaxpr.jaxpr.eqns[0].params["jaxpr"].eqns
               if e.primitive.name == "dot_general" and e.invars[0].aval.ndim == 3
               and e.invars[0].aval.shape[0] == 1 and e.invars[0].aval.shape[1] in rows
               and e.invars[0].aval.shape[2] == D]
-  assert len(on_prior) == 6, [e.invars[0].aval.shape for e in on_prior]
+  assert len(on_prior) == 7, [e.invars[0].aval.shape for e in on_prior]
 
 
 class _Tok:
