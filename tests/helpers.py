@@ -39,6 +39,20 @@ def assert_params_close(got: dict, ref: dict, tol: float, bound: float):
         (k, int(off.sum()), float(diff.max()))
 
 
+def mha_float64(x, kv, p, key_mask):
+  """Multi-head attention in NumPy float64 as written, every bias in place (the key bias
+  included): x (B, Lq, D), kv (B, Lk, D), p a MultiHeadAttention's params, key_mask (B, Lk)."""
+  q = np.einsum("bld,dhk->blhk", x, p["query"]["kernel"]) + p["query"]["bias"]
+  k = np.einsum("bld,dhk->blhk", kv, p["key"]["kernel"]) + p["key"]["bias"]
+  v = np.einsum("bld,dhk->blhk", kv, p["value"]["kernel"]) + p["value"]["bias"]
+  logits = np.einsum("bqhk,bphk->bhqp", q, k) / np.sqrt(q.shape[-1])
+  logits = np.where(key_mask[:, None, None, :] == 1, logits, -np.inf)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w = w / w.sum(-1, keepdims=True)
+  out = np.einsum("bhqp,bphk->bqhk", w, v)
+  return np.einsum("bqhk,hkd->bqd", out, p["out"]["kernel"]) + p["out"]["bias"]
+
+
 def rel_err(a, b):
   """||a - b|| / ||b||, in float64."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

@@ -514,7 +514,7 @@ def keep_mask(key, rate: float, shape) -> tuple:
     for axis in range(len(draws)):
       stride = math.prod(draws[axis + 1:])
       index = index + jax.lax.broadcasted_iota(jnp.uint32, draws, axis) * jnp.uint32(stride)
-    words = threefry2x32(jax.random.key_data(key), jnp.zeros_like(index), index)
+    words = threefry2x32(jax.random.key_data(key), jnp.uint32(0), index)
   else:
     words = (jax.random.bits(key, (*lead, -(-last // 2)), jnp.uint32),)
   halves = [h.astype(jnp.uint16) for w in words for h in (w & 0xFFFF, w >> 16)]  # Low first.

@@ -144,17 +144,6 @@ def test_a_context_shared_by_groups_of_rows_equals_it_repeated(compute, form):
     mha.apply({"params": params}, x[:7], kv, make(key_mask))
 
 
-def _mha_float64(p, x, kv, key_mask):
-  """Multi-head attention in float64 with every bias applied, the key bias included."""
-  proj = lambda t, q: np.einsum("bld,dhk->blhk", t, q["kernel"]) + q["bias"]
-  q, k, v = proj(x, p["query"]), proj(kv, p["key"]), proj(kv, p["value"])
-  logits = np.einsum("bqhk,bphk->bhqp", q, k) / np.sqrt(q.shape[-1])
-  logits = np.where(key_mask[:, None, None, :] == 1, logits, -np.inf)
-  w = np.exp(logits - logits.max(-1, keepdims=True))
-  out = np.einsum("bhqp,bphk->bqhk", w / w.sum(-1, keepdims=True), v)
-  return np.einsum("bqhk,hkd->bqd", out, p["out"]["kernel"]) + p["out"]["bias"]
-
-
 class _PlainAttention(nn.Module):
   """Attention as written: four biased nn.DenseGeneral projections, every bias in place."""
   num_heads: int
@@ -194,8 +183,8 @@ def test_the_key_and_value_biases_are_placed_where_they_cost_least(compute):
   params["value"]["bias"] = params["value"]["bias"] + 3.0
   bias = layers.attention_mask(key_mask, right_padded=True)
   out = mha.apply({"params": params}, x, kv, bias)
-  want = _mha_float64(jax.tree.map(lambda a: np.asarray(a, np.float64), params),
-                      x.astype(np.float64), kv.astype(np.float64), key_mask)
+  want = helpers.mha_float64(x.astype(np.float64), kv.astype(np.float64),
+                             jax.tree.map(lambda a: np.asarray(a, np.float64), params), key_mask)
   assert _close(out, want, tol)
   square = lambda y: jnp.sum(y.astype(jnp.float32) ** 2)
   grads = jax.grad(lambda p: square(mha.apply({"params": p}, x, kv, bias)))(params)

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import max_diff
+from helpers import max_diff, mha_float64 as mha
 from medvqa_jax.models.gca import GatedCrossAttention, answer_prior
 
 D, HEADS, MLP, EPS = 32, 4, 64, 1e-12
@@ -22,18 +22,6 @@ def ffn(x, p):
   h = x @ p["fc1"]["kernel"] + p["fc1"]["bias"]
   h = np.maximum(h, 0)  # ReLU, as the reference code's GCA.
   return h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
-
-
-def mha(x, kv, p, key_mask):
-  q = np.einsum("bld,dhk->blhk", x, p["query"]["kernel"]) + p["query"]["bias"]
-  k = np.einsum("bld,dhk->blhk", kv, p["key"]["kernel"]) + p["key"]["bias"]
-  v = np.einsum("bld,dhk->blhk", kv, p["value"]["kernel"]) + p["value"]["bias"]
-  logits = np.einsum("bqhk,bphk->bhqp", q, k) / np.sqrt(q.shape[-1])
-  logits = np.where(key_mask[:, None, None, :] == 1, logits, -np.inf)
-  w = np.exp(logits - logits.max(-1, keepdims=True))
-  w = w / w.sum(-1, keepdims=True)
-  out = np.einsum("bhqp,bphk->bqhk", w, v)
-  return np.einsum("bqhk,hkd->bqd", out, p["out"]["kernel"]) + p["out"]["bias"]
 
 
 def gca_reference(p, x, prior, prior_mask):
