@@ -200,20 +200,27 @@ class AMiF(nn.Module):
     return self.decoder(answer_ids, answer_mask, context=context, context_mask=context_mask,
                         segment_ids=segment_ids)["logits"]
 
+  def lm_head_inputs(self, answer_ids, answer_mask, context, context_mask, segment_ids=None):
+    """What the decoder's LM head makes its logits of, hidden (N, L, D) float32 @
+    embedding.T (V, D) + bias (V,), without making them."""
+    return self.decoder(answer_ids, answer_mask, context=context, context_mask=context_mask,
+                        segment_ids=segment_ids, lm_logits=False)["lm"]
+
   def answer_log_probs(self, answer_ids, answer_mask, context, context_mask, segment_ids=None):
     """`decode`'s next-token log-probabilities, (N, L - 1) float32
     (`heads.next_token_log_prob`), without its (N, L, vocab) logits: they are made a few
     positions at a time (`heads.next_token_log_prob_chunked`)."""
-    hidden, embedding, bias = self.decoder(answer_ids, answer_mask, context=context,
-                                           context_mask=context_mask, segment_ids=segment_ids,
-                                           lm_logits=False)["lm"]
-    return heads.next_token_log_prob_chunked(hidden, embedding, bias, answer_ids)
+    return heads.next_token_log_prob_chunked(
+        *self.lm_head_inputs(answer_ids, answer_mask, context, context_mask, segment_ids),
+        answer_ids)
 
   def vqa(self, images, input_ids, attention_mask, prior_ids, prior_mask, answer_ids=None,
           answer_mask=None, labels=None, return_weights=False):
     """Classifier: `labels` (B,) answer indices (-1: outside the vocabulary) give `loss`;
     `logits` (B, num_answers) and `prediction` always. Generative: `answer_ids`/`answer_mask`
-    (B, La), [CLS] answer [SEP], give `logits` (B, La, vocab) and the teacher-forced `loss`."""
+    (B, La), [CLS] answer [SEP], give `token_logp` (B, La - 1), the log-probability of each
+    answer token after the first given those before it (`heads.next_token_log_prob`), and
+    the teacher-forced `loss`; `decode` gives the decoder's logits."""
     out = self.context(images, input_ids, attention_mask, prior_ids, prior_mask, return_weights)
     if self.head == "classifier":
       t = out["fused_text"].shape[1]  # The image CLS follows the text tokens.
@@ -222,8 +229,9 @@ class AMiF(nn.Module):
       if labels is not None:
         out["loss"] = heads.classifier_loss(out["logits"], labels)
     elif answer_ids is not None:
-      out["logits"] = self.decode(answer_ids, answer_mask, out["context"], out["context_mask"])
-      out["loss"] = heads.generative_loss(out["logits"], answer_ids, answer_mask)
+      lm = self.lm_head_inputs(answer_ids, answer_mask, out["context"], out["context_mask"])
+      out["token_logp"] = heads.next_token_log_prob(*lm, answer_ids)
+      out["loss"] = heads.generative_loss(out["token_logp"], answer_mask)
     return out
 
   def rank(self, images, input_ids, attention_mask, prior_ids, prior_mask, cand_ids, cand_mask,

@@ -68,8 +68,9 @@ class BertEncoder(nn.Module):
 
     lm_logits=False (with `lm_head`): no `logits`; `lm` holds what they are made of instead,
     (hidden (B, L, width) float32, embedding (vocab_size, width), bias (vocab_size,)) with
-    logits = hidden @ embedding.T + bias, for a caller that needs only a few positions'
-    logits at a time (`heads.next_token_log_prob_chunked`)."""
+    logits = hidden @ embedding.T + bias, for a caller that needs only some positions' logits
+    (training: those that predict a token, `heads.next_token_log_prob`) or a few at a time
+    (ranking: `heads.next_token_log_prob_chunked`)."""
     _, length = input_ids.shape
     if self.cross_from is not None and not 0 <= self.cross_from < self.depth:
       raise ValueError(f"cross_from={self.cross_from} names no layer of a {self.depth}-layer "

@@ -31,10 +31,24 @@ class ClassifierHead(nn.Module):
     return nn.Dense(self.num_answers, dtype=jnp.float32, name="fc2")(h)
 
 
-def next_token_log_prob(logits, ids):
-  """(N, L - 1): log p(ids[t + 1]) under logits[t] (logits (N, L, V), ids (N, L))."""
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+def token_log_prob(hidden, embedding, bias, target):
+  """log p(target) under an LM head's logits hidden @ embedding.T + bias: hidden (..., D),
+  embedding (V, D), bias (V,), target (...) int. Returns (...) float32 for float32 hidden.
+
+  The target's logit is picked by comparing the vocabulary's indices with it, not gathered:
+  under autodiff a gather's gradient is a scatter into zeros of the logits' size, a
+  comparison's joins the softmax's gradient in one pass."""
+  logits = jnp.dot(hidden, embedding.T) + bias
+  hit = jnp.arange(logits.shape[-1]) == target[..., None]
+  picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)  # One nonzero term: exact.
+  return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def next_token_log_prob(hidden, embedding, bias, ids):
+  """(N, L - 1): log p(ids[t + 1]) under the LM head's logits at t, hidden[:, t] @
+  embedding.T + bias (hidden (N, L, D), embedding (V, D), bias (V,), ids (N, L)). The last
+  position predicts nothing, and its logits are not made."""
+  return token_log_prob(hidden[:, :-1], embedding, bias, ids[:, 1:])
 
 
 # The most logits `next_token_log_prob_chunked` makes at once (64 MB of float32; split over
@@ -43,8 +57,8 @@ LOGITS_AT_ONCE = 2 ** 24
 
 
 def next_token_log_prob_chunked(hidden, embedding, bias, ids, max_logits: int | None = None):
-  """`next_token_log_prob` of the logits hidden @ embedding.T + bias (an LM head's: hidden
-  (N, L, D), embedding (V, D), bias (V,)), made a few positions at a time (at most
+  """`next_token_log_prob`, its logits hidden @ embedding.T + bias (hidden (N, L, D),
+  embedding (V, D), bias (V,)) made a few positions at a time (at most
   `max_logits`, default `LOGITS_AT_ONCE`, of them at once, but one position of every row at
   least) and reduced to each position's log-probability of the next token before the next
   positions' are made.
@@ -60,14 +74,8 @@ def next_token_log_prob_chunked(hidden, embedding, bias, ids, max_logits: int | 
   pad = -length % chunk
   h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(n, -1, chunk, d).swapaxes(0, 1)
   target = jnp.pad(target, ((0, 0), (0, pad))).reshape(n, -1, chunk).swapaxes(0, 1)
-
-  def positions(args):  # (N, chunk, D), (N, chunk) -> (N, chunk)
-    hc, tc = args
-    logits = jnp.dot(hc, embedding.T) + bias  # hidden is float32: so are they.
-    picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
-
-  out = jax.lax.map(positions, (h, target))  # (chunks, N, chunk)
+  out = jax.lax.map(lambda a: token_log_prob(a[0], embedding, bias, a[1]),
+                    (h, target))  # (chunks, N, chunk)
   return out.swapaxes(0, 1).reshape(n, -1)[:, :length]
 
 
@@ -119,11 +127,12 @@ def has_answer(mask):
   return jnp.sum(mask, axis=-1) > 2
 
 
-def generative_loss(logits, ids, mask):
+def generative_loss(token_logp, mask):
   """Teacher-forced cross-entropy: per answer, the negative log-likelihood of its tokens after
-  the first ([CLS]), summed; averaged over the answers that `has_answer`."""
+  the first ([CLS]), summed; averaged over the answers that `has_answer`. token_logp (N, L - 1)
+  as `next_token_log_prob` gives it, mask (N, L)."""
   valid = has_answer(mask)
-  nll = -sequence_log_likelihood(next_token_log_prob(logits, ids), mask)
+  nll = -sequence_log_likelihood(token_logp, mask)
   return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 

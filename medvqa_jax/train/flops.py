@@ -8,7 +8,8 @@ its first cross-attention layer on, the backward pass to its inputs (2x), and el
 work (LayerNorm, softmax, GELU, Sinkhorn's iterations) is left out. Batch-independent work
 (the GCA's answer prior) is divided by the batch size. Token counts are the padded ones the
 step computes on (text.max_len, answer_max_len, prior_max_tokens), causal attention counted
-in full.
+in full; the LM head's vocabulary logits at the answer_max_len - 1 positions that predict a
+token.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def train_step(model, config, batch_size: int, params_shapes, teacher_dim: int =
       fwd["head"] = (cross_from * layer(la, dec.width, dec.mlp_dim), trained("decoder"))
       fwd["head_cross"] = ((dec.depth - cross_from) * layer(la, dec.width, dec.mlp_dim, lx, d)
                            + 2 * la * dec.width * dec.width
-                           + 2 * la * dec.width * dec.vocab_size,
+                           + 2 * (la - 1) * dec.width * dec.vocab_size,
                            True if trained("decoder") else THROUGH)
   factor = lambda t: 3 if t is True else 2 if t is THROUGH else 1
   total = sum(f * factor(t) for f, t in fwd.values())

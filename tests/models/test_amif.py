@@ -56,9 +56,19 @@ def _vqa(model, params, batch, **kw):
   return model.apply({"params": params}, **{k: batch[k] for k in keys}, **kw, method=AMiF.vqa)
 
 
+def _decoder_logits(model, params, batch):
+  """The decoder's logits (B, La, vocab) at every answer position (`AMiF.decode`)."""
+  v = {"params": params}
+  ctx = model.apply(v, *[batch[k] for k in ("images", "input_ids", "attention_mask",
+                                            "prior_ids", "prior_mask")], method=AMiF.context)
+  return model.apply(v, batch["answer_ids"], batch["answer_mask"], ctx["context"],
+                     ctx["context_mask"], method=AMiF.decode)
+
+
 @pytest.mark.parametrize("head", ["generative", "classifier"])
 def test_padded_question_and_prior_tokens_change_nothing(head, generative, classifier):
   model, params = generative if head == "generative" else classifier
+  answer = "token_logp" if head == "generative" else "logits"
   batch = _batch()
   base = _vqa(model, params, batch, return_weights=True)
   noisy = dict(batch)
@@ -68,7 +78,7 @@ def test_padded_question_and_prior_tokens_change_nothing(head, generative, class
   real = np.concatenate([batch["attention_mask"], np.ones((3, 17), np.int32)], axis=1) == 1
   for key in ("context", "gate"):
     assert max_diff(base[key][real], out[key][real]) <= 1e-6
-  assert max_diff(base["logits"], out["logits"]) <= 1e-6
+  assert max_diff(base[answer], out[answer]) <= 1e-6
   assert max_diff(base["loss"], out["loss"]) <= 1e-6
   weights = lambda o: np.moveaxis(np.asarray(o["gca_weights"]), 1, 2)[real]  # (B, L, h, P)
   assert max_diff(weights(base), weights(out)) <= 1e-6
@@ -76,18 +86,38 @@ def test_padded_question_and_prior_tokens_change_nothing(head, generative, class
   changed = dict(batch)
   changed["input_ids"] = batch["input_ids"].copy()
   changed["input_ids"][:, 1] += 1
-  assert max_diff(base["logits"], _vqa(model, params, changed)["logits"]) > 1e-4
+  assert max_diff(base[answer], _vqa(model, params, changed)[answer]) > 1e-4
+
+
+def test_generative_loss_equals_numpy_over_the_decoders_logits(generative):
+  """The training loss's token log-probabilities (`vqa`: the LM head's logits made at the
+  positions that predict a token, the target's picked by comparison) equal the log-softmax
+  of the decoder's logits at every position (`decode`), in NumPy, read at the next token;
+  the loss is the mean over answers of their sums over the answer's tokens."""
+  model, params = generative
+  batch = _batch(seed=3)
+  out = _vqa(model, params, batch)
+  logp = np.asarray(_decoder_logits(model, params, batch), np.float64)
+  logp = logp - logp.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  ids, mask = batch["answer_ids"], batch["answer_mask"]
+  want = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
+  assert out["token_logp"].shape == want.shape == (3, 5)
+  np.testing.assert_allclose(out["token_logp"], want, rtol=1e-5, atol=1e-5)
+  assert mask.sum(1).min() > 2  # Every answer counts in the mean.
+  np.testing.assert_allclose(out["loss"], -np.mean(np.sum(want * mask[:, 1:], axis=1)),
+                             rtol=1e-5)
 
 
 def test_decoder_is_causal(generative):
   model, params = generative
   batch = _batch(seed=1)
-  base = _vqa(model, params, batch)["logits"]
+  base = _decoder_logits(model, params, batch)
   for t in range(4):
     changed = dict(batch)
     changed["answer_ids"] = batch["answer_ids"].copy()
     changed["answer_ids"][:, t + 1] = 2222
-    logits = _vqa(model, params, changed)["logits"]
+    logits = _decoder_logits(model, params, changed)
     assert max_diff(base[:, :t + 1], logits[:, :t + 1]) == 0.0
     assert max_diff(base[:, t + 1:], logits[:, t + 1:]) > 1e-4
 
@@ -111,7 +141,7 @@ def test_ranking_equals_brute_force(generative, monkeypatch):
   # Brute force: every candidate's full log-likelihood, one candidate at a time, in NumPy,
   # and the log-probability of its first answer token (after [CLS]).
   brute, first = np.zeros((3, len(cands))), np.zeros((3, len(cands)))
-  vqa = jax.jit(lambda p, b: _vqa(model, p, b)["logits"])  # One compile, not op by op.
+  vqa = jax.jit(lambda p, b: _decoder_logits(model, p, b))  # One compile, not op by op.
   for c in range(len(cands)):
     b = dict(batch, answer_ids=np.repeat(cands[c:c + 1], 3, 0),
              answer_mask=np.repeat(cand_mask[c:c + 1], 3, 0))
@@ -338,7 +368,8 @@ def test_generative_head_on_biomedclip_towers(config, biomedclip):
   batch["input_ids"] = batch["input_ids"] % 120  # The checkpoint's vocabulary.
   batch["prior_ids"], batch["answer_ids"] = batch["prior_ids"] % 120, batch["answer_ids"] % 120
   out = _vqa(model, params, batch)
-  assert out["logits"].shape == (3, 6, 120) and np.isfinite(float(out["loss"]))
+  assert out["token_logp"].shape == (3, 5) and np.isfinite(float(out["loss"]))
+  assert _decoder_logits(model, params, batch).shape == (3, 6, 120)
 
 
 def test_itm_logits_are_float32_in_a_bf16_model(config):

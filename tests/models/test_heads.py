@@ -70,26 +70,58 @@ def test_classifier_loss_averages_over_in_vocabulary_labels_only():
 
 def test_generative_loss_is_the_batch_mean_of_answer_negative_log_likelihoods():
   """Per answer: minus the sum over its tokens after [CLS] of log p(token | the ones before),
-  where logits[t] predicts ids[t + 1]; then the mean over the answers with a token besides
-  [CLS] and [SEP]."""
+  where the LM head's logits at t (hidden[t] @ embedding.T + bias) predict ids[t + 1]; then
+  the mean over the answers with a token besides [CLS] and [SEP]."""
   rng = np.random.default_rng(2)
-  b, length, vocab = 4, 6, 11
-  logits = rng.normal(size=(b, length, vocab)).astype(np.float32) * 2
+  b, length, d, vocab = 4, 6, 5, 11
+  hidden = rng.normal(size=(b, length, d)).astype(np.float32)
+  embedding = rng.normal(size=(vocab, d)).astype(np.float32)
+  bias = rng.normal(size=(vocab,)).astype(np.float32)
   lengths = np.array([6, 4, 3, 2])
   mask = (np.arange(length) < lengths[:, None]).astype(np.int32)
   ids = rng.integers(1, vocab, (b, length)).astype(np.int32)  # Pads hold real ids: masked.
   ids[:, 0] = 0
-  logp = _log_softmax(logits)
+  logp = _log_softmax(hidden.astype(np.float64) @ embedding.T.astype(np.float64) + bias)
   per_answer = np.array([sum(logp[i, t - 1, ids[i, t]] for t in range(1, lengths[i]))
                          for i in range(b)])
-  np.testing.assert_allclose(
-      heads.sequence_log_likelihood(heads.next_token_log_prob(logits, ids), mask), per_answer,
-      rtol=1e-5)
+  token_logp = heads.next_token_log_prob(hidden, embedding, bias, ids)
+  assert token_logp.shape == (b, length - 1) and token_logp.dtype == np.float32
+  np.testing.assert_allclose(heads.sequence_log_likelihood(token_logp, mask), per_answer,
+                             rtol=1e-5)
   # Answer 3 is [CLS] [SEP] alone (an answer that normalises to ""): no candidate is empty
   # and the classifier leaves it out, so the mean is over the other three.
-  np.testing.assert_allclose(heads.generative_loss(logits, ids, mask), -per_answer[:3].mean(),
+  np.testing.assert_allclose(heads.generative_loss(token_logp, mask), -per_answer[:3].mean(),
                              rtol=1e-5)
-  assert float(heads.generative_loss(logits, ids, np.minimum(mask, np.arange(length) < 2))) == 0
+  assert float(heads.generative_loss(token_logp, np.minimum(mask, np.arange(length) < 2))) == 0
+
+
+def test_token_log_prob_gradients_equal_the_gathered_log_softmax():
+  """Picking the target's logit by comparison (`token_log_prob`) gives the gradients, with
+  respect to the hidden states, the embedding and the bias, of the log-softmax gathered at
+  the target (`take_along_axis`), in float32; and both equal the float64 formula
+  d/dlogits = onehot(target) - softmax(logits), chained by hand."""
+  rng = np.random.default_rng(4)
+  n, length, d, vocab = 3, 5, 6, 17
+  hidden = rng.normal(size=(n, length, d)).astype(np.float32)
+  embedding = rng.normal(size=(vocab, d)).astype(np.float32)
+  bias = rng.normal(size=(vocab,)).astype(np.float32)
+  target = rng.integers(0, vocab, (n, length)).astype(np.int32)
+  weight = rng.normal(size=(n, length)).astype(np.float32)  # A cotangent of every position.
+
+  def gathered(h, e, b):
+    logp = jax.nn.log_softmax(jnp.dot(h, e.T) + b, axis=-1)
+    return jnp.sum(weight * jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0])
+
+  picked = lambda h, e, b: jnp.sum(weight * heads.token_log_prob(h, e, b, target))
+  got = jax.grad(picked, argnums=(0, 1, 2))(hidden, embedding, bias)
+  ref = jax.grad(gathered, argnums=(0, 1, 2))(hidden, embedding, bias)
+  h64, e64 = hidden.astype(np.float64), embedding.astype(np.float64)
+  logits = h64 @ e64.T + bias
+  dlogits = weight[..., None] * (np.eye(vocab)[target] - np.exp(_log_softmax(logits)))
+  want = (dlogits @ e64, np.einsum("nlv,nld->vd", dlogits, h64), dlogits.sum((0, 1)))
+  for name, g, r, w in zip(("hidden", "embedding", "bias"), got, ref, want):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def test_next_token_log_probs_made_a_few_positions_at_a_time_equal_numpy():
@@ -112,5 +144,5 @@ def test_next_token_log_probs_made_a_few_positions_at_a_time_equal_numpy():
     assert got.shape == (n, length - 1) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=str(max_logits))
   # The same as from the logits made at once.
-  logits = hidden @ embedding.T + bias
-  np.testing.assert_allclose(heads.next_token_log_prob(logits, ids), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(heads.next_token_log_prob(hidden, embedding, bias, ids), want,
+                             rtol=1e-5, atol=1e-5)
