@@ -335,16 +335,20 @@ def attention_bias(key_mask=None, causal_len: int | None = None):
 
 
 class Projection(nn.Module):
-  """`nn.DenseGeneral`'s parameters and product, its bias left to the caller: the last
-  `in_axes` axes of x onto `features`, with kernel (*inputs, *features) (initialised as
-  nn.DenseGeneral does, over the flattened (inputs, features) matrix) and bias (*features,),
-  named as it names them, so that checkpoints, importers and FSDP rules see no difference.
-  Returns (x . kernel in the compute dtype, kernel, bias), the parameters as stored.
+  """`nn.DenseGeneral`'s parameters and product, its bias added (`add_bias`) or left to the
+  caller: the last `in_axes` axes of x onto `features`, with kernel (*inputs, *features)
+  (initialised as nn.DenseGeneral does, over the flattened (inputs, features) matrix) and
+  bias (*features,), named as it names them, so that checkpoints, importers and FSDP rules
+  see no difference. Returns (x . kernel [+ bias] in the compute dtype, kernel, bias), the
+  parameters as stored.
 
   The product is one 2-D matrix product over the flattened axes (row-major reshapes, free).
   Contracting the kernel's own axes (768 x (12, 64)) left XLA's GPU compiler to make the
   kernel's gradient in another layout: the optimiser then read it through transposes (3.2 GB
-  of a fine-tuning step's traffic at 64 on an H200).
+  of a fine-tuning step's traffic at 64 on an H200). An added bias joins the 2-D product
+  too, as a vector along its columns, which XLA's GPU compiler adds in cuBLASLt's epilogue;
+  added to the (..., 12, 64) result of a query projection, it was broadcast to the product's
+  shape as cuBLAS's C operand (written, then read).
 
   Attention places its key and value biases where they cost least (`MultiHeadAttention`):
   applied where the projections are made, each was broadcast to the keys' (the values')
@@ -352,6 +356,7 @@ class Projection(nn.Module):
   features: tuple[int, ...]
   in_axes: int = 1
   dtype: Dtype = jnp.float32
+  add_bias: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -364,6 +369,8 @@ class Projection(nn.Module):
     xc, kc = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     lead = x.shape[:x.ndim - self.in_axes]
     y = jnp.dot(xc.reshape(*lead, flat[0]), kc.reshape(flat))
+    if self.add_bias:
+      y = y + bias.reshape(flat[1]).astype(y.dtype)
     return y.reshape(*lead, *self.features), kernel, bias
 
 
@@ -408,8 +415,7 @@ class MultiHeadAttention(nn.Module):
           None if kv is None else pad_tokens(kv, self.compute.pad_to))
     kv = x if kv is None else kv
     heads = (self.num_heads, head_dim)
-    q, _, q_bias = Projection(heads, dtype=self.dtype, name="query")(x)
-    q = q + q_bias.astype(q.dtype)
+    q, _, _ = Projection(heads, dtype=self.dtype, add_bias=True, name="query")(x)
     k, _, _ = Projection(heads, dtype=self.dtype, name="key")(kv)  # The softmax cancels it.
     v, _, v_bias = Projection(heads, dtype=self.dtype, name="value")(kv)
     (b, lq), rows = q.shape[:2], k.shape[0]

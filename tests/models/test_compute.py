@@ -40,7 +40,7 @@ def _close(a, b, tol):
 
 def _assert_grads_close(g_a, g_b, tol, what=""):
   """Gradient trees equal leaf by leaf (`_close`); the attention key biases' exactly zero on
-  both sides (`layers.KeyProjection` does not apply them)."""
+  both sides (`layers.MultiHeadAttention` does not apply them)."""
   flat_a = dict(jax.tree_util.tree_flatten_with_path(g_a)[0])
   flat_b = jax.tree_util.tree_flatten_with_path(g_b)[0]
   assert set(flat_a) == {path for path, _ in flat_b}, what
