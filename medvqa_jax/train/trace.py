@@ -146,19 +146,20 @@ def _key(name: str) -> str:
 
 def _instructions(hlo_text: str):
   """(name, text after "=", opcode match or None, whether inside another instruction's
-  kernel: a fusion's body or a computation applied per element) of each instruction of a
-  compiled HLO module, tuple shapes' "/*index=5*/" markers removed."""
+  kernel: a fusion's body or a computation applied per element, the computation's name) of
+  each instruction of a compiled HLO module, tuple shapes' "/*index=5*/" markers removed."""
   fused = set(_FUSION_CALLS.findall(hlo_text)) | set(_APPLIED.findall(hlo_text))
-  in_fusion = False
+  in_fusion, computation = False, ""
   for line in hlo_text.splitlines():
     head = _COMPUTATION.match(line)
     if head and "=" not in line.split("(")[0]:
-      in_fusion = head.group(1) in fused
+      computation = head.group(1)
+      in_fusion = computation in fused
       continue
     inst = _INSTRUCTION.match(line)
     if inst:
       rest = re.sub(r"/\*.*?\*/", "", inst.group(2))
-      yield inst.group(1), rest, _OPCODE.match(rest), in_fusion
+      yield inst.group(1), rest, _OPCODE.match(rest), in_fusion, computation
 
 
 def _row(rest: str, opcode) -> list:
@@ -177,7 +178,7 @@ def hlo_ops(hlo_text: str) -> dict:
   name is also keyed with `.` and `-` as `_`, as XLA names the
   kernels."""
   table = {}
-  for name, rest, opcode, in_fusion in _instructions(hlo_text):
+  for name, rest, opcode, in_fusion, _ in _instructions(hlo_text):
     if in_fusion or (opcode and opcode.group(1) in _NO_KERNEL):
       continue
     row = _row(rest, opcode)
@@ -210,7 +211,7 @@ def collective_ops(hlo_text: str) -> list:
   ends with: an all-gather's gathered array, an all-reduce's reduced one, a reduce-scatter's
   shard. An op inside a loop (a scanned stack, gradient accumulation) is listed once."""
   ops = []
-  for _, rest, opcode, _ in _instructions(hlo_text):
+  for _, rest, opcode, _, _ in _instructions(hlo_text):
     kind = opcode.group(1).removesuffix("-done") if opcode else None
     if kind in COLLECTIVES:
       ops.append((kind, rest[:opcode.start(1)].strip(), _row(rest, opcode)[2]))
@@ -249,25 +250,34 @@ def hlo_traffic(hlo_text: str, depth: int = 1, top: int = 12) -> dict:
   """What the kernels of a compiled HLO module read and write, summed from each kernel's
   operand and result sizes (every computation's instructions that run as kernels or library
   calls, fusions as one, a reduction's adder inside its kernel; bitcasts, tuples,
-  parameters and a library call's workspace move nothing): `bytes` in all, and by kind of work (`kind_of`) and by model part (`scope_of`,
-  `depth` deep; the `top` largest), per step and device, largest first. An upper bound on HBM
-  traffic where a kernel reads only part of an operand (a gather's table, a slice taken
-  inside a fusion), and a kernel in a loop body counts once. Its use is the memory-bound
+  parameters and a library call's workspace move nothing): `bytes` in all, and by kind of
+  work (`kind_of`) and by model part (`scope_of`, `depth` deep; the `top` largest), per step
+  and device, largest first. An operand that a fusion only slices, or gathers from, counts
+  as what its slices and gathers take (`_partial_reads`). An upper bound on HBM traffic
+  where a kernel reads only part of an operand otherwise (a gather outside a fusion reads
+  part of its table), and a kernel in a loop body counts once. Its use is the memory-bound
   part of a step, which on an H200 is as long as the matrix products (BENCHMARKS.md): the
   fusions' gigabytes over the chip's bandwidth give the time they cannot beat."""
-  shapes, kernels = {}, []
-  for name, rest, opcode, in_fusion in _instructions(hlo_text):
+  shapes, kernels, bodies = {}, [], {}
+  for name, rest, opcode, in_fusion, computation in _instructions(hlo_text):
     if not opcode:
       continue
     shapes[name] = rest[:opcode.start(1)]
-    if not in_fusion and opcode.group(1) not in _NOT_TRAFFIC:
+    if in_fusion:
+      bodies.setdefault(computation, []).append(
+          (name, opcode.group(1), rest, _operands(rest, opcode.end(1))))
+    elif opcode.group(1) not in _NOT_TRAFFIC:
+      calls = _FUSION_CALLS.search(rest)
       kernels.append((name, *_row(rest, opcode), shapes[name],
-                      _operands(rest, opcode.end(1))))
+                      _operands(rest, opcode.end(1)), calls.group(1) if calls else None))
+  partial = {c: _partial_reads(body, shapes) for c, body in bodies.items()}
   by_kind, by_scope = {}, {}
-  for name, opcode, target, op_name, shape, operands in kernels:
+  for name, opcode, target, op_name, shape, operands, calls in kernels:
     if opcode == "custom-call":  # Its scratch space moves nothing.
       shape = _WORKSPACE.sub(")", shape.strip())
-    moved = array_bytes(shape) + sum(array_bytes(shapes.get(o, "")) for o in operands)
+    reads = partial.get(calls, {})
+    moved = array_bytes(shape) + sum(reads.get(i, array_bytes(shapes.get(o, "")))
+                                     for i, o in enumerate(operands))
     kind = kind_of(" ".join((opcode, target, name)))
     by_kind[kind] = by_kind.get(kind, 0) + moved
     scope = scope_of(op_name, depth)
@@ -275,6 +285,31 @@ def hlo_traffic(hlo_text: str, depth: int = 1, top: int = 12) -> dict:
   ranked = lambda table, n=None: dict(sorted(table.items(), key=lambda kv: -kv[1])[:n])
   return {"bytes": sum(by_kind.values()), "by_kind": ranked(by_kind),
           "by_scope": ranked(by_scope, top)}
+
+
+# Instructions that read part of their first operand: about as much as they make.
+_PARTIAL_READERS = {"slice", "dynamic-slice", "gather"}
+_PARAMETER = re.compile(r"\bparameter\((\d+)\)")
+
+
+def _partial_reads(body: list, shapes: dict) -> dict:
+  """{parameter number: bytes} of a fused computation's parameters that are read only as the
+  first operand of slices, dynamic slices and gathers (XLA's dot merger slices one product
+  into several, each slice a kernel of its own): what those take, at most the parameter's
+  size. body: [(name, opcode, text after "=", operand names)] of its instructions."""
+  params = {name: int(_PARAMETER.search(rest).group(1))
+            for name, opcode, rest, _ in body if opcode == "parameter"}
+  taken, whole = {}, set()
+  for name, opcode, _, operands in body:
+    for position, operand in enumerate(operands):
+      if operand not in params:
+        continue
+      if opcode in _PARTIAL_READERS and position == 0:
+        taken[operand] = taken.get(operand, 0) + array_bytes(shapes.get(name, ""))
+      else:
+        whole.add(operand)
+  return {params[p]: min(b, array_bytes(shapes.get(p, "")))
+          for p, b in taken.items() if p not in whole}
 
 
 def gigabytes(traffic: dict) -> dict:

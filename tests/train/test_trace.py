@@ -169,6 +169,48 @@ def test_traffic_sums_what_each_kernel_reads_and_writes():
                                                "by_scope": {}}
 
 
+def test_traffic_counts_what_a_fusion_slices_or_gathers_of_an_operand():
+  """An operand that a fusion only slices (XLA's dot merger slices one product's result into
+  several) or gathers from counts as what those take, at most its size; one that the fusion
+  also reads whole, or as a gather's indices, counts whole."""
+  hlo = textwrap.dedent("""\
+      HloModule step
+      %sliced (p0: bf16[64,40], p1: bf16[64,8]) -> bf16[64,8] {
+        %p0 = bf16[64,40]{1,0} parameter(0)
+        %p1 = bf16[64,8]{1,0} parameter(1)
+        %s0 = bf16[64,8]{1,0} slice(%p0), slice={[0:64], [0:8]}
+        %s1 = bf16[64,8]{1,0} slice(%p0), slice={[0:64], [16:24]}
+        %sum = bf16[64,8]{1,0} add(%s0, %s1)
+        ROOT %out = bf16[64,8]{1,0} add(%sum, %p1)
+      }
+      %mixed (q0: bf16[64,40]) -> (bf16[64,8], bf16[64,40]) {
+        %q0 = bf16[64,40]{1,0} parameter(0)
+        %q1 = bf16[64,8]{1,0} slice(%q0), slice={[0:64], [0:8]}
+        %q2 = bf16[64,40]{1,0} negate(%q0)
+        ROOT %q3 = (bf16[64,8]{1,0}, bf16[64,40]{1,0}) tuple(%q1, %q2)
+      }
+      %lookup (t0: f32[1000,16], t1: s32[4,1]) -> f32[4,16] {
+        %t0 = f32[1000,16]{1,0} parameter(0)
+        %t1 = s32[4,1]{1,0} parameter(1)
+        ROOT %t2 = f32[4,16]{1,0} gather(%t0, %t1), offset_dims={1}, collapsed_slice_dims={0}, start_index_map={0}, index_vector_dim=1, slice_sizes={1,16}
+      }
+      ENTRY %main (x: bf16[64,40], y: bf16[64,8], table: f32[1000,16], ids: s32[4,1]) -> f32[4,16] {
+        %x = bf16[64,40]{1,0} parameter(0)
+        %y = bf16[64,8]{1,0} parameter(1)
+        %table = f32[1000,16]{1,0} parameter(2)
+        %ids = s32[4,1]{1,0} parameter(3)
+        %a = bf16[64,8]{1,0} fusion(%x, %y), kind=kLoop, calls=%sliced, metadata={op_name="jit(step)/fusion/key/dot_general"}
+        %b = (bf16[64,8]{1,0}, bf16[64,40]{1,0}) fusion(%x), kind=kLoop, calls=%mixed, metadata={op_name="jit(step)/text/neg"}
+        ROOT %c = f32[4,16]{1,0} fusion(%table, %ids), kind=kLoop, calls=%lookup, metadata={op_name="jit(step)/decoder/word_embed"}
+      }""")
+  sliced = 2 * 64 * 8 * 2 + 64 * 8 * 2 + 64 * 8 * 2  # Two slices of x, y whole, the result.
+  mixed = 64 * 40 * 2 + (64 * 8 + 64 * 40) * 2  # x read whole (negated), both results.
+  lookup = 4 * 16 * 4 + 4 * 4 + 4 * 16 * 4  # Four rows of the table, the ids, the result.
+  out = trace.hlo_traffic(hlo)
+  assert out["by_scope"] == {"fusion": sliced, "text": mixed, "decoder": lookup}
+  assert out["bytes"] == sliced + mixed + lookup
+
+
 def test_traffic_of_a_compiled_program():
   """On a compiled step: a jitted (256, 256) float32 product and tanh moves at least its
   operands and result once, and not more than a few times over."""
