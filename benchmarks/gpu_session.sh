@@ -31,9 +31,9 @@
 #                     iterations (gpu.sh runs 3-4), traced
 #   towers       115  towers_only, cuDNN and reference attention (benchmarks/gpu.sh runs 1-2)
 #   tune         290  what the profiles suggest (gpu.sh runs 9-12): towers_only with pad_to=2,
-#                     with cuBLASLt (bias and GELU epilogues) and with cuDNN's layer norm (XLA
-#                     flags), and the fine-tuning step with train.rng=rbg (RngBitGenerator
-#                     against dropout's in-line ThreeFry)
+#                     without XLA's dot merger and with cuDNN's layer norm (XLA flags), and
+#                     the fine-tuning step with train.rng=rbg (RngBitGenerator against
+#                     dropout's in-line ThreeFry)
 #   kernels       75  cuDNN's fused kernel against the reference path, outputs and gradients
 #                     (tests/models/test_compute.py with MEDVQA_FUSED_ATTENTION=cudnn; passed
 #                     on the H200 with jax 0.11.2: the configs' attention=auto relies on it)
