@@ -67,7 +67,8 @@ class GatedCrossAttention(nn.Module):
     x_prime = ln("cross_ln")(x + attended)
     gate = jax.nn.sigmoid(nn.Dense(d, dtype=self.dtype, name="gate")(x_prime))
     z = gate * x_prime + (1 - gate) * x
-    out = ln("mlp_ln")(mlp("mlp")(z) + z)
+    rows = z.reshape(-1, d)  # The residual in the MLP's own shape (`layers.PreLNBlock`).
+    out = ln("mlp_ln")(mlp("mlp")(rows) + rows).reshape(z.shape)
     out = {"out": out, "gate": gate, "prior": jnp.broadcast_to(yh, (b,) + yh.shape[1:])}
     if return_weights:
       out["cross_weights"] = weights

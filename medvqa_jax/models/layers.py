@@ -466,7 +466,15 @@ class Mlp(nn.Module):
 
 
 class PreLNBlock(nn.Module):
-  """x + attn(ln_1(x)); x + mlp(ln_2(x)): the block of CLIP and timm ViTs."""
+  """x + attn(ln_1(x)); x + mlp(ln_2(x)): the block of CLIP and timm ViTs.
+
+  The MLP's half runs on x as a (tokens, width) matrix, the shape of its matrix products.
+  XLA's GPU compiler adds a residual to fc2's product in cuBLASLt's epilogue (as its C
+  operand), and lets the product overwrite it when nothing else reads the instruction that
+  gives it. Given x through a reshape, read by that add alone, it did, and then had to copy
+  x first, since layer norm and the backward pass read it too: 12 copies of 155 MB per
+  towers_only step at 256 on an H200. As a matrix that the layer norm reads too, x is read
+  in place."""
   num_heads: int
   mlp_dim: int
   act: str
@@ -479,8 +487,9 @@ class PreLNBlock(nn.Module):
     ln = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
     attn = MultiHeadAttention(self.num_heads, self.dtype, self.compute, name="attn")
     x = x + attn(ln("ln_1")(x), bias=bias)
-    x = x + Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(ln("ln_2")(x))
-    return x
+    rows = x.reshape(-1, x.shape[-1])
+    rows = rows + Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(ln("ln_2")(rows))
+    return rows.reshape(x.shape)
 
 
 def dropout(module: nn.Module, rate: float, x):
