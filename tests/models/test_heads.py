@@ -15,6 +15,15 @@ def _log_softmax(x):
   return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+def _lm_head(rng, n, length, d, vocab):
+  """Random LM-head inputs in float32: hidden (n, length, d), embedding (vocab, d), bias
+  (vocab,), and token ids (n, length)."""
+  return (rng.normal(size=(n, length, d)).astype(np.float32),
+          rng.normal(size=(vocab, d)).astype(np.float32),
+          rng.normal(size=(vocab,)).astype(np.float32),
+          rng.integers(0, vocab, (n, length)).astype(np.int32))
+
+
 def test_classifier_head_equals_numpy():
   rng = np.random.default_rng(0)
   text_cls, image_cls = rng.normal(size=(2, 4, 8)).astype(np.float32)
@@ -74,12 +83,9 @@ def test_generative_loss_is_the_batch_mean_of_answer_negative_log_likelihoods():
   the mean over the answers with a token besides [CLS] and [SEP]."""
   rng = np.random.default_rng(2)
   b, length, d, vocab = 4, 6, 5, 11
-  hidden = rng.normal(size=(b, length, d)).astype(np.float32)
-  embedding = rng.normal(size=(vocab, d)).astype(np.float32)
-  bias = rng.normal(size=(vocab,)).astype(np.float32)
+  hidden, embedding, bias, ids = _lm_head(rng, b, length, d, vocab)  # Pads hold real ids.
   lengths = np.array([6, 4, 3, 2])
   mask = (np.arange(length) < lengths[:, None]).astype(np.int32)
-  ids = rng.integers(1, vocab, (b, length)).astype(np.int32)  # Pads hold real ids: masked.
   ids[:, 0] = 0
   logp = _log_softmax(hidden.astype(np.float64) @ embedding.T.astype(np.float64) + bias)
   per_answer = np.array([sum(logp[i, t - 1, ids[i, t]] for t in range(1, lengths[i]))
@@ -102,10 +108,7 @@ def test_token_log_prob_gradients_equal_the_gathered_log_softmax():
   d/dlogits = onehot(target) - softmax(logits), chained by hand."""
   rng = np.random.default_rng(4)
   n, length, d, vocab = 3, 5, 6, 17
-  hidden = rng.normal(size=(n, length, d)).astype(np.float32)
-  embedding = rng.normal(size=(vocab, d)).astype(np.float32)
-  bias = rng.normal(size=(vocab,)).astype(np.float32)
-  target = rng.integers(0, vocab, (n, length)).astype(np.int32)
+  hidden, embedding, bias, target = _lm_head(rng, n, length, d, vocab)
   weight = rng.normal(size=(n, length)).astype(np.float32)  # A cotangent of every position.
 
   def gathered(h, e, b):
@@ -131,10 +134,7 @@ def test_next_token_log_probs_made_a_few_positions_at_a_time_equal_numpy():
   budget under one position of every row (one position at a time); jitted, as ranking is."""
   rng = np.random.default_rng(3)
   n, length, d, vocab = 5, 9, 6, 13
-  hidden = rng.normal(size=(n, length, d)).astype(np.float32)
-  embedding = rng.normal(size=(vocab, d)).astype(np.float32)
-  bias = rng.normal(size=(vocab,)).astype(np.float32)
-  ids = rng.integers(0, vocab, (n, length)).astype(np.int32)
+  hidden, embedding, bias, ids = _lm_head(rng, n, length, d, vocab)
   logp = _log_softmax(hidden.astype(np.float64) @ embedding.T.astype(np.float64) + bias)
   want = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
   for max_logits in (1, n * vocab * 2, n * vocab * 3, n * vocab * 8, n * vocab * 100):
