@@ -170,8 +170,10 @@ def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, fr
   them (stage 1's frozen towers cost their forward pass only).
   """
 
-  # FSDP: the objective sees the parameters gathered (their gradients leave it
-  # reduce-scattered back to the shards); the state stays sharded.
+  # FSDP: the objective sees the parameters gathered; their gradients are summed over the
+  # devices and each keeps its shard's (compiled for 8 H200s, XLA makes most of that sum an
+  # all-reduce of whole gradients, not a reduce-scatter: BENCHMARKS.md); the state stays
+  # sharded.
   plain, mesh = freeze(objective, frozen), shardings["step"].mesh
   replicated = NamedSharding(mesh, P())
   differentiated = lambda params, batch, key: plain(sharding.gathered(params, mesh), batch, key)
