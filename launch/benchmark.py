@@ -25,10 +25,12 @@ synthetic step time / step time fed by config.data). With --profile_dir, a trace
 profiler's own files under `plugins/profile/`), and the device's time per step is split by
 kind of work, by model part and by op (`summary.txt`; `device_busy_share`, `profile_by_kind`,
 `profile_by_scope` in the line; a CPU trace has no device events to split). `hbm_traffic_gb`: what
-the compiled step's kernels read and write, by kind and model part. With --target=h100|h200
-and --steps=0, the step is compiled for that GPU (--target_devices of one host) on this
-machine, which needs no GPU but JAX's CUDA plugin (pip install "jax[cuda13]==<jax's
-version>"): XLA's memory estimate, traffic and collectives of the GPU program.
+the compiled step's kernels read and write, by kind and model part, and how many kernels it
+runs (`kernels`; `small_kernels`: those moving under 1 MB, which cost about a launch each).
+With --target=h100|h200 and --steps=0, the step is compiled for that GPU (--target_devices of
+one host) on this machine, which needs no GPU but JAX's CUDA plugin (pip install
+"jax[cuda13]==<jax's version>"): XLA's memory estimate, traffic and collectives of the GPU
+program.
 A classifier head without num_answers gets 512 answers. Any config field is overridable,
 e.g. --config.model.compute.attention=cudnn --config.model.compute.scan=True
 --config.model.compute.remat=dots.

@@ -257,7 +257,10 @@ def hlo_traffic(hlo_text: str, depth: int = 1, top: int = 12) -> dict:
   where a kernel reads only part of an operand otherwise (a gather outside a fusion reads
   part of its table), and a kernel in a loop body counts once. Its use is the memory-bound
   part of a step, which on an H200 is as long as the matrix products (BENCHMARKS.md): the
-  fusions' gigabytes over the chip's bandwidth give the time they cannot beat."""
+  fusions' gigabytes over the chip's bandwidth give the time they cannot beat. Also
+  `kernels`, how many there are, and `small_kernels`, those that move under
+  `SMALL_KERNEL_BYTES` each: on a GPU each costs a launch and a few microseconds whatever
+  it moves, a floor that bytes do not show."""
   shapes, kernels, bodies = {}, [], {}
   for name, rest, opcode, in_fusion, computation in _instructions(hlo_text):
     if not opcode:
@@ -271,7 +274,7 @@ def hlo_traffic(hlo_text: str, depth: int = 1, top: int = 12) -> dict:
       kernels.append((name, *_row(rest, opcode), shapes[name],
                       _operands(rest, opcode.end(1)), calls.group(1) if calls else None))
   partial = {c: _partial_reads(body, shapes) for c, body in bodies.items()}
-  by_kind, by_scope = {}, {}
+  by_kind, by_scope, small = {}, {}, 0
   for name, opcode, target, op_name, shape, operands, calls in kernels:
     if opcode == "custom-call":  # Its scratch space moves nothing.
       shape = _WORKSPACE.sub(")", shape.strip())
@@ -282,9 +285,15 @@ def hlo_traffic(hlo_text: str, depth: int = 1, top: int = 12) -> dict:
     by_kind[kind] = by_kind.get(kind, 0) + moved
     scope = scope_of(op_name, depth)
     by_scope[scope] = by_scope.get(scope, 0) + moved
+    small += moved < SMALL_KERNEL_BYTES
   ranked = lambda table, n=None: dict(sorted(table.items(), key=lambda kv: -kv[1])[:n])
   return {"bytes": sum(by_kind.values()), "by_kind": ranked(by_kind),
-          "by_scope": ranked(by_scope, top)}
+          "by_scope": ranked(by_scope, top), "kernels": len(kernels), "small_kernels": small}
+
+
+# A kernel that moves less than this (1 MB: 0.2 us at an H200's 4.8 TB/s) takes about its
+# launch's time.
+SMALL_KERNEL_BYTES = 10 ** 6
 
 
 # Instructions that read part of their first operand: about as much as they make.
@@ -313,10 +322,11 @@ def _partial_reads(body: list, shapes: dict) -> dict:
 
 
 def gigabytes(traffic: dict) -> dict:
-  """`hlo_traffic`'s figures in GB, to the MB."""
+  """`hlo_traffic`'s figures in GB, to the MB (its kernel counts as they are)."""
   return {"total": round(traffic["bytes"] / 1e9, 3),
           **{k: {name: round(b / 1e9, 3) for name, b in traffic[k].items()}
-             for k in ("by_kind", "by_scope")}}
+             for k in ("by_kind", "by_scope")},
+          **{k: traffic[k] for k in ("kernels", "small_kernels") if k in traffic}}
 
 
 def save_hlo_ops(table: dict, path: str) -> str:

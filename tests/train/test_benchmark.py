@@ -65,6 +65,7 @@ def test_benchmark_prints_one_well_formed_line(tmp_path):
   traffic = r["hbm_traffic_gb"]  # What the kernels read and write, by kind and model part.
   assert r["target"] is None and traffic["total"] > 0
   assert {"image", "text"} <= set(traffic["by_scope"]) and "matmul" in traffic["by_kind"]
+  assert 0 <= traffic["small_kernels"] < traffic["kernels"]
   assert "compiling the train step" in out.stderr  # Progress goes to stderr.
   # The traced step is kept; a CPU trace has no device events to split, which it says.
   assert r["profile_trace"] == str(tmp_path / "prof" / "trace.json.gz")

@@ -164,12 +164,15 @@ def test_traffic_sums_what_each_kernel_reads_and_writes():
   assert out["bytes"] == fusion + gemm + neg + copy
   assert out["by_scope"] == {"image": fusion + gemm, "(unnamed)": copy, "text": neg}
   assert trace.hlo_traffic(hlo, top=1)["by_scope"] == {"image": fusion + gemm}
+  # Four kernels (the fusion, the product, the loop body's negation, the copy), each small.
+  assert (out["kernels"], out["small_kernels"]) == (4, 4)
   assert trace.gigabytes({"bytes": 1_234_567_890, "by_kind": {"fusion": 5e8},
                           "by_scope": {}}) == {"total": 1.235, "by_kind": {"fusion": 0.5},
                                                "by_scope": {}}
+  assert trace.gigabytes(out)["kernels"] == 4 and trace.gigabytes(out)["small_kernels"] == 4
 
 
-def test_traffic_counts_what_a_fusion_slices_or_gathers_of_an_operand():
+def test_traffic_counts_what_a_fusion_slices_or_gathers_of_an_operand(monkeypatch):
   """An operand that a fusion only slices (XLA's dot merger slices one product's result into
   several) or gathers from counts as what those take, at most its size; one that the fusion
   also reads whole, or as a gather's indices, counts whole."""
@@ -209,6 +212,11 @@ def test_traffic_counts_what_a_fusion_slices_or_gathers_of_an_operand():
   out = trace.hlo_traffic(hlo)
   assert out["by_scope"] == {"fusion": sliced, "text": mixed, "decoder": lookup}
   assert out["bytes"] == sliced + mixed + lookup
+  # A kernel is small below 1 MB moved; below a threshold just over the slicing fusion's
+  # bytes, it and the lookup are, and the fusion reading x whole is not.
+  assert (out["kernels"], out["small_kernels"]) == (3, 3)
+  monkeypatch.setattr(trace, "SMALL_KERNEL_BYTES", sliced + 1)
+  assert trace.hlo_traffic(hlo)["small_kernels"] == 2
 
 
 def test_traffic_of_a_compiled_program():
