@@ -345,14 +345,12 @@ class Projection(nn.Module):
   The product is one 2-D matrix product over the flattened axes (row-major reshapes, free).
   Contracting the kernel's own axes (768 x (12, 64)) left XLA's GPU compiler to make the
   kernel's gradient in another layout: the optimiser then read it through transposes (3.2 GB
-  of a fine-tuning step's traffic at 64 on an H200). An added bias joins the 2-D product
-  too, as a vector along its columns, which XLA's GPU compiler adds in cuBLASLt's epilogue;
-  added to the (..., 12, 64) result of a query projection, it was broadcast to the product's
-  shape as cuBLAS's C operand (written, then read).
+  of a fine-tuning step's traffic at 64 on an H200).
 
-  Attention places its key and value biases where they cost least (`MultiHeadAttention`):
-  applied where the projections are made, each was broadcast to the keys' (the values')
-  shape as cuBLAS's C operand (written, then read), and reduced from their gradient."""
+  A bias added to the (..., 12, 64) result was broadcast to the product's shape as cuBLAS's
+  C operand (written, then read), and reduced from its gradient. Added to the 2-D product as
+  a vector along its columns (`add_bias`, the query's), it goes into cuBLASLt's epilogue;
+  the key's and value's are placed where they cost less still (`MultiHeadAttention`)."""
   features: tuple[int, ...]
   in_axes: int = 1
   dtype: Dtype = jnp.float32
