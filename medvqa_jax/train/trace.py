@@ -162,6 +162,46 @@ def _instructions(hlo_text: str):
       yield inst.group(1), rest, _OPCODE.match(rest), in_fusion, computation
 
 
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_LOOP_PARTS = re.compile(r"\b(condition|body)=%?([\w.\-]+)")
+# The computations an instruction runs as kernels of their own: a call's or an asynchronous
+# op's, a conditional's branches.
+_CALLED = re.compile(r"\b(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
+                     r"|\bbranch_computations=\{([^}]*)\}")
+
+
+def runs_per_step(hlo_text: str) -> dict:
+  """{computation: how many times it runs per execution of the module}, for the computations
+  whose instructions run as kernels (not fusions' bodies, nor what runs inside an
+  instruction's kernel): a loop's body as many times as its known trip count (`lax.scan`'s,
+  XLA's `known_trip_count`; once if not known), its condition once more, and what those
+  call as often; a computation no instruction is seen to call, the entry's among them, once."""
+  callers, is_fusion = {}, set(_FUSION_CALLS.findall(hlo_text))
+  for name, rest, opcode, in_fusion, computation in _instructions(hlo_text):
+    if in_fusion or not opcode:
+      continue
+    if opcode.group(1) == "while":
+      trips = _TRIP_COUNT.search(rest)
+      n = int(trips.group(1)) if trips else 1
+      for part, callee in _LOOP_PARTS.findall(rest):
+        callers.setdefault(callee, []).append((computation, n + (part == "condition")))
+      continue
+    if opcode.group(1) == "fusion":
+      continue
+    for single, branches in _CALLED.findall(rest):
+      for callee in [single] if single else re.findall(r"%?([\w.\-]+)", branches):
+        if callee not in is_fusion:
+          callers.setdefault(callee, []).append((computation, 1))
+  runs = {}
+
+  def count(c):  # HLO's calls make no cycles.
+    if c not in runs:
+      runs[c] = sum(count(caller) * n for caller, n in callers[c]) if c in callers else 1
+    return runs[c]
+  return {c: count(c) for c in {c for *_, in_fusion, c in _instructions(hlo_text)
+                                if not in_fusion}}
+
+
 def _row(rest: str, opcode) -> list:
   """[opcode, custom call target, JAX op name] of an instruction."""
   target = re.search(r'custom_call_target="([^"]+)"', rest)
@@ -203,29 +243,31 @@ def array_bytes(shape_text: str) -> int:
   return total
 
 
-def collective_ops(hlo_text: str) -> list:
+def collective_ops(hlo_text: str, runs: dict | None = None) -> list:
   """[(opcode, result shape, JAX op name)] of a compiled HLO module's collectives, each once:
   a synchronous op, or the `-done` half of an asynchronous one (whose result is the op's
   output, where the `-start` half's also holds its inputs); a collective wrapped in an
   `async-start` appears in its own computation, synchronous. The result is what each device
   ends with: an all-gather's gathered array, an all-reduce's reduced one, a reduce-scatter's
-  shard. An op inside a loop (a scanned stack, gradient accumulation) is listed once."""
+  shard. An op inside a loop (a scanned stack, gradient accumulation) is listed once, or,
+  given `runs` (`runs_per_step`), with a fourth item: how many times it runs."""
   ops = []
-  for _, rest, opcode, _, _ in _instructions(hlo_text):
+  for _, rest, opcode, _, computation in _instructions(hlo_text):
     kind = opcode.group(1).removesuffix("-done") if opcode else None
     if kind in COLLECTIVES:
-      ops.append((kind, rest[:opcode.start(1)].strip(), _row(rest, opcode)[2]))
+      op = (kind, rest[:opcode.start(1)].strip(), _row(rest, opcode)[2])
+      ops.append(op if runs is None else (*op, runs.get(computation, 1)))
   return ops
 
 
 def collectives(hlo_text: str) -> dict:
   """{opcode: {"count", "bytes"}} of `collective_ops`: per device and step, as compiled (on a
-  CPU, XLA may move bf16 arrays as float32)."""
+  CPU, XLA may move bf16 arrays as float32), an op in a loop's body as often as it runs."""
   out = {}
-  for opcode, shape, _ in collective_ops(hlo_text):
+  for opcode, shape, _, runs in collective_ops(hlo_text, runs_per_step(hlo_text)):
     entry = out.setdefault(opcode, {"count": 0, "bytes": 0})
-    entry["count"] += 1
-    entry["bytes"] += array_bytes(shape)
+    entry["count"] += runs
+    entry["bytes"] += runs * array_bytes(shape)
   return dict(sorted(out.items()))
 
 
@@ -255,12 +297,13 @@ def hlo_traffic(hlo_text: str, depth: int = 1, top: int = 12) -> dict:
   and device, largest first. An operand that a fusion only slices, or gathers from, counts
   as what its slices and gathers take (`_partial_reads`). An upper bound on HBM traffic
   where a kernel reads only part of an operand otherwise (a gather outside a fusion reads
-  part of its table), and a kernel in a loop body counts once. Its use is the memory-bound
-  part of a step, which on an H200 is as long as the matrix products (BENCHMARKS.md): the
-  fusions' gigabytes over the chip's bandwidth give the time they cannot beat. Also
-  `kernels`, how many there are, and `small_kernels`, those that move under
-  `SMALL_KERNEL_BYTES` each: on a GPU each costs a launch and a few microseconds whatever
-  it moves, a floor that bytes do not show."""
+  part of its table). A kernel in a loop's body counts as often as the loop runs it
+  (`runs_per_step`: a scanned stack's trip count; once where XLA does not know it). Its use
+  is the memory-bound part of a step, which on an H200 is as long as the matrix products
+  (BENCHMARKS.md): the fusions' gigabytes over the chip's bandwidth give the time they
+  cannot beat. Also `kernels`, how many launches a step makes, and `small_kernels`, those
+  that move under `SMALL_KERNEL_BYTES` each: on a GPU each costs a launch and a few
+  microseconds whatever it moves, a floor that bytes do not show."""
   shapes, kernels, bodies = {}, [], {}
   for name, rest, opcode, in_fusion, computation in _instructions(hlo_text):
     if not opcode:
@@ -272,23 +315,30 @@ def hlo_traffic(hlo_text: str, depth: int = 1, top: int = 12) -> dict:
     elif opcode.group(1) not in _NOT_TRAFFIC:
       calls = _FUSION_CALLS.search(rest)
       kernels.append((name, *_row(rest, opcode), shapes[name],
-                      _operands(rest, opcode.end(1)), calls.group(1) if calls else None))
+                      _operands(rest, opcode.end(1)), calls.group(1) if calls else None,
+                      computation))
   partial = {c: _partial_reads(body, shapes) for c, body in bodies.items()}
-  by_kind, by_scope, small = {}, {}, 0
-  for name, opcode, target, op_name, shape, operands, calls in kernels:
+  in_place = {c: _in_place(body, shapes) for c, body in bodies.items()}
+  by_kind, by_scope, small, launches, runs = {}, {}, 0, 0, runs_per_step(hlo_text)
+  for name, opcode, target, op_name, shape, operands, calls, computation in kernels:
     if opcode == "custom-call":  # Its scratch space moves nothing.
       shape = _WORKSPACE.sub(")", shape.strip())
-    reads = partial.get(calls, {})
-    moved = array_bytes(shape) + sum(reads.get(i, array_bytes(shapes.get(o, "")))
-                                     for i, o in enumerate(operands))
+    reads, (untouched, unwritten) = partial.get(calls, {}), in_place.get(calls, ((), 0))
+    if opcode == "dynamic-update-slice":  # In place: the update read, then written.
+      untouched, unwritten = (0,), array_bytes(shape) - array_bytes(shapes.get(operands[1], ""))
+    moved = array_bytes(shape) - unwritten + sum(
+        0 if i in untouched else reads.get(i, array_bytes(shapes.get(o, "")))
+        for i, o in enumerate(operands))
+    n = runs.get(computation, 1)
     kind = kind_of(" ".join((opcode, target, name)))
-    by_kind[kind] = by_kind.get(kind, 0) + moved
+    by_kind[kind] = by_kind.get(kind, 0) + n * moved
     scope = scope_of(op_name, depth)
-    by_scope[scope] = by_scope.get(scope, 0) + moved
-    small += moved < SMALL_KERNEL_BYTES
+    by_scope[scope] = by_scope.get(scope, 0) + n * moved
+    launches += n
+    small += n * (moved < SMALL_KERNEL_BYTES)
   ranked = lambda table, n=None: dict(sorted(table.items(), key=lambda kv: -kv[1])[:n])
   return {"bytes": sum(by_kind.values()), "by_kind": ranked(by_kind),
-          "by_scope": ranked(by_scope, top), "kernels": len(kernels), "small_kernels": small}
+          "by_scope": ranked(by_scope, top), "kernels": launches, "small_kernels": small}
 
 
 # A kernel that moves less than this (1 MB: 0.2 us at an H200's 4.8 TB/s) takes about its
@@ -319,6 +369,25 @@ def _partial_reads(body: list, shapes: dict) -> dict:
         whole.add(operand)
   return {params[p]: min(b, array_bytes(shapes.get(p, "")))
           for p, b in taken.items() if p not in whole}
+
+
+def _in_place(body: list, shapes: dict) -> tuple:
+  """(parameter numbers, bytes) of a fused computation's in-place updates: a result (the
+  root, or an item of the root's tuple) that is a dynamic-update-slice of a parameter shares
+  that parameter's buffer (a scanned loop's stacked outputs), so the kernel does not read the
+  parameter and writes only the update. Its root is the body's last instruction."""
+  params = {name: int(_PARAMETER.search(rest).group(1))
+            for name, opcode, rest, _ in body if opcode == "parameter"}
+  ops = {name: (opcode, operands) for name, opcode, _, operands in body}
+  root_opcode, root_operands = ops[body[-1][0]]
+  results = root_operands if root_opcode == "tuple" else [body[-1][0]]
+  untouched, unwritten = [], 0
+  for result in results:
+    opcode, operands = ops.get(result, ("", []))
+    if opcode == "dynamic-update-slice" and operands[0] in params:
+      untouched.append(params[operands[0]])
+      unwritten += array_bytes(shapes.get(result, "")) - array_bytes(shapes.get(operands[1], ""))
+  return tuple(untouched), unwritten
 
 
 def gigabytes(traffic: dict) -> dict:

@@ -219,6 +219,93 @@ def test_traffic_counts_what_a_fusion_slices_or_gathers_of_an_operand(monkeypatc
   assert trace.hlo_traffic(hlo)["small_kernels"] == 2
 
 
+def test_a_loop_counts_as_often_as_it_runs_and_updates_in_place():
+  """A kernel in a loop's body (a scanned stack) counts once per trip of the loop's known trip
+  count, nested loops multiply, its condition runs once more; a collective in the body too. A
+  dynamic-update-slice into a parameter of its fusion (a scan's stacked output) shares that
+  parameter's buffer: the kernel reads the update, not the stack, and writes the update."""
+  hlo = textwrap.dedent("""\
+      HloModule step
+      %stack (s0: bf16[12,64,32], s1: bf16[64,32], s2: s32[]) -> bf16[12,64,32] {
+        %s0 = bf16[12,64,32]{2,1,0} parameter(0)
+        %s1 = bf16[64,32]{1,0} parameter(1)
+        %s2 = s32[] parameter(2)
+        %zero = s32[] constant(0)
+        %n = bf16[64,32]{1,0} negate(%s1)
+        %b = bf16[1,64,32]{2,1,0} bitcast(%n)
+        ROOT %dus = bf16[12,64,32]{2,1,0} dynamic-update-slice(%s0, %b, %s2, %zero, %zero)
+      }
+      %both (t0: bf16[12,64,32], t1: bf16[64,32], t2: s32[]) -> (bf16[64,32], bf16[12,64,32]) {
+        %t0 = bf16[12,64,32]{2,1,0} parameter(0)
+        %t1 = bf16[64,32]{1,0} parameter(1)
+        %t2 = s32[] parameter(2)
+        %z = s32[] constant(0)
+        %e = bf16[64,32]{1,0} exponential(%t1)
+        %eb = bf16[1,64,32]{2,1,0} bitcast(%e)
+        %upd = bf16[12,64,32]{2,1,0} dynamic-update-slice(%t0, %eb, %t2, %z, %z)
+        ROOT %tup = (bf16[64,32]{1,0}, bf16[12,64,32]{2,1,0}) tuple(%e, %upd)
+      }
+      %inner (u: (s32[], f32[16])) -> (s32[], f32[16]) {
+        %u = (s32[], f32[16]{0}) parameter(0)
+        %v = f32[16]{0} get-tuple-element(%u), index=1
+        %w = f32[16]{0} sine(%v), metadata={op_name="jit(step)/text/sin"}
+        ROOT %r = (s32[], f32[16]{0}) tuple(%i, %w)
+      }
+      %inner_cond (c: (s32[], f32[16])) -> pred[] {
+        %c = (s32[], f32[16]{0}) parameter(0)
+        ROOT %lt = pred[] compare(%i, %k), direction=LT
+      }
+      %body (p: (s32[], bf16[64,32], bf16[12,64,32], f32[16])) -> (s32[], bf16[64,32], bf16[12,64,32], f32[16]) {
+        %p = (s32[], bf16[64,32]{1,0}, bf16[12,64,32]{2,1,0}, f32[16]{0}) parameter(0)
+        %i = s32[] get-tuple-element(%p), index=0
+        %x = bf16[64,32]{1,0} get-tuple-element(%p), index=1
+        %ys = bf16[12,64,32]{2,1,0} get-tuple-element(%p), index=2
+        %h = f32[16]{0} get-tuple-element(%p), index=3
+        %f = bf16[12,64,32]{2,1,0} fusion(%ys, %x, %i), kind=kLoop, calls=%stack, metadata={op_name="jit(step)/image/dynamic_update_slice"}
+        %g = (bf16[64,32]{1,0}, bf16[12,64,32]{2,1,0}) fusion(%f, %x, %i), kind=kLoop, calls=%both, metadata={op_name="jit(step)/image/exp"}
+        %ar = f32[16]{0} all-reduce(%h), to_apply=%add
+        %l = (s32[], f32[16]{0}) while(%init), condition=%inner_cond, body=%inner, backend_config={"known_trip_count":{"n":"2"}}
+        %d = bf16[12,64,32]{2,1,0} dynamic-update-slice(%ys, %one, %i, %zero, %zero), metadata={op_name="jit(step)/image/stack"}
+        ROOT %out = (s32[], bf16[64,32]{1,0}, bf16[12,64,32]{2,1,0}, f32[16]{0}) tuple(%i, %x, %f, %ar)
+      }
+      %cond (q: (s32[], bf16[64,32], bf16[12,64,32], f32[16])) -> pred[] {
+        %q = (s32[], bf16[64,32]{1,0}, bf16[12,64,32]{2,1,0}, f32[16]{0}) parameter(0)
+        %qi = s32[] get-tuple-element(%q), index=0
+        ROOT %less = pred[] compare(%qi, %twelve), direction=LT, metadata={op_name="jit(step)/image/lt"}
+      }
+      ENTRY %main (a: bf16[64,32], one: bf16[1,64,32]) -> bf16[64,32] {
+        %a = bf16[64,32]{1,0} parameter(0)
+        %one = bf16[1,64,32]{2,1,0} parameter(1)
+        %loop = (s32[], bf16[64,32]{1,0}, bf16[12,64,32]{2,1,0}, f32[16]{0}) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"12"}}
+        ROOT %c = bf16[64,32]{1,0} copy(%a)
+      }""")
+  assert trace.runs_per_step(hlo) == {"main": 1, "body": 12, "cond": 13, "inner": 24,
+                                      "inner_cond": 36}
+  row = 64 * 32 * 2  # One bf16 [64, 32] slice: what each update reads and writes.
+  stack = 2 * row + 4  # Reads x and the index, writes its slice; the stack is not read.
+  both = 2 * row + 4 + row  # Also writes exp(x) whole beside the slice.
+  plain_dus = 2 * row + 4 * 3  # Unfused: reads the update and three indices, writes it.
+  sine, compare, reduce, copy = 2 * 16 * 4, 4 + 1, 2 * 16 * 4, 2 * row
+  out = trace.hlo_traffic(hlo)
+  assert out["by_scope"] == {"image": 12 * (stack + both + plain_dus) + 13 * compare,
+                             "text": 24 * sine,
+                             "(unnamed)": copy + 12 * reduce + 36 * compare}
+  assert out["kernels"] == 12 * 4 + 13 + 24 + 36 + 1  # The all-reduce is a kernel too.
+  assert trace.collectives(hlo) == {"all-reduce": {"count": 12, "bytes": 12 * 16 * 4}}
+  assert [runs for *_, runs in trace.collective_ops(hlo, trace.runs_per_step(hlo))] == [12]
+
+
+def test_a_scanned_programs_traffic_grows_with_its_length():
+  """Compiled: each further step of a scan over a (128, 128) product and tanh moves the same."""
+  a = jnp.ones((128, 128))
+
+  def moved(length):
+    scan = lambda a: jax.lax.scan(lambda c, _: (jnp.tanh(c @ a), None), a, None, length=length)
+    return trace.hlo_traffic(jax.jit(scan).lower(a).compile().as_text())["bytes"]
+  two, four, eight = moved(2), moved(4), moved(8)
+  assert eight - four == 2 * (four - two) >= 2 * 2 * a.nbytes
+
+
 def test_traffic_of_a_compiled_program():
   """On a compiled step: a jitted (256, 256) float32 product and tanh moves at least its
   operands and result once, and not more than a few times over."""
