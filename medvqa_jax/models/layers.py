@@ -34,9 +34,29 @@ log = logging.getLogger(__name__)
 _WARNED: set = set()  # (head dim, pad_to) that attention=auto fell back for, warned once.
 
 
+@jax.custom_vjp
 def quick_gelu(x):
-  """The sigmoid approximation of GELU that OpenAI CLIP was trained with."""
+  """x sigmoid(1.702 x), the approximation of GELU that OpenAI CLIP was trained with. Its
+  gradient, s + 1.702 x s (1 - s) with s = sigmoid(1.702 x), keeps only x for the backward
+  pass (computed in float32 and rounded once), as `exact_gelu`'s does: autodiff keeps the
+  sigmoid and more, arrays the size of the MLP's hidden layer. XLA recomputes them inside its
+  fusions when the layers are unrolled, but a scanned stack (`Compute.scan`) stores each, for
+  every layer: compiled for an H200, towers_only at 256 with scan kept 8.7 GiB more and moved
+  38 GB more per step (BENCHMARKS.md)."""
   return x * jax.nn.sigmoid(1.702 * x)
+
+
+def _quick_gelu_fwd(x):
+  return quick_gelu(x), x
+
+
+def _quick_gelu_bwd(x, g):
+  x32 = x.astype(jnp.float32)
+  s = jax.nn.sigmoid(1.702 * x32)
+  return ((g.astype(jnp.float32) * (s + 1.702 * x32 * s * (1 - s))).astype(g.dtype),)
+
+
+quick_gelu.defvjp(_quick_gelu_fwd, _quick_gelu_bwd)
 
 
 @jax.custom_vjp

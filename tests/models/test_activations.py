@@ -1,5 +1,6 @@
-"""The exact GELU's hand-written gradient: x Phi(x)'s derivative, Phi(x) + x phi(x), against a
-float64 formula, and only the input kept for the backward pass."""
+"""The GELUs' hand-written gradients: x Phi(x)'s derivative, Phi(x) + x phi(x), and x
+sigmoid(1.702 x)'s, s + 1.702 x s (1 - s), against float64 formulas, and only the input kept
+for the backward pass."""
 
 import math
 
@@ -12,23 +13,36 @@ from jax.ad_checkpoint import print_saved_residuals
 from medvqa_jax.models import layers
 
 
-def _reference(x):
+def _exact(x):
   x = np.asarray(x, np.float64)
   cdf = 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
   return x * cdf, cdf + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
 
 
+def _quick(x):
+  x = np.asarray(x, np.float64)
+  s = 0.5 * (1 + np.tanh(0.851 * x))  # sigmoid(1.702 x), without overflow.
+  return x * s, s + 1.702 * x * s * (1 - s)
+
+
+# (activation, the formula, the plain function autodiff would differentiate)
+GELUS = {"gelu": (layers.exact_gelu, _exact, lambda x: jax.nn.gelu(x, approximate=False)),
+         "quick_gelu": (layers.quick_gelu, _quick, lambda x: x * jax.nn.sigmoid(1.702 * x))}
+
+
 # float32: the formula rounded once (values near 1, so an absolute 1e-6 is a few ulps);
 # bfloat16: the gradient rounded once to bf16's 8 bits (2^-8 relative, values up to 1.13).
+@pytest.mark.parametrize("name", sorted(GELUS))
 @pytest.mark.parametrize("dtype, atol", [(jnp.float32, 1e-6), (jnp.bfloat16, 4.5e-3)])
-def test_exact_gelu_and_its_gradient_match_the_formula(dtype, atol):
+def test_the_gelus_and_their_gradients_match_the_formula(name, dtype, atol):
+  fn, formula, plain = GELUS[name]
   x = jnp.asarray(np.concatenate([np.linspace(-10, 10, 4001), [0.0, -0.0, 1e-30, -40, 40]]),
                   dtype)
-  value, grad = _reference(x)  # At x as rounded to dtype.
-  out, vjp = jax.vjp(layers.exact_gelu, x)
+  value, grad = formula(x)  # At x as rounded to dtype.
+  out, vjp = jax.vjp(fn, x)
   (g,) = vjp(jnp.ones_like(out))
   assert out.dtype == g.dtype == dtype
-  np.testing.assert_array_equal(np.asarray(out), np.asarray(jax.nn.gelu(x, approximate=False)))
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(plain(x)))
   np.testing.assert_allclose(np.asarray(g, np.float64), grad, rtol=0, atol=atol)
   np.testing.assert_allclose(np.asarray(out, np.float64), value, rtol=1e-2, atol=atol)
   # The cotangent scales the gradient, elementwise.
@@ -38,28 +52,28 @@ def test_exact_gelu_and_its_gradient_match_the_formula(dtype, atol):
                              grad * np.asarray(cot, np.float64), rtol=0, atol=4 * atol)
 
 
-def test_an_mlp_keeps_its_hidden_layer_twice_not_three_times(capsys):
+@pytest.mark.parametrize("name", sorted(GELUS))
+def test_an_mlp_keeps_its_hidden_layer_twice_not_more(name, capsys):
   """The backward pass of fc1 -> GELU -> fc2 needs fc1's output (for GELU's gradient) and
-  GELU's (for fc2's kernel gradient): two arrays of the hidden layer's size, where autodiff of
-  jax.nn.gelu keeps a third (erfc's output)."""
-  mlp = layers.Mlp(64, "gelu", jnp.bfloat16)
+  GELU's (for fc2's kernel gradient): two arrays of the hidden layer's size, where autodiff
+  keeps more (jax.nn.gelu's erfc, the quick GELU's sigmoid and its product with x)."""
+  mlp = layers.Mlp(64, name, jnp.bfloat16)
   x = jnp.ones((2, 5, 16), jnp.bfloat16)
   params = mlp.init(jax.random.key(0), x)
   print_saved_residuals(lambda p, x: mlp.apply(p, x), params, x)
   hidden = [line for line in capsys.readouterr().out.splitlines()
             if line.startswith("bf16[2,5,64]")]
   assert len(hidden) == 2, hidden
-  # And the gradients of the whole MLP agree with autodiff of jax.nn.gelu's (float32).
-  mlp32 = layers.Mlp(64, "gelu")
+  # And the gradients of the whole MLP agree with autodiff of the plain function's (float32).
+  mlp32 = layers.Mlp(64, name)
   x = jax.random.normal(jax.random.key(1), (2, 5, 16))
   params = mlp32.init(jax.random.key(0), x)
   loss = lambda p, x: jnp.sum(jnp.sin(mlp32.apply(p, x)))
   ours = jax.grad(loss, argnums=(0, 1))(params, x)
-  layers.ACTIVATIONS["gelu"], saved = (lambda v: jax.nn.gelu(v, approximate=False),
-                                       layers.ACTIVATIONS["gelu"])
+  layers.ACTIVATIONS[name], saved = GELUS[name][2], layers.ACTIVATIONS[name]
   try:
     autodiff = jax.grad(loss, argnums=(0, 1))(params, x)
   finally:
-    layers.ACTIVATIONS["gelu"] = saved
+    layers.ACTIVATIONS[name] = saved
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                ours, autodiff)
