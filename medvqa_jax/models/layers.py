@@ -107,9 +107,23 @@ def activation(name: str) -> Callable:
     raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
 
 
+# The forward primitive of `jax.nn.dot_product_attention(implementation="cudnn")`, bound in
+# its custom_vjp's forward rule: its outputs (the attention and the softmax's statistics)
+# are what the backward kernel reads.
+FUSED_ATTENTION_FORWARD = ("dot_product_attention_fwd_wrapper",)
+
+
+def _fused_attention_saveable(prim, *_, **__) -> bool:
+  return prim.name in FUSED_ATTENTION_FORWARD
+
+
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,  # Keep only each layer's input.
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # Keep weight matmuls.
+    # Keep the weight matmuls' outputs and the fused attention kernel's: compiled for an
+    # H200, towers_only at 256 otherwise runs cuDNN's forward kernel again in the backward
+    # pass (5.0 GB more traffic, a third more attention work; BENCHMARKS.md).
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _fused_attention_saveable),
 }
 ATTENTION = ("reference", "xla", "cudnn", "auto")
 
@@ -128,7 +142,8 @@ class Compute:
   scan: run each stack's layers as one `lax.scan` over the layers' parameters stacked on the
     fly (the per-layer parameter names stay), so a stack compiles once, not once per layer.
   remat: "none", "full" (keep each layer's input, recompute the layer in the backward pass)
-    or "dots" (keep the weight matmuls' outputs, recompute the rest).
+    or "dots" (keep the weight matmuls' outputs and the fused attention kernel's, recompute
+    the rest).
   """
   attention: str = "reference"
   pad_to: int = 16

@@ -369,6 +369,55 @@ def test_scan_traces_one_layer_and_remat_marks_the_layers():
   assert "checkpoint" in remat or "remat" in remat
 
 
+def test_remat_dots_keeps_the_fused_attention_kernels_outputs():
+  """cuDNN's attention is a custom_vjp whose forward rule binds one primitive
+  (`dot_product_attention_fwd_wrapper`) and whose backward reads its outputs. remat="dots"
+  keeps them, so the backward pass does not run the forward kernel again; "full" does run it
+  again. The kernel is a GPU's, so a primitive of that name stands in for it here, bound the
+  same way; JAX's own is checked to carry the name."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+  from jax.extend.core import Primitive
+  from jax.interpreters import mlir
+
+  assert cudnn_attention._dot_product_attention_fwd_p_wrapper.name in \
+      layers.FUSED_ATTENTION_FORWARD
+  fwd_p = Primitive(layers.FUSED_ATTENTION_FORWARD[0])
+  fwd_p.multiple_results = True
+  kernel = lambda q: [jnp.tanh(q) * 2.0, jnp.sum(q, -1)]  # (output, statistics)
+  fwd_p.def_impl(kernel)
+  fwd_p.def_abstract_eval(lambda q: [jax.core.ShapedArray(q.shape, q.dtype),
+                                     jax.core.ShapedArray(q.shape[:-1], q.dtype)])
+  mlir.register_lowering(fwd_p, mlir.lower_fun(kernel, multiple_results=True))
+
+  @jax.custom_vjp
+  def attend(q):
+    return fwd_p.bind(q)[0]
+
+  def attend_fwd(q):
+    out, stats = fwd_p.bind(q)
+    return out, (q, out, stats)
+
+  def attend_bwd(res, g):
+    q, out, stats = res  # d(2 tanh q)/dq = 2 - out^2 / 2; the statistics read, as cuDNN's are.
+    return (g * (2.0 - out ** 2 / 2.0) + 0.0 * stats[..., None],)
+
+  attend.defvjp(attend_fwd, attend_bwd)
+  w = jnp.linspace(-1.0, 1.0, 16).reshape(4, 4)
+
+  def layer(q):
+    return jnp.sin(attend(q @ w)) @ w
+
+  q = jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)
+  runs = {}
+  for remat in ("dots", "full"):
+    step = jax.checkpoint(layer, policy=layers.REMAT_POLICIES[remat])
+    jaxpr = jax.make_jaxpr(jax.grad(lambda q: jnp.sum(step(q))))(q)
+    runs[remat] = str(jaxpr).count(layers.FUSED_ATTENTION_FORWARD[0])
+    np.testing.assert_allclose(jax.grad(lambda q: jnp.sum(step(q)))(q),
+                               jax.grad(lambda q: jnp.sum(layer(q)))(q), rtol=1e-6)
+  assert runs == {"dots": 1, "full": 2}
+
+
 def test_amif_losses_and_gradients_do_not_depend_on_compute():
   config = helpers.tiny_config()
   model, params = amif.create(config)
