@@ -96,7 +96,7 @@ class BertEncoder(nn.Module):
     x = (word_embed(input_ids)
          + nn.Embed(self.max_positions, self.width, name="pos_embed")(positions)
          + nn.Embed(self.type_vocab_size, self.width, name="type_embed")(token_type_ids))
-    x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="embed_ln")(x.astype(self.dtype))
+    x = layers.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="embed_ln")(x.astype(self.dtype))
     x = layers.dropout(self, self.dropout, x)
     # A context mask may have holes (the decoder's: text padding, then the image tokens).
     context_bias = layers.attention_mask(context_mask)
@@ -112,7 +112,7 @@ class BertEncoder(nn.Module):
     if self.lm_head:
       h = nn.Dense(self.width, dtype=self.dtype, name="lm_dense")(x)
       h = layers.activation(self.act)(h)
-      h = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="lm_ln")(h)
+      h = layers.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="lm_ln")(h)
       lm_bias = self.param("lm_bias", nn.initializers.zeros, (self.vocab_size,))
       if lm_logits:
         out["logits"] = word_embed.attend(h.astype(jnp.float32)) + lm_bias

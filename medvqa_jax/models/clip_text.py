@@ -52,7 +52,7 @@ class ClipTextTransformer(nn.Module):
                               self.ln_eps, self.dtype, self.compute)
     x = layers.run_layers(self, range(self.depth), {"block": (block, "block_{}")},
                           lambda layer, x: layer["block"](x, bias), x, self.compute)
-    x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_final")(x)
+    x = layers.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_final")(x)
     if self.eos_token_id is None:
       eot = jnp.argmax(input_ids, axis=-1)
     else:

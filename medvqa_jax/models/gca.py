@@ -53,7 +53,7 @@ class GatedCrossAttention(nn.Module):
       # Only when the text tower is narrower or wider than fusion (not in the paper's setting).
       prior = nn.Dense(d, dtype=self.dtype, name="prior_proj")(prior)
     prior = prior.astype(self.dtype)
-    ln = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
+    ln = lambda name: layers.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
     mha = lambda name: layers.MultiHeadAttention(self.num_heads, self.dtype, self.compute,
                                                  name=name)
     mlp = lambda name: layers.Mlp(self.mlp_dim, self.act, self.dtype, name=name)

@@ -26,7 +26,7 @@ class ClassifierHead(nn.Module):
         jnp.tanh(nn.Dense(d, dtype=self.dtype, name="text_pooler")(text_cls)),
         jnp.tanh(nn.Dense(d, dtype=self.dtype, name="image_pooler")(image_cls))], axis=-1)
     h = nn.Dense(2 * d, dtype=self.dtype, name="fc1")(pooled)
-    h = layers.exact_gelu(nn.LayerNorm(dtype=self.dtype, name="ln")(h))
+    h = layers.exact_gelu(layers.LayerNorm(dtype=self.dtype, name="ln")(h))
     # The logits in float32, as the loss reads them (bf16 would round them to 3 digits).
     return nn.Dense(self.num_answers, dtype=jnp.float32, name="fc2")(h)
 

@@ -24,6 +24,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 
@@ -90,6 +91,47 @@ ACTIVATIONS: dict[str, Callable] = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
 }
+
+
+def _layer_norm(x, scale, bias, eps: float, dtype):
+  """flax.linen.LayerNorm's arithmetic: statistics in float32 (the variance as E[x^2] -
+  E[x]^2, clipped at 0), then (x - mean) * (rsqrt(var + eps) * scale) + bias, cast to dtype.
+  The mean and the reciprocal deviation are named for `_remat_layer_norm`'s policy."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, -1, keepdims=True)
+  var = jnp.maximum(0.0, jnp.mean(x32 * x32, -1, keepdims=True) - mean * mean)
+  mean = checkpoint_name(mean, "layer_norm_statistics")
+  inv = checkpoint_name(jax.lax.rsqrt(var + eps), "layer_norm_statistics")
+  return ((x32 - mean) * (inv * scale) + bias).astype(dtype)
+
+
+# The backward pass of a layer norm, as autodiff writes it, but from its input and its two
+# per-row statistics only. Unrolled, XLA chooses what to keep and fuses the rest into the
+# backward's kernels (the same program as without this, prevent_cse=False putting no barrier
+# between the passes); a scanned stack (`Compute.scan`) stores what the backward reads for
+# every layer, and without this that was float32 arrays of the input's size (x - mean, the
+# normalised x): compiled for an H200, towers_only at 256 with scan kept 10.9 GiB more and
+# moved 45 GB more per step (BENCHMARKS.md).
+_remat_layer_norm = jax.checkpoint(
+    _layer_norm, static_argnums=(3, 4), prevent_cse=False,
+    policy=jax.checkpoint_policies.save_only_these_names("layer_norm_statistics"))
+
+
+class LayerNorm(nn.Module):
+  """flax.linen.LayerNorm over the last axis (the same parameters, "scale" and "bias" in
+  float32, and the same arithmetic), whose backward pass keeps only the input and the
+  per-row statistics (`_remat_layer_norm`). dtype: of the result (None: x's, promoted with
+  the float32 parameters, as flax does)."""
+  epsilon: float = 1e-6
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (width,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (width,), jnp.float32)
+    dtype = self.dtype or jnp.promote_types(x.dtype, jnp.float32)
+    return _remat_layer_norm(x, scale, bias, self.epsilon, jnp.dtype(dtype))
 
 
 def l2_normalize(x, eps: float = 1e-12):
@@ -517,7 +559,7 @@ class PreLNBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, bias=None):
-    ln = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
+    ln = lambda name: LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
     attn = MultiHeadAttention(self.num_heads, self.dtype, self.compute, name="attn")
     x = x + attn(ln("ln_1")(x), bias=bias)
     rows = x.reshape(-1, x.shape[-1])
@@ -610,7 +652,7 @@ class PostLNBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, bias=None, context=None, context_bias=None, return_weights=False):
-    ln = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
+    ln = lambda name: LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
     mha = lambda name: MultiHeadAttention(self.num_heads, self.dtype, self.compute, name=name)
     drop = lambda y: dropout(self, self.dropout, y)
     x = ln("attn_ln")(x + drop(mha("attn")(x, bias=bias)))

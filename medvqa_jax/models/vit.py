@@ -88,13 +88,13 @@ class VisionTransformer(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.width)), x], axis=1)
     x = x + pos.astype(x.dtype)
     if self.pre_norm:
-      x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_pre")(x)
+      x = layers.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_pre")(x)
     block = functools.partial(layers.PreLNBlock, self.num_heads, self.mlp_dim, self.act,
                               self.ln_eps, self.dtype, self.compute)
     x = layers.run_layers(self, range(self.depth), {"block": (block, "block_{}")},
                           lambda layer, x: layer["block"](x), x, self.compute)
     out = {"encoded": x}
-    out["tokens"] = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_final")(x)
+    out["tokens"] = layers.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_final")(x)
     out["pooled"] = out["tokens"][:, 0]
     if self.proj_dim:
       out["embedding"] = layers.ProjectionHead(self.proj_kind, self.proj_dim, self.proj_bias,
