@@ -47,13 +47,16 @@ RUNS=(
   # saved residuals the cause? With remat=dots it keeps only matrix products' outputs.
   "--config=configs/towers_only.py --config.model.compute.attention=cudnn --config.model.compute.scan=True --config.model.compute.remat=dots"
   # Where the H200 profiles lose time (BENCHMARKS.md, second session): pads around each fused
-  # call (2% of towers_only), elementwise fusions beside the matrix products (34-41%: layer
-  # norms in cuDNN; XLA's dot merger, which makes one product of those that share an input
-  # and slices its result apart, off), dropout's random bits (ThreeFry's kernel took 3.6% of
-  # fine-tuning; the hash is now in-line: is XLA's RngBitGenerator still cheaper?).
+  # call (2% of towers_only), elementwise fusions beside the matrix products (34-41%: XLA's
+  # dot merger, which makes one product of those that share an input and slices its result
+  # apart, off), fixed costs per step (the fine-tuning step's 5,000 kernels, a third of them
+  # small: at 128 they serve twice the examples), dropout's random bits (ThreeFry's kernel
+  # took 3.6% of fine-tuning; the hash is now in-line: is XLA's RngBitGenerator still
+  # cheaper?). Not tried: --xla_gpu_enable_cudnn_layer_norm, which compiles to the same
+  # program (its pattern has no clip of the variance; flax's layer norm has one).
   "--config=configs/towers_only.py --config.model.compute.attention=cudnn --config.model.compute.pad_to=2"
   "XLA_FLAGS=--xla_disable_hlo_passes=dot-merger --config=configs/towers_only.py --config.model.compute.attention=cudnn"
-  "XLA_FLAGS=--xla_gpu_enable_cudnn_layer_norm=true --config=configs/towers_only.py --config.model.compute.attention=cudnn"
+  "--config=configs/vqa_rad.py$PAPER --batch_size=128 --config.model.compute.attention=cudnn"
   "--config=configs/vqa_rad.py$PAPER --batch_size=64 --config.model.compute.attention=cudnn --config.train.rng=rbg"
 )
 n=0

@@ -30,9 +30,9 @@
 #   stage1       210  stage-1 pre-training at 64: Sinkhorn to threshold, and a fixed 100
 #                     iterations (gpu.sh runs 3-4), traced
 #   towers       115  towers_only, cuDNN and reference attention (benchmarks/gpu.sh runs 1-2)
-#   tune         290  what the profiles suggest (gpu.sh runs 9-12): towers_only with pad_to=2,
-#                     without XLA's dot merger and with cuDNN's layer norm (XLA flags), and
-#                     the fine-tuning step with train.rng=rbg (RngBitGenerator against
+#   tune         370  what the profiles suggest (gpu.sh runs 9-12): towers_only with pad_to=2
+#                     and without XLA's dot merger (an XLA flag), the fine-tuning step at 128
+#                     (fixed costs per step) and with train.rng=rbg (RngBitGenerator against
 #                     dropout's in-line ThreeFry)
 #   kernels       75  cuDNN's fused kernel against the reference path, outputs and gradients
 #                     (tests/models/test_compute.py with MEDVQA_FUSED_ATTENTION=cudnn; passed
@@ -96,7 +96,7 @@ esac
 cd "$ROOT"
 
 ORDER=(check finetune stage1 towers tune kernels real_slake real_vqa_rad input towers_more)
-declare -A NEED=([check]=15 [finetune]=190 [stage1]=210 [towers]=115 [tune]=290 [kernels]=75
+declare -A NEED=([check]=15 [finetune]=190 [stage1]=210 [towers]=115 [tune]=370 [kernels]=75
                  [real_slake]=450 [real_vqa_rad]=420 [input]=120 [towers_more]=150)
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=("${ORDER[@]}")

@@ -232,7 +232,7 @@ def test_the_recipe_slows_what_comes_from_minilm_only(tmp_path):
 
 
 def test_a_run_gets_its_environment_and_the_table_names_what_else_it_set(tmp_path):
-  """gpu.sh's runs 10-11 try XLA flags: the leading NAME=value words reach the benchmark's
+  """gpu.sh's run 10 tries an XLA flag: the leading NAME=value words reach the benchmark's
   environment, not its arguments, and the table's last column tells the rows apart."""
   results = tmp_path / "bench.jsonl"
   fake = tmp_path / "python"
