@@ -130,7 +130,7 @@ class LayerNorm(nn.Module):
     width = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (width,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (width,), jnp.float32)
-    dtype = self.dtype or jnp.promote_types(x.dtype, jnp.float32)
+    dtype = self.dtype if self.dtype is not None else jnp.promote_types(x.dtype, jnp.float32)
     return _remat_layer_norm(x, scale, bias, self.epsilon, jnp.dtype(dtype))
 
 

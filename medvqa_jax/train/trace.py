@@ -176,10 +176,11 @@ def runs_per_step(hlo_text: str) -> dict:
   instruction's kernel): a loop's body as many times as its known trip count (`lax.scan`'s,
   XLA's `known_trip_count`; once if not known), its condition once more, and what those
   call as often; a computation no instruction is seen to call, the entry's among them, once."""
-  callers, is_fusion = {}, set(_FUSION_CALLS.findall(hlo_text))
+  callers, is_fusion, computations = {}, set(_FUSION_CALLS.findall(hlo_text)), set()
   for name, rest, opcode, in_fusion, computation in _instructions(hlo_text):
     if in_fusion or not opcode:
       continue
+    computations.add(computation)
     if opcode.group(1) == "while":
       trips = _TRIP_COUNT.search(rest)
       n = int(trips.group(1)) if trips else 1
@@ -198,8 +199,7 @@ def runs_per_step(hlo_text: str) -> dict:
     if c not in runs:
       runs[c] = sum(count(caller) * n for caller, n in callers[c]) if c in callers else 1
     return runs[c]
-  return {c: count(c) for c in {c for *_, in_fusion, c in _instructions(hlo_text)
-                                if not in_fusion}}
+  return {c: count(c) for c in computations}
 
 
 def _row(rest: str, opcode) -> list:
