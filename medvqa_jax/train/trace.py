@@ -351,13 +351,18 @@ _PARTIAL_READERS = {"slice", "dynamic-slice", "gather"}
 _PARAMETER = re.compile(r"\bparameter\((\d+)\)")
 
 
+def _parameters(body: list) -> dict:
+  """{instruction name: parameter number} of a fused computation's parameters."""
+  return {name: int(_PARAMETER.search(rest).group(1))
+          for name, opcode, rest, _ in body if opcode == "parameter"}
+
+
 def _partial_reads(body: list, shapes: dict) -> dict:
   """{parameter number: bytes} of a fused computation's parameters that are read only as the
   first operand of slices, dynamic slices and gathers (XLA's dot merger slices one product
   into several, each slice a kernel of its own): what those take, at most the parameter's
   size. body: [(name, opcode, text after "=", operand names)] of its instructions."""
-  params = {name: int(_PARAMETER.search(rest).group(1))
-            for name, opcode, rest, _ in body if opcode == "parameter"}
+  params = _parameters(body)
   taken, whole = {}, set()
   for name, opcode, _, operands in body:
     for position, operand in enumerate(operands):
@@ -376,8 +381,7 @@ def _in_place(body: list, shapes: dict) -> tuple:
   root, or an item of the root's tuple) that is a dynamic-update-slice of a parameter shares
   that parameter's buffer (a scanned loop's stacked outputs), so the kernel does not read the
   parameter and writes only the update. Its root is the body's last instruction."""
-  params = {name: int(_PARAMETER.search(rest).group(1))
-            for name, opcode, rest, _ in body if opcode == "parameter"}
+  params = _parameters(body)
   ops = {name: (opcode, operands) for name, opcode, _, operands in body}
   root_opcode, root_operands = ops[body[-1][0]]
   results = root_operands if root_opcode == "tuple" else [body[-1][0]]
