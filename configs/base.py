@@ -124,9 +124,14 @@ def get_config(arg=None):
       # split). Answers (vocabulary, GCA prior, ranking candidates) come from train +
       # validation; closed_set=True reproduces the paper's protocol (candidates from every
       # split, test included) and every output is labelled with the protocol used.
+      # reader_options: the options of the dataset's reader that it takes (SLAKE's question
+      # language; VQA-RAD's test_frames, False to leave out the template rewrites of test
+      # questions), as prepare_data.py's --language and --test_frames: a build with others
+      # is refused, not read.
       data=dict(name=unset(str), dir=unset(str), source_dir=unset(str), max_side=512,
                 train_split="train", val_split="validation", val_fraction=0.1,
-                test_split="test", closed_set=False, workers=0),
+                test_split="test", closed_set=False, workers=0,
+                reader_options=dict(language="en", test_frames=True)),
       # The loop (medvqa_jax/train/loop.py). workdir holds checkpoints, logs and eval outputs;
       # batch_size is global (all hosts); accum_steps micro-batches per step (fine-tuning
       # only). A checkpoint every save_every steps and at the end (the last `keep`, plus the

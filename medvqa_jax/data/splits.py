@@ -74,20 +74,43 @@ def check_kind(dc, kind: str, reader: str | None = None) -> None:
                      f"{_KINDS[kind][0]} ({fits}): {use}")
 
 
+def reader_options(dc, name: str) -> dict | None:
+  """The options in data.reader_options that `name`'s reader takes (None where the config
+  has no such field: a run's config from before it, whose build is read as it is)."""
+  given = dc.get("reader_options")
+  if given is None:
+    return None
+  takes = builders.build_options(name)["reader_options"]
+  return {k: v for k, v in dict(given).items() if k in takes}
+
+
 def ensure_built(dc) -> None:
   """Builds the dataset into data.dir from data.source_dir if it is not built yet; a build
-  there from another source (or from data.source_dir before it changed) is refused."""
+  there from another source (or from data.source_dir before it changed), or with other
+  reader options than data.reader_options (SLAKE's language, VQA-RAD's test_frames: other
+  questions), is refused. One with another max_side is read as built, with a warning."""
   name, data_dir = _need(dc, "name"), _need(dc, "dir")
+  options = reader_options(dc, name)
   if builders.is_built(data_dir, name):
     if dc.get("source_dir"):
       builders.check_source(name, dc.source_dir, data_dir)
     have = builders.built_options(data_dir, name)  # None: built before options were kept
-    want = builders.build_options(name, max_side=dc.get("max_side"))
+    want = builders.build_options(name, max_side=dc.get("max_side"), reader_options=options)
     side = lambda o: (o["max_side"], o.get("shrink", "longer side") if o["max_side"] else None)
     if have is not None and side(have) != side(want):
       log.warning("%s in %s was built with max_side=%s (%s), not data.max_side=%s (%s): using "
                   "it as built", name, builders.dataset_dir(data_dir, name), *side(have),
                   *side(want))
+    built = (have or {}).get("reader_options")
+    if options is not None and built is not None and built != want["reader_options"]:
+      differ = {k: v for k, v in built.items() if want["reader_options"].get(k) != v}
+      raise ValueError(
+          f"{name} in {builders.dataset_dir(data_dir, name)} was built with "
+          + ", ".join(f"{k}={v!r}" for k, v in differ.items()) + ", not data.reader_options' "
+          + ", ".join(f"{k}={want['reader_options'].get(k)!r}" for k in differ)
+          + ": to read that build, set "
+          + " ".join(f"--config.data.reader_options.{k}={v}" for k, v in differ.items())
+          + "; or build into another data_dir")
     return
   if not dc.get("source_dir"):
     raise FileNotFoundError(
@@ -95,7 +118,8 @@ def ensure_built(dc) -> None:
         f"--dataset={name} --source_dir=DOWNLOAD --data_dir={data_dir}` or set "
         f"--config.data.source_dir=DOWNLOAD to build it on first use")
   log.info("building %s from %s into %s", name, dc.source_dir, data_dir)
-  builders.build(name, dc.source_dir, data_dir, max_side=dc.get("max_side"))
+  builders.build(name, dc.source_dir, data_dir, max_side=dc.get("max_side"),
+                 reader_options=options)
 
 
 def text_value(v) -> str:

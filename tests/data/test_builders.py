@@ -702,6 +702,47 @@ def test_a_build_that_predates_recorded_sources_is_used_with_a_warning(tmp_path,
                    r"folder: it is used as it is, unchecked against .*src", caplog.text)
 
 
+def test_training_reads_only_a_build_with_its_configs_reader_options(tmp_path):
+  """A build made with other reader options (prepare_data.py --notest_frames, --language=zh)
+  holds other questions: training and evaluation read it only when data.reader_options say
+  so (they read whatever was built, and nothing recorded which). A config from before the
+  field (a run's saved one) reads the build as it is."""
+  from ml_collections import ConfigDict
+  from configs import base
+  from medvqa_jax.data import splits as splits_lib
+  src, rows = _vqa_source(tmp_path, n=8)
+  _write(src, rows, rows[:2])
+  out = tmp_path / "out"
+  builders.build("vqa_rad", src, out, max_side=16, reader_options={"test_frames": False})
+  dc = lambda **options: ConfigDict(dict(name="vqa_rad", dir=str(out), source_dir=str(src),
+                                         max_side=16, **options))
+  defaults = base.get_config().data.reader_options.to_dict()
+  with pytest.raises(ValueError, match=re.escape(
+      "was built with test_frames=False, not data.reader_options' test_frames=True: to read "
+      "that build, set --config.data.reader_options.test_frames=False; or build into another "
+      "data_dir")):
+    splits_lib.ensure_built(dc(reader_options=defaults))
+  splits_lib.ensure_built(dc(reader_options={**defaults, "test_frames": False}))
+  splits_lib.ensure_built(dc())  # No field: as built.
+  # A first build follows the config (SLAKE's language is not VQA-RAD's to take).
+  fresh = tmp_path / "fresh"
+  splits_lib.ensure_built(ConfigDict(dict(name="vqa_rad", dir=str(fresh), source_dir=str(src),
+                                          max_side=16,
+                                          reader_options={**defaults, "test_frames": False})))
+  assert builders.built_options(fresh, "vqa_rad")["reader_options"] == {"test_frames": False}
+
+
+def test_the_configs_reader_options_are_the_readers_defaults():
+  """data.reader_options holds every option a reader takes, at the reader's default: the
+  configs read what prepare_data.py builds without options."""
+  from configs import base
+  options = base.get_config().data.reader_options.to_dict()
+  readers = {}
+  for name in builders.BUILDERS:
+    readers.update(builders.build_options(name)["reader_options"])
+  assert options == readers == {"language": "en", "test_frames": True}
+
+
 def test_max_side_bounds_the_shorter_side(tmp_path, caplog):
   """max_side bounded the longer side, so an elongated image (29% of PathVQA's are over
   1.8:1) was stored with a shorter side under the model's input, and every crop of it was
