@@ -55,6 +55,14 @@ class OptimizerChanged(ValueError):
 _READ_ERRORS = (ValueError, OSError, KeyError, TypeError)
 
 
+def _read_error(e: BaseException | None) -> BaseException | None:
+  """The read error (`_READ_ERRORS`) that `e` is or was raised from, or None. Orbax re-raises
+  TensorStore's error on a cut array file as a plain Exception from it."""
+  while e is not None and not isinstance(e, _READ_ERRORS):
+    e = e.__cause__
+  return e
+
+
 def run_tokenizer(workdir, text_cfg):
   """The tokenizer saved in a run's work folder (None for a run from before it was saved)."""
   from medvqa_jax.data import tokenizer as tokenizer_lib
@@ -157,8 +165,10 @@ class Checkpoints:
   def _restore(self, step: int, **args) -> dict:
     try:
       return self.manager.restore(step, args=ocp.args.Composite(**args))
-    except _READ_ERRORS as e:
-      raise self._unreadable(step, e) from e
+    except Exception as e:
+      if (cause := _read_error(e)) is None:
+        raise
+      raise self._unreadable(step, cause) from e
 
   def run_record(self, step: int) -> dict:
     return self._restore(step, run=ocp.args.JsonRestore())["run"]
@@ -184,8 +194,10 @@ class Checkpoints:
   def _saved(self, step: int, part: str):
     try:
       return self.manager.metadata(step).item_metadata["state"][part]
-    except _READ_ERRORS as e:
-      raise self._unreadable(step, e) from e
+    except Exception as e:
+      if (cause := _read_error(e)) is None:
+        raise
+      raise self._unreadable(step, cause) from e
 
   def _differences(self, step: int, part: str, wanted, partial: bool = False) -> str:
     """What differs, by name and shape, between the `part` of the state saved at `step` and

@@ -70,6 +70,29 @@ def test_damaged_state_names_the_step_and_what_to_do(folder):
   assert (folder / "6").is_dir()  # Nothing deleted.
 
 
+def test_a_cut_array_file_names_the_step_and_what_to_do(tmp_path):
+  """An array's data file cut short (the state's largest file is its JSON metadata when the
+  arrays are small): Orbax re-raises TensorStore's error as a plain Exception, which went
+  out as a traceback."""
+  folder = tmp_path / "checkpoints"
+  big = lambda: {"params": {"w": jnp.arange(4096, dtype=jnp.float32)}, "step": jnp.int32(0)}
+  ckpts = ckpt_lib.Checkpoints(folder, keep=5)
+  for step in (2, 6):
+    ckpts.save(step, big(), {"step": step, "val": {}})
+  ckpts.close()
+  victim = largest_file(folder / "6" / "state")
+  assert victim.parent.name == "d" and victim.stat().st_size > 4096 * 2  # The array's data.
+  victim.write_bytes(victim.read_bytes()[:100])
+  ckpts = ckpt_lib.Checkpoints(folder, read_only=True)
+  with pytest.raises(ckpt_lib.UnreadableCheckpoint) as e:
+    ckpts.restore(6, abstract(big()))
+  message = str(e.value)
+  assert "step 6" in message and f"delete {folder / '6'}" in message and "[2]" in message
+  assert "(ValueError: " in message  # TensorStore's own account, not Orbax's wrapper.
+  np.testing.assert_array_equal(ckpts.restore(2, abstract(big()))[0]["params"]["w"],
+                                big()["params"]["w"])
+
+
 def test_damaged_run_record_is_passed_over_in_choosing_the_best(folder, caplog):
   record = folder / "4" / "run" / "metadata"  # The JSON record.
   record.write_text(record.read_text()[:5])
