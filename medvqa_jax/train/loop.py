@@ -391,10 +391,17 @@ def train(config, workdir=None, stream=None) -> dict:
   tc, mc = config.train, config.model
   finetune = mc.head != "none"
   main = jax.process_index() == 0
+  # Before anything is written (these were refused, or keep < 1 read as 1, with the run
+  # folder made).
   small = [f"train.{k}={tc[k]}" for k in ("save_every", "eval_every", "log_every",
-                                          "eval_batch_size", "fsdp") if tc[k] < 1]
+                                          "eval_batch_size", "fsdp", "keep") if tc[k] < 1]
   if small:
     raise ValueError(f"{', '.join(small)}: must be 1 or more")
+  negative = [f"{name}={value}" for name, value in (
+      ("train.prefetch", tc.get("prefetch", 2)), ("data.workers", config.data.workers))
+      if value < 0]
+  if negative:
+    raise ValueError(f"{', '.join(negative)}: must be 0 or more")
   check_patterns(config)
   mesh = sharding.make_mesh(tc.fsdp)
   step_lib.check_batch(config, tc.batch_size, jax.device_count())

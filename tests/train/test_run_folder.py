@@ -76,6 +76,10 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
   for field, value, message in (
       ("train.save_every", 0, r"train.save_every=0: must be 1 or more"),
       ("train.fsdp", 0, r"train.fsdp=0: must be 1 or more"),
+      # keep=0 or less was read as 1; negative prefetch and workers refused in the loop.
+      ("train.keep", 0, r"train.keep=0: must be 1 or more"),
+      ("train.prefetch", -1, r"train.prefetch=-1: must be 0 or more"),
+      ("data.workers", -1, r"data.workers=-1: must be 0 or more"),
       ("train.batch_size", 0, r"the batch size \(0\) and train.accum_steps"),
       ("train.accum_steps", -2, r"train.accum_steps \(-2\) must be 1"),
       ("optim.lr_mults", (("image/(.*", 0.0),),
