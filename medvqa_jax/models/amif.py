@@ -353,6 +353,11 @@ def initializer(config, seed: int = 0):
   if mc.head not in HEADS:  # Named by its flag, before any checkpoint is read.
     raise ValueError(f"--config.model.head={mc.head!r}: unknown head; expected "
                      f"{', '.join(HEADS[:-1])} or {HEADS[-1]}")
+  temperature_init = config.get("losses", {}).get("temperature_init", 0.07)
+  if not temperature_init > 0:  # Learned as its log: -inf or NaN, a NaN loss at step 1.
+    raise ValueError(f"--config.losses.temperature_init={temperature_init}: the contrastive "
+                     "losses' temperatures start there and stay positive; give a value "
+                     "above 0 (CLIP's is 0.07)")
   compute = compute_of(config)
   with state_dict.shared_reads():  # The towers and the decoder may share one checkpoint.
     image, image_params = towers.from_config(mc.image, seed=seed, abstract=True,
@@ -367,7 +372,7 @@ def initializer(config, seed: int = 0):
   model = AMiF(image=image, text=text, decoder=decoder, width=mc.fusion.width,
                fusion_layers=mc.fusion.layers, num_heads=mc.fusion.heads,
                mlp_dim=mc.fusion.mlp_dim, head=mc.head, num_answers=mc.get("num_answers") or 0,
-               temperature_init=config.get("losses", {}).get("temperature_init", 0.07),
+               temperature_init=temperature_init,
                dtype=jnp.dtype(mc.dtype), compute=compute, dropout=mc.get("dropout", 0.0))
   loaded = {name: tree for name, tree in
             (("image", image_params), ("text", text_params), ("decoder", decoder_params))

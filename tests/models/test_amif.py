@@ -234,6 +234,17 @@ def test_forward_backward_finite_and_jitted_once(head, generative, classifier):
     assert norm(grads["decoder"]["layer_1"]["cross_attn"]) > 0
 
 
+def test_a_temperature_that_is_not_positive_is_refused_by_its_flag(config):
+  """The temperatures are learned as their log: 0 made them -inf and a negative value NaN,
+  and the run stopped at its first step on a NaN loss that named nothing."""
+  for value in (0.0, -0.07):
+    cfg = config.copy_and_resolve_references()
+    cfg.losses.temperature_init = value
+    with pytest.raises(ValueError, match=rf"--config.losses.temperature_init={value}: .* give "
+                                         r"a value above 0"):
+      amif.initializer(cfg)
+
+
 def test_pretraining_outputs_and_pairs(config):
   cfg = config.copy_and_resolve_references()
   cfg.model.head = "none"
