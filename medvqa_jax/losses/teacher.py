@@ -35,7 +35,9 @@ from medvqa_jax.models import layers, state_dict
 # the online teacher sees them; format 3 embedded the original files.
 # 5: the teacher's fingerprint covers its tokenizer's vocabulary, and a multi-view cache
 # holds the digest of each example's second image (only its presence was checked).
-FORMAT_VERSION = 5
+# 6: the fingerprint covers the towers' settings (activation, layer-norm epsilon and place,
+# pooling, projection...), which change the embeddings without changing the weights.
+FORMAT_VERSION = 6
 
 
 def params_fingerprint(*trees) -> str:
@@ -46,6 +48,18 @@ def params_fingerprint(*trees) -> str:
       h.update(f"{path}:{leaf.dtype}:{leaf.shape}".encode())
       h.update(np.ascontiguousarray(leaf).tobytes())
   return h.hexdigest()[:16]
+
+
+# Module fields that change a tower's embeddings by rounding at most (the compute dtype, the
+# attention kernel, scan/remat) or not at all (dropout: the teacher runs without).
+_ROUNDING_ONLY = ("parent", "name", "dtype", "compute", "dropout")
+
+
+def settings_fingerprint(*modules) -> str:
+  """A digest of the towers' settings (their module fields, but `_ROUNDING_ONLY`)."""
+  fields = [{f.name: getattr(m, f.name) for f in dataclasses.fields(m)
+             if f.name not in _ROUNDING_ONLY} for m in modules]
+  return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def dataset_fingerprint(ids: Sequence[str], captions: Sequence[str]) -> str:
@@ -82,6 +96,7 @@ class Teacher:
 
   def fingerprint(self) -> str:
     return (params_fingerprint(self.image_params, self.text_params) +
+            f"-m{settings_fingerprint(self.image, self.text)}"
             f"-{self.image_size}px-{self.tokenizer.max_len}tok{self.tokenizer.fingerprint()}"
             f"-s{self.logit_scale:.4f}")
 

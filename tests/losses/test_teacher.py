@@ -157,14 +157,29 @@ def test_cache_command_and_checks(built, demo_config, tmp_path):
   other.teacher.image.arch.depth = 1
   with pytest.raises(ValueError, match="another teacher"):
     cache.check(ids, captions, image_ids, teacher_lib.from_config(other).fingerprint())
+  # Settings that change the embeddings but not the weights (the cache was accepted): the
+  # same parameters, another teacher. The compute dtype only rounds: the same teacher.
+  other = demo_config.copy_and_resolve_references()
+  other.teacher.image.arch.ln_eps = 1e-2
+  changed = teacher_lib.from_config(other)
+  assert teacher_lib.params_fingerprint(changed.image_params, changed.text_params) == \
+      teacher_lib.params_fingerprint(teacher.image_params, teacher.text_params)
+  with pytest.raises(ValueError, match="another teacher"):
+    cache.check(ids, captions, image_ids, changed.fingerprint())
+  import dataclasses
+  import jax.numpy as jnp
+  bf16 = dataclasses.replace(teacher, image=teacher.image.clone(dtype=jnp.bfloat16),
+                             text=teacher.text.clone(dtype=jnp.bfloat16))
+  assert bf16.fingerprint() == fingerprint
   # A cache of an earlier format (no image ids; the original images) is refused as such.
   with np.load(out) as z:
     arrays = {k: z[k] for k in z.files if k != "image_ids"}
   meta = json.loads(str(arrays["meta"]))
-  for old in (2, 3, 4):
+  for old in (2, 3, 4, 5):
     arrays["meta"] = np.asarray(json.dumps({**meta, "format": old}))
     np.savez(tmp_path / "old.npz", **arrays)
-    with pytest.raises(ValueError, match=f"has format {old}, expected 5: rebuild it"):
+    with pytest.raises(ValueError, match=f"has format {old}, expected "
+                       f"{teacher_lib.FORMAT_VERSION}: rebuild it"):
       teacher_lib.TeacherCache.load(tmp_path / "old.npz")
   arrays["meta"] = np.asarray(json.dumps(meta))  # The format, without its image ids.
   np.savez(tmp_path / "partial.npz", **arrays)
