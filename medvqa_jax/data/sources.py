@@ -292,12 +292,21 @@ def _pathvqa_pkl(source_dir: Path) -> dict:
 def _pathvqa_parquet(source_dir: Path) -> dict:
   import pyarrow.parquet as pq
   out = {}
+  # The split is read from the path inside the download only: a download kept under a
+  # folder named "test" (or "train") would otherwise put every file in that split.
+  split_of = lambda p, split, short: (p.name.startswith((short, split))
+                                      or {short, split} & set(p.relative_to(source_dir).parts[:-1]))
+  unsplit = [p for p in sorted(source_dir.rglob("*.parquet"))
+             if not any(split_of(p, *names) for names in _PATHVQA_SPLITS)]
+  if unsplit:  # Skipped without a word, they were part of a split left out.
+    raise ValueError(
+        f"{source_dir}: {', '.join(str(p.relative_to(source_dir)) for p in unsplit[:5])} "
+        f"{'is' if len(unsplit) == 1 else 'are'} named by no split (a parquet file's name, or "
+        "a folder it is in, starts with train, validation or val, or test): rename "
+        f"{'it' if len(unsplit) == 1 else 'them'}, or move {'it' if len(unsplit) == 1 else 'them'}"
+        " out of the folder")
   for split, short in _PATHVQA_SPLITS:
-    # The split is read from the path inside the download only: a download kept under a
-    # folder named "test" (or "train") would otherwise put every file in that split.
-    files = sorted(p for p in source_dir.rglob("*.parquet")
-                   if p.name.startswith((short, split))
-                   or {short, split} & set(p.relative_to(source_dir).parts[:-1]))
+    files = sorted(p for p in source_dir.rglob("*.parquet") if split_of(p, split, short))
     records = []
     for path in files:
       try:
@@ -455,12 +464,19 @@ def _caption(rid, image, caption, where, **extra):
   return dict(id=str(rid), image=image, caption=caption, where=where, **extra)
 
 
-def _csv_rows(path: Path):
+def _csv_rows(path: Path, columns=()):
   """(line number, row or Bad) of a csv with a header line (a row spanning lines: its last
   line). A row of more fields than the header (an unquoted comma in a caption) is a Bad; a
-  quote left open (which would swallow the rows after it) stops the file, naming its line."""
+  quote left open (which would swallow the rows after it) stops the file, naming the line
+  where its row starts. columns: groups of column names, a header lacking every name of a
+  group is refused (each row was a Bad for its empty field, which hid the cause)."""
   reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), strict=True)
   try:
+    header = reader.fieldnames or []
+    lacking = [" or ".join(group) for group in columns if not set(group) & set(header)]
+    if header and lacking:
+      raise ValueError(f"{path}: no {', no '.join(lacking)} column (its header line has "
+                       f"{', '.join(header)})")
     for row in reader:
       n = reader.line_num
       if None in row:  # DictReader files the fields past the header's under None.
@@ -470,25 +486,39 @@ def _csv_rows(path: Path):
       else:
         yield n, row
   except csv.Error as e:
-    raise ValueError(f"{path} line {reader.line_num}: not valid csv ({e})") from None
+    # The row that failed starts after the last one read (line_num counts those lines).
+    start = reader.line_num + 1
+    unclosed = "; a quote opened in it is never closed" if "end of data" in str(e) else ""
+    raise ValueError(f"{path} line {start}: not valid csv ({e}{unclosed})") from None
 
 
 def _split_files(source_dir: Path, pattern: str) -> dict:
   """{split: file}: files named like <split>.<ext> or <anything>_<split>.<ext>, one per split
-  (several are refused: only one would be read)."""
-  found = {}
+  (several are refused: only one would be read), or a single file as train. Beside split
+  files, a file of the pattern named by no split is refused: it would not be read."""
+  found, unsplit = {}, []
   for path in sorted(source_dir.glob(pattern)):
     stem = path.stem.lower()
     for split, names in (("train", ("train",)), ("validation", ("validation", "val")),
                          ("test", ("test",))):
       if stem in names or stem.endswith(tuple("_" + n for n in names)):
         found.setdefault(split, []).append(path)
+        break
+    else:
+      unsplit.append(path)
   several = {split: paths for split, paths in found.items() if len(paths) > 1}
   if several:
     raise ValueError(f"{source_dir}: one {pattern} file per split is read, but " + "; ".join(
         f"{', '.join(p.name for p in paths)} are all {split} files"
         for split, paths in several.items()) +
         " (join them into one file, or move the others out of the folder)")
+  if found and unsplit:
+    raise ValueError(
+        f"{source_dir}: {', '.join(p.name for p in unsplit)} "
+        f"{'is' if len(unsplit) == 1 else 'are'} named by no split and would not be read "
+        f"beside {', '.join(paths[0].name for paths in found.values())}: name each {pattern} "
+        "file <split> or <anything>_<split> (train, validation or val, test), join it into "
+        "its split's file, or move it out of the folder")
   out = {split: paths[0] for split, paths in found.items()}
   if not out:
     files = sorted(source_dir.glob(pattern))
@@ -506,14 +536,14 @@ def roco(source_dir: Path) -> dict:
   out = {}
   for split, path in _split_files(source_dir, "*.csv").items():
     records = []
-    for n, row in _csv_rows(path):
+    for n, row in _csv_rows(path, (("image", "name", "image_path"), ("caption",))):
       where = f"{path} line {n}"
       if isinstance(row, Bad):
         records.append(row)
         continue
       name = row.get("image") or row.get("name") or row.get("image_path")
       if not name:
-        records.append(Bad(where, "no image column (image, name or image_path)"))
+        records.append(Bad(where, "no image file name (its image, name or image_path field is empty)"))
         continue
       image = path.parent / name
       if not image.exists() and (path.parent / "images" / name).exists():
@@ -567,7 +597,7 @@ def mimic_multiview(source_dir: Path) -> dict:
   out = {}
   for split, path in _split_files(source_dir, "*.csv").items():
     records = []
-    for n, row in _csv_rows(path):
+    for n, row in _csv_rows(path, (("images",), ("views",), ("report",))):
       where = f"{path} line {n}"
       if isinstance(row, Bad):
         records.append(row)

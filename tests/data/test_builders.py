@@ -150,6 +150,12 @@ def test_pathvqa_pkl_and_parquet_round_trip(tmp_path):
   assert len(train) == 3 and len(_rows(tmp_path / "out2", "pathvqa", "test")) == 1
   by_q = {_text(e["question"]): e for e in train.values()}
   np.testing.assert_array_equal(by_q["p1?"]["image"], _decoded(images[1]))
+  # A parquet file that no split names was skipped without a word.
+  pq.write_table(table.slice(0, 1), parquet / "pathvqa_extra.parquet")
+  from medvqa_jax.data import sources
+  with pytest.raises(ValueError, match=r"data/pathvqa_extra\.parquet is named by no split "
+                     r"\(a parquet file's name, or a folder it is in, starts with train"):
+    sources.pathvqa(tmp_path / "test" / "parquet")
 
 
 def _caption_fixtures(tmp_path):
@@ -617,8 +623,15 @@ def test_fields_files_and_csv_rows_of_the_wrong_shape_are_named(tmp_path):
   assert str(cut).endswith("train.csv line 2: 3 fields, but the header has 2 (quote a field "
                            "that holds a comma)")
   assert (quoted["caption"], plain["caption"]) == ("MRI, T2", "X-ray")
+  # A header without a caption column: each row was an "empty caption", hiding the cause.
+  (roco / "train.csv").write_text("id,image,text\n1,r0.jpg,CT chest\n")
+  with pytest.raises(ValueError, match=r"train.csv: no caption column \(its header line has "
+                     r"id, image, text\)"):
+    sources.roco(roco)
   (roco / "train.csv").write_text('image,caption\nr0.jpg,"CT chest\nr1.jpg,MRI\n')
-  with pytest.raises(ValueError, match=r"train.csv line \d+: not valid csv \(unexpected end"):
+  # Named by the line its row starts on (it named the line before, the header here).
+  with pytest.raises(ValueError, match=r"train.csv line 2: not valid csv \(unexpected end of "
+                     r"data; a quote opened in it is never closed\)"):
     sources.roco(roco)
 
 
@@ -638,6 +651,11 @@ def test_several_files_of_one_split_are_refused_naming_them(tmp_path):
   (corpus / "roco_train.jsonl").unlink()
   assert {k: len(v) for k, v in sources.captions_jsonl(corpus).items()} == {
       "train": 1, "validation": 1}
+  # A file named by no split beside the split files was skipped without a word.
+  (corpus / "train_part2.jsonl").write_text(row)
+  with pytest.raises(ValueError, match=r"train_part2\.jsonl is named by no split and would "
+                     r"not be read beside train\.jsonl, val\.jsonl: name each"):
+    sources.captions_jsonl(corpus)
 
 
 def test_text_files_are_read_as_written(tmp_path):
