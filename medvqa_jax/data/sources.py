@@ -543,7 +543,8 @@ def roco(source_dir: Path) -> dict:
         continue
       name = row.get("image") or row.get("name") or row.get("image_path")
       if not name:
-        records.append(Bad(where, "no image file name (its image, name or image_path field is empty)"))
+        records.append(Bad(where, "no image file name (its image, name or image_path field "
+                                  "is empty)"))
         continue
       image = path.parent / name
       if not image.exists() and (path.parent / "images" / name).exists():
