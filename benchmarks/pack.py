@@ -6,8 +6,8 @@ neither ../shared/data nor the MiniLM package (a rented GPU with a capped upload
   OUT/minilm/               the MiniLM checkpoint (config, vocabulary, tokenizer) with its
                             weights stored as float16 (halves 91 MB; the importer reads them
                             back as float32: the rounding is below 1e-3 relative)
-  OUT/minilm_slake.tar.xz   with --archive: minilm/ and data/slake/ again, compressed (50 MB
-                            against 58), so that with the wheels they fit an upload capped at
+  OUT/minilm_slake.tar.xz   with --archive: minilm/ and data/slake/ again, compressed (47 MB
+                            against 59), so that with the wheels they fit an upload capped at
                             64 MiB; benchmarks/gpu_session.sh unpacks it where it lies
 
 The question files are copied byte for byte, so the built datasets have the same records

@@ -302,9 +302,8 @@ def _pathvqa_parquet(source_dir: Path) -> dict:
     raise ValueError(
         f"{source_dir}: {', '.join(str(p.relative_to(source_dir)) for p in unsplit[:5])} "
         f"{'is' if len(unsplit) == 1 else 'are'} named by no split (a parquet file's name, or "
-        "a folder it is in, starts with train, validation or val, or test): rename "
-        f"{'it' if len(unsplit) == 1 else 'them'}, or move {'it' if len(unsplit) == 1 else 'them'}"
-        " out of the folder")
+        "a folder it is in, starts with train, validation or val, or test): rename each after "
+        "its split, or move it out of the folder")
   for split, short in _PATHVQA_SPLITS:
     files = sorted(p for p in source_dir.rglob("*.parquet") if split_of(p, split, short))
     records = []
