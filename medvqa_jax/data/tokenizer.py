@@ -21,10 +21,12 @@ def _tokenizer_folder(folder: Path) -> Path:
   if cfg_path.exists():
     cfg = json.loads(cfg_path.read_text())
     cfg = cfg.get("model_cfg", cfg).get("text_cfg", {})
-    named = Path(cfg.get("hf_tokenizer_name", ""))
-    if not any((folder / f).exists() for f in ("tokenizer.json", "vocab.txt", "vocab.json")) \
-        and named.is_dir():
-      return named
+    # (None or "": no folder named; Path("") is the working folder, which was taken.)
+    named = cfg.get("hf_tokenizer_name")
+    if named and not any((folder / f).exists()
+                         for f in ("tokenizer.json", "vocab.txt", "vocab.json")) \
+        and Path(named).is_dir():
+      return Path(named)
   return folder
 
 

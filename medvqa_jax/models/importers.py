@@ -207,10 +207,14 @@ def hf_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
               pre_norm=True, act=c.hidden_act, ln_eps=c.layer_norm_eps, patch_bias=False,
               proj_dim=projection_dim, proj_kind="linear", proj_bias=False)
     kw.update(overrides)
-    processor = folder / "preprocessor_config.json"
-    if processor.exists():
-      p = json.loads(processor.read_text())
-      _check_pixel_normalisation(processor, p.get("image_mean"), p.get("image_std"))
+    # An image processor saved alone writes preprocessor_config.json; a whole CLIPProcessor
+    # (transformers 5) writes processor_config.json, the image processor's settings in it.
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json",
+                                                            "image_processor")):
+      if (folder / name).exists():
+        p = json.loads((folder / name).read_text())
+        p = p.get(key) or {} if key else p
+        _check_pixel_normalisation(folder / name, p.get("image_mean"), p.get("image_std"))
     grid = kw["image_size"] // kw["patch_size"]
     m.add("patch_embed/kernel", pre + "embeddings.patch_embedding.weight", conv)
     m.add("cls_token", pre + "embeddings.class_embedding")

@@ -70,6 +70,22 @@ def test_errors_name_the_problem(tmp_path):
     tok(["fine", None])
 
 
+def test_an_open_clip_folder_without_tokenizer_files_does_not_read_the_working_folders(
+    tmp_path, monkeypatch):
+  """An open_clip config naming no tokenizer folder read the working folder's vocabulary
+  (Path("") is "."), whatever it was."""
+  import shutil
+  folder = tmp_path / "oc"
+  folder.mkdir()
+  (folder / "open_clip_config.json").write_text(json.dumps(
+      {"model_cfg": {"embed_dim": 32, "text_cfg": {"hf_model_name": "x/y"}}}))
+  elsewhere = tmp_path / "elsewhere"
+  shutil.copytree(ASSETS / "bert_uncased_vocab", elsewhere)
+  monkeypatch.chdir(elsewhere)
+  with pytest.raises(FileNotFoundError, match=rf"no tokenizer files .*{folder}"):
+    Tokenizer.from_folder(folder, max_len=8)
+
+
 def test_named_class_equals_autotokenizer_and_leaves_torch_unimported(minilm_dir):
   """Folders whose tokenizer_config.json names a class load through that class: the same
   tokens as AutoTokenizer, without AutoTokenizer's import of torch (seconds of start-up for

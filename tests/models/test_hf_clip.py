@@ -142,3 +142,19 @@ def test_an_image_tower_trained_on_other_pixel_statistics_is_refused(hf_clip, tm
                      r"on pixels normalised with mean \[0.485, 0.456, 0.406\]"):
     towers.load("image", "hf_clip", tmp_path / "other")
   towers.load("text", "hf_clip", tmp_path / "other")
+  # A whole CLIPProcessor saved by transformers 5: processor_config.json, the image
+  # processor's settings inside (no preprocessor_config.json: it loaded unchecked).
+  from transformers import CLIPProcessor, CLIPTokenizer
+  whole = tmp_path / "whole"
+  whole.mkdir()
+  for f in folder.iterdir():
+    (whole / f.name).symlink_to(f)
+  tokenizer = CLIPTokenizer(vocab={"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2},
+                            merges=[])  # A processor needs one; the image tower does not.
+  CLIPProcessor(image_processor=CLIPImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3),
+                tokenizer=tokenizer).save_pretrained(whole)
+  assert (whole / "processor_config.json").exists()
+  assert not (whole / "preprocessor_config.json").exists()
+  with pytest.raises(ValueError, match=r"processor_config.json: the image tower was trained "
+                     r"on pixels normalised with mean \[0.5, 0.5, 0.5\]"):
+    towers.load("image", "hf_clip", whole)
