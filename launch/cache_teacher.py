@@ -24,7 +24,7 @@ from absl import flags
 
 _CONFIG = common.config_file_flag("configs/pretrain_stage0.py", "Config file.")
 _OUT = flags.DEFINE_string("out", None, "Cache file to write (.npz).", required=True)
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Examples per forward pass.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Examples per forward pass.", lower_bound=1)
 
 
 def main(argv):

@@ -47,7 +47,7 @@ _CLOSED = flags.DEFINE_boolean("closed_set", None, "Candidate answers from all s
                                "its GCA prior); default: the protocol the run was trained "
                                "with. A run trained closed-set is never evaluated open-set "
                                "(its prior holds the test answers).")
-_FSDP = flags.DEFINE_integer("fsdp", 1, "Ways of parameter sharding.")
+_FSDP = flags.DEFINE_integer("fsdp", 1, "Ways of parameter sharding.", lower_bound=1)
 _JOIN = common.cluster_flags()
 
 

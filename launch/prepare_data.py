@@ -27,7 +27,8 @@ _MAX_SIDE = flags.DEFINE_integer("max_side", 512, "Shrink images to this shorter
                                  "time (0: keep their size); 512 as the configs' data.max_side, "
                                  "with which training builds a dataset it finds unbuilt.",
                                  lower_bound=0)
-_MAX_BAD = flags.DEFINE_float("max_bad_fraction", 0.01, "Fail if more records are bad.")
+_MAX_BAD = flags.DEFINE_float("max_bad_fraction", 0.01, "Fail if more records are bad.",
+                               lower_bound=0.0, upper_bound=1.0)
 _SPLITS = flags.DEFINE_list("splits", [], "Build only these splits (default: all found).")
 _LANGUAGE = flags.DEFINE_string("language", "en", "SLAKE: question language (q_lang).")
 _TEST_FRAMES = flags.DEFINE_bool(

@@ -442,3 +442,20 @@ def test_every_command_takes_help_and_refuses_an_unknown_flag(script):
                      for name in own), (sorted(own), helped.stdout[-1500:])
   bad = _run(f"launch/{script}", "--no_such_flag=1")
   assert bad.returncode == 2 and "Unknown command line flag 'no_such_flag'" in bad.stderr
+
+
+@pytest.mark.parametrize("script,args", [
+    ("eval.py", ["--checkpoint_dir=x", "--fsdp=0"]),
+    ("benchmark_input.py", ["--data_dir=x", "--batch_size=0"]),
+    ("benchmark_input.py", ["--data_dir=x", "--batches=0"]),
+    ("cache_teacher.py", ["--config=configs/pretrain_stage1.py", "--out=x", "--batch_size=0"]),
+    ("prepare_data.py", ["--dataset=vqa_rad", "--source_dir=x", "--data_dir=y",
+                         "--max_bad_fraction=-1"])])
+def test_counts_out_of_range_are_usage_errors(script, args):
+  """Out-of-range counts ended in a ZeroDivisionError or a library's traceback, or (zero
+  batches timed) a rate of 0; a negative bad fraction failed every build. Refused by the flag,
+  exit status 2, before anything runs."""
+  out = _run(f"launch/{script}", *args)
+  flag = args[-1].split("=")[0].lstrip("-")
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert f"flag --{flag}=" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]

@@ -134,6 +134,9 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
   def _read(self) -> dict:
     if self.source_dir is None:
       raise ValueError(f"building {self.name} needs source_dir")
+    if self.source_dir.exists() and not self.source_dir.is_dir():
+      raise ValueError(f"source folder {self.source_dir} is a file, not a folder (give the "
+                       "folder that holds the download)")
     if not self.source_dir.is_dir():
       raise FileNotFoundError(f"source folder {self.source_dir} does not exist")
     split_items = type(self).reader(self.source_dir, **self.reader_options)
@@ -442,6 +445,9 @@ def build(name: str, source_dir, data_dir, **options) -> Path:
   if not is_built(data_dir, name):
     # The folders this build makes around the dataset: removed again if it fails.
     root = Path(data_dir).absolute()
+    for folder in (root, *root.parents):  # (mkdir's FileExistsError named no setting.)
+      if folder.exists() and not folder.is_dir():
+        raise ValueError(f"the data folder {root} cannot be made: {folder} is a file")
     made = [root / name, root / "downloads" / "extracted", root / "downloads"]
     made = [f for f in made + [root, *root.parents] if not f.exists()]
     root.mkdir(parents=True, exist_ok=True)

@@ -88,7 +88,8 @@ def ensure_built(dc) -> None:
   """Builds the dataset into data.dir from data.source_dir if it is not built yet; a build
   there from another source (or from data.source_dir before it changed), or with other
   reader options than data.reader_options (SLAKE's language, VQA-RAD's test_frames: other
-  questions), is refused. One with another max_side is read as built, with a warning."""
+  questions), is refused. One with another max_side is read as built, with a warning, and
+  data.max_side set to the build's."""
   name, data_dir = _need(dc, "name"), _need(dc, "dir")
   options = reader_options(dc, name)
   if builders.is_built(data_dir, name):
@@ -101,6 +102,9 @@ def ensure_built(dc) -> None:
       log.warning("%s in %s was built with max_side=%s (%s), not data.max_side=%s (%s): using "
                   "it as built", name, builders.dataset_dir(data_dir, name), *side(have),
                   *side(want))
+      # What the run reads, and so records: predict.py shrinks an image file to the recorded
+      # max_side to show the model what eval.py shows it (it took the config's 512).
+      dc.max_side = have["max_side"]
     built = (have or {}).get("reader_options")
     if options is not None and built is not None and built != want["reader_options"]:
       differ = {k: v for k, v in built.items() if want["reader_options"].get(k) != v}

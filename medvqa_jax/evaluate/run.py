@@ -90,6 +90,9 @@ def restore(checkpoint_dir, overrides: dict | None = None, step: int | None = No
   run = ckpts.run_record(step)
   saved = saved_config(run)
   config, changes = with_overrides(saved, overrides)
+  if config.train.get("eval_batch_size", 1) < 1:  # (A ZeroDivisionError in the batching.)
+    raise ValueError(f"--config.train.eval_batch_size={config.train.eval_batch_size}: must be "
+                     "1 or more")
   if bool(config.data.get("closed_set")) != bool(saved.data.get("closed_set")):
     raise ValueError("--config.data.closed_set: evaluation keeps the run's answer protocol "
                      "unless asked with --closed_set (or --noclosed_set), which the "

@@ -750,6 +750,21 @@ def test_training_reads_only_a_build_with_its_configs_reader_options(tmp_path):
   assert builders.built_options(fresh, "vqa_rad")["reader_options"] == {"test_frames": False}
 
 
+def test_a_data_or_source_folder_that_is_a_file_is_named(tmp_path):
+  """mkdir's FileExistsError (a traceback through every command that builds) and "does not
+  exist" for a source folder that is a file."""
+  src, rows = _vqa_source(tmp_path, n=4)
+  _write(src, rows, rows[:1])
+  (tmp_path / "notes").write_text("mine")
+  with pytest.raises(ValueError, match=r"the data folder .*notes/tfds cannot be made: "
+                     r".*notes is a file"):
+    builders.build("vqa_rad", src, tmp_path / "notes" / "tfds")
+  with pytest.raises(ValueError, match=r"source folder .*trainset.json is a file, not a "
+                     r"folder"):
+    builders.build("vqa_rad", src / "trainset.json", tmp_path / "out")
+  assert (tmp_path / "notes").read_text() == "mine" and not (tmp_path / "out").exists()
+
+
 def test_the_configs_reader_options_are_the_readers_defaults():
   """data.reader_options holds every option a reader takes, at the reader's default: the
   configs read what prepare_data.py builds without options."""
@@ -799,3 +814,9 @@ def test_max_side_bounds_the_shorter_side(tmp_path, caplog):
     splits_lib.ensure_built(ConfigDict(dict(name="vqa_rad", dir=str(out), source_dir="",
                                             max_side=64)))
   assert "built with max_side=64 (longer side), not data.max_side=64 (shorter side)" in caplog.text
+  # Read as built, the config says so: the run records the build's max_side, which
+  # predict.py shrinks an image file to (it took the config's, and showed the model another
+  # image than eval.py did).
+  dc = ConfigDict(dict(name="vqa_rad", dir=str(out), source_dir="", max_side=512))
+  splits_lib.ensure_built(dc)
+  assert dc.max_side == 64

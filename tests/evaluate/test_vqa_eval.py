@@ -342,6 +342,18 @@ def test_a_split_named_on_the_command_line_takes_its_role_from_the_dataset_names
     split_role(usual, "dev")
 
 
+def test_an_eval_batch_of_none_is_refused_by_its_flag(tmp_path):
+  """train.py refuses train.eval_batch_size < 1; eval.py's override of it ended in a
+  ZeroDivisionError while batching."""
+  import jax.numpy as jnp
+  from configs import demo
+  ckpts = ckpt_lib.Checkpoints(tmp_path / "checkpoints", keep=2)
+  ckpts.save(2, {"step": jnp.int32(2)}, {"step": 2, "config": demo.get_config().to_json()})
+  ckpts.close()
+  with pytest.raises(ValueError, match=r"--config.train.eval_batch_size=0: must be 1 or more"):
+    run_lib.restore(tmp_path, overrides={"train.eval_batch_size": 0})
+
+
 def test_a_step_folder_and_another_step_are_refused(tmp_path):
   """eval.py/predict.py --checkpoint_dir=<run>/checkpoints/4 --step=2: two different steps
   asked for (step 2 was evaluated, silently). The same step twice is taken."""
