@@ -213,7 +213,7 @@ def hf_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
                                                             "image_processor")):
       if (folder / name).exists():
         p = json.loads((folder / name).read_text())
-        p = p.get(key) or {} if key else p
+        p = (p.get(key) or {}) if key else p
         _check_pixel_normalisation(folder / name, p.get("image_mean"), p.get("image_std"))
     grid = kw["image_size"] // kw["patch_size"]
     m.add("patch_embed/kernel", pre + "embeddings.patch_embedding.weight", conv)

@@ -16,6 +16,7 @@ restore onto a model whose parameters differ from the saved ones names the param
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -162,13 +163,19 @@ class Checkpoints:
         f"to go back to an earlier step (here: {others or 'none'}), or evaluate another "
         "with --step")
 
-  def _restore(self, step: int, **args) -> dict:
+  @contextlib.contextmanager
+  def _reading(self, step: int):
+    """Read errors of `step`'s files (those Orbax re-raises too) as an UnreadableCheckpoint."""
     try:
-      return self.manager.restore(step, args=ocp.args.Composite(**args))
+      yield
     except Exception as e:
       if (cause := _read_error(e)) is None:
         raise
       raise self._unreadable(step, cause) from e
+
+  def _restore(self, step: int, **args) -> dict:
+    with self._reading(step):
+      return self.manager.restore(step, args=ocp.args.Composite(**args))
 
   def run_record(self, step: int) -> dict:
     return self._restore(step, run=ocp.args.JsonRestore())["run"]
@@ -192,12 +199,8 @@ class Checkpoints:
     return best if best is not None else self.latest_step()
 
   def _saved(self, step: int, part: str):
-    try:
+    with self._reading(step):
       return self.manager.metadata(step).item_metadata["state"][part]
-    except Exception as e:
-      if (cause := _read_error(e)) is None:
-        raise
-      raise self._unreadable(step, cause) from e
 
   def _differences(self, step: int, part: str, wanted, partial: bool = False) -> str:
     """What differs, by name and shape, between the `part` of the state saved at `step` and
