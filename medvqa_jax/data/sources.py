@@ -296,8 +296,8 @@ def _pathvqa_parquet(source_dir: Path) -> dict:
   # folder named "test" (or "train") would otherwise put every file in that split.
   split_of = lambda p, split, short: (p.name.startswith((short, split))
                                       or {short, split} & set(p.relative_to(source_dir).parts[:-1]))
-  unsplit = [p for p in sorted(source_dir.rglob("*.parquet"))
-             if not any(split_of(p, *names) for names in _PATHVQA_SPLITS)]
+  every = sorted(source_dir.rglob("*.parquet"))  # (One walk of the download.)
+  unsplit = [p for p in every if not any(split_of(p, *names) for names in _PATHVQA_SPLITS)]
   if unsplit:  # Skipped without a word, they were part of a split left out.
     raise ValueError(
         f"{source_dir}: {', '.join(str(p.relative_to(source_dir)) for p in unsplit[:5])} "
@@ -305,7 +305,7 @@ def _pathvqa_parquet(source_dir: Path) -> dict:
         "a folder it is in, starts with train, validation or val, or test): rename each after "
         "its split, or move it out of the folder")
   for split, short in _PATHVQA_SPLITS:
-    files = sorted(p for p in source_dir.rglob("*.parquet") if split_of(p, split, short))
+    files = [p for p in every if split_of(p, split, short)]
     records = []
     for path in files:
       try:
