@@ -50,16 +50,12 @@ def params_fingerprint(*trees) -> str:
   return h.hexdigest()[:16]
 
 
-# Module fields that change a tower's embeddings by rounding at most (the compute dtype, the
-# attention kernel, scan/remat) or not at all (dropout: the teacher runs without).
-_ROUNDING_ONLY = ("parent", "name", "dtype", "compute", "dropout")
-
-
 def settings_fingerprint(*modules) -> str:
-  """A digest of the towers' settings (their module fields, but `_ROUNDING_ONLY`)."""
-  fields = [{f.name: getattr(m, f.name) for f in dataclasses.fields(m)
-             if f.name not in _ROUNDING_ONLY} for m in modules]
-  return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:8]
+  """A digest of the towers' settings (`amif.tower_settings`: not the compute dtype, the
+  attention kernel or dropout, which change the embeddings by rounding at most)."""
+  from medvqa_jax.models import amif
+  fields = [amif.tower_settings(m) for m in modules]
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def dataset_fingerprint(ids: Sequence[str], captions: Sequence[str]) -> str:

@@ -409,12 +409,19 @@ def create(config, seed: int = 0, abstract: bool = False):
 _NOT_ARCH = ("parent", "name", "dtype", "compute", "dropout")
 
 
+def tower_settings(module: nn.Module) -> dict:
+  """A tower's module fields (JSON-serialisable) but those set from the config (`_NOT_ARCH`:
+  the compute dtype, the attention kernel, dropout), which change its outputs by rounding at
+  most."""
+  return {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
+          if f.name not in _NOT_ARCH}
+
+
 def tower_archs(model: AMiF) -> dict:
-  """The towers' module fields (JSON-serialisable): what a tower read from a checkpoint took
-  from that checkpoint's config and weights. A run records them so that restoring it needs
-  no tower checkpoint (see `without_checkpoints`)."""
-  return {part: {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
-                 if f.name not in _NOT_ARCH}
+  """The towers' settings (`tower_settings`): what a tower read from a checkpoint took from
+  that checkpoint's config and weights. A run records them so that restoring it needs no
+  tower checkpoint (see `without_checkpoints`)."""
+  return {part: tower_settings(module)
           for part, module in (("image", model.image), ("text", model.text))}
 
 
