@@ -108,6 +108,18 @@ def _named(item: dict, image) -> str:
   return f"{item['id']} ({image}{record})"
 
 
+class _LocalInfo(tfds.core.DatasetInfo):
+  """DatasetInfo that never looks for a published copy of the dataset's metadata.
+
+  TFDS asks its GCS bucket for it when a builder is made for a dataset not built yet. That
+  look-up is switched off (no network), but it makes an empty temporary folder first and
+  never removes it: one left in the temp folder per build. These datasets are never
+  published there."""
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class _Builder(tfds.core.GeneratorBasedBuilder):
   """Shared by the VQA and caption builders: subclasses set `name`, `reader` and features."""
   VERSION = tfds.core.Version(VERSION)
@@ -128,8 +140,8 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=self._features(),
-                                 metadata=tfds.core.MetadataDict())
+    return _LocalInfo(builder=self, features=self._features(),
+                      metadata=tfds.core.MetadataDict())
 
   def _read(self) -> dict:
     if self.source_dir is None:

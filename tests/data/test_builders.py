@@ -9,6 +9,7 @@ import pickle
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,19 @@ def test_vqa_rad_original_release_round_trips(tmp_path):
   assert summary["splits"]["test"]["answer_type"] == {"CLOSED": 1, "OPEN": 1}
   assert summary["splits"]["train"]["yes_no_closed"] == 2
 
+
+
+def test_a_build_leaves_nothing_in_the_temp_folder(tmp_path, monkeypatch):
+  # TFDS made an empty temporary folder for every builder of a dataset not built yet (its
+  # look-up of published metadata) and never removed it: one per build, piling up.
+  temp = tmp_path / "temp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))
+  src, rows = _vqa_source(tmp_path, n=8)
+  _write(src, rows[:6], rows[6:])
+  builders.build("vqa_rad", src, tmp_path / "out")
+  assert sorted(_rows(tmp_path / "out", "vqa_rad", "test")) == ["6", "7"]
+  assert list(temp.iterdir()) == []
 
 
 def _mevf_as_original_release(mevf: Path, out: Path) -> Path:
