@@ -16,7 +16,8 @@ restored onto the devices this process has, whatever the training run used; on s
 run the same command in every process, as for training (launch/tpu_pod.sh, slurm.sbatch, or
 --coordinator_address/--num_processes/--process_id), and each answers its share. Outputs go to
 <workdir>/eval/<split>-step<N>/ (<split>-step<N>-closed-set/ under the closed-set protocol,
-beside the open-set results; or --out); each says which answer protocol produced it.
+beside the open-set results; or --out); each says which answer protocol produced it. Records of
+the split that its build skipped as bad are counted there (skipped_at_build) and warned of.
 
 A pre-training run is evaluated on its corpus's held-out slice, as its validation during
 training was (the objective's terms, image<->text retrieval recall): metrics.json in
@@ -67,6 +68,10 @@ def main(argv):
   metrics = run_lib.evaluate_split(restored, _SPLIT.value, out_dir=_OUT.value,
                                    closed_set=_CLOSED.value)
   if jax.process_index() == 0:
+    from medvqa_jax.evaluate import vqa
+    note = vqa.skipped_note(metrics)
+    if note:
+      print(note, file=sys.stderr)
     print(json.dumps(metrics))
 
 

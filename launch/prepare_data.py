@@ -7,7 +7,8 @@ r"""Builds a dataset from its download folder into a TFDS (array_record) dataset
 Datasets: vqa_rad (MEVF split or the original public JSON), slake, pathvqa (pkl release,
 Hugging Face parquet, or its JSON export), vqa_med_2019, and the pre-training corpora roco,
 medicat, mimic_cxr (multi-view) and captions_jsonl. Bad records are reported with their file
-and record and skipped; past --max_bad_fraction the build fails and leaves nothing behind.
+and record and skipped; past --max_bad_fraction of any split's records the build fails and
+leaves nothing behind. Records skipped from a split are counted in the metrics of its evaluation.
 Building an existing dataset again is a no-op with the same options (max_side, splits,
 language, test_frames) from the same files, and refused with others or from a download
 folder whose files changed since (names and sizes): build into another data_dir, or delete
@@ -27,7 +28,8 @@ _MAX_SIDE = flags.DEFINE_integer("max_side", 512, "Shrink images to this shorter
                                  "time (0: keep their size); 512 as the configs' data.max_side, "
                                  "with which training builds a dataset it finds unbuilt.",
                                  lower_bound=0)
-_MAX_BAD = flags.DEFINE_float("max_bad_fraction", 0.01, "Fail if more records are bad.",
+_MAX_BAD = flags.DEFINE_float("max_bad_fraction", 0.01, "Fail if a larger share of any split's "
+                               "records is bad (each split on its own).",
                                lower_bound=0.0, upper_bound=1.0)
 _SPLITS = flags.DEFINE_list("splits", [], "Build only these splits (default: all found).")
 _LANGUAGE = flags.DEFINE_string("language", "en", "SLAKE: question language (q_lang).")

@@ -43,6 +43,9 @@ class Split:
   name: str
   source: object        # len() and [i]: examples with decoded images
   records: list[dict]   # per example: id, image_id, question, answers, answer_type, question_type
+  # Records of the built split (that this is a part of) skipped as bad at build time: the
+  # split's accuracies are over the others.
+  skipped: int = 0
 
 
 def _need(dc, field: str):
@@ -144,21 +147,25 @@ def read_records(source) -> list[dict]:
   return out
 
 
-def _split(dc, split: str) -> tuple[object, list[dict]]:
+def _split(dc, split: str) -> Split:
   source = builders.load(dc.dir, dc.name, split)
-  return source, read_records(builders.load(dc.dir, dc.name, split, decode_images=False))
+  records = read_records(builders.load(dc.dir, dc.name, split, decode_images=False))
+  skipped = builders.summary(dc.dir, dc.name)["splits"][split].get("skipped", 0)
+  return Split(split, source, records, skipped)
 
 
-def _hold_out(dc, source, records) -> dict[str, Split]:
+def _hold_out(dc, whole: Split) -> dict[str, Split]:
   """{"train", "val"}: the training split without and with its seeded `val_fraction` of
   images (whole images: no image on both sides)."""
+  records = whole.records
   held = answers_lib.validation_slice([r["id"] for r in records], dc.val_fraction, seed=0,
                                       groups=[r["image_id"] for r in records])
   parts = {name: [i for i, r in enumerate(records) if (r["id"] in held) == (name == "val")]
            for name in ("train", "val")}
   names = {"train": dc.train_split,
            "val": f"{dc.train_split} (held-out {dc.val_fraction:.0%} of images)"}
-  return {name: Split(names[name], Subset(source, idx), [records[i] for i in idx])
+  return {name: Split(names[name], Subset(whole.source, idx), [records[i] for i in idx],
+                     whole.skipped)
           for name, idx in parts.items()}
 
 
@@ -173,17 +180,17 @@ def vqa_splits(dc, need=("train", "val", "test")) -> dict[str, Split]:
   ensure_built(dc)
   out = {}
   if "train" in need or ("val" in need and not dc.val_split):
-    source, records = _split(dc, dc.train_split)
+    train = _split(dc, dc.train_split)
     if not dc.val_split:
-      parts = _hold_out(dc, source, records)
+      parts = _hold_out(dc, train)
       if "val" in need:
         out["val"] = parts["val"]
-      source, records = parts["train"].source, parts["train"].records
+      train = parts["train"]
     if "train" in need:
-      out["train"] = Split(dc.train_split, source, records)
+      out["train"] = train
   if "val" in need and dc.val_split:
     try:
-      out["val"] = Split(dc.val_split, *_split(dc, dc.val_split))
+      out["val"] = _split(dc, dc.val_split)
     except ValueError as e:
       if "has no split" not in str(e):
         raise
@@ -191,7 +198,7 @@ def vqa_splits(dc, need=("train", "val", "test")) -> dict[str, Split]:
                        f"instead, set --config.data.val_split='' (data.val_fraction of them, "
                        f"now {dc.val_fraction})") from None
   if "test" in need:
-    out["test"] = Split(dc.test_split, *_split(dc, dc.test_split))
+    out["test"] = _split(dc, dc.test_split)
   for name, split in out.items():
     if not split.records:
       raise ValueError(f"the {name} split ({split.name}) of {dc.name} in {dc.dir} is empty")
@@ -221,9 +228,8 @@ def caption_splits(dc) -> dict[str, Split]:
       records[-1]["image2_id"] = builders.image_digest(example["image2"])
   if not records:
     raise ValueError(f"the {dc.train_split} split of {dc.name} in {dc.dir} is empty")
-  if not dc.val_fraction > 0:
-    return {"train": Split(dc.train_split, source, records)}
-  return _hold_out(dc, source, records)
+  whole = Split(dc.train_split, source, records)
+  return _hold_out(dc, whole) if dc.val_fraction > 0 else {"train": whole}
 
 
 def answer_set(dc, splits: dict[str, Split] | None = None) -> tuple[list[str], str]:

@@ -159,9 +159,12 @@ def answer_split(predictor: Predictor, params, split, *, tokenizer, image_size: 
 
 
 def evaluate(rows: list[dict], split, protocol: str, step: int, baseline: str | None = None) -> dict:
-  """metrics.json's content: accuracies, the protocol, the split, the step, and the
-  majority-answer baseline's accuracies when `baseline` (that answer) is given."""
-  out = {"protocol": protocol, "split": split.name, "step": int(step)}
+  """metrics.json's content: accuracies, the protocol, the split, the step, the records of
+  the split skipped as bad when it was built (`skipped_at_build`: the accuracies are over the
+  others), and the majority-answer baseline's accuracies when `baseline` (that answer) is
+  given."""
+  out = {"protocol": protocol, "split": split.name, "step": int(step),
+         "skipped_at_build": int(split.skipped)}
   out.update(metrics_lib.vqa_accuracy(split.records, [r["prediction"] for r in rows]))
   if baseline is not None:
     base = metrics_lib.vqa_accuracy(split.records, [baseline] * len(split.records))
@@ -171,6 +174,17 @@ def evaluate(rows: list[dict], split, protocol: str, step: int, baseline: str | 
     if "by_question_type" in base:  # VQA-Med's protocol is per category.
       out["majority_baseline"]["by_question_type"] = base["by_question_type"]
   return out
+
+
+def skipped_note(metrics: dict) -> str | None:
+  """A warning when records of the evaluated split were skipped as bad at build time."""
+  n = metrics.get("skipped_at_build", 0)
+  if not n:
+    return None
+  return (f"warning: {n} records of the {metrics['split']} split were skipped as bad when the "
+          f"dataset was built (prepare_data.py's report names them): these accuracies are "
+          f"over the other {metrics['questions']}, and compare with no result on the whole "
+          f"split")
 
 
 def summary(metrics: dict) -> str:
@@ -197,7 +211,8 @@ def summary(metrics: dict) -> str:
                  f"{pct(theirs.get(category, {}).get('accuracy')):>10}")
   lines.append(f"  majority answer: {base.get('answer')!r}" +
                ("; * question type (category)" if metrics.get("by_question_type") else ""))
-  return "\n".join(lines)
+  note = skipped_note(metrics)
+  return "\n".join(lines + ([note] if note else []))
 
 
 def write(out_dir, metrics: dict, rows: list[dict] | None) -> Path:

@@ -296,7 +296,9 @@ def test_too_many_bad_records_fail_and_leave_nothing(tmp_path):
     rows[i]["image_name"] = f"gone{i}.jpg"
   _write(src, rows, rows[:2])
   out = tmp_path / "out"
-  with pytest.raises(builders.DataError, match=r"6 of 52 records .* are bad .* nothing was built"):
+  with pytest.raises(builders.DataError, match=r"5 of the 50 records of the train split of "
+                     r"vqa_rad in \S+ are bad \(10.0% > the allowed 1.0%, --max_bad_fraction\); "
+                     r"nothing was built"):
     builders.build("vqa_rad", src, out)
   assert not builders.is_built(out, "vqa_rad")
   assert not list(out.rglob("*.array_record*")) and not list(out.rglob("dataset_info.json"))
@@ -307,7 +309,8 @@ def test_too_many_bad_records_fail_and_leave_nothing(tmp_path):
     (src2 / "images" / f"bad{i}.jpg").write_bytes(b"\xff\xd8 truncated")
     rows2[10 * i + 5]["image_name"] = f"bad{i}.jpg"
   _write(src2, rows2, rows2[:2])
-  with pytest.raises(builders.DataError, match=r"(?s)too many bad records.*First problems:\n"
+  with pytest.raises(builders.DataError, match=r"(?s)1 of the 50 records of the train split .* "
+                     r"are bad.*First problems:\n"
                      r"  \d+ \(\S*bad0.jpg; \S*trainset.json record 5\): unreadable image"):
     builders.build("vqa_rad", src2, out)
   assert not builders.is_built(out, "vqa_rad") and not list(out.rglob("*.array_record*"))
@@ -324,6 +327,41 @@ def test_too_many_bad_records_fail_and_leave_nothing(tmp_path):
   with pytest.raises(FileNotFoundError):
     builders.build("vqa_rad", tmp_path / "no-such-source", tmp_path / "kept")
   assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]
+
+
+def test_the_bad_record_limit_holds_for_each_split(tmp_path):
+  # 3 of 20 test records bad: 0.7% of the 420 records, 15% of the test split. The limit was
+  # counted over the whole dataset, so a build could lose up to a tenth of a test split and
+  # succeed, and the test accuracy was over the rest without a word.
+  src, rows = _vqa_source(tmp_path, n=420)
+  for i in range(400, 403):
+    rows[i]["image_name"] = f"gone{i}.jpg"
+  _write(src, rows[:400], rows[400:])
+  with pytest.raises(builders.DataError, match=r"3 of the 20 records of the test split of "
+                     r"vqa_rad .* are bad \(15.0% > the allowed 1.0%"):
+    builders.build("vqa_rad", src, tmp_path / "out")
+  assert not builders.is_built(tmp_path / "out", "vqa_rad")
+  # Allowed, the skipped records are counted with the split, and its metrics say so.
+  builders.build("vqa_rad", src, tmp_path / "out", max_bad_fraction=0.2)
+  assert builders.summary(tmp_path / "out", "vqa_rad")["splits"]["test"]["skipped"] == 3
+  from ml_collections import ConfigDict
+
+  from medvqa_jax.data import splits as splits_lib
+  from medvqa_jax.evaluate import vqa
+  dc = ConfigDict(dict(name="vqa_rad", dir=str(tmp_path / "out"), source_dir=None,
+                       train_split="train", val_split="", val_fraction=0.1,
+                       test_split="test", max_side=None, closed_set=False))
+  got = splits_lib.vqa_splits(dc)
+  assert (got["test"].skipped, len(got["test"].records)) == (3, 17)
+  assert (got["train"].skipped, got["val"].skipped) == (0, 0)
+  metrics = vqa.evaluate([{"prediction": "yes"}] * 17, got["test"], "open-set", 5)
+  assert (metrics["skipped_at_build"], metrics["questions"]) == (3, 17)
+  assert metrics["overall"] == 1.0
+  assert ("warning: 3 records of the test split were skipped as bad when the dataset was "
+          "built") in vqa.summary(metrics)
+  clean = vqa.evaluate([{"prediction": "yes"}] * len(got["train"].records), got["train"],
+                       "open-set", 5)
+  assert clean["skipped_at_build"] == 0 and "warning" not in vqa.summary(clean)
 
 
 def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path):

@@ -71,12 +71,11 @@ def test_the_picture_shows_small_scores():
 def test_the_baseline_and_the_printed_summary_break_down_by_category():
   """VQA-Med-2019 has no answer_type: its protocol is per category (question_type). The
   majority baseline is broken down by category too, and the printed summary shows both."""
-  import types
-
+  from medvqa_jax.data.splits import Split
   from medvqa_jax.evaluate import vqa
   records = [_rec(["no"], "", "abnormality"), _rec(["yes"], "", "abnormality"),
              _rec(["axial"], "", "plane"), _rec(["ct"], "", "modality")]
-  split = types.SimpleNamespace(name="test", records=records)
+  split = Split("test", None, records)
   rows = [{"prediction": p} for p in ("no", "no", "axial", "mri")]
   m = vqa.evaluate(rows, split, "open-set", 7, baseline="no")
   assert m["majority_baseline"]["by_question_type"] == {
