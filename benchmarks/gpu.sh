@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu.sh 3-4        # runs 3 and 4
 #   bash benchmarks/gpu.sh 0          # no run: the table of $OUT_FILE
 #
-# A run's leading NAME=value words are its environment (runs 10-11 set XLA_FLAGS); the table's
+# A run's leading NAME=value words are its environment (run 10 sets XLA_FLAGS); the table's
 # last column shows a row's other settings: config overrides beyond attention, scan and remat,
 # and XLA_FLAGS.
 #

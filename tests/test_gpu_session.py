@@ -241,6 +241,20 @@ def test_a_fine_tune_killed_for_memory_says_so(tmp_path):
   assert "(failed: vqa_rad, exit status 137: killed (SIGKILL), most likely out of memory" in (
       out.stderr)
   assert "BATCH=16" in out.stderr and not (tmp_path / "real.jsonl").exists()
+  assert out.returncode == 1
+  # Failed beside an earlier result: the table of that, and still a failure (it exited 0).
+  line = {"run": "runs/real/slake", "wall_s": 9, "device": "cpu",
+          "metrics": {"step": 3, "overall": 0.5, "closed": 0.5, "open": 0.5,
+                      "majority_baseline": {"overall": 0.25}}}
+  (tmp_path / "real.jsonl").write_text(json.dumps(line) + "\n")
+  fake.write_text(f'#!/usr/bin/env bash\n[ "$1" = launch/train.py ] && kill -KILL $$\n'
+                  f'exec {sys.executable} "$@"\n')
+  out = subprocess.run(["bash", "benchmarks/real_data.sh", "vqa_rad"], cwd=ROOT,
+                       env={**os.environ, "PYTHON": str(fake), "RUNS": str(tmp_path / "runs"),
+                            "RESULTS": str(tmp_path / "real.jsonl")},
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 1 and "failed: vqa_rad (above)" in out.stderr
+  assert re.search(r"runs/real/slake\s+3\s+50\.0", out.stdout)
 
 
 def test_the_recipe_slows_what_comes_from_minilm_only(tmp_path):

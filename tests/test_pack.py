@@ -68,6 +68,11 @@ def test_pack_copies_the_questions_and_shrinks_the_images(tmp_path):
   out = again(tmp_path / "new", "--max_side=-3")
   assert out.returncode == 2 and "--max_side=-3: the shorter side" in out.stderr
   assert not (tmp_path / "new").exists()
+  # A problem with the inputs is one `error: ...` line naming it, exit status 1, as the
+  # README says of every command (it had no "error:").
+  out = again(tmp_path / "new", f"--data={tmp_path / 'nodata'}")
+  assert out.returncode == 1 and out.stderr.startswith(
+      f"error: {tmp_path / 'nodata' / 'vqa_rad' / 'trainset.json'}: missing"), out.stderr
 
 
 def test_float16_minilm_loads_and_embeds_like_the_original(tmp_path, minilm_dir):
