@@ -163,8 +163,9 @@ def test_pretraining_step_reports_the_sinkhorn_share():
   # beside the step's own convergence rate.
   assert r["sinkhorn_budget"] == "to threshold (a lower bound: random tokens)"
   assert 0 <= r["step_wpa_converged"] <= 1
-  # Against the given peak: MFU is the achieved rate over it.
-  assert r["mfu"] == pytest.approx(r["achieved_tflops_per_device"] / 0.5, rel=2e-2, abs=1e-4)
+  # Against the given peak: MFU is the achieved rate over it (each rounded: the rate to four
+  # significant digits, MFU to four decimals). The rate had three decimals, 4% of a CPU's.
+  assert r["mfu"] == pytest.approx(r["achieved_tflops_per_device"] / 0.5, rel=1e-3, abs=6e-5)
   # Frozen towers (stage 1) cost their forward pass only, in the analytic count and, thanks
   # to the step's stop_gradient mask, in XLA's count too (1.6x more without the mask).
   assert r["flops_check"] == "agree", r["compiled_over_analytic"]
