@@ -2,11 +2,12 @@
 
 For image i a negative text j != i is drawn with probability proportional to
 exp(sim(i, j) / tau) (never the positive; defined for negative similarities too, unlike
-sampling on raw cosines); optionally a negative image per text likewise. An example whose
-caption is the same as i's (a corpus repeats short captions), or whose picture is i's (a
-picture with several captions), is not drawn either: its text matches image i (or its image
-matches text i), and its embedding, close to the positive's, would be drawn first. An example
-whose every other example is such has no negative: its draw is left out of the loss. Indices
+sampling on raw cosines); optionally a negative image per text likewise. A text that the batch
+shows to match image i is not drawn either (`matching`): one whose caption is i's (a corpus
+repeats short captions), one of i's picture (a picture with several captions), and one whose
+caption another example gives i's picture. Its embedding, close to a positive's, would be
+drawn first, and the pair taught as a mismatch in the step that teaches it as a match. An
+example with no other candidate has no negative: its draw is left out of the loss. Indices
 are global: the arrays are the global batch, whatever the device layout. The sampled pairs
 are scored by the model with the negative's own tokens and attention mask.
 
@@ -21,7 +22,6 @@ stage 1: nothing to send back) and fuses each example's pairs on the device that
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -43,18 +43,35 @@ def caption_keys(input_ids, attention_mask):
 
 
 def matching(keys):
-  """(N, N) bool: True where examples i and j agree on any of `keys` (each (N,): the captions'
-  `caption_keys`, the pictures' keys), so that neither is the other's negative; None for no
-  keys."""
+  """(N, N) bool: True where image i and text j are a match the batch shows, so that text j is
+  not image i's negative nor image i text j's: where some example k has i's picture and j's
+  caption. keys: the captions' `caption_keys` (N,), then optionally the pictures' keys (N,);
+  without them each example is its own picture. That is j's caption being i's (k = i), j's
+  picture being i's (k = j), and a third example's: with examples (picture P, caption A),
+  (P, B) and (Q, B), text "B" of Q matches image P. Not symmetric: a text's row is a column
+  of it. None for no keys.
+
+  Exact, in O(N^2): the pictures' classes each take the union of their captions' matches
+  (a segment maximum), where a product of the two relations would cost N^3."""
   keys = list(keys)
   if not keys:
     return None
-  return functools.reduce(jnp.logical_or, [k[:, None] == k[None, :] for k in keys])
+  captions = jnp.asarray(keys[0])
+  n = captions.shape[0]
+  same_caption = captions[:, None] == captions[None, :]
+  if len(keys) < 2:
+    return same_caption
+  _, picture = jnp.unique(jnp.asarray(keys[1]), size=n, return_inverse=True)
+  picture = picture.reshape(n)
+  # Row p: the texts whose caption some example of picture p has.
+  shown = jax.ops.segment_max(same_caption.astype(jnp.int32), picture, num_segments=n)
+  return shown[picture] > 0
 
 
 def sample_negatives(key, sim, temperature, same=None):
   """For each row i of `sim` (N, N), one column j != i drawn with p ∝ exp(sim[i, j] / tau).
-  same: (N, N) bool (`matching`), True where j may not be i's negative; a row with every
+  same: (N, N) bool (`matching`, transposed for rows of texts), True where j may not be i's
+  negative; a row with every
   column excluded draws from every j != i, to keep the shapes fixed, and `negative_weights`
   leaves that draw out of the loss."""
   logits = jax.lax.stop_gradient(sim.astype(jnp.float32)) / temperature
@@ -67,11 +84,13 @@ def sample_negatives(key, sim, temperature, same=None):
 
 def negative_weights(keys, negative_images=False):
   """(M,) float32, in the layout of `hard_negative_pairs`: 1 for a drawn negative, 0 where the
-  example has no negative in the batch (every other example matches it on one of `keys`, see
-  `matching`), so that the draw, a text that matches the image, is not taught as a
-  mismatch."""
-  has_negative = jnp.any(~matching(keys), axis=-1).astype(jnp.float32)
-  return jnp.concatenate([has_negative] * (2 if negative_images else 1))
+  example has no negative in the batch (every other text matches its image, or every other
+  image its text: `matching`), so that the draw, a match, is not taught as a mismatch."""
+  same = matching(keys)
+  weights = [jnp.any(~same, axis=-1)]
+  if negative_images:
+    weights.append(jnp.any(~same, axis=0))
+  return jnp.concatenate(weights).astype(jnp.float32)
 
 
 def hard_negative_pairs(key, image_embed, text_embed, temperature, negative_images=False,
@@ -79,14 +98,15 @@ def hard_negative_pairs(key, image_embed, text_embed, temperature, negative_imag
   """The negative pairs as segments (text_idx, image_idx), None for the batch in order: a
   negative text for every image, [(text_idx, None)], then (with `negative_images`) a negative
   image for every text, (None, image_idx). keys: (N,) keys of the examples' captions
-  (`caption_keys`) and pictures: examples that agree on one are not each other's negatives.
+  (`caption_keys`) and pictures: a pair the batch shows to match is not drawn (`matching`).
   `pair_indices` gives the flat index arrays."""
   sim = contrastive.similarity(image_embed, text_embed)  # image x text
   same = matching(keys)
   k_text, k_image = jax.random.split(key)
   segments = [(sample_negatives(k_text, sim, temperature, same), None)]
   if negative_images:
-    segments.append((None, sample_negatives(k_image, sim.T, temperature, same)))
+    segments.append((None, sample_negatives(k_image, sim.T, temperature,
+                                            None if same is None else same.T)))
   return segments
 
 

@@ -145,6 +145,47 @@ def test_examples_of_the_same_caption_or_picture_are_not_each_others_negatives()
     np.testing.assert_allclose(freq, expected(sim[i], np.arange(n) == i), atol=0.03)
 
 
+def test_a_caption_another_example_gives_the_picture_is_no_negative():
+  """Examples 0 (picture P, caption A), 1 (P, B) and 2 (Q, B): text 2, "B", matches image 0,
+  as example 1 shows. It was image 0's negative (neither its caption nor its picture is
+  example 0's), and the nearest: (P, "B") was taught as a match and a mismatch in one step.
+  Likewise image 0 for text 2."""
+  # The relation against its definition: some example k has i's picture and j's caption.
+  rng = np.random.default_rng(0)
+  for n, kinds in ((12, 3), (40, 6), (64, 40)):
+    captions = rng.integers(0, kinds, n).astype(np.uint32)
+    pictures = (rng.integers(0, kinds, n) * 2654435761 % 2 ** 32).astype(np.uint32)
+    eq = lambda k: (k[:, None] == k[None, :]).astype(np.int64)
+    want = eq(pictures) @ eq(captions) > 0
+    np.testing.assert_array_equal(jax.jit(itm.matching)((captions, pictures)), want)
+    np.testing.assert_array_equal(itm.matching((captions,)), eq(captions) > 0)
+  captions = np.array([1, 2, 2, 3, 4, 5], np.uint32)
+  pictures = np.array([7, 7, 8, 9, 10, 11], np.uint32)
+  same = np.asarray(itm.matching((captions, pictures)))
+  assert same[0, 2] and not same[2, 0]  # Image Q has no caption A in the batch.
+  # Text 2 is image 0's nearest text and image 0 text 2's nearest image.
+  rng = np.random.default_rng(1)
+  unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+  text = unit(rng.normal(size=(6, 8)))
+  image = unit(text + 0.3 * rng.normal(size=(6, 8)))
+  text[2] = unit(image[0] + 0.05 * rng.normal(size=8))
+  t_idx, i_idx = jax.vmap(lambda k: itm.pair_indices(itm.hard_negative_pairs(
+      k, image, text, 0.1, True, (captions, pictures)), 6))(
+      jax.random.split(jax.random.PRNGKey(2), 2000))
+  t_idx, i_idx = np.asarray(t_idx), np.asarray(i_idx)
+  assert not np.isin(t_idx[:, 0], [0, 1, 2]).any()  # Image 0: texts 1 and 2 are "B" of P.
+  assert not np.isin(i_idx[:, 6 + 2], [0, 1, 2]).any()  # Text 2: images of P and its own.
+  # Without the third example's match, image 0 drew text 2 nearly always.
+  old = (captions[:, None] == captions[None, :]) | (pictures[:, None] == pictures[None, :])
+  drawn = np.asarray(jax.vmap(lambda k: itm.sample_negatives(k, image @ text.T, 0.1, old))(
+      jax.random.split(jax.random.PRNGKey(2), 500)))
+  assert (drawn[:, 0] == 2).mean() > 0.5
+  # Examples (P, A), (P, B), (Q, B): images 0 and 1 and texts 1 and 2 have no negative.
+  np.testing.assert_array_equal(
+      itm.negative_weights([np.array([1, 2, 2], np.uint32), np.array([7, 7, 8], np.uint32)],
+                           True), [0, 0, 1, 1, 0, 0])
+
+
 def test_examples_without_a_negative_are_left_out_of_the_itm_loss():
   """Examples 0-2 share one caption and 3 has its own: 3 has negatives, and so have 0-2 (text
   3). With every caption the same, no example has one: the fallback draw (a text of the
