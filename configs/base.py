@@ -56,8 +56,8 @@ def get_config(arg=None):
   for part in ("image", "text"):
     if teacher[part].source != "init":
       for field in ("depth", "image_size"):
-        if field in teacher[part].arch:
-          teacher[part].arch[field] = None
+        if field in teacher[part].arch:  # Unset, and still settable from the command line.
+          teacher[part].arch[field] = unset(int)
   config = ml_collections.ConfigDict(dict(
       seed=0,
       model=dict(

@@ -10,6 +10,7 @@ config drives `python launch/embed.py --config=configs/demo.py`.
 """
 
 from configs import base
+from configs.towers.common import unset
 from medvqa_jax import ASSETS
 
 
@@ -30,8 +31,10 @@ def get_config(arg=None):
   config.teacher.logit_scale = 50.0  # A random teacher has no trained scale.
   config.teacher.mode = "none"
   config.optim.update(lr=1e-3, weight_decay=0.05, warmup_fraction=0.1)
+  # The bundled images are small already: kept as they are (unset; a bare None could not be
+  # set from the command line).
   config.data.update(name="vqa_rad", dir="runs/demo/data", source_dir=str(ASSETS / "vqa_rad_sample"),
-                     max_side=None, val_split="")
+                     max_side=unset(int), val_split="")
   config.train.update(workdir="runs/demo", batch_size=32, epochs=6, eval_every=200,
                       save_every=200, log_every=20, eval_batch_size=64)
   return config
