@@ -325,9 +325,12 @@ def selection_note(tc, steps: int) -> str | None:
     return None
   both = math.lcm(save, every)
   when = f"every {both} steps and the last" if both < steps else "the last step only"
+  # Saved more often than validated (every validated step saved), nothing validated is lost.
+  rest = ("the other validations go to the logs only" if every % save else
+          "the checkpoints between them serve resumption only")
   return (f"note: train.save_every={save} is not a multiple of train.eval_every={every}: "
           f"the best checkpoint is chosen among the steps both saved and validated ({when}); "
-          "the other validations go to the logs only")
+          f"{rest}")
 
 
 def devices_note(then: int | None, now: int) -> str | None:

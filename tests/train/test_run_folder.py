@@ -221,6 +221,12 @@ def test_a_schedule_that_saves_steps_it_does_not_validate_is_noted():
       "checkpoint is chosen among the steps both saved and validated (every 1500 steps and "
       "the last); the other validations go to the logs only")
   assert "(the last step only)" in loop.selection_note(tc(500, 300), 1200)
+  # Saved twice per validation: every validation has its checkpoint (the note said the others
+  # went to the logs only); the saves between them cannot be chosen.
+  assert loop.selection_note(tc(40, 80), 400) == (
+      "note: train.save_every=40 is not a multiple of train.eval_every=80: the best "
+      "checkpoint is chosen among the steps both saved and validated (every 80 steps and the "
+      "last); the checkpoints between them serve resumption only")
 
 
 def test_questions_the_model_reads_cut_are_counted():
