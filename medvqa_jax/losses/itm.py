@@ -64,7 +64,7 @@ def matching(keys):
   _, picture = jnp.unique(jnp.asarray(keys[1]), size=n, return_inverse=True)
   picture = picture.reshape(n)
   # Row p: the texts whose caption some example of picture p has.
-  shown = jax.ops.segment_max(same_caption.astype(jnp.int32), picture, num_segments=n)
+  shown = jax.ops.segment_max(same_caption.astype(jnp.uint8), picture, num_segments=n)
   return shown[picture] > 0
 
 
