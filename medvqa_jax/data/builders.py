@@ -189,13 +189,15 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
             if key in item and not Path(item[key]).exists():
               items[i] = sources.Bad(_named(item, item[key]), "image file not found")
               break
+    bad = {}
     for split, items in split_items.items():
-      bad = [str(b) for b in items if isinstance(b, sources.Bad)]
-      self._report["bad"].extend(bad)
-      for b in bad[:20]:
+      bad[split] = [str(b) for b in items if isinstance(b, sources.Bad)]
+      self._report["bad"].extend(bad[split])
+      for b in bad[split][:20]:
         log.warning("skipped %s", b)
-      self._check_bad(split, bad, len(items))
-    return {split: self._generate_examples(split, items) for split, items in split_items.items()}
+      self._check_bad(split, bad[split], len(items))
+    return {split: self._generate_examples(split, items, bad[split])
+            for split, items in split_items.items()}
 
   def _check_bad(self, split: str, bad: list[str], total: int) -> None:
     """Fails the build when more than `max_bad_fraction` of a split's `total` records are
@@ -210,10 +212,11 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
           f"{self.max_bad_fraction:.1%}, --max_bad_fraction); nothing was built. First "
           f"problems:\n  {shown}")
 
-  def _generate_examples(self, split, items):
+  def _generate_examples(self, split, items, bad: list[str]):
+    """The split's examples; bad: its records already found bad, to which those whose image
+    fails to encode are added (and checked against the limit)."""
     cache: dict = {}
     good = 0
-    bad = [str(b) for b in items if isinstance(b, sources.Bad)]
     images, types, yes_no = set(), Counter(), 0
     for item in items:
       if isinstance(item, sources.Bad):
