@@ -22,7 +22,8 @@ the split that its build skipped as bad are counted there (skipped_at_build) and
 A pre-training run is evaluated on its corpus's held-out slice, as its validation during
 training was (the objective's terms, image<->text retrieval recall): metrics.json in
 <workdir>/eval/validation-step<N>/. The teacher cache (or, online, the teacher's checkpoint)
-of the run's config must still be where the config says.
+of the run's config must still be where the config says (or where --config.teacher.cache
+says); the cache is checked against the teacher the run recorded, whose checkpoint is not read.
 """
 
 import json

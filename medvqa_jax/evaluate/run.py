@@ -35,8 +35,13 @@ class Restored:
   param_shardings: dict
   tokenizer: tokenizer_lib.Tokenizer
   workdir: Path  # The run folder it was restored from (where it is now, not where it ran).
-  data: dict = dataclasses.field(default_factory=dict)  # The run record's data identity.
+  record: dict = dataclasses.field(default_factory=dict)  # The step's run record.
   changes: list = dataclasses.field(default_factory=list)  # The overrides taken, as "f a -> b".
+
+  @property
+  def data(self) -> dict:
+    """The run record's data identity."""
+    return self.record.get("data") or {}
 
   def predictor(self, candidates: list[str] | None = None) -> vqa_eval.Predictor:
     """Answers among `candidates` (default: the run's answers). The GCA prior, an input of
@@ -122,7 +127,7 @@ def restore(checkpoint_dir, overrides: dict | None = None, step: int | None = No
   params = ckpts.restore_params(step, abstract)
   ckpts.close()
   return Restored(config, model, params, run.get("answers") or [], run.get("protocol", ""), step,
-                  mesh, shardings, tokenizer, folder.parent, run.get("data") or {}, changes)
+                  mesh, shardings, tokenizer, folder.parent, run, changes)
 
 
 def check_data(restored: Restored, splits: dict) -> None:
@@ -223,7 +228,7 @@ def evaluate_pretraining(restored: Restored, split_name: str | None = None, out_
     raise ValueError("the run held out no validation slice (data.val_fraction was 0): there "
                      "is no held-out example to evaluate it on")
   check_data(restored, splits)
-  teacher = loop.BatchTeacher(config, splits, restored.mesh)
+  teacher = loop.BatchTeacher(config, splits, restored.mesh, restored.record)
   validator = pretrain_eval.Validator(restored.model, config, splits["val"], restored.tokenizer,
                                       restored.model.image.image_size, restored.mesh, teacher)
   metrics = {"split": splits["val"].name, "step": restored.step,

@@ -218,17 +218,35 @@ def check_teacher_config(config) -> str:
   return mode
 
 
+def recorded_teacher(config, run: dict | None) -> str | None:
+  """The fingerprint of the teacher a run's record names, if the config's teacher is still the
+  run's (its fields the same, the cache file and the mode aside); else None."""
+  if not run or not run.get("teacher") or not run.get("config"):
+    return None
+  def fields(teacher: dict) -> dict:
+    return {k: v for k, v in teacher.items() if k not in ("cache", "mode")}
+  then = json.loads(run["config"]).get("teacher") or {}
+  return run["teacher"] if fields(then) == fields(json.loads(config.teacher.to_json())) else None
+
+
 class BatchTeacher:
   """Teacher embeddings for pre-training batches (training's and validation's): looked up in
-  the cache, or computed online on device by the frozen teacher."""
+  the cache, or computed online on device by the frozen teacher.
 
-  def __init__(self, config, splits: dict, mesh):
+  run: the record of the run being resumed or evaluated. Its cache is checked against the
+  teacher the run recorded (when the config's teacher is still that one), so that its
+  checkpoint need not be where the config says: a run folder and its cache evaluate or resume
+  on another machine."""
+
+  def __init__(self, config, splits: dict, mesh, run: dict | None = None):
     from medvqa_jax.losses import teacher as teacher_lib
     self.mode = check_teacher_config(config)
-    self.cache = self.online = None
+    self.cache = self.online = self.fingerprint = None
     if self.mode == "none":
       return
-    teacher = teacher_lib.from_config(config)
+    self.fingerprint = recorded_teacher(config, run) if self.mode == "cache" else None
+    teacher = None if self.fingerprint else teacher_lib.from_config(config)
+    self.fingerprint = self.fingerprint or teacher.fingerprint()
     if self.mode == "cache":
       self.cache = teacher_lib.TeacherCache.load(config.teacher.cache)
       # The cache is made for the whole training split, held-out validation slice included.
@@ -236,7 +254,7 @@ class BatchTeacher:
       ids = [r["id"] for r in records]
       captions = [r["caption"] for r in records]
       multi_view = "image2_id" in records[0]
-      self.cache.check(ids, captions, [r["image_id"] for r in records], teacher.fingerprint(),
+      self.cache.check(ids, captions, [r["image_id"] for r in records], self.fingerprint,
                        path=config.teacher.cache,
                        image2_ids=[r["image2_id"] for r in records] if multi_view else None)
     else:
@@ -424,11 +442,6 @@ def train(config, workdir=None, stream=None) -> dict:
   data = data_identity(splits, tc.batch_size, config.seed, rng)
   steps = total_steps(config, len(splits["train"].records))
   config.optim.total_steps = steps
-  # The teacher's cache and the validation slice are checked before anything is written.
-  teacher = None if finetune else BatchTeacher(config, splits, mesh)
-  if not finetune and "val" in splits:
-    pretrain_eval.examples(config, splits["val"])  # Too small a slice: refused here too.
-
   # ---- the run folder: what restoring it needs besides the checkpoints ----
   # The tokenizer's files (workdir/tokenizer) and, in each run record, the towers' module
   # fields: resuming, evaluating and predicting then read no tower checkpoint and no
@@ -445,7 +458,13 @@ def train(config, workdir=None, stream=None) -> dict:
         "steps: train.epochs or optim.total_steps lowered?); a run cannot be shortened after "
         f"the fact: evaluate one of its steps with `launch/eval.py --checkpoint_dir={workdir} "
         "--step=N`, or train in a new train.workdir")
-  archs = ckpts.run_record(start).get("towers") if start is not None else None
+  record = ckpts.run_record(start) if start is not None else None
+  archs = record.get("towers") if record else None
+  # The teacher's cache and the validation slice are checked before anything is written
+  # (a resumed run's cache against the teacher it recorded).
+  teacher = None if finetune else BatchTeacher(config, splits, mesh, record)
+  if not finetune and "val" in splits:
+    pretrain_eval.examples(config, splits["val"])  # Too small a slice: refused here too.
   tokenizer = ckpt_lib.run_tokenizer(workdir, mc.text) if start is not None else None
   new_tokenizer = tokenizer is None
   if new_tokenizer:
@@ -564,7 +583,8 @@ def train(config, workdir=None, stream=None) -> dict:
   def run_record(step, val):
     return {"step": int(step), "data_step": int(step), "config": config.to_json(),
             "protocol": protocol, "answers": answers, "val": val, "towers": archs,
-            "data": data, "devices": jax.device_count()}
+            "data": data, "devices": jax.device_count(),
+            "teacher": teacher.fingerprint if teacher else None}
 
   reporter = observe.Reporter(workdir, total_steps=steps, start_step=start,
                               batch_size=tc.batch_size, log_every=tc.log_every, enabled=main,

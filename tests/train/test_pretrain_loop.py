@@ -3,6 +3,7 @@ was made for other data or by another teacher) or computed online; validation on
 held-out slice."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,6 +146,42 @@ def test_pretraining_validates_on_the_held_out_slice(corpus, tmp_path, capsys):
   assert not set(val_ids) & {r["id"] for r in splits["train"].records}
   with pytest.raises(ValueError, match="--split=validation"):
     run_lib.evaluate_split(restored, "test")
+
+
+def test_a_run_and_its_cache_evaluate_and_resume_without_the_teacher(corpus, tmp_path,
+                                                                       monkeypatch):
+  """The run records its teacher's fingerprint: evaluating or resuming checks the cache against
+  it, so the teacher's checkpoint is not read (a run folder and its cache move to a machine
+  without it); a teacher changed since is loaded, and its cache checked against it."""
+  from medvqa_jax.evaluate import run as run_lib
+  data, workdir = tmp_path / "tfds", tmp_path / "run"
+  cache = str(_cache(_config(corpus, data, tmp_path), tmp_path / "cache.npz"))
+  config = _config(corpus, data, workdir, val_fraction=0.5, cache=cache)
+  assert loop.train(config) == {}
+  fingerprint = teacher_lib.from_config(config).fingerprint()
+  from medvqa_jax.train import checkpoint as ckpt_lib
+  assert ckpt_lib.Checkpoints(workdir / "checkpoints", read_only=True).run_record(2)[
+      "teacher"] == fingerprint
+
+  def absent(_):
+    raise FileNotFoundError("the teacher's checkpoint is not on this machine")
+  monkeypatch.setattr(teacher_lib, "from_config", absent)
+  restored = run_lib.restore(workdir)
+  assert np.isfinite(run_lib.evaluate_split(restored)["val_loss"])
+  config.optim.total_steps = 3  # Resumed from step 2.
+  assert loop.train(config) == {}
+  assert [r["step"] for r in _losses(workdir) if "val_loss" not in r][-1] == 3
+  # The cache file is no part of the teacher's identity: a copy elsewhere is checked too.
+  moved = tmp_path / "moved.npz"
+  moved.write_bytes(Path(cache).read_bytes())
+  run_lib.evaluate_split(run_lib.restore(workdir, {"teacher.cache": str(moved)}))
+  with pytest.raises(FileNotFoundError, match="not on this machine"):  # A changed teacher.
+    run_lib.evaluate_split(run_lib.restore(workdir, {"teacher.logit_scale": 60.0}))
+  monkeypatch.undo()
+  config.teacher.logit_scale = 60.0
+  config.optim.total_steps = 4
+  with pytest.raises(ValueError, match="computed by another teacher"):
+    loop.train(config)
 
 
 def test_resuming_refuses_a_run_whose_data_changed(corpus, tmp_path):
