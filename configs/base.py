@@ -58,6 +58,9 @@ def get_config(arg=None):
       for field in ("depth", "image_size"):
         if field in teacher[part].arch:  # Unset, and still settable from the command line.
           teacher[part].arch[field] = unset(int)
+  # Unset: the teacher reads the captions at the student's model.text.max_len (at most what
+  # its text tower reads), as the reference's teacher does; set, at that many tokens.
+  teacher.text.max_len = unset(int)
   config = ml_collections.ConfigDict(dict(
       seed=0,
       model=dict(

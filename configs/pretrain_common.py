@@ -16,10 +16,8 @@ def pretraining(config):
   # 120 tokens, or fewer where the tower reads fewer (the tiny tower: 64; CLIP's: 77).
   config.model.text.max_len = min(120, text_positions(config.model.text) or 120)
   # The teacher reads the captions at the same length, as the reference's teacher does (at
-  # most what it can read: BiomedCLIP's 256 becomes 120, CLIP's 77 stays 77, the tiny
-  # teacher's 64 positions 64).
-  teacher_limit = text_positions(config.teacher.text) or config.teacher.text.max_len
-  config.teacher.text.max_len = min(teacher_limit, config.model.text.max_len)
+  # most what it can read: BiomedCLIP's 256 positions read 120, CLIP's 77 read 77, the tiny
+  # teacher's 64 read 64), unless teacher.text.max_len is set (configs/base.py).
   bf16(config)
   # Validation: the objective and image<->text retrieval on a seeded 2% of the training
   # split's examples, held out (0: no validation; the corpus's own splits are not used).

@@ -17,6 +17,7 @@ one JSON line: the count, embedding width, teacher fingerprint and output path.
 """
 
 import json
+import os
 from pathlib import Path
 
 import common  # Puts the repository root on sys.path.
@@ -36,6 +37,12 @@ def main(argv):
   out = Path(_OUT.value)  # Refused before the embeddings are computed, not after.
   if out.is_dir():
     raise ValueError(f"--out={out}: is a folder; name the cache file to write (.npz)")
+  folder = out.absolute().parent  # Made by the save where missing: its first existing one.
+  while not folder.exists():
+    folder = folder.parent
+  if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+    raise ValueError(f"--out={out}: cannot be written ({folder} is "
+                     f"{'a file' if not folder.is_dir() else 'a folder not writable here'})")
   splits_lib.check_kind(dc, "caption", reader="launch/cache_teacher.py")
   splits_lib.ensure_built(dc)
   records = teacher_lib.dataset_records(dc.dir, dc.name, dc.train_split)

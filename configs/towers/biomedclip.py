@@ -1,7 +1,7 @@
 """BiomedCLIP (open_clip checkpoint: timm ViT-B/16 + PubMedBERT), the soft-label teacher.
 
 The teacher sees un-augmented images resized to 224 px and the cleaned captions the student
-reads; in pre-training at the student's caption length (configs/pretrain_common.py).
+reads, at the student's caption length (configs/base.py).
 """
 
 import ml_collections

@@ -131,10 +131,24 @@ class Tokenizer:
             for k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
+def positions(tower) -> int | None:
+  """How many tokens a text module reads (a BERT's max_positions, a CLIP text transformer's
+  context_length); None for another module."""
+  return getattr(tower, "max_positions", None) or getattr(tower, "context_length", None)
+
+
 def check_fits(tokenizer: Tokenizer, towers: dict, where: str = "model.text") -> None:
   """Refuses a tokenizer whose ids run past the embedding table of a tower that reads them
   (`towers`: name -> module with `vocab_size`; None skipped): an id past the table embeds as
-  NaN, with no error, e.g. an uncased vocabulary given to a cased tower."""
+  NaN, with no error, e.g. an uncased vocabulary given to a cased tower. The first of
+  `towers` reads the tokenizer's sequences: refused too when they are longer than its
+  position embeddings (`where`.max_len is named, before anything runs)."""
+  first = next(iter(towers.values()), None)
+  if positions(first) and tokenizer.max_len > positions(first):
+    name = next(iter(towers))
+    raise ValueError(f"{where}.max_len={tokenizer.max_len}: the {name} reads at most "
+                     f"{positions(first)} tokens (its position embeddings); lower "
+                     f"--config.{where}.max_len")
   for name, tower in towers.items():
     rows = getattr(tower, "vocab_size", None)
     if rows is not None and tokenizer.vocab_size > rows:

@@ -115,7 +115,8 @@ def _checkpoint_logit_scale(cfg) -> float | None:
 def from_config(config) -> Teacher:
   """The teacher of `config.teacher`: towers, tokenizer and logit scale (the checkpoint's
   exp(logit_scale) unless `teacher.logit_scale` is set; CLIP's initial 1/0.07 for a randomly
-  initialised teacher)."""
+  initialised teacher). The teacher reads the captions at `teacher.text.max_len` tokens, or,
+  unset, at the student's `model.text.max_len` (at most what its text tower reads)."""
   from medvqa_jax.data import tokenizer as tokenizer_lib
   from medvqa_jax.models import towers
   tc = config.teacher
@@ -131,8 +132,11 @@ def from_config(config) -> Teacher:
   if scale is None:
     raise ValueError("the teacher's checkpoint has no logit_scale: set "
                      "--config.teacher.logit_scale")
-  teacher = Teacher(image, image_params, text, text_params,
-                    tokenizer_lib.from_config(tc.text, "teacher.text"), float(scale))
+  tokenizer = tokenizer_lib.from_config(tc.text, "teacher.text")
+  if not tc.text.get("max_len"):  # The student's length, as the reference's teacher reads.
+    student = config.model.text.max_len
+    tokenizer.max_len = min(student, tokenizer_lib.positions(text) or student)
+  teacher = Teacher(image, image_params, text, text_params, tokenizer, float(scale))
   tokenizer_lib.check_fits(teacher.tokenizer, {"teacher's text tower": text}, "teacher.text")
   size = teacher.image_size  # Widths only: two text tokens do.
   widths = jax.eval_shape(teacher.embed, jax.ShapeDtypeStruct((1, size, size, 3), np.float32),

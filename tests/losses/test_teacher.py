@@ -84,6 +84,13 @@ def test_the_cache_command_embeds_the_built_dataset_as_training_reads_it(corpus,
   taken = _run_cache(tmp_path / "tfds", folder)
   assert taken.returncode == 1 and f"--out={folder}: is a folder" in taken.stderr
   assert not list(folder.iterdir())
+  # Inside a file: refused before too (a FileExistsError traceback after them).
+  inside = tmp_path / "a_file" / "sub" / "cache.npz"
+  inside.parent.parent.write_text("")
+  taken = _run_cache(tmp_path / "tfds", inside)
+  assert taken.returncode == 1, taken.stderr[-2000:]
+  assert (f"error: --out={inside}: cannot be written ({inside.parent.parent} is a file)"
+          in taken.stderr and "teacher embeddings" not in taken.stderr), taken.stderr[-2000:]
 
 
 def test_cache_command_and_checks(built, demo_config, tmp_path):
@@ -268,3 +275,32 @@ def test_the_cache_embeds_the_images_the_online_teacher_sees_in_a_shrunk_build(c
   image, _ = teacher.embed(*(np.stack([r[k] for r in rows]) for k in (
       "teacher_pixels", "teacher_input_ids", "teacher_attention_mask")))
   np.testing.assert_allclose(cache.image, image, atol=1e-5)
+
+
+def test_the_teacher_reads_what_the_student_reads():
+  """Unset, the teacher's caption length follows the student's, from the command line too
+  (it kept the config file's value), at most what its text tower reads; a length past its
+  positions is refused by name when the teacher is built (it was, at the first step)."""
+  from configs import pretrain_stage0
+  from medvqa_jax.data import tokenizer as tokenizer_lib
+  from medvqa_jax.models import bert
+
+  def teacher_length(**changes):
+    config = pretrain_stage0.get_config("image=tiny,text=tiny,teacher=tiny")
+    config.teacher.text.tokenizer = str(ASSETS / "bert_uncased_vocab")
+    config.model.text.max_len = changes.pop("student", config.model.text.max_len)
+    config.teacher.text.update(changes)
+    return teacher_lib.from_config(config).tokenizer.max_len
+
+  assert teacher_length() == 64  # The tiny towers' 64 positions, as the student.
+  assert teacher_length(student=32) == 32
+  assert teacher_length(student=120) == 64  # At most what the teacher reads.
+  assert teacher_length(max_len=16) == 16
+  with pytest.raises(ValueError, match=r"teacher.text.max_len=100: the teacher's text tower "
+                                       r"reads at most 64 tokens"):
+    teacher_length(max_len=100)
+  # The student's length is checked the same way, before the model is traced.
+  tok = tokenizer_lib.Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", 600)
+  with pytest.raises(ValueError, match=r"model.text.max_len=600: the text tower reads at most "
+                                       r"512 tokens"):
+    tokenizer_lib.check_fits(tok, {"text tower": bert.BertEncoder(), "decoder": None})
