@@ -164,9 +164,11 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
 
 def _check_config_file(path, arg: str, spec: str) -> None:
   """Refuses a --config file that does not load as Python or defines no get_config (absl's
-  parser showed a traceback of the import), and a --config=FILE:ARG whose ARG its get_config
+  parser showed a traceback of the import), a --config=FILE:ARG whose ARG its get_config
   refuses (an unknown tower preset, a misspelt key), with its message (absl reported it as a
-  FATAL flag-parsing error with a traceback). spec: the --config value as given."""
+  FATAL flag-parsing error with a traceback), and a file whose get_config gives no run config
+  (a tower preset, configs/finetune.py's shared part: the commands failed on a missing field
+  with a traceback). spec: the --config value as given."""
   try:
     module = _load_module(path)
   except Exception as e:
@@ -174,11 +176,19 @@ def _check_config_file(path, arg: str, spec: str) -> None:
                      f"{e})") from None
   if not callable(getattr(module, "get_config", None)):
     raise ValueError(f"--config={path}: defines no get_config(), which a config file must")
-  if arg:
-    try:
-      module.get_config(arg)
-    except ValueError as e:
-      raise ValueError(f"--config={spec}: {e}") from None
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except ValueError as e:
+    raise ValueError(f"--config={spec}: {e}") from None
+  except TypeError as e:  # A shared part's get_config, with arguments of its own.
+    raise ValueError(f"--config={spec}: not a run config (its get_config() takes other "
+                     f"arguments: {e}): a part that run configs share; give a run config, "
+                     "e.g. configs/vqa_rad.py") from None
+  if not all(hasattr(config, "get") and config.get(k) is not None
+             for k in ("model", "data", "train")):
+    raise ValueError(f"--config={spec}: not a run config (it has no model, data and train "
+                     "fields): a tower preset (configs/towers/) is named in a run config's "
+                     "argument, as --config=configs/base.py:image=NAME,text=NAME")
 
 
 def _load_module(path):

@@ -439,8 +439,15 @@ def test_commands_find_their_config_from_any_folder(tmp_path):
       "error: --config is given 2 times: give one"), twice.stderr[-2000:]
   (tmp_path / "picture.jpg").write_bytes(b"\xff\xd8\xff\xe0 not python")
   (tmp_path / "empty.py").write_text("X = 1\n")
+  # A tower preset and a part the run configs share were tracebacks of a missing field or
+  # argument.
   for name, says in (("picture.jpg", "not a config file that loads (SyntaxError: "),
-                     ("empty.py", "defines no get_config(), which a config file must")):
+                     ("empty.py", "defines no get_config(), which a config file must"),
+                     ("configs/towers/tiny.py", "not a run config (it has no model, data and "
+                      "train fields): a tower preset (configs/towers/) is named in a run "
+                      "config's argument, as --config=configs/base.py:image=NAME,text=NAME"),
+                     ("configs/finetune.py", "not a run config (its get_config() takes other "
+                      "arguments: get_config() missing 2 required keyword-only arguments")):
     bad = run(f"--config={name}")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
     assert bad.stderr.startswith(f"error: --config={name}: {says}"), bad.stderr[-2000:]

@@ -161,9 +161,13 @@ def check_fits(tokenizer: Tokenizer, towers: dict, where: str = "model.text") ->
 def from_config(cfg, where: str = "model.text") -> Tokenizer:
   """The tokenizer of a text tower config (at `where` in the config): `tokenizer` folder,
   else the checkpoint folder."""
-  folder = cfg.get("tokenizer") or cfg.get("checkpoint")
+  field = "tokenizer" if cfg.get("tokenizer") else "checkpoint"
+  folder = cfg.get(field)
   if not folder:
     raise ValueError(f"the text tower has no tokenizer folder: set --config.{where}.tokenizer="
                      f"/path (or --config.{where}.checkpoint=/path for a checkpoint that ships "
                      "one)")
-  return Tokenizer.from_folder(folder, cfg.max_len)
+  try:
+    return Tokenizer.from_folder(folder, cfg.max_len)
+  except FileNotFoundError as e:  # Named by the flag that gave the folder.
+    raise FileNotFoundError(f"--config.{where}.{field}={folder}: {e}") from None

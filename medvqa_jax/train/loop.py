@@ -324,8 +324,10 @@ def cut_questions_note(splits: dict, tokenizer, max_len: int) -> str | None:
   cut = answers_lib.longer_than(questions, tokenizer.hf, max_len)
   if not cut:
     return None
-  return (f"warning: {len(cut)} of the {len(questions)} questions "
-          f"({'+'.join(s.name for s in splits.values())}) are longer than "
+  # By role and count: a held-out validation slice is named after the split it comes from.
+  counts = ", ".join(f"{key} {len(split.records)}" for key, split in sorted(
+      splits.items(), key=lambda kv: ("train", "val", "test").index(kv[0])))
+  return (f"warning: {len(cut)} of the {len(questions)} questions ({counts}) are longer than "
           f"model.text.max_len={max_len} word pieces and are read cut (e.g. {cut[0]!r}); "
           "--config.model.text.max_len raises it (up to the text tower's positions)")
 

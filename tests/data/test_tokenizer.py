@@ -173,3 +173,21 @@ def test_a_tokenizer_with_ids_past_the_towers_table_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"49410 token ids, but the teacher's text tower's "
                                        r"embedding table has 49408 rows"):
     check_fits(clip, {"teacher's text tower": clip_text.ClipTextTransformer()}, "teacher.text")
+
+
+def test_a_missing_tokenizer_folder_is_named_by_its_flag(tmp_path):
+  """The error names the config field that gave the folder (train.py said only "tokenizer
+  folder ... does not exist")."""
+  import ml_collections
+
+  from medvqa_jax.data.tokenizer import from_config
+  for field in ("tokenizer", "checkpoint"):
+    cfg = ml_collections.ConfigDict(dict(tokenizer=None, checkpoint=None, max_len=8))
+    cfg[field] = str(tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match=rf"^--config.teacher.text.{field}="
+                                                rf"{tmp_path / 'absent'}: tokenizer folder "):
+      from_config(cfg, "teacher.text")
+  empty = ml_collections.ConfigDict(dict(tokenizer=str(tmp_path), checkpoint=None, max_len=8))
+  with pytest.raises(FileNotFoundError, match=rf"^--config.model.text.tokenizer={tmp_path}: "
+                                              "no tokenizer files in"):
+    from_config(empty)

@@ -239,8 +239,11 @@ def test_questions_the_model_reads_cut_are_counted():
                 "is there a fracture?", "does this biopsy of the left kidney show clear cell "
                 "carcinoma with eosinophilic cytoplasm?")),
             "test": types.SimpleNamespace(name="test", records=records("what organ is this?"))}
+  # A held-out slice is named after its split: listed by role ("train (held-out...)+train").
+  splits = {"val": types.SimpleNamespace(name="train (held-out 10% of images)", records=[]),
+            **splits}
   note = loop.cut_questions_note(splits, tok, 12)
-  assert note.startswith("warning: 1 of the 3 questions (train+test) are longer than "
+  assert note.startswith("warning: 1 of the 3 questions (train 2, val 0, test 1) are longer than "
                          "model.text.max_len=12 word pieces and are read cut (e.g. 'does this")
   assert loop.cut_questions_note(splits, tok, 30) is None
 
