@@ -308,6 +308,38 @@ def test_a_frozen_decoder_counts_the_backward_pass_to_its_inputs():
   assert r["flops_check"] == "agree", r["compiled_over_analytic"]
 
 
+def test_each_layer_is_counted_trained_or_frozen_on_its_own():
+  """A part was counted trained when any of it trained (a tower frozen below block 1 cost
+  3x throughout: XLA counted 0.80x the analytic figure). Layers below every trained one cost
+  their forward pass (1x), frozen ones above a trained one 2x (the gradient passes)."""
+  from configs import demo, towers_only
+  from medvqa_jax.models import amif
+  lower = r"image/(patch_embed/.*|cls_token|pos_embed|ln_pre/.*|block_0/.*)"
+
+  def count(config, *mults):
+    config.optim.lr_mults = mults
+    model, shapes = amif.create(config, abstract=True)
+    return model, flops_lib.train_step(model, config, 8, shapes)
+
+  model, whole = count(towers_only.get_config("tiny"))
+  _, frozen = count(towers_only.get_config("tiny"), (lower, 0.0))
+  patch, block_0 = flops_lib.tower_segments(model.image)[:2]
+  assert whole["total"] - frozen["total"] == 2 * (patch + block_0)
+  assert frozen["frozen"] == ["image"] and whole["frozen"] == []
+  # A frozen fusion between trained towers and a trained GCA: its inputs' gradient (2x).
+  _, tuned = count(demo.get_config())
+  _, fusion = count(demo.get_config(), ("fusion/.*", 0.0))
+  assert tuned["total"] - fusion["total"] == tuned["forward"]["fusion"] > 0
+  # Frozen above a trained layer: 2x.
+  _, upper = count(demo.get_config(), ("text/layer_1/.*", 0.0))
+  assert tuned["total"] - upper["total"] == tuned["forward"]["text"] / 2
+  config = towers_only.get_config("tiny")
+  config.optim.lr_mults = ((lower, 0.0),)
+  r = benchmark.run(config, batch_size=8, steps=0)
+  assert r["flops_per_sample"] == frozen["total"]
+  assert r["flops_check"] == "agree", r["compiled_over_analytic"]
+
+
 def test_compiling_only_builds_the_step_the_timed_run_compiles():
   """With steps=0 the step is compiled from the state's and batch's shapes, nothing
   initialised: the same program as the timed run's (the same memory and traffic), without
