@@ -319,6 +319,10 @@ def hlo_traffic(hlo_text: str, depth: int = 1, top: int = 12) -> dict:
                       computation))
   partial = {c: _partial_reads(body, shapes) for c, body in bodies.items()}
   in_place = {c: _in_place(body, shapes) for c, body in bodies.items()}
+  # A fusion around a matrix product is one (the CPU's and TPU's fusions hold their dots; a
+  # GPU's are library calls or gemm fusions, named so).
+  products = {c for c, body in bodies.items()
+              if any(op in ("dot", "convolution") for _, op, _, _ in body)}
   by_kind, by_scope, small, launches, runs = {}, {}, 0, 0, runs_per_step(hlo_text)
   for name, opcode, target, op_name, shape, operands, calls, computation in kernels:
     if opcode == "custom-call":  # Its scratch space moves nothing.
@@ -330,7 +334,7 @@ def hlo_traffic(hlo_text: str, depth: int = 1, top: int = 12) -> dict:
         0 if i in untouched else reads.get(i, array_bytes(shapes.get(o, "")))
         for i, o in enumerate(operands))
     n = runs.get(computation, 1)
-    kind = kind_of(" ".join((opcode, target, name)))
+    kind = "matmul" if calls in products else kind_of(" ".join((opcode, target, name)))
     by_kind[kind] = by_kind.get(kind, 0) + n * moved
     scope = scope_of(op_name, depth)
     by_scope[scope] = by_scope.get(scope, 0) + n * moved

@@ -172,6 +172,31 @@ def test_traffic_sums_what_each_kernel_reads_and_writes():
   assert trace.gigabytes(out)["kernels"] == 4 and trace.gigabytes(out)["small_kernels"] == 4
 
 
+def test_a_fusion_around_a_matrix_product_is_a_matmul():
+  """The CPU's (and a TPU's) compiler fuses its dots (`ynn_fusion.N`): such a fusion was
+  classed with the elementwise fusions."""
+  hlo = textwrap.dedent("""\
+      HloModule step
+      %ynn_fused (p0: f32[4,8], p1: f32[8,8]) -> f32[4,8] {
+        %p0 = f32[4,8]{1,0} parameter(0)
+        %p1 = f32[8,8]{1,0} parameter(1)
+        %d = f32[4,8]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+        ROOT %r = f32[4,8]{1,0} negate(%d)
+      }
+      %plain (q0: f32[4,8]) -> f32[4,8] {
+        %q0 = f32[4,8]{1,0} parameter(0)
+        ROOT %q1 = f32[4,8]{1,0} negate(%q0)
+      }
+      ENTRY %main (x: f32[4,8], w: f32[8,8]) -> f32[4,8] {
+        %x = f32[4,8]{1,0} parameter(0)
+        %w = f32[8,8]{1,0} parameter(1)
+        %a = f32[4,8]{1,0} fusion(%x, %w), kind=kCustom, calls=%ynn_fused, metadata={op_name="jit(step)/image/fc1/dot_general"}
+        ROOT %b = f32[4,8]{1,0} fusion(%a), kind=kLoop, calls=%plain, metadata={op_name="jit(step)/image/neg"}
+      }""")
+  out = trace.hlo_traffic(hlo)
+  assert out["by_kind"] == {"matmul": (4 * 8 + 8 * 8 + 4 * 8) * 4, "fusion": 2 * 4 * 8 * 4}
+
+
 def test_traffic_counts_what_a_fusion_slices_or_gathers_of_an_operand(monkeypatch):
   """An operand that a fusion only slices (XLA's dot merger slices one product's result into
   several) or gathers from counts as what those take, at most its size; one that the fusion
