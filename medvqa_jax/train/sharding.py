@@ -42,7 +42,8 @@ def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
 
 
 def _rule_matches(pattern: str, path: str) -> bool:
-  # A rule names parameter paths; optimizer-state paths end with their parameter's path.
+  # A rule matches a parameter's whole path or its end (optimizer state follows its
+  # parameter: `follow_params`).
   return re.fullmatch(f"(?:.*/)?(?:{pattern})", path) is not None
 
 
@@ -83,6 +84,25 @@ def param_shardings(mesh: Mesh, shapes, rules=(".*",), min_size: int = 2 ** 14):
   return jax.tree_util.tree_map_with_path(
       lambda keys, x: NamedSharding(mesh, param_spec(_path(keys), x.shape, fsdp_size, rules,
                                                      min_size)), shapes)
+
+
+def follow_params(mesh: Mesh, params, param_shardings, state_shapes):
+  """NamedShardings for an optimizer state (arrays or ShapeDtypeStructs) of `params` (their
+  shapes) sharded as `param_shardings`: each array as the parameter whose path ends its path
+  and whose shape it has (Adam's moments), replicated otherwise (counts). The rules are not
+  matched again on the state's paths: one anchored at its start (`^fusion/.*`) sharded a
+  parameter and left its moments whole on every device."""
+  by_path = {_path(keys): (tuple(x.shape), s) for (keys, x), s in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings))}
+
+  def one(keys, x):
+    parts = _path(keys).split("/")
+    for i in range(len(parts)):
+      shape, s = by_path.get("/".join(parts[i:]), (None, None))
+      if shape == tuple(x.shape):
+        return s
+    return NamedSharding(mesh, P())
+  return jax.tree_util.tree_map_with_path(one, state_shapes)
 
 
 def gathered(params, mesh: Mesh):

@@ -58,8 +58,9 @@ def state_shardings(mesh, params, tx, rules=(".*",), min_size: int = 2 ** 14):
   shapes = jax.eval_shape(lambda p: p, params)
   sharding.check_rules(shapes, rules)
   opt_shapes = jax.eval_shape(tx.init, shapes)
-  return {"params": sharding.param_shardings(mesh, shapes, rules, min_size),
-          "opt_state": sharding.param_shardings(mesh, opt_shapes, rules, min_size),
+  params = sharding.param_shardings(mesh, shapes, rules, min_size)
+  return {"params": params,
+          "opt_state": sharding.follow_params(mesh, shapes, params, opt_shapes),
           "step": NamedSharding(mesh, P())}
 
 

@@ -66,3 +66,34 @@ def test_each_process_devices_hold_consecutive_rows_of_the_batch(monkeypatch):
   monkeypatch.setattr(sharding, "by_process", lambda d: seen.append(list(d)) or by_process(d))
   mesh = sharding.make_mesh()
   assert seen == [jax.devices()] and list(mesh.devices.flat) == jax.devices()
+
+
+@pytest.mark.parametrize("rules", [(".*",), ("fusion/.*",), ("^fusion/.*",), ("kernel",)])
+def test_optimizer_state_is_sharded_as_its_parameter(rules):
+  """Adam's moments take their parameter's sharding whatever the rule's form: one anchored at
+  the start (`^fusion/.*`) sharded the parameter and left its moments whole (the rules were
+  matched again on the state's longer paths)."""
+  from jax.sharding import AbstractMesh, AxisType
+  from ml_collections import ConfigDict
+
+  from medvqa_jax.models.state_dict import flatten
+  from medvqa_jax.train import optim, step as step_lib
+  mesh = AbstractMesh((2, 4), sharding.BATCH_AXES, axis_types=(AxisType.Auto,) * 2)
+  params = {"fusion": {"kernel": np.ones((64, 32), np.float32), "bias": np.ones(64, np.float32)},
+            "image": {"kernel": np.ones((64, 64), np.float32)},
+            "text": {"kernel": np.ones((64, 64), np.float32)}}
+  cfg = ConfigDict(dict(lr=1e-3, weight_decay=0.05, b1=0.9, b2=0.98, warmup_fraction=0.4,
+                        total_steps=10, lr_mults=(("text/.*", 0.0), ("image/.*", 2.0)),
+                        grad_clip=1.0))
+  shardings = step_lib.state_shardings(mesh, params, optim.make(cfg, params), rules, 64)
+  specs = {k: s.spec for k, s in flatten(shardings["params"]).items()}
+  assert specs["fusion/kernel"] == jax.sharding.PartitionSpec("fsdp", None)
+  moments = 0
+  for path, s in flatten(shardings["opt_state"]).items():
+    owner = [p for p in specs if path.endswith("/" + p)]
+    if owner:
+      moments += 1
+      assert s.spec == specs[owner[0]], (path, rules)
+    else:
+      assert s.spec == jax.sharding.PartitionSpec(), path  # Counts: replicated.
+  assert moments == 2 * 3  # mu and nu of the trained three (text is frozen: no state).
