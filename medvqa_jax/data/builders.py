@@ -82,9 +82,18 @@ def encode_image(source, max_side: int | None, quality: int = 95) -> bytes:
     scale = max_side / min(img.size)
     img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
                      Image.Resampling.BICUBIC)
+  if max(img.size) > _JPEG_MAX_SIDE:  # PIL's save then fails with "broken data stream".
+    raise ValueError(f"{img.width} x {img.height} pixels: a side over JPEG's "
+                     f"{_JPEG_MAX_SIDE:,} pixels (--max_side shrinks the shorter side only)")
   out = io.BytesIO()
-  img.save(out, format="JPEG", quality=quality)
+  try:
+    img.save(out, format="JPEG", quality=quality)
+  except OSError as e:
+    raise ValueError(f"cannot be stored as JPEG ({e})") from None
   return out.getvalue()
+
+
+_JPEG_MAX_SIDE = 65500
 
 
 def read_as_built(path, max_side: int | None) -> Image.Image:
@@ -167,10 +176,18 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
     self.info.metadata["build_options"] = build_options(
         self.name, max_side=self.max_side, splits=self.only_splits,
         reader_options=self.reader_options)
-    self.info.metadata["source"] = source_fingerprint(self.source_dir, self.root_dir)
+    self.info.metadata["source"] = source_fingerprint(self.source_dir, self.root_dir,
+                                                      name=self.name)
     total = sum(len(v) for v in split_items.values())
     if total == 0:
       raise DataError(f"no records found in {self.source_dir}")
+    empty = [split for split, items in split_items.items() if not items]
+    if empty:  # (TFDS failed on it: "No examples were yielded", naming no file.)
+      options = (f" with {', '.join(f'{k}={v!r}' for k, v in self.reader_options.items())}"
+                 if self.reader_options else "")
+      raise DataError(f"the {' and '.join(empty)} split(s) of {self.name} in "
+                      f"{self.source_dir}{options} have no records: is the split's file "
+                      "empty, or of another layout?")
     self._report = {"bad": []}
     # Repeated ids and missing image files are found before anything is written; corrupt
     # images while encoding.
@@ -386,26 +403,42 @@ _CONTENT_LIMIT = 64 * 2 ** 20
 FINGERPRINT_SCHEME = 2  # 1: paths and sizes only.
 
 
-def source_fingerprint(source_dir, exclude=None, scheme: int = FINGERPRINT_SCHEME) -> dict:
+def source_fingerprint(source_dir, exclude=None, scheme: int = FINGERPRINT_SCHEME,
+                       name: str | None = None) -> dict:
   """The files of a download folder as a digest of their relative paths and sizes, and (scheme
   2) the contents of its annotation files (not images, nor files over 64 MiB). A build records
   it, so that a folder changed since is not silently served from the old build. Sizes, not
-  times: a copy of the folder elsewhere is the same source."""
+  times: a copy of the folder elsewhere is the same source.
+
+  exclude: the data folder the build of dataset `name` writes to, whose outputs are no part
+  of the source wherever they fall inside it (the data folder itself, when a subfolder; the
+  built dataset's version folder and TFDS's incomplete.* ones, its downloads/ folder and the
+  build's lock file, when the data folder is the source folder or holds it)."""
   root = Path(source_dir).resolve()
-  exclude = Path(exclude).resolve() if exclude else None
+  data = Path(exclude).resolve() if exclude else None
+  outputs = set() if data is None else {data, data / "downloads"}
+  if data is not None and name is not None:
+    outputs |= {dataset_dir(data, name), data / f".{name}.build-lock"}
+
+  def output(path: Path) -> bool:
+    path = path.resolve()
+    return path != root and (path in outputs or (
+        name is not None and path.parent == data / name and path.name.startswith("incomplete.")))
+
   digest, count = hashlib.sha1(), 0
   for folder, subfolders, files in os.walk(root, followlinks=True):
-    subfolders[:] = sorted(d for d in subfolders if exclude is None
-                           or Path(folder, d).resolve() != exclude)
-    for name in sorted(files):
-      path = Path(folder) / name
+    subfolders[:] = sorted(d for d in subfolders if not output(Path(folder, d)))
+    for file_name in sorted(files):
+      path = Path(folder) / file_name
+      if output(path):
+        continue
       try:
         size = path.stat().st_size
       except OSError:  # A dangling link.
         continue
       digest.update(f"{path.relative_to(root)}\0{size}\n".encode())
       if (scheme >= 2 and size <= _CONTENT_LIMIT
-          and not name.lower().endswith(_IMAGE_SUFFIXES)):
+          and not file_name.lower().endswith(_IMAGE_SUFFIXES)):
         try:
           digest.update(hashlib.sha1(path.read_bytes()).digest())
         except OSError:  # Unreadable: its reader names it.
@@ -430,7 +463,7 @@ def check_source(name: str, source_dir, data_dir) -> None:
         f"source folder {source_dir} not found ({name} is built in "
         f"{dataset_dir(data_dir, name)} from {then['dir']}: to use that build as it is, do "
         "not give a source folder)")
-  now = source_fingerprint(source_dir, data_dir, then.get("scheme", 1))
+  now = source_fingerprint(source_dir, data_dir, then.get("scheme", 1), name)
   if now["digest"] != then["digest"]:
     raise ValueError(
         f"{name} in {dataset_dir(data_dir, name)} was built from {then['dir']} "

@@ -53,7 +53,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
   image with transparency is composited onto white, as a page shows it: dropping the alpha
   turned a black drawing on transparent black into one flat colour."""
   if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-    img = Image.fromarray(_stretched(np.asarray(img)), "L")
+    x = np.asarray(img)
+    gray = _stretched(x)
+    key = img.info.get("transparency")  # A 16-bit PNG's transparent grey level (tRNS).
+    if isinstance(key, int):
+      return Image.fromarray(_on_white(np.repeat(gray[..., None], 3, -1),
+                                       (x != key).astype(np.float64)), "RGB")
+    img = Image.fromarray(gray, "L")
   if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
     rgba = np.asarray(img.convert("RGBA"))
     return Image.fromarray(_on_white(rgba[..., :3], rgba[..., 3] / 255.0), "RGB")

@@ -16,7 +16,9 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import pickle
+import posixpath
 import re
 from pathlib import Path, PureWindowsPath
 from typing import Callable
@@ -85,6 +87,10 @@ def _text(value, field: str) -> str:
     return ""
   if isinstance(value, bool) or not isinstance(value, (str, int, float)):
     raise TypeError(f"{field}: expected text, got {type(value).__name__} {value!r:.60}")
+  if isinstance(value, float) and not math.isfinite(value):
+    # JSON's NaN / Infinity (what pandas writes for a missing value), or a parquet null read
+    # as NaN: stored, it read as the text "nan".
+    raise ValueError(f"{field}: {value} (a missing value?)")
   return str(value)
 
 
@@ -104,6 +110,13 @@ def _vqa(rid, image, image_id, question, answers, atype="", qtype="", where=""):
               question=question, answers=answers,
               answer_type=clean_type(_text(atype, "answer type")),
               question_type=_text(qtype, "question type"))
+
+
+def _image_key(name) -> str:
+  """An image's id from its file name as the annotations give it, normalised ("./a.jpg" and
+  "a.jpg", "x\\a.jpg" and "x/a.jpg" are one picture): a picture under two ids could fall on
+  both sides of a held-out validation slice."""
+  return posixpath.normpath(_text(name, "image").strip().replace("\\", "/"))
 
 
 def _file_name(row: dict, field: str) -> str:
@@ -169,8 +182,8 @@ def vqa_rad(source_dir: Path, test_frames: bool = True) -> dict:
   leaves out the frames of test questions (in the MEVF files, the frame that follows a test
   question of the same image and answer: that split numbers a frame after its question)."""
   make = lambda folder: lambda r, where: _vqa(
-      r["qid"], str(folder / _file_name(r, "image_name")), r["image_name"], r["question"],
-      r["answer"],
+      r["qid"], str(folder / _file_name(r, "image_name")), _image_key(r["image_name"]),
+      r["question"], r["answer"],
       r.get("answer_type"), _rad_question_type(r.get("question_type")), where)
   if (source_dir / "trainset.json").exists():
     images = source_dir / "images"
@@ -193,17 +206,28 @@ def vqa_rad(source_dir: Path, test_frames: bool = True) -> dict:
                "VQA-RAD: trainset.json (MEVF split) or 'VQA_RAD Dataset Public.json'")
   rows = _load_records(path)
   images = source_dir / "VQA_RAD Image Folder"
-  # A row that is no object is reported once, with the training split.
-  is_test = lambda r: isinstance(r, dict) and str(r.get("phrase_type", "")).startswith("test")
+  phrase = lambda r: str(r.get("phrase_type") or "").strip().lower()
+  # A row that is no object is reported once, with the training split; so is one whose
+  # phrase_type, which says its split, is missing (a test question must not train).
+  is_test = lambda r: isinstance(r, dict) and phrase(r).startswith("test")
+
+  def question(r, where):
+    if not phrase(r):
+      raise ValueError("phrase_type: missing, so its split is unknown (test questions' "
+                       "start with 'test')")
+    return make(images)(r, where)
 
   def frame(r, where):
     where = f"{where} (question_frame)"
-    item = make(images)({**r, "qid": f"{r['qid']}-frame", "question": r["question_frame"]}, where)
+    qid = _text(r["qid"], "qid").strip()
+    if not qid:  # (It was made "None-frame".)
+      raise ValueError("qid: missing, so its question_frame has no id")
+    item = question({**r, "qid": f"{qid}-frame", "question": r["question_frame"]}, where)
     return {**item, "where": where} if isinstance(item, dict) else item
   frames = _records(path, rows, frame, keep=lambda r: _question_frame(r) and (
-      test_frames or not is_test(r)))
-  return {"train": _records(path, rows, make(images), keep=lambda r: not is_test(r)) + frames,
-          "test": _records(path, rows, make(images), keep=is_test)}
+      test_frames or not is_test(r)) and bool(phrase(r)))  # (The question is reported.)
+  return {"train": _records(path, rows, question, keep=lambda r: not is_test(r)) + frames,
+          "test": _records(path, rows, question, keep=is_test)}
 
 
 # ---- SLAKE --------------------------------------------------------------------------------
@@ -213,15 +237,21 @@ def slake(source_dir: Path, language: str = "en") -> dict:
   if (source_dir / "Slake1.0").is_dir():
     source_dir = source_dir / "Slake1.0"
   out, languages = {}, set()
+  lang = lambda r: str(r.get("q_lang") or "").strip().lower()
+
+  def make(r, where):
+    if not lang(r):  # Reported, not dropped unseen: it may be a question of this language.
+      raise ValueError("q_lang: missing, so the question's language is unknown")
+    return _vqa(r["qid"], str(source_dir / "imgs" / _file_name(r, "img_name")),
+                _image_key(r["img_name"]), r["question"], r["answer"], r.get("answer_type"),
+                r.get("content_type"), where)
   for split, name in (("train", "train.json"), ("validation", "validate.json"),
                       ("test", "test.json")):
     path = _need(source_dir / name, "SLAKE's train.json, validate.json and test.json")
     rows = _load_records(path)
-    languages |= {str(r.get("q_lang")) for r in rows if isinstance(r, dict)}
-    out[split] = _records(path, rows, lambda r, where: _vqa(
-        r["qid"], str(source_dir / "imgs" / _file_name(r, "img_name")), r["img_name"],
-        r["question"], r["answer"], r.get("answer_type"), r.get("content_type"), where),
-        keep=lambda r: not isinstance(r, dict) or r.get("q_lang") == language)
+    languages |= {lang(r) for r in rows if isinstance(r, dict)} - {""}
+    out[split] = _records(path, rows, make,
+                          keep=lambda r: not isinstance(r, dict) or lang(r) in (language, ""))
   if languages and language not in languages:
     raise ValueError(f"{source_dir}: no SLAKE question is in the language {language!r} "
                      f"(--language, the records' q_lang); they are in "
@@ -589,6 +619,14 @@ def medicat(source_dir: Path) -> dict:
   return out
 
 
+def _entries(value) -> list[str]:
+  """A ";"-joined csv field's entries, stripped; trailing empty ones (a final ";") dropped."""
+  entries = [e.strip() for e in (value or "").split(";")]
+  while entries and not entries[-1]:
+    entries.pop()
+  return entries
+
+
 def mimic_multiview(source_dir: Path) -> dict:
   """MIMIC-CXR studies: a csv per split, one study per row: `study_id`, `images` (";"-joined
   paths relative to the csv's folder), `views` (their ";"-joined view types), `report`. The
@@ -602,20 +640,26 @@ def mimic_multiview(source_dir: Path) -> dict:
       if isinstance(row, Bad):
         records.append(row)
         continue
-      images = [p for p in (row.get("images") or "").split(";") if p.strip()]
-      views = [v.strip() for v in (row.get("views") or "").split(";")]
+      # Paired by place; a trailing ";" ends either list, an empty entry inside one is bad.
+      images, views = (_entries(row.get(field)) for field in ("images", "views"))
       if not images:
         records.append(Bad(where, "no images"))
         continue
       if len(views) != len(images):
         records.append(Bad(where, f"{len(images)} images but {len(views)} view types"))
         continue
+      empty = [f"{field} entry {i + 1}" for field, entries in (("images", images),
+                                                              ("views", views))
+               for i, e in enumerate(entries) if not e]
+      if empty:
+        records.append(Bad(where, f"empty {', '.join(empty)}"))
+        continue
       second = next((i for i in range(1, len(images)) if views[i] != views[0]), None)
       if second is None:
         second = 0 if len(images) == 1 else 1
       records.append(_caption(row.get("study_id") or f"{split}-{n}",
-                              str(path.parent / images[0].strip()), row.get("report"), where,
-                              image2=str(path.parent / images[second].strip()),
+                              str(path.parent / images[0]), row.get("report"), where,
+                              image2=str(path.parent / images[second]),
                               view=views[0], view2=views[second]))
     out[split] = records
   return out

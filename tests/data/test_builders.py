@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import helpers
-from medvqa_jax.data import builders
+from medvqa_jax.data import builders, sources
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data"
@@ -434,6 +434,20 @@ def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path):
   stamp = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
   builders.build("vqa_rad", copy, inner, max_side=16)
   assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
+  # Built into the source folder itself, or from a source folder named like the dataset
+  # into the folder that holds it: the build's outputs (its version folder, downloads/, the
+  # lock) fell inside the source, and the second build was refused ("now differs").
+  for source, data in ((tmp_path / "same", tmp_path / "same"),
+                       (tmp_path / "parent" / "vqa_rad", tmp_path / "parent")):
+    shutil.copytree(src, source)
+    folder = builders.build("vqa_rad", source, data, max_side=16)
+    assert folder.is_relative_to(source)
+    stamp = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
+    builders.build("vqa_rad", source, data, max_side=16)
+    assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
+    (source / "testset.json").write_text(json.dumps(rows[:3]))  # A real change is still seen.
+    with pytest.raises(ValueError, match=r"now differs"):
+      builders.build("vqa_rad", source, data, max_side=16)
 
 
 def test_a_second_build_waits_for_the_one_running(tmp_path, monkeypatch):
@@ -872,3 +886,85 @@ def test_max_side_bounds_the_shorter_side(tmp_path, caplog):
   dc = ConfigDict(dict(name="vqa_rad", dir=str(out), source_dir="", max_side=512))
   splits_lib.ensure_built(dc)
   assert dc.max_side == 64
+
+
+def test_fields_that_decide_a_split_or_language_are_read_or_named(tmp_path):
+  """VQA-RAD's phrase_type decides its split: a test question was trained on when the field
+  was missing, null or written otherwise ("Test_para"). SLAKE's q_lang decides the language:
+  a question without one was dropped unseen. JSON's NaN (pandas' missing value) was stored
+  as the text "nan". A picture named two ways ("./a.jpg") had two image ids. Each is read,
+  or named as a bad record."""
+  src, rows = _vqa_source(tmp_path, n=8)
+  for r, phrase in zip(rows, ("freeform", "test_freeform", "Test_para", " test_freeform",
+                              None, "", "para", "test_para")):
+    r["phrase_type"] = phrase
+  del rows[5]["phrase_type"]
+  rows[0].update(question_frame="is/are there q0?")
+  rows[3].update(qid=None, question_frame="a frame")
+  rows[6]["answer"] = float("nan")
+  rows[2]["image_name"] = "./img2.jpg"
+  original = src / "VQA_RAD Dataset Public.json"
+  (src / "images").rename(src / "VQA_RAD Image Folder")
+  original.write_text(json.dumps(rows))
+  assert "NaN" in original.read_text()
+  out = sources.vqa_rad(src)
+  good = lambda split: sorted(r["id"] for r in out[split] if isinstance(r, dict))
+  bad = lambda split: [str(b) for b in out[split] if isinstance(b, sources.Bad)]
+  assert good("test") == ["1", "2", "7"]  # Test_para and " test_freeform" are test.
+  assert good("train") == ["0", "0-frame"]
+  problems = "\n".join(bad("train") + bad("test"))
+  assert "record 3: no id" in problems and "record 3: malformed record (ValueError: qid: " \
+      "missing, so its question_frame has no id)" in problems  # Not a frame "None-frame".
+  for n in (4, 5):
+    assert (f"record {n}: malformed record (ValueError: phrase_type: missing, so its split "
+            "is unknown") in problems
+  assert "record 6: malformed record (ValueError: answer: nan (a missing value?))" in problems
+  image_ids = {r["id"]: r["image_id"] for r in out["test"] if isinstance(r, dict)}
+  assert image_ids["2"] == "img2.jpg"  # As "img2.jpg" elsewhere: one picture, one id.
+
+  slake = tmp_path / "slake"
+  (slake / "imgs").mkdir(parents=True)
+  _jpeg(slake / "imgs" / "x.jpg", 0)
+  entry = lambda i, **kw: dict(dict(qid=i, img_name="x.jpg", question=f"q{i}", answer="a",
+                                    q_lang="en", answer_type="OPEN", content_type="Organ"),
+                               **kw)
+  rows = [entry(0), entry(1, q_lang="zh"), entry(2, q_lang=None), entry(3, q_lang="en "),
+          entry(4, q_lang="EN"), entry(5)]
+  del rows[5]["q_lang"]
+  for name in ("train.json", "validate.json", "test.json"):
+    (slake / name).write_text(json.dumps(rows))
+  test = sources.slake(slake)["test"]
+  assert sorted(r["id"] for r in test if isinstance(r, dict)) == ["0", "3", "4"]
+  assert [str(b).split("test.json ")[1] for b in test if isinstance(b, sources.Bad)] == [
+      f"record {n}: malformed record (ValueError: q_lang: missing, so the question's "
+      "language is unknown)" for n in (2, 5)]
+  # An empty split: TFDS's "No examples were yielded" naming no file.
+  (slake / "test.json").write_text("[]")
+  with pytest.raises(builders.DataError, match=r"the test split\(s\) of slake in \S+slake "
+                     r"have no records: is the split's file empty"):
+    builders.build("slake", slake, tmp_path / "out")
+  assert not (tmp_path / "out").exists()
+
+
+def test_multi_view_lists_pair_by_place_and_an_image_too_long_for_jpeg_is_skipped(tmp_path):
+  """A final ";" ends a study's image or view list; an empty entry inside one, or a view type
+  missing ("PA;" for two images: its second view stored with view ''), is a bad record. An
+  image longer than JPEG's 65,500 pixels crashed the build ("broken data stream")."""
+  mimic = tmp_path / "mimic"
+  (mimic / "files").mkdir(parents=True)
+  for i in range(3):
+    _jpeg(mimic / "files" / f"{i}.jpg", i)
+  with open(mimic / "train.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["study_id", "images", "views", "report"])
+    w.writerow(["s0", "files/0.jpg;files/1.jpg;", "PA;LATERAL;", "ok"])
+    w.writerow(["s1", "files/0.jpg;files/1.jpg", "PA;", "views short"])
+    w.writerow(["s2", "files/0.jpg;;files/2.jpg", "PA;PA;LATERAL", "an empty image"])
+  out = sources.mimic_multiview(mimic)["train"]
+  assert out[0]["view2"] == "LATERAL" and out[0]["image2"].endswith("1.jpg")
+  assert str(out[1]).endswith("line 3: 2 images but 1 view types")
+  assert str(out[2]).endswith("line 4: empty images entry 2")
+  wide = tmp_path / "wide.png"
+  Image.fromarray(np.zeros((4, 66000), np.uint8)).save(wide)
+  with pytest.raises(ValueError, match=r"66000 x 4 pixels: a side over JPEG's 65,500"):
+    builders.encode_image(wide, 512)

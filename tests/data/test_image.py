@@ -125,6 +125,11 @@ def test_transparent_images_are_composited_onto_white(tmp_path):
   gray = np.round(deep[..., 0] / 63000 * 255)
   np.testing.assert_array_equal(np.asarray(image_lib.open_image(_deep_png(deep)))[..., 1],
                                 np.where(deep[..., 1] > 0, gray, 255).astype(np.uint8))
+  # 16-bit gray with a transparent grey level (tRNS): that level was left black.
+  Image.fromarray(deep[..., 0]).save(tmp_path / "keyed.png", transparency=0)
+  keyed = np.asarray(image_lib.to_rgb(Image.open(tmp_path / "keyed.png")))
+  assert keyed[0, 0].tolist() == [255] * 3 and keyed[7, 7].tolist() == [255] * 3  # 63000: max.
+  assert keyed[0, 1].tolist() == [round(1000 / 63000 * 255)] * 3
 
 
 def _tiff_rgb16(arr: np.ndarray) -> bytes:
