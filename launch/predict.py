@@ -43,6 +43,7 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
+  from medvqa_jax import files as files_lib
   from medvqa_jax.data import builders
   from medvqa_jax.data import pipeline
   from medvqa_jax.data import text as text_lib
@@ -108,7 +109,7 @@ def main(argv):
     gates = np.asarray(out["gate"][0, :len(mask)].mean(axis=-1))[mask]
     drawn = visualize.render(picture, heat, tokens, gates, _QUESTION.value, top)
     # Written to a temporary file and renamed: an interrupted write leaves the old file.
-    tmp = picture_path.with_name(f".{picture_path.name}.tmp-{os.getpid()}")
+    tmp = files_lib.temporary(picture_path)
     try:
       drawn.save(tmp, format=picture_format)
       os.replace(tmp, picture_path)

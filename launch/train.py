@@ -17,7 +17,8 @@ saves a checkpoint of it (on several hosts: of the step they agree on) and stops
 second SIGTERM, or SIGTERM outside the training steps stops at once (on several hosts JAX's
 runtime holds SIGTERM, and outside the training steps the scheduler's kill stops the run).
 Either way a checkpoint being written is finished, the input workers are stopped, and it
-exits with status 130 naming the checkpoint the same command will resume from.
+exits with status 130 naming the checkpoint the same command will resume from. A second
+training in a work folder while one runs there is refused (the folder is locked).
 """
 
 import json

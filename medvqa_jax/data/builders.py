@@ -502,12 +502,7 @@ def build(name: str, source_dir, data_dir, **options) -> Path:
     made = [f for f in made + [root, *root.parents] if not f.exists()]
     root.mkdir(parents=True, exist_ok=True)
     lock_path = root / f".{name}.build-lock"
-    with open(lock_path, "a") as lock:
-      try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-      except OSError as e:  # A filesystem without locks: builds are not serialised there.
-        log.warning("cannot lock %s (%s): do not build %s there from two runs at once",
-                    lock_path, e, name)
+    with _locked(lock_path, name):
       # Removed by its holder (the processes waiting on it then find the dataset built), so
       # that the data folder is left as it was.
       try:
@@ -534,6 +529,28 @@ def build(name: str, source_dir, data_dir, **options) -> Path:
   if source_dir is not None:
     check_source(name, source_dir, data_dir)
   return dataset_dir(data_dir, name)
+
+
+def _locked(path: Path, name: str):
+  """`path` opened and locked exclusively, once its holder is done. The holder removes the file
+  when done: a waiter then holds the lock of a removed file, while a build started meanwhile
+  locks a new one, and both built at once (one removed the other's incomplete.* folder as
+  "left by an interrupted build"). A lock on a file no longer at `path` is taken again."""
+  while True:
+    lock = open(path, "a")
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    except OSError as e:  # A filesystem without locks: builds are not serialised there.
+      log.warning("cannot lock %s (%s): do not build %s there from two runs at once",
+                  path, e, name)
+      return lock
+    try:
+      held, now = os.fstat(lock.fileno()), os.stat(path)
+      if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+        return lock
+    except FileNotFoundError:
+      pass
+    lock.close()
 
 
 def _build(name: str, source_dir, data_dir, options: dict, made: list[Path], lock_path: Path):

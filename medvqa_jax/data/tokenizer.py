@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medvqa_jax import files as files_lib
+
 
 def _tokenizer_folder(folder: Path) -> Path:
   """An open_clip folder may name its tokenizer's folder in open_clip_config.json."""
@@ -86,7 +88,7 @@ class Tokenizer:
     """Writes the tokenizer's files to `folder` (`from_folder` reads them back): written
     beside it and renamed, so the folder is never half-written; an old one is replaced."""
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    tmp = files_lib.temporary(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     self.hf.save_pretrained(str(tmp))
     if folder.exists():

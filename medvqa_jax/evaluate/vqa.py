@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from medvqa_jax import files as files_lib
 from medvqa_jax.data import answers as answers_lib
 from medvqa_jax.data import pipeline
 from medvqa_jax.evaluate import metrics as metrics_lib
@@ -217,22 +218,31 @@ def summary(metrics: dict) -> str:
 
 def write(out_dir, metrics: dict, rows: list[dict] | None) -> Path:
   """metrics.json and (rows not None) predictions.jsonl (each row labelled with the
-  protocol), each written to a temporary file and renamed. Call on one host only."""
+  protocol), each written to a temporary file and renamed, metrics.json last: it marks the
+  evaluation complete. A failure leaves the old pair; a kill between the renames, no
+  metrics.json (the old one stood beside new predictions). Call on one host only."""
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   files = {"metrics.json": json.dumps(metrics, indent=1) + "\n"}
   if rows is not None:
     files["predictions.jsonl"] = "".join(json.dumps({**r, "protocol": metrics["protocol"]})
                                          + "\n" for r in rows)
-  # Both written before either is renamed, metrics.json last: a crash never leaves new
-  # metrics beside old predictions, nor a temporary file behind.
-  tmps = {name: out_dir / f".{name}.tmp-{os.getpid()}" for name in files}
+  tmps = {name: files_lib.temporary(out_dir / name) for name in files}
+  done = out_dir / "metrics.json"
+  previous = files_lib.temporary(out_dir / "metrics.json.previous")
   try:
     for name, text in files.items():
       tmps[name].write_text(text)
+    if done.exists():  # Set aside: put back if the new pair fails before any of it is in.
+      os.replace(done, previous)
     for name in sorted(files, key=lambda n: n == "metrics.json"):
       os.replace(tmps[name], out_dir / name)
+  except BaseException:
+    # Nothing of the new pair in place (every temporary file still there): the old one back.
+    if previous.exists() and all(tmp.exists() for tmp in tmps.values()):
+      os.replace(previous, done)
+    raise
   finally:
-    for tmp in tmps.values():
+    for tmp in (*tmps.values(), previous):
       tmp.unlink(missing_ok=True)
   return out_dir

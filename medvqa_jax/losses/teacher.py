@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence
 import jax
 import numpy as np
 
+from medvqa_jax import files as files_lib
 from medvqa_jax.models import layers, state_dict
 
 # 2: captions cleaned and images resized (not cropped) to the teacher's size, as the student's
@@ -173,7 +174,7 @@ class TeacherCache:
     """Written to a temporary file and renamed: an interrupted write leaves no cache."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = files_lib.temporary(path)
     arrays = dict(ids=np.asarray(self.ids, str), image=self.image, text=self.text,
                   meta=np.asarray(json.dumps(self.meta)),
                   image_ids=np.asarray(self.image_ids, str))

@@ -21,6 +21,7 @@ infinite loss or gradient norm stops the run (`Diverged`) before anything is sav
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -401,10 +402,51 @@ def check_patterns(config) -> None:
       raise ValueError(f"{field}: {pattern!r} is not a regular expression ({e})") from None
 
 
+class _RunLock:
+  """An exclusive lock on a run folder (`<workdir>/.run-lock`) while this process trains in
+  it (process 0's, on several hosts). A second training in the folder (the same command run
+  again before the first ended; a requeued job overlapping the first) is refused: the two
+  logged every step twice, and one removed the other's checkpoint in progress as left by a
+  crash. Taken before a checkpoint folder is opened; released when `train` returns."""
+
+  def __init__(self):
+    self.file = None
+
+  def hold(self, workdir: Path) -> None:
+    if self.file is not None or jax.process_index() != 0:
+      return
+    path = workdir / ".run-lock"
+    workdir.mkdir(parents=True, exist_ok=True)
+    self.file = open(path, "a")
+    try:
+      fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self.file.close()
+      self.file = None
+      raise ValueError(f"{workdir}: another training run is using this folder (it holds "
+                       f"{path}): wait for it to end, or train in another train.workdir"
+                       ) from None
+    except OSError as e:  # A filesystem without locks.
+      log.warning("cannot lock %s (%s): do not run two trainings in %s at once", path, e,
+                  workdir)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    if self.file is not None:
+      self.file.close()
+
+
 def train(config, workdir=None, stream=None) -> dict:
   """Runs (or resumes) the run of `config`; returns the test metrics of a fine-tuning run
   ({} for a pre-training run: its validation metrics are in metrics.jsonl and the run
   records, and its best checkpoint is the one of lowest validation loss)."""
+  with _RunLock() as lock:
+    return _train(config, workdir, stream, lock)
+
+
+def _train(config, workdir, stream, lock: _RunLock) -> dict:
   workdir = workdir_of(config, workdir)
   # The data folders as absolute paths, in the config the run records: evaluating or
   # predicting from another folder reads the same dataset (a relative one was rebuilt there).
@@ -451,6 +493,8 @@ def train(config, workdir=None, stream=None) -> dict:
   # Nothing is written before the model and the optimizer are built: a run refused by a
   # config error leaves no run folder behind.
   existing = (workdir / "checkpoints").is_dir()
+  if existing:
+    lock.hold(workdir)
   ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=tc.keep) if existing else None
   start = ckpts.latest_step() if ckpts else None
   if start is not None and start > steps:
@@ -488,6 +532,7 @@ def train(config, workdir=None, stream=None) -> dict:
       state, taken = _init_from(config, state, shardings, tokenizer)
     warn_frozen_random(config, shapes, taken)
   if ckpts is None:
+    lock.hold(workdir)  # (A new run's folder is made here: nothing is written before.)
     ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=tc.keep)
   if new_tokenizer and main:
     tokenizer.save(workdir / ckpt_lib.TOKENIZER)
@@ -667,7 +712,8 @@ def train(config, workdir=None, stream=None) -> dict:
             # would not have saved a stop's step, and the choice would depend on when the stop
             # came. Its validation is in the logs.
             chosen = val if scheduled else {}
-            ckpts.save(done, state, run_record(done, chosen), metrics=chosen or None)
+            with preemption.deferred():  # Ctrl-C waits for the state's copy to the host.
+              ckpts.save(done, state, run_record(done, chosen), metrics=chosen or None)
             last_saved = done
           reporter.exclude(time.perf_counter() - paused)
         if stopping:

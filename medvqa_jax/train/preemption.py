@@ -16,11 +16,12 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+import threading
 
 import jax
 from jax.experimental import multihost_utils
 
-_state = {"listening": False, "requested": False}
+_state = {"listening": False, "requested": False, "deferring": False, "deferred": None}
 
 
 def _on_sigterm(signum, frame):
@@ -30,7 +31,37 @@ def _on_sigterm(signum, frame):
     print("SIGTERM: stopping after the step in progress, with a checkpoint of it (a second "
           "SIGTERM stops at once)", file=sys.stderr, flush=True)
     return
+  _stop(signum)
+
+
+def _stop(signum):
+  """Stops at once, or, inside `deferred()`, when it ends."""
+  if _state["deferring"]:
+    _state["deferred"] = _state["deferred"] or signal.Signals(signum).name
+    return
   raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def deferred():
+  """A block that Ctrl-C (or a second SIGTERM) does not cut short: one that comes inside it
+  stops the run as the block ends. For a checkpoint's save, whose first part copies the
+  state to the host: interrupted there, the checkpoint was lost (the steps since the one
+  before, too), where the rest of a save is always finished before the run stops."""
+  if threading.current_thread() is not threading.main_thread():  # (Handlers are the main's.)
+    yield
+    return
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: _stop(signum))
+  _state.update(deferring=True, deferred=None)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+    _state["deferring"] = False
+  if _state["deferred"]:
+    print(f"{_state['deferred']}: stopping, the checkpoint being written finished first",
+          file=sys.stderr, flush=True)
+    raise KeyboardInterrupt(_state["deferred"])
 
 
 def install() -> None:

@@ -486,6 +486,33 @@ def test_a_second_build_waits_for_the_one_running(tmp_path, monkeypatch):
   assert not (out / ".vqa_rad.build-lock").exists()  # The data folder as it was, plus it.
 
 
+def test_a_waiting_build_holds_the_lock_a_later_one_waits_on(tmp_path):
+  """The lock's holder removes its file when done (a build that failed, or was stopped): the
+  build waiting on it held a lock on the removed file, a build started then locked a new one,
+  and the two ran at once (one removed the other's incomplete.* folder). The waiter takes the
+  lock of the file at the path again."""
+  import fcntl
+  import threading
+  path = tmp_path / ".vqa_rad.build-lock"
+  holder = open(path, "a")
+  fcntl.flock(holder, fcntl.LOCK_EX)
+  got = []
+  waiter = threading.Thread(target=lambda: got.append(builders._locked(path, "vqa_rad")))
+  waiter.start()
+  waiter.join(0.5)
+  assert waiter.is_alive()  # Waiting for the holder.
+  path.unlink()  # The holder is done: its file removed, then its lock released.
+  fcntl.flock(holder, fcntl.LOCK_UN)
+  holder.close()
+  waiter.join(30)
+  assert got and path.exists()
+  later = open(path, "a")  # A build started now waits for the waiter.
+  with pytest.raises(BlockingIOError):
+    fcntl.flock(later, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  later.close()
+  got[0].close()
+
+
 def _catch(errors, fn, *args):
   try:
     fn(*args)

@@ -60,3 +60,30 @@ def test_a_second_sigterm_stops_at_once():
 def test_without_a_request_the_training_steps_end_as_usual():
   with preemption.listening():
     assert not preemption.reached(1) and not preemption.reached(2)
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "second SIGTERM"])
+def test_inside_a_save_ctrl_c_stops_the_run_when_the_save_is_done(stop, capsys):
+  """A checkpoint's save copies the state to the host first: Ctrl-C there lost the checkpoint
+  (the run stopped naming the one before). It waits for the save, then stops the run."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own.
+  try:
+    _save_interrupted(stop, capsys)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
+def _save_interrupted(stop, capsys):
+  saved = []
+  with pytest.raises(KeyboardInterrupt, match=stop.split()[-1]):
+    with preemption.listening():
+      if stop == "second SIGTERM":
+        _sigterm()  # The first: a request for the step boundary.
+      with preemption.deferred():
+        os.kill(os.getpid(), getattr(signal, stop.split()[-1]))
+        saved.append("the save went on")
+  assert saved == ["the save went on"]
+  assert "the checkpoint being written finished first" in capsys.readouterr().err
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Restored.
+  with pytest.raises(KeyboardInterrupt):  # Outside a save: at once, as before.
+    os.kill(os.getpid(), signal.SIGINT)

@@ -285,3 +285,29 @@ def test_the_run_length_is_set_by_epochs_or_by_steps_not_both():
                      r"optim.total_steps=2000 both set the run's length: count in steps with "
                      r"--config.train.epochs=0, or in epochs with --config.optim.total_steps=0"):
     loop.total_steps(config(6, 2000), 2757)
+
+
+def test_a_second_training_in_a_run_folder_is_refused(tmp_path):
+  """The same command run again before the first ended: both logged every step and one
+  removed the other's checkpoint in progress. The folder is locked while a run trains in it;
+  the lock goes when the run ends."""
+  import fcntl
+  config = helpers.tiny_config()
+  config.data.update(dir=str(tmp_path / "data"), val_fraction=0.03)
+  config.optim.total_steps = 1
+  workdir = tmp_path / "run"
+  config.train.update(workdir=str(workdir), epochs=0, batch_size=16, tensorboard=False)
+  workdir.mkdir()
+  running = open(workdir / ".run-lock", "a")
+  fcntl.flock(running, fcntl.LOCK_EX)  # A run training in the folder.
+  with pytest.raises(ValueError, match=rf"{workdir}: another training run is using this "
+                                       r"folder \(it holds \S+\.run-lock\): wait for it"):
+    loop.train(config)
+  assert sorted(p.name for p in workdir.iterdir()) == [".run-lock"]  # No checkpoint folder.
+  running.close()
+  with loop._RunLock() as first:
+    first.hold(workdir)
+    with pytest.raises(ValueError, match="another training run is using this folder"):
+      loop._RunLock().hold(workdir)
+  with loop._RunLock() as again:  # Released when the first ended.
+    again.hold(workdir)

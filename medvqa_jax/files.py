@@ -1,0 +1,37 @@
+"""Files written whole: to a temporary name beside their own, then renamed over it, so that
+a reader never sees half a file."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from pathlib import Path
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Another user's process.
+    return True
+  return True
+
+
+def temporary(path: str | os.PathLike) -> Path:
+  """The temporary name of this process's write of `path` (.NAME.tmp-PID beside it). Those
+  that writers no longer running left (a kill, or SIGTERM's default action, runs no
+  `finally`) are removed first: they were never removed, each as large as the file."""
+  path = Path(path)
+  for left in glob.glob(glob.escape(str(path.with_name(f".{path.name}.tmp-"))) + "*"):
+    pid = left.rsplit("-", 1)[-1]
+    if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+      if os.path.isdir(left) and not os.path.islink(left):
+        shutil.rmtree(left, ignore_errors=True)
+      else:
+        try:
+          os.unlink(left)
+        except FileNotFoundError:
+          pass
+  return path.with_name(f".{path.name}.tmp-{os.getpid()}")

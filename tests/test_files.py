@@ -1,0 +1,58 @@
+"""Files written whole: a killed writer's temporary file is removed by the next write, and an
+evaluation's metrics.json, written last, never stands beside another evaluation's
+predictions."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from medvqa_jax import files
+from medvqa_jax.evaluate import vqa
+
+
+def _dead_pid() -> int:
+  child = subprocess.Popen([sys.executable, "-c", "pass"])
+  child.wait()
+  return child.pid
+
+
+def test_the_temporary_files_of_writers_no_longer_running_are_removed(tmp_path):
+  target = tmp_path / "cache[1].npz"  # A name with glob characters.
+  dead, live = _dead_pid(), os.getppid()
+  (tmp_path / f".cache[1].npz.tmp-{dead}").write_bytes(b"x" * 1000)  # Left by a kill.
+  (tmp_path / f".cache[1].npz.tmp-{dead}-dir").mkdir()  # Not a temporary of ours: kept.
+  (tmp_path / f".cache[1].npz.tmp-{live}").write_bytes(b"y")  # Another writer, running.
+  (tmp_path / f".other.npz.tmp-{dead}").write_bytes(b"z")  # Another file's.
+  left = tmp_path / "tok"
+  (tmp_path / f".tok.tmp-{dead}").mkdir()  # A folder written whole (a tokenizer copy).
+  (tmp_path / f".tok.tmp-{dead}" / "vocab.txt").write_text("a")
+  assert files.temporary(target) == tmp_path / f".cache[1].npz.tmp-{os.getpid()}"
+  assert files.temporary(left) == tmp_path / f".tok.tmp-{os.getpid()}"
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+      f".cache[1].npz.tmp-{dead}-dir", f".cache[1].npz.tmp-{live}", f".other.npz.tmp-{dead}"])
+
+
+def test_metrics_are_never_left_beside_another_evaluations_predictions(tmp_path, monkeypatch):
+  """A run extended and evaluated again, killed between the two renames, left step 6's
+  metrics.json beside step 9's predictions.jsonl."""
+  rows = lambda step: [{"question_id": "1", "prediction": f"answer at {step}"}]
+  vqa.write(tmp_path, {"protocol": "open-set", "step": 6}, rows(6))
+  (tmp_path / f".metrics.json.tmp-{_dead_pid()}").write_text("{")  # A killed write's.
+  real = os.replace
+
+  def killed_after_predictions(src, dst):
+    real(src, dst)
+    if str(dst).endswith("predictions.jsonl"):
+      raise KeyboardInterrupt
+  monkeypatch.setattr(os, "replace", killed_after_predictions)
+  with pytest.raises(KeyboardInterrupt):
+    vqa.write(tmp_path, {"protocol": "open-set", "step": 9}, rows(9))
+  assert not (tmp_path / "metrics.json").exists()  # Incomplete: no metrics at all.
+  assert "answer at 9" in (tmp_path / "predictions.jsonl").read_text()
+  monkeypatch.setattr(os, "replace", real)
+  vqa.write(tmp_path, {"protocol": "open-set", "step": 9}, rows(9))
+  assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 9
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "predictions.jsonl"]
