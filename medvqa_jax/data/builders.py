@@ -423,7 +423,8 @@ def source_fingerprint(source_dir, exclude=None, scheme: int = FINGERPRINT_SCHEM
   def output(path: Path) -> bool:
     path = path.resolve()
     return path != root and (path in outputs or (
-        name is not None and path.parent == data / name and path.name.startswith("incomplete.")))
+        data is not None and name is not None and path.parent == data / name
+        and path.name.startswith("incomplete.")))
 
   digest, count = hashlib.sha1(), 0
   for folder, subfolders, files in os.walk(root, followlinks=True):

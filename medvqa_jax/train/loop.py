@@ -413,22 +413,26 @@ class _RunLock:
     self.file = None
 
   def hold(self, workdir: Path) -> None:
-    if self.file is not None or jax.process_index() != 0:
-      return
-    path = workdir / ".run-lock"
-    workdir.mkdir(parents=True, exist_ok=True)
-    self.file = open(path, "a")
-    try:
-      fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      self.file.close()
-      self.file = None
+    """Takes the lock (process 0), or refuses the run on every process (none is left waiting
+    for process 0 in a collective). Called by every process at the same point."""
+    path, held = workdir / ".run-lock", False
+    if jax.process_index() == 0 and self.file is None:
+      workdir.mkdir(parents=True, exist_ok=True)
+      self.file = open(path, "a")
+      try:
+        fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        self.file.close()
+        self.file, held = None, True
+      except OSError as e:  # A filesystem without locks.
+        log.warning("cannot lock %s (%s): do not run two trainings in %s at once", path, e,
+                    workdir)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      held = bool(multihost_utils.broadcast_one_to_all(np.int32(held)))
+    if held:
       raise ValueError(f"{workdir}: another training run is using this folder (it holds "
-                       f"{path}): wait for it to end, or train in another train.workdir"
-                       ) from None
-    except OSError as e:  # A filesystem without locks.
-      log.warning("cannot lock %s (%s): do not run two trainings in %s at once", path, e,
-                  workdir)
+                       f"{path}): wait for it to end, or train in another train.workdir")
 
   def __enter__(self):
     return self

@@ -437,6 +437,23 @@ def test_sigterm_to_every_process_saves_the_step_they_agree_on(tmp_path, data_di
     assert f"interrupted: the latest checkpoint is step {saved[-1]} in " in stderr
 
 
+def test_a_multi_host_run_into_a_locked_folder_is_refused_by_every_process(tmp_path, data_dir):
+  """Process 0 finds the run folder locked by another training: every process refuses the
+  run (the others would wait for process 0 in their first collective)."""
+  import fcntl
+  workdir = tmp_path / "locked"
+  workdir.mkdir()
+  running = open(workdir / ".run-lock", "a")
+  fcntl.flock(running, fcntl.LOCK_EX)
+  procs = _start_two_processes(_train_cmd(workdir, data_dir), devices=1)
+  outs = [p.communicate(timeout=600) for p in procs]
+  running.close()
+  assert [p.returncode for p in procs] == [1, 1], outs[0][1][-3000:] + outs[1][1][-3000:]
+  for _, stderr in outs:
+    assert f"error: {workdir}: another training run is using this folder" in stderr
+  assert sorted(p.name for p in workdir.iterdir()) == [".run-lock"]
+
+
 def test_predict_prints_ranked_answers_and_writes_the_picture(straight, tmp_path):
   from PIL import Image
 
