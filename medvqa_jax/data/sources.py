@@ -213,8 +213,8 @@ def vqa_rad(source_dir: Path, test_frames: bool = True) -> dict:
 
   def question(r, where):
     if not phrase(r):
-      raise ValueError("phrase_type: missing, so its split is unknown (test questions' "
-                       "start with 'test')")
+      raise ValueError("phrase_type: missing, so its split is unknown (a test question's "
+                       "starts with 'test')")
     return make(images)(r, where)
 
   def frame(r, where):
