@@ -48,15 +48,18 @@ def deferred():
   stops the run as the block ends. For a checkpoint's save, whose first part copies the
   state to the host: interrupted there, the checkpoint was lost (the steps since the one
   before, too), where the rest of a save is always finished before the run stops."""
-  if threading.current_thread() is not threading.main_thread():  # (Handlers are the main's.)
-    yield
-    return
-  previous = signal.signal(signal.SIGINT, lambda signum, frame: _stop(signum))
+  # Ctrl-C as Python handles it by default (KeyboardInterrupt) is held; one ignored (a
+  # background job's) or handled otherwise is left as it is. Handlers are the main thread's.
+  held = (threading.current_thread() is threading.main_thread()
+          and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+  if held:
+    signal.signal(signal.SIGINT, lambda signum, frame: _stop(signum))
   _state.update(deferring=True, deferred=None)
   try:
     yield
   finally:
-    signal.signal(signal.SIGINT, previous)
+    if held:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
     _state["deferring"] = False
   if _state["deferred"]:
     print(f"{_state['deferred']}: stopping, the checkpoint being written finished first",

@@ -87,3 +87,8 @@ def _save_interrupted(stop, capsys):
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Restored.
   with pytest.raises(KeyboardInterrupt):  # Outside a save: at once, as before.
     os.kill(os.getpid(), signal.SIGINT)
+  # Ctrl-C ignored (a background job's): still ignored inside a save.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  with preemption.deferred():
+    os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
