@@ -211,14 +211,15 @@ class TeacherCache:
 
   def check(self, ids: Sequence[str], captions: Sequence[str], image_ids: Sequence[str],
             teacher_fingerprint: str, path: str = "the teacher cache",
-            image2_ids: Sequence[str] | None = None):
+            image2_ids: Sequence[str] | None = None, whose: str = "the configured one"):
     """Refuses a cache that was made by another teacher or for other data (other examples,
     captions or images, or another number of images per example than the dataset's: two
-    where `image2_ids`, the digests of the examples' second images, are given)."""
+    where `image2_ids`, the digests of the examples' second images, are given). whose: the
+    teacher `teacher_fingerprint` is, as the refusal names it."""
     multi_view = image2_ids is not None
     if self.meta["teacher"] != teacher_fingerprint:
       raise ValueError(f"{path} was computed by another teacher ({self.meta['teacher']}), "
-                       f"not the configured one ({teacher_fingerprint}): rebuild it with "
+                       f"not {whose} ({teacher_fingerprint}): rebuild it with "
                        "`python launch/cache_teacher.py` or point the config at the right cache")
     if (self.image2 is not None) != multi_view:
       count = lambda two: "two images (views)" if two else "one image"

@@ -257,7 +257,9 @@ class BatchTeacher:
       multi_view = "image2_id" in records[0]
       self.cache.check(ids, captions, [r["image_id"] for r in records], self.fingerprint,
                        path=config.teacher.cache,
-                       image2_ids=[r["image2_id"] for r in records] if multi_view else None)
+                       image2_ids=[r["image2_id"] for r in records] if multi_view else None,
+                       whose=("the one this run was started with (its record)" if teacher is None
+                              else "the configured one"))
     else:
       self.online = teacher
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -159,6 +159,7 @@ def test_a_run_and_its_cache_evaluate_and_resume_without_the_teacher(corpus, tmp
   config = _config(corpus, data, workdir, val_fraction=0.5, cache=cache)
   assert loop.train(config) == {}
   fingerprint = teacher_lib.from_config(config).fingerprint()
+  other = str(_cache(_config(corpus, data, tmp_path, logit_scale=60.0), tmp_path / "other.npz"))
   from medvqa_jax.train import checkpoint as ckpt_lib
   assert ckpt_lib.Checkpoints(workdir / "checkpoints", read_only=True).run_record(2)[
       "teacher"] == fingerprint
@@ -175,6 +176,9 @@ def test_a_run_and_its_cache_evaluate_and_resume_without_the_teacher(corpus, tmp
   moved = tmp_path / "moved.npz"
   moved.write_bytes(Path(cache).read_bytes())
   run_lib.evaluate_split(run_lib.restore(workdir, {"teacher.cache": str(moved)}))
+  with pytest.raises(ValueError, match=r"other.npz was computed by another teacher \(.*\), not "
+                                       r"the one this run was started with \(its record\)"):
+    run_lib.evaluate_split(run_lib.restore(workdir, {"teacher.cache": other}))
   with pytest.raises(FileNotFoundError, match="not on this machine"):  # A changed teacher.
     run_lib.evaluate_split(run_lib.restore(workdir, {"teacher.logit_scale": 60.0}))
   monkeypatch.undo()
