@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import socket
 from pathlib import Path
 
 
@@ -20,12 +21,14 @@ def _alive(pid: int) -> bool:
 
 
 def temporary(path: str | os.PathLike) -> Path:
-  """The temporary name of this process's write of `path` (.NAME.tmp-PID beside it). Those
-  that writers no longer running left (a kill, or SIGTERM's default action, runs no
-  `finally`) are removed first: they were never removed, each as large as the file."""
+  """The temporary name of this process's write of `path` (.NAME.tmp-HOST-PID beside it).
+  Those that writers of this host no longer running left (a kill, or SIGTERM's default
+  action, runs no `finally`) are removed first: they were never removed, each as large as the
+  file. Another host's are left alone (its process ids mean nothing here)."""
   path = Path(path)
-  for left in glob.glob(glob.escape(str(path.with_name(f".{path.name}.tmp-"))) + "*"):
-    pid = left.rsplit("-", 1)[-1]
+  prefix = str(path.with_name(f".{path.name}.tmp-{socket.gethostname()}-"))
+  for left in glob.glob(glob.escape(prefix) + "*"):
+    pid = left[len(prefix):]
     if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
       if os.path.isdir(left) and not os.path.islink(left):
         shutil.rmtree(left, ignore_errors=True)
@@ -34,4 +37,4 @@ def temporary(path: str | os.PathLike) -> Path:
           os.unlink(left)
         except FileNotFoundError:
           pass
-  return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  return Path(f"{prefix}{os.getpid()}")

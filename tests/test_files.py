@@ -4,6 +4,7 @@ predictions."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -20,19 +21,23 @@ def _dead_pid() -> int:
 
 
 def test_the_temporary_files_of_writers_no_longer_running_are_removed(tmp_path):
+  """This host's writers' only: another host's process ids mean nothing here (its write in
+  progress to a shared folder would be removed under it)."""
   target = tmp_path / "cache[1].npz"  # A name with glob characters.
-  dead, live = _dead_pid(), os.getppid()
-  (tmp_path / f".cache[1].npz.tmp-{dead}").write_bytes(b"x" * 1000)  # Left by a kill.
-  (tmp_path / f".cache[1].npz.tmp-{dead}-dir").mkdir()  # Not a temporary of ours: kept.
-  (tmp_path / f".cache[1].npz.tmp-{live}").write_bytes(b"y")  # Another writer, running.
-  (tmp_path / f".other.npz.tmp-{dead}").write_bytes(b"z")  # Another file's.
+  dead, live, host = _dead_pid(), os.getppid(), socket.gethostname()
+  (tmp_path / f".cache[1].npz.tmp-{host}-{dead}").write_bytes(b"x" * 1000)  # Left by a kill.
+  kept = [f".cache[1].npz.tmp-{host}-{dead}-dir",  # Not a temporary of ours.
+          f".cache[1].npz.tmp-{host}-{live}",  # Another writer, running.
+          f".cache[1].npz.tmp-other-host-{dead}",  # Another host's.
+          f".other.npz.tmp-{host}-{dead}"]  # Another file's.
+  for name in kept:
+    (tmp_path / name).write_bytes(b"y")
   left = tmp_path / "tok"
-  (tmp_path / f".tok.tmp-{dead}").mkdir()  # A folder written whole (a tokenizer copy).
-  (tmp_path / f".tok.tmp-{dead}" / "vocab.txt").write_text("a")
-  assert files.temporary(target) == tmp_path / f".cache[1].npz.tmp-{os.getpid()}"
-  assert files.temporary(left) == tmp_path / f".tok.tmp-{os.getpid()}"
-  assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
-      f".cache[1].npz.tmp-{dead}-dir", f".cache[1].npz.tmp-{live}", f".other.npz.tmp-{dead}"])
+  (tmp_path / f".tok.tmp-{host}-{dead}").mkdir()  # A folder written whole (a tokenizer copy).
+  (tmp_path / f".tok.tmp-{host}-{dead}" / "vocab.txt").write_text("a")
+  assert files.temporary(target) == tmp_path / f".cache[1].npz.tmp-{host}-{os.getpid()}"
+  assert files.temporary(left) == tmp_path / f".tok.tmp-{host}-{os.getpid()}"
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
 
 
 def test_metrics_are_never_left_beside_another_evaluations_predictions(tmp_path, monkeypatch):
@@ -40,7 +45,7 @@ def test_metrics_are_never_left_beside_another_evaluations_predictions(tmp_path,
   metrics.json beside step 9's predictions.jsonl."""
   rows = lambda step: [{"question_id": "1", "prediction": f"answer at {step}"}]
   vqa.write(tmp_path, {"protocol": "open-set", "step": 6}, rows(6))
-  (tmp_path / f".metrics.json.tmp-{_dead_pid()}").write_text("{")  # A killed write's.
+  (tmp_path / f".metrics.json.tmp-{socket.gethostname()}-{_dead_pid()}").write_text("{")
   real = os.replace
 
   def killed_after_predictions(src, dst):
