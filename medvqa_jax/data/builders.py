@@ -428,10 +428,11 @@ def source_fingerprint(source_dir, exclude=None, scheme: int = FINGERPRINT_SCHEM
 
   digest, count = hashlib.sha1(), 0
   for folder, subfolders, files in os.walk(root, followlinks=True):
-    subfolders[:] = sorted(d for d in subfolders if not output(Path(folder, d)))
+    here = Path(folder).resolve()  # Once per folder: the only output file is the lock.
+    subfolders[:] = sorted(d for d in subfolders if not output(here / d))
     for file_name in sorted(files):
       path = Path(folder) / file_name
-      if output(path):
+      if here / file_name in outputs:
         continue
       try:
         size = path.stat().st_size
