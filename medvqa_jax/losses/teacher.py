@@ -107,7 +107,7 @@ def _checkpoint_logit_scale(cfg) -> float | None:
     return INIT_LOGIT_SCALE
   if not cfg.checkpoint:
     return None
-  state = state_dict.read_state_dict(cfg.checkpoint)
+  state = state_dict.read_state_dict(cfg.checkpoint, cfg.source)
   if "logit_scale" not in state:
     return None
   return float(np.exp(np.asarray(state["logit_scale"], np.float64)))

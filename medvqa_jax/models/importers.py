@@ -58,6 +58,17 @@ def _depth(requested: int | None, available: int, source: str) -> int:
   return requested
 
 
+def _stated_blocks(state, pattern: str, stated: int, folder: Path) -> int:
+  """The block count a config states, checked against the weights: a checkpoint cut after
+  its last complete block would otherwise load as a shallower tower, silently."""
+  found = _num_blocks(state, pattern)
+  if found != stated:
+    raise CheckpointError(
+        f"{folder / 'config.json'} states {stated} layers, but the weights hold {found}: the "
+        "checkpoint is incomplete (a shard or layers left out) or not this config's")
+  return stated
+
+
 def _dropped_blocks(prefix: str, depth: int, available: int) -> tuple[str, ...]:
   """Regex of the keys of blocks depth..available-1: dropped on purpose when depth is reduced."""
   if depth >= available:
@@ -67,6 +78,10 @@ def _dropped_blocks(prefix: str, depth: int, available: int) -> tuple[str, ...]:
 
 def _hf_config(folder: Path, cls_name: str):
   import transformers  # Configs only; no torch involved.
+  if not (folder / "config.json").is_file():  # transformers would give its defaults.
+    found = sorted(p.name for p in folder.iterdir())
+    raise FileNotFoundError(f"{folder / 'config.json'} not found: a Hugging Face checkpoint "
+                            f"folder holds its config.json next to its weights (found: {found})")
   try:
     return getattr(transformers, cls_name).from_pretrained(str(folder), local_files_only=True)
   except OSError as e:
@@ -101,6 +116,23 @@ def _weight(state, key: str, folder: Path):
   if key not in state:
     raise CheckpointError(f"checkpoint {folder} does not match the model; missing key {key}")
   return state[key]
+
+
+# Module fields that change no weight's shape but what the tower computes: an override that
+# contradicts what a checkpoint states of them would load cleanly and compute something else.
+_UNSEEN = ("num_heads", "act", "ln_eps", "pre_norm")
+
+
+def _with_overrides(kw: dict, overrides: dict, where: str, stated=_UNSEEN) -> dict:
+  """kw (the module fields read from a checkpoint) updated with `overrides`, refusing those
+  that contradict `stated` fields (shape fields are checked against the weights later)."""
+  for name in stated:
+    if name in overrides and name in kw and overrides[name] != kw[name]:
+      raise CheckpointError(
+          f"{where} states {name}={kw[name]!r}, but the tower's arch sets {name}="
+          f"{overrides[name]!r}: the weights would load and compute something else. Drop "
+          f"that override (a checkpoint's {', '.join(stated)} are taken from it)")
+  return {**kw, **overrides}
 
 
 # Widths whose models of the usual families split into heads of 64 (ViT-Ti/S/M/B/L; BERT-
@@ -198,15 +230,17 @@ def hf_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
     raise ValueError(f"a CLIPModel has an 'image' and a 'text' part, not {part!r}")
   c, projection_dim = _clip_config(folder, part, state)
   m = Mapping()
+  where = f"{folder / 'config.json'}"
   if part == "image":
     pre = "vision_model."
-    available = _num_blocks(state, rf"{re.escape(pre)}encoder\.layers\.(\d+)\.")
+    available = _stated_blocks(state, rf"{re.escape(pre)}encoder\.layers\.(\d+)\.",
+                               c.num_hidden_layers, folder)
     depth = _depth(overrides.get("depth"), available, str(folder))
     kw = dict(image_size=c.image_size, patch_size=c.patch_size, width=c.hidden_size,
               depth=depth, num_heads=c.num_attention_heads, mlp_dim=c.intermediate_size,
               pre_norm=True, act=c.hidden_act, ln_eps=c.layer_norm_eps, patch_bias=False,
               proj_dim=projection_dim, proj_kind="linear", proj_bias=False)
-    kw.update(overrides)
+    kw = _with_overrides(kw, overrides, where)
     # An image processor saved alone writes preprocessor_config.json; a whole CLIPProcessor
     # (transformers 5) writes processor_config.json, the image processor's settings in it.
     for name, key in (("preprocessor_config.json", None), ("processor_config.json",
@@ -230,7 +264,8 @@ def hf_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
                 + _dropped_blocks(pre + "encoder.layers.", depth, available))
   if part == "text":
     pre = "text_model."
-    available = _num_blocks(state, rf"{re.escape(pre)}encoder\.layers\.(\d+)\.")
+    available = _stated_blocks(state, rf"{re.escape(pre)}encoder\.layers\.(\d+)\.",
+                               c.num_hidden_layers, folder)
     depth = _depth(overrides.get("depth"), available, str(folder))
     # eos_token_id 2 is the legacy value of old configs; their end-of-text is the largest id.
     eos = None if c.eos_token_id in (None, 2) else c.eos_token_id
@@ -238,7 +273,7 @@ def hf_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
               width=c.hidden_size, depth=depth, num_heads=c.num_attention_heads,
               mlp_dim=c.intermediate_size, act=c.hidden_act, ln_eps=c.layer_norm_eps,
               eos_token_id=eos, proj_dim=projection_dim)
-    kw.update(overrides)
+    kw = _with_overrides(kw, overrides, where)
     m.add("token_embed/embedding", pre + "embeddings.token_embedding.weight")
     m.add("pos_embed", pre + "embeddings.position_embedding.weight",
           lambda w: w[:kw["context_length"]])
@@ -335,7 +370,7 @@ def hf_bert_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
   available = kw["depth"]
   kw["depth"] = _depth(overrides.get("depth"), available, str(folder))
   kw["pooler"] = "dense"
-  kw.update(overrides)
+  kw = _with_overrides(kw, overrides, f"{folder / 'config.json'}")
   m = bert_mapping(prefix, kw["depth"], kw["num_heads"], kw["pooler"], kw.get("cross_from"),
                    kw.get("lm_head", False))
   if kw.get("lm_head"):
@@ -373,6 +408,12 @@ def _open_clip_file(folder: Path) -> dict:
   return json.loads(path.read_text())
 
 
+# The depth of timm's ViTs by size name (vit_base_patch16_224: BiomedCLIP's trunk), to check a
+# checkpoint against the trunk its config names; other trunks are taken as their weights hold.
+_TIMM_VIT_DEPTH = {"tiny": 12, "small": 12, "medium": 12, "base": 12, "large": 24, "huge": 32,
+                   "giant": 40}
+
+
 def open_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
   whole = _open_clip_file(folder)
   cfg = whole.get("model_cfg", whole)
@@ -395,6 +436,12 @@ def open_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
     width = get(pre + "cls_token").shape[-1]
     patch = get(pre + "patch_embed.proj.weight").shape[-1]
     available = _num_blocks(state, rf"{re.escape(pre)}blocks\.(\d+)\.")
+    size_name = re.match(r"vit_(tiny|small|medium|base|large|huge|giant)_", vc["timm_model_name"])
+    if size_name and available != _TIMM_VIT_DEPTH[size_name.group(1)]:
+      raise CheckpointError(
+          f"{folder}: the timm trunk {vc['timm_model_name']!r} has "
+          f"{_TIMM_VIT_DEPTH[size_name.group(1)]} blocks, but the weights hold {available}: "
+          "the checkpoint is incomplete or not this config's")
     depth = _depth(overrides.get("depth"), available, str(folder))
     heads = _num_heads(overrides, width, "image",
                        f"{folder}: the timm trunk {vc['timm_model_name']!r}")
@@ -409,7 +456,8 @@ def open_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
               mlp_dim=get(pre + "blocks.0.mlp.fc1.weight").shape[0],
               proj_dim=embed_dim, proj_kind="linear",
               proj_bias=("visual.head.proj.bias" in state))
-    kw.update(overrides)
+    kw = _with_overrides(kw, overrides, f"{folder}'s timm trunk",
+                         stated=tuple(vit.STYLES["timm"]))
     grid = kw["image_size"] // kw["patch_size"]
     m = Mapping()
     m.add("patch_embed/kernel", pre + "patch_embed.proj.weight", conv)
@@ -441,19 +489,21 @@ def open_clip_spec(folder: Path, part: str, state, overrides: dict) -> Spec:
                        "'mean_pooler')")
     pre = "text.transformer."
     hf_dir = Path(tc["hf_model_name"])
+    stated = _UNSEEN
     if (hf_dir / "config.json").exists():
       kw = _bert_kwargs_from_config(_bert_config(hf_dir))
-    else:  # A hub name: the BERT shape is read off the weights.
+    else:  # A hub name: the BERT shape is read off the weights (heads, GELU, eps assumed).
       kw = _bert_kwargs_from_state(
           state, pre, folder, overrides,
           f"{folder}: the text tower {tc['hf_model_name']!r} (no config.json there)")
+      stated = ()
     available = kw["depth"]
     kw["depth"] = _depth(overrides.get("depth"), available, str(folder))
     proj_kind = tc.get("hf_proj_type", "mlp")
     if proj_kind not in ("mlp", "linear"):
       raise ValueError(f"{folder}: unsupported hf_proj_type {proj_kind!r}")
     kw.update(pooler="cls", proj_dim=embed_dim, proj_kind=proj_kind)
-    kw.update(overrides)
+    kw = _with_overrides(kw, overrides, f"{hf_dir / 'config.json'}", stated)
     m = bert_mapping(pre, kw["depth"], kw["num_heads"], kw["pooler"], kw.get("cross_from"),
                      kw.get("lm_head", False))
     unused = bert_unused(pre, kw["depth"], available, kw["pooler"])

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -28,23 +29,32 @@ WEIGHT_FILES = (
     "model.safetensors", "model.safetensors.index.json", "open_clip_model.safetensors",
     "pytorch_model.bin", "pytorch_model.bin.index.json", "open_clip_pytorch_model.bin",
 )
+# open_clip's own files first: a hub folder of an open_clip model may also hold a
+# transformers export of it (model.safetensors), whose keys are another format's.
+_OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_LFS_POINTER = b"version https://git-lfs"
 
 
 class CheckpointError(ValueError):
   """A checkpoint does not fit the model it is loaded into."""
 
 
-def find_weights(folder: str | os.PathLike) -> Path:
+def find_weights(folder: str | os.PathLike, source: str | None = None) -> Path:
+  """The weight file of a checkpoint folder (a file is itself), looked for in the order of
+  `source`'s format ("open_clip": its own file names first)."""
   folder = Path(folder)
   if folder.is_file():
     return folder
   if not folder.is_dir():
     raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-  for name in WEIGHT_FILES:
+  names = WEIGHT_FILES
+  if source == "open_clip":
+    names = _OPEN_CLIP_FILES + tuple(n for n in WEIGHT_FILES if n not in _OPEN_CLIP_FILES)
+  for name in names:
     if (folder / name).exists():
       return folder / name
   raise FileNotFoundError(
-      f"no weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}; "
+      f"no weights in {folder}: expected one of {', '.join(names)}; "
       f"found {sorted(p.name for p in folder.iterdir())}")
 
 
@@ -101,10 +111,12 @@ def shared_reads():
       _shared = None
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a checkpoint file or folder (safetensors, sharded index, or PyTorch pickle); inside
-  `shared_reads()` an unchanged file is read once."""
-  path = find_weights(path)
+def read_state_dict(path: str | os.PathLike, source: str | None = None
+                    ) -> dict[str, np.ndarray]:
+  """Reads a checkpoint file or folder (safetensors, sharded index, or PyTorch pickle; a
+  folder's file as `find_weights` picks it for `source`); inside `shared_reads()` an unchanged
+  file is read once."""
+  path = find_weights(path, source)
   if _shared is None:
     return _read(path)
   stat = path.stat()
@@ -116,16 +128,50 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def _read(path: Path) -> dict[str, np.ndarray]:
   if path.name.endswith(".index.json"):
-    index = json.loads(path.read_text())
+    with _reading(path, "a sharded checkpoint's index (JSON with a weight_map)"):
+      shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
     out = {}
-    for shard in sorted(set(index["weight_map"].values())):
+    for shard in shards:
       out.update(_read(path.parent / shard))
     return out
   if path.suffix == ".safetensors":
-    return _safetensors_load(path)
+    with _reading(path, "safetensors"):
+      return _safetensors_load(path)
   if path.suffix in (".bin", ".pt", ".pth"):
-    return _torch_load(path)
+    with _reading(path, "a PyTorch state dict"):
+      return _torch_load(path)
   raise CheckpointError(f"unknown checkpoint format: {path}")
+
+
+@contextlib.contextmanager
+def _reading(path: Path, kind: str):
+  """A file that cannot be read as `kind` (cut short, damaged, a Git LFS pointer left by a
+  clone without git-lfs, a whole pickled model) as a CheckpointError naming it; the readers'
+  own errors name no file, and torch's suggests unpickling with weights_only=False."""
+  try:
+    yield
+  except (FileNotFoundError, ImportError):
+    raise
+  except Exception as e:
+    try:
+      size = path.stat().st_size
+      with open(path, "rb") as f:
+        pointer = f.read(len(_LFS_POINTER)) == _LFS_POINTER
+    except OSError:
+      size, pointer = None, False
+    if pointer:
+      raise CheckpointError(
+          f"{path} is a Git LFS pointer ({size} bytes), not the weights: fetch them with "
+          "`git lfs pull` in that repository (or download the file itself)") from None
+    if isinstance(e, pickle.UnpicklingError):
+      raise CheckpointError(
+          f"{path} holds more than tensors (a whole pickled model, or other objects): only "
+          "a state dict of tensors is read, for safety (code in a pickle would run); save "
+          "the model's state_dict() (or safetensors) instead") from None
+    why = (str(e).strip().splitlines() or [""])[0][:300]
+    raise CheckpointError(
+        f"{path} ({size} bytes) cannot be read as {kind} ({type(e).__name__}: {why}): the "
+        "file is damaged, cut short or of another kind") from None
 
 
 def rename_legacy_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

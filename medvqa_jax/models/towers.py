@@ -67,7 +67,7 @@ def load(part: str, source: str, checkpoint: str | Path, *, dtype=jnp.float32,
     raise ValueError(f"unknown checkpoint source {source!r}; expected one of "
                      f"{sorted(importers.SPECS)}")
   folder = Path(checkpoint)
-  weights = state_dict.find_weights(folder)
+  weights = state_dict.find_weights(folder, source)
   if folder.is_file():
     folder = folder.parent
   state = importers.canonical_keys(

@@ -248,3 +248,106 @@ def test_one_clip_tower_saved_alone_loads_and_other_model_types_are_refused(tmp_
       intermediate_size=64)).save_pretrained(tmp_path / "bert")
   with pytest.raises(ValueError, match=r"model_type 'bert' is not a CLIP model"):
     towers.load("image", "hf_clip", tmp_path / "bert")
+
+
+def test_a_clip_checkpoint_missing_its_last_layers_is_refused(hf_clip, tmp_path):
+  """The block count was read off the weights: a checkpoint cut after a whole block (a shard
+  left out) loaded as a shallower tower. It is checked against config.json's."""
+  def drop_last(state):
+    for k in [k for k in state if ".encoder.layers.2." in k or "text_model.encoder.layers.1."
+              in k]:
+      del state[k]
+  folder = _edited_copy(hf_clip[1], tmp_path, drop_last)
+  with pytest.raises(CheckpointError, match=r"config.json states 3 layers, but the weights "
+                     r"hold 2: the checkpoint is incomplete"):
+    towers.load("image", "hf_clip", folder)
+  with pytest.raises(CheckpointError, match="states 2 layers, but the weights hold 1"):
+    towers.load("text", "hf_clip", folder)
+  towers.load("image", "hf_clip", hf_clip[1], depth=2)  # Fewer blocks asked for: still fine.
+
+
+def test_an_override_that_contradicts_the_checkpoint_is_refused(hf_bert, hf_clip, biomedclip):
+  """Heads, activation and norm epsilon change no weight's shape: an override of them loaded
+  cleanly and computed something else."""
+  with pytest.raises(CheckpointError, match=r"config.json states num_heads=4, but the tower's "
+                     r"arch sets num_heads=8"):
+    towers.load("text", "hf_bert", hf_bert[1], num_heads=8)
+  with pytest.raises(CheckpointError, match="states act='gelu', but the tower's arch sets "
+                     "act='relu'"):
+    towers.load("text", "hf_bert", hf_bert[1], act="relu")
+  with pytest.raises(CheckpointError, match="states num_heads=4"):
+    towers.load("image", "hf_clip", hf_clip[1], num_heads=2)
+  with pytest.raises(CheckpointError, match="timm trunk states ln_eps=1e-06"):
+    towers.load("image", "open_clip", biomedclip[1], ln_eps=1e-5)
+  with pytest.raises(CheckpointError, match="states num_heads=4"):  # Its BERT's config.json.
+    towers.load("text", "open_clip", biomedclip[1], num_heads=8)
+  # The same values, and the fields a checkpoint leaves to the caller, load.
+  module, _ = towers.load("text", "hf_bert", hf_bert[1], num_heads=4, depth=2, pooler="cls")
+  assert (module.num_heads, module.depth, module.pooler) == (4, 2, "cls")
+
+
+def test_a_folder_without_config_json_is_named_not_read_as_defaults(hf_bert, tmp_path):
+  """transformers gives a default BertConfig (768 wide, 12 layers) for a folder without one."""
+  shutil.copy(hf_bert[1] / "model.safetensors", tmp_path / "model.safetensors")
+  with pytest.raises(FileNotFoundError, match=r"config.json not found: a Hugging Face "
+                     r"checkpoint folder holds its config.json next to its weights \(found: "
+                     r"\['model.safetensors'\]\)"):
+    towers.load("text", "hf_bert", tmp_path)
+
+
+def test_weight_files_that_cannot_be_read_are_named(hf_bert, tmp_path):
+  import torch
+  import transformers
+  weights = (hf_bert[1] / "model.safetensors").read_bytes()
+  cases = {
+      "cut": ("model.safetensors", weights[:len(weights) // 2]),
+      "empty": ("model.safetensors", b""),
+      "lfs": ("model.safetensors", b"version https://git-lfs.github.com/spec/v1\noid sha256:"
+              b"ab\nsize 1234\n"),
+      "lfs_bin": ("pytorch_model.bin", b"version https://git-lfs.github.com/spec/v1\n"),
+      "index": ("model.safetensors.index.json", b'{"weight_map": {"a": "x.safetensors"'),
+  }
+  for name, (file_name, content) in cases.items():
+    folder = tmp_path / name
+    folder.mkdir()
+    shutil.copy(hf_bert[1] / "config.json", folder)
+    (folder / file_name).write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+      towers.load("text", "hf_bert", folder)
+    message = str(e.value)
+    assert message.startswith(str(folder / file_name)), (name, message)
+    if name.startswith("lfs"):
+      assert "is a Git LFS pointer" in message and "git lfs pull" in message
+    else:
+      assert "cannot be read as" in message and "damaged, cut short" in message, message
+  whole = tmp_path / "whole"  # A pickled model, not a state dict: its code would run.
+  whole.mkdir()
+  shutil.copy(hf_bert[1] / "config.json", whole)
+  torch.save(transformers.BertModel(hf_bert[0].config), whole / "pytorch_model.bin")
+  with pytest.raises(CheckpointError, match=r"pytorch_model.bin holds more than tensors \(a "
+                     "whole pickled model"):
+    towers.load("text", "hf_bert", whole)
+
+
+def test_an_open_clip_folder_is_read_from_its_own_file_first(biomedclip, hf_bert, tmp_path):
+  """Hub folders of open_clip models may also hold a transformers export (model.safetensors),
+  which was read first, and failed on its keys."""
+  folder = tmp_path / "both"
+  shutil.copytree(biomedclip[1], folder)
+  shutil.copy(hf_bert[1] / "model.safetensors", folder / "model.safetensors")
+  _, params = towers.load("image", "open_clip", folder)
+  _, expected = towers.load("image", "open_clip", biomedclip[1])
+  np.testing.assert_array_equal(params["cls_token"], expected["cls_token"])
+
+
+def test_an_open_clip_trunk_missing_its_last_blocks_is_refused(biomedclip, tmp_path):
+  import torch
+  state = torch.load(biomedclip[1] / "open_clip_pytorch_model.bin", weights_only=True)
+  folder = tmp_path / "cut"
+  folder.mkdir()
+  shutil.copy(biomedclip[1] / "open_clip_config.json", folder)
+  torch.save({k: v for k, v in state.items() if ".blocks.11." not in k},
+             folder / "open_clip_pytorch_model.bin")
+  with pytest.raises(CheckpointError, match=r"the timm trunk 'vit_tiny_patch16_224' has 12 "
+                     r"blocks, but the weights hold 11"):
+    towers.load("image", "open_clip", folder)
