@@ -33,6 +33,26 @@ def _quiet():
 _app.call_after_init(_quiet)
 
 
+class _OrbaxTracebacks(logging.Filter):
+  """A checkpoint save that fails in Orbax's background threads (a full disk) is logged with
+  the same traceback by each thread, then once per unfinished write task at exit (thousands of
+  lines for a paper-size model); the command says what failed and what to do in one line of
+  its own (checkpoint.CheckpointNotWritten). Orbax's errors keep their one-line message;
+  MEDVQA_TRACEBACK=1 keeps everything."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.name == "asyncio":  # "Task exception was never retrieved", an Orbax write's.
+      return not (record.exc_info and "orbax" in str(record.msg))
+    if record.exc_info and "orbax" in Path(record.pathname).parts:
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+if not os.environ.get("MEDVQA_TRACEBACK"):
+  for _name in ("absl", "asyncio"):  # Orbax logs through absl.
+    logging.getLogger(_name).addFilter(_OrbaxTracebacks())
+
+
 def cluster_flags():
   """Defines --coordinator_address/--num_processes/--process_id; returns `join()`, which joins
   the processes of a multi-host run (medvqa_jax/train/distributed.py: a no-op for one

@@ -1,6 +1,7 @@
 """The package as a user meets it: imports, torch-free paths, configs, commands, README."""
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -491,3 +492,36 @@ def test_counts_out_of_range_are_usage_errors(script, args):
   flag = args[-1].split("=")[0].lstrip("-")
   assert out.returncode == 2, out.stderr[-2000:]
   assert f"flag --{flag}=" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_orbax_tracebacks_are_left_out_of_the_commands_output():
+  """A save that fails (a full disk) was logged by Orbax with the same traceback from each of
+  its threads, then once per unfinished write at exit: thousands of lines around the
+  command's one-line error. Their one-line messages stay; nothing else is touched."""
+  sys.path.insert(0, str(ROOT / "launch"))
+  try:
+    import common
+  finally:
+    sys.path.remove(str(ROOT / "launch"))
+  try:
+    raise ValueError("RESOURCE_EXHAUSTED: No space left on device")
+  except ValueError:
+    failure = sys.exc_info()
+  orbax_file = "/venv/site-packages/orbax/checkpoint/_src/futures/future.py"
+
+  def record(name, path, msg, exc_info=failure):
+    return logging.LogRecord(name, logging.ERROR, path, 1, msg, None, exc_info)
+
+  quiet = common._OrbaxTracebacks()
+  thread = record("absl", orbax_file, "_SignalingThread.run() raised an exception")
+  assert quiet.filter(thread) and thread.exc_info is None
+  assert thread.getMessage() == "_SignalingThread.run() raised an exception"
+  task = record("asyncio", "/py/asyncio/base_events.py", "Task exception was never retrieved\n"
+                "future: <Task coro=<async_serialize() defined at /v/orbax/serialization.py>>")
+  assert not quiet.filter(task)
+  ours = record("absl", "/work/medvqa_jax/train/loop.py", "a failure of ours")
+  other_task = record("asyncio", "/py/asyncio/base_events.py", "Task exception was never "
+                      "retrieved\nfuture: <Task coro=<fetch() defined at /v/aiohttp/x.py>>")
+  assert quiet.filter(ours) and ours.exc_info is failure
+  assert quiet.filter(other_task) and other_task.exc_info is failure
+  assert any(isinstance(f, common._OrbaxTracebacks) for f in logging.getLogger("absl").filters)

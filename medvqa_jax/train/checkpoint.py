@@ -11,7 +11,8 @@ devices restores onto 1.
 
 A step whose files were damaged after it was written (a truncated copy, a full disk) is an
 `UnreadableCheckpoint` naming the step and what to do; nothing is deleted automatically. A
-restore onto a model whose parameters differ from the saved ones names the parameters.
+save that fails while it is written (a full disk) is a `CheckpointNotWritten` naming the step,
+the reason and the step to resume from. A restore onto a model whose parameters differ from the saved ones names the parameters.
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import re
+import shutil
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,15 @@ class UnreadableCheckpoint(ValueError):
   """A checkpoint step whose files cannot be read."""
 
 
+class CheckpointNotWritten(ValueError):
+  """A save that failed (a full disk, a quota, a lost mount): the steps saved before it are
+  intact, and its temporary folder is removed at the next start."""
+
+
+# TensorStore names the operating system's error by its number.
+_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
+
+
 class OptimizerChanged(ValueError):
   """A resume whose optimizer keeps another state than the checkpoint's."""
 
@@ -62,6 +77,21 @@ def _read_error(e: BaseException | None) -> BaseException | None:
   while e is not None and not isinstance(e, _READ_ERRORS):
     e = e.__cause__
   return e
+
+
+def _bytes_to_write(state) -> int:
+  """The bytes of `state` this host writes: one replica of each of its shards."""
+  total = 0
+  for leaf in jax.tree.leaves(state):
+    if isinstance(leaf, jax.Array):
+      total += sum(s.data.nbytes for s in leaf.addressable_shards if s.replica_id == 0)
+    else:
+      total += np.asarray(leaf).nbytes
+  return total
+
+
+def _size(n: int) -> str:
+  return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def run_tokenizer(workdir, text_cfg):
@@ -116,6 +146,7 @@ class Checkpoints:
   def __init__(self, directory, keep: int = 2, read_only: bool = False):
     self.directory = Path(directory).absolute()
     self._best = _KeepBest()
+    self._writing: int | None = None  # The step whose asynchronous save may be running.
     preservation = policies.AnyPreservationPolicy([policies.LatestN(n=max(keep, 1)), self._best])
     if read_only and not self.directory.is_dir():
       raise FileNotFoundError(f"no checkpoint folder {self.directory}")
@@ -145,14 +176,64 @@ class Checkpoints:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state, run: dict, metrics: dict | None = None):
-    """Starts an asynchronous save of `state` and the JSON-able `run` record."""
+    """Starts an asynchronous save of `state` and the JSON-able `run` record. A save that
+    fails is reported (CheckpointNotWritten) here at the next save, or by `wait`/`close`."""
+    self.wait()  # Orbax waits for the last save too: its failure is named as that step's.
+    self._check_room(step, state)
     self._best.offer(step, metrics)  # Before: the save decides what the new step replaces.
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
-                                                    run=ocp.args.JsonSave(run)),
-                      metrics=metrics, force=True)
+    self._writing = step
+    with self._writes(step):
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
+                                                      run=ocp.args.JsonSave(run)),
+                        metrics=metrics, force=True)
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._writes(self._writing):
+      self.manager.wait_until_finished()
+    self._writing = None
+
+  def _check_room(self, step: int, state) -> None:
+    """Refuses, before writing, a save the disk has clearly no room for (less free space than
+    half this host's share of the state: Orbax compresses, by about 1.4x on random float32),
+    so the run stops there, not at the next save, and without Orbax's write errors from its
+    background threads. All hosts refuse if one does (each writes its own shards)."""
+    need = _bytes_to_write(state)
+    try:
+      free = shutil.disk_usage(self.directory).free
+    except OSError:
+      return  # Nothing to tell; the save itself reports what fails.
+    short = free < need // 2
+    if jax.process_count() > 1:
+      short = bool(np.any(multihost_utils.process_allgather(np.int32(short))))
+    if short:
+      raise self._not_written(
+          step, f"{_size(free)} free on its disk, for a state of {_size(need)}"
+          if free < need // 2 else "another host's disk is full")
+
+  def _not_written(self, step: int, why: str) -> CheckpointNotWritten:
+    saved = self.steps()
+    return CheckpointNotWritten(
+        f"checkpoint step {step} could not be written in {self.directory} ({why}). The "
+        f"steps saved before it are intact ({saved or 'none'}): free space, or move the run "
+        "folder, and run the same command again to resume from "
+        + (f"step {saved[-1]}" if saved else "the start"))
+
+  @contextlib.contextmanager
+  def _writes(self, step: int | None):
+    """The failure of `step`'s save (raised by Orbax from its background threads, with
+    TensorStore's message) as a CheckpointNotWritten that names the step, the reason and
+    what to do."""
+    try:
+      yield
+    except Exception as e:
+      if step is None:
+        raise
+      self._writing = None
+      text = str(e)
+      code = _OS_ERROR.search(text)
+      why = (os.strerror(int(code.group(1))) if code
+             else (text.strip().splitlines() or [type(e).__name__])[0][:300])
+      raise self._not_written(step, why) from e
 
   def _unreadable(self, step: int, e: Exception) -> UnreadableCheckpoint:
     others = [s for s in self.steps() if s != step]
@@ -265,7 +346,7 @@ class Checkpoints:
     return out["state"]["params"]
 
   def close(self):
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 

@@ -318,3 +318,63 @@ def test_a_resume_on_another_device_count_is_noted():
       "note: resumed on 1 device(s), the checkpoint was written on 2: the same batches and "
       "random keys, but reductions over other shards round otherwise, so the numbers will not "
       "match an uninterrupted run bit for bit")
+
+
+def test_a_save_the_disk_has_no_room_for_is_refused_before_writing(tmp_path, monkeypatch):
+  ckpts = ckpt_lib.Checkpoints(tmp_path / "checkpoints", keep=5)
+  ckpts.save(2, state(), {"step": 2})
+  ckpts.wait()
+  big = state(width=1 << 16)  # 0.75 MiB of float32 parameters.
+  need = ckpt_lib._bytes_to_write(big)
+  assert need == (3 + 1) * (1 << 16) * 4 + 4
+  room = lambda free: lambda path: type("usage", (), {"free": free})()  # noqa: E731
+  monkeypatch.setattr(ckpt_lib.shutil, "disk_usage", room(need // 2 - 1))
+  with pytest.raises(ckpt_lib.CheckpointNotWritten) as e:
+    ckpts.save(4, big, {"step": 4})
+  assert str(e.value).startswith(
+      f"checkpoint step 4 could not be written in {tmp_path / 'checkpoints'} (0.5 MiB free "
+      "on its disk, for a state of 1.0 MiB). The steps saved before it are intact ([2]): free "
+      "space, or move the run folder, and run the same command again to resume from step 2")
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]  # Nothing begun.
+  monkeypatch.setattr(ckpt_lib.shutil, "disk_usage", room(need // 2))  # Compressed, it fits.
+  ckpts.save(4, big, {"step": 4})
+  ckpts.close()
+  assert ckpt_lib.Checkpoints(tmp_path / "checkpoints", read_only=True).steps() == [2, 4]
+
+
+_FAILING_SAVE = """
+import resource, signal, sys
+import jax
+from medvqa_jax.train import checkpoint as ckpt_lib
+ckpts = ckpt_lib.Checkpoints(sys.argv[1], keep=5)
+ckpts.save(1, {"w": jax.numpy.ones(8)}, {"step": 1})
+ckpts.wait()
+# Files may not grow past 1 MiB from here (what a full disk does, without one to fill).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+ckpts.save(2, {"w": jax.random.normal(jax.random.key(0), (1 << 20,))}, {"step": 2})
+try:
+  ckpts.save(3, {"w": jax.numpy.ones(8)}, {"step": 3})
+except ckpt_lib.CheckpointNotWritten as e:
+  print("REPORTED:", e)
+ckpts.close()
+print("STEPS:", ckpts.steps())
+"""
+
+
+def test_a_save_that_fails_while_written_is_named_with_its_step_and_reason(tmp_path):
+  """A write error in Orbax's background threads (a full disk; here a file-size limit) was
+  raised at the next save as TensorStore's message, with hundreds of lines of tracebacks."""
+  import subprocess
+  import sys
+  script = tmp_path / "save.py"
+  script.write_text(_FAILING_SAVE)
+  out = subprocess.run([sys.executable, str(script), str(tmp_path / "checkpoints")],
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = out.stdout.split("REPORTED: ")[1].splitlines()[0]
+  assert report == (
+      f"checkpoint step 2 could not be written in {tmp_path / 'checkpoints'} (File too "
+      "large). The steps saved before it are intact ([1]): free space, or move the run "
+      "folder, and run the same command again to resume from step 1")
+  assert "STEPS: [1]" in out.stdout  # Step 3 was not begun; step 2 left nothing readable.
