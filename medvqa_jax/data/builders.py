@@ -189,6 +189,8 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
                       f"{self.source_dir}{options} have no records: is the split's file "
                       "empty, or of another layout?")
     self._report = {"bad": []}
+    root = os.path.normpath(os.path.abspath(self.source_dir)) + os.sep
+    outside = []  # Image files named by absolute or ../ paths, outside the source folder.
     # Repeated ids and missing image files are found before anything is written; corrupt
     # images while encoding.
     for split, items in split_items.items():
@@ -206,6 +208,13 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
             if key in item and not Path(item[key]).exists():
               items[i] = sources.Bad(_named(item, item[key]), "image file not found")
               break
+            if key in item and not os.path.normpath(os.path.abspath(item[key])).startswith(root):
+              outside.append(item[key])
+    if outside:
+      log.warning("%d image files of %s lie outside its source folder %s (e.g. %s): they are "
+                  "read, but the check that a later run's source is unchanged since this "
+                  "build covers the source folder's files only", len(outside), self.name,
+                  self.source_dir, outside[0])
     bad = {}
     for split, items in split_items.items():
       bad[split] = [str(b) for b in items if isinstance(b, sources.Bad)]

@@ -995,3 +995,25 @@ def test_multi_view_lists_pair_by_place_and_an_image_too_long_for_jpeg_is_skippe
   Image.fromarray(np.zeros((4, 66000), np.uint8)).save(wide)
   with pytest.raises(ValueError, match=r"66000 x 4 pixels: a side over JPEG's 65,500"):
     builders.encode_image(wide, 512)
+
+
+def test_images_outside_the_source_folder_are_warned_of(tmp_path, caplog):
+  """Absolute and ../ image paths are read, but the source fingerprint covers the folder's
+  own files: a later change to them would not be seen, so the build says so."""
+  corpus, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+  corpus.mkdir(), elsewhere.mkdir()
+  _jpeg(corpus / "in.jpg", 0), _jpeg(elsewhere / "out.jpg", 1)
+  lines = [{"image": "in.jpg", "caption": "inside"},
+           {"image": str(elsewhere / "out.jpg"), "caption": "absolute"},
+           {"image": "../elsewhere/out.jpg", "caption": "relative"}]
+  (corpus / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  with caplog.at_level(logging.WARNING):
+    builders.build("captions_jsonl", corpus, tmp_path / "out")
+  (warning,) = [r.getMessage() for r in caplog.records if "outside" in r.getMessage()]
+  assert warning.startswith(f"2 image files of captions_jsonl lie outside its source folder "
+                            f"{corpus} (e.g. {elsewhere / 'out.jpg'}): they are read")
+  caplog.clear()
+  (corpus / "train.jsonl").write_text(json.dumps(lines[0]) + "\n")
+  with caplog.at_level(logging.WARNING):
+    builders.build("captions_jsonl", corpus, tmp_path / "out2")
+  assert not [r for r in caplog.records if "outside" in r.getMessage()]
