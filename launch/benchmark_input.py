@@ -13,6 +13,11 @@ dataset gives the fine-tuning batches (fine-tuning augmentation by default); a c
 example, both counted as images (pre-training augmentation by default). --augmentation=test
 times decoding and resizing alone.
 
+With --workers=0 the batches are made in this process, by `pipeline.iterate`'s prefetching
+threads (two: up to two cores, as PIL releases the GIL), so images_per_s_per_worker is not one
+core's figure there; images_per_cpu_s is (images per second of CPU time, on a loaded machine
+too), and what a worker process would do on a core of its own.
+
   python launch/benchmark_input.py --data_dir=/tmp/tfds --dataset=captions_jsonl \
       --source_dir=/data/corpus
 """
@@ -77,14 +82,18 @@ def main(argv):
     with pipeline.iterate(ds, num_workers=workers) as it:
       for _ in range(warmup):
         next(it)
-      start = time.perf_counter()
+      start, cpu = time.perf_counter(), time.process_time()
       for _ in range(timed):
         next(it)
-      seconds = time.perf_counter() - start
-    rate = timed * _BATCH.value * views / seconds
-    results.append({"workers": workers, "images_per_s": round(rate, 1),
-                    "images_per_s_per_worker": round(rate / max(workers, 1), 1),
-                    "warmup_batches": warmup, "timed_batches": timed})
+      seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    images = timed * _BATCH.value * views
+    rate = images / seconds
+    result = {"workers": workers, "images_per_s": round(rate, 1),
+              "images_per_s_per_worker": round(rate / max(workers, 1), 1),
+              "warmup_batches": warmup, "timed_batches": timed}
+    if workers == 0:  # In-process: its threads' CPU time is this process's.
+      result["images_per_cpu_s"] = round(images / cpu, 1)
+    results.append(result)
   print(json.dumps({"dataset": _DATASET.value, "split": _SPLIT.value, "image_size": _SIZE.value,
                     "augmentation": augmentation, "batch_size": _BATCH.value, "views": views,
                     "host_cpus": os.cpu_count(), "results": results}))

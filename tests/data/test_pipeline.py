@@ -155,6 +155,8 @@ def test_benchmark_command(built):
   out = json.loads(run.stdout.strip().splitlines()[-1])
   assert [r["workers"] for r in out["results"]] == [0, 1]
   assert all(r["images_per_s"] > 0 for r in out["results"])
+  # In-process batches are timed by CPU time too (one core's figure); a worker's is its own.
+  assert out["results"][0]["images_per_cpu_s"] > 0 and "images_per_cpu_s" not in out["results"][1]
   # Past the batches the workers made while starting (4 per worker: with 1 per setting, the
   # rate with workers was several times too high), over at least 4 per worker.
   assert [(r["warmup_batches"], r["timed_batches"]) for r in out["results"]] == [(1, 2), (4, 4)]
