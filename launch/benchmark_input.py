@@ -65,7 +65,8 @@ def main(argv):
                               "--source_dir to build it")
     builders.build(_DATASET.value, _SOURCE.value, _DATA_DIR.value,
                    max_side=_MAX_SIDE.value or None)
-  source = builders.load(_DATA_DIR.value, _DATASET.value, _SPLIT.value)
+  # As training reads it: images as stored, decoded by the pipeline as it augments.
+  source = builders.load(_DATA_DIR.value, _DATASET.value, _SPLIT.value, decode_images=False)
   tokenizer = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", max_len=30)
   kind = builders.kind(_DATASET.value)
   views = 2 if kind == "caption" else 1  # Caption batches carry two views of each example.

@@ -43,8 +43,7 @@ class _Example:
   def _view(self, out, image, rng, suffix=""):
     # uint8: the image tower normalises on device (a quarter of the bytes to batch and copy);
     # a drawn blur travels as its sigma and is applied on device too (`device_augment`).
-    pixels, blur = augment.AUGMENTATIONS[self.augmentation](np.asarray(image), self.image_size,
-                                                             rng)
+    pixels, blur = augment.AUGMENTATIONS[self.augmentation](image, self.image_size, rng)
     out["images" + suffix] = pixels
     if blur is not None:
       out["blur" + suffix] = np.float32(blur)
@@ -52,7 +51,8 @@ class _Example:
   def __call__(self, ex, rng=None):
     rng = rng if rng is not None else np.random.default_rng(0)
     out = {"id": _text(ex["id"])}
-    self._view(out, ex["image"], rng)
+    first = augment.image(ex["image"])  # Decoded once: both views and the teacher's share it.
+    self._view(out, first, rng)
     text = (text_lib.question(_text(ex["question"])) if self.kind == "vqa"
             else text_lib.caption(_text(ex["caption"])))
     tokens = self.tokenizer([text])
@@ -68,7 +68,8 @@ class _Example:
     else:
       if "image_id" in ex:  # The ITM negatives leave out other captions of the same picture.
         out["image_key"] = np.uint32(zlib.crc32(_text(ex["image_id"]).encode()))
-      second = ex["image2"] if "image2" in ex else ex["image"]  # Two views of one image.
+      # Two views of one image (of two, in a multi-view corpus).
+      second = augment.image(ex["image2"]) if "image2" in ex else first
       self._view(out, second, rng, suffix="2")
       if self.teacher is not None:
         # The teacher sees the un-augmented image resized to its own size and the cleaned
@@ -76,10 +77,10 @@ class _Example:
         tok, size = self.teacher
         raw = lambda x: augment.resize(x, size)
         t = tok([text])
-        out.update(teacher_pixels=raw(ex["image"]), teacher_input_ids=t["input_ids"][0],
+        out.update(teacher_pixels=raw(first), teacher_input_ids=t["input_ids"][0],
                    teacher_attention_mask=t["attention_mask"][0])
         if "image2" in ex:
-          out["teacher_pixels2"] = raw(ex["image2"])
+          out["teacher_pixels2"] = raw(second)
     return out
 
 

@@ -41,7 +41,7 @@ class Subset:
 @dataclasses.dataclass
 class Split:
   name: str
-  source: object        # len() and [i]: examples with decoded images
+  source: object        # len() and [i]: examples, images as stored (JPEG bytes)
   records: list[dict]   # per example: id, image_id, question, answers, answer_type, question_type
   # Records of the built split (that this is a part of) skipped as bad at build time: the
   # split's accuracies are over the others.
@@ -148,8 +148,9 @@ def read_records(source) -> list[dict]:
 
 
 def _split(dc, split: str) -> Split:
-  source = builders.load(dc.dir, dc.name, split)
-  records = read_records(builders.load(dc.dir, dc.name, split, decode_images=False))
+  # Images as stored (JPEG bytes): the pipeline decodes them with PIL as it augments.
+  source = builders.load(dc.dir, dc.name, split, decode_images=False)
+  records = read_records(source)
   skipped = builders.summary(dc.dir, dc.name)["splits"][split].get("skipped", 0)
   return Split(split, source, records, skipped)
 
@@ -217,11 +218,10 @@ def caption_splits(dc) -> dict[str, Split]:
     raise ValueError(f"pre-training validates on a held-out slice of {dc.name}'s training split "
                      f"(data.val_fraction), not on a split of its own: set "
                      f"--config.data.val_split='' (it is {dc.val_split!r})")
-  source = builders.load(dc.dir, dc.name, dc.train_split)
-  plain = builders.load(dc.dir, dc.name, dc.train_split, decode_images=False)
+  source = builders.load(dc.dir, dc.name, dc.train_split, decode_images=False)
   records = []
-  for i in range(len(plain)):
-    example = plain[i]
+  for i in range(len(source)):
+    example = source[i]
     records.append({"id": text_value(example["id"]), "image_id": text_value(example["image_id"]),
                     "caption": text_value(example["caption"])})
     if "image2" in example:

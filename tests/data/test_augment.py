@@ -129,3 +129,44 @@ def test_crops_that_fit_keep_the_scale_and_ratio_ranges():
     assert 0 <= left < right <= 56 and 0 <= top < bottom <= 40
     assert 0.6 * 0.9 <= (right - left) * (bottom - top) / (56 * 40) <= 1.0
     assert 3 / 4 * 0.9 <= (right - left) / (bottom - top) <= 4 / 3 * 1.1
+
+
+def _jpeg(img: Image.Image) -> bytes:
+  import io
+  buffer = io.BytesIO()
+  img.save(buffer, "JPEG", quality=90)
+  return buffer.getvalue()
+
+
+def test_a_grey_picture_is_augmented_as_one_band_with_the_same_pixels():
+  """Grey pictures (equal bands: most radiology) are decoded from their stored bytes and
+  augmented as one band, a third of the work: every op, every recipe, the same uint8 pixels
+  as the same picture augmented in RGB (a PIL RGB image is taken as it is)."""
+  grey = image(3).convert("L").convert("RGB")
+  stored = _jpeg(grey)
+  decoded = Image.open(__import__("io").BytesIO(stored)).convert("RGB")  # RGB, bands equal.
+  assert augment.image(stored).mode == "L" and augment.image(np.asarray(decoded)).mode == "L"
+  np.testing.assert_array_equal(np.asarray(augment.image(stored)),
+                                np.asarray(decoded)[..., 0])
+  assert augment.image(decoded) is decoded  # PIL: taken as it is, RGB.
+  colour = image(4)
+  assert augment.image(_jpeg(colour)).mode == "RGB"
+  nearly = np.asarray(grey).copy()
+  nearly[0, 0, 2] += 1  # One pixel off grey, away from the centre: still colour.
+  assert augment.image(nearly).mode == "RGB"
+  one_band = augment.image(stored)
+  for name, op in augment._OPS.items():
+    for m in (4, 7, 10):
+      a, b = op(one_band, m, np.random.default_rng(m)), op(decoded, m, np.random.default_rng(m))
+      np.testing.assert_array_equal(augment._pixels(a), np.asarray(b), err_msg=name)
+  for seed in range(6):
+    order, factors = np.random.default_rng(seed).permutation(4), (1.3, 0.7, 1.25, 0.08)
+    np.testing.assert_array_equal(augment._pixels(augment.jitter(one_band, order, factors)),
+                                  np.asarray(augment.jitter(decoded, order, factors)))
+  for recipe in ("finetune", "pretrain", "test"):
+    for seed in range(40):  # Enough draws to take every branch of both recipes.
+      got = augment.AUGMENTATIONS[recipe](stored, 24, np.random.default_rng(seed))
+      want = augment.AUGMENTATIONS[recipe](decoded, 24, np.random.default_rng(seed))
+      assert got[0].shape == (24, 24, 3) and got[0].dtype == np.uint8
+      np.testing.assert_array_equal(got[0], want[0], err_msg=f"{recipe} {seed}")
+      assert got[1] == want[1]
