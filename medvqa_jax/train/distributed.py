@@ -232,3 +232,34 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     return
   log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+_firsts = 0  # `on_first_process` calls so far: each shares its outcome under a key of its own.
+
+
+def on_first_process(what: str, fn, timeout_s: float = 24 * 3600) -> None:
+  """Runs `fn` on process 0 alone while the others wait, however long it takes (a dataset's
+  first build), then shares how it ended: an error is raised on process 0 as it is, and on
+  the others as a ValueError quoting it (none is left waiting, or left with a runtime's
+  timeout instead of the reason). `what`: what fn does, for the others' message ("prepare the
+  dataset"). The others wait on the coordination service, not in a device collective: the
+  first collective of a CPU run (Gloo) gave up after 30 s, and both processes then hung."""
+  global _firsts
+  if jax.process_count() == 1:
+    fn()
+    return
+  from jax._src import distributed as jax_distributed
+  client = jax_distributed.global_state.client
+  _firsts += 1
+  key = f"medvqa/on_first_process/{_firsts}"
+  if jax.process_index() == 0:
+    try:
+      fn()
+    except BaseException as e:
+      client.key_value_set(key, f"error: {e}")
+      raise
+    client.key_value_set(key, "ok")
+    return
+  outcome = client.blocking_key_value_get(key, int(timeout_s * 1000))
+  if outcome != "ok":
+    raise ValueError(f"process 0 could not {what}: {outcome.removeprefix('error: ')}")

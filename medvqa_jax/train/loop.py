@@ -42,7 +42,7 @@ from medvqa_jax.evaluate import vqa as vqa_eval
 from medvqa_jax.models import amif, gca
 from medvqa_jax.models.state_dict import flatten, unflatten
 from medvqa_jax.train import checkpoint as ckpt_lib
-from medvqa_jax.train import observe, optim, preemption, sharding
+from medvqa_jax.train import distributed, observe, optim, preemption, sharding
 from medvqa_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -482,12 +482,10 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
 
   # ---- data ----
   if jax.process_count() > 1:  # One host builds the dataset if needed; the others wait.
-    from jax.experimental import multihost_utils
     # Every process refuses a dataset of the wrong kind (none is left waiting for process 0).
     splits_lib.check_kind(config.data, "vqa" if finetune else "caption")
-    if main:
-      splits_lib.ensure_built(config.data)
-    multihost_utils.sync_global_devices("dataset built")
+    distributed.on_first_process("prepare the dataset",
+                                 lambda: splits_lib.ensure_built(config.data))
   splits, answers, protocol = training_splits(config)
   data = data_identity(splits, tc.batch_size, config.seed, rng)
   steps = total_steps(config, len(splits["train"].records))

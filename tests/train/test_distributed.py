@@ -431,3 +431,55 @@ def test_explicit_coordinator(calls, monkeypatch):
   monkeypatch.setenv("JAX_PROCESS_ID", "1")
   distributed.initialize("host:1234")
   assert calls == [(("host:1234", 2, 1), {"local_device_ids": None})]
+
+
+_FIRST_PROCESS = """
+import sys, time
+import jax
+port, index, delay, outcome = sys.argv[1:5]
+jax.distributed.initialize(f"localhost:{port}", 2, int(index))
+jax.devices()  # The backend is up, as the training loop's mesh has it by then.
+from jax.experimental import multihost_utils
+from medvqa_jax.train import distributed
+
+def build():
+  time.sleep(float(delay))
+  if outcome == "fail":
+    raise ValueError("dataset vqa_rad is not built in /nowhere")
+
+try:
+  distributed.on_first_process("prepare the dataset", build)
+except ValueError as e:
+  print("REFUSED:", e)
+  sys.exit(1)
+multihost_utils.sync_global_devices("after")  # The run's collectives go on together.
+print("DONE")
+"""
+
+
+@pytest.mark.parametrize("delay, outcome", [(35, "ok"), (0, "fail")])
+def test_the_others_wait_for_process_0_however_long_and_share_its_error(tmp_path, delay,
+                                                                        outcome):
+  """Process 0 builds the dataset alone. The others waited in a device collective, whose CPU
+  (Gloo) set-up gives up after 30 s: a first build any longer crashed them, then both hung;
+  and process 0's refusal reached them as Gloo's timeout, not its reason."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  script = tmp_path / "first.py"
+  script.write_text(_FIRST_PROCESS)
+  env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS and k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(delay),
+                             outcome], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  if outcome == "ok":
+    assert [p.returncode for p in procs] == [0, 0], outs[1][1][-3000:]
+    assert all(out.strip().endswith("DONE") for out, _ in outs)
+  else:
+    assert [p.returncode for p in procs] == [1, 1], outs[1][1][-3000:]
+    assert outs[0][0].strip() == "REFUSED: dataset vqa_rad is not built in /nowhere"
+    assert outs[1][0].strip() == ("REFUSED: process 0 could not prepare the dataset: dataset "
+                                  "vqa_rad is not built in /nowhere")
