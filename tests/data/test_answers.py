@@ -77,6 +77,28 @@ def test_a_dataset_without_validation_split_needs_a_held_out_fraction(tmp_path):
   assert not list(tmp_path.iterdir())  # Refused before building anything.
 
 
+def test_one_split_in_two_roles_is_refused_by_its_flags(tmp_path):
+  """--config.data.val_split=test (VQA-RAD has no validation split) chose the checkpoint on
+  test and drew the answers (vocabulary, GCA prior, candidates) from it, labelled open-set."""
+  from ml_collections import ConfigDict
+
+  from medvqa_jax.data import splits
+  dc = ConfigDict(dict(name="vqa_rad", dir=str(tmp_path), source_dir="", max_side=None,
+                       train_split="train", val_split="test", test_split="test",
+                       val_fraction=0.1))
+  with pytest.raises(ValueError, match=r"^--config.data.val_split and --config.data.test_split "
+                     r"are both 'test': the val and test splits must differ"):
+    splits.vqa_splits(dc)
+  dc.update(val_split="", train_split="test")
+  with pytest.raises(ValueError, match=r"^--config.data.train_split and --config.data."
+                     r"test_split are both 'test'"):
+    splits.vqa_splits(dc)
+  dc.update(val_split="train", train_split="train", test_split="validation")
+  with pytest.raises(ValueError, match=r"^--config.data.train_split and --config.data.val_split"):
+    splits.vqa_splits(dc)
+  assert not list(tmp_path.iterdir())  # Refused before building anything.
+
+
 def test_a_dataset_of_the_other_kind_is_refused_by_name(tmp_path):
   """A fine-tuning run on a caption corpus, or a pre-training run on a VQA dataset, is refused
   naming the dataset, its kind and the datasets that fit, before anything is built."""
