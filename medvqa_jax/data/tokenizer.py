@@ -44,26 +44,43 @@ def _named_class(config_path: Path):
 
 def load_hf_tokenizer(folder: str | os.PathLike):
   """A transformers tokenizer from a folder, with fallbacks for folders that hold only
-  vocabulary files: `vocab.txt` (BERT WordPiece) or `vocab.json` + `merges.txt` (CLIP BPE)."""
+  vocabulary files: `vocab.txt` (BERT WordPiece) or `vocab.json` + `merges.txt` (CLIP BPE).
+  A folder without its vocabulary (tokenizer_config.json alone gave a tokenizer of 5 ids,
+  every word [UNK]), files that cannot be read, or a tokenizer without a padding token are
+  refused, naming the folder."""
   import transformers
   folder = _tokenizer_folder(Path(folder))
   if not folder.is_dir():
     raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
   has = lambda *names: all((folder / n).exists() for n in names)
-  if has("tokenizer.json") or has("tokenizer_config.json"):
-    # The class the folder names, when transformers has it: AutoTokenizer would read the
-    # model config through a module that imports torch (seconds of start-up) if installed.
-    named = _named_class(folder / "tokenizer_config.json")
-    if named is not None:
-      return named.from_pretrained(str(folder), local_files_only=True)
-    return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-  if has("vocab.json", "merges.txt"):
-    return transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-  if has("vocab.txt"):
-    return transformers.BertTokenizer.from_pretrained(str(folder), local_files_only=True)
-  raise FileNotFoundError(
-      f"no tokenizer files in {folder}: expected tokenizer.json, vocab.txt (BERT) or "
-      f"vocab.json + merges.txt (CLIP); found {sorted(p.name for p in folder.iterdir())}")
+  found = sorted(p.name for p in folder.iterdir())
+  vocabulary = (has("tokenizer.json") or has("vocab.txt") or has("vocab.json", "merges.txt")
+                or any(name.endswith(".model") for name in found))  # (SentencePiece's.)
+  if not vocabulary:
+    raise FileNotFoundError(
+        f"no tokenizer vocabulary in {folder}: expected tokenizer.json, vocab.txt (BERT) or "
+        f"vocab.json + merges.txt (CLIP); found {found}")
+  try:
+    if has("tokenizer.json") or has("tokenizer_config.json"):
+      # The class the folder names, when transformers has it: AutoTokenizer would read the
+      # model config through a module that imports torch (seconds of start-up) if installed.
+      named = _named_class(folder / "tokenizer_config.json")
+      if named is not None:
+        hf = named.from_pretrained(str(folder), local_files_only=True)
+      else:
+        hf = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    elif has("vocab.json", "merges.txt"):
+      hf = transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    else:
+      hf = transformers.BertTokenizer.from_pretrained(str(folder), local_files_only=True)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    why = (str(e).strip().splitlines() or [""])[0][:300]
+    raise ValueError(f"the tokenizer files in {folder} cannot be read ({type(e).__name__}: "
+                     f"{why}); found {found}") from None
+  if hf.pad_token_id is None:  # (Its special tokens are in tokenizer_config.json.)
+    raise ValueError(f"the tokenizer in {folder} has no padding token: is its "
+                     f"tokenizer_config.json (or special_tokens_map.json) missing? found {found}")
+  return hf
 
 
 class Tokenizer:

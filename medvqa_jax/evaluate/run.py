@@ -110,7 +110,7 @@ def restore(checkpoint_dir, overrides: dict | None = None, step: int | None = No
     config.model.num_answers = saved.model.get("num_answers")
   if run.get("towers"):  # The recorded towers: no tower checkpoint is read.
     config = amif.without_checkpoints(config, run["towers"])
-  tokenizer = ckpt_lib.run_tokenizer(folder.parent, config.model.text)
+  tokenizer = ckpt_lib.run_tokenizer(folder.parent, config.model.text, run)
   if tokenizer is None:
     log.warning("%s has no %s/ folder (the tokenizer the run saved): using the one its config "
                 "names, which must be the one it was trained with", folder.parent,

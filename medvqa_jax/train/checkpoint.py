@@ -94,12 +94,23 @@ def _size(n: int) -> str:
   return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def run_tokenizer(workdir, text_cfg):
-  """The tokenizer saved in a run's work folder (None for a run from before it was saved)."""
+def run_tokenizer(workdir, text_cfg, record: dict | None = None):
+  """The tokenizer saved in a run's work folder (None for a run from before it was saved),
+  checked against the fingerprint in the run's `record` where it has one: a copy whose files
+  were lost or changed would read other token ids, silently."""
   from medvqa_jax.data import tokenizer as tokenizer_lib
   folder = Path(workdir) / TOKENIZER
-  return tokenizer_lib.Tokenizer.from_folder(folder, text_cfg.max_len) if folder.is_dir() \
-      else None
+  if not folder.is_dir():
+    return None
+  tokenizer = tokenizer_lib.Tokenizer.from_folder(folder, text_cfg.max_len)
+  recorded = (record or {}).get("tokenizer")
+  if recorded and tokenizer.fingerprint() != recorded:
+    raise ValueError(
+        f"{folder}: this is not the tokenizer the run was trained with (its fingerprint is "
+        f"{tokenizer.fingerprint()}, the run recorded {recorded}): its files were changed or "
+        f"lost (it holds {sorted(p.name for p in folder.iterdir())}); copy them again from "
+        "where the run was made")
+  return tokenizer
 
 
 def _selection(metrics: dict) -> float:

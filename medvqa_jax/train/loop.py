@@ -78,6 +78,47 @@ def total_steps(config, num_train: int) -> int:
   return by_epochs
 
 
+def check_values(config) -> None:
+  """Refuses, naming each flag, values that would train something other than was asked
+  (a negative loss weight dropped the term, a label smoothing over 1 trained on negative
+  targets, epsilon 0 made the OT loss 0), leave no learning signal (answers cut to their
+  special tokens), or fail later inside a library, some after the run folder was written."""
+  mc, lc = config.model, config.get("losses")
+  at_least = lambda low: (lambda v: v >= low, f"{low} or more")
+  rules = [
+      ("seed", config.seed, lambda v: 0 <= v < 2 ** 32, "a whole number in [0, 2**32)"),
+      ("train.epochs", config.train.get("epochs") or 0, *at_least(0)),
+      ("model.dropout", mc.dropout, lambda v: 0 <= v < 1, "in [0, 1)"),
+      ("model.dtype", mc.dtype, lambda v: v in ("float32", "bfloat16", "float16"),
+       "float32, bfloat16 or float16"),
+      ("model.text.max_len", mc.text.max_len, lambda v: v >= 2,
+       "2 or more (a start and an end token)"),
+      ("model.prior_max_tokens", mc.prior_max_tokens, *at_least(1)),
+  ]
+  if mc.head == "generative":
+    rules.append(("model.answer_max_len", mc.answer_max_len, lambda v: v >= 3,
+                  "3 or more ([CLS], a word piece, [SEP]): shorter, every answer is its "
+                  "special tokens alone and the decoder learns nothing"))
+  if lc is not None:
+    rules += [(f"losses.weights.{name}", weight, lambda v: v >= 0, "0 or more (0 leaves the "
+               "term out)") for name, weight in lc.weights.items()]
+    rules += [
+        ("losses.lam", lc.lam, *at_least(0)),
+        ("losses.label_smoothing", lc.label_smoothing, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("losses.ot.solver", lc.ot.solver, lambda v: v in ("sinkhorn", "ipot"),
+         "'sinkhorn' or 'ipot'"),
+        ("losses.ot.epsilon", lc.ot.epsilon, lambda v: v > 0,
+         "above 0 (at 0 the plan, and the loss, are 0)"),
+        ("losses.ot.max_iterations", lc.ot.max_iterations, *at_least(1)),
+        ("losses.ot.ipot_beta", lc.ot.ipot_beta, lambda v: v > 0, "above 0"),
+        ("losses.ot.ipot_iterations", lc.ot.ipot_iterations, *at_least(1)),
+    ]
+  bad = [f"--config.{flag}={value!r}: must be {need}" for flag, value, ok, need in rules
+         if not ok(value)]
+  if bad:
+    raise ValueError("; ".join(bad))
+
+
 def abstract_state(model_shapes, tx, shardings) -> dict:
   shapes = {"params": model_shapes, "opt_state": jax.eval_shape(tx.init, model_shapes),
             "step": jax.ShapeDtypeStruct((), jnp.int32)}
@@ -473,6 +514,7 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
       if value < 0]
   if negative:
     raise ValueError(f"{', '.join(negative)}: must be 0 or more")
+  check_values(config)
   check_patterns(config)
   mesh = sharding.make_mesh(tc.fsdp)
   step_lib.check_batch(config, tc.batch_size, jax.device_count())
@@ -515,7 +557,7 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
   teacher = None if finetune else BatchTeacher(config, splits, mesh, record)
   if not finetune and "val" in splits:
     pretrain_eval.examples(config, splits["val"])  # Too small a slice: refused here too.
-  tokenizer = ckpt_lib.run_tokenizer(workdir, mc.text) if start is not None else None
+  tokenizer = ckpt_lib.run_tokenizer(workdir, mc.text, record) if start is not None else None
   new_tokenizer = tokenizer is None
   if new_tokenizer:
     tokenizer = tokenizer_lib.from_config(mc.text)
@@ -631,11 +673,14 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
     m = vqa_eval.evaluate(rows, splits["val"], protocol, step)
     return {"val_accuracy": m["overall"], "val_questions": m["questions"]}
 
+  tokenizer_fingerprint = tokenizer.fingerprint()  # The run's copy is checked against it.
+
   def run_record(step, val):
     return {"step": int(step), "data_step": int(step), "config": config.to_json(),
             "protocol": protocol, "answers": answers, "val": val, "towers": archs,
             "data": data, "devices": jax.device_count(),
-            "teacher": teacher.fingerprint if teacher else None}
+            "teacher": teacher.fingerprint if teacher else None,
+            "tokenizer": tokenizer_fingerprint}
 
   reporter = observe.Reporter(workdir, total_steps=steps, start_step=start,
                               batch_size=tc.batch_size, log_every=tc.log_every, enabled=main,

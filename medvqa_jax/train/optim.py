@@ -97,6 +97,13 @@ def make(cfg, params) -> optax.GradientTransformation:
   if negative:
     raise ValueError(f"{', '.join(negative)}: learning rates, their multipliers and the "
                      "clipping norm must not be negative (a multiplier of 0 freezes)")
+  # A negative decay grows the weights; a decay rate of 1 divides by 0 (NaN parameters).
+  bad = [f"optim.weight_decay={cfg.weight_decay}: must be 0 or more"] \
+      if cfg.weight_decay < 0 else []
+  bad += [f"optim.{name}={cfg[name]}: must be in [0, 1)" for name in ("b1", "b2")
+          if not 0 <= cfg[name] < 1]
+  if bad:
+    raise ValueError("; ".join(bad))
   labels = param_labels(params, cfg.lr_mults)
   base = schedule(cfg)
   transforms = {"frozen": optax.set_to_zero()}

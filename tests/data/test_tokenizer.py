@@ -59,7 +59,7 @@ def test_bundled_bert_vocabulary_tokenizes_real_words():
 
 
 def test_errors_name_the_problem(tmp_path):
-  with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+  with pytest.raises(FileNotFoundError, match="no tokenizer vocabulary in"):
     Tokenizer.from_folder(tmp_path, max_len=8)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     Tokenizer.from_folder(tmp_path / "missing", max_len=8)
@@ -82,7 +82,7 @@ def test_an_open_clip_folder_without_tokenizer_files_does_not_read_the_working_f
   elsewhere = tmp_path / "elsewhere"
   shutil.copytree(ASSETS / "bert_uncased_vocab", elsewhere)
   monkeypatch.chdir(elsewhere)
-  with pytest.raises(FileNotFoundError, match=rf"no tokenizer files .*{folder}"):
+  with pytest.raises(FileNotFoundError, match=rf"no tokenizer vocabulary in .*{folder}"):
     Tokenizer.from_folder(folder, max_len=8)
 
 
@@ -189,5 +189,51 @@ def test_a_missing_tokenizer_folder_is_named_by_its_flag(tmp_path):
       from_config(cfg, "teacher.text")
   empty = ml_collections.ConfigDict(dict(tokenizer=str(tmp_path), checkpoint=None, max_len=8))
   with pytest.raises(FileNotFoundError, match=rf"^--config.model.text.tokenizer={tmp_path}: "
-                                              "no tokenizer files in"):
+                                              "no tokenizer vocabulary in"):
     from_config(empty)
+
+
+def test_a_tokenizer_folder_missing_its_vocabulary_or_special_tokens_is_refused(tmp_path):
+  """A run's tokenizer copy missing tokenizer.json loaded as 5 ids (every word [UNK]) and
+  predict.py answered on that, silently; one missing tokenizer_config.json failed at the first
+  batch in transformers ("Asking to pad...")."""
+  import shutil
+
+  from medvqa_jax import ASSETS
+  from medvqa_jax.data.tokenizer import Tokenizer
+  Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", 16).save(tmp_path / "whole")
+  no_vocab = shutil.copytree(tmp_path / "whole", tmp_path / "no_vocab")
+  (no_vocab / "tokenizer.json").unlink()
+  with pytest.raises(FileNotFoundError, match=rf"no tokenizer vocabulary in {no_vocab}: "
+                     r"expected tokenizer.json, .* found \['tokenizer_config.json'\]"):
+    Tokenizer.from_folder(no_vocab, 16)
+  no_config = shutil.copytree(tmp_path / "whole", tmp_path / "no_config")
+  (no_config / "tokenizer_config.json").unlink()
+  with pytest.raises(ValueError, match=rf"the tokenizer in {no_config} has no padding token"):
+    Tokenizer.from_folder(no_config, 16)
+  cut = shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+  (cut / "tokenizer.json").write_text((cut / "tokenizer.json").read_text()[:1000])
+  with pytest.raises(ValueError, match=rf"the tokenizer files in {cut} cannot be read"):
+    Tokenizer.from_folder(cut, 16)
+
+
+def test_a_runs_tokenizer_copy_is_checked_against_its_record(tmp_path):
+  from types import SimpleNamespace
+
+  from medvqa_jax import ASSETS
+  from medvqa_jax.data.tokenizer import Tokenizer
+  from medvqa_jax.train import checkpoint as ckpt_lib
+  tokenizer = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", 16)
+  tokenizer.save(tmp_path / ckpt_lib.TOKENIZER)
+  record, text = {"tokenizer": tokenizer.fingerprint()}, SimpleNamespace(max_len=16)
+  got = ckpt_lib.run_tokenizer(tmp_path, text, record)
+  assert got.fingerprint() == record["tokenizer"]  # A copy saved and read back is the same.
+  assert ckpt_lib.run_tokenizer(tmp_path, text, {}) is not None  # Older records: unchecked.
+  copy = tmp_path / ckpt_lib.TOKENIZER  # Its vocabulary replaced: other ids for the same text.
+  (copy / "tokenizer.json").unlink()
+  (copy / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                             "is", "there"]) + "\n")
+  with pytest.raises(ValueError, match=rf"{copy}: this is not the tokenizer the run was "
+                     r"trained with \(its fingerprint is \w+, the run recorded "
+                     rf"{record['tokenizer']}\)"):
+    ckpt_lib.run_tokenizer(tmp_path, text, record)

@@ -311,3 +311,55 @@ def test_a_second_training_in_a_run_folder_is_refused(tmp_path):
       loop._RunLock().hold(workdir)
   with loop._RunLock() as again:  # Released when the first ended.
     again.hold(workdir)
+
+
+def test_values_that_would_train_something_else_are_refused_by_flag(tmp_path):
+  """Found by feeding every field nonsense: a negative loss weight dropped its term, epsilon 0
+  made the OT loss 0, a label smoothing over 1 trained on negative targets, a negative weight
+  decay grew the weights, answers of 2 tokens left the decoder nothing to learn; others failed
+  inside a library, some with the run folder written."""
+  import jax.numpy as jnp
+
+  from medvqa_jax.train import optim
+  base = helpers.tiny_config()
+  loop.check_values(base)  # The defaults pass.
+  for field, value, message in (
+      ("seed", -1, r"--config.seed=-1: must be a whole number in \[0, 2\*\*32\)"),
+      ("train.epochs", -1, r"--config.train.epochs=-1: must be 0 or more"),
+      ("model.dropout", 1.5, r"--config.model.dropout=1.5: must be in \[0, 1\)"),
+      ("model.dtype", "int8", r"--config.model.dtype='int8': must be float32, bfloat16 or "),
+      ("model.text.max_len", 1, r"--config.model.text.max_len=1: must be 2 or more"),
+      ("model.prior_max_tokens", 0, r"--config.model.prior_max_tokens=0: must be 1 or more"),
+      ("model.answer_max_len", 2, r"--config.model.answer_max_len=2: must be 3 or more "
+       r"\(\[CLS\], a word piece, \[SEP\]\)"),
+      ("losses.weights.wpa", -1.0, r"--config.losses.weights.wpa=-1.0: must be 0 or more"),
+      ("losses.label_smoothing", 1.5, r"--config.losses.label_smoothing=1.5: must be in"),
+      ("losses.ot.epsilon", 0.0, r"--config.losses.ot.epsilon=0.0: must be above 0"),
+      ("losses.ot.solver", "foo", r"--config.losses.ot.solver='foo': must be 'sinkhorn' or"),
+      ("losses.ot.ipot_iterations", 0, r"--config.losses.ot.ipot_iterations=0: must be 1 or"),
+  ):
+    bad = base.copy_and_resolve_references()
+    *path, name = field.split(".")
+    node = bad
+    for part in path:
+      node = node[part]
+    node[name] = value
+    with pytest.raises(ValueError, match=message):
+      loop.check_values(bad)
+  # A classifier head has no answer tokens: their length is not its concern.
+  other = base.copy_and_resolve_references()
+  other.model.update(head="classifier", answer_max_len=1)
+  loop.check_values(other)
+  # Refused by the loop before anything is written.
+  bad = base.copy_and_resolve_references()
+  bad.losses.label_smoothing = 1.5
+  bad.train.workdir = str(tmp_path / "run")
+  with pytest.raises(ValueError, match="label_smoothing=1.5"):
+    loop.train(bad)
+  assert not (tmp_path / "run").exists()
+  # The optimizer's own: a negative decay, or a decay rate of 1 (NaN parameters).
+  for field, value in (("weight_decay", -1.0), ("b1", 1.0), ("b2", -0.1)):
+    cfg = base.optim.copy_and_resolve_references()
+    cfg.total_steps, cfg[field] = 10, value
+    with pytest.raises(ValueError, match=rf"optim.{field}={value}: must be"):
+      optim.make(cfg, {"w": jnp.zeros(3)})
