@@ -78,6 +78,21 @@ def total_steps(config, num_train: int) -> int:
   return by_epochs
 
 
+def schedule_note(saved_json: str, optim_cfg, start: int) -> str | None:
+  """What a resume under another run length does to the learning rate (the schedule is the
+  new length's: a run extended after its end restarts from a rate well above the one it
+  ended at), or None for the same length."""
+  then_steps = json.loads(saved_json).get("optim", {}).get("total_steps")
+  if not then_steps or then_steps == optim_cfg.total_steps:
+    return None
+  then_cfg = optim_cfg.copy_and_resolve_references()
+  then_cfg.total_steps = then_steps
+  was, now = (float(optim.schedule(c)(start)) for c in (then_cfg, optim_cfg))
+  return (f"note: the learning-rate schedule is recomputed for {optim_cfg.total_steps} "
+          f"steps: step {start} goes on at {now:.3g} (it was at {was:.3g} of the "
+          f"{then_steps}-step schedule), with no new warm-up")
+
+
 def check_values(config) -> None:
   """Refuses, naming each flag, values that would train something other than was asked
   (a negative loss weight dropped the term, a label smoothing over 1 trained on negative
@@ -543,6 +558,9 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
     lock.hold(workdir)
   ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=tc.keep) if existing else None
   start = ckpts.latest_step() if ckpts else None
+  # Read first: a step folder left empty or damaged (an interrupted copy) is named as such,
+  # not taken for a step of a longer run.
+  record = ckpts.run_record(start) if start is not None else None
   if start is not None and start > steps:
     # Testing (or resuming) it would report steps past the run's stated length.
     raise ValueError(
@@ -550,7 +568,6 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
         "steps: train.epochs or optim.total_steps lowered?); a run cannot be shortened after "
         f"the fact: evaluate one of its steps with `launch/eval.py --checkpoint_dir={workdir} "
         "--step=N`, or train in a new train.workdir")
-  record = ckpts.run_record(start) if start is not None else None
   archs = record.get("towers") if record else None
   # The teacher's cache and the validation slice are checked before anything is written
   # (a resumed run's cache against the teacher it recorded).
@@ -619,6 +636,9 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
     if taken:
       _print("the config differs from the one the run was started with; it continues under "
              "the new values (train.init_from only starts a run):\n  " + "\n  ".join(taken))
+      note = schedule_note(run["config"], config.optim, start)
+      if note:
+        _print(note)
     if kept:
       log.warning("these config changes do not apply to a resumed run, which keeps its "
                   "recorded tower architectures and its tokenizer copy (start a new "

@@ -166,6 +166,20 @@ def test_a_run_shortened_below_its_latest_checkpoint_is_refused(straight, data_d
   assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
 
 
+def test_an_empty_step_folder_is_named_not_taken_for_a_longer_run(straight, tmp_path,
+                                                                   data_dir):
+  """An interrupted copy leaves an empty step folder past the run's last step: resuming said
+  the run had been shortened; it names the unreadable step and what to do."""
+  workdir = shutil.copytree(straight[0], tmp_path / "copied")
+  (workdir / "checkpoints" / str(STEPS + 2)).mkdir()
+  out = _run(_train_cmd(workdir, data_dir), check=False)
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert "past the run's length" not in out.stderr
+  assert (f"checkpoint step {STEPS + 2} in {workdir / 'checkpoints'} cannot be read") \
+      in out.stderr, out.stderr[-3000:]
+  assert f"delete {workdir / 'checkpoints' / str(STEPS + 2)} to go back" in out.stderr
+
+
 def test_sigkill_and_resume_give_the_same_run(straight, tmp_path, data_dir):
   workdir = tmp_path / "killed"
   cmd = _train_cmd(workdir, data_dir)

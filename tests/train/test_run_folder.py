@@ -363,3 +363,22 @@ def test_values_that_would_train_something_else_are_refused_by_flag(tmp_path):
     cfg.total_steps, cfg[field] = 10, value
     with pytest.raises(ValueError, match=rf"optim.{field}={value}: must be"):
       optim.make(cfg, {"w": jnp.zeros(3)})
+
+
+def test_a_resume_under_another_length_says_what_becomes_of_the_learning_rate():
+  """Extending a finished run recomputes the schedule for the new length: the rate jumps from
+  the old schedule's end to the new one's middle, which the resume now says."""
+  import json
+
+  import optax
+  config = helpers.tiny_config()
+  config.optim.update(lr=1e-3, warmup_fraction=0.1, total_steps=60)
+  saved = json.dumps({"optim": {"total_steps": 30}})
+  warm = lambda n: optax.warmup_cosine_decay_schedule(0.0, 1e-3, int(0.1 * n), n, 0.0)
+  note = loop.schedule_note(saved, config.optim, 29)
+  assert note == (f"note: the learning-rate schedule is recomputed for 60 steps: step 29 goes "
+                  f"on at {float(warm(60)(29)):.3g} (it was at {float(warm(30)(29)):.3g} of "
+                  "the 30-step schedule), with no new warm-up")
+  assert "goes on at 0.000615 (it was at 3.38e-06" in note  # Near the peak again, from ~0.
+  assert loop.schedule_note(json.dumps({"optim": {"total_steps": 60}}), config.optim, 29) is None
+  assert loop.schedule_note(json.dumps({}), config.optim, 29) is None  # Older records.
