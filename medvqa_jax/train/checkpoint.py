@@ -12,7 +12,8 @@ devices restores onto 1.
 A step whose files were damaged after it was written (a truncated copy, a full disk) is an
 `UnreadableCheckpoint` naming the step and what to do; nothing is deleted automatically. A
 save that fails while it is written (a full disk) is a `CheckpointNotWritten` naming the step,
-the reason and the step to resume from. A restore onto a model whose parameters differ from the saved ones names the parameters.
+the reason and the step to resume from. A restore onto a model whose parameters differ from
+the saved ones names the parameters.
 """
 
 from __future__ import annotations
@@ -371,4 +372,7 @@ def resolve(path) -> tuple[Path, int | None]:
     return path.parent, int(path.name)
   if not path.is_dir():
     raise FileNotFoundError(f"no checkpoint at {path}")
+  if (path / TOKENIZER).is_dir() or (path / "metrics.jsonl").exists():  # A run's work folder.
+    raise FileNotFoundError(f"{path} has no checkpoints/ folder: the run saved no checkpoint "
+                            "(yet)")
   return path, None

@@ -378,3 +378,14 @@ def test_a_save_that_fails_while_written_is_named_with_its_step_and_reason(tmp_p
       "large). The steps saved before it are intact ([1]): free space, or move the run "
       "folder, and run the same command again to resume from step 1")
   assert "STEPS: [1]" in out.stdout  # Step 3 was not begun; step 2 left nothing readable.
+
+
+def test_a_run_folder_without_checkpoints_is_named_as_such(tmp_path):
+  """eval.py and predict.py on a run that saved nothing yet said "no complete checkpoint in"
+  the run folder, as if it were a checkpoints folder."""
+  (tmp_path / "metrics.jsonl").write_text("")
+  with pytest.raises(FileNotFoundError, match=rf"^{tmp_path} has no checkpoints/ folder: the "
+                     r"run saved no checkpoint \(yet\)$"):
+    ckpt_lib.resolve(tmp_path)
+  (tmp_path / "checkpoints").mkdir()
+  assert ckpt_lib.resolve(tmp_path) == (tmp_path / "checkpoints", None)
