@@ -54,8 +54,9 @@ def load_hf_tokenizer(folder: str | os.PathLike):
     raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
   has = lambda *names: all((folder / n).exists() for n in names)
   found = sorted(p.name for p in folder.iterdir())
+  # (A SentencePiece model needs the tokenizer_config.json that names its class.)
   vocabulary = (has("tokenizer.json") or has("vocab.txt") or has("vocab.json", "merges.txt")
-                or any(name.endswith(".model") for name in found))  # (SentencePiece's.)
+                or (has("tokenizer_config.json") and any(n.endswith(".model") for n in found)))
   if not vocabulary:
     raise FileNotFoundError(
         f"no tokenizer vocabulary in {folder}: expected tokenizer.json, vocab.txt (BERT) or "

@@ -150,9 +150,11 @@ def _reading(path: Path, kind: str):
   own errors name no file, and torch's suggests unpickling with weights_only=False."""
   try:
     yield
-  except (FileNotFoundError, ImportError):
+  except (FileNotFoundError, ImportError, PermissionError, MemoryError):
     raise
   except Exception as e:
+    if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+      raise  # Too large for this machine's memory: nothing is wrong with the file.
     try:
       size = path.stat().st_size
       with open(path, "rb") as f:

@@ -212,15 +212,15 @@ class Checkpoints:
     need = _bytes_to_write(state)
     try:
       free = shutil.disk_usage(self.directory).free
-    except OSError:
-      return  # Nothing to tell; the save itself reports what fails.
-    short = free < need // 2
-    if jax.process_count() > 1:
+    except OSError:  # Nothing to tell; the save itself reports what fails.
+      free = None
+    short = free is not None and free < need // 2
+    if jax.process_count() > 1:  # Every host takes part, whatever it found.
       short = bool(np.any(multihost_utils.process_allgather(np.int32(short))))
     if short:
       raise self._not_written(
           step, f"{_size(free)} free on its disk, for a state of {_size(need)}"
-          if free < need // 2 else "another host's disk is full")
+          if free is not None and free < need // 2 else "another host's disk is full")
 
   def _not_written(self, step: int, why: str) -> CheckpointNotWritten:
     saved = self.steps()
@@ -238,11 +238,13 @@ class Checkpoints:
     try:
       yield
     except Exception as e:
-      if step is None:
-        raise
-      self._writing = None
       text = str(e)
       code = _OS_ERROR.search(text)
+      # Only what writing raised (an OS error, or TensorStore's naming one): anything else (a
+      # record that is not JSON, the hosts out of step) keeps its own message and traceback.
+      if step is None or not (isinstance(e, OSError) or code):
+        raise
+      self._writing = None
       why = (os.strerror(int(code.group(1))) if code
              else (text.strip().splitlines() or [type(e).__name__])[0][:300])
       raise self._not_written(step, why) from e

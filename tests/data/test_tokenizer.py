@@ -211,6 +211,11 @@ def test_a_tokenizer_folder_missing_its_vocabulary_or_special_tokens_is_refused(
   (no_config / "tokenizer_config.json").unlink()
   with pytest.raises(ValueError, match=rf"the tokenizer in {no_config} has no padding token"):
     Tokenizer.from_folder(no_config, 16)
+  sentencepiece = tmp_path / "sentencepiece"  # A model alone: no class to read it with.
+  sentencepiece.mkdir()
+  (sentencepiece / "spiece.model").write_bytes(b"x")
+  with pytest.raises(FileNotFoundError, match=rf"no tokenizer vocabulary in {sentencepiece}"):
+    Tokenizer.from_folder(sentencepiece, 16)
   cut = shutil.copytree(tmp_path / "whole", tmp_path / "cut")
   (cut / "tokenizer.json").write_text((cut / "tokenizer.json").read_text()[:1000])
   with pytest.raises(ValueError, match=rf"the tokenizer files in {cut} cannot be read"):

@@ -351,3 +351,17 @@ def test_an_open_clip_trunk_missing_its_last_blocks_is_refused(biomedclip, tmp_p
   with pytest.raises(CheckpointError, match=r"the timm trunk 'vit_tiny_patch16_224' has 12 "
                      r"blocks, but the weights hold 11"):
     towers.load("image", "open_clip", folder)
+
+
+def test_a_weight_file_too_large_for_memory_is_not_called_damaged(hf_bert, monkeypatch):
+  def no_memory(path):
+    raise MemoryError()
+  monkeypatch.setattr(state_dict, "_safetensors_load", no_memory)
+  with pytest.raises(MemoryError):
+    towers.load("text", "hf_bert", hf_bert[1])
+
+  def device_memory(path):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 268435456 bytes.")
+  monkeypatch.setattr(state_dict, "_safetensors_load", device_memory)
+  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+    towers.load("text", "hf_bert", hf_bert[1])

@@ -389,3 +389,29 @@ def test_a_run_folder_without_checkpoints_is_named_as_such(tmp_path):
     ckpt_lib.resolve(tmp_path)
   (tmp_path / "checkpoints").mkdir()
   assert ckpt_lib.resolve(tmp_path) == (tmp_path / "checkpoints", None)
+
+
+def test_only_write_failures_are_reported_as_checkpoints_not_written(tmp_path, monkeypatch):
+  """Another failure of a save (hosts out of step, a bug) keeps its own message: it was told
+  to free space. A disk whose free space cannot be read is no reason to refuse a save."""
+  ckpts = ckpt_lib.Checkpoints(tmp_path / "checkpoints", keep=5)
+
+  def unreadable(path):
+    raise OSError(5, "Input/output error")
+  monkeypatch.setattr(ckpt_lib.shutil, "disk_usage", unreadable)
+  ckpts.save(2, state(), {"step": 2})
+
+  def out_of_step():
+    raise AssertionError("sync_global_devices name mismatch")
+  monkeypatch.setattr(ckpts.manager, "wait_until_finished", out_of_step)
+  with pytest.raises(AssertionError, match="name mismatch"):
+    ckpts.wait()
+
+  def disk_full():
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(ckpts.manager, "wait_until_finished", disk_full)
+  with pytest.raises(ckpt_lib.CheckpointNotWritten, match=r"checkpoint step 2 could not be "
+                     r"written in .* \(\[Errno 28\] No space left on device\)"):
+    ckpts.wait()
+  monkeypatch.undo()
+  ckpts.close()
