@@ -67,6 +67,9 @@ class VisionTransformer(nn.Module):
 
   @property
   def grid(self) -> int:
+    if not (self.patch_size >= 1 and self.image_size >= self.patch_size):  # (0: a division by 0.)
+      raise ValueError(f"patch_size {self.patch_size} and image_size {self.image_size}: a "
+                       "patch is 1 pixel or more, and the image at least one patch")
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
                        f"{self.patch_size}")

@@ -98,3 +98,17 @@ def test_bfloat16_compute_stays_close_to_float32(kind):
   assert rel_err(low["pooled"], ref["pooled"]) < 2e-2
   if "embedding" in ref:
     assert rel_err(low["embedding"], ref["embedding"]) < 2e-2
+
+
+def test_patch_and_image_sizes_that_make_no_grid_are_named():
+  """A patch size of 0 was a ZeroDivisionError; an image smaller than a patch, or not a
+  whole number of them, is named too."""
+  for image_size, patch_size, message in (
+      (64, 0, r"patch_size 0 and image_size 64: a patch is 1 pixel or more"),
+      (4, 8, r"patch_size 8 and image_size 4: .* the image at least one patch"),
+      (60, 8, r"image_size 60 is not a multiple of patch_size 8")):
+    with pytest.raises(ValueError, match=message):
+      VisionTransformer(image_size=image_size, patch_size=patch_size, width=8, depth=1,
+                        num_heads=2, mlp_dim=16).grid
+  assert VisionTransformer(image_size=64, patch_size=8, width=8, depth=1, num_heads=2,
+                           mlp_dim=16).grid == 8
