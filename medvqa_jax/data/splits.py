@@ -181,17 +181,20 @@ def vqa_splits(dc, need=("train", "val", "test")) -> dict[str, Split]:
   # validation) or the checkpoint choice would see test, under the open-set label.
   roles = {"train": ("train_split", dc.train_split), "val": ("val_split", dc.val_split),
            "test": ("test_split", dc.test_split)}
-  named = [(role, *roles[role]) for role in ("train", "val", "test")
-           if role in need and roles[role][1]]
-  for i, (role, flag, split) in enumerate(named):
-    for other, other_flag, other_split in named[i + 1:]:
-      if split == other_split:
-        raise ValueError(
-            f"--config.data.{flag} and --config.data.{other_flag} are both {split!r}: the "
-            f"{role} and {other} splits must differ (the answers and the checkpoint choice "
-            "must not see the test split; to validate on a held-out slice of the training "
-            "images, set --config.data.val_split=''; the paper's closed-set answers: "
-            "--config.data.closed_set)")
+  seen = {}  # split -> (role, flag) of the first role given it
+  for role in ("train", "val", "test"):
+    flag, split = roles[role]
+    if role not in need or not split:
+      continue
+    if split in seen:
+      first, first_flag = seen[split]
+      raise ValueError(
+          f"--config.data.{first_flag} and --config.data.{flag} are both {split!r}: the "
+          f"{first} and {role} splits must differ (the answers and the checkpoint choice "
+          "must not see the test split; to validate on a held-out slice of the training "
+          "images, set --config.data.val_split=''; the paper's closed-set answers: "
+          "--config.data.closed_set)")
+    seen[split] = (role, flag)
   check_kind(dc, "vqa")
   ensure_built(dc)
   out = {}

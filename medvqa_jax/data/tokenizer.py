@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from medvqa_jax import files as files_lib
+from medvqa_jax.errors import first_line
 
 
 def _tokenizer_folder(folder: Path) -> Path:
@@ -75,9 +76,8 @@ def load_hf_tokenizer(folder: str | os.PathLike):
     else:
       hf = transformers.BertTokenizer.from_pretrained(str(folder), local_files_only=True)
   except (OSError, ValueError, KeyError, TypeError) as e:
-    why = (str(e).strip().splitlines() or [""])[0][:300]
     raise ValueError(f"the tokenizer files in {folder} cannot be read ({type(e).__name__}: "
-                     f"{why}); found {found}") from None
+                     f"{first_line(e)}); found {found}") from None
   if hf.pad_token_id is None:  # (Its special tokens are in tokenizer_config.json.)
     raise ValueError(f"the tokenizer in {folder} has no padding token: is its "
                      f"tokenizer_config.json (or special_tokens_map.json) missing? found {found}")

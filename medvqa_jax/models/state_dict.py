@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterable, Sequence
 import jax
 import numpy as np
 
+from medvqa_jax.errors import first_line
+
 log = logging.getLogger(__name__)
 
 # Weight files looked for in a checkpoint folder, best first.
@@ -170,10 +172,9 @@ def _reading(path: Path, kind: str):
           f"{path} holds more than tensors (a whole pickled model, or other objects): only "
           "a state dict of tensors is read, for safety (code in a pickle would run); save "
           "the model's state_dict() (or safetensors) instead") from None
-    why = (str(e).strip().splitlines() or [""])[0][:300]
     raise CheckpointError(
-        f"{path} ({size} bytes) cannot be read as {kind} ({type(e).__name__}: {why}): the "
-        "file is damaged, cut short or of another kind") from None
+        f"{path} ({size} bytes) cannot be read as {kind} ({type(e).__name__}: "
+        f"{first_line(e)}): the file is damaged, cut short or of another kind") from None
 
 
 def rename_legacy_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -241,8 +241,7 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
   tc.batch_size = batch_size
   step_lib.check_batch(config, batch_size, device_count)
   rng = step_lib.check_rng(tc.get("rng", "threefry"))  # Named before anything runs.
-  from medvqa_jax.train import loop  # (It imports the evaluation code: not at start-up.)
-  loop.check_values(config)
+  step_lib.check_values(config)
   if pipeline and mc.head == "none" and config.teacher.mode != "none":
     raise ValueError("the pipeline run of a pre-training config would need the teacher's "
                      "cache: time it with --config.teacher.mode=none")

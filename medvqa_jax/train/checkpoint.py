@@ -32,6 +32,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from medvqa_jax.errors import first_line
+
 log = logging.getLogger(__name__)
 
 
@@ -105,10 +107,11 @@ def run_tokenizer(workdir, text_cfg, record: dict | None = None):
     return None
   tokenizer = tokenizer_lib.Tokenizer.from_folder(folder, text_cfg.max_len)
   recorded = (record or {}).get("tokenizer")
-  if recorded and tokenizer.fingerprint() != recorded:
+  found = tokenizer.fingerprint() if recorded else None
+  if recorded and found != recorded:
     raise ValueError(
         f"{folder}: this is not the tokenizer the run was trained with (its fingerprint is "
-        f"{tokenizer.fingerprint()}, the run recorded {recorded}): its files were changed or "
+        f"{found}, the run recorded {recorded}): its files were changed or "
         f"lost (it holds {sorted(p.name for p in folder.iterdir())}); copy them again from "
         "where the run was made")
   return tokenizer
@@ -246,12 +249,12 @@ class Checkpoints:
         raise
       self._writing = None
       why = (os.strerror(int(code.group(1))) if code
-             else (text.strip().splitlines() or [type(e).__name__])[0][:300])
+             else first_line(e) or type(e).__name__)
       raise self._not_written(step, why) from e
 
   def _unreadable(self, step: int, e: Exception) -> UnreadableCheckpoint:
     others = [s for s in self.steps() if s != step]
-    why = (str(e).strip().splitlines() or [""])[0][:300]
+    why = first_line(e)
     return UnreadableCheckpoint(
         f"checkpoint step {step} in {self.directory} cannot be read ({type(e).__name__}: "
         f"{why}). Its files are damaged or incomplete: delete {self.directory / str(step)} "

@@ -125,6 +125,47 @@ def check_batch(config, batch_size: int, devices: int) -> None:
 RNG_IMPLS = {"threefry": "threefry2x32", "rbg": "rbg", "unsafe_rbg": "unsafe_rbg"}
 
 
+def check_values(config) -> None:
+  """Refuses, naming each flag, values that would train something other than was asked
+  (a negative loss weight dropped the term, a label smoothing over 1 trained on negative
+  targets, epsilon 0 made the OT loss 0), leave no learning signal (answers cut to their
+  special tokens), or fail later inside a library, some after the run folder was written."""
+  mc, lc = config.model, config.get("losses")
+  at_least = lambda low: (lambda v: v >= low, f"{low} or more")
+  rules = [
+      ("seed", config.seed, lambda v: 0 <= v < 2 ** 32, "a whole number in [0, 2**32)"),
+      ("train.epochs", config.train.get("epochs") or 0, *at_least(0)),
+      ("model.dropout", mc.dropout, lambda v: 0 <= v < 1, "in [0, 1)"),
+      ("model.dtype", mc.dtype, lambda v: v in ("float32", "bfloat16", "float16"),
+       "float32, bfloat16 or float16"),
+      ("model.text.max_len", mc.text.max_len, lambda v: v >= 2,
+       "2 or more (a start and an end token)"),
+      ("model.prior_max_tokens", mc.prior_max_tokens, *at_least(1)),
+  ]
+  if mc.head == "generative":
+    rules.append(("model.answer_max_len", mc.answer_max_len, lambda v: v >= 3,
+                  "3 or more ([CLS], a word piece, [SEP]): shorter, every answer is its "
+                  "special tokens alone and the decoder learns nothing"))
+  if lc is not None:
+    rules += [(f"losses.weights.{name}", weight, lambda v: v >= 0, "0 or more (0 leaves the "
+               "term out)") for name, weight in lc.weights.items()]
+    rules += [
+        ("losses.lam", lc.lam, *at_least(0)),
+        ("losses.label_smoothing", lc.label_smoothing, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("losses.ot.solver", lc.ot.solver, lambda v: v in ("sinkhorn", "ipot"),
+         "'sinkhorn' or 'ipot'"),
+        ("losses.ot.epsilon", lc.ot.epsilon, lambda v: v > 0,
+         "above 0 (at 0 the plan, and the loss, are 0)"),
+        ("losses.ot.max_iterations", lc.ot.max_iterations, *at_least(1)),
+        ("losses.ot.ipot_beta", lc.ot.ipot_beta, lambda v: v > 0, "above 0"),
+        ("losses.ot.ipot_iterations", lc.ot.ipot_iterations, *at_least(1)),
+    ]
+  bad = [f"--config.{flag}={value!r}: must be {need}" for flag, value, ok, need in rules
+         if not ok(value)]
+  if bad:
+    raise ValueError("; ".join(bad))
+
+
 def check_rng(rng: str) -> str:
   """`rng` if it names an implementation of RNG_IMPLS; an error naming them otherwise."""
   if rng not in RNG_IMPLS:

@@ -321,8 +321,9 @@ def test_values_that_would_train_something_else_are_refused_by_flag(tmp_path):
   import jax.numpy as jnp
 
   from medvqa_jax.train import optim
+  from medvqa_jax.train import step as step_lib
   base = helpers.tiny_config()
-  loop.check_values(base)  # The defaults pass.
+  step_lib.check_values(base)  # The defaults pass.
   for field, value, message in (
       ("seed", -1, r"--config.seed=-1: must be a whole number in \[0, 2\*\*32\)"),
       ("train.epochs", -1, r"--config.train.epochs=-1: must be 0 or more"),
@@ -345,11 +346,11 @@ def test_values_that_would_train_something_else_are_refused_by_flag(tmp_path):
       node = node[part]
     node[name] = value
     with pytest.raises(ValueError, match=message):
-      loop.check_values(bad)
+      step_lib.check_values(bad)
   # A classifier head has no answer tokens: their length is not its concern.
   other = base.copy_and_resolve_references()
   other.model.update(head="classifier", answer_max_len=1)
-  loop.check_values(other)
+  step_lib.check_values(other)
   # Refused by the loop before anything is written.
   bad = base.copy_and_resolve_references()
   bad.losses.label_smoothing = 1.5
