@@ -108,17 +108,19 @@ import json, os, sys
 if not os.path.exists(sys.argv[1]):
   sys.exit(f"no results yet in {sys.argv[1]}")
 pct = lambda x: "-" if x is None else f"{100 * x:.1f}"
-print("accuracy (%) by the dataset's answer_type; majority = always the most frequent train answer")
+print("accuracy (%): closed/open by the dataset's answer_type, yes/no and not y/n by whether "
+      "the ground truth is yes or no; majority = always the most frequent train answer")
 print("(step*: the run was stopped by its time limit; its best checkpoint reached)")
-print(f"{'run':22} {'step':>6} {'overall':>7} {'closed':>6} {'open':>6} {'majority':>8} "
-      f"{'wall s':>6}  device")
+print(f"{'run':22} {'step':>6} {'overall':>7} {'closed':>6} {'open':>6} {'yes/no':>6} "
+      f"{'not y/n':>7} {'majority':>8} {'wall s':>6}  device")
 for line in open(sys.argv[1]):
   r = json.loads(line)
   m = r["metrics"]
   step = f"{m['step']}{'' if r.get('complete', True) else '*'}"
+  yes_no = {k: v.get("accuracy") for k, v in m.get("by_yes_no", {}).items()}
   print(f"{r['run'][-22:]:22} {step:>6} {pct(m['overall']):>7} {pct(m['closed']):>6} "
-        f"{pct(m['open']):>6} {pct(m['majority_baseline']['overall']):>8} {r['wall_s']:>6}  "
-        f"{r['device']}")
+        f"{pct(m['open']):>6} {pct(yes_no.get('closed')):>6} {pct(yes_no.get('open')):>7} "
+        f"{pct(m['majority_baseline']['overall']):>8} {r['wall_s']:>6}  {r['device']}")
 PY
 table=$?
 if [ ${#FAILED[@]} -gt 0 ]; then

@@ -155,6 +155,7 @@ case "$1" in
     for a in "$@"; do case $a in --out=*) out=${{a#*=}};; esac; done
     mkdir -p "$out"
     echo '{{"step": 7, "overall": 0.5, "closed": 0.625, "open": 0.25,
+           "by_yes_no": {{"closed": {{"accuracy": 0.75}}, "open": {{"accuracy": 0.125}}}},
            "majority_baseline": {{"overall": 0.3}}}}' > "$out/metrics.json" ;;
   *) exec {sys.executable} "$@" ;;
 esac
@@ -171,7 +172,8 @@ esac
   assert time.time() - start < 60  # Stopped at its limit, not at the stand-in's 120 s.
   (line,) = [json.loads(x) for x in results.read_text().splitlines()]
   assert line["complete"] is False and line["metrics"]["step"] == 7
-  assert re.search(r"runs/vqa_rad\s+7\*\s+50\.0\s+62\.5\s+25\.0\s+30\.0", out.stdout)
+  assert re.search(r"runs/vqa_rad\s+7\*\s+50\.0\s+62\.5\s+25\.0\s+75\.0\s+12\.5\s+30\.0",
+                   out.stdout)
 
 
 def test_a_session_without_a_gpu_stops_at_its_check(tmp_path):
@@ -254,7 +256,8 @@ def test_a_fine_tune_killed_for_memory_says_so(tmp_path):
                             "RESULTS": str(tmp_path / "real.jsonl")},
                        capture_output=True, text=True, timeout=60)
   assert out.returncode == 1 and "failed: vqa_rad (above)" in out.stderr
-  assert re.search(r"runs/real/slake\s+3\s+50\.0", out.stdout)
+  # A line written before the yes/no columns: "-" there.
+  assert re.search(r"runs/real/slake\s+3\s+50\.0\s+50\.0\s+50\.0\s+-\s+-\s+25\.0", out.stdout)
 
 
 def test_the_recipe_slows_what_comes_from_minilm_only(tmp_path):
