@@ -54,7 +54,8 @@ def main(argv):
   if not text_lib.question(_QUESTION.value).strip():
     raise ValueError(f"--question {_QUESTION.value!r} is empty (once read as training reads it)")
   if not Path(_IMAGE.value).is_file():  # Checked before the model is restored, not after.
-    raise FileNotFoundError(f"--image={_IMAGE.value}: no such file")
+    raise FileNotFoundError(f"--image={_IMAGE.value}: " + (
+        "a folder, not an image file" if Path(_IMAGE.value).is_dir() else "no such file"))
   if _OUT.value:
     from PIL import Image
     picture_path = Path(_OUT.value)

@@ -137,6 +137,9 @@ def test_eval_and_predict_say_what_is_missing(tmp_path):
   assert (tmp_path / "notes.txt").read_text() == "mine"
   out = _run("launch/predict.py", f"--checkpoint_dir={tmp_path}", "--image=x.jpg", "--question=q")
   assert out.returncode != 0 and "--image=x.jpg: no such file" in out.stderr  # Before restoring.
+  out = _run("launch/predict.py", f"--checkpoint_dir={tmp_path}", f"--image={tmp_path}",
+             "--question=q")
+  assert out.returncode == 1 and f"--image={tmp_path}: a folder, not an image file" in out.stderr
   from medvqa_jax import ASSETS
   image = sorted((ASSETS / "demo" / "images").iterdir())[0]
   out = _run("launch/predict.py", f"--checkpoint_dir={tmp_path}", f"--image={image}",

@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 import tensorflow_datasets as tfds
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from medvqa_jax.data import answers as answers_lib
 from medvqa_jax.data import image as image_lib
@@ -62,21 +62,20 @@ def encode_image(source, max_side: int | None, quality: int = 95) -> bytes:
     raise ValueError(f"max_side={max_side}: the shorter side to shrink images to, 0 or more")
   try:
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    img = Image.open(io.BytesIO(data))
-    img.load()
+    img = image_lib.decode(data)
     turned = image_lib.needs_turning(img)
   except FileNotFoundError:
     raise ValueError("image file not found") from None
-  except UnidentifiedImageError:  # Its message names an in-memory buffer, not the file.
-    raise ValueError("unreadable image (not an image format PIL can read)") from None
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+  except IsADirectoryError:
+    raise ValueError("a folder, not an image file") from None
+  except (OSError, SyntaxError, ValueError) as e:
     raise ValueError(f"unreadable image ({e})") from None
   if (img.format == "JPEG" and img.mode == "RGB" and not turned
       and not (max_side and min(img.size) > max_side)):
     return data
   try:
-    img = image_lib.to_rgb(image_lib.upright(image_lib.full_depth(img, data)))
-  except OSError as e:
+    img = image_lib.rgb(img, data)
+  except ValueError as e:
     raise ValueError(f"unreadable image ({e})") from None
   if max_side and min(img.size) > max_side:
     scale = max_side / min(img.size)
@@ -235,8 +234,9 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
       raise DataError(
           f"{len(bad)} of the {total} records of the {split} split of {self.name} in "
           f"{self.source_dir} are bad ({len(bad) / total:.1%} > the allowed "
-          f"{self.max_bad_fraction:.1%}, --max_bad_fraction); nothing was built. First "
-          f"problems:\n  {shown}")
+          f"{self.max_bad_fraction:.1%}); nothing was built. First problems:\n  {shown}\n"
+          "To build it without them, allow more: launch/prepare_data.py "
+          "--max_bad_fraction=FRACTION (the other commands read what it built)")
 
   def _generate_examples(self, split, items, bad: list[str]):
     """The split's examples; bad: its records already found bad, to which those whose image

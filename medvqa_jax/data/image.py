@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,23 +47,42 @@ def _on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
   return np.round(rgb * a + 255.0 * (1 - a)).astype(np.uint8)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
+def _deep(img: Image.Image) -> bool:
+  """Whether PIL holds the image as high-bit-depth grayscale (16-bit, 32-bit integer, float)."""
+  return img.mode in ("I", "F") or img.mode.startswith("I;16")
+
+
+def white_is_zero(img: Image.Image) -> bool:
+  """A high-bit-depth grayscale TIFF whose photometric interpretation is "white is zero"
+  (what ImageJ saves for an inverted lookup table, and MONOCHROME1 radiographs): PIL inverts
+  8-bit ones as it decodes them, not these. Asked before `upright`, whose turned copy has no
+  TIFF tags."""
+  return img.format == "TIFF" and _deep(img) and img.tag_v2.get(262) == 0
+
+
+def to_rgb(img: Image.Image, white_is_zero: bool = False) -> Image.Image:
   """RGB of an image in any PIL mode. High-bit-depth grayscale (16-bit PNG, 32-bit integer or
   float: how scans exported from DICOM often come) is stretched from its own minimum-maximum
-  to 0-255; PIL's own conversion clips it at 255, which turns nearly every pixel white. An
-  image with transparency is composited onto white, as a page shows it: dropping the alpha
-  turned a black drawing on transparent black into one flat colour."""
-  if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+  to 0-255 (then inverted if `white_is_zero`, see `white_is_zero`); PIL's own conversion
+  clips it at 255, which turns nearly every pixel white. An image with transparency is
+  composited onto white, as a page shows it: dropping the alpha turned a black drawing on
+  transparent black into one flat colour. An alpha of 0 everywhere (an exporter's mistake:
+  nothing would be seen) is ignored."""
+  if _deep(img):
     x = np.asarray(img)
     gray = _stretched(x)
+    if white_is_zero:
+      gray = 255 - gray
     key = img.info.get("transparency")  # A 16-bit PNG's transparent grey level (tRNS).
-    if isinstance(key, int):
+    if isinstance(key, int) and (x != key).any():
       return Image.fromarray(_on_white(np.repeat(gray[..., None], 3, -1),
                                        (x != key).astype(np.float64)), "RGB")
     img = Image.fromarray(gray, "L")
   if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
     rgba = np.asarray(img.convert("RGBA"))
-    return Image.fromarray(_on_white(rgba[..., :3], rgba[..., 3] / 255.0), "RGB")
+    if rgba[..., 3].any():
+      return Image.fromarray(_on_white(rgba[..., :3], rgba[..., 3] / 255.0), "RGB")
+    return Image.fromarray(np.ascontiguousarray(rgba[..., :3]), "RGB")
   return img.convert("RGB")
 
 
@@ -93,28 +113,62 @@ def full_depth(img: Image.Image, data: bytes) -> Image.Image:
     raise OSError(f"16-bit PNG: {e}") from None
   x = x.reshape(height, width, info["planes"])
   colour = _stretched(x[..., :3] if info["planes"] >= 3 else np.repeat(x[..., :1], 3, -1))
-  if info["alpha"]:
-    colour = _on_white(colour, x[..., -1] / 65535.0)
+  if info["alpha"] and x[..., -1].any():
+    # asDirect gives the samples at the significant bits a PNG states (sBIT), alpha's too.
+    colour = _on_white(colour, x[..., -1] / float(2 ** info["bitdepth"] - 1))
   deep = Image.fromarray(colour, "RGB")
   deep.info.update(img.info)
   return deep
 
 
+def decode(data: bytes) -> Image.Image:
+  """PIL's decoding of an image file's bytes, loaded (not converted: see `rgb`). A file that
+  cannot be read is a ValueError saying why, for the caller to name the file: the readers'
+  own messages name an in-memory buffer, or warn of a "decompression bomb DOS attack" for a
+  large scan (PIL's warning above 89 million pixels is not printed; its limit, twice that,
+  is an error saying what to do)."""
+  if not data:
+    raise ValueError("an empty file (0 bytes)")
+  if data[128:132] == b"DICM":
+    raise ValueError("a DICOM file, which is not read here: export its pixels to an image "
+                     "file first (a 16-bit PNG keeps their depth)")
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      img = Image.open(io.BytesIO(data))
+      img.load()
+  except UnidentifiedImageError:
+    raise ValueError("not an image format PIL can read") from None
+  except Image.DecompressionBombError as e:
+    size = str(e).split(", could be")[0].rstrip(".")
+    raise ValueError(f"{size}: too large for PIL to open. Shrink the file first, or raise "
+                     "the limit (PIL.Image.MAX_IMAGE_PIXELS) in the code that reads it") from None
+  except (OSError, SyntaxError, ValueError) as e:
+    raise ValueError(str(e)) from None
+  return img
+
+
+def rgb(img: Image.Image, data: bytes) -> Image.Image:
+  """An image `decode`d from `data` as RGB, upright: in full depth (`full_depth`), turned by
+  its EXIF orientation (`upright`), converted by `to_rgb`. A ValueError if it cannot be."""
+  try:
+    inverted = white_is_zero(img)
+    return to_rgb(upright(full_depth(img, data)), white_is_zero=inverted)
+  except OSError as e:
+    raise ValueError(str(e)) from None
+
+
 def open_image(source: str | os.PathLike | bytes) -> Image.Image:
   """Decodes an image file or encoded bytes to RGB (medical images are often grayscale, some
   of them 16-bit: `to_rgb`, `full_depth`), upright (`upright`)."""
+  where = "image bytes" if isinstance(source, bytes) else str(source)
   try:
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    img = upright(full_depth(img, data))
-  except UnidentifiedImageError:  # Its message names an in-memory buffer, not the file.
-    where = "image bytes" if isinstance(source, bytes) else str(source)
-    raise ValueError(f"cannot decode {where}: not an image format PIL can read") from None
-  except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-    where = "image bytes" if isinstance(source, bytes) else str(source)
+    return rgb(decode(data), data)
+  except IsADirectoryError:
+    raise ValueError(f"{where} is a folder, not an image file") from None
+  except ValueError as e:
     raise ValueError(f"cannot decode {where}: {e}") from None
-  return to_rgb(img)
 
 
 def load_image(source, size: int) -> np.ndarray:

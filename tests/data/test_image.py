@@ -186,8 +186,95 @@ def test_exif_orientation_is_applied_when_decoding_and_building(tmp_path):
 def test_an_image_over_pils_pixel_limit_is_an_error_naming_it(tmp_path, monkeypatch):
   Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "huge.png")
   monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4,096 pixels: over twice the limit.
-  with pytest.raises(ValueError, match=r"cannot decode \S*huge.png: Image size \(4096 pixels\)"):
+  says = (r"Image size \(4096 pixels\) exceeds limit of 2000 pixels: too large for PIL to "
+          r"open. Shrink the file first, or raise the limit \(PIL.Image.MAX_IMAGE_PIXELS\)")
+  with pytest.raises(ValueError, match=rf"cannot decode \S*huge.png: {says}"):
     image_lib.open_image(tmp_path / "huge.png")
   # In a build, a bad record (skipped and reported), not a crash of the whole build.
-  with pytest.raises(ValueError, match=r"unreadable image \(Image size \(4096 pixels\)"):
+  with pytest.raises(ValueError, match=rf"unreadable image \({says}"):
     builders.encode_image(tmp_path / "huge.png", 32)
+
+
+def test_a_deep_png_with_alpha_and_significant_bits_is_not_washed_out():
+  """A 16-bit PNG with alpha that states its significant bits (sBIT: 12-bit data) was read at
+  those bits, alpha too (opaque: 4095), and then taken as 4095/65535 opaque: stored near
+  white (239-255). It is stored as the same picture without alpha is."""
+  import png
+  ramp = np.linspace(0, 4095, 8 * 16).reshape(8, 16).astype(np.uint16)
+  plain = np.asarray(image_lib.open_image(_deep_png(ramp[..., None] * 16)))
+  for grey in (True, False):
+    planes = [ramp] * (1 if grey else 3) + [np.full_like(ramp, 4095)]
+    out = io.BytesIO()
+    png.Writer(16, 8, greyscale=grey, alpha=True, bitdepth=12).write(
+        out, np.stack(planes, -1).reshape(8, -1))
+    data = out.getvalue()
+    assert data[24] == 16 and b"sBIT" in data  # Stored as 16 bits, 12 of them significant.
+    np.testing.assert_array_equal(np.asarray(image_lib.open_image(data)), plain)
+  assert plain.min() == 0 and plain.max() == 255
+
+
+def test_a_deep_tiff_whose_white_is_zero_is_not_inverted(tmp_path):
+  """PIL inverts an 8-bit "white is zero" TIFF (photometric interpretation 0: ImageJ's
+  inverted lookup table, MONOCHROME1 radiographs) as it decodes it, not a 16-bit or 32-bit
+  one, which was stored as its negative; also turned by an EXIF orientation."""
+  ramp = np.linspace(0, 4095, 8 * 16).reshape(8, 16).astype(np.uint16)
+  want = 255 - np.round(ramp / 4095 * 255).astype(np.uint8)
+  Image.fromarray(ramp).save(tmp_path / "inverted.tif", tiffinfo={262: 0})
+  with Image.open(tmp_path / "inverted.tif") as img:
+    assert img.mode.startswith("I;16") and img.tag_v2[262] == 0
+  np.testing.assert_array_equal(np.asarray(image_lib.open_image(tmp_path / "inverted.tif"))[..., 0],
+                                want)
+  Image.fromarray(ramp).save(tmp_path / "turned.tif", tiffinfo={262: 0, 274: 3})
+  turned = np.asarray(image_lib.open_image(tmp_path / "turned.tif"))[..., 0]
+  np.testing.assert_array_equal(turned, want[::-1, ::-1])  # Orientation 3: half a turn.
+  Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tif", tiffinfo={262: 0})
+  np.testing.assert_array_equal(np.asarray(image_lib.open_image(tmp_path / "float.tif"))[..., 0],
+                                want)
+  stored = np.asarray(Image.open(io.BytesIO(builders.encode_image(tmp_path / "inverted.tif",
+                                                                   None))))
+  assert np.abs(stored[..., 0].astype(int) - want).mean() < 2  # JPEG round trip.
+  Image.fromarray(ramp).save(tmp_path / "plain.tif")  # Black is zero: as it was.
+  np.testing.assert_array_equal(np.asarray(image_lib.open_image(tmp_path / "plain.tif"))[..., 0],
+                                255 - want)
+
+
+def test_an_alpha_of_zero_everywhere_is_ignored():
+  """Nothing of an image whose alpha is 0 everywhere would be seen (an exporter's mistake):
+  it was stored one flat white. Its colours are kept, as PIL's conversion keeps them."""
+  rgba = np.zeros((4, 6, 4), np.uint8)
+  rgba[..., 0] = np.arange(24).reshape(4, 6) * 10
+  for img in (Image.fromarray(rgba, "RGBA"), Image.fromarray(rgba[..., [0, 3]], "LA")):
+    np.testing.assert_array_equal(np.asarray(image_lib.to_rgb(img)),
+                                  np.asarray(img.convert("RGB")))
+  deep = np.zeros((4, 6, 2), np.uint16)
+  deep[..., 0] = np.arange(24).reshape(4, 6) * 1000
+  np.testing.assert_array_equal(np.asarray(image_lib.open_image(_deep_png(deep)))[..., 0],
+                                np.round(deep[..., 0] / 23000 * 255).astype(np.uint8))
+
+
+def test_files_that_are_no_pictures_say_what_they_are(tmp_path):
+  """An empty file, a DICOM file and an image over PIL's pixel limit were "not an image format
+  PIL can read", "not an image format" and a warning of a "decompression bomb DOS attack";
+  a folder given as an image was "no such file"."""
+  (tmp_path / "empty.jpg").write_bytes(b"")
+  (tmp_path / "scan.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\2\0" * 50)
+  for name, says in (("empty.jpg", r"an empty file \(0 bytes\)"),
+                     ("scan.dcm", r"a DICOM file, which is not read here: export its pixels")):
+    with pytest.raises(ValueError, match=rf"cannot decode \S*{name}: {says}"):
+      image_lib.open_image(tmp_path / name)
+    with pytest.raises(ValueError, match=rf"unreadable image \({says}"):
+      builders.encode_image(tmp_path / name, 32)
+  with pytest.raises(ValueError, match=r"\S+ is a folder, not an image file"):
+    image_lib.open_image(tmp_path)
+  with pytest.raises(ValueError, match=r"a folder, not an image file"):
+    builders.encode_image(tmp_path, 32)
+
+
+def test_a_large_scan_under_pils_limit_opens_without_a_warning(tmp_path, monkeypatch):
+  import warnings
+  Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "large.png")
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 4,096 pixels: warned of, not refused.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert np.asarray(image_lib.open_image(tmp_path / "large.png")).shape == (64, 64, 3)
+    builders.encode_image(tmp_path / "large.png", 32)
