@@ -125,17 +125,30 @@ BENCH=$OUT_DIR/benchmarks.jsonl
 PROFILES=${PROFILES:-$RUNS/profiles}
 
 # DATA and MINILM default to the pack's folders, which its archives may hold (unpacked first).
+# Whether the pack holds a part (data/vqa_rad, minilm, ...), or will once its archives are
+# unpacked (under --plan, which unpacks nothing: their member lists say).
+in_pack() { [ -e "$PACK/$1" ] || [[ " $ARCHIVED " == *" $1 "* ]]; }
 pack_defaults() {
-  if [ -z "${DATA:-}" ]; then [ -d "$PACK/data" ] && DATA=$PACK/data || DATA=../shared/data; fi
-  if [ -z "${MINILM:-}" ] && [ -d "$PACK/minilm" ]; then MINILM=$PACK/minilm; fi
+  if [ -z "${DATA:-}" ]; then in_pack data && DATA=$PACK/data || DATA=../shared/data; fi
+  if [ -z "${MINILM:-}" ] && in_pack minilm; then MINILM=$PACK/minilm; fi
   export RUNS DATA MINILM PYTHON
 }
+ARCHIVED=""
 unpack_archives() {
   local archive
   for archive in "$PACK"/*.tar.xz; do
     [ -f "$archive" ] || continue
-    say "unpack $archive into $PACK"
-    [ "$PLAN" = 1 ] && continue
+    say unpack "$archive" into "$PACK"
+    if [ "$PLAN" = 1 ]; then
+      ARCHIVED+=" $("$PYTHON" - "$archive" <<'PY'
+import sys, tarfile
+with tarfile.open(sys.argv[1]) as tar:
+  names = [m.name.split("/") for m in tar.getmembers()]
+print(" ".join(sorted({p[0] for p in names} | {"/".join(p[:2]) for p in names if len(p) > 1})))
+PY
+)"
+      continue
+    fi
     "$PYTHON" - "$archive" "$PACK" <<'PY' || { echo "unpacking $archive failed" >&2; exit 1; }
 import sys, tarfile
 with tarfile.open(sys.argv[1]) as tar:
@@ -143,13 +156,26 @@ with tarfile.open(sys.argv[1]) as tar:
 PY
   done
 }
+# The dataset folder (under DATA) a step reads, if any.
+data_of() {
+  case $1 in
+    finetune|input|real_vqa_rad) echo vqa_rad ;;
+    real_slake) echo slake/Slake1.0 ;;
+  esac
+}
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
 # Each step's commands. `say` prints a command; `do_` prints it and runs it (not under --plan)
 # with a timeout of the step's time left (STEP_END), the JSON lines of its standard output
 # appended to the file named first (`-`: none).
-say() { echo "+ $*"; }
+say() {  # Quoted where the shell needs it, so that a printed command can be pasted.
+  local a line="+"
+  for a in "$@"; do
+    if [[ $a =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then line+=" $a"; else line+=" $(printf %q "$a")"; fi
+  done
+  echo "$line"
+}
 do_() {
   local out=$1 line t; shift
   say "$@"
@@ -197,13 +223,7 @@ real_data() {
   do_ - env RESULTS="$OUT_DIR/real_data.jsonl" WORKERS="$WORKERS" bash benchmarks/real_data.sh "$1"
 }
 step_real_vqa_rad() { real_data vqa_rad; }
-step_real_slake() {
-  if [ "$PLAN" = 0 ] && [ ! -d "$DATA/slake" ]; then
-    echo "no $DATA/slake (benchmarks/pack.py --archive packs it with MiniLM: BENCHMARKS.md)"
-    return 1
-  fi
-  real_data slake
-}
+step_real_slake() { real_data slake; }
 step_finetune() {
   # paper_init's text tower has no tokenizer, which the pipeline needs: the bundled uncased
   # vocabulary, and a word table of its size (30,522 rows, not Bio_ClinicalBERT's 28,996).
@@ -220,7 +240,7 @@ step_input() {
     --data_dir="$RUNS/bench_data" --source_dir="$DATA/vqa_rad" --dataset=vqa_rad \
     --workers="$INPUT_WORKERS" --batches="$INPUT_BATCHES" --batch_size="$INPUT_BATCH"
   # The same images as a caption corpus (captions: their questions), for the pre-training views.
-  say "write $corpus/train.jsonl from $DATA/vqa_rad/trainset.json"
+  say write "$corpus/train.jsonl" from "$DATA/vqa_rad/trainset.json"
   if [ "$PLAN" = 0 ]; then
     mkdir -p "$corpus"
     "$PYTHON" - "$DATA/vqa_rad" "$corpus/train.jsonl" <<'PY' || return 1
@@ -260,6 +280,20 @@ pack_defaults
 echo "== $(date -u +%FT%TZ) steps: ${STEPS[*]}; budget ${BUDGET} s; DATA=$DATA MINILM=${MINILM:-(package)}"
 SKIPPED=()
 for s in "${STEPS[@]}"; do
+  need=$(data_of "$s")
+  if [ -n "$need" ] && [ ! -d "$DATA/$need" ] && ! { [ "$DATA" = "$PACK/data" ] &&
+      in_pack "data/${need%%/*}"; }; then
+    # Named before any time is spent on it: a host without ../shared/data reads what
+    # benchmarks/pack.py wrote, carried (BENCHMARKS.md, "How to measure").
+    why="no $DATA/$need: carry pack/data/vqa_rad"
+    [ "$need" = vqa_rad ] || why="no $DATA/$need: carry pack/minilm_slake.tar.xz (pack.py --archive)"
+    if [ "$PLAN" = 0 ]; then
+      echo "== $s: skipped ($why)"
+      SKIPPED+=("$s")
+      continue
+    fi
+    echo "== $s: would be skipped ($why)"
+  fi
   if [ "$PLAN" = 0 ] && [ "$(left)" -lt "${NEED[$s]}" ]; then
     echo "== $s: skipped ($(left) s left, needs about ${NEED[$s]})"
     SKIPPED+=("$s")

@@ -122,6 +122,19 @@ esac
 """)
   fake.chmod(0o755)
   env = {k: v for k, v in os.environ.items() if k not in ("DATA", "MINILM")}
+  # The plan unpacks nothing, but names the folders the run will read (from the archive's
+  # member list: it named ../shared/data and the package's MiniLM), and which steps the
+  # run will skip for want of their data.
+  plan = subprocess.run(["bash", "benchmarks/gpu_session.sh", "--plan", "real_slake",
+                         "finetune"], cwd=ROOT, env={**env, "PYTHON": str(fake), "PACK": str(pack)},
+                        capture_output=True, text=True, timeout=120)
+  assert plan.returncode == 0, plan.stderr[-3000:]
+  assert f"DATA={pack}/data MINILM={pack}/minilm" in plan.stdout
+  assert f"--config.data.source_dir={pack}/data/vqa_rad" in plan.stdout
+  assert (f"== finetune: would be skipped (no {pack}/data/vqa_rad: carry pack/data/vqa_rad)"
+          in plan.stdout)
+  assert "real_slake: would be skipped" not in plan.stdout
+  assert sorted(p.name for p in pack.iterdir()) == ["minilm_slake.tar.xz"]
   out = subprocess.run(["bash", "benchmarks/gpu_session.sh", "real_slake"], cwd=ROOT,
                        env={**env, "PYTHON": str(fake), "PACK": str(pack),
                             "OUT_DIR": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs")},
@@ -136,6 +149,31 @@ esac
   assert f"--config.model.text.checkpoint={pack}/minilm" in args
   log = (tmp_path / "out" / "session.log").read_text()
   assert f"+ unpack {pack}/minilm_slake.tar.xz into {pack}" in log
+
+
+def test_steps_whose_data_is_missing_are_skipped_before_they_start(tmp_path):
+  """A host without ../shared/data reads what pack.py wrote; a step whose dataset was not
+  carried failed after its start-up (the fine-tuning benchmark: in the build), named as an
+  exit status. It is skipped up front, saying what to carry, and the others run."""
+  fake = tmp_path / "python"
+  fake.write_text(f"""#!/usr/bin/env bash
+case "$1" in
+  launch/*|-) echo "$1" >> {tmp_path / "ran"}; exit 0 ;;
+  *) exec {sys.executable} "$@" ;;
+esac
+""")
+  fake.chmod(0o755)
+  data = tmp_path / "data"
+  (data / "slake" / "Slake1.0").mkdir(parents=True)
+  out = _session(["finetune", "real_slake", "input", "real_vqa_rad"], PYTHON=str(fake),
+                 DATA=str(data), OUT_DIR=str(tmp_path / "out"), RUNS=str(tmp_path / "runs"))
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  log = (tmp_path / "out" / "session.log").read_text()
+  for step in ("finetune", "input", "real_vqa_rad"):
+    assert f"== {step}: skipped (no {data}/vqa_rad: carry pack/data/vqa_rad)" in log
+  assert "== real_slake (" in log and "launch/train.py" in (tmp_path / "ran").read_text()
+  assert "launch/benchmark" not in (tmp_path / "ran").read_text()
+  assert log.splitlines()[-1].endswith("skipped: finetune input real_vqa_rad")
 
 
 def test_a_fine_tune_stopped_by_its_time_limit_is_evaluated_where_it_got(tmp_path):

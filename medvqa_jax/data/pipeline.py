@@ -11,7 +11,10 @@ sees exactly the batches it would have seen. `iterate` decodes and augments in w
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import threading
+import time
 import zlib
 from typing import Sequence
 
@@ -136,15 +139,27 @@ class _HostRows:
     return self.parent[b * self.global_batch + self.index * self.per + j]
 
 
-def _ignore_stop_signals(worker_index: int, worker_count: int):
+_PARENT_POLL_S = 1.0
+
+
+def _worker_start(worker_index: int, worker_count: int):
   """In each input worker: SIGTERM and SIGINT are the main process's to handle. A scheduler
   signals every process of a job (Slurm's --signal, `kill -TERM -PGID`), Ctrl-C the terminal's
   whole process group; a worker that died of it failed the main process's next batch before
   it could save the step it reached. The main process stops the workers when it leaves
-  `iterate`."""
+  `iterate`; a main process that ends without leaving it (killed: SIGKILL, the out-of-memory
+  killer, a crash) cannot, so the worker ends itself once its parent is gone (it was left
+  running, deaf to SIGTERM, holding its shared memory and the job's output pipe)."""
   del worker_index, worker_count
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:  # Re-parented (to init or a subreaper) once it is gone.
+      time.sleep(_PARENT_POLL_S)
+    os._exit(1)
+  threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 @contextlib.contextmanager
@@ -164,7 +179,7 @@ def iterate(ds: grain.MapDataset, start_step: int = 0, num_workers: int = 0,
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside app.run()
       flags.FLAGS.mark_as_parsed()   # they are the defaults.
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
-                        worker_init_fn=_ignore_stop_signals)
+                        worker_init_fn=_worker_start)
   it = iter(it)
   try:
     yield it

@@ -130,6 +130,64 @@ def test_iterate_resumes_and_workers_give_the_same_batches(source, tokenizer):
   assert grain_workers() == []
 
 
+def test_workers_end_when_the_main_process_is_killed(built, tmp_path):
+  """A main process killed outright (SIGKILL, the out-of-memory killer) cannot stop its input
+  workers, which ignore SIGTERM: they were left running for good, holding their shared memory
+  and the output pipe of the job (a `| tee` never ended). They end once their parent is
+  gone."""
+  script = tmp_path / "main.py"
+  script.write_text(f"""
+import sys, time
+from medvqa_jax import ASSETS
+from medvqa_jax.data import builders, pipeline
+from medvqa_jax.data.tokenizer import Tokenizer
+ds = pipeline.batches(builders.load({str(built)!r}, "vqa_rad", "train"), kind="vqa",
+                      tokenizer=Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", max_len=12),
+                      image_size=32, global_batch=8, seed=1, augmentation="finetune",
+                      answer_vocab=["yes", "no"])
+if __name__ == "__main__":  # The workers start by importing this file.
+  with pipeline.iterate(ds, num_workers=2) as it:
+    next(it)
+    print("ready", flush=True)
+    time.sleep(600)
+""")
+  main = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+  try:
+    import select
+    assert select.select([main.stdout], [], [], 240)[0], "no batch in 240 s"
+    assert main.stdout.readline().strip() == "ready"
+    children = lambda pid: [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                            and _ppid(p) == pid]
+    workers = [c for c in children(main.pid) if "resource_tracker" not in _cmdline(c)]
+    assert len(workers) == 2, [_cmdline(c) for c in children(main.pid)]
+    os.kill(workers[0], signal.SIGTERM)  # Ignored, as before.
+    main.kill()
+    main.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+      time.sleep(0.2)
+    assert not any(Path(f"/proc/{w}").exists() and _ppid(Path(f"/proc/{w}")) != 0
+                   for w in workers), [_cmdline(w) for w in workers]
+    assert select.select([main.stdout], [], [], 30)[0], "the output pipe is held open"
+    assert main.stdout.read() == ""  # The pipe ends: no worker holds it open.
+  finally:
+    main.kill()
+
+
+def _ppid(proc: Path) -> int:
+  try:
+    return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+  except (OSError, IndexError, ValueError):
+    return 0
+
+
+def _cmdline(pid: int) -> str:
+  try:
+    return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+  except OSError:
+    return ""
+
+
 def test_augmentations():
   rng = np.random.default_rng(0)
   x = rng.integers(0, 255, (50, 70, 3), np.uint8)
