@@ -193,14 +193,16 @@ def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=No
   key = split_role(dc, split_name)
   splits = splits_lib.vqa_splits(dc, need=tuple({key, "train", "val"}))
   check_data(restored, splits)
-  rows = vqa_eval.answer_split(restored.predictor(candidates), restored.params, splits[key],
+  predictor = restored.predictor(candidates)
+  rows = vqa_eval.answer_split(predictor, restored.params, splits[key],
                                tokenizer=restored.tokenizer,
                                image_size=restored.model.image.image_size,
                                global_batch=config.train.eval_batch_size,
                                progress=observe.progress(splits[key].name,
                                                          jax.process_index() == 0))
   metrics = vqa_eval.evaluate(rows, splits[key], protocol, restored.step,
-                              baseline=splits_lib.majority_answer(splits["train"].records))
+                              baseline=splits_lib.majority_answer(splits["train"].records),
+                              predictable=predictor.predictable)
   if restored.changes:  # What these numbers were computed under, beside the run's config.
     metrics["config_changes"] = list(restored.changes)
   if jax.process_index() == 0:

@@ -58,6 +58,11 @@ class Predictor:
     self.cand_ids, self.cand_mask = jnp.asarray(cand["input_ids"]), jnp.asarray(cand["attention_mask"])
     replicated = NamedSharding(mesh, P())
     self.k, self.pack = mc.rank_k, 0
+    # The answers the model can give: all of a classifier's; of the generative head's, those
+    # not tokenized like an earlier one (ranked above them whatever the model learns).
+    shadowed = ({a for a, _ in tokenized_alike(self.answers, cand["input_ids"])}
+                if model.head == "generative" else set())
+    self.predictable = [a for a in self.answers if a not in shadowed]
     if model.head == "generative":
       self.k = rank_k(mc.rank_k, self.answers, cand["input_ids"])
       # Each question's k candidates decoded as one packed row where that saves tokens.
@@ -97,12 +102,7 @@ def rank_k(k: int, answers: list[str], cand_ids) -> int:
   reference's top-k. Candidates that tokenize alike (the tokenizer strips accents that answer
   normalisation keeps) are warned of: only the first can be predicted."""
   ids = np.asarray(cand_ids)
-  first_alike: dict = {}  # Token ids -> the first answer with them.
-  alike = []  # (answer, the earlier answer it tokenizes like)
-  for row, answer in zip(ids, answers):
-    earlier = first_alike.setdefault(row.tobytes(), answer)
-    if earlier != answer:
-      alike.append((answer, earlier))
+  alike = tokenized_alike(answers, ids)
   if alike:
     log.warning("%d answers tokenize like an earlier one, which is always ranked above them "
                 "(e.g. %r like %r)", len(alike), *alike[0])
@@ -112,6 +112,19 @@ def rank_k(k: int, answers: list[str], cand_ids) -> int:
              "piece (id %d), and the first pass cannot tell them apart", k, counts.max(),
              counts.max(), pieces[counts.argmax()])
   return max(k, int(counts.max()))
+
+
+def tokenized_alike(answers: list[str], cand_ids) -> list[tuple[str, str]]:
+  """(answer, the earlier answer whose token ids it has) for each candidate that tokenizes
+  like an earlier one (the tokenizer strips accents that answer normalisation keeps, or maps
+  both to its unknown piece)."""
+  first: dict = {}  # Token ids -> the first answer with them.
+  alike = []
+  for row, answer in zip(np.asarray(cand_ids), answers):
+    earlier = first.setdefault(row.tobytes(), answer)
+    if earlier != answer:
+      alike.append((answer, earlier))
+  return alike
 
 
 def eval_batches(source, *, tokenizer, image_size: int, global_batch: int,
@@ -159,14 +172,21 @@ def answer_split(predictor: Predictor, params, split, *, tokenizer, image_size: 
   return rows
 
 
-def evaluate(rows: list[dict], split, protocol: str, step: int, baseline: str | None = None) -> dict:
+def evaluate(rows: list[dict], split, protocol: str, step: int, baseline: str | None = None,
+             predictable: list[str] | None = None) -> dict:
   """metrics.json's content: accuracies, the protocol, the split, the step, the records of
   the split skipped as bad when it was built (`skipped_at_build`: the accuracies are over the
-  others), and the majority-answer baseline's accuracies when `baseline` (that answer) is
-  given."""
+  others), the majority-answer baseline's accuracies when `baseline` (that answer) is given,
+  and with `predictable` (the answers the model can give: `Predictor.predictable`) how many
+  questions have a correct answer among them (`answerable`: the most that can be right;
+  under the open-set protocol an answer first seen in test is not one)."""
   out = {"protocol": protocol, "split": split.name, "step": int(step),
          "skipped_at_build": int(split.skipped)}
   out.update(metrics_lib.vqa_accuracy(split.records, [r["prediction"] for r in rows]))
+  if predictable is not None:
+    can = set(predictable)
+    out["answerable"] = sum(bool(can.intersection(answers_lib.alternatives(r["answers"])))
+                            for r in split.records)
   if baseline is not None:
     base = metrics_lib.vqa_accuracy(split.records, [baseline] * len(split.records))
     out["majority_baseline"] = {"answer": baseline, "overall": base["overall"],
@@ -212,6 +232,10 @@ def summary(metrics: dict) -> str:
                  f"{pct(theirs.get(category, {}).get('accuracy')):>10}")
   lines.append(f"  majority answer: {base.get('answer')!r}" +
                ("; * question type (category)" if metrics.get("by_question_type") else ""))
+  n, can = metrics["questions"], metrics.get("answerable")
+  if can is not None and can < n:
+    lines.append(f"  note: {n - can} of the {n} questions have no correct answer among those "
+                 f"the model can give: at most {100 * can / n:.1f}% can be right")
   note = skipped_note(metrics)
   return "\n".join(lines + ([note] if note else []))
 

@@ -350,6 +350,37 @@ def cut_questions_note(splits: dict, tokenizer, max_len: int) -> str | None:
           "--config.model.text.max_len raises it (up to the text tower's positions)")
 
 
+def unknown_pieces_note(splits: dict, answers: list[str], tokenizer,
+                        limit: float = 0.01) -> str | None:
+  """A warning when more than `limit` of the questions' word pieces, or of the answers, are
+  the tokenizer's unknown piece: a vocabulary that does not cover the text (SLAKE's Chinese
+  with an English BERT vocabulary: two thirds of the pieces [UNK], half the test questions
+  reading like another one, a third of the answers indistinguishable), which trained and
+  tested with nothing said but a note on ranking."""
+  from medvqa_jax.data import text as text_lib
+  hf = tokenizer.hf
+  unk = hf.unk_token_id
+  if unk is None:
+    return None
+  special = set(hf.all_special_ids) - {unk}
+  questions = [text_lib.question(r["question"]) for split in splits.values()
+               for r in split.records]
+  pieces = [[t for t in ids if t not in special] for ids in hf(questions)["input_ids"]]
+  total = sum(map(len, pieces))
+  share = sum(row.count(unk) for row in pieces) / max(total, 1)
+  unknown_answers = [a for a, ids in zip(answers, hf(list(answers))["input_ids"] if answers
+                                          else []) if unk in ids]
+  if share <= limit and len(unknown_answers) <= limit * len(answers):
+    return None
+  q = next((q for q, row in zip(questions, pieces) if unk in row), None)
+  example = q if q is not None else unknown_answers[0]
+  return (f"warning: {share:.1%} of the questions' word pieces and {len(unknown_answers)} of "
+          f"the {len(answers)} answers are the tokenizer's unknown piece {hf.unk_token} (e.g. "
+          f"{example!r} reads as {' '.join(hf.tokenize(example))!r}): its vocabulary does "
+          "not cover this text, so different questions read alike and answers cannot be told "
+          "apart. Use a tokenizer (model.text.tokenizer) and text tower that cover it")
+
+
 def selection_note(tc, steps: int) -> str | None:
   """A note when some checkpoints will have no validation to choose by: the best checkpoint
   is chosen among the steps both saved and validated (every lcm(save_every, eval_every) and
@@ -671,7 +702,8 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
          + (f", validating on {pretrain_validator.examples} held-out examples"
             if pretrain_validator else ""))
   notes = [selection_note(tc, steps) if "val" in splits else None,
-           cut_questions_note(splits, tokenizer, mc.text.max_len) if finetune else None]
+           cut_questions_note(splits, tokenizer, mc.text.max_len) if finetune else None,
+           unknown_pieces_note(splits, answers, tokenizer) if finetune else None]
   for note in filter(None, notes):
     _print(note)
   if start >= steps:
@@ -779,7 +811,8 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
                                image_size=image_size, global_batch=tc.eval_batch_size,
                                progress=observe.progress(label, main, stream))
   metrics = vqa_eval.evaluate(rows, splits["test"], protocol, best,
-                              baseline=splits_lib.majority_answer(splits["train"].records))
+                              baseline=splits_lib.majority_answer(splits["train"].records),
+                              predictable=predictor.predictable)
   metrics["seconds"] = round(time.perf_counter() - t0, 1)
   if main:
     vqa_eval.write(workdir / "eval" / splits["test"].name, metrics, rows)

@@ -85,3 +85,25 @@ def test_the_baseline_and_the_printed_summary_break_down_by_category():
   assert "  abnormality *              50.0      50.0" in lines
   assert "  plane *                   100.0       0.0" in lines
   assert lines[-1] == "  majority answer: 'no'; * question type (category)"
+
+
+def test_questions_without_an_answer_the_model_can_give_are_counted():
+  """Under the open-set protocol an answer first seen in test cannot be predicted (43 of
+  VQA-RAD's 451 test questions): metrics.json says how many questions have a correct answer
+  among those the model can give (`answerable`, alternatives counted), and the summary the
+  ceiling. Without `predictable` (validation), nothing is said."""
+  from medvqa_jax.data.splits import Split
+  from medvqa_jax.evaluate import vqa
+  records = [_rec(["No"], "CLOSED", ""), _rec(["Left lung"], "OPEN", ""),
+             _rec(["pons", "brain stem"], "OPEN", ""), _rec(["a rib"], "OPEN", "")]
+  split = Split("test", None, records)
+  rows = [{"prediction": p} for p in ("no", "yes", "brain stem", "yes")]
+  m = vqa.evaluate(rows, split, "open-set", 7, baseline="no",
+                   predictable=["no", "yes", "brain stem", "rib"])
+  assert m["answerable"] == 3 and m["overall"] == 0.5
+  assert ("  note: 1 of the 4 questions have no correct answer among those the model can "
+          "give: at most 75.0% can be right") in vqa.summary(m).splitlines()
+  full = vqa.evaluate(rows, split, "open-set", 7, predictable=["no", "left lung", "pons", "rib"])
+  assert full["answerable"] == 4 and "at most" not in vqa.summary({**full, **{
+      "majority_baseline": m["majority_baseline"]}})
+  assert "answerable" not in vqa.evaluate(rows, split, "open-set", 7)

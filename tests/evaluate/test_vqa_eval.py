@@ -225,7 +225,7 @@ def test_every_answer_of_a_group_sharing_a_first_word_piece_can_be_predicted(tok
     predictor = vqa.Predictor(model, config, answers, tokenizer, mesh,
                               sharding.param_shardings(mesh, params))
   assert predictor.k == 5 and "model.rank_k=3 raised to 5" in caplog.text
-  assert "tokenize like" not in caplog.text
+  assert "tokenize like" not in caplog.text and predictor.predictable == answers
   rng = np.random.default_rng(1)
   questions = tokenizer(["where is the mass", "which side", "what is abnormal", "where"] * 2)
   size = model.image.image_size
@@ -241,6 +241,15 @@ def test_every_answer_of_a_group_sharing_a_first_word_piece_can_be_predicted(tok
     vqa.rank_k(3, ["cafe", "café"], tokenizer(["cafe", "café"], max_len=8)["input_ids"])
   assert "1 answers tokenize like an earlier one, which is always ranked above them (e.g. " \
       "'café' like 'cafe')" in caplog.text
+  # The answers the model can give: not those ranked below an earlier one's twin; all of a
+  # classifier's.
+  alike = ["cafe", "café", "no"]
+  assert vqa.Predictor(model, config, alike, tokenizer, mesh, sharding.param_shardings(
+      mesh, params)).predictable == ["cafe", "no"]
+  config.model.update(head="classifier", num_answers=3)
+  model, params = amif.create(config)
+  assert vqa.Predictor(model, config, alike, tokenizer, mesh, sharding.param_shardings(
+      mesh, params)).predictable == alike
 
 
 class _FirstAnswer(run_lib.Restored):
@@ -252,6 +261,7 @@ class _FirstAnswer(run_lib.Restored):
       return np.zeros(n, np.int32), np.ones(n, np.float32)
     predict.mesh = sharding.make_mesh()
     predict.answers = self.answers if candidates is None else candidates
+    predict.predictable = predict.answers
     return predict
 
 

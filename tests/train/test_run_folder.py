@@ -3,6 +3,7 @@ names: the run keeps a copy of its tokenizer and records its towers' module fiel
 resuming, evaluating and predicting read neither (a run folder can move to another machine)."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -246,6 +247,29 @@ def test_questions_the_model_reads_cut_are_counted():
   assert note.startswith("warning: 1 of the 3 questions (train 2, val 0, test 1) are longer than "
                          "model.text.max_len=12 word pieces and are read cut (e.g. 'does this")
   assert loop.cut_questions_note(splits, tok, 30) is None
+
+
+def test_text_the_tokenizer_does_not_cover_is_warned_of():
+  """SLAKE's Chinese with an English BERT vocabulary: two thirds of the question pieces and
+  most answers are [UNK], questions read alike and answers cannot be told apart; it trained
+  and tested with a note on ranking only. English text passes without a word."""
+  import types
+  tok = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", max_len=24)
+  records = lambda *qs: [{"question": q} for q in qs]
+  english = {"train": types.SimpleNamespace(records=records("is there a fracture?",
+                                                            "which organ is abnormal?"))}
+  assert loop.unknown_pieces_note(english, ["yes", "no", "left lung"], tok) is None
+  chinese = {"train": types.SimpleNamespace(records=records("图片中的器官是什么?", "肝脏在哪里?",
+                                                            "is there a fracture?"))}
+  note = loop.unknown_pieces_note(chinese, ["肝脏", "胸腔", "yes"], tok)
+  assert re.fullmatch(r"warning: \d+\.\d% of the questions' word pieces and 2 of the 3 answers "
+                      r"are the tokenizer's unknown piece \[UNK\] \(e\.g\. '图片中的器官是什么' "
+                      r"reads as '.*\[UNK\].*'\): its vocabulary does not cover this text, .*"
+                      r"Use a tokenizer \(model.text.tokenizer\) and text tower that cover it",
+                      note), note
+  # The answers alone (English questions) are enough to be told.
+  assert loop.unknown_pieces_note(english, ["肝脏", "yes", "no"], tok).startswith(
+      "warning: 0.0% of the questions' word pieces and 1 of the 3 answers")
 
 
 def test_a_resumed_run_says_which_changed_fields_it_keeps_from_its_record(text_checkpoint,
