@@ -78,8 +78,9 @@ def main(argv):
        "answers": [""]})
   pieces = len(r.tokenizer.hf(text_lib.question(_QUESTION.value))["input_ids"])
   if pieces > r.tokenizer.max_len:
-    print(f"warning: the question takes {pieces} word pieces; the model reads the first "
-          f"{r.tokenizer.max_len}", file=sys.stderr)
+    print(f"warning: the question takes {pieces} word pieces (its start and end pieces "
+          f"included); the model reads {r.tokenizer.max_len}: the question cut to its first "
+          f"{r.tokenizer.max_len - 2}", file=sys.stderr)
   inputs = [jnp.asarray(example[k])[None] for k in ("images", "input_ids", "attention_mask")]
   variables = {"params": r.params}
   out = jax.jit(lambda v, *x: r.model.apply(v, *x, predictor.prior_ids, predictor.prior_mask,

@@ -479,7 +479,8 @@ def test_predict_prints_ranked_answers_and_writes_the_picture(straight, tmp_path
               f"--image={ASSETS / 'vqa_rad_sample' / 'images' / 'synpic54610.jpg'}",
               "--question=" + " ".join(["is there a fracture"] * 10), "--top=3",
               f"--out={png}"], devices=1)
-  assert "warning: the question takes 42 word pieces; the model reads the first 24" in out.stderr
+  assert ("warning: the question takes 42 word pieces (its start and end pieces included); the "
+          "model reads 24: the question cut to its first 22") in out.stderr
   result = json.loads(out.stdout)  # One JSON document: "wrote ..." goes to stderr.
   assert f"wrote {png}" in out.stderr
   scores = [a["score"] for a in result["answers"]]
