@@ -6,6 +6,9 @@ cleaned captions.
             ">" -> "more than", "-yes/no" dropped, "x ray"/"x-ray" -> "xray".
   caption:  drops those and _; "-" and "/" become spaces; "<person>" -> "person"; runs of
             spaces become one.
+Typographic quotes (‘ ’ “ ”, as text copied from papers has them) are dropped as the straight
+ones are: "patient’s" reads as "patients", as "patient's" does (the reference drops the
+straight ones only, and its tokenizer reads "patient ’ s").
 
 Answers are normalised separately, by the evaluation protocol's rules (`answers.normalize`).
 """
@@ -14,8 +17,8 @@ from __future__ import annotations
 
 import re
 
-_QUESTION_DROP = re.compile(r"[,.'!?\"()*#:;~]")
-_CAPTION_DROP = re.compile(r"[_,.'!?\"()*#:;~]")
+_QUESTION_DROP = re.compile(r"[,.'‘’!?\"“”()*#:;~]")
+_CAPTION_DROP = re.compile(r"[_,.'‘’!?\"“”()*#:;~]")
 _SPACES = re.compile(r"\s{2,}")
 
 

@@ -19,6 +19,7 @@ from medvqa_jax.data import tokenizer as tokenizer_lib
     ("Is this an X-ray -yes/no", "is this an xray"),
     ("what's seen on the x ray: \"left\"; ~ok", "whats seen on the xray left ok"),
     ("  trailing spaces   ", "  trailing spaces"),
+    ("Is the patient’s “left” lung clear?", "is the patients left lung clear"),
 ])
 def test_questions(raw, clean):
   assert text.question(raw) == clean
@@ -28,6 +29,7 @@ def test_questions(raw, clean):
     ("Chest X-ray: no acute findings.", "chest x ray no acute findings"),
     ("T2/FLAIR image_of <PERSON>'s  brain  ", "t2 flair imageof persons brain"),
     ("CT (axial) -- 5 mm slices!", "ct axial 5 mm slices"),
+    ("The patient’s ‘typical’ “signs”", "the patients typical signs"),
 ])
 def test_captions(raw, clean):
   assert text.caption(raw) == clean
