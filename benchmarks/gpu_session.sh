@@ -58,8 +58,11 @@
 # wheels fit an upload capped at 64 MiB where the folders do not) are unpacked into PACK
 # first. RUNS/site is put on PYTHONPATH whenever it exists: a later call on the same host (a
 # warm machine keeps what the last call installed, carried and unpacked) needs neither
-# WHEELS nor the first call's carry again. Skipped steps are listed at the end: run the
-# script again with them.
+# WHEELS nor the first call's carry again. A step whose dataset is not under DATA (finetune,
+# input and real_vqa_rad read DATA/vqa_rad, which the archive does not hold: carry
+# PACK/data/vqa_rad, e.g. in a second call; real_slake reads DATA/slake) is skipped before it
+# starts, saying so (--plan says which would be). Skipped steps are listed at the end: run
+# the script again with them.
 set -uo pipefail
 usage() { sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
