@@ -68,7 +68,7 @@ def encode_image(source, max_side: int | None, quality: int = 95) -> bytes:
     raise ValueError("image file not found") from None
   except IsADirectoryError:
     raise ValueError("a folder, not an image file") from None
-  except (OSError, SyntaxError, ValueError) as e:
+  except (OSError, ValueError) as e:  # Reading the file, or `decode`'s reason.
     raise ValueError(f"unreadable image ({e})") from None
   if (img.format == "JPEG" and img.mode == "RGB" and not turned
       and not (max_side and min(img.size) > max_side)):

@@ -60,10 +60,10 @@ def white_is_zero(img: Image.Image) -> bool:
   return img.format == "TIFF" and _deep(img) and img.tag_v2.get(262) == 0
 
 
-def to_rgb(img: Image.Image, white_is_zero: bool = False) -> Image.Image:
+def to_rgb(img: Image.Image, inverted: bool = False) -> Image.Image:
   """RGB of an image in any PIL mode. High-bit-depth grayscale (16-bit PNG, 32-bit integer or
   float: how scans exported from DICOM often come) is stretched from its own minimum-maximum
-  to 0-255 (then inverted if `white_is_zero`, see `white_is_zero`); PIL's own conversion
+  to 0-255 (then inverted if `inverted`: see `white_is_zero`); PIL's own conversion
   clips it at 255, which turns nearly every pixel white. An image with transparency is
   composited onto white, as a page shows it: dropping the alpha turned a black drawing on
   transparent black into one flat colour. An alpha of 0 everywhere (an exporter's mistake:
@@ -71,7 +71,7 @@ def to_rgb(img: Image.Image, white_is_zero: bool = False) -> Image.Image:
   if _deep(img):
     x = np.asarray(img)
     gray = _stretched(x)
-    if white_is_zero:
+    if inverted:
       gray = 255 - gray
     key = img.info.get("transparency")  # A 16-bit PNG's transparent grey level (tRNS).
     if isinstance(key, int) and (x != key).any():
@@ -153,7 +153,7 @@ def rgb(img: Image.Image, data: bytes) -> Image.Image:
   its EXIF orientation (`upright`), converted by `to_rgb`. A ValueError if it cannot be."""
   try:
     inverted = white_is_zero(img)
-    return to_rgb(upright(full_depth(img, data)), white_is_zero=inverted)
+    return to_rgb(upright(full_depth(img, data)), inverted=inverted)
   except OSError as e:
     raise ValueError(str(e)) from None
 
@@ -167,7 +167,7 @@ def open_image(source: str | os.PathLike | bytes) -> Image.Image:
     return rgb(decode(data), data)
   except IsADirectoryError:
     raise ValueError(f"{where} is a folder, not an image file") from None
-  except ValueError as e:
+  except (OSError, ValueError) as e:  # Reading the file (missing, not readable) or decoding.
     raise ValueError(f"cannot decode {where}: {e}") from None
 
 

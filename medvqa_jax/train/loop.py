@@ -331,15 +331,21 @@ def training_splits(config) -> tuple[dict, list | None, str]:
   return splits, answers, protocol
 
 
-def cut_questions_note(splits: dict, tokenizer, max_len: int) -> str | None:
-  """A warning when questions of the splits take more than `max_len` word pieces ([CLS] and
-  [SEP] included): the model reads them cut (PathVQA's longest yes/no questions put what
-  they ask about at the end)."""
-  from medvqa_jax.data import answers as answers_lib
+def question_pieces(splits: dict, tokenizer) -> tuple[list[str], list[list[int]]]:
+  """The splits' questions as the model reads them (cleaned), and their token ids uncut
+  ([CLS] and [SEP] included): what the start-up notes below count, tokenized once."""
   from medvqa_jax.data import text as text_lib
   questions = [text_lib.question(r["question"]) for split in splits.values()
                for r in split.records]
-  cut = answers_lib.longer_than(questions, tokenizer.hf, max_len)
+  return questions, (tokenizer.hf(questions)["input_ids"] if questions else [])
+
+
+def cut_questions_note(splits: dict, tokenizer, max_len: int, pieces=None) -> str | None:
+  """A warning when questions of the splits take more than `max_len` word pieces ([CLS] and
+  [SEP] included): the model reads them cut (PathVQA's longest yes/no questions put what
+  they ask about at the end). `pieces`: `question_pieces(splits, tokenizer)`, if made."""
+  questions, ids = pieces or question_pieces(splits, tokenizer)
+  cut = [q for q, row in zip(questions, ids) if len(row) > max_len]
   if not cut:
     return None
   # By role and count: a held-out validation slice is named after the split it comes from.
@@ -350,22 +356,21 @@ def cut_questions_note(splits: dict, tokenizer, max_len: int) -> str | None:
           "--config.model.text.max_len raises it (up to the text tower's positions)")
 
 
-def unknown_pieces_note(splits: dict, answers: list[str], tokenizer,
-                        limit: float = 0.01) -> str | None:
+def unknown_pieces_note(splits: dict, answers: list[str], tokenizer, limit: float = 0.01,
+                        pieces=None) -> str | None:
   """A warning when more than `limit` of the questions' word pieces, or of the answers, are
   the tokenizer's unknown piece: a vocabulary that does not cover the text (SLAKE's Chinese
   with an English BERT vocabulary: two thirds of the pieces [UNK], half the test questions
   reading like another one, a third of the answers indistinguishable), which trained and
-  tested with nothing said but a note on ranking."""
-  from medvqa_jax.data import text as text_lib
+  tested with nothing said but a note on ranking. `pieces`: `question_pieces(splits,
+  tokenizer)`, if made."""
   hf = tokenizer.hf
   unk = hf.unk_token_id
   if unk is None:
     return None
   special = set(hf.all_special_ids) - {unk}
-  questions = [text_lib.question(r["question"]) for split in splits.values()
-               for r in split.records]
-  pieces = [[t for t in ids if t not in special] for ids in hf(questions)["input_ids"]]
+  questions, ids = pieces or question_pieces(splits, tokenizer)
+  pieces = [[t for t in row if t not in special] for row in ids]
   total = sum(map(len, pieces))
   share = sum(row.count(unk) for row in pieces) / max(total, 1)
   unknown_answers = [a for a, ids in zip(answers, hf(list(answers))["input_ids"] if answers
@@ -701,9 +706,10 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
          + (f", {len(answers)} answers ({protocol})" if finetune else "")
          + (f", validating on {pretrain_validator.examples} held-out examples"
             if pretrain_validator else ""))
+  pieces = question_pieces(splits, tokenizer) if finetune else None
   notes = [selection_note(tc, steps) if "val" in splits else None,
-           cut_questions_note(splits, tokenizer, mc.text.max_len) if finetune else None,
-           unknown_pieces_note(splits, answers, tokenizer) if finetune else None]
+           cut_questions_note(splits, tokenizer, mc.text.max_len, pieces) if finetune else None,
+           unknown_pieces_note(splits, answers, tokenizer, pieces=pieces) if finetune else None]
   for note in filter(None, notes):
     _print(note)
   if start >= steps:

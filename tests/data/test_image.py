@@ -266,6 +266,8 @@ def test_files_that_are_no_pictures_say_what_they_are(tmp_path):
       builders.encode_image(tmp_path / name, 32)
   with pytest.raises(ValueError, match=r"\S+ is a folder, not an image file"):
     image_lib.open_image(tmp_path)
+  with pytest.raises(ValueError, match=r"cannot decode \S*gone.png: \[Errno 2\]"):
+    image_lib.open_image(tmp_path / "gone.png")  # As before: not a bare FileNotFoundError.
   with pytest.raises(ValueError, match=r"a folder, not an image file"):
     builders.encode_image(tmp_path, 32)
 
