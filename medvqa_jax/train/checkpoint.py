@@ -155,6 +155,21 @@ def _restore_args(abstract, partial: bool = False):
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
 
 
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager, except that it does not ask JAX whether the preemption sync point is
+  reached. Orbax asks with the saved step in every save and, on process 0, in the thread that
+  finishes an asynchronous save, some steps later. JAX's agreement on the step at which every
+  process stops (`preemption.reached`, asked by the loop at every step) starts from each
+  process's last step asked: one set back by a save finishing just as a SIGTERM came could
+  have that process train on past the agreed step while the others stopped to save, each
+  waiting for the others until a timeout. Saves are forced here (`force=True`), so Orbax used
+  the answer for its statistics only."""
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 class Checkpoints:
   """The checkpoints of one run, in `directory`."""
 
@@ -176,8 +191,7 @@ class Checkpoints:
       options = ocp.CheckpointManagerOptions(
           preservation_policy=preservation, create=not read_only, read_only=read_only,
           cleanup_tmp_directories=not read_only, enable_async_checkpointing=True)
-      self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                           handler_registry=registry)
+      self.manager = _Manager(self.directory, options=options, handler_registry=registry)
     finally:
       absl_log.removeFilter(_READ_ONLY_NOTICES)
     if not read_only:  # The best step saved so far, kept by the saves to come.

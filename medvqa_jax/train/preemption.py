@@ -8,7 +8,9 @@ evaluating test), and on a second SIGTERM, it stops at once, as Ctrl-C does.
 Several processes: JAX's distributed runtime takes SIGTERM as a preemption notice (joining
 replaces Python's handler with its own), and the processes agree on the one step after which
 all of them save and stop (`reached_preemption_sync_point`): a process that stopped alone
-would leave the others waiting in a collective. The loop asks at every step, as that requires.
+would leave the others waiting in a collective. The loop asks at every step, as that requires,
+and nothing else may ask: the agreement starts from each process's last step asked (Orbax's
+own asking is turned off, `checkpoint._Manager`).
 """
 
 from __future__ import annotations

@@ -34,6 +34,23 @@ def folder(tmp_path):
   return tmp_path / "checkpoints"
 
 
+def test_saving_leaves_the_agreement_on_the_step_to_stop_at_to_the_loop(tmp_path, monkeypatch):
+  """JAX agrees on the step at which every process of a run stops after a SIGTERM from each
+  process's last step asked (`preemption.reached`, asked by the loop at every step). Orbax
+  asked too, with the saved step, in the save and in the thread finishing it steps later:
+  a SIGTERM then could have that process miss the agreed step and train on alone while the
+  others waited for it to save. Saving asks nothing."""
+  from jax.experimental import multihost_utils
+  asked = []
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                      lambda step: asked.append(step) or False)
+  ckpts = ckpt_lib.Checkpoints(tmp_path / "checkpoints")
+  for step in (2, 4):
+    ckpts.save(step, state(), {"step": step})
+  ckpts.close()
+  assert ckpts.steps() == [2, 4] and asked == []
+
+
 def largest_file(path):
   return max((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
