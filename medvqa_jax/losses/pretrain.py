@@ -11,6 +11,10 @@ from medvqa_jax.losses import contrastive, itm, ot
 from medvqa_jax.models.amif import AMiF
 
 
+# The terms a weight in `config.losses.weights` can name (a new term is added here too).
+TERMS = ("itgc", "imvc", "utgc", "wpa", "itm")
+
+
 def teacher_embeddings(batch: dict) -> dict | None:
   """The teacher's normalised embeddings carried by a batch (from the cache, or computed
   online), or None when training without a teacher (hard-label ablation)."""

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from medvqa_jax.losses.pretrain import pretrain_loss
+from medvqa_jax.losses.pretrain import TERMS, pretrain_loss
 from medvqa_jax.models import heads
 from medvqa_jax.models.amif import AMiF
 from medvqa_jax.train import sharding
@@ -127,9 +127,10 @@ RNG_IMPLS = {"threefry": "threefry2x32", "rbg": "rbg", "unsafe_rbg": "unsafe_rbg
 
 def check_values(config) -> None:
   """Refuses, naming each flag, values that would train something other than was asked
-  (a negative loss weight dropped the term, a label smoothing over 1 trained on negative
-  targets, epsilon 0 made the OT loss 0), leave no learning signal (answers cut to their
-  special tokens), or fail later inside a library, some after the run folder was written."""
+  (a negative loss weight dropped the term, a weight naming no term, e.g. misspelt in a
+  config file, was ignored, a label smoothing over 1 trained on negative targets, epsilon 0
+  made the OT loss 0), leave no learning signal (answers cut to their special tokens), or fail
+  later inside a library, some after the run folder was written."""
   mc, lc = config.model, config.get("losses")
   at_least = lambda low: (lambda v: v >= low, f"{low} or more")
   rules = [
@@ -149,6 +150,10 @@ def check_values(config) -> None:
   if lc is not None:
     rules += [(f"losses.weights.{name}", weight, lambda v: v >= 0, "0 or more (0 leaves the "
                "term out)") for name, weight in lc.weights.items()]
+    rules += [(f"losses.weights.{name}", weight, lambda v, name=name: name in TERMS,
+               f"the weight of a loss term, and there is no term {name!r} (terms: "
+               f"{', '.join(TERMS)}; a new one is listed in losses/pretrain.py TERMS)")
+              for name, weight in lc.weights.items()]
     rules += [
         ("losses.lam", lc.lam, *at_least(0)),
         ("losses.label_smoothing", lc.label_smoothing, lambda v: 0 <= v < 1, "in [0, 1)"),

@@ -371,6 +371,14 @@ def test_values_that_would_train_something_else_are_refused_by_flag(tmp_path):
     node[name] = value
     with pytest.raises(ValueError, match=message):
       step_lib.check_values(bad)
+  # A weight naming no term, misspelt in a config file (the command line refuses a field the
+  # config lacks), was ignored: the term it meant was left out.
+  bad = base.copy_and_resolve_references()
+  with bad.unlocked():
+    bad.losses.weights.algn = 1.0
+  with pytest.raises(ValueError, match=r"--config.losses.weights.algn=1.0: must be the weight "
+                     r"of a loss term, and there is no term 'algn' \(terms: itgc, imvc, utgc"):
+    step_lib.check_values(bad)
   # A classifier head has no answer tokens: their length is not its concern.
   other = base.copy_and_resolve_references()
   other.model.update(head="classifier", answer_max_len=1)
