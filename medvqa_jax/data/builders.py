@@ -262,6 +262,13 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
         types[item["answer_type"] or "(none)"] += 1
         yes_no += answers_lib.is_yes_no(item["answers"])
       yield item["id"], example
+    if not good:  # Whatever the limit: TFDS would fail on the empty split, naming nothing.
+      shown = "\n  ".join(bad[:20])
+      raise DataError(
+          f"none of the {len(items)} records of the {split} split of {self.name} in "
+          f"{self.source_dir} could be used; nothing was built. First problems:\n  {shown}\n"
+          "When every record fails alike, the dataset's reader may be at fault "
+          "(medvqa_jax/data/sources.py)")
     stats = {"images": len(images), "skipped": len(bad)}
     if types:
       stats.update(answer_type=dict(sorted(types.items())), yes_no_closed=yes_no,
