@@ -17,7 +17,8 @@ run the same command in every process, as for training (launch/tpu_pod.sh, slurm
 --coordinator_address/--num_processes/--process_id), and each answers its share. Outputs go to
 <workdir>/eval/<split>-step<N>/ (<split>-step<N>-closed-set/ under the closed-set protocol,
 beside the open-set results; or --out); each says which answer protocol produced it. Records of
-the split that its build skipped as bad are counted there (skipped_at_build) and warned of.
+the split that its build skipped as bad are counted there (skipped_at_build) and warned of; for
+a held-out validation slice, those of the split it is drawn from (skipped_from).
 
 A pre-training run is evaluated on its corpus's held-out slice, as its validation during
 training was (the objective's terms, image<->text retrieval recall): metrics.json in

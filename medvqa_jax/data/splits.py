@@ -43,9 +43,12 @@ class Split:
   name: str
   source: object        # len() and [i]: examples, images as stored (JPEG bytes)
   records: list[dict]   # per example: id, image_id, question, answers, answer_type, question_type
-  # Records of the built split (that this is a part of) skipped as bad at build time: the
-  # split's accuracies are over the others.
+  # Records of the built split skipped as bad at build time: the split's accuracies are over
+  # the others.
   skipped: int = 0
+  # The built split this is a part of (a held-out validation slice and the rest), if it is
+  # one: its `skipped` records are that split's, none of them known to be in this part.
+  part_of: str = ""
 
 
 def _need(dc, field: str):
@@ -166,7 +169,7 @@ def _hold_out(dc, whole: Split) -> dict[str, Split]:
   names = {"train": dc.train_split,
            "val": f"{dc.train_split} (held-out {dc.val_fraction:.0%} of images)"}
   return {name: Split(names[name], Subset(whole.source, idx), [records[i] for i in idx],
-                     whole.skipped)
+                     whole.skipped, part_of=whole.name)
           for name, idx in parts.items()}
 
 

@@ -176,12 +176,15 @@ def evaluate(rows: list[dict], split, protocol: str, step: int, baseline: str | 
              predictable: list[str] | None = None) -> dict:
   """metrics.json's content: accuracies, the protocol, the split, the step, the records of
   the split skipped as bad when it was built (`skipped_at_build`: the accuracies are over the
-  others), the majority-answer baseline's accuracies when `baseline` (that answer) is given,
+  others; `skipped_from`: the built split they are of, when the split is a part of it), the
+  majority-answer baseline's accuracies when `baseline` (that answer) is given,
   and with `predictable` (the answers the model can give: `Predictor.predictable`) how many
   questions have a correct answer among them (`answerable`: the most that can be right;
   under the open-set protocol an answer first seen in test is not one)."""
   out = {"protocol": protocol, "split": split.name, "step": int(step),
          "skipped_at_build": int(split.skipped)}
+  if split.skipped and split.part_of:
+    out["skipped_from"] = split.part_of
   out.update(metrics_lib.vqa_accuracy(split.records, [r["prediction"] for r in rows]))
   if predictable is not None:
     can = set(predictable)
@@ -202,6 +205,11 @@ def skipped_note(metrics: dict) -> str | None:
   n = metrics.get("skipped_at_build", 0)
   if not n:
     return None
+  if metrics.get("skipped_from"):  # A part of a built split (a held-out slice).
+    return (f"warning: {n} records of the {metrics['skipped_from']} split were skipped as bad "
+            f"when the dataset was built (prepare_data.py's report names them): the "
+            f"{metrics['split']} split's {metrics['questions']} questions are drawn from the "
+            f"others, and compare with no result on the whole of it")
   return (f"warning: {n} records of the {metrics['split']} split were skipped as bad when the "
           f"dataset was built (prepare_data.py's report names them): these accuracies are "
           f"over the other {metrics['questions']}, and compare with no result on the whole "

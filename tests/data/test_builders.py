@@ -376,6 +376,32 @@ def test_the_bad_record_limit_holds_for_each_split(tmp_path):
   assert clean["skipped_at_build"] == 0 and "warning" not in vqa.summary(clean)
 
 
+def test_a_held_out_slice_names_the_split_its_skipped_records_are_of(tmp_path):
+  """A held-out validation slice was warned of as "3 records of the train (held-out 10% of
+  images) split were skipped ... these accuracies are over the other 5": the records are the
+  whole training split's, some with no image to be in any slice."""
+  from ml_collections import ConfigDict
+
+  from medvqa_jax.data import splits as splits_lib
+  from medvqa_jax.evaluate import vqa
+  src, rows = _vqa_source(tmp_path, n=60)
+  _write(src, [dict(r, image_name="gone.jpg") if r["qid"] in (1, 2) else r for r in rows],
+         rows[:4])
+  builders.build("vqa_rad", src, tmp_path / "out", max_bad_fraction=0.1)
+  dc = ConfigDict(dict(name="vqa_rad", dir=str(tmp_path / "out"), source_dir=str(src),
+                       train_split="train", val_split="", val_fraction=0.25,
+                       test_split="test", max_side=None, closed_set=False))
+  got = splits_lib.vqa_splits(dc)
+  val = got["val"]
+  metrics = vqa.evaluate([{"prediction": "yes"}] * len(val.records), val, "open-set", 5)
+  assert (metrics["skipped_at_build"], metrics["skipped_from"]) == (2, "train")
+  assert (f"warning: 2 records of the train split were skipped as bad when the dataset was "
+          f"built (prepare_data.py's report names them): the train (held-out 25% of images) "
+          f"split's {len(val.records)} questions are drawn from the others") in vqa.summary(metrics)
+  test = vqa.evaluate([{"prediction": "yes"}] * 4, got["test"], "open-set", 5)
+  assert "skipped_from" not in test and "warning" not in vqa.summary(test)
+
+
 def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path):
   src, rows = _vqa_source(tmp_path, n=8)
   _write(src, rows, rows[:2])
