@@ -20,7 +20,9 @@ DEFAULTS = dict(image="clip_vit_b16", text="bio_clinicalbert", teacher="biomedcl
 def preset(name: str) -> ml_collections.ConfigDict:
   try:
     module = importlib.import_module(f"configs.towers.{name}")
-  except ModuleNotFoundError:
+  except ModuleNotFoundError as e:
+    if e.name != f"configs.towers.{name}":  # The preset's own import failed: say which.
+      raise
     module = None
   if not hasattr(module, "get_config"):
     folder = Path(__file__).parent / "towers"

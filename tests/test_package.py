@@ -254,6 +254,17 @@ class TestConfigs:
     with pytest.raises(ValueError, match="has no image tower"):
       self.base.get_config("image=minilm")
 
+  def test_a_preset_that_fails_to_import_says_why(self, tmp_path, monkeypatch):
+    """A preset whose own import failed (a misspelt module) was reported as no such preset,
+    the list naming it."""
+    import configs.towers
+    (tmp_path / "broken_preset.py").write_text(
+        "from configs.towers.commn import tower\n\ndef get_config():\n  return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(configs.towers, "__path__", [*configs.towers.__path__, str(tmp_path)])
+    with pytest.raises(ModuleNotFoundError, match="No module named 'configs.towers.commn'"):
+      self.base.get_config("text=broken_preset")
+
   @pytest.mark.parametrize("name", ["vqa_rad", "slake", "pathvqa", "vqa_med_2019"])
   def test_finetuning_configs_have_the_reference_hyperparameters(self, name):
     import importlib

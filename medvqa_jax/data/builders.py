@@ -229,6 +229,8 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
     bad. Per split: a share of the whole dataset would let its smallest split, the test split,
     lose many times that share of its records (a tenth of VQA-Med-2019's test questions
     within 1% of the dataset)."""
+    if total and len(bad) == total:
+      self._none_usable(split, bad, total)
     if total and len(bad) / total > self.max_bad_fraction:
       shown = "\n  ".join(bad[:20])
       raise DataError(
@@ -237,6 +239,16 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
           f"{self.max_bad_fraction:.1%}); nothing was built. First problems:\n  {shown}\n"
           "To build it without them, allow more: launch/prepare_data.py "
           "--max_bad_fraction=FRACTION (the other commands read what it built)")
+
+  def _none_usable(self, split: str, bad: list[str], total: int):
+    """Fails the build of a split none of whose `total` records could be used: no limit
+    helps there, and every record failing alike may be the reader's fault."""
+    shown = "\n  ".join(bad[:20])
+    raise DataError(
+        f"none of the {total} records of the {split} split of {self.name} in "
+        f"{self.source_dir} could be used; nothing was built. First problems:\n  {shown}\n"
+        "When every record fails alike, the dataset's reader may be at fault "
+        "(medvqa_jax/data/sources.py)")
 
   def _generate_examples(self, split, items, bad: list[str]):
     """The split's examples; bad: its records already found bad, to which those whose image
@@ -263,12 +275,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
         yes_no += answers_lib.is_yes_no(item["answers"])
       yield item["id"], example
     if not good:  # Whatever the limit: TFDS would fail on the empty split, naming nothing.
-      shown = "\n  ".join(bad[:20])
-      raise DataError(
-          f"none of the {len(items)} records of the {split} split of {self.name} in "
-          f"{self.source_dir} could be used; nothing was built. First problems:\n  {shown}\n"
-          "When every record fails alike, the dataset's reader may be at fault "
-          "(medvqa_jax/data/sources.py)")
+      self._none_usable(split, bad, len(items))
     stats = {"images": len(images), "skipped": len(bad)}
     if types:
       stats.update(answer_type=dict(sorted(types.items())), yes_no_closed=yes_no,

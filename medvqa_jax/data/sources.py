@@ -148,6 +148,8 @@ def _records(path: Path, rows, make: Callable, keep: Callable | None = None) -> 
     item = _guarded(where, lambda: make(row, where))
     if isinstance(item, dict):
       item.setdefault("where", where)
+    elif isinstance(item, Bad) and not item.where:  # `make` left `where` out.
+      item.where = where
     out.append(item)
   return out
 

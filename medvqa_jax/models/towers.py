@@ -99,6 +99,9 @@ def from_config(cfg, seed: int = 0, abstract: bool = False, compute=None,
   (e.g. "model.image"), for the flags that errors name."""
   if cfg.kind not in KINDS:
     raise ValueError(f"unknown tower kind {cfg.kind!r}; expected one of {sorted(KINDS)}")
+  if cfg.source not in SOURCES:
+    raise ValueError(f"--config.{where}.source={cfg.source!r}: unknown; expected one of "
+                     f"{', '.join(SOURCES)} (init: random weights, from `arch`)")
   arch = {k: v for k, v in cfg.arch.items() if v is not None}
   if compute is not None:
     arch["compute"] = compute

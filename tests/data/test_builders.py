@@ -319,12 +319,21 @@ def test_too_many_bad_records_fail_and_leave_nothing(tmp_path):
     builders.load(out, "vqa_rad", "train")
   # Every record of a split bad, allowed by the limit that the message suggests raising: a
   # traceback from TFDS ("No examples were yielded") that named no file.
+  # Whatever the limit (no limit helps); found when read, or when the images are encoded.
   rows3 = [dict(r, image_name="gone.jpg") for r in rows[:2]]
-  _write(src, rows, rows3)
-  with pytest.raises(builders.DataError, match=r"(?s)none of the 2 records of the test split "
-                     r"of vqa_rad in \S+ could be used; nothing was built. First problems:\n"
-                     r"  \S+ \(\S*gone.jpg; \S*testset.json record 0\): image file not found"):
-    builders.build("vqa_rad", src, out, max_bad_fraction=1.0)
+  _write(src, [r for r in rows if not r["image_name"].startswith("gone")], rows3)
+  for limit in (0.01, 1.0):
+    with pytest.raises(builders.DataError, match=r"(?s)none of the 2 records of the test split "
+                       r"of vqa_rad in \S+ could be used; nothing was built. First problems:\n"
+                       r"  \S+ \(\S*gone.jpg; \S*testset.json record 0\): image file not "
+                       r"found.*the dataset's reader may be at fault"):
+      builders.build("vqa_rad", src, out, max_bad_fraction=limit)
+    assert not builders.is_built(out, "vqa_rad") and not list(out.rglob("*.array_record*"))
+  _write(src2, [r for r in rows2 if not r["image_name"].startswith("bad")],
+         [dict(r, image_name="bad0.jpg") for r in rows2[:2]])
+  with pytest.raises(builders.DataError, match=r"none of the 2 records of the test split .*\n"
+                     r"  \S+ \(\S*bad0.jpg; \S*testset.json record 0\): unreadable image"):
+    builders.build("vqa_rad", src2, out, max_bad_fraction=1.0)
   assert not builders.is_built(out, "vqa_rad") and not list(out.rglob("*.array_record*"))
   # A build that fails into a new data folder leaves no folders behind, however deep it is;
   # into an existing one, it leaves that folder as it was.

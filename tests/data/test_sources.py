@@ -98,6 +98,15 @@ def test_vqa_med_2019():
       "a (b)", "a", "c", "(d) e", "e", "(f)"]
 
 
+def test_a_bad_record_made_without_its_place_is_named_by_it(tmp_path):
+  """A reader's `make` may leave `_vqa`'s `where` out: its bad records named no file."""
+  path = tmp_path / "train.json"
+  rows = [{"q": "  "}, {"q": "is it?"}]
+  got = sources._records(path, rows,
+                         lambda r, where: sources._vqa("x", "a.png", "a", r["q"], "yes"))
+  assert str(got[0]) == f"{path} record 0: empty question"
+  assert got[1]["where"] == f"{path} record 1"
+
 
 def test_vqa_med_pairs_in_no_category_file_are_warned_of(tmp_path, caplog):
   # A pair's category was found only by an exact match of its line with the category file's:

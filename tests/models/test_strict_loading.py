@@ -106,6 +106,11 @@ def test_kind_mismatch_and_missing_checkpoint_are_reported(hf_bert):
   with pytest.raises(FileNotFoundError, match=r"^--config.model.text.checkpoint=/nonexistent/bert: "
                                               r"checkpoint folder /nonexistent/bert does not"):
     towers.from_config(cfg, where="model.text")
+  # A misspelt source is named with its flag, and the list has "init" (it was left out).
+  cfg.source = "hf_brt"
+  with pytest.raises(ValueError, match=r"^--config.model.text.source='hf_brt': unknown; expected "
+                                       r"one of init, hf_clip, hf_bert, open_clip \(init: "):
+    towers.from_config(cfg, where="model.text")
 
 
 def test_pytorch_pickle_without_torch_says_so(hf_bert_pretraining):
