@@ -116,6 +116,14 @@ def restore(checkpoint_dir, overrides: dict | None = None, step: int | None = No
                 "names, which must be the one it was trained with", folder.parent,
                 ckpt_lib.TOKENIZER)
     tokenizer = tokenizer_lib.from_config(config.model.text)
+    recorded, found = run.get("tokenizer"), tokenizer.fingerprint()
+    if recorded and found != recorded:  # Other token ids: every answer silently otherwise.
+      named = config.model.text.get("tokenizer") or config.model.text.get("checkpoint")
+      raise ValueError(
+          f"the tokenizer in {named}, which the config names, is not the one the run was "
+          f"trained with (its fingerprint is {found}, the run recorded {recorded}): copy "
+          f"the run's {ckpt_lib.TOKENIZER}/ folder into {folder.parent}, or name the "
+          "tokenizer it was trained with (--config.model.text.tokenizer=FOLDER)")
   mesh = sharding.make_mesh(fsdp if fsdp is not None else 1)
   model, init, loaded = amif.initializer(config, seed=config.seed)
   tokenizer_lib.check_fits(tokenizer, {"text tower": model.text, "decoder": model.decoder})

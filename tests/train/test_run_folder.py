@@ -202,6 +202,19 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
   with caplog.at_level("WARNING"):
     run_lib.restore(moved)
   assert f"{moved} has no tokenizer/ folder (the tokenizer the run saved)" in caplog.text
+  # ... and checked against the run's record: another vocabulary (here "yes" and "no" swapped)
+  # answered with other token ids, silently.
+  other = tmp_path / "other-vocab"
+  other.mkdir()
+  shutil.copy(text_checkpoint / "tokenizer_config.json", other)
+  words = (text_checkpoint / "vocab.txt").read_text().split("\n")
+  yes, no = words.index("yes"), words.index("no")
+  words[yes], words[no] = "no", "yes"
+  (other / "vocab.txt").write_text("\n".join(words))
+  with pytest.raises(ValueError, match=rf"the tokenizer in {other}, which the config names, is "
+                     r"not the one the run was trained with \(its fingerprint is \w+, the run "
+                     rf"recorded \w+\): copy the run's tokenizer/ folder into {moved}"):
+    run_lib.restore(moved, overrides={"model.text.tokenizer": str(other)})
 
 
 def test_a_schedule_that_saves_steps_it_does_not_validate_is_noted():
