@@ -24,6 +24,7 @@ import math
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import jax
@@ -267,13 +268,28 @@ class Checkpoints:
       raise self._not_written(step, why) from e
 
   def _unreadable(self, step: int, e: Exception) -> UnreadableCheckpoint:
-    others = [s for s in self.steps() if s != step]
     why = first_line(e)
+    if self._deleted(step):  # Not damaged: do not advise deleting anything.
+      self.manager.reload()
+      return UnreadableCheckpoint(
+          f"checkpoint step {step} in {self.directory} was deleted while it was read "
+          f"({type(e).__name__}: {why}): a training running in this folder deletes its "
+          f"older steps as it saves (train.keep). Read a step it keeps: the best on "
+          f"validation or the latest (it now has {self.steps() or 'none'})")
+    others = [s for s in self.steps() if s != step]
     return UnreadableCheckpoint(
         f"checkpoint step {step} in {self.directory} cannot be read ({type(e).__name__}: "
         f"{why}). Its files are damaged or incomplete: delete {self.directory / str(step)} "
         f"to go back to an earlier step (here: {others or 'none'}), or evaluate another "
         "with --step")
+
+  def _deleted(self, step: int) -> bool:
+    """Whether `step`'s folder is gone, or going within a second (Orbax removing it)."""
+    for _ in range(3):
+      if not (self.directory / str(step)).exists():
+        return True
+      time.sleep(0.5)
+    return False
 
   @contextlib.contextmanager
   def _reading(self, step: int):

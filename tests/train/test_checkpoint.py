@@ -74,6 +74,21 @@ def test_opening_read_only_says_nothing_of_it(folder, caplog):
   assert caplog.text.count("Given directory is read only") == 1  # Only the line after.
 
 
+def test_a_step_deleted_while_read_is_not_called_damaged(folder):
+  """An evaluation of a run still training: its saves delete older steps, one of them maybe
+  while it is read. That was reported as damaged files, with advice to delete the step."""
+  import shutil
+  ckpts = ckpt_lib.Checkpoints(folder, read_only=True)
+  assert ckpts.steps() == [2, 4, 6]
+  shutil.rmtree(folder / "2")  # The training's keep policy, after the steps were listed.
+  with pytest.raises(ckpt_lib.UnreadableCheckpoint, match=r"checkpoint step 2 in \S+ was "
+                     r"deleted while it was read \(.*\): a training running in this folder "
+                     r"deletes its older steps as it saves \(train.keep\). Read a step it "
+                     r"keeps: the best on validation or the latest \(it now has \[4, 6\]\)"):
+    ckpts.restore(2, abstract(state()))
+  ckpts.close()
+
+
 def test_damaged_state_names_the_step_and_what_to_do(folder):
   victim = largest_file(folder / "6" / "state")
   victim.write_bytes(victim.read_bytes()[:10])
