@@ -11,14 +11,17 @@ here set on it, e.g. where the data are now:
   python launch/eval.py --checkpoint_dir=/runs/slake --config.data.dir=/new/place/tfds
 
 (the overrides are printed; data whose training and validation examples are not the run's
-are refused: another held-out slice would hold examples it trained on). The parameters are
-restored onto the devices this process has, whatever the training run used; on several hosts,
+are refused: another held-out slice would hold examples it trained on). The dataset is read
+as built, never built here. The parameters are restored onto the devices this process has,
+whatever the training run used; on several hosts,
 run the same command in every process, as for training (launch/tpu_pod.sh, slurm.sbatch, or
 --coordinator_address/--num_processes/--process_id), and each answers its share. Outputs go to
 <workdir>/eval/<split>-step<N>/ (<split>-step<N>-closed-set/ under the closed-set protocol,
-beside the open-set results; or --out); each says which answer protocol produced it. Records of
-the split that its build skipped as bad are counted there (skipped_at_build) and warned of; for
-a held-out validation slice, those of the split it is drawn from (skipped_from).
+beside the open-set results; or --out), checked writable before anything is answered; earlier
+results there are replaced, and named as they are. Each says which answer protocol produced
+it, and metrics.json which run folder (run). Records of the split that its build skipped as
+bad are counted there (skipped_at_build) and warned of; for a held-out validation slice, those
+of the split it is drawn from (skipped_from).
 
 A pre-training run is evaluated on its corpus's held-out slice, as its validation during
 training was (the objective's terms, image<->text retrieval recall): metrics.json in

@@ -67,6 +67,9 @@ def main(argv):
                        "--out= for none") from None
     if not picture_path.parent.is_dir():
       raise FileNotFoundError(f"--out={_OUT.value}: no folder {picture_path.parent}")
+    if not os.access(picture_path.parent, os.W_OK):  # Refused now, not after answering.
+      raise PermissionError(f"--out={_OUT.value}: {picture_path.parent.absolute()} cannot "
+                            "be written: name a picture elsewhere, or pass --out='' for none")
   r = run_lib.restore(_CKPT.value, step=_STEP.value)
   if r.config.model.head == "none":
     raise ValueError(f"{_CKPT.value} is a pre-training run: it has no answer head (predict "

@@ -8,17 +8,19 @@ import copy
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 
 import jax
 import ml_collections
 
+from medvqa_jax.data import builders
 from medvqa_jax.data import splits as splits_lib
 from medvqa_jax.data import tokenizer as tokenizer_lib
 from medvqa_jax.evaluate import vqa as vqa_eval
 from medvqa_jax.models import amif
 from medvqa_jax.train import checkpoint as ckpt_lib
-from medvqa_jax.train import observe, sharding
+from medvqa_jax.train import distributed, observe, sharding
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +158,61 @@ def check_data(restored: Restored, splits: dict) -> None:
         "--config.data.dir)")
 
 
+def built_data(dc, changes=()):
+  """`dc` (a copy of the data config) for reading the run's dataset as it is built: an
+  evaluation does not build (the run's data.dir is where the data were; a build there from
+  its source would write into another machine's or user's old folder), and a source folder
+  the run recorded but that is not here is not checked against (a run folder copied to
+  another machine). `changes`: the overrides taken (`Restored.changes`)."""
+  dc = copy.deepcopy(dc)
+  if dc.get("dir") and dc.get("name") and not builders.is_built(dc.dir, dc.name):
+    raise FileNotFoundError(
+        f"dataset {dc.name} is not built in {dc.dir} (the run's data.dir, unless overridden): "
+        f"pass --config.data.dir=FOLDER where it is built now, or build it there first "
+        f"(launch/prepare_data.py --dataset={dc.name} --source_dir=DOWNLOAD "
+        f"--data_dir={dc.dir}); an evaluation does not build")
+  given = any(c.startswith("data.source_dir ") for c in changes)
+  if dc.get("source_dir") and not given and not Path(dc.source_dir).is_dir():
+    log.warning("the run's source folder %s is not here: %s in %s is read as it is built, "
+                "unchecked against it", dc.source_dir, dc.name, dc.dir)
+    dc.source_dir = ""
+  return dc
+
+
+def output_folder(out_dir, default: Path) -> Path:
+  """The folder an evaluation writes its results into (`out_dir`, else `default`), refused
+  before any answering if it cannot be written (a read-only run folder): the results were
+  computed, then lost in a traceback. Checked on process 0, which writes them."""
+  out = Path(out_dir) if out_dir is not None else default
+
+  def check():
+    there = out
+    while not there.exists() and there != there.parent:
+      there = there.parent
+    if not there.is_dir() or not os.access(there, os.W_OK):
+      raise PermissionError(
+          f"{out}: {there} cannot be written" + (" (a read-only run folder?)"
+                                                   if out_dir is None else "")
+          + ": pass --out=FOLDER to write the results elsewhere")
+
+  distributed.on_first_process("write the evaluation's results", check)
+  return out
+
+
+def replacing_note(out_dir: Path) -> None:
+  """Says which earlier results an evaluation replaces (the same step and split, perhaps
+  under other overrides): they were replaced silently."""
+  try:
+    then = json.loads((out_dir / "metrics.json").read_text())
+  except (OSError, ValueError):
+    return
+  overall = then.get("overall")
+  log.warning("replacing the results in %s (step %s%s%s)", out_dir, then.get("step"),
+              f", overall {100 * overall:.1f}%" if isinstance(overall, (int, float)) else "",
+              f", computed with {'; '.join(then['config_changes'])}"
+              if then.get("config_changes") else "")
+
+
 def split_role(dc, split_name: str) -> str:
   """The role ("train", "val" or "test") of a split named on the command line: the dataset's
   own names for its splits (data.test_split, data.val_split) first, then "test", "val" and
@@ -184,7 +241,7 @@ def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=No
   run_closed = (restored.protocol == splits_lib.CLOSED_SET if restored.protocol
                 else bool(dc.closed_set))
   closed = run_closed if closed_set is None else bool(closed_set)
-  dc = copy.deepcopy(dc)  # The restored config is left as it was.
+  dc = built_data(dc, restored.changes)  # A copy: the restored config is left as it was.
   dc.closed_set = closed
   candidates, protocol = restored.answers, restored.protocol
   if closed != run_closed:
@@ -199,6 +256,12 @@ def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=No
     # Only the candidates change: the GCA prior stays the one the model was trained with.
     candidates, protocol = splits_lib.answer_set(dc)
   key = split_role(dc, split_name)
+  folder = {"train": "train", "test": dc.test_split,
+            "val": "val" if dc.test_split == "validation" else "validation"}[key]
+  # Each protocol its own folder: a closed-set evaluation beside the open-set one.
+  suffix = "-closed-set" if closed else ""
+  out_dir = output_folder(out_dir, restored.workdir / "eval" /
+                          f"{folder}-step{restored.step}{suffix}")
   splits = splits_lib.vqa_splits(dc, need=tuple({key, "train", "val"}))
   check_data(restored, splits)
   predictor = restored.predictor(candidates)
@@ -211,15 +274,11 @@ def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=No
   metrics = vqa_eval.evaluate(rows, splits[key], protocol, restored.step,
                               baseline=splits_lib.majority_answer(splits["train"].records),
                               predictable=predictor.predictable)
+  metrics["run"] = str(restored.workdir)
   if restored.changes:  # What these numbers were computed under, beside the run's config.
     metrics["config_changes"] = list(restored.changes)
   if jax.process_index() == 0:
-    if out_dir is None:
-      folder = {"train": "train", "test": dc.test_split,
-                "val": "val" if dc.test_split == "validation" else "validation"}[key]
-      # Each protocol its own folder: a closed-set evaluation beside the open-set one.
-      suffix = "-closed-set" if closed else ""
-      out_dir = restored.workdir / "eval" / f"{folder}-step{restored.step}{suffix}"
+    replacing_note(out_dir)
     vqa_eval.write(out_dir, metrics, rows)
   return metrics
 
@@ -233,7 +292,8 @@ def evaluate_pretraining(restored: Restored, split_name: str | None = None, out_
     raise ValueError(f"a pre-training run is evaluated on the held-out slice of its corpus "
                      f"(--split=validation), not on {split_name!r}")
   config = restored.config
-  splits = splits_lib.caption_splits(config.data)
+  out_dir = output_folder(out_dir, restored.workdir / "eval" / f"validation-step{restored.step}")
+  splits = splits_lib.caption_splits(built_data(config.data, restored.changes))
   if "val" not in splits:
     raise ValueError("the run held out no validation slice (data.val_fraction was 0): there "
                      "is no held-out example to evaluate it on")
@@ -242,10 +302,10 @@ def evaluate_pretraining(restored: Restored, split_name: str | None = None, out_
   validator = pretrain_eval.Validator(restored.model, config, splits["val"], restored.tokenizer,
                                       restored.model.image.image_size, restored.mesh, teacher)
   metrics = {"split": splits["val"].name, "step": restored.step,
-             **validator(restored.params, restored.step)}
+             **validator(restored.params, restored.step), "run": str(restored.workdir)}
   if restored.changes:
     metrics["config_changes"] = list(restored.changes)
   if jax.process_index() == 0:
-    out_dir = out_dir or restored.workdir / "eval" / f"validation-step{restored.step}"
+    replacing_note(out_dir)
     vqa_eval.write(out_dir, metrics, None)
   return metrics

@@ -4,6 +4,7 @@ count), predictions are matched to their own questions, and the protocol's answe
 import json
 import logging
 import types
+from pathlib import Path
 
 import helpers
 import jax
@@ -335,6 +336,58 @@ def test_results_are_written_as_a_pair_or_not_at_all(tmp_path):
   vqa.write(tmp_path, {"overall": 0.9, "protocol": "p"}, [{"qid": "1"}])
   assert json.loads((tmp_path / "metrics.json").read_text())["overall"] == 0.9
   assert json.loads((tmp_path / "predictions.jsonl").read_text())["protocol"] == "p"
+
+
+def test_an_evaluation_reads_the_data_as_built_and_never_builds(data, tmp_path, caplog):
+  """A run folder copied elsewhere: its recorded data.dir held no build there, and eval.py
+  built the dataset from the recorded source into that old folder (or failed in a traceback
+  where it could not write); a recorded source folder that is not here was a refusal that
+  said "do not give a source folder", though none was given."""
+  dc, _ = data
+  moved = dc.copy_and_resolve_references()
+  moved.dir = str(tmp_path / "old-place")
+  with pytest.raises(FileNotFoundError, match=rf"dataset vqa_rad is not built in "
+                     rf"{moved.dir} \(the run's data.dir, unless overridden\): pass "
+                     r"--config.data.dir=FOLDER where it is built now"):
+    run_lib.built_data(moved)
+  assert not (tmp_path / "old-place").exists()
+  gone = dc.copy_and_resolve_references()
+  gone.source_dir = str(tmp_path / "not-here")
+  with caplog.at_level("WARNING"):
+    read = run_lib.built_data(gone)
+  assert read.source_dir == "" and gone.source_dir == str(tmp_path / "not-here")  # A copy.
+  assert f"the run's source folder {tmp_path / 'not-here'} is not here" in caplog.text
+  assert len(splits_lib.vqa_splits(read)["test"].records) == 6
+  # Given on the command line, a missing source folder is the user's to correct.
+  assert run_lib.built_data(gone, ["data.source_dir 'a' -> 'b'"]).source_dir == gone.source_dir
+
+
+def test_results_that_cannot_be_written_are_refused_before_answering(tmp_path, monkeypatch):
+  """A read-only run folder: the whole split was answered, then a traceback lost the
+  results. (Checked with os.access: the tests may run as root, whom no mode stops.)"""
+  locked = tmp_path / "run"
+  locked.mkdir()
+  monkeypatch.setattr(run_lib.os, "access", lambda path, mode: Path(path) != locked)
+  with pytest.raises(PermissionError, match=rf"{locked}/eval/test-step4: {locked} cannot be "
+                     r"written \(a read-only run folder\?\): pass --out=FOLDER"):
+    run_lib.output_folder(None, locked / "eval" / "test-step4")
+  elsewhere = tmp_path / "elsewhere" / "x"
+  assert run_lib.output_folder(elsewhere, locked) == elsewhere  # --out=...
+  assert not elsewhere.parent.exists()  # Checked, not made.
+
+
+def test_replaced_results_are_named(tmp_path, caplog):
+  """The same step and split evaluated again (perhaps under other overrides) replaced the
+  earlier results without a word."""
+  with caplog.at_level("WARNING"):
+    run_lib.replacing_note(tmp_path)  # Nothing there yet.
+  assert "replacing" not in caplog.text
+  vqa.write(tmp_path, {"step": 8, "overall": 0.2424, "protocol": "p",
+                       "config_changes": ["model.rank_k 8 -> 1"]}, [])
+  with caplog.at_level("WARNING"):
+    run_lib.replacing_note(tmp_path)
+  assert (f"replacing the results in {tmp_path} (step 8, overall 24.2%, computed with "
+          "model.rank_k 8 -> 1)") in caplog.text
 
 
 def test_a_split_named_on_the_command_line_takes_its_role_from_the_dataset_names():

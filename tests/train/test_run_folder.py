@@ -54,8 +54,10 @@ def _config(text_checkpoint, tmp_path):
 
 
 def _same(a: dict, b: dict):
+  """The same metrics, but for the time taken and the run folder (eval.py's name it)."""
   a, b = dict(a), dict(b)
-  a.pop("seconds", None), b.pop("seconds", None)
+  for key in ("seconds", "run"):
+    a.pop(key, None), b.pop(key, None)
   assert a == b
 
 
@@ -194,6 +196,7 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
   assert "the run's config, with:\n  train.eval_batch_size 64 -> 8\n" in out.stderr
   cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
   assert cli.pop("config_changes") == ["train.eval_batch_size 64 -> 8"]  # Filed with them.
+  assert cli["run"] == str(moved)
   _same(cli, val)
   # A run folder without its tokenizer copy (only checkpoints/ moved): the config's
   # tokenizer, with a warning saying so.
