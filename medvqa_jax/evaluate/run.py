@@ -91,7 +91,10 @@ def restore(checkpoint_dir, overrides: dict | None = None, step: int | None = No
   if step is None:
     step = ckpts.best_step()
   if step is None:
-    raise FileNotFoundError(f"no complete checkpoint in {folder}")
+    cut = sorted(p.name for p in folder.glob("*.orbax-checkpoint-tmp*"))
+    raise FileNotFoundError(f"no complete checkpoint in {folder}" + (
+        f" (the save of {cut[0].split('.')[0]} was cut short, leaving {', '.join(cut)}: the "
+        "run stopped before its first checkpoint was written)" if cut else ""))
   if step not in ckpts.steps():
     raise FileNotFoundError(f"no checkpoint of step {step} in {folder}; it has {ckpts.steps()}")
   run = ckpts.run_record(step)

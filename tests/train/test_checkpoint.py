@@ -421,6 +421,13 @@ def test_a_run_folder_without_checkpoints_is_named_as_such(tmp_path):
     ckpt_lib.resolve(tmp_path)
   (tmp_path / "checkpoints").mkdir()
   assert ckpt_lib.resolve(tmp_path) == (tmp_path / "checkpoints", None)
+  # Killed in its first save: the folder that save left is named.
+  (tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp").mkdir()
+  from medvqa_jax.evaluate import run as run_lib
+  with pytest.raises(FileNotFoundError, match=rf"^no complete checkpoint in {tmp_path}/"
+                     r"checkpoints \(the save of 4 was cut short, leaving "
+                     r"4.orbax-checkpoint-tmp: the run stopped before its first checkpoint"):
+    run_lib.restore(tmp_path)
 
 
 def test_only_write_failures_are_reported_as_checkpoints_not_written(tmp_path, monkeypatch):
