@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 OPEN_SET = "open-set: answers from train+validation"
 CLOSED_SET = "closed-set (paper): answers from all splits, test included"
+# eval.py --closed_set on a generative run trained open-set: only the candidates are the
+# closed set's; the GCA prior, an input of the model, stays the one it was trained with.
+CLOSED_CANDIDATES = ("closed-set candidates: answers from all splits, test included; GCA prior "
+                     "from train+validation (trained open-set, not the paper's protocol)")
 
 
 class Subset:

@@ -256,8 +256,10 @@ def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=No
                        "input of the model, holds the answers of every split, test included, "
                        "so no evaluation of it is open-set (train with "
                        "--config.data.closed_set=False for that)")
-    # Only the candidates change: the GCA prior stays the one the model was trained with.
-    candidates, protocol = splits_lib.answer_set(dc)
+    # Only the candidates change: the GCA prior stays the one the model was trained with,
+    # and the protocol's name says so (it is not the paper's, whose prior is closed-set too).
+    candidates, _ = splits_lib.answer_set(dc)
+    protocol = splits_lib.CLOSED_CANDIDATES
   key = split_role(dc, split_name)
   folder = {"train": "train", "test": dc.test_split,
             "val": "val" if dc.test_split == "validation" else "validation"}[key]
