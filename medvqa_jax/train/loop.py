@@ -79,18 +79,27 @@ def total_steps(config, num_train: int) -> int:
 
 
 def schedule_note(saved_json: str, optim_cfg, start: int) -> str | None:
-  """What a resume under another run length does to the learning rate (the schedule is the
-  new length's: a run extended after its end restarts from a rate well above the one it
-  ended at), or None for the same length."""
-  then_steps = json.loads(saved_json).get("optim", {}).get("total_steps")
-  if not then_steps or then_steps == optim_cfg.total_steps:
+  """What a resume under another schedule (run length, optim.lr or optim.warmup_fraction)
+  does to the learning rate: the schedule is the new one's (a run extended after its end
+  restarts from a rate well above the one it ended at), or None for the same schedule."""
+  saved = json.loads(saved_json).get("optim", {})
+  changed = [k for k in ("total_steps", "lr", "warmup_fraction")
+             if saved.get(k) is not None and saved[k] != optim_cfg.get(k)]
+  if not saved.get("total_steps") or not changed:
     return None
   then_cfg = optim_cfg.copy_and_resolve_references()
-  then_cfg.total_steps = then_steps
+  for k in changed:  # The run's own schedule, as recorded.
+    then_cfg[k] = saved[k]
   was, now = (float(optim.schedule(c)(start)) for c in (then_cfg, optim_cfg))
-  return (f"note: the learning-rate schedule is recomputed for {optim_cfg.total_steps} "
-          f"steps: step {start} goes on at {now:.3g} (it was at {was:.3g} of the "
-          f"{then_steps}-step schedule), with no new warm-up")
+  warmup = (max(int(optim_cfg.warmup_fraction * optim_cfg.total_steps), 1)
+            if optim_cfg.warmup_fraction else 0)
+  ramp = (f"; the warm-up is not restarted, but the new one lasts to step {warmup}: the rate "
+          f"ramps on to {optim_cfg.lr:.3g} until then" if start < warmup
+          else ", with no new warm-up")
+  what = ", ".join(f"optim.{k} {saved[k]} -> {optim_cfg[k]}" for k in changed)
+  return (f"note: the learning-rate schedule is recomputed ({what}): step {start} goes on at "
+          f"{now:.3g} (it was at {was:.3g} of the run's {saved['total_steps']}-step schedule)"
+          f"{ramp}")
 
 
 def abstract_state(model_shapes, tx, shardings) -> dict:

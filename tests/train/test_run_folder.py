@@ -425,9 +425,24 @@ def test_a_resume_under_another_length_says_what_becomes_of_the_learning_rate():
   saved = json.dumps({"optim": {"total_steps": 30}})
   warm = lambda n: optax.warmup_cosine_decay_schedule(0.0, 1e-3, int(0.1 * n), n, 0.0)
   note = loop.schedule_note(saved, config.optim, 29)
-  assert note == (f"note: the learning-rate schedule is recomputed for 60 steps: step 29 goes "
-                  f"on at {float(warm(60)(29)):.3g} (it was at {float(warm(30)(29)):.3g} of "
-                  "the 30-step schedule), with no new warm-up")
+  assert note == (f"note: the learning-rate schedule is recomputed (optim.total_steps 30 -> 60): "
+                  f"step 29 goes on at {float(warm(60)(29)):.3g} (it was at "
+                  f"{float(warm(30)(29)):.3g} of the run's 30-step schedule), with no new "
+                  "warm-up")
   assert "goes on at 0.000615 (it was at 3.38e-06" in note  # Near the peak again, from ~0.
   assert loop.schedule_note(json.dumps({"optim": {"total_steps": 60}}), config.optim, 29) is None
   assert loop.schedule_note(json.dumps({}), config.optim, 29) is None  # Older records.
+  # The rate it was at is the run's own schedule's: with optim.lr changed too, it was
+  # computed at the new rate (0.00122 for 0.000611 here).
+  config.optim.update(lr=2e-3, warmup_fraction=0.1, total_steps=12)
+  was = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 1, 8, 0.0)(4)
+  note = loop.schedule_note(json.dumps({"optim": {"total_steps": 8, "lr": 1e-3,
+                                                  "warmup_fraction": 0.1}}), config.optim, 4)
+  assert f"(it was at {float(was):.3g} of the run's 8-step schedule)" in note
+  assert "(optim.total_steps 8 -> 12, optim.lr 0.001 -> 0.002)" in note
+  # Extended far enough, the new warm-up is longer than the steps done: the rate ramps again.
+  config.optim.update(lr=1e-3, warmup_fraction=0.4, total_steps=100)
+  note = loop.schedule_note(json.dumps({"optim": {"total_steps": 10, "lr": 1e-3,
+                                                  "warmup_fraction": 0.4}}), config.optim, 10)
+  assert note.endswith("the warm-up is not restarted, but the new one lasts to step 40: the "
+                       "rate ramps on to 0.001 until then")
