@@ -64,10 +64,15 @@ def workdir_of(config, workdir=None) -> Path:
 
 
 def total_steps(config, num_train: int) -> int:
-  """The run's length: train.epochs passes over `num_train` examples, or optim.total_steps.
-  Both set (and not to the same length) is refused: one of them would be ignored."""
+  """The run's length: train.epochs passes over `num_train` examples (an epoch is
+  num_train // batch_size steps: each pass leaves out the remainder, other examples each
+  time), or optim.total_steps. Both set (and not to the same length) is refused: one of them
+  would be ignored; neither, too."""
   tc, steps = config.train, config.optim.get("total_steps")
   if not tc.get("epochs"):
+    if not steps:
+      raise ValueError("the run's length is not set: set --config.optim.total_steps (steps) "
+                       "or --config.train.epochs (passes over the training set)")
     return steps
   by_epochs = tc.epochs * max(num_train // tc.batch_size, 1)
   if steps and steps != by_epochs:
@@ -710,7 +715,7 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
                               batch_size=tc.batch_size, log_every=tc.log_every, enabled=main,
                               tensorboard=tc.tensorboard, stream=stream)
   _print(f"{'fine-tuning' if finetune else 'pre-training'} {config.data.name}: "
-         f"{len(splits['train'].records)} training examples, {steps} steps of "
+         f"{len(splits['train'].records)} training examples, {steps} step{'s' * (steps != 1)} of "
          f"{tc.batch_size} on {jax.device_count()} {jax.devices()[0].platform} device(s)"
          + (f", {len(answers)} answers ({protocol})" if finetune else "")
          + (f", validating on {pretrain_validator.examples} held-out examples"

@@ -325,6 +325,10 @@ def test_the_run_length_is_set_by_epochs_or_by_steps_not_both():
                      r"optim.total_steps=2000 both set the run's length: count in steps with "
                      r"--config.train.epochs=0, or in epochs with --config.optim.total_steps=0"):
     loop.total_steps(config(6, 2000), 2757)
+  # Neither set: "the run has None steps".
+  with pytest.raises(ValueError, match=r"the run's length is not set: set "
+                     r"--config.optim.total_steps \(steps\) or --config.train.epochs"):
+    loop.total_steps(config(0, None), 2757)
 
 
 def test_a_second_training_in_a_run_folder_is_refused(tmp_path):
