@@ -139,7 +139,13 @@ def eval_batches(source, *, tokenizer, image_size: int, global_batch: int,
   index = [min(b * global_batch + process_index * per + j, n - 1)
            for b in range(num) for j in range(per)]
   fn = pipeline._Example("vqa", tokenizer, image_size, "test")
-  ds = grain.MapDataset.source(index).map(lambda i: fn(source[i])).batch(per)
+  # Threads make examples, not whole batches, two batches ahead: iterated whole, a map of
+  # batches read up to 500 batches ahead (a test split of 6,719 questions held in memory,
+  # 1.7 GB at 288 px) and its first batch came when 16 threads had each made one.
+  ds = (grain.MapDataset.source(index).map(lambda i: fn(source[i]))
+        .to_iter_dataset(grain.ReadOptions(num_threads=min(16, os.cpu_count() or 1),
+                                           prefetch_buffer_size=2 * per))
+        .batch(per))
   for batch in ds:
     yield {k: batch[k] for k in INPUTS}
 

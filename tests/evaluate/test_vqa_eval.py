@@ -109,6 +109,29 @@ def test_eval_batches_hold_the_examples_in_order_then_the_last_repeated(data, to
                           process_count=3))
 
 
+def test_eval_batches_are_made_a_few_ahead_not_the_whole_split(data, tokenizer):
+  """Iterating the map of batches read up to 500 batches ahead: a test split of 6,719
+  questions was held in memory whole (1.7 GB at 288 px), and the first batch waited for 16
+  threads to make a batch each. Now two batches ahead, made example by example."""
+  split = data[1]["train"]
+  read = []
+
+  class Counted:  # 80 batches of 8 over the split's 10 examples, counting the reads.
+    def __len__(self):
+      return 640
+
+    def __getitem__(self, i):
+      read.append(i)
+      return split.source[i % len(split.source)]
+
+  batches = vqa.eval_batches(Counted(), tokenizer=tokenizer, image_size=SIZE, global_batch=8)
+  first = next(batches)
+  assert [tokenizer([split.source[i]["question"].decode()])["input_ids"][0].tolist()
+          for i in range(8)] == first["input_ids"].tolist()
+  assert len(read) <= 8 * 3 + 16  # This batch, two more, and a read per thread in flight.
+  batches.close()
+
+
 class _OwnIndex:
   """A predictor that answers each row with the index of the example whose question it
   holds (read back from its tokens) and scores it (index + 1) / 100; its answers are the
