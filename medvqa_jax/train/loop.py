@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -431,6 +432,19 @@ def devices_note(then: int | None, now: int) -> str | None:
           "numbers will not match an uninterrupted run bit for bit")
 
 
+def workers_note(platform: str, workers: int, cores: int) -> str | None:
+  """A note when an accelerator's batches are made in the training process (data.workers=0,
+  the default, right for a CPU): two threads, under Python's lock, made about 340 images of
+  288 px a second on this project's development CPU, where a paper-size fine-tuning step on
+  an H100 or H200 takes 600 or more a second."""
+  if platform == "cpu" or workers:
+    return None
+  return (f"note: data.workers=0: the batches are made in this process, two at a time, and the "
+          f"{platform} may wait for them; set --config.data.workers=N to make them in N "
+          f"processes ({cores} cores are this process's; launch/benchmark_input.py measures "
+          "the rate each gives)")
+
+
 def _print(text: str):
   if jax.process_index() == 0:
     print(text, flush=True)
@@ -722,6 +736,9 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
             if pretrain_validator else ""))
   pieces = question_pieces(splits, tokenizer) if finetune else None
   notes = [selection_note(tc, steps) if "val" in splits else None,
+           workers_note(jax.devices()[0].platform, config.data.workers,
+                        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                        else os.cpu_count()),
            cut_questions_note(splits, tokenizer, mc.text.max_len, pieces) if finetune else None,
            unknown_pieces_note(splits, answers, tokenizer, pieces=pieces) if finetune else None]
   for note in filter(None, notes):

@@ -220,6 +220,16 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
     run_lib.restore(moved, overrides={"model.text.tokenizer": str(other)})
 
 
+def test_an_accelerator_fed_by_the_training_process_alone_is_noted():
+  """data.workers=0 (the default) made a GPU's batches in the training process, two at a
+  time: about half of what a paper-size step takes, without a word."""
+  assert loop.workers_note("cpu", 0, 2) is None and loop.workers_note("gpu", 12, 16) is None
+  assert loop.workers_note("gpu", 0, 16) == (
+      "note: data.workers=0: the batches are made in this process, two at a time, and the gpu "
+      "may wait for them; set --config.data.workers=N to make them in N processes (16 cores "
+      "are this process's; launch/benchmark_input.py measures the rate each gives)")
+
+
 def test_a_schedule_that_saves_steps_it_does_not_validate_is_noted():
   """The best checkpoint is chosen among the steps both saved and validated: with save_every
   not a multiple of eval_every, the run says which steps those are."""
