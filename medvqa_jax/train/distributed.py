@@ -1,7 +1,8 @@
 """Multi-host start-up: `jax.distributed.initialize()` when the run spans several processes.
 
 Explicit values (the launchers' --coordinator_address/--num_processes/--process_id flags, or
-JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID) win. Otherwise JAX detects the
+JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID) win, but for a count or an
+index other than srun's under srun, which is refused. Otherwise JAX detects the
 cluster itself under SLURM (`srun`), under Open MPI up to version 4 (`mpirun`) and on a TPU
 VM pod slice (every worker runs the same command; `launch/tpu_pod.sh` sets
 MEDVQA_DISTRIBUTED=1, since a TPU VM's environment need not show that it is part of a slice).
@@ -23,6 +24,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
+import zlib
 from typing import NamedTuple
 
 import jax
@@ -193,6 +196,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   # The launcher that started this process, where JAX's detection does not read it.
   launcher = launchers[0] if launchers and cluster in (None, "Open MPI") else None
   local = local_gpus(*_host_layout(cluster, launcher))
+  if cluster == "SLURM":  # srun's count and index, which a flag may not contradict.
+    slurm = {"num_processes": _slurm_tasks(), "process_id": _int("SLURM_PROCID")}
+    said = {"num_processes": f"the srun step has {slurm['num_processes']} tasks (SLURM_NTASKS)",
+            "process_id": f"this is srun task {slurm['process_id']} (SLURM_PROCID)"}
+    for name, value in (("num_processes", num_processes), ("process_id", process_id)):
+      if value is not None and value != slurm[name]:
+        raise ValueError(f"--{name}={value}, but {said[name]}: leave it out under srun")
+    if coordinator_address:  # The same command in every task: srun's count and index.
+      num_processes, process_id = slurm["num_processes"], slurm["process_id"]
   if coordinator_address:
     if launcher is not None:  # Count and index from the launcher.
       num_processes = _int(launcher.size) if num_processes is None else num_processes
@@ -200,6 +212,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if num_processes is None or process_id is None:
       raise ValueError("a coordinator address needs the process count and this process's id "
                        "(--num_processes/--process_id or JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
+    _joining(f"as process {process_id} of {num_processes}, via {coordinator_address}")
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                local_device_ids=local)
   elif cluster is not None:
@@ -208,13 +221,26 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
              f", local GPUs: {local or 'every one this process sees'}")
     given = {k: v for k, v in (("num_processes", num_processes), ("process_id", process_id))
              if v is not None}
+    port = {}
+    if cluster == "SLURM" and not env.get("JAX_COORDINATOR_PORT"):
+      # JAX's port is 61440 + job id mod 4096 on the step's first node: two steps of one job
+      # (a training and an evaluation at once), or two jobs 4096 ids apart, joined each
+      # other's processes, which then trained as one run. The step's id is counted too.
+      port = {"JAX_COORDINATOR_PORT": str(61440 + zlib.crc32(_slurm_step().encode()) % 4096)}
+    _joining(f"as srun task {env.get('SLURM_PROCID')} of {_slurm_tasks()}, port "
+             f"{port.get('JAX_COORDINATOR_PORT') or env.get('JAX_COORDINATOR_PORT')}"
+             if cluster == "SLURM" else f"({cluster})")
     try:
+      env.update(port)  # Read by JAX's detection only: not left for the rest of the process.
       jax.distributed.initialize(**given, local_device_ids=local)
     except ValueError as e:  # MEDVQA_DISTRIBUTED=1 where JAX detects no cluster.
       raise ValueError(
           f"{cluster}: JAX could not join this process to the others ({e}): give "
           "--coordinator_address=HOST:PORT (process 0's host), --num_processes and "
           "--process_id") from e
+    finally:
+      for name in port:
+        del env[name]
   else:
     asked = ([f"num_processes={num_processes}"] if (num_processes or 1) > 1 else []) + (
         [f"process_id={process_id}"] if (process_id or 0) > 0 else [])
@@ -230,8 +256,41 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                   else " (the process count and index are read from "
                                   f"{launchers[0].size} and {launchers[0].rank})"))
     return
+  if "SLURM_JOB_ID" in env and jax.process_count() > 1:
+    check_one_run(_slurm_step())
   log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _slurm_step() -> str:
+  env = os.environ
+  return f"job {env.get('SLURM_JOB_ID')} step {env.get('SLURM_STEP_ID', '?')}"
+
+
+def _joining(how: str) -> None:
+  """Says on every process that it waits for the others (JAX gives up after 5 minutes,
+  saying that "another task died"): nothing was printed while a run waited."""
+  print(f"joining the run's other processes {how}: waiting up to 5 minutes for all of them",
+        file=sys.stderr, flush=True)
+
+
+def check_one_run(identity: str, timeout_s: float = 300) -> None:
+  """Refuses processes of different runs joined as one (`identity`: what their run is, e.g.
+  its SLURM job and step): two runs whose coordinators share a port on one node joined each
+  other's processes, which trained together, each with its own config, and hung at the
+  first save."""
+  from jax._src import distributed as jax_distributed
+  client = jax_distributed.global_state.client
+  me = jax.process_index()
+  client.key_value_set(f"medvqa/run_identity/{me}", identity)
+  for other in range(jax.process_count()):
+    theirs = client.blocking_key_value_get(f"medvqa/run_identity/{other}",
+                                           int(timeout_s * 1000))
+    if theirs != identity:
+      raise ValueError(
+          f"process {other} of this run is of another one ({theirs}; this process: "
+          f"{identity}): two runs joined through one coordinator port. Give each its own "
+          "with JAX_COORDINATOR_PORT (or --coordinator_address=HOST:PORT)")
 
 
 _firsts = 0  # `on_first_process` calls so far: each shares its outcome under a key of its own.

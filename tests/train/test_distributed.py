@@ -27,7 +27,8 @@ CLUSTER_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NUM_NODES", "SLURM_NTASKS", "SLURM_N
                 "RANK", "SLURM_GPUS_PER_TASK", "LOCAL_WORLD_SIZE", "LOCAL_RANK",
                 "MPI_LOCALNRANKS", "MPI_LOCALRANKID", "SLURM_NODEID", "SLURM_TASKS_PER_NODE",
                 "SLURM_STEP_TASKS_PER_NODE", "PMI_LOCAL_SIZE", "PMI_LOCAL_RANK",
-                "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
+                "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "SLURM_STEP_ID",
+                "JAX_COORDINATOR_PORT")
 
 
 @pytest.fixture
@@ -236,6 +237,80 @@ def test_slurm_passes_an_explicit_count_and_index_on(calls, monkeypatch):
   slurm(monkeypatch, tasks=2, nodes=2)
   distributed.initialize(None, 2, 1)
   assert calls == [((), {"num_processes": 2, "process_id": 1, "local_device_ids": []})]
+
+
+def test_slurm_count_and_index_given_otherwise_are_refused(calls, monkeypatch):
+  """A task given --num_processes=3 in a 2-task srun step joined as one of 2 without a word;
+  a coordinator address given under srun was refused for want of a count and an index that
+  srun's one command cannot give each task."""
+  slurm(monkeypatch, tasks=2, nodes=2)
+  with pytest.raises(ValueError, match=r"^--num_processes=3, but the srun step has 2 tasks "
+                     r"\(SLURM_NTASKS\): leave it out under srun"):
+    distributed.initialize(None, 3, None)
+  with pytest.raises(ValueError, match=r"^--process_id=0, but this is srun task 1 "
+                     r"\(SLURM_PROCID\)"):
+    distributed.initialize(None, None, 0)
+  assert calls == []
+  distributed.initialize("h0:1234")
+  assert calls == [(("h0:1234", 2, 1), {"local_device_ids": []})]
+
+
+def test_two_steps_of_one_slurm_job_get_coordinator_ports_of_their_own(calls, monkeypatch):
+  """JAX's port is 61440 + job id mod 4096: two steps of one job (a training and an evaluation
+  at once) on one first node joined each other's processes, which trained as one run."""
+  ports = []
+  monkeypatch.setattr(jax.distributed, "initialize",
+                      lambda *a, **k: ports.append(os.environ.get("JAX_COORDINATOR_PORT")))
+  slurm(monkeypatch, tasks=2, nodes=2)
+  for step in ("0", "1", "0"):
+    monkeypatch.setenv("SLURM_STEP_ID", step)
+    distributed.initialize()
+  assert ports[0] == ports[2] != ports[1] and all(61440 <= int(p) < 65536 for p in ports)
+  assert "JAX_COORDINATOR_PORT" not in os.environ  # Set for JAX's detection only.
+  monkeypatch.setenv("JAX_COORDINATOR_PORT", "1234")  # One set by hand is JAX's to read.
+  distributed.initialize()
+  assert ports[-1] == "1234"
+
+
+_ONE_RUN = """
+import sys
+import jax
+port, index, identity = sys.argv[1:4]
+jax.distributed.initialize(f"localhost:{port}", 2, int(index))
+from medvqa_jax.train import distributed
+try:
+  distributed.check_one_run(identity, timeout_s=60)
+except ValueError as e:
+  print("REFUSED:", e)
+  sys.exit(1)
+print("DONE")
+"""
+
+
+@pytest.mark.parametrize("second", ["job 5000 step 0", "job 9096 step 0"])
+def test_processes_of_two_runs_joined_as_one_are_refused(tmp_path, second):
+  """Two runs whose coordinators shared a port joined each other's processes: they trained
+  together, each with its own config, and hung at the first save."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  script = tmp_path / "one_run.py"
+  script.write_text(_ONE_RUN)
+  env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS and k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), identity],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i, identity in enumerate(["job 5000 step 0", second])]
+  outs = [p.communicate(timeout=300) for p in procs]
+  if second == "job 5000 step 0":
+    assert [p.returncode for p in procs] == [0, 0], outs[1][1][-3000:]
+    return
+  assert [p.returncode for p in procs] == [1, 1], outs[1][1][-3000:]
+  assert outs[0][0].startswith("REFUSED: process 1 of this run is of another one (job 9096 "
+                               "step 0; this process: job 5000 step 0): two runs joined "
+                               "through one coordinator port. Give each its own with "
+                               "JAX_COORDINATOR_PORT")
 
 
 def test_open_mpi_one_process_per_node(calls, monkeypatch):
