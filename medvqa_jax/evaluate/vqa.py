@@ -84,12 +84,12 @@ class Predictor:
     self._predict = jax.jit(predict, in_shardings=(param_shardings,) + (None,) * 7,
                             out_shardings=(replicated, replicated))
 
-  def __call__(self, params, batch: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Answer indices and scores of a global batch (arrays on the mesh)."""
+  def __call__(self, params, batch: dict):
+    """Answer indices and scores of a global batch (arrays on the mesh), as arrays on the
+    devices, perhaps not yet computed: `jax.device_get` waits for them."""
     consts = [jax.device_put(x, NamedSharding(self.mesh, P()))
               for x in (self.prior_ids, self.prior_mask, self.cand_ids, self.cand_mask)]
-    idx, score = self._predict(params, *(batch[k] for k in INPUTS), *consts)
-    return np.asarray(jax.device_get(idx)), np.asarray(jax.device_get(score))
+    return self._predict(params, *(batch[k] for k in INPUTS), *consts)
 
 
 def rank_k(k: int, answers: list[str], cand_ids) -> int:
@@ -159,14 +159,25 @@ def answer_split(predictor: Predictor, params, split, *, tokenizer, image_size: 
   devices = predictor.mesh.size
   global_batch = -(-global_batch // devices) * devices
   idx, scores = [], []
+
+  def fetch(answered):
+    idx.append(np.asarray(jax.device_get(answered[0])))
+    scores.append(np.asarray(jax.device_get(answered[1])))
+    if progress:
+      progress(min(len(idx) * global_batch, n), n)
+
+  # One batch in flight: the next is made and sent while the devices answer this one (the
+  # devices waited for each answer to be read, and for the next batch to be made, before).
+  pending = None
   for batch in eval_batches(split.source, tokenizer=tokenizer, image_size=image_size,
                             global_batch=global_batch, process_index=jax.process_index(),
                             process_count=jax.process_count()):
-    i, s = predictor(params, sharding.shard_batch(predictor.mesh, batch))
-    idx.append(i)
-    scores.append(s)
-    if progress:
-      progress(min(len(idx) * global_batch, n), n)
+    answered = predictor(params, sharding.shard_batch(predictor.mesh, batch))
+    if pending is not None:
+      fetch(pending)
+    pending = answered
+  if pending is not None:
+    fetch(pending)
   idx, scores = np.concatenate(idx)[:n], np.concatenate(scores)[:n]
   rows = []
   for r, i, s in zip(split.records, idx, scores):
