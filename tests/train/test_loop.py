@@ -316,6 +316,7 @@ def test_eval_restores_an_8_device_checkpoint_on_two_processes_and_on_1_device(s
   written = json.loads((multi / "metrics.json").read_text())
   for m in (printed, written):
     m.pop("seconds", None)
+    assert m.pop("run") == str(workdir)  # eval.py's name the run folder.
     assert m == saved
   assert not any(line.startswith("{") for line in outs[1][0].splitlines())
   rows = lambda folder: [json.loads(r) for r in
@@ -325,13 +326,15 @@ def test_eval_restores_an_8_device_checkpoint_on_two_processes_and_on_1_device(s
   assert [dict(r, score=None) for r in ours] == [dict(r, score=None) for r in trained]
   np.testing.assert_allclose([r["score"] for r in ours], [r["score"] for r in trained],
                              rtol=1e-4)
-  # The paper's closed-set protocol (here on 1 device): candidates from every split, and every
-  # output says so; by default in a folder of its own, beside the open-set results.
+  # Closed-set candidates (here on 1 device): from every split, and every output says so, and
+  # that the prior is the open-set run's (not the paper's protocol); by default in a folder of
+  # its own, beside the open-set results.
   _run([sys.executable, str(ROOT / "launch" / "eval.py"), f"--checkpoint_dir={workdir}",
         "--closed_set"], devices=1)
   closed = workdir / "eval" / f"test-step{saved['step']}-closed-set"
   m = json.loads((closed / "metrics.json").read_text())
-  assert m["protocol"].startswith("closed-set") and m["questions"] == 451
+  from medvqa_jax.data import splits as splits_lib
+  assert m["protocol"] == splits_lib.CLOSED_CANDIDATES and m["questions"] == 451
   rows = (closed / "predictions.jsonl").read_text().splitlines()
   assert all(json.loads(r)["protocol"] == m["protocol"] for r in rows)
 
