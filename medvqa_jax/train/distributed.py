@@ -256,7 +256,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                   else " (the process count and index are read from "
                                   f"{launchers[0].size} and {launchers[0].rank})"))
     return
-  if "SLURM_JOB_ID" in env and jax.process_count() > 1:
+  if cluster == "SLURM" and jax.process_count() > 1:  # srun's tasks: of one job step.
     check_one_run(_slurm_step())
   log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -435,8 +435,8 @@ def devices_note(then: int | None, now: int) -> str | None:
 def workers_note(platform: str, workers: int, cores: int) -> str | None:
   """A note when an accelerator's batches are made in the training process (data.workers=0,
   the default, right for a CPU): two threads, under Python's lock, made about 340 images of
-  288 px a second on this project's development CPU, where a paper-size fine-tuning step on
-  an H100 or H200 takes 600 or more a second."""
+  288 px a second on this project's development CPU, where the paper-size fine-tuning step
+  of BENCHMARKS.md takes about 600 a second (576-667: 111 and 96 ms at batch 64)."""
   if platform == "cpu" or workers:
     return None
   return (f"note: data.workers=0: the batches are made in this process, two at a time, and the "
