@@ -272,6 +272,23 @@ def test_two_steps_of_one_slurm_job_get_coordinator_ports_of_their_own(calls, mo
   assert ports[-1] == "1234"
 
 
+def _two_processes(tmp_path, source: str, args: list[list[str]]):
+  """Runs the script `source` as processes 0 and 1 of one run (argv: a free port, the index,
+  then `args[index]`), outside any cluster; returns them and their (stdout, stderr)."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  script = tmp_path / "script.py"
+  script.write_text(source)
+  env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS and k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), *args[i]],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  return procs, [p.communicate(timeout=300) for p in procs]
+
+
 _ONE_RUN = """
 import sys
 import jax
@@ -291,18 +308,7 @@ print("DONE")
 def test_processes_of_two_runs_joined_as_one_are_refused(tmp_path, second):
   """Two runs whose coordinators shared a port joined each other's processes: they trained
   together, each with its own config, and hung at the first save."""
-  import socket
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  script = tmp_path / "one_run.py"
-  script.write_text(_ONE_RUN)
-  env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS and k != "XLA_FLAGS"}
-  env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), identity],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i, identity in enumerate(["job 5000 step 0", second])]
-  outs = [p.communicate(timeout=300) for p in procs]
+  procs, outs = _two_processes(tmp_path, _ONE_RUN, [["job 5000 step 0"], [second]])
   if second == "job 5000 step 0":
     assert [p.returncode for p in procs] == [0, 0], outs[1][1][-3000:]
     return
@@ -538,18 +544,7 @@ def test_the_others_wait_for_process_0_however_long_and_share_its_error(tmp_path
   """Process 0 builds the dataset alone. The others waited in a device collective, whose CPU
   (Gloo) set-up gives up after 30 s: a first build any longer crashed them, then both hung;
   and process 0's refusal reached them as Gloo's timeout, not its reason."""
-  import socket
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  script = tmp_path / "first.py"
-  script.write_text(_FIRST_PROCESS)
-  env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS and k != "XLA_FLAGS"}
-  env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(delay),
-                             outcome], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=300) for p in procs]
+  procs, outs = _two_processes(tmp_path, _FIRST_PROCESS, [[str(delay), outcome]] * 2)
   if outcome == "ok":
     assert [p.returncode for p in procs] == [0, 0], outs[1][1][-3000:]
     assert all(out.strip().endswith("DONE") for out, _ in outs)
