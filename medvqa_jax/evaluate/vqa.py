@@ -83,13 +83,14 @@ class Predictor:
 
     self._predict = jax.jit(predict, in_shardings=(param_shardings,) + (None,) * 7,
                             out_shardings=(replicated, replicated))
+    # The prior and the candidates, on the devices once: they were put there every batch.
+    self._consts = [jax.device_put(x, replicated) for x in
+                    (self.prior_ids, self.prior_mask, self.cand_ids, self.cand_mask)]
 
   def __call__(self, params, batch: dict):
     """Answer indices and scores of a global batch (arrays on the mesh), as arrays on the
     devices, perhaps not yet computed: `jax.device_get` waits for them."""
-    consts = [jax.device_put(x, NamedSharding(self.mesh, P()))
-              for x in (self.prior_ids, self.prior_mask, self.cand_ids, self.cand_mask)]
-    return self._predict(params, *(batch[k] for k in INPUTS), *consts)
+    return self._predict(params, *(batch[k] for k in INPUTS), *self._consts)
 
 
 def rank_k(k: int, answers: list[str], cand_ids) -> int:

@@ -432,13 +432,16 @@ def devices_note(then: int | None, now: int) -> str | None:
           "numbers will not match an uninterrupted run bit for bit")
 
 
-def workers_note(platform: str, workers: int, cores: int) -> str | None:
+def workers_note(platform: str, workers: int, cores: int | None = None) -> str | None:
   """A note when an accelerator's batches are made in the training process (data.workers=0,
   the default, right for a CPU): two threads, under Python's lock, made about 340 images of
   288 px a second on this project's development CPU, where the paper-size fine-tuning step
   of BENCHMARKS.md takes about 600 a second (576-667: 111 and 96 ms at batch 64)."""
   if platform == "cpu" or workers:
     return None
+  if cores is None:  # Those this process may use (a Slurm task's binding narrows them).
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count())
   return (f"note: data.workers=0: the batches are made in this process, two at a time, and the "
           f"{platform} may wait for them; set --config.data.workers=N to make them in N "
           f"processes ({cores} cores are this process's; launch/benchmark_input.py measures "
@@ -736,9 +739,7 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
             if pretrain_validator else ""))
   pieces = question_pieces(splits, tokenizer) if finetune else None
   notes = [selection_note(tc, steps) if "val" in splits else None,
-           workers_note(jax.devices()[0].platform, config.data.workers,
-                        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                        else os.cpu_count()),
+           workers_note(jax.devices()[0].platform, config.data.workers),
            cut_questions_note(splits, tokenizer, mc.text.max_len, pieces) if finetune else None,
            unknown_pieces_note(splits, answers, tokenizer, pieces=pieces) if finetune else None]
   for note in filter(None, notes):
