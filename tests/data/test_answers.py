@@ -13,6 +13,11 @@ from medvqa_jax.data import answers
     ("Yes.", "yes"), ("MRI - T2 weighted", "mri t2 weighted"), ("3.5 cm", "3.5 cm"),
     ("right-sided", "right sided"), ("  NO ", "no"), ("none", "0"), ("(a) mass", "mass"),
     ("Chest X - ray", "chest xray"), ("x_ray", "xray"), ("(x)-ray", "xray"), ("x  ray", "xray"),
+    # The VQA toolkit's rule: a text with a punctuation mark next to a space loses its marks
+    # (a comma between words with no space joins them, as the toolkit's does), else each
+    # mark becomes a space.
+    ("RUQ pain, jaundice,weight loss?", "ruq pain jaundiceweight loss"),
+    ("t1/t2", "t1 t2"), ("mass, left", "mass left"),
 ])
 def test_normalize(raw, expected):
   assert answers.normalize(raw) == expected
@@ -43,6 +48,8 @@ def test_alternatives_and_matching():
 
 def test_yes_no_and_answer_type():
   assert answers.is_yes_no("Yes") and answers.is_yes_no(["no"]) and not answers.is_yes_no("left")
+  assert answers.is_yes_no(["yes", "No."]) and not answers.is_yes_no(["yes", "present"])
+  assert not answers.is_yes_no([])
   assert answers.answer_type("CLOSED ") == "CLOSED" and answers.answer_type(None) == ""
 
 
@@ -64,6 +71,12 @@ def test_validation_slice_is_fixed_and_holds_out_whole_images():
   assert len(held_images) == 5 and len(a) == 20
   assert all(i in a for i, img in zip(ids, images) if img in held_images)
   assert answers.validation_slice(ids, 0.0, seed=3, groups=images) == set()  # Not one image.
+  # The number of images held out is the fraction's, rounded: 3.5 of 35 is 4, 0.35 is 1.
+  ids = [f"q{i}" for i in range(70)]
+  images = [f"img{i // 2}" for i in range(70)]
+  for fraction, held in ((0.1, 4), (0.01, 1), (0.13, 5)):
+    a = answers.validation_slice(ids, fraction, seed=0, groups=images)
+    assert len({images[ids.index(i)] for i in a}) == held, fraction
 
 
 def test_a_dataset_without_validation_split_needs_a_held_out_fraction(tmp_path):

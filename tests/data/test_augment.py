@@ -170,3 +170,63 @@ def test_a_grey_picture_is_augmented_as_one_band_with_the_same_pixels():
       assert got[0].shape == (24, 24, 3) and got[0].dtype == np.uint8
       np.testing.assert_array_equal(got[0], want[0], err_msg=f"{recipe} {seed}")
       assert got[1] == want[1]
+
+
+def test_crops_are_drawn_as_torchvisions_are():
+  """RandomResizedCrop's draw: up to 10 tries before the fallback (on a 56 x 40 picture about
+  1% of crops fall back, as many as torchvision's get_params gives; with one try it was 62%),
+  and the aspect ratio log-uniform in (3/4, 4/3) (uniform in the ratio, crops lean wide)."""
+  import torchvision.transforms as T
+  n, fallback = 20000, (1, 0, 54, 40)  # The central 53 x 40 (4:3) crop.
+  rng = np.random.default_rng(0)
+  ours = sum(augment.crop_box(56, 40, rng) == fallback for _ in range(n)) / n
+  import torch
+  torch.manual_seed(0)
+  picture, theirs = Image.new("RGB", (56, 40)), 0
+  for _ in range(n):
+    top, left, h, w = T.RandomResizedCrop.get_params(picture, (0.6, 1.0), (3 / 4, 4 / 3))
+    theirs += (left, top, left + w, top + h) == fallback
+  assert 0.005 < theirs / n < 0.02 and abs(ours - theirs / n) < 0.004, (ours, theirs / n)
+  # On a picture where every try fits, log(w / h) is uniform in (log 3/4, log 4/3).
+  rng, top = np.random.default_rng(1), np.log(4 / 3)
+  logs = []
+  for _ in range(4000):
+    left, upper, right, lower = augment.crop_box(1000, 1000, rng, scale=(0.05, 0.3))
+    logs.append(np.log((right - left) / (lower - upper)))
+  logs = np.sort(logs)
+  uniform = (logs + top) / (2 * top)  # Its CDF at each draw.
+  assert np.abs(uniform - np.arange(1, len(logs) + 1) / len(logs)).max() < 0.03
+  assert abs(np.mean(logs)) < 0.01
+
+
+def test_the_pretraining_flip_is_left_to_right_half_the_time(monkeypatch):
+  """The pre-training view is mirrored (left to right), not turned upside down, for half of
+  the views: with the other ops made identities, each view is the picture or its mirror."""
+  for name in ("colour_jitter", "rand_augment"):
+    monkeypatch.setattr(augment, name, lambda img, rng, *a, **k: img)
+  monkeypatch.setattr(augment, "random_resized_crop", lambda img, size, rng, scale: img)
+  monkeypatch.setattr(augment.ImageOps, "grayscale", lambda img: img)
+  x = np.asarray(image(5, shape=(16, 16, 3)))
+  rng, kept, mirrored, n = np.random.default_rng(0), 0, 0, 400
+  for _ in range(n):
+    out = augment.pretrain(x, 16, rng)[0]
+    kept += np.array_equal(out, x)
+    mirrored += np.array_equal(out, x[:, ::-1])
+  assert kept + mirrored == n and abs(mirrored / n - 0.5) < 0.08
+
+
+def test_colour_jitter_draws_torchvisions_ranges_in_every_order(monkeypatch):
+  """ColorJitter(0.4, 0.4, 0.4, 0.1): brightness, contrast and saturation factors uniform in
+  [0.6, 1.4], the hue shift uniform in [-0.1, 0.1], applied in any of the 24 orders."""
+  drawn = []
+  monkeypatch.setattr(augment, "jitter",
+                      lambda img, order, factors: drawn.append((tuple(order), factors)) or img)
+  rng = np.random.default_rng(0)
+  for _ in range(3000):
+    augment.colour_jitter(Image.new("RGB", (4, 4)), rng)
+  assert len({order for order, _ in drawn}) == 24
+  factors = np.array([f for _, f in drawn])
+  for i, (low, high) in enumerate([(0.6, 1.4)] * 3 + [(-0.1, 0.1)]):
+    column = factors[:, i]
+    assert low <= column.min() < low + 0.01 and high - 0.01 < column.max() <= high, i
+    assert abs(column.mean() - (low + high) / 2) < 0.01 * (high - low) * 2, i

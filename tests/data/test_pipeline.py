@@ -264,3 +264,21 @@ def test_pretraining_views_carry_their_blur_for_the_device(source, tokenizer):
   assert not np.array_equal(batch["blur"], batch["blur2"])  # Drawn per view.
   np.testing.assert_array_equal(batch["blur2"], ds[0]["blur2"])  # A function of the position.
   assert "blur" not in _batches(source, tokenizer)[0]  # Fine-tuning draws no blur.
+
+
+def test_a_multi_view_example_gives_each_view_its_own_image(tokenizer):
+  """A corpus with two pictures per example (frontal and lateral films): the second view, and
+  the online teacher's second picture, are made from `image2`, not from the first image."""
+  rng = np.random.default_rng(3)
+  first, second = (rng.integers(0, 255, (40, 48, 3), np.uint8) for _ in range(2))
+  example = {"id": "0", "image": first, "image2": second, "image_id": "0" * 20,
+             "caption": "a frontal and a lateral chest film"}
+  out = pipeline._Example("caption", tokenizer, 16, "test", teacher=(tokenizer, 8))(example)
+  np.testing.assert_array_equal(out["images"], augment.resize(first, 16))
+  np.testing.assert_array_equal(out["images2"], augment.resize(second, 16))
+  np.testing.assert_array_equal(out["teacher_pixels"], augment.resize(first, 8))
+  np.testing.assert_array_equal(out["teacher_pixels2"], augment.resize(second, 8))
+  # One picture: both views are made from it (each augmented on its own in pre-training).
+  one = pipeline._Example("caption", tokenizer, 16, "test")(
+      {k: v for k, v in example.items() if k != "image2"})
+  np.testing.assert_array_equal(one["images2"], augment.resize(first, 16))

@@ -117,12 +117,13 @@ def test_vqa_med_pairs_in_no_category_file_are_warned_of(tmp_path, caplog):
   lines = (src / "All_QA_Pairs_val.txt").read_text().splitlines()
   image_id, question, answer = lines[0].split("|")
   lines[0] = f"{image_id}|  {question.replace(' ', '  ')} |{answer}"
-  lines.append("synpic00000|what is shown?|nothing")
+  lines.append("synpic00000|what is shown?|nothing#no finding")  # Two accepted answers.
   (base / "All_QA_Pairs_val.txt").write_text("\n".join(lines) + "\n")
   with caplog.at_level("WARNING"):
     val = sources.vqa_med_2019(tmp_path)["validation"]
   assert len(val) == 101 and val[0]["question_type"] == "modality"
   assert [r["question_type"] for r in val].count("") == 1 and val[-1]["question_type"] == ""
+  assert val[-1]["answers"] == ["nothing", "no finding"]
   assert ("1 of the validation questions in All_QA_Pairs_val.txt are in none of the category "
           "files of") in caplog.text
   assert "All_QA_Pairs_val.txt line 101): their category is left empty" in caplog.text

@@ -58,6 +58,23 @@ def test_bundled_bert_vocabulary_tokenizes_real_words():
       "is the spleen normal size?"
 
 
+def test_a_length_asked_for_replaces_the_tokenizers_own():
+  """`max_len` in a call (the answer candidates' length) cuts and pads to it, in place of
+  the length the tokenizer was made with (the question's)."""
+  tok = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", max_len=12)
+  text = "is the spleen of normal size on this axial ct scan of the abdomen"
+  whole = tok.hf(text)["input_ids"]
+  assert len(whole) > 12
+  for n in (4, 12, 32):
+    batch = tok([text], max_len=n)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (1, n)
+    kept = min(n, len(whole))
+    assert batch["attention_mask"][0].sum() == kept
+    assert batch["input_ids"][0][:kept - 1].tolist() == whole[:kept - 1]  # Its first pieces,
+    assert batch["input_ids"][0][kept - 1] == whole[-1]                    # then [SEP].
+  assert tok([text])["input_ids"].shape == (1, 12)
+
+
 def test_errors_name_the_problem(tmp_path):
   with pytest.raises(FileNotFoundError, match="no tokenizer vocabulary in"):
     Tokenizer.from_folder(tmp_path, max_len=8)

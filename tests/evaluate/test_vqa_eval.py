@@ -14,7 +14,7 @@ from ml_collections import ConfigDict
 from PIL import Image
 
 from medvqa_jax import ASSETS
-from medvqa_jax.data import augment, splits as splits_lib
+from medvqa_jax.data import answers as answers_lib, augment, splits as splits_lib
 from medvqa_jax.data.tokenizer import Tokenizer
 from medvqa_jax.evaluate import run as run_lib
 from medvqa_jax.evaluate import vqa
@@ -72,6 +72,20 @@ def test_the_answer_set_has_test_answers_under_the_closed_set_protocol_only(data
   without_test = {k: splits[k] for k in ("train", "val")}
   assert splits_lib.answer_set(closed, without_test)[0] == closed_vocab
   assert splits_lib.answer_set(dc, without_test)[0] == open_vocab
+
+
+def test_the_open_set_answers_hold_validation_answers_never_seen_in_training(data):
+  """An answer that only a validation question has is in the open-set vocabulary (train +
+  validation), so the model can give it; without it that question could never be right."""
+  import dataclasses
+  dc, splits = data
+  val = splits["val"]
+  records = [{**val.records[0], "answers": ["Pneumothorax"]}] + val.records[1:]
+  changed = {**splits, "val": dataclasses.replace(val, records=records)}
+  vocab, _ = splits_lib.answer_set(dc, changed)
+  assert "pneumothorax" in vocab
+  assert set(vocab) == {answers_lib.normalize(r["answers"][0])
+                        for r in splits["train"].records + records}
 
 
 def _host_batches(split, tokenizer, global_batch, hosts):
@@ -190,6 +204,30 @@ def test_answer_split_scores_correctness_against_the_rows_own_references(data, t
   assert all(r["correct"] for r in rows)
 
 
+def test_a_rows_correctness_counts_every_alternative_of_its_reference(data, tokenizer):
+  """A question with several accepted answers (VQA-Med-2019's "a#b") is right when the
+  prediction is any of them: in predictions.jsonl's rows as in metrics.json's accuracy."""
+  import dataclasses
+  split = data[1]["test"]
+  # Each record's own answer second, after one that no prediction is.
+  records = [{**r, "answers": ["nothing predicted", *r["answers"]]} for r in split.records]
+  split = dataclasses.replace(split, records=records)
+  vocab = sorted({r["answers"][1] for r in records})
+  own = np.array([vocab.index(r["answers"][1]) for r in records])
+  by_index = _OwnIndex(split, tokenizer)
+
+  def predictor(params, batch):
+    idx, score = by_index(params, batch)
+    return own[idx], score
+
+  predictor.mesh, predictor.answers = by_index.mesh, vocab
+  rows = vqa.answer_split(predictor, None, split, tokenizer=tokenizer, image_size=SIZE,
+                          global_batch=4)
+  assert all(r["correct"] is True for r in rows)
+  assert [r["answer"] for r in rows] == ["#".join(r["answers"]) for r in records]
+  assert vqa.evaluate(rows, split, "open-set", 0)["overall"] == 1.0
+
+
 def test_pack_length_is_the_k_longest_candidates_where_that_halves_the_tokens():
   mask = lambda lengths, la=16: (np.arange(la) < np.array(lengths)[:, None]).astype(np.int32)
   assert heads.pack_length(mask([3, 3, 4, 10]), 2) == 16  # 10 + 4, rounded up to 8.
@@ -213,6 +251,8 @@ def test_the_predictor_ranks_in_packed_rows_and_answers_as_unpacked_ranking_does
                             sharding.param_shardings(mesh, params))
   lengths = [len(tokenizer.hf(a)["input_ids"]) for a in answers]
   assert max(lengths) <= 8
+  # Candidates are read at the answer length, not the question's (the tokenizer's 12).
+  assert predictor.cand_ids.shape == (len(answers), 16)
   assert predictor.pack == -(-sum(sorted(lengths)[-4:]) // 8) * 8
   rng = np.random.default_rng(0)
   questions = tokenizer(["is there a fracture", "what organ is shown", "where is the mass",
