@@ -107,14 +107,15 @@ def _ipot_reference(cost, beta=0.5, iterations=50):
   return plan.T
 
 
-def test_ipot_plan_follows_the_reference_loop_with_padding():
+@pytest.mark.parametrize("beta", [0.5, 0.1])
+def test_ipot_plan_follows_the_reference_loop_with_padding(beta):
   text, image, text_mask = _tokens(seed=5)
   text_ok, image_ok = ot.token_masks(text_mask, image.shape[1])
   cost = np.asarray(ot.cosine_cost(text, image))
-  plan = np.asarray(ot.ipot_plan(cost, text_ok, image_ok, 0.5, 50))
+  plan = np.asarray(ot.ipot_plan(cost, text_ok, image_ok, beta, 50))
   for b in range(len(text)):
     rows, cols = np.flatnonzero(text_ok[b]), np.flatnonzero(image_ok[b])
-    want = _ipot_reference(cost[b][np.ix_(rows, cols)].astype(np.float64))
+    want = _ipot_reference(cost[b][np.ix_(rows, cols)].astype(np.float64), beta)
     np.testing.assert_allclose(plan[b][np.ix_(rows, cols)], want, rtol=1e-4, atol=1e-7)
     real = np.outer(text_ok[b], image_ok[b]).astype(bool)
     assert np.all(plan[b][~real] == 0) and (~real).any()  # No mass on a pad, CLS or SEP.
@@ -206,10 +207,14 @@ def test_loss_is_the_mean_over_pairs_of_the_transport_cost():
   loss, _ = ot.wpa_loss(text, image, text_mask, solver="sinkhorn", **kw)
   np.testing.assert_allclose(loss, per_pair.mean(), rtol=1e-5)
   assert np.ptp(per_pair) > 0.01 and per_pair.mean() > 0.5  # Pairs differ; a real cost.
-  plan = ot.ipot_plan(ot.cosine_cost(text, image), text_ok, image_ok, 0.5, 30)
+  # IPOT at a beta other than its default (a beta the loss ignored gave 0.5's).
+  plan = ot.ipot_plan(ot.cosine_cost(text, image), text_ok, image_ok, 0.05, 30)
   per_pair = np.sum(cost * np.asarray(plan, np.float64) * real, axis=(1, 2))
-  loss, _ = ot.wpa_loss(text, image, text_mask, solver="ipot", ipot_beta=0.5, ipot_iterations=30)
+  loss, _ = ot.wpa_loss(text, image, text_mask, solver="ipot", ipot_beta=0.05,
+                        ipot_iterations=30)
   np.testing.assert_allclose(loss, per_pair.mean(), rtol=1e-5)
+  default, _ = ot.wpa_loss(text, image, text_mask, solver="ipot", ipot_iterations=30)
+  assert abs(float(default) - float(loss)) > 1e-4
 
 
 def test_captions_without_a_real_token_are_left_out_of_the_mean():

@@ -131,6 +131,20 @@ def test_a_batch_of_one_caption_trains_itm_on_its_positives_only(stage1):
   assert out["pair_itm_logits"].shape[0] == 8  # Drawn, then left out.
 
 
+def test_a_batch_of_one_picture_trains_itm_on_its_positives_only(stage1):
+  """Every example is a caption of one picture (one `image_key`: a multi-caption corpus, a
+  small batch): no text is its image's mismatch, so the drawn negatives are left out here too
+  and the ITM term is the positives' cross-entropy."""
+  config, model, params = stage1
+  b = batch()
+  assert len({r.tobytes() for r in b["input_ids"]}) == 8  # Different captions,
+  b["image_key"] = np.zeros(8, np.uint32)                  # of one picture.
+  run = jax.jit(lambda p, b, k: pretrain_terms(model, p, b, k, config.losses))
+  loss, m, out = run(params, b, jax.random.PRNGKey(0))
+  logp = _log_softmax(np.asarray(out["itm_logits"], np.float64))
+  np.testing.assert_allclose(m["itm"], -logp[:, 1].mean(), rtol=1e-5)
+
+
 def _log_softmax(x):
   x = x - x.max(-1, keepdims=True)
   return x - np.log(np.exp(x).sum(-1, keepdims=True))

@@ -340,6 +340,23 @@ def test_each_layer_is_counted_trained_or_frozen_on_its_own():
   assert r["flops_check"] == "agree", r["compiled_over_analytic"]
 
 
+def test_the_lm_head_is_counted_at_the_positions_that_predict_a_token():
+  """The generative head's vocabulary logits cost 2 x width x vocabulary FLOPs at each of
+  the answer_max_len - 1 positions that predict a token, forward; 3x that trained. (XLA's
+  count, within 10%, cannot tell one position more.)"""
+  from configs import demo
+  from medvqa_jax.models import amif
+  config = demo.get_config()
+  model, shapes = amif.create(config, abstract=True)
+  dec, la = model.decoder, config.model.answer_max_len
+  wider = model.clone(decoder=dec.clone(vocab_size=dec.vocab_size + 1000))
+  base, more = (flops_lib.train_step(m, config, 8, shapes) for m in (model, wider))
+  logits = 2 * (la - 1) * dec.width * 1000
+  assert {k: more["forward"][k] - base["forward"][k] for k in base["forward"]} == {
+      **{k: 0 for k in base["forward"]}, "head_cross": logits}
+  assert more["total"] - base["total"] == 3 * logits
+
+
 def test_compiling_only_builds_the_step_the_timed_run_compiles():
   """With steps=0 the step is compiled from the state's and batch's shapes, nothing
   initialised: the same program as the timed run's (the same memory and traffic), without

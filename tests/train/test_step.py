@@ -300,3 +300,33 @@ def test_rbg_keys_draw_their_own_masks_the_same_each_time():
   with pytest.raises(ValueError, match=r"unknown train.rng 'philox'; expected one of "
                                        r"\['rbg', 'threefry', 'unsafe_rbg'\]"):
     step_lib.base_key(0, "philox")
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_each_step_draws_from_the_run_key_folded_with_its_number(accum):
+  """Dropout and the ITM negatives draw from the step's own key: the run's key folded with the
+  step number (and split per micro-batch), so that every step draws anew, and a resumed run
+  draws what the uninterrupted one did."""
+  import optax
+  mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
+  params = {"w": jax.numpy.zeros(4)}
+  tx = optax.sgd(0.0)
+  shardings = step_lib.state_shardings(mesh, params, tx)
+
+  def objective(params, batch, key):
+    draw = jax.random.uniform(key, (4,))
+    return (params["w"] * draw).sum() + batch["x"].sum(), {"loss": params["w"].sum(),
+                                                            "draw": draw}
+
+  train_step = step_lib.make_train_step(objective, tx, shardings, accum)
+  state = step_lib.init_state(params, tx, shardings)
+  data = step_lib.base_key(7)
+  draws = []
+  for s in range(3):
+    state, metrics = train_step(state, {"x": np.zeros((2, 1), np.float32)}, data)
+    draws.append(np.asarray(metrics["draw"]))
+    key = jax.random.fold_in(jax.random.PRNGKey(7), s)
+    keys = [key] if accum == 1 else list(jax.random.split(key, accum))
+    want = np.mean([jax.random.uniform(k, (4,)) for k in keys], axis=0)
+    np.testing.assert_allclose(draws[-1], want, rtol=1e-6)
+  assert len({d.tobytes() for d in draws}) == 3
