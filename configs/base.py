@@ -83,7 +83,8 @@ def get_config(arg=None):
           answer_max_len=32,
           rank_k=32,             # Candidates re-scored by full likelihood (at least the
                                  # largest group beginning with one word piece).
-          dtype="float32",       # Compute dtype of fusion, GCA and heads.
+          dtype="float32",       # Compute dtype of fusion, GCA and heads (the generative
+                                 # head's decoder too, whatever text.dtype is).
           # BERT's hidden dropout, in training only: the text tower (a BERT), the fusion and
           # the decoder, as the reference trains them. Not on attention probabilities: the
           # fused attention kernels have no dropout, and a compute setting never changes what

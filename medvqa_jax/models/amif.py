@@ -309,11 +309,12 @@ def head_dims(model: AMiF) -> list[int]:
   return sorted(dims)
 
 
-def _decoder(config, text_module, text_params, abstract):
+def _decoder(config, text_module):
   """The generative head's decoder: the text tower's BERT, causal, with cross-attention from
   `decoder.cross_from` on (default: the second half of its layers) and the masked-LM head,
   initialised from the text checkpoint (the parts the checkpoint lacks are initialised
-  fresh)."""
+  fresh). It computes in model.dtype, as the other parts above the towers do (it took the
+  text tower's dtype)."""
   cfg = config.model.text
   if not isinstance(text_module, BertEncoder):
     raise ValueError("the generative head's decoder is a BERT initialised from the text "
@@ -331,13 +332,14 @@ def _decoder(config, text_module, text_params, abstract):
         f"question: set it between 0 and {depth - 1} (or leave it unset: {depth // 2})")
   changes = dict(causal=True, cross_from=cross_from, context_width=config.model.fusion.width,
                  lm_head=True, pooler="none", proj_dim=None, depth=depth)
-  if cfg.source == "init" or abstract:
-    return text_module.clone(**changes, parent=None), None
+  dtype = jnp.dtype(config.model.dtype)
+  if cfg.source == "init":
+    return text_module.clone(**changes, dtype=dtype, parent=None), None
   from medvqa_jax.models import towers
   arch = {k: v for k, v in cfg.arch.items() if v is not None}
   arch.update(changes, compute=text_module.compute, dropout=text_module.dropout)
   # The checkpoint keys the text tower leaves unused (`unused`) are the decoder's to leave too.
-  module, params = towers.load("text", cfg.source, cfg.checkpoint, dtype=cfg.dtype,
+  module, params = towers.load("text", cfg.source, cfg.checkpoint, dtype=dtype,
                                unused=tuple(cfg.get("unused", ())), **arch)
   return module, params
 
@@ -368,7 +370,7 @@ def initializer(config, seed: int = 0):
       text = text.clone(dropout=mc.get("dropout", 0.0))
     decoder = decoder_params = None
     if mc.head == "generative":
-      decoder, decoder_params = _decoder(config, text, text_params, False)
+      decoder, decoder_params = _decoder(config, text)
   model = AMiF(image=image, text=text, decoder=decoder, width=mc.fusion.width,
                fusion_layers=mc.fusion.layers, num_heads=mc.fusion.heads,
                mlp_dim=mc.fusion.mlp_dim, head=mc.head, num_answers=mc.get("num_answers") or 0,

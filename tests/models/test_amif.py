@@ -308,6 +308,16 @@ def test_decoder_is_initialised_from_the_text_checkpoint(config, hf_bert_pretrai
   np.testing.assert_array_equal(dec["lm_bias"], state["cls.predictions.bias"])
   assert "cross_attn" in dec["layer_2"] and "cross_attn" not in dec["layer_1"]
   assert model.decoder.causal and model.decoder.lm_head
+  # It computes in model.dtype, the other parts above the towers' (the text tower's own
+  # dtype was taken); so does a decoder made fresh (a text tower of source "init").
+  fresh = config.copy_and_resolve_references()
+  assert fresh.model.text.source == "init" and fresh.model.head == "generative"
+  for c in (cfg, fresh):
+    for model_dtype, text_dtype in (("bfloat16", "float32"), ("float32", "bfloat16")):
+      c.model.dtype, c.model.text.dtype = model_dtype, text_dtype
+      model, _ = amif.create(c, abstract=True)
+      assert (model.decoder.dtype, model.text.dtype, model.dtype) == (
+          jnp.dtype(model_dtype), jnp.dtype(text_dtype), jnp.dtype(model_dtype))
   # The text tower itself is the same checkpoint, un-modified.
   np.testing.assert_array_equal(params["text"]["layer_0"]["attn_ln"]["scale"],
                                 state["bert.encoder.layer.0.attention.output.LayerNorm.weight"])
