@@ -169,6 +169,12 @@ def test_pretraining_step_reports_the_sinkhorn_share():
   # Frozen towers (stage 1) cost their forward pass only, in the analytic count and, thanks
   # to the step's stop_gradient mask, in XLA's count too (1.6x more without the mask).
   assert r["flops_check"] == "agree", r["compiled_over_analytic"]
+  # An online teacher's forward pass is outside the step: not timed, so refused (it timed
+  # the cached teacher's step under the online teacher's name).
+  config.teacher.mode = "online"
+  with pytest.raises(ValueError, match=r"teacher.mode=online: the benchmark times the train "
+                                       r"step.* --config.teacher.mode=cache"):
+    benchmark.run(config, batch_size=8, steps=0)
 
 
 def test_pipeline_share_on_the_demo_data(tmp_path):
