@@ -10,7 +10,9 @@ here set on it, e.g. where the data are now:
 
   python launch/eval.py --checkpoint_dir=/runs/slake --config.data.dir=/new/place/tfds
 
-(the overrides are printed; data whose training and validation examples are not the run's
+(the overrides taken are printed, and filed with the metrics; one the evaluation does not
+read, such as optim.* or train.fsdp (--fsdp shards the parameters), is left out with a
+warning saying why; data whose training and validation examples are not the run's
 are refused: another held-out slice would hold examples it trained on). The dataset is read
 as built, never built here. The parameters are restored onto the devices this process has,
 whatever the training run used; on several hosts,

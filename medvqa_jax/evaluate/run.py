@@ -76,6 +76,41 @@ def with_overrides(saved: ml_collections.ConfigDict, overrides: dict | None):
   return config, changes
 
 
+_TOWER_FIELDS = ("source", "checkpoint", "arch", "fresh", "unused")
+
+
+def unused_overrides(fields, saved, run: dict, tokenizer_copy: bool) -> dict[str, str]:
+  """The overridden `fields` ("train.fsdp", ...) that an evaluation of the run (its `saved`
+  config, its `record`) does not read, each with why: they were set, listed among the
+  evaluation's config changes and recorded in its metrics, and changed nothing. An evaluation
+  answers with the saved weights (no optimiser, schedule or dropout), shards them by
+  `fsdp` (eval.py's --fsdp), builds checkpoint towers from the architectures the run
+  recorded and reads the run's tokenizer copy where it has one; a VQA evaluation reads its
+  batches in threads, in train.eval_batch_size, with no loss terms, teacher or seed."""
+  pretraining = saved.model.head == "none"
+  used_train = (("batch_size",) if pretraining else ("eval_batch_size",)) + (
+      "fsdp_rules", "fsdp_min_size")
+  out = {}
+  for field in fields:
+    top, part, name = (field.split(".") + ["", ""])[:3]
+    if field == "train.fsdp":
+      out[field] = "an evaluation shards the parameters by eval.py's --fsdp"
+    elif top == "optim" or (top == "train" and part not in used_train) or field == "model.dropout":
+      out[field] = "a training setting"
+    elif not pretraining and (top in ("losses", "teacher", "seed") or field == "data.workers"):
+      out[field] = ("a pre-training setting" if top in ("losses", "teacher") else
+                    "a VQA evaluation reads its batches in threads, unaugmented"
+                    if field == "data.workers" else "a VQA evaluation draws nothing")
+    elif field == "model.num_answers":
+      out[field] = "the run's own answers are evaluated"
+    elif (top == "model" and part in (run.get("towers") or {}) and name in _TOWER_FIELDS
+          and saved.model[part].get("source", "init") != "init"):
+      out[field] = f"the {part} tower is built from the architecture the run recorded"
+    elif field == "model.text.tokenizer" and tokenizer_copy:
+      out[field] = "the run's own tokenizer copy is read"
+  return out
+
+
 def restore(checkpoint_dir, overrides: dict | None = None, step: int | None = None,
             fsdp: int | None = None) -> Restored:
   """The model of a run. checkpoint_dir: the run's workdir, its checkpoints folder or one step
@@ -99,6 +134,12 @@ def restore(checkpoint_dir, overrides: dict | None = None, step: int | None = No
     raise FileNotFoundError(f"no checkpoint of step {step} in {folder}; it has {ckpts.steps()}")
   run = ckpts.run_record(step)
   saved = saved_config(run)
+  overrides = dict(overrides or {})
+  with_overrides(saved, overrides)  # Refuses a field the run's config lacks.
+  tokenizer_copy = (folder.parent / ckpt_lib.TOKENIZER).is_dir()
+  for field, why in unused_overrides(overrides, saved, run, tokenizer_copy).items():
+    log.warning("--config.%s: not used by an evaluation (%s): left out", field, why)
+    del overrides[field]
   config, changes = with_overrides(saved, overrides)
   if config.train.get("eval_batch_size", 1) < 1:  # (A ZeroDivisionError in the batching.)
     raise ValueError(f"--config.train.eval_batch_size={config.train.eval_batch_size}: must be "

@@ -457,6 +457,32 @@ def test_replaced_results_are_named(tmp_path, caplog):
           "model.rank_k 8 -> 1)") in caplog.text
 
 
+def test_the_overrides_an_evaluation_does_not_read_are_named_with_why():
+  """A VQA evaluation reads no loss term, teacher, seed, optimiser or training batch; a
+  pre-training run's validation reads its loss terms, teacher, seed, batch and workers.
+  Checkpoint towers are built from the recorded architecture, a saved tokenizer copy wins."""
+  fields = ["seed", "optim.lr", "train.batch_size", "train.eval_batch_size", "train.fsdp",
+            "train.fsdp_rules", "losses.weights", "teacher.mode", "data.workers", "data.dir",
+            "model.rank_k", "model.dropout", "model.num_answers", "model.image.checkpoint",
+            "model.text.checkpoint", "model.text.tokenizer", "model.compute.attention"]
+  saved = ConfigDict({"model": {"head": "generative", "image": {"source": "hf_clip"},
+                                "text": {"source": "init"}}})
+  run = {"towers": {"image": {}, "text": {}}}
+  vqa_unused = run_lib.unused_overrides(fields, saved, run, tokenizer_copy=True)
+  assert set(vqa_unused) == {"seed", "optim.lr", "train.batch_size", "train.fsdp",
+                             "losses.weights", "teacher.mode", "data.workers", "model.dropout",
+                             "model.num_answers", "model.image.checkpoint",
+                             "model.text.tokenizer"}
+  assert vqa_unused["model.image.checkpoint"] == ("the image tower is built from the "
+                                                  "architecture the run recorded")
+  assert "model.text.tokenizer" not in run_lib.unused_overrides(fields, saved, run, False)
+  saved.model.head = "none"
+  pretraining_unused = run_lib.unused_overrides(fields, saved, run, tokenizer_copy=False)
+  assert set(pretraining_unused) == {"optim.lr", "train.eval_batch_size", "train.fsdp",
+                                     "model.dropout", "model.num_answers",
+                                     "model.image.checkpoint"}
+
+
 def test_a_split_named_on_the_command_line_takes_its_role_from_the_dataset_names():
   """--split names a split by the dataset's own names first: with data.test_split set to
   "validation" (a dataset whose test answers are its validation split), --split=validation

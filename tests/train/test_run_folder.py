@@ -185,6 +185,16 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
   with pytest.raises(ValueError, match=r"the data are not the run's: it trained on \d+ "
                                        r"examples and validated on \d+"):
     run_lib.evaluate_split(other, "validation")
+  # Overrides an evaluation does not read are left out with a warning, not listed among the
+  # changes its metrics are filed with (they were, and changed nothing).
+  unused = {"train.fsdp": 2, "optim.lr": 1.0, "seed": 3, "model.dropout": 0.5,
+            "model.text.tokenizer": "/nowhere", "model.text.checkpoint": "/nowhere"}
+  with caplog.at_level("WARNING"):
+    taken = run_lib.restore(moved, overrides={**unused, "train.eval_batch_size": 8})
+  assert taken.changes == ["train.eval_batch_size 64 -> 8"]
+  for field in unused:
+    assert f"--config.{field}: not used by an evaluation (" in caplog.text, field
+  assert "eval.py's --fsdp" in caplog.text
   # eval.py: the config file only names the overrides' fields; the rest is the run's (the
   # demo config's own val_fraction, 0.1, and answer_max_len were used before: another slice,
   # other candidates). Its validation is the one above.
