@@ -33,7 +33,7 @@ def main(argv):
   from medvqa_jax.data import augment, builders
   from medvqa_jax.data import text as text_lib
   from medvqa_jax.data import tokenizer as tokenizer_lib
-  from medvqa_jax.models import state_dict, towers
+  from medvqa_jax.models import amif, state_dict, towers
 
   config = _CONFIG.value
   images, questions = _IMAGES.value, _QUESTIONS.value
@@ -45,11 +45,12 @@ def main(argv):
   if empty:
     raise ValueError(f"--question {empty[0]!r} is empty (once read as training reads it)")
 
+  compute = amif.compute_of(config)  # How the stacks run (model.compute), as in training.
   with state_dict.shared_reads():  # A CLIP checkpoint holds both towers: read it once.
     img_tower, img_params = towers.from_config(config.model.image, seed=config.seed,
-                                               where="model.image")
+                                               compute=compute, where="model.image")
     txt_tower, txt_params = towers.from_config(config.model.text, seed=config.seed,
-                                               where="model.text")
+                                               compute=compute, where="model.text")
   tokenizer = tokenizer_lib.from_config(config.model.text)
   tokenizer_lib.check_fits(tokenizer, {"text tower": txt_tower})
 

@@ -53,6 +53,10 @@ def test_embed_command_on_the_embedded_default():
   assert result["image_tokens"] == [4, 65, 64] and result["question_tokens"] == [8, 24, 64]
   sim = np.asarray(result["cosine_image_x_question"])
   assert sim.shape == (4, 8) and np.all(np.abs(sim) <= 1 + 1e-6)
+  # The towers run as model.compute says (it was not read: any value passed).
+  bogus = _run("launch/embed.py", "--config=configs/demo.py",
+               "--config.model.compute.attention=bogus")
+  assert bogus.returncode != 0 and "unknown attention 'bogus'" in bogus.stderr, bogus.stderr
 
 
 def test_embed_command_with_a_checkpoint_override(minilm_dir, tmp_path):

@@ -126,9 +126,15 @@ def from_config(config) -> Teacher:
       raise ValueError(f"teacher.{part}.fresh={tuple(tc[part].fresh)}: the teacher is frozen, "
                        "so parameters initialised fresh would stay random (e.g. a projection "
                        "its checkpoint lacks): give it a checkpoint that holds them all")
+  from medvqa_jax.models import amif
+  # Run as the student's stacks are (model.compute: the attention kernel, scan, remat), which
+  # changes the embeddings by rounding at most (and the fingerprint not at all).
+  compute = amif.compute_of(config)
   with state_dict.shared_reads():  # One read of a checkpoint that holds all three.
-    image, image_params = towers.from_config(tc.image, seed=1000, where="teacher.image")
-    text, text_params = towers.from_config(tc.text, seed=1001, where="teacher.text")
+    image, image_params = towers.from_config(tc.image, seed=1000, compute=compute,
+                                             where="teacher.image")
+    text, text_params = towers.from_config(tc.text, seed=1001, compute=compute,
+                                           where="teacher.text")
     scale = tc.get("logit_scale") or _checkpoint_logit_scale(tc.image)
   if scale is None:
     raise ValueError("the teacher's checkpoint has no logit_scale: set "

@@ -304,3 +304,23 @@ def test_the_teacher_reads_what_the_student_reads():
   with pytest.raises(ValueError, match=r"model.text.max_len=600: the text tower reads at most "
                                        r"512 tokens"):
     tokenizer_lib.check_fits(tok, {"text tower": bert.BertEncoder(), "decoder": None})
+
+
+def test_the_teacher_runs_its_stacks_as_model_compute_says(demo_config):
+  """The teacher's towers run as the student's stacks do (the attention kernel, scan):
+  `model.compute` was not passed to them (they ran the reference attention, unrolled). It
+  changes the embeddings by rounding at most, and the fingerprint (a cache's key) not at all."""
+  from medvqa_jax.models import amif
+  config = demo_config.copy_and_resolve_references()
+  plain = teacher_lib.from_config(config)
+  config.model.compute.update(attention="xla", scan=True)
+  teacher = teacher_lib.from_config(config)
+  assert teacher.image.compute == teacher.text.compute == amif.compute_of(config)
+  assert teacher.image.compute != plain.image.compute
+  assert teacher.fingerprint() == plain.fingerprint()
+  size = teacher.image_size
+  pixels = np.random.default_rng(0).integers(0, 256, (2, size, size, 3)).astype(np.uint8)
+  ids = np.array([[101, 2003, 2023, 102], [101, 2054, 102, 0]], np.int32)
+  for a, b in zip(teacher.embed(pixels, ids, (ids > 0).astype(np.int32)),
+                  plain.embed(pixels, ids, (ids > 0).astype(np.int32))):
+    np.testing.assert_allclose(a, b, atol=1e-5)
