@@ -4,7 +4,8 @@ r"""Prints the parameter count of a config's model, by component, as one JSON li
   python launch/count_params.py --config=configs/demo.py
 
 Only shapes are computed (no weights are initialised); towers loaded from checkpoints are
-read to learn their shapes.
+read to learn their shapes. `unused` names the parameters counted that no output depends on
+(the towers' own projection heads: `amif.unused_params`).
 """
 
 import json
@@ -27,7 +28,7 @@ def main(argv):
   _, shapes = amif.create(config, abstract=True)
   by_component = {name: count(tree) for name, tree in sorted(shapes.items())}
   print(json.dumps({"head": config.model.head, "total": sum(by_component.values()),
-                    "by_component": by_component}))
+                    "by_component": by_component, "unused": amif.unused_params(shapes)}))
 
 
 if __name__ == "__main__":

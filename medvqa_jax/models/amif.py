@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from medvqa_jax.models import heads, layers, state_dict
 from medvqa_jax.models.bert import BertEncoder
@@ -395,6 +396,17 @@ def initializer(config, seed: int = 0):
     return params
 
   return model, init, loaded
+
+
+def unused_params(params) -> dict[str, int]:
+  """{path: parameter count} of the parameters no output of the model depends on: the
+  towers' own projection heads (`head`, made where a tower's `proj_dim` is set: a CLIP
+  checkpoint's projection, a preset's for its teacher role). The model projects the towers'
+  pooled features with its own `image_proj` and `text_proj` (DESIGN.md), so these get zero
+  gradients; they are kept so that a checkpoint tower loads whole."""
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  return {f"{part}/head": count(params[part]["head"])
+          for part in ("image", "text") if "head" in params.get(part, {})}
 
 
 def create(config, seed: int = 0, abstract: bool = False):

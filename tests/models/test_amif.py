@@ -232,6 +232,15 @@ def test_forward_backward_finite_and_jitted_once(head, generative, classifier):
   assert norm(grads["decoder" if head == "generative" else "classifier"]) > 0
   if head == "generative":  # The decoder's cross-attention reaches the GCA output.
     assert norm(grads["decoder"]["layer_1"]["cross_attn"]) > 0
+  # The towers' own projection heads (the tiny presets set proj_dim, for a teacher's role)
+  # are counted as unused, and are: the model projects the pooled features itself.
+  unused = amif.unused_params(params)
+  assert set(unused) == {"image/head", "text/head"}
+  assert unused["image/head"] == params["image"]["head"]["proj"]["kernel"].size
+  for path in unused:
+    part, name = path.split("/")
+    assert norm(grads[part][name]) == 0, path
+    assert all(norm(v) > 0 for k, v in grads[part].items() if k.startswith(("block_", "layer_")))
 
 
 def test_a_temperature_that_is_not_positive_is_refused_by_its_flag(config):
