@@ -15,6 +15,9 @@ Fields of a tower config:
   max_len:    text towers: tokens per text.
   positions:  text towers from a checkpoint: how many tokens the tower reads (its position
               table; a tower from scratch says so in `arch`), where the preset knows it.
+              Information for the config files (pretrain_common sizes max_len by it): it
+              changes no tower, and setting it on the command line changes nothing; the
+              tower's own table is what a run checks max_len against.
 """
 
 import ml_collections
