@@ -154,7 +154,10 @@ def get_config(arg=None):
       # the random numbers' implementation (dropout, ITM negatives): "threefry" (JAX's
       # default; dropout hashes it in-line, layers.keep_mask), "rbg" or "unsafe_rbg" (XLA's
       # RngBitGenerator; draws that may differ between devices and XLA versions;
-      # train/step.RNG_IMPLS).
+      # train/step.RNG_IMPLS). log_every: steps between logged metric records;
+      # eval_batch_size: the global batch of evaluations (VQA answering; a pre-training
+      # run validates in batch_size); tensorboard: also write the metrics as TensorBoard
+      # scalars (<workdir>/tensorboard/).
       train=dict(workdir=unset(str), batch_size=32, accum_steps=1, epochs=unset(int),
                  prefetch=2, rng="threefry",
                  log_every=10, eval_every=500, save_every=500, keep=2, eval_batch_size=64,

@@ -1,6 +1,7 @@
 """Fine-tuning defaults shared by the dataset configs: the reference code's hyper-parameters
 (AdamW, lr 1.5e-5, weight decay 0.05, betas (0.9, 0.98), cosine schedule after a 40% linear
-warm-up; batch 48, its 24 per GPU on 2 GPUs; 288 px images, questions of 30 tokens), bf16
+warm-up; batch 48, its 24 per GPU on 2 GPUs; questions of 30 tokens; its 288 px images are
+the image tower's size, which its preset sets: clip_vit_b16's is 288, vit_s16_scratch's 224), bf16
 compute with float32 parameters, and the generative answer head. No teacher is used.
 
 Towers as in configs/base.py, e.g.

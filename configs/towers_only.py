@@ -2,7 +2,7 @@
 
 A CLIP ViT-B/16 image tower at 224 px and CLIP's 12-layer, 512-wide text tower (77 tokens),
 randomly initialised, each pooled feature projected to 512; no fusion, no answer head; the
-image<->text contrastive loss alone (hard-label InfoNCE, no teacher); bf16 compute with
+image<->text contrastive loss alone (hard-label InfoNCE without label smoothing, no teacher); bf16 compute with
 float32 parameters; a global batch of 256. This is the step of a plain CLIP training run,
 the one the PyTorch reference figures in BENCHMARKS.md time.
 
@@ -40,6 +40,7 @@ def get_config(arg=None):
   config.model.head = "none"
   config.teacher.mode = "none"
   config.losses.weights = dict(itgc=1.0, imvc=0.0, utgc=0.0, wpa=0.0, itm=0.0)
+  config.losses.label_smoothing = 0.0  # CLIP's loss (base's 0.1 is the reference's).
   bf16(config)
   config.train.batch_size = batch
   return config

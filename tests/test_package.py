@@ -202,6 +202,7 @@ class TestConfigs:
         "clip_text", 12, 512, 77)
     assert mc.fusion.layers == 0 and mc.head == "none" and config.teacher.mode == "none"
     assert {k for k, v in config.losses.weights.items() if v} == {"itgc"}
+    assert config.losses.label_smoothing == 0.0  # CLIP's InfoNCE, not the reference's.
     assert mc.dtype == "bfloat16" and config.train.batch_size == 256
     with pytest.raises(ValueError, match="no argument or 'tiny'"):
       towers_only.get_config("huge")
