@@ -136,10 +136,6 @@ class Tokenizer:
   def vocab_size(self) -> int:
     return len(self.hf)
 
-  @property
-  def pad_id(self) -> int:
-    return self.hf.pad_token_id
-
   def __call__(self, texts: str | list[str], max_len: int | None = None) -> dict[str, np.ndarray]:
     texts = [texts] if isinstance(texts, str) else list(texts)
     for i, t in enumerate(texts):

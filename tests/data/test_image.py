@@ -280,3 +280,20 @@ def test_a_large_scan_under_pils_limit_opens_without_a_warning(tmp_path, monkeyp
     warnings.simplefilter("error")
     assert np.asarray(image_lib.open_image(tmp_path / "large.png")).shape == (64, 64, 3)
     builders.encode_image(tmp_path / "large.png", 32)
+
+
+def test_load_image_reads_the_whole_picture_into_the_towers_square(tmp_path):
+  """README's `load_image(path, size)`: the whole picture (no crop), upright RGB, resized to
+  size x size by PIL's bicubic, uint8; a grey picture as three equal bands."""
+  rng = np.random.default_rng(0)
+  colour = Image.fromarray(rng.integers(0, 256, (30, 50, 3), np.uint8))
+  colour.save(tmp_path / "wide.png")
+  grey = Image.fromarray(rng.integers(0, 256, (40, 20), np.uint8))
+  grey.save(tmp_path / "tall.png")
+  for name, img in (("wide.png", colour), ("tall.png", grey)):
+    got = image_lib.load_image(tmp_path / name, 32)
+    want = np.asarray(img.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC))
+    assert got.shape == (32, 32, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match="no-such.png"):
+    image_lib.load_image(tmp_path / "no-such.png", 32)
