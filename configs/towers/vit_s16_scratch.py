@@ -1,6 +1,7 @@
-"""A ViT-S/16-sized image tower (224 px, 6 blocks of width 384) trained from scratch: the
-image tower of the first real-data results, where no medical image weights are available
-offline. Pair it with a real text checkpoint, e.g. `:image=vit_s16_scratch,text=minilm`."""
+"""A ViT-S/16-wide image tower (224 px, width 384, 6 heads; 6 blocks, half ViT-S's depth)
+trained from scratch: the image tower of the first real-data results, where no medical image
+weights are available offline. Pair it with a real text checkpoint, e.g.
+`:image=vit_s16_scratch,text=minilm`."""
 
 import ml_collections
 
