@@ -70,10 +70,7 @@ def main(argv):
     if not os.access(picture_path.parent, os.W_OK):  # Refused now, not after answering.
       raise PermissionError(f"--out={_OUT.value}: {picture_path.parent.absolute()} cannot "
                             "be written: name a picture elsewhere, or pass --out='' for none")
-  r = run_lib.restore(_CKPT.value, step=_STEP.value)
-  if r.config.model.head == "none":
-    raise ValueError(f"{_CKPT.value} is a pre-training run: it has no answer head (predict "
-                     "needs a fine-tuned run)")
+  r = run_lib.restore(_CKPT.value, step=_STEP.value, answering=True)
   predictor = r.predictor()
   picture = builders.read_as_built(_IMAGE.value, r.config.data.get("max_side"))
   example = pipeline._Example("vqa", r.tokenizer, r.model.image.image_size, "test")(

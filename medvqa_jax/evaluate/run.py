@@ -112,11 +112,12 @@ def unused_overrides(fields, saved, run: dict, tokenizer_copy: bool) -> dict[str
 
 
 def restore(checkpoint_dir, overrides: dict | None = None, step: int | None = None,
-            fsdp: int | None = None) -> Restored:
+            fsdp: int | None = None, answering: bool = False) -> Restored:
   """The model of a run. checkpoint_dir: the run's workdir, its checkpoints folder or one step
   folder; step: None for the best on validation. The config is the run's own (from its
   record), with `overrides` ({"data.dir": "/new/place", ...}: where the data are now, the
-  eval batch size) set on it."""
+  eval batch size) set on it. answering: a pre-training run (no answer head) is refused,
+  before anything is restored."""
   folder, named_step = ckpt_lib.resolve(checkpoint_dir)
   if None not in (step, named_step) and step != named_step:
     raise ValueError(f"--step={step}, but {checkpoint_dir} is the folder of step {named_step}: "
@@ -134,6 +135,9 @@ def restore(checkpoint_dir, overrides: dict | None = None, step: int | None = No
     raise FileNotFoundError(f"no checkpoint of step {step} in {folder}; it has {ckpts.steps()}")
   run = ckpts.run_record(step)
   saved = saved_config(run)
+  if answering and saved.model.head == "none":
+    raise ValueError(f"{checkpoint_dir} is a pre-training run: it has no answer head (answering "
+                     "questions needs a fine-tuned run)")
   overrides = dict(overrides or {})
   with_overrides(saved, overrides)  # Refuses a field the run's config lacks.
   tokenizer_copy = (folder.parent / ckpt_lib.TOKENIZER).is_dir()

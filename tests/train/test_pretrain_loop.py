@@ -186,6 +186,10 @@ def test_a_run_and_its_cache_evaluate_and_resume_without_the_teacher(corpus, tmp
   config.optim.total_steps = 4
   with pytest.raises(ValueError, match="computed by another teacher"):
     loop.train(config)
+  # Asked to answer questions (predict.py), it is refused before anything is restored.
+  monkeypatch.setattr(ckpt_lib.Checkpoints, "restore_params", lambda *a, **k: 1 / 0)
+  with pytest.raises(ValueError, match=r"run is a pre-training run: it has no answer head"):
+    run_lib.restore(workdir, answering=True)
 
 
 def test_resuming_refuses_a_run_whose_data_changed(corpus, tmp_path):
