@@ -183,14 +183,11 @@ def test_answer_split_matches_predictions_to_their_own_questions(data, tokenizer
       [min(4 * (b + 1), n) for b in range(len(progress))]
 
 
-def test_answer_split_scores_correctness_against_the_rows_own_references(data, tokenizer):
-  """With the references as the answer set, a predictor answering each question with its own
-  reference is right on every row (a row matched to another's prediction would not be: the
-  test answers are distinct)."""
-  split = data[1]["test"]
-  vocab = sorted({a for r in split.records for a in r["answers"]})
-  own = np.array([vocab.index(r["answers"][0]) for r in split.records])
-  assert len(set(own)) == len(own)
+def _answered_with(split, tokenizer, which: int):
+  """(the answer indices, the rows) of `split` answered by a predictor that gives each
+  question alternative `which` of its own reference, the answer set being those."""
+  vocab = sorted({r["answers"][which] for r in split.records})
+  own = np.array([vocab.index(r["answers"][which]) for r in split.records])
   by_index = _OwnIndex(split, tokenizer)
 
   def predictor(params, batch):
@@ -198,8 +195,17 @@ def test_answer_split_scores_correctness_against_the_rows_own_references(data, t
     return own[idx], score
 
   predictor.mesh, predictor.answers = by_index.mesh, vocab
-  rows = vqa.answer_split(predictor, None, split, tokenizer=tokenizer, image_size=SIZE,
-                          global_batch=4)
+  return own, vqa.answer_split(predictor, None, split, tokenizer=tokenizer, image_size=SIZE,
+                               global_batch=4)
+
+
+def test_answer_split_scores_correctness_against_the_rows_own_references(data, tokenizer):
+  """With the references as the answer set, a predictor answering each question with its own
+  reference is right on every row (a row matched to another's prediction would not be: the
+  test answers are distinct)."""
+  split = data[1]["test"]
+  own, rows = _answered_with(split, tokenizer, 0)
+  assert len(set(own)) == len(own)
   assert [r["prediction"] for r in rows] == [r["answers"][0] for r in split.records]
   assert all(r["correct"] for r in rows)
 
@@ -212,17 +218,7 @@ def test_a_rows_correctness_counts_every_alternative_of_its_reference(data, toke
   # Each record's own answer second, after one that no prediction is.
   records = [{**r, "answers": ["nothing predicted", *r["answers"]]} for r in split.records]
   split = dataclasses.replace(split, records=records)
-  vocab = sorted({r["answers"][1] for r in records})
-  own = np.array([vocab.index(r["answers"][1]) for r in records])
-  by_index = _OwnIndex(split, tokenizer)
-
-  def predictor(params, batch):
-    idx, score = by_index(params, batch)
-    return own[idx], score
-
-  predictor.mesh, predictor.answers = by_index.mesh, vocab
-  rows = vqa.answer_split(predictor, None, split, tokenizer=tokenizer, image_size=SIZE,
-                          global_batch=4)
+  _, rows = _answered_with(split, tokenizer, 1)
   assert all(r["correct"] is True for r in rows)
   assert [r["answer"] for r in rows] == ["#".join(r["answers"]) for r in records]
   assert vqa.evaluate(rows, split, "open-set", 0)["overall"] == 1.0
