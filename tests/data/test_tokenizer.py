@@ -178,6 +178,9 @@ def test_a_tokenizer_with_ids_past_the_towers_table_is_refused(tmp_path):
                                        r"the text tower's embedding table has 28996 rows"):
     check_fits(tok, {"text tower": cased, "decoder": None})
   check_fits(tok, {"text tower": bert.BertEncoder(), "decoder": None})  # 30,522 rows: fits.
+  with pytest.raises(ValueError, match=r"has 30522 token ids, but the text tower's embedding "
+                                       r"table has 30521 rows"):  # One id past it.
+    check_fits(tok, {"text tower": bert.BertEncoder(vocab_size=30521)})
 
   folder = tmp_path / "clip"
   folder.mkdir()
@@ -259,3 +262,25 @@ def test_a_runs_tokenizer_copy_is_checked_against_its_record(tmp_path):
                      r"trained with \(its fingerprint is \w+, the run recorded "
                      rf"{record['tokenizer']}\)"):
     ckpt_lib.run_tokenizer(tmp_path, text, record)
+
+
+def test_the_fingerprint_holds_what_maps_text_to_ids_and_no_call_state(tmp_path):
+  """Another normalisation (here cased: other ids for "CT Scan") is another fingerprint,
+  though the vocabulary is the same; a call (which leaves the fast tokenizer's truncation
+  and padding state set) changes nothing of it."""
+  tok = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", 16)
+  before = tok.fingerprint()
+  tok(["a question of some words"], max_len=5)
+  assert tok.fingerprint() == before
+  tok.save(tmp_path / "cased")
+  spec = json.loads((tmp_path / "cased" / "tokenizer.json").read_text())
+  assert spec["normalizer"]["lowercase"] is True
+  spec["normalizer"]["lowercase"] = False
+  (tmp_path / "cased" / "tokenizer.json").write_text(json.dumps(spec))
+  settings = json.loads((tmp_path / "cased" / "tokenizer_config.json").read_text())
+  settings["do_lower_case"] = False
+  (tmp_path / "cased" / "tokenizer_config.json").write_text(json.dumps(settings))
+  cased = Tokenizer.from_folder(tmp_path / "cased", 16)
+  assert cased.hf.get_vocab() == tok.hf.get_vocab()
+  assert cased(["CT Scan"])["input_ids"].tolist() != tok(["CT Scan"])["input_ids"].tolist()
+  assert cased.fingerprint() != before

@@ -253,6 +253,26 @@ def test_a_diverged_validation_is_never_the_best_step(tmp_path):
   assert ckpt_lib.Checkpoints(tmp_path / "checkpoints", read_only=True).best_step() == 4
 
 
+@pytest.mark.parametrize("metric,values", [("val_accuracy", (0.5, 0.7, 0.7)),
+                                           ("val_loss", (0.9, 0.4, 0.4))])
+def test_of_equal_validations_the_later_step_is_the_best(tmp_path, metric, values):
+  """A tie goes to the later step (the one trained longer), as the docstring of the policy
+  says; with no validation at all, the best is the latest step."""
+  ckpts = ckpt_lib.Checkpoints(tmp_path / "checkpoints", keep=5)
+  for step, value in zip((1, 2, 3), values):
+    val = {metric: value}
+    ckpts.save(step, state(), {"step": step, "val": val}, metrics=val)
+    ckpts.wait()
+  assert ckpts.best_step() == 3
+  ckpts.close()
+  unvalidated = ckpt_lib.Checkpoints(tmp_path / "other", keep=5)
+  for step in (2, 4):
+    unvalidated.save(step, state(), {"step": step, "val": {}}, metrics=None)
+    unvalidated.wait()
+  assert unvalidated.best_step() == 4
+  unvalidated.close()
+
+
 def test_init_from_names_what_it_leaves_initial_and_warns_of_a_part_taken_in_part(
     tmp_path, capsys, caplog):
   """A run with one fusion layer and no head, taken into a model with two fusion layers and a
