@@ -150,6 +150,10 @@ def test_pathvqa_pkl_and_parquet_round_trip(tmp_path):
       ["val q0?", "val q1?", "val q2?"]
   summary = builders.summary(tmp_path / "out1", "pathvqa")
   assert summary["splits"]["train"]["answer_type"] == {"CLOSED": 2, "OPEN": 1}
+  # Question ids are unique across the splits (each split numbers its questions from 0).
+  ids = [k for split in ("train", "validation", "test")
+         for k in _rows(tmp_path / "out1", "pathvqa", split)]
+  assert len(ids) == len(set(ids)) == 9
 
   # The download sits under a folder named "test": only the path inside it says the split.
   parquet = tmp_path / "test" / "parquet" / "data"
@@ -930,6 +934,16 @@ def test_max_side_bounds_the_shorter_side(tmp_path, caplog):
       == (192, 64)
   assert Image.open(io.BytesIO(builders.encode_image(src / "images" / "img2.jpg", 64))).size \
       == (50, 200)  # Its shorter side is under 64 already: kept as it is.
+  # The longer side is rounded (301 x 64 / 100 = 192.64), not cut.
+  _jpeg(tmp_path / "odd.jpg", 3, size=(301, 100))
+  assert Image.open(io.BytesIO(builders.encode_image(tmp_path / "odd.jpg", 64))).size == (193, 64)
+  # Re-encoded images are stored at JPEG quality 95 (its quantisation tables; PIL's default
+  # is 75).
+  Image.open(tmp_path / "odd.jpg").save(tmp_path / "odd.png")
+  stored = Image.open(io.BytesIO(builders.encode_image(tmp_path / "odd.png", None)))
+  at_95 = io.BytesIO()
+  Image.open(tmp_path / "odd.png").convert("RGB").save(at_95, "JPEG", quality=95)
+  assert stored.format == "JPEG" and stored.quantization == Image.open(at_95).quantization
   out = tmp_path / "out"
   folder = builders.build("vqa_rad", src, out, max_side=64)
   sizes = {ex["image_id"]: ex["image"].shape[:2] for ex in builders.load(out, "vqa_rad", "train")}
@@ -1035,8 +1049,13 @@ def test_multi_view_lists_pair_by_place_and_an_image_too_long_for_jpeg_is_skippe
     w.writerow(["s0", "files/0.jpg;files/1.jpg;", "PA;LATERAL;", "ok"])
     w.writerow(["s1", "files/0.jpg;files/1.jpg", "PA;", "views short"])
     w.writerow(["s2", "files/0.jpg;;files/2.jpg", "PA;PA;LATERAL", "an empty image"])
+    w.writerow(["s3", "files/0.jpg;files/2.jpg", "PA;PA", "two of one view"])
+    w.writerow(["s4", "files/1.jpg", "AP", "one image"])
   out = sources.mimic_multiview(mimic)["train"]
   assert out[0]["view2"] == "LATERAL" and out[0]["image2"].endswith("1.jpg")
+  # No other view: the second image (of the same view), or the one image twice.
+  assert out[3]["image2"].endswith("2.jpg") and out[3]["view2"] == "PA"
+  assert out[4]["image2"] == out[4]["image"] and out[4]["image"].endswith("1.jpg")
   assert str(out[1]).endswith("line 3: 2 images but 1 view types")
   assert str(out[2]).endswith("line 4: empty images entry 2")
   wide = tmp_path / "wide.png"

@@ -54,6 +54,13 @@ def test_slake_english():
     sources.slake(DATA / "slake", language="fr")
   images = lambda s: {r["image_id"] for r in _good(out[s])}
   assert not images("train") & images("test")  # SLAKE's splits have disjoint images.
+  # An image id is the picture's (the questions of one picture share it: a held-out slice
+  # holds whole pictures), not the question's.
+  by_file = {}
+  for r in _good(out["train"]):
+    by_file.setdefault(Path(r["image"]).parent.name, set()).add(r["image_id"])
+  assert all(len(ids) == 1 for ids in by_file.values())
+  assert len(images("train")) == len(by_file) < len(_good(out["train"])) / 5
 
 
 def test_pathvqa_json_export():
