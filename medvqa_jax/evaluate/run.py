@@ -273,6 +273,16 @@ def split_role(dc, split_name: str) -> str:
   return roles[split_name]
 
 
+def results_name(dc, role: str, step: int, closed: bool) -> str:
+  """The folder of an evaluation's results in <workdir>/eval: <split>-step<N>, the test split
+  by its own name (data.test_split), the validation split as "validation" ("val" where the
+  test split is named "validation"), with "-closed-set" under the closed-set protocol: each
+  role and protocol its own folder, none replacing another's."""
+  folder = {"train": "train", "test": dc.test_split,
+            "val": "val" if dc.test_split == "validation" else "validation"}[role]
+  return f"{folder}-step{step}" + ("-closed-set" if closed else "")
+
+
 def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=None,
                    closed_set: bool | None = None) -> dict:
   """Answers a split of the run's dataset (default: test), writes metrics.json and
@@ -306,12 +316,8 @@ def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=No
     candidates, _ = splits_lib.answer_set(dc)
     protocol = splits_lib.CLOSED_CANDIDATES
   key = split_role(dc, split_name)
-  folder = {"train": "train", "test": dc.test_split,
-            "val": "val" if dc.test_split == "validation" else "validation"}[key]
-  # Each protocol its own folder: a closed-set evaluation beside the open-set one.
-  suffix = "-closed-set" if closed else ""
   out_dir = output_folder(out_dir, restored.workdir / "eval" /
-                          f"{folder}-step{restored.step}{suffix}")
+                          results_name(dc, key, restored.step, closed))
   splits = splits_lib.vqa_splits(dc, need=tuple({key, "train", "val"}))
   check_data(restored, splits)
   predictor = restored.predictor(candidates)

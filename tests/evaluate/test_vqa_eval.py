@@ -453,6 +453,38 @@ def test_replaced_results_are_named(tmp_path, caplog):
           "model.rank_k 8 -> 1)") in caplog.text
 
 
+def test_data_with_other_examples_in_the_same_numbers_are_not_the_runs(data):
+  """The run's data are known by their counts and a digest of their ids, in order: a
+  validation example swapped with a training one (the counts unchanged: another held-out
+  slice, which would hold examples the run trained on) is refused."""
+  import dataclasses
+  from medvqa_jax.train import loop
+  _, splits = data
+  restored = types.SimpleNamespace(data=loop.data_identity(splits, 4, 0))
+  run_lib.check_data(restored, splits)  # The run's own.
+  train, val = splits["train"].records, splits["val"].records
+  swapped = {"train": dataclasses.replace(splits["train"], records=[val[0]] + train[1:]),
+             "val": dataclasses.replace(splits["val"], records=[train[0]] + val[1:])}
+  with pytest.raises(ValueError, match=r"the data are not the run's: it trained on 10 examples "
+                                       r"and validated on 2, and the data now give 10 and 2, "
+                                       r"or other ids"):
+    run_lib.check_data(restored, swapped)
+
+
+def test_each_split_and_protocol_has_its_own_results_folder():
+  """With data.test_split="validation" (a dataset whose test split is called so), the test
+  results and the validation ones are filed apart, as are the two protocols'."""
+  for test_split in ("test", "validation"):
+    dc = ConfigDict(dict(test_split=test_split, val_split="validation"))
+    names = {run_lib.results_name(dc, role, 5, closed)
+             for role in ("train", "val", "test") for closed in (False, True)}
+    assert len(names) == 6, names
+  dc = ConfigDict(dict(test_split="test", val_split="validation"))
+  assert [run_lib.results_name(dc, r, 5, False) for r in ("test", "val")] == [
+      "test-step5", "validation-step5"]
+  assert run_lib.results_name(dc, "test", 5, True) == "test-step5-closed-set"
+
+
 def test_the_overrides_an_evaluation_does_not_read_are_named_with_why():
   """A VQA evaluation reads no loss term, teacher, seed, optimiser or training batch; a
   pre-training run's validation reads its loss terms, teacher, seed, batch and workers.
