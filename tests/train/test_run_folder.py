@@ -470,3 +470,46 @@ def test_a_resume_under_another_length_says_what_becomes_of_the_learning_rate():
                                                   "warmup_fraction": 0.4}}), config.optim, 10)
   assert note.endswith("the warm-up is not restarted, but the new one lasts to step 40: the "
                        "rate ramps on to 0.001 until then")
+
+
+def test_the_best_step_is_tested_and_a_resumed_run_goes_on_from_its_latest(tmp_path,
+                                                                          monkeypatch):
+  """A fine-tuning run whose best validation is not its last: the test answers come from the
+  best step's parameters (not the latest's, under the best one's name); a run length that is
+  no multiple of eval_every validates its last step too; a resume starts at the latest step,
+  not the best, and holds the folder's lock as a new run does."""
+  from medvqa_jax.evaluate import vqa as vqa_eval
+  config = helpers.tiny_config()
+  config.model.answer_max_len = 8
+  config.data.update(dir=str(tmp_path / "data"), val_fraction=0.03)
+  config.optim.total_steps = 5
+  workdir = tmp_path / "run"
+  config.train.update(workdir=str(workdir), epochs=0, batch_size=16, save_every=2,
+                      eval_every=2, keep=5, tensorboard=False)
+  evaluate = vqa_eval.evaluate
+
+  def step_2_validates_best(rows, split, protocol, step, **kw):
+    m = evaluate(rows, split, protocol, step, **kw)
+    if "baseline" not in kw:  # A validation (the test passes its baseline).
+      m["overall"] = 0.9 if step == 2 else 0.1
+    return m
+  monkeypatch.setattr(vqa_eval, "evaluate", step_2_validates_best)
+  metrics = loop.train(config)
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if "val_accuracy" in r] == [2, 4, 5]
+  assert metrics["step"] == 2
+  tested = [json.loads(line)["score"] for line in
+            (workdir / "eval" / "test" / "predictions.jsonl").read_text().splitlines()]
+  run_lib.evaluate_split(run_lib.restore(workdir, step=2), "test", out_dir=tmp_path / "step2")
+  step_2 = [json.loads(line)["score"] for line in
+            (tmp_path / "step2" / "predictions.jsonl").read_text().splitlines()]
+  assert tested == step_2
+  config.optim.total_steps = 7
+  with loop._RunLock() as other:  # Another training holds the folder: refused.
+    other.hold(workdir)
+    with pytest.raises(ValueError, match="another training run is using this folder"):
+      loop.train(config)
+  loop.train(config)
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  trained = [r["step"] for r in records if "loss" in r]
+  assert trained == sorted(set(trained)) and trained[-1] == 7 and 6 in trained
