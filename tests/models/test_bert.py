@@ -52,6 +52,33 @@ def test_pretraining_checkpoint_with_prefix_and_heads(hf_bert_pretraining):
   assert max_diff(out["pooled"], r.pooler_output) <= TOL
 
 
+def test_the_lm_head_gives_the_checkpoints_word_logits(hf_bert_pretraining, tmp_path):
+  """Loaded with its masked-LM head (the generative decoder's start), the encoder's word
+  logits are BertForPreTraining's: the head's dense kernel (square: a transpose would keep
+  its shape), its activation then its LayerNorm (randomised in the fixture), and the output
+  tied to the word embeddings with the checkpoint's bias. Also from a checkpoint saved from
+  a DataParallel wrapper, whose keys begin with "module."."""
+  ref, folder = hf_bert_pretraining
+  module, params = towers.load("text", "hf_bert", folder, lm_head=True, pooler="none")
+  ids, mask, types = _inputs(seed=2)
+  out = module.apply({"params": params}, ids, mask, types)
+  t_ids, t_mask, t_types = _torch(ids, mask, types)
+  with torch.no_grad():
+    r = ref(input_ids=t_ids, attention_mask=t_mask, token_type_ids=t_types)
+  assert max_diff(out["logits"], r.prediction_logits) <= TOL
+  wrapped = tmp_path / "data_parallel"
+  ref.config.save_pretrained(wrapped)
+  torch.save({f"module.{k}": v for k, v in ref.state_dict().items()},
+             wrapped / "pytorch_model.bin")
+  _, again = towers.load("text", "hf_bert", wrapped, lm_head=True, pooler="none")
+  assert all(_equal_trees(again, params))
+
+
+def _equal_trees(a, b):
+  import jax
+  return jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b))
+
+
 def test_legacy_layernorm_names(hf_bert, tmp_path):
   """Checkpoints converted from TensorFlow name LayerNorm parameters gamma/beta."""
   import shutil

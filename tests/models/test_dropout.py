@@ -134,6 +134,43 @@ def test_bert_dropout_is_on_only_with_a_key(compute):
   assert np.max(np.abs(a - run())) > 1e-2 and np.max(np.abs(a - b)) > 1e-2
 
 
+@pytest.mark.parametrize("compute", [layers.Compute(), layers.Compute(scan=True),
+                                     layers.Compute(remat="full")], ids=["plain", "scan", "remat"])
+def test_bert_draws_a_mask_of_its_own_after_the_embeddings_and_in_each_layer(compute,
+                                                                             monkeypatch):
+  """HF's hidden dropout: after the embeddings' LayerNorm and after each layer's attention
+  and MLP, 1 + 2 x depth masks, each its own draw (a scanned or rematerialised stack drew
+  the same ones in every layer), each at the rate."""
+  masks = []
+  keep_mask = layers.keep_mask
+
+  def spy(key, rate, shape):
+    keep, prob = keep_mask(key, rate, shape)
+    jax.debug.callback(lambda m: masks.append(np.asarray(m)), keep)
+    return keep, prob
+  monkeypatch.setattr(layers, "keep_mask", spy)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, 100, (4, 16))
+  mask = np.ones((4, 16), np.int32)
+  plain = BertEncoder(vocab_size=100, max_positions=16, width=64, depth=3, num_heads=4,
+                      mlp_dim=128, pooler="cls")
+  params = plain.init(jax.random.PRNGKey(0), ids, mask)["params"]
+  module = plain.clone(dropout=0.25, compute=compute)
+  module.apply({"params": params}, ids, mask, rngs={"dropout": jax.random.PRNGKey(1)})
+  jax.effects_barrier()
+  assert len(masks) == 1 + 2 * 3 and all(m.shape == (4, 16, 64) for m in masks)
+  assert len({m.tobytes() for m in masks}) == len(masks)
+  assert all(abs(1 - m.mean() - 0.25) < 0.03 for m in masks)
+  # The first: the embeddings (a stack of no layers drops there alone, at the rate).
+  bare = plain.clone(depth=0)
+  x = bare.apply({"params": params}, ids, mask)["tokens"]
+  a = np.asarray(bare.clone(dropout=0.25).apply({"params": params}, ids, mask,
+                                                rngs={"dropout": jax.random.PRNGKey(1)})["tokens"])
+  kept = a != 0
+  assert abs(1 - kept.mean() - 0.25) < 0.03
+  np.testing.assert_allclose(a[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+
+
 def test_the_training_objective_draws_dropout_and_evaluation_does_not():
   from medvqa_jax.train import step as step_lib
   config = helpers.tiny_config()

@@ -87,6 +87,13 @@ def test_fresh_head_is_initialised_not_loaded(hf_clip, tmp_path):
                       {k: v for k, v in params.items() if k != "head"},
                       {k: v for k, v in full.items() if k != "head"})
   assert all(jax.tree.leaves(same))
+  # Drawn from the seed: another seed, another head (a seed sweep's runs differ there).
+  _, other = towers.load("image", "hf_clip", folder, fresh=["head/.*"], seed=4)
+  assert not np.allclose(other["head"]["proj"]["kernel"], kernel)
+  # A pattern matches a whole path: "head" names no parameter (the head's are head/...),
+  # so with a complete checkpoint it re-initialises nothing.
+  _, kept = towers.load("image", "hf_clip", hf_clip[1], fresh=["head"])
+  np.testing.assert_array_equal(kept["head"]["proj"]["kernel"], full["head"]["proj"]["kernel"])
 
 
 def test_kind_mismatch_and_missing_checkpoint_are_reported(hf_bert):

@@ -97,3 +97,29 @@ def test_optimizer_state_is_sharded_as_its_parameter(rules):
     else:
       assert s.spec == jax.sharding.PartitionSpec(), path  # Counts: replicated.
   assert moments == 2 * 3  # mu and nu of the trained three (text is frozen: no state).
+
+
+def test_fsdp_shards_arrays_of_the_minimum_size_on_their_largest_divisible_axis():
+  """A parameter of at least fsdp_min_size elements whose path a rule matches is split over
+  the fsdp axis along its largest axis that the fsdp size divides; one element fewer, or no
+  matching rule, or fsdp=1, and it stays whole on every device."""
+  P = jax.sharding.PartitionSpec
+  spec = lambda path, shape, fsdp=4, rules=(".*",): sharding.param_spec(path, shape, fsdp,
+                                                                        rules, 64)
+  assert spec("fusion/bias", (64,)) == P("fsdp")
+  assert spec("fusion/bias", (63,)) == P()
+  assert spec("fusion/kernel", (8, 12)) == P(None, "fsdp")   # The larger axis.
+  assert spec("fusion/kernel", (16, 6)) == P("fsdp", None)   # The larger axis 4 divides.
+  assert spec("fusion/kernel", (6, 18)) == P()               # None that 4 divides.
+  assert spec("fusion/kernel", (8, 12), fsdp=1) == P()
+  assert spec("fusion/kernel", (8, 12), rules=("image/.*",)) == P()
+
+
+def test_a_batch_is_split_over_both_axes_of_the_mesh():
+  """The batch's rows are spread over both mesh axes (data x fsdp), so each device holds its
+  own share whatever the fsdp size (over "data" alone, the devices of one fsdp group would
+  each compute the same rows); a scalar is replicated."""
+  batch = sharding.shard_batch(sharding.make_mesh(), {"x": np.arange(16 * 3).reshape(16, 3),
+                                                      "step": np.int32(1)})
+  assert batch["x"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+  assert batch["step"].sharding.spec == jax.sharding.PartitionSpec()
