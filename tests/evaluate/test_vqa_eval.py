@@ -471,6 +471,27 @@ def test_data_with_other_examples_in_the_same_numbers_are_not_the_runs(data):
     run_lib.check_data(restored, swapped)
 
 
+def test_the_majority_baseline_is_the_training_answers(data, tmp_path, monkeypatch):
+  """metrics.json's majority-answer baseline is the most frequent answer of the training
+  part, never of the split evaluated (the test answers here are all distinct, so the test
+  split's own "majority" is another answer)."""
+  dc, splits = data
+  train_majority = splits_lib.majority_answer(splits["train"].records)
+  assert train_majority != splits_lib.majority_answer(splits["test"].records)
+  monkeypatch.setattr(vqa, "answer_split", lambda predictor, params, split, **kw: [
+      {"prediction": "yes"} for _ in split.records])
+  config = ConfigDict(dict(model=dict(head="generative"), data=dc.to_dict(),
+                           train=dict(eval_batch_size=4)))
+  restored = types.SimpleNamespace(
+      config=config, protocol=splits_lib.OPEN_SET, answers=["yes", "no"], changes=[],
+      workdir=tmp_path, step=3, data={}, params=None, tokenizer=None,
+      model=types.SimpleNamespace(image=types.SimpleNamespace(image_size=SIZE)),
+      predictor=lambda candidates: types.SimpleNamespace(predictable=candidates))
+  for split in ("test", "validation"):
+    metrics = run_lib.evaluate_split(restored, split, out_dir=tmp_path / split)
+    assert metrics["majority_baseline"]["answer"] == train_majority, split
+
+
 def test_each_split_and_protocol_has_its_own_results_folder():
   """With data.test_split="validation" (a dataset whose test split is called so), the test
   results and the validation ones are filed apart, as are the two protocols'."""
