@@ -2,8 +2,8 @@
 
 A CLIP ViT-B/16 image tower at 224 px and CLIP's 12-layer, 512-wide text tower (77 tokens),
 randomly initialised, each pooled feature projected to 512; no fusion, no answer head; the
-image<->text contrastive loss alone (hard-label InfoNCE without label smoothing, no teacher); bf16 compute with
-float32 parameters; a global batch of 256. This is the step of a plain CLIP training run,
+image<->text contrastive loss alone (hard-label InfoNCE without label smoothing, no teacher);
+bf16 compute with float32 parameters; a global batch of 256. This is the step of a plain CLIP training run,
 the one the PyTorch reference figures in BENCHMARKS.md time.
 
   python launch/benchmark.py --config=configs/towers_only.py

@@ -15,18 +15,12 @@ import common  # Puts the repository root on sys.path.
 _CONFIG = common.config_file_flag("configs/demo.py", "Config file.")
 
 
-def count(tree) -> int:
-  import jax
-  import numpy as np
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
 def main(argv):
   del argv
   from medvqa_jax.models import amif
   config = _CONFIG.value
   _, shapes = amif.create(config, abstract=True)
-  by_component = {name: count(tree) for name, tree in sorted(shapes.items())}
+  by_component = {name: amif.param_count(tree) for name, tree in sorted(shapes.items())}
   print(json.dumps({"head": config.model.head, "total": sum(by_component.values()),
                     "by_component": by_component, "unused": amif.unused_params(shapes)}))
 

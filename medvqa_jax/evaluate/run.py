@@ -97,10 +97,12 @@ def unused_overrides(fields, saved, run: dict, tokenizer_copy: bool) -> dict[str
       out[field] = "an evaluation shards the parameters by eval.py's --fsdp"
     elif top == "optim" or (top == "train" and part not in used_train) or field == "model.dropout":
       out[field] = "a training setting"
-    elif not pretraining and (top in ("losses", "teacher", "seed") or field == "data.workers"):
-      out[field] = ("a pre-training setting" if top in ("losses", "teacher") else
-                    "a VQA evaluation reads its batches in threads, unaugmented"
-                    if field == "data.workers" else "a VQA evaluation draws nothing")
+    elif not pretraining and top in ("losses", "teacher"):
+      out[field] = "a pre-training setting"
+    elif not pretraining and field == "data.workers":
+      out[field] = "a VQA evaluation reads its batches in threads, unaugmented"
+    elif not pretraining and field == "seed":
+      out[field] = "a VQA evaluation draws nothing"
     elif field == "model.num_answers":
       out[field] = "the run's own answers are evaluated"
     elif (top == "model" and part in (run.get("towers") or {}) and name in _TOWER_FIELDS

@@ -162,8 +162,9 @@ def answer_split(predictor: Predictor, params, split, *, tokenizer, image_size: 
   idx, scores = [], []
 
   def fetch(answered):
-    idx.append(np.asarray(jax.device_get(answered[0])))
-    scores.append(np.asarray(jax.device_get(answered[1])))
+    i, s = jax.device_get(answered)
+    idx.append(np.asarray(i))
+    scores.append(np.asarray(s))
     if progress:
       progress(min(len(idx) * global_batch, n), n)
 

@@ -404,9 +404,13 @@ def unused_params(params) -> dict[str, int]:
   checkpoint's projection, a preset's for its teacher role). The model projects the towers'
   pooled features with its own `image_proj` and `text_proj` (DESIGN.md), so these get zero
   gradients; they are kept so that a checkpoint tower loads whole."""
-  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-  return {f"{part}/head": count(params[part]["head"])
+  return {f"{part}/head": param_count(params[part]["head"])
           for part in ("image", "text") if "head" in params.get(part, {})}
+
+
+def param_count(tree) -> int:
+  """The number of parameters in a tree of arrays (or of their shapes)."""
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def create(config, seed: int = 0, abstract: bool = False):
