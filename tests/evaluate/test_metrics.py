@@ -87,6 +87,26 @@ def test_the_baseline_and_the_printed_summary_break_down_by_category():
   assert lines[-1] == "  majority answer: 'no'; * question type (category)"
 
 
+def test_the_baseline_columns_are_the_majority_answers_and_every_question_is_counted():
+  """The majority baseline's closed, open and yes/no columns are the majority answer's own,
+  not the model's; a question is yes/no only when every alternative is; a question without
+  an answer type is counted under "(none)", so each breakdown adds up to all questions."""
+  from medvqa_jax.data.splits import Split
+  from medvqa_jax.evaluate import vqa
+  records = RECORDS + [_rec(["yes", "present"], "", "")]  # Yes or another word: open.
+  rows = [{"prediction": p} for p in ("no", "yes", "x", "mri", "x", "present")]
+  m = vqa.evaluate(rows, Split("test", None, records), "open-set", 3, baseline="yes")
+  base = m["majority_baseline"]
+  assert base["answer"] == "yes" and base["overall"] == pytest.approx(2 / 6)
+  assert base["closed"] == pytest.approx(1 / 3) and base["open"] == 0.0
+  assert base["by_yes_no"]["closed"] == {"accuracy": 0.5, "questions": 2}
+  assert base["by_yes_no"]["open"] == {"accuracy": 0.25, "questions": 4}
+  assert m["by_yes_no"]["closed"] == {"accuracy": 0.0, "questions": 2}
+  assert m["by_yes_no"]["open"] == {"accuracy": 0.5, "questions": 4}
+  assert m["by_answer_type"]["(none)"] == {"accuracy": 1.0, "questions": 1}
+  assert sum(v["questions"] for v in m["by_answer_type"].values()) == len(records)
+
+
 def test_questions_without_an_answer_the_model_can_give_are_counted():
   """Under the open-set protocol an answer first seen in test cannot be predicted (43 of
   VQA-RAD's 451 test questions): metrics.json says how many questions have a correct answer

@@ -65,6 +65,12 @@ def test_retrieval_breaks_ties_at_random_and_matches_other_captions_of_a_picture
   groups = ["a", "a", "b", "c", "d", "e", "f", "g"]
   assert pretrain_eval.retrieval(image, text, ks=(1,))["i2t_r1"] < 1  # Without groups.
   assert all(v == 1.0 for v in pretrain_eval.retrieval(image, text, groups, (1,)).values())
+  # The best answer of the query's group counts, not its own pair's: image 0 is nearest its
+  # picture's other caption (row 1), a wrong caption (row 2) in between.
+  eye = np.eye(4)
+  near_other = eye.copy()
+  near_other[0] = 0.2 * eye[0] + eye[1] + 0.5 * eye[2]
+  assert pretrain_eval.retrieval(near_other, eye, ["a", "a", "b", "c"], (1,))["i2t_r1"] == 1.0
   # A wrong answer is still one: swapped pictures of different groups miss.
   swapped = pretrain_eval.retrieval(image[[2, 2, 1, 3, 4, 5, 6, 7]], text, groups, (1,))
   assert swapped["i2t_r1"] == pytest.approx(5 / 8)

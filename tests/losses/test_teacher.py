@@ -136,6 +136,12 @@ def test_cache_command_and_checks(built, demo_config, tmp_path):
   two.save(tmp_path / "two.npz")
   two = teacher_lib.TeacherCache.load(tmp_path / "two.npz")
   two.check(ids, captions, image_ids, fingerprint, image2_ids=moved)
+  # Each example's second-view embedding is the teacher's embedding of its second image (the
+  # next example's first), stored and looked up (the first view's stood in for it, unseen).
+  np.testing.assert_allclose(two.lookup(ids)["teacher_image2"],
+                             cache.lookup([r["id"] for r in shifted])["teacher_image"], atol=1e-5)
+  np.testing.assert_allclose(two.lookup(ids)["teacher_image"], cache.lookup(ids)["teacher_image"],
+                             atol=1e-5)
   with pytest.raises(ValueError, match=r"holds two images \(views\) per example, the dataset "
                                        r"one image"):
     two.check(ids, captions, image_ids, fingerprint)
@@ -174,7 +180,21 @@ def test_cache_command_and_checks(built, demo_config, tmp_path):
   with pytest.raises(ValueError, match="another teacher"):
     cache.check(ids, captions, image_ids, changed.fingerprint())
   import dataclasses
+  import jax
   import jax.numpy as jnp
+  # Other weights of the same shapes (a fine-tuned copy of the checkpoint), another caption
+  # length or another logit scale: another teacher.
+  scaled = dataclasses.replace(teacher, image_params=jax.tree.map(lambda x: x * 1.5,
+                                                                  teacher.image_params))
+  for field, value in (("text.max_len", 8), ("logit_scale", 20.0)):
+    other = demo_config.copy_and_resolve_references()
+    other.teacher.update_from_flattened_dict({field: value})
+    changed = teacher_lib.from_config(other)
+    assert changed.tokenizer.max_len == 8 or changed.logit_scale == 20
+    with pytest.raises(ValueError, match="another teacher"):
+      cache.check(ids, captions, image_ids, changed.fingerprint())
+  with pytest.raises(ValueError, match="another teacher"):
+    cache.check(ids, captions, image_ids, scaled.fingerprint())
   bf16 = dataclasses.replace(teacher, image=teacher.image.clone(dtype=jnp.bfloat16),
                              text=teacher.text.clone(dtype=jnp.bfloat16))
   assert bf16.fingerprint() == fingerprint
