@@ -19,6 +19,9 @@ from medvqa_jax.data import augment, builders, pipeline
 from medvqa_jax.data.tokenizer import Tokenizer
 
 
+ANSWERS = ["Yes", "no", "The left lung."]  # As datasets write them: cased, articles, stops.
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
   """A built 40-question VQA dataset over 5 images: its data_dir."""
@@ -28,7 +31,7 @@ def built(tmp_path_factory):
   for i in range(5):
     Image.fromarray(rng.integers(0, 255, (48, 64, 3), np.uint8)).save(src / "images" / f"{i}.jpg")
   rows = [dict(qid=i, image_name=f"{i % 5}.jpg", question=f"is there a lesion number {i}?",
-               answer=["yes", "no", "left lung"][i % 3], answer_type="CLOSED") for i in range(40)]
+               answer=ANSWERS[i % 3], answer_type="CLOSED") for i in range(40)]
   (src / "trainset.json").write_text(json.dumps(rows))
   (src / "testset.json").write_text(json.dumps(rows[:4]))
   out = tmp_path_factory.mktemp("tfds")
@@ -99,9 +102,10 @@ def test_batch_contents(source, tokenizer):
   for i in range(8):
     np.testing.assert_array_equal(batch["images"][i], augment.resize(source[i]["image"], 32))
   assert batch["input_ids"].shape == (8, 12) and batch["input_ids"].dtype == np.int32
-  answers = [["yes", "no", "left lung"][int(i) % 3] for i in batch["id"]]
-  assert list(batch["answer"]) == answers
+  assert list(batch["answer"]) == [ANSWERS[int(i) % 3] for i in batch["id"]]  # The reference.
+  # The label and the decoder's target are of the normalised answer ("Yes": "yes", label 0);
   # "left lung" is not in the vocabulary: label -1.
+  answers = [["yes", "no", "left lung"][int(i) % 3] for i in batch["id"]]
   assert list(batch["labels"]) == [{"yes": 0, "no": 1}.get(a, -1) for a in answers]
   decoded = [tokenizer.hf.decode(ids, skip_special_tokens=True) for ids in batch["answer_ids"]]
   assert decoded == answers

@@ -49,7 +49,8 @@ def test_majority_answer_is_the_most_frequent_normalised_reference():
 def test_heatmap_points_at_the_attended_patch():
   heads, lt, g = 3, 5, 4
   w = np.full((heads, lt, 1 + g * g), 0.01)
-  w[:, 1:3, 1 + 6] = 0.9    # the question's words attend to patch (1, 2)
+  w[:, 1:3, 1 + 6] = [0.9, 0.3]  # the question's words attend to patch (1, 2),
+  w[:, 2, 1 + 7] = 0.6      # the second also to (1, 3): averaged over the words, half as much
   w[:, 0, 1 + 9] = 5.0      # CLS is left out,
   w[:, 3, 1 + 10] = 5.0     # SEP too,
   w[:, 4:, 1 + 12] = 5.0    # and padding
@@ -57,6 +58,7 @@ def test_heatmap_points_at_the_attended_patch():
   heat = visualize.patch_heatmap(w, mask)
   assert heat.shape == (g, g) and np.unravel_index(heat.argmax(), heat.shape) == (1, 2)
   assert heat.min() == 0 and heat.max() == 1
+  assert heat[1, 3] == pytest.approx(0.5)
 
 
 def test_the_picture_shows_small_scores():

@@ -115,6 +115,7 @@ def test_cache_command_and_checks(built, demo_config, tmp_path):
   assert ids == [r["id"] for r in records] and len(set(ids)) == 8
   fingerprint = teacher.fingerprint()
   cache.check(ids, captions, image_ids, fingerprint)  # Matches: no error.
+  direct.check(ids, captions, image_ids, fingerprint)  # Computed in another order: the same.
   with pytest.raises(ValueError, match="other data"):
     cache.check(ids, captions[:-1] + ["a different caption"], image_ids, fingerprint)
   with pytest.raises(ValueError, match="no embeddings for 1 example"):

@@ -171,6 +171,41 @@ def test_bert_draws_a_mask_of_its_own_after_the_embeddings_and_in_each_layer(com
   np.testing.assert_allclose(a[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
 
 
+@pytest.mark.parametrize("compute", [layers.Compute(), layers.Compute(scan=True)],
+                         ids=["plain", "scan"])
+def test_the_fusion_draws_a_mask_after_each_sublayer_of_each_stream(compute, monkeypatch):
+  """The co-attention fusion's hidden dropout (model.dropout): after the self-attention, the
+  cross-attention and the MLP of each stream's layer, each mask its own draw; none without a
+  key, where it computes what a fusion without dropout does."""
+  from medvqa_jax.models.fusion import CoAttentionFusion
+  masks = []
+  keep_mask = layers.keep_mask
+
+  def spy(key, rate, shape):
+    keep, prob = keep_mask(key, rate, shape)
+    jax.debug.callback(lambda m: masks.append(np.asarray(m)), keep)
+    return keep, prob
+  monkeypatch.setattr(layers, "keep_mask", spy)
+  rng = np.random.default_rng(0)
+  text, image = rng.normal(size=(2, 8, 32)), rng.normal(size=(2, 10, 32))
+  text_mask = (np.arange(8)[None] < np.array([[8], [5]])).astype(np.int32)
+  plain = CoAttentionFusion(num_layers=2, num_heads=4, mlp_dim=64, compute=compute)
+  params = plain.init(jax.random.PRNGKey(0), text, text_mask, image)["params"]
+  module = plain.clone(dropout=0.25)
+  run = lambda **kw: module.apply({"params": params}, text, text_mask, image, **kw)
+  for evaluation, reference in zip(run().values(),
+                                   plain.apply({"params": params}, text, text_mask, image).values()):
+    np.testing.assert_allclose(evaluation, reference, atol=1e-6)
+  jax.effects_barrier()
+  assert masks == []
+  run(rngs={"dropout": jax.random.PRNGKey(1)})
+  jax.effects_barrier()
+  shapes = sorted(m.shape for m in masks)
+  assert shapes == [(2, 8, 32)] * 6 + [(2, 10, 32)] * 6  # 2 layers x 3 sublayers, per stream.
+  assert len({m.tobytes() for m in masks}) == len(masks)
+  assert all(abs(1 - m.mean() - 0.25) < 0.06 for m in masks)
+
+
 def test_the_training_objective_draws_dropout_and_evaluation_does_not():
   from medvqa_jax.train import step as step_lib
   config = helpers.tiny_config()
