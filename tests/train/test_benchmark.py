@@ -110,13 +110,20 @@ def test_collectives_per_step_on_two_devices():
   batch."""
   out = subprocess.run(
       [sys.executable, str(ROOT / "launch" / "benchmark.py"),
-       "--config=configs/towers_only.py:tiny", "--steps=0"],
+       "--config=configs/towers_only.py:tiny", "--steps=1", "--warmup=1", "--windows=1"],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env={**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
   assert out.returncode == 0, out.stderr[-3000:]
   r = json.loads(out.stdout.strip().splitlines()[-1])
   assert r["device_count"] == 2
+  # Per device: half the batch, half the samples, half the work of the step (XLA counts one
+  # device's program: per sample, that times the devices over the batch).
+  assert r["batch_size"] == 8 and r["per_device_batch"] == 4
+  assert r["samples_per_s_per_device"] == pytest.approx(r["samples_per_s"] / 2, rel=1e-3)
+  assert r["achieved_tflops_per_device"] == pytest.approx(
+      r["flops_per_sample"] * r["samples_per_s"] / 2 / 1e12, rel=2e-3)
+  assert r["flops_check"] == "agree", r["compiled_over_analytic"]
   from configs import towers_only
   from medvqa_jax.models import amif
   from medvqa_jax.models.state_dict import flatten
@@ -127,6 +134,15 @@ def test_collectives_per_step_on_two_devices():
   # Beside them: scalars, and one 2 x 128 table's gradient moved as 8 x 128: 0.08% more.
   assert grad_bytes <= reduced <= 1.01 * grad_bytes, (reduced, grad_bytes)
   assert r["collectives"]["all-gather"]["bytes"] > 0
+
+
+@pytest.mark.parametrize("kind, tflops", [
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100-PCIE-40GB", 312.0), ("NVIDIA B200", 2250.0),
+    ("NVIDIA H800", 989.0), ("NVIDIA L40S", 362.0), ("TPU v6 lite", 918.0), ("TPU v5e", 197.0),
+    ("TPU v5p", 459.0), ("TPU v4", 275.0)])
+def test_peak_table_holds_the_vendors_dense_bf16_figures(kind, tflops):
+  """The datasheets' dense (not 2:4 sparse) bf16 figures per chip, as JAX names the device."""
+  assert benchmark.peak_tflops(kind) == tflops
 
 
 def test_peak_table_names_the_devices():
@@ -146,7 +162,7 @@ def test_peak_table_names_the_devices():
   assert benchmark.peak_tflops("cpu") is None
 
 
-def test_pretraining_step_reports_the_sinkhorn_share():
+def test_pretraining_step_reports_the_sinkhorn_share(monkeypatch):
   from configs import pretrain_stage1
   config = pretrain_stage1.get_config("image=tiny,text=tiny,teacher=tiny")
   # Wide enough that matrix multiplications dominate XLA's count (as at paper size).
@@ -163,6 +179,12 @@ def test_pretraining_step_reports_the_sinkhorn_share():
   # beside the step's own convergence rate.
   assert r["sinkhorn_budget"] == "to threshold (a lower bound: random tokens)"
   assert 0 <= r["step_wpa_converged"] <= 1
+  # The share is the solver's seconds over the step's (timed as set here: the step 0.2 s a
+  # step, the solver 0.05 s a call).
+  calls = _timed_calls(monkeypatch, [0.0, 0.2, 0.05])
+  timed = benchmark.run(config, batch_size=8, steps=2, warmup=1, windows=1, teacher_dim=32)
+  assert calls == [1, 2, 2] and timed["step_s"] == 0.2 and timed["sinkhorn_s"] == 0.05
+  assert timed["sinkhorn_share"] == 0.25
   # Against the given peak: MFU is the achieved rate over it (each rounded: the rate to four
   # significant digits, MFU to four decimals). The rate had three decimals, 4% of a CPU's.
   assert r["mfu"] == pytest.approx(r["achieved_tflops_per_device"] / 0.5, rel=1e-3, abs=6e-5)
@@ -177,13 +199,30 @@ def test_pretraining_step_reports_the_sinkhorn_share():
     benchmark.run(config, batch_size=8, steps=0)
 
 
-def test_pipeline_share_on_the_demo_data(tmp_path):
+def _timed_calls(monkeypatch, seconds=None) -> list[int]:
+  """The step counts `benchmark._time` is called with, in order (it runs the calls as ever);
+  `seconds`: what each call reports measuring, in order (default: what it measured)."""
+  calls, real, seconds = [], benchmark._time, iter(seconds or ())
+
+  def timed(fn, n):
+    calls.append(n)
+    measured, out = real(fn, n)
+    return next(seconds, measured), out
+  monkeypatch.setattr(benchmark, "_time", timed)
+  return calls
+
+
+def test_pipeline_share_on_the_demo_data(tmp_path, monkeypatch):
   from configs import demo
   config = demo.get_config()
   config.data.dir = str(tmp_path / "data")
   config.data.workers = 1
+  calls = _timed_calls(monkeypatch)
   r = benchmark.run(config, batch_size=16, steps=3, warmup=1, windows=1, pipeline=True,
                     pipeline_min_steps=6)
+  # Warm-up steps, then the timed synthetic window; the pipeline's warm-up, then its timed
+  # steps: each warm-up run apart, outside the timed figures.
+  assert calls == [1, 3, 4, 6]
   assert r["pipeline_step_s"] > 0 and 0 <= r["data_share"] < 1
   # Timed past the workers' start-up (their first batches came 1.4-3.3x slower), over more
   # steps than the synthetic run (50 by default; 6 here, to keep the test short).
@@ -209,6 +248,27 @@ def test_a_failed_trace_leaves_the_timed_figures(tmp_path, monkeypatch):
   assert r["samples_per_s"] > 0 and r["profile_trace"] is None
   assert any("tracing failed, the figures are printed without it: RuntimeError: profiler "
              "unavailable" in line for line in logged)
+
+
+def test_the_step_time_is_the_median_window_after_the_warm_up(monkeypatch):
+  """The warm-up steps run first, untimed; each window's seconds per step is what `_time`
+  measured, and the step time their median."""
+  from configs import towers_only
+  calls = _timed_calls(monkeypatch, [0.0, 0.3, 0.1, 0.2])  # Warm-up, three windows.
+  r = benchmark.run(towers_only.get_config("tiny"), steps=2, warmup=3, windows=3)
+  assert calls == [3, 2, 2, 2]
+  assert r["step_windows_ms"] == [300.0, 100.0, 200.0] and r["step_s"] == 0.2
+  assert r["samples_per_s"] == 40.0 and r["warmup_steps"] == 3
+
+
+def test_compiled_memory_counts_a_donated_buffer_once():
+  """Arguments + outputs + temporaries, less what the outputs alias (the train step donates
+  its state, which its output reuses), in GiB (2^30 bytes)."""
+  x = jnp.zeros((1 << 20,), jnp.float32)  # 4 MiB.
+  donated = jax.jit(lambda x: x + 1, donate_argnums=0).lower(x).compile()
+  kept = jax.jit(lambda x: x + 1).lower(x).compile()
+  assert benchmark._memory(donated) == pytest.approx(4 / 1024, rel=0.01)
+  assert benchmark._memory(kept) == pytest.approx(8 / 1024, rel=0.01)
 
 
 def test_the_flops_check_is_left_out_where_xla_cannot_see_the_work():
