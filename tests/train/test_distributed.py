@@ -164,10 +164,24 @@ def test_slurm_uneven_layouts_are_read_per_node(calls, monkeypatch):
   monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "2(x1),1")
   distributed.initialize()
   assert calls[-1] == ((), {"local_device_ids": []})
+  # Repeats that reach the node: 2 on each of the first two nodes, here the second.
+  monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "2(x2),1")
+  monkeypatch.setenv("SLURM_LOCALID", "1")
+  distributed.initialize()
+  assert calls[-1] == ((), {"local_device_ids": [1]})
+  monkeypatch.setenv("SLURM_LOCALID", "0")
   monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "garbled")  # Unread: the job's layout.
   distributed.initialize()
   assert calls[-1] == ((), {"local_device_ids": [0]})
-  assert len(calls) == 4
+  # Nothing per node, and 6 tasks on 4 nodes do not divide: nothing says how many share
+  # this node, so the GPUs are JAX's choice (not all of them, as for one task per node).
+  for name in ("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE"):
+    monkeypatch.delenv(name)
+  monkeypatch.setenv("SLURM_NTASKS", "6")
+  monkeypatch.setenv("SLURM_NNODES", "4")
+  distributed.initialize()
+  assert calls[-1] == ((), {"local_device_ids": None})
+  assert len(calls) == 6
 
 
 def test_slurm_gpus_per_task_binds_a_task_to_several_gpus(calls, monkeypatch):
@@ -332,9 +346,13 @@ def test_open_mpi_one_process_per_node(calls, monkeypatch):
     distributed.initialize()
   distributed.initialize("h0:1234")  # The count and index: Open MPI's.
   assert calls == [(("h0:1234", 2, 1), {"local_device_ids": []})]
+  monkeypatch.setenv("MEDVQA_DISTRIBUTED", "1")  # The join asked for as well: the same.
+  distributed.initialize("h0:1234")
+  assert calls[1] == (("h0:1234", 2, 1), {"local_device_ids": []})
+  monkeypatch.delenv("MEDVQA_DISTRIBUTED")
   monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "1531576320.0;tcp://10.96.0.1:34911")
   distributed.initialize()  # Open MPI 4: JAX detects it.
-  assert calls[1] == ((), {"local_device_ids": []})
+  assert calls[2] == ((), {"local_device_ids": []})
 
 
 def test_processes_that_nothing_joins_are_refused(calls, monkeypatch):

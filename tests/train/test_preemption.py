@@ -60,6 +60,9 @@ def test_a_second_sigterm_stops_at_once():
 def test_without_a_request_the_training_steps_end_as_usual():
   with preemption.listening():
     assert not preemption.reached(1) and not preemption.reached(2)
+  # Once they are left (evaluating test, say), a SIGTERM stops at once again.
+  with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+    _sigterm()
 
 
 @pytest.mark.parametrize("stop", ["SIGINT", "second SIGTERM"])
