@@ -102,6 +102,44 @@ def test_analytic_tower_flops_match_xla(tower):
   assert 0.93 <= theirs / ours <= 1.1, (theirs, ours)
 
 
+def test_the_image_towers_patches_and_tokens_are_counted_exactly():
+  """Below XLA's 10% tolerance, worked out by hand for a 64 px image of 8 px patches: the
+  patch embedding is a (64 patches, 8 * 8 * 3) x (8 * 8 * 3, width) product, 2 FLOPs per
+  multiply-add; the fusion and the GCA read the tower's 8 * 8 patch tokens and its CLS
+  token, as many as the tower gives out."""
+  import types
+  module = VisionTransformer(image_size=64, patch_size=8, width=256, depth=2, num_heads=4,
+                             mlp_dim=1024)
+  segments = flops_lib.tower_segments(module)
+  assert segments[0] == 2 * 64 * (8 * 8 * 3) * 256
+  assert segments[1:] == [flops_lib.layer(65, 256, 1024)] * 2
+  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.uint8)
+  out = jax.eval_shape(lambda x: module.init_with_output(jax.random.PRNGKey(0), x)[0], images)
+  assert flops_lib.image_tokens(types.SimpleNamespace(image=module)) == \
+      out["tokens"].shape[1] == 65
+
+
+def test_a_tower_training_its_final_norm_alone_takes_the_losss_gradient():
+  """Only the image tower's final LayerNorm trains (no FLOPs of its own counted): the loss's
+  gradient still crosses the contrastive similarities (3x their forward) and the frozen image
+  projection (2x: to its inputs) to reach it, where with everything frozen each is 1x."""
+  from configs import towers_only
+  from medvqa_jax.models import amif
+
+  def count(*mults):
+    config = towers_only.get_config("tiny")
+    config.optim.lr_mults = mults
+    model, shapes = amif.create(config, abstract=True)
+    return model, flops_lib.train_step(model, config, 8, shapes)
+
+  model, frozen = count((".*", 0.0))
+  _, final_norm = count(("image/ln_final/.*", 1.0), (".*", 0.0))
+  d = model.width
+  similarities = 2 * 8 * d  # One image-text matrix of the batch of 8, per example.
+  projection = 2 * model.image.width * d  # The pooled image feature's.
+  assert final_norm["total"] - frozen["total"] == 2 * similarities + projection
+
+
 def test_collectives_per_step_on_two_devices():
   """On two (fake) devices the line lists what the step moves between them: the data-parallel
   gradient all-reduce carries every parameter's gradient once, in float32 (the towers_only

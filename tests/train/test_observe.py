@@ -27,6 +27,21 @@ def test_progress_is_throttled_and_always_reports_the_end():
   assert quiet.getvalue() == ""
 
 
+def test_progress_waits_its_interval_after_each_line(tmp_path, monkeypatch):
+  """The interval counts from the last line printed, not from the start: once the first
+  interval had passed, every call printed a line (a line per batch of a long split)."""
+  clock = [100.0]
+  monkeypatch.setattr(observe.time, "perf_counter", lambda: clock[0])
+  out = io.StringIO()
+  report = observe.progress("val", stream=out, every_s=10)
+  for done, t in ((1, 105), (2, 112), (3, 118), (4, 121), (5, 123), (6, 130)):
+    clock[0] = t
+    report(done, 6)
+  # Lines at 12 s (10 after the start), 23 s (11 after it; not 18 s, 6 after), and the end.
+  assert out.getvalue().splitlines() == ["val: 2/6 (0m12s)", "val: 5/6 (0m23s)",
+                                         "val: 6/6 (0m30s)"]
+
+
 def test_training_rate_leaves_out_validation_and_checkpoint_time(tmp_path, monkeypatch):
   clock = [100.0]
   monkeypatch.setattr(observe.time, "perf_counter", lambda: clock[0])
@@ -49,6 +64,33 @@ def test_training_rate_leaves_out_validation_and_checkpoint_time(tmp_path, monke
   assert rates == pytest.approx([4.0, 4.0], rel=1e-4)
   assert out.getvalue().splitlines()[1] == "step 2/4  loss 1.0000  ? samples/s  eta ?"
   assert out.getvalue().splitlines()[-1] == "step 4/4  loss 1.0000  4.0 samples/s  eta 0m00s"
+  # The ETA: the steps left, times the batch, over the samples per second.
+  long = io.StringIO()
+  clock[0] = 200.0
+  reporter = observe.Reporter(tmp_path / "long", total_steps=10_000, start_step=0,
+                              batch_size=8, log_every=1, tensorboard=False, stream=long)
+  reporter.step(1, {"loss": 1.0})
+  clock[0] += 2.0
+  reporter.step(2, {"loss": 1.0})
+  clock[0] += 2.0
+  reporter.step(3, {"loss": 1.0})  # 16 samples in 4 s: 4 samples/s.
+  clock[0] += 2.0
+  reporter.step(4, {"loss": 1.0})
+  reporter.close()
+  # 9,997 steps of 8 samples at 4/s: 19,994 s = 5 h 33 min 14 s; 9,996: 19,992 s.
+  assert long.getvalue().splitlines()[2:] == [
+      "step 3/10000  loss 1.0000  4.0 samples/s  eta 5h33m",
+      "step 4/10000  loss 1.0000  4.0 samples/s  eta 5h33m"]
+  short = io.StringIO()
+  clock[0] = 300.0
+  reporter = observe.Reporter(tmp_path / "short", total_steps=20, start_step=0,
+                              batch_size=8, log_every=1, tensorboard=False, stream=short)
+  for s in (1, 2, 3):
+    reporter.step(s, {"loss": 1.0})
+    clock[0] += 2.0
+  reporter.close()
+  # 17 steps of 8 samples at 4/s: 34 s.
+  assert short.getvalue().splitlines()[-1] == "step 3/20  loss 1.0000  4.0 samples/s  eta 0m34s"
   first = io.StringIO()
   observe.Reporter(tmp_path / "one", total_steps=1, start_step=0, batch_size=8,
                    tensorboard=False, stream=first).step(1, {"loss": 2.0})
@@ -96,6 +138,27 @@ def test_a_resumed_run_records_the_steps_it_takes_again_once(tmp_path):
   starts = [e.step for e in _events(events)
             if e.HasField("session_log") and e.session_log.status == SessionLog.START]
   assert starts == [1]
+
+
+def test_tensorboard_scalars_are_at_their_steps_under_their_names(tmp_path):
+  """Each step's metrics are TensorBoard scalars `train/<name>` at that step (the step the
+  records file gives them); an evaluation's are `<prefix>/<name>`, e.g. `val/accuracy`, at
+  the step evaluated, beside the training curves of the same name."""
+  reporter = observe.Reporter(tmp_path, total_steps=4, start_step=0, batch_size=8,
+                              tensorboard=True, stream=io.StringIO())
+  reporter.step(1, {"loss": 3.0})
+  reporter.step(2, {"loss": 2.0, "accuracy": 0.25})
+  reporter.eval(2, {"accuracy": 0.5, "questions": 3})
+  reporter.eval(2, {"accuracy": 0.75}, prefix="test")
+  reporter.close()
+  (events,) = (tmp_path / "tensorboard").glob("events.*")
+  scalars = [(v.tag, e.step, v.simple_value) for e in _events(events) if e.HasField("summary")
+             for v in e.summary.value]
+  assert scalars == [("train/loss", 1, 3.0), ("train/loss", 2, 2.0), ("train/accuracy", 2, 0.25),
+                     ("val/accuracy", 2, 0.5), ("val/questions", 2, 3.0),
+                     ("test/accuracy", 2, 0.75)]
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [1, 2, 2, 2]
 
 
 def _events(path):

@@ -83,9 +83,12 @@ def test_a_trace_of_several_devices_is_per_device(tmp_path):
   events = [_meta(1, "/host:CPU")]
   for pid in (2, 3):
     events += [_meta(pid, f"/device:GPU:{pid - 2}"), _meta(pid, "XLA Ops", tid=10),
-               _op(pid, 10, "gemm_fusion_dot.1", 2000), _op(pid, 10, "all-reduce.1", 1000)]
+               _op(pid, 10, "gemm_fusion_dot.1", 2000, tf_op=f"{PREFIX}/image/dot_general"),
+               _op(pid, 10, "all-reduce.1", 1000)]
   s = trace.summarize(_write(tmp_path / "two.json.gz", events), steps=1)
   assert s["devices"] == 2 and s["busy_ms"] == pytest.approx(3.0)
+  # A share of the (per-device) busy time: 2 of each device's 3 ms carry a JAX name.
+  assert s["named_share"] == round(2 / 3, 4)
   assert s["by_kind"] == [("matmul", 2.0, round(2 / 3, 4)), ("collective", 1.0, round(1 / 3, 4))]
   assert "device busy 3.00 ms per step over 1 step(s) (per device, of 2)" in \
       trace.format_summary(s)
@@ -173,8 +176,8 @@ def test_traffic_sums_what_each_kernel_reads_and_writes():
 
 
 def test_a_fusion_around_a_matrix_product_is_a_matmul():
-  """The CPU's (and a TPU's) compiler fuses its dots (`ynn_fusion.N`): such a fusion was
-  classed with the elementwise fusions."""
+  """The CPU's (and a TPU's) compiler fuses its dots (`ynn_fusion.N`) and convolutions: such a
+  fusion was classed with the elementwise fusions."""
   hlo = textwrap.dedent("""\
       HloModule step
       %ynn_fused (p0: f32[4,8], p1: f32[8,8]) -> f32[4,8] {
@@ -187,14 +190,26 @@ def test_a_fusion_around_a_matrix_product_is_a_matmul():
         %q0 = f32[4,8]{1,0} parameter(0)
         ROOT %q1 = f32[4,8]{1,0} negate(%q0)
       }
-      ENTRY %main (x: f32[4,8], w: f32[8,8]) -> f32[4,8] {
+      %patches (c0: f32[1,8,8,3], c1: f32[2,2,3,4]) -> f32[1,4,4,4] {
+        %c0 = f32[1,8,8,3]{3,2,1,0} parameter(0)
+        %c1 = f32[2,2,3,4]{3,2,1,0} parameter(1)
+        %cv = f32[1,4,4,4]{3,2,1,0} convolution(%c0, %c1), window={size=2x2 stride=2x2}, dim_labels=b01f_01io->b01f
+        ROOT %cn = f32[1,4,4,4]{3,2,1,0} negate(%cv)
+      }
+      ENTRY %main (x: f32[4,8], w: f32[8,8], img: f32[1,8,8,3], k: f32[2,2,3,4]) -> f32[4,8] {
         %x = f32[4,8]{1,0} parameter(0)
         %w = f32[8,8]{1,0} parameter(1)
+        %img = f32[1,8,8,3]{3,2,1,0} parameter(2)
+        %k = f32[2,2,3,4]{3,2,1,0} parameter(3)
+        %e = f32[1,4,4,4]{3,2,1,0} fusion(%img, %k), kind=kOutput, calls=%patches, metadata={op_name="jit(step)/image/patch_embed/conv_general_dilated"}
         %a = f32[4,8]{1,0} fusion(%x, %w), kind=kCustom, calls=%ynn_fused, metadata={op_name="jit(step)/image/fc1/dot_general"}
         ROOT %b = f32[4,8]{1,0} fusion(%a), kind=kLoop, calls=%plain, metadata={op_name="jit(step)/image/neg"}
       }""")
   out = trace.hlo_traffic(hlo)
-  assert out["by_kind"] == {"matmul": (4 * 8 + 8 * 8 + 4 * 8) * 4, "fusion": 2 * 4 * 8 * 4}
+  # A fused convolution (a ViT's patch embedding) is a matrix product too.
+  patches = (8 * 8 * 3 + 2 * 2 * 3 * 4 + 4 * 4 * 4) * 4
+  assert out["by_kind"] == {"matmul": (4 * 8 + 8 * 8 + 4 * 8) * 4 + patches,
+                            "fusion": 2 * 4 * 8 * 4}
 
 
 def test_traffic_counts_what_a_fusion_slices_or_gathers_of_an_operand(monkeypatch):
@@ -316,6 +331,8 @@ def test_a_loop_counts_as_often_as_it_runs_and_updates_in_place():
                              "text": 24 * sine,
                              "(unnamed)": copy + 12 * reduce + 36 * compare}
   assert out["kernels"] == 12 * 4 + 13 + 24 + 36 + 1  # The all-reduce is a kernel too.
+  # Each launch moves well under 1 MB: every trip's launches are small ones.
+  assert out["small_kernels"] == out["kernels"]
   assert trace.collectives(hlo) == {"all-reduce": {"count": 12, "bytes": 12 * 16 * 4}}
   assert [runs for *_, runs in trace.collective_ops(hlo, trace.runs_per_step(hlo))] == [12]
 
@@ -349,6 +366,10 @@ def test_scope_names_the_model_part_not_the_transformation():
   assert trace.scope_of(f"{PREFIX}/image/proj/transpose", depth=2) == "image/proj"
   assert trace.scope_of("jit(step)/while/body/sinkhorn/exp", depth=2) == "sinkhorn"
   assert trace.scope_of("add") == "(unnamed)" and trace.scope_of("") == "(unnamed)"
+  # Only Flax methods (no module scope): the innermost one says where, not the outermost
+  # (the model's entry point, the same for every op).
+  assert trace.scope_of("jit(step)/jvp(AMiF.vqa)/AMiF.context/AMiF.encode_image/"
+                        "dot_general") == "AMiF.encode_image"
 
 
 def test_a_cpu_trace_is_captured_and_said_to_hold_no_device_events(tmp_path):
