@@ -22,18 +22,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medvqa_jax.train import trace  # noqa: E402
 
 
-def main() -> int:
+def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("trace", help="trace.json.gz (or .json) of the traced steps")
   parser.add_argument("--steps", type=int, default=1, help="steps the trace holds (totals "
                       "are divided by it)")
-  parser.add_argument("--depth", type=int, default=1, help="name-scope components kept")
-  parser.add_argument("--top", type=int, default=15, help="ops listed")
+  parser.add_argument("--depth", type=int, default=1, help="name-scope components kept (1 "
+                      "or more)")
+  parser.add_argument("--top", type=int, default=15, help="ops listed, the longest first (0: "
+                      "none)")
   parser.add_argument("--json", action="store_true", help="one JSON line instead of tables")
   parser.add_argument("--hlo", help="the HLO op table (default: hlo_ops.json.gz beside the "
                       "trace, if there)")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  # Out of range, they printed tables anyway: the named ops under one blank scope (0), the
+  # scopes cut short of their last part (-1), no ops at all (-2).
+  if args.depth < 1:
+    parser.error(f"--depth={args.depth}: the name-scope components to keep, 1 or more")
+  if args.top < 0:
+    parser.error(f"--top={args.top}: the ops to list, 0 (none) or more")
   for path in (args.trace, args.hlo):
     if path and Path(path).is_dir():
       inside = Path(path) / ("trace.json.gz" if path == args.trace else "hlo_ops.json.gz")

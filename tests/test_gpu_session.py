@@ -49,6 +49,19 @@ def test_the_plan_lists_every_step_in_order_and_runs_nothing(tmp_path):
   # The headline benchmark runs are traced: towers_only's and stage 1's, not scan/remat's,
   # outside the results folder (a device host sends back what is under it, traces too).
   assert sum("PROFILE_DIR=runs/real/profiles" in c for c in commands) == 2
+  # Each fine-tune step runs its own dataset, its line in OUT_DIR/real_data.jsonl, fed by the
+  # session's WORKERS (its header's default; real_data.sh's own is another).
+  by_step = {}
+  for line in out.stdout.splitlines():
+    if (m := re.match(r"== (\w+) \(", line)):
+      step = by_step.setdefault(m.group(1), [])
+    elif line.startswith("+ "):
+      step.append(line)
+  workers = re.search(r"WORKERS \((\d+)\)", _session(["--help"]).stdout).group(1)
+  for dataset in ("slake", "vqa_rad"):
+    assert by_step[f"real_{dataset}"] == [
+        f"+ env RESULTS={tmp_path / 'out'}/real_data.jsonl WORKERS={workers} "
+        f"bash benchmarks/real_data.sh {dataset}"]
   assert not (tmp_path / "out").exists()
 
 
@@ -74,11 +87,22 @@ def test_the_input_step_runs_and_a_step_over_budget_is_skipped(tmp_path):
                  INPUT_BATCH="4", NEED_towers="1000000")
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   lines = [json.loads(line) for line in (out_dir / "input.jsonl").read_text().splitlines()]
-  assert [(r["dataset"], r["augmentation"], r["views"]) for r in lines] == [
-      ("vqa_rad", "finetune", 1), ("captions_jsonl", "pretrain", 2)]
+  # Both runs at INPUT_BATCH, the caption corpus's too.
+  assert [(r["dataset"], r["augmentation"], r["views"], r["batch_size"]) for r in lines] == [
+      ("vqa_rad", "finetune", 1, 4), ("captions_jsonl", "pretrain", 2, 4)]
   for r in lines:
     assert [x["workers"] for x in r["results"]] == [0, 1]
     assert all(x["images_per_s"] > 0 for x in r["results"])
+  # The table at the end: a row per run and worker count, images/s and that over the workers
+  # (in-process, 0 workers: over one; test_the_input_table_divides_by_the_workers for more).
+  rows = re.findall(r"^(vqa_rad|captions_jsonl)\s+(\w+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)$",
+                    out.stdout, re.M)
+  assert len(rows) == 4
+  for (dataset, aug, workers, rate, per_worker), (r, x) in zip(
+      rows, [(r, x) for r in lines for x in r["results"]]):
+    assert (dataset, aug, int(workers), float(rate)) == (
+        r["dataset"], r["augmentation"], x["workers"], x["images_per_s"])
+    assert abs(float(per_worker) - float(rate) / max(int(workers), 1)) <= 0.1
   # The results folder holds the results only (the device sends back a few files).
   assert sorted(p.name for p in out_dir.iterdir()) == ["input.jsonl", "session.log"]
   # The caption corpus: one row per training image, its path relative to the file.
@@ -93,6 +117,30 @@ def test_the_input_step_runs_and_a_step_over_budget_is_skipped(tmp_path):
   assert not (out_dir / "benchmarks.jsonl").exists()
   assert re.search(r"^captions_jsonl\s+pretrain\s+1\s+[\d.]+", out.stdout, re.M)
   assert f"== packages from {site}" in log and mark.read_text().count("x") >= 2
+
+
+def test_the_input_table_divides_by_the_workers(tmp_path):
+  """The input table's last column is a worker's share of images/s, which the run above
+  (0 and 1 workers) cannot tell from images/s itself. A stand-in for python plays
+  benchmark_input.py: a line of known rates for 8 and 14 workers."""
+  import shlex
+  line = json.dumps({"dataset": "vqa_rad", "augmentation": "finetune", "results": [
+      {"workers": 8, "images_per_s": 960.0, "images_per_s_per_worker": 120.0},
+      {"workers": 14, "images_per_s": 1400.0, "images_per_s_per_worker": 100.0}]})
+  fake = tmp_path / "python"
+  fake.write_text(f"""#!/usr/bin/env bash
+[ "$1" = launch/benchmark_input.py ] && {{ echo {shlex.quote(line)}; exit 0; }}
+exec {sys.executable} "$@"
+""")
+  fake.chmod(0o755)
+  (tmp_path / "data" / "vqa_rad").mkdir(parents=True)
+  (tmp_path / "data" / "vqa_rad" / "trainset.json").write_text("[]")
+  out = _session(["input"], PYTHON=str(fake), DATA=str(tmp_path / "data"),
+                 OUT_DIR=str(tmp_path / "out"), RUNS=str(tmp_path / "runs"))
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  rows = re.findall(r"^vqa_rad\s+finetune\s+(\d+)\s+([\d.]+)\s+([\d.]+)$", out.stdout, re.M)
+  # Twice: the stand-in answers the caption corpus's run with the same line.
+  assert rows == [("8", "960.0", "120.0"), ("14", "1400.0", "100.0")] * 2
 
 
 def test_the_packs_archive_is_unpacked_and_read_by_the_slake_fine_tune(tmp_path):
@@ -121,7 +169,7 @@ case "$1" in
 esac
 """)
   fake.chmod(0o755)
-  env = {k: v for k, v in os.environ.items() if k not in ("DATA", "MINILM")}
+  env = {k: v for k, v in os.environ.items() if k not in ("DATA", "MINILM", "WORKERS")}
   # The plan unpacks nothing, but names the folders the run will read (from the archive's
   # member list: it named ../shared/data and the package's MiniLM), and which steps the
   # run will skip for want of their data.
@@ -147,6 +195,10 @@ esac
   args = (tmp_path / "args").read_text().splitlines()
   assert f"--config.data.source_dir={pack}/data/slake" in args
   assert f"--config.model.text.checkpoint={pack}/minilm" in args
+  # With the session's input workers, as its header documents them (real_data.sh's own
+  # default is another).
+  workers = re.search(r"WORKERS \((\d+)\)", _session(["--help"]).stdout).group(1)
+  assert f"--config.data.workers={workers}" in args
   log = (tmp_path / "out" / "session.log").read_text()
   assert f"+ unpack {pack}/minilm_slake.tar.xz into {pack}" in log
 
@@ -174,6 +226,38 @@ esac
   assert "== real_slake (" in log and "launch/train.py" in (tmp_path / "ran").read_text()
   assert "launch/benchmark" not in (tmp_path / "ran").read_text()
   assert log.splitlines()[-1].endswith("skipped: finetune input real_vqa_rad")
+
+
+def test_a_step_is_stopped_at_its_end_and_none_ends_past_the_budget(tmp_path):
+  """A step runs until STEP_END: 1.5 x its need, or the time left if less. One that hangs is
+  stopped there (timeout's exit status 124) and the session goes on; a step that starts near
+  the end of the budget is told to end with it, not 1.5 x its need later. A stand-in for
+  python hangs as the kernels' pytest and records the STEP_END each step is given."""
+  import time
+  fake = tmp_path / "python"
+  fake.write_text(f"""#!/usr/bin/env bash
+case "$1" in
+  -m) echo "kernels $STEP_END" >> {tmp_path / "ends"}; exec sleep 30 ;;
+  launch/benchmark.py) echo "finetune $STEP_END" >> {tmp_path / "ends"}; exit 0 ;;
+  *) exec {sys.executable} "$@" ;;
+esac
+""")
+  fake.chmod(0o755)
+  (tmp_path / "data" / "vqa_rad").mkdir(parents=True)
+  start = int(time.time())
+  # kernels: until 3 s (1.5 x 2); finetune starts with about 37 s left, under 1.5 x 30.
+  out = _session(["kernels", "finetune"], PYTHON=str(fake), BUDGET="40", NEED_kernels="2",
+                 NEED_finetune="30", DATA=str(tmp_path / "data"), OUT_DIR=str(tmp_path / "out"),
+                 RUNS=str(tmp_path / "runs"))
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert time.time() - start < 25  # Not the stand-in's 30 s.
+  log = (tmp_path / "out" / "session.log").read_text()
+  assert re.search(r"^== kernels: exit status 124, \d+ s$", log, re.M), log
+  # (The session starts a second or two after `start`, at most.)
+  ends = dict(line.split() for line in (tmp_path / "ends").read_text().splitlines())
+  assert start + 3 <= int(ends["kernels"]) <= start + 3 + 5
+  assert start + 30 <= int(ends["finetune"]) <= start + 40 + 5  # Not t0 + 45 (>= start + 48).
+  assert log.splitlines()[-1].endswith("skipped: none")
 
 
 def test_a_fine_tune_stopped_by_its_time_limit_is_evaluated_where_it_got(tmp_path):
@@ -328,6 +412,61 @@ def test_the_recipe_slows_what_comes_from_minilm_only(tmp_path):
   fresh = [k for k in labels if k.startswith("decoder/") and ("cross_" in k or "/lm_" in k)]
   assert fresh and not slow & set(fresh)
   assert not [k for k in slow if not k.startswith(("text/", "decoder/"))]
+
+
+def test_real_data_runs_with_the_settings_its_header_documents(tmp_path):
+  """real_data.sh's defaults are those its header (--help) names, read from there: the
+  results of RESULTS.md are quoted with them. A setting given replaces its default
+  (EPOCHS: the config's epochs, else left as they are), and within STEP_END training is
+  given all but the documented EVAL_RESERVE, kept for the test evaluation. A stand-in for
+  python plays train.py (fails at once) and records its arguments."""
+  import time
+
+  from configs import slake, vqa_rad
+  doc = subprocess.run(["bash", "benchmarks/real_data.sh", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60).stdout
+  doc = " ".join(doc.split())
+  find = lambda pattern: re.search(pattern, doc).group(1)
+  documented = {
+      "--config.data.max_side": find(r"MAX_SIDE \(images shrunk to this shorter side when the "
+                                     r"dataset is built, (\d+),"),
+      "--config.optim.lr": find(r" LR \(([\d.e-]+)\)"),
+      "--config.train.batch_size": find(r" BATCH \((\d+);"),
+      "--config.data.workers": find(r" WORKERS \(input-pipeline processes, (\d+)\)"),
+      "--config.train.eval_every": find(r" EVAL_EVERY \((\d+) steps;"),
+      "--config.model.compute.attention": find(r" ATTENTION \(.*?, default (\w+)\)")}
+  reserve = int(find(r"EVAL_RESERVE s \((\d+)\)"))
+  epochs = re.search(r"EPOCHS \(default: the dataset config's, (\d+) VQA-RAD / (\d+) SLAKE",
+                     doc).groups()
+  for module, n in zip((vqa_rad, slake), epochs):
+    assert module.get_config("image=vit_s16_scratch,text=minilm").train.epochs == int(n)
+  fake = tmp_path / "python"
+  fake.write_text(f'#!/usr/bin/env bash\n[ "$1" = launch/train.py ] && '
+                  f'printf "%s\\n" "$@" > {tmp_path / "args"}\nexit 1\n')
+  fake.chmod(0o755)
+  settings = ("MAX_SIDE", "LR", "BATCH", "WORKERS", "EVAL_EVERY", "ATTENTION", "EPOCHS",
+              "STEPS", "TEXT_LR_MULT", "EVAL_RESERVE", "STEP_END", "MINILM")
+  env = {k: v for k, v in os.environ.items() if k not in settings}
+
+  def run(dataset, **extra):
+    out = subprocess.run(["bash", "benchmarks/real_data.sh", dataset], cwd=ROOT,
+                         env={**env, "PYTHON": str(fake), "RUNS": str(tmp_path / "runs"),
+                              "RESULTS": str(tmp_path / "real.jsonl"), **extra},
+                         capture_output=True, text=True, timeout=60)
+    assert f"(failed: {dataset}, exit status 1)" in out.stderr, out.stderr
+    args = (tmp_path / "args").read_text().splitlines()
+    return out, dict(a.split("=", 1) for a in args if a.startswith("--config."))
+
+  out, args = run("vqa_rad", STEP_END=str(int(time.time()) + reserve + 30))
+  assert {k: args[k] for k in documented} == documented
+  assert float(args["--config.optim.lr"]) == float(documented["--config.optim.lr"])
+  assert "--config.train.epochs" not in args
+  (limit,) = re.findall(r"== vqa_rad: timeout --foreground -k 60 (\d+) ", out.stderr)
+  assert 15 <= int(limit) <= 30, out.stderr  # Not 30 + 90.
+  out, args = run("slake", EPOCHS="3", MAX_SIDE="128", LR="3e-4")
+  assert args["--config.train.epochs"] == "3" and args["--config.data.max_side"] == "128"
+  assert args["--config.optim.lr"] == "3e-4"
+  assert "timeout" not in out.stderr  # Without STEP_END, no limit.
 
 
 def test_a_run_gets_its_environment_and_the_table_names_what_else_it_set(tmp_path):

@@ -32,10 +32,11 @@ def test_pack_copies_the_questions_and_shrinks_the_images(tmp_path):
   summary = json.loads(out.stdout.strip().splitlines()[-1])
   assert set(summary["mb"]) == {"data", "minilm_slake.tar.xz"}
   packed = tmp_path / "pack" / "data"
-  for src, dst in ((DATA / "vqa_rad" / "trainset.json", packed / "vqa_rad" / "trainset.json"),
-                   (DATA / "slake" / "Slake1.0" / "test.json",
-                    packed / "slake" / "Slake1.0" / "test.json")):
-    assert dst.read_bytes() == src.read_bytes()
+  # Every question file the fine-tunes read (SLAKE selects its checkpoint on validate.json),
+  # byte for byte.
+  for name in ("vqa_rad/trainset.json", "vqa_rad/testset.json", "slake/Slake1.0/train.json",
+               "slake/Slake1.0/validate.json", "slake/Slake1.0/test.json"):
+    assert (packed / name).read_bytes() == (DATA / name).read_bytes(), name
   rad = sorted((packed / "vqa_rad" / "images").iterdir())
   slake = sorted((packed / "slake" / "Slake1.0" / "imgs").glob("*/source.jpg"))
   assert len(rad) == 315 and len(slake) == 642
@@ -73,6 +74,46 @@ def test_pack_copies_the_questions_and_shrinks_the_images(tmp_path):
   out = again(tmp_path / "new", f"--data={tmp_path / 'nodata'}")
   assert out.returncode == 1 and out.stderr.startswith(
       f"error: {tmp_path / 'nodata' / 'vqa_rad' / 'trainset.json'}: missing"), out.stderr
+
+
+def test_the_default_side_a_zero_side_and_a_half_pack_left_behind(tmp_path, capsys):
+  """On a data folder of one image per dataset: by default the images are shrunk to the side
+  the usage line names (the towers' input, at which real_data.sh builds), --max_side=0 keeps
+  them byte for byte, as its help says, and what a killed run left in OUT.partial does not
+  end up in the next pack."""
+  import re
+  data = tmp_path / "data"
+  questions = {"vqa_rad/trainset.json": '[{"qid": 1}]', "vqa_rad/testset.json": '[{"qid": 2}]',
+               "slake/Slake1.0/train.json": '[{"qid": 3}]',
+               "slake/Slake1.0/validate.json": '[{"qid": 4}]',
+               "slake/Slake1.0/test.json": '[{"qid": 5}]'}
+  images = {"vqa_rad/images/synpic1.jpg": (300, 400), "slake/Slake1.0/imgs/xmlab1/source.jpg":
+            (420, 280)}
+  for name, text in questions.items():
+    (data / name).parent.mkdir(parents=True, exist_ok=True)
+    (data / name).write_text(text)
+  for name, size in images.items():
+    (data / name).parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (120, 60, 30)).save(data / name, quality=95)
+  module = _pack_module()
+  (side,) = re.findall(r"\[--max_side=(\d+)\]", module.__doc__)
+  stale = tmp_path / "pack.partial" / "data" / "vqa_rad" / "images" / "from_a_killed_run.jpg"
+  stale.parent.mkdir(parents=True)
+  stale.write_bytes((data / "vqa_rad/images/synpic1.jpg").read_bytes())
+  module.main([f"--out={tmp_path / 'pack'}", f"--data={data}", "--no_minilm"])
+  packed = tmp_path / "pack" / "data"
+  assert sorted(str(p.relative_to(packed)) for p in packed.rglob("*") if p.is_file()) == sorted(
+      [*questions, *images])
+  assert all((packed / name).read_text() == text for name, text in questions.items())
+  for name, (w, h) in images.items():
+    with Image.open(packed / name) as img:
+      scale = int(side) / min(w, h)
+      assert img.size == (round(w * scale), round(h * scale)), name
+  assert not (tmp_path / "pack.partial").exists()
+  module.main([f"--out={tmp_path / 'kept'}", f"--data={data}", "--no_minilm", "--max_side=0"])
+  for name in images:
+    assert (tmp_path / "kept" / "data" / name).read_bytes() == (data / name).read_bytes()
+  capsys.readouterr()
 
 
 def test_float16_minilm_loads_and_embeds_like_the_original(tmp_path, minilm_dir):

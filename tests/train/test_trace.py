@@ -400,8 +400,14 @@ def test_the_command_prints_tables_or_json_and_says_what_is_wrong(tmp_path):
   out = run(path, "--steps=2")
   assert out.returncode == 0, out.stderr
   assert "by kind of work:" in out.stdout and "1.500 ms  46.2%  matmul" in out.stdout
-  out = run(path, "--steps=2", "--json")
-  assert json.loads(out.stdout)["busy_ms"] == pytest.approx(3.25)
+  # --depth and --top reach the summary: as worked out by hand above, the first scope two
+  # components deep and the one longest op.
+  out = run(path, "--steps=2", "--json", "--depth=2", "--top=1")
+  s = json.loads(out.stdout)
+  assert s["busy_ms"] == pytest.approx(3.25)
+  assert [row[:2] for row in s["by_scope"]][:2] == [["image/block_0", 1.5],
+                                                     ["fusion/layer_1", 1.0]]
+  assert [row[0] for row in s["by_op"]] == ["gemm_fusion_dot.1"]
   out = run(str(tmp_path / "missing.json.gz"))
   assert out.returncode == 1 and "error: " in out.stderr
   assert "missing.json.gz: no such file" in out.stderr
@@ -413,6 +419,26 @@ def test_the_command_prints_tables_or_json_and_says_what_is_wrong(tmp_path):
   cpu = _write(tmp_path / "cpu.json.gz", [_meta(1, "/host:CPU"), _op(1, 5, "x", 10)])
   out = run(cpu)
   assert out.returncode == 1 and "no device events" in out.stderr
+
+
+def test_the_command_refuses_a_depth_or_top_out_of_range(tmp_path, capsys):
+  """--depth=0 put the named ops under one blank scope, --depth=-1 cut every scope short of
+  its last part, --top=-2 listed no ops: each printed tables without a word. A usage error
+  now (exit status 2, as argparse's), naming the flag; --top=0 (no op table) is allowed."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "trace_summary", ROOT / "benchmarks" / "trace_summary.py")
+  command = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(command)
+  path = _gpu_trace(tmp_path / "t.json.gz")
+  for bad in ("--depth=0", "--depth=-1", "--top=-2"):
+    with pytest.raises(SystemExit) as exit_:
+      command.main([path, bad])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "usage: " in err and f"error: {bad}: " in err, err
+  assert command.main([path, "--steps=2", "--top=0", "--json"]) == 0
+  s = json.loads(capsys.readouterr().out)
+  assert s["by_op"] == [] and s["busy_ms"] == pytest.approx(3.25)
 
 
 # What an H200 gave (jax 0.11): kernels on a stream, no XLA Ops line, most events without
