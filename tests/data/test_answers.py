@@ -17,7 +17,7 @@ from medvqa_jax.data import answers
     # (a comma between words with no space joins them, as the toolkit's does), else each
     # mark becomes a space.
     ("RUQ pain, jaundice,weight loss?", "ruq pain jaundiceweight loss"),
-    ("t1/t2", "t1 t2"), ("mass, left", "mass left"),
+    ("t1/t2", "t1 t2"), ("mass, left", "mass left"), ("Ten cm", "10 cm"),
 ])
 def test_normalize(raw, expected):
   assert answers.normalize(raw) == expected
@@ -77,6 +77,26 @@ def test_validation_slice_is_fixed_and_holds_out_whole_images():
   for fraction, held in ((0.1, 4), (0.01, 1), (0.13, 5)):
     a = answers.validation_slice(ids, fraction, seed=0, groups=images)
     assert len({images[ids.index(i)] for i in a}) == held, fraction
+
+
+def test_validation_slice_is_the_same_in_every_process_and_for_any_record_order():
+  """The slice is chosen again by every command that reads the run's data (train.py, then
+  eval.py): it must not hang on the process's string hashing (PYTHONHASHSEED) or on the
+  order the records come in, or validation would hold images another process trained on."""
+  import os
+  import subprocess
+  import sys
+  code = ("from medvqa_jax.data import answers; ids = [f'q{i}' for i in range(200)]; "
+          "print(sorted(answers.validation_slice(ids, 0.1, 0, [f'img{i // 2}.jpg' for i in "
+          "range(200)])))")
+  slices = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed},
+                           timeout=120, check=True).stdout for seed in ("1", "2", "3")}
+  assert len(slices) == 1
+  ids = [f"q{i}" for i in range(200)]
+  images = [f"img{i // 2}.jpg" for i in range(200)]
+  assert answers.validation_slice(ids[::-1], 0.1, 0, images[::-1]) == \
+      answers.validation_slice(ids, 0.1, 0, images)
 
 
 def test_a_dataset_without_validation_split_needs_a_held_out_fraction(tmp_path):

@@ -138,7 +138,9 @@ def test_pathvqa_pkl_and_parquet_round_trip(tmp_path):
   for split in ("train", "val", "test"):
     (pkl / "qas" / split).mkdir(parents=True)
     (pkl / "images" / split).mkdir(parents=True)
-    rows = [dict(image=f"{split}_{i}", question=f"{split} q{i}?", answer="no" if i else "fat")
+    # Answers as the release writes them, "No" too; each question's category.
+    rows = [dict(image=f"{split}_{i}", question=f"{split} q{i}?",
+                 answer=["fat", "No", "no"][i], question_type=["what", "is", "does"][i])
             for i in range(3)]
     for i in range(3):
       _jpeg(pkl / "images" / split / f"{split}_{i}.jpg", i)
@@ -150,6 +152,7 @@ def test_pathvqa_pkl_and_parquet_round_trip(tmp_path):
       ["val q0?", "val q1?", "val q2?"]
   summary = builders.summary(tmp_path / "out1", "pathvqa")
   assert summary["splits"]["train"]["answer_type"] == {"CLOSED": 2, "OPEN": 1}
+  assert sorted(_text(e["question_type"]) for e in val.values()) == ["does", "is", "what"]
   # Question ids are unique across the splits (each split numbers its questions from 0).
   ids = [k for split in ("train", "validation", "test")
          for k in _rows(tmp_path / "out1", "pathvqa", split)]
@@ -160,7 +163,8 @@ def test_pathvqa_pkl_and_parquet_round_trip(tmp_path):
   parquet.mkdir(parents=True)
   images = [_jpeg(tmp_path / f"p{i}.jpg", 10 + i).read_bytes() for i in range(4)]
   table = pa.table({"image": [{"bytes": b, "path": None} for b in images],
-                    "question": [f"p{i}?" for i in range(4)], "answer": ["yes", "no", "a", "b"]})
+                    "question": [f"p{i}?" for i in range(4)], "answer": ["yes", "no", "a", "b"],
+                    "question_type": ["is", "does", "what", "where"]})
   pq.write_table(table.slice(0, 3), parquet / "train-00000-of-00001.parquet")
   pq.write_table(table.slice(3, 1), parquet / "test-00000-of-00001.parquet")
   builders.build("pathvqa", tmp_path / "test" / "parquet", tmp_path / "out2")
@@ -168,6 +172,7 @@ def test_pathvqa_pkl_and_parquet_round_trip(tmp_path):
   assert len(train) == 3 and len(_rows(tmp_path / "out2", "pathvqa", "test")) == 1
   by_q = {_text(e["question"]): e for e in train.values()}
   np.testing.assert_array_equal(by_q["p1?"]["image"], _decoded(images[1]))
+  assert _text(by_q["p1?"]["question_type"]) == "does"
   # A parquet file that no split names was skipped without a word.
   pq.write_table(table.slice(0, 1), parquet / "pathvqa_extra.parquet")
   from medvqa_jax.data import sources
@@ -932,8 +937,9 @@ def test_max_side_bounds_the_shorter_side(tmp_path, caplog):
   _write(src, rows, rows[:2])
   assert Image.open(io.BytesIO(builders.encode_image(src / "images" / "img1.jpg", 64))).size \
       == (192, 64)
-  assert Image.open(io.BytesIO(builders.encode_image(src / "images" / "img2.jpg", 64))).size \
-      == (50, 200)  # Its shorter side is under 64 already: kept as it is.
+  # Its shorter side is under 64 already: kept as it is, byte for byte (its longer side over).
+  assert builders.encode_image(src / "images" / "img2.jpg", 64) == \
+      (src / "images" / "img2.jpg").read_bytes()
   # The longer side is rounded (301 x 64 / 100 = 192.64), not cut.
   _jpeg(tmp_path / "odd.jpg", 3, size=(301, 100))
   assert Image.open(io.BytesIO(builders.encode_image(tmp_path / "odd.jpg", 64))).size == (193, 64)

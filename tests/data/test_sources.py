@@ -21,6 +21,13 @@ def _good(items):
   return [r for r in items if isinstance(r, dict)]
 
 
+def test_an_image_named_two_ways_is_one_picture():
+  """An annotation's image name, as the held-out slice groups by it: Windows separators and a
+  leading "./" name the same picture (under two ids it could fall on both sides)."""
+  assert sources._image_key("x\\a.jpg") == sources._image_key("./x/a.jpg") == \
+      sources._image_key(" x//a.jpg ") == "x/a.jpg"
+
+
 def test_vqa_rad_mevf_split():
   out = sources.vqa_rad(DATA / "vqa_rad")
   train, test = _good(out["train"]), _good(out["test"])
