@@ -69,18 +69,36 @@ def test_embed_command_with_a_checkpoint_override(minilm_dir, tmp_path):
   assert result["question_tokens"] == [2, 12, 384] and "image_tokens" not in result
   from medvqa_jax import ASSETS
   image = sorted((ASSETS / "demo" / "images").iterdir())[0]
+  questions = ["Is this an X-ray of the chest?", "is this an xray of the chest",
+               "is this a ct of the chest"]
   out = _run("launch/embed.py", "--config=configs/demo.py", f"--image={image}",
-             "--question=Is this an X-ray of the chest?", "--question=is this an xray of the chest",
-             "--question=is this a ct of the chest")
+             *[f"--question={q}" for q in questions], "--config.seed=7")
   assert out.returncode == 0, out.stderr
   (sim,) = json.loads(out.stdout.strip().splitlines()[-1])["cosine_image_x_question"]
   assert sim[0] == sim[1] != sim[2]
+  # Both towers are initialised from --config.seed: the similarities are those of the towers
+  # made here with that seed.
+  import jax
+  from configs import demo
+  from medvqa_jax.data import augment, builders
+  from medvqa_jax.data import text as text_lib
+  from medvqa_jax.data import tokenizer as tokenizer_lib
+  from medvqa_jax.models import towers
+  config = demo.get_config()
+  (img, img_params), (txt, txt_params) = (towers.from_config(config.model[k], seed=7)
+                                          for k in ("image", "text"))
+  pixels = augment.resize(np.asarray(builders.read_as_built(image, config.data.get("max_side"))),
+                          img.image_size)
+  batch = tokenizer_lib.from_config(config.model.text)([text_lib.question(q) for q in questions])
+  v = jax.jit(img.apply)({"params": img_params}, pixels[None])
+  t = jax.jit(txt.apply)({"params": txt_params}, batch["input_ids"], batch["attention_mask"])
+  unit = lambda out: (lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True))(
+      np.asarray(out["embedding" if "embedding" in out else "pooled"]))
+  np.testing.assert_allclose(sim, unit(v)[0] @ unit(t).T, atol=2e-4)
   # A picture that is not square is read as evaluation reads it, whole, resized to a square:
   # nearly the features of that square (both stored as a build stores them, as JPEG), not
   # those of its centre crop (a crop once cut its sides).
-  from configs import demo
   from PIL import Image
-  from medvqa_jax.data import augment
   size = demo.get_config().model.image.arch.image_size
   wide = np.random.default_rng(0).integers(0, 256, (size, 2 * size, 3), np.uint8)
   wide[:, :size // 2] = 255  # Sides a crop would drop.

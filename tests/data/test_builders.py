@@ -900,6 +900,30 @@ def test_training_reads_only_a_build_with_its_configs_reader_options(tmp_path):
   assert builders.built_options(fresh, "vqa_rad")["reader_options"] == {"test_frames": False}
 
 
+def test_prepare_data_builds_the_splits_and_language_asked_for(tmp_path):
+  """prepare_data.py --splits builds only the splits named; SLAKE's --language picks the
+  questions of that language (q_lang), here the Chinese ones, and the build records it."""
+  slake = tmp_path / "slake"
+  (slake / "imgs").mkdir(parents=True)
+  _jpeg(slake / "imgs" / "x.jpg", 0)
+  entry = lambda i, lang: dict(qid=i, img_name="x.jpg", question=f"{lang} q{i}", answer="a",
+                               q_lang=lang, answer_type="OPEN", content_type="Organ")
+  rows = [entry(0, "en"), entry(1, "zh"), entry(2, "zh"), entry(3, "en"), entry(4, "zh")]
+  for name in ("train.json", "validate.json", "test.json"):
+    (slake / name).write_text(json.dumps(rows))
+  out = tmp_path / "out"
+  run = subprocess.run([sys.executable, "launch/prepare_data.py", "--dataset=slake",
+                        f"--source_dir={slake}", f"--data_dir={out}", "--max_side=0",
+                        "--language=zh", "--splits=train,test"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert run.returncode == 0, run.stderr
+  summary = json.loads(run.stdout.strip().splitlines()[-1])
+  assert {s: v["examples"] for s, v in summary["splits"].items()} == {"train": 3, "test": 3}
+  assert sorted(ex["question"].decode() for ex in _rows(out, "slake", "test").values()) == [
+      "zh q1", "zh q2", "zh q4"]
+  assert builders.built_options(out, "slake")["reader_options"] == {"language": "zh"}
+
+
 def test_a_data_or_source_folder_that_is_a_file_is_named(tmp_path):
   """mkdir's FileExistsError (a traceback through every command that builds) and "does not
   exist" for a source folder that is a file."""

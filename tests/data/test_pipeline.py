@@ -227,24 +227,57 @@ def test_benchmark_command(built):
                         "--workers=0,x"], capture_output=True, text=True, timeout=300,
                        cwd=Path(__file__).resolve().parents[2])
   assert bad.returncode == 1 and "error: --workers=0,x: expected worker counts >= 0" in bad.stderr
+  # --split and --augmentation choose what is timed: a split the build lacks is refused (not
+  # the train split timed instead); the test augmentation is decoding and resizing alone.
+  bad = subprocess.run([sys.executable, "launch/benchmark_input.py", f"--data_dir={built}",
+                        "--split=validation"], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[2])
+  assert bad.returncode == 1 and bad.stderr.startswith(
+      "error: vqa_rad has no split 'validation'; it has ['test', 'train']"), bad.stderr[-2000:]
+  run = subprocess.run([sys.executable, "launch/benchmark_input.py", f"--data_dir={built}",
+                        "--split=test", "--augmentation=test", "--image_size=64",
+                        "--batch_size=4", "--batches=1", "--workers=0"],
+                       capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[2])
+  assert run.returncode == 0, run.stderr
+  out = json.loads(run.stdout.strip().splitlines()[-1])
+  assert (out["split"], out["augmentation"]) == ("test", "test")
+
+
+# Runs a launch script with its own timer (time.perf_counter, called from the script's file)
+# reading 0, 10, 20, ... seconds: each interval it times is 10 s. Other callers get the clock.
+_TEN_SECOND_TIMER = """
+import runpy, sys, time
+sys.argv = sys.argv[1:]
+clock, ticks = time.perf_counter, iter(range(0, 10**6, 10))
+time.perf_counter = lambda: (float(next(ticks)) if sys._getframe(1).f_code.co_filename
+                             .endswith(sys.argv[0]) else clock())
+sys.path.insert(0, "launch")
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def test_benchmark_command_times_the_pretraining_pipeline(tmp_path):
   """A caption corpus gives the pre-training batches (two augmented views per example), with
-  the pre-training augmentation unless told otherwise."""
+  the pre-training augmentation unless told otherwise. The rates are the images of the timed
+  batches (both views) over the seconds they took: in total, and per worker."""
   corpus = tmp_path / "corpus"
   corpus.mkdir()
   helpers.write_jsonl(corpus / "train.jsonl", helpers.sample_caption_rows())
-  run = subprocess.run([sys.executable, "launch/benchmark_input.py",
+  run = subprocess.run([sys.executable, "-c", _TEN_SECOND_TIMER, "launch/benchmark_input.py",
                         f"--data_dir={tmp_path / 'tfds'}", "--dataset=captions_jsonl",
                         f"--source_dir={corpus}", "--image_size=64",
-                        "--batch_size=4", "--batches=2", "--workers=0"],
+                        "--batch_size=4", "--batches=2", "--workers=0,2"],
                        capture_output=True, text=True, timeout=300,
                        cwd=Path(__file__).resolve().parents[2])
   assert run.returncode == 0, run.stderr
   out = json.loads(run.stdout.strip().splitlines()[-1])
   assert (out["dataset"], out["augmentation"], out["views"]) == ("captions_jsonl", "pretrain", 2)
-  assert out["results"][0]["images_per_s"] > 0
+  assert [(r["workers"], r["timed_batches"]) for r in out["results"]] == [(0, 2), (2, 8)]
+  for r, per_worker in zip(out["results"], (1, 2)):
+    rate = r["timed_batches"] * 4 * 2 / 10  # Batches x 4 examples x 2 views, in 10 s.
+    assert r["images_per_s"] == pytest.approx(rate, abs=0.05), out
+    assert r["images_per_s_per_worker"] == pytest.approx(rate / per_worker, abs=0.05), out
 
 
 def test_pretraining_views_carry_their_blur_for_the_device(source, tokenizer):

@@ -1,6 +1,7 @@
 """The soft-label teacher: its embeddings, the cache command, and the cache's checks."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,11 @@ def test_the_cache_command_embeds_the_built_dataset_as_training_reads_it(corpus,
   # The command reads a caption corpus (it said "this config runs pre-training" of any config).
   assert vqa.returncode != 0 and ("is a VQA dataset, but launch/cache_teacher.py reads a "
                                   "caption corpus") in vqa.stderr, vqa.stderr[-2000:]
+  # The split embedded is the config's training split (data.train_split): one the corpus
+  # lacks is refused (the train split was embedded instead).
+  other = _run_cache(tmp_path / "tfds", out, "--config.data.train_split=validation")
+  assert other.returncode == 1 and ("error: captions_jsonl has no split 'validation'; it has "
+                                    "['train']") in other.stderr, other.stderr[-2000:]
   assert not out.exists() and not list(tmp_path.glob(".cache.npz.tmp*"))
   # A folder as --out: refused before the embeddings are computed (it failed after them).
   folder = tmp_path / "a_folder"
@@ -99,6 +105,8 @@ def test_cache_command_and_checks(built, demo_config, tmp_path):
   assert run.returncode == 0, run.stderr
   summary = json.loads(run.stdout.strip().splitlines()[-1])
   assert summary["examples"] == 8 and summary["width"] == 32 and summary["logit_scale"] == 50
+  # In forward passes of --batch_size examples: the progress shows the first batch's 3.
+  assert re.search(r"teacher embeddings: [^\r\n]*\b3/8\b", run.stderr), run.stderr[-2000:]
 
   cache = teacher_lib.TeacherCache.load(out)
   teacher = teacher_lib.from_config(demo_config)

@@ -476,16 +476,33 @@ def test_predict_prints_ranked_answers_and_writes_the_picture(straight, tmp_path
 
   from medvqa_jax import ASSETS
   workdir, _ = straight
+  # A test question answers as eval.py answered it when the run ended (the step tested, the
+  # best on validation; its predictions.jsonl): the answer, and its score up to rounding
+  # (here float32; one question here, a batch on 8 devices there). The image is read as
+  # evaluation reads it (not augmented as in training).
+  tested = _metrics(workdir)["step"]
+  row = json.loads((workdir / "eval" / "test" / "predictions.jsonl").read_text().splitlines()[0])
+  (record,) = [r for r in json.loads((ASSETS / "vqa_rad_sample" / "testset.json").read_text())
+               if str(r["qid"]) == row["qid"]]
+  out = _run([sys.executable, str(ROOT / "launch" / "predict.py"), f"--checkpoint_dir={workdir}",
+              f"--image={ASSETS / 'vqa_rad_sample' / 'images' / record['image_name']}",
+              f"--question={row['question']}", "--out="], devices=1)
+  answered = json.loads(out.stdout)
+  best = answered["answers"][0]
+  assert (answered["step"], best["answer"]) == (tested, row["prediction"]), (out.stdout, row)
+  assert best["score"] == pytest.approx(row["score"], rel=1e-3), (out.stdout, row)
+  # A question longer than the model reads is answered, with a warning. --step picks the
+  # checkpoint (here the other one saved).
+  other = ({SAVE, STEPS} - {tested}).pop()
   png = tmp_path / "answer.png"
-  # A question longer than the model reads is answered, with a warning.
   out = _run([sys.executable, str(ROOT / "launch" / "predict.py"), f"--checkpoint_dir={workdir}",
               f"--image={ASSETS / 'vqa_rad_sample' / 'images' / 'synpic54610.jpg'}",
               "--question=" + " ".join(["is there a fracture"] * 10), "--top=3",
-              f"--out={png}"], devices=1)
+              f"--out={png}", f"--step={other}"], devices=1)
   assert ("warning: the question takes 42 word pieces (its start and end pieces included); the "
           "model reads 24: the question cut to its first 22") in out.stderr
   result = json.loads(out.stdout)  # One JSON document: "wrote ..." goes to stderr.
-  assert f"wrote {png}" in out.stderr
+  assert f"wrote {png}" in out.stderr and result["step"] == other
   scores = [a["score"] for a in result["answers"]]
   assert len(scores) == 3 and scores == sorted(scores, reverse=True)
   assert 0 < sum(scores) <= 1 + 1e-6  # Probabilities of distinct answers.
@@ -501,7 +518,8 @@ def test_predict_prints_ranked_answers_and_writes_the_picture(straight, tmp_path
   base = [sys.executable, str(ROOT / "launch" / "predict.py"), f"--checkpoint_dir={workdir}",
           f"--image={ASSETS / 'vqa_rad_sample' / 'images' / 'synpic54610.jpg'}", "--out="]
   empty = _run(base + ["--question=  ?"], devices=1, check=False)
-  assert empty.returncode != 0 and "--question '  ?' is empty" in empty.stderr
+  # In one line, as the commands report the errors of their input (not a traceback).
+  assert empty.returncode == 1 and empty.stderr.startswith("error: --question '  ?' is empty")
   # A picture that could not be written is refused before the model is restored; --top >= 1.
   base[-1] = f"--out={tmp_path / 'no-such-folder' / 'a.png'}"
   bad = _run(base + ["--question=is there a fracture?"], devices=1, check=False)
