@@ -511,7 +511,7 @@ def test_the_overrides_an_evaluation_does_not_read_are_named_with_why():
   pre-training run's validation reads its loss terms, teacher, seed, batch and workers.
   Checkpoint towers are built from the recorded architecture, a saved tokenizer copy wins."""
   fields = ["seed", "optim.lr", "train.batch_size", "train.eval_batch_size", "train.fsdp",
-            "train.fsdp_rules", "losses.weights", "teacher.mode", "data.workers", "data.dir",
+            "train.fsdp_rules", "train.fsdp_min_size", "losses.weights", "teacher.mode", "data.workers", "data.dir",
             "model.rank_k", "model.dropout", "model.num_answers", "model.image.checkpoint",
             "model.text.checkpoint", "model.text.tokenizer", "model.compute.attention"]
   saved = ConfigDict({"model": {"head": "generative", "image": {"source": "hf_clip"},
@@ -525,6 +525,11 @@ def test_the_overrides_an_evaluation_does_not_read_are_named_with_why():
   assert vqa_unused["model.image.checkpoint"] == ("the image tower is built from the "
                                                   "architecture the run recorded")
   assert "model.text.tokenizer" not in run_lib.unused_overrides(fields, saved, run, False)
+  # What an override changes is filed; one that sets a field to its value changes nothing.
+  saved.train = ConfigDict({"eval_batch_size": 32, "fsdp_min_size": 1024})
+  assert run_lib.with_overrides(saved, {"train.eval_batch_size": 32,
+                                        "train.fsdp_min_size": 4096})[1] == [
+      "train.fsdp_min_size 1024 -> 4096"]
   saved.model.head = "none"
   pretraining_unused = run_lib.unused_overrides(fields, saved, run, tokenizer_copy=False)
   assert set(pretraining_unused) == {"optim.lr", "train.eval_batch_size", "train.fsdp",
@@ -557,6 +562,9 @@ def test_an_eval_batch_of_none_is_refused_by_its_flag(tmp_path):
   ckpts.close()
   with pytest.raises(ValueError, match=r"--config.train.eval_batch_size=0: must be 1 or more"):
     run_lib.restore(tmp_path, overrides={"train.eval_batch_size": 0})
+  # A step the folder does not hold is named, with those it holds.
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 5 in .*; it has \[2\]$"):
+    run_lib.restore(tmp_path, step=5)
 
 
 def test_a_step_folder_and_another_step_are_refused(tmp_path):

@@ -441,6 +441,14 @@ def test_a_run_folder_without_checkpoints_is_named_as_such(tmp_path):
     ckpt_lib.resolve(tmp_path)
   (tmp_path / "checkpoints").mkdir()
   assert ckpt_lib.resolve(tmp_path) == (tmp_path / "checkpoints", None)
+  # A folder named by a number is a step's only if it holds one (a checkpoints folder kept
+  # as "2025", a run folder named "7").
+  (tmp_path / "2025").mkdir()
+  assert ckpt_lib.resolve(tmp_path / "2025") == (tmp_path / "2025", None)
+  (tmp_path / "7").mkdir()
+  (tmp_path / "7" / "metrics.jsonl").write_text("")
+  with pytest.raises(FileNotFoundError, match="7 has no checkpoints/ folder"):
+    ckpt_lib.resolve(tmp_path / "7")
   # Killed in its first save: the folder that save left is named.
   (tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp").mkdir()
   from medvqa_jax.evaluate import run as run_lib

@@ -232,6 +232,13 @@ def test_accumulation_weights_micro_batches_by_their_counted_examples():
   # All known labels in one micro-batch: the other, with none, adds nothing.
   labels = [3, -1, 5, -1, 10, -1, 2, -1]
   assert_same(step(labels, 2), step(labels, 1))
+  # No known label in the whole step: no update, a gradient norm of 0 (not 0 / 0, a NaN
+  # that the loop would stop as a diverged run).
+  metrics, update = step([-1] * 8, 2)
+  assert metrics["grad_norm"] == 0 and all(not np.any(u) for u in jax.tree.leaves(update))
+  # Micro-batch i holds rows i, i + 2, ... (each device keeps its rows: none move).
+  rows = step_lib.micro_batches({"row": np.arange(8)}, 2)["row"]
+  np.testing.assert_array_equal(rows, [[0, 2, 4, 6], [1, 3, 5, 7]])
 
 
 def test_the_generative_objective_counts_the_answers_it_trains_on():
