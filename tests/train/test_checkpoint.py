@@ -358,6 +358,9 @@ def test_a_frozen_tower_is_warned_of_unless_init_from_filled_it_whole(caplog):
   assert warned({"image/a", "image/b"}) == []  # The text tower trains: not warned of.
   config.model.image.source = "hf_clip"  # Read from a tower checkpoint.
   assert warned(set()) == []
+  config.model.image.source = "init"
+  config.optim.lr_mults = ((r"image/a", 0.0),)  # Part of it frozen, the rest trains.
+  assert warned(set()) == []
 
 
 def test_a_resume_on_another_device_count_is_noted():

@@ -283,6 +283,11 @@ def test_questions_the_model_reads_cut_are_counted():
   assert note.startswith("warning: 1 of the 3 questions (train 2, val 0, test 1) are longer than "
                          "model.text.max_len=12 word pieces and are read cut (e.g. 'does this")
   assert loop.cut_questions_note(splits, tok, 30) is None
+  # A question of exactly max_len pieces is read whole; one more and it is cut.
+  short = {"train": types.SimpleNamespace(name="train", records=records("is there a fracture?"))}
+  (row,) = loop.question_pieces(short, tok)[1]
+  assert loop.cut_questions_note(short, tok, len(row)) is None
+  assert loop.cut_questions_note(short, tok, len(row) - 1).startswith("warning: 1 of the 1")
 
 
 def test_text_the_tokenizer_does_not_cover_is_warned_of():
