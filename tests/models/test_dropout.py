@@ -134,6 +134,18 @@ def test_bert_dropout_is_on_only_with_a_key(compute):
   assert np.max(np.abs(a - run())) > 1e-2 and np.max(np.abs(a - b)) > 1e-2
 
 
+def _drawn_masks(monkeypatch) -> list:
+  """The keep masks the dropout layers draw, in the order drawn (filled as they run)."""
+  masks, keep_mask = [], layers.keep_mask
+
+  def spy(key, rate, shape):
+    keep, prob = keep_mask(key, rate, shape)
+    jax.debug.callback(lambda m: masks.append(np.asarray(m)), keep)
+    return keep, prob
+  monkeypatch.setattr(layers, "keep_mask", spy)
+  return masks
+
+
 @pytest.mark.parametrize("compute", [layers.Compute(), layers.Compute(scan=True),
                                      layers.Compute(remat="full")], ids=["plain", "scan", "remat"])
 def test_bert_draws_a_mask_of_its_own_after_the_embeddings_and_in_each_layer(compute,
@@ -141,14 +153,7 @@ def test_bert_draws_a_mask_of_its_own_after_the_embeddings_and_in_each_layer(com
   """HF's hidden dropout: after the embeddings' LayerNorm and after each layer's attention
   and MLP, 1 + 2 x depth masks, each its own draw (a scanned or rematerialised stack drew
   the same ones in every layer), each at the rate."""
-  masks = []
-  keep_mask = layers.keep_mask
-
-  def spy(key, rate, shape):
-    keep, prob = keep_mask(key, rate, shape)
-    jax.debug.callback(lambda m: masks.append(np.asarray(m)), keep)
-    return keep, prob
-  monkeypatch.setattr(layers, "keep_mask", spy)
+  masks = _drawn_masks(monkeypatch)
   rng = np.random.default_rng(0)
   ids = rng.integers(5, 100, (4, 16))
   mask = np.ones((4, 16), np.int32)
@@ -178,14 +183,7 @@ def test_the_fusion_draws_a_mask_after_each_sublayer_of_each_stream(compute, mon
   cross-attention and the MLP of each stream's layer, each mask its own draw; none without a
   key, where it computes what a fusion without dropout does."""
   from medvqa_jax.models.fusion import CoAttentionFusion
-  masks = []
-  keep_mask = layers.keep_mask
-
-  def spy(key, rate, shape):
-    keep, prob = keep_mask(key, rate, shape)
-    jax.debug.callback(lambda m: masks.append(np.asarray(m)), keep)
-    return keep, prob
-  monkeypatch.setattr(layers, "keep_mask", spy)
+  masks = _drawn_masks(monkeypatch)
   rng = np.random.default_rng(0)
   text, image = rng.normal(size=(2, 8, 32)), rng.normal(size=(2, 10, 32))
   text_mask = (np.arange(8)[None] < np.array([[8], [5]])).astype(np.int32)
