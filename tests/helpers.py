@@ -112,6 +112,16 @@ def tiny_config():
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def benchmark_script(name: str):
+  """benchmarks/<name>.py loaded as a module (its main() and helpers, called in-process)."""
+  import importlib.util
+  path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def shared_data() -> Path:
   """../shared/data, the real datasets (CI has them at the same path). Tests that read them
   fail, rather than skip, where the folder is missing: a skipped test would count as passing."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import flax
 import jax
 
+import helpers
 from medvqa_jax import ASSETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # fine-tuning and stage-1 steps); the others follow in the next.
 STEPS = ["check", "finetune", "stage1", "towers", "tune", "kernels", "real_slake",
          "real_vqa_rad", "input", "towers_more"]
+
+
+def _documented_workers() -> str:
+  """The input workers gpu_session.sh gives its fine-tunes by default, as its --help says."""
+  return re.search(r"WORKERS \((\d+)\)", _session(["--help"]).stdout).group(1)
 
 
 def _session(args, **env):
@@ -57,7 +63,7 @@ def test_the_plan_lists_every_step_in_order_and_runs_nothing(tmp_path):
       step = by_step.setdefault(m.group(1), [])
     elif line.startswith("+ "):
       step.append(line)
-  workers = re.search(r"WORKERS \((\d+)\)", _session(["--help"]).stdout).group(1)
+  workers = _documented_workers()
   for dataset in ("slake", "vqa_rad"):
     assert by_step[f"real_{dataset}"] == [
         f"+ env RESULTS={tmp_path / 'out'}/real_data.jsonl WORKERS={workers} "
@@ -148,10 +154,7 @@ def test_the_packs_archive_is_unpacked_and_read_by_the_slake_fine_tune(tmp_path)
   capped upload beside the wheels) is unpacked into the pack before any step, and the
   fine-tune reads the data and the checkpoint from there. A stand-in for python plays
   train.py and records its arguments."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("pack", ROOT / "benchmarks" / "pack.py")
-  pack_module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(pack_module)
+  pack_module = helpers.benchmark_script("pack")
   src, pack = tmp_path / "src", tmp_path / "pack"
   files = {"minilm/config.json": '{"model_type": "bert"}',
            "data/slake/Slake1.0/train.json": "[]", "data/vqa_rad/trainset.json": "[]"}
@@ -197,7 +200,7 @@ esac
   assert f"--config.model.text.checkpoint={pack}/minilm" in args
   # With the session's input workers, as its header documents them (real_data.sh's own
   # default is another).
-  workers = re.search(r"WORKERS \((\d+)\)", _session(["--help"]).stdout).group(1)
+  workers = _documented_workers()
   assert f"--config.data.workers={workers}" in args
   log = (tmp_path / "out" / "session.log").read_text()
   assert f"+ unpack {pack}/minilm_slake.tar.xz into {pack}" in log

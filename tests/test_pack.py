@@ -1,7 +1,6 @@
 """benchmarks/pack.py: the compact copy of the real data and the float16 MiniLM checkpoint
 that the real-data fine-tunes read on a machine without ../shared/data."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,13 +13,6 @@ import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-
-
-def _pack_module():
-  spec = importlib.util.spec_from_file_location("pack", ROOT / "benchmarks" / "pack.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def test_pack_copies_the_questions_and_shrinks_the_images(tmp_path):
@@ -95,7 +87,7 @@ def test_the_default_side_a_zero_side_and_a_half_pack_left_behind(tmp_path, caps
   for name, size in images.items():
     (data / name).parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, (120, 60, 30)).save(data / name, quality=95)
-  module = _pack_module()
+  module = helpers.benchmark_script("pack")
   (side,) = re.findall(r"\[--max_side=(\d+)\]", module.__doc__)
   stale = tmp_path / "pack.partial" / "data" / "vqa_rad" / "images" / "from_a_killed_run.jpg"
   stale.parent.mkdir(parents=True)
@@ -119,7 +111,7 @@ def test_the_default_side_a_zero_side_and_a_half_pack_left_behind(tmp_path, caps
 def test_float16_minilm_loads_and_embeds_like_the_original(tmp_path, minilm_dir):
   from medvqa_jax.data.tokenizer import Tokenizer
   from medvqa_jax.models import towers
-  _pack_module().pack_minilm(minilm_dir, tmp_path / "minilm")
+  helpers.benchmark_script("pack").pack_minilm(minilm_dir, tmp_path / "minilm")
   from safetensors.numpy import load_file
   weights = load_file(str(tmp_path / "minilm" / "model.safetensors"))
   assert {v.dtype for v in weights.values() if v.dtype.kind == "f"} == {np.dtype(np.float16)}

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import helpers
 from medvqa_jax.train import trace
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -425,11 +426,7 @@ def test_the_command_refuses_a_depth_or_top_out_of_range(tmp_path, capsys):
   """--depth=0 put the named ops under one blank scope, --depth=-1 cut every scope short of
   its last part, --top=-2 listed no ops: each printed tables without a word. A usage error
   now (exit status 2, as argparse's), naming the flag; --top=0 (no op table) is allowed."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "trace_summary", ROOT / "benchmarks" / "trace_summary.py")
-  command = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(command)
+  command = helpers.benchmark_script("trace_summary")
   path = _gpu_trace(tmp_path / "t.json.gz")
   for bad in ("--depth=0", "--depth=-1", "--top=-2"):
     with pytest.raises(SystemExit) as exit_:
