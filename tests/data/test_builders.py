@@ -142,6 +142,7 @@ def test_pathvqa_pkl_and_parquet_round_trip(tmp_path):
     rows = [dict(image=f"{split}_{i}", question=f"{split} q{i}?",
                  answer=["fat", "No", "no"][i], question_type=["what", "is", "does"][i])
             for i in range(3)]
+    rows[2]["answer_type"] = "open"  # A record's own field is kept over the yes/no rule.
     for i in range(3):
       _jpeg(pkl / "images" / split / f"{split}_{i}.jpg", i)
     with open(pkl / "qas" / split / f"{split}_qa.pkl", "wb") as f:
@@ -151,7 +152,7 @@ def test_pathvqa_pkl_and_parquet_round_trip(tmp_path):
   assert len(val) == 3 and sorted(_text(e["question"]) for e in val.values()) == \
       ["val q0?", "val q1?", "val q2?"]
   summary = builders.summary(tmp_path / "out1", "pathvqa")
-  assert summary["splits"]["train"]["answer_type"] == {"CLOSED": 2, "OPEN": 1}
+  assert summary["splits"]["train"]["answer_type"] == {"CLOSED": 1, "OPEN": 2}
   assert sorted(_text(e["question_type"]) for e in val.values()) == ["does", "is", "what"]
   # Question ids are unique across the splits (each split numbers its questions from 0).
   ids = [k for split in ("train", "validation", "test")
@@ -842,9 +843,14 @@ def test_pathvqa_json_export_named_after_the_hugging_face_splits(tmp_path):
              "answer": "yes"} for i in range(2)]
     (src / "images" / split).mkdir(parents=True)
     (src / f"{split}.json").write_text(json.dumps(rows))
+  # A record's own answer_type, where the export carries one, is kept over the yes/no rule.
+  rows = json.loads((src / "test.json").read_text())
+  rows[1]["answer_type"] = "open "
+  (src / "test.json").write_text(json.dumps(rows))
   out = sources.pathvqa(src)
   assert {s: len(v) for s, v in out.items()} == {"train": 2, "validation": 2, "test": 2}
   assert out["validation"][0]["question"] == "validation q0?"
+  assert [r["answer_type"] for r in out["test"]] == ["CLOSED", "OPEN"]
   (src / "val.json").write_text("[]")
   with pytest.raises(ValueError, match="val.json and validation.json are both the validation "
                      "split; keep one"):

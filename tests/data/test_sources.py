@@ -141,3 +141,14 @@ def test_vqa_med_pairs_in_no_category_file_are_warned_of(tmp_path, caplog):
   assert ("1 of the validation questions in All_QA_Pairs_val.txt are in none of the category "
           "files of") in caplog.text
   assert "All_QA_Pairs_val.txt line 101): their category is left empty" in caplog.text
+
+
+def test_vqa_med_test_categories_are_read_in_lower_case(tmp_path):
+  """The test file's category column is the protocol's per-category key: "Modality" and
+  " plane " are the categories the training files' names give ("modality", "plane")."""
+  folder = tmp_path / sources._VQAMED_TEST[0]
+  folder.mkdir()
+  (folder / sources._VQAMED_TEST[1]).write_text("synpic1|Modality|what modality?|ct\n"
+                                                "synpic2| Plane |which plane?|axial\n")
+  test = sources.vqa_med_2019(tmp_path)["test"]
+  assert [r["question_type"] for r in test] == ["modality", "plane"]

@@ -321,6 +321,13 @@ def test_init_from_names_what_it_leaves_initial_and_warns_of_a_part_taken_in_par
   assert taken == {"image/block_0/kernel"}
   assert "; in it but not in this model: fusion/layer_0 (1)\n" in out
   assert not warned  # The model has no fusion at all: nothing of it was taken in part.
+  # Arrays of the run that train.init_params leaves out are not among those it does not take.
+  config.train.init_params = "image/.*"
+  got, taken, out, warned = take({"image": params(1, False)["image"]})
+  assert taken == {"image/block_0/kernel"}
+  assert "initialised 1 of 1 parameter arrays ('image/.*') from " in out
+  assert "not in this model" not in out and not warned
+  config.train.init_params = ".*"
   # Text parameters from a checkpoints folder without the run's tokenizer copy beside it (a
   # copied folder): their vocabulary cannot be checked, which is said.
   ckpts = ckpt_lib.Checkpoints(tmp_path / "copy")

@@ -228,3 +228,21 @@ def test_resuming_refuses_a_run_whose_data_changed(corpus, tmp_path):
   same.optim.total_steps = 3
   assert loop.train(same) == {}
   assert [r["step"] for r in _losses(workdir) if "loss" in r] == [1, 2, 3]
+
+
+def test_the_recorded_teacher_is_the_runs_whatever_its_mode_or_cache_file():
+  """A run trained with the online teacher and resumed from a cache (or the cache moved) has
+  the same teacher: the fingerprint it recorded stands. Another teacher field does not."""
+  import json
+
+  import ml_collections
+  teacher = dict(image="tiny", text="tiny", mode="online", cache=None, logit_scale=50.0)
+  run = {"teacher": "abc123", "config": json.dumps({"teacher": teacher})}
+  config = ml_collections.ConfigDict({"teacher": {**teacher, "mode": "cache",
+                                                  "cache": "/elsewhere/cache.npz"}})
+  assert loop.recorded_teacher(config, run) == "abc123"
+  config.teacher.logit_scale = 60.0
+  assert loop.recorded_teacher(config, run) is None
+  config.teacher.logit_scale = 50.0
+  assert loop.recorded_teacher(config, {**run, "teacher": None}) is None  # Older records.
+  assert loop.recorded_teacher(config, None) is None

@@ -324,12 +324,14 @@ def test_a_resumed_run_says_which_changed_fields_it_keeps_from_its_record(text_c
   config.model.text.arch.depth = 1
   config.model.text.tokenizer = "/other/vocab"
   config.model.text.max_len = 24
+  config.model.text.unused = ("pooler.*",)
   config.model.image.arch.depth = 3
   config.train.keep = 5
   taken, kept = loop.config_changes(saved, config, saved_tokenizer=True)
   assert kept == ["model.text.arch.depth None -> 1",
                   f"model.text.checkpoint {str(text_checkpoint)!r} -> '/moved/bert'",
-                  "model.text.tokenizer None -> '/other/vocab'"]
+                  "model.text.tokenizer None -> '/other/vocab'",
+                  "model.text.unused [] -> ['pooler.*']"]
   assert [line.split()[0] for line in taken] == [
       "model.image.arch.depth", "model.text.max_len", "train.keep"]
   # A run from before tokenizer copies were saved reads the tokenizer the config names.
@@ -477,6 +479,10 @@ def test_a_resume_under_another_length_says_what_becomes_of_the_learning_rate():
                                                   "warmup_fraction": 0.4}}), config.optim, 10)
   assert note.endswith("the warm-up is not restarted, but the new one lasts to step 40: the "
                        "rate ramps on to 0.001 until then")
+  # Resumed exactly where the new warm-up ends, the rate is at its peak: nothing ramps.
+  note = loop.schedule_note(json.dumps({"optim": {"total_steps": 10, "lr": 1e-3,
+                                                  "warmup_fraction": 0.4}}), config.optim, 40)
+  assert "goes on at 0.001 (" in note and note.endswith(", with no new warm-up")
 
 
 def test_the_best_step_is_tested_and_a_resumed_run_goes_on_from_its_latest(tmp_path,
