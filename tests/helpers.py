@@ -109,6 +109,20 @@ def tiny_config():
   return config
 
 
+def demo_part(folder: Path, train: int = 600, test: int = 90) -> Path:
+  """The first `train` and `test` questions of the bundled VQA-RAD copy (the demo's data,
+  3,064 and 451), written to `folder` as a source folder (data.source_dir; its images linked,
+  not copied). The training-loop tests run the demo's code paths on it: each of their runs
+  answered the 451 test questions, re-ranking up to 37 candidates each, which dominated."""
+  from medvqa_jax import ASSETS
+  source = ASSETS / "vqa_rad_sample"
+  folder.mkdir(parents=True, exist_ok=True)
+  for name, n in (("trainset.json", train), ("testset.json", test)):
+    (folder / name).write_text(json.dumps(json.loads((source / name).read_text())[:n]))
+  (folder / "images").symlink_to(source / "images", target_is_directory=True)
+  return folder
+
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

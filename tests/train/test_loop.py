@@ -1,5 +1,5 @@
-"""The main job end to end, as a user runs it: launch/train.py on the demo config (shortened)
-on 8 fake CPU devices; resume after SIGKILL; eval.py onto 1 device; NaN stop; two processes
+"""The main job end to end, as a user runs it: launch/train.py on the demo config (shortened,
+on a part of its data: `helpers.demo_part`) on 8 fake CPU devices; resume after SIGKILL; eval.py onto 1 device; NaN stop; two processes
 x 2 devices with jax.distributed (the same global batch, split over 4 devices of 2 hosts).
 Each run is a subprocess (device counts are per process)."""
 
@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,11 @@ def _env(devices: int) -> dict:
   return env
 
 
-def _train_cmd(workdir, data_dir, *extra, steps=STEPS, log_every=4) -> list[str]:
+def _train_cmd(workdir, data, *extra, steps=STEPS, log_every=4) -> list[str]:
+  """The demo's command, shortened; `data` holds the source (`source`) and the build."""
   return [sys.executable, str(ROOT / "launch" / "train.py"), "--config=configs/demo.py",
-          f"--config.train.workdir={workdir}", f"--config.data.dir={data_dir}",
+          f"--config.train.workdir={workdir}", f"--config.data.dir={data / 'tfds'}",
+          f"--config.data.source_dir={data / 'source'}",
           "--config.train.epochs=0", f"--config.optim.total_steps={steps}",
           f"--config.train.save_every={SAVE}", f"--config.train.eval_every={SAVE}",
           "--config.train.batch_size=16", f"--config.train.log_every={log_every}",
@@ -45,8 +48,7 @@ def _train_cmd(workdir, data_dir, *extra, steps=STEPS, log_every=4) -> list[str]
           # also reproduce its random draws.
           "--config.model.dropout=0.1",
           # Shorter answers, fewer re-ranked candidates and a shorter answer prior (cut, with a
-          # warning): the same code paths at a third less time (each run answers 451 test and
-          # 99 validation questions; re-ranking dominated).
+          # warning): the same code paths at a third less time (re-ranking dominated).
           "--config.model.answer_max_len=8", "--config.model.rank_k=4",
           "--config.model.prior_max_tokens=128", *extra]
 
@@ -77,7 +79,14 @@ def _metrics(workdir) -> dict:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
+  """The demo data's part the runs read (`source`), and the folder they build it in."""
+  data = tmp_path_factory.mktemp("data")
+  helpers.demo_part(data / "source")
+  return data
+
+
+def _test_records(data) -> list:
+  return json.loads((data / "source" / "testset.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -101,23 +110,27 @@ def _event_scalars(path: Path) -> dict:
   return tags
 
 
-def test_demo_runs_end_to_end(straight):
+def test_demo_runs_end_to_end(straight, data_dir):
   workdir, out = straight
+  records = _test_records(data_dir)
+  n = len(records)
+  types = Counter(r["answer_type"] for r in records)
   # The README's main command prints the metrics next to the majority baseline.
   assert "majority" in out.stdout and "overall" in out.stdout
   summary = json.loads(out.stdout.strip().splitlines()[-1])
   m = json.loads((workdir / "eval" / "test" / "metrics.json").read_text())
   assert summary["overall"] == m["overall"]
-  assert m["questions"] == 451 and m["split"] == "test"
+  assert m["questions"] == n and m["split"] == "test"
   assert m["protocol"].startswith("open-set")
-  assert m["by_answer_type"]["CLOSED"]["questions"] == 272
-  assert m["by_answer_type"]["OPEN"]["questions"] == 179
-  assert m["by_yes_no"]["closed"]["questions"] + m["by_yes_no"]["open"]["questions"] == 451
-  assert sum(v["questions"] for v in m["by_question_type"].values()) == 451
+  assert types.keys() == {"CLOSED", "OPEN"}
+  for kind, count in types.items():
+    assert m["by_answer_type"][kind]["questions"] == count
+  assert m["by_yes_no"]["closed"]["questions"] + m["by_yes_no"]["open"]["questions"] == n
+  assert sum(v["questions"] for v in m["by_question_type"].values()) == n
   assert m["majority_baseline"]["answer"] in ("no", "yes")
   # Answering a split reports progress: at least its end, for validation and test.
   assert re.search(r"validation at step \d+: \d+/\d+", out.stderr)
-  assert f"test (step {m['step']}): 451/451" in out.stderr
+  assert f"test (step {m['step']}): {n}/{n}" in out.stderr
   # The records name the device count (a resume on another one is noted).
   from medvqa_jax.train.checkpoint import Checkpoints
   ckpts = Checkpoints(workdir / "checkpoints", read_only=True)
@@ -130,9 +143,10 @@ def test_demo_runs_end_to_end(straight):
           f"{chosen:.4f}) of the saved steps [") in out.stdout
   rows = [json.loads(line) for line in
           (workdir / "eval" / "test" / "predictions.jsonl").read_text().splitlines()]
-  assert len(rows) == 451 and all(0 < r["score"] <= 1 for r in rows)
+  assert sorted(r["qid"] for r in rows) == sorted(str(r["qid"]) for r in records)
+  assert all(0 < r["score"] <= 1 for r in rows)
   assert {"qid", "question", "answer", "prediction", "score", "protocol"} <= set(rows[0])
-  assert sum(r["correct"] for r in rows) / 451 == pytest.approx(m["overall"])
+  assert sum(r["correct"] for r in rows) / n == pytest.approx(m["overall"])
   # Every step logged as JSON, validation at each save, TensorBoard scalars.
   lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   train_steps = [r["step"] for r in lines if "loss" in r]
@@ -303,7 +317,8 @@ def test_sigterm_saves_the_step_reached_and_stops_cleanly(tmp_path, data_dir):
 
 
 def test_eval_restores_an_8_device_checkpoint_on_two_processes_and_on_1_device(straight,
-                                                                               tmp_path):
+                                                                               tmp_path,
+                                                                               data_dir):
   workdir, _ = straight
   saved = _metrics(workdir)
   # Two processes (one device each) join, answer their shares, and process 0 prints and
@@ -334,7 +349,8 @@ def test_eval_restores_an_8_device_checkpoint_on_two_processes_and_on_1_device(s
   closed = workdir / "eval" / f"test-step{saved['step']}-closed-set"
   m = json.loads((closed / "metrics.json").read_text())
   from medvqa_jax.data import splits as splits_lib
-  assert m["protocol"] == splits_lib.CLOSED_CANDIDATES and m["questions"] == 451
+  assert m["protocol"] == splits_lib.CLOSED_CANDIDATES
+  assert m["questions"] == len(_test_records(data_dir))
   rows = (closed / "predictions.jsonl").read_text().splitlines()
   assert all(json.loads(r)["protocol"] == m["protocol"] for r in rows)
 

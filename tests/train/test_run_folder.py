@@ -45,8 +45,9 @@ def _config(text_checkpoint, tmp_path):
   config = helpers.tiny_config()
   config.model.text = tower("bert", "hf_bert", dict(pooler="cls"),
                             checkpoint=str(text_checkpoint), max_len=30)
-  config.model.answer_max_len = 8  # Re-ranking 451 test answers at 32 pieces: 5x the time.
-  config.data.update(dir=str(tmp_path / "data"), val_fraction=0.03)
+  config.model.answer_max_len = 8  # Re-ranking at 32 pieces: 5x the time.
+  config.data.update(dir=str(tmp_path / "data"), val_fraction=0.03,
+                     source_dir=str(helpers.demo_part(tmp_path / "source")))
   config.optim.total_steps = 2
   config.train.update(workdir=str(tmp_path / "run"), epochs=0, batch_size=16, save_every=2,
                       eval_every=2, tensorboard=False)
@@ -494,7 +495,8 @@ def test_the_best_step_is_tested_and_a_resumed_run_goes_on_from_its_latest(tmp_p
   from medvqa_jax.evaluate import vqa as vqa_eval
   config = helpers.tiny_config()
   config.model.answer_max_len = 8
-  config.data.update(dir=str(tmp_path / "data"), val_fraction=0.03)
+  config.data.update(dir=str(tmp_path / "data"), val_fraction=0.03,
+                     source_dir=str(helpers.demo_part(tmp_path / "source")))
   config.optim.total_steps = 5
   workdir = tmp_path / "run"
   config.train.update(workdir=str(workdir), epochs=0, batch_size=16, save_every=2,
