@@ -310,11 +310,11 @@ def head_dims(model: AMiF) -> list[int]:
   return sorted(dims)
 
 
-def _decoder(config, text_module):
+def _decoder(config, text_module, seed: int):
   """The generative head's decoder: the text tower's BERT, causal, with cross-attention from
   `decoder.cross_from` on (default: the second half of its layers) and the masked-LM head,
   initialised from the text checkpoint (the parts the checkpoint lacks are initialised
-  fresh). It computes in model.dtype, as the other parts above the towers do (it took the
+  fresh, from `seed`: the run's seed, as the rest of the model). It computes in model.dtype, as the other parts above the towers do (it took the
   text tower's dtype)."""
   cfg = config.model.text
   if not isinstance(text_module, BertEncoder):
@@ -341,7 +341,7 @@ def _decoder(config, text_module):
   arch.update(changes, compute=text_module.compute, dropout=text_module.dropout)
   # The checkpoint keys the text tower leaves unused (`unused`) are the decoder's to leave too.
   module, params = towers.load("text", cfg.source, cfg.checkpoint, dtype=dtype,
-                               unused=tuple(cfg.get("unused", ())), **arch)
+                               unused=tuple(cfg.get("unused", ())), seed=seed, **arch)
   return module, params
 
 
@@ -371,7 +371,7 @@ def initializer(config, seed: int = 0):
       text = text.clone(dropout=mc.get("dropout", 0.0))
     decoder = decoder_params = None
     if mc.head == "generative":
-      decoder, decoder_params = _decoder(config, text)
+      decoder, decoder_params = _decoder(config, text, seed)
   model = AMiF(image=image, text=text, decoder=decoder, width=mc.fusion.width,
                fusion_layers=mc.fusion.layers, num_heads=mc.fusion.heads,
                mlp_dim=mc.fusion.mlp_dim, head=mc.head, num_answers=mc.get("num_answers") or 0,

@@ -317,6 +317,14 @@ def test_decoder_is_initialised_from_the_text_checkpoint(config, hf_bert_pretrai
   np.testing.assert_array_equal(dec["lm_bias"], state["cls.predictions.bias"])
   assert "cross_attn" in dec["layer_2"] and "cross_attn" not in dec["layer_1"]
   assert model.decoder.causal and model.decoder.lm_head
+  # Its fresh parts are drawn from the run's seed (they were from seed 0 whatever the seed:
+  # a seed sweep shared them); the checkpoint's parts are the checkpoint's whatever the seed.
+  _, other = amif.create(cfg, seed=1, abstract=False)
+  fresh_kernel = lambda p: p["decoder"]["layer_2"]["cross_attn"]["query"]["kernel"]
+  assert not np.array_equal(fresh_kernel(other), fresh_kernel(params))
+  np.testing.assert_array_equal(fresh_kernel(amif.create(cfg, seed=0)[1]), fresh_kernel(params))
+  np.testing.assert_array_equal(other["decoder"]["layer_2"]["mlp"]["fc1"]["kernel"],
+                                dec["layer_2"]["mlp"]["fc1"]["kernel"])
   # It computes in model.dtype, the other parts above the towers' (the text tower's own
   # dtype was taken); so does a decoder made fresh (a text tower of source "init").
   fresh = config.copy_and_resolve_references()
