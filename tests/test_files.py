@@ -40,6 +40,24 @@ def test_the_temporary_files_of_writers_no_longer_running_are_removed(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
 
 
+def test_another_users_running_writer_keeps_its_temporary_file(tmp_path, monkeypatch):
+  """A process of another user cannot be signalled (os.kill says PermissionError), but it is
+  running: its write in progress to a shared folder is left alone; a dead writer's is
+  removed."""
+  other, dead, host = _dead_pid(), _dead_pid(), socket.gethostname()
+  kill = os.kill
+
+  def as_another_users(pid, signal):
+    if pid == other:
+      raise PermissionError(1, "Operation not permitted")
+    return kill(pid, signal)
+  monkeypatch.setattr(os, "kill", as_another_users)
+  for pid in (other, dead):
+    (tmp_path / f".cache.npz.tmp-{host}-{pid}").write_bytes(b"x")
+  files.temporary(tmp_path / "cache.npz")
+  assert [p.name for p in tmp_path.iterdir()] == [f".cache.npz.tmp-{host}-{other}"]
+
+
 def test_metrics_are_never_left_beside_another_evaluations_predictions(tmp_path, monkeypatch):
   """A run extended and evaluated again, killed between the two renames, left step 6's
   metrics.json beside step 9's predictions.jsonl."""

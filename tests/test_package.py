@@ -149,8 +149,12 @@ def test_train_names_the_missing_setting(tmp_path):
 
 
 def test_eval_and_predict_say_what_is_missing(tmp_path):
+  """A missing checkpoint (a FileNotFoundError of the project's own, as a bad config value's
+  ValueError) is reported as its message and where it was raised, exit status 1, without a
+  traceback."""
   out = _run("launch/eval.py", f"--checkpoint_dir={tmp_path / 'nothing'}")
-  assert out.returncode != 0 and "no checkpoint" in out.stderr
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+  assert out.stderr.startswith(f"error: no checkpoint at {tmp_path / 'nothing'}\n(raised at ")
   # An --out that is a file: refused before restoring (a FileExistsError after evaluating).
   (tmp_path / "notes.txt").write_text("mine")
   out = _run("launch/eval.py", f"--checkpoint_dir={tmp_path / 'nothing'}",
@@ -166,7 +170,9 @@ def test_eval_and_predict_say_what_is_missing(tmp_path):
   image = sorted((ASSETS / "demo" / "images").iterdir())[0]
   out = _run("launch/predict.py", f"--checkpoint_dir={tmp_path}", f"--image={image}",
              "--question=q")
-  assert out.returncode != 0 and "no complete checkpoint" in out.stderr
+  # A folder without checkpoints, the same error as eval.py's (evaluate.run.restore).
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+  assert out.stderr.startswith(f"error: no complete checkpoint in {tmp_path}\n(raised at ")
 
 
 def test_readme_example_runs(hf_clip, minilm_dir):
@@ -299,6 +305,78 @@ class TestConfigs:
     assert config.model.image.arch.image_size == 288 and config.model.text.max_len == 30
     assert config.data.val_split == ("" if name == "vqa_rad" else "validation")
     assert config.data.dir is None and config.train.workdir is None  # The user names them.
+
+  # (config, argument, field, value, where the value is stated). A researcher reads these
+  # values in DESIGN.md (../shared/DESIGN.md), README.md or the config's own docstring or
+  # comment; a config that drifted from them would run another experiment, silently.
+  STATED = [
+      # DESIGN.md "Model" 4: 6 two-stream co-attention layers, BERT style on the 768-d
+      # projections (3: Linear(768,768)): BERT-base's 12 heads and 3072-wide FFN.
+      ("base", None, "model.fusion", dict(layers=6, width=768, heads=12, mlp_dim=3072)),
+      # DESIGN.md "Pre-training objectives": itgc, imvc, utgc; wpa weight 3; itm; lambda 0.01.
+      ("base", None, "losses.weights", dict(itgc=1.0, imvc=1.0, utgc=1.0, wpa=3.0, itm=1.0)),
+      ("base", None, "losses.lam", 0.01),
+      # DESIGN.md "Model" 6: top-k=32 candidates re-scored by full likelihood.
+      ("base", None, "model.rank_k", 32),
+      # base.py's comment: hard-label InfoNCE smoothed as the reference does (towers_only's
+      # plain CLIP step sets 0.0, "not the reference's").
+      ("base", None, "losses.label_smoothing", 0.1),
+      # README.md: VQA-RAD validates on "a seeded 10% of the training images".
+      ("base", None, "data.val_fraction", 0.1),
+      # DESIGN.md "Stages" / the config's docstring: stage 0 trains the global losses only,
+      # fusion is not run (no wpa, no itm); stage 1 adds OT (weight 3) and ITM.
+      ("pretrain_stage0", None, "losses.weights",
+       dict(itgc=1.0, imvc=1.0, utgc=1.0, wpa=0.0, itm=0.0)),
+      ("pretrain_stage1", None, "losses.weights",
+       dict(itgc=1.0, imvc=1.0, utgc=1.0, wpa=3.0, itm=1.0)),
+      # README.md's configs table: 50 / 30 / 20 / 20 epochs.
+      ("vqa_rad", None, "train.epochs", 50),
+      ("slake", None, "train.epochs", 30),
+      ("pathvqa", None, "train.epochs", 20),
+      ("vqa_med_2019", None, "train.epochs", 20),
+      # README.md: 16,384 and 8,192 word pieces in the PathVQA and VQA-Med-2019 configs.
+      ("pathvqa", None, "model.prior_max_tokens", 16384),
+      ("vqa_med_2019", None, "model.prior_max_tokens", 8192),
+      ("vqa_rad", None, "model.prior_max_tokens", 1024),
+      # base.py's optim comment: the 40% warm-up is "4,000 of its 10,000 steps"; README.md's
+      # configs table: global batch 256, validated on a held-out 2% of the corpus.
+      ("pretrain_stage0", None, "optim.total_steps", 10000),
+      ("pretrain_stage1", None, "optim.total_steps", 10000),
+      ("pretrain_stage0", None, "train.batch_size", 256),
+      ("pretrain_stage1", None, "train.batch_size", 256),
+      ("pretrain_stage0", None, "data.val_fraction", 0.02),
+      ("pretrain_stage1", None, "data.val_fraction", 0.02),
+      # README.md's configs table and finetune.py / pretrain_common.py's docstrings: bf16
+      # compute for the towers and everything above them (configs/towers/common.py bf16).
+      ("vqa_rad", None, "model.image.dtype", "bfloat16"),
+      ("vqa_rad", None, "model.text.dtype", "bfloat16"),
+      ("vqa_rad", None, "model.dtype", "bfloat16"),
+      ("pretrain_stage0", None, "model.image.dtype", "bfloat16"),
+      ("pretrain_stage0", None, "model.text.dtype", "bfloat16"),
+      ("pretrain_stage1", "image=vit_s16_scratch,text=minilm", "model.text.dtype", "bfloat16"),
+      ("pretrain_stage1", "image=vit_s16_scratch,text=minilm", "model.image.dtype",
+       "bfloat16"),
+      # README.md's presets table and the preset's docstring: 6 blocks of 6 heads, width 384,
+      # 224 px (ViT-S/16: width 384, 6 heads).
+      ("base", "image=vit_s16_scratch", "model.image.arch",
+       dict(depth=6, num_heads=6, width=384, image_size=224, patch_size=16)),
+      # paper_init's text tower has Bio_ClinicalBERT's shape: its (BERT-base cased)
+      # vocabulary of 28,996 word pieces, BERT-base's 12 layers of 768.
+      ("base", "text=paper_init", "model.text.arch",
+       dict(vocab_size=28996, depth=12, width=768, num_heads=12, max_positions=512)),
+      ("base", "image=paper_init", "model.image.arch",
+       dict(image_size=288, depth=11, width=768, num_heads=12, patch_size=16)),
+  ]
+
+  def test_configs_hold_the_values_the_documents_state(self):
+    import importlib
+    for module, arg, field, value in self.STATED:
+      got = importlib.import_module(f"configs.{module}").get_config(arg)
+      for key in field.split("."):
+        got = got[key]
+      if isinstance(value, dict):
+        got = {k: got[k] for k in value}
+      assert got == value, (module, arg, field)
 
   @pytest.mark.parametrize("stage", [0, 1])
   def test_pretraining_configs(self, stage):

@@ -4,6 +4,7 @@ missing. The compilation itself needs the plugin (about 3.7 GB), which the test 
 not hold; BENCHMARKS.md records it against the H200's measured memory."""
 
 import os
+import re
 
 import jax
 import pytest
@@ -56,3 +57,18 @@ def test_targets_describe_the_chips():
     text = aot.TARGETS[name]
     assert f"device_memory_size: {memory_mib * 2 ** 20}" in text
     assert "core_count: 132" in text and "major: 9" in text
+    # The chip's own fields (the cuDNN version has a "major: 9" of its own): compute
+    # capability 9.0 (Hopper, sm_90), which decides what the compiler emits for it.
+    info = text[text.index("gpu_device_info {"):text.index("\n}\n")]
+    capability = re.search(r"cuda_compute_capability \{\s*major: (\d+)\s*(minor: (\d+))?",
+                           info)
+    assert capability and (capability[1], capability[3] or "0") == ("9", "0"), info
+    fields = dict(re.findall(r"^  (\w+): (\S+)$", info, re.M))
+    # NVIDIA's H100/H200 SXM datasheets and the CUDA guide's compute capability 9.0 limits:
+    # 50 MB of L2, 228 KB of shared memory per SM of which 227 KB for one block (opt-in),
+    # 4.8 TB/s of HBM3e bandwidth on the H200 (3.35 TB/s of HBM3 on the H100).
+    assert int(fields["l2_cache_size"]) == 50 * 2 ** 20
+    assert int(fields["shared_memory_per_core"]) == 228 * 1024
+    assert int(fields["shared_memory_per_block_optin"]) == 227 * 1024
+    bandwidth = {"h100": 3.35e12, "h200": 4.8e12}[name]
+    assert int(fields["memory_bandwidth"]) == pytest.approx(bandwidth, rel=1e-3)

@@ -123,3 +123,21 @@ def test_a_batch_is_split_over_both_axes_of_the_mesh():
                                                       "step": np.int32(1)})
   assert batch["x"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
   assert batch["step"].sharding.spec == jax.sharding.PartitionSpec()
+
+
+def test_a_rule_matches_a_whole_path_or_its_end_not_a_part_of_it():
+  """An FSDP rule matches a parameter's whole path or its last components: "kernel" and
+  "fusion/.*" shard fusion/kernel, but "fusion" or "kern" (a part of the path) match nothing,
+  and check_rules refuses them rather than leave the parameters replicated silently."""
+  P = jax.sharding.PartitionSpec
+  params = {"fusion": {"kernel": np.ones((64, 32), np.float32)},
+            "image": {"kernels": np.ones((64, 64), np.float32)}}
+  for rules in ((".*kernel",), ("kernel",), ("fusion/.*",), ("fusion/kernel",)):
+    sharding.check_rules(params, rules)
+    assert sharding.param_spec("fusion/kernel", (64, 32), 4, rules, 64) == P("fsdp", None)
+  for rules in (("fusion",), ("kern",), ("usion/kernel",)):
+    with pytest.raises(ValueError, match="match no parameter path"):
+      sharding.check_rules(params, rules)
+    assert sharding.param_spec("fusion/kernel", (64, 32), 4, rules, 64) == P(), rules
+  # "kernel" is a path's last component, not the end of one ("image/kernels").
+  assert sharding.param_spec("image/kernels", (64, 64), 4, ("kernel",), 64) == P()

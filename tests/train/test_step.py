@@ -29,6 +29,17 @@ SCRIPT = textwrap.dedent("""
     from medvqa_jax.train import optim, sharding, step as step_lib
     assert jax.device_count() == 8
 
+    # train.fsdp=k on 8 devices: a (8/k data) x (k fsdp) mesh, parameters split k-way (a
+    # transposed layout would shard them 8/k-way); a k that does not divide 8 is refused.
+    for k in (1, 2, 4, 8):
+      assert dict(sharding.make_mesh(k).shape) == {{"data": 8 // k, "fsdp": k}}, k
+    try:
+      sharding.make_mesh(3)
+      raise AssertionError("make_mesh(3) on 8 devices was accepted")
+    except ValueError as e:
+      assert "8 devices cannot be split 3-way" in str(e), e
+    print("OK mesh")
+
     def finetune_batch(n=8, seed=0):
       rng = np.random.default_rng(seed)
       b = batch(n, seed)
@@ -147,6 +158,7 @@ def test_sharded_step_equals_single_device():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=1200, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-5000:]
+  assert "OK mesh" in out.stdout
   assert "OK finetune" in out.stdout and "OK micro-batches" in out.stdout
   assert "OK fsdp" in out.stdout and "OK predictor fsdp" in out.stdout
 
