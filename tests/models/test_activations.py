@@ -77,3 +77,17 @@ def test_an_mlp_keeps_its_hidden_layer_twice_not_more(name, capsys):
     layers.ACTIVATIONS[name] = saved
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                ours, autodiff)
+
+
+def test_gelu_new_is_transformers_tanh_approximation():
+  """"gelu_new" (GPT-2's and some BERTs' hidden_act) is transformers' ACT2FN["gelu_new"],
+  0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), not the exact GELU it approximates."""
+  import torch
+  from transformers.activations import ACT2FN
+  x = np.linspace(-6, 6, 2401).astype(np.float32)
+  want = ACT2FN["gelu_new"](torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(np.asarray(layers.activation("gelu_new")(jnp.asarray(x))), want,
+                             rtol=0, atol=1e-6)
+  x64 = x.astype(np.float64)
+  formula = 0.5 * x64 * (1 + np.tanh(math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64 ** 3)))
+  np.testing.assert_allclose(want, formula, rtol=0, atol=1e-6)

@@ -93,8 +93,12 @@ def test_generative_loss_equals_numpy_over_the_decoders_logits(generative):
   """The training loss's token log-probabilities (`vqa`: the LM head's logits made at the
   positions that predict a token, the target's picked by comparison) equal the log-softmax
   of the decoder's logits at every position (`decode`), in NumPy, read at the next token;
-  the loss is the mean over answers of their sums over the answer's tokens."""
+  the loss is the mean over answers of their sums over the answer's tokens. The LM head's
+  bias is random (a fresh model's is zero, a checkpoint's is not): both paths add it."""
   model, params = generative
+  bias = params["decoder"]["lm_bias"]
+  bias = np.random.default_rng(3).normal(size=bias.shape).astype(np.float32) * 2.0
+  params = dict(params, decoder=dict(params["decoder"], lm_bias=bias))
   batch = _batch(seed=3)
   out = _vqa(model, params, batch)
   logp = np.asarray(_decoder_logits(model, params, batch), np.float64)

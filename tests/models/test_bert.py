@@ -139,3 +139,27 @@ def test_real_minilm_checkpoint_and_tokenizer(minilm_dir):
     r = ref(**{k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()})
   assert max_diff(out["tokens"], r.last_hidden_state) <= TOL
   assert max_diff(out["pooled"], r.pooler_output) <= TOL
+
+
+def test_the_lm_head_applies_the_checkpoints_activation(tmp_path):
+  """The masked-LM head's transform uses the config's hidden_act (here relu), as the
+  encoder's MLP does, not GELU whatever the config says: logits equal BertForPreTraining's
+  for a checkpoint saved with save_pretrained, every bias random (a fresh one's are zero)."""
+  torch.manual_seed(5)
+  config = transformers.BertConfig(
+      vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=128, max_position_embeddings=40, type_vocab_size=2, hidden_act="relu")
+  ref = transformers.BertForPreTraining(config).eval()
+  with torch.no_grad():
+    for name, p in ref.named_parameters():
+      if name.endswith("bias"):
+        p.normal_(0.0, 0.5)
+  ref.save_pretrained(tmp_path)
+  module, params = towers.load("text", "hf_bert", tmp_path, lm_head=True, pooler="none")
+  assert module.act == "relu"
+  ids, mask, types = _inputs(seed=4)
+  out = module.apply({"params": params}, ids, mask, types)
+  t_ids, t_mask, t_types = _torch(ids, mask, types)
+  with torch.no_grad():
+    r = ref(input_ids=t_ids, attention_mask=t_mask, token_type_ids=t_types)
+  assert max_diff(out["logits"], r.prediction_logits) <= TOL

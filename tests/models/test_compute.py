@@ -486,3 +486,48 @@ def test_packed_rows_read_each_sequence_as_if_alone(compute, dtype, tol):
       for key in ("tokens", "logits"):
         assert _close(out[key][r, start:start + n], ref[key][i, :n], tol), (key, r, start)
       start, i = start + n, i + 1
+
+
+def test_reference_attention_weights_are_float32_in_a_bf16_model():
+  """In bfloat16 the reference path makes its logits in float32 (the einsum accumulates
+  there), so the weights it returns are float32 and equal, to float32 rounding, the float64
+  softmax(q k^T / sqrt(d)) of the bf16 q and k (identity query and key projections, biases
+  zero, inputs exact in bf16); bf16 logits would be off by ~1e-2 of the larger logits."""
+  rng = np.random.default_rng(7)
+  x = np.asarray(jnp.asarray(rng.normal(size=(2, 6, 32)) * 2, jnp.bfloat16), np.float32)
+  kv = np.asarray(jnp.asarray(rng.normal(size=(2, 9, 32)) * 2, jnp.bfloat16), np.float32)
+  mha = layers.MultiHeadAttention(4, jnp.bfloat16, REFERENCE)
+  params = mha.init(jax.random.PRNGKey(0), x, kv)["params"]
+  eye = np.eye(32, dtype=np.float32).reshape(32, 4, 8)
+  for name in ("query", "key"):
+    params[name] = {"kernel": eye, "bias": np.zeros((4, 8), np.float32)}
+  _, weights = mha.apply({"params": params}, x, kv, return_weights=True)
+  assert weights.dtype == jnp.float32 and weights.shape == (2, 4, 6, 9)
+  q = x.astype(np.float64).reshape(2, 6, 4, 8)
+  k = kv.astype(np.float64).reshape(2, 9, 4, 8)
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
+  assert np.abs(logits).max() > 8  # Large enough for bf16 rounding to show.
+  want = np.exp(logits - logits.max(-1, keepdims=True))
+  want /= want.sum(-1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(weights, np.float64), want, rtol=0, atol=1e-5)
+
+
+def test_remat_dots_saves_the_matmuls_that_full_recomputes(capsys):
+  """remat="dots" keeps a stack's weight matmuls' outputs for the backward pass; "full" keeps
+  each layer's input only: the saved residuals differ, dots saving more."""
+  from jax.ad_checkpoint import print_saved_residuals
+  make, inputs = _stacks()["vit"]
+  params = make(REFERENCE).init(jax.random.PRNGKey(0), *inputs)["params"]
+  saved = {}
+  for remat in ("full", "dots"):
+    module = make(layers.Compute(remat=remat))
+    print_saved_residuals(lambda p: module.apply({"params": p}, *inputs)["pooled"], params)
+    saved[remat] = [line for line in capsys.readouterr().out.splitlines()
+                    if "from the argument" not in line]
+  products = {k: [line for line in v if "output of dot_general" in line]
+              for k, v in saved.items()}
+  assert products["full"] == []
+  # Each of the 3 layers' q, k, v and out projections (3 x 17 tokens x 32) and its fc1
+  # (51 tokens x 64, the MLP runs on a matrix).
+  assert sum(line.startswith("f32[3,17,32]") for line in products["dots"]) == 12
+  assert sum(line.startswith("f32[51,64]") for line in products["dots"]) == 3

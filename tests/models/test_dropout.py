@@ -233,3 +233,24 @@ def test_the_training_objective_draws_dropout_and_evaluation_does_not():
   objective = jax.jit(step_lib.finetune_objective(model, *prior))
   np.testing.assert_allclose(float(objective(params0, batch, jax.random.PRNGKey(0))[0]),
                              evaluation, rtol=1e-5)
+
+
+def test_an_element_whose_bits_equal_the_threshold_is_kept():
+  """An element is dropped where its 16 bits are below rate * 2^16, kept where they equal it
+  (so the drop probability is exactly the rounded rate): with the rate set to one element's
+  own 16 bits over 2^16, that element is kept, and the mask is `bits >= threshold` from
+  JAX's 64-bit draws split in four (as above), for ThreeFry keys and for rbg's 32-bit ones."""
+  key = jax.random.key(11)
+  with jax.enable_x64(True):
+    words = np.asarray(jax.random.bits(key, (6, 2), jnp.uint64))
+  bits = np.stack([(words >> 32) & 0xFFFF, words >> 48, words & 0xFFFF,
+                   (words >> 16) & 0xFFFF], axis=-1).reshape(6, 8)
+  rbg = jax.random.key(11, impl="rbg")
+  rbg_words = np.asarray(jax.random.bits(rbg, (6, 4), jnp.uint32))
+  rbg_bits = np.stack([rbg_words & 0xFFFF, rbg_words >> 16], -1).reshape(6, 8)
+  for k, b in ((key, bits), (rbg, rbg_bits)):
+    threshold = int(b[2, 5])
+    assert 0 < threshold
+    keep, keep_prob = layers.keep_mask(k, threshold / 2 ** 16, (6, 8))
+    assert keep[2, 5] and keep_prob == 1 - threshold / 2 ** 16
+    np.testing.assert_array_equal(np.asarray(keep), b >= threshold)

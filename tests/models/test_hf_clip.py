@@ -158,3 +158,34 @@ def test_an_image_tower_trained_on_other_pixel_statistics_is_refused(hf_clip, tm
   with pytest.raises(ValueError, match=r"processor_config.json: the image tower was trained "
                      r"on pixels normalised with mean \[0.5, 0.5, 0.5\]"):
     towers.load("image", "hf_clip", whole)
+
+
+def test_text_tower_pools_at_the_configs_end_of_text_not_the_largest_id(hf_clip, tmp_path):
+  """A config whose eos_token_id is not the largest id in a row (ids above it follow the
+  end-of-text here): the pooled feature is the first end-of-text token's, as transformers
+  pools, not the largest id's (the legacy convention, for eos_token_id 2 only)."""
+  import json
+  import transformers
+  _, folder = hf_clip
+  for f in folder.iterdir():
+    if f.name != "config.json":
+      (tmp_path / f.name).symlink_to(f)
+  cfg = json.loads((folder / "config.json").read_text())
+  eos = 40
+  cfg["text_config"]["eos_token_id"] = eos
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  module, params = towers.load("text", "hf_clip", tmp_path)
+  assert module.eos_token_id == eos
+  ref = transformers.CLIPModel.from_pretrained(str(tmp_path), local_files_only=True).eval()
+  rng = np.random.default_rng(4)
+  ids, mask = padded_ids(rng, [16, 11, 6], 16, CLIP_VOCAB, first=CLIP_BOS)
+  ids[ids == eos] = eos + 1
+  ends = np.array([5, 7, 3])  # Larger ids (BOS's, 98) after each end-of-text.
+  ids[np.arange(3), ends] = eos
+  ids[np.arange(3), ends + 1] = CLIP_BOS
+  out = module.apply({"params": params}, ids, mask)
+  with torch.no_grad():
+    r = ref.text_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+  assert max_diff(out["tokens"], r.last_hidden_state) <= TOL
+  assert max_diff(out["pooled"], r.pooler_output) <= TOL
+  np.testing.assert_allclose(out["pooled"], out["tokens"][np.arange(3), ends], rtol=0, atol=0)
