@@ -51,16 +51,20 @@ def _clip_config(eos_token_id=CLIP_EOS):
                                  projection_dim=24)
 
 
-def _randomise_layernorms(model, seed=0):
-  """Freshly built LayerNorms are exactly (1, 0): give them random values so that a
-  swapped scale/bias or a dropped LayerNorm cannot pass a parity test."""
+def _randomise_norms_and_biases(model, seed=0):
+  """Freshly built LayerNorms are exactly (1, 0) and transformers and timm build every bias
+  as zeros: give them all random values (seeded), so that a swapped scale/bias, a dropped
+  LayerNorm or a bias mapped to the wrong place (reversed, split across the wrong heads,
+  taken from another layer) cannot pass a parity test."""
   import torch
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for m in model.modules():
       if isinstance(m, torch.nn.LayerNorm) and m.weight is not None:
         m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
-        m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+      for name, p in m.named_parameters(recurse=False):
+        if name == "bias" or name.endswith("_bias"):
+          p.copy_(0.2 * torch.randn(p.shape, generator=g))
   return model
 
 
@@ -73,7 +77,7 @@ def _save_pytorch_bin(model, folder):
 
 
 def _saved(tmp_path_factory, name, model, pytorch_bin=False):
-  model = _randomise_layernorms(model.eval())
+  model = _randomise_norms_and_biases(model.eval())
   folder = tmp_path_factory.mktemp(name)
   if pytorch_bin:
     _save_pytorch_bin(model, folder)
@@ -150,7 +154,7 @@ def biomedclip(tmp_path_factory):
   torch.manual_seed(4)
   model = open_clip.create_model("tiny-biomedclip-test", pretrained=None,
                                  pretrained_text=False)
-  model = _randomise_layernorms(model.eval())
+  model = _randomise_norms_and_biases(model.eval())
   folder = tmp_path_factory.mktemp("biomedclip")
   torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
   (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))

@@ -343,9 +343,11 @@ def test_decoder_is_initialised_from_the_text_checkpoint(config, hf_bert_pretrai
   np.testing.assert_array_equal(params["text"]["layer_0"]["attn_ln"]["scale"],
                                 state["bert.encoder.layer.0.attention.output.LayerNorm.weight"])
   # A bare BertModel has no LM head: it is initialised fresh (and logged), not an error.
-  module, p = towers.load("text", "hf_bert", hf_bert[1], causal=True, cross_from=1,
+  # cross_from=0 (every layer cross-attends) is an override like any other, not "unset".
+  module, p = towers.load("text", "hf_bert", hf_bert[1], causal=True, cross_from=0,
                           lm_head=True, pooler="none")
   assert p["lm_bias"].shape == (120,) and "cross_attn" in p["layer_2"]
+  assert module.cross_from == 0 and "cross_attn" in p["layer_0"]
 
 
 def test_generative_head_needs_a_bert_text_tower(config, hf_clip):

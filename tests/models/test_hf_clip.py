@@ -79,6 +79,16 @@ def test_text_tower_matches_transformers_with_padding(hf_clip):
   assert max_diff(out["tokens"], r.last_hidden_state) <= TOL  # Every token, pads included.
   assert max_diff(out["pooled"], r.pooler_output) <= TOL
   assert max_diff(out["embedding"], emb) <= TOL
+  # A shorter context (questions of at most 10 tokens): the first 10 positions of the
+  # checkpoint's 16, as transformers reads them for inputs of that length.
+  short, short_params = towers.load("text", "hf_clip", folder, context_length=10)
+  assert short_params["pos_embed"].shape == (10, 48)
+  ids, mask = padded_ids(rng, [10, 6], 10, CLIP_VOCAB, first=CLIP_BOS, last=CLIP_EOS)
+  out = short.apply({"params": short_params}, ids, mask)
+  with torch.no_grad():
+    r = ref.text_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+  assert max_diff(out["tokens"], r.last_hidden_state) <= TOL
+  assert max_diff(out["pooled"], r.pooler_output) <= TOL
 
 
 def test_text_tower_is_causal(hf_clip):

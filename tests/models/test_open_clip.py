@@ -172,6 +172,21 @@ def test_checkpoints_that_do_not_fit_name_the_key(biomedclip, tmp_path):
     towers.load("image", "open_clip", bad_qkv)
 
 
+def test_an_image_projection_with_a_bias_is_loaded(biomedclip, tmp_path):
+  """timm_proj "linear" with a bias (visual.head.proj.bias): the bias is loaded and added to
+  the image embedding, not refused as unexpected nor dropped."""
+  bias = torch.randn(32, generator=torch.Generator().manual_seed(0))
+  folder = _variant(biomedclip[1], tmp_path,
+                    edit_state=lambda s: s.update({"visual.head.proj.bias": bias}))
+  module, params = towers.load("image", "open_clip", folder, image_size=32)
+  assert module.proj_bias
+  np.testing.assert_array_equal(params["head"]["proj"]["bias"], bias.numpy())
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  out = module.apply({"params": params}, x)
+  want = out["pooled"] @ params["head"]["proj"]["kernel"] + bias.numpy()
+  assert max_diff(out["embedding"], want) <= TOL
+
+
 def test_open_clip_pixel_statistics_are_checked(biomedclip, tmp_path):
   """BiomedCLIP's preprocess_cfg (CLIP's mean and std) loads; other statistics are refused:
   the tower normalises with CLIP's."""

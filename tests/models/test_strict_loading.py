@@ -1,5 +1,6 @@
 """Strict loading: missing, extra and misshapen keys are errors that name them."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ def _edited_copy(folder, tmp_path, edit):
   state = state_dict.read_state_dict(folder)
   edit(state)
   out = tmp_path / "edited"
-  out.mkdir()
+  out.mkdir(parents=True)
   shutil.copy(folder / "config.json", out / "config.json")
   save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, out / "model.safetensors")
   return out
@@ -35,7 +36,7 @@ def test_missing_key_is_named(hf_bert, tmp_path):
   assert key in str(e.value) and "layer_1/attn/key/kernel" in str(e.value)
 
 
-def test_extra_key_is_named(hf_bert, tmp_path):
+def test_extra_key_is_named(hf_bert, hf_bert_pretraining, tmp_path):
   key = "encoder.layer.0.attention.self.rotary.weight"
   folder = _edited_copy(hf_bert[1], tmp_path, lambda s: s.update({key: np.zeros(3, np.float32)}))
   with pytest.raises(CheckpointError, match="unexpected keys") as e:
@@ -44,6 +45,13 @@ def test_extra_key_is_named(hf_bert, tmp_path):
   assert "fresh" not in str(e.value)  # Naming parameters fresh cannot leave keys out.
   # Named as deliberately unused (by the caller, or in the tower config), it loads.
   towers.load("text", "hf_bert", folder, unused=[r".*\.rotary\..*"])
+  # In a checkpoint of a BERT with heads (keys under `bert.`), keys beside the BERT are heads
+  # left out, but a key inside it is still one the tower has no place for.
+  prefixed = _edited_copy(hf_bert_pretraining[1], tmp_path / "prefixed",
+                          lambda s: s.update({"bert." + key: np.zeros(3, np.float32)}))
+  with pytest.raises(CheckpointError, match="unexpected keys") as e:
+    towers.load("text", "hf_bert", prefixed)
+  assert "bert." + key in str(e.value)
   from configs.towers.common import tower
   cfg = tower("bert", "hf_bert", dict(pooler="cls"), checkpoint=str(folder))
   cfg.unused = (r".*\.rotary\..*",)
@@ -59,6 +67,23 @@ def test_extra_key_is_named(hf_bert, tmp_path):
   np.testing.assert_array_equal(dec["layer_0"]["mlp"]["fc1"]["kernel"], fc1.T)
 
 
+def test_a_decoder_part_the_checkpoint_has_in_part_is_refused(hf_bert_pretraining, tmp_path):
+  """The decoder's cross-attention and LM head are initialised fresh where a checkpoint has
+  none of their keys; one that has some of them (a damaged or foreign checkpoint) is missing
+  the others, named, not silently re-initialised over the ones it has."""
+  def edit(state):
+    for name, shape in (("weight", (64, 64)), ("bias", (64,))):
+      state[f"bert.encoder.layer.0.crossattention.self.query.{name}"] = np.ones(
+          shape, np.float32)
+    state.pop("cls.predictions.bias")
+  folder = _edited_copy(hf_bert_pretraining[1], tmp_path, edit)
+  with pytest.raises(CheckpointError, match="missing keys") as e:
+    towers.load("text", "hf_bert", folder, causal=True, cross_from=0, lm_head=True,
+                pooler="none")
+  assert "bert.encoder.layer.0.crossattention.self.key.weight" in str(e.value)
+  assert "cls.predictions.bias (for lm_bias)" in str(e.value)
+
+
 def test_key_outside_the_format_is_named(hf_clip, tmp_path):
   folder = _edited_copy(hf_clip[1], tmp_path,
                         lambda s: s.update({"adapter.weight": np.zeros(3, np.float32)}))
@@ -72,6 +97,15 @@ def test_shape_mismatch_is_named(hf_clip, tmp_path):
   with pytest.raises(CheckpointError, match="shape mismatches") as e:
     towers.load("image", "hf_clip", folder)
   assert key in str(e.value)
+  # A transposed weight has the right number of elements, but not the right shape: loaded,
+  # it would mix the inputs (a checkpoint saved in another framework's layout).
+  key = "vision_model.encoder.layers.1.mlp.fc1.weight"  # (128, 64) in torch's layout.
+  folder = _edited_copy(hf_clip[1], tmp_path / "transposed",
+                        lambda s: s.update({key: np.ascontiguousarray(s[key].T)}))
+  with pytest.raises(CheckpointError, match="shape mismatches") as e:
+    towers.load("image", "hf_clip", folder)
+  assert f"{key}: checkpoint gives (128, 64), block_1/mlp/fc1/kernel needs (64, 128)" in str(
+      e.value)
 
 
 def test_fresh_head_is_initialised_not_loaded(hf_clip, tmp_path):
@@ -90,6 +124,15 @@ def test_fresh_head_is_initialised_not_loaded(hf_clip, tmp_path):
   # Drawn from the seed: another seed, another head (a seed sweep's runs differ there).
   _, other = towers.load("image", "hf_clip", folder, fresh=["head/.*"], seed=4)
   assert not np.allclose(other["head"]["proj"]["kernel"], kernel)
+  # The same from a tower config, over a checkpoint that has the head (a head re-trained
+  # from scratch): its `fresh` and the run's seed reach the load.
+  from configs.towers.common import tower
+  cfg = tower("vit", "hf_clip", {}, checkpoint=str(hf_clip[1]))
+  cfg.fresh = ("head/.*",)
+  for seed, want in ((3, kernel), (4, other["head"]["proj"]["kernel"])):
+    _, from_cfg = towers.from_config(cfg, seed=seed)
+    np.testing.assert_array_equal(from_cfg["head"]["proj"]["kernel"], want)
+    np.testing.assert_array_equal(from_cfg["ln_final"]["scale"], full["ln_final"]["scale"])
   # A pattern matches a whole path: "head" names no parameter (the head's are head/...),
   # so with a complete checkpoint it re-initialises nothing.
   _, kept = towers.load("image", "hf_clip", hf_clip[1], fresh=["head"])
@@ -118,6 +161,35 @@ def test_kind_mismatch_and_missing_checkpoint_are_reported(hf_bert):
   with pytest.raises(ValueError, match=r"^--config.model.text.source='hf_brt': unknown; expected "
                                        r"one of init, hf_clip, hf_bert, open_clip \(init: "):
     towers.from_config(cfg, where="model.text")
+
+
+def test_a_training_checkpoint_and_a_sharded_one_load_whole(hf_bert, tmp_path):
+  """A training framework's pickle ({"state_dict": ..., "epoch": ...}, PyTorch Lightning's)
+  and a checkpoint split into shards (model.safetensors.index.json, as save_pretrained
+  writes large models) load the same weights as the plain file."""
+  import torch
+  _, want = towers.load("text", "hf_bert", hf_bert[1])
+  state = state_dict.read_state_dict(hf_bert[1])
+  lightning = tmp_path / "lightning"
+  lightning.mkdir()
+  shutil.copy(hf_bert[1] / "config.json", lightning)
+  torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in state.items()}, "epoch": 3},
+             lightning / "pytorch_model.bin")
+  sharded = tmp_path / "sharded"
+  sharded.mkdir()
+  shutil.copy(hf_bert[1] / "config.json", sharded)
+  keys = sorted(state)
+  weight_map = {}
+  for i, part in enumerate((keys[:len(keys) // 2], keys[len(keys) // 2:])):
+    name = f"model-{i + 1:05d}-of-00002.safetensors"
+    save_file({k: np.ascontiguousarray(state[k]) for k in part}, sharded / name)
+    weight_map.update({k: name for k in part})
+  (sharded / "model.safetensors.index.json").write_text(
+      json.dumps({"metadata": {}, "weight_map": weight_map}))
+  for folder in (lightning, sharded):
+    _, params = towers.load("text", "hf_bert", folder)
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), params, want)
+    assert all(jax.tree.leaves(same)), folder
 
 
 def test_pytorch_pickle_without_torch_says_so(hf_bert_pretraining):
@@ -287,6 +359,9 @@ def test_an_override_that_contradicts_the_checkpoint_is_refused(hf_bert, hf_clip
   with pytest.raises(CheckpointError, match="states act='gelu', but the tower's arch sets "
                      "act='relu'"):
     towers.load("text", "hf_bert", hf_bert[1], act="relu")
+  with pytest.raises(CheckpointError, match="states ln_eps=1e-12, but the tower's arch sets "
+                     "ln_eps=1e-05"):
+    towers.load("text", "hf_bert", hf_bert[1], ln_eps=1e-5)
   with pytest.raises(CheckpointError, match="states num_heads=4"):
     towers.load("image", "hf_clip", hf_clip[1], num_heads=2)
   with pytest.raises(CheckpointError, match="timm trunk states ln_eps=1e-06"):
