@@ -25,15 +25,20 @@ def _torch(*arrays):
   return [torch.from_numpy(a) for a in arrays]
 
 
+def _both(module, params, ref, seed=0):
+  """Our tower's outputs and the transformers model's on the same random inputs."""
+  ids, mask, types = _inputs(seed=seed)
+  out = module.apply({"params": params}, ids, mask, types)
+  t_ids, t_mask, t_types = _torch(ids, mask, types)
+  with torch.no_grad():
+    return out, ref(input_ids=t_ids, attention_mask=t_mask, token_type_ids=t_types)
+
+
 def test_bert_matches_transformers_with_padding_and_token_types(hf_bert):
   ref, folder = hf_bert
   module, params = towers.load("text", "hf_bert", folder)
   assert isinstance(module, BertEncoder) and module.pooler == "dense"
-  ids, mask, types = _inputs()
-  out = module.apply({"params": params}, ids, mask, types)
-  t_ids, t_mask, t_types = _torch(ids, mask, types)
-  with torch.no_grad():
-    r = ref(input_ids=t_ids, attention_mask=t_mask, token_type_ids=t_types)
+  out, r = _both(module, params, ref)
   assert max_diff(out["tokens"], r.last_hidden_state) <= TOL  # Every token, pads included.
   assert max_diff(out["pooled"], r.pooler_output) <= TOL
 
@@ -60,11 +65,7 @@ def test_the_lm_head_gives_the_checkpoints_word_logits(hf_bert_pretraining, tmp_
   a DataParallel wrapper, whose keys begin with "module."."""
   ref, folder = hf_bert_pretraining
   module, params = towers.load("text", "hf_bert", folder, lm_head=True, pooler="none")
-  ids, mask, types = _inputs(seed=2)
-  out = module.apply({"params": params}, ids, mask, types)
-  t_ids, t_mask, t_types = _torch(ids, mask, types)
-  with torch.no_grad():
-    r = ref(input_ids=t_ids, attention_mask=t_mask, token_type_ids=t_types)
+  out, r = _both(module, params, ref, seed=2)
   assert max_diff(out["logits"], r.prediction_logits) <= TOL
   wrapped = tmp_path / "data_parallel"
   ref.config.save_pretrained(wrapped)
@@ -157,9 +158,5 @@ def test_the_lm_head_applies_the_checkpoints_activation(tmp_path):
   ref.save_pretrained(tmp_path)
   module, params = towers.load("text", "hf_bert", tmp_path, lm_head=True, pooler="none")
   assert module.act == "relu"
-  ids, mask, types = _inputs(seed=4)
-  out = module.apply({"params": params}, ids, mask, types)
-  t_ids, t_mask, t_types = _torch(ids, mask, types)
-  with torch.no_grad():
-    r = ref(input_ids=t_ids, attention_mask=t_mask, token_type_ids=t_types)
+  out, r = _both(module, params, ref, seed=4)
   assert max_diff(out["logits"], r.prediction_logits) <= TOL

@@ -66,6 +66,17 @@ def test_vision_tower_keeps_first_blocks(hf_clip):
   assert max_diff(out["encoded"], r.last_hidden_state) > 1e-2  # The third block mattered.
 
 
+def _text_matches(module, params, ref, ids, mask) -> dict:
+  """Our text tower's outputs on ids, after checking its tokens (pads included) and pooled
+  feature against transformers' CLIP text model's."""
+  out = module.apply({"params": params}, ids, mask)
+  with torch.no_grad():
+    r = ref.text_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+  assert max_diff(out["tokens"], r.last_hidden_state) <= TOL
+  assert max_diff(out["pooled"], r.pooler_output) <= TOL
+  return out
+
+
 def test_text_tower_matches_transformers_with_padding(hf_clip):
   ref, folder = hf_clip
   module, params = towers.load("text", "hf_clip", folder)
@@ -84,11 +95,7 @@ def test_text_tower_matches_transformers_with_padding(hf_clip):
   short, short_params = towers.load("text", "hf_clip", folder, context_length=10)
   assert short_params["pos_embed"].shape == (10, 48)
   ids, mask = padded_ids(rng, [10, 6], 10, CLIP_VOCAB, first=CLIP_BOS, last=CLIP_EOS)
-  out = short.apply({"params": short_params}, ids, mask)
-  with torch.no_grad():
-    r = ref.text_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
-  assert max_diff(out["tokens"], r.last_hidden_state) <= TOL
-  assert max_diff(out["pooled"], r.pooler_output) <= TOL
+  _text_matches(short, short_params, ref, ids, mask)
 
 
 def test_text_tower_is_causal(hf_clip):
@@ -112,11 +119,7 @@ def test_pytorch_bin_and_legacy_end_of_text(hf_clip_bin):
   assert module.eos_token_id is None
   rng = np.random.default_rng(2)
   ids, mask = padded_ids(rng, [10, 5], 16, CLIP_VOCAB, first=CLIP_BOS, last=CLIP_EOS)
-  out = module.apply({"params": params}, ids, mask)
-  with torch.no_grad():
-    r = ref.text_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
-  assert max_diff(out["tokens"], r.last_hidden_state) <= TOL
-  assert max_diff(out["pooled"], r.pooler_output) <= TOL
+  _text_matches(module, params, ref, ids, mask)
   image, image_params = towers.load("image", "hf_clip", folder)
   x = _images(1, 32, seed=3)
   with torch.no_grad():
@@ -193,9 +196,5 @@ def test_text_tower_pools_at_the_configs_end_of_text_not_the_largest_id(hf_clip,
   ends = np.array([5, 7, 3])  # Larger ids (BOS's, 98) after each end-of-text.
   ids[np.arange(3), ends] = eos
   ids[np.arange(3), ends + 1] = CLIP_BOS
-  out = module.apply({"params": params}, ids, mask)
-  with torch.no_grad():
-    r = ref.text_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
-  assert max_diff(out["tokens"], r.last_hidden_state) <= TOL
-  assert max_diff(out["pooled"], r.pooler_output) <= TOL
+  out = _text_matches(module, params, ref, ids, mask)
   np.testing.assert_allclose(out["pooled"], out["tokens"][np.arange(3), ends], rtol=0, atol=0)
