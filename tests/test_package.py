@@ -340,12 +340,9 @@ class TestConfigs:
       ("vqa_rad", None, "model.prior_max_tokens", 1024),
       # base.py's optim comment: the 40% warm-up is "4,000 of its 10,000 steps"; README.md's
       # configs table: global batch 256, validated on a held-out 2% of the corpus.
-      ("pretrain_stage0", None, "optim.total_steps", 10000),
-      ("pretrain_stage1", None, "optim.total_steps", 10000),
-      ("pretrain_stage0", None, "train.batch_size", 256),
-      ("pretrain_stage1", None, "train.batch_size", 256),
-      ("pretrain_stage0", None, "data.val_fraction", 0.02),
-      ("pretrain_stage1", None, "data.val_fraction", 0.02),
+      *[(stage, None, field, value) for stage in ("pretrain_stage0", "pretrain_stage1")
+        for field, value in (("optim.total_steps", 10000), ("train.batch_size", 256),
+                             ("data.val_fraction", 0.02))],
       # README.md's configs table and finetune.py / pretrain_common.py's docstrings: bf16
       # compute for the towers and everything above them (configs/towers/common.py bf16).
       ("vqa_rad", None, "model.image.dtype", "bfloat16"),

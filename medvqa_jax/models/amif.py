@@ -314,8 +314,8 @@ def _decoder(config, text_module, seed: int):
   """The generative head's decoder: the text tower's BERT, causal, with cross-attention from
   `decoder.cross_from` on (default: the second half of its layers) and the masked-LM head,
   initialised from the text checkpoint (the parts the checkpoint lacks are initialised
-  fresh, from `seed`: the run's seed, as the rest of the model). It computes in model.dtype, as the other parts above the towers do (it took the
-  text tower's dtype)."""
+  fresh, from `seed`: the run's seed, as the rest of the model). It computes in model.dtype,
+  as the other parts above the towers do (it took the text tower's dtype)."""
   cfg = config.model.text
   if not isinstance(text_module, BertEncoder):
     raise ValueError("the generative head's decoder is a BERT initialised from the text "

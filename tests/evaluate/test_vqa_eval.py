@@ -511,7 +511,8 @@ def test_the_overrides_an_evaluation_does_not_read_are_named_with_why():
   pre-training run's validation reads its loss terms, teacher, seed, batch and workers.
   Checkpoint towers are built from the recorded architecture, a saved tokenizer copy wins."""
   fields = ["seed", "optim.lr", "train.batch_size", "train.eval_batch_size", "train.fsdp",
-            "train.fsdp_rules", "train.fsdp_min_size", "losses.weights", "teacher.mode", "data.workers", "data.dir",
+            "train.fsdp_rules", "train.fsdp_min_size", "losses.weights", "teacher.mode",
+            "data.workers", "data.dir",
             "model.rank_k", "model.dropout", "model.num_answers", "model.image.checkpoint",
             "model.text.checkpoint", "model.text.tokenizer", "model.compute.attention"]
   saved = ConfigDict({"model": {"head": "generative", "image": {"source": "hf_clip"},

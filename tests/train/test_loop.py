@@ -1,7 +1,8 @@
 """The main job end to end, as a user runs it: launch/train.py on the demo config (shortened,
-on a part of its data: `helpers.demo_part`) on 8 fake CPU devices; resume after SIGKILL; eval.py onto 1 device; NaN stop; two processes
-x 2 devices with jax.distributed (the same global batch, split over 4 devices of 2 hosts).
-Each run is a subprocess (device counts are per process)."""
+on a part of its data: `helpers.demo_part`) on 8 fake CPU devices; resume after SIGKILL;
+eval.py onto 1 device; NaN stop; two processes x 2 devices with jax.distributed (the same
+global batch, split over 4 devices of 2 hosts). Each run is a subprocess (device counts are
+per process)."""
 
 from __future__ import annotations
 
