@@ -15,7 +15,8 @@ from medvqa_jax.models import layers
 
 class ClassifierHead(nn.Module):
   """The fused text and image CLS tokens, each pooled (dense + tanh), concatenated, then an
-  MLP (2D -> 2D, LayerNorm, GELU -> num_answers) onto the answer vocabulary."""
+  MLP (2D -> 2D, LayerNorm, GELU -> num_answers) onto the answer vocabulary: METER's VQA
+  classifier, its LayerNorm's epsilon PyTorch's default (1e-5)."""
   num_answers: int
   dtype: Any = jnp.float32
 
@@ -26,7 +27,7 @@ class ClassifierHead(nn.Module):
         jnp.tanh(nn.Dense(d, dtype=self.dtype, name="text_pooler")(text_cls)),
         jnp.tanh(nn.Dense(d, dtype=self.dtype, name="image_pooler")(image_cls))], axis=-1)
     h = nn.Dense(2 * d, dtype=self.dtype, name="fc1")(pooled)
-    h = layers.exact_gelu(layers.LayerNorm(dtype=self.dtype, name="ln")(h))
+    h = layers.exact_gelu(layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln")(h))
     # The logits in float32, as the loss reads them (bf16 would round them to 3 digits).
     return nn.Dense(self.num_answers, dtype=jnp.float32, name="fc2")(h)
 

@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from medvqa_jax.models import heads, layers
 
@@ -24,20 +25,24 @@ def _lm_head(rng, n, length, d, vocab):
           rng.integers(0, vocab, (n, length)).astype(np.int32))
 
 
-def test_classifier_head_equals_numpy():
+@pytest.mark.parametrize("fc1_scale", [1.0, 1e-3])
+def test_classifier_head_equals_numpy(fc1_scale):
+  """METER's classifier; at fc1_scale 1e-3 the LayerNorm's input varies by about 1e-5, where
+  its epsilon (PyTorch's default, 1e-5) decides the output."""
   rng = np.random.default_rng(0)
   text_cls, image_cls = rng.normal(size=(2, 4, 8)).astype(np.float32)
   head = heads.ClassifierHead(num_answers=7)
   params = head.init(jax.random.PRNGKey(0), text_cls, image_cls)["params"]
   # Random LayerNorm and biases, so that none of them is a no-op.
   params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
+  params["fc1"] = jax.tree.map(lambda x: x * np.float32(fc1_scale), params["fc1"])
   got = head.apply({"params": params}, text_cls, image_cls)
 
   p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
   dense = lambda name, x: x @ p[name]["kernel"] + p[name]["bias"]
   h = dense("fc1", np.concatenate([np.tanh(dense("text_pooler", text_cls)),
                                    np.tanh(dense("image_pooler", image_cls))], axis=-1))
-  h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)
+  h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5)
   h = h * p["ln"]["scale"] + p["ln"]["bias"]
   h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))  # Exact GELU.
   np.testing.assert_allclose(got, dense("fc2", h), rtol=1e-4, atol=1e-4)
