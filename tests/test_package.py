@@ -120,6 +120,13 @@ def test_embed_command_with_a_checkpoint_override(minilm_dir, tmp_path):
   assert abs(wide_sim - square_sim) <= 2e-3 < 0.02 < abs(wide_sim - crop_sim), result
   empty = _run("launch/embed.py", "--config=configs/demo.py", "--question=?")
   assert empty.returncode != 0 and "--question '?' is empty" in empty.stderr
+  # A run's towers are embedded with its own config: a --config beside it is refused, as is a
+  # --step without a run (each before anything is read).
+  for flags in (["--config=configs/demo.py"], ["--config.seed=3"]):
+    both = _run("launch/embed.py", f"--checkpoint_dir={tmp_path}", *flags)
+    assert both.returncode != 0 and "give no --config or --config.FIELD" in both.stderr, flags
+  alone = _run("launch/embed.py", "--step=3")
+  assert alone.returncode != 0 and "give the run with --checkpoint_dir" in alone.stderr
 
 
 def test_unset_checkpoint_names_the_flag():

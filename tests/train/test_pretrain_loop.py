@@ -3,8 +3,11 @@ was made for other data or by another teacher) or computed online; validation on
 held-out slice."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -12,6 +15,8 @@ import helpers
 from medvqa_jax import ASSETS
 from medvqa_jax.losses import teacher as teacher_lib
 from medvqa_jax.train import loop
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +151,29 @@ def test_pretraining_validates_on_the_held_out_slice(corpus, tmp_path, capsys):
   assert not set(val_ids) & {r["id"] for r in splits["train"].records}
   with pytest.raises(ValueError, match="--split=validation"):
     run_lib.evaluate_split(restored, "test")
+
+  # embed.py embeds with the run's global embeddings (its best step): those of the model's own
+  # pre-training pass on the images as built (data.max_side) and the questions as read.
+  rows = list({r["image"]: r for r in helpers.sample_caption_rows()}.values())[:2]
+  out = subprocess.run(
+      [sys.executable, str(ROOT / "launch" / "embed.py"), f"--checkpoint_dir={workdir}"]
+      + [f"--image={r['image']}" for r in rows] + [f"--question={r['caption']}" for r in rows],
+      capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr
+  embedded = json.loads(out.stdout)
+  assert (embedded["step"], embedded["checkpoint_dir"]) == (best, str(workdir))
+  from medvqa_jax.data import augment, builders
+  from medvqa_jax.data import text as text_lib
+  from medvqa_jax.models.amif import AMiF
+  pixels = np.stack([augment.resize(np.asarray(builders.read_as_built(
+      r["image"], config.data.max_side)), restored.model.image.image_size) for r in rows])
+  batch = restored.tokenizer([text_lib.question(r["caption"]) for r in rows])
+  ref = jax.jit(lambda p, *x: restored.model.apply({"params": p}, *x, fuse=False,
+                                                   method=AMiF.pretrain))(
+      restored.params, pixels, batch["input_ids"], batch["attention_mask"])
+  cosine = np.asarray(ref["image_embed"], np.float64) @ np.asarray(ref["text_embed"]).T
+  np.testing.assert_allclose(embedded["cosine_image_x_question"], cosine, atol=2e-4)
+  assert embedded["image_tokens"][0] == embedded["question_tokens"][0] == 2
 
 
 def test_a_run_and_its_cache_evaluate_and_resume_without_the_teacher(corpus, tmp_path,
