@@ -3,6 +3,7 @@ count), predictions are matched to their own questions, and the protocol's answe
 
 import json
 import logging
+import os
 import types
 from pathlib import Path
 
@@ -370,6 +371,17 @@ def test_evaluation_answers_under_the_run_protocol_unless_asked_otherwise(
       assert config.data.closed_set == given  # The config is left as it was.
     assert sorted(p.name for p in (workdir / "eval").iterdir()) == (
         ["test-step5-closed-set"] if run_closed else ["test-step5", "test-step5-closed-set"])
+  # A classifier's answers are its output classes, fixed when it was trained: class i written
+  # as the i-th answer of another protocol's list would mislabel every prediction.
+  config = ConfigDict(dict(data=dc.copy_and_resolve_references(),
+                           model=dict(head="classifier"), train=dict(eval_batch_size=4)))
+  restored = _FirstAnswer(config, types.SimpleNamespace(image=types.SimpleNamespace(
+      image_size=SIZE)), None, protocols[run_closed][0], run_protocol, 5, None, None,
+      tokenizer, tmp_path / "classifier")
+  with pytest.raises(ValueError, match="the classifier's answers are fixed when it is trained"):
+    run_lib.evaluate_split(restored, "test", closed_set=not run_closed)
+  m = run_lib.evaluate_split(restored, "test", closed_set=run_closed)  # Its own: answered.
+  assert m["protocol"] == run_protocol
 
 
 def test_the_evaluation_batch_is_rounded_up_to_the_devices(data, tokenizer, monkeypatch):
@@ -430,7 +442,9 @@ def test_results_that_cannot_be_written_are_refused_before_answering(tmp_path, m
   results. (Checked with os.access: the tests may run as root, whom no mode stops.)"""
   locked = tmp_path / "run"
   locked.mkdir()
-  monkeypatch.setattr(run_lib.os, "access", lambda path, mode: Path(path) != locked)
+  # Readable, not writable.
+  monkeypatch.setattr(run_lib.os, "access",
+                      lambda path, mode: Path(path) != locked or not mode & os.W_OK)
   with pytest.raises(PermissionError, match=rf"{locked}/eval/test-step4: {locked} cannot be "
                      r"written \(a read-only run folder\?\): pass --out=FOLDER"):
     run_lib.output_folder(None, locked / "eval" / "test-step4")
@@ -578,3 +592,35 @@ def test_a_step_folder_and_another_step_are_refused(tmp_path):
   # Past the check (a stand-in step folder, which Orbax lists but cannot read).
   with pytest.raises(ckpt_lib.UnreadableCheckpoint, match="checkpoint step 4 in"):
     run_lib.restore(tmp_path / "checkpoints" / "4", step=4)
+
+
+def test_a_classifier_run_answers_alike_in_its_test_and_in_predict(tmp_path):
+  """A classifier run end to end: predict.py's first answer and score for a test question are
+  the run's test prediction and its softmax probability, for an image predict.py reads as the
+  build stored it (shrunk to the run's data.max_side); its answers come most probable first."""
+  import subprocess
+  import sys
+  from medvqa_jax.train import loop
+  config = helpers.tiny_config()
+  config.model.head = "classifier"
+  source = helpers.demo_part(tmp_path / "source", train=200, test=12)
+  config.data.update(dir=str(tmp_path / "data"), val_fraction=0.05, max_side=48,
+                     source_dir=str(source))
+  config.optim.total_steps = 4
+  workdir = tmp_path / "run"
+  config.train.update(workdir=str(workdir), epochs=0, batch_size=16, save_every=4,
+                      eval_every=4, tensorboard=False)
+  loop.train(config)
+  row = json.loads((workdir / "eval" / "test" / "predictions.jsonl").read_text().splitlines()[0])
+  (record,) = [r for r in json.loads((source / "testset.json").read_text())
+               if str(r["qid"]) == row["qid"]]
+  out = subprocess.run(
+      [sys.executable, str(Path(__file__).resolve().parents[2] / "launch" / "predict.py"),
+       f"--checkpoint_dir={workdir}", f"--image={source / 'images' / record['image_name']}",
+       f"--question={row['question']}", "--top=4", "--out="], capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr
+  answers = json.loads(out.stdout)["answers"]
+  assert answers[0]["answer"] == row["prediction"]
+  assert answers[0]["score"] == pytest.approx(row["score"], rel=1e-4)  # float32.
+  scores = [a["score"] for a in answers]
+  assert len(scores) == 4 and scores == sorted(scores, reverse=True) and sum(scores) <= 1

@@ -174,6 +174,13 @@ def test_pretraining_validates_on_the_held_out_slice(corpus, tmp_path, capsys):
   cosine = np.asarray(ref["image_embed"], np.float64) @ np.asarray(ref["text_embed"]).T
   np.testing.assert_allclose(embedded["cosine_image_x_question"], cosine, atol=2e-4)
   assert embedded["image_tokens"][0] == embedded["question_tokens"][0] == 2
+  # predict.py answers questions with a fine-tuned run: this one is refused by name.
+  out = subprocess.run([sys.executable, str(ROOT / "launch" / "predict.py"),
+                        f"--checkpoint_dir={workdir}", f"--image={rows[0]['image']}",
+                        "--question=is there a fracture?", "--out="],
+                       capture_output=True, text=True)
+  assert out.returncode == 1 and not out.stdout
+  assert out.stderr.startswith(f"error: {workdir} is a pre-training run: it has no answer head")
 
 
 def test_a_run_and_its_cache_evaluate_and_resume_without_the_teacher(corpus, tmp_path,
@@ -197,6 +204,10 @@ def test_a_run_and_its_cache_evaluate_and_resume_without_the_teacher(corpus, tmp
   monkeypatch.setattr(teacher_lib, "from_config", absent)
   restored = run_lib.restore(workdir)
   assert np.isfinite(run_lib.evaluate_split(restored)["val_loss"])
+  # Another held-out slice would hold examples the run trained on: refused.
+  with pytest.raises(ValueError, match=r"the data are not the run's: it trained on 4 examples "
+                                       r"and validated on 4, and the data now give 2 and 6"):
+    run_lib.evaluate_split(run_lib.restore(workdir, {"data.val_fraction": 0.75}))
   config.optim.total_steps = 3  # Resumed from step 2.
   assert loop.train(config) == {}
   assert [r["step"] for r in _losses(workdir) if "val_loss" not in r][-1] == 3

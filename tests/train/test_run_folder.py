@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -173,6 +174,16 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
     run_lib.restore(moved, overrides={"model.head": "classifier"})
   with pytest.raises(ValueError, match=r"--config.data.nope: the run's config has no such"):
     run_lib.restore(moved, overrides={"data.nope": 1})
+  # Misspelt, not left out as a training setting the evaluation does not read (the user
+  # meant train.eval_batch_size, and would believe it set).
+  with pytest.raises(ValueError, match=r"--config.train.eval_batchsize: the run's config has "
+                                       "no such field"):
+    run_lib.restore(moved, overrides={"train.eval_batchsize": 8})
+  # eval.py's --fsdp shards the restored parameters: a split the devices do not allow is
+  # refused (it was once left at 1, whatever was asked).
+  n = jax.device_count()
+  with pytest.raises(ValueError, match=rf"{n} devices cannot be split {n + 1}-way for FSDP"):
+    run_lib.restore(moved, fsdp=n + 1)
   # The protocol is asked for with closed_set (--closed_set); as a config override it was
   # printed as taken, and the evaluation stayed open-set.
   with pytest.raises(ValueError, match=r"--config.data.closed_set: .* unless asked with "
@@ -515,7 +526,9 @@ def test_the_best_step_is_tested_and_a_resumed_run_goes_on_from_its_latest(tmp_p
   assert metrics["step"] == 2
   tested = [json.loads(line)["score"] for line in
             (workdir / "eval" / "test" / "predictions.jsonl").read_text().splitlines()]
-  run_lib.evaluate_split(run_lib.restore(workdir, step=2), "test", out_dir=tmp_path / "step2")
+  restored = run_lib.restore(workdir)  # No step: the best on validation, as eval.py's default.
+  assert restored.step == 2
+  run_lib.evaluate_split(restored, "test", out_dir=tmp_path / "step2")
   step_2 = [json.loads(line)["score"] for line in
             (tmp_path / "step2" / "predictions.jsonl").read_text().splitlines()]
   assert tested == step_2
