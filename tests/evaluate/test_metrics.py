@@ -61,6 +61,60 @@ def test_heatmap_points_at_the_attended_patch():
   assert heat[1, 3] == pytest.approx(0.5)
 
 
+def test_heatmap_averages_the_heads():
+  """Heads that attend differently are averaged (not one head's peak taken): the map is the
+  NumPy mean over heads, then over the question's words, scaled to [0, 1]."""
+  rng = np.random.default_rng(0)
+  heads, lt, g = 4, 6, 3
+  w = rng.random((heads, lt, 1 + g * g))
+  mask = np.array([1, 1, 1, 1, 1, 0])  # CLS, three words, SEP, padding
+  words = w[:, 1:4, 1:].mean(axis=(0, 1)).reshape(g, g)
+  want = (words - words.min()) / (words.max() - words.min())
+  np.testing.assert_allclose(visualize.patch_heatmap(w, mask), want, atol=1e-12)
+
+
+def test_the_picture_overlays_the_heatmap_on_the_image():
+  """The right panel is the image (the left panel) with red blended in where the question
+  attends: 60% red at the hottest patch, the image itself where the heatmap is 0."""
+  y, x = np.mgrid[0:32, 0:32]
+  pixels = np.stack([4 * x + 40, 4 * y + 40, np.full_like(x, 90)], -1).astype(np.uint8)
+  image = Image.fromarray(pixels)
+  g, size = 8, 384
+  heat = np.zeros((g, g))
+  heat[2, 5] = 1.0
+  drawn = np.asarray(visualize.render(image, heat, ["is"], np.array([0.5]), "is it?",
+                                      [("no", 0.5)], size=size)).astype(float)
+  left, right = drawn[:size, :size], drawn[:size, size:2 * size]
+  cell = size // g
+  centre = (2 * cell + cell // 2, 5 * cell + cell // 2)
+  red = np.array([255, 40, 0])
+  np.testing.assert_allclose(right[centre], 0.6 * red + 0.4 * left[centre], atol=3)
+  # The reddest cell of the overlay (red against the image) is the hot one.
+  redness = (right[..., 0] - left[..., 0]).reshape(g, cell, g, cell).mean(axis=(1, 3))
+  assert np.unravel_index(redness.argmax(), redness.shape) == (2, 5)
+  # Cells at least two away from the hot one (beyond the resize's reach) are untouched.
+  far = np.ones((g, g), bool)
+  far[0:5, 3:8] = False
+  far = np.kron(far, np.ones((cell, cell), bool))
+  assert far.sum() > size * size / 2 and np.array_equal(right[far], left[far])
+
+
+def test_the_gate_bars_are_as_long_as_the_gates():
+  """Each question token's bar is 200 pixels at gate 1, proportionally shorter below: its
+  length, in the bar colour, read off the picture row by row."""
+  gates = np.array([0.1, 0.3, 0.8, 1.0])
+  tokens = ["[CLS]", "is", "it", "[SEP]"]
+  drawn = np.asarray(visualize.render(Image.new("RGB", (32, 32), "gray"), np.zeros((4, 4)),
+                                      tokens, gates, "is it?", [("no", 0.5)]))
+  bar = np.all(drawn[384:] == (40, 90, 200), axis=-1)  # Below the image panels.
+  widths = bar.sum(axis=1)
+  rows = np.flatnonzero(widths)
+  bands = np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1)
+  assert len(bands) == len(gates)
+  for band, gate in zip(bands, gates):
+    assert np.ptp(widths[band]) == 0 and abs(widths[band[0]] - 200 * gate) <= 1, (band, gate)
+
+
 def test_the_picture_shows_small_scores():
   """The generative head's sequence probabilities are small (1e-5): two answers of different
   scores once both read 0.000. The pictures differ now."""

@@ -512,9 +512,10 @@ def test_predict_prints_ranked_answers_and_writes_the_picture(straight, tmp_path
   # checkpoint (here the other one saved).
   other = ({SAVE, STEPS} - {tested}).pop()
   png = tmp_path / "answer.png"
+  image_path = ASSETS / "vqa_rad_sample" / "images" / "synpic54610.jpg"
+  question = " ".join(["is there a fracture"] * 10)
   out = _run([sys.executable, str(ROOT / "launch" / "predict.py"), f"--checkpoint_dir={workdir}",
-              f"--image={ASSETS / 'vqa_rad_sample' / 'images' / 'synpic54610.jpg'}",
-              "--question=" + " ".join(["is there a fracture"] * 10), "--top=3",
+              f"--image={image_path}", f"--question={question}", "--top=3",
               f"--out={png}", f"--step={other}"], devices=1)
   assert ("warning: the question takes 42 word pieces (its start and end pieces included); the "
           "model reads 24: the question cut to its first 22") in out.stderr
@@ -531,6 +532,50 @@ def test_predict_prints_ranked_answers_and_writes_the_picture(straight, tmp_path
   assert result["protocol"].startswith("open-set")
   with Image.open(png) as img:
     assert img.size[0] >= 768 and img.size[1] > 384
+    got = np.asarray(img.convert("RGB"), np.int32)
+  # The answers, their scores (to the 6 digits printed) and the picture are the model's, as
+  # predict.py documents them, computed here: the attention of the last fusion layer (the demo
+  # has 2), the gates' mean over channels. (The image as built: test_vqa_eval's classifier
+  # run shrinks it.)
+  import jax
+  from medvqa_jax.data import builders, pipeline
+  from medvqa_jax.evaluate import run as run_lib
+  from medvqa_jax.evaluate import visualize
+  from medvqa_jax.models.amif import AMiF
+  r = run_lib.restore(workdir, step=other, answering=True)
+  predictor = r.predictor()
+  picture = builders.read_as_built(image_path, r.config.data.get("max_side"))
+  example = pipeline._Example("vqa", r.tokenizer, r.model.image.image_size, "test")(
+      {"id": "q", "image": np.asarray(picture), "question": question, "answers": [""]})
+  inputs = [example[k][None] for k in ("images", "input_ids", "attention_mask")]
+  prior = (predictor.prior_ids, predictor.prior_mask)
+  fused = jax.jit(lambda v, *x: r.model.apply(v, *x, *prior, return_weights=True,
+                                              method=AMiF.vqa))({"params": r.params}, *inputs)
+  ranked = jax.jit(lambda v, *x: r.model.apply(
+      v, *x, *prior, predictor.cand_ids, predictor.cand_mask, k=predictor.k,
+      pack=predictor.pack, method=AMiF.rank))({"params": r.params}, *inputs)
+  assert r.model.head == "generative" and len(fused["fusion_text_weights"]) == 2
+  idx, logp = np.asarray(ranked["topk"][0]), np.asarray(ranked["scores"][0], np.float64)
+  top = [(r.answers[idx[i]], float(np.exp(logp[i])))
+         for i in np.argsort(-logp, kind="stable")[:3]]
+  assert [a["answer"] for a in result["answers"]] == [a for a, _ in top]
+  assert scores == pytest.approx([s for _, s in top], rel=2e-5)
+  mask = np.asarray(example["attention_mask"], bool)
+  tokens = r.tokenizer.hf.convert_ids_to_tokens(example["input_ids"][mask].tolist())
+  gates = np.asarray(fused["gate"][0, :len(mask)])
+
+  def draw(layer=-1, gate=gates.mean(axis=-1)):
+    heat = visualize.patch_heatmap(np.asarray(fused["fusion_text_weights"][layer][0]), mask)
+    drawn = visualize.render(picture, heat, tokens, gate[mask], question, top)
+    return np.asarray(drawn, np.int32)
+
+  # Rounding (another process) may move a few pixels a little; any other picture differs by
+  # far more: the first layer's attention, the gates' maximum.
+  differ = lambda want: float(np.mean(np.abs(want - got) > 16))  # The pixels' share.
+  want = draw()
+  assert want.shape == got.shape and differ(want) < 1e-3, differ(want)
+  for wrong in (draw(layer=0), draw(gate=gates.max(axis=-1))):
+    assert differ(wrong) > 1e-2, differ(wrong)
   # An empty question is refused.
   base = [sys.executable, str(ROOT / "launch" / "predict.py"), f"--checkpoint_dir={workdir}",
           f"--image={ASSETS / 'vqa_rad_sample' / 'images' / 'synpic54610.jpg'}", "--out="]
