@@ -36,8 +36,9 @@ def _config(corpus, data_dir, workdir, val_fraction=0.0, **teacher):
   config.teacher.logit_scale = 50.0
   config.teacher.update(teacher)
   config.model.fusion.update(width=64, layers=1, heads=4, mlp_dim=128)
+  # Stored shrunk below the sample images' 112 px: what reads a run's images reads them so.
   config.data.update(name="captions_jsonl", dir=str(data_dir), source_dir=str(corpus),
-                     val_fraction=val_fraction)
+                     val_fraction=val_fraction, max_side=48)
   config.optim.total_steps = 2
   config.train.update(workdir=str(workdir), batch_size=4, save_every=2, eval_every=2,
                       tensorboard=False)
@@ -153,7 +154,7 @@ def test_pretraining_validates_on_the_held_out_slice(corpus, tmp_path, capsys):
     run_lib.evaluate_split(restored, "test")
 
   # embed.py embeds with the run's global embeddings (its best step): those of the model's own
-  # pre-training pass on the images as built (data.max_side) and the questions as read.
+  # pre-training pass on the images as built (data.max_side, 48) and the questions as read.
   rows = list({r["image"]: r for r in helpers.sample_caption_rows()}.values())[:2]
   out = subprocess.run(
       [sys.executable, str(ROOT / "launch" / "embed.py"), f"--checkpoint_dir={workdir}"]
