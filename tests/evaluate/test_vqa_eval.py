@@ -4,6 +4,8 @@ count), predictions are matched to their own questions, and the protocol's answe
 import json
 import logging
 import os
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from medvqa_jax.train import checkpoint as ckpt_lib
 from medvqa_jax.train import sharding
 
 SIZE = 16
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -598,8 +601,6 @@ def test_a_classifier_run_answers_alike_in_its_test_and_in_predict(tmp_path):
   """A classifier run end to end: predict.py's first answer and score for a test question are
   the run's test prediction and its softmax probability, for an image predict.py reads as the
   build stored it (shrunk to the run's data.max_side); its answers come most probable first."""
-  import subprocess
-  import sys
   from medvqa_jax.train import loop
   config = helpers.tiny_config()
   config.model.head = "classifier"
@@ -615,7 +616,7 @@ def test_a_classifier_run_answers_alike_in_its_test_and_in_predict(tmp_path):
   (record,) = [r for r in json.loads((source / "testset.json").read_text())
                if str(r["qid"]) == row["qid"]]
   out = subprocess.run(
-      [sys.executable, str(Path(__file__).resolve().parents[2] / "launch" / "predict.py"),
+      [sys.executable, str(ROOT / "launch" / "predict.py"),
        f"--checkpoint_dir={workdir}", f"--image={source / 'images' / record['image_name']}",
        f"--question={row['question']}", "--top=4", "--out="], capture_output=True, text=True)
   assert out.returncode == 0, out.stderr
