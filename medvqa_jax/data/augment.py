@@ -44,12 +44,13 @@ def image(x) -> Image.Image:
     img = Image.fromarray(np.asarray(x, np.uint8))
   if img.mode == "L":
     return img
-  return _one_band(img if img.mode == "RGB" else img.convert("RGB"))
+  return one_band(img if img.mode == "RGB" else img.convert("RGB"))
 
 
-def _one_band(img: Image.Image) -> Image.Image:
-  """An RGB image whose bands are all equal as its one band (L), else itself. The centre
-  pixel settles most colour images at once; the rest are compared whole (0.3 ms a picture)."""
+def one_band(img: Image.Image) -> Image.Image:
+  """An RGB image whose bands are all equal as its one band (L), else itself (builds store a
+  grey picture so: `builders.encode_image`). The centre pixel settles most colour images at
+  once; the rest are compared whole (0.3 ms a picture)."""
   r, g, b = img.getpixel((img.width // 2, img.height // 2))
   if not r == g == b:
     return img

@@ -2,10 +2,11 @@
 
 One builder per dataset reads the user's download layout through `sources` and writes
 records with a stable id. Images are decoded once at build time (which finds corrupt ones),
-converted to RGB and optionally shrunk to `max_side`, and stored as JPEG. Bad records (a
-missing or corrupt image, a malformed row, an empty question) are reported with their file
-and record and skipped; if more than `max_bad_fraction` of a split is bad the build fails (each
-split on its own: a test split short of its records gives numbers that compare with no other).
+converted to RGB and optionally shrunk to `max_side`, and stored as JPEG (a grey picture as
+its one band). Bad records (a missing or corrupt image, a malformed row, an empty question)
+are reported with their file and record and skipped; if more than `max_bad_fraction` of a
+split is bad the build fails (each split on its own: a test split short of its records gives
+numbers that compare with no other).
 TFDS builds into a temporary folder and renames it when complete, so an interrupted or
 failed build leaves nothing that reads as a dataset, and building again is a no-op.
 """
@@ -27,6 +28,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from medvqa_jax.data import answers as answers_lib
+from medvqa_jax.data import augment
 from medvqa_jax.data import image as image_lib
 from medvqa_jax.data import sources
 
@@ -55,9 +57,12 @@ class DataError(ValueError):
 
 
 def encode_image(source, max_side: int | None, quality: int = 95) -> bytes:
-  """RGB JPEG bytes of an image file or bytes, upright (turned by its EXIF orientation), its
-  shorter side at most `max_side` (`SHRINK`). An upright RGB JPEG that needs no shrinking is
-  kept byte for byte."""
+  """JPEG bytes of an image file or bytes as RGB, upright (turned by its EXIF orientation), its
+  shorter side at most `max_side` (`SHRINK`); a grey picture (three equal bands) as its one
+  band, which decodes to the same pixels as the RGB JPEG it would otherwise be (libjpeg's
+  luma of equal bands is the band, its chroma constant) in half the time (the pipeline then
+  augments it as one band: `augment.image`). An upright RGB or grey JPEG that needs no
+  shrinking is kept byte for byte."""
   if max_side is not None and max_side < 0:
     raise ValueError(f"max_side={max_side}: the shorter side to shrink images to, 0 or more")
   try:
@@ -70,7 +75,7 @@ def encode_image(source, max_side: int | None, quality: int = 95) -> bytes:
     raise ValueError("a folder, not an image file") from None
   except (OSError, ValueError) as e:  # Reading the file, or `decode`'s reason.
     raise ValueError(f"unreadable image ({e})") from None
-  if (img.format == "JPEG" and img.mode == "RGB" and not turned
+  if (img.format == "JPEG" and img.mode in ("RGB", "L") and not turned
       and not (max_side and min(img.size) > max_side)):
     return data
   try:
@@ -84,6 +89,7 @@ def encode_image(source, max_side: int | None, quality: int = 95) -> bytes:
   if max(img.size) > _JPEG_MAX_SIDE:  # PIL's save then fails with "broken data stream".
     raise ValueError(f"{img.width} x {img.height} pixels: a side over JPEG's "
                      f"{_JPEG_MAX_SIDE:,} pixels (--max_side shrinks the shorter side only)")
+  img = augment.one_band(img)
   out = io.BytesIO()
   try:
     img.save(out, format="JPEG", quality=quality)
