@@ -16,6 +16,11 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")  # gs://..., s3://...
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
+# transformers, imported for its tokenizers, advises at import that without PyTorch "Models
+# won't be available": true of its models, which these commands do not use (its only
+# advisory warning, in v5).
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 # JAX logs at INFO each accelerator plugin it does not find (e.g. no TPU on a GPU machine).
 logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 

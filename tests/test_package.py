@@ -59,6 +59,27 @@ def test_embed_command_on_the_embedded_default():
   assert bogus.returncode != 0 and "unknown attention 'bogus'" in bogus.stderr, bogus.stderr
 
 
+def test_commands_run_without_torch_and_do_not_say_it_is_missing():
+  """The main job's install has no torch. transformers, imported for its tokenizers, then
+  advised at import that "Models won't be available", among the first lines of the main
+  command's output, though no command uses its models: the commands leave that out."""
+  bare = _python(HIDE_TORCH + "import transformers")
+  assert bare.returncode == 0 and "PyTorch was not found" in bare.stderr  # What it says.
+  out = _python(HIDE_TORCH + textwrap.dedent("""
+      import runpy
+      sys.argv = ["launch/embed.py", "--config=configs/demo.py"]
+      sys.path.insert(0, "launch")  # As `python launch/embed.py` puts its folder first.
+      try:
+        runpy.run_path("launch/embed.py", run_name="__main__")
+      finally:
+        print("torch" in sys.modules)
+      """))
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip().endswith("False")
+  assert json.loads(out.stdout.strip().splitlines()[-2])["image_tokens"] == [4, 65, 64]
+  assert "PyTorch" not in out.stderr, out.stderr
+
+
 def test_embed_command_with_a_checkpoint_override(minilm_dir, tmp_path):
   """Questions are read as training reads them: two spellings of one question embed alike."""
   out = _run("launch/embed.py", "--config=configs/base.py:image=tiny,text=minilm",
