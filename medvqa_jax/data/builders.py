@@ -158,6 +158,17 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
     return _LocalInfo(builder=self, features=self._features(),
                       metadata=tfds.core.MetadataDict())
 
+  # TFDS prints "Downloading and preparing dataset Unknown size (download: Unknown size, ...)"
+  # before a build and "downloaded and prepared" after it: nothing is downloaded here.
+  def _log_download_bytes(self):
+    shrink = (f", images shrunk to a shorter side of at most {self.max_side} px"
+              if self.max_side else "")
+    print(f"building {self.name} from {self.source_dir} into {self.root_dir}{shrink}...",
+          flush=True)
+
+  def _log_download_done(self):
+    print(f"built {self.name} in {self.data_dir}", flush=True)
+
   def _read(self) -> dict:
     if self.source_dir is None:
       raise ValueError(f"building {self.name} needs source_dir")

@@ -422,7 +422,7 @@ def test_a_held_out_slice_names_the_split_its_skipped_records_are_of(tmp_path):
   assert "skipped_from" not in test and "warning" not in vqa.summary(test)
 
 
-def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path):
+def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path, capsys):
   src, rows = _vqa_source(tmp_path, n=8)
   _write(src, rows, rows[:2])
   out = tmp_path / "out"
@@ -431,9 +431,15 @@ def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path):
   (killed / "vqa_rad-train.array_record-00000-of-00001").write_bytes(b"partial")
   folder = builders.build("vqa_rad", src, out, max_side=16)
   assert not killed.exists()
+  # The build says what it does (TFDS said "Downloading and preparing dataset Unknown size").
+  said = capsys.readouterr().out
+  assert "ownload" not in said
+  assert (f"building vqa_rad from {src} into {out}, images shrunk to a shorter side of at "
+          f"most 16 px...\nbuilt vqa_rad in {folder}\n") in said
   stamp = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
   builders.build("vqa_rad", src, out, max_side=16)
   assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
+  assert "building" not in capsys.readouterr().out  # Nothing to build.
   # A build with other options is refused, not silently reused, and the build is untouched.
   for options, differs in (({"max_side": 32}, "max_side 16 (asked: 32)"),
                            ({}, "max_side 16 (asked: 'full size')"),
