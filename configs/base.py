@@ -133,9 +133,10 @@ def get_config(arg=None):
       # reader_options: the options of the dataset's reader that it takes (SLAKE's question
       # language; VQA-RAD's test_frames, False to leave out the template rewrites of test
       # questions), as prepare_data.py's --language and --test_frames: a build with others
-      # is refused, not read. workers: processes making the training batches (0: this one,
-      # two at a time: enough for a CPU, not for a GPU's paper-size step, which the run
-      # notes; the batches are the same whatever the count).
+      # is refused, not read. workers: processes making the training batches, each two at a
+      # time in two threads (up to 2 x workers cores; 0: this one, likewise: enough for a
+      # CPU, not for a GPU's paper-size step, which the run notes; the batches are the same
+      # whatever the count).
       data=dict(name=unset(str), dir=unset(str), source_dir=unset(str), max_side=512,
                 train_split="train", val_split="validation", val_fraction=0.1,
                 test_split="test", closed_set=False, workers=0,
