@@ -62,13 +62,20 @@ def encode_image(source, max_side: int | None, quality: int = 95) -> bytes:
   band, which decodes to the same pixels as the RGB JPEG it would otherwise be (libjpeg's
   luma of equal bands is the band, its chroma constant) in half the time (the pipeline then
   augments it as one band: `augment.image`). An upright RGB or grey JPEG that needs no
-  shrinking is kept byte for byte."""
+  shrinking is kept byte for byte. Of a file of several frames (a multi-page TIFF, an animated
+  GIF or PNG), the first is stored, with a warning naming the file (not of a camera's MPO,
+  whose first frame is the picture)."""
   if max_side is not None and max_side < 0:
     raise ValueError(f"max_side={max_side}: the shorter side to shrink images to, 0 or more")
   try:
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     img = image_lib.decode(data)
     turned = image_lib.needs_turning(img)
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1 and img.format != "MPO":
+      log.warning("%s holds %d frames (%s): only the first is stored",
+                  "an image given as bytes" if isinstance(source, bytes) else source, frames,
+                  img.format)
   except FileNotFoundError:
     raise ValueError("image file not found") from None
   except IsADirectoryError:

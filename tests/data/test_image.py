@@ -1,6 +1,7 @@
 """Image decoding (medvqa_jax/data/image.py) of the modes medical images come in."""
 
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -298,3 +299,29 @@ def test_load_image_reads_the_whole_picture_into_the_towers_square(tmp_path):
     np.testing.assert_array_equal(got, want)
   with pytest.raises(ValueError, match="no-such.png"):
     image_lib.load_image(tmp_path / "no-such.png", 32)
+
+
+def test_only_the_first_frame_of_a_multi_frame_file_is_stored_and_that_is_said(tmp_path,
+                                                                                caplog):
+  """A multi-page TIFF or an animated GIF or PNG was stored as its first frame without a
+  word; the build now warns, naming the file. A camera's MPO, whose first frame is the
+  picture (the others previews or the second eye), is stored so quietly."""
+  red = Image.new("RGB", (30, 20), (200, 10, 10))
+  green = Image.new("RGB", (30, 20), (10, 200, 10))
+  for fmt, suffix in (("TIFF", "tif"), ("GIF", "gif"), ("PNG", "png"), ("MPO", "jpg")):
+    path = tmp_path / f"frames.{suffix}"
+    red.save(path, fmt, save_all=True, append_images=[green])
+    assert Image.open(path).n_frames == 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medvqa_jax.data.builders"):
+      stored = np.asarray(Image.open(io.BytesIO(builders.encode_image(path, None))))
+    assert np.abs(stored[5, 5].astype(int) - [200, 10, 10]).max() <= 3, fmt  # The first.
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ([] if fmt == "MPO" else
+                    [f"{path} holds 2 frames ({fmt}): only the first is stored"]), fmt
+  red.save(tmp_path / "one.gif")
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="medvqa_jax.data.builders"):
+    builders.encode_image(tmp_path / "one.gif", None)
+  assert not caplog.records
+
