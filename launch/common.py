@@ -255,11 +255,12 @@ def _urls() -> list[str]:
 
 
 def _own_error(error: BaseException) -> str | None:
-  """Where this project raised `error` on purpose, if it did: a ValueError or
-  FileNotFoundError (bad config values, missing or bad input files and checkpoints) whose
-  innermost frame is in medvqa_jax/ or launch/. Those messages say what is wrong and what to
-  do; a library's errors and everything else keep their traceback."""
-  if not isinstance(error, (ValueError, FileNotFoundError)):
+  """Where this project raised `error` on purpose, if it did: a ValueError, FileNotFoundError
+  or PermissionError (bad config values, missing or bad input files and checkpoints, an
+  output folder that cannot be written) whose innermost frame is in medvqa_jax/ or launch/.
+  Those messages say what is wrong and what to do; a library's errors and everything else
+  keep their traceback."""
+  if not isinstance(error, (ValueError, FileNotFoundError, PermissionError)):
     return None
   tb = error.__traceback__
   if tb is None:

@@ -201,6 +201,23 @@ def test_eval_and_predict_say_what_is_missing(tmp_path):
   # A folder without checkpoints, the same error as eval.py's (evaluate.run.restore).
   assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
   assert out.stderr.startswith(f"error: no complete checkpoint in {tmp_path}\n(raised at ")
+  # A picture's folder that cannot be written: refused before restoring, not after answering
+  # (the tests run as root, who may write anywhere: os.access says no for that folder).
+  shut = tmp_path / "shut"
+  shut.mkdir()
+  out = _python(textwrap.dedent(f"""
+      import os, runpy, sys
+      real = os.access
+      os.access = lambda p, mode, *a, **k: (not (mode & os.W_OK and str(p) == {str(shut)!r})
+                                            and real(p, mode, *a, **k))
+      sys.path.insert(0, "launch")
+      sys.argv = ["launch/predict.py", "--checkpoint_dir={tmp_path}", "--image={image}",
+                  "--question=q", "--out={shut / 'a.png'}"]
+      runpy.run_path("launch/predict.py", run_name="__main__")
+      """))
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+  assert out.stderr.startswith(f"error: --out={shut / 'a.png'}: {shut} cannot be written: "
+                               "name a picture elsewhere"), out.stderr
 
 
 def test_readme_example_runs(hf_clip, minilm_dir):
