@@ -257,10 +257,12 @@ def _urls() -> list[str]:
 def _own_error(error: BaseException) -> str | None:
   """Where this project raised `error` on purpose, if it did: a ValueError, FileNotFoundError
   or PermissionError (bad config values, missing or bad input files and checkpoints, an
-  output folder that cannot be written) whose innermost frame is in medvqa_jax/ or launch/.
-  Those messages say what is wrong and what to do; a library's errors and everything else
-  keep their traceback."""
-  if not isinstance(error, (ValueError, FileNotFoundError, PermissionError)):
+  output folder that cannot be written), or an ImportError of a message of its own (a
+  PyTorch checkpoint without torch; a failed `import` names its module instead), whose
+  innermost frame is in medvqa_jax/ or launch/. Those messages say what is wrong and what to
+  do; a library's errors and everything else keep their traceback."""
+  own_import = isinstance(error, ImportError) and error.name is None
+  if not (own_import or isinstance(error, (ValueError, FileNotFoundError, PermissionError))):
     return None
   tb = error.__traceback__
   if tb is None:

@@ -220,6 +220,48 @@ def test_eval_and_predict_say_what_is_missing(tmp_path):
                                "name a picture elsewhere"), out.stderr
 
 
+def test_a_pytorch_checkpoint_without_torch_is_one_error_line(hf_bert_pretraining):
+  """The main job's install has no torch, and Bio_ClinicalBERT, the paper's text tower, comes
+  as a pytorch_model.bin: the command's refusal, which says what to do, came under a
+  traceback. A failed import of a missing module keeps its traceback."""
+  folder = hf_bert_pretraining[1]
+  run = HIDE_TORCH + textwrap.dedent(f"""
+      import runpy
+      sys.path.insert(0, "launch")
+      sys.argv = ["launch/embed.py", "--config=configs/base.py:image=tiny,text=minilm",
+                  "--config.model.text.checkpoint={folder}"]
+      runpy.run_path("launch/embed.py", run_name="__main__")
+      """)
+  out = _python(run)
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+  assert out.stderr.startswith(f"error: {folder / 'pytorch_model.bin'} is a PyTorch pickle and "
+                               "reading it needs torch, which is not installed."), out.stderr
+  assert "(raised at medvqa_jax/models/state_dict.py:" in out.stderr
+  # A failed import in the project's code (pypng, which 16-bit colour PNGs need) is not one.
+  sys.path.insert(0, str(ROOT / "launch"))
+  try:
+    import common
+  finally:
+    sys.path.remove(str(ROOT / "launch"))
+  import io
+
+  import png
+  from PIL import Image
+
+  from medvqa_jax.data import image as image_lib
+  deep = io.BytesIO()
+  png.Writer(2, 2, greyscale=False, bitdepth=16).write(deep, [[0] * 6, [65535] * 6])
+  saved, sys.modules["png"] = sys.modules["png"], None
+  try:
+    image_lib.full_depth(Image.open(io.BytesIO(deep.getvalue())), deep.getvalue())
+  except ImportError as e:
+    assert e.name == "png" and common._own_error(e) is None
+  else:
+    raise AssertionError("no ImportError")
+  finally:
+    sys.modules["png"] = saved
+
+
 def test_readme_example_runs(hf_clip, minilm_dir):
   """The README's Python example, with its checkpoint folders pointed at a tiny CLIPModel
   and the real MiniLM (the output sizes change accordingly)."""
