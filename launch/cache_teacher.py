@@ -17,7 +17,6 @@ one JSON line: the count, embedding width, teacher fingerprint and output path.
 """
 
 import json
-import os
 from pathlib import Path
 
 import common  # Puts the repository root on sys.path.
@@ -30,6 +29,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 64, "Examples per forward pass.", lo
 
 def main(argv):
   del argv
+  from medvqa_jax import files as files_lib
   from medvqa_jax.data import splits as splits_lib
   from medvqa_jax.losses import teacher as teacher_lib
   config = _CONFIG.value
@@ -37,12 +37,9 @@ def main(argv):
   out = Path(_OUT.value)  # Refused before the embeddings are computed, not after.
   if out.is_dir():
     raise ValueError(f"--out={out}: is a folder; name the cache file to write (.npz)")
-  folder = out.absolute().parent  # Made by the save where missing: its first existing one.
-  while not folder.exists():
-    folder = folder.parent
-  if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-    raise ValueError(f"--out={out}: cannot be written ({folder} is "
-                     f"{'a file' if not folder.is_dir() else 'a folder not writable here'})")
+  blocked = files_lib.unwritable(out.absolute().parent)  # Made by the save where missing.
+  if blocked:
+    raise ValueError(f"--out={out}: cannot be written ({blocked[0]} is {blocked[1]})")
   splits_lib.check_kind(dc, "caption", reader="launch/cache_teacher.py")
   splits_lib.ensure_built(dc)
   records = teacher_lib.dataset_records(dc.dir, dc.name, dc.train_split)

@@ -38,3 +38,19 @@ def temporary(path: str | os.PathLike) -> Path:
         except FileNotFoundError:
           pass
   return Path(f"{prefix}{os.getpid()}")
+
+
+def unwritable(folder: str | os.PathLike) -> tuple[Path, str] | None:
+  """None if `folder` can be written into here, or made (with the folders above it that are
+  missing); else (the nearest existing path at or above it, why not: "a file" or "a folder
+  not writable here"). Checked before long work, whose results were lost at the end. (A
+  process of root passes the check anywhere but on a read-only filesystem.)"""
+  there = Path(folder).absolute()
+  while not there.exists() and there != there.parent:
+    there = there.parent
+  if not there.is_dir():
+    return there, "a file"
+  if not os.access(there, os.W_OK | os.X_OK):
+    return there, "a folder not writable here"
+  return None
+

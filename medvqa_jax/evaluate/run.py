@@ -8,12 +8,12 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 
 import jax
 import ml_collections
 
+from medvqa_jax import files as files_lib
 from medvqa_jax.data import builders
 from medvqa_jax.data import splits as splits_lib
 from medvqa_jax.data import tokenizer as tokenizer_lib
@@ -236,13 +236,11 @@ def output_folder(out_dir, default: Path) -> Path:
   out = Path(out_dir) if out_dir is not None else default
 
   def check():
-    there = out
-    while not there.exists() and there != there.parent:
-      there = there.parent
-    if not there.is_dir() or not os.access(there, os.W_OK):
+    blocked = files_lib.unwritable(out)
+    if blocked:
       raise PermissionError(
-          f"{out}: {there} cannot be written" + (" (a read-only run folder?)"
-                                                   if out_dir is None else "")
+          f"{out}: {blocked[0]} cannot be written" + (" (a read-only run folder?)"
+                                                      if out_dir is None else "")
           + ": pass --out=FOLDER to write the results elsewhere")
 
   distributed.on_first_process("write the evaluation's results", check)

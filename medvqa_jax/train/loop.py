@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medvqa_jax import files as files_lib
 from medvqa_jax.data import pipeline
 from medvqa_jax.data import splits as splits_lib
 from medvqa_jax.data import tokenizer as tokenizer_lib
@@ -536,6 +537,14 @@ def train(config, workdir=None, stream=None) -> dict:
 
 def _train(config, workdir, stream, lock: _RunLock) -> dict:
   workdir = workdir_of(config, workdir)
+
+  def writable():  # Before the data is built and the model made, not when the folder is.
+    blocked = files_lib.unwritable(workdir)
+    if blocked:
+      raise ValueError(f"the work folder {workdir} (train.workdir) cannot be written "
+                       f"({blocked[0]} is {blocked[1]}): name one you can write")
+
+  distributed.on_first_process("make the run folder", writable)
   # The data folders as absolute paths, in the config the run records: evaluating or
   # predicting from another folder reads the same dataset (a relative one was rebuilt there).
   for field in ("dir", "source_dir"):

@@ -446,7 +446,7 @@ def test_results_that_cannot_be_written_are_refused_before_answering(tmp_path, m
   locked = tmp_path / "run"
   locked.mkdir()
   # Readable, not writable.
-  monkeypatch.setattr(run_lib.os, "access",
+  monkeypatch.setattr(os, "access",
                       lambda path, mode: Path(path) != locked or not mode & os.W_OK)
   with pytest.raises(PermissionError, match=rf"{locked}/eval/test-step4: {locked} cannot be "
                      r"written \(a read-only run folder\?\): pass --out=FOLDER"):

@@ -3,6 +3,7 @@ names: the run keeps a copy of its tokenizer and records its towers' module fiel
 resuming, evaluating and predicting read neither (a run folder can move to another machine)."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -116,6 +117,23 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
   with pytest.raises(ValueError, match=r"the work folder .*file \(train.workdir\) is a file"):
     loop.train(config, workdir=tmp_path / "file")
   assert (tmp_path / "file").read_text() == "notes"
+  # One that cannot be written (or made) is refused before the dataset is built and the model
+  # made: a PermissionError came when the folder was made, after both. (os.access says no:
+  # the tests may run as root, whom no mode stops.)
+  shut = tmp_path / "shut"
+  shut.mkdir()
+  real_access = os.access
+  with monkeypatch.context() as m:
+    m.setattr(os, "access", lambda path, mode, *a, **k: (
+        not (Path(path) == shut and mode & os.W_OK) and real_access(path, mode, *a, **k)))
+    fresh = config.copy_and_resolve_references()
+    fresh.data.dir = str(tmp_path / "fresh_data")
+    for workdir in (shut, shut / "run" / "one"):
+      with pytest.raises(ValueError, match=re.escape(
+          f"the work folder {workdir} (train.workdir) cannot be written ({shut} is a folder "
+          "not writable here): name one you can write")):
+        loop.train(fresh, workdir=workdir)
+  assert not (tmp_path / "fresh_data").exists() and not any(shut.iterdir())
   model, _, loaded = amif.initializer(config)
   assert "text" in loaded and "decoder" in loaded  # Both read from the checkpoint.
   metrics = loop.train(config)
