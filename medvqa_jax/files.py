@@ -53,4 +53,3 @@ def unwritable(folder: str | os.PathLike) -> tuple[Path, str] | None:
   if not os.access(there, os.W_OK | os.X_OK):
     return there, "a folder not writable here"
   return None
-

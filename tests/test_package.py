@@ -46,6 +46,16 @@ def _run(*args):
                         cwd=ROOT)
 
 
+def _run_after(prelude: str, script: str, *args):
+  """`python SCRIPT ARGS...` with `prelude` run first in its process (e.g. HIDE_TORCH)."""
+  return _python(prelude + textwrap.dedent(f"""
+      import runpy, sys
+      sys.path.insert(0, "launch")  # As `python launch/X.py` puts its folder first.
+      sys.argv = {[script, *args]!r}
+      runpy.run_path({script!r}, run_name="__main__")
+      """))
+
+
 def test_embed_command_on_the_embedded_default():
   out = _run("launch/embed.py", "--config=configs/demo.py")
   assert out.returncode == 0, out.stderr
@@ -65,15 +75,8 @@ def test_commands_run_without_torch_and_do_not_say_it_is_missing():
   command's output, though no command uses its models: the commands leave that out."""
   bare = _python(HIDE_TORCH + "import transformers")
   assert bare.returncode == 0 and "PyTorch was not found" in bare.stderr  # What it says.
-  out = _python(HIDE_TORCH + textwrap.dedent("""
-      import runpy
-      sys.argv = ["launch/embed.py", "--config=configs/demo.py"]
-      sys.path.insert(0, "launch")  # As `python launch/embed.py` puts its folder first.
-      try:
-        runpy.run_path("launch/embed.py", run_name="__main__")
-      finally:
-        print("torch" in sys.modules)
-      """))
+  out = _run_after(HIDE_TORCH + "import atexit\natexit.register(lambda: print('torch' in "
+                   "sys.modules))\n", "launch/embed.py", "--config=configs/demo.py")
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip().endswith("False")
   assert json.loads(out.stdout.strip().splitlines()[-2])["image_tokens"] == [4, 65, 64]
@@ -205,16 +208,13 @@ def test_eval_and_predict_say_what_is_missing(tmp_path):
   # (the tests run as root, who may write anywhere: os.access says no for that folder).
   shut = tmp_path / "shut"
   shut.mkdir()
-  out = _python(textwrap.dedent(f"""
-      import os, runpy, sys
+  out = _run_after(textwrap.dedent(f"""
+      import os
       real = os.access
       os.access = lambda p, mode, *a, **k: (not (mode & os.W_OK and str(p) == {str(shut)!r})
                                             and real(p, mode, *a, **k))
-      sys.path.insert(0, "launch")
-      sys.argv = ["launch/predict.py", "--checkpoint_dir={tmp_path}", "--image={image}",
-                  "--question=q", "--out={shut / 'a.png'}"]
-      runpy.run_path("launch/predict.py", run_name="__main__")
-      """))
+      """), "launch/predict.py", f"--checkpoint_dir={tmp_path}", f"--image={image}",
+                   "--question=q", f"--out={shut / 'a.png'}")
   assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
   assert out.stderr.startswith(f"error: --out={shut / 'a.png'}: {shut} cannot be written: "
                                "name a picture elsewhere"), out.stderr
@@ -225,14 +225,8 @@ def test_a_pytorch_checkpoint_without_torch_is_one_error_line(hf_bert_pretrainin
   as a pytorch_model.bin: the command's refusal, which says what to do, came under a
   traceback. A failed import of a missing module keeps its traceback."""
   folder = hf_bert_pretraining[1]
-  run = HIDE_TORCH + textwrap.dedent(f"""
-      import runpy
-      sys.path.insert(0, "launch")
-      sys.argv = ["launch/embed.py", "--config=configs/base.py:image=tiny,text=minilm",
-                  "--config.model.text.checkpoint={folder}"]
-      runpy.run_path("launch/embed.py", run_name="__main__")
-      """)
-  out = _python(run)
+  out = _run_after(HIDE_TORCH, "launch/embed.py", "--config=configs/base.py:image=tiny,text=minilm",
+                   f"--config.model.text.checkpoint={folder}")
   assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
   assert out.stderr.startswith(f"error: {folder / 'pytorch_model.bin'} is a PyTorch pickle and "
                                "reading it needs torch, which is not installed."), out.stderr
