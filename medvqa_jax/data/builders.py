@@ -27,6 +27,7 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from medvqa_jax import files as files_lib
 from medvqa_jax.data import answers as answers_lib
 from medvqa_jax.data import augment
 from medvqa_jax.data import image as image_lib
@@ -544,12 +545,17 @@ def build(name: str, source_dir, data_dir, **options) -> Path:
   if not is_built(data_dir, name):
     # The folders this build makes around the dataset: removed again if it fails.
     root = Path(data_dir).absolute()
-    for folder in (root, *root.parents):  # (mkdir's FileExistsError named no setting.)
-      if folder.exists() and not folder.is_dir():
-        raise ValueError(f"the data folder {root} cannot be made: {folder} is a file")
+    # mkdir's FileExistsError or PermissionError was a traceback naming no setting.
+    blocked = files_lib.unwritable(root)
+    if blocked:
+      raise ValueError(f"the data folder {root} cannot be made: {blocked[0]} is {blocked[1]}")
     made = [root / name, root / "downloads" / "extracted", root / "downloads"]
     made = [f for f in made + [root, *root.parents] if not f.exists()]
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+      root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # What os.access let through (root, on a filesystem of its own).
+      raise ValueError(f"the data folder {root} cannot be made: {e.strerror} "
+                       f"({e.filename})") from None
     lock_path = root / f".{name}.build-lock"
     with _locked(lock_path, name):
       # Removed by its holder (the processes waiting on it then find the dataset built), so

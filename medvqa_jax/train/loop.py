@@ -502,7 +502,11 @@ class _RunLock:
     for process 0 in a collective). Called by every process at the same point."""
     path, held = workdir / ".run-lock", False
     if jax.process_index() == 0 and self.file is None:
-      workdir.mkdir(parents=True, exist_ok=True)
+      try:
+        workdir.mkdir(parents=True, exist_ok=True)
+      except OSError as e:  # What `unwritable` let through (root, on a filesystem of its own).
+        raise ValueError(f"the work folder {workdir} (train.workdir) cannot be made: "
+                         f"{e.strerror} ({e.filename})") from None
       self.file = open(path, "a")
       try:
         fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import logging
+import os
 import pickle
 import re
 import subprocess
@@ -936,15 +937,38 @@ def test_prepare_data_builds_the_splits_and_language_asked_for(tmp_path):
   assert builders.built_options(out, "slake")["reader_options"] == {"language": "zh"}
 
 
-def test_a_data_or_source_folder_that_is_a_file_is_named(tmp_path):
-  """mkdir's FileExistsError (a traceback through every command that builds) and "does not
-  exist" for a source folder that is a file."""
+def test_a_data_or_source_folder_that_is_a_file_is_named(tmp_path, monkeypatch):
+  """mkdir's FileExistsError or PermissionError (a traceback through every command that
+  builds) and "does not exist" for a source folder that is a file."""
   src, rows = _vqa_source(tmp_path, n=4)
   _write(src, rows, rows[:1])
   (tmp_path / "notes").write_text("mine")
   with pytest.raises(ValueError, match=r"the data folder .*notes/tfds cannot be made: "
                      r".*notes is a file"):
     builders.build("vqa_rad", src, tmp_path / "notes" / "tfds")
+  # A folder that cannot be written (os.access says no: the tests may run as root), and one
+  # whose making fails all the same (root on sysfs: "Operation not permitted").
+  shut = tmp_path / "shut"
+  shut.mkdir()
+  real_access = os.access
+  with monkeypatch.context() as m:
+    m.setattr(os, "access", lambda path, mode, *a, **k: (
+        not (Path(path) == shut and mode & os.W_OK) and real_access(path, mode, *a, **k)))
+    with pytest.raises(ValueError, match=re.escape(
+        f"the data folder {shut / 'tfds'} cannot be made: {shut} is a folder not writable "
+        "here")):
+      builders.build("vqa_rad", src, shut / "tfds")
+
+  def refused(self, *a, **k):
+    raise PermissionError(1, "Operation not permitted", str(self))
+
+  with monkeypatch.context() as m:
+    m.setattr(Path, "mkdir", refused)
+    with pytest.raises(ValueError, match=re.escape(
+        f"the data folder {shut / 'tfds'} cannot be made: Operation not permitted "
+        f"({shut / 'tfds'})")):
+      builders.build("vqa_rad", src, shut / "tfds")
+  assert not any(shut.iterdir())
   with pytest.raises(ValueError, match=r"source folder .*trainset.json is a file, not a "
                      r"folder"):
     builders.build("vqa_rad", src / "trainset.json", tmp_path / "out")

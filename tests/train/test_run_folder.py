@@ -64,6 +64,19 @@ def _same(a: dict, b: dict):
   assert a == b
 
 
+def test_a_work_folder_that_cannot_be_made_is_named(tmp_path, monkeypatch):
+  """What the early check lets through (root may write anywhere but where the filesystem
+  says no, as sysfs does) was a PermissionError traceback when the folder was made."""
+  def refused(self, *a, **k):
+    raise PermissionError(1, "Operation not permitted", str(self))
+
+  monkeypatch.setattr(Path, "mkdir", refused)
+  with pytest.raises(ValueError, match=re.escape(
+      f"the work folder {tmp_path / 'run'} (train.workdir) cannot be made: Operation not "
+      f"permitted ({tmp_path / 'run'})")):
+    loop._RunLock().hold(tmp_path / "run")
+
+
 def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_checkpoint,
                                                                         tmp_path, caplog,
                                                                         monkeypatch):
