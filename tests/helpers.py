@@ -1,6 +1,7 @@
 """Helpers shared by the tests."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,14 @@ def count_calls(monkeypatch, owner, name: str) -> list:
 
   monkeypatch.setattr(owner, name, wrapper)
   return calls
+
+
+def unwritable(monkeypatch, folder) -> None:
+  """`folder` reads as not writable to os.access (for the rest of the test, or of a
+  `monkeypatch.context()`): the tests may run as root, whom no mode stops."""
+  real, folder = os.access, Path(folder)
+  monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: (
+      not (Path(path) == folder and mode & os.W_OK) and real(path, mode, *a, **k)))
 
 
 # Python code that makes torch unimportable in a subprocess, as on a machine without it.

@@ -5,7 +5,6 @@ import csv
 import io
 import json
 import logging
-import os
 import pickle
 import re
 import subprocess
@@ -950,10 +949,8 @@ def test_a_data_or_source_folder_that_is_a_file_is_named(tmp_path, monkeypatch):
   # whose making fails all the same (root on sysfs: "Operation not permitted").
   shut = tmp_path / "shut"
   shut.mkdir()
-  real_access = os.access
   with monkeypatch.context() as m:
-    m.setattr(os, "access", lambda path, mode, *a, **k: (
-        not (Path(path) == shut and mode & os.W_OK) and real_access(path, mode, *a, **k)))
+    helpers.unwritable(m, shut)
     with pytest.raises(ValueError, match=re.escape(
         f"the data folder {shut / 'tfds'} cannot be made: {shut} is a folder not writable "
         "here")):

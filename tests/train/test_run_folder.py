@@ -3,7 +3,6 @@ names: the run keeps a copy of its tokenizer and records its towers' module fiel
 resuming, evaluating and predicting read neither (a run folder can move to another machine)."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -135,10 +134,8 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
   # the tests may run as root, whom no mode stops.)
   shut = tmp_path / "shut"
   shut.mkdir()
-  real_access = os.access
   with monkeypatch.context() as m:
-    m.setattr(os, "access", lambda path, mode, *a, **k: (
-        not (Path(path) == shut and mode & os.W_OK) and real_access(path, mode, *a, **k)))
+    helpers.unwritable(m, shut)
     fresh = config.copy_and_resolve_references()
     fresh.data.dir = str(tmp_path / "fresh_data")
     for workdir in (shut, shut / "run" / "one"):
