@@ -83,6 +83,11 @@ def get_config(arg=None):
           answer_max_len=32,
           rank_k=32,             # Candidates re-scored by full likelihood (at least the
                                  # largest group beginning with one word piece).
+          # The re-scoring (amif.RANK_SCORES): "likelihood", the answer's log-likelihood, or
+          # "first_token_twice", the paper's code's 2 log p(first) + log p(rest | first), for
+          # numbers comparable with its own. It changes answering only (validation, test,
+          # predict.py), not training: eval.py can set it on a trained run.
+          rank_score="likelihood",
           dtype="float32",       # Compute dtype of fusion, GCA and heads (the generative
                                  # head's decoder too, whatever text.dtype is).
           # BERT's hidden dropout, in training only: the text tower (a BERT), the fusion and

@@ -5,11 +5,12 @@ their scores and writes a PNG of the question-to-patch attention and the GCA gat
       --question="is there a pneumothorax?" [--top=5] [--out=answer.png]
 
 Scores are probabilities: the classifier's softmax, or the generative head's sequence
-probability of each candidate answer (of the top-k re-scored ones). The PNG shows the image,
-the same image with the last fusion layer's attention from the question's tokens to the image
-patches overlaid, and per question token the mean GCA gate value (1: the token's fused
-feature is replaced by what it read from the answer vocabulary; 0: kept). A run without
-fusion layers has no such attention: no PNG is written for it.
+probability of each candidate answer (of the top-k re-scored ones), listed in the order the
+run's model.rank_score ranks them (by that probability, unless "first_token_twice"). The PNG
+shows the image, the same image with the last fusion layer's attention from the question's
+tokens to the image patches overlaid, and per question token the mean GCA gate value (1: the
+token's fused feature is replaced by what it read from the answer vocabulary; 0: kept). A run
+without fusion layers has no such attention: no PNG is written for it.
 
 The image is read as the run's dataset stores its images (shrunk to data.max_side) and
 evaluation reads them, so the answers and scores are eval.py's for the same image and
@@ -93,9 +94,12 @@ def main(argv):
   else:
     ranked = jax.jit(lambda v, *x: r.model.apply(
         v, *x, predictor.prior_ids, predictor.prior_mask, predictor.cand_ids, predictor.cand_mask,
-        k=predictor.k, pack=predictor.pack, method=AMiF.rank))(variables, *inputs)
+        k=predictor.k, pack=predictor.pack, score=predictor.score,
+        method=AMiF.rank))(variables, *inputs)
     idx, scores = np.asarray(ranked["topk"][0]), np.asarray(ranked["scores"][0])
-    order = np.argsort(-scores, kind="stable")[:_TOP.value]
+    # In the order model.rank_score ranks them (ties: as argmax picks), each scored by its
+    # sequence probability.
+    order = np.argsort(-np.asarray(ranked["ranking"][0]), kind="stable")[:_TOP.value]
     top = [(r.answers[idx[i]], float(np.exp(scores[i]))) for i in order]
   print(json.dumps({"question": _QUESTION.value, "image": _IMAGE.value, "step": r.step,
                     "protocol": r.protocol,

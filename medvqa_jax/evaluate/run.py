@@ -54,8 +54,21 @@ class Restored:
                               prior_answers=self.answers)
 
 
+# Config fields added since a run may have been saved, with the value it ran with: its
+# evaluation can then set them like any other.
+_ADDED_FIELDS = {"model.rank_score": "likelihood"}
+
+
 def saved_config(run: dict) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(json.loads(run["config"]))
+  config = ml_collections.ConfigDict(json.loads(run["config"]))
+  for field, value in _ADDED_FIELDS.items():
+    *parents, name = field.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    if name not in node:
+      node[name] = value
+  return config
 
 
 def with_overrides(saved: ml_collections.ConfigDict, overrides: dict | None):
@@ -105,6 +118,8 @@ def unused_overrides(fields, saved, run: dict, tokenizer_copy: bool) -> dict[str
       out[field] = "a VQA evaluation draws nothing"
     elif field == "model.num_answers":
       out[field] = "the run's own answers are evaluated"
+    elif field in ("model.rank_k", "model.rank_score") and saved.model.head != "generative":
+      out[field] = "only the generative head ranks candidate answers"
     elif (top == "model" and part in (run.get("towers") or {}) and name in _TOWER_FIELDS
           and saved.model[part].get("source", "init") != "init"):
       out[field] = f"the {part} tower is built from the architecture the run recorded"
@@ -273,14 +288,16 @@ def split_role(dc, split_name: str) -> str:
   return roles[split_name]
 
 
-def results_name(dc, role: str, step: int, closed: bool) -> str:
+def results_name(dc, role: str, step: int, closed: bool, rank_score: str = "likelihood") -> str:
   """The folder of an evaluation's results in <workdir>/eval: <split>-step<N>, the test split
   by its own name (data.test_split), the validation split as "validation" ("val" where the
-  test split is named "validation"), with "-closed-set" under the closed-set protocol: each
-  role and protocol its own folder, none replacing another's."""
+  test split is named "validation"), with "-closed-set" under the closed-set protocol and
+  "-first-token-twice" where the generative head's candidates are re-scored so
+  (model.rank_score): each role, protocol and score its own folder, none replacing another's."""
   folder = {"train": "train", "test": dc.test_split,
             "val": "val" if dc.test_split == "validation" else "validation"}[role]
-  return f"{folder}-step{step}" + ("-closed-set" if closed else "")
+  return (f"{folder}-step{step}" + ("-closed-set" if closed else "") +
+          ("" if rank_score == "likelihood" else "-" + rank_score.replace("_", "-")))
 
 
 def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=None,
@@ -316,8 +333,10 @@ def evaluate_split(restored: Restored, split_name: str | None = None, out_dir=No
     candidates, _ = splits_lib.answer_set(dc)
     protocol = splits_lib.CLOSED_CANDIDATES
   key = split_role(dc, split_name)
+  score = (config.model.get("rank_score", "likelihood") if config.model.head == "generative"
+           else "likelihood")
   out_dir = output_folder(out_dir, restored.workdir / "eval" /
-                          results_name(dc, key, restored.step, closed))
+                          results_name(dc, key, restored.step, closed, score))
   splits = splits_lib.vqa_splits(dc, need=tuple({key, "train", "val"}))
   check_data(restored, splits)
   predictor = restored.predictor(candidates)

@@ -3,7 +3,8 @@ shape, any device count), predictions gathered on every host, accuracy and the f
 
 The answer of the classifier head is its argmax over the answer vocabulary, scored by its
 softmax probability; the generative head ranks the candidate answers (top-k by first-token
-probability, re-scored by full likelihood) and scores the best by its sequence probability.
+probability, re-scored by full likelihood, or by model.rank_score's other score) and scores
+the best by its sequence probability.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from medvqa_jax import files as files_lib
 from medvqa_jax.data import answers as answers_lib
 from medvqa_jax.data import pipeline
 from medvqa_jax.evaluate import metrics as metrics_lib
-from medvqa_jax.models import gca, heads
+from medvqa_jax.models import amif, gca, heads
 from medvqa_jax.models.amif import AMiF
 from medvqa_jax.train import sharding
 
@@ -58,6 +59,8 @@ class Predictor:
     self.cand_ids, self.cand_mask = jnp.asarray(cand["input_ids"]), jnp.asarray(cand["attention_mask"])
     replicated = NamedSharding(mesh, P())
     self.k, self.pack = mc.rank_k, 0
+    # (A run's config from before model.rank_score ranked by likelihood.)
+    self.score = amif.check_rank_score(mc.get("rank_score", "likelihood"))
     # The answers the model can give: all of a classifier's; of the generative head's, those
     # not tokenized like an earlier one (ranked above them whatever the model learns).
     shadowed = ({a for a, _ in tokenized_alike(self.answers, cand["input_ids"])}
@@ -78,8 +81,10 @@ class Predictor:
         prob = jax.nn.softmax(out["logits"], axis=-1)
         return out["prediction"], jnp.max(prob, axis=-1)
       out = model.apply(variables, images, input_ids, attention_mask, prior_ids, prior_mask,
-                        cand_ids, cand_mask, k=k, pack=self.pack, method=AMiF.rank)
-      return out["prediction"], jnp.exp(jnp.max(out["scores"], axis=-1))
+                        cand_ids, cand_mask, k=k, pack=self.pack, score=self.score,
+                        method=AMiF.rank)
+      best = jnp.argmax(out["ranking"], axis=-1)[:, None]
+      return out["prediction"], jnp.exp(jnp.take_along_axis(out["scores"], best, axis=-1)[:, 0])
 
     self._predict = jax.jit(predict, in_shardings=(param_shardings,) + (None,) * 7,
                             out_shardings=(replicated, replicated))

@@ -6,7 +6,7 @@ Entry points (Linen methods, `model.apply(variables, ..., method=AMiF.<name>)`):
   vqa:      answer-head outputs and loss terms, with the intermediates (fused tokens, masks,
             gate values, attention weights).
   rank:     generative-head inference: top-k candidates by first-token probability, re-scored
-            by full-sequence log-likelihood.
+            by full-sequence log-likelihood (or by the reference code's score, RANK_SCORES).
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ from medvqa_jax.models.gca import GatedCrossAttention
 
 TEXT, IMAGE = 0, 1  # Modality-type embedding rows.
 HEADS = ("generative", "classifier", "none")
+# How `AMiF.rank` re-scores its top-k candidates (model.rank_score): "likelihood", the
+# answer's log-likelihood, sum over t >= 1 of log p(t_i | t_<i), as DESIGN.md words it; or
+# "first_token_twice", the paper's code's score (ALBEF's and BLIP's), which adds the first
+# token's log-probability, that picked the k, to that sum once more: 2 log p(t_1) + sum over
+# t >= 2 of log p(t_i | t_<i). The two pick different answers where a candidate's first word
+# piece is much likelier than another's and its rest less likely.
+RANK_SCORES = ("likelihood", "first_token_twice")
 
 
 class Temperatures(nn.Module):
@@ -236,9 +243,10 @@ class AMiF(nn.Module):
     return out
 
   def rank(self, images, input_ids, attention_mask, prior_ids, prior_mask, cand_ids, cand_mask,
-           k: int = 32, pack: int = 0):
+           k: int = 32, pack: int = 0, score: str = "likelihood"):
     """Ranks candidate answers (C, La) ([CLS] answer [SEP], shared by the batch): the top k by
-    the probability of their first token, re-scored by full-sequence log-likelihood.
+    the probability of their first token, re-scored by `score` (RANK_SCORES): full-sequence
+    log-likelihood, or the reference code's score, which counts the first token twice.
 
     pack: 0 decodes each question's k candidates as k rows of La tokens, mostly padding;
     otherwise (static, at least the k longest candidates' tokens: `heads.pack_length`) as
@@ -246,11 +254,13 @@ class AMiF(nn.Module):
     read as if alone (positions restart, attention stays within it): the same scores for
     fewer decoded tokens.
 
-    Returns prediction (B,) candidate indices, topk (B, k) candidate indices and scores (B, k)
-    their log-likelihoods.
+    Returns prediction (B,) candidate indices, topk (B, k) candidate indices, scores (B, k)
+    their log-likelihoods and ranking (B, k) what the prediction is the best of (`score`'s
+    values: the log-likelihoods themselves, or those plus the first tokens' log-probability).
     """
     if self.head != "generative":
       raise ValueError("rank() is the generative head's inference")
+    check_rank_score(score)
     ctx = self.context(images, input_ids, attention_mask, prior_ids, prior_mask)
     context, context_mask = ctx["context"], ctx["context_mask"]
     b, c = context.shape[0], cand_ids.shape[0]
@@ -258,7 +268,7 @@ class AMiF(nn.Module):
     bos = jnp.broadcast_to(cand_ids[None, :1, 0], (b, 1))
     first = self.decode(bos, jnp.ones_like(bos), context, context_mask)[:, 0]
     first = jax.nn.log_softmax(first.astype(jnp.float32), axis=-1)
-    _, topk = jax.lax.top_k(jnp.take(first, cand_ids[:, 1], axis=-1), k)  # (B, k)
+    first_logp, topk = jax.lax.top_k(jnp.take(first, cand_ids[:, 1], axis=-1), k)  # (B, k)
     if pack:
       if cand_ids.shape[1] > self.decoder.max_positions:
         raise ValueError(f"candidates of {cand_ids.shape[1]} tokens exceed the decoder's "
@@ -273,9 +283,17 @@ class AMiF(nn.Module):
       # decoder's cross-attention projects it once per question, not once per candidate.
       token_logp = self.answer_log_probs(ids, mask, context, context_mask)
       scores = heads.sequence_log_likelihood(token_logp, mask).reshape(b, k)
-    best = jnp.argmax(scores, axis=-1)
+    ranking = scores + first_logp if score == "first_token_twice" else scores
+    best = jnp.argmax(ranking, axis=-1)
     return {"prediction": jnp.take_along_axis(topk, best[:, None], axis=-1)[:, 0],
-            "topk": topk, "scores": scores}
+            "topk": topk, "scores": scores, "ranking": ranking}
+
+
+def check_rank_score(score: str) -> str:
+  """`score` if it names a way to re-score (RANK_SCORES); an error naming them otherwise."""
+  if score not in RANK_SCORES:
+    raise ValueError(f"model.rank_score={score!r}: expected one of {', '.join(RANK_SCORES)}")
+  return score
 
 
 # ---- construction from a config ------------------------------------------------------------

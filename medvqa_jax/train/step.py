@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from medvqa_jax.losses.pretrain import TERMS, pretrain_loss
 from medvqa_jax.models import heads
-from medvqa_jax.models.amif import AMiF
+from medvqa_jax.models.amif import RANK_SCORES, AMiF
 from medvqa_jax.train import sharding
 
 # optax.global_norm is deprecated in favour of optax.tree.norm (absent from older optax).
@@ -147,6 +147,8 @@ def check_values(config) -> None:
     rules.append(("model.answer_max_len", mc.answer_max_len, lambda v: v >= 3,
                   "3 or more ([CLS], a word piece, [SEP]): shorter, every answer is its "
                   "special tokens alone and the decoder learns nothing"))
+    rules.append(("model.rank_score", mc.get("rank_score", "likelihood"),
+                  lambda v: v in RANK_SCORES, f"one of {', '.join(RANK_SCORES)}"))
   if lc is not None:
     rules += [(f"losses.weights.{name}", weight, lambda v: v >= 0, "0 or more (0 leaves the "
                "term out)") for name, weight in lc.weights.items()]

@@ -240,7 +240,7 @@ def test_pack_length_is_the_k_longest_candidates_where_that_halves_the_tokens():
 def test_the_predictor_ranks_in_packed_rows_and_answers_as_unpacked_ranking_does(tokenizer):
   """Short candidates (here at most 8 of 16 word pieces) are ranked in one packed row per
   question (the decoder reads (B, pack) tokens in the compiled program, not (B k, 16)) with
-  the answers and scores of k rows per question."""
+  the answers and scores of k rows per question; model.rank_score picks by its score."""
   config = helpers.tiny_config()
   config.model.update(answer_max_len=16, rank_k=4)
   model, params = amif.create(config)
@@ -270,6 +270,32 @@ def test_the_predictor_ranks_in_packed_rows_and_answers_as_unpacked_ranking_does
                                      *consts).as_text()
   assert f"4x{predictor.pack}x{model.decoder.width}xf32" in program
   assert f"{4 * predictor.k}x16x{model.decoder.width}xf32" not in program
+  # model.rank_score: the paper's code's score picks the answer; its sequence probability
+  # is the score. Answers of two word pieces each, whose likelihoods are close: it picks
+  # another answer than the likelihood for some question here.
+  single = ["left lung", "right lung", "no fracture", "big mass", "right kidney",
+            "left kidney", "upper lobe", "lower lobe", "chest wall", "both lungs"]
+  assert {len(tokenizer.hf(a)["input_ids"]) for a in single} == {4}
+  questions = tokenizer(["is there a fracture", "what organ is shown", "where is the mass",
+                         "is the heart enlarged"] * 2)
+  batch = {"images": np.random.default_rng(2).normal(size=(8, size, size, 3)).astype(np.float32),
+           "input_ids": questions["input_ids"], "attention_mask": questions["attention_mask"]}
+  picks = {}
+  for rank_score in ("likelihood", "first_token_twice"):
+    config.model.rank_score = rank_score
+    ranker = vqa.Predictor(model, config, single, tokenizer, mesh,
+                           sharding.param_shardings(mesh, params))
+    picks[rank_score], score = ranker(params, sharding.shard_batch(mesh, batch))
+    ref = jax.jit(lambda p, *a: model.apply({"params": p}, *a, k=4, score=rank_score,
+                                            method=AMiF.rank))(
+        params, *batch.values(), ranker.prior_ids, ranker.prior_mask, ranker.cand_ids,
+        ranker.cand_mask)
+    best = np.argmax(ref["ranking"], axis=-1)[:, None]
+    np.testing.assert_array_equal(picks[rank_score], np.take_along_axis(
+        np.asarray(ref["topk"]), best, axis=-1)[:, 0])
+    np.testing.assert_allclose(score, np.exp(np.take_along_axis(np.asarray(ref["scores"]),
+                                                                best, axis=-1)[:, 0]), rtol=1e-4)
+  assert np.any(picks["likelihood"] != picks["first_token_twice"])
 
 
 def test_every_answer_of_a_group_sharing_a_first_word_piece_can_be_predicted(tokenizer,
@@ -385,6 +411,25 @@ def test_evaluation_answers_under_the_run_protocol_unless_asked_otherwise(
     run_lib.evaluate_split(restored, "test", closed_set=not run_closed)
   m = run_lib.evaluate_split(restored, "test", closed_set=run_closed)  # Its own: answered.
   assert m["protocol"] == run_protocol
+
+
+def test_results_re_scored_otherwise_are_filed_apart(data, tokenizer, tmp_path):
+  """A generative run evaluated with model.rank_score="first_token_twice" (the paper's code's
+  score) writes beside its likelihood-ranked results, not over them; a classifier ranks
+  nothing, so the setting does not name its results."""
+  dc, splits = data
+  answers, protocol = splits_lib.answer_set(dc, splits)
+  for head in ("generative", "classifier"):
+    for score in ("likelihood", "first_token_twice"):
+      config = ConfigDict(dict(data=dc.copy_and_resolve_references(), train=dict(
+          eval_batch_size=4), model=dict(head=head, rank_score=score)))
+      restored = _FirstAnswer(config, types.SimpleNamespace(image=types.SimpleNamespace(
+          image_size=SIZE)), None, answers, protocol, 5, None, None, tokenizer,
+          tmp_path / head)
+      run_lib.evaluate_split(restored, "test")
+  assert sorted(p.name for p in (tmp_path / "generative" / "eval").iterdir()) == [
+      "test-step5", "test-step5-first-token-twice"]
+  assert sorted(p.name for p in (tmp_path / "classifier" / "eval").iterdir()) == ["test-step5"]
 
 
 def test_the_evaluation_batch_is_rounded_up_to_the_devices(data, tokenizer, monkeypatch):
@@ -511,16 +556,20 @@ def test_the_majority_baseline_is_the_training_answers(data, tmp_path, monkeypat
 
 def test_each_split_and_protocol_has_its_own_results_folder():
   """With data.test_split="validation" (a dataset whose test split is called so), the test
-  results and the validation ones are filed apart, as are the two protocols'."""
+  results and the validation ones are filed apart, as are the two protocols' and the two
+  re-scorings' (model.rank_score)."""
   for test_split in ("test", "validation"):
     dc = ConfigDict(dict(test_split=test_split, val_split="validation"))
-    names = {run_lib.results_name(dc, role, 5, closed)
-             for role in ("train", "val", "test") for closed in (False, True)}
-    assert len(names) == 6, names
+    names = {run_lib.results_name(dc, role, 5, closed, score)
+             for role in ("train", "val", "test") for closed in (False, True)
+             for score in ("likelihood", "first_token_twice")}
+    assert len(names) == 12, names
   dc = ConfigDict(dict(test_split="test", val_split="validation"))
   assert [run_lib.results_name(dc, r, 5, False) for r in ("test", "val")] == [
       "test-step5", "validation-step5"]
   assert run_lib.results_name(dc, "test", 5, True) == "test-step5-closed-set"
+  assert run_lib.results_name(dc, "test", 5, True, "first_token_twice") == (
+      "test-step5-closed-set-first-token-twice")
 
 
 def test_the_overrides_an_evaluation_does_not_read_are_named_with_why():
@@ -530,8 +579,9 @@ def test_the_overrides_an_evaluation_does_not_read_are_named_with_why():
   fields = ["seed", "optim.lr", "train.batch_size", "train.eval_batch_size", "train.fsdp",
             "train.fsdp_rules", "train.fsdp_min_size", "losses.weights", "teacher.mode",
             "data.workers", "data.dir",
-            "model.rank_k", "model.dropout", "model.num_answers", "model.image.checkpoint",
-            "model.text.checkpoint", "model.text.tokenizer", "model.compute.attention"]
+            "model.rank_k", "model.rank_score", "model.dropout", "model.num_answers",
+            "model.image.checkpoint", "model.text.checkpoint", "model.text.tokenizer",
+            "model.compute.attention"]
   saved = ConfigDict({"model": {"head": "generative", "image": {"source": "hf_clip"},
                                 "text": {"source": "init"}}})
   run = {"towers": {"image": {}, "text": {}}}
@@ -548,11 +598,32 @@ def test_the_overrides_an_evaluation_does_not_read_are_named_with_why():
   assert run_lib.with_overrides(saved, {"train.eval_batch_size": 32,
                                         "train.fsdp_min_size": 4096})[1] == [
       "train.fsdp_min_size 1024 -> 4096"]
+  # Only the generative head ranks candidates.
+  saved.model.head = "classifier"
+  assert run_lib.unused_overrides(["model.rank_k", "model.rank_score"], saved, run, True) == {
+      f: "only the generative head ranks candidate answers"
+      for f in ("model.rank_k", "model.rank_score")}
   saved.model.head = "none"
   pretraining_unused = run_lib.unused_overrides(fields, saved, run, tokenizer_copy=False)
   assert set(pretraining_unused) == {"optim.lr", "train.eval_batch_size", "train.fsdp",
                                      "model.dropout", "model.num_answers",
-                                     "model.image.checkpoint"}
+                                     "model.image.checkpoint", "model.rank_k",
+                                     "model.rank_score"}
+
+
+def test_a_run_saved_before_a_field_existed_evaluates_with_it_set():
+  """model.rank_score came after runs were trained: their configs, which lack it, read as
+  ranking by likelihood (as they did), and an evaluation can set it like any field."""
+  run = {"config": json.dumps({"model": {"head": "generative", "rank_k": 8}})}
+  saved = run_lib.saved_config(run)
+  assert saved.model.rank_score == "likelihood" and saved.model.rank_k == 8
+  config, changes = run_lib.with_overrides(saved, {"model.rank_score": "first_token_twice"})
+  assert config.model.rank_score == "first_token_twice"
+  assert changes == ["model.rank_score 'likelihood' -> 'first_token_twice'"]
+  # A run that set it keeps its value.
+  run = {"config": json.dumps({"model": {"head": "generative",
+                                         "rank_score": "first_token_twice"}})}
+  assert run_lib.saved_config(run).model.rank_score == "first_token_twice"
 
 
 def test_a_split_named_on_the_command_line_takes_its_role_from_the_dataset_names():

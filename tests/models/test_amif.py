@@ -134,16 +134,9 @@ def _candidates(rng, c=7, a=6):
   return ids.astype(np.int32), (np.arange(a) < lengths[:, None]).astype(np.int32)
 
 
-def test_ranking_equals_brute_force(generative, monkeypatch):
-  """Unpacked (k rows of La tokens per question) and packed (one row holding the k
-  candidates' tokens: with k = C the row is exactly full, with k < C padding follows); the
-  candidates' logits made at once (these few fit) and, packed, one position at a time."""
-  model, params = generative
-  batch = _batch(seed=2)
-  cands, cand_mask = _candidates(np.random.default_rng(2))  # See the k < C check below.
-  args = [batch[k] for k in ("images", "input_ids", "attention_mask", "prior_ids", "prior_mask")]
-  # Brute force: every candidate's full log-likelihood, one candidate at a time, in NumPy,
-  # and the log-probability of its first answer token (after [CLS]).
+def _brute_force_scores(model, params, batch, cands, cand_mask):
+  """Every candidate's full log-likelihood, one candidate at a time, in NumPy, and the
+  log-probability of its first answer token (after [CLS]): two (3, C) arrays."""
   brute, first = np.zeros((3, len(cands))), np.zeros((3, len(cands)))
   vqa = jax.jit(lambda p, b: _decoder_logits(model, p, b))  # One compile, not op by op.
   for c in range(len(cands)):
@@ -155,6 +148,18 @@ def test_ranking_equals_brute_force(generative, monkeypatch):
     n = cand_mask[c].sum()
     brute[:, c] = sum(logp[:, t, cands[c, t + 1]] for t in range(n - 1))
     first[:, c] = logp[:, 0, cands[c, 1]]
+  return brute, first
+
+
+def test_ranking_equals_brute_force(generative, monkeypatch):
+  """Unpacked (k rows of La tokens per question) and packed (one row holding the k
+  candidates' tokens: with k = C the row is exactly full, with k < C padding follows); the
+  candidates' logits made at once (these few fit) and, packed, one position at a time."""
+  model, params = generative
+  batch = _batch(seed=2)
+  cands, cand_mask = _candidates(np.random.default_rng(2))  # See the k < C check below.
+  args = [batch[k] for k in ("images", "input_ids", "attention_mask", "prior_ids", "prior_mask")]
+  brute, first = _brute_force_scores(model, params, batch, cands, cand_mask)
   rank = jax.jit(lambda p, *a, k, pack: model.apply({"params": p}, *a, k=k, pack=pack,
                                                      method=AMiF.rank),
                  static_argnames=("k", "pack"))
@@ -193,6 +198,40 @@ def test_ranking_equals_brute_force(generative, monkeypatch):
   np.testing.assert_array_equal(ranked["prediction"], brute.argmax(1))
   scores = np.take_along_axis(brute, np.asarray(ranked["topk"]), axis=1)
   np.testing.assert_allclose(ranked["scores"], scores, rtol=1e-4, atol=1e-3)
+
+
+def test_ranking_by_the_paper_codes_score_counts_the_first_token_twice(generative):
+  """score="first_token_twice" (model.rank_score) picks the best of 2 log p(t1) + the sum of
+  log p(t_i | t_<i) over the later tokens, unpacked and packed, and still reports the
+  candidates' log-likelihoods as their scores."""
+  model, params = generative
+  batch = _batch(seed=2)
+  # Answers of one length, whose likelihoods are close: the first token can tip them.
+  cands = np.random.default_rng(8).integers(1000, 5000, (8, 5)).astype(np.int32)
+  cands[:, 0], cands[:, -1] = 101, 102
+  cand_mask = np.ones_like(cands)
+  brute, first = _brute_force_scores(model, params, batch, cands, cand_mask)
+  twice = brute + first
+  assert np.any(twice.argmax(1) != brute.argmax(1))  # The two scores pick otherwise here.
+  for score in (brute, twice):  # No near-ties: the expected picks are well defined.
+    assert np.min(np.diff(np.sort(score, axis=1)[:, -2:], axis=1)) > 1e-3
+  args = [batch[k] for k in ("images", "input_ids", "attention_mask", "prior_ids", "prior_mask")]
+  rank = jax.jit(lambda p, *a, pack, score: model.apply(
+      {"params": p}, *a, k=len(cands), pack=pack, score=score, method=AMiF.rank),
+                 static_argnames=("pack", "score"))
+  for pack in (0, int(cand_mask.sum())):
+    by_likelihood = rank(params, *args, cands, cand_mask, pack=pack, score="likelihood")
+    ranked = rank(params, *args, cands, cand_mask, pack=pack, score="first_token_twice")
+    np.testing.assert_array_equal(by_likelihood["prediction"], brute.argmax(1))
+    np.testing.assert_array_equal(ranked["prediction"], twice.argmax(1))
+    topk = np.asarray(ranked["topk"])
+    np.testing.assert_allclose(ranked["ranking"], np.take_along_axis(twice, topk, axis=1),
+                               rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(ranked["scores"], np.take_along_axis(brute, topk, axis=1),
+                               rtol=1e-4, atol=1e-3)
+  with pytest.raises(ValueError, match="model.rank_score='first'.*likelihood, first_token_twice"):
+    model.apply({"params": params}, *args, cands, cand_mask, k=2, score="first",
+                method=AMiF.rank)
 
 
 def test_classifier_reads_the_text_and_image_cls_and_skips_unknown_labels(classifier):

@@ -446,6 +446,8 @@ def test_values_that_would_train_something_else_are_refused_by_flag(tmp_path):
       ("model.prior_max_tokens", 0, r"--config.model.prior_max_tokens=0: must be 1 or more"),
       ("model.answer_max_len", 2, r"--config.model.answer_max_len=2: must be 3 or more "
        r"\(\[CLS\], a word piece, \[SEP\]\)"),
+      ("model.rank_score", "albef", r"--config.model.rank_score='albef': must be one of "
+       r"likelihood, first_token_twice"),
       ("losses.weights.wpa", -1.0, r"--config.losses.weights.wpa=-1.0: must be 0 or more"),
       ("losses.label_smoothing", 1.5, r"--config.losses.label_smoothing=1.5: must be in"),
       ("losses.ot.epsilon", 0.0, r"--config.losses.ot.epsilon=0.0: must be above 0"),
