@@ -9,7 +9,13 @@ With Y the prior's word embeddings (no positions) and X the fused tokens
   Z  = G * X' + (1 - G) * X;   out = LN(FFN(Z) + Z)
 
 Both FFNs are Linear -> ReLU -> Linear, as in the reference code's module (the towers and the
-fusion use GELU).
+fusion use GELU). Two departures from that module, by choice:
+- no dropout of attention probabilities (it drops 10% in training): no stack here drops them,
+  since the fused attention kernels cannot, and a compute setting never changes what is
+  computed;
+- BERT's layer norm, (x - mean) / sqrt(var + eps), where its own divides by the unbiased
+  standard deviation plus eps: outputs about a factor sqrt(D / (D - 1)) apart (1.0007 at D = 768),
+  which the next layer's weights take up. No weights of that module were released to load.
 """
 
 from __future__ import annotations
