@@ -65,6 +65,38 @@ def workdir_of(config, workdir=None) -> Path:
   return workdir
 
 
+def check_named(config, workdir=None) -> None:
+  """Refuses, in one message, a config that leaves unset a folder or file the run needs: the
+  work folder, the data folder, a new run's tower checkpoints (and the text tower's tokenizer
+  where no checkpoint gives it), a pre-training run's teacher cache and teacher checkpoints.
+  Refused one at a time, they were found a run at a time, the towers' after the dataset had
+  been built (minutes for PathVQA). A run being resumed reads its towers and tokenizer from
+  its own folder (the later checks still refuse what a resume lacks)."""
+  need = []
+  workdir = workdir or config.train.get("workdir")
+  if not workdir:
+    need.append("--config.train.workdir=/path/to/run (the work folder for checkpoints and "
+                "logs)")
+  if not config.data.get("dir"):
+    need.append("--config.data.dir=/path (the folder the dataset is built in, or was)")
+  teacher = config.model.head == "none" and config.get("teacher") is not None
+  if teacher and config.teacher.get("mode") == "cache" and not config.teacher.get("cache"):
+    need.append("--config.teacher.cache=FILE (built by `python launch/cache_teacher.py`; or "
+                "--config.teacher.mode=online)")
+  if not (workdir and (Path(workdir) / "checkpoints").is_dir()):
+    towers = [("model.image", config.model.image), ("model.text", config.model.text)]
+    if teacher and config.teacher.get("mode") in ("cache", "online"):
+      towers += [("teacher.image", config.teacher.image), ("teacher.text", config.teacher.text)]
+    for where, tower in towers:
+      if tower.source != "init" and not tower.get("checkpoint"):
+        need.append(f"--config.{where}.checkpoint=/path/to/folder (the {tower.kind} tower "
+                    f"loads a {tower.source} checkpoint)")
+      elif where.endswith(".text") and not (tower.get("tokenizer") or tower.get("checkpoint")):
+        need.append(f"--config.{where}.tokenizer=/path (the text tower's tokenizer folder)")
+  if need:
+    raise ValueError("the config leaves unset what the run needs: set " + "; ".join(need))
+
+
 def total_steps(config, num_train: int) -> int:
   """The run's length: train.epochs passes over `num_train` examples (an epoch is
   num_train // batch_size steps: each pass leaves out the remainder, other examples each
@@ -540,6 +572,7 @@ def train(config, workdir=None, stream=None) -> dict:
 
 
 def _train(config, workdir, stream, lock: _RunLock) -> dict:
+  check_named(config, workdir)
   workdir = workdir_of(config, workdir)
 
   def writable():  # Before the data is built and the model made, not when the folder is.

@@ -424,6 +424,51 @@ def test_a_second_training_in_a_run_folder_is_refused(tmp_path):
     again.hold(workdir)
 
 
+def test_every_unset_folder_is_named_at_once_before_anything_is_built(tmp_path):
+  """`train.py --config=configs/vqa_rad.py` was refused for its work folder, then, run again,
+  its data folder, then, after the dataset was built (minutes for PathVQA), its tokenizer
+  and each tower checkpoint: one at a time. They are named in one message, first."""
+  from configs import pretrain_stage1
+  config = helpers.tiny_config()
+  config.train.workdir = None
+  config.data.update(dir=None, source_dir=str(tmp_path / "source"))
+  for part, source in (("image", "hf_clip"), ("text", "hf_bert")):
+    config.model[part].update(source=source, checkpoint=None)
+  with pytest.raises(ValueError) as e:
+    loop.train(config)
+  assert str(e.value) == (
+      "the config leaves unset what the run needs: set --config.train.workdir=/path/to/run "
+      "(the work folder for checkpoints and logs); --config.data.dir=/path (the folder the "
+      "dataset is built in, or was); --config.model.image.checkpoint=/path/to/folder (the vit "
+      "tower loads a hf_clip checkpoint); --config.model.text.checkpoint=/path/to/folder (the "
+      "bert tower loads a hf_bert checkpoint)")
+  # Checked before the data is built (the source is not even read).
+  config.train.workdir, config.data.dir = str(tmp_path / "run"), str(tmp_path / "data")
+  with pytest.raises(ValueError, match=r"set --config.model.image.checkpoint=\S+ \(the vit "
+                     r"tower loads a hf_clip checkpoint\); --config.model.text.checkpoint="):
+    loop.train(config)
+  assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+  # A randomly initialised text tower needs a tokenizer folder of its own.
+  config.model.image.source = config.model.text.source = "init"
+  config.model.text.tokenizer = ""
+  with pytest.raises(ValueError, match=r"set --config.model.text.tokenizer=/path \(the text "
+                     r"tower's tokenizer folder\)$"):
+    loop.check_named(config)
+  # A run being resumed reads its towers and tokenizer from its own folder.
+  (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+  loop.check_named(config)
+  # Pre-training: the teacher's cache, and its checkpoints (read for its fingerprint).
+  config = pretrain_stage1.get_config("image=tiny,text=tiny,teacher=tiny")
+  config.train.workdir, config.data.dir = str(tmp_path / "new"), str(tmp_path / "data")
+  config.teacher.update(mode="cache", cache=None)
+  config.teacher.image.update(source="hf_clip", checkpoint=None)
+  with pytest.raises(ValueError, match=r"set --config.teacher.cache=FILE \(built by `python "
+                     r"launch/cache_teacher.py`; or --config.teacher.mode=online\); "
+                     r"--config.teacher.image.checkpoint=/path/to/folder \(the vit tower "
+                     r"loads a hf_clip checkpoint\)$"):
+    loop.check_named(config)
+
+
 def test_values_that_would_train_something_else_are_refused_by_flag(tmp_path):
   """Found by feeding every field nonsense: a negative loss weight dropped its term, epsilon 0
   made the OT loss 0, a label smoothing over 1 trained on negative targets, a negative weight
