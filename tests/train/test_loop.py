@@ -6,6 +6,7 @@ per process)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -267,14 +269,41 @@ SIGNALLED = 2
 NO_SAVES = ("--config.train.save_every=1000", "--config.train.eval_every=1000")
 
 
-def _read_until(proc, text: str) -> str:
-  """proc's stderr up to the first line holding `text` (or its end)."""
+def _read_until(proc, text: str, timeout: float = 600, also=()) -> str:
+  """proc's stderr up to the first line holding `text` (or its end). A run that prints
+  neither within `timeout` seconds (hung: two processes once waited on each other under a
+  loaded CPU) fails the test, killed with the processes `also`, rather than holding it, and
+  the suite, for ever."""
   lines = []
-  for line in proc.stderr:
-    lines.append(line)
-    if text in line:
-      break
+
+  def read():
+    for line in proc.stderr:
+      lines.append(line)
+      if text in line:
+        return
+
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  reader.join(timeout)
+  if reader.is_alive():
+    for p in (proc, *also):
+      p.kill()
+    raise AssertionError(f"no {text!r} within {timeout} s; its stderr ends:\n"
+                         + "".join(lines)[-3000:])
   return "".join(lines)
+
+
+@contextlib.contextmanager
+def _reaped(procs):
+  """Kills those of `procs` still running when the block ends (a failed or timed-out check
+  left them running, holding the CPU the later tests run on)."""
+  try:
+    yield
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
 
 
 def test_sigterm_saves_the_step_reached_and_stops_cleanly(tmp_path, data_dir):
@@ -289,10 +318,11 @@ def test_sigterm_saves_the_step_reached_and_stops_cleanly(tmp_path, data_dir):
                                      "--config.train.eval_every=1", log_every=1),
                           cwd=ROOT, env=_env(8), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
-  before = _read_until(proc, f"step {SIGNALLED}/{STEPS}")
-  workers = _children(proc.pid)
-  proc.send_signal(signal.SIGTERM)
-  stderr = before + proc.communicate(timeout=300)[1]
+  with _reaped([proc]):
+    before = _read_until(proc, f"step {SIGNALLED}/{STEPS}")
+    workers = _children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    stderr = before + proc.communicate(timeout=300)[1]
   assert proc.returncode == 130, stderr[-3000:]
   assert workers, "the run had no input worker process"
   left = lambda: {p: Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")[:200]
@@ -432,7 +462,8 @@ def _two_processes(cmd, devices: int) -> list[tuple[str, str]]:
   """Runs `cmd` as the two processes of one multi-host run (`devices` each); both must
   succeed. Returns their (stdout, stderr)."""
   procs = _start_two_processes(cmd, devices)
-  outs = [p.communicate(timeout=900) for p in procs]
+  with _reaped(procs):
+    outs = [p.communicate(timeout=900) for p in procs]
   for p, (_, e) in zip(procs, outs):
     assert p.returncode == 0, e[-5000:]
   return outs
@@ -457,10 +488,11 @@ def test_sigterm_to_every_process_saves_the_step_they_agree_on(tmp_path, data_di
   workdir = tmp_path / "multi-terminated"
   procs = _start_two_processes(_train_cmd(workdir, data_dir, *NO_SAVES, log_every=1),
                                devices=2)
-  before = _read_until(procs[0], f"step {SIGNALLED}/{STEPS}")
-  for p in procs:
-    p.send_signal(signal.SIGTERM)
-  outs = [p.communicate(timeout=300) for p in procs]
+  with _reaped(procs):
+    before = _read_until(procs[0], f"step {SIGNALLED}/{STEPS}", also=procs[1:])
+    for p in procs:
+      p.send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300) for p in procs]
   outs[0] = (outs[0][0], before + outs[0][1])
   assert [p.returncode for p in procs] == [130, 130], outs[0][1][-3000:] + outs[1][1][-3000:]
   saved = _checkpoint_steps(workdir)
@@ -480,7 +512,8 @@ def test_a_multi_host_run_into_a_locked_folder_is_refused_by_every_process(tmp_p
   running = open(workdir / ".run-lock", "a")
   fcntl.flock(running, fcntl.LOCK_EX)
   procs = _start_two_processes(_train_cmd(workdir, data_dir), devices=1)
-  outs = [p.communicate(timeout=600) for p in procs]
+  with _reaped(procs):
+    outs = [p.communicate(timeout=600) for p in procs]
   running.close()
   assert [p.returncode for p in procs] == [1, 1], outs[0][1][-3000:] + outs[1][1][-3000:]
   for _, stderr in outs:
