@@ -1,5 +1,6 @@
 """Helpers shared by the tests."""
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -100,6 +101,19 @@ def sample_caption_rows() -> list[dict]:
   samples = json.loads((ASSETS / "demo" / "samples.json").read_text())
   return [{"id": f"rad-{s['qid']}", "image": str(ASSETS / "demo" / "images" / s["image"]),
            "caption": s["question"]} for s in samples]
+
+
+@contextlib.contextmanager
+def reaped(procs):
+  """Kills those of the subprocesses `procs` still running when the block ends: a failed or
+  timed-out check left them running, holding the CPU the later tests run on."""
+  try:
+    yield
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
 
 
 def write_jsonl(path, rows):

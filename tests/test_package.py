@@ -164,12 +164,16 @@ def test_unset_checkpoint_names_the_flag():
 
 
 def test_train_names_the_missing_setting(tmp_path):
+  # Every setting the config leaves unset, in one message.
   out = _run("launch/train.py", "--config=configs/slake.py")
-  assert out.returncode != 0 and "--config.train.workdir" in out.stderr
-  out = _run("launch/train.py", "--config=configs/slake.py", f"--config.train.workdir={tmp_path}")
-  assert out.returncode != 0 and "--config.data.dir" in out.stderr
+  assert out.returncode == 1 and out.stderr.startswith(
+      "error: the config leaves unset what the run needs: set --config.train.workdir="), out.stderr
+  for flag in ("data.dir", "model.image.checkpoint", "model.text.checkpoint"):
+    assert f"; --config.{flag}=" in out.stderr.splitlines()[0], flag
+  # Then what is missing on disk (the checkpoints are read after the data).
   out = _run("launch/train.py", "--config=configs/slake.py", f"--config.train.workdir={tmp_path}",
-             f"--config.data.dir={tmp_path}")
+             f"--config.data.dir={tmp_path}", f"--config.model.image.checkpoint={tmp_path}/i",
+             f"--config.model.text.checkpoint={tmp_path}/t")
   assert out.returncode != 0 and "prepare_data.py --dataset=slake" in out.stderr
   assert not any(tmp_path.iterdir())  # Nothing written by a run that could not start.
   bad = _run("launch/train.py", "--config=configs/demo.py", "--config.model.image.arch.dept=3")

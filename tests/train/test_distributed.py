@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import jax
 import pytest
 from jax._src import distributed as jax_distributed
@@ -300,7 +301,8 @@ def _two_processes(tmp_path, source: str, args: list[list[str]]):
   procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), *args[i]],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
-  return procs, [p.communicate(timeout=300) for p in procs]
+  with helpers.reaped(procs):
+    return procs, [p.communicate(timeout=300) for p in procs]
 
 
 _ONE_RUN = """

@@ -6,7 +6,6 @@ per process)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -293,17 +292,6 @@ def _read_until(proc, text: str, timeout: float = 600, also=()) -> str:
   return "".join(lines)
 
 
-@contextlib.contextmanager
-def _reaped(procs):
-  """Kills those of `procs` still running when the block ends (a failed or timed-out check
-  left them running, holding the CPU the later tests run on)."""
-  try:
-    yield
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
 
 
 def test_sigterm_saves_the_step_reached_and_stops_cleanly(tmp_path, data_dir):
@@ -318,7 +306,7 @@ def test_sigterm_saves_the_step_reached_and_stops_cleanly(tmp_path, data_dir):
                                      "--config.train.eval_every=1", log_every=1),
                           cwd=ROOT, env=_env(8), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
-  with _reaped([proc]):
+  with helpers.reaped([proc]):
     before = _read_until(proc, f"step {SIGNALLED}/{STEPS}")
     workers = _children(proc.pid)
     proc.send_signal(signal.SIGTERM)
@@ -462,7 +450,7 @@ def _two_processes(cmd, devices: int) -> list[tuple[str, str]]:
   """Runs `cmd` as the two processes of one multi-host run (`devices` each); both must
   succeed. Returns their (stdout, stderr)."""
   procs = _start_two_processes(cmd, devices)
-  with _reaped(procs):
+  with helpers.reaped(procs):
     outs = [p.communicate(timeout=900) for p in procs]
   for p, (_, e) in zip(procs, outs):
     assert p.returncode == 0, e[-5000:]
@@ -488,7 +476,7 @@ def test_sigterm_to_every_process_saves_the_step_they_agree_on(tmp_path, data_di
   workdir = tmp_path / "multi-terminated"
   procs = _start_two_processes(_train_cmd(workdir, data_dir, *NO_SAVES, log_every=1),
                                devices=2)
-  with _reaped(procs):
+  with helpers.reaped(procs):
     before = _read_until(procs[0], f"step {SIGNALLED}/{STEPS}", also=procs[1:])
     for p in procs:
       p.send_signal(signal.SIGTERM)
@@ -512,7 +500,7 @@ def test_a_multi_host_run_into_a_locked_folder_is_refused_by_every_process(tmp_p
   running = open(workdir / ".run-lock", "a")
   fcntl.flock(running, fcntl.LOCK_EX)
   procs = _start_two_processes(_train_cmd(workdir, data_dir), devices=1)
-  with _reaped(procs):
+  with helpers.reaped(procs):
     outs = [p.communicate(timeout=600) for p in procs]
   running.close()
   assert [p.returncode for p in procs] == [1, 1], outs[0][1][-3000:] + outs[1][1][-3000:]
