@@ -273,9 +273,9 @@ def test_the_predictor_ranks_in_packed_rows_and_answers_as_unpacked_ranking_does
   # model.rank_score: the paper's code's score picks the answer; its sequence probability
   # is the score. Answers of two word pieces each, whose likelihoods are close: it picks
   # another answer than the likelihood for some question here.
-  single = ["left lung", "right lung", "no fracture", "big mass", "right kidney",
-            "left kidney", "upper lobe", "lower lobe", "chest wall", "both lungs"]
-  assert {len(tokenizer.hf(a)["input_ids"]) for a in single} == {4}
+  two_pieces = ["left lung", "right lung", "no fracture", "big mass", "right kidney",
+                "left kidney", "upper lobe", "lower lobe", "chest wall", "both lungs"]
+  assert {len(tokenizer.hf(a)["input_ids"]) for a in two_pieces} == {4}
   questions = tokenizer(["is there a fracture", "what organ is shown", "where is the mass",
                          "is the heart enlarged"] * 2)
   batch = {"images": np.random.default_rng(2).normal(size=(8, size, size, 3)).astype(np.float32),
@@ -283,7 +283,7 @@ def test_the_predictor_ranks_in_packed_rows_and_answers_as_unpacked_ranking_does
   picks = {}
   for rank_score in ("likelihood", "first_token_twice"):
     config.model.rank_score = rank_score
-    ranker = vqa.Predictor(model, config, single, tokenizer, mesh,
+    ranker = vqa.Predictor(model, config, two_pieces, tokenizer, mesh,
                            sharding.param_shardings(mesh, params))
     picks[rank_score], score = ranker(params, sharding.shard_batch(mesh, batch))
     ref = jax.jit(lambda p, *a: model.apply({"params": p}, *a, k=4, score=rank_score,

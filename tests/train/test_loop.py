@@ -292,8 +292,6 @@ def _read_until(proc, text: str, timeout: float = 600, also=()) -> str:
   return "".join(lines)
 
 
-
-
 def test_sigterm_saves_the_step_reached_and_stops_cleanly(tmp_path, data_dir):
   """A scheduler's SIGTERM: the run finishes the step in progress and saves it (it held no
   checkpoint: the last was up to save_every steps back), finishes the checkpoint in flight,
@@ -475,8 +473,8 @@ def test_sigterm_to_every_process_saves_the_step_they_agree_on(tmp_path, data_di
   there (the run went on to its end); the processes now agree on a step, save it and stop."""
   workdir = tmp_path / "multi-terminated"
   # One device per process: with two, on jax 0.12.1 (Python 3.12) the processes' devices
-  # deadlocked in a Gloo all-reduce of the first step, three times of four with other tests
-  # running beside them (XLA's CPU runtime; the agreement tested here does not need them).
+  # deadlocked in a Gloo all-reduce of the first step each of the three times other tests
+  # ran beside them (XLA's CPU runtime; the agreement tested here does not need them).
   procs = _start_two_processes(_train_cmd(workdir, data_dir, *NO_SAVES, log_every=1),
                                devices=1)
   with helpers.reaped(procs):
