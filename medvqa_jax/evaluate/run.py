@@ -54,20 +54,11 @@ class Restored:
                               prior_answers=self.answers)
 
 
-# Config fields added since a run may have been saved, with the value it ran with: its
-# evaluation can then set them like any other.
-_ADDED_FIELDS = {"model.rank_score": "likelihood"}
-
-
 def saved_config(run: dict) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(json.loads(run["config"]))
-  for field, value in _ADDED_FIELDS.items():
-    *parents, name = field.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    if name not in node:
-      node[name] = value
+  # A field added since the run was saved, as the run had it: its evaluation can set it.
+  if "rank_score" not in config.model:
+    config.model.rank_score = "likelihood"
   return config
 
 

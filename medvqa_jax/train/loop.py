@@ -55,11 +55,8 @@ class Diverged(RuntimeError):
 
 
 def workdir_of(config, workdir=None) -> Path:
-  workdir = workdir or config.train.get("workdir")
-  if not workdir:
-    raise ValueError("the config names no work folder for checkpoints and logs: set "
-                     "--config.train.workdir=/path/to/run")
-  workdir = Path(workdir)
+  """The run's work folder, named (`check_named` refuses a config that names none)."""
+  workdir = Path(workdir or config.train.workdir)
   if workdir.exists() and not workdir.is_dir():
     raise ValueError(f"the work folder {workdir} (train.workdir) is a file, not a folder")
   return workdir
