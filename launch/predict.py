@@ -50,6 +50,7 @@ def main(argv):
   from medvqa_jax.data import text as text_lib
   from medvqa_jax.evaluate import run as run_lib
   from medvqa_jax.evaluate import visualize
+  from medvqa_jax.evaluate import vqa
   from medvqa_jax.models.amif import AMiF
 
   if not text_lib.question(_QUESTION.value).strip():
@@ -96,11 +97,8 @@ def main(argv):
         v, *x, predictor.prior_ids, predictor.prior_mask, predictor.cand_ids, predictor.cand_mask,
         k=predictor.k, pack=predictor.pack, score=predictor.score,
         method=AMiF.rank))(variables, *inputs)
-    idx, scores = np.asarray(ranked["topk"][0]), np.asarray(ranked["scores"][0])
-    # In the order model.rank_score ranks them (ties: as argmax picks), each scored by its
-    # sequence probability.
-    order = np.argsort(-np.asarray(ranked["ranking"][0]), kind="stable")[:_TOP.value]
-    top = [(r.answers[idx[i]], float(np.exp(scores[i]))) for i in order]
+    # In the order model.rank_score ranks them, each scored by its sequence probability.
+    (top,) = vqa.ranked_answers(ranked, r.answers, _TOP.value)
   print(json.dumps({"question": _QUESTION.value, "image": _IMAGE.value, "step": r.step,
                     "protocol": r.protocol,
                     "answers": [{"answer": a, "score": float(f"{s:.6g}")} for a, s in top]}))

@@ -98,6 +98,17 @@ class Predictor:
     return self._predict(params, *(batch[k] for k in INPUTS), *self._consts)
 
 
+def ranked_answers(ranked: dict, answers: list[str], top: int) -> list[list[tuple[str, float]]]:
+  """Per question, the generative head's re-scored candidates (`AMiF.rank`'s topk, scores and
+  ranking) in the order the ranking ranks them, best first (ties: as argmax picks), each with
+  its sequence probability: the first `top` of them. Under model.rank_score
+  "first_token_twice" that order is not the probabilities' (a likelier answer can come
+  second)."""
+  idx, scores, ranking = (np.asarray(ranked[k]) for k in ("topk", "scores", "ranking"))
+  return [[(answers[idx[q, j]], float(np.exp(scores[q, j])))
+           for j in np.argsort(-ranking[q], kind="stable")[:top]] for q in range(len(idx))]
+
+
 def rank_k(k: int, answers: list[str], cand_ids) -> int:
   """The candidates the generative head re-scores: model.rank_k, or more where more than k
   candidates begin with the same word piece. They tie on the first pass (the probability of

@@ -280,7 +280,7 @@ def test_the_predictor_ranks_in_packed_rows_and_answers_as_unpacked_ranking_does
                          "is the heart enlarged"] * 2)
   batch = {"images": np.random.default_rng(2).normal(size=(8, size, size, 3)).astype(np.float32),
            "input_ids": questions["input_ids"], "attention_mask": questions["attention_mask"]}
-  picks = {}
+  picks, orders = {}, {}
   for rank_score in ("likelihood", "first_token_twice"):
     config.model.rank_score = rank_score
     ranker = vqa.Predictor(model, config, two_pieces, tokenizer, mesh,
@@ -295,7 +295,21 @@ def test_the_predictor_ranks_in_packed_rows_and_answers_as_unpacked_ranking_does
         np.asarray(ref["topk"]), best, axis=-1)[:, 0])
     np.testing.assert_allclose(score, np.exp(np.take_along_axis(np.asarray(ref["scores"]),
                                                                 best, axis=-1)[:, 0]), rtol=1e-4)
+    # predict.py's list: best first, as the score ranks them, each with its probability.
+    listed = vqa.ranked_answers(ref, two_pieces, 3)
+    ranking = [{two_pieces[i]: v for i, v in zip(ref["topk"][q], ref["ranking"][q])}
+               for q in range(len(listed))]
+    prob = [{two_pieces[i]: np.exp(v) for i, v in zip(ref["topk"][q], ref["scores"][q])}
+            for q in range(len(listed))]
+    for q, answered in enumerate(listed):
+      assert [a for a, _ in answered] == sorted(ranking[q], key=ranking[q].get,
+                                                reverse=True)[:3]
+      assert answered[0][0] == two_pieces[picks[rank_score][q]]
+      np.testing.assert_allclose([s for _, s in answered], [prob[q][a] for a, _ in answered],
+                                 rtol=1e-6)
+    orders[rank_score] = [[a for a, _ in answered] for answered in listed]
   assert np.any(picks["likelihood"] != picks["first_token_twice"])
+  assert orders["likelihood"] != orders["first_token_twice"]
 
 
 def test_every_answer_of_a_group_sharing_a_first_word_piece_can_be_predicted(tokenizer,
