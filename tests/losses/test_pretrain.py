@@ -282,7 +282,8 @@ def test_stage_freezing(stage):
 
 SHARDED = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")  # The suite's (conftest.py).
+                               + " --xla_force_host_platform_device_count=8")
     sys.path[:0] = [{root!r}, {tests!r}, {helpers!r}]
     import jax, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P

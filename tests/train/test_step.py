@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")  # The suite's (conftest.py).
+                               + " --xla_force_host_platform_device_count=8")
     sys.path[:0] = [{root!r}, {tests!r}, {helpers!r}]
     import jax, numpy as np
     import helpers
