@@ -3,7 +3,8 @@
 Explicit values (the launchers' --coordinator_address/--num_processes/--process_id flags, or
 JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID) win, but for a count or an
 index other than srun's under srun, which is refused. Otherwise JAX detects the
-cluster itself under SLURM (`srun`), under Open MPI up to version 4 (`mpirun`) and on a TPU
+cluster itself under SLURM (`srun`; the coordinator's address, on the step's first node, is
+set here), under Open MPI up to version 4 (`mpirun`) and on a TPU
 VM pod slice (every worker runs the same command; `launch/tpu_pod.sh` sets
 MEDVQA_DISTRIBUTED=1, since a TPU VM's environment need not show that it is part of a slice).
 MEDVQA_DISTRIBUTED=1 asks for the same detection anywhere else (under a launcher that counts
@@ -221,17 +222,23 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
              f", local GPUs: {local or 'every one this process sees'}")
     given = {k: v for k, v in (("num_processes", num_processes), ("process_id", process_id))
              if v is not None}
-    port = {}
-    if cluster == "SLURM" and not env.get("JAX_COORDINATOR_PORT"):
-      # JAX's port is 61440 + job id mod 4096 on the step's first node: two steps of one job
-      # (a training and an evaluation at once), or two jobs 4096 ids apart, joined each
-      # other's processes, which then trained as one run. The step's id is counted too.
-      port = {"JAX_COORDINATOR_PORT": str(61440 + zlib.crc32(_slurm_step().encode()) % 4096)}
-    _joining(f"as srun task {env.get('SLURM_PROCID')} of {_slurm_tasks()}, port "
-             f"{port.get('JAX_COORDINATOR_PORT') or env.get('JAX_COORDINATOR_PORT')}"
+    coordinator = {}
+    if cluster == "SLURM":
+      # The step's first node, port 61440 + a hash of the job and step ids mod 4096 (or
+      # JAX_COORDINATOR_PORT). JAX's own port, 61440 + job id mod 4096, joined two steps of
+      # one job (a training and an evaluation at once), or two jobs 4096 ids apart, into one
+      # run; its own reading of the node list stops at the first bracket
+      # ("gpu[01-04]-ib" read as "gpu01").
+      port = env.get("JAX_COORDINATOR_PORT") or str(
+          61440 + zlib.crc32(_slurm_step().encode()) % 4096)
+      coordinator = {"JAX_COORDINATOR_ADDRESS":
+                     f"{slurm_first_host(env['SLURM_STEP_NODELIST'])}:{port}"}
+    _joining(f"as srun task {env.get('SLURM_PROCID')} of {_slurm_tasks()}, via "
+             f"{coordinator['JAX_COORDINATOR_ADDRESS']}"
              if cluster == "SLURM" else f"({cluster})")
     try:
-      env.update(port)  # Read by JAX's detection only: not left for the rest of the process.
+      # Read by JAX only, which detects the rest: not left for the rest of the process.
+      env.update(coordinator)
       jax.distributed.initialize(**given, local_device_ids=local)
     except ValueError as e:  # MEDVQA_DISTRIBUTED=1 where JAX detects no cluster.
       raise ValueError(
@@ -239,7 +246,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
           "--coordinator_address=HOST:PORT (process 0's host), --num_processes and "
           "--process_id") from e
     finally:
-      for name in port:
+      for name in coordinator:
         del env[name]
   else:
     asked = ([f"num_processes={num_processes}"] if (num_processes or 1) > 1 else []) + (
@@ -260,6 +267,17 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     check_one_run(_slurm_step())
   log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def slurm_first_host(nodelist: str) -> str:
+  """The first host of a Slurm host list: "gpu[001-004,010]-ib,cpu7" -> "gpu001-ib",
+  "rack[1-2]-node[01-04]" -> "rack1-node01", "n[3]" -> "n3" (each bracket's first number,
+  as written, with what follows it)."""
+  # Up to the first comma outside brackets.
+  first = re.match(r"((?:[^,\[\]]|\[[^\[\]]+\])+)(?:,|$)", nodelist.strip())
+  if first is None:
+    raise ValueError(f"SLURM_STEP_NODELIST={nodelist!r}: not a Slurm host list")
+  return re.sub(r"\[([^\],-]*)[^\]]*\]", r"\1", first[1])
 
 
 def _slurm_step() -> str:

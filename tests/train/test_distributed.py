@@ -2,6 +2,7 @@
 one process per node keeps all of its GPUs (JAX's cluster detection assumes one per GPU)."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -273,18 +274,55 @@ def test_slurm_count_and_index_given_otherwise_are_refused(calls, monkeypatch):
 def test_two_steps_of_one_slurm_job_get_coordinator_ports_of_their_own(calls, monkeypatch):
   """JAX's port is 61440 + job id mod 4096: two steps of one job (a training and an evaluation
   at once) on one first node joined each other's processes, which trained as one run."""
-  ports = []
+  addresses = []
   monkeypatch.setattr(jax.distributed, "initialize",
-                      lambda *a, **k: ports.append(os.environ.get("JAX_COORDINATOR_PORT")))
+                      lambda *a, **k: addresses.append(os.environ.get("JAX_COORDINATOR_ADDRESS")))
   slurm(monkeypatch, tasks=2, nodes=2)
   for step in ("0", "1", "0"):
     monkeypatch.setenv("SLURM_STEP_ID", step)
     distributed.initialize()
+  hosts, ports = zip(*(a.split(":") for a in addresses))
+  assert hosts == ("gpu001",) * 3  # The step's first node.
   assert ports[0] == ports[2] != ports[1] and all(61440 <= int(p) < 65536 for p in ports)
-  assert "JAX_COORDINATOR_PORT" not in os.environ  # Set for JAX's detection only.
-  monkeypatch.setenv("JAX_COORDINATOR_PORT", "1234")  # One set by hand is JAX's to read.
+  assert "JAX_COORDINATOR_ADDRESS" not in os.environ  # Set for JAX only.
+  monkeypatch.setenv("JAX_COORDINATOR_PORT", "1234")  # A port set by hand is taken.
   distributed.initialize()
-  assert ports[-1] == "1234"
+  assert addresses[-1] == "gpu001:1234"
+
+
+# Slurm host lists and their first host, which JAX reads right (its coordinator address)
+# or not: its reading stops at the first bracket's first "," or "-", or its end.
+_READ_RIGHT = [("gpu001", "gpu001"), ("node001,host2", "node001"), ("gpu[001-004]", "gpu001"),
+               ("node[007,001-005],host2", "node007"), ("gpu-a[1-2],gpu-b7", "gpu-a1")]
+_READ_WRONG = [("gpu[01-04]-ib,cpu7", "gpu01-ib"), ("rack[1-2]-node[01-04]", "rack1-node01"),
+               ("n[3]", "n3"), ("a-b[07],c1", "a-b07")]
+
+
+@pytest.mark.parametrize("nodelist, first, jax_right",
+                         [(*c, True) for c in _READ_RIGHT] + [(*c, False) for c in _READ_WRONG])
+def test_the_coordinator_is_the_first_host_of_the_slurm_step(calls, monkeypatch, nodelist,
+                                                              first, jax_right):
+  from jax._src.clusters.slurm_cluster import SlurmCluster
+  assert distributed.slurm_first_host(nodelist) == first
+  slurm(monkeypatch, tasks=2, nodes=2)
+  monkeypatch.setenv("SLURM_STEP_NODELIST", nodelist)
+  monkeypatch.setenv("JAX_COORDINATOR_PORT", "1234")
+  assert (SlurmCluster.get_coordinator_address(None, "1234") == f"{first}:1234") == jax_right
+  seen = []
+  monkeypatch.setattr(jax.distributed, "initialize",
+                      lambda *a, **k: seen.append(os.environ.get("JAX_COORDINATOR_ADDRESS")))
+  distributed.initialize()
+  assert seen == [f"{first}:1234"]
+
+
+@pytest.mark.parametrize("nodelist", ["", "gpu[01-04", "gpu[]", "gpu01]", ",gpu01"])
+def test_a_node_list_that_is_not_a_slurm_host_list_is_refused(calls, monkeypatch, nodelist):
+  slurm(monkeypatch, tasks=2, nodes=2)
+  monkeypatch.setenv("SLURM_STEP_NODELIST", nodelist)
+  with pytest.raises(ValueError, match=re.escape(
+      f"SLURM_STEP_NODELIST={nodelist!r}: not a Slurm host list")):
+    distributed.initialize()
+  assert calls == []
 
 
 def _two_processes(tmp_path, source: str, args: list[list[str]]):
