@@ -103,6 +103,13 @@ def sample_caption_rows() -> list[dict]:
            "caption": s["question"]} for s in samples]
 
 
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a process with `devices` CPU devices: the suite's own (conftest.py), and
+  the device count."""
+  return (f"{os.environ.get('XLA_FLAGS', '')} "
+          f"--xla_force_host_platform_device_count={devices}").strip()
+
+
 @contextlib.contextmanager
 def reaped(procs):
   """Kills those of the subprocesses `procs` still running when the block ends: a failed or

@@ -282,9 +282,9 @@ def test_stage_freezing(stage):
 
 SHARDED = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")  # The suite's (conftest.py).
-                               + " --xla_force_host_platform_device_count=8")
     sys.path[:0] = [{root!r}, {tests!r}, {helpers!r}]
+    import helpers
+    os.environ["XLA_FLAGS"] = helpers.xla_flags(8)
     import jax, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from test_pretrain import batch, tiny_config

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,8 +152,7 @@ def test_collectives_per_step_on_two_devices():
        "--config=configs/towers_only.py:tiny", "--steps=1", "--warmup=1", "--windows=1"],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env={**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "")  # The suite's (conftest.py).
-                         + " --xla_force_host_platform_device_count=2")})
+           "XLA_FLAGS": helpers.xla_flags(2)})
   assert out.returncode == 0, out.stderr[-3000:]
   r = json.loads(out.stdout.strip().splitlines()[-1])
   assert r["device_count"] == 2

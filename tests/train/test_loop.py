@@ -31,8 +31,7 @@ STEPS, SAVE = 8, 4
 
 def _env(devices: int) -> dict:
   env = dict(os.environ)
-  # Added to the flags the suite runs with (conftest.py).
-  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = helpers.xla_flags(devices)
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONUNBUFFERED"] = "1"
   return env

@@ -20,11 +20,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")  # The suite's (conftest.py).
-                               + " --xla_force_host_platform_device_count=8")
     sys.path[:0] = [{root!r}, {tests!r}, {helpers!r}]
-    import jax, numpy as np
     import helpers
+    os.environ["XLA_FLAGS"] = helpers.xla_flags(8)
+    import jax, numpy as np
     from test_pretrain import batch
     from medvqa_jax.models import amif
     from medvqa_jax.train import optim, sharding, step as step_lib
