@@ -169,6 +169,9 @@ def get_config(arg=None):
                  log_every=10, eval_every=500, save_every=500, keep=2, eval_batch_size=64,
                  fsdp=1, fsdp_rules=(".*",), fsdp_min_size=2 ** 14, init_from=unset(str),
                  init_params=".*", tensorboard=True,
+                 # On a GPU: XLA's deterministic kernels, picked without autotuning, so that
+                 # a run and its resumption repeat bit for bit (train/determinism.py).
+                 deterministic=False,
                  inject_nan_at=unset(int)),  # Testing: an infinite gradient at this step.
   ))
   config.lock()

@@ -15,7 +15,7 @@ import numpy as np
 
 from medvqa_jax.data import pipeline, splits as splits_lib
 from medvqa_jax.losses.pretrain import pretrain_terms
-from medvqa_jax.train import sharding
+from medvqa_jax.train import determinism, sharding
 
 RECALL_AT = (1, 5, 10)
 
@@ -81,7 +81,9 @@ class Validator:
                                        config.losses, train=False)
       return metrics, out["image_embed"], out["text_embed"]
     # Replicated outputs: every host gets the whole batch's embeddings for the retrieval.
-    self._evaluate = jax.jit(evaluate, out_shardings=replicated)
+    self._evaluate = jax.jit(evaluate, out_shardings=replicated,
+                             compiler_options=determinism.compiler_options(
+                                 config, determinism.platform_of(mesh)) or None)
 
   def __call__(self, params, step: int) -> dict:
     from medvqa_jax.train import observe

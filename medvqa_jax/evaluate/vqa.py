@@ -27,7 +27,7 @@ from medvqa_jax.data import pipeline
 from medvqa_jax.evaluate import metrics as metrics_lib
 from medvqa_jax.models import amif, gca, heads
 from medvqa_jax.models.amif import AMiF
-from medvqa_jax.train import sharding
+from medvqa_jax.train import determinism, sharding
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,9 @@ class Predictor:
       return out["prediction"], jnp.exp(jnp.take_along_axis(out["scores"], best, axis=-1)[:, 0])
 
     self._predict = jax.jit(predict, in_shardings=(param_shardings,) + (None,) * 7,
-                            out_shardings=(replicated, replicated))
+                            out_shardings=(replicated, replicated),
+                            compiler_options=determinism.compiler_options(
+                                config, determinism.platform_of(mesh)) or None)
     # The prior and the candidates, on the devices once: they were put there every batch.
     self._consts = [jax.device_put(x, replicated) for x in
                     (self.prior_ids, self.prior_mask, self.cand_ids, self.cand_mask)]

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from medvqa_jax.data import augment
 from medvqa_jax.models import amif
-from medvqa_jax.train import aot
+from medvqa_jax.train import aot, determinism
 from medvqa_jax.train import flops as flops_lib
 from medvqa_jax.train import optim, sharding
 from medvqa_jax.train import step as step_lib
@@ -292,9 +292,9 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
     objective = step_lib.pretrain_objective(model, config.losses)
   else:
     objective = step_lib.finetune_objective(model, *synthetic_prior(config, model))
-  train_step = step_lib.make_train_step(objective, tx, shardings, tc.accum_steps,
-                                        optim.frozen_mask(config.optim, shapes),
-                                        rng)
+  train_step = step_lib.make_train_step(
+      objective, tx, shardings, tc.accum_steps, optim.frozen_mask(config.optim, shapes), rng,
+      determinism.compiler_options(config, determinism.platform_of(mesh)))
   host = synthetic_batch(config, model, batch_size, config.seed, teacher_dim)
   if steps > 0:
     batch = sharding.shard_batch(mesh, host)

@@ -44,7 +44,7 @@ from medvqa_jax.evaluate import vqa as vqa_eval
 from medvqa_jax.models import amif, gca
 from medvqa_jax.models.state_dict import flatten, unflatten
 from medvqa_jax.train import checkpoint as ckpt_lib
-from medvqa_jax.train import distributed, observe, optim, preemption, sharding
+from medvqa_jax.train import determinism, distributed, observe, optim, preemption, sharding
 from medvqa_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -325,7 +325,8 @@ class BatchTeacher:
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
       self.params = jax.device_put((teacher.image_params, teacher.text_params), replicated)
       self.scale = jax.device_put(np.float32(teacher.logit_scale), replicated)
-      self._embed = jax.jit(teacher.apply)
+      self._embed = jax.jit(teacher.apply, compiler_options=determinism.compiler_options(
+          config, determinism.platform_of(mesh)) or None)
 
   def pipeline_option(self):
     return (self.online.tokenizer, self.online.image_size) if self.online else None
@@ -735,9 +736,9 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
       spike = sum(jnp.sqrt(x - jax.lax.stop_gradient(x) + 1 - poison).sum()
                   for x in jax.tree.leaves(params))
       return loss + poison * (spike - jax.lax.stop_gradient(spike)), metrics
-  train_step = step_lib.make_train_step(objective, tx, shardings, tc.accum_steps,
-                                        optim.frozen_mask(config.optim, shapes),
-                                        rng)
+  train_step = step_lib.make_train_step(
+      objective, tx, shardings, tc.accum_steps, optim.frozen_mask(config.optim, shapes), rng,
+      determinism.compiler_options(config, determinism.platform_of(mesh)))
   base_key = step_lib.base_key(config.seed, rng, mesh)
   image_size = model.image.image_size
   ds = training_data(config, splits, answers, tokenizer, image_size, teacher)

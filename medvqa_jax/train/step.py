@@ -206,7 +206,7 @@ def micro_batches(batch: dict, accum_steps: int) -> dict:
 
 
 def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, frozen=None,
-                    rng: str = "threefry"):
+                    rng: str = "threefry", compiler_options: dict | None = None):
   """(state, batch, key) -> (state, metrics), jitted with the state donated. The loss and
   gradients are those of the whole global batch (micro-batches weighted by the examples
   their loss is a mean over, `EXAMPLES`: exact for a loss that is a mean over examples, such
@@ -217,6 +217,8 @@ def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, fr
   frozen: a pytree like the params of bools (optim.frozen_mask): those parameters enter the
   objective through stop_gradient, so their gradients are zeros and nothing is computed for
   them (stage 1's frozen towers cost their forward pass only).
+
+  compiler_options: XLA's, for the step (`determinism.compiler_options`).
   """
 
   # FSDP: the objective sees the parameters gathered; their gradients are summed over the
@@ -269,4 +271,5 @@ def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, fr
     return new, metrics
 
   return jax.jit(step, in_shardings=(shardings, None, replicated),
-                 out_shardings=(shardings, replicated), donate_argnums=(0,))
+                 out_shardings=(shardings, replicated), donate_argnums=(0,),
+                 compiler_options=compiler_options or None)
