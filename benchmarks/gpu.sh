@@ -58,6 +58,8 @@ RUNS=(
   "XLA_FLAGS=--xla_disable_hlo_passes=dot-merger --config=configs/towers_only.py --config.model.compute.attention=cudnn"
   "--config=configs/vqa_rad.py$PAPER --batch_size=128 --config.model.compute.attention=cudnn"
   "--config=configs/vqa_rad.py$PAPER --batch_size=64 --config.model.compute.attention=cudnn --config.train.rng=rbg"
+  # XLA's deterministic kernels and no autotuning (train.deterministic): against run 5.
+  "--config=configs/vqa_rad.py$PAPER --batch_size=64 --config.model.compute.attention=cudnn --config.train.deterministic=True"
 )
 n=0
 for args in "${RUNS[@]}"; do

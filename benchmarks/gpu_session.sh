@@ -3,13 +3,13 @@
 # first, inside a time budget: a step starts only if its expected need fits in the time left,
 # and runs until STEP_END: the time left, or 1.5 x its need if less (gpu.sh and real_data.sh
 # end their own runs by it, a fine-tune evaluating the best checkpoint it reached). The
-# results land in OUT_DIR (default runs/gpu_session), four files: session.log (all output),
+# results land in OUT_DIR (default runs/gpu_session), five files: session.log (all output),
 # benchmarks.jsonl (launch/benchmark.py lines), real_data.jsonl (benchmarks/real_data.sh),
-# input.jsonl (launch/benchmark_input.py); their tables are printed at the end, with the
-# steps that were skipped. The installed wheels, the input step's corpus and the benchmarks'
-# dataset builds go under RUNS (RUNS/bench_data, at the configs' max_side, 512, whichever of
-# the finetune and input steps builds it; apart from the fine-tunes' RUNS/data, built at
-# real_data.sh's MAX_SIDE).
+# input.jsonl (launch/benchmark_input.py), repeat.jsonl (the repeat step's benchmark lines);
+# their tables are printed at the end, with the steps that were skipped. The installed
+# wheels, the input step's corpus and the benchmarks' dataset builds go under RUNS
+# (RUNS/bench_data, at the configs' max_side, 512, whichever of the finetune and input steps
+# builds it; apart from the fine-tunes' RUNS/data, built at real_data.sh's MAX_SIDE).
 #
 #   bash benchmarks/gpu_session.sh                       # every step, in the order below
 #   bash benchmarks/gpu_session.sh towers real_vqa_rad   # chosen steps, in the order given
@@ -21,7 +21,7 @@
 # Steps, with their expected need in seconds (measured on one H200 on 2026-12-04, the
 # second session's timing and traces included; NEED_<step>=N overrides one).
 # With the default budget, one call reaches the first four (530 s, leaving 40 s: tune would
-# need 370); the rest are listed as skipped, for the next call:
+# need 460); the rest are listed as skipped, for the next call:
 #   check         15  the environment: the software's versions and the GPU (the session
 #                     stops if JAX sees none)
 #   finetune     190  the fine-tuning step at 64 (cuDNN), on synthetic batches and fed by the
@@ -30,13 +30,17 @@
 #   stage1       210  stage-1 pre-training at 64: Sinkhorn to threshold, and a fixed 100
 #                     iterations (gpu.sh runs 3-4), traced
 #   towers       115  towers_only, cuDNN and reference attention (benchmarks/gpu.sh runs 1-2)
-#   tune         370  what the profiles suggest (gpu.sh runs 9-12): towers_only with pad_to=2
+#   tune         460  what the profiles suggest (gpu.sh runs 9-13): towers_only with pad_to=2
 #                     and without XLA's dot merger (an XLA flag), the fine-tuning step at 128
-#                     (fixed costs per step) and with train.rng=rbg (RngBitGenerator against
-#                     dropout's in-line ThreeFry)
+#                     (fixed costs per step), with train.rng=rbg (RngBitGenerator against
+#                     dropout's in-line ThreeFry) and with train.deterministic (its cost)
 #   kernels       75  cuDNN's fused kernel against the reference path, outputs and gradients
 #                     (tests/models/test_compute.py with MEDVQA_FUSED_ATTENTION=cudnn; passed
 #                     on the H200 with jax 0.11.2: the configs' attention=auto relies on it)
+#   repeat       100  does the GPU repeat a run bit for bit? The demo's model in bf16 with
+#                     cuDNN attention, 13 steps at 64, run twice as XLA compiles it by default
+#                     and twice with train.deterministic: the parameters' digests compared
+#                     (not yet measured: the need is a guess)
 #   real_slake   450  the SLAKE fine-tune of RESULTS.md (benchmarks/real_data.sh slake); cut
 #                     short, it is evaluated at the best checkpoint it reached
 #   real_vqa_rad 420  the VQA-RAD fine-tune of RESULTS.md (403 s on the H200, cut 48 steps
@@ -100,9 +104,11 @@ case "${1:-}" in
 esac
 cd "$ROOT"
 
-ORDER=(check finetune stage1 towers tune kernels real_slake real_vqa_rad input towers_more)
-declare -A NEED=([check]=15 [finetune]=190 [stage1]=210 [towers]=115 [tune]=370 [kernels]=75
-                 [real_slake]=450 [real_vqa_rad]=420 [input]=120 [towers_more]=150)
+ORDER=(check finetune stage1 towers tune kernels repeat real_slake real_vqa_rad input
+       towers_more)
+declare -A NEED=([check]=15 [finetune]=190 [stage1]=210 [towers]=115 [tune]=460 [kernels]=75
+                 [repeat]=100 [real_slake]=450 [real_vqa_rad]=420 [input]=120
+                 [towers_more]=150)
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=("${ORDER[@]}")
 for s in "${STEPS[@]}"; do
@@ -220,8 +226,18 @@ step_kernels() {
 # to the log; the traces (tens of MB) stay in PROFILES, outside OUT_DIR.
 step_towers() { do_ - env OUT_FILE="$BENCH" PROFILE_DIR="$PROFILES" bash benchmarks/gpu.sh 1-2; }
 step_stage1() { do_ - env OUT_FILE="$BENCH" PROFILE_DIR="$PROFILES" bash benchmarks/gpu.sh 3-4; }
-step_tune() { do_ - env OUT_FILE="$BENCH" bash benchmarks/gpu.sh 9-12; }
+step_tune() { do_ - env OUT_FILE="$BENCH" bash benchmarks/gpu.sh 9-13; }
 step_towers_more() { do_ - env OUT_FILE="$BENCH" bash benchmarks/gpu.sh 6-8; }
+step_repeat() {
+  local det
+  for det in False False True True; do
+    # bf16 throughout (cuDNN's fused attention takes 16-bit inputs only).
+    do_ "$OUT_DIR/repeat.jsonl" "$PYTHON" launch/benchmark.py --config=configs/demo.py \
+      --batch_size=64 --steps=10 --warmup=3 --windows=1 --config.model.dtype=bfloat16 \
+      --config.model.image.dtype=bfloat16 --config.model.text.dtype=bfloat16 \
+      --config.model.compute.attention=cudnn --config.train.deterministic=$det
+  done
+}
 real_data() {
   do_ - env RESULTS="$OUT_DIR/real_data.jsonl" WORKERS="$WORKERS" bash benchmarks/real_data.sh "$1"
 }
@@ -323,6 +339,21 @@ for line in open(sys.argv[1]):
   for x in r["results"]:
     print(f"{r['dataset']:15} {r['augmentation']:12} {x['workers']:>7} {x['images_per_s']:>9} "
           f"{x['images_per_s_per_worker']:>10}")
+PY
+fi
+if [ -s "$OUT_DIR/repeat.jsonl" ]; then
+  "$PYTHON" - "$OUT_DIR/repeat.jsonl" <<'PY'
+import json, sys
+runs = {}
+for line in open(sys.argv[1]):
+  r = json.loads(line)
+  det = any(o == "--config.train.deterministic=True" for o in r.get("overrides") or [])
+  runs.setdefault(det, []).append(r)
+print(f"{'train.deterministic':19} {'runs':>4} {'same parameters':>15} {'step ms':>8}")
+for det, rs in sorted(runs.items()):
+  same = len({r["params_sha1"] for r in rs}) == 1 if len(rs) > 1 else "-"
+  ms = "/".join(f"{1000 * r['step_s']:.1f}" for r in rs)
+  print(f"{str(det):19} {len(rs):>4} {str(same):>15} {ms:>8}")
 PY
 fi
 echo "== done in $(( $(date +%s) - START )) s; skipped: ${SKIPPED[*]:-none}"

@@ -19,7 +19,7 @@ from medvqa_jax import ASSETS
 ROOT = Path(__file__).resolve().parents[1]
 # One call of the default budget reaches the first three (the environment, the traced
 # fine-tuning and stage-1 steps); the others follow in the next.
-STEPS = ["check", "finetune", "stage1", "towers", "tune", "kernels", "real_slake",
+STEPS = ["check", "finetune", "stage1", "towers", "tune", "kernels", "repeat", "real_slake",
          "real_vqa_rad", "input", "towers_more"]
 
 
@@ -41,7 +41,7 @@ def test_the_plan_lists_every_step_in_order_and_runs_nothing(tmp_path):
   assert re.findall(r"^== (\w+) \(", out.stdout, re.M) == STEPS
   commands = [line for line in out.stdout.splitlines() if line.startswith("+ ")]
   for expected in ("MEDVQA_FUSED_ATTENTION=cudnn", "benchmarks/gpu.sh 1-2",
-                   "benchmarks/gpu.sh 3-4", "benchmarks/gpu.sh 6-8", "benchmarks/gpu.sh 9-12",
+                   "benchmarks/gpu.sh 3-4", "benchmarks/gpu.sh 6-8", "benchmarks/gpu.sh 9-13",
                    "benchmarks/real_data.sh vqa_rad", "benchmarks/real_data.sh slake",
                    f"--pipeline --config.model.compute.attention=cudnn "
                    f"--config.data.source_dir={tmp_path / 'data'}/vqa_rad",
@@ -68,7 +68,44 @@ def test_the_plan_lists_every_step_in_order_and_runs_nothing(tmp_path):
     assert by_step[f"real_{dataset}"] == [
         f"+ env RESULTS={tmp_path / 'out'}/real_data.jsonl WORKERS={workers} "
         f"bash benchmarks/real_data.sh {dataset}"]
+  # The repeat step: the demo's step twice as XLA compiles it, twice with its deterministic
+  # kernels, on the GPU's own kernels (cuDNN attention, bf16).
+  repeat = by_step["repeat"]
+  assert [c.endswith("--config.train.deterministic=False") for c in repeat] == [True] * 2 + \
+      [False] * 2
+  assert all(c.endswith("--config.train.deterministic=True") for c in repeat[2:])
+  for c in repeat:
+    assert "launch/benchmark.py --config=configs/demo.py" in c
+    assert ("--config.model.dtype=bfloat16 --config.model.image.dtype=bfloat16 "
+            "--config.model.text.dtype=bfloat16 --config.model.compute.attention=cudnn") in c
   assert not (tmp_path / "out").exists()
+
+
+def test_the_repeat_table_compares_each_settings_digests(tmp_path):
+  """A stand-in for python plays launch/benchmark.py: its runs without train.deterministic
+  end at two digests, those with it at one."""
+  script = tmp_path / "bench.py"
+  script.write_text(f"""import json, sys
+from pathlib import Path
+count = Path({str(tmp_path / "count")!r})
+n = int(count.read_text()) if count.exists() else 0
+count.write_text(str(n + 1))
+det = "--config.train.deterministic=True" in sys.argv
+print(json.dumps({{"params_sha1": "same" if det else f"run{{n}}", "step_s": 0.01 + 0.001 * n,
+                  "overrides": [a for a in sys.argv if a.startswith("--config.")]}}))
+""")
+  fake = tmp_path / "python"
+  fake.write_text(f"""#!/usr/bin/env bash
+[ "$1" = launch/benchmark.py ] && {{ shift; exec {sys.executable} {script} "$@"; }}
+exec {sys.executable} "$@"
+""")
+  fake.chmod(0o755)
+  out = _session(["repeat"], PYTHON=str(fake), OUT_DIR=str(tmp_path / "out"),
+                 RUNS=str(tmp_path / "runs"))
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert len((tmp_path / "out" / "repeat.jsonl").read_text().splitlines()) == 4
+  rows = re.findall(r"^(False|True)\s+(\d+)\s+(\S+)\s+(\S+)$", out.stdout, re.M)
+  assert rows == [("False", "2", "False", "10.0/11.0"), ("True", "2", "True", "12.0/13.0")]
 
 
 def test_an_unknown_step_is_refused():

@@ -10,6 +10,7 @@ with random lengths, random teacher embeddings), placed on the devices once; wit
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from typing import Callable
@@ -20,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from medvqa_jax.data import augment
 from medvqa_jax.models import amif
+from medvqa_jax.models.state_dict import flatten
 from medvqa_jax.train import aot, determinism
 from medvqa_jax.train import flops as flops_lib
 from medvqa_jax.train import optim, sharding
@@ -210,6 +212,17 @@ def _profile(one: Callable, steps: int, out_dir: str, step_s: float,
   return figures
 
 
+def params_digest(params) -> str:
+  """The SHA-1 of parameters (each array's path, dtype, shape and bytes, in path order):
+  two runs' digests are equal when their parameters are, bit for bit."""
+  digest = hashlib.sha1()
+  for path, x in sorted(flatten(params).items()):
+    x = np.asarray(jax.device_get(x))
+    digest.update(f"{path} {x.dtype} {x.shape}\n".encode())
+    digest.update(np.ascontiguousarray(x).tobytes())
+  return digest.hexdigest()
+
+
 def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int = 10,
         windows: int = 3, pipeline: bool = False, peak: float | None = None,
         teacher_dim: int = 512, pipeline_min_steps: int = 50,
@@ -369,6 +382,11 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
     window_s.append(seconds)
   step_s = float(np.median(window_s))
   loss = float(metrics["loss"])
+  # The parameters after the warm-up and timed steps, from the seed's initial state: the same
+  # command run twice on one device gives one digest where the device repeats the step bit for
+  # bit (train.deterministic on a GPU; determinism.py). One process: another's arrays are
+  # not here.
+  digest = params_digest(state["params"]) if jax.process_count() == 1 else None
   peak = peak if peak is not None else peak_tflops(out["device_kind"])
   achieved = analytic["total"] * batch_size / step_s / jax.device_count()
   out.update(
@@ -381,6 +399,7 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
       peak_bf16_tflops_per_device=peak,
       mfu=None if not peak else round(achieved / (peak * 1e12), 4),
       peak_memory_gib=_peak_memory(), loss=loss, loss_finite=bool(np.isfinite(loss)),
+      params_sha1=digest,
       sinkhorn_s=None, sinkhorn_share=None, sinkhorn_converged=None, sinkhorn_budget=None,
       step_wpa_converged=None, pipeline_step_s=None, data_share=None,
       pipeline_warmup_steps=None, pipeline_steps=None, profile_trace=None,

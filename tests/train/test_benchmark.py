@@ -27,7 +27,7 @@ KEYS = {"config", "device_kind", "platform", "device_count", "batch_size", "comp
         "compiled_flops_per_sample", "compiled_over_analytic", "flops_check", "mfu",
         "peak_bf16_tflops_per_device", "compiled_memory_gib", "peak_memory_gib",
         "sinkhorn_share", "data_share", "attention", "scan", "remat", "loss", "collectives",
-        "hbm_traffic_gb", "target"}
+        "hbm_traffic_gb", "target", "params_sha1"}
 
 
 def test_counts_below_their_least_are_refused():
@@ -458,6 +458,30 @@ def test_the_lm_head_is_counted_at_the_positions_that_predict_a_token():
   assert {k: more["forward"][k] - base["forward"][k] for k in base["forward"]} == {
       **{k: 0 for k in base["forward"]}, "head_cross": logits}
   assert more["total"] - base["total"] == 3 * logits
+
+
+def test_the_parameters_digest_is_equal_for_equal_parameters_only():
+  params = {"a": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)},
+            "b": np.ones(3, np.float32)}
+  digest = benchmark.params_digest(params)
+  assert re.fullmatch("[0-9a-f]{40}", digest)
+  assert benchmark.params_digest(jax.tree.map(np.copy, params)) == digest
+  nudged = jax.tree.map(np.copy, params)
+  nudged["b"][1] = np.nextafter(np.float32(1), np.float32(2))  # One ulp.
+  assert benchmark.params_digest(nudged) != digest
+  renamed = {"a": params["a"], "c": params["b"]}  # The same bytes under another path.
+  assert benchmark.params_digest(renamed) != digest
+  assert benchmark.params_digest({**params, "b": params["b"].reshape(1, 3)}) != digest
+
+
+def test_two_runs_of_one_command_end_at_one_digest_on_the_cpu():
+  """params_sha1 is the parameters' after the steps run from the seed's state: a CPU repeats
+  them (two runs, one digest), and one step more ends elsewhere."""
+  from configs import towers_only
+  run = lambda warmup: benchmark.run(towers_only.get_config("tiny"), steps=1, warmup=warmup,
+                                     windows=1)["params_sha1"]
+  first = run(0)
+  assert run(0) == first != run(1)
 
 
 def test_compiling_only_builds_the_step_the_timed_run_compiles():
