@@ -82,8 +82,7 @@ class Validator:
       return metrics, out["image_embed"], out["text_embed"]
     # Replicated outputs: every host gets the whole batch's embeddings for the retrieval.
     self._evaluate = jax.jit(evaluate, out_shardings=replicated,
-                             compiler_options=determinism.compiler_options(
-                                 config, determinism.platform_of(mesh)) or None)
+                             compiler_options=determinism.compiler_options(config, mesh))
 
   def __call__(self, params, step: int) -> dict:
     from medvqa_jax.train import observe

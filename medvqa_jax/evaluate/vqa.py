@@ -88,8 +88,7 @@ class Predictor:
 
     self._predict = jax.jit(predict, in_shardings=(param_shardings,) + (None,) * 7,
                             out_shardings=(replicated, replicated),
-                            compiler_options=determinism.compiler_options(
-                                config, determinism.platform_of(mesh)) or None)
+                            compiler_options=determinism.compiler_options(config, mesh))
     # The prior and the candidates, on the devices once: they were put there every batch.
     self._consts = [jax.device_put(x, replicated) for x in
                     (self.prior_ids, self.prior_mask, self.cand_ids, self.cand_mask)]

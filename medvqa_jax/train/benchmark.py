@@ -307,7 +307,7 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
     objective = step_lib.finetune_objective(model, *synthetic_prior(config, model))
   train_step = step_lib.make_train_step(
       objective, tx, shardings, tc.accum_steps, optim.frozen_mask(config.optim, shapes), rng,
-      determinism.compiler_options(config, determinism.platform_of(mesh)))
+      determinism.compiler_options(config, mesh))
   host = synthetic_batch(config, model, batch_size, config.seed, teacher_dim)
   if steps > 0:
     batch = sharding.shard_batch(mesh, host)

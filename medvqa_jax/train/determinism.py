@@ -32,15 +32,11 @@ GPU_OPTIONS = {
 GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 
-def compiler_options(config, platform: str) -> dict:
-  """The compiler options of a run's programs on `platform`: XLA's deterministic GPU
-  kernels where `train.deterministic` asks for them (a run recorded before the field
-  existed did not); none elsewhere (they are XLA's GPU compiler's; a CPU's programs repeat
-  already, as the suite's resume tests check)."""
+def compiler_options(config, mesh) -> dict | None:
+  """The compiler options (jax.jit's) of a run's programs on `mesh`'s devices: XLA's
+  deterministic GPU kernels where `train.deterministic` asks for them (a run recorded before
+  the field existed did not); None elsewhere (they are XLA's GPU compiler's; a CPU's programs
+  repeat already, as the suite's resume tests check)."""
   wanted = bool(config.train.get("deterministic", False))
-  return dict(GPU_OPTIONS) if wanted and platform in GPU_PLATFORMS else {}
-
-
-def platform_of(mesh) -> str:
-  """The platform of a mesh's devices ("cpu", "gpu", "tpu"; a compile target's own)."""
-  return mesh.devices.flat[0].platform
+  platform = mesh.devices.flat[0].platform  # A compile target's own where it is one.
+  return dict(GPU_OPTIONS) if wanted and platform in GPU_PLATFORMS else None

@@ -325,8 +325,8 @@ class BatchTeacher:
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
       self.params = jax.device_put((teacher.image_params, teacher.text_params), replicated)
       self.scale = jax.device_put(np.float32(teacher.logit_scale), replicated)
-      self._embed = jax.jit(teacher.apply, compiler_options=determinism.compiler_options(
-          config, determinism.platform_of(mesh)) or None)
+      self._embed = jax.jit(teacher.apply,
+                            compiler_options=determinism.compiler_options(config, mesh))
 
   def pipeline_option(self):
     return (self.online.tokenizer, self.online.image_size) if self.online else None
@@ -738,7 +738,7 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
       return loss + poison * (spike - jax.lax.stop_gradient(spike)), metrics
   train_step = step_lib.make_train_step(
       objective, tx, shardings, tc.accum_steps, optim.frozen_mask(config.optim, shapes), rng,
-      determinism.compiler_options(config, determinism.platform_of(mesh)))
+      determinism.compiler_options(config, mesh))
   base_key = step_lib.base_key(config.seed, rng, mesh)
   image_size = model.image.image_size
   ds = training_data(config, splits, answers, tokenizer, image_size, teacher)

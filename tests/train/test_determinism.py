@@ -4,6 +4,8 @@ compiled with and without them). Checked here: they are asked for on GPUs only, 
 them, every program of a run that decides its parameters or its choices is compiled with
 them, and they change no number on the CPU."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,16 +28,22 @@ def _asking(deterministic: bool | None) -> ConfigDict:
   return ConfigDict({"train": train})
 
 
+def _mesh_of(platform: str):
+  """A stand-in for a mesh of `platform`'s devices (what compiler_options reads of it)."""
+  return types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform=platform)]))
+
+
 def test_the_options_are_asked_for_on_gpus_only():
   for platform in ("gpu", "cuda", "rocm"):
-    assert determinism.compiler_options(_asking(True), platform) == determinism.GPU_OPTIONS
-    assert determinism.compiler_options(_asking(False), platform) == {}
+    mesh = _mesh_of(platform)
+    assert determinism.compiler_options(_asking(True), mesh) == determinism.GPU_OPTIONS
+    assert determinism.compiler_options(_asking(False), mesh) is None
     # A run recorded before the field existed compiles as it did.
-    assert determinism.compiler_options(_asking(None), platform) == {}
+    assert determinism.compiler_options(_asking(None), mesh) is None
   for platform in ("cpu", "tpu"):
-    assert determinism.compiler_options(_asking(True), platform) == {}
-  assert determinism.platform_of(sharding.make_mesh()) == "cpu"
-  options = determinism.compiler_options(_asking(True), "gpu")
+    assert determinism.compiler_options(_asking(True), _mesh_of(platform)) is None
+  assert determinism.compiler_options(_asking(True), sharding.make_mesh()) is None  # A CPU.
+  options = determinism.compiler_options(_asking(True), _mesh_of("gpu"))
   options.clear()  # A copy: the module's own stay.
   assert determinism.GPU_OPTIONS
 
