@@ -21,7 +21,7 @@
 # Steps, with their expected need in seconds (measured on one H200 on 2026-12-04, the
 # second session's timing and traces included; NEED_<step>=N overrides one).
 # With the default budget, one call reaches the first four (530 s, leaving 40 s: tune would
-# need 460); the rest are listed as skipped, for the next call:
+# need 490); the rest are listed as skipped, for the next call:
 #   check         15  the environment: the software's versions and the GPU (the session
 #                     stops if JAX sees none)
 #   finetune     190  the fine-tuning step at 64 (cuDNN), on synthetic batches and fed by the
@@ -30,17 +30,18 @@
 #   stage1       210  stage-1 pre-training at 64: Sinkhorn to threshold, and a fixed 100
 #                     iterations (gpu.sh runs 3-4), traced
 #   towers       115  towers_only, cuDNN and reference attention (benchmarks/gpu.sh runs 1-2)
-#   tune         460  what the profiles suggest (gpu.sh runs 9-13): towers_only with pad_to=2
+#   tune         490  what the profiles suggest (gpu.sh runs 9-13): towers_only with pad_to=2
 #                     and without XLA's dot merger (an XLA flag), the fine-tuning step at 128
 #                     (fixed costs per step), with train.rng=rbg (RngBitGenerator against
-#                     dropout's in-line ThreeFry) and with train.deterministic (its cost)
+#                     dropout's in-line ThreeFry) and with train.deterministic (its cost; the
+#                     120 s of run 13 a guess: the step compiled in 99 s on the H200)
 #   kernels       75  cuDNN's fused kernel against the reference path, outputs and gradients
 #                     (tests/models/test_compute.py with MEDVQA_FUSED_ATTENTION=cudnn; passed
 #                     on the H200 with jax 0.11.2: the configs' attention=auto relies on it)
-#   repeat       100  does the GPU repeat a run bit for bit? The demo's model in bf16 with
+#   repeat       150  does the GPU repeat a run bit for bit? The demo's model in bf16 with
 #                     cuDNN attention, 13 steps at 64, run twice as XLA compiles it by default
 #                     and twice with train.deterministic: the parameters' digests compared
-#                     (not yet measured: the need is a guess)
+#                     (a guess: four processes, each compiling the step, about 20 s here)
 #   real_slake   450  the SLAKE fine-tune of RESULTS.md (benchmarks/real_data.sh slake); cut
 #                     short, it is evaluated at the best checkpoint it reached
 #   real_vqa_rad 420  the VQA-RAD fine-tune of RESULTS.md (403 s on the H200, cut 48 steps
@@ -106,8 +107,8 @@ cd "$ROOT"
 
 ORDER=(check finetune stage1 towers tune kernels repeat real_slake real_vqa_rad input
        towers_more)
-declare -A NEED=([check]=15 [finetune]=190 [stage1]=210 [towers]=115 [tune]=460 [kernels]=75
-                 [repeat]=100 [real_slake]=450 [real_vqa_rad]=420 [input]=120
+declare -A NEED=([check]=15 [finetune]=190 [stage1]=210 [towers]=115 [tune]=490 [kernels]=75
+                 [repeat]=150 [real_slake]=450 [real_vqa_rad]=420 [input]=120
                  [towers_more]=150)
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=("${ORDER[@]}")
