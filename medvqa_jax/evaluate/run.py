@@ -56,9 +56,11 @@ class Restored:
 
 def saved_config(run: dict) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(json.loads(run["config"]))
-  # A field added since the run was saved, as the run had it: its evaluation can set it.
+  # Fields added since the run was saved, as the run had them: its evaluation can set them.
   if "rank_score" not in config.model:
     config.model.rank_score = "likelihood"
+  if "train" in config and "deterministic" not in config.train:
+    config.train.deterministic = False
   return config
 
 
@@ -90,10 +92,11 @@ def unused_overrides(fields, saved, run: dict, tokenizer_copy: bool) -> dict[str
   answers with the saved weights (no optimiser, schedule or dropout), shards them by
   `fsdp` (eval.py's --fsdp), builds checkpoint towers from the architectures the run
   recorded and reads the run's tokenizer copy where it has one; a VQA evaluation reads its
-  batches in threads, in train.eval_batch_size, with no loss terms, teacher or seed."""
+  batches in threads, in train.eval_batch_size, with no loss terms, teacher or seed. Either
+  compiles with train.deterministic's options (determinism.py)."""
   pretraining = saved.model.head == "none"
   used_train = (("batch_size",) if pretraining else ("eval_batch_size",)) + (
-      "fsdp_rules", "fsdp_min_size")
+      "fsdp_rules", "fsdp_min_size", "deterministic")
   out = {}
   for field in fields:
     top, part, name = (field.split(".") + ["", ""])[:3]

@@ -591,7 +591,8 @@ def test_the_overrides_an_evaluation_does_not_read_are_named_with_why():
   pre-training run's validation reads its loss terms, teacher, seed, batch and workers.
   Checkpoint towers are built from the recorded architecture, a saved tokenizer copy wins."""
   fields = ["seed", "optim.lr", "train.batch_size", "train.eval_batch_size", "train.fsdp",
-            "train.fsdp_rules", "train.fsdp_min_size", "losses.weights", "teacher.mode",
+            "train.fsdp_rules", "train.fsdp_min_size", "train.deterministic",
+            "losses.weights", "teacher.mode",
             "data.workers", "data.dir",
             "model.rank_k", "model.rank_score", "model.dropout", "model.num_answers",
             "model.image.checkpoint", "model.text.checkpoint", "model.text.tokenizer",
@@ -626,14 +627,19 @@ def test_the_overrides_an_evaluation_does_not_read_are_named_with_why():
 
 
 def test_a_run_saved_before_a_field_existed_evaluates_with_it_set():
-  """model.rank_score came after runs were trained: their configs, which lack it, read as
-  ranking by likelihood (as they did), and an evaluation can set it like any field."""
-  run = {"config": json.dumps({"model": {"head": "generative", "rank_k": 8}})}
+  """model.rank_score and train.deterministic came after runs were trained: their configs,
+  which lack them, read as ranking by likelihood and compiling XLA's default kernels (as they
+  did), and an evaluation can set them like any field."""
+  run = {"config": json.dumps({"model": {"head": "generative", "rank_k": 8},
+                               "train": {"eval_batch_size": 16}})}
   saved = run_lib.saved_config(run)
   assert saved.model.rank_score == "likelihood" and saved.model.rank_k == 8
-  config, changes = run_lib.with_overrides(saved, {"model.rank_score": "first_token_twice"})
-  assert config.model.rank_score == "first_token_twice"
-  assert changes == ["model.rank_score 'likelihood' -> 'first_token_twice'"]
+  assert saved.train.deterministic is False and saved.train.eval_batch_size == 16
+  config, changes = run_lib.with_overrides(saved, {"model.rank_score": "first_token_twice",
+                                                   "train.deterministic": True})
+  assert config.model.rank_score == "first_token_twice" and config.train.deterministic
+  assert changes == ["model.rank_score 'likelihood' -> 'first_token_twice'",
+                     "train.deterministic False -> True"]
   # A run that set it keeps its value.
   run = {"config": json.dumps({"model": {"head": "generative",
                                          "rank_score": "first_token_twice"}})}
