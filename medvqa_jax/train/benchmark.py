@@ -216,8 +216,8 @@ def params_digest(params) -> str:
   """The SHA-1 of parameters (each array's path, dtype, shape and bytes, in path order):
   two runs' digests are equal when their parameters are, bit for bit."""
   digest = hashlib.sha1()
-  for path, x in sorted(flatten(params).items()):
-    x = np.asarray(jax.device_get(x))
+  for path, x in sorted(flatten(jax.device_get(params)).items()):  # One copy to the host.
+    x = np.asarray(x)
     digest.update(f"{path} {x.dtype} {x.shape}\n".encode())
     digest.update(np.ascontiguousarray(x).tobytes())
   return digest.hexdigest()
