@@ -55,13 +55,9 @@ class Restored:
 
 
 def saved_config(run: dict) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(json.loads(run["config"]))
-  # Fields added since the run was saved, as the run had them: its evaluation can set them.
-  if "rank_score" not in config.model:
-    config.model.rank_score = "likelihood"
-  if "train" in config and "deterministic" not in config.train:
-    config.train.deterministic = False
-  return config
+  """The run's config, with fields added since it was recorded as the run had them: its
+  evaluation can set them."""
+  return ml_collections.ConfigDict(ckpt_lib.recorded_config(run["config"]))
 
 
 def with_overrides(saved: ml_collections.ConfigDict, overrides: dict | None):

@@ -19,6 +19,7 @@ the saved ones names the parameters.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -96,6 +97,23 @@ def _bytes_to_write(state) -> int:
 
 def _size(n: int) -> str:
   return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+# Config fields added after runs were recorded, each with the value such a run had in effect:
+# a record without one reads as having that value (an evaluation can then set it, and a
+# resumed run does not list it as changed).
+ADDED_FIELDS = {"model.rank_score": "likelihood", "train.deterministic": False}
+
+
+def recorded_config(saved_json: str) -> dict:
+  """A run record's config (its JSON), with the fields added since it was recorded filled in
+  as the run had them (ADDED_FIELDS)."""
+  config = json.loads(saved_json)
+  for field, value in ADDED_FIELDS.items():
+    part, name = field.split(".")
+    if isinstance(config.get(part), dict):
+      config[part].setdefault(name, value)
+  return config
 
 
 def run_tokenizer(workdir, text_cfg, record: dict | None = None):

@@ -243,7 +243,9 @@ def config_changes(saved_json: str, config, saved_tokenizer: bool) -> tuple[list
   kept): a resumed run builds its checkpoint towers from the architectures it recorded
   (their source, checkpoint, arch, fresh and unused fields no longer apply) and reads its own
   tokenizer copy when it has one (model.text.tokenizer no longer applies); every other field
-  is taken."""
+  is taken. Fields added since the run was recorded count as the run had them
+  (checkpoint.ADDED_FIELDS); any other field only one of the two has reads "(unset)" in the
+  other."""
   def flat(tree, prefix=""):
     out = {}
     for key, value in tree.items():
@@ -259,9 +261,13 @@ def config_changes(saved_json: str, config, saved_tokenizer: bool) -> tuple[list
              and field in ("source", "checkpoint", "arch", "fresh", "unused"))
             or (saved_tokenizer and part == "text" and field == "tokenizer"))
 
-  then, now = flat(json.loads(saved_json)), flat(json.loads(config.to_json()))
-  changes = [(k, f"{k} {then.get(k)!r} -> {now.get(k)!r}")
-             for k in sorted(then.keys() | now.keys()) if then.get(k) != now.get(k)]
+  def shown(values, key):
+    return repr(values[key]) if key in values else "(unset)"
+
+  then, now = flat(ckpt_lib.recorded_config(saved_json)), flat(json.loads(config.to_json()))
+  changes = [(k, f"{k} {shown(then, k)} -> {shown(now, k)}")
+             for k in sorted(then.keys() | now.keys())
+             if k not in then or k not in now or then[k] != now[k]]
   return ([line for k, line in changes if not kept(k)],
           [line for k, line in changes if kept(k)])
 

@@ -368,7 +368,7 @@ def test_a_resumed_run_says_which_changed_fields_it_keeps_from_its_record(text_c
   config.model.image.arch.depth = 3
   config.train.keep = 5
   taken, kept = loop.config_changes(saved, config, saved_tokenizer=True)
-  assert kept == ["model.text.arch.depth None -> 1",
+  assert kept == ["model.text.arch.depth (unset) -> 1",
                   f"model.text.checkpoint {str(text_checkpoint)!r} -> '/moved/bert'",
                   "model.text.tokenizer None -> '/other/vocab'",
                   "model.text.unused [] -> ['pooler.*']"]
@@ -377,6 +377,28 @@ def test_a_resumed_run_says_which_changed_fields_it_keeps_from_its_record(text_c
   # A run from before tokenizer copies were saved reads the tokenizer the config names.
   taken, kept = loop.config_changes(saved, config, saved_tokenizer=False)
   assert "model.text.tokenizer None -> '/other/vocab'" in taken
+
+
+def test_a_record_older_than_a_config_field_reads_as_the_run_had_it(text_checkpoint, tmp_path):
+  """A run recorded before model.rank_score and train.deterministic existed ran as ranking by
+  likelihood and with XLA's default kernels: resumed under those values it lists no change
+  (it listed "train.deterministic None -> False"), under others it lists them from what the
+  run had. Another field the record lacks reads "(unset)", not None, which a field can be."""
+  config = _config(text_checkpoint, tmp_path)
+  record = json.loads(config.to_json())
+  del record["model"]["rank_score"], record["train"]["deterministic"], record["train"]["keep"]
+  assert config.model.rank_score == "likelihood" and config.train.deterministic is False
+  taken, kept = loop.config_changes(json.dumps(record), config, saved_tokenizer=True)
+  assert (taken, kept) == ([f"train.keep (unset) -> {config.train.keep!r}"], [])
+  config.model.rank_score, config.train.deterministic = "first_token_twice", True
+  taken, _ = loop.config_changes(json.dumps(record), config, saved_tokenizer=True)
+  assert taken == ["model.rank_score 'likelihood' -> 'first_token_twice'",
+                   "train.deterministic False -> True",
+                   f"train.keep (unset) -> {config.train.keep!r}"]
+  # A field the record has and the config lacks.
+  record["train"]["gone"] = None
+  taken, _ = loop.config_changes(json.dumps(record), config, saved_tokenizer=True)
+  assert "train.gone None -> (unset)" in taken
 
 
 def test_the_run_length_is_set_by_epochs_or_by_steps_not_both():
