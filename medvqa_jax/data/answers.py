@@ -8,7 +8,9 @@ dropped), plus "x-ray" and "x ray" -> "xray". It departs from the toolkit in two
 - the toolkit's contraction table ("dont" -> "don't") is not applied.
 On the full VQA-RAD and SLAKE and the PathVQA and VQA-Med-2019 samples of ../shared/data, that
 normalises 7 answers otherwise than the toolkit (5 with an apostrophe, "5%", "~15 minutes"),
-and merges no two answers that the toolkit keeps apart.
+and, within each dataset, merges no two answers that the toolkit keeps apart (across them,
+VQA-RAD's "5%" and SLAKE's "5" become one). As the toolkit does, it reads "none" as "0": SLAKE's
+"None" (no disease, no damage) and "0" (no kidney) are one answer.
 
 VQA-Med-2019 references may list alternatives separated by "#": a prediction matching any of
 them is correct.

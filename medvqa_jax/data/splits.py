@@ -5,7 +5,10 @@ a held-out slice of it for validation.
 
 Protocols (every output names the one that produced it):
   open-set (default): the answer vocabulary, the GCA prior and the ranking candidates come
-    from train + validation only; test answers never reach the model.
+    from train + validation only; no answer is taken from the test split. (A dataset's own
+    training split can still hold its test answers: VQA-RAD's MEVF split, as published
+    results use it, trains on template rewrites of 284 test questions with their images and
+    answers, which data.reader_options.test_frames=False leaves out; see README's Data.)
   closed-set (the paper's): candidates from every split, test included, for comparability
     with published numbers.
 """
