@@ -310,6 +310,11 @@ class BatchTeacher:
     self.mode = check_teacher_config(config)
     self.cache = self.online = self.fingerprint = None
     if self.mode == "none":
+      utgc = config.losses.weights.get("utgc", 0.0)
+      if utgc:  # (It would train nothing, said nothing.)
+        log.warning("teacher.mode is 'none': losses.weights.utgc=%s is not used (utgc has no "
+                    "hard-label form: a caption's only positive is itself); itgc and imvc are "
+                    "hard-label InfoNCE", utgc)
       return
     self.fingerprint = recorded_teacher(config, run) if self.mode == "cache" else None
     teacher = None if self.fingerprint else teacher_lib.from_config(config)

@@ -96,9 +96,13 @@ def test_training_reads_the_cache_and_refuses_one_that_does_not_match(corpus, tm
       assert np.isfinite(ra[term])
       np.testing.assert_allclose(ra[term], rb[term], rtol=1e-4, err_msg=term)
   # And without a teacher the global terms are hard-label InfoNCE: other values.
+  assert "utgc" not in caplog.text
   plain = tmp_path / "plain"
   loop.train(_config(corpus, data, plain, mode="none"))
   assert abs(_losses(plain)[0]["itgc"] - a[0]["itgc"]) > 1e-3
+  # utgc has no hard-label form: its weight, set, is said to be unused.
+  assert "utgc" not in _losses(plain)[0]
+  assert "losses.weights.utgc=1.0 is not used" in caplog.text
   assert (cached / "checkpoints" / "2").is_dir()
 
 
