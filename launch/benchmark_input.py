@@ -37,7 +37,8 @@ _MAX_SIDE = flags.DEFINE_integer("max_side", 512, "A build made here shrinks ima
                                  "data.max_side and prepare_data.py.", lower_bound=0)
 _SPLIT = flags.DEFINE_string("split", "train", "Split to read.")
 _SIZE = flags.DEFINE_integer("image_size", 288, "Output image side.", lower_bound=1)
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Images per batch.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Examples per batch (a caption corpus's have "
+                              "two views each: twice as many images).", lower_bound=1)
 _BATCHES = flags.DEFINE_integer("batches", 20, "Timed batches per setting (at least 4 per "
                                 "worker).", lower_bound=1)
 _WORKERS = flags.DEFINE_list("workers", ["0", "2"], "Worker process counts to time (0: "
