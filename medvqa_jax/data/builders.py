@@ -18,6 +18,7 @@ import hashlib
 import inspect
 import io
 import logging
+import math
 import numbers
 import os
 import shutil
@@ -260,8 +261,9 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
       shown = "\n  ".join(bad[:20])
       raise DataError(
           f"{len(bad)} of the {total} records of the {split} split of {self.name} in "
-          f"{self.source_dir} are bad ({len(bad) / total:.1%} > the allowed "
-          f"{self.max_bad_fraction:.1%}); nothing was built. First problems:\n  {shown}\n"
+          f"{self.source_dir} are bad ({len(bad) / total:.1%}, more than the allowed "
+          f"{self.max_bad_fraction:.1%}: at most {most_bad(self.max_bad_fraction, total)}); "
+          f"nothing was built. First problems:\n  {shown}\n"
           "To build it without them, allow more: launch/prepare_data.py "
           "--max_bad_fraction=FRACTION (the other commands read what it built)")
 
@@ -549,6 +551,11 @@ def build(name: str, source_dir, data_dir, **options) -> Path:
     blocked = files_lib.unwritable(root)
     if blocked:
       raise ValueError(f"the data folder {root} cannot be made: {blocked[0]} is {blocked[1]}")
+    for inner in (root / name, root / "downloads"):  # Where TFDS writes, the folders above
+      blocked = files_lib.unwritable(inner)          # it being writable.
+      if blocked:
+        raise ValueError(f"{name} cannot be built in the data folder {root}: {blocked[0]} is "
+                         f"{blocked[1]}")
     made = [root / name, root / "downloads" / "extracted", root / "downloads"]
     made = [f for f in made + [root, *root.parents] if not f.exists()]
     try:
@@ -584,6 +591,15 @@ def build(name: str, source_dir, data_dir, **options) -> Path:
   if source_dir is not None:
     check_source(name, source_dir, data_dir)
   return dataset_dir(data_dir, name)
+
+
+def most_bad(fraction: float, total: int) -> int:
+  """The most bad records of `total` that a build allowing `fraction` of them lets through
+  (bad / total <= fraction; not floor(fraction * total): 0.29 * 100 is 28.999...)."""
+  n = math.floor(fraction * total)
+  while n < total and (n + 1) / total <= fraction:
+    n += 1
+  return n
 
 
 def _locked(path: Path, name: str):

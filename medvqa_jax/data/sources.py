@@ -96,6 +96,10 @@ def _text(value, field: str) -> str:
 
 def _vqa(rid, image, image_id, question, answers, atype="", qtype="", where=""):
   rid, question = _text(rid, "id"), _text(question, "question").strip()
+  if answers is None or (isinstance(answers, list) and None in answers):
+    # JSON's null, a parquet null: a missing answer, not an empty one (stored as one, a test
+    # question that no prediction could answer).
+    return Bad(where, "answer: null (a missing value?)")
   answers = [_text(a, "answer").strip() for a in
              (answers if isinstance(answers, list) else [answers])]
   answers = [a for a in answers if a]
@@ -369,7 +373,7 @@ def _pathvqa_json(source_dir: Path) -> dict:
       continue
 
     def make(r, where, short=short):
-      rel = PureWindowsPath(r["image_path"]).as_posix()  # "images\\test\\x.jpg"
+      rel = PureWindowsPath(_file_name(r, "image_path")).as_posix()  # "images\\test\\x.jpg"
       n = where.rsplit(" ", 1)[-1]
       return _vqa(f"{short}-{n}", str(source_dir / rel), Path(rel).name, r["question"],
                   r["answer"], r.get("answer_type") or _yes_no_type(r["answer"]),

@@ -300,6 +300,16 @@ def test_bad_records_are_reported_and_skipped(tmp_path):
   assert "missing.jpg" in run.stderr  # Reported as the build runs, too.
 
 
+def test_the_limit_on_bad_records_is_stated_as_a_count():
+  """11 bad of 1,061 read "(1.0% > the allowed 1.0%)": the message gives the count the limit
+  lets through, the same one the check applies (bad / total <= fraction)."""
+  for fraction, total in [(0.01, 1061), (0.29, 100), (0.07, 100), (0.0, 50), (1.0, 7),
+                          (0.1, 3), (0.15, 20), (0.333, 1000)]:
+    n = builders.most_bad(fraction, total)
+    assert n / total <= fraction and (n == total or (n + 1) / total > fraction), (fraction, total)
+  assert [builders.most_bad(0.01, 1061), builders.most_bad(0.29, 100)] == [10, 29]
+
+
 def test_too_many_bad_records_fail_and_leave_nothing(tmp_path):
   src, rows = _vqa_source(tmp_path, n=50)
   for i in range(0, 50, 10):
@@ -307,7 +317,8 @@ def test_too_many_bad_records_fail_and_leave_nothing(tmp_path):
   _write(src, rows, rows[:2])
   out = tmp_path / "out"
   with pytest.raises(builders.DataError, match=r"(?s)5 of the 50 records of the train split of "
-                     r"vqa_rad in \S+ are bad \(10.0% > the allowed 1.0%\); nothing was built"
+                     r"vqa_rad in \S+ are bad \(10.0%, more than the allowed 1.0%: at most 0\); "
+                     r"nothing was built"
                      r".*To build it without them, allow more: launch/prepare_data.py "
                      r"--max_bad_fraction=FRACTION"):
     builders.build("vqa_rad", src, out)
@@ -367,7 +378,7 @@ def test_the_bad_record_limit_holds_for_each_split(tmp_path):
     rows[i]["image_name"] = f"gone{i}.jpg"
   _write(src, rows[:400], rows[400:])
   with pytest.raises(builders.DataError, match=r"3 of the 20 records of the test split of "
-                     r"vqa_rad .* are bad \(15.0% > the allowed 1.0%"):
+                     r"vqa_rad .* are bad \(15.0%, more than the allowed 1.0%: at most 0\)"):
     builders.build("vqa_rad", src, tmp_path / "out")
   assert not builders.is_built(tmp_path / "out", "vqa_rad")
   # Allowed (3 of 20 is exactly the limit given), the skipped records are counted with the
@@ -863,6 +874,27 @@ def test_pathvqa_json_export_named_after_the_hugging_face_splits(tmp_path):
     sources.pathvqa(src)
 
 
+def test_a_null_answer_or_image_path_is_a_bad_record_named_as_such(tmp_path):
+  """A null answer (JSON's null, a parquet null) was stored as an empty answer, silently: a
+  test question no prediction could answer, counted. It is a bad record now, as NaN is; an
+  empty answer as written is kept (SLAKE's training split has one). A null PathVQA
+  image_path was "TypeError: expected str, bytes or os.PathLike object"."""
+  from medvqa_jax.data import sources
+  src = tmp_path / "pathvqa"
+  rows = [{"image_path": f"images\\test\\x{i}.jpg", "question": f"q{i}?", "answer": "yes"}
+          for i in range(5)]
+  rows[1]["answer"], rows[2]["answer"], rows[3]["image_path"] = None, "", None
+  rows[4]["answer"] = ["no", None]
+  (src / "images" / "test").mkdir(parents=True)
+  (src / "test.json").write_text(json.dumps(rows))
+  test = sources.pathvqa(src)["test"]
+  assert [r["answers"] for r in test if isinstance(r, dict)] == [["yes"], [""]]
+  bad = [str(b).split("test.json ")[1] for b in test if isinstance(b, sources.Bad)]
+  assert bad == ["record 1: answer: null (a missing value?)",
+                 "record 3: malformed record (ValueError: image_path: no image file name)",
+                 "record 4: answer: null (a missing value?)"]
+
+
 def test_a_build_that_predates_recorded_sources_is_used_with_a_warning(tmp_path, caplog):
   """A build made before builds recorded their source folder cannot be checked against the
   one given: it is used as it is (as before), but no longer silently."""
@@ -966,6 +998,17 @@ def test_a_data_or_source_folder_that_is_a_file_is_named(tmp_path, monkeypatch):
         f"({shut / 'tfds'})")):
       builders.build("vqa_rad", src, shut / "tfds")
   assert not any(shut.iterdir())
+  # The data folder writable, the dataset's folder in it not (another user's build): TFDS's
+  # PermissionError was a traceback.
+  data = tmp_path / "data"
+  (data / "vqa_rad").mkdir(parents=True)
+  with monkeypatch.context() as m:
+    helpers.unwritable(m, data / "vqa_rad")
+    with pytest.raises(ValueError, match=re.escape(
+        f"vqa_rad cannot be built in the data folder {data}: {data / 'vqa_rad'} is a folder "
+        "not writable here")):
+      builders.build("vqa_rad", src, data)
+  assert [p.name for p in data.iterdir()] == ["vqa_rad"] and not any((data / "vqa_rad").iterdir())
   with pytest.raises(ValueError, match=r"source folder .*trainset.json is a file, not a "
                      r"folder"):
     builders.build("vqa_rad", src / "trainset.json", tmp_path / "out")
