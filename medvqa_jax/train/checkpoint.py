@@ -25,6 +25,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -93,6 +94,54 @@ def _bytes_to_write(state) -> int:
     else:
       total += np.asarray(leaf).nbytes
   return total
+
+
+_ABANDONED_READ = "_read_array_index_and_device_put"  # Orbax's read of one array's shard,
+_ABANDONED_ERROR = "Encountered error while reading array index"  # and what it raises.
+
+
+class _AbandonedReads(logging.Filter):
+  """When a restore fails to read an array, Orbax leaves the reads of the others behind.
+  Closed by the garbage collector, each raises (it turns the GeneratorExit into an Exception
+  holding its TensorStore spec); TensorStore's callbacks for them find the restore's event
+  loop closed ("Event loop is closed"); and asyncio logs the gathering future's exception as
+  never retrieved. Up to tens of thousands of lines of tracebacks, most of them printed after
+  the error that says what is wrong, whenever the collector runs and at exit.
+
+  `install()` (for the length of a restore; False if in place already, or with
+  MEDVQA_TRACEBACK=1, which keeps them all) drops those from sys.unraisablehook, passing the
+  others on to the hook it replaced, and from the "asyncio" logger. A restore that fails
+  leaves it in place for the rest of the process; one that succeeds `remove()`s it."""
+
+  def __init__(self):
+    super().__init__()
+    self.previous = None
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (error is not None and str(error).startswith(_ABANDONED_ERROR))
+
+  def unraisable(self, u) -> None:
+    if getattr(u.object, "__name__", None) == _ABANDONED_READ or (
+        u.object is None and isinstance(u.exc_value, RuntimeError)
+        and str(u.exc_value) == "Event loop is closed"):
+      return
+    self.previous(u)
+
+  def install(self) -> bool:
+    if os.environ.get("MEDVQA_TRACEBACK") or sys.unraisablehook == self.unraisable:
+      return False
+    self.previous, sys.unraisablehook = sys.unraisablehook, self.unraisable
+    logging.getLogger("asyncio").addFilter(self)
+    return True
+
+  def remove(self) -> None:
+    if sys.unraisablehook == self.unraisable:
+      sys.unraisablehook = self.previous
+    logging.getLogger("asyncio").removeFilter(self)
+
+
+_ABANDONED_READS = _AbandonedReads()
 
 
 def _size(n: int) -> str:
@@ -312,12 +361,15 @@ class Checkpoints:
   @contextlib.contextmanager
   def _reading(self, step: int):
     """Read errors of `step`'s files (those Orbax re-raises too) as an UnreadableCheckpoint."""
+    quiet = _ABANDONED_READS.install()  # From the start: some come before the error.
     try:
       yield
     except Exception as e:
       if (cause := _read_error(e)) is None:
         raise
       raise self._unreadable(step, cause) from e
+    if quiet:  # Read whole: nothing abandoned.
+      _ABANDONED_READS.remove()
 
   def _restore(self, step: int, **args) -> dict:
     with self._reading(step):

@@ -2,6 +2,7 @@
 model: clear errors naming the step and what to do, nothing deleted."""
 
 import logging
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -125,6 +126,68 @@ def test_a_cut_array_file_names_the_step_and_what_to_do(tmp_path):
   assert "(ValueError: " in message  # TensorStore's own account, not Orbax's wrapper.
   np.testing.assert_array_equal(ckpts.restore(2, abstract(big()))[0]["params"]["w"],
                                 big()["params"]["w"])
+
+
+def test_a_failed_restore_silences_its_abandoned_reads_and_nothing_else(folder, monkeypatch):
+  """After a failed array read, Orbax's abandoned reads of the other arrays printed up to tens
+  of thousands of lines of tracebacks around the one-line error (as unraisable exceptions and
+  through asyncio's logger). The restore that fails leaves a filter of exactly those in
+  place; the others still reach the hook and the logger; a restore that succeeds leaves both
+  as they were."""
+  import gc
+  import types
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+  monkeypatch.delenv("MEDVQA_TRACEBACK", raising=False)
+  asyncio_log = logging.getLogger("asyncio")
+  ckpts = ckpt_lib.Checkpoints(folder, read_only=True)
+  ckpts.restore(6, abstract(state()))
+  assert sys.unraisablehook != ckpt_lib._ABANDONED_READS.unraisable
+  assert ckpt_lib._ABANDONED_READS not in asyncio_log.filters
+  victim = largest_file(folder / "6" / "state")
+  victim.write_bytes(victim.read_bytes()[:100])
+  try:
+    with pytest.raises(ckpt_lib.UnreadableCheckpoint, match="step 6"):
+      ckpts.restore(6, abstract(state()))
+    ckpts.restore(4, abstract(state()))  # A later read that succeeds keeps the filter.
+    assert sys.unraisablehook == ckpt_lib._ABANDONED_READS.unraisable
+
+    class _Pending:
+      def __await__(self):
+        yield
+
+    async def _read_array_index_and_device_put():  # Orbax's read, abandoned as it is.
+      try:
+        await _Pending()
+      except BaseException as e:
+        raise Exception("Encountered error while reading array index: (slice(0, 4, 1),)") from e
+
+    read = _read_array_index_and_device_put()
+    read.send(None)
+    del read
+    gc.collect()  # Its close raises: an unraisable exception, dropped.
+    hook = sys.unraisablehook
+    unraisable = lambda error, obj=None: types.SimpleNamespace(
+        exc_type=type(error), exc_value=error, exc_traceback=None, err_msg=None, object=obj)
+    hook(unraisable(RuntimeError("Event loop is closed")))
+    hook(unraisable(RuntimeError("Event loop is closed"), obj="a callback"))
+    hook(unraisable(RuntimeError("another loop's trouble")))
+    hook(unraisable(ValueError("someone else's")))
+    assert [str(e) for e in seen] == ["Event loop is closed", "another loop's trouble",
+                                      "someone else's"]
+    record = lambda error: logging.LogRecord("asyncio", logging.ERROR, __file__, 1,
+                                             "Future exception was never retrieved", None,
+                                             (type(error), error, None))
+    assert not asyncio_log.filter(record(Exception(
+        "Encountered error while reading array index: (slice(0, 4, 1),)")))
+    assert asyncio_log.filter(record(RuntimeError("another task's")))
+  finally:
+    ckpt_lib._ABANDONED_READS.remove()
+  # With MEDVQA_TRACEBACK=1 nothing is filtered.
+  monkeypatch.setenv("MEDVQA_TRACEBACK", "1")
+  with pytest.raises(ckpt_lib.UnreadableCheckpoint):
+    ckpts.restore(6, abstract(state()))
+  assert sys.unraisablehook != ckpt_lib._ABANDONED_READS.unraisable
 
 
 def test_damaged_run_record_is_passed_over_in_choosing_the_best(folder, caplog):

@@ -196,6 +196,24 @@ def test_an_empty_step_folder_is_named_not_taken_for_a_longer_run(straight, tmp_
   assert f"delete {workdir / 'checkpoints' / str(STEPS + 2)} to go back" in out.stderr
 
 
+def test_a_cut_array_file_is_one_error_not_pages_of_tracebacks(straight, tmp_path):
+  """Orbax's abandoned reads of the other arrays printed thousands of lines of tracebacks
+  (exceptions ignored in coroutines, "Event loop is closed", futures' exceptions never
+  retrieved) around the one line saying what is wrong and what to do."""
+  workdir = shutil.copytree(straight[0], tmp_path / "cut")
+  step = workdir / "checkpoints" / str(STEPS)
+  victim = max((p for p in (step / "state").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+  victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 8])
+  out = _run([sys.executable, str(ROOT / "launch" / "eval.py"), f"--checkpoint_dir={workdir}"],
+             check=False)
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert f"checkpoint step {STEPS} in {workdir / 'checkpoints'} cannot be read" in out.stderr
+  for noise in ("Event loop is closed", "Encountered error while reading", "never retrieved",
+                "Exception ignored", "Traceback"):
+    assert noise not in out.stdout + out.stderr, (noise, out.stderr[:3000])
+
+
 def test_sigkill_and_resume_give_the_same_run(straight, tmp_path, data_dir):
   workdir = tmp_path / "killed"
   cmd = _train_cmd(workdir, data_dir)
