@@ -150,7 +150,7 @@ def _bad_override(error: Exception, default: str | None = None) -> str | None:
     near = difflib.get_close_matches(o, fields, n=3, cutoff=0.6)
     lines.append(f"--config.{o}: the config has no such field"
                  + (f" (did you mean {', '.join('--config.' + n for n in near)}?)" if near else ""))
-  return "\n".join(lines) + f"\n({type(error).__name__}: {error})"
+  return "\n".join(lines)  # (ml_collections' own error, its text escaped, says no more.)
 
 
 def _resolve_config_path(argv: list[str]) -> list[str]:

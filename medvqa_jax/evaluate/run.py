@@ -137,7 +137,8 @@ def restore(checkpoint_dir, overrides: dict | None = None, step: int | None = No
     cut = sorted(p.name for p in folder.glob("*.orbax-checkpoint-tmp*"))
     raise FileNotFoundError(f"no complete checkpoint in {folder}" + (
         f" (the save of {cut[0].split('.')[0]} was cut short, leaving {', '.join(cut)}: the "
-        "run stopped before its first checkpoint was written)" if cut else ""))
+        "run stopped before its first checkpoint was written)" if cut else
+        " (expected a run's folder, its checkpoints/ folder or one step's folder)"))
   if step not in ckpts.steps():
     raise FileNotFoundError(f"no checkpoint of step {step} in {folder}; it has {ckpts.steps()}")
   run = ckpts.run_record(step)

@@ -173,7 +173,11 @@ def run_tokenizer(workdir, text_cfg, record: dict | None = None):
   folder = Path(workdir) / TOKENIZER
   if not folder.is_dir():
     return None
-  tokenizer = tokenizer_lib.Tokenizer.from_folder(folder, text_cfg.max_len)
+  try:
+    tokenizer = tokenizer_lib.Tokenizer.from_folder(folder, text_cfg.max_len)
+  except (ValueError, FileNotFoundError) as e:  # (A FileNotFoundError: no vocabulary there.)
+    raise ValueError(f"{e}: the run's copy of its tokenizer is damaged; copy its files again "
+                     "from where the run was made") from None
   recorded = (record or {}).get("tokenizer")
   found = tokenizer.fingerprint() if recorded else None
   if recorded and found != recorded:
@@ -347,8 +351,8 @@ class Checkpoints:
     return UnreadableCheckpoint(
         f"checkpoint step {step} in {self.directory} cannot be read ({type(e).__name__}: "
         f"{why}). Its files are damaged or incomplete: delete {self.directory / str(step)} "
-        f"to go back to an earlier step (here: {others or 'none'}), or evaluate another "
-        "with --step")
+        f"to go on without it (a resumed run goes on from the latest step left), or read "
+        f"another with eval.py's or predict.py's --step (the others: {others or 'none'})")
 
   def _deleted(self, step: int) -> bool:
     """Whether `step`'s folder is gone, or going within a second (Orbax removing it)."""
@@ -392,9 +396,12 @@ class Checkpoints:
     return best
 
   def best_step(self) -> int | None:
-    """The step with the best validation metric (the latest step if none has one)."""
-    best = self._scan().step
-    return best if best is not None else self.latest_step()
+    """The step with the best validation metric (if none has one, the latest of those whose
+    record could be read: the latest was chosen when its own record could not, and its
+    error followed the warning that it had been passed over)."""
+    best = self._scan()
+    readable = [s for s in self.steps() if s not in best.unread]
+    return best.step if best.step is not None else (readable or [self.latest_step()])[-1]
 
   def _saved(self, step: int, part: str):
     with self._reading(step):

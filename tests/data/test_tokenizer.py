@@ -262,6 +262,17 @@ def test_a_runs_tokenizer_copy_is_checked_against_its_record(tmp_path):
                      r"trained with \(its fingerprint is \w+, the run recorded "
                      rf"{record['tokenizer']}\)"):
     ckpt_lib.run_tokenizer(tmp_path, text, record)
+  # Files that cannot be read, or none left: the same advice.
+  (copy / "vocab.txt").write_text("")
+  (copy / "tokenizer.json").write_text("{")
+  with pytest.raises(ValueError, match=rf"the tokenizer files in {copy} cannot be read .*: the "
+                     r"run's copy of its tokenizer is damaged; copy its files again from where "
+                     r"the run was made"):
+    ckpt_lib.run_tokenizer(tmp_path, text, record)
+  for f in copy.iterdir():
+    f.unlink()
+  with pytest.raises(ValueError, match=rf"no tokenizer vocabulary in {copy}.*: the run's copy"):
+    ckpt_lib.run_tokenizer(tmp_path, text, record)
 
 
 def test_the_fingerprint_holds_what_maps_text_to_ids_and_no_call_state(tmp_path):

@@ -201,6 +201,22 @@ def test_damaged_run_record_is_passed_over_in_choosing_the_best(folder, caplog):
   assert "passed over" in caplog.text and "step 4" in caplog.text
 
 
+def test_without_validation_the_latest_readable_step_is_the_best(tmp_path):
+  """No step with a validation metric: the latest step stands in for the best; one whose
+  record cannot be read is passed over there too (it was chosen, and failed)."""
+  ckpts = ckpt_lib.Checkpoints(tmp_path / "checkpoints", keep=5)
+  for step in (2, 4):
+    ckpts.save(step, state(), {"step": step, "val": {}})
+  ckpts.close()
+  ckpts = ckpt_lib.Checkpoints(tmp_path / "checkpoints", read_only=True)
+  assert ckpts.best_step() == 4
+  record = tmp_path / "checkpoints" / "4" / "run" / "metadata"
+  record.write_text(record.read_text()[:5])
+  assert ckpts.best_step() == 2
+  (tmp_path / "checkpoints" / "2" / "run" / "metadata").write_text("{")
+  assert ckpts.best_step() == 4  # None readable: the latest, whose read then says why.
+
+
 def test_a_step_whose_record_is_damaged_is_not_deleted_by_the_saves_to_come(folder):
   """Passed over in choosing the best, a step whose record cannot be read (here the best,
   4) is still kept by a resumed run's saves, whatever `keep` says: its parameters may be

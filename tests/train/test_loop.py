@@ -193,7 +193,8 @@ def test_an_empty_step_folder_is_named_not_taken_for_a_longer_run(straight, tmp_
   assert "past the run's length" not in out.stderr
   assert (f"checkpoint step {STEPS + 2} in {workdir / 'checkpoints'} cannot be read") \
       in out.stderr, out.stderr[-3000:]
-  assert f"delete {workdir / 'checkpoints' / str(STEPS + 2)} to go back" in out.stderr
+  assert (f"delete {workdir / 'checkpoints' / str(STEPS + 2)} to go on without it (a resumed "
+          f"run goes on from the latest step left)") in out.stderr
 
 
 def test_a_cut_array_file_is_one_error_not_pages_of_tracebacks(straight, tmp_path):
