@@ -51,8 +51,9 @@ def _read_text(path: Path) -> str:
     with open(path, encoding="utf-8-sig", newline="") as f:
       return f.read()
   except UnicodeDecodeError as e:
-    raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as "
-                     "UTF-8") from None
+    line = e.object[:e.start].count(b"\n") + 1
+    raise ValueError(f"{path}: not UTF-8 text (line {line}, byte {e.start}: {e.reason}); save "
+                     "it as UTF-8") from None
   except OSError as e:  # A folder, or a file this user may not read.
     raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
 
@@ -69,7 +70,9 @@ def _load_json(path: Path):
   try:
     return json.loads(_read_text(path))
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    # The column too: the datasets' JSON files are one line each.
+    raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}, column {e.colno})"
+                     ) from None
 
 
 def _load_records(path: Path) -> list:

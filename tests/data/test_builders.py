@@ -715,7 +715,7 @@ def test_text_files_in_other_encodings_and_fields_of_other_types(tmp_path):
   (record,) = sources.roco(roco)["train"]
   assert record["caption"] == "CT of the chest" and Path(record["image"]).exists()
   (roco / "train.csv").write_bytes("image,caption\nr0.jpg,Bézier CT\n".encode("cp1252"))
-  with pytest.raises(ValueError, match=r"train.csv: not UTF-8 text \(byte 22"):
+  with pytest.raises(ValueError, match=r"train.csv: not UTF-8 text \(line 2, byte 22"):
     sources.roco(roco)
   corpus = tmp_path / "jsonl"
   corpus.mkdir()
@@ -754,6 +754,10 @@ def test_fields_files_and_csv_rows_of_the_wrong_shape_are_named(tmp_path):
   with pytest.raises(ValueError, match=r"test.json: cannot be read \(Is a directory\)"):
     sources.slake(slake)
   (slake / "test.json").rmdir()
+  # Cut short: where, by line and column (the datasets' JSON files are one line each).
+  (slake / "test.json").write_text(json.dumps(rows[:1])[:40])
+  with pytest.raises(ValueError, match=r"test.json: not valid JSON \(.*, line 1, column \d+\)"):
+    sources.slake(slake)
   (slake / "test.json").write_text(json.dumps(rows[:1]))
   train = sources.slake(slake)["train"]
   assert [r["answers"] for r in train if isinstance(r, dict)] == [["a"], ["3"]]
