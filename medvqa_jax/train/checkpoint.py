@@ -396,9 +396,8 @@ class Checkpoints:
     return best
 
   def best_step(self) -> int | None:
-    """The step with the best validation metric (if none has one, the latest of those whose
-    record could be read: the latest was chosen when its own record could not, and its
-    error followed the warning that it had been passed over)."""
+    """The step with the best validation metric; if none has one, the latest step whose
+    record could be read (the latest itself when none could: its read then says why)."""
     best = self._scan()
     readable = [s for s in self.steps() if s not in best.unread]
     return best.step if best.step is not None else (readable or [self.latest_step()])[-1]
