@@ -126,7 +126,8 @@ def get_config(arg=None):
       # pre-training lr (1e-4, both stages) is ours: the reference's stored stage-1 config
       # has 4e-6 but starts its fusion from a pre-trained checkpoint, ours from scratch; its
       # stage-0 lr is not in the code. The 40% warm-up is the reference's fine-tuning one,
-      # which pre-training keeps (4,000 of its 10,000 steps).
+      # which pre-training keeps (4,000 of its 10,000 steps). grad_clip: the gradient's
+      # global norm is clipped to it (unset or 0: not clipped).
       optim=dict(lr=1e-4, weight_decay=0.02, b1=0.9, b2=0.98, warmup_fraction=0.4,
                  total_steps=unset(int), lr_mults=(), grad_clip=unset(float)),
       # The dataset, built by launch/prepare_data.py into `dir` (or built there on first use

@@ -107,8 +107,11 @@ def make(cfg, params) -> optax.GradientTransformation:
   labels = param_labels(params, cfg.lr_mults)
   base = schedule(cfg)
   transforms = {"frozen": optax.set_to_zero()}
+  # Each label's multiplier as given (its label prints 6 digits; param_labels refuses two
+  # that print alike).
+  given = {f"lr_x{float(m):g}": float(m) for _, m in cfg.lr_mults}
   for label in set(jax.tree.leaves(labels)) - {"frozen"}:
-    mult = float(label.removeprefix("lr_x"))
+    mult = given.get(label, 1.0)
     transforms[label] = optax.adamw(lambda step, mult=mult: mult * base(step), b1=cfg.b1,
                                     b2=cfg.b2, weight_decay=cfg.weight_decay)
   # Frozen gradients are zeroed first, so that they do not count in the clipping norm (the
