@@ -177,7 +177,8 @@ class TeacherCache:
     return float(self.meta["logit_scale"])
 
   def save(self, path: str | os.PathLike):
-    """Written to a temporary file and renamed: an interrupted write leaves no cache."""
+    """Written to a temporary file, flushed to disk and renamed: an interrupted write (or a
+    power loss after it) leaves no cache, or the whole one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = files_lib.temporary(path)
@@ -189,6 +190,8 @@ class TeacherCache:
     try:
       with open(tmp, "wb") as f:
         np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
       os.replace(tmp, path)
     finally:
       tmp.unlink(missing_ok=True)
