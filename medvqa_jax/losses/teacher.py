@@ -177,8 +177,8 @@ class TeacherCache:
     return float(self.meta["logit_scale"])
 
   def save(self, path: str | os.PathLike):
-    """Written to a temporary file, flushed to disk and renamed: an interrupted write (or a
-    power loss after it) leaves no cache, or the whole one."""
+    """Written to a temporary file, flushed to disk and renamed: an interrupted write leaves
+    no cache, and one renamed into place survives a power loss whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = files_lib.temporary(path)
