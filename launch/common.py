@@ -43,7 +43,8 @@ class _OrbaxTracebacks(logging.Filter):
   the same traceback by each thread, then once per unfinished write task at exit (thousands of
   lines for a paper-size model); the command says what failed and what to do in one line of
   its own (checkpoint.CheckpointNotWritten). Orbax's errors keep their one-line message;
-  MEDVQA_TRACEBACK=1 keeps everything."""
+  MEDVQA_TRACEBACK=1 keeps everything. (A failed restore's abandoned reads are dropped where
+  restores happen, for every caller: checkpoint._AbandonedReads.)"""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.name == "asyncio":  # "Task exception was never retrieved", an Orbax write's.

@@ -111,7 +111,9 @@ class _AbandonedReads(logging.Filter):
   `install()` (for the length of a restore; False if in place already, or with
   MEDVQA_TRACEBACK=1, which keeps them all) drops those from sys.unraisablehook, passing the
   others on to the hook it replaced, and from the "asyncio" logger. A restore that fails
-  leaves it in place for the rest of the process; one that succeeds `remove()`s it."""
+  leaves it in place for the rest of the process; one that succeeds `remove()`s it. (A failed
+  save's tracebacks, logged by Orbax's threads, are the commands' to drop: launch/common.py's
+  _OrbaxTracebacks; these come from any caller of a restore, a notebook's too.)"""
 
   def __init__(self):
     super().__init__()
@@ -399,8 +401,10 @@ class Checkpoints:
     """The step with the best validation metric; if none has one, the latest step whose
     record could be read (the latest itself when none could: its read then says why)."""
     best = self._scan()
+    if best.step is not None:
+      return best.step
     readable = [s for s in self.steps() if s not in best.unread]
-    return best.step if best.step is not None else (readable or [self.latest_step()])[-1]
+    return readable[-1] if readable else self.latest_step()
 
   def _saved(self, step: int, part: str):
     with self._reading(step):
