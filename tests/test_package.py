@@ -69,10 +69,12 @@ def test_embed_command_on_the_embedded_default():
   assert bogus.returncode != 0 and "unknown attention 'bogus'" in bogus.stderr, bogus.stderr
 
 
-def test_commands_run_without_torch_and_do_not_say_it_is_missing():
+def test_commands_run_without_torch_and_do_not_say_it_is_missing(monkeypatch):
   """The main job's install has no torch. transformers, imported for its tokenizers, then
   advised at import that "Models won't be available", among the first lines of the main
   command's output, though no command uses its models: the commands leave that out."""
+  # Set in this process by tests that import launch/common.py: the command must set it.
+  monkeypatch.delenv("TRANSFORMERS_NO_ADVISORY_WARNINGS", raising=False)
   bare = _python(HIDE_TORCH + "import transformers")
   assert bare.returncode == 0 and "PyTorch was not found" in bare.stderr  # What it says.
   out = _run_after(HIDE_TORCH + "import atexit\natexit.register(lambda: print('torch' in "

@@ -167,15 +167,16 @@ def test_a_failed_restore_silences_its_abandoned_reads_and_nothing_else(folder, 
     read.send(None)
     del read
     gc.collect()  # Its close raises: an unraisable exception, dropped.
+    assert not [e for e in seen if str(e).startswith("Encountered error while reading")]
     hook = sys.unraisablehook
     unraisable = lambda error, obj=None: types.SimpleNamespace(
         exc_type=type(error), exc_value=error, exc_traceback=None, err_msg=None, object=obj)
-    hook(unraisable(RuntimeError("Event loop is closed")))
-    hook(unraisable(RuntimeError("Event loop is closed"), obj="a callback"))
-    hook(unraisable(RuntimeError("another loop's trouble")))
-    hook(unraisable(ValueError("someone else's")))
-    assert [str(e) for e in seen] == ["Event loop is closed", "another loop's trouble",
-                                      "someone else's"]
+    given = [RuntimeError("Event loop is closed"), RuntimeError("Event loop is closed"),
+             RuntimeError("another loop's trouble"), ValueError("someone else's")]
+    for error, obj in zip(given, (None, "a callback", None, None)):
+      hook(unraisable(error, obj))
+    # Those given here (the real reads' own may reach the hook before the filter is in place).
+    assert [e for e in seen if any(e is g for g in given)] == given[1:]
     record = lambda error: logging.LogRecord("asyncio", logging.ERROR, __file__, 1,
                                              "Future exception was never retrieved", None,
                                              (type(error), error, None))

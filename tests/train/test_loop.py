@@ -221,15 +221,17 @@ def test_a_cut_array_file_is_one_error_not_pages_of_tracebacks(straight, tmp_pat
 def test_sigkill_and_resume_give_the_same_run(straight, tmp_path, data_dir):
   workdir = tmp_path / "killed"
   cmd = _train_cmd(workdir, data_dir)
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(8), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  log = tmp_path / "killed.stderr"  # A file, not a pipe no one reads while the run goes on.
+  with log.open("w") as stderr:
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(8), stdout=subprocess.DEVNULL,
+                            stderr=stderr)
   first = workdir / "checkpoints" / str(SAVE)
   deadline = time.time() + 600
   while not first.exists() and proc.poll() is None and time.time() < deadline:
     time.sleep(0.02)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert first.exists(), proc.stderr.read()[-3000:]
+  assert first.exists(), log.read_text()[-3000:]
   done = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert done and done[-1] < STEPS, "the run finished before it was killed"
   # What the killed run recorded after its last checkpoint (plus a line cut short), taken

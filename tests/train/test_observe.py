@@ -9,7 +9,13 @@ import pytest
 from medvqa_jax.train import observe
 
 
-def test_progress_is_throttled_and_always_reports_the_end():
+def test_progress_is_throttled_and_always_reports_the_end(monkeypatch):
+  clock = [100.0]
+
+  def tick():  # 0.1 s a call, 0.9 s in all: the end's "0m00s" (a real clock may pass 1 s).
+    clock[0] += 0.1
+    return clock[0]
+  monkeypatch.setattr(observe.time, "perf_counter", tick)
   out = io.StringIO()
   report = observe.progress("test", stream=out, every_s=3600)
   for done in range(64, 451, 64):
