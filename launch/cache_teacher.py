@@ -42,7 +42,7 @@ def main(argv):
     raise ValueError(f"--out={out}: cannot be written ({blocked[0]} is {blocked[1]})")
   splits_lib.check_kind(dc, "caption", reader="launch/cache_teacher.py")
   splits_lib.ensure_built(dc)
-  records = teacher_lib.dataset_records(dc.dir, dc.name, dc.train_split)
+  records = teacher_lib.DatasetRecords(dc.dir, dc.name, dc.train_split)
   teacher = teacher_lib.from_config(config)
   cache = teacher_lib.compute_cache(teacher, records, batch_size=_BATCH.value)
   cache.save(_OUT.value)

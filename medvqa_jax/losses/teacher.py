@@ -270,29 +270,28 @@ class TeacherCache:
 
 def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 64,
                   progress: bool = True) -> TeacherCache:
-  """Embeds every record ({"id", "image", "caption"[, "image2"]}: `dataset_records`, whose
+  """Embeds every record ({"id", "image", "caption"[, "image2"]}: `DatasetRecords`, whose
   images are the stored bytes the online teacher decodes; or image files) with the teacher:
   un-augmented images resized to its resolution, cleaned captions. Each record's image id is
   the digest of its image's bytes (a built dataset's `image_id`; and of its second image's),
-  for `TeacherCache.check`."""
+  for `TeacherCache.check`. The records are taken a batch at a time: of a lazy sequence
+  (`DatasetRecords`), only one batch's images are in memory at once."""
   from tqdm import tqdm
 
   from medvqa_jax.data import augment, builders
   from medvqa_jax.data import image as image_lib
   from medvqa_jax.data import text as text_lib
-  if not records:
+  if not len(records):
     raise ValueError("no records to embed")
-  ids = [str(r["id"]) for r in records]
-  if len(set(ids)) != len(ids):
-    dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
-    raise ValueError(f"example ids must be unique; repeated: {dup}")
-  multi_view = all("image2" in r for r in records)
+  multi_view = "image2" in records[0]
   # The parameters as an argument: closed over, they would be compiled in as constants.
   jitted = jax.jit(teacher.apply)
   params = (teacher.image_params, teacher.text_params)
   embed = lambda *inputs: jitted(params, *inputs)
   out = {"image": [], "text": [], "image2": []}
-  image_ids, image2_ids = [], []
+  ids, captions, image_ids, image2_ids = [], [], [], []
+  first_of = {}  # Each id's record number.
+
   def stored(r, key):  # An image's bytes: its pixels and its image id.
     if isinstance(r[key], bytes):
       return r[key]
@@ -307,6 +306,18 @@ def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 6
   for start in range(0, len(records), batch_size):
     chunk = records[start:start + batch_size]
     n = len(chunk)
+    for k, r in enumerate(chunk, start):
+      rid = str(r["id"])
+      if rid in first_of:
+        raise ValueError(f"example ids must be unique: records {first_of[rid]} and {k} are "
+                         f"both {rid!r}")
+      if ("image2" in r) != multi_view:
+        raise ValueError(f"record {k} ({rid}) {'lacks' if multi_view else 'has'} a second "
+                         f"image ('image2'), which record 0 {'has' if multi_view else 'lacks'}:"
+                         " a corpus has one image per example throughout, or two")
+      first_of[rid] = k
+      ids.append(rid)
+      captions.append(r["caption"])
     pad = batch_size - n if len(records) > batch_size else 0  # One compiled shape.
     try:
       first = [stored(r, "image") for r in chunk]
@@ -318,8 +329,8 @@ def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 6
       image_ids += [builders.image_digest(b) for b in first]
     except ValueError as e:
       raise ValueError(f"records {start}..{start + n - 1}: {e}") from None
-    captions = [text_lib.caption(r["caption"]) for r in chunk]
-    tokens = teacher.tokenizer(captions + captions[:1] * pad)
+    cleaned = [text_lib.caption(c) for c in captions[start:]]
+    tokens = teacher.tokenizer(cleaned + cleaned[:1] * pad)
     image, text = embed(pixels, tokens["input_ids"], tokens["attention_mask"])
     out["image"].append(np.asarray(image)[:n])
     out["text"].append(np.asarray(text)[:n])
@@ -329,7 +340,7 @@ def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 6
     bar.update(n)
   bar.close()
   meta = {"format": FORMAT_VERSION, "teacher": teacher.fingerprint(),
-          "dataset": dataset_fingerprint(ids, [r["caption"] for r in records]),
+          "dataset": dataset_fingerprint(ids, captions),
           "logit_scale": teacher.logit_scale, "count": len(ids)}
   return TeacherCache(np.asarray(ids, str), np.concatenate(out["image"]),
                       np.concatenate(out["text"]),
@@ -338,22 +349,27 @@ def compute_cache(teacher: Teacher, records: Sequence[dict], batch_size: int = 6
                       np.asarray(image2_ids, str) if multi_view else None)
 
 
-def dataset_records(data_dir, name: str, split: str = "train",
-                    progress: bool = True) -> list[dict]:
+class DatasetRecords(Sequence):
   """The examples of a built caption corpus's split as `compute_cache` takes them: id,
   caption and the stored image's JPEG bytes (and image2's, of a multi-view corpus), the very
-  ids, captions and images the training pipeline reads."""
-  from tqdm import tqdm
+  ids, captions and images the training pipeline reads. Each is read from the dataset when
+  it is asked for, not held: a corpus's stored images can be many GB."""
 
-  from medvqa_jax.data import builders
-  from medvqa_jax.data.splits import text_value as text
-  source = builders.load(data_dir, name, split, decode_images=False)
-  records = []
-  for i in tqdm(range(len(source)), desc=f"reading {name} {split}", unit="ex",
-                disable=not progress):
-    ex = source[i]
+  def __init__(self, data_dir, name: str, split: str = "train"):
+    from medvqa_jax.data import builders
+    self._source = builders.load(data_dir, name, split, decode_images=False)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return [self[k] for k in range(*i.indices(len(self)))]
+    if not -len(self) <= i < len(self):
+      raise IndexError(f"record {i} of {len(self)}")
+    from medvqa_jax.data.splits import text_value as text
+    ex = self._source[i % len(self)]
     record = {"id": text(ex["id"]), "caption": text(ex["caption"]), "image": ex["image"]}
     if "image2" in ex:
       record["image2"] = ex["image2"]
-    records.append(record)
-  return records
+    return record

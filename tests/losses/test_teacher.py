@@ -110,7 +110,7 @@ def test_cache_command_and_checks(built, demo_config, tmp_path):
 
   cache = teacher_lib.TeacherCache.load(out)
   teacher = teacher_lib.from_config(demo_config)
-  records = teacher_lib.dataset_records(built, "captions_jsonl", progress=False)
+  records = teacher_lib.DatasetRecords(built, "captions_jsonl")
   # Each row is the teacher's embedding of that example (8 records, batches of 3, padded).
   direct = teacher_lib.compute_cache(teacher, records[::-1], batch_size=8, progress=False)
   batch = cache.lookup([r["id"] for r in records[::-1]])
@@ -263,6 +263,62 @@ def test_biomedclip_teacher_matches_open_clip(biomedclip, monkeypatch, tmp_path)
     teacher_lib.from_config(config)
 
 
+def test_dataset_records_are_read_when_asked_for(built, demo_config, monkeypatch):
+  """A built corpus's records, images included, were all read into a list before the first
+  was embedded: several GB for ROCO at 512 px. They are read a batch at a time; reading
+  them gives the dataset's examples."""
+  from medvqa_jax.data import builders
+  reads = []
+  load = builders.load
+
+  def counted(*args, **kwargs):
+    source = load(*args, **kwargs)
+
+    class Counted:
+      def __len__(self):
+        return len(source)
+
+      def __getitem__(self, i):
+        reads.append(i)
+        return source[i]
+    return Counted()
+  monkeypatch.setattr(builders, "load", counted)
+  records = teacher_lib.DatasetRecords(built, "captions_jsonl")
+  assert len(records) == 8 and reads == []  # Nothing read until asked for.
+  ids, captions, _ = _dataset_fields(built)
+  stored = load(built, "captions_jsonl", "train", decode_images=False)
+  assert records[2] == {"id": ids[2], "caption": captions[2], "image": stored[2]["image"]}
+  assert records[-1] == records[7] and [r["id"] for r in records[5:1:-2]] == ids[5:1:-2]
+  with pytest.raises(IndexError):
+    records[8]
+  # compute_cache takes them a batch at a time (the first once more, for its fields).
+  reads.clear()
+  teacher = teacher_lib.from_config(demo_config)
+  teacher_lib.compute_cache(teacher, records, batch_size=3, progress=False)
+  assert sorted(reads) == [0] + list(range(8)), reads
+  for start in (0, 3, 6):  # Each batch's records read together, in order.
+    batch = reads[1:][start:start + 3]
+    assert batch == list(range(start, min(start + 3, 8))), reads
+
+
+def test_the_cache_refuses_repeated_ids_and_mixed_views(demo_config):
+  teacher = teacher_lib.from_config(demo_config)
+  rows = helpers.sample_caption_rows()[:5]
+  with pytest.raises(ValueError, match=rf"example ids must be unique: records 1 and 4 are both "
+                                       rf"'{rows[1]['id']}'"):
+    teacher_lib.compute_cache(teacher, rows[:4] + [dict(rows[4], id=rows[1]["id"])],
+                              batch_size=2, progress=False)
+  # A second image on some records only: refused (it was dropped without a word).
+  with pytest.raises(ValueError, match=r"record 3 \(\S+\) has a second image \('image2'\), "
+                                       r"which record 0 lacks"):
+    teacher_lib.compute_cache(teacher, rows[:3] + [dict(rows[3], image2=rows[0]["image"])],
+                              batch_size=2, progress=False)
+  with pytest.raises(ValueError, match=r"record 1 \(\S+\) lacks a second image \('image2'\), "
+                                       r"which record 0 has"):
+    teacher_lib.compute_cache(teacher, [dict(rows[0], image2=rows[1]["image"])] + rows[1:],
+                              batch_size=2, progress=False)
+
+
 def test_the_cache_holds_what_the_online_teacher_computes(demo_config):
   """cache_teacher and the pipeline's online teacher give the teacher the same inputs: the
   image resized to its size and the cleaned caption."""
@@ -294,7 +350,7 @@ def test_the_cache_embeds_the_images_the_online_teacher_sees_in_a_shrunk_build(c
   builders.build("captions_jsonl", corpus.parent, tmp_path / "tfds", max_side=40)
   source = builders.load(tmp_path / "tfds", "captions_jsonl", "train")
   teacher = teacher_lib.from_config(demo_config)
-  records = teacher_lib.dataset_records(tmp_path / "tfds", "captions_jsonl", progress=False)
+  records = teacher_lib.DatasetRecords(tmp_path / "tfds", "captions_jsonl")
   cache = teacher_lib.compute_cache(teacher, records, batch_size=8, progress=False)
   example = pipeline._Example("caption", tokenizer_lib.from_config(demo_config.model.text), 32,
                               "pretrain", teacher=(teacher.tokenizer, teacher.image_size))

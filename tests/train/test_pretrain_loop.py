@@ -48,7 +48,7 @@ def _config(corpus, data_dir, workdir, val_fraction=0.0, **teacher):
 def _cache(config, path, change_caption=False):
   from medvqa_jax.data import splits as splits_lib
   splits_lib.ensure_built(config.data)
-  records = teacher_lib.dataset_records(config.data.dir, config.data.name, progress=False)
+  records = teacher_lib.DatasetRecords(config.data.dir, config.data.name)
   if change_caption:
     records[3]["caption"] += " (edited)"
   teacher = teacher_lib.from_config(config)
