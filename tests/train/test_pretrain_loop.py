@@ -50,6 +50,7 @@ def _cache(config, path, change_caption=False):
   splits_lib.ensure_built(config.data)
   records = teacher_lib.DatasetRecords(config.data.dir, config.data.name)
   if change_caption:
+    records = records[:]  # Read into a list (DatasetRecords reads each when asked), edited.
     records[3]["caption"] += " (edited)"
   teacher = teacher_lib.from_config(config)
   teacher_lib.compute_cache(teacher, records, batch_size=8, progress=False).save(path)
@@ -165,6 +166,7 @@ def test_pretraining_validates_on_the_held_out_slice(corpus, tmp_path, capsys):
       + [f"--image={r['image']}" for r in rows] + [f"--question={r['caption']}" for r in rows],
       capture_output=True, text=True)
   assert out.returncode == 0, out.stderr
+  assert "fine-tuning run" not in out.stderr  # Its embeddings are what it trained.
   embedded = json.loads(out.stdout)
   assert (embedded["step"], embedded["checkpoint_dir"]) == (best, str(workdir))
   from medvqa_jax.data import augment, builders
