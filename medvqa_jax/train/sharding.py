@@ -58,6 +58,17 @@ def check_rules(params, rules) -> None:
                      f"{tops} (e.g. {paths[0]!r}) and a rule must match a whole path or its end")
 
 
+def idle_rules(params, rules, fsdp_size: int, min_size: int) -> list[str]:
+  """The FSDP rules that shard none of the parameters they match, at `fsdp_size`: each is
+  under `min_size` elements or has no dimension `fsdp_size` divides (none where fsdp_size
+  is 1). They leave their parameters whole on every device."""
+  if fsdp_size == 1:
+    return []
+  leaves = [(_path(keys), x.shape) for keys, x in jax.tree_util.tree_flatten_with_path(params)[0]]
+  return [r for r in rules if not any(param_spec(path, shape, fsdp_size, (r,), min_size) != P()
+                                      for path, shape in leaves)]
+
+
 def param_spec(path: str, shape, fsdp_size: int, rules, min_size: int) -> P:
   if fsdp_size == 1 or int(np.prod(shape)) < min_size:
     return P()

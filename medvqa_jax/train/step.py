@@ -8,6 +8,7 @@ donated. Gradient accumulation splits the batch into micro-batches inside the st
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import jax
@@ -20,6 +21,8 @@ from medvqa_jax.losses.pretrain import TERMS, pretrain_loss
 from medvqa_jax.models import heads
 from medvqa_jax.models.amif import RANK_SCORES, AMiF
 from medvqa_jax.train import sharding
+
+log = logging.getLogger(__name__)
 
 # optax.global_norm is deprecated in favour of optax.tree.norm (absent from older optax).
 _tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
@@ -57,6 +60,11 @@ def finetune_objective(model: AMiF, prior_ids, prior_mask) -> Callable:
 def state_shardings(mesh, params, tx, rules=(".*",), min_size: int = 2 ** 14):
   shapes = jax.eval_shape(lambda p: p, params)
   sharding.check_rules(shapes, rules)
+  idle = sharding.idle_rules(shapes, rules, mesh.shape["fsdp"], min_size)
+  if idle:
+    log.warning("train.fsdp_rules %s shard none of the parameters they match (each is under "
+                "train.fsdp_min_size=%d elements or has no dimension train.fsdp=%d divides): "
+                "those stay whole on every device", idle, min_size, mesh.shape["fsdp"])
   opt_shapes = jax.eval_shape(tx.init, shapes)
   params = sharding.param_shardings(mesh, shapes, rules, min_size)
   return {"params": params,

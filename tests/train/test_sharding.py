@@ -2,13 +2,20 @@
 order, none lost, and the source released when the feed is closed. The mesh's device order:
 each process's devices together."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import jax
 import numpy as np
 import pytest
 
+import helpers
 from medvqa_jax.train import sharding
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _source(n, pulled, closed):
@@ -123,6 +130,39 @@ def test_a_batch_is_split_over_both_axes_of_the_mesh():
                                                       "step": np.int32(1)})
   assert batch["x"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
   assert batch["step"].sharding.spec == jax.sharding.PartitionSpec()
+
+
+def test_a_rule_that_shards_nothing_is_named(caplog):
+  """A rule whose parameters are all under fsdp_min_size, or have no dimension the FSDP size
+  divides, ran as plain data parallelism without a word (`decoder/lm_bias`: 28,996
+  elements, which 8 does not divide)."""
+  params = {"fusion": {"kernel": np.ones((64, 32), np.float32), "bias": np.ones(32, np.float32)},
+            "decoder": {"lm_bias": np.ones(28996, np.float32)}}
+  assert sharding.idle_rules(params, (".*",), 4, 64) == []
+  assert sharding.idle_rules(params, (".*kernel", ".*bias"), 4, 64) == []  # lm_bias: 4 | 28996.
+  assert sharding.idle_rules(params, (".*kernel", ".*bias", "lm_bias"), 8, 64) == [".*bias",
+                                                                                   "lm_bias"]
+  assert sharding.idle_rules(params, ("fusion/.*",), 4, 4096) == ["fusion/.*"]  # 2,048 at most.
+  assert sharding.idle_rules(params, ("lm_bias",), 1, 64) == []  # No FSDP: nothing to say.
+  # Where the train state is placed (4 devices, FSDP 4): warned of, and the state made.
+  code = """
+import numpy as np, optax
+from medvqa_jax.train import sharding, step
+params = {"fusion": {"kernel": np.ones((64, 32), np.float32)}}
+mesh = sharding.make_mesh(fsdp=4)
+for rules, min_size in ((("fusion/.*",), 4096), ((".*",), 1024)):
+  s = step.state_shardings(mesh, params, optax.adam(1e-3), rules, min_size)
+  print(rules, tuple(s["params"]["fusion"]["kernel"].spec))
+"""
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                                   "XLA_FLAGS": helpers.xla_flags(4)})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.splitlines() == ["('fusion/.*',) ()", "('.*',) ('fsdp', None)"]
+  assert ("train.fsdp_rules ['fusion/.*'] shard none of the parameters they match (each is "
+          "under train.fsdp_min_size=4096 elements or has no dimension train.fsdp=4 divides): "
+          "those stay whole on every device") in out.stderr, out.stderr[-3000:]
+  assert out.stderr.count("shard none") == 1
 
 
 def test_a_rule_matches_a_whole_path_or_its_end_not_a_part_of_it():
