@@ -19,12 +19,15 @@ question when both towers project to the same width.
 From a config the towers are its checkpoints' (or random ones where it names none), and the
 similarities are those of the checkpoints' own projections (CLIP), else of the pooled
 features. From a run (--checkpoint_dir: its folder, its checkpoints folder or one step's;
-default the best step on validation) they are the run's global embeddings, the ones its
-contrastive losses align: the trained towers' pooled features through the run's projections,
-read with the run's tokenizer, image size and data.max_side (no --config then).
+default the best step on validation) they are the run's global embeddings, the ones a
+pre-training run's contrastive losses align: the trained towers' pooled features through the
+run's projections, read with the run's tokenizer, image size and data.max_side (no --config
+then). A fine-tuning run has no contrastive loss and leaves its projections untrained (a
+warning says so): its similarities say little.
 """
 
 import json
+import sys
 
 import common  # Puts the repository root on sys.path.
 from absl import flags
@@ -63,6 +66,11 @@ def main(argv):
   if empty:
     raise ValueError(f"--question {empty[0]!r} is empty (once read as training reads it)")
 
+  for path in images:  # Read before the towers are loaded, not after.
+    try:
+      builders.read_as_built(path, None)
+    except ValueError as e:  # "PATH: what is wrong".
+      raise ValueError(f"--image={e}") from None
   embed_images, embed_text, tokenizer, image_size, max_side, summary = (
       _run_towers() if _CKPT.value is not None else _config_towers())
   summary = {"device": jax.devices()[0].device_kind, **summary}
@@ -135,6 +143,10 @@ def _run_towers():
   from medvqa_jax.models.amif import AMiF
 
   r = run_lib.restore(_CKPT.value, step=_STEP.value)
+  if r.config.model.head != "none":
+    print(f"warning: {r.workdir} is a fine-tuning run ({r.config.model.head} head): no loss of "
+          "it aligns these embeddings (it has no contrastive loss, and leaves its projections "
+          "untrained), so their similarities say little", file=sys.stderr)
   variables = {"params": r.params}
   img_apply = jax.jit(lambda v, x: r.model.apply(v, x, method=AMiF.encode_image))
   txt_apply = jax.jit(lambda v, ids, mask: r.model.apply(v, ids, mask, method=AMiF.encode_text))

@@ -55,9 +55,10 @@ def main(argv):
 
   if not text_lib.question(_QUESTION.value).strip():
     raise ValueError(f"--question {_QUESTION.value!r} is empty (once read as training reads it)")
-  if not Path(_IMAGE.value).is_file():  # Checked before the model is restored, not after.
-    raise FileNotFoundError(f"--image={_IMAGE.value}: " + (
-        "a folder, not an image file" if Path(_IMAGE.value).is_dir() else "no such file"))
+  try:  # Read before the model is restored, not after.
+    builders.read_as_built(_IMAGE.value, None)
+  except ValueError as e:  # "PATH: what is wrong".
+    raise ValueError(f"--image={e}") from None
   if _OUT.value:
     from PIL import Image
     picture_path = Path(_OUT.value)

@@ -199,10 +199,14 @@ def test_eval_and_predict_say_what_is_missing(tmp_path):
   assert out.returncode == 1 and f"--out={tmp_path / 'notes.txt'}: is a file" in out.stderr
   assert (tmp_path / "notes.txt").read_text() == "mine"
   out = _run("launch/predict.py", f"--checkpoint_dir={tmp_path}", "--image=x.jpg", "--question=q")
-  assert out.returncode != 0 and "--image=x.jpg: no such file" in out.stderr  # Before restoring.
-  out = _run("launch/predict.py", f"--checkpoint_dir={tmp_path}", f"--image={tmp_path}",
-             "--question=q")
-  assert out.returncode == 1 and f"--image={tmp_path}: a folder, not an image file" in out.stderr
+  assert out.returncode != 0 and "--image=x.jpg: image file not found" in out.stderr  # Before
+  # restoring, as a file that is not an image (it was read after the model was restored).
+  for image, why in ((tmp_path, "a folder, not an image file"),
+                     (ROOT / "README.md", "unreadable image (not an image format PIL can read)")):
+    for command in ("predict.py", "embed.py"):
+      out = _run(f"launch/{command}", f"--checkpoint_dir={tmp_path}", f"--image={image}",
+                 "--question=q")
+      assert out.returncode == 1 and f"--image={image}: {why}" in out.stderr, out.stderr
   from medvqa_jax import ASSETS
   image = sorted((ASSETS / "demo" / "images").iterdir())[0]
   out = _run("launch/predict.py", f"--checkpoint_dir={tmp_path}", f"--image={image}",

@@ -169,6 +169,17 @@ def test_demo_runs_end_to_end(straight, data_dir):
   ckpts.close()
 
 
+def test_embedding_with_a_fine_tuning_run_says_its_embeddings_are_untrained(straight):
+  """embed.py gave a fine-tuning run's similarities as those "its contrastive losses align":
+  it has none, and its projections are not trained."""
+  workdir, _ = straight
+  out = _run([sys.executable, str(ROOT / "launch" / "embed.py"), f"--checkpoint_dir={workdir}",
+              "--question=is the heart enlarged?"], devices=1)
+  assert (f"warning: {workdir} is a fine-tuning run (generative head): no loss of it aligns "
+          "these embeddings") in out.stderr, out.stderr[-3000:]
+  assert json.loads(out.stdout)["question_tokens"][0] == 1
+
+
 def test_a_run_shortened_below_its_latest_checkpoint_is_refused(straight, data_dir):
   # It was taken as complete ("step 8 of 6") and its best checkpoint, past the new length,
   # tested. Refused before anything is written.
