@@ -191,7 +191,11 @@ def test_eval_and_predict_say_what_is_missing(tmp_path):
   traceback."""
   out = _run("launch/eval.py", f"--checkpoint_dir={tmp_path / 'nothing'}")
   assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
-  assert out.stderr.startswith(f"error: no checkpoint at {tmp_path / 'nothing'}\n(raised at ")
+  assert out.stderr.startswith(f"error: no checkpoint at {tmp_path / 'nothing'}: no such "
+                               "folder\n(raised at ")
+  out = _run("launch/eval.py", f"--checkpoint_dir={ROOT / 'README.md'}")
+  assert out.stderr.startswith(f"error: no checkpoint at {ROOT / 'README.md'}: a file, not a "
+                               "run's folder\n(raised at "), out.stderr
   # An --out that is a file: refused before restoring (a FileExistsError after evaluating).
   (tmp_path / "notes.txt").write_text("mine")
   out = _run("launch/eval.py", f"--checkpoint_dir={tmp_path / 'nothing'}",

@@ -486,7 +486,8 @@ def resolve(path) -> tuple[Path, int | None]:
   if path.name.isdigit() and (path / "state").exists():
     return path.parent, int(path.name)
   if not path.is_dir():
-    raise FileNotFoundError(f"no checkpoint at {path}")
+    raise FileNotFoundError(f"no checkpoint at {path}: " + (
+        "a file, not a run's folder" if path.exists() else "no such folder"))
   if (path / TOKENIZER).is_dir() or (path / "metrics.jsonl").exists():  # A run's work folder.
     raise FileNotFoundError(f"{path} has no checkpoints/ folder: the run saved no checkpoint "
                             "(yet)")

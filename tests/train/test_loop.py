@@ -421,7 +421,8 @@ def test_init_from_another_run_then_an_infinite_gradient_stops_the_run(straight,
                             f"--config.train.init_from={tmp_path / 'nowhere'}"),
                  devices=1, check=False)
   assert nowhere.returncode == 1 and nowhere.stderr.startswith(
-      f"error: --config.train.init_from: no checkpoint at {tmp_path / 'nowhere'} (expected "
+      f"error: --config.train.init_from: no checkpoint at {tmp_path / 'nowhere'}: no such "
+      "folder (expected "
       "a run's work folder"), nowhere.stderr[-3000:]
   assert not (tmp_path / "refused").exists()
   # A tokenizer of the same size but another vocabulary (two words swapped): its text and
