@@ -131,6 +131,7 @@ def restore(checkpoint_dir, overrides: dict | None = None, step: int | None = No
                      "give one of them (the run's folder with --step, or the step's folder)")
   ckpts = ckpt_lib.Checkpoints(folder, read_only=True)
   step = step if step is not None else named_step
+  chosen_as_best = step is None
   if step is None:
     step = ckpts.best_step()
   if step is None:
@@ -142,6 +143,9 @@ def restore(checkpoint_dir, overrides: dict | None = None, step: int | None = No
   if step not in ckpts.steps():
     raise FileNotFoundError(f"no checkpoint of step {step} in {folder}; it has {ckpts.steps()}")
   run = ckpts.run_record(step)
+  if chosen_as_best and not ckpt_lib.validated(run.get("val")):
+    log.warning("no step in %s has a finite validation metric: reading the latest, step %d",
+                folder, step)
   saved = saved_config(run)
   if answering and saved.model.head == "none":
     raise ValueError(f"{checkpoint_dir} is a pre-training run: it has no answer head (answering "

@@ -197,6 +197,13 @@ def _selection(metrics: dict) -> float:
   return -float(metrics["val_loss"])
 
 
+def validated(metrics: dict | None) -> bool:
+  """Whether a step's validation metrics (its run record's "val") can choose it as the best:
+  they have the selection metric, and it is finite (a diverged loss is not)."""
+  return bool(metrics) and ("val_accuracy" in metrics or "val_loss" in metrics) and \
+      math.isfinite(_selection(metrics))
+
+
 class _KeepBest:
   """Orbax's preservation policy for the best step on validation. It reads the run records,
   not Orbax's own per-step metrics: those are written only under Orbax's `best_fn`, and
@@ -211,10 +218,8 @@ class _KeepBest:
     """A step with validation metrics; a later step wins ties. A NaN or infinite value
     (a diverged validation loss) is never the best: it would compare false with every
     later value and stay chosen."""
-    if metrics and ("val_accuracy" in metrics or "val_loss" in metrics):
+    if validated(metrics):
       value = _selection(metrics)
-      if not math.isfinite(value):
-        return
       if self.value is None or value >= self.value:
         self.step, self.value = step, value
 

@@ -105,9 +105,18 @@ def test_training_reads_the_cache_and_refuses_one_that_does_not_match(corpus, tm
   assert "utgc" not in _losses(plain)[0]
   assert "losses.weights.utgc=1.0 is not used" in caplog.text
   assert (cached / "checkpoints" / "2").is_dir()
+  # Read without a step: the latest, and said to be so (it said nothing of it).
+  from medvqa_jax.evaluate import run as run_lib
+  caplog.clear()
+  assert run_lib.restore(cached).step == 2
+  assert (f"no step in {cached / 'checkpoints'} has a finite validation metric: reading the "
+          "latest, step 2") in caplog.text
+  caplog.clear()
+  run_lib.restore(cached, step=2)  # Named: nothing to say.
+  assert "validation metric" not in caplog.text
 
 
-def test_pretraining_validates_on_the_held_out_slice(corpus, tmp_path, capsys):
+def test_pretraining_validates_on_the_held_out_slice(corpus, tmp_path, capsys, caplog):
   """Half of the 8 examples held out: one validation batch of 4 at every step; the cache made
   for the whole corpus serves both parts; the best checkpoint is the lowest validation loss."""
   data, workdir = tmp_path / "tfds", tmp_path / "run"
@@ -143,8 +152,9 @@ def test_pretraining_validates_on_the_held_out_slice(corpus, tmp_path, capsys):
 
   # eval.py's restore repeats the validation of a saved step: the same inputs every time.
   from medvqa_jax.evaluate import run as run_lib
+  caplog.clear()
   restored = run_lib.restore(workdir)  # The best step by default.
-  assert restored.step == best
+  assert restored.step == best and "validation metric" not in caplog.text
   again = run_lib.evaluate_split(restored)
   recorded = next(r for r in rows if r["step"] == best)
   for k, v in recorded.items():
