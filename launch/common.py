@@ -84,6 +84,18 @@ def _config_fields(tree, prefix="") -> dict:
   return out
 
 
+def check_images(paths) -> None:
+  """Reads each --image as a build would, before a command loads its model (minutes on a
+  paper-size run): a missing file, a folder or a file that is not an image is refused first,
+  with the build's message."""
+  from medvqa_jax.data import builders
+  for path in paths:
+    try:
+      builders.read_as_built(path, None)
+    except ValueError as e:  # "PATH: what is wrong".
+      raise ValueError(f"--image={e}") from None
+
+
 def config_overrides(config, argv: list[str] | None = None) -> dict:
   """{field: value} of the --config.FIELD=VALUE flags of the command line, the values as
   `config` (the parsed --config) holds them."""

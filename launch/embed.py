@@ -66,11 +66,7 @@ def main(argv):
   if empty:
     raise ValueError(f"--question {empty[0]!r} is empty (once read as training reads it)")
 
-  for path in images:  # Read before the towers are loaded, not after.
-    try:
-      builders.read_as_built(path, None)
-    except ValueError as e:  # "PATH: what is wrong".
-      raise ValueError(f"--image={e}") from None
+  common.check_images(images)  # Before the towers are loaded, not after.
   embed_images, embed_text, tokenizer, image_size, max_side, summary = (
       _run_towers() if _CKPT.value is not None else _config_towers())
   summary = {"device": jax.devices()[0].device_kind, **summary}

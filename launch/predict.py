@@ -55,10 +55,7 @@ def main(argv):
 
   if not text_lib.question(_QUESTION.value).strip():
     raise ValueError(f"--question {_QUESTION.value!r} is empty (once read as training reads it)")
-  try:  # Read before the model is restored, not after.
-    builders.read_as_built(_IMAGE.value, None)
-  except ValueError as e:  # "PATH: what is wrong".
-    raise ValueError(f"--image={e}") from None
+  common.check_images([_IMAGE.value])  # Before the model is restored, not after.
   if _OUT.value:
     from PIL import Image
     picture_path = Path(_OUT.value)
