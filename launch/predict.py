@@ -87,9 +87,9 @@ def main(argv):
                                             return_weights=True, method=AMiF.vqa))(variables,
                                                                                    *inputs)
   if r.model.head == "classifier":
-    prob = np.asarray(jax.nn.softmax(out["logits"][0]))
-    order = np.argsort(-prob, kind="stable")[:_TOP.value]  # Ties: as argmax picks.
-    top = [(r.answers[i], float(prob[i])) for i in order]
+    log_prob = np.asarray(jax.nn.log_softmax(out["logits"][0]))
+    order = np.argsort(-log_prob, kind="stable")[:_TOP.value]  # Ties: as argmax picks.
+    top = [(r.answers[i], vqa.probability(log_prob[i])) for i in order]
   else:
     ranked = jax.jit(lambda v, *x: r.model.apply(
         v, *x, predictor.prior_ids, predictor.prior_mask, predictor.cand_ids, predictor.cand_mask,

@@ -78,13 +78,12 @@ class Predictor:
       if model.head == "classifier":
         out = model.apply(variables, images, input_ids, attention_mask, prior_ids, prior_mask,
                           method=AMiF.vqa)
-        prob = jax.nn.softmax(out["logits"], axis=-1)
-        return out["prediction"], jnp.max(prob, axis=-1)
+        return out["prediction"], jnp.max(jax.nn.log_softmax(out["logits"], axis=-1), axis=-1)
       out = model.apply(variables, images, input_ids, attention_mask, prior_ids, prior_mask,
                         cand_ids, cand_mask, k=k, pack=self.pack, score=self.score,
                         method=AMiF.rank)
       best = jnp.argmax(out["ranking"], axis=-1)[:, None]
-      return out["prediction"], jnp.exp(jnp.take_along_axis(out["scores"], best, axis=-1)[:, 0])
+      return out["prediction"], jnp.take_along_axis(out["scores"], best, axis=-1)[:, 0]
 
     self._predict = jax.jit(predict, in_shardings=(param_shardings,) + (None,) * 7,
                             out_shardings=(replicated, replicated),
@@ -94,9 +93,16 @@ class Predictor:
                     (self.prior_ids, self.prior_mask, self.cand_ids, self.cand_mask)]
 
   def __call__(self, params, batch: dict):
-    """Answer indices and scores of a global batch (arrays on the mesh), as arrays on the
-    devices, perhaps not yet computed: `jax.device_get` waits for them."""
+    """Answer indices and the log-probabilities of those answers (`probability` makes them
+    scores) of a global batch (arrays on the mesh), as arrays on the devices, perhaps not yet
+    computed: `jax.device_get` waits for them."""
     return self._predict(params, *(batch[k] for k in INPUTS), *self._consts)
+
+
+def probability(log_prob) -> float:
+  """A probability from its float32 log: exponentiated in float64, where a long answer's
+  sequence probability (below 1e-45 from a log-likelihood under -103) is not rounded to 0."""
+  return float(np.exp(np.float64(log_prob)))
 
 
 def ranked_answers(ranked: dict, answers: list[str], top: int) -> list[list[tuple[str, float]]]:
@@ -106,7 +112,7 @@ def ranked_answers(ranked: dict, answers: list[str], top: int) -> list[list[tupl
   "first_token_twice" that order is not the probabilities' (a likelier answer can come
   second)."""
   idx, scores, ranking = (np.asarray(ranked[k]) for k in ("topk", "scores", "ranking"))
-  return [[(answers[idx[q, j]], float(np.exp(scores[q, j])))
+  return [[(answers[idx[q, j]], probability(scores[q, j]))
            for j in np.argsort(-ranking[q], kind="stable")[:top]] for q in range(len(idx))]
 
 
@@ -202,7 +208,7 @@ def answer_split(predictor: Predictor, params, split, *, tokenizer, image_size: 
   for r, i, s in zip(split.records, idx, scores):
     pred = predictor.answers[int(i)]
     rows.append({"qid": r["id"], "question": r["question"], "answer": "#".join(r["answers"]),
-                 "prediction": pred, "score": float(f"{float(s):.6g}"),
+                 "prediction": pred, "score": float(f"{probability(s):.6g}"),
                  "correct": answers_lib.is_correct(pred, r["answers"]),
                  "answer_type": r["answer_type"], "question_type": r["question_type"]})
   return rows

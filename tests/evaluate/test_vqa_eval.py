@@ -152,8 +152,9 @@ def test_eval_batches_are_made_a_few_ahead_not_the_whole_split(data, tokenizer):
 
 class _OwnIndex:
   """A predictor that answers each row with the index of the example whose question it
-  holds (read back from its tokens) and scores it (index + 1) / 100; its answers are the
-  records' ids, so a row's prediction names the question it was made for."""
+  holds (read back from its tokens) and scores it with the float32 log-probability
+  -30 (index + 1); its answers are the records' ids, so a row's prediction names the question
+  it was made for."""
 
   def __init__(self, split, tokenizer):
     self.mesh = sharding.make_mesh()
@@ -166,7 +167,7 @@ class _OwnIndex:
     ids = np.asarray(batch["input_ids"])
     self.calls.append(len(ids))
     idx = np.array([self.index[tuple(row)] for row in ids])
-    return idx, (idx + 1) / 100
+    return idx, (-30.0 * (idx + 1)).astype(np.float32)
 
 
 @pytest.mark.parametrize("name", ["train", "test"])
@@ -181,10 +182,23 @@ def test_answer_split_matches_predictions_to_their_own_questions(data, tokenizer
   assert [r["qid"] for r in rows] == [r["id"] for r in split.records]
   for i, (row, rec) in enumerate(zip(rows, split.records)):
     assert row["prediction"] == rec["id"] and row["question"] == rec["question"]
-    assert row["score"] == pytest.approx((i + 1) / 100)
+    # The probability, from float32 logs: made in float64, where exp(-120) and beyond are not
+    # rounded to 0 (float32 ends at 1e-45).
+    assert row["score"] == pytest.approx(np.exp(-30.0 * (i + 1)), rel=1e-5) and row["score"] > 0
     assert row["answer"] == "#".join(rec["answers"]) and row["correct"] is False
   assert progress[-1] == (n, n) and [d for d, _ in progress] == \
       [min(4 * (b + 1), n) for b in range(len(progress))]
+
+
+def test_ranked_answers_give_long_answers_a_probability_not_zero():
+  """predict.py's list from AMiF.rank's float32 log-likelihoods: a long or unlikely answer's
+  probability (below float32's 1e-45) is still a probability, in the ranking's order."""
+  ranked = {"topk": np.array([[2, 0, 1]]), "ranking": np.array([[-1.0, -150.0, -400.0]]),
+            "scores": np.array([[-1.0, -150.0, -400.0]], np.float32)}
+  (listed,) = vqa.ranked_answers(ranked, ["a", "b", "c"], top=3)
+  assert [a for a, _ in listed] == ["c", "a", "b"]
+  np.testing.assert_allclose([p for _, p in listed], np.exp([-1.0, -150.0, -400.0]), rtol=1e-6)
+  assert all(p > 0 for _, p in listed)
 
 
 def _answered_with(split, tokenizer, which: int):
@@ -265,7 +279,8 @@ def test_the_predictor_ranks_in_packed_rows_and_answers_as_unpacked_ranking_does
   ref = jax.jit(lambda p, *a: model.apply({"params": p}, *a, k=4, method=AMiF.rank))(
       params, *batch.values(), *consts)
   np.testing.assert_array_equal(idx, ref["prediction"])
-  np.testing.assert_allclose(score, np.exp(np.max(ref["scores"], axis=-1)), rtol=1e-4)
+  # The best's log-likelihood (answer_split makes the probability).
+  np.testing.assert_allclose(score, np.max(ref["scores"], axis=-1), rtol=1e-4)
   program = predictor._predict.lower(params, *sharding.shard_batch(mesh, batch).values(),
                                      *consts).as_text()
   assert f"4x{predictor.pack}x{model.decoder.width}xf32" in program
@@ -293,8 +308,8 @@ def test_the_predictor_ranks_in_packed_rows_and_answers_as_unpacked_ranking_does
     best = np.argmax(ref["ranking"], axis=-1)[:, None]
     np.testing.assert_array_equal(picks[rank_score], np.take_along_axis(
         np.asarray(ref["topk"]), best, axis=-1)[:, 0])
-    np.testing.assert_allclose(score, np.exp(np.take_along_axis(np.asarray(ref["scores"]),
-                                                                best, axis=-1)[:, 0]), rtol=1e-4)
+    np.testing.assert_allclose(score, np.take_along_axis(np.asarray(ref["scores"]), best,
+                                                         axis=-1)[:, 0], rtol=1e-4)
     # predict.py's list: best first, as the score ranks them, each with its probability.
     listed = vqa.ranked_answers(ref, two_pieces, 3)
     ranking = [{two_pieces[i]: v for i, v in zip(ref["topk"][q], ref["ranking"][q])}
