@@ -18,16 +18,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from medvqa_jax import files as files_lib
 from medvqa_jax.models import layers, state_dict
+
+log = logging.getLogger(__name__)
 
 # 2: captions cleaned and images resized (not cropped) to the teacher's size, as the student's
 # pipeline gives them; caches of format 1 (raw captions, centre crops) are refused.
@@ -139,6 +143,15 @@ def from_config(config) -> Teacher:
   if scale is None:
     raise ValueError("the teacher's checkpoint has no logit_scale: set "
                      "--config.teacher.logit_scale")
+  rounded = [f"teacher.{part}.dtype={tc[part].dtype}" for part in ("image", "text")
+             if jnp.dtype(towers.dtype_of(tc[part].get("dtype", "float32"))).itemsize < 4]
+  if rounded:  # The bf16 presets leave the teacher in float32; someone set this.
+    log.warning("%s: the teacher's embeddings are the soft labels' source, which are a "
+                "softmax of their similarities times the logit scale (%.1f). bf16 rounds the "
+                "similarities by up to about 0.01, which moves those logits by up to about "
+                "%.1f: the labels change, not just round. Compute the teacher in float32 (the "
+                "default; its embeddings are cached once, or cost only its forward pass online)",
+                " and ".join(rounded), float(scale), 0.01 * float(scale))
   tokenizer = tokenizer_lib.from_config(tc.text, "teacher.text")
   if not tc.text.get("max_len"):  # The student's length, as the reference's teacher reads.
     student = config.model.text.max_len

@@ -409,3 +409,21 @@ def test_the_teacher_runs_its_stacks_as_model_compute_says(demo_config):
   for a, b in zip(teacher.embed(pixels, ids, (ids > 0).astype(np.int32)),
                   plain.embed(pixels, ids, (ids > 0).astype(np.int32))):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_a_teacher_computing_in_bf16_is_warned_of(demo_config, caplog):
+  """Its soft labels are softmax(logit scale x similarity): bf16's rounding moves them (the
+  bf16 presets leave the teacher in float32, so only a hand-set dtype does this)."""
+  import logging
+  import jax.numpy as jnp
+  config = demo_config.copy_and_resolve_references()
+  with caplog.at_level(logging.WARNING, logger=teacher_lib.__name__):
+    teacher_lib.from_config(config)
+  assert "soft labels' source" not in caplog.text
+  config.teacher.text.dtype = "bfloat16"
+  with caplog.at_level(logging.WARNING, logger=teacher_lib.__name__):
+    teacher = teacher_lib.from_config(config)
+  assert teacher.text.dtype == jnp.bfloat16
+  assert ("teacher.text.dtype=bfloat16: the teacher's embeddings are the soft labels' source"
+          in caplog.text) and "teacher.image" not in caplog.text
+  assert f"logit scale ({teacher.logit_scale:.1f})" in caplog.text
