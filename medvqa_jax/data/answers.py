@@ -3,8 +3,9 @@
 Normalisation follows the VQA evaluation toolkit (lowercase; punctuation stripped, or replaced
 by a space between words; periods kept inside numbers; number words to digits; articles
 dropped), plus "x-ray" and "x ray" -> "xray". It departs from the toolkit in two ways:
-- ten more characters count as punctuation: ' : * % ^ & # $ | ~ ("On the patient's left" ->
-  "on patient s left", "5%" -> "5"). "#" must go: it separates a reference's alternatives.
+- fourteen more characters count as punctuation: ' : * % ^ & # $ | ~ and the typographic
+  quotes ‘ ’ “ ” ("On the patient's left" and "On the patient’s left" -> "on patient s left",
+  "5%" -> "5"). "#" must go: it separates a reference's alternatives.
 - the toolkit's contraction table ("dont" -> "don't") is not applied.
 On the full VQA-RAD and SLAKE and the PathVQA and VQA-Med-2019 samples of ../shared/data, that
 normalises 7 answers otherwise than the toolkit (5 with an apostrophe, "5%", "~15 minutes"),
@@ -24,7 +25,8 @@ from collections import Counter
 from typing import Iterable, Sequence
 
 _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
-          "@", "`", ",", "?", "!", "'", ":", "*", "%", "^", "&", "#", "$", "|", "~"]
+          "@", "`", ",", "?", "!", "'", ":", "*", "%", "^", "&", "#", "$", "|", "~",
+          "\u2018", "\u2019", "\u201c", "\u201d"]
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",

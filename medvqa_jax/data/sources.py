@@ -198,8 +198,9 @@ def vqa_rad(source_dir: Path, test_frames: bool = True) -> dict:
     images = source_dir / "images"
     test_path = _need(source_dir / "testset.json", "the MEVF test split")
     test_rows, train_path = _load_records(test_path), source_dir / "trainset.json"
-    asked = {str(r.get("qid")): (r.get("image_name"), r.get("answer")) for r in test_rows
-             if isinstance(r, dict)}
+    # (Answers compared as text: the files hold some as numbers, 2 where another row has "2".)
+    asked = {str(r.get("qid")): (r.get("image_name"), str(r.get("answer")).strip())
+             for r in test_rows if isinstance(r, dict)}
 
     def keep(r):  # All but, with test_frames=False, the frames of test questions.
       if test_frames or not isinstance(r, dict) or r.get("phrase_type") != "frame":
@@ -208,7 +209,7 @@ def vqa_rad(source_dir: Path, test_frames: bool = True) -> dict:
         before = str(int(r["qid"]) - 1)
       except (KeyError, TypeError, ValueError):
         return True
-      return asked.get(before) != (r.get("image_name"), r.get("answer"))
+      return asked.get(before) != (r.get("image_name"), str(r.get("answer")).strip())
     return {"train": _records(train_path, _load_records(train_path), make(images), keep),
             "test": _records(test_path, test_rows, make(images))}
   path = _need(source_dir / "VQA_RAD Dataset Public.json",

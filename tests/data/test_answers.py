@@ -18,6 +18,9 @@ from medvqa_jax.data import answers
     # mark becomes a space.
     ("RUQ pain, jaundice,weight loss?", "ruq pain jaundiceweight loss"),
     ("t1/t2", "t1 t2"), ("mass, left", "mass left"), ("Ten cm", "10 cm"),
+    # Typographic quotes as the straight ones (text copied from a paper or a word processor).
+    ("patient\u2019s left", "patient s left"), ("patient's left", "patient s left"),
+    ("\u201cmass\u201d", "mass"), ("\u2018left\u2019 lung", "left lung"),
 ])
 def test_normalize(raw, expected):
   assert answers.normalize(raw) == expected
@@ -27,7 +30,7 @@ def test_normalizing_twice_changes_nothing():
   # A prediction is a vocabulary entry (normalised once) and is normalised again when scored:
   # were normalize not idempotent, a right answer could score as wrong.
   rng = random.Random(0)
-  alphabet = "xXrRaAyY -_/()., ?'#1tThe"
+  alphabet = "xXrRaAyY -_/()., ?'\u2019\u201c#1tThe"
   for _ in range(20_000):
     raw = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
     once = answers.normalize(raw)

@@ -131,6 +131,29 @@ def test_vqa_rad_layouts_give_the_same_questions_frames_included(tmp_path):
   assert left_out and all((q[2], q[1]) in asked for q in left_out)
 
 
+def test_a_test_questions_frame_is_left_out_whatever_type_its_answer_is(tmp_path):
+  """--notest_frames in the MEVF layout: a frame is a test question's by its place, image and
+  answer, the answer compared as text (the files hold some answers as numbers: a frame's 2 is
+  the test question's "2")."""
+  from medvqa_jax.data import sources
+  src = tmp_path / "rad"
+  (src / "images").mkdir(parents=True)
+  row = lambda qid, q, a, phrase: {"qid": qid, "image_name": "synpic1.jpg", "question": q,
+                                   "answer": a, "answer_type": "OPEN", "question_type": "COUNT",
+                                   "phrase_type": phrase}
+  (src / "testset.json").write_text(json.dumps([row(10, "how many masses", "2", "test_freeform"),
+                                                row(20, "how many ribs", "12 ", "test_freeform")]))
+  (src / "trainset.json").write_text(json.dumps([
+      row(11, "how many masses are seen", 2, "frame"),   # Of test question 10.
+      row(21, "how many ribs are seen", 12, "frame"),    # Of 20.
+      row(31, "how many lesions are seen", 2, "frame"),  # Of no test question.
+      row(30, "how many lesions", 2, "freeform")]))
+  kept = lambda **kw: sorted(r["question"] for r in sources.vqa_rad(src, **kw)["train"])
+  assert kept() == ["how many lesions", "how many lesions are seen", "how many masses are seen",
+                    "how many ribs are seen"]
+  assert kept(test_frames=False) == ["how many lesions", "how many lesions are seen"]
+
+
 def test_pathvqa_pkl_and_parquet_round_trip(tmp_path):
   import pyarrow as pa
   import pyarrow.parquet as pq
