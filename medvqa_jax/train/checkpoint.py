@@ -3,8 +3,9 @@ the run (config, data-pipeline position, answer set and protocol, validation met
 
 Saves are asynchronous and atomic: Orbax writes a step into a temporary folder and renames it
 when complete, so a process killed at any moment leaves either the whole step or a temporary
-folder that is never read (and is removed at the next start). The last `keep` steps are kept,
-plus the best on validation (highest `val_accuracy`, or lowest `val_loss`; the later of equal
+folder that is never read (and is removed at the next start). The last `keep` scheduled saves
+are kept (a stop's extra save only while it is the latest step: it does not push a scheduled
+one out), plus the best on validation (highest `val_accuracy`, or lowest `val_loss`; the later of equal
 ones), as the steps' run records say, so a resumed run keeps the best step saved before it
 stopped. Restoring takes the shardings of the current mesh, so a checkpoint written on 8
 devices restores onto 1.
@@ -213,6 +214,7 @@ class _KeepBest:
   def __init__(self):
     self.step, self.value = None, None
     self.unread: set[int] = set()  # Steps whose record could not be read: kept too.
+    self.stops: set[int] = set()  # Stops' saves, found by `Checkpoints._scan`.
 
   def offer(self, step: int, metrics: dict | None):
     """A step with validation metrics; a later step wins ties. A NaN or infinite value
@@ -225,6 +227,24 @@ class _KeepBest:
 
   def should_preserve(self, checkpoints, *, context=None):
     return [info.step == self.step or info.step in self.unread for info in checkpoints]
+
+
+class _KeepLatest:
+  """Orbax's preservation policy for the last `keep` scheduled saves and the latest step. A
+  stop's extra save (`stops`) is kept while it is the latest, where a resume starts; counted
+  among the last `keep`, it pushed out a scheduled (validated) step that the uninterrupted run
+  keeps, and stayed after the resumed run saved past it."""
+
+  def __init__(self, keep: int):
+    self.keep = max(keep, 1)
+    self.stops: set[int] = set()
+
+  def should_preserve(self, checkpoints, *, context=None):
+    steps = [info.step for info in checkpoints]
+    if not steps:
+      return []
+    scheduled = set(sorted(s for s in steps if s not in self.stops)[-self.keep:])
+    return [s == max(steps) or s in scheduled for s in steps]
 
 
 def _restore_args(abstract, partial: bool = False):
@@ -254,9 +274,9 @@ class Checkpoints:
 
   def __init__(self, directory, keep: int = 2, read_only: bool = False):
     self.directory = Path(directory).absolute()
-    self._best = _KeepBest()
+    self._best, self._latest = _KeepBest(), _KeepLatest(keep)
     self._writing: int | None = None  # The step whose asynchronous save may be running.
-    preservation = policies.AnyPreservationPolicy([policies.LatestN(n=max(keep, 1)), self._best])
+    preservation = policies.AnyPreservationPolicy([self._latest, self._best])
     if read_only and not self.directory.is_dir():
       raise FileNotFoundError(f"no checkpoint folder {self.directory}")
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
@@ -276,6 +296,7 @@ class Checkpoints:
     if not read_only:  # The best step saved so far, kept by the saves to come.
       scan = self._scan()
       self._best.step, self._best.value, self._best.unread = scan.step, scan.value, scan.unread
+      self._latest.stops = scan.stops
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -283,12 +304,18 @@ class Checkpoints:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state, run: dict, metrics: dict | None = None):
+  def save(self, step: int, state, run: dict, metrics: dict | None = None, stop: bool = False):
     """Starts an asynchronous save of `state` and the JSON-able `run` record. A save that
-    fails is reported (CheckpointNotWritten) here at the next save, or by `wait`/`close`."""
+    fails is reported (CheckpointNotWritten) here at the next save, or by `wait`/`close`.
+    stop: the save is a stop's, off the schedule (its record says so): kept only while it is
+    the latest step, not among the last `keep`."""
     self.wait()  # Orbax waits for the last save too: its failure is named as that step's.
     self._check_room(step, state)
-    self._best.offer(step, metrics)  # Before: the save decides what the new step replaces.
+    if stop:
+      run = {**run, "stop": True}
+      self._latest.stops.add(step)
+    # Before: the save decides what the new step replaces.
+    self._best.offer(step, metrics)
     self._writing = step
     with self._writes(step):
       self.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
@@ -390,13 +417,17 @@ class Checkpoints:
     return self._restore(step, run=ocp.args.JsonRestore())["run"]
 
   def _scan(self) -> _KeepBest:
-    """The best validation metric in the run records on disk. Steps whose record cannot be
-    read are passed over, with a warning, and listed in `unread` (the saves to come keep
-    them: nothing is deleted automatically, and one of them may have been the best)."""
+    """The best validation metric in the run records on disk, and the stops' saves among
+    them (`stops`). Steps whose record cannot be read are passed over, with a warning, and
+    listed in `unread` (the saves to come keep them: nothing is deleted automatically, and
+    one of them may have been the best)."""
     best = _KeepBest()
     for step in self.steps():
       try:
-        best.offer(step, self.run_record(step).get("val"))
+        record = self.run_record(step)
+        best.offer(step, record.get("val"))
+        if record.get("stop"):
+          best.stops.add(step)
       except UnreadableCheckpoint as e:
         best.unread.add(step)
         log.warning("passed over in choosing the best step (and kept): %s", e)

@@ -866,7 +866,8 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
             # came. Its validation is in the logs.
             chosen = val if scheduled else {}
             with preemption.deferred():  # Ctrl-C waits for the state's copy to the host.
-              ckpts.save(done, state, run_record(done, chosen), metrics=chosen or None)
+              ckpts.save(done, state, run_record(done, chosen), metrics=chosen or None,
+                         stop=not scheduled)
             last_saved = done
           reporter.exclude(time.perf_counter() - paused)
         if stopping:

@@ -285,6 +285,35 @@ def test_the_best_step_survives_a_restart(tmp_path, metric, values):
   assert ckpt_lib.Checkpoints(tmp_path / "checkpoints", read_only=True).steps() == [6, 9]
 
 
+def test_a_stops_save_does_not_push_out_a_scheduled_step(tmp_path):
+  """keep=2, saves every 4 steps, validation every 2, a stop at step 5: the stop's save is
+  kept while it is the latest, where the resume starts, and the resumed run ends with the
+  steps an uninterrupted one keeps, [8, 12] (the stop's save took a place among the last 2:
+  validated step 8 was deleted, and step 9 stayed, never to be chosen)."""
+  def save(ckpts, step, acc=None, stop=False):
+    val = {"val_accuracy": acc} if acc is not None else {}
+    ckpts.save(step, state(), {"step": step, "val": val}, metrics=val or None, stop=stop)
+    ckpts.wait()
+
+  folder = tmp_path / "checkpoints"
+  ckpts = ckpt_lib.Checkpoints(folder, keep=2)
+  save(ckpts, 4, 0.5)
+  save(ckpts, 8, 0.2)
+  save(ckpts, 9, stop=True)
+  assert ckpts.steps() == [4, 8, 9] and ckpts.best_step() == 4
+  ckpts.close()
+  assert ckpt_lib.Checkpoints(folder, read_only=True).run_record(9)["stop"] is True
+  ckpts = ckpt_lib.Checkpoints(folder, keep=2)  # The resumed run: its record says stop.
+  save(ckpts, 12, 0.1)
+  assert ckpts.steps() == [4, 8, 12]  # The last 2 scheduled, and the best.
+  save(ckpts, 13, stop=True)
+  save(ckpts, 14, stop=True)  # A stop at once after resuming: the latest is kept.
+  assert ckpts.steps() == [4, 8, 12, 14]
+  save(ckpts, 16, 0.9)
+  assert ckpts.steps() == [12, 16] and ckpts.best_step() == 16
+  ckpts.close()
+
+
 def test_resuming_under_an_optimizer_of_another_state_is_refused_by_name(tmp_path):
   # grad_clip on, or another multiplier for a group: the optimizer keeps another state.
   # Refused as such, not reported as damaged files (whose advice is to delete the step).

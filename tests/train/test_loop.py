@@ -364,7 +364,8 @@ def test_sigterm_saves_the_step_reached_and_stops_cleanly(tmp_path, data_dir):
   lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert any(r["step"] == saved[0] and "val_accuracy" in r for r in lines)  # Validated,
   ckpts = Checkpoints(workdir / "checkpoints", read_only=True)
-  assert ckpts.run_record(saved[0])["val"] == {}  # but not a candidate for the best.
+  assert ckpts.run_record(saved[0])["val"] == {}  # but not a candidate for the best,
+  assert ckpts.run_record(saved[0])["stop"] is True  # nor among the last train.keep saves.
   ckpts.close()
 
 

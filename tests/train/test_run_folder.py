@@ -621,6 +621,11 @@ def test_the_best_step_is_tested_and_a_resumed_run_goes_on_from_its_latest(tmp_p
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records if "val_accuracy" in r] == [2, 4, 5]
   assert metrics["step"] == 2
+  saved = ckpt_lib.Checkpoints(workdir / "checkpoints", read_only=True)
+  # Scheduled saves, none a stop's (which the keep policy would drop once a later step is).
+  assert saved.steps() == [2, 4, 5]
+  assert not any(saved.run_record(s).get("stop") for s in saved.steps())
+  saved.close()
   tested = [json.loads(line)["score"] for line in
             (workdir / "eval" / "test" / "predictions.jsonl").read_text().splitlines()]
   restored = run_lib.restore(workdir)  # No step: the best on validation, as eval.py's default.
