@@ -24,6 +24,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
@@ -363,8 +364,17 @@ def attention_mask(key_mask=None, causal_len: int | None = None,
 
   right_padded: the caller guarantees that each row of `key_mask` is ones then zeros (the
     tokenizer's right padding), so the fused kernels may use key lengths. Without it a key
-    mask is passed to them densely.
+    mask is passed to them densely. A concrete mask (outside jit) that breaks the guarantee
+    is refused; a traced one cannot be checked.
   """
+  if right_padded and key_mask is not None and not isinstance(key_mask, jax.core.Tracer):
+    rises = np.diff(np.asarray(key_mask).astype(np.int8), axis=-1) > 0  # A 0 then a 1.
+    if rises.any():
+      row = int(np.flatnonzero(rises.reshape(-1, rises.shape[-1]).any(-1))[0])
+      raise ValueError(
+          f"attention mask row {row} is not right-padded (its real tokens, 1, then padding, "
+          "0): the fused attention kernels read a mask as lengths, and would attend to its "
+          "padding. Pad on the right, as this package's tokenizers do")
   bias = attention_bias(key_mask, causal_len)
   if bias is None:
     return None

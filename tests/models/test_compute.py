@@ -111,6 +111,23 @@ def test_fused_attention_matches_reference(case, form, dtype, tol):
       assert max_diff(again, out_fused) <= tol
 
 
+def test_a_mask_said_right_padded_that_is_not_is_refused_where_it_can_be_read():
+  """The fused kernels read a right-padded mask as lengths: a left-padded one (another
+  tokenizer's) attended to its padding silently. A concrete mask is checked, by BERT too."""
+  from medvqa_jax.models.bert import BertEncoder
+  left = np.array([[1, 1, 1, 1], [0, 0, 1, 1]])
+  with pytest.raises(ValueError, match=r"attention mask row 1 is not right-padded"):
+    layers.attention_mask(left, right_padded=True)
+  assert layers.attention_mask(left).structured is False  # Not said: passed densely.
+  assert layers.attention_mask(left[:, ::-1], right_padded=True).structured
+  bert = BertEncoder(vocab_size=50, max_positions=8, width=16, depth=1, num_heads=2, mlp_dim=32,
+                     compute=FUSED)
+  ids = np.array([[5, 6, 7, 8], [0, 0, 7, 8]])
+  params = bert.init(jax.random.PRNGKey(0), ids, left[:, ::-1])["params"]
+  with pytest.raises(ValueError, match=r"row 1 is not right-padded .* Pad on the right"):
+    bert.apply({"params": params}, ids, left)
+
+
 @pytest.mark.parametrize("compute", [REFERENCE, FUSED], ids=["reference", "fused"])
 @pytest.mark.parametrize("form", ["lengths", "holes"])
 def test_a_context_shared_by_groups_of_rows_equals_it_repeated(compute, form):
