@@ -31,6 +31,9 @@ With --target=h100|h200 and --steps=0, the step is compiled for that GPU (--targ
 one host) on this machine, which needs no GPU but JAX's CUDA plugin (pip install
 "jax[cuda13]==<jax's version>"): XLA's memory estimate, traffic and collectives of the GPU
 program.
+On several hosts, each process runs the command with launch/train.py's cluster flags (or
+none, where the cluster is detected: medvqa_jax/train/distributed.py), feeds its share of
+the global --batch_size, and process 0 prints the line.
 A classifier head without num_answers gets 512 answers. Any config field is overridable,
 e.g. --config.model.compute.attention=cudnn --config.model.compute.scan=True
 --config.model.compute.remat=dots.
@@ -66,6 +69,7 @@ _TARGET = flags.DEFINE_enum("target", None, ["h100", "h200"], "Compile the step 
                             "(medvqa_jax/train/aot.py).")
 _TARGET_DEVICES = flags.DEFINE_integer("target_devices", 1, "With --target: GPUs of one host "
                                        "to compile for.", lower_bound=1)
+_JOIN = common.cluster_flags()
 
 
 def main(argv):
@@ -76,6 +80,9 @@ def main(argv):
   from medvqa_jax.train import aot, benchmark
   if _TARGET.value:
     aot.prepare(_TARGET.value)  # Before JAX starts its backends.
+  else:
+    _JOIN()
+  import jax
   log = lambda s: print(s, file=sys.stderr, flush=True)
   figures = benchmark.run(_CONFIG.value, batch_size=_BATCH.value, steps=_STEPS.value,
                           warmup=_WARMUP.value, windows=_WINDOWS.value,
@@ -87,7 +94,8 @@ def main(argv):
   # What else set the step up: the config's overrides and XLA's flags.
   figures["overrides"] = [a for a in sys.argv[1:] if a.startswith("--config.")]
   figures["xla_flags"] = os.environ.get("XLA_FLAGS") or None
-  print(json.dumps(figures), flush=True)
+  if jax.process_index() == 0:
+    print(json.dumps(figures), flush=True)
 
 
 if __name__ == "__main__":

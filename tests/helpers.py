@@ -3,6 +3,8 @@
 import contextlib
 import json
 import os
+import socket
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +110,21 @@ def xla_flags(devices: int) -> str:
   the device count."""
   return (f"{os.environ.get('XLA_FLAGS', '')} "
           f"--xla_force_host_platform_device_count={devices}").strip()
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def start_two_processes(cmd: list[str], env: dict, cwd) -> list[subprocess.Popen]:
+  """Starts `cmd` (a command taking launch/common.py's cluster flags) as the two processes
+  of one multi-host run, joined on a free local port."""
+  cmd = cmd + [f"--coordinator_address=localhost:{free_port()}", "--num_processes=2"]
+  return [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=cwd, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for i in range(2)]
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ import math
 import numbers
 import os
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -168,15 +169,16 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
                       metadata=tfds.core.MetadataDict())
 
   # TFDS prints "Downloading and preparing dataset Unknown size (download: Unknown size, ...)"
-  # before a build and "downloaded and prepared" after it: nothing is downloaded here.
+  # before a build and "downloaded and prepared" after it: nothing is downloaded here. To
+  # stderr: stdout is the commands' JSON (prepare_data.py's summary, benchmark.py's line).
   def _log_download_bytes(self):
     shrink = (f", images shrunk to a shorter side of at most {self.max_side} px"
               if self.max_side else "")
     print(f"building {self.name} from {self.source_dir} into {self.root_dir}{shrink}...",
-          flush=True)
+          file=sys.stderr, flush=True)
 
   def _log_download_done(self):
-    print(f"built {self.name} in {self.data_dir}", flush=True)
+    print(f"built {self.name} in {self.data_dir}", file=sys.stderr, flush=True)
 
   def _read(self) -> dict:
     if self.source_dir is None:

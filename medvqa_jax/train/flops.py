@@ -9,7 +9,9 @@ frozen, its forward pass only (1x) where nothing before it trains (frozen towers
 decoder's layers below its first cross-attention, which read the answer tokens alone), and
 the backward pass to its inputs too (2x) where something before it trains (a frozen
 decoder's cross-attention layers, a frozen fusion between trained towers).
-Batch-independent work (the GCA's answer prior) is divided by the batch size. Token counts
+Batch-independent work (the GCA's answer prior) is divided by the batch size (by the batch
+of each device, which computes it for its share, for a count comparable with XLA's of one
+device's program: `shared_by`). Token counts
 are the padded ones the step computes on (text.max_len, answer_max_len, prior_max_tokens),
 causal attention counted in full; the LM head's vocabulary logits at the answer_max_len - 1
 positions that predict a token.
@@ -132,12 +134,16 @@ def tower_segments(module, length: int | None = None) -> list:
   raise TypeError(f"no FLOP count for {type(module).__name__}")
 
 
-def train_step(model, config, batch_size: int, params_shapes, teacher_dim: int = 512) -> dict:
+def train_step(model, config, batch_size: int, params_shapes, teacher_dim: int = 512,
+               shared_by: int | None = None) -> dict:
   """{"total": FLOPs per example of one train step, "forward": each part's forward FLOPs,
   "frozen": the parts with layers that do not train} for `model` (amif.AMiF) under `config`
-  (its objective: fine-tuning or pre-training). teacher_dim: width of the teacher's
-  embeddings. Each tower layer, fusion layer and decoder layer is trained or frozen on its
-  own (optim.lr_mults), as the step's gradient mask makes them."""
+  (its objective: fine-tuning or pre-training), at a global batch of `batch_size`.
+  teacher_dim: width of the teacher's embeddings. shared_by: the examples one computation of
+  the batch-independent work serves (default `batch_size`: the model's FLOPs; the batch per
+  device, where every device computes it, for XLA's count of one device's program). Each
+  tower layer, fusion layer and decoder layer is trained or frozen on its own
+  (optim.lr_mults), as the step's gradient mask makes them."""
   mc = config.model
   d, m = model.width, model.mlp_dim
   lt, li = mc.text.max_len, image_tokens(model)
@@ -190,7 +196,7 @@ def train_step(model, config, batch_size: int, params_shapes, teacher_dim: int =
     # attention. Per example: that attention's query/out projections and its two products,
     # the gate and the MLP.
     prior = layer(p, d, m) + (2 * p * wt * d if wt != d else 0) + 2 * p * 2 * d * d
-    gca = (prior / batch_size + 2 * lx * 2 * d * d + 2 * 2 * lx * p * d + 2 * lx * d * d
+    gca = (prior / (shared_by or batch_size) + 2 * lx * 2 * d * d + 2 * 2 * lx * p * d + 2 * lx * d * d
            + 2 * 2 * lx * d * m)
     before = step.add("gca", gca, trained("gca/"), before)
     if model.head == "classifier":

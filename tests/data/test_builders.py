@@ -308,7 +308,9 @@ def test_bad_records_are_reported_and_skipped(tmp_path):
                         f"--source_dir={src}", f"--data_dir={out}", "--max_bad_fraction=0.05"],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert run.returncode == 0, run.stderr
-  summary = json.loads(run.stdout.strip().splitlines()[-1])
+  # stdout is the summary alone (a JSON reader of it failed on the build's progress lines).
+  summary = json.loads(run.stdout)
+  assert "building vqa_rad" in run.stderr
   assert summary["splits"]["train"]["examples"] == 195
   assert summary["splits"]["train"]["skipped"] == 5 and summary["skipped"] == 5
   problems = "\n".join(summary["skipped_examples"])
@@ -465,11 +467,15 @@ def test_building_twice_is_a_no_op_and_images_can_be_shrunk(tmp_path, capsys):
   (killed / "vqa_rad-train.array_record-00000-of-00001").write_bytes(b"partial")
   folder = builders.build("vqa_rad", src, out, max_side=16)
   assert not killed.exists()
-  # The build says what it does (TFDS said "Downloading and preparing dataset Unknown size").
-  said = capsys.readouterr().out
+  # The build says what it does (TFDS said "Downloading and preparing dataset Unknown size"),
+  # on stderr: stdout is the commands' JSON.
+  said = capsys.readouterr()
+  assert said.out == ""
+  said = said.err
   assert "ownload" not in said
+  # (Between the two lines, TFDS's progress bars, on stderr too.)
   assert (f"building vqa_rad from {src} into {out}, images shrunk to a shorter side of at "
-          f"most 16 px...\nbuilt vqa_rad in {folder}\n") in said
+          f"most 16 px...\n") in said and f"built vqa_rad in {folder}\n" in said
   stamp = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
   builders.build("vqa_rad", src, out, max_side=16)
   assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp

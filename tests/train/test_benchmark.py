@@ -178,6 +178,31 @@ def test_collectives_per_step_on_two_devices():
   assert r["collectives"]["all-gather"]["bytes"] > 0
 
 
+def test_two_processes_time_the_global_batch_they_share():
+  """Two joined processes (one device each), --batch_size=8: each feeds its 4 examples of the
+  global batch (each fed 8, taken for its share: the step timed ran on 16, so the rates were
+  half what they were) and process 0 prints the line. XLA's count of one device's program is
+  compared with the analytic count of that program, where every device computes the GCA's
+  batch-independent prior (compared with the model's FLOPs, the demo said "differ (1.3x)"
+  here, 2.5x on 8 devices)."""
+  procs = helpers.start_two_processes(
+      [sys.executable, str(ROOT / "launch" / "benchmark.py"), "--config=configs/demo.py",
+       "--batch_size=8", "--steps=1", "--warmup=0", "--windows=1"],
+      {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": helpers.xla_flags(1)}, ROOT)
+  with helpers.reaped(procs):
+    outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  # (Gloo, XLA's CPU collectives, prints its connections to stdout: not JSON lines.)
+  lines = [[x for x in out.splitlines() if x.startswith("{")] for out, _ in outs]
+  assert len(lines[0]) == 1 and lines[1] == [], outs
+  r = json.loads(lines[0][0])
+  assert (r["process_count"], r["device_count"], r["batch_size"], r["per_device_batch"]) == \
+      (2, 2, 8, 4)
+  assert r["flops_check"] == "agree", r["compiled_over_analytic"]
+  assert r["samples_per_s"] == pytest.approx(8 / r["step_s"], rel=1e-3, abs=0.01)
+
+
 @pytest.mark.parametrize("kind, tflops", [
     ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100-PCIE-40GB", 312.0), ("NVIDIA B200", 2250.0),
     ("NVIDIA H800", 989.0), ("NVIDIA L40S", 362.0), ("TPU v6 lite", 918.0), ("TPU v5e", 197.0),

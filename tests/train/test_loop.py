@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -467,18 +466,9 @@ def test_init_from_another_run_then_an_infinite_gradient_stops_the_run(straight,
                             theirs["fusion/text_layer_0/attn/query/kernel"])
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _start_two_processes(cmd, devices: int) -> list[subprocess.Popen]:
   """Starts `cmd` as the two processes of one multi-host run (`devices` each)."""
-  cmd = cmd + [f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
-  return [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=_env(devices),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-          for i in range(2)]
+  return helpers.start_two_processes(cmd, _env(devices), ROOT)
 
 
 def _two_processes(cmd, devices: int) -> list[tuple[str, str]]:
