@@ -150,9 +150,10 @@ def get_config(arg=None):
       # The loop (medvqa_jax/train/loop.py). workdir holds checkpoints, logs and eval outputs;
       # batch_size is global (all hosts); accum_steps micro-batches per step (fine-tuning
       # only). A checkpoint every save_every steps and at the end (the last `keep`, plus the
-      # latest step (a stop's save), plus the best on validation, chosen among the steps saved and validated: make save_every a
-      # multiple of eval_every); validation every eval_every steps. epochs: the run's length in
-      # passes over the training split (0 or unset: optim.total_steps). init_from: another
+      # latest step (a stop's save), plus the best on validation, chosen among the steps
+      # saved and validated: make save_every a multiple of eval_every); validation every
+      # eval_every steps. epochs: the run's length in passes over the training split (0 or
+      # unset: optim.total_steps). init_from: another
       # run (its workdir or checkpoints folder: its best-on-validation step; or one step
       # folder) whose params matching init_params (regex) start this run (not a resumed one).
       # fsdp: ways of parameter sharding (1: pure data parallel) of the arrays of at least

@@ -5,10 +5,10 @@ Saves are asynchronous and atomic: Orbax writes a step into a temporary folder a
 when complete, so a process killed at any moment leaves either the whole step or a temporary
 folder that is never read (and is removed at the next start). The last `keep` scheduled saves
 are kept (a stop's extra save only while it is the latest step: it does not push a scheduled
-one out), plus the best on validation (highest `val_accuracy`, or lowest `val_loss`; the later of equal
-ones), as the steps' run records say, so a resumed run keeps the best step saved before it
-stopped. Restoring takes the shardings of the current mesh, so a checkpoint written on 8
-devices restores onto 1.
+one out), plus the best on validation (highest `val_accuracy`, or lowest `val_loss`; the
+later of equal ones), as the steps' run records say, so a resumed run keeps the best step
+saved before it stopped. Restoring takes the shardings of the current mesh, so a checkpoint
+written on 8 devices restores onto 1.
 
 A step whose files were damaged after it was written (a truncated copy, a full disk) is an
 `UnreadableCheckpoint` naming the step and what to do; nothing is deleted automatically. A

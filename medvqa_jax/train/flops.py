@@ -196,8 +196,8 @@ def train_step(model, config, batch_size: int, params_shapes, teacher_dim: int =
     # attention. Per example: that attention's query/out projections and its two products,
     # the gate and the MLP.
     prior = layer(p, d, m) + (2 * p * wt * d if wt != d else 0) + 2 * p * 2 * d * d
-    gca = (prior / (shared_by or batch_size) + 2 * lx * 2 * d * d + 2 * 2 * lx * p * d + 2 * lx * d * d
-           + 2 * 2 * lx * d * m)
+    gca = (prior / (shared_by or batch_size) + 2 * lx * 2 * d * d + 2 * 2 * lx * p * d
+           + 2 * lx * d * d + 2 * 2 * lx * d * m)
     before = step.add("gca", gca, trained("gca/"), before)
     if model.head == "classifier":
       step.add("head", 2 * 2 * d * d + 2 * 2 * d * 2 * d + 2 * 2 * d * mc.num_answers,
