@@ -65,8 +65,11 @@ def pretrain_terms(model: AMiF, params, batch: dict, key, cfg, train: bool = Tru
   student = {"image": out["image_embed"], "text": out["text_embed"]}
   if "image2_embed" in out:
     student["image2"] = out["image2_embed"]
-  terms = contrastive.global_losses(student, teacher_embeddings(batch), out["temperature"],
-                                    cfg.lam, cfg.label_smoothing)
+  # A term weighted 0 is neither counted nor reported (utgc and itgc were logged as if they
+  # trained), nor computed: XLA drops what no output reads.
+  terms = {k: v for k, v in contrastive.global_losses(
+      student, teacher_embeddings(batch), out["temperature"], cfg.lam,
+      cfg.label_smoothing).items() if weights.get(k, 0) > 0}
   metrics = {f"temperature_{k}": v for k, v in out["temperature"].items()}
   if weights.get("wpa", 0) > 0:
     terms["wpa"], m = ot.wpa_loss(out["fused_text"], out["fused_image"], out["text_mask"],
