@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medvqa_jax import files as files_lib
-from medvqa_jax.data import pipeline
+from medvqa_jax.data import builders, pipeline
 from medvqa_jax.data import splits as splits_lib
 from medvqa_jax.data import tokenizer as tokenizer_lib
 from medvqa_jax.evaluate import pretrain as pretrain_eval
@@ -411,6 +411,22 @@ def cut_questions_note(splits: dict, tokenizer, max_len: int, pieces=None) -> st
   return (f"warning: {len(cut)} of the {len(questions)} questions ({counts}) are longer than "
           f"model.text.max_len={max_len} word pieces and are read cut (e.g. {cut[0]!r}); "
           "--config.model.text.max_len raises it (up to the text tower's positions)")
+
+
+def test_overlap_note(splits: dict) -> str | None:
+  """A note when test questions are, as the model reads them, questions this run trains on
+  about the same image (`builders.shared_with`): a split that holds them, as VQA-RAD's does
+  (46 of its 451 test questions), lets the test accuracy count answers seen in training."""
+  if "train" not in splits or "test" not in splits:
+    return None
+  test = splits["test"].records
+  shared = builders.shared_with(splits["train"].records, test)
+  if not shared["questions"]:
+    return None
+  return (f"note: {shared['questions']} of the {len(test)} test questions are, as the model "
+          f"reads them, training questions about the same image ({shared['same_answers']} "
+          f"with the same answer; {shared['images']} of the test images are in training): "
+          "the split holds them, and the test accuracy counts them")
 
 
 def unknown_pieces_note(splits: dict, answers: list[str], tokenizer, limit: float = 0.01,
@@ -796,7 +812,8 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
   notes = [selection_note(tc, steps) if "val" in splits else None,
            workers_note(jax.devices()[0].platform, config.data.workers),
            cut_questions_note(splits, tokenizer, mc.text.max_len, pieces) if finetune else None,
-           unknown_pieces_note(splits, answers, tokenizer, pieces=pieces) if finetune else None]
+           unknown_pieces_note(splits, answers, tokenizer, pieces=pieces) if finetune else None,
+           test_overlap_note(splits) if finetune else None]
   for note in filter(None, notes):
     _print(note)
   if start >= steps:

@@ -294,6 +294,23 @@ def _write(src, train, test=()):
   (src / "testset.json").write_text(json.dumps(list(test)))
 
 
+def test_the_summary_counts_what_test_shares_with_training(tmp_path):
+  """`in_train`: a test split's images that training questions are about, its questions that
+  the model reads as a training question about the same image (after the question clean-up),
+  and those of them with the same answer."""
+  src, rows = _vqa_source(tmp_path, n=8)  # Training: q0..q7 about img0..img3.
+  rows[0].update(question="Is/Are there a mass?", answer="Yes")
+  test = [dict(rows[0], qid=100, question="is there a MASS", answer="yes."),  # All three.
+          dict(rows[0], qid=101, question="Is there a mass?", answer="no"),  # Other answer.
+          dict(rows[1], qid=102, question="q0?"),  # q0 was asked of img0, not img1.
+          dict(rows[2], qid=103, question="what else?")]
+  _write(src, rows, test)
+  builders.build("vqa_rad", src, tmp_path / "out", max_side=16)
+  splits = builders.summary(tmp_path / "out", "vqa_rad")["splits"]
+  assert "in_train" not in splits["train"]
+  assert splits["test"]["in_train"] == {"images": 3, "questions": 2, "same_answers": 1}
+
+
 def test_bad_records_are_reported_and_skipped(tmp_path):
   src, rows = _vqa_source(tmp_path)
   rows[3]["image_name"] = "missing.jpg"
@@ -636,6 +653,11 @@ def test_real_vqa_rad_build_and_summary(tmp_path):
   assert test["answer_type"] == {"CLOSED": 272, "OPEN": 179}
   assert (train["images"], test["images"]) == (314, 203) and summary["skipped"] == 0
   assert test["yes_no_closed"] + test["yes_no_open"] == 451
+  # What test shares with training: every image; and 46 questions that the model reads as a
+  # training question about the same image, with the same answer ("Is/Are there a rib
+  # fracture?", a frame, reads as "is there a rib fracture", a test question).
+  assert "in_train" not in train
+  assert test["in_train"] == {"images": 203, "questions": 46, "same_answers": 46}
   from medvqa_jax.data import answers
   vocab = builders.answer_vocabulary(tmp_path, "vqa_rad")
   assert vocab[:2] == ["no", "yes"] and len(vocab) == len(set(vocab)) > 300
@@ -663,6 +685,10 @@ def test_real_vqa_rad_build_and_summary(tmp_path):
   summary = json.loads(run.stdout.strip().splitlines()[-1])
   assert (summary["splits"]["train"]["examples"], summary["splits"]["test"]["examples"]) == (
       2780, 451)
+  # Without them, one test question is a training question (a test image was in training
+  # only through a frame).
+  assert summary["splits"]["test"]["in_train"] == {"images": 202, "questions": 1,
+                                                   "same_answers": 1}
 
 
 def _test_answers():

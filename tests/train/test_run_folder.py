@@ -270,6 +270,27 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
     run_lib.restore(moved, overrides={"model.text.tokenizer": str(other)})
 
 
+def test_test_questions_the_run_trains_on_are_noted(tmp_path):
+  """The demo's VQA-RAD (the MEVF split): 40 test questions are, as the model reads them,
+  questions of the training it does (VQA-RAD's frames, "Is/Are there ...?", read as its test
+  questions; 6 more of the 46 fall in the validation slice), about 182 of the 203 test
+  images (RESULTS.md). A test split that shares no question is not noted."""
+  import dataclasses
+
+  from configs import demo
+  from medvqa_jax.data import splits as splits_lib
+  config = demo.get_config()
+  config.data.dir = str(tmp_path / "data")
+  splits = splits_lib.vqa_splits(config.data)
+  assert loop.test_overlap_note(splits) == (
+      "note: 40 of the 451 test questions are, as the model reads them, training questions "
+      "about the same image (40 with the same answer; 182 of the test images are in "
+      "training): the split holds them, and the test accuracy counts them")
+  elsewhere = [dict(r, image_id=f"other-{r['image_id']}") for r in splits["test"].records]
+  splits["test"] = dataclasses.replace(splits["test"], records=elsewhere)
+  assert loop.test_overlap_note(splits) is None
+
+
 def test_an_accelerator_fed_by_the_training_process_alone_is_noted():
   """data.workers=0 (the default) made a GPU's batches in the training process, two at a
   time: about half of what a paper-size step takes, without a word."""
