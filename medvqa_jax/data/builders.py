@@ -24,8 +24,8 @@ import os
 import shutil
 import sys
 from collections import Counter
-from typing import Sequence
 from pathlib import Path
+from typing import Sequence
 
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -703,7 +703,6 @@ def summary(data_dir, name: str) -> dict:
   out["skipped"] = len(skipped)
   out["skipped_examples"] = skipped[:20]
   return out
-
 
 
 def _asked(data_dir, name: str, split: str) -> list[dict]:

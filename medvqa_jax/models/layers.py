@@ -367,7 +367,8 @@ def attention_mask(key_mask=None, causal_len: int | None = None,
     mask is passed to them densely. A concrete mask (outside jit) that breaks the guarantee
     is refused; a traced one cannot be checked.
   """
-  if right_padded and key_mask is not None and not isinstance(key_mask, jax.core.Tracer):
+  if (right_padded and key_mask is not None and not isinstance(key_mask, jax.core.Tracer)
+      and getattr(key_mask, "is_fully_addressable", True)):  # (Not another host's rows.)
     rises = np.diff(np.asarray(key_mask).astype(np.int8), axis=-1) > 0  # A 0 then a 1.
     if rises.any():
       row = int(np.flatnonzero(rises.reshape(-1, rises.shape[-1]).any(-1))[0])
