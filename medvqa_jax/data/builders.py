@@ -25,7 +25,6 @@ import shutil
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
 
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -35,7 +34,6 @@ from medvqa_jax.data import answers as answers_lib
 from medvqa_jax.data import augment
 from medvqa_jax.data import image as image_lib
 from medvqa_jax.data import sources
-from medvqa_jax.data import text as text_lib
 
 log = logging.getLogger(__name__)
 
@@ -695,36 +693,15 @@ def summary(data_dir, name: str) -> dict:
     stats.update(meta.get("stats", {}).get(split, {}))
     out["splits"][split] = stats
   if kind(name) == "vqa" and "train" in out["splits"]:
-    train = _asked(data_dir, name, "train")
+    from medvqa_jax.data import splits as splits_lib  # (It imports this module.)
+    records = lambda split: splits_lib.read_records(load(data_dir, name, split,
+                                                         decode_images=False))
+    train = records("train")
     for split in out["splits"]:
       if split != "train":
-        out["splits"][split]["in_train"] = shared_with(train, _asked(data_dir, name, split))
+        out["splits"][split]["in_train"] = splits_lib.shared_with(train, records(split))
   skipped = list(meta.get("skipped", []))
   out["skipped"] = len(skipped)
   out["skipped_examples"] = skipped[:20]
   return out
 
-
-def _asked(data_dir, name: str, split: str) -> list[dict]:
-  """The image id, question and answers of each example of a built VQA split."""
-  source = load(data_dir, name, split, decode_images=False)
-  text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
-  return [{"image_id": text(ex["image_id"]), "question": text(ex["question"]),
-           "answers": [text(a) for a in ex["answers"]]}
-          for ex in (source[i] for i in range(len(source)))]
-
-
-def shared_with(train: Sequence[dict], records: Sequence[dict]) -> dict:
-  """What a split's `records` share with the training records `train` (each with image_id,
-  question, answers): `images`, the split's images that training questions are about;
-  `questions`, its questions that the model reads as a training question about the same
-  image (`text.question`'s clean-up applied: VQA-RAD's frame "Is/Are there a rib
-  fracture?" reads as its test question "Is there a rib fracture?"); `same_answers`, those of
-  them whose (normalised) answers are the training question's too."""
-  asked = lambda r: (r["image_id"], text_lib.question(r["question"]))
-  answered = lambda r: (*asked(r), tuple(sorted(answers_lib.normalize(a) for a in r["answers"])))
-  images, questions = {r["image_id"] for r in train}, {asked(r) for r in train}
-  answers = {answered(r) for r in train}
-  return {"images": len({r["image_id"] for r in records} & images),
-          "questions": sum(asked(r) in questions for r in records),
-          "same_answers": sum(answered(r) in answers for r in records)}

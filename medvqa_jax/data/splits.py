@@ -21,6 +21,7 @@ from typing import Sequence
 
 from medvqa_jax.data import answers as answers_lib
 from medvqa_jax.data import builders
+from medvqa_jax.data import text as text_lib
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,22 @@ def read_records(source) -> list[dict]:
                 "answer_type": text_value(ex["answer_type"]),
                 "question_type": text_value(ex["question_type"])})
   return out
+
+
+def shared_with(train: Sequence[dict], records: Sequence[dict]) -> dict:
+  """What a split's `records` share with the training records `train` (each with image_id,
+  question, answers): `images`, the split's images that training questions are about;
+  `questions`, its questions that the model reads as a training question about the same
+  image (`text.question`'s clean-up applied: VQA-RAD's frame "Is/Are there a rib
+  fracture?" reads as its test question "Is there a rib fracture?"); `same_answers`, those of
+  them whose (normalised) answers are the training question's too."""
+  asked = lambda r: (r["image_id"], text_lib.question(r["question"]))
+  answered = lambda r: (*asked(r), tuple(sorted(answers_lib.normalize(a) for a in r["answers"])))
+  images, questions = {r["image_id"] for r in train}, {asked(r) for r in train}
+  answers = {answered(r) for r in train}
+  return {"images": len({r["image_id"] for r in records} & images),
+          "questions": sum(asked(r) in questions for r in records),
+          "same_answers": sum(answered(r) in answers for r in records)}
 
 
 def _split(dc, split: str) -> Split:

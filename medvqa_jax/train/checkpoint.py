@@ -241,10 +241,9 @@ class _KeepLatest:
 
   def should_preserve(self, checkpoints, *, context=None):
     steps = [info.step for info in checkpoints]
-    if not steps:
-      return []
-    scheduled = set(sorted(s for s in steps if s not in self.stops)[-self.keep:])
-    return [s == max(steps) or s in scheduled for s in steps]
+    kept = set(sorted(s for s in steps if s not in self.stops)[-self.keep:])
+    kept.add(max(steps, default=None))
+    return [s in kept for s in steps]
 
 
 def _restore_args(abstract, partial: bool = False):

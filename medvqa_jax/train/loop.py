@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medvqa_jax import files as files_lib
-from medvqa_jax.data import builders, pipeline
+from medvqa_jax.data import pipeline
 from medvqa_jax.data import splits as splits_lib
 from medvqa_jax.data import tokenizer as tokenizer_lib
 from medvqa_jax.evaluate import pretrain as pretrain_eval
@@ -415,12 +415,12 @@ def cut_questions_note(splits: dict, tokenizer, max_len: int, pieces=None) -> st
 
 def test_overlap_note(splits: dict) -> str | None:
   """A note when test questions are, as the model reads them, questions this run trains on
-  about the same image (`builders.shared_with`): a split that holds them, as VQA-RAD's does
+  about the same image (`splits.shared_with`): a split that holds them, as VQA-RAD's does
   (46 of its 451 test questions), lets the test accuracy count answers seen in training."""
   if "train" not in splits or "test" not in splits:
     return None
   test = splits["test"].records
-  shared = builders.shared_with(splits["train"].records, test)
+  shared = splits_lib.shared_with(splits["train"].records, test)
   if not shared["questions"]:
     return None
   return (f"note: {shared['questions']} of the {len(test)} test questions are, as the model "
