@@ -104,6 +104,7 @@ def _config_towers():
 
   from medvqa_jax.data import tokenizer as tokenizer_lib
   from medvqa_jax.models import amif, state_dict, towers
+  from medvqa_jax.train import determinism, sharding
 
   config = _CONFIG.value
   compute = amif.compute_of(config)  # How the stacks run (model.compute), as in training.
@@ -115,7 +116,10 @@ def _config_towers():
   tokenizer = tokenizer_lib.from_config(config.model.text)
   tokenizer_lib.check_fits(tokenizer, {"text tower": txt_tower})
   compared = lambda out: np.asarray(out["embedding"] if "embedding" in out else out["pooled"])
-  img_apply, txt_apply = jax.jit(img_tower.apply), jax.jit(txt_tower.apply)
+  # train.deterministic's kernels on a GPU, as the run's programs would be compiled.
+  options = determinism.compiler_options(config, sharding.make_mesh())
+  img_apply = jax.jit(img_tower.apply, compiler_options=options)
+  txt_apply = jax.jit(txt_tower.apply, compiler_options=options)
 
   def embed_images(pixels):
     out = img_apply({"params": img_params}, pixels)
@@ -137,6 +141,7 @@ def _run_towers():
 
   from medvqa_jax.evaluate import run as run_lib
   from medvqa_jax.models.amif import AMiF
+  from medvqa_jax.train import determinism
 
   r = run_lib.restore(_CKPT.value, step=_STEP.value)
   if r.config.model.head != "none":
@@ -144,8 +149,12 @@ def _run_towers():
           "it aligns these embeddings (it has no contrastive loss, and leaves its projections "
           "untrained), so their similarities say little", file=sys.stderr)
   variables = {"params": r.params}
-  img_apply = jax.jit(lambda v, x: r.model.apply(v, x, method=AMiF.encode_image))
-  txt_apply = jax.jit(lambda v, ids, mask: r.model.apply(v, ids, mask, method=AMiF.encode_text))
+  # Compiled as the run's programs were (train.deterministic's kernels on a GPU).
+  options = determinism.compiler_options(r.config, r.mesh)
+  img_apply = jax.jit(lambda v, x: r.model.apply(v, x, method=AMiF.encode_image),
+                      compiler_options=options)
+  txt_apply = jax.jit(lambda v, ids, mask: r.model.apply(v, ids, mask, method=AMiF.encode_text),
+                      compiler_options=options)
 
   def embed_images(pixels):
     out = img_apply(variables, pixels)

@@ -52,6 +52,7 @@ def main(argv):
   from medvqa_jax.evaluate import visualize
   from medvqa_jax.evaluate import vqa
   from medvqa_jax.models.amif import AMiF
+  from medvqa_jax.train import determinism
 
   if not text_lib.question(_QUESTION.value).strip():
     raise ValueError(f"--question {_QUESTION.value!r} is empty (once read as training reads it)")
@@ -83,9 +84,12 @@ def main(argv):
           f"{r.tokenizer.max_len - 2}", file=sys.stderr)
   inputs = [jnp.asarray(example[k])[None] for k in ("images", "input_ids", "attention_mask")]
   variables = {"params": r.params}
+  # Compiled as the run's evaluation compiles (train.deterministic's kernels on a GPU), so the
+  # scores are eval.py's.
+  options = determinism.compiler_options(r.config, r.mesh)
   out = jax.jit(lambda v, *x: r.model.apply(v, *x, predictor.prior_ids, predictor.prior_mask,
-                                            return_weights=True, method=AMiF.vqa))(variables,
-                                                                                   *inputs)
+                                            return_weights=True, method=AMiF.vqa),
+                compiler_options=options)(variables, *inputs)
   if r.model.head == "classifier":
     log_prob = np.asarray(jax.nn.log_softmax(out["logits"][0]))
     order = np.argsort(-log_prob, kind="stable")[:_TOP.value]  # Ties: as argmax picks.
@@ -94,7 +98,7 @@ def main(argv):
     ranked = jax.jit(lambda v, *x: r.model.apply(
         v, *x, predictor.prior_ids, predictor.prior_mask, predictor.cand_ids, predictor.cand_mask,
         k=predictor.k, pack=predictor.pack, score=predictor.score,
-        method=AMiF.rank))(variables, *inputs)
+        method=AMiF.rank), compiler_options=options)(variables, *inputs)
     # In the order model.rank_score ranks them, each scored by its sequence probability.
     (top,) = vqa.ranked_answers(ranked, r.answers, _TOP.value)
   print(json.dumps({"question": _QUESTION.value, "image": _IMAGE.value, "step": r.step,

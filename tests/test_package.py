@@ -67,6 +67,15 @@ def test_embed_command_on_the_embedded_default():
   bogus = _run("launch/embed.py", "--config=configs/demo.py",
                "--config.model.compute.attention=bogus")
   assert bogus.returncode != 0 and "unknown attention 'bogus'" in bogus.stderr, bogus.stderr
+  # Its towers are compiled with the config's compiler options (train.deterministic's GPU
+  # kernels): options XLA refuses, asked for on this CPU, stand in for them.
+  refusing = ("from medvqa_jax.train import determinism\n"
+              "determinism.GPU_PLATFORMS = ('cpu',)\n"
+              "determinism.GPU_OPTIONS = {'xla_gpu_no_such_option_here': True}\n")
+  asked = _run_after(refusing, "launch/embed.py", "--config=configs/demo.py",
+                     "--config.train.deterministic=True")
+  assert asked.returncode == 1 and "No such compile option" in asked.stderr, asked.stderr
+  assert _run_after(refusing, "launch/embed.py", "--config=configs/demo.py").returncode == 0
 
 
 def test_commands_run_without_torch_and_do_not_say_it_is_missing(monkeypatch):

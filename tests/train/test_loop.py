@@ -14,6 +14,7 @@ import signal
 import struct
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections import Counter
@@ -648,3 +649,32 @@ def test_predict_prints_ranked_answers_and_writes_the_picture(straight, tmp_path
   assert not bad.stdout and (tmp_path / "keep.h5").read_bytes() == b"mine"
   bad = _run(base + ["--question=is there a fracture?", "--top=0"], devices=1, check=False)
   assert bad.returncode != 0 and "flag --top=0: 0 is not a positive integer" in bad.stderr
+
+
+def test_predict_and_embed_compile_with_the_runs_options(straight):
+  """predict.py's and embed.py's programs for a run are compiled with the run's compiler
+  options (determinism.compiler_options: train.deterministic's kernels on a GPU), as its
+  evaluation's are, so they answer and embed as it does. Options XLA refuses stand in for
+  them here: a command that compiles with them fails."""
+  from medvqa_jax import ASSETS
+  workdir, _ = straight
+  prelude = textwrap.dedent(f"""
+      import runpy, sys
+      from medvqa_jax.train import determinism
+      asked = determinism.compiler_options
+      def refused(config, mesh):
+        assert config.train.workdir == {str(workdir)!r}  # The run's config.
+        assert asked(config, mesh) is None  # Not deterministic, and a CPU: none.
+        return {{"xla_gpu_no_such_option_here": True}}
+      determinism.compiler_options = refused
+      sys.path.insert(0, "launch")
+      sys.argv = sys.argv[1:]
+      runpy.run_path(sys.argv[0], run_name="__main__")
+      """)
+  image = ASSETS / "vqa_rad_sample" / "images" / "synpic54610.jpg"
+  for script, *flags in (("launch/predict.py", "--out="), ("launch/embed.py",)):
+    out = _run([sys.executable, "-c", prelude, script, f"--checkpoint_dir={workdir}",
+                f"--image={image}", "--question=is there a fracture?", *flags],
+               devices=1, check=False)
+    assert out.returncode == 1 and "No such compile option" in out.stderr, (script, out.stderr)
+    assert not out.stdout  # Nothing answered or embedded.
