@@ -73,9 +73,11 @@ def resize(x, size: int) -> np.ndarray:
 def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
                         scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3)) -> Image.Image:
   """torchvision's RandomResizedCrop: an area fraction in `scale`, log-uniform aspect ratio
-  in `ratio`, up to 10 tries (`crop_box`), resized to size x size."""
-  return img.resize((size, size), Image.Resampling.BICUBIC,
-                    box=crop_box(*img.size, rng, scale, ratio))
+  in `ratio`, up to 10 tries (`crop_box`), cut out, then resized to size x size as
+  torchvision does (resizing the box in place, PIL's `box=`, reads the pixels around it into
+  the crop's edge pixels)."""
+  return img.crop(crop_box(*img.size, rng, scale, ratio)).resize((size, size),
+                                                                 Image.Resampling.BICUBIC)
 
 
 def crop_box(w: int, h: int, rng: np.random.Generator, scale=(0.6, 1.0),

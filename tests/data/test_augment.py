@@ -230,3 +230,71 @@ def test_colour_jitter_draws_torchvisions_ranges_in_every_order(monkeypatch):
     column = factors[:, i]
     assert low <= column.min() < low + 0.01 and high - 0.01 < column.max() <= high, i
     assert abs(column.mean() - (low + high) / 2) < 0.01 * (high - low) * 2, i
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_the_crop_is_resized_as_torchvisions_resized_crop(mode):
+  """The crop's pixels are torchvision's (`resized_crop`: cut out, then resized bicubically),
+  for the box `crop_box` draws. Resizing the box in place (PIL's `box=`) read the pixels
+  around it into the crop's edge pixels (up to 12 grey levels off)."""
+  img = image(6, shape=(60, 84, 3)).convert(mode)
+  for seed in range(6):
+    left, top, right, bottom = augment.crop_box(*img.size, np.random.default_rng(seed))
+    ours = augment.random_resized_crop(img, 32, np.random.default_rng(seed))
+    theirs = TF.resized_crop(img, top, left, bottom - top, right - left, [32, 32],
+                             TF.InterpolationMode.BICUBIC)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs), err_msg=str(seed))
+
+
+def test_the_recipes_crop_at_the_references_scales(monkeypatch):
+  """Fine-tuning crops 60-100% of the picture's area, pre-training 70-100% (the reference's
+  RandomResizedCrop scales)."""
+  scales, real = [], augment.crop_box
+  monkeypatch.setattr(augment, "crop_box",
+                      lambda w, h, rng, scale, ratio: scales.append(scale) or real(w, h, rng,
+                                                                                 scale, ratio))
+  x = np.asarray(image(7))
+  augment.finetune(x, 16, np.random.default_rng(0))
+  augment.pretrain(x, 16, np.random.default_rng(0))
+  assert scales == [(0.6, 1.0), (0.7, 1.0)]
+
+
+def test_rotation_is_torchvisions_by_21_degrees_at_m7():
+  """RandAugment's rotation at M=7: 30 x 7/10 = 21 degrees either way, bilinear, the corners
+  grey: torchvision's rotate."""
+  img, seen = image(8, shape=(48, 48, 3)), set()
+  for seed in range(8):
+    out = np.asarray(augment._OPS["rotate"](img, 7, np.random.default_rng(seed)))
+    for angle in (21, -21):
+      theirs = TF.rotate(img, angle, TF.InterpolationMode.BILINEAR, fill=[128, 128, 128])
+      if np.array_equal(out, np.asarray(theirs)):
+        seen.add(angle)
+        break
+    else:
+      raise AssertionError(f"rotate is not torchvision's by 21 degrees (seed {seed})")
+  assert seen == {21, -21}
+
+
+@pytest.mark.parametrize("axis", ["x", "y"])
+def test_shear_moves_along_its_axis_by_0_21_at_m7(axis):
+  """shear_x slides each row sideways in proportion to its height (shear_y each column
+  vertically), by 0.3 x 7/10 = 0.21 pixels per pixel, either way: a vertical edge (for
+  shear_y a horizontal one) leans by that slope."""
+  edge = np.zeros((48, 48, 3), np.uint8)
+  edge[:, 24:] = 255  # Black left of x = 24, white right of it.
+  if axis == "y":
+    edge = edge.transpose(1, 0, 2).copy()  # Black above y = 24.
+  slopes = set()
+  for seed in range(8):
+    out = np.asarray(augment._OPS[f"shear_{axis}"](Image.fromarray(edge), 7,
+                                                   np.random.default_rng(seed)))[..., 0]
+    if axis == "y":
+      out = out.T
+    # Per row, where it turns white: the first pixel right of the black run above 191.
+    rows = np.arange(8, 40)
+    at = [int(np.argmax((out[r] > 191) & (np.arange(48) > np.argmax(out[r] < 64))))
+          for r in rows]
+    slope = np.polyfit(rows, at, 1)[0]
+    assert abs(abs(slope) - 0.21) < 0.03, (seed, slope)
+    slopes.add(np.sign(slope))
+  assert slopes == {1.0, -1.0}
