@@ -11,9 +11,9 @@ from medvqa_jax.data import builders
 from medvqa_jax.data import image as image_lib
 
 
-def sixteen_bit_png(path, top=4095):
+def sixteen_bit_png(path, top=4095, bottom=0):
   """A 12-bit ramp stored as a 16-bit PNG (as scans exported from DICOM often are)."""
-  ramp = np.linspace(0, top, 64 * 48).reshape(48, 64).astype(np.uint16)
+  ramp = np.linspace(bottom, top, 64 * 48).reshape(48, 64).astype(np.uint16)
   Image.fromarray(ramp).save(path)
   with Image.open(path) as img:
     assert img.mode.startswith("I;16") or img.mode == "I"
@@ -30,6 +30,10 @@ def test_sixteen_bit_grayscale_is_stretched_not_clipped(tmp_path):
   # PIL's own conversion, which this replaces, clips nearly everything to white.
   with Image.open(tmp_path / "scan.png") as img:
     assert (np.asarray(img.convert("RGB")) == 255).mean() > 0.9
+  # Stretched from the image's own minimum, not from 0.
+  ramp = sixteen_bit_png(tmp_path / "raised.png", bottom=1000)
+  rgb = np.asarray(image_lib.open_image(tmp_path / "raised.png"))
+  np.testing.assert_array_equal(rgb[..., 0], np.round((ramp - 1000.0) / 3095 * 255))
 
 
 def test_built_datasets_store_sixteen_bit_images_stretched(tmp_path):

@@ -90,6 +90,8 @@ def test_vqa_med_2019():
   assert test[4]["where"].endswith("VQAMed2019_Test_Questions_w_Ref_Answers.txt line 5")
   assert Counter(r["question_type"] for r in test) == {
       "modality": 125, "plane": 125, "organ": 125, "abnormality": 125}
+  # Ids are unique across splits (both files number their lines from 1).
+  assert len({r["id"] for r in val + test}) == 600
   # The 12 references with "#"-separated alternatives and the 20 with an optional "(...)"
   # part (the test set's README: either form is correct).
   multi = [r for r in test if "(" not in r["answers"][0] and len(r["answers"]) > 1]
@@ -143,12 +145,19 @@ def test_vqa_med_pairs_in_no_category_file_are_warned_of(tmp_path, caplog):
   assert "All_QA_Pairs_val.txt line 101): their category is left empty" in caplog.text
 
 
-def test_vqa_med_test_categories_are_read_in_lower_case(tmp_path):
+def test_vqa_med_test_categories_are_read_in_lower_case_and_ids_are_unique(tmp_path):
   """The test file's category column is the protocol's per-category key: "Modality" and
-  " plane " are the categories the training files' names give ("modality", "plane")."""
+  " plane " are the categories the training files' names give ("modality", "plane"). Each
+  split's file numbers its lines from 1: the ids name the split too."""
   folder = tmp_path / sources._VQAMED_TEST[0]
   folder.mkdir()
   (folder / sources._VQAMED_TEST[1]).write_text("synpic1|Modality|what modality?|ct\n"
                                                 "synpic2| Plane |which plane?|axial\n")
-  test = sources.vqa_med_2019(tmp_path)["test"]
+  for split_folder, qa_name, _ in sources._VQAMED_SPLITS.values():
+    (tmp_path / split_folder).mkdir()
+    (tmp_path / split_folder / qa_name).write_text("synpic3|what organ?|lung\n")
+  out = sources.vqa_med_2019(tmp_path)
+  test = out["test"]
   assert [r["question_type"] for r in test] == ["modality", "plane"]
+  ids = [r["id"] for split in ("train", "validation", "test") for r in out[split]]
+  assert len(ids) == 4 and len(set(ids)) == 4, ids

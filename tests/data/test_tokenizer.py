@@ -178,6 +178,13 @@ def test_a_tokenizer_with_ids_past_the_towers_table_is_refused(tmp_path):
                                        r"the text tower's embedding table has 28996 rows"):
     check_fits(tok, {"text tower": cased, "decoder": None})
   check_fits(tok, {"text tower": bert.BertEncoder(), "decoder": None})  # 30,522 rows: fits.
+  # Sequences as long as the position table fit; one token more does not.
+  at_most = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", 16)
+  check_fits(at_most, {"text tower": cased.clone(vocab_size=30522)})
+  longer = Tokenizer.from_folder(ASSETS / "bert_uncased_vocab", 17)
+  with pytest.raises(ValueError, match=r"model.text.max_len=17: the text tower reads at most "
+                                       r"16 tokens"):
+    check_fits(longer, {"text tower": cased.clone(vocab_size=30522)})
   with pytest.raises(ValueError, match=r"has 30522 token ids, but the text tower's embedding "
                                        r"table has 30521 rows"):  # One id past it.
     check_fits(tok, {"text tower": bert.BertEncoder(vocab_size=30521)})
