@@ -91,3 +91,17 @@ def test_gelu_new_is_transformers_tanh_approximation():
   x64 = x.astype(np.float64)
   formula = 0.5 * x64 * (1 + np.tanh(math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64 ** 3)))
   np.testing.assert_allclose(want, formula, rtol=0, atol=1e-6)
+
+
+def test_each_activation_name_is_transformers_function_of_that_name():
+  """The names the checkpoints' configs give (`hidden_act`) pick transformers' function of
+  that name: "gelu" the exact one (erf), "gelu_new" the tanh approximation, "quick_gelu"
+  x sigmoid(1.702 x). A name mapped to a neighbour passes a tiny random checkpoint's parity
+  (its activations stay within +-0.5, where the GELUs differ by 2e-5)."""
+  import torch
+  from transformers.activations import ACT2FN
+  x = np.linspace(-6, 6, 2401, dtype=np.float32)
+  for name, fn in layers.ACTIVATIONS.items():
+    want = ACT2FN[name](torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.asarray(fn(jnp.asarray(x))), want, rtol=0, atol=2e-6,
+                               err_msg=name)

@@ -253,6 +253,21 @@ def test_classifier_reads_the_text_and_image_cls_and_skips_unknown_labels(classi
   np.testing.assert_allclose(out["loss"], -(logp[0, 3] + logp[2, 10]) / 2, rtol=1e-5)
 
 
+def test_fusion_input_projects_each_tower_and_adds_its_type_row(generative):
+  """Fusion's input: the tower's tokens through its own projection, plus its modality's row
+  of the type embedding (text and image rows apart: a checkpoint's rows keep their roles)."""
+  model, params = generative
+  rng = np.random.default_rng(5)
+  rows = np.asarray(params["type_embed"]["embedding"], np.float64)
+  for kind, proj in ((amif.TEXT, "text_proj"), (amif.IMAGE, "image_proj")):
+    p = jax.tree.map(lambda v: np.asarray(v, np.float64), params[proj])
+    tokens = rng.normal(size=(2, 5, p["kernel"].shape[0])).astype(np.float32)
+    got = model.apply({"params": params}, kind, tokens, method=AMiF.fusion_input)
+    assert max_diff(got["tokens"], tokens @ p["kernel"] + p["bias"] + rows[kind]) <= 1e-5
+    np.testing.assert_array_equal(got["mask"], np.ones((2, 5), np.int32))
+  assert np.abs(rows[amif.TEXT] - rows[amif.IMAGE]).max() > 1e-3  # The rows differ.
+
+
 @pytest.mark.parametrize("head", ["generative", "classifier"])
 def test_forward_backward_finite_and_jitted_once(head, generative, classifier):
   model, params = generative if head == "generative" else classifier

@@ -26,7 +26,7 @@ def ffn(x, p):
 
 def gca_reference(p, x, prior, prior_mask):
   """Y0 = LN(Y + MHA(Y,Y,Y)); Yh = LN(FFN(Y0) + Y0); X' = LN(X + MHA(X, Yh));
-  G = sigmoid(W X' + b); Z = G X' + (1 - G) X; out = LN(FFN(Z) + Z)."""
+  G = sigmoid(W X' + b); Z = G X' + (1 - G) X; out = LN(FFN(Z) + Z). (out, G, X', Yh)"""
   y = np.broadcast_to(prior, (x.shape[0],) + prior.shape)
   m = np.broadcast_to(prior_mask, (x.shape[0],) + prior_mask.shape)
   y0 = ln(y + mha(y, y, p["prior_attn"], m), p["prior_attn_ln"])
@@ -34,7 +34,7 @@ def gca_reference(p, x, prior, prior_mask):
   xp = ln(x + mha(x, yh, p["cross_attn"], m), p["cross_ln"])
   g = 1 / (1 + np.exp(-(xp @ p["gate"]["kernel"] + p["gate"]["bias"])))
   z = g * xp + (1 - g) * x
-  return ln(ffn(z, p["mlp"]) + z, p["mlp_ln"]), g, xp
+  return ln(ffn(z, p["mlp"]) + z, p["mlp_ln"]), g, xp, yh
 
 
 @pytest.fixture
@@ -61,9 +61,10 @@ def _run(module, params, x, prior, prior_mask):
 def test_gca_matches_formula(setup):
   module, params, x, prior, prior_mask = setup
   out = _run(module, params, x, prior, prior_mask)
-  expected, gate, _ = gca_reference(params, x, prior, prior_mask)
+  expected, gate, _, encoded = gca_reference(params, x, prior, prior_mask)
   assert max_diff(out["out"], expected) <= 1e-5
   assert max_diff(out["gate"], gate) <= 1e-5
+  assert max_diff(out["prior"], encoded) <= 1e-5  # Yh, per example.
   g = np.asarray(out["gate"])
   assert g.min() >= 0 and g.max() <= 1 and g.std() > 0
   w = np.asarray(out["cross_weights"])  # (B, heads, L, P): retrievable, padded prior unused.
@@ -79,7 +80,7 @@ def test_gate_closed_gives_ffn_of_input_and_open_gives_cross_attended_path(setup
 
   opened = {**params, "gate": {**params["gate"], "bias": np.full(D, 1e4)}}
   out = _run(module, opened, x, prior, prior_mask)
-  _, _, xp = gca_reference(params, x, prior, prior_mask)
+  _, _, xp, _ = gca_reference(params, x, prior, prior_mask)
   assert float(np.min(out["gate"])) == 1.0
   assert max_diff(out["out"], ln(ffn(xp, params["mlp"]) + xp, params["mlp_ln"])) <= 1e-5
 
@@ -107,7 +108,7 @@ def test_shared_prior_is_encoded_and_projected_once_per_batch(setup, attention):
   shared_out = apply(f32(params), *f32((x, prior, prior_mask)))
   tiled_out = apply(f32(params), *f32((x,) + tiled))
   assert max_diff(shared_out, tiled_out) <= 2e-5
-  expected, _, _ = gca_reference(params, x, prior, prior_mask)
+  expected, _, _, _ = gca_reference(params, x, prior, prior_mask)
   assert max_diff(shared_out, expected) <= 1e-5
 
   # Dense projections of the (1, P, D) prior, not of a (B, P, D) copy: its attention's

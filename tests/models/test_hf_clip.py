@@ -96,6 +96,10 @@ def test_text_tower_matches_transformers_with_padding(hf_clip):
   assert short_params["pos_embed"].shape == (10, 48)
   ids, mask = padded_ids(rng, [10, 6], 10, CLIP_VOCAB, first=CLIP_BOS, last=CLIP_EOS)
   _text_matches(short, short_params, ref, ids, mask)
+  # Sequences shorter than the context (questions padded to model.text.max_len, 30 against
+  # 77 in the fine-tuning configs) read its first positions too.
+  ids, mask = padded_ids(rng, [12, 7], 12, CLIP_VOCAB, first=CLIP_BOS, last=CLIP_EOS)
+  _text_matches(module, params, ref, ids, mask)
 
 
 def test_text_tower_is_causal(hf_clip):
