@@ -21,6 +21,11 @@ from medvqa_jax.data import answers
     # Typographic quotes as the straight ones (text copied from a paper or a word processor).
     ("patient\u2019s left", "patient s left"), ("patient's left", "patient s left"),
     ("\u201cmass\u201d", "mass"), ("\u2018left\u2019 lung", "left lung"),
+    # The toolkit's period rule: every period not before a digit goes (its look-behind is
+    # misspelt as a look-ahead, so after a digit too), one inside a number stays.
+    ("5.", "5"), ("Grade 2.", "grade 2"), ("2.5.", "2.5"),
+    # "#" (a reference's separator) is punctuation.
+    ("ct#mri", "ct mri"),
 ])
 def test_normalize(raw, expected):
   assert answers.normalize(raw) == expected
@@ -47,12 +52,17 @@ def test_alternatives_and_matching():
   assert answers.is_correct("face, sinuses and neck", ref)
   assert not answers.is_correct("skull", ref)
   assert answers.is_correct("the X-ray", ["xray"])
+  assert answers.is_correct("ct mri", ["ct#mri"])  # A list's answers are taken whole.
+  # An empty alternative ("yes#", a blank list entry) is none: nothing matches it.
+  assert answers.alternatives("yes#") == ["yes"] == answers.alternatives(["yes", " "])
+  assert not answers.is_correct("?", "yes#") and not answers.is_correct("", ["yes", " "])
 
 
 def test_yes_no_and_answer_type():
   assert answers.is_yes_no("Yes") and answers.is_yes_no(["no"]) and not answers.is_yes_no("left")
   assert answers.is_yes_no(["yes", "No."]) and not answers.is_yes_no(["yes", "present"])
   assert not answers.is_yes_no([])
+  assert answers.is_yes_no("yes#") and answers.is_yes_no(["no", ""])  # Empty ones left out.
   assert answers.answer_type("CLOSED ") == "CLOSED" and answers.answer_type(None) == ""
 
 

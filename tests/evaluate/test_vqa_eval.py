@@ -199,6 +199,15 @@ def test_ranked_answers_give_long_answers_a_probability_not_zero():
   assert [a for a, _ in listed] == ["c", "a", "b"]
   np.testing.assert_allclose([p for _, p in listed], np.exp([-1.0, -150.0, -400.0]), rtol=1e-6)
   assert all(p > 0 for _, p in listed)
+  # Ties in the ranking (candidates that tokenize alike score alike) come in the order argmax
+  # picks, so the first listed is the evaluation's prediction.
+  for ranking, want in (([-1.0, -1.0, -3.0], "abc"), ([-3.0, -1.0, -1.0], "bca"),
+                        ([-1.0, -3.0, -1.0], "acb")):
+    ranked = {"topk": np.array([[0, 1, 2]]), "ranking": np.array([ranking]),
+              "scores": np.array([ranking], np.float32)}
+    (listed,) = vqa.ranked_answers(ranked, ["a", "b", "c"], top=3)
+    assert "".join(a for a, _ in listed) == want, ranking
+    assert listed[0][0] == "abc"[int(np.argmax(ranking))]
 
 
 def _answered_with(split, tokenizer, which: int):

@@ -222,6 +222,52 @@ def test_global_terms_follow_the_batch_teacher_fields():
     assert abs(swapped[k] - want[k]) > 0.05 * abs(want[k]), k
 
 
+def test_without_a_teacher_the_global_terms_take_the_configs_label_smoothing(stage1):
+  """The hard-label ablation (a batch without teacher fields): itgc and imvc are InfoNCE with
+  targets (1 - eps) I + eps / n, eps the config's losses.label_smoothing (the reference's
+  0.1), recomputed in NumPy from the embeddings the model returns; utgc has no hard-label
+  form and is left out."""
+  config, model, params = stage1
+  losses = config.losses.copy_and_resolve_references()
+  losses.weights.update(wpa=0.0, itm=0.0)
+  assert losses.label_smoothing == 0.1
+  data = {k: v for k, v in batch().items() if not k.startswith("teacher_")}
+  _, m, out = jax.jit(lambda p, b: pretrain_terms(model, p, b, None, losses, train=False))(
+      params, data)
+  assert "utgc" not in m
+
+  def info_nce(a, b, tau, eps):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    target = (1 - eps) * np.eye(len(a)) + eps / len(a)
+    ce = lambda logits: np.mean(-np.sum(target * _log_softmax(logits), -1))
+    return 0.5 * (ce(a @ b.T / tau) + ce(b @ a.T / tau))
+
+  for name, (x, y) in {"itgc": ("image_embed", "text_embed"),
+                       "imvc": ("image_embed", "image2_embed")}.items():
+    tau = float(m[f"temperature_{name}"])
+    np.testing.assert_allclose(m[name], info_nce(out[x], out[y], tau, 0.1), rtol=1e-4,
+                               err_msg=name)
+    assert abs(info_nce(out[x], out[y], tau, 0.0) - float(m[name])) > 1e-3, name
+
+
+def test_itm_negatives_are_drawn_at_the_image_text_temperature(stage1, monkeypatch):
+  """The hard negatives follow softmax(similarity / tau) with itgc's learned temperature
+  (the image-text one), not imvc's or utgc's: here the three differ."""
+  config, model, params = stage1
+  params = {**params, "temperatures": {k: np.log(np.float32(v)) for k, v in
+                                       (("itgc", 0.03), ("imvc", 0.2), ("utgc", 0.5))}}
+  seen = []
+  sample = itm.hard_negative_pairs
+  monkeypatch.setattr(itm, "hard_negative_pairs",
+                      lambda key, image, text, tau, *a: seen.append(tau) or sample(
+                          key, image, text, tau, *a))
+  m, tau = jax.jit(lambda p, b, k: (pretrain_terms(model, p, b, k, config.losses)[1],
+                                    seen[-1]))(params, batch(), jax.random.PRNGKey(0))
+  np.testing.assert_allclose([m["temperature_itgc"], m["temperature_imvc"],
+                              m["temperature_utgc"]], [0.03, 0.2, 0.5], rtol=1e-5)
+  assert float(tau) == float(m["temperature_itgc"])
+
+
 def test_the_views_blur_is_applied_on_device():
   """The pipeline's blur sigmas (`blur`, `blur2`) blur the views inside the loss: the same
   loss as views blurred beforehand; zero sigmas change nothing."""

@@ -104,6 +104,13 @@ def test_optimizer_state_is_sharded_as_its_parameter(rules):
     else:
       assert s.spec == jax.sharding.PartitionSpec(), path  # Counts: replicated.
   assert moments == 2 * 3  # mu and nu of the trained three (text is frozen: no state).
+  # A state array under a parameter's path with another shape (Adafactor's factored second
+  # moment) is not the parameter's: it stays whole, where the parameter's spec would not fit.
+  state = {"mu": {"fusion": {"kernel": jax.ShapeDtypeStruct((64, 32), np.float32)}},
+           "v_row": {"fusion": {"kernel": jax.ShapeDtypeStruct((64,), np.float32)}}}
+  follow = flatten(sharding.follow_params(mesh, params, shardings["params"], state))
+  assert follow["mu/fusion/kernel"].spec == specs["fusion/kernel"]
+  assert follow["v_row/fusion/kernel"].spec == jax.sharding.PartitionSpec()
 
 
 def test_fsdp_shards_arrays_of_the_minimum_size_on_their_largest_divisible_axis():
