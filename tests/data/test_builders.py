@@ -197,6 +197,9 @@ def test_pathvqa_pkl_and_parquet_round_trip(tmp_path):
   by_q = {_text(e["question"]): e for e in train.values()}
   np.testing.assert_array_equal(by_q["p1?"]["image"], _decoded(images[1]))
   assert _text(by_q["p1?"]["question_type"]) == "does"
+  # The parquet copy has no answer_type: yes/no answers are closed questions, others open.
+  summary = builders.summary(tmp_path / "out2", "pathvqa")
+  assert summary["splits"]["train"]["answer_type"] == {"CLOSED": 2, "OPEN": 1}
   # A parquet file that no split names was skipped without a word.
   pq.write_table(table.slice(0, 1), parquet / "pathvqa_extra.parquet")
   from medvqa_jax.data import sources
@@ -277,6 +280,23 @@ def test_caption_corpora_round_trip(tmp_path):
   (problem,) = builders.summary(tmp_path / "again", "roco")["skipped_examples"]
   assert problem == (f"{roco / 'train.csv'} line 5: duplicate id 'ROCO_1' (also "
                      f"{roco / 'train.csv'} line 3)")
+  # A study whose second view is missing is skipped, named by that view's file.
+  with open(mimic / "train.csv", "a", newline="") as f:
+    csv.writer(f).writerow(["s9", "files/s0_0.jpg;files/gone.jpg", "PA;LATERAL", "Clear."])
+  builders.build("mimic_cxr", mimic, tmp_path / "again", max_bad_fraction=0.5)
+  (problem,) = builders.summary(tmp_path / "again", "mimic_cxr")["skipped_examples"]
+  assert str(mimic / "files" / "gone.jpg") in problem and "not found" in problem, problem
+
+
+def test_roco_reads_the_image_path_column(tmp_path):
+  """ROCO's image column comes as image, name (the release's) or image_path."""
+  roco = tmp_path / "roco"
+  (roco / "images").mkdir(parents=True)
+  _jpeg(roco / "images" / "r0.jpg", 0)
+  (roco / "train.csv").write_text("image_path,caption\nr0.jpg,CT of the chest\n")
+  (record,) = sources.roco(roco)["train"]
+  assert record["image"] == str(roco / "images" / "r0.jpg")
+  assert record["caption"] == "CT of the chest"
 
 
 def _vqa_source(tmp_path, n=200):

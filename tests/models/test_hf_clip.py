@@ -102,6 +102,19 @@ def test_text_tower_matches_transformers_with_padding(hf_clip):
   _text_matches(module, params, ref, ids, mask)
 
 
+def test_a_loaded_tower_computes_in_the_dtype_asked_for(hf_clip):
+  """`dtype` is the compute dtype (the bf16 tower settings): the module computes in it, its
+  parameters stay float32 as stored."""
+  import jax
+  import jax.numpy as jnp
+  _, folder = hf_clip
+  module, params = towers.load("image", "hf_clip", folder, dtype="bfloat16")
+  assert module.dtype == jnp.bfloat16
+  out = module.apply({"params": params}, _images(1, 32))
+  assert out["encoded"].dtype == jnp.bfloat16
+  assert {v.dtype for v in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+
+
 def test_text_tower_is_causal(hf_clip):
   _, folder = hf_clip
   module, params = towers.load("text", "hf_clip", folder)

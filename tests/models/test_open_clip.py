@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import max_diff, padded_ids
-from medvqa_jax.models import towers
+from medvqa_jax.models import importers, towers
 from medvqa_jax.models.state_dict import CheckpointError
 
 TOL = 1e-4
@@ -91,6 +91,15 @@ def test_open_clip_defaults_are_read_as_open_clip_reads_them(biomedclip, tmp_pat
   native = _variant(folder, tmp_path, lambda c: c["text_cfg"].pop("hf_model_name"), name="c")
   with pytest.raises(ValueError, match="only Hugging Face text towers"):
     towers.load("text", "open_clip", native)
+  # Without hf_proj_type, open_clip's default projection (an MLP), as open_clip encodes.
+  ref, _ = biomedclip
+  no_proj = _variant(folder, tmp_path, lambda c: c["text_cfg"].pop("hf_proj_type"), name="d")
+  module, params = towers.load("text", "open_clip", no_proj)
+  assert module.proj_kind == "mlp"
+  ids, mask = padded_ids(np.random.default_rng(1), [40], 40, 120, first=2, last=3)
+  with torch.no_grad():
+    emb = ref.encode_text(torch.from_numpy(ids))
+  assert max_diff(module.apply({"params": params}, ids, mask)["embedding"], emb) <= TOL
 
 
 def test_an_image_size_given_as_height_and_width(biomedclip, tmp_path):
@@ -118,6 +127,13 @@ def test_a_text_tower_named_on_the_hub_needs_its_head_count(biomedclip, tmp_path
   with pytest.raises(ValueError, match="org/tiny-bert.*at width 64 it cannot be assumed"):
     towers.load("text", "open_clip", hub)
   module, params = towers.load("text", "open_clip", hub, num_heads=4)
+  # MiniLM's width, 384 (12 heads of 32, not 6 of 64), is not assumed either.
+  e = "text.transformer.embeddings."
+  wide = {e + "word_embeddings.weight": np.zeros((120, 384), np.float32),
+          e + "position_embeddings.weight": np.zeros((40, 384), np.float32),
+          e + "token_type_embeddings.weight": np.zeros((2, 384), np.float32)}
+  with pytest.raises(ValueError, match="at width 384 it cannot be assumed"):
+    importers.open_clip_spec(hub, "text", wide, {})
   ids, mask = padded_ids(np.random.default_rng(2), [40, 9], 40, 120, first=2, last=3)
   out = module.apply({"params": params}, ids, mask)
   with torch.no_grad():

@@ -28,6 +28,15 @@ def _edited_copy(folder, tmp_path, edit):
   return out
 
 
+def test_a_weight_file_loads_as_its_folder(hf_bert):
+  """A checkpoint named by its weight file (model.safetensors) is its folder's."""
+  folder = hf_bert[1]
+  module, by_folder = towers.load("text", "hf_bert", folder)
+  same, by_file = towers.load("text", "hf_bert", state_dict.find_weights(folder))
+  assert same == module
+  jax.tree.map(np.testing.assert_array_equal, by_file, by_folder)
+
+
 def test_missing_key_is_named(hf_bert, tmp_path):
   key = "encoder.layer.1.attention.self.key.weight"
   folder = _edited_copy(hf_bert[1], tmp_path, lambda s: s.pop(key))
@@ -37,6 +46,14 @@ def test_missing_key_is_named(hf_bert, tmp_path):
 
 
 def test_extra_key_is_named(hf_bert, hf_bert_pretraining, tmp_path):
+  # Whatever its name ends with.
+  for other in ("encoder.layer.0.attention.self.rotary.bias",
+                "encoder.layer.0.attention.self.relative_positions"):
+    folder = _edited_copy(hf_bert[1], tmp_path / other,
+                          lambda s: s.update({other: np.zeros(3, np.float32)}))
+    with pytest.raises(CheckpointError, match="unexpected keys") as e:
+      towers.load("text", "hf_bert", folder)
+    assert other in str(e.value)
   key = "encoder.layer.0.attention.self.rotary.weight"
   folder = _edited_copy(hf_bert[1], tmp_path, lambda s: s.update({key: np.zeros(3, np.float32)}))
   with pytest.raises(CheckpointError, match="unexpected keys") as e:
@@ -284,6 +301,13 @@ def test_an_untied_lm_head_is_refused_for_the_decoder(tmp_path):
   towers.load("text", "hf_bert", untied, pooler="cls")  # The encoder alone: no LM head read.
   tied = _bert_with("BertLMHeadModel", tmp_path / "tied", is_decoder=True)[1]
   towers.load("text", "hf_bert", tied, causal=True, lm_head=True, pooler="none")
+  # The LM head's bias is the tied one too (cls.predictions.bias): its own is refused.
+  def own_bias(state):
+    state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"] + 1.0
+  own = _edited_copy(tied, tmp_path / "own_bias", own_bias)
+  with pytest.raises(CheckpointError, match=r"cls.predictions.decoder.bias is not "
+                     r"cls.predictions.bias \(an untied LM head\)"):
+    towers.load("text", "hf_bert", own, causal=True, lm_head=True, pooler="none")
 
 
 def test_one_clip_tower_saved_alone_loads_and_other_model_types_are_refused(tmp_path):
