@@ -617,6 +617,8 @@ def test_the_projects_own_errors_are_printed_without_a_traceback():
   assert where and where.startswith("medvqa_jax/data/splits.py:")
   assert raised(lambda: json.loads("{")) is None  # The json library's own error.
   assert raised(lambda: [][1]) is None  # Not a ValueError: a bug keeps its traceback.
+  from medvqa_jax.evaluate import metrics
+  assert raised(lambda: metrics.vqa_accuracy([{}], ["x"])) is None  # Nor in the project's.
 
 
 def test_urls_for_paths_are_refused_by_name():

@@ -142,6 +142,22 @@ def test_a_tower_training_its_final_norm_alone_takes_the_losss_gradient():
   assert final_norm["total"] - frozen["total"] == 2 * similarities + projection
 
 
+def test_the_two_views_similarities_are_counted():
+  """The multi-view term (imvc) compares the batch's two views: one more similarity matrix
+  (2 x batch x width FLOPs per example), too small for XLA's agreement check to see."""
+  from configs import towers_only
+  from medvqa_jax.models import amif
+
+  def count(imvc):
+    config = towers_only.get_config("tiny")
+    config.losses.weights = dict(config.losses.weights, imvc=imvc)
+    model, shapes = amif.create(config, abstract=True)
+    return model, flops_lib.train_step(model, config, 8, shapes)
+  model, without = count(0.0)
+  _, with_views = count(1.0)
+  assert with_views["forward"]["losses"] - without["forward"]["losses"] == 2 * 8 * model.width
+
+
 def test_collectives_per_step_on_two_devices():
   """On two (fake) devices the line lists what the step moves between them: the data-parallel
   gradient all-reduce carries every parameter's gradient once, in float32 (the towers_only
@@ -187,7 +203,7 @@ def test_two_processes_time_the_global_batch_they_share():
   here, 2.5x on 8 devices)."""
   procs = helpers.start_two_processes(
       [sys.executable, str(ROOT / "launch" / "benchmark.py"), "--config=configs/demo.py",
-       "--batch_size=8", "--steps=1", "--warmup=0", "--windows=1"],
+       "--batch_size=8", "--steps=1", "--warmup=0", "--windows=1", "--peak_tflops=0.5"],
       {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": helpers.xla_flags(1)}, ROOT)
   with helpers.reaped(procs):
     outs = [p.communicate(timeout=600) for p in procs]
@@ -201,6 +217,11 @@ def test_two_processes_time_the_global_batch_they_share():
       (2, 2, 8, 4)
   assert r["flops_check"] == "agree", r["compiled_over_analytic"]
   assert r["samples_per_s"] == pytest.approx(8 / r["step_s"], rel=1e-3, abs=0.01)
+  # The rate per device, and MFU against one device's peak: the global batch's FLOPs over
+  # the two devices.
+  per_device = r["flops_per_sample"] * 8 / r["step_s"] / 2 / 1e12
+  assert r["achieved_tflops_per_device"] == pytest.approx(per_device, rel=2e-3)
+  assert r["mfu"] == pytest.approx(per_device / 0.5, rel=2e-3, abs=6e-5)
 
 
 @pytest.mark.parametrize("kind, tflops", [

@@ -3,6 +3,7 @@
 import io
 import json
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -129,6 +130,16 @@ def test_a_resumed_run_records_the_steps_it_takes_again_once(tmp_path):
                    tensorboard=False, stream=io.StringIO()).close()
   assert path.read_text() == kept
   assert not list(tmp_path.glob("*.tmp"))
+  # The records are rewritten beside the file and moved over it: a run killed while it
+  # rewrites them leaves them whole.
+  def killed(self, target):
+    raise KeyboardInterrupt
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(Path, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+      observe.Reporter(tmp_path, total_steps=6, start_step=1, batch_size=8, tensorboard=False,
+                       stream=io.StringIO())
+  assert path.read_text() == kept
   # The TensorBoard events of the resumed run start with a restart at step 3: TensorBoard
   # discards the earlier events of steps >= 3.
   (events,) = (tmp_path / "tensorboard").glob("events.*")

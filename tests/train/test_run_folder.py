@@ -664,3 +664,39 @@ def test_the_best_step_is_tested_and_a_resumed_run_goes_on_from_its_latest(tmp_p
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   trained = [r["step"] for r in records if "loss" in r]
   assert trained == sorted(set(trained)) and trained[-1] == 7 and 6 in trained
+
+
+def test_logs_reach_the_disk_before_each_save_and_pauses_leave_the_rate(tmp_path,
+                                                                         monkeypatch):
+  """Saved every step, validated at the last: every step logged is in metrics.jsonl before
+  its checkpoint is written (a run killed after a save resumes past those steps and never
+  logs them again), even where no validation flushed the log. Each pause to validate or
+  save is left out of the reported rate. The test's majority baseline is the training
+  answers' (the records training read, not the test's)."""
+  from medvqa_jax.data import splits as splits_lib
+  from medvqa_jax.train import observe
+  config = helpers.tiny_config()
+  config.model.answer_max_len = 8
+  config.data.update(dir=str(tmp_path / "data"), val_fraction=0.03,
+                     source_dir=str(helpers.demo_part(tmp_path / "source")))
+  config.optim.total_steps = 3
+  workdir = tmp_path / "run"
+  config.train.update(workdir=str(workdir), epochs=0, batch_size=16, save_every=1,
+                      eval_every=3, keep=5, tensorboard=False)
+  logged, save = {}, ckpt_lib.Checkpoints.save
+
+  def saving(self, step, *args, **kwargs):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    logged[step] = [r["step"] for r in map(json.loads, lines) if "loss" in r]
+    return save(self, step, *args, **kwargs)
+  monkeypatch.setattr(ckpt_lib.Checkpoints, "save", saving)
+  made, training_splits = [], loop.training_splits
+  monkeypatch.setattr(loop, "training_splits",
+                      lambda c: made.append(training_splits(c)) or made[-1])
+  majority = helpers.count_calls(monkeypatch, splits_lib, "majority_answer")
+  paused = helpers.count_calls(monkeypatch, observe.Reporter, "exclude")
+  loop.train(config)
+  assert logged == {1: [1], 2: [1, 2], 3: [1, 2, 3]}
+  assert len(paused) == 3 and all(args[1] > 0 for args, _ in paused)  # (self, seconds)
+  ((args, _),) = majority
+  assert args[0] is made[0][0]["train"].records
