@@ -319,3 +319,16 @@ def test_a_multi_view_example_gives_each_view_its_own_image(tokenizer):
   one = pipeline._Example("caption", tokenizer, 16, "test")(
       {k: v for k, v in example.items() if k != "image2"})
   np.testing.assert_array_equal(one["images2"], augment.resize(first, 16))
+
+
+def test_one_pass_on_several_hosts_reads_every_example_once(source, tokenizer):
+  """repeat=False (pre-training's validation) on 2 and 4 hosts: each host's batches, joined
+  in host order step by step, are the single host's pass (40 examples, 5 batches of 8)."""
+  whole = _batches(source, tokenizer, shuffle=False, repeat=False)
+  assert len(whole) == 5
+  for hosts in (2, 4):
+    parts = [_batches(source, tokenizer, shuffle=False, repeat=False, process_index=h,
+                      process_count=hosts) for h in range(hosts)]
+    assert [len(p) for p in parts] == [5] * hosts
+    for step in range(5):
+      assert list(np.concatenate([p[step]["id"] for p in parts])) == list(whole[step]["id"])

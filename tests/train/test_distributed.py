@@ -611,3 +611,24 @@ def test_the_others_wait_for_process_0_however_long_and_share_its_error(tmp_path
     assert outs[0][0].strip() == "REFUSED: dataset vqa_rad is not built in /nowhere"
     assert outs[1][0].strip() == ("REFUSED: process 0 could not prepare the dataset: dataset "
                                   "vqa_rad is not built in /nowhere")
+
+
+def test_medvqa_distributed_0_asks_for_no_join(calls, monkeypatch):
+  """MEDVQA_DISTRIBUTED=0 turns the join off, as unset does."""
+  monkeypatch.setenv("MEDVQA_DISTRIBUTED", "0")
+  distributed.initialize()
+  assert calls == []
+
+
+def test_slurm_coordinator_ports_span_61440_to_65535(calls, monkeypatch):
+  """61440 + (a hash of the job and step mod 4096): over many jobs, every port of that range
+  and none past it (65536 is no TCP port)."""
+  ports = set()
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: ports.add(
+      int(os.environ["JAX_COORDINATOR_ADDRESS"].rsplit(":", 1)[1])))
+  slurm(monkeypatch, tasks=2, nodes=2)
+  monkeypatch.setenv("SLURM_STEP_ID", "0")
+  for job in range(40000):
+    monkeypatch.setenv("SLURM_JOB_ID", str(job))
+    distributed.initialize()
+  assert min(ports) == 61440 and max(ports) == 65535

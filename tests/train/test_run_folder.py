@@ -248,6 +248,14 @@ def test_run_restores_without_the_tower_checkpoint_or_tokenizer_folder(text_chec
   assert cli.pop("config_changes") == ["train.eval_batch_size 64 -> 8"]  # Filed with them.
   assert cli["run"] == str(moved)
   _same(cli, val)
+  # --step and --fsdp reach the restore: a step the run did not save, a split the devices
+  # cannot hold, are refused.
+  for flag, message in (("--step=99", "no checkpoint of step 99 in"),
+                        (f"--fsdp={jax.device_count() + 1}", "cannot be split")):
+    out = subprocess.run([sys.executable, "launch/eval.py", f"--checkpoint_dir={moved}", flag,
+                          f"--out={tmp_path / 'cli-refused'}"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 1 and message in out.stderr, (flag, out.stderr[-3000:])
   # A run folder without its tokenizer copy (only checkpoints/ moved): the config's
   # tokenizer, with a warning saying so.
   shutil.rmtree(moved / ckpt_lib.TOKENIZER)

@@ -534,3 +534,17 @@ def test_the_command_reads_the_hlo_table_beside_the_trace(tmp_path):
   assert out.returncode == 1 and "not a readable HLO op table" in out.stderr
   out = run(path, f"--hlo={tmp_path / 'missing.json.gz'}")
   assert out.returncode == 1 and "missing.json.gz: no such file" in out.stderr
+
+
+def test_array_bytes_of_every_dtype():
+  """Item sizes: pred and the 8-bit types 1 byte (fp8's names: f8e4m3fn, f8e5m2, ...), bf16
+  2, complex64 8, complex128 16."""
+  assert trace.array_bytes("(pred[5], bf16[4], s8[3], f8e4m3fn[2,3], f8e5m2[2], c64[2], "
+                           "c128[3], f32[2], s64[1])") == 5 + 8 + 3 + 6 + 2 + 16 + 48 + 8 + 8
+
+
+def test_a_kernels_name_reads_dashes_as_underscores_too():
+  """XLA names a kernel after its instruction with '.' and '-' as '_': custom-call.45's
+  kernel is custom_call_45, and its events are the instruction's."""
+  hlo = trace.hlo_ops(_HLO)
+  assert hlo["custom_call_45"] == hlo["custom-call.45"]
