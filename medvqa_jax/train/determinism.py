@@ -14,8 +14,9 @@ deterministic implementations (BENCHMARKS.md: the fine-tuning step's scatters so
 summed in a fixed order, compiled for an H200) and pick kernels without timing them. They
 apply to what a run compiles that decides its parameters and its choices: the train step,
 the online teacher, validation and test prediction; and to `predict.py`'s and `embed.py`'s
-programs, so that they answer and embed as the run's evaluation does. Their cost in step time is the GPU's to
-tell: `launch/benchmark.py` with `--config.train.deterministic=True` against without.
+programs, so that they answer and embed as the run's evaluation does. Their cost in step
+time is the GPU's to tell: `launch/benchmark.py` with `--config.train.deterministic=True`
+against without.
 """
 
 from __future__ import annotations
