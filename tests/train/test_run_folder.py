@@ -623,6 +623,19 @@ def test_a_resume_under_another_length_says_what_becomes_of_the_learning_rate():
   assert "goes on at 0.001 (" in note and note.endswith(", with no new warm-up")
 
 
+def _short_run(tmp_path, steps: int, save_every: int, eval_every: int):
+  """(config, run folder) of a tiny fine-tuning run of `steps` steps on part of the demo."""
+  config = helpers.tiny_config()
+  config.model.answer_max_len = 8
+  config.data.update(dir=str(tmp_path / "data"), val_fraction=0.03,
+                     source_dir=str(helpers.demo_part(tmp_path / "source")))
+  config.optim.total_steps = steps
+  workdir = tmp_path / "run"
+  config.train.update(workdir=str(workdir), epochs=0, batch_size=16, save_every=save_every,
+                      eval_every=eval_every, keep=5, tensorboard=False)
+  return config, workdir
+
+
 def test_the_best_step_is_tested_and_a_resumed_run_goes_on_from_its_latest(tmp_path,
                                                                           monkeypatch):
   """A fine-tuning run whose best validation is not its last: the test answers come from the
@@ -630,14 +643,7 @@ def test_the_best_step_is_tested_and_a_resumed_run_goes_on_from_its_latest(tmp_p
   no multiple of eval_every validates its last step too; a resume starts at the latest step,
   not the best, and holds the folder's lock as a new run does."""
   from medvqa_jax.evaluate import vqa as vqa_eval
-  config = helpers.tiny_config()
-  config.model.answer_max_len = 8
-  config.data.update(dir=str(tmp_path / "data"), val_fraction=0.03,
-                     source_dir=str(helpers.demo_part(tmp_path / "source")))
-  config.optim.total_steps = 5
-  workdir = tmp_path / "run"
-  config.train.update(workdir=str(workdir), epochs=0, batch_size=16, save_every=2,
-                      eval_every=2, keep=5, tensorboard=False)
+  config, workdir = _short_run(tmp_path, steps=5, save_every=2, eval_every=2)
   evaluate = vqa_eval.evaluate
 
   def step_2_validates_best(rows, split, protocol, step, **kw):
@@ -683,14 +689,7 @@ def test_logs_reach_the_disk_before_each_save_and_pauses_leave_the_rate(tmp_path
   answers' (the records training read, not the test's)."""
   from medvqa_jax.data import splits as splits_lib
   from medvqa_jax.train import observe
-  config = helpers.tiny_config()
-  config.model.answer_max_len = 8
-  config.data.update(dir=str(tmp_path / "data"), val_fraction=0.03,
-                     source_dir=str(helpers.demo_part(tmp_path / "source")))
-  config.optim.total_steps = 3
-  workdir = tmp_path / "run"
-  config.train.update(workdir=str(workdir), epochs=0, batch_size=16, save_every=1,
-                      eval_every=3, keep=5, tensorboard=False)
+  config, workdir = _short_run(tmp_path, steps=3, save_every=1, eval_every=3)
   logged, save = {}, ckpt_lib.Checkpoints.save
 
   def saving(self, step, *args, **kwargs):
