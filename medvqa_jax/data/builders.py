@@ -704,4 +704,3 @@ def summary(data_dir, name: str) -> dict:
   out["skipped"] = len(skipped)
   out["skipped_examples"] = skipped[:20]
   return out
-

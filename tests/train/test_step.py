@@ -244,7 +244,7 @@ def test_accumulation_weights_micro_batches_by_their_counted_examples():
   # All known labels in one micro-batch: the other, with none, adds nothing.
   labels = [3, -1, 5, -1, 10, -1, 2, -1]
   assert_same(step(labels, 2), step(labels, 1))
-  # Answer 0 is a known label like any other (three in micro-batch 0, none in 1).
+  # Answer 0 is a known label like any other (three in micro-batch 0, one in 1).
   labels = [0, 7, 0, -1, 0, -1, -1, -1]
   assert_same(step(labels, 2), step(labels, 1))
   # No known label in the whole step: no update, a gradient norm of 0 (not 0 / 0, a NaN
