@@ -123,11 +123,11 @@ def test_caption_splits_hold_out_a_seeded_slice_of_whole_images(corpus, tmp_path
 
 
 def _validation_config():
-  """The tiny model with stage 0's objective (no teacher: hard-label itgc and imvc), BERT
-  dropout 0.1, batches of 4."""
-  from configs import pretrain_stage0
+  """The tiny model with stage 1's objective (no teacher: hard-label itgc and imvc; OT and
+  ITM), BERT dropout 0.1, batches of 4."""
+  from configs import pretrain_stage1
   config = helpers.tiny_config()
-  stage = pretrain_stage0.get_config("image=tiny,text=tiny,teacher=tiny")
+  stage = pretrain_stage1.get_config("image=tiny,text=tiny,teacher=tiny")
   config.model.head = "none"
   config.model.dropout = 0.1
   config.losses = stage.losses
@@ -140,9 +140,11 @@ def _validation_config():
 def test_validator_runs_without_dropout_and_averages_the_batches():
   """Over a 9-example slice (2 full batches of 4, the ninth left out), val_<term> is the mean
   over the batches of the objective's terms with dropout off (train=False), each batch's
-  inputs and key as the validator draws them; the recalls are those of the 8 examples'
-  embeddings, by sorting, two of them captions of one picture (each the other's match).
-  Dropout on gives other values, so a validator that trained (dropout on) would not pass."""
+  inputs and key as the validator draws them (the ITM negatives: batch i's from
+  fold_in(key, i)); the recalls are those of the 8 examples' embeddings, by sorting, two of
+  them captions of one picture (each the other's match). Dropout on gives other values, and
+  so does one key for both batches, so a validator that trained (dropout on) or drew every
+  batch's negatives alike would not pass."""
   import jax
 
   from medvqa_jax.data import pipeline
@@ -172,7 +174,7 @@ def test_validator_runs_without_dropout_and_averages_the_batches():
   terms = jax.jit(lambda b, k, train: pretrain_terms(model, params, b, k, config.losses,
                                                      train=train), static_argnums=2)
   key = jax.random.PRNGKey(config.seed)
-  per_batch, dropped, images, texts = [], [], [], []
+  per_batch, dropped, one_key, images, texts = [], [], [], [], []
   for i in range(2):
     batch = {k: v for k, v in ds[i].items() if k != "id"}
     _, m, out = terms(batch, jax.random.fold_in(key, i), False)
@@ -180,8 +182,9 @@ def test_validator_runs_without_dropout_and_averages_the_batches():
     images.append(np.asarray(out["image_embed"]))
     texts.append(np.asarray(out["text_embed"]))
     dropped.append(float(terms(batch, jax.random.fold_in(key, i), True)[1]["loss"]))
+    one_key.append(float(terms(batch, key, False)[1]["itm"]))
   names = {k for k in per_batch[0] if not k.startswith("temperature_")}
-  assert names >= {"loss", "itgc", "imvc"}
+  assert names >= {"loss", "itgc", "imvc", "wpa", "itm"}
   assert {k for k in got if not k.startswith(("val_i2t", "val_t2i"))} == \
       {f"val_{k}" for k in names} | {"val_examples"}
   for k in names:
@@ -189,6 +192,8 @@ def test_validator_runs_without_dropout_and_averages_the_batches():
     assert got[f"val_{k}"] == pytest.approx(want, rel=1e-5, abs=1e-6), k
   # Dropout does change the loss, by far more than the tolerance.
   assert abs(np.mean(dropped) - got["val_loss"]) > 1e-3 * abs(got["val_loss"])
+  # So do other negatives: the same key for both batches.
+  assert abs(np.mean(one_key) - got["val_itm"]) > 1e-3 * abs(got["val_itm"])
   image, text = np.concatenate(images), np.concatenate(texts)
   for k in (1, 5):
     i2t, t2i = _recall_by_sorting(image.astype(np.float64), text.astype(np.float64), k,
