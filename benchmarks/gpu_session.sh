@@ -22,8 +22,9 @@
 # second session's timing and traces included; NEED_<step>=N overrides one).
 # With the default budget, one call reaches the first four (530 s, leaving 40 s: tune would
 # need 490); the rest are listed as skipped, for the next call:
-#   check         15  the environment: the software's versions and the GPU (the session
-#                     stops if JAX sees none)
+#   check         15  the environment: the software's versions, the GPU, and the host's
+#                     cores (physical too), memory and /dev/shm (the session stops if JAX
+#                     sees no GPU)
 #   finetune     190  the fine-tuning step at 64 (cuDNN), on synthetic batches and fed by the
 #                     input pipeline of VQA-RAD with WORKERS workers (the data share), traced
 #                     (the step furthest from its MFU target on the H200)
@@ -198,14 +199,26 @@ do_() {
 }
 
 step_check() {
-  # The software the figures are quoted with (BENCHMARKS.md names it beside each one).
-  do_ - "$PYTHON" -c 'import json, sys, jax; from importlib import metadata as m
+  # The software the figures are quoted with (BENCHMARKS.md names it beside each one), and
+  # the host the input pipelines share: the cores this process may use, how many of them
+  # are physical (hyper-threads share one), the memory and the shared memory (/dev/shm,
+  # where the input workers hand their batches over).
+  do_ - "$PYTHON" -c 'import json, os, shutil, sys, jax; from importlib import metadata as m
 def v(name):
   try: return m.version(name)
   except m.PackageNotFoundError: return None
+def physical(cpus):
+  try:
+    read = lambda c, f: open(f"/sys/devices/system/cpu/cpu{c}/topology/{f}").read().strip()
+    return len({(read(c, "physical_package_id"), read(c, "core_id")) for c in cpus})
+  except OSError: return None
+cpus = os.sched_getaffinity(0)
+gib = lambda n: round(n / 2 ** 30, 1)
 print(json.dumps({"python": sys.version.split()[0], "devices": [d.device_kind for d in
   jax.devices()], **{n: v(n) for n in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
-  "ott-jax", "grain", "numpy")}}))'
+  "ott-jax", "grain", "numpy")}, "cpus": len(cpus), "physical_cores": physical(cpus),
+  "memory_gib": gib(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
+  "shm_gib": gib(shutil.disk_usage("/dev/shm").total) if os.path.isdir("/dev/shm") else None}))'
   # JAX falls back to the CPU when the GPU does not start: the rest would compile and time
   # paper-size models there.
   if [ "$PLAN" = 0 ]; then

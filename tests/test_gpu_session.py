@@ -6,6 +6,7 @@ budget."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -351,6 +352,10 @@ def test_a_session_without_a_gpu_stops_at_its_check(tmp_path):
   (env,) = [json.loads(line) for line in log.splitlines() if line.startswith('{"python"')]
   assert env["devices"] == ["cpu"] and env["jax"] == jax.__version__
   assert env["flax"] == flax.__version__ and env["optax"] and env["orbax-checkpoint"]
+  # And the host the input pipelines share.
+  assert env["cpus"] == len(os.sched_getaffinity(0)) and 1 <= env["physical_cores"] <= env["cpus"]
+  assert env["memory_gib"] > 0 and env["shm_gib"] == round(shutil.disk_usage("/dev/shm").total
+                                                           / 2 ** 30, 1)
   assert "== towers" not in log and not (tmp_path / "out" / "benchmarks.jsonl").exists()
 
 
