@@ -480,18 +480,6 @@ def test_a_frozen_tower_is_warned_of_unless_init_from_filled_it_whole(caplog):
   assert warned(set()) == []
 
 
-def test_a_resume_on_another_device_count_is_noted():
-  """Resumed on another device count, a run continues (same batches and keys) but rounds
-  otherwise: said, where it was silent; the same count, or a record older than the field, is
-  not noted."""
-  from medvqa_jax.train import loop
-  assert loop.devices_note(8, 8) is None and loop.devices_note(None, 1) is None
-  assert loop.devices_note(2, 1) == (
-      "note: resumed on 1 device(s), the checkpoint was written on 2: the same batches and "
-      "random keys, but reductions over other shards round otherwise, so the numbers will not "
-      "match an uninterrupted run bit for bit")
-
-
 def test_a_save_the_disk_has_no_room_for_is_refused_before_writing(tmp_path, monkeypatch):
   ckpts = ckpt_lib.Checkpoints(tmp_path / "checkpoints", keep=5)
   ckpts.save(2, state(), {"step": 2})
