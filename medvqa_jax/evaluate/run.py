@@ -357,7 +357,7 @@ def evaluate_pretraining(restored: Restored, split_name: str | None = None, out_
   """The validation of a pre-training run (its objective and retrieval recall on the corpus's
   held-out slice, as during training), for the restored step; writes metrics.json."""
   from medvqa_jax.evaluate import pretrain as pretrain_eval
-  from medvqa_jax.train import loop
+  from medvqa_jax.train import teacher_feed
   if split_name not in (None, "val", "validation"):
     raise ValueError(f"a pre-training run is evaluated on the held-out slice of its corpus "
                      f"(--split=validation), not on {split_name!r}")
@@ -368,7 +368,7 @@ def evaluate_pretraining(restored: Restored, split_name: str | None = None, out_
     raise ValueError("the run held out no validation slice (data.val_fraction was 0): there "
                      "is no held-out example to evaluate it on")
   check_data(restored, splits)
-  teacher = loop.BatchTeacher(config, splits, restored.mesh, restored.record)
+  teacher = teacher_feed.BatchTeacher(config, splits, restored.mesh, restored.record)
   validator = pretrain_eval.Validator(restored.model, config, splits["val"], restored.tokenizer,
                                       restored.model.image.image_size, restored.mesh, teacher)
   metrics = {"split": splits["val"].name, "step": restored.step,

@@ -258,7 +258,7 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
   step_lib.check_values(config)
   if mc.head == "none" and config.teacher.mode == "online":
     # The step reads the teacher's embeddings; online, a forward pass of the teacher's own
-    # towers makes them before each step (loop.BatchTeacher), which would not be timed.
+    # towers makes them before each step (teacher_feed.BatchTeacher), which would not be timed.
     raise ValueError("--config.teacher.mode=online: the benchmark times the train step, which "
                      "reads the teacher's embeddings (random ones here); the online teacher's "
                      "forward pass that makes them in training is not part of it. Time the "

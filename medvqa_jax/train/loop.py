@@ -41,10 +41,9 @@ from medvqa_jax.data import tokenizer as tokenizer_lib
 from medvqa_jax.evaluate import pretrain as pretrain_eval
 from medvqa_jax.evaluate import vqa as vqa_eval
 from medvqa_jax.models import amif, gca
-from medvqa_jax.models.state_dict import flatten, unflatten
 from medvqa_jax.train import checkpoint as ckpt_lib
 from medvqa_jax.train import (determinism, distributed, notes, observe, optim, preemption,
-                              sharding)
+                              sharding, teacher_feed, warm_start)
 from medvqa_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -127,93 +126,6 @@ def to_global(tree, shardings):
       np.shape(x), s, lambda idx: np.asarray(x)[idx]), tree, shardings)
 
 
-def _init_from(config, state, shardings, tokenizer):
-  """Replaces the params matching train.init_params with those of train.init_from: a run's
-  work folder or its checkpoints folder (its best-on-validation step, as evaluation takes;
-  the latest without validation), or one step folder. The text tower's and decoder's are
-  refused when that run's tokenizer copy has another vocabulary than `tokenizer` (they would
-  read other token ids: same-size vocabularies pass the shape check)."""
-  tc = config.train
-  expected = "a run's work folder, its checkpoints/ folder or one step folder in it"
-  try:
-    folder, step = ckpt_lib.resolve(tc.init_from)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"--config.train.init_from: {e} (expected {expected})") from None
-  other = ckpt_lib.Checkpoints(folder, read_only=True)
-  step = step if step is not None else other.best_step()
-  if step is None:
-    raise FileNotFoundError(f"--config.train.init_from: no complete checkpoint in {folder} "
-                            f"(expected {expected})")
-  own = flatten(state["params"])
-  wanted = {p for p in own if re.fullmatch(tc.init_params, p)}
-  theirs = flatten(other.saved_params(step))
-  take = sorted(p for p in wanted if p in theirs)
-  left = sorted(wanted - theirs.keys())  # Matched here, absent there: left initial.
-  unused = sorted(p for p in theirs.keys() - own.keys() if re.fullmatch(tc.init_params, p))
-  if not take:
-    raise ValueError(f"init_from {folder} step {step} has no parameters matching "
-                     f"{tc.init_params!r} that this model has")
-  bad = [p for p in take if tuple(theirs[p].shape) != tuple(own[p].shape)]
-  if bad:
-    raise ValueError(f"init_from: shapes differ for {bad[:5]}")
-  textual = [p for p in take if p.split("/")[0] in ("text", "decoder")]
-  their_tokenizer = ckpt_lib.run_tokenizer(folder.parent, config.model.text) if textual else None
-  if textual and their_tokenizer is None:
-    log.warning("init_from %s: no %s folder beside it (the copy its run saved), so its text "
-                "tower and decoder parameters (%d arrays) are taken unchecked: they read this "
-                "run's token ids (model.text), right only if that run used the same tokenizer",
-                folder, folder.parent / ckpt_lib.TOKENIZER, len(textual))
-  if their_tokenizer and their_tokenizer.hf.get_vocab() != tokenizer.hf.get_vocab():
-    raise ValueError(
-        f"init_from {folder.parent}: its tokenizer ({folder.parent / ckpt_lib.TOKENIZER}) has "
-        f"another vocabulary than this run's (model.text), so its text tower and decoder "
-        f"parameters ({len(textual)} arrays, e.g. {textual[0]}) would read other token ids: use "
-        f"the same tokenizer, or leave them out with train.init_params (e.g. 'image/.*')")
-  flat_shard = flatten(shardings["params"])
-  abstract = unflatten({p: jax.ShapeDtypeStruct(own[p].shape, own[p].dtype,
-                                                sharding=flat_shard[p]) for p in take})
-  restored = flatten(other.restore_params(step, abstract, partial=True))
-  own.update(restored)
-  other.close()
-  _print(f"initialised {len(take)} of {len(own)} parameter arrays ({tc.init_params!r}) from "
-         f"{folder} step {step}" + (f"; left at their initial values, not in it: "
-                                    f"{_path_groups(left)}" if left else "")
-         + (f"; in it but not in this model: {_path_groups(unused)}" if unused else ""))
-  taken_parts = {p.split("/")[0] for p in take}
-  partial = sorted({p.split("/")[0] for p in left + unused} & taken_parts)
-  if partial:  # Another depth or naming: a part half from the run, half initial.
-    log.warning("init_from %s step %s initialises %s only in part (another depth or layout "
-                "there than here?): %s", folder, step, ", ".join(partial),
-                _path_groups([p for p in left + unused if p.split("/")[0] in partial]))
-  return {**state, "params": unflatten(own)}, set(take)
-
-
-def warn_frozen_random(config, params, taken=frozenset()) -> None:
-  """Warns of a tower frozen by optim.lr_mults that holds random parameters: built from
-  `init` and not (wholly) among the arrays `taken` from train.init_from."""
-  frozen = flatten(optim.frozen_mask(config.optim, params))
-  for part in ("image", "text"):
-    arrays = [p for p in frozen if p.split("/")[0] == part]
-    random = [p for p in arrays if p not in taken]
-    if config.model[part].source == "init" and random and all(frozen[p] for p in arrays):
-      log.warning("the %s tower is frozen (optim.lr_mults) but randomly initialised (%d of "
-                  "its %d parameter arrays): start from a run that trained it with "
-                  "--config.train.init_from=RUN (train.init_params covering it)", part,
-                  len(random), len(arrays))
-
-
-def _path_groups(paths, limit: int = 8) -> str:
-  """Parameter paths summarised by their first two levels, with the number of arrays in
-  each: 'fusion/image_layer_1 (26), gca/gate (2)'."""
-  groups = {}
-  for path in paths:
-    group = "/".join(path.split("/")[:2])
-    groups[group] = groups.get(group, 0) + 1
-  names = [f"{g} ({n})" for g, n in sorted(groups.items())]
-  more = f" and {len(names) - limit} more groups" if len(names) > limit else ""
-  return ", ".join(names[:limit]) + more
-
-
 def config_changes(saved_json: str, config, saved_tokenizer: bool) -> tuple[list, list]:
   """The fields whose values differ between a run's saved config and `config`, as (taken,
   kept): a resumed run builds its checkpoint towers from the architectures it recorded
@@ -246,94 +158,6 @@ def config_changes(saved_json: str, config, saved_tokenizer: bool) -> tuple[list
              if k not in then or k not in now or then[k] != now[k]]
   return ([line for k, line in changes if not kept(k)],
           [line for k, line in changes if kept(k)])
-
-
-def check_teacher_config(config) -> str:
-  """The teacher mode of a pre-training config, refused (before any data is read) when it is
-  unknown or names no cache file."""
-  mode = config.teacher.mode
-  if mode not in ("cache", "online", "none"):
-    raise ValueError(f"teacher.mode must be cache, online or none, not {mode!r}")
-  if mode == "cache" and not config.teacher.get("cache"):
-    raise ValueError("teacher.mode is 'cache' but no cache file is set: build one with "
-                     "`python launch/cache_teacher.py` and pass --config.teacher.cache=FILE "
-                     "(or --config.teacher.mode=online)")
-  return mode
-
-
-def recorded_teacher(config, run: dict | None) -> str | None:
-  """The fingerprint of the teacher a run's record names, if the config's teacher is still the
-  run's (its fields the same, the cache file and the mode aside); else None."""
-  if not run or not run.get("teacher") or not run.get("config"):
-    return None
-  def fields(teacher: dict) -> dict:
-    return {k: v for k, v in teacher.items() if k not in ("cache", "mode")}
-  then = json.loads(run["config"]).get("teacher") or {}
-  return run["teacher"] if fields(then) == fields(json.loads(config.teacher.to_json())) else None
-
-
-class BatchTeacher:
-  """Teacher embeddings for pre-training batches (training's and validation's): looked up in
-  the cache, or computed online on device by the frozen teacher.
-
-  run: the record of the run being resumed or evaluated. Its cache is checked against the
-  teacher the run recorded (when the config's teacher is still that one), so that its
-  checkpoint need not be where the config says: a run folder and its cache evaluate or resume
-  on another machine."""
-
-  def __init__(self, config, splits: dict, mesh, run: dict | None = None):
-    from medvqa_jax.losses import teacher as teacher_lib
-    self.mode = check_teacher_config(config)
-    self.cache = self.online = self.fingerprint = None
-    if self.mode == "none":
-      utgc = config.losses.weights.get("utgc", 0.0)
-      if utgc:  # (It would train nothing, said nothing.)
-        log.warning("teacher.mode is 'none': losses.weights.utgc=%s is not used (utgc has no "
-                    "hard-label form: a caption's only positive is itself); itgc and imvc are "
-                    "hard-label InfoNCE", utgc)
-      return
-    self.fingerprint = recorded_teacher(config, run) if self.mode == "cache" else None
-    teacher = None if self.fingerprint else teacher_lib.from_config(config)
-    self.fingerprint = self.fingerprint or teacher.fingerprint()
-    if self.mode == "cache":
-      self.cache = teacher_lib.TeacherCache.load(config.teacher.cache)
-      # The cache is made for the whole training split, held-out validation slice included.
-      records = [r for split in splits.values() for r in split.records]
-      ids = [r["id"] for r in records]
-      captions = [r["caption"] for r in records]
-      multi_view = "image2_id" in records[0]
-      self.cache.check(ids, captions, [r["image_id"] for r in records], self.fingerprint,
-                       path=config.teacher.cache,
-                       image2_ids=[r["image2_id"] for r in records] if multi_view else None,
-                       whose=("the one this run was started with (its record)" if teacher is None
-                              else "the configured one"))
-    else:
-      self.online = teacher
-      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-      self.params = jax.device_put((teacher.image_params, teacher.text_params), replicated)
-      self.scale = jax.device_put(np.float32(teacher.logit_scale), replicated)
-      self._embed = jax.jit(teacher.apply,
-                            compiler_options=determinism.compiler_options(config, mesh))
-
-  def pipeline_option(self):
-    return (self.online.tokenizer, self.online.image_size) if self.online else None
-
-  def host_fields(self, ids) -> dict:
-    return self.cache.lookup(ids) if self.cache is not None else {}
-
-  def device_fields(self, batch: dict) -> dict:
-    if self.online is None:
-      return batch
-    batch = dict(batch)
-    pixels, t_ids, t_mask = (batch.pop(k) for k in ("teacher_pixels", "teacher_input_ids",
-                                                    "teacher_attention_mask"))
-    batch["teacher_image"], batch["teacher_text"] = self._embed(self.params, pixels, t_ids,
-                                                                t_mask)
-    if "teacher_pixels2" in batch:
-      batch["teacher_image2"] = self._embed(self.params, batch.pop("teacher_pixels2"), t_ids,
-                                            t_mask)[0]
-    batch["teacher_scale"] = self.scale
-    return batch
 
 
 def training_data(config, splits: dict, answers, tokenizer, image_size: int, teacher=None):
@@ -490,7 +314,7 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
   step_lib.check_batch(config, tc.batch_size, jax.device_count())
   rng = step_lib.check_rng(tc.get("rng", "threefry"))  # Named before anything runs.
   if not finetune:
-    check_teacher_config(config)
+    teacher_feed.check_teacher_config(config)
 
   # ---- data ----
   if jax.process_count() > 1:  # One host builds the dataset if needed; the others wait.
@@ -526,7 +350,7 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
   archs = record.get("towers") if record else None
   # The teacher's cache and the validation slice are checked before anything is written
   # (a resumed run's cache against the teacher it recorded).
-  teacher = None if finetune else BatchTeacher(config, splits, mesh, record)
+  teacher = None if finetune else teacher_feed.BatchTeacher(config, splits, mesh, record)
   if not finetune and "val" in splits:
     pretrain_eval.examples(config, splits["val"])  # Too small a slice: refused here too.
   tokenizer = ckpt_lib.run_tokenizer(workdir, mc.text, record) if start is not None else None
@@ -547,8 +371,9 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
                                   to_global(loaded, {k: shardings["params"][k] for k in loaded}))
     taken = set()
     if tc.get("init_from"):
-      state, taken = _init_from(config, state, shardings, tokenizer)
-    warn_frozen_random(config, shapes, taken)
+      state, taken, summary = warm_start.from_run(config, state, shardings, tokenizer)
+      _print(summary)
+    warm_start.warn_frozen_random(config, shapes, taken)
   if ckpts is None:
     lock.hold(workdir)  # (A new run's folder is made here: nothing is written before.)
     ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=tc.keep)

@@ -127,9 +127,9 @@ def check_batch(config, batch_size: int, devices: int) -> None:
 # The random-number implementations a run's key may use (`train.rng`): JAX's default,
 # threefry (counter-based hashing; dropout's masks hash it in-line, fused with the kernels
 # that apply them, `layers.keep_mask`), or XLA's RngBitGenerator ("rbg": Philox on a GPU, a
-# kernel of its own; "unsafe_rbg" also derives keys with it). The draws (dropout's masks, the ITM negatives)
-# differ between them, and the rbg ones may differ between devices, device counts and XLA
-# versions.
+# kernel of its own; "unsafe_rbg" also derives keys with it). The draws (dropout's masks,
+# the ITM negatives) differ between them, and the rbg ones may differ between devices,
+# device counts and XLA versions.
 RNG_IMPLS = {"threefry": "threefry2x32", "rbg": "rbg", "unsafe_rbg": "unsafe_rbg"}
 
 

@@ -131,7 +131,7 @@ def test_the_online_teacher_and_pretraining_validation_are_compiled_with_them(re
   from medvqa_jax.data import tokenizer as tokenizer_lib
   from medvqa_jax.evaluate import pretrain as pretrain_eval
   from medvqa_jax.models import amif
-  from medvqa_jax.train import loop
+  from medvqa_jax.train import teacher_feed
   config = pretrain_stage1.get_config("image=tiny,text=tiny,teacher=tiny")
   vocab = str(ASSETS / "bert_uncased_vocab")
   config.model.text.update(tokenizer=vocab, max_len=16)
@@ -142,7 +142,7 @@ def test_the_online_teacher_and_pretraining_validation_are_compiled_with_them(re
   config.train.update(batch_size=4, deterministic=True)
   config.data.workers = 0
   mesh = sharding.make_mesh()
-  teacher = loop.BatchTeacher(config, {}, mesh)
+  teacher = teacher_feed.BatchTeacher(config, {}, mesh)
   tok, size = teacher.pipeline_option()
   t = tok(["a caption", "another one", "a third", "and a fourth"])
   inputs = sharding.shard_batch(mesh, {"teacher_pixels": np.zeros((4, size, size, 3), np.uint8),

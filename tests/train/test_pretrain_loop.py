@@ -14,7 +14,7 @@ import pytest
 import helpers
 from medvqa_jax import ASSETS
 from medvqa_jax.losses import teacher as teacher_lib
-from medvqa_jax.train import loop
+from medvqa_jax.train import loop, teacher_feed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -296,9 +296,9 @@ def test_the_recorded_teacher_is_the_runs_whatever_its_mode_or_cache_file():
   run = {"teacher": "abc123", "config": json.dumps({"teacher": teacher})}
   config = ml_collections.ConfigDict({"teacher": {**teacher, "mode": "cache",
                                                   "cache": "/elsewhere/cache.npz"}})
-  assert loop.recorded_teacher(config, run) == "abc123"
+  assert teacher_feed.recorded_teacher(config, run) == "abc123"
   config.teacher.logit_scale = 60.0
-  assert loop.recorded_teacher(config, run) is None
+  assert teacher_feed.recorded_teacher(config, run) is None
   config.teacher.logit_scale = 50.0
-  assert loop.recorded_teacher(config, {**run, "teacher": None}) is None  # Older records.
-  assert loop.recorded_teacher(config, None) is None
+  assert teacher_feed.recorded_teacher(config, {**run, "teacher": None}) is None  # Older ones.
+  assert teacher_feed.recorded_teacher(config, None) is None
