@@ -2,7 +2,8 @@
 on how it will run (which checkpoints can be chosen, where its batches are made, a resume
 on another device count or schedule) and warnings about its data (questions read cut, a
 vocabulary that does not cover the text, test questions that are training questions). Each
-returns its line, or None when there is nothing to say."""
+note is its line, or None when there is nothing to say; `question_pieces` tokenizes the
+questions once for the notes that count their pieces."""
 
 from __future__ import annotations
 
