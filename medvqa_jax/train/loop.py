@@ -226,6 +226,20 @@ def check_patterns(config) -> None:
       raise ValueError(f"{field}: {pattern!r} is not a regular expression ({e})") from None
 
 
+def _held(path: Path) -> bool:
+  """Whether another open file (another process's run, or this process's) holds the lock
+  file `path`: opened to read, locked and at once released. A missing or unreadable file, or a
+  filesystem without locks, is left for the lock itself to meet."""
+  try:
+    with open(path) as f:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    return True
+  except OSError:
+    return False
+  return False
+
+
 class _RunLock:
   """An exclusive lock on a run folder (`<workdir>/.run-lock`) while this process trains in
   it (process 0's, on several hosts). A second training in the folder (the same command run
@@ -236,11 +250,16 @@ class _RunLock:
   def __init__(self):
     self.file = None
 
-  def hold(self, workdir: Path) -> None:
+  def hold(self, workdir: Path, probe: bool = False) -> None:
     """Takes the lock (process 0), or refuses the run on every process (none is left waiting
-    for process 0 in a collective). Called by every process at the same point."""
+    for process 0 in a collective). Called by every process at the same point.
+    probe: only asks whether another training holds the folder, taking and writing nothing:
+    the run is refused before its data are built and its model made (minutes, on a real
+    model), where a folder's run is still training. The lock is taken later, as ever."""
     path, held = workdir / ".run-lock", False
-    if jax.process_index() == 0 and self.file is None:
+    if jax.process_index() == 0 and self.file is None and probe:
+      held = _held(path)
+    elif jax.process_index() == 0 and self.file is None:
       try:
         workdir.mkdir(parents=True, exist_ok=True)
       except OSError as e:  # What `unwritable` let through (root, on a filesystem of its own).
@@ -289,6 +308,7 @@ def _train(config, workdir, stream, lock: _RunLock) -> dict:
                        f"({blocked[0]} is {blocked[1]}): name one you can write")
 
   distributed.on_first_process("make the run folder", writable)
+  lock.hold(workdir, probe=True)
   # The data folders as absolute paths, in the config the run records: evaluating or
   # predicting from another folder reads the same dataset (a relative one was rebuilt there).
   for field in ("dir", "source_dir"):

@@ -348,7 +348,8 @@ def test_the_run_length_is_set_by_epochs_or_by_steps_not_both():
 def test_a_second_training_in_a_run_folder_is_refused(tmp_path):
   """The same command run again before the first ended: both logged every step and one
   removed the other's checkpoint in progress. The folder is locked while a run trains in it;
-  the lock goes when the run ends."""
+  the lock goes when the run ends. A second run is refused before it builds its data and
+  makes its model (it was refused after both: minutes, on a real model)."""
   import fcntl
   config = helpers.tiny_config()
   config.data.update(dir=str(tmp_path / "data"), val_fraction=0.03)
@@ -361,7 +362,8 @@ def test_a_second_training_in_a_run_folder_is_refused(tmp_path):
   with pytest.raises(ValueError, match=rf"{workdir}: another training run is using this "
                                        r"folder \(it holds \S+\.run-lock\): wait for it"):
     loop.train(config)
-  assert sorted(p.name for p in workdir.iterdir()) == [".run-lock"]  # No checkpoint folder.
+  assert sorted(p.name for p in workdir.iterdir()) == [".run-lock"]  # No checkpoint folder,
+  assert not (tmp_path / "data").exists()  # no dataset built.
   running.close()
   with loop._RunLock() as first:
     first.hold(workdir)
