@@ -302,6 +302,8 @@ def test_pipeline_share_on_the_demo_data(tmp_path, monkeypatch):
   from configs import demo
   config = demo.get_config()
   config.data.dir = str(tmp_path / "data")
+  # A part of the demo's data (helpers.demo_part), built in a fraction of the time.
+  config.data.source_dir = str(helpers.demo_part(tmp_path / "source"))
   config.data.workers = 1
   calls = _timed_calls(monkeypatch)
   r = benchmark.run(config, batch_size=16, steps=3, warmup=1, windows=1, pipeline=True,
