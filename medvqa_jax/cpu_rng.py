@@ -29,4 +29,3 @@ def install() -> bool:
     return False
   mlir.register_lowering(primitive, rule, platform="cpu")
   return True
-
