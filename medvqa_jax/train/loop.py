@@ -236,7 +236,7 @@ def _held(path: Path) -> bool:
   except BlockingIOError:
     return True
   except OSError:
-    return False
+    pass
   return False
 
 
@@ -257,29 +257,33 @@ class _RunLock:
     the run is refused before its data are built and its model made (minutes, on a real
     model), where a folder's run is still training. The lock is taken later, as ever."""
     path, held = workdir / ".run-lock", False
-    if jax.process_index() == 0 and self.file is None and probe:
-      held = _held(path)
-    elif jax.process_index() == 0 and self.file is None:
-      try:
-        workdir.mkdir(parents=True, exist_ok=True)
-      except OSError as e:  # What `unwritable` let through (root, on a filesystem of its own).
-        raise ValueError(f"the work folder {workdir} (train.workdir) cannot be made: "
-                         f"{e.strerror} ({e.filename})") from None
-      self.file = open(path, "a")
-      try:
-        fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except BlockingIOError:
-        self.file.close()
-        self.file, held = None, True
-      except OSError as e:  # A filesystem without locks.
-        log.warning("cannot lock %s (%s): do not run two trainings in %s at once", path, e,
-                    workdir)
+    if jax.process_index() == 0 and self.file is None:
+      held = _held(path) if probe else self._take(workdir, path)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       held = bool(multihost_utils.broadcast_one_to_all(np.int32(held)))
     if held:
       raise ValueError(f"{workdir}: another training run is using this folder (it holds "
                        f"{path}): wait for it to end, or train in another train.workdir")
+
+  def _take(self, workdir: Path, path: Path) -> bool:
+    """Makes the folder and takes its lock; whether another training holds it."""
+    try:
+      workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # What `unwritable` let through (root, on a filesystem of its own).
+      raise ValueError(f"the work folder {workdir} (train.workdir) cannot be made: "
+                       f"{e.strerror} ({e.filename})") from None
+    self.file = open(path, "a")
+    try:
+      fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self.file.close()
+      self.file = None
+      return True
+    except OSError as e:  # A filesystem without locks.
+      log.warning("cannot lock %s (%s): do not run two trainings in %s at once", path, e,
+                  workdir)
+    return False
 
   def __enter__(self):
     return self
