@@ -275,6 +275,10 @@ class Checkpoints:
     self.directory = Path(directory).absolute()
     self._best, self._latest = _KeepBest(), _KeepLatest(keep)
     self._writing: int | None = None  # The step whose asynchronous save may be running.
+    # The saved state's metadata by step (names, shapes, dtypes), read once: Orbax reads it
+    # array by array (about a second for the tiny test model on a CPU), and a restore looks
+    # at the parameters and the optimizer state in turn.
+    self._metadata: dict[int, dict] = {}
     preservation = policies.AnyPreservationPolicy([self._latest, self._best])
     if read_only and not self.directory.is_dir():
       raise FileNotFoundError(f"no checkpoint folder {self.directory}")
@@ -316,6 +320,7 @@ class Checkpoints:
     # Before: the save decides what the new step replaces.
     self._best.offer(step, metrics)
     self._writing = step
+    self._metadata.pop(step, None)
     with self._writes(step):
       self.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                       run=ocp.args.JsonSave(run)),
@@ -442,8 +447,10 @@ class Checkpoints:
     return readable[-1] if readable else self.latest_step()
 
   def _saved(self, step: int, part: str):
-    with self._reading(step):
-      return self.manager.metadata(step).item_metadata["state"][part]
+    if step not in self._metadata:
+      with self._reading(step):
+        self._metadata[step] = self.manager.metadata(step).item_metadata["state"]
+    return self._metadata[step][part]
 
   def _differences(self, step: int, part: str, wanted, partial: bool = False) -> str:
     """What differs, by name and shape, between the `part` of the state saved at `step` and

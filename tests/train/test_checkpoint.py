@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from medvqa_jax.train import checkpoint as ckpt_lib
 
 
@@ -314,10 +315,13 @@ def test_a_stops_save_does_not_push_out_a_scheduled_step(tmp_path):
   ckpts.close()
 
 
-def test_resuming_under_an_optimizer_of_another_state_is_refused_by_name(tmp_path):
+def test_resuming_under_an_optimizer_of_another_state_is_refused_by_name(tmp_path,
+                                                                         monkeypatch):
   # grad_clip on, or another multiplier for a group: the optimizer keeps another state.
   # Refused as such, not reported as damaged files (whose advice is to delete the step).
-  # Freezing a group drops its moments only: that still restores.
+  # Freezing a group drops its moments only: that still restores. The saved state's
+  # metadata (which the checks of the parameters and of the optimizer state both read) is
+  # read from the files once per step.
   import ml_collections
   from medvqa_jax.train import loop, optim, sharding
   from medvqa_jax.train import step as step_lib
@@ -336,6 +340,7 @@ def test_resuming_under_an_optimizer_of_another_state_is_refused_by_name(tmp_pat
   ckpts = ckpt_lib.Checkpoints(tmp_path / "checkpoints")
   ckpts.save(1, step_lib.init_state(params, tx, shardings), {"step": 1})
   ckpts.wait()
+  read = helpers.count_calls(monkeypatch, ckpts.manager, "metadata")
   restored, _ = ckpts.restore(1, loop.abstract_state(params, tx, shardings))
   assert int(restored["step"]) == 0
   for changes in ({"grad_clip": 1.0}, {"lr_mults": (("image/.*", 0.5),)}):
@@ -346,6 +351,10 @@ def test_resuming_under_an_optimizer_of_another_state_is_refused_by_name(tmp_pat
   frozen = setup(lr_mults=(("image/.*", 0.0),))
   restored, _ = ckpts.restore(1, loop.abstract_state(params, *frozen))
   np.testing.assert_array_equal(restored["params"]["image"]["w"], np.ones(4))
+  assert [args for args, _ in read] == [(1,)]
+  ckpts.save(2, restored, {"step": 2})
+  ckpts.wait()
+  assert ckpts.saved_params(2)["text"]["w"].shape == (4,) and len(read) == 2
   ckpts.close()
   assert (tmp_path / "checkpoints" / "1").is_dir()
 
