@@ -374,7 +374,7 @@ def run(config, *, batch_size: int | None = None, steps: int = 20, warmup: int =
     """One step on next_batch(), returning its metrics."""
     def one():
       nonlocal state
-      state, metrics = compiled(state, next_batch(), key)
+      state, metrics = compiled(state, next_batch(), key, train_step.hyper)
       return metrics
     return one
 

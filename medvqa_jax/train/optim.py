@@ -16,9 +16,13 @@ lr 1e-4, weight decay 0.02).
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from typing import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from medvqa_jax.models.state_dict import flatten, unflatten
@@ -66,11 +70,13 @@ def frozen_mask(cfg, params):
   return jax.tree.map(lambda label: label == "frozen", param_labels(params, cfg.lr_mults))
 
 
-def schedule(cfg):
-  """Linear warm-up from 0 over warmup_fraction of total_steps (at least one step, and one
-  above 0 when the run has two or more), then cosine decay to 0; without warm-up (0), cosine
-  decay from optim.lr. Step s (1-based) takes the rate at count s - 1, as Hugging Face's
-  schedulers give it: a warm-up's first step moves nothing but Adam's moments."""
+def hyperparameters(cfg) -> dict:
+  """The numbers of the learning-rate schedule: optim.lr ("lr"), the warm-up's length in
+  steps ("warmup": warmup_fraction of total_steps, at least one step and one below
+  total_steps where the run has two or more; 0 without warm-up) and the cosine decay's
+  ("decay": the rest of the run, at least 1). The train step takes them as an argument
+  (`Optimizer.hyper`): runs that differ in these alone (a resumed run given more steps, a
+  learning-rate sweep) run one compiled step."""
   if not cfg.total_steps or cfg.total_steps < 1:
     raise ValueError(f"the run has {cfg.total_steps} steps: set --config.optim.total_steps to "
                      "1 or more (or --config.train.epochs, where the config counts in epochs)")
@@ -78,14 +84,54 @@ def schedule(cfg):
     raise ValueError(f"optim.warmup_fraction={cfg.warmup_fraction}: the share of the run spent "
                      "warming up, at least 0 and below 1 (a share of 1 or more never reaches "
                      "optim.lr)")
-  if cfg.warmup_fraction == 0:  # The first step at optim.lr (it was a warm-up step at 0).
-    return optax.cosine_decay_schedule(cfg.lr, cfg.total_steps)
-  warmup = max(int(cfg.warmup_fraction * cfg.total_steps), 1)
-  return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup,
-                                            max(cfg.total_steps, warmup + 1), 0.0)
+  warmup = max(int(cfg.warmup_fraction * cfg.total_steps), 1) if cfg.warmup_fraction else 0
+  return {"lr": np.float32(cfg.lr), "warmup": np.int32(warmup),
+          "decay": np.int32(max(cfg.total_steps, warmup + 1) - warmup)}
 
 
-def make(cfg, params) -> optax.GradientTransformation:
+def schedule(cfg=None, hyper: dict | None = None):
+  """The learning rate by step count: a linear warm-up from 0 over `warmup` steps, then a
+  cosine decay to 0 over `decay` steps; without warm-up (0), the cosine decay from optim.lr.
+  Step s (1-based) takes the rate at count s - 1, as Hugging Face's schedulers give it: a
+  warm-up's first step moves nothing but Adam's moments. The numbers are `hyper`'s (arrays,
+  traced in the train step) or else the config's (`hyperparameters(cfg)`). The formula is
+  optax's `warmup_cosine_decay_schedule` (to 0) and `cosine_decay_schedule` (without warm-up),
+  written on arrays: optax's take Python numbers."""
+  h = hyperparameters(cfg) if hyper is None else hyper
+  lr, warmup, decay = h["lr"], h["warmup"], h["decay"]
+
+  def rate(count):
+    rising = jnp.clip(count, 0, warmup) / jnp.maximum(warmup, 1)
+    up = (0.0 - lr) * (1 - rising) + lr
+    after = jnp.minimum(count - warmup, decay)
+    down = lr * (0.5 * (1 + jnp.cos(jnp.pi * after / decay)))
+    return jnp.where(count < warmup, up, down)
+  return rate
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Optimizer:
+  """`make`'s optimizer: `build(hyper)` is the optax transformation for the schedule's numbers
+  `hyper` (`hyperparameters`), which the train step takes as an argument and builds it from
+  inside its trace. Used as an optax transformation itself (`init`, `update`), it has the
+  config's numbers compiled in. Only the schedule changes with `hyper`: the state's structure
+  does not."""
+  build: Callable[[dict], optax.GradientTransformation]
+  hyper: dict
+
+  def init(self, params):
+    return self.build(self.hyper).init(params)
+
+  def update(self, updates, state, params=None):
+    return self.build(self.hyper).update(updates, state, params)
+
+
+def as_optimizer(tx) -> Optimizer:
+  """`tx` if an Optimizer; an optax transformation as one with no numbers to take."""
+  return tx if isinstance(tx, Optimizer) else Optimizer(lambda hyper: tx, {})
+
+
+def make(cfg, params) -> Optimizer:
   """cfg: lr, weight_decay, b1, b2, warmup_fraction, total_steps, lr_mults, grad_clip."""
   # A negative learning rate (or multiplier, or clipping norm, which flips the gradient)
   # would train towards a higher loss without a complaint.
@@ -105,19 +151,21 @@ def make(cfg, params) -> optax.GradientTransformation:
   if bad:
     raise ValueError("; ".join(bad))
   labels = param_labels(params, cfg.lr_mults)
-  base = schedule(cfg)
-  transforms = {"frozen": optax.set_to_zero()}
   # Each label's multiplier as given (its label prints 6 digits; param_labels refuses two
   # that print alike).
   given = {f"lr_x{float(m):g}": float(m) for _, m in cfg.lr_mults}
-  for label in set(jax.tree.leaves(labels)) - {"frozen"}:
-    mult = given.get(label, 1.0)
-    transforms[label] = optax.adamw(lambda step, mult=mult: mult * base(step), b1=cfg.b1,
-                                    b2=cfg.b2, weight_decay=cfg.weight_decay)
   # Frozen gradients are zeroed first, so that they do not count in the clipping norm (the
   # train step does not compute them at all: see step.make_train_step's `frozen`).
   frozen = jax.tree.map(lambda label: label == "frozen", labels)
-  steps = [optax.masked(optax.set_to_zero(), frozen)]
-  if cfg.get("grad_clip"):
-    steps.append(optax.clip_by_global_norm(cfg.grad_clip))
-  return optax.chain(*steps, optax.multi_transform(transforms, labels))
+  clip = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.get("grad_clip") else []
+
+  def build(hyper):
+    base = schedule(hyper=hyper)
+    transforms = {"frozen": optax.set_to_zero()}
+    for label in set(jax.tree.leaves(labels)) - {"frozen"}:
+      mult = given.get(label, 1.0)
+      transforms[label] = optax.adamw(lambda step, mult=mult: mult * base(step), b1=cfg.b1,
+                                      b2=cfg.b2, weight_decay=cfg.weight_decay)
+    return optax.chain(optax.masked(optax.set_to_zero(), frozen), *clip,
+                       optax.multi_transform(transforms, labels))
+  return Optimizer(build, hyperparameters(cfg))

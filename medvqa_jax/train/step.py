@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from medvqa_jax.losses.pretrain import TERMS, pretrain_loss
 from medvqa_jax.models import heads
 from medvqa_jax.models.amif import RANK_SCORES, AMiF
-from medvqa_jax.train import sharding
+from medvqa_jax.train import optim, sharding
 
 log = logging.getLogger(__name__)
 
@@ -213,14 +213,43 @@ def micro_batches(batch: dict, accum_steps: int) -> dict:
           for k, v in batch.items()}
 
 
+class TrainStep:
+  """The jitted step (`make_train_step`) with the optimizer's schedule numbers bound: called
+  and lowered with (state, batch, key). Its program takes the numbers as its last argument
+  (`hyper`, put on the devices at the first call), so that a program compiled with other
+  numbers (another run length or learning rate) is the same program: a compiled one of
+  `lower(...).compile()` is called with (state, batch, key, step.hyper)."""
+
+  def __init__(self, jitted, hyper: dict, sharding):
+    self.jitted, self._hyper, self._sharding, self._placed = jitted, hyper, sharding, None
+
+  @property
+  def hyper(self):
+    if self._placed is None:
+      self._placed = jax.device_put(self._hyper, self._sharding)
+    return self._placed
+
+  def __call__(self, state, batch, key):
+    return self.jitted(state, batch, key, self.hyper)
+
+  def lower(self, state, batch, key):
+    # Shapes only: a step compiled for devices that are not here (aot.py) places nothing.
+    hyper = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                                        sharding=self._sharding), self._hyper)
+    return self.jitted.lower(state, batch, key, hyper)
+
+
 def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, frozen=None,
-                    rng: str = "threefry", compiler_options: dict | None = None):
+                    rng: str = "threefry", compiler_options: dict | None = None) -> TrainStep:
   """(state, batch, key) -> (state, metrics), jitted with the state donated. The loss and
   gradients are those of the whole global batch (micro-batches weighted by the examples
   their loss is a mean over, `EXAMPLES`: exact for a loss that is a mean over examples, such
   as fine-tuning's; `check_batch` refuses accumulation for pre-training); the step's random
   key is `key` (raw key data, `base_key`'s, wrapped as a key of implementation `rng`)
   folded with the state's step.
+
+  tx: `optim.make`'s Optimizer (the step builds it from its schedule numbers, an argument of
+  the program: `TrainStep`), or an optax transformation (compiled in as it is).
 
   frozen: a pytree like the params of bools (optim.frozen_mask): those parameters enter the
   objective through stop_gradient, so their gradients are zeros and nothing is computed for
@@ -233,6 +262,7 @@ def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, fr
   # devices and each keeps its shard's (compiled for 8 H200s, XLA makes most of that sum an
   # all-reduce of whole gradients, not a reduce-scatter: BENCHMARKS.md); the state stays
   # sharded.
+  optimizer = optim.as_optimizer(tx)
   plain, mesh = freeze(objective, frozen), shardings["step"].mesh
   replicated = NamedSharding(mesh, P())
   differentiated = lambda params, batch, key: plain(sharding.gathered(params, mesh), batch, key)
@@ -240,7 +270,8 @@ def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, fr
   def grads_of(params, batch, key):
     return jax.value_and_grad(differentiated, has_aux=True)(params, batch, key)
 
-  def step(state, batch, key):
+  def step(state, batch, key, hyper):
+    tx = optimizer.build(hyper)
     params = state["params"]
     # A fresh key per step, made on device, of the run's implementation (train.rng).
     key = jax.random.fold_in(as_key(key, rng), state["step"])
@@ -278,6 +309,7 @@ def make_train_step(objective: Callable, tx, shardings, accum_steps: int = 1, fr
            "step": state["step"] + 1}
     return new, metrics
 
-  return jax.jit(step, in_shardings=(shardings, None, replicated),
-                 out_shardings=(shardings, replicated), donate_argnums=(0,),
-                 compiler_options=compiler_options or None)
+  jitted = jax.jit(step, in_shardings=(shardings, None, replicated, replicated),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,),
+                   compiler_options=compiler_options or None)
+  return TrainStep(jitted, optimizer.hyper, replicated)

@@ -296,9 +296,8 @@ def _last_logged_step(workdir) -> int:
 
 
 # Runs stopped by SIGTERM: with no periodic checkpoint, so that the one they hold is the step
-# they reached, and signalled when they log step SIGNALLED, steps before their end. Their
-# length is the other runs' (the schedule is compiled into the step: the compiled programs
-# are reused), and they log every step.
+# they reached, and signalled when they log step SIGNALLED, steps before their end. They log
+# every step.
 SIGNALLED = 2
 NO_SAVES = ("--config.train.save_every=1000", "--config.train.eval_every=1000")
 

@@ -1,6 +1,7 @@
 """The optimizer's parameter groups: learning-rate multipliers and freezing by path regex."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -101,6 +102,68 @@ def test_the_shortest_runs_have_a_schedule_and_none_is_refused_by_name():
     cfg.total_steps = total
     with pytest.raises(ValueError, match=r"set --config.optim.total_steps to 1 or more"):
       optim.schedule(cfg)
+
+
+@pytest.mark.parametrize("lr,fraction,total", [(3e-3, 0.25, 20), (2e-5, 0.06, 2150),
+                                               (1e-3, 0.4, 1), (1e-3, 0.4, 2), (3e-4, 0.0, 10),
+                                               (1e-3, 0.0, 1), (0.0, 0.1, 10)])
+def test_the_schedule_of_traced_numbers_is_optax_s(lr, fraction, total):
+  """The train step computes the rate from its schedule numbers, arguments of its program:
+  bit for bit optax's schedules of Python numbers (the formula the step compiled in before),
+  at every count of the run and past its end."""
+  cfg = _cfg(())
+  cfg.update(lr=lr, warmup_fraction=fraction, total_steps=total)
+  if fraction:
+    warmup = max(int(fraction * total), 1)
+    reference = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1), 0.0)
+  else:
+    reference = optax.cosine_decay_schedule(lr, total)
+  counts = np.arange(total + 3, dtype=np.int32)
+  expected = jax.jit(jax.vmap(reference))(counts)
+  got = jax.jit(lambda hyper, n: jax.vmap(optim.schedule(hyper=hyper))(n))(
+      optim.hyperparameters(cfg), counts)
+  np.testing.assert_array_equal(got, expected)
+  assert np.any(np.asarray(got)) == bool(lr)  # Not a comparison of zeros.
+
+
+def test_runs_of_other_schedule_numbers_run_one_compiled_step():
+  """Two runs that differ in optim.lr, total_steps and warmup_fraction lower to the same
+  program (a resumed run given more steps, or a learning-rate sweep, compiles nothing new),
+  and each trains at its own rate: its parameters are optax.adamw's under its schedule."""
+  from medvqa_jax.train import sharding
+  from medvqa_jax.train import step as step_lib
+  params = {"w": np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)}
+  batch = {"x": np.arange(6, dtype=np.float32).reshape(2, 3) / 5}
+  objective = lambda p, b, key: (jnp.sum((p["w"] - b["x"]) ** 2), {})
+  mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
+  runs = []
+  for lr, fraction, total in ((1e-2, 0.25, 8), (3e-2, 0.0, 20)):
+    cfg = _cfg(())
+    cfg.update(lr=lr, warmup_fraction=fraction, total_steps=total, weight_decay=0.1)
+    tx = optim.make(cfg, params)
+    shardings = step_lib.state_shardings(mesh, params, tx, min_size=64)
+    train_step = step_lib.make_train_step(objective, tx, shardings)
+    state = step_lib.init_state(params, tx, shardings)
+    key = step_lib.base_key(0, mesh=mesh)
+    text = train_step.lower(state, batch, key).as_text()
+    for _ in range(3):
+      state, _ = train_step(state, batch, key)
+    # optax's own AdamW under optax's schedule, the rate compiled in.
+    if fraction:
+      rate = optax.warmup_cosine_decay_schedule(0.0, lr, 2, total, 0.0)
+    else:
+      rate = optax.cosine_decay_schedule(lr, total)
+    reference = optax.adamw(rate, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    p, s = params, reference.init(params)
+    for _ in range(3):
+      grads = jax.grad(lambda p: objective(p, batch, None)[0])(p)
+      updates, s = jax.jit(reference.update)(grads, s, p)
+      p = optax.apply_updates(p, updates)
+    np.testing.assert_allclose(state["params"]["w"], p["w"], rtol=1e-6, atol=1e-7)
+    assert np.max(np.abs(np.asarray(state["params"]["w"]) - params["w"])) > 1e-3
+    runs.append((text, np.asarray(state["params"]["w"])))
+  assert runs[0][0] == runs[1][0]
+  assert not np.allclose(runs[0][1], runs[1][1])
 
 
 def _numpy_adamw(params, grads_per_step, mults, lr, b1, b2, wd, clip, eps=1e-8):
